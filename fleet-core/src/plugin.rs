@@ -1,0 +1,257 @@
+//! Plugin jobs, reports and requests, and the rules for plugin names and versions.
+
+use serde::{Deserialize, Serialize};
+
+use crate::update::{JobStatus, validate_report_tail};
+use crate::validate::{Limits, Path, Validate, ValidationErrors, check_id};
+
+/// What to do with a plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PluginAction {
+    /// Install it (the default, as in the ERP agent).
+    #[default]
+    Install,
+    /// Move to another version.
+    Update,
+    /// Uninstall it.
+    Remove,
+}
+
+impl PluginAction {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Install => "install",
+            Self::Update => "update",
+            Self::Remove => "remove",
+        }
+    }
+}
+
+/// A step of the plugin pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[allow(missing_docs)] // each variant is the pipeline step of the same name
+pub enum PluginStep {
+    Accepted,
+    Install,
+    Update,
+    Remove,
+    Smoke,
+    Rollback,
+    Done,
+}
+
+/// Longest plugin name, in bytes.
+pub const MAX_PLUGIN_NAME_LEN: usize = 100;
+/// Longest plugin version, in bytes.
+pub const MAX_PLUGIN_VERSION_LEN: usize = 64;
+
+/// Whether `name` is a safe plugin name: `[a-z0-9]` first, then `[a-z0-9._-]`, with at most
+/// one `@scope/` prefix. Nothing a shell would interpret can pass.
+pub fn is_valid_plugin_name(name: &str) -> bool {
+    let bare = match name.strip_prefix('@') {
+        Some(scoped) => match scoped.split_once('/') {
+            Some((scope, rest)) if is_plain_name(scope) => rest,
+            _ => return false,
+        },
+        None => name,
+    };
+    name.len() <= MAX_PLUGIN_NAME_LEN && is_plain_name(bare)
+}
+
+fn is_plain_name(text: &str) -> bool {
+    let mut bytes = text.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && bytes.all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        })
+}
+
+/// Whether `version` is a safe version string: `[0-9A-Za-z]` first, then `[0-9A-Za-z.+-]`.
+pub fn is_valid_plugin_version(version: &str) -> bool {
+    let mut bytes = version.bytes();
+    version.len() <= MAX_PLUGIN_VERSION_LEN
+        && bytes.next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-'))
+}
+
+/// A plugin and what to do with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginSpec {
+    /// Plugin name.
+    pub name: String,
+    /// Plugin version.
+    pub version: String,
+    /// Install, update or remove.
+    #[serde(default)]
+    pub action: PluginAction,
+}
+
+impl Validate for PluginSpec {
+    fn validate(&self, _limits: &Limits, at: &Path<'_>, errors: &mut ValidationErrors) {
+        if !is_valid_plugin_name(&self.name) {
+            errors.push(
+                at.field("name").to_string(),
+                "must be a plugin name such as billing-export or @acme/report",
+            );
+        }
+        if !is_valid_plugin_version(&self.version) {
+            errors.push(
+                at.field("version").to_string(),
+                "must be a version such as 1.2.3 or 2.0.0-rc.1",
+            );
+        }
+    }
+}
+
+/// Body of `POST /api/plugins/next` (and `/api/restores/next`): who is asking.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NextJobRequest {
+    /// The asking instance.
+    pub instance_id: String,
+}
+
+impl Validate for NextJobRequest {
+    fn validate(&self, limits: &Limits, at: &Path<'_>, errors: &mut ValidationErrors) {
+        check_id(
+            errors,
+            &at.field("instance_id"),
+            &self.instance_id,
+            limits.max_id_len,
+        );
+    }
+}
+
+/// A plugin job handed to an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginJob {
+    /// Job id.
+    pub job_id: String,
+    /// The plugin and the action.
+    pub plugin: PluginSpec,
+}
+
+/// Body of `POST /api/plugins/report`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginReport {
+    /// The reporting instance.
+    pub instance_id: String,
+    /// The job.
+    pub job_id: String,
+    /// Status, as for update jobs.
+    pub status: JobStatus,
+    /// The step about to run or that ended the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<PluginStep>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// How long the step or job took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// The last lines of output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_tail: Option<String>,
+}
+
+impl Validate for PluginReport {
+    fn validate(&self, limits: &Limits, at: &Path<'_>, errors: &mut ValidationErrors) {
+        check_id(
+            errors,
+            &at.field("instance_id"),
+            &self.instance_id,
+            limits.max_id_len,
+        );
+        check_id(errors, &at.field("job_id"), &self.job_id, limits.max_id_len);
+        if self.status == JobStatus::Pending {
+            errors.push(
+                at.field("status").to_string(),
+                "an agent reports in_progress, succeeded, failed or rolled_back",
+            );
+        }
+        validate_report_tail(
+            self.error.as_deref(),
+            self.output_tail.as_deref(),
+            limits,
+            at,
+            errors,
+        );
+    }
+}
+
+/// Body of `POST /api/plugins/requests`: an instance asks for a plugin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginRequest {
+    /// The asking instance.
+    pub instance_id: String,
+    /// Plugin name.
+    pub name: String,
+    /// Wanted version.
+    pub version: String,
+    /// Install, update or remove.
+    #[serde(default)]
+    pub action: PluginAction,
+    /// Why, for the approver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Validate for PluginRequest {
+    fn validate(&self, limits: &Limits, at: &Path<'_>, errors: &mut ValidationErrors) {
+        check_id(
+            errors,
+            &at.field("instance_id"),
+            &self.instance_id,
+            limits.max_id_len,
+        );
+        PluginSpec {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            action: self.action,
+        }
+        .validate(limits, at, errors);
+        if let Some(reason) = &self.reason {
+            crate::validate::check_text(
+                errors,
+                &at.field("reason"),
+                reason,
+                limits.max_message_len,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_names_refuse_shell_text() {
+        for ok in ["billing-export", "a", "@acme/report.v2", "x_y-1.2"] {
+            assert!(is_valid_plugin_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "x; rm -rf /",
+            "../etc",
+            "$(id)",
+            "A",
+            "@/x",
+            "@a/",
+            "a b",
+            "-x",
+            "a`b`",
+            "@a/b/c",
+        ] {
+            assert!(!is_valid_plugin_name(bad), "{bad}");
+        }
+        assert!(is_valid_plugin_version("2.0.0-rc.1+build.5"));
+        for bad in ["", "1.0;reboot", "-1", "1 0", "$(x)"] {
+            assert!(!is_valid_plugin_version(bad), "{bad}");
+        }
+    }
+}
