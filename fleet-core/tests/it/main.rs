@@ -1,0 +1,4 @@
+//! fleet-core integration tests: the shared vectors and property tests.
+
+mod properties;
+mod vectors;
