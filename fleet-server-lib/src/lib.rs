@@ -1,1 +1,7 @@
-//! placeholder
+#![doc = include_str!("../README.md")]
+
+pub mod alerts;
+mod error;
+pub mod store;
+
+pub use error::{Error, Result};

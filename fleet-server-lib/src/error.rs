@@ -1,0 +1,113 @@
+//! The control plane's error type and how each error looks to a client.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use fleet_core::ValidationErrors;
+
+/// Everything that can go wrong in the control plane.
+///
+/// Clients see a stable body `{"error": {"code", "message"}}` (plus `details` for invalid
+/// input). Database and internal errors are logged with their detail and shown as a generic
+/// `internal` error: a client never sees SQL, a stack trace or a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No usable credentials (or a signature that does not verify): 401.
+    #[error("unauthorized")]
+    Unauthorized,
+    /// Credentials are valid but the role is not enough: 403.
+    #[error("forbidden")]
+    Forbidden,
+    /// The instance must be enrolled before it may send heartbeats: 403.
+    #[error("instance is not enrolled")]
+    NotEnrolled,
+    /// Nothing at that path or id: 404.
+    #[error("not found")]
+    NotFound,
+    /// The body is over the limit: 413.
+    #[error("body exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The limit in force.
+        limit: usize,
+    },
+    /// The input breaks the schema or a limit: 422, with every problem and its path.
+    #[error("{0}")]
+    Invalid(ValidationErrors),
+    /// A malformed request (bad query parameter, bad form): 400.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The control plane is stopping or overloaded: 503.
+    #[error("service unavailable")]
+    Unavailable,
+    /// Configuration values that cannot be used; each entry names one problem.
+    #[error("invalid configuration: {}", .0.join("; "))]
+    Config(Vec<String>),
+    /// A database error (shown to clients as `internal`).
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A migration failed (shown to clients as `internal`).
+    #[error("migration error: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A bug or broken invariant (shown to clients as `internal`).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// `Result` with the control plane's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The HTTP status this error answers with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden | Self::NotEnrolled => StatusCode::FORBIDDEN,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Config(_) | Self::Database(_) | Self::Migrate(_) | Self::Internal(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+
+    /// The stable machine-readable code in the response body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::NotEnrolled => "not_enrolled",
+            Self::NotFound => "not_found",
+            Self::TooLarge { .. } => "payload_too_large",
+            Self::Invalid(_) => "invalid",
+            Self::BadRequest(_) => "bad_request",
+            Self::Unavailable => "unavailable",
+            Self::Config(_) | Self::Database(_) | Self::Migrate(_) | Self::Internal(_) => {
+                "internal"
+            }
+        }
+    }
+
+    /// Whether retrying the same request later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable | Self::Database(_) | Self::Internal(_))
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let message = if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+            tracing::error!(error = %self, "request failed");
+            "internal error".to_owned()
+        } else {
+            self.to_string()
+        };
+        let mut error = serde_json::json!({ "code": self.code(), "message": message });
+        if let Self::Invalid(errors) = &self {
+            error["details"] = serde_json::json!(errors.violations);
+        }
+        (status, axum::Json(serde_json::json!({ "error": error }))).into_response()
+    }
+}

@@ -1,0 +1,282 @@
+//! Persistence: the [`Store`] trait and its two real backends, SQLite and PostgreSQL.
+//!
+//! Both backends share one SQL implementation (`sql.rs`): the statements use `$n`
+//! placeholders and types (`BIGINT`, `TEXT`) that mean the same thing to both engines, so
+//! behaviour cannot drift between them. Only connecting and migrating differ.
+
+use async_trait::async_trait;
+use fleet_core::Heartbeat;
+use fleet_core::signing::Scheme;
+use serde::Serialize;
+
+use crate::Result;
+use crate::alerts::SloThresholds;
+
+// `sql` first: its macro must be defined before the backends expand it.
+#[macro_use]
+mod sql;
+mod postgres;
+mod sqlite;
+
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+/// A verified, decoded heartbeat on its way to the database.
+#[derive(Debug, Clone)]
+pub struct IncomingHeartbeat {
+    /// The decoded payload.
+    pub heartbeat: Heartbeat,
+    /// The signature scheme it came with.
+    pub scheme: Scheme,
+    /// The v1 message id (`None` for v0).
+    pub msg_id: Option<String>,
+    /// The v1 signing timestamp (`None` for v0).
+    pub signed_at: Option<i64>,
+    /// When the control plane received it (unix seconds).
+    pub received_at: i64,
+}
+
+/// What recording one heartbeat did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordOutcome {
+    /// Stored and evaluated.
+    Applied {
+        /// The installation's row id.
+        installation_id: i64,
+    },
+    /// A retried delivery of a message already applied (same id, new timestamp): acknowledge,
+    /// change nothing.
+    Duplicate,
+    /// The very same signed message again (same id and timestamp): refuse.
+    Replay,
+    /// The instance is unknown and the control plane requires prior enrollment.
+    NotEnrolled,
+}
+
+/// The rules the store applies while recording heartbeats.
+#[derive(Debug, Clone, Default)]
+pub struct IngestRules {
+    /// SLO maxima; a maximum of 0 (or less) turns that check off.
+    pub slo: SloThresholds,
+    /// Refuse heartbeats from instances that were not enrolled first.
+    pub require_enrollment: bool,
+    /// Queue forwarded alerts in the webhook outbox (only when a webhook is configured).
+    pub forward_alerts: bool,
+}
+
+/// Filters for [`Store::list_installations`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstallationFilter {
+    /// Exact release channel.
+    pub channel: Option<String>,
+    /// Exact reported health, or `offline` for installations with an open offline alert.
+    pub health: Option<String>,
+    /// Case-insensitive substring of instance id, domain or client.
+    pub text: Option<String>,
+    /// Page size.
+    pub limit: i64,
+    /// Rows to skip.
+    pub offset: i64,
+}
+
+/// One page of results and the total across all pages.
+#[derive(Debug, Clone, Serialize)]
+pub struct Page<T> {
+    /// This page's rows.
+    pub items: Vec<T>,
+    /// Rows matching the filter in all pages.
+    pub total: i64,
+}
+
+/// An installation as the list shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct InstallationSummary {
+    /// Row id.
+    pub id: i64,
+    /// The instance's id, as its agent reports it.
+    pub instance_id: String,
+    /// Public domain.
+    pub domain: Option<String>,
+    /// Customer name.
+    pub client: Option<String>,
+    /// Running version.
+    pub version: Option<String>,
+    /// Release channel.
+    pub release_channel: Option<String>,
+    /// Health as the instance reported it.
+    pub health: Option<String>,
+    /// Signature scheme of the latest heartbeat (`v0` marks agents still on the old scheme).
+    pub scheme: Option<String>,
+    /// When it was enrolled by an operator, if it was.
+    pub enrolled_at: Option<i64>,
+    /// First heartbeat (unix seconds).
+    pub first_seen_at: Option<i64>,
+    /// Latest heartbeat (unix seconds).
+    pub last_seen_at: Option<i64>,
+    /// Alerts not yet resolved.
+    pub open_alerts: i64,
+    /// Whether an `offline` alert is open.
+    pub offline: i64,
+}
+
+/// An alert.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct Alert {
+    /// Row id.
+    pub id: i64,
+    /// The installation's row id.
+    pub installation_id: i64,
+    /// The instance's id.
+    pub instance_id: String,
+    /// `info`, `warning`, `error` or `critical`.
+    pub level: String,
+    /// `payload`, `slo_p95_ms`, `slo_error_rate`, `slo_webhook_retry_rate`, `secrets`, `offline`.
+    pub kind: String,
+    /// What happened.
+    pub message: String,
+    /// When it was raised.
+    pub created_at: i64,
+    /// When the condition ended.
+    pub resolved_at: Option<i64>,
+    /// When an operator acknowledged it.
+    pub acknowledged_at: Option<i64>,
+    /// Which role acknowledged it.
+    pub acknowledged_by: Option<String>,
+}
+
+/// A failed background job reported by an instance.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct JobFailureRecord {
+    /// Row id.
+    pub id: i64,
+    /// The queue it ran on.
+    pub queue: Option<String>,
+    /// The failure message.
+    pub message: String,
+    /// When it was recorded.
+    pub created_at: i64,
+}
+
+/// A backup, recorded when an instance reports a new checksum.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct BackupRecord {
+    /// Row id.
+    pub id: i64,
+    /// The instance's backup id.
+    pub backup_id: Option<String>,
+    /// The checksum that identifies it.
+    pub checksum: String,
+    /// Size in bytes.
+    pub size_bytes: Option<i64>,
+    /// Object-store bucket.
+    pub bucket: Option<String>,
+    /// Path in the bucket.
+    pub path: Option<String>,
+    /// `backup_status` when it was reported.
+    pub status: Option<String>,
+    /// `last_backup_at` as reported.
+    pub backup_at: Option<String>,
+    /// When the control plane recorded it.
+    pub recorded_at: i64,
+}
+
+/// One point of an installation's time series.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HeartbeatPoint {
+    /// When it was received.
+    pub received_at: i64,
+    /// The numeric figures of that heartbeat (`cpu_usage_pct`, `memory_used_bytes`, ...).
+    pub figures: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Everything the detail view shows about one installation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InstallationDetail {
+    /// The list row.
+    #[serde(flatten)]
+    pub summary: InstallationSummary,
+    /// The latest heartbeat as received (checks, containers, host and unknown keys included).
+    pub state: serde_json::Value,
+    /// Alerts, newest first (open and recent closed ones).
+    pub alerts: Vec<Alert>,
+    /// Job failures, newest first.
+    pub job_failures: Vec<JobFailureRecord>,
+    /// Backups, newest first.
+    pub backups: Vec<BackupRecord>,
+    /// Recent heartbeats, oldest first.
+    pub recent: Vec<HeartbeatPoint>,
+}
+
+/// A webhook delivery waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct OutboxItem {
+    /// Row id; also the stable `webhook-id` of every attempt.
+    pub id: i64,
+    /// The alert it announces.
+    pub alert_id: i64,
+    /// The JSON body to send.
+    pub payload: String,
+    /// Attempts made so far.
+    pub attempts: i64,
+}
+
+/// Control-plane persistence. Implemented by [`SqliteStore`] and [`PostgresStore`]; plug in
+/// another database by implementing it and passing it to
+/// [`ControlPlaneBuilder::store`](crate::ControlPlaneBuilder::store).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Records a batch of heartbeats in ONE transaction (group commit) and returns one
+    /// outcome per heartbeat, in order. When this returns `Ok`, everything is durable.
+    async fn record_heartbeats(
+        &self,
+        batch: &[IncomingHeartbeat],
+        rules: &IngestRules,
+    ) -> Result<Vec<RecordOutcome>>;
+
+    /// Registers an instance ahead of its first heartbeat; returns the installation's row id.
+    async fn enroll(&self, instance_id: &str, now: i64) -> Result<i64>;
+
+    /// Lists installations.
+    async fn list_installations(
+        &self,
+        filter: &InstallationFilter,
+    ) -> Result<Page<InstallationSummary>>;
+
+    /// Everything about one installation, by instance id.
+    async fn installation(&self, instance_id: &str) -> Result<Option<InstallationDetail>>;
+
+    /// Alerts across the fleet, newest first; only unresolved ones when `open_only`.
+    async fn list_alerts(&self, open_only: bool, limit: i64) -> Result<Vec<Alert>>;
+
+    /// Marks an alert acknowledged (the first acknowledgement wins); `None` if it does not exist.
+    async fn acknowledge_alert(&self, alert_id: i64, by: &str, now: i64) -> Result<Option<Alert>>;
+
+    /// Opens an `offline` alert for every installation last seen before `cutoff` that has
+    /// none open; returns how many were opened.
+    async fn mark_offline(&self, cutoff: i64, now: i64, forward: bool) -> Result<u64>;
+
+    /// Outbox deliveries due at `now`, oldest first.
+    async fn outbox_due(&self, now: i64, limit: i64) -> Result<Vec<OutboxItem>>;
+
+    /// Records a successful delivery.
+    async fn outbox_delivered(&self, id: i64, now: i64) -> Result<()>;
+
+    /// Records a failed attempt: `next_attempt_at` schedules a retry, `None` gives up.
+    async fn outbox_failed(
+        &self,
+        id: i64,
+        attempts: i64,
+        next_attempt_at: Option<i64>,
+        error: &str,
+        now: i64,
+    ) -> Result<()>;
+
+    /// Forgets v1 message ids first seen before `before`; returns how many.
+    async fn prune_messages(&self, before: i64) -> Result<u64>;
+
+    /// How many heartbeats are stored (all installations).
+    async fn heartbeat_count(&self) -> Result<i64>;
+
+    /// Checks the database answers.
+    async fn ping(&self) -> Result<()>;
+}

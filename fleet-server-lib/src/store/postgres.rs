@@ -1,0 +1,40 @@
+//! The PostgreSQL backend (`CONTROL_PLANE_DATABASE_URL=postgres://…`).
+
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Pool, Postgres};
+
+use crate::Result;
+
+/// A [`Store`](super::Store) in PostgreSQL. Migrations run when it connects; several
+/// control-plane processes may share one database.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: Pool<Postgres>,
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user:password@host/db`) and applies pending migrations.
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(PgConnectOptions::from_str(url)?).await
+    }
+
+    /// Like [`connect`](Self::connect), with options built by the caller (for example a
+    /// `search_path` to keep the tables in their own schema).
+    pub async fn connect_with(options: PgConnectOptions) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// The connection pool, for tools that need to query the database directly.
+    pub fn pool(&self) -> &Pool<Postgres> {
+        &self.pool
+    }
+}
+
+impl_sql_store!(PostgresStore, Postgres);

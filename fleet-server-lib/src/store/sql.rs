@@ -1,0 +1,719 @@
+//! The SQL shared by both backends, expanded once per database by `impl_sql_store!`.
+//!
+//! Heartbeats are recorded a batch at a time with multi-row statements, so a batch of 500
+//! costs about ten round trips whatever its size: that is what lets PostgreSQL keep up with
+//! a commit per batch.
+
+use std::collections::{BTreeSet, HashMap};
+
+use fleet_core::Heartbeat;
+
+use crate::alerts::AlertSpec;
+use crate::store::{HeartbeatPoint, IncomingHeartbeat};
+
+/// Rows per multi-row statement; keeps every statement far below both engines' bind limits.
+pub(crate) const CHUNK: usize = 500;
+
+macro_rules! summary_select {
+    () => {
+        "SELECT i.id, i.instance_id, i.domain, i.client, i.version, i.release_channel, i.health, \
+         i.scheme, i.enrolled_at, i.first_seen_at, i.last_seen_at, \
+         (SELECT COUNT(*) FROM alerts a WHERE a.installation_id = i.id AND a.resolved_at IS NULL) AS open_alerts, \
+         (SELECT COUNT(*) FROM alerts a WHERE a.installation_id = i.id AND a.resolved_at IS NULL \
+         AND a.dedup_key = 'offline') AS offline FROM installations i"
+    };
+}
+macro_rules! list_where {
+    () => {
+        " WHERE ($1 IS NULL OR i.release_channel = $1) AND ($2 IS NULL OR i.health = $2) \
+         AND ($3 IS NULL OR LOWER(i.instance_id) LIKE $3 ESCAPE '\\' \
+         OR LOWER(COALESCE(i.domain, '')) LIKE $3 ESCAPE '\\' \
+         OR LOWER(COALESCE(i.client, '')) LIKE $3 ESCAPE '\\') \
+         AND ($4 = FALSE OR EXISTS (SELECT 1 FROM alerts a WHERE a.installation_id = i.id \
+         AND a.dedup_key = 'offline' AND a.resolved_at IS NULL))"
+    };
+}
+macro_rules! alert_select {
+    () => {
+        "SELECT a.id, a.installation_id, i.instance_id, a.level, a.kind, a.message, a.created_at, \
+         a.resolved_at, a.acknowledged_at, a.acknowledged_by FROM alerts a \
+         JOIN installations i ON i.id = a.installation_id"
+    };
+}
+
+pub(crate) const LIST_SQL: &str =
+    concat!(summary_select!(), list_where!(), " ORDER BY i.instance_id LIMIT $5 OFFSET $6");
+pub(crate) const COUNT_SQL: &str = concat!("SELECT COUNT(*) FROM installations i", list_where!());
+pub(crate) const DETAIL_SQL: &str = concat!(summary_select!(), " WHERE i.instance_id = $1");
+pub(crate) const ALERTS_OF_SQL: &str = concat!(
+    alert_select!(),
+    " WHERE a.installation_id = $1 ORDER BY (a.resolved_at IS NULL) DESC, a.id DESC LIMIT 100"
+);
+pub(crate) const ALERTS_SQL: &str = concat!(
+    alert_select!(),
+    " WHERE ($1 = FALSE OR a.resolved_at IS NULL) ORDER BY a.id DESC LIMIT $2"
+);
+pub(crate) const ALERT_SQL: &str = concat!(alert_select!(), " WHERE a.id = $1");
+
+/// `%text%` for a case-insensitive `LIKE`, with the wildcards of the user's text escaped.
+pub(crate) fn like_pattern(text: &str) -> String {
+    let mut out = String::from("%");
+    for c in text.to_lowercase().chars() {
+        if matches!(c, '\\' | '%' | '_') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('%');
+    out
+}
+
+/// The numeric figures of a heartbeat, as stored in its time-series row.
+pub(crate) fn figures_json(hb: &Heartbeat) -> String {
+    let mut map = serde_json::Map::new();
+    let mut put = |name: &str, value: Option<f64>| {
+        if let Some(v) = value.and_then(serde_json::Number::from_f64) {
+            map.insert(name.to_owned(), serde_json::Value::Number(v));
+        }
+    };
+    let u = |v: Option<u64>| v.map(|v| v as f64);
+    put("jobs_failed", Some(hb.jobs_failed as f64));
+    put("uptime_seconds", hb.uptime_seconds);
+    put("cpu_usage_pct", hb.cpu_usage_pct);
+    put("memory_used_bytes", u(hb.memory_used_bytes));
+    put("memory_total_bytes", u(hb.memory_total_bytes));
+    put("disk_used_bytes", u(hb.disk_used_bytes));
+    put("disk_total_bytes", u(hb.disk_total_bytes));
+    put("network_rx_bytes", u(hb.network_rx_bytes));
+    put("network_tx_bytes", u(hb.network_tx_bytes));
+    put("db_size_bytes", u(hb.db_size_bytes));
+    put("storage_size_bytes", u(hb.storage_size_bytes));
+    put("jobs_processed_1h", u(hb.jobs_processed_1h));
+    put("jobs_pending", u(hb.jobs_pending));
+    put("slo_p95_ms", hb.slo_p95_ms);
+    put("slo_error_rate", hb.slo_error_rate);
+    put("slo_webhook_retry_rate", hb.slo_webhook_retry_rate);
+    put("secrets_expired", u(hb.secrets_expired));
+    put("secrets_unverified", u(hb.secrets_unverified));
+    serde_json::Value::Object(map).to_string()
+}
+
+pub(crate) fn point(received_at: i64, figures: &str) -> HeartbeatPoint {
+    HeartbeatPoint {
+        received_at,
+        figures: serde_json::from_str(figures).unwrap_or_default(),
+    }
+}
+
+/// An alert the batch opens; `resolved_at` is set when a later heartbeat of the same batch
+/// already ends it.
+pub(crate) struct PendingAlert<'a> {
+    pub installation_id: i64,
+    pub instance_id: &'a str,
+    pub spec: AlertSpec,
+    pub created_at: i64,
+    pub resolved_at: Option<i64>,
+}
+
+/// Where an open key stands during a batch.
+#[derive(Clone, Copy)]
+pub(crate) enum OpenRef {
+    Stored(i64),
+    Pending(usize),
+}
+
+/// Runs the alert rules over the applied heartbeats of a batch, in order.
+pub(crate) fn plan_alerts<'a>(
+    applied: &[(&'a IncomingHeartbeat, i64)],
+    mut open: HashMap<i64, HashMap<String, OpenRef>>,
+    slo: &crate::alerts::SloThresholds,
+) -> (Vec<PendingAlert<'a>>, Vec<i64>) {
+    let mut pending: Vec<PendingAlert<'a>> = Vec::new();
+    let mut resolve_ids = Vec::new();
+    for &(inc, installation_id) in applied {
+        let eval = crate::alerts::evaluate(&inc.heartbeat, slo);
+        let refs = open.entry(installation_id).or_default();
+        let keys: BTreeSet<String> = refs.keys().cloned().collect();
+        let (to_open, to_resolve) = crate::alerts::reconcile(&eval, &keys);
+        for key in to_resolve {
+            match refs.remove(&key) {
+                Some(OpenRef::Stored(id)) => resolve_ids.push(id),
+                Some(OpenRef::Pending(i)) => pending[i].resolved_at = Some(inc.received_at),
+                None => {}
+            }
+        }
+        for spec in to_open {
+            refs.insert(spec.key.clone(), OpenRef::Pending(pending.len()));
+            pending.push(PendingAlert {
+                installation_id,
+                instance_id: &inc.heartbeat.instance_id,
+                spec: spec.clone(),
+                created_at: inc.received_at,
+                resolved_at: None,
+            });
+        }
+    }
+    (pending, resolve_ids)
+}
+
+/// Implements [`Store`](crate::store::Store) for `$store` (which has a `pool: Pool<$db>`).
+macro_rules! impl_sql_store {
+    ($store:ty, $db:ty) => {
+        #[async_trait::async_trait]
+        impl $crate::store::Store for $store {
+            async fn record_heartbeats(
+                &self,
+                batch: &[$crate::store::IncomingHeartbeat],
+                rules: &$crate::store::IngestRules,
+            ) -> $crate::Result<Vec<$crate::store::RecordOutcome>> {
+                use std::collections::{HashMap, HashSet};
+                use sqlx::{QueryBuilder, Row};
+                use $crate::store::RecordOutcome;
+                use $crate::store::sql::{CHUNK, OpenRef};
+
+                let mut outcomes: Vec<Option<RecordOutcome>> = vec![None; batch.len()];
+                let mut tx = self.pool.begin().await?;
+
+                // Installations that exist already, with what the batch needs to know of them.
+                let mut known: HashMap<String, (i64, Option<String>)> = HashMap::new();
+                let ids: Vec<&str> = {
+                    let set: HashSet<&str> =
+                        batch.iter().map(|b| b.heartbeat.instance_id.as_str()).collect();
+                    set.into_iter().collect()
+                };
+                for chunk in ids.chunks(CHUNK) {
+                    let mut qb = QueryBuilder::<$db>::new(
+                        "SELECT id, instance_id, last_backup_checksum FROM installations WHERE instance_id IN (",
+                    );
+                    let mut sep = qb.separated(", ");
+                    for id in chunk {
+                        sep.push_bind(id.to_string());
+                    }
+                    sep.push_unseparated(")");
+                    for row in qb.build().fetch_all(&mut *tx).await? {
+                        known.insert(
+                            row.try_get("instance_id")?,
+                            (row.try_get("id")?, row.try_get("last_backup_checksum")?),
+                        );
+                    }
+                }
+                if rules.require_enrollment {
+                    for (i, inc) in batch.iter().enumerate() {
+                        if !known.contains_key(&inc.heartbeat.instance_id) {
+                            outcomes[i] = Some(RecordOutcome::NotEnrolled);
+                        }
+                    }
+                }
+
+                // v1 message ids: the first sighting applies, a new timestamp is a retry
+                // (acknowledged, not applied), the same timestamp is a replay (refused).
+                let mut first: HashMap<(&str, &str), usize> = HashMap::new();
+                let mut fresh = Vec::new();
+                for (i, inc) in batch.iter().enumerate() {
+                    let Some(msg_id) = inc.msg_id.as_deref() else { continue };
+                    if outcomes[i].is_some() {
+                        continue;
+                    }
+                    match first.get(&(inc.heartbeat.instance_id.as_str(), msg_id)) {
+                        Some(&j) => {
+                            outcomes[i] = Some(if batch[j].signed_at == inc.signed_at {
+                                RecordOutcome::Replay
+                            } else {
+                                RecordOutcome::Duplicate
+                            })
+                        }
+                        None => {
+                            first.insert((inc.heartbeat.instance_id.as_str(), msg_id), i);
+                            fresh.push(i);
+                        }
+                    }
+                }
+                for chunk in fresh.chunks(CHUNK) {
+                    let mut qb = QueryBuilder::<$db>::new(
+                        "INSERT INTO seen_messages (instance_id, msg_id, signed_at, seen_at) ",
+                    );
+                    qb.push_values(chunk, |mut row, &i| {
+                        let inc = &batch[i];
+                        row.push_bind(inc.heartbeat.instance_id.clone())
+                            .push_bind(inc.msg_id.clone())
+                            .push_bind(inc.signed_at.unwrap_or(inc.received_at))
+                            .push_bind(inc.received_at);
+                    });
+                    qb.push(" ON CONFLICT DO NOTHING RETURNING instance_id, msg_id");
+                    let mut inserted = HashSet::new();
+                    for row in qb.build().fetch_all(&mut *tx).await? {
+                        let key: (String, String) = (row.try_get(0)?, row.try_get(1)?);
+                        inserted.insert(key);
+                    }
+                    for &i in chunk {
+                        let inc = &batch[i];
+                        let key = (inc.heartbeat.instance_id.clone(), inc.msg_id.clone().unwrap_or_default());
+                        if inserted.contains(&key) {
+                            continue;
+                        }
+                        let signed: Option<i64> = sqlx::query_scalar(
+                            "SELECT signed_at FROM seen_messages WHERE instance_id = $1 AND msg_id = $2",
+                        )
+                        .bind(&key.0)
+                        .bind(&key.1)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                        outcomes[i] = Some(if signed == inc.signed_at {
+                            RecordOutcome::Replay
+                        } else {
+                            RecordOutcome::Duplicate
+                        });
+                    }
+                }
+
+                // Upsert each installation once, with its latest heartbeat of the batch.
+                let mut latest: HashMap<&str, usize> = HashMap::new();
+                for (i, inc) in batch.iter().enumerate() {
+                    if outcomes[i].is_none() {
+                        latest.insert(inc.heartbeat.instance_id.as_str(), i);
+                    }
+                }
+                let latest: Vec<usize> = {
+                    let mut v: Vec<usize> = latest.into_values().collect();
+                    v.sort_unstable();
+                    v
+                };
+                let mut row_ids: HashMap<String, i64> = HashMap::new();
+                for chunk in latest.chunks(CHUNK) {
+                    let mut qb = QueryBuilder::<$db>::new(
+                        "INSERT INTO installations (instance_id, domain, client, version, release_channel, \
+                         health, scheme, first_seen_at, last_seen_at, last_backup_checksum, state) ",
+                    );
+                    qb.push_values(chunk, |mut row, &i| {
+                        let inc = &batch[i];
+                        let hb = &inc.heartbeat;
+                        row.push_bind(hb.instance_id.clone())
+                            .push_bind(hb.domain.clone())
+                            .push_bind(hb.client.clone())
+                            .push_bind(hb.version.clone())
+                            .push_bind(hb.release_channel.clone())
+                            .push_bind(hb.health.clone())
+                            .push_bind(inc.scheme.as_str())
+                            .push_bind(inc.received_at)
+                            .push_bind(inc.received_at)
+                            .push_bind(hb.backup_checksum.clone())
+                            .push_bind(String::from_utf8(hb.to_vec()).unwrap_or_default());
+                    });
+                    qb.push(
+                        " ON CONFLICT (instance_id) DO UPDATE SET \
+                         domain = COALESCE(excluded.domain, installations.domain), \
+                         client = COALESCE(excluded.client, installations.client), \
+                         version = COALESCE(excluded.version, installations.version), \
+                         release_channel = COALESCE(excluded.release_channel, installations.release_channel), \
+                         health = COALESCE(excluded.health, installations.health), \
+                         scheme = excluded.scheme, \
+                         first_seen_at = COALESCE(installations.first_seen_at, excluded.first_seen_at), \
+                         last_seen_at = excluded.last_seen_at, \
+                         last_backup_checksum = COALESCE(excluded.last_backup_checksum, installations.last_backup_checksum), \
+                         state = excluded.state \
+                         RETURNING id, instance_id",
+                    );
+                    for row in qb.build().fetch_all(&mut *tx).await? {
+                        row_ids.insert(row.try_get("instance_id")?, row.try_get("id")?);
+                    }
+                }
+
+                let mut applied = Vec::new();
+                for (i, inc) in batch.iter().enumerate() {
+                    if outcomes[i].is_some() {
+                        continue;
+                    }
+                    let Some(&id) = row_ids.get(&inc.heartbeat.instance_id) else {
+                        return Err($crate::Error::Internal("upsert returned no row".into()));
+                    };
+                    outcomes[i] = Some(RecordOutcome::Applied { installation_id: id });
+                    applied.push((inc, id));
+                }
+
+                // The time series: one row per applied heartbeat.
+                for chunk in applied.chunks(CHUNK) {
+                    let mut qb = QueryBuilder::<$db>::new(
+                        "INSERT INTO heartbeats (installation_id, received_at, msg_id, figures) ",
+                    );
+                    qb.push_values(chunk, |mut row, (inc, id)| {
+                        row.push_bind(*id)
+                            .push_bind(inc.received_at)
+                            .push_bind(inc.msg_id.clone())
+                            .push_bind($crate::store::sql::figures_json(&inc.heartbeat));
+                    });
+                    qb.build().execute(&mut *tx).await?;
+                }
+
+                // Job failures, one row each, as the ERP records them.
+                let failures: Vec<(i64, i64, &fleet_core::heartbeat::JobFailure)> = applied
+                    .iter()
+                    .flat_map(|(inc, id)| {
+                        inc.heartbeat.job_failures.iter().map(move |f| (*id, inc.received_at, f))
+                    })
+                    .collect();
+                for chunk in failures.chunks(CHUNK) {
+                    let mut qb = QueryBuilder::<$db>::new(
+                        "INSERT INTO job_failures (installation_id, queue, message, created_at) ",
+                    );
+                    qb.push_values(chunk, |mut row, (id, at, f)| {
+                        row.push_bind(*id)
+                            .push_bind(f.queue.clone())
+                            .push_bind(f.message.clone())
+                            .push_bind(*at);
+                    });
+                    qb.build().execute(&mut *tx).await?;
+                }
+
+                // A backup record whenever the reported checksum differs from the last one.
+                let mut checksums: HashMap<i64, Option<String>> = known
+                    .values()
+                    .map(|(id, sum)| (*id, sum.clone()))
+                    .collect();
+                for (inc, id) in &applied {
+                    let hb = &inc.heartbeat;
+                    let Some(sum) = hb.backup_checksum.as_ref() else { continue };
+                    let previous = checksums.entry(*id).or_default();
+                    if previous.as_ref() == Some(sum) {
+                        continue;
+                    }
+                    *previous = Some(sum.clone());
+                    sqlx::query(
+                        "INSERT INTO backups (installation_id, backup_id, checksum, size_bytes, bucket, \
+                         path, status, backup_at, recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    )
+                    .bind(*id)
+                    .bind(hb.backup_id.clone())
+                    .bind(sum.clone())
+                    .bind(hb.backup_size_bytes.map(|v| v.min(i64::MAX as u64) as i64))
+                    .bind(hb.backup_bucket.clone())
+                    .bind(hb.backup_path.clone())
+                    .bind(hb.backup_status.clone())
+                    .bind(hb.last_backup_at.clone())
+                    .bind(inc.received_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+
+                // Alerts: load the open keys of the batch's installations, run the rules.
+                let mut open: HashMap<i64, HashMap<String, OpenRef>> = HashMap::new();
+                let inst_ids: Vec<i64> = {
+                    let set: HashSet<i64> = applied.iter().map(|(_, id)| *id).collect();
+                    set.into_iter().collect()
+                };
+                for chunk in inst_ids.chunks(CHUNK) {
+                    let mut qb = QueryBuilder::<$db>::new(
+                        "SELECT id, installation_id, dedup_key FROM alerts \
+                         WHERE resolved_at IS NULL AND dedup_key IS NOT NULL AND installation_id IN (",
+                    );
+                    let mut sep = qb.separated(", ");
+                    for id in chunk {
+                        sep.push_bind(*id);
+                    }
+                    sep.push_unseparated(")");
+                    for row in qb.build().fetch_all(&mut *tx).await? {
+                        let key: String = row.try_get("dedup_key")?;
+                        open.entry(row.try_get("installation_id")?)
+                            .or_default()
+                            .insert(key, OpenRef::Stored(row.try_get("id")?));
+                    }
+                }
+                let (pending, resolve_ids) =
+                    $crate::store::sql::plan_alerts(&applied, open, &rules.slo);
+                for chunk in resolve_ids.chunks(CHUNK) {
+                    let mut qb = QueryBuilder::<$db>::new("UPDATE alerts SET resolved_at = ");
+                    qb.push_bind(batch.last().map(|b| b.received_at).unwrap_or_default());
+                    qb.push(" WHERE id IN (");
+                    let mut sep = qb.separated(", ");
+                    for id in chunk {
+                        sep.push_bind(*id);
+                    }
+                    sep.push_unseparated(")");
+                    qb.build().execute(&mut *tx).await?;
+                }
+                for alert in &pending {
+                    Self::insert_alert(&mut tx, alert, rules.forward_alerts).await?;
+                }
+
+                tx.commit().await?;
+                Ok(outcomes
+                    .into_iter()
+                    .map(|o| o.unwrap_or(RecordOutcome::Duplicate))
+                    .collect())
+            }
+
+            async fn enroll(&self, instance_id: &str, now: i64) -> $crate::Result<i64> {
+                Ok(sqlx::query_scalar(
+                    "INSERT INTO installations (instance_id, enrolled_at) VALUES ($1, $2) \
+                     ON CONFLICT (instance_id) DO UPDATE SET \
+                     enrolled_at = COALESCE(installations.enrolled_at, excluded.enrolled_at) \
+                     RETURNING id",
+                )
+                .bind(instance_id)
+                .bind(now)
+                .fetch_one(&self.pool)
+                .await?)
+            }
+
+            async fn list_installations(
+                &self,
+                filter: &$crate::store::InstallationFilter,
+            ) -> $crate::Result<$crate::store::Page<$crate::store::InstallationSummary>> {
+                let text = filter.text.as_deref().map($crate::store::sql::like_pattern);
+                let offline = filter.health.as_deref() == Some("offline");
+                let health = filter.health.clone().filter(|_| !offline);
+                let items = sqlx::query_as::<_, $crate::store::InstallationSummary>($crate::store::sql::LIST_SQL)
+                .bind(filter.channel.clone())
+                .bind(health.clone())
+                .bind(text.clone())
+                .bind(offline)
+                .bind(filter.limit)
+                .bind(filter.offset)
+                .fetch_all(&self.pool)
+                .await?;
+                let total: i64 = sqlx::query_scalar($crate::store::sql::COUNT_SQL)
+                .bind(filter.channel.clone())
+                .bind(health)
+                .bind(text)
+                .bind(offline)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok($crate::store::Page { items, total })
+            }
+
+            async fn installation(
+                &self,
+                instance_id: &str,
+            ) -> $crate::Result<Option<$crate::store::InstallationDetail>> {
+                use sqlx::Row;
+                let Some(summary) = sqlx::query_as::<_, $crate::store::InstallationSummary>($crate::store::sql::DETAIL_SQL)
+                .bind(instance_id)
+                .fetch_optional(&self.pool)
+                .await?
+                else {
+                    return Ok(None);
+                };
+                let state: Option<String> =
+                    sqlx::query_scalar("SELECT state FROM installations WHERE id = $1")
+                        .bind(summary.id)
+                        .fetch_one(&self.pool)
+                        .await?;
+                let alerts = sqlx::query_as::<_, $crate::store::Alert>($crate::store::sql::ALERTS_OF_SQL)
+                .bind(summary.id)
+                .fetch_all(&self.pool)
+                .await?;
+                let job_failures = sqlx::query_as::<_, $crate::store::JobFailureRecord>(
+                    "SELECT id, queue, message, created_at FROM job_failures \
+                     WHERE installation_id = $1 ORDER BY id DESC LIMIT 100",
+                )
+                .bind(summary.id)
+                .fetch_all(&self.pool)
+                .await?;
+                let backups = sqlx::query_as::<_, $crate::store::BackupRecord>(
+                    "SELECT id, backup_id, checksum, size_bytes, bucket, path, status, backup_at, \
+                     recorded_at FROM backups WHERE installation_id = $1 ORDER BY id DESC LIMIT 50",
+                )
+                .bind(summary.id)
+                .fetch_all(&self.pool)
+                .await?;
+                let rows = sqlx::query(
+                    "SELECT received_at, figures FROM heartbeats WHERE installation_id = $1 \
+                     ORDER BY id DESC LIMIT 60",
+                )
+                .bind(summary.id)
+                .fetch_all(&self.pool)
+                .await?;
+                let mut recent = Vec::with_capacity(rows.len());
+                for row in rows.iter().rev() {
+                    let figures: String = row.try_get("figures")?;
+                    recent.push($crate::store::sql::point(row.try_get("received_at")?, &figures));
+                }
+                let state = state
+                    .and_then(|s| serde_json::from_str(&s).ok())
+                    .unwrap_or(serde_json::Value::Null);
+                Ok(Some($crate::store::InstallationDetail {
+                    summary,
+                    state,
+                    alerts,
+                    job_failures,
+                    backups,
+                    recent,
+                }))
+            }
+
+            async fn list_alerts(
+                &self,
+                open_only: bool,
+                limit: i64,
+            ) -> $crate::Result<Vec<$crate::store::Alert>> {
+                Ok(sqlx::query_as::<_, $crate::store::Alert>($crate::store::sql::ALERTS_SQL)
+                .bind(open_only)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn acknowledge_alert(
+                &self,
+                alert_id: i64,
+                by: &str,
+                now: i64,
+            ) -> $crate::Result<Option<$crate::store::Alert>> {
+                sqlx::query(
+                    "UPDATE alerts SET acknowledged_at = $1, acknowledged_by = $2 \
+                     WHERE id = $3 AND acknowledged_at IS NULL",
+                )
+                .bind(now)
+                .bind(by)
+                .bind(alert_id)
+                .execute(&self.pool)
+                .await?;
+                Ok(sqlx::query_as::<_, $crate::store::Alert>($crate::store::sql::ALERT_SQL)
+                .bind(alert_id)
+                .fetch_optional(&self.pool)
+                .await?)
+            }
+
+            async fn mark_offline(&self, cutoff: i64, now: i64, forward: bool) -> $crate::Result<u64> {
+                use sqlx::Row;
+                let mut tx = self.pool.begin().await?;
+                let rows = sqlx::query(
+                    "SELECT i.id, i.instance_id, i.last_seen_at FROM installations i \
+                     WHERE i.last_seen_at < $1 AND NOT EXISTS (SELECT 1 FROM alerts a \
+                     WHERE a.installation_id = i.id AND a.dedup_key = 'offline' AND a.resolved_at IS NULL)",
+                )
+                .bind(cutoff)
+                .fetch_all(&mut *tx)
+                .await?;
+                let mut opened = 0;
+                for row in rows {
+                    let last_seen: i64 = row.try_get("last_seen_at")?;
+                    let instance_id: String = row.try_get("instance_id")?;
+                    let alert = $crate::store::sql::PendingAlert {
+                        installation_id: row.try_get("id")?,
+                        instance_id: &instance_id,
+                        spec: $crate::alerts::offline_spec(last_seen, now),
+                        created_at: now,
+                        resolved_at: None,
+                    };
+                    if Self::insert_alert(&mut tx, &alert, forward).await? {
+                        opened += 1;
+                    }
+                }
+                tx.commit().await?;
+                Ok(opened)
+            }
+
+            async fn outbox_due(
+                &self,
+                now: i64,
+                limit: i64,
+            ) -> $crate::Result<Vec<$crate::store::OutboxItem>> {
+                Ok(sqlx::query_as::<_, $crate::store::OutboxItem>(
+                    "SELECT id, alert_id, payload, attempts FROM webhook_outbox \
+                     WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= $1 \
+                     ORDER BY next_attempt_at, id LIMIT $2",
+                )
+                .bind(now)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn outbox_delivered(&self, id: i64, now: i64) -> $crate::Result<()> {
+                sqlx::query(
+                    "UPDATE webhook_outbox SET delivered_at = $1, attempts = attempts + 1 WHERE id = $2",
+                )
+                .bind(now)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn outbox_failed(
+                &self,
+                id: i64,
+                attempts: i64,
+                next_attempt_at: Option<i64>,
+                error: &str,
+                now: i64,
+            ) -> $crate::Result<()> {
+                sqlx::query(
+                    "UPDATE webhook_outbox SET attempts = $1, next_attempt_at = COALESCE($2, next_attempt_at), \
+                     failed_at = CASE WHEN $2 IS NULL THEN $3 ELSE NULL END, last_error = $4 WHERE id = $5",
+                )
+                .bind(attempts)
+                .bind(next_attempt_at)
+                .bind(now)
+                .bind(error)
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn prune_messages(&self, before: i64) -> $crate::Result<u64> {
+                Ok(sqlx::query("DELETE FROM seen_messages WHERE seen_at < $1")
+                    .bind(before)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected())
+            }
+
+            async fn heartbeat_count(&self) -> $crate::Result<i64> {
+                Ok(sqlx::query_scalar("SELECT COUNT(*) FROM heartbeats")
+                    .fetch_one(&self.pool)
+                    .await?)
+            }
+
+            async fn ping(&self) -> $crate::Result<()> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+        }
+
+        impl $store {
+            /// Inserts one alert (skipped if the same key is already open, e.g. raised by
+            /// another replica) and its outbox row; returns whether it was inserted.
+            async fn insert_alert(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                alert: &$crate::store::sql::PendingAlert<'_>,
+                forward: bool,
+            ) -> $crate::Result<bool> {
+                let id: Option<i64> = sqlx::query_scalar(
+                    "INSERT INTO alerts (installation_id, level, kind, dedup_key, message, created_at, resolved_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING RETURNING id",
+                )
+                .bind(alert.installation_id)
+                .bind(alert.spec.level.as_str())
+                .bind(alert.spec.kind)
+                .bind(alert.spec.key.clone())
+                .bind(alert.spec.message.clone())
+                .bind(alert.created_at)
+                .bind(alert.resolved_at)
+                .fetch_optional(&mut **tx)
+                .await?;
+                let Some(id) = id else { return Ok(false) };
+                if forward && alert.spec.forwarded() {
+                    let payload = $crate::alerts::webhook_payload(
+                        id,
+                        alert.installation_id,
+                        alert.instance_id,
+                        &alert.spec,
+                        alert.created_at,
+                    );
+                    sqlx::query(
+                        "INSERT INTO webhook_outbox (alert_id, payload, attempts, next_attempt_at, created_at) \
+                         VALUES ($1, $2, 0, $3, $3)",
+                    )
+                    .bind(id)
+                    .bind(payload)
+                    .bind(alert.created_at)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                Ok(true)
+            }
+        }
+    };
+}
