@@ -80,23 +80,32 @@ impl<'a> Scanner<'a> {
     fn string(&mut self) -> Option<Cow<'a, str>> {
         self.expect(b'"')?;
         let start = self.pos;
-        let mut escaped = false;
-        loop {
-            match self.next()? {
-                b'"' => break,
-                b'\\' => {
-                    escaped = true;
-                    self.next()?;
-                }
-                0x00..=0x1f => return None,
-                _ => {}
-            }
-        }
+        let escaped = self.string_end()?;
         let raw = &self.bytes[start..self.pos - 1];
+        if raw.iter().any(|b| *b < 0x20) {
+            return None;
+        }
         if escaped {
             unescape(raw).map(Cow::Owned)
         } else {
             std::str::from_utf8(raw).ok().map(Cow::Borrowed)
+        }
+    }
+
+    /// Moves past the closing quote of a string whose opening quote was consumed; returns
+    /// whether the string had escapes. memchr keeps long values (padding, messages) cheap.
+    fn string_end(&mut self) -> Option<bool> {
+        let mut escaped = false;
+        loop {
+            let rest = self.bytes.get(self.pos..)?;
+            let found = memchr::memchr2(b'"', b'\\', rest)?;
+            self.pos += found + 1;
+            if rest[found] == b'"' {
+                return Some(escaped);
+            }
+            escaped = true;
+            // Skip the escaped byte, whatever it is.
+            self.next()?;
         }
     }
 
@@ -143,15 +152,7 @@ impl<'a> Scanner<'a> {
 
     fn skip_string(&mut self) -> Option<()> {
         self.expect(b'"')?;
-        loop {
-            match self.next()? {
-                b'"' => return Some(()),
-                b'\\' => {
-                    self.next()?;
-                }
-                _ => {}
-            }
-        }
+        self.string_end().map(drop)
     }
 }
 
