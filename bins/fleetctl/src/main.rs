@@ -1,1 +1,181 @@
-fn main() {}
+//! `fleetctl`: the operator's command line.
+//!
+//! Release keys and manifest signing work offline, with no control plane:
+//!
+//! ```sh
+//! fleetctl keys generate --out release-key        # writes release-key (0600) and release-key.pub
+//! fleetctl release sign --key release-key manifest.json > signed.json
+//! fleetctl release verify --public-key "$(cat release-key.pub)" signed.json
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use fleet_core::manifest::ReleaseManifest;
+use fleet_core::validate::{Limits, Path as FieldPath, Validate, ValidationErrors};
+use fleet_core::{ManifestVerifier, PrivateKey, PublicKey};
+
+#[derive(Parser)]
+#[command(
+    name = "fleetctl",
+    version,
+    about = "Operate a fleet: release keys, signed manifests"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Ed25519 keys that sign release manifests.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Sign and verify release manifests.
+    Release {
+        #[command(subcommand)]
+        command: ReleaseCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Generate a key pair: the private key goes to FILE (mode 0600), the public key to
+    /// FILE.pub and to standard output.
+    Generate {
+        /// Where to write the private key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReleaseCommand {
+    /// Sign a manifest JSON file and print the signed manifest.
+    Sign {
+        /// Private key file written by `fleetctl keys generate`.
+        #[arg(long, env = "FLEET_RELEASE_KEY_FILE")]
+        key: PathBuf,
+        /// The manifest: {version, sha, channel, migrations_required, breaking_changes, released_at, artifacts?}.
+        manifest: PathBuf,
+    },
+    /// Verify a signed manifest against one or more public keys.
+    Verify {
+        /// Base64 public key (repeat for several).
+        #[arg(long = "public-key", required = true)]
+        public_keys: Vec<String>,
+        /// The signed manifest.
+        manifest: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("fleetctl: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Keys {
+            command: KeysCommand::Generate { out },
+        } => generate(&out),
+        Command::Release {
+            command: ReleaseCommand::Sign { key, manifest },
+        } => sign(&key, &manifest),
+        Command::Release {
+            command:
+                ReleaseCommand::Verify {
+                    public_keys,
+                    manifest,
+                },
+        } => verify(&public_keys, &manifest),
+    }
+}
+
+fn generate(out: &Path) -> Result<(), String> {
+    if out.exists() {
+        return Err(format!(
+            "{} exists; refusing to overwrite a key",
+            out.display()
+        ));
+    }
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| format!("no randomness from the OS: {e}"))?;
+    let key = PrivateKey::from_seed(seed);
+    write_private(out, &key.to_base64())?;
+    let public = key.public_key().to_base64();
+    let pub_path = PathBuf::from(format!("{}.pub", out.display()));
+    std::fs::write(&pub_path, format!("{public}\n"))
+        .map_err(|e| format!("write {}: {e}", pub_path.display()))?;
+    println!("{public}");
+    eprintln!(
+        "private key: {} (keep it offline)\npublic key: {}",
+        out.display(),
+        pub_path.display()
+    );
+    Ok(())
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("create {}: {e}", path.display()))?;
+    file.write_all(format!("{text}\n").as_bytes())
+        .map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("read {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))
+}
+
+fn sign(key_path: &Path, manifest_path: &Path) -> Result<(), String> {
+    let key_text = std::fs::read_to_string(key_path)
+        .map_err(|e| format!("read {}: {e}", key_path.display()))?;
+    let key =
+        PrivateKey::from_base64(&key_text).map_err(|e| format!("{}: {e}", key_path.display()))?;
+    let value = read_json(manifest_path)?;
+    // Refuse to sign what no agent would accept.
+    let manifest: ReleaseManifest = serde_json::from_value(value.clone())
+        .map_err(|e| format!("{} is not a release manifest: {e}", manifest_path.display()))?;
+    let mut errors = ValidationErrors::default();
+    manifest.validate(&Limits::default(), &FieldPath::Root, &mut errors);
+    if !errors.is_empty() {
+        return Err(format!("{}: {errors}", manifest_path.display()));
+    }
+    let signed = key.sign_value(&value).map_err(|e| e.to_string())?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&signed).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
+
+fn verify(public_keys: &[String], manifest_path: &Path) -> Result<(), String> {
+    let keys = public_keys
+        .iter()
+        .map(|k| PublicKey::from_base64(k).map_err(|e| format!("--public-key {k:?}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let signed = ManifestVerifier::new(keys)
+        .verify_value(&read_json(manifest_path)?)
+        .map_err(|e| e.to_string())?;
+    println!(
+        "ok: {} {} ({})",
+        signed.manifest.version, signed.manifest.channel, signed.manifest.sha
+    );
+    Ok(())
+}
