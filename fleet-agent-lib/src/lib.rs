@@ -1,1 +1,46 @@
-//! placeholder
+#![doc = include_str!("../README.md")]
+
+pub mod agent;
+pub mod checks;
+pub mod clock;
+pub mod collectors;
+pub mod config;
+pub mod containers;
+pub mod local_api;
+pub mod metrics;
+pub mod outbox;
+pub mod prometheus;
+pub mod sender;
+
+pub use agent::{Agent, AgentBuilder};
+pub use checks::{Check, HttpCheck, PostgresCheck, RedisCheck, TcpCheck};
+pub use collectors::Collector;
+pub use config::{AgentConfig, PluginSettings, UpdateSettings};
+
+/// Everything that can go wrong in the agent library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Configuration values that cannot be used; each entry names one problem.
+    #[error("invalid configuration: {}", .0.join("; "))]
+    Config(Vec<String>),
+    /// The outbox database could not be opened or written.
+    #[error("outbox storage: {0}")]
+    Store(#[from] sqlx::Error),
+    /// The local API could not bind its address.
+    #[error("cannot bind local API on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// Why the bind failed.
+        source: std::io::Error,
+    },
+    /// An HTTP client could not be built.
+    #[error("http client: {0}")]
+    Http(#[from] reqwest::Error),
+    /// Any other I/O failure.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// `Result` with the agent's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

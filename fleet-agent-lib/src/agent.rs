@@ -1,0 +1,593 @@
+//! The agent: builds heartbeats from checks and collectors, queues them in the outbox,
+//! delivers them in order, and serves the local API, until shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fleet_core::heartbeat::CheckResult;
+use fleet_core::{Heartbeat, Limits, Signer};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+
+use crate::checks::{Check, NotConfigured, check_for_url, run_check};
+use crate::collectors::{BackupCollector, Collector, OpsCollector, SloCollector};
+use crate::config::AgentConfig;
+use crate::containers::Containers;
+use crate::metrics::HostMetrics;
+use crate::outbox::{Bounds, Outbox};
+use crate::sender::{Backoff, Outcome, Sender};
+use crate::{Error, Result};
+
+/// The control-plane path heartbeats go to.
+pub const HEARTBEAT_PATH: &str = "/api/heartbeats";
+
+/// Longest a collector may take before its check fails.
+const COLLECTOR_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Configures an [`Agent`]: the built-in checks and collectors follow the configuration; add
+/// your own with [`check`](Self::check) and [`collector`](Self::collector).
+pub struct AgentBuilder {
+    config: AgentConfig,
+    checks: Vec<Arc<dyn Check>>,
+    collectors: Vec<Arc<dyn Collector>>,
+    builtin: bool,
+}
+
+impl AgentBuilder {
+    /// Adds a health check, reported in `checks[]` under its name.
+    pub fn check(mut self, check: impl Check + 'static) -> Self {
+        self.checks.push(Arc::new(check));
+        self
+    }
+
+    /// Adds a collector, run at every heartbeat after the built-in ones.
+    pub fn collector(mut self, collector: impl Collector + 'static) -> Self {
+        self.collectors.push(Arc::new(collector));
+        self
+    }
+
+    /// Leaves out the built-in checks and collectors (database, Redis, storage, search, ops,
+    /// backup, SLO, host, containers): only the ones added here run.
+    pub fn without_builtins(mut self) -> Self {
+        self.builtin = false;
+        self
+    }
+
+    /// Builds the agent. Nothing is opened or bound yet.
+    pub fn build(self) -> Result<Agent> {
+        let config = self.config;
+        if config.heartbeat_interval.is_zero() {
+            return Err(Error::Config(vec![
+                "the heartbeat interval must be above zero".into(),
+            ]));
+        }
+        let http = reqwest::Client::builder()
+            .timeout(config.buffer.send_timeout)
+            .connect_timeout(config.check_timeout.max(Duration::from_secs(1)))
+            .user_agent(concat!("fleet-agent/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let mut checks: Vec<Arc<dyn Check>> = Vec::new();
+        let mut collectors: Vec<Arc<dyn Collector>> = Vec::new();
+        let mut ops = None;
+        if self.builtin {
+            checks.push(match &config.database_url {
+                Some(url) => check_for_url("db", url, 5432, http.clone()),
+                None => Arc::new(NotConfigured::new("db", "DATABASE_URL")),
+            });
+            checks.push(match &config.redis_url {
+                Some(url) => check_for_url("redis", url, 6379, http.clone()),
+                None => Arc::new(NotConfigured::new("redis", "REDIS_URL")),
+            });
+            if let Some(url) = &config.storage_endpoint {
+                checks.push(check_for_url("storage", url, 9000, http.clone()));
+            }
+            if let Some(url) = &config.search_url {
+                checks.push(check_for_url("search", url, 7700, http.clone()));
+            }
+            if let Some(url) = &config.ops_url {
+                let collector = Arc::new(OpsCollector::new(
+                    http.clone(),
+                    url,
+                    config.ops_token.as_deref(),
+                ));
+                ops = Some(collector.clone());
+                collectors.push(collector);
+            }
+            if let Some(path) = &config.backup_meta_path {
+                collectors.push(Arc::new(BackupCollector::new(path)));
+            }
+            if let Some(url) = &config.metrics_url {
+                collectors.push(Arc::new(SloCollector::new(http.clone(), url)));
+            }
+            collectors.push(Arc::new(HostMetrics::new(
+                &config.system_root_path,
+                config.metrics_interval,
+            )));
+            if !config.containers_interval.is_zero() {
+                collectors.push(Arc::new(Containers::new(
+                    &config.docker_host,
+                    config.containers_interval,
+                )?));
+            }
+        }
+        checks.extend(self.checks);
+        collectors.extend(self.collectors);
+        let sender = Sender::new(
+            http.clone(),
+            &config.control_plane_url,
+            Signer::new(config.secret.clone()),
+            config.signature_scheme,
+        );
+        Ok(Agent {
+            shared: Arc::new(Shared {
+                config,
+                http,
+                checks,
+                collectors,
+                ops,
+                sender,
+                started: Instant::now(),
+                stats: Stats::default(),
+                last_checks: Mutex::new(Vec::new()),
+                outbox: tokio::sync::OnceCell::new(),
+                flush: Notify::new(),
+            }),
+            listener: None,
+        })
+    }
+}
+
+/// Counters served at `/metrics/agent`.
+#[derive(Default)]
+pub(crate) struct Stats {
+    pub(crate) heartbeats: AtomicU64,
+    pub(crate) delivered: AtomicU64,
+    pub(crate) send_failures: AtomicU64,
+    pub(crate) unauthorized: AtomicU64,
+    pub(crate) rejected: AtomicU64,
+    pub(crate) dropped_unbuffered: AtomicU64,
+    pub(crate) last_heartbeat_at: AtomicI64,
+    pub(crate) last_delivery_at: AtomicI64,
+}
+
+/// What every task of a running agent shares.
+pub(crate) struct Shared {
+    pub(crate) config: AgentConfig,
+    pub(crate) http: reqwest::Client,
+    pub(crate) checks: Vec<Arc<dyn Check>>,
+    pub(crate) collectors: Vec<Arc<dyn Collector>>,
+    pub(crate) ops: Option<Arc<OpsCollector>>,
+    pub(crate) sender: Sender,
+    pub(crate) started: Instant,
+    pub(crate) stats: Stats,
+    pub(crate) last_checks: Mutex<Vec<CheckResult>>,
+    pub(crate) outbox: tokio::sync::OnceCell<Outbox>,
+    pub(crate) flush: Notify,
+}
+
+/// The fleet agent. Build it with [`Agent::builder`], then [`run`](Agent::run) it.
+pub struct Agent {
+    shared: Arc<Shared>,
+    listener: Option<TcpListener>,
+}
+
+impl Agent {
+    /// Starts configuring an agent.
+    pub fn builder(config: AgentConfig) -> AgentBuilder {
+        AgentBuilder {
+            config,
+            checks: Vec::new(),
+            collectors: Vec::new(),
+            builtin: true,
+        }
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &AgentConfig {
+        &self.shared.config
+    }
+
+    /// Binds the local API now and returns its address (useful with `AGENT_PORT=0`);
+    /// [`run`](Self::run) binds it otherwise. Refuses a non-loopback address without a token.
+    pub async fn bind(&mut self) -> Result<SocketAddr> {
+        let c = &self.shared.config;
+        let addr = SocketAddr::new(c.local_bind, c.local_port);
+        if !addr.ip().is_loopback() && c.local_token.is_none() {
+            return Err(Error::Config(vec![format!(
+                "refusing to serve the local API on {addr} without AGENT_LOCAL_TOKEN"
+            )]));
+        }
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Bind { addr, source })?;
+        let local = listener.local_addr()?;
+        self.listener = Some(listener);
+        Ok(local)
+    }
+
+    /// Runs the checks now, as `POST /smoke` does.
+    pub async fn run_checks(&self) -> Vec<CheckResult> {
+        self.shared.run_checks().await
+    }
+
+    /// Builds one heartbeat now, without sending it.
+    pub async fn heartbeat(&self) -> Heartbeat {
+        self.shared.build_heartbeat().await
+    }
+
+    /// Runs every task (heartbeats, outbox delivery, local API) until `shutdown` completes,
+    /// then stops them all. Returns early with an error only if the outbox cannot be opened
+    /// or the local API cannot bind.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let shared = self.shared.clone();
+        let c = &shared.config;
+        if c.buffer.enabled {
+            let outbox = Outbox::open(
+                &c.state_path,
+                Bounds {
+                    max_messages: c.buffer.max_messages,
+                    max_bytes: c.buffer.max_bytes,
+                    max_age: c.buffer.max_age,
+                },
+            )
+            .await?;
+            let _ = shared.outbox.set(outbox);
+        }
+        let listener = match self.listener.take() {
+            Some(l) => l,
+            None => {
+                self.bind().await?;
+                self.listener
+                    .take()
+                    .ok_or_else(|| Error::Io(std::io::Error::other("local API listener missing")))?
+            }
+        };
+        tracing::info!(
+            instance_id = %c.instance_id,
+            local_api = %listener.local_addr()?,
+            heartbeat_secs = c.heartbeat_interval.as_secs_f64(),
+            signature = c.signature_scheme.as_str(),
+            buffered = c.buffer.enabled,
+            "fleet agent started"
+        );
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(heartbeat_loop(shared.clone(), stop_rx.clone()));
+        if shared.outbox.get().is_some() {
+            tasks.spawn(flush_loop(shared.clone(), stop_rx.clone()));
+        }
+        let mut api_stop = stop_rx.clone();
+        let app = crate::local_api::router(shared.clone());
+        tasks.spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = api_stop.wait_for(|stop| *stop).await;
+            });
+            if let Err(err) = serve.await {
+                tracing::error!(error = %err, "local API stopped");
+            }
+        });
+
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        // Every task watches the stop flag; the limit only guards against a stuck handler.
+        let drained = tokio::time::timeout(Duration::from_secs(10), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("some tasks did not stop within 10 s; aborting them");
+            tasks.abort_all();
+        }
+        Ok(())
+    }
+}
+
+impl Shared {
+    pub(crate) async fn run_checks(&self) -> Vec<CheckResult> {
+        let timeout = self.config.check_timeout;
+        let results = futures_util::future::join_all(
+            self.checks.iter().map(|c| run_check(c.as_ref(), timeout)),
+        )
+        .await;
+        *self.last_checks.lock().unwrap_or_else(|p| p.into_inner()) = results.clone();
+        results
+    }
+
+    pub(crate) async fn build_heartbeat(&self) -> Heartbeat {
+        let c = &self.config;
+        let mut hb = Heartbeat::new(&c.instance_id);
+        hb.domain = c.domain.clone();
+        hb.client = c.client.clone();
+        hb.version = c.version.clone();
+        hb.release_channel = c.release_channel.clone();
+        hb.uptime_seconds = Some(self.started.elapsed().as_secs() as f64);
+        if let Some(region) = &c.primary_region {
+            hb.extra
+                .insert("primary_region".into(), region.clone().into());
+        }
+        hb.extra
+            .insert("iam_sso_enabled".into(), c.iam.sso_enabled.into());
+        hb.extra
+            .insert("iam_mfa_enforced".into(), c.iam.mfa_enforced.into());
+        hb.extra
+            .insert("iam_scim_enabled".into(), c.iam.scim_enabled.into());
+
+        // Checks run concurrently with the collectors, which share the heartbeat in turn.
+        let collect = async {
+            let mut results = Vec::new();
+            for collector in &self.collectors {
+                let started = Instant::now();
+                let outcome =
+                    match tokio::time::timeout(COLLECTOR_TIMEOUT, collector.collect(&mut hb)).await
+                    {
+                        Ok(outcome) => outcome,
+                        Err(_) => Err(format!(
+                            "timed out after {} ms",
+                            COLLECTOR_TIMEOUT.as_millis()
+                        )),
+                    };
+                if let Err(reason) = &outcome {
+                    tracing::debug!(collector = collector.name(), %reason, "collector failed");
+                }
+                results.push(CheckResult {
+                    name: collector.name().to_owned(),
+                    ok: outcome.is_ok(),
+                    latency_ms: Some(
+                        (started.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0,
+                    ),
+                    error: outcome.err(),
+                    extra: Default::default(),
+                });
+            }
+            results
+        };
+        let (checks, collected) = tokio::join!(self.run_checks(), collect);
+        let ok_of = |name: &str| checks.iter().find(|r| r.name == name).map(|r| r.ok);
+        hb.db_ok = ok_of("db").unwrap_or(false);
+        hb.redis_ok = ok_of("redis").unwrap_or(false);
+        // As in the ERP agent, storage that is not configured counts as fine.
+        hb.storage_ok = ok_of("storage").unwrap_or(true);
+        hb.search_ok = ok_of("search");
+        hb.checks = checks;
+        hb.checks.extend(collected);
+        hb.checks.truncate(Limits::default().max_checks);
+        hb.health = Some(if hb.checks.iter().all(|r| r.ok) {
+            "ok".into()
+        } else {
+            "degraded".into()
+        });
+        hb
+    }
+}
+
+/// Serializes a heartbeat, making sure the control plane will accept it: any optional field
+/// that fails the protocol's validation is left out (and logged) rather than losing the
+/// whole heartbeat to a 422.
+pub fn heartbeat_body(hb: &Heartbeat) -> Vec<u8> {
+    let body = hb.to_vec();
+    let limits = Limits::default();
+    let Err(fleet_core::DecodeError::Invalid(errors)) = Heartbeat::decode(&body, &limits) else {
+        return body;
+    };
+    let Ok(Value::Object(mut map)) = serde_json::from_slice::<Value>(&body) else {
+        return body;
+    };
+    for violation in &errors.violations {
+        let key = violation.path.split(['.', '[']).next().unwrap_or_default();
+        tracing::warn!(path = %violation.path, message = %violation.message,
+            "leaving an invalid field out of the heartbeat");
+        if !matches!(
+            key,
+            "instance_id" | "db_ok" | "redis_ok" | "storage_ok" | "jobs_failed" | ""
+        ) {
+            map.remove(key);
+        }
+    }
+    serde_json::to_vec(&map).unwrap_or(body)
+}
+
+fn new_message_id() -> String {
+    format!("msg_{}", uuid::Uuid::now_v7().simple())
+}
+
+async fn heartbeat_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(shared.config.heartbeat_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let hb = tokio::select! {
+            hb = shared.build_heartbeat() => hb,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        shared.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+        shared
+            .stats
+            .last_heartbeat_at
+            .store(fleet_core::unix_now(), Ordering::Relaxed);
+        let msg_id = new_message_id();
+        match shared.outbox.get() {
+            Some(outbox) => {
+                let pushed = outbox
+                    .push(&msg_id, HEARTBEAT_PATH, fleet_core::unix_now(), |dropped| {
+                        let mut hb = hb;
+                        hb.outbox_dropped = (dropped > 0).then_some(dropped);
+                        heartbeat_body(&hb)
+                    })
+                    .await;
+                match pushed {
+                    Ok(_) => shared.flush.notify_one(),
+                    // The disk is full or unwritable: say so loudly; the next tick retries.
+                    Err(err) => tracing::error!(error = %err, "cannot queue the heartbeat"),
+                }
+            }
+            None => send_unbuffered(&shared, &msg_id, hb, &mut stop).await,
+        }
+    }
+}
+
+/// Without an outbox: a few retries now, then the heartbeat is dropped and counted.
+async fn send_unbuffered(
+    shared: &Shared,
+    msg_id: &str,
+    mut hb: Heartbeat,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let dropped = shared.stats.dropped_unbuffered.load(Ordering::Relaxed);
+    hb.outbox_dropped = (dropped > 0).then_some(dropped);
+    let body = heartbeat_body(&hb);
+    let b = &shared.config.buffer;
+    let mut backoff = Backoff::new(b.backoff_base, b.backoff_max);
+    for attempt in 0..=b.send_retries {
+        let outcome = shared.sender.send(msg_id, HEARTBEAT_PATH, &body).await;
+        record(shared, &outcome);
+        let wait = match outcome {
+            Outcome::Delivered => {
+                // Those drops are reported now.
+                shared
+                    .stats
+                    .dropped_unbuffered
+                    .fetch_sub(dropped, Ordering::Relaxed);
+                return;
+            }
+            Outcome::Retry { after, .. } if attempt < b.send_retries => {
+                after.unwrap_or_else(|| backoff.next_delay())
+            }
+            _ => break,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    shared
+        .stats
+        .dropped_unbuffered
+        .fetch_add(1, Ordering::Relaxed);
+    tracing::warn!(
+        msg_id,
+        "heartbeat dropped after its retries (BUFFER_ENABLED=false)"
+    );
+}
+
+/// Logs and counts an outcome.
+fn record(shared: &Shared, outcome: &Outcome) {
+    let stats = &shared.stats;
+    match outcome {
+        Outcome::Delivered => {
+            stats.delivered.fetch_add(1, Ordering::Relaxed);
+            stats
+                .last_delivery_at
+                .store(fleet_core::unix_now(), Ordering::Relaxed);
+        }
+        Outcome::Retry { reason, .. } => {
+            stats.send_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%reason, "control plane unreachable; will retry");
+        }
+        Outcome::Unauthorized { reason } => {
+            stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                %reason,
+                instance_id = %shared.config.instance_id,
+                "the control plane refused this agent's signature: check AGENT_SECRET and \
+                 INSTANCE_ID (and AGENT_SIGNATURE_SCHEME for an older control plane)"
+            );
+        }
+        Outcome::Rejected { reason } => {
+            stats.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%reason, "the control plane refused a message for good; dropping it");
+        }
+    }
+}
+
+/// Delivers the outbox oldest first, one message at a time, so order holds; a message leaves
+/// the outbox only after a 2xx.
+async fn flush_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let Some(outbox) = shared.outbox.get() else {
+        return;
+    };
+    let b = &shared.config.buffer;
+    let mut backoff = Backoff::new(b.backoff_base, b.backoff_max);
+    let mut not_before = tokio::time::Instant::now();
+    let mut unauthorized = false;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        if tokio::time::Instant::now() < not_before {
+            tokio::select! {
+                _ = tokio::time::sleep_until(not_before) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            continue;
+        }
+        let message = match outbox.peek(fleet_core::unix_now()).await {
+            Ok(Some(message)) => message,
+            Ok(None) => {
+                tokio::select! {
+                    _ = shared.flush.notified() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                continue;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot read the outbox");
+                not_before = tokio::time::Instant::now() + Duration::from_secs(5);
+                continue;
+            }
+        };
+        // Stopping mid-send is safe: the message stays and goes again with the same id,
+        // which the control plane acknowledges without applying twice.
+        let outcome = tokio::select! {
+            outcome = shared.sender.send(&message.msg_id, &message.path, &message.body) => outcome,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let delay = match &outcome {
+            Outcome::Delivered => {
+                if let Err(err) = outbox.ack(message.seq).await {
+                    tracing::error!(error = %err, "cannot remove a delivered message");
+                }
+                if unauthorized {
+                    tracing::info!("the control plane accepts this agent again");
+                }
+                unauthorized = false;
+                backoff.reset();
+                record(&shared, &outcome);
+                None
+            }
+            Outcome::Retry { after, .. } => {
+                record(&shared, &outcome);
+                Some(after.unwrap_or_else(|| backoff.next_delay()))
+            }
+            Outcome::Unauthorized { .. } => {
+                // Logged once per episode, then retried only at the slowest pace: a wrong
+                // secret does not fix itself, and hammering looks like an attack.
+                if unauthorized {
+                    shared.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    record(&shared, &outcome);
+                }
+                unauthorized = true;
+                Some(backoff.max())
+            }
+            Outcome::Rejected { .. } => {
+                record(&shared, &outcome);
+                if let Err(err) = outbox.discard(message.seq).await {
+                    tracing::error!(error = %err, "cannot remove a refused message");
+                }
+                None
+            }
+        };
+        if let Some(delay) = delay {
+            not_before = tokio::time::Instant::now() + delay;
+        }
+    }
+}

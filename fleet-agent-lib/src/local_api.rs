@@ -1,0 +1,238 @@
+//! The local API on `AGENT_PORT`: `GET /health`, `GET /diagnostic` (the ops endpoint),
+//! `POST /smoke` (checks now), `GET /metrics` (the application's metrics) and
+//! `GET /metrics/agent` (the agent's own).
+//!
+//! When `AGENT_LOCAL_TOKEN` is set every route needs it in `x-agent-local-token`, compared in
+//! constant time. Unlike the ERP agent, a token is mandatory on a non-loopback address
+//! (enforced when binding).
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use fleet_core::signing::constant_time_eq;
+use serde_json::json;
+
+use crate::agent::Shared;
+use crate::collectors::fetch_limited;
+
+/// The header carrying the local token.
+pub const HEADER_LOCAL_TOKEN: &str = "x-agent-local-token";
+
+/// The local API as a router over the agent's shared state.
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/diagnostic", get(diagnostic))
+        .route("/smoke", post(smoke))
+        .route("/metrics", get(app_metrics))
+        .route("/metrics/agent", get(agent_metrics))
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            require_token,
+        ))
+        .with_state(shared)
+}
+
+async fn require_token(
+    State(shared): State<Arc<Shared>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(expected) = &shared.config.local_token {
+        let given = request
+            .headers()
+            .get(HEADER_LOCAL_TOKEN)
+            .map(HeaderValue::as_bytes)
+            .unwrap_or_default();
+        if !constant_time_eq(given, expected.as_bytes()) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(json!({"error": "unauthorized"})),
+            )
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn health(State(shared): State<Arc<Shared>>) -> Response {
+    let c = &shared.config;
+    let waiting = match shared.outbox.get() {
+        Some(outbox) => outbox.stats().await.ok().map(|(n, _, _)| n),
+        None => None,
+    };
+    let last = shared.stats.last_delivery_at.load(Ordering::Relaxed);
+    axum::Json(json!({
+        "ok": true,
+        "instance_id": c.instance_id,
+        "version": c.version,
+        "agent_version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": shared.started.elapsed().as_secs(),
+        "signature_scheme": c.signature_scheme.as_str(),
+        "outbox_waiting": waiting,
+        "last_delivery_at": (last > 0).then(|| crate::clock::rfc3339(last)),
+    }))
+    .into_response()
+}
+
+async fn diagnostic(State(shared): State<Arc<Shared>>) -> Response {
+    let Some(ops) = &shared.ops else {
+        // The ERP agent's answer, kept for scripts that read it.
+        return axum::Json(json!({"ok": false, "error": "OPS URL not configured"})).into_response();
+    };
+    match ops.fetch().await {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(error) => (
+            StatusCode::BAD_GATEWAY,
+            axum::Json(json!({"ok": false, "error": error})),
+        )
+            .into_response(),
+    }
+}
+
+async fn smoke(State(shared): State<Arc<Shared>>) -> Response {
+    let checks = shared.run_checks().await;
+    let ok_of = |name: &str| checks.iter().find(|r| r.name == name).map(|r| r.ok);
+    axum::Json(json!({
+        "ok": checks.iter().all(|r| r.ok),
+        "db_ok": ok_of("db").unwrap_or(false),
+        "redis_ok": ok_of("redis").unwrap_or(false),
+        "storage_ok": ok_of("storage").unwrap_or(true),
+        "search_ok": ok_of("search").unwrap_or(true),
+        "checks": checks,
+    }))
+    .into_response()
+}
+
+async fn app_metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let Some(url) = &shared.config.metrics_url else {
+        return (StatusCode::NOT_FOUND, "AGENT_METRICS_URL is not set\n").into_response();
+    };
+    match fetch_limited(shared.http.get(url)).await {
+        Ok(body) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response(),
+        Err(error) => (
+            StatusCode::BAD_GATEWAY,
+            format!("metrics unavailable: {error}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn agent_metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let s = &shared.stats;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    let counter = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    metric(
+        "fleet_agent_heartbeats_total",
+        "counter",
+        "Heartbeats built.",
+        counter(&s.heartbeats),
+    );
+    metric(
+        "fleet_agent_messages_delivered_total",
+        "counter",
+        "Messages the control plane accepted.",
+        counter(&s.delivered),
+    );
+    metric(
+        "fleet_agent_send_failures_total",
+        "counter",
+        "Attempts that will be retried (network, timeout, 429, 5xx).",
+        counter(&s.send_failures),
+    );
+    metric(
+        "fleet_agent_unauthorized_total",
+        "counter",
+        "Attempts answered 401 or 403.",
+        counter(&s.unauthorized),
+    );
+    metric(
+        "fleet_agent_messages_rejected_total",
+        "counter",
+        "Messages refused for good (other 4xx) and dropped.",
+        counter(&s.rejected),
+    );
+    metric(
+        "fleet_agent_uptime_seconds",
+        "gauge",
+        "Seconds since the agent started.",
+        shared.started.elapsed().as_secs_f64().floor(),
+    );
+    metric(
+        "fleet_agent_last_delivery_timestamp_seconds",
+        "gauge",
+        "Unix time of the last accepted message (0: none yet).",
+        s.last_delivery_at.load(Ordering::Relaxed) as f64,
+    );
+    if let Some(Ok((waiting, bytes, dropped))) = match shared.outbox.get() {
+        Some(outbox) => Some(outbox.stats().await),
+        None => None,
+    } {
+        metric(
+            "fleet_agent_outbox_messages",
+            "gauge",
+            "Messages waiting.",
+            waiting as f64,
+        );
+        metric(
+            "fleet_agent_outbox_bytes",
+            "gauge",
+            "Bytes waiting.",
+            bytes as f64,
+        );
+        metric(
+            "fleet_agent_outbox_dropped_total",
+            "counter",
+            "Messages dropped to stay within the outbox bounds.",
+            dropped as f64,
+        );
+    }
+    if let Some(rss) = resident_bytes() {
+        metric(
+            "fleet_agent_resident_memory_bytes",
+            "gauge",
+            "Resident set size of the agent process.",
+            rss as f64,
+        );
+    }
+    let checks = shared
+        .last_checks
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if !checks.is_empty() {
+        let _ = writeln!(
+            out,
+            "# HELP fleet_agent_check_ok Whether the last run of a check passed.\n# TYPE fleet_agent_check_ok gauge"
+        );
+        for check in &checks {
+            let name = check.name.replace(['\\', '"', '\n'], "_");
+            let _ = writeln!(
+                out,
+                "fleet_agent_check_ok{{check=\"{name}\"}} {}",
+                u8::from(check.ok)
+            );
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// The process's resident set size, from `/proc/self/statm`.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}

@@ -1,0 +1,366 @@
+//! The durable outbox: every message is written to SQLite before it is sent and deleted only
+//! after the control plane accepted it, so neither a failed send in the middle of a flush
+//! nor a SIGKILL loses anything.
+//!
+//! It is bounded by count, bytes and age. When a bound is passed the oldest messages go
+//! first; how many went is stored and put into the next heartbeat as `outbox_dropped`
+//! (a dropped heartbeat that itself carried such a count hands it on, so no drop goes
+//! unreported).
+
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{Connection, Row, SqliteConnection};
+use tokio::sync::Mutex;
+
+use crate::Result;
+
+/// The bounds of the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Most messages kept.
+    pub max_messages: u64,
+    /// Most body bytes kept.
+    pub max_bytes: u64,
+    /// Oldest message kept.
+    pub max_age: Duration,
+}
+
+/// Size and age of a stored message, enough to decide what to drop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowMeta {
+    /// Body length.
+    pub bytes: u64,
+    /// Unix seconds when it was queued.
+    pub created_at: i64,
+}
+
+/// Which rows (indices into `rows`, oldest first) must go to respect `bounds` at `now`:
+/// everything past the age bound, then the oldest until count and bytes fit.
+pub fn plan_drops(rows: &[RowMeta], bounds: &Bounds, now: i64) -> Vec<usize> {
+    let max_age = i64::try_from(bounds.max_age.as_secs()).unwrap_or(i64::MAX);
+    let mut drop = Vec::new();
+    let mut count = rows.len() as u64;
+    let mut bytes: u64 = rows.iter().map(|r| r.bytes).sum();
+    for (i, row) in rows.iter().enumerate() {
+        let expired = now.saturating_sub(row.created_at) > max_age;
+        if expired || count > bounds.max_messages || bytes > bounds.max_bytes {
+            drop.push(i);
+            count -= 1;
+            bytes -= row.bytes;
+        }
+    }
+    drop
+}
+
+/// A message waiting to be sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Position in the queue; delivery follows it.
+    pub seq: i64,
+    /// The `webhook-id`, the same on every attempt.
+    pub msg_id: String,
+    /// The control-plane path (`/api/heartbeats`).
+    pub path: String,
+    /// The exact bytes to send.
+    pub body: Vec<u8>,
+    /// Unix seconds when it was queued.
+    pub created_at: i64,
+}
+
+/// What a push did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pushed {
+    /// The new message's position.
+    pub seq: i64,
+    /// How many older messages this push dropped to stay in bounds.
+    pub dropped: u64,
+}
+
+/// The SQLite outbox at `AGENT_STATE_PATH`.
+pub struct Outbox {
+    // One connection: SQLite serialises writers anyway, and one worker thread is all an idle
+    // agent should hold.
+    conn: Mutex<SqliteConnection>,
+    bounds: Bounds,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    msg_id TEXT NOT NULL UNIQUE,
+    path TEXT NOT NULL,
+    body BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    carried_dropped INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped_unreported', 0), ('dropped_total', 0);
+";
+
+impl Outbox {
+    /// Opens (creating if needed) the outbox at `path`.
+    pub async fn open(path: &Path, bounds: Bounds) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(dir).await?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a message the agent believes stored survives a power cut, not only a
+            // killed process.
+            .synchronous(SqliteSynchronous::Full)
+            // A small page cache: the outbox is tiny and RSS matters more than speed here.
+            .pragma("cache_size", "-256");
+        let mut conn = SqliteConnection::connect_with(&options).await?;
+        sqlx::raw_sql(SCHEMA).execute(&mut conn).await?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            bounds,
+        })
+    }
+
+    /// Queues a message. `make_body` receives the number of drops not yet reported and
+    /// returns the exact bytes (a heartbeat puts the number in `outbox_dropped`); that number
+    /// counts as reported once the message is stored.
+    pub async fn push(
+        &self,
+        msg_id: &str,
+        path: &str,
+        now: i64,
+        make_body: impl FnOnce(u64) -> Vec<u8>,
+    ) -> Result<Pushed> {
+        let mut conn = self.conn.lock().await;
+        let mut tx = conn.begin().await?;
+        let unreported: i64 =
+            sqlx::query_scalar("SELECT value FROM counters WHERE name = 'dropped_unreported'")
+                .fetch_one(&mut *tx)
+                .await?;
+        let body = make_body(unreported as u64);
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO outbox (msg_id, path, body, created_at, carried_dropped)
+             VALUES (?, ?, ?, ?, ?) RETURNING seq",
+        )
+        .bind(msg_id)
+        .bind(path)
+        .bind(&body)
+        .bind(now)
+        .bind(unreported)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE counters SET value = 0 WHERE name = 'dropped_unreported'")
+            .execute(&mut *tx)
+            .await?;
+        let dropped = enforce_bounds(&mut tx, &self.bounds, now).await?;
+        tx.commit().await?;
+        Ok(Pushed { seq, dropped })
+    }
+
+    /// The oldest waiting message, after dropping what has grown too old.
+    pub async fn peek(&self, now: i64) -> Result<Option<Message>> {
+        let mut conn = self.conn.lock().await;
+        let mut tx = conn.begin().await?;
+        enforce_bounds(&mut tx, &self.bounds, now).await?;
+        let row = sqlx::query(
+            "SELECT seq, msg_id, path, body, created_at FROM outbox ORDER BY seq LIMIT 1",
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(row.map(|r| Message {
+            seq: r.get(0),
+            msg_id: r.get(1),
+            path: r.get(2),
+            body: r.get(3),
+            created_at: r.get(4),
+        }))
+    }
+
+    /// Removes a delivered message.
+    pub async fn ack(&self, seq: i64) -> Result<()> {
+        let mut conn = self.conn.lock().await;
+        sqlx::query("DELETE FROM outbox WHERE seq = ?")
+            .bind(seq)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a message the control plane refused for good (it would block the queue
+    /// forever), without counting it as a bound drop.
+    pub async fn discard(&self, seq: i64) -> Result<()> {
+        self.ack(seq).await
+    }
+
+    /// Adds drops that happened outside the outbox (buffering turned off) so the next
+    /// heartbeat reports them.
+    pub async fn note_dropped(&self, n: u64) -> Result<()> {
+        let mut conn = self.conn.lock().await;
+        add_dropped(&mut conn, n as i64).await
+    }
+
+    /// `(waiting messages, waiting bytes, drops ever)`.
+    pub async fn stats(&self) -> Result<(u64, u64, u64)> {
+        let mut conn = self.conn.lock().await;
+        let (count, bytes): (i64, i64) =
+            sqlx::query_as("SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM outbox")
+                .fetch_one(&mut *conn)
+                .await?;
+        let total: i64 =
+            sqlx::query_scalar("SELECT value FROM counters WHERE name = 'dropped_total'")
+                .fetch_one(&mut *conn)
+                .await?;
+        Ok((count as u64, bytes as u64, total as u64))
+    }
+}
+
+async fn add_dropped(conn: &mut SqliteConnection, n: i64) -> Result<()> {
+    sqlx::query(
+        "UPDATE counters SET value = value + ? WHERE name IN ('dropped_unreported', 'dropped_total')",
+    )
+    .bind(n)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn enforce_bounds(conn: &mut SqliteConnection, bounds: &Bounds, now: i64) -> Result<u64> {
+    let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
+        "SELECT seq, LENGTH(body), created_at, carried_dropped FROM outbox ORDER BY seq",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let metas: Vec<RowMeta> = rows
+        .iter()
+        .map(|&(_, bytes, created_at, _)| RowMeta {
+            bytes: bytes as u64,
+            created_at,
+        })
+        .collect();
+    let plan = plan_drops(&metas, bounds, now);
+    if plan.is_empty() {
+        return Ok(0);
+    }
+    let mut to_report = 0i64;
+    for &i in &plan {
+        let (seq, _, _, carried) = rows[i];
+        sqlx::query("DELETE FROM outbox WHERE seq = ?")
+            .bind(seq)
+            .execute(&mut *conn)
+            .await?;
+        to_report += 1 + carried;
+    }
+    sqlx::query("UPDATE counters SET value = value + ? WHERE name = 'dropped_unreported'")
+        .bind(to_report)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("UPDATE counters SET value = value + ? WHERE name = 'dropped_total'")
+        .bind(plan.len() as i64)
+        .execute(&mut *conn)
+        .await?;
+    tracing::warn!(
+        dropped = plan.len(),
+        "outbox full or messages too old: dropped the oldest; the next heartbeat reports it"
+    );
+    Ok(plan.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bounds(max_messages: u64, max_bytes: u64, max_age: u64) -> Bounds {
+        Bounds {
+            max_messages,
+            max_bytes,
+            max_age: Duration::from_secs(max_age),
+        }
+    }
+
+    fn rows(spec: &[(u64, i64)]) -> Vec<RowMeta> {
+        spec.iter()
+            .map(|&(bytes, created_at)| RowMeta { bytes, created_at })
+            .collect()
+    }
+
+    #[test]
+    fn oldest_go_first_by_count_bytes_and_age() {
+        let r = rows(&[(10, 0), (10, 1), (10, 2), (10, 3)]);
+        assert_eq!(
+            plan_drops(&r, &bounds(4, 1000, 100), 3),
+            Vec::<usize>::new()
+        );
+        assert_eq!(plan_drops(&r, &bounds(2, 1000, 100), 3), [0, 1]);
+        assert_eq!(plan_drops(&r, &bounds(10, 25, 100), 3), [0, 1]);
+        assert_eq!(plan_drops(&r, &bounds(10, 1000, 1), 3), [0, 1]);
+        // A single message larger than the byte bound cannot be kept either.
+        assert_eq!(plan_drops(&rows(&[(50, 0)]), &bounds(10, 25, 100), 0), [0]);
+    }
+
+    async fn open(dir: &Path, b: Bounds) -> Outbox {
+        Outbox::open(&dir.join("state.db"), b).await.unwrap()
+    }
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "fleet-agent-outbox-{name}-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn in_order_and_drops_are_reported_once() {
+        let dir = temp_dir("order");
+        let outbox = open(&dir, bounds(2, 1 << 20, 3600)).await;
+        let mut reported = Vec::new();
+        for i in 0..4 {
+            let p = outbox
+                .push(&format!("m{i}"), "/api/heartbeats", 100, |d| {
+                    reported.push(d);
+                    format!("body{i}").into_bytes()
+                })
+                .await
+                .unwrap();
+            assert_eq!(p.dropped, u64::from(i >= 2));
+        }
+        // m0 dropped at push 2, m1 dropped at push 3 (it carried nothing): reported 0,0,0,1.
+        assert_eq!(reported, [0, 0, 0, 1]);
+        let first = outbox.peek(100).await.unwrap().unwrap();
+        assert_eq!(first.msg_id, "m2");
+        outbox.ack(first.seq).await.unwrap();
+        assert_eq!(outbox.peek(100).await.unwrap().unwrap().msg_id, "m3");
+        // m3 carried one drop; if m3 itself is dropped, that count is handed on.
+        let mut next = 0;
+        for i in 4..6 {
+            outbox
+                .push(&format!("m{i}"), "/p", 100, |d| {
+                    next = d;
+                    Vec::new()
+                })
+                .await
+                .unwrap();
+        }
+        // Push m4: no drop (m3, m4). Push m5 drops m3 (1 + its carried 1), reported at m6.
+        outbox
+            .push("m6", "/p", 100, |d| {
+                next = d;
+                Vec::new()
+            })
+            .await
+            .unwrap();
+        assert_eq!(next, 2);
+        assert_eq!(outbox.stats().await.unwrap().2, 4);
+        drop(outbox);
+        // Survives a reopen in order.
+        let outbox = open(&dir, bounds(2, 1 << 20, 3600)).await;
+        assert_eq!(outbox.peek(100).await.unwrap().unwrap().msg_id, "m5");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

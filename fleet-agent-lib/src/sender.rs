@@ -1,0 +1,246 @@
+//! Sending signed messages to the control plane, and deciding what an answer means:
+//! delivered, retry (with exponential backoff and jitter, or when `Retry-After` says),
+//! unauthorized (logged clearly and retried only slowly), or refused for good.
+
+use std::time::Duration;
+
+use fleet_core::signing::HEADER_V0_SIGNATURE;
+use fleet_core::{Scheme, Signer};
+
+use crate::checks::error_chain;
+
+/// Longest wait a `Retry-After` header can impose.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// What became of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// 2xx: the control plane has it.
+    Delivered,
+    /// Network error, timeout, 408, 425, 429 or 5xx: try again, after `after` if the server
+    /// said so.
+    Retry {
+        /// The server's `Retry-After`, when it sent one.
+        after: Option<Duration>,
+        /// What went wrong.
+        reason: String,
+    },
+    /// 401 or 403: the secret or instance id is wrong. Retrying quickly cannot help.
+    Unauthorized {
+        /// The status line.
+        reason: String,
+    },
+    /// Any other 4xx: the control plane will never take this message.
+    Rejected {
+        /// The status and the start of the answer.
+        reason: String,
+    },
+}
+
+/// Maps an HTTP status (and its `Retry-After`) to an [`Outcome`].
+pub fn classify(status: u16, retry_after: Option<&str>, now: i64) -> Outcome {
+    match status {
+        200..=299 => Outcome::Delivered,
+        401 | 403 => Outcome::Unauthorized {
+            reason: format!("HTTP {status}"),
+        },
+        408 | 425 | 429 | 500..=599 => Outcome::Retry {
+            after: retry_after.and_then(|v| parse_retry_after(v, now)),
+            reason: format!("HTTP {status}"),
+        },
+        _ => Outcome::Rejected {
+            reason: format!("HTTP {status}"),
+        },
+    }
+}
+
+/// Reads `Retry-After`: a number of seconds or an HTTP date; capped at [`MAX_RETRY_AFTER`].
+pub fn parse_retry_after(value: &str, now: i64) -> Option<Duration> {
+    let value = value.trim();
+    let secs = match value.parse::<u64>() {
+        Ok(secs) => secs,
+        Err(_) => {
+            let at = crate::clock::parse_http_date(value)?;
+            u64::try_from(at.saturating_sub(now)).unwrap_or(0)
+        }
+    };
+    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
+}
+
+/// Exponential backoff with jitter: `base · 2^attempt`, capped at `max`, then scaled by a
+/// random factor in [0.5, 1) so that agents cut off together do not return together.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// Starts at `base`, never waits longer than `max`.
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The next wait; `unit` is a random number in [0, 1).
+    pub fn next_delay_with(&mut self, unit: f64) -> Duration {
+        let factor = 2u32.saturating_pow(self.attempt.min(30));
+        let ceiling = self.base.saturating_mul(factor).min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        ceiling.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+    }
+
+    /// The next wait, with a random jitter.
+    pub fn next_delay(&mut self) -> Duration {
+        self.next_delay_with(rand::random::<f64>())
+    }
+
+    /// Attempts since the last reset.
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Back to `base` after a success.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// The longest wait.
+    pub fn max(&self) -> Duration {
+        self.max
+    }
+}
+
+/// Signs and posts messages to the control plane.
+#[derive(Clone)]
+pub struct Sender {
+    client: reqwest::Client,
+    base_url: String,
+    signer: Signer,
+    scheme: Scheme,
+}
+
+impl Sender {
+    /// Posts to `base_url` with `client`, signing with `signer` in `scheme`.
+    pub fn new(client: reqwest::Client, base_url: &str, signer: Signer, scheme: Scheme) -> Self {
+        Self {
+            client,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            signer,
+            scheme,
+        }
+    }
+
+    /// One attempt: `POST {base}{path}` with `body`, signed now (v1 keeps `msg_id` and takes
+    /// a fresh timestamp, so a message that waited in the outbox is still within the
+    /// receiver's tolerance).
+    pub async fn send(&self, msg_id: &str, path: &str, body: &[u8]) -> Outcome {
+        let now = fleet_core::unix_now();
+        let mut request = self
+            .client
+            .post(format!("{}{path}", self.base_url))
+            .header("content-type", "application/json")
+            .body(body.to_vec());
+        match self.scheme {
+            Scheme::V1 => {
+                for (name, value) in self.signer.headers(msg_id, now, body).pairs() {
+                    request = request.header(name, value);
+                }
+            }
+            Scheme::V0 => {
+                request = request.header(HEADER_V0_SIGNATURE, self.signer.sign_v0(body));
+            }
+        }
+        match request.send().await {
+            Err(err) => Outcome::Retry {
+                after: None,
+                reason: error_chain(&err),
+            },
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let retry_after = response
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let mut outcome = classify(status, retry_after.as_deref(), now);
+                if let Outcome::Rejected { reason } | Outcome::Unauthorized { reason } =
+                    &mut outcome
+                {
+                    // The start of the answer says why (a field path, "signature mismatch").
+                    let text = response.text().await.unwrap_or_default();
+                    let text: String = text.chars().take(300).collect();
+                    if !text.is_empty() {
+                        reason.push_str(": ");
+                        reason.push_str(&text);
+                    }
+                }
+                outcome
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_outcomes() {
+        assert_eq!(classify(200, None, 0), Outcome::Delivered);
+        assert_eq!(classify(204, None, 0), Outcome::Delivered);
+        assert!(matches!(
+            classify(401, None, 0),
+            Outcome::Unauthorized { .. }
+        ));
+        assert!(matches!(classify(422, None, 0), Outcome::Rejected { .. }));
+        assert!(matches!(classify(413, None, 0), Outcome::Rejected { .. }));
+        assert_eq!(
+            classify(503, Some("7"), 0),
+            Outcome::Retry {
+                after: Some(Duration::from_secs(7)),
+                reason: "HTTP 503".into()
+            }
+        );
+        assert!(matches!(
+            classify(429, Some("soon"), 0),
+            Outcome::Retry { after: None, .. }
+        ));
+    }
+
+    #[test]
+    fn retry_after_seconds_dates_and_caps() {
+        let now = 784_111_777 - 30;
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now + 60),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("120", 0), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after("99999999", 0), Some(MAX_RETRY_AFTER));
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_caps() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
+        assert_eq!(b.next_delay_with(0.0), Duration::from_millis(500));
+        assert_eq!(
+            b.next_delay_with(0.999_999),
+            Duration::from_secs(2).mul_f64(0.999_999_5)
+        );
+        assert_eq!(b.next_delay_with(0.0), Duration::from_secs(2));
+        for _ in 0..50 {
+            assert!(b.next_delay() <= Duration::from_secs(10));
+        }
+        assert!(b.next_delay_with(0.0) >= Duration::from_secs(5));
+        b.reset();
+        assert_eq!(b.next_delay_with(0.0), Duration::from_millis(500));
+    }
+}
