@@ -78,8 +78,20 @@ pub fn evaluate(hb: &Heartbeat, slo: &SloThresholds) -> Evaluation {
     // Any heartbeat ends an offline spell.
     out.clear.push(kind::OFFLINE.to_owned());
     let checks = [
-        (kind::SLO_P95_MS, hb.slo_p95_ms, slo.p95_ms_max, "p95 latency", " ms"),
-        (kind::SLO_ERROR_RATE, hb.slo_error_rate, slo.error_rate_max, "error rate", ""),
+        (
+            kind::SLO_P95_MS,
+            hb.slo_p95_ms,
+            slo.p95_ms_max,
+            "p95 latency",
+            " ms",
+        ),
+        (
+            kind::SLO_ERROR_RATE,
+            hb.slo_error_rate,
+            slo.error_rate_max,
+            "error rate",
+            "",
+        ),
         (
             kind::SLO_WEBHOOK_RETRY_RATE,
             hb.slo_webhook_retry_rate,
@@ -98,7 +110,9 @@ pub fn evaluate(hb: &Heartbeat, slo: &SloThresholds) -> Evaluation {
                 level: AlertLevel::Error,
                 kind,
                 key: kind.to_owned(),
-                message: format!("SLO breach: {what} {value}{unit} is above the maximum {max}{unit}"),
+                message: format!(
+                    "SLO breach: {what} {value}{unit} is above the maximum {max}{unit}"
+                ),
             });
         } else {
             out.clear.push(kind.to_owned());
@@ -135,7 +149,12 @@ pub fn evaluate(hb: &Heartbeat, slo: &SloThresholds) -> Evaluation {
 /// too long for an index entry).
 pub fn payload_key(level: AlertLevel, message: &str) -> String {
     let digest = Sha256::digest(message.as_bytes());
-    format!("{}:{}:{}", kind::PAYLOAD, level.as_str(), hex::encode(&digest[..12]))
+    format!(
+        "{}:{}:{}",
+        kind::PAYLOAD,
+        level.as_str(),
+        hex::encode(&digest[..12])
+    )
 }
 
 /// Given the keys open now, which specs to open and which keys to resolve. Instance alerts

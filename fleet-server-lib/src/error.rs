@@ -91,7 +91,10 @@ impl Error {
 
     /// Whether retrying the same request later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unavailable | Self::Database(_) | Self::Internal(_))
+        matches!(
+            self,
+            Self::Unavailable | Self::Database(_) | Self::Internal(_)
+        )
     }
 }
 

@@ -1,7 +1,241 @@
 #![doc = include_str!("../README.md")]
 
 pub mod alerts;
+mod api;
+pub mod auth;
+mod dashboard;
 mod error;
+mod ingest;
+mod metrics;
+mod openapi;
 pub mod store;
+mod sweeper;
+pub mod webhook;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use fleet_core::{Limits, SecretResolver, Verifier};
+use tokio::sync::mpsc;
+
+pub use alerts::SloThresholds;
+pub use auth::{Role, RoleTokens};
 pub use error::{Error, Result};
+pub use store::{PostgresStore, SqliteStore, Store};
+pub use webhook::WebhookConfig;
+
+/// How the control plane behaves. `Settings::default()` matches the ERP control plane.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Accept v0 (`x-agent-signature`) heartbeats. On by default so existing agents work.
+    pub allow_v0: bool,
+    /// Refuse heartbeats from instances not enrolled first (`POST /api/installations`).
+    /// Off by default: like the ERP, the first valid heartbeat creates the installation.
+    pub require_enrollment: bool,
+    /// SLO maxima; 0 turns a check off.
+    pub slo: SloThresholds,
+    /// An installation with no heartbeat for this long gets an `offline` alert.
+    pub offline_after: Duration,
+    /// How often offline installations are looked for and old message ids forgotten.
+    pub sweep_interval: Duration,
+    /// How long v1 message ids are remembered, so a late retry is still recognised. Never
+    /// shorter than twice the timestamp tolerance (a replay must meet its first sighting).
+    pub message_retention: Duration,
+    /// Tolerance of v1 timestamps, in seconds.
+    pub tolerance_secs: i64,
+    /// Body, array and string limits.
+    pub limits: Limits,
+    /// Most heartbeats committed in one transaction.
+    pub batch_max: usize,
+    /// Mark login cookies `Secure` (set when the control plane is served over HTTPS).
+    pub secure_cookies: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            allow_v0: true,
+            require_enrollment: false,
+            slo: SloThresholds::default(),
+            offline_after: Duration::from_secs(15 * 60),
+            sweep_interval: Duration::from_secs(30),
+            message_retention: Duration::from_secs(3600),
+            tolerance_secs: fleet_core::signing::DEFAULT_TOLERANCE_SECS,
+            limits: Limits::default(),
+            batch_max: 512,
+            secure_cookies: false,
+        }
+    }
+}
+
+/// What every handler shares.
+pub(crate) struct AppState {
+    pub store: Arc<dyn Store>,
+    pub verifier: Verifier,
+    pub settings: Settings,
+    pub tokens: RoleTokens,
+    pub writer: mpsc::Sender<ingest::Job>,
+    pub metrics: Arc<metrics::Metrics>,
+    pub webhook_configured: bool,
+}
+
+pub(crate) type Shared = Arc<AppState>;
+
+/// The control plane. Start with [`ControlPlane::builder`].
+///
+/// ```no_run
+/// # async fn run() -> fleet_server::Result<()> {
+/// use fleet_server::{ControlPlane, RoleTokens, SqliteStore};
+/// let store = SqliteStore::connect("sqlite://fleet.db").await?;
+/// let secrets = fleet_core::SecretResolver::from_config(Some(r#"{"acme-001":"s3cret"}"#), None)
+///     .expect("valid secrets");
+/// let router = ControlPlane::builder()
+///     .store(store)
+///     .secrets(secrets)
+///     .tokens(RoleTokens { admin: Some("admin-token".into()), ..Default::default() })
+///     .build()?;
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await.expect("bind");
+/// axum::serve(listener, router).await.expect("serve");
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct ControlPlane;
+
+impl ControlPlane {
+    /// A builder with default [`Settings`], no secrets, no role tokens and no store.
+    pub fn builder() -> ControlPlaneBuilder {
+        ControlPlaneBuilder::default()
+    }
+}
+
+/// Configures and builds the control plane's [`Router`].
+#[derive(Default)]
+pub struct ControlPlaneBuilder {
+    store: Option<Arc<dyn Store>>,
+    secrets: SecretResolver,
+    tokens: RoleTokens,
+    settings: Settings,
+    webhook: Option<WebhookConfig>,
+}
+
+impl std::fmt::Debug for ControlPlaneBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlaneBuilder")
+            .field("store", &self.store.as_ref().map(|_| "..."))
+            .field("secrets", &self.secrets)
+            .field("tokens", &self.tokens)
+            .field("settings", &self.settings)
+            .field("webhook", &self.webhook)
+            .finish()
+    }
+}
+
+impl ControlPlaneBuilder {
+    /// The database (required).
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// The database, already shared.
+    pub fn shared_store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Which secrets sign which instance's heartbeats.
+    pub fn secrets(mut self, secrets: SecretResolver) -> Self {
+        self.secrets = secrets;
+        self
+    }
+
+    /// The role tokens (support, ops, admin).
+    pub fn tokens(mut self, tokens: RoleTokens) -> Self {
+        self.tokens = tokens;
+        self
+    }
+
+    /// Behaviour settings.
+    pub fn settings(mut self, settings: Settings) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    /// Where alerts are forwarded.
+    pub fn webhook(mut self, webhook: WebhookConfig) -> Self {
+        self.webhook = Some(webhook);
+        self
+    }
+
+    /// Builds the router and starts the background tasks (heartbeat writer, offline sweeper,
+    /// webhook delivery). Call it inside a Tokio runtime. The tasks stop by themselves once
+    /// the router and all its clones are dropped; heartbeats already accepted are committed
+    /// first.
+    pub fn build(self) -> Result<Router> {
+        let Some(store) = self.store else {
+            return Err(Error::Config(vec!["a store is required".into()]));
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::Config(vec![
+                "ControlPlaneBuilder::build must be called inside a Tokio runtime".into(),
+            ]));
+        }
+        let mut settings = self.settings;
+        let min_retention = Duration::from_secs(2 * settings.tolerance_secs.unsigned_abs());
+        settings.message_retention = settings.message_retention.max(min_retention);
+        settings.batch_max = settings.batch_max.max(1);
+        let verifier = Verifier::new(self.secrets)
+            .allow_v0(settings.allow_v0)
+            .tolerance_secs(settings.tolerance_secs);
+        let metrics = Arc::new(metrics::Metrics::default());
+        let rules = store::IngestRules {
+            slo: settings.slo,
+            require_enrollment: settings.require_enrollment,
+            forward_alerts: self.webhook.is_some(),
+        };
+        let writer =
+            ingest::spawn_writer(store.clone(), rules, settings.batch_max, metrics.clone());
+        let state = Arc::new(AppState {
+            store,
+            verifier,
+            settings,
+            tokens: self.tokens,
+            writer,
+            metrics,
+            webhook_configured: self.webhook.is_some(),
+        });
+        sweeper::spawn(Arc::downgrade(&state));
+        if let Some(webhook) = self.webhook {
+            webhook::spawn(Arc::downgrade(&state), webhook);
+        }
+        Ok(routes(state))
+    }
+}
+
+fn routes(state: Shared) -> Router {
+    Router::new()
+        .route("/api/heartbeats", post(ingest::receive))
+        .route(
+            "/api/installations",
+            get(api::list_installations).post(api::enroll),
+        )
+        .route("/api/installations/{instance_id}", get(api::installation))
+        .route("/api/alerts", get(api::list_alerts))
+        .route("/api/alerts/{id}/ack", post(api::acknowledge))
+        .route("/healthz", get(api::healthz))
+        .route("/metrics", get(metrics::render))
+        .route("/openapi.json", get(openapi::document))
+        .route("/", get(dashboard::index))
+        .route("/installations/{instance_id}", get(dashboard::installation))
+        .route("/alerts/{id}/ack", post(dashboard::acknowledge))
+        .route("/login", get(dashboard::login_page).post(dashboard::login))
+        .route("/logout", post(dashboard::logout))
+        .fallback(api::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
+        .with_state(state)
+}

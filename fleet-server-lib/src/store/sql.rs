@@ -41,8 +41,11 @@ macro_rules! alert_select {
     };
 }
 
-pub(crate) const LIST_SQL: &str =
-    concat!(summary_select!(), list_where!(), " ORDER BY i.instance_id LIMIT $5 OFFSET $6");
+pub(crate) const LIST_SQL: &str = concat!(
+    summary_select!(),
+    list_where!(),
+    " ORDER BY i.instance_id LIMIT $5 OFFSET $6"
+);
 pub(crate) const COUNT_SQL: &str = concat!("SELECT COUNT(*) FROM installations i", list_where!());
 pub(crate) const DETAIL_SQL: &str = concat!(summary_select!(), " WHERE i.instance_id = $1");
 pub(crate) const ALERTS_OF_SQL: &str = concat!(

@@ -25,7 +25,10 @@ impl SqliteStore {
 
     /// Like [`connect`](Self::connect), with options built by the caller.
     pub async fn connect_with(options: SqliteConnectOptions) -> Result<Self> {
-        let in_memory = options.get_filename().to_string_lossy().contains(":memory:");
+        let in_memory = options
+            .get_filename()
+            .to_string_lossy()
+            .contains(":memory:");
         let options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)

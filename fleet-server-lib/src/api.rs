@@ -1,0 +1,177 @@
+//! The JSON API for operators: installations, alerts, health.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use fleet_core::ValidationErrors;
+use serde::Deserialize;
+
+use crate::auth::{Admin, Authed, Ops, Support};
+use crate::store::InstallationFilter;
+use crate::{Error, Result, Shared};
+
+/// Largest page a client may ask for.
+pub(crate) const MAX_PAGE: i64 = 500;
+
+/// Query parameters of the installation list (API and dashboard).
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct ListQuery {
+    pub channel: Option<String>,
+    pub health: Option<String>,
+    pub q: Option<String>,
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+}
+
+impl ListQuery {
+    /// Reads the query string; a malformed one is a 400, never a 500.
+    pub fn from_uri(uri: &Uri) -> Result<Self> {
+        Query::<Self>::try_from_uri(uri)
+            .map(|q| q.0)
+            .map_err(|e| Error::BadRequest(e.body_text()))
+    }
+
+    pub fn filter(&self, default_limit: i64) -> Result<InstallationFilter> {
+        let limit = self.limit.unwrap_or(default_limit);
+        let offset = self.offset.unwrap_or(0);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(Error::BadRequest(format!(
+                "limit must be between 1 and {MAX_PAGE}"
+            )));
+        }
+        if offset < 0 {
+            return Err(Error::BadRequest("offset must not be negative".into()));
+        }
+        let nonempty = |v: &Option<String>| v.clone().filter(|s| !s.trim().is_empty());
+        Ok(InstallationFilter {
+            channel: nonempty(&self.channel),
+            health: nonempty(&self.health),
+            text: nonempty(&self.q).map(|s| s.trim().to_owned()),
+            limit,
+            offset,
+        })
+    }
+}
+
+pub(crate) async fn list_installations(
+    _: Support,
+    State(state): State<Shared>,
+    uri: Uri,
+) -> Result<Response> {
+    let filter = ListQuery::from_uri(&uri)?.filter(50)?;
+    let page = state.store.list_installations(&filter).await?;
+    Ok(Json(serde_json::json!({
+        "items": page.items, "total": page.total, "limit": filter.limit, "offset": filter.offset
+    }))
+    .into_response())
+}
+
+pub(crate) async fn installation(
+    _: Support,
+    State(state): State<Shared>,
+    Path(instance_id): Path<String>,
+) -> Result<Response> {
+    match state.store.installation(&instance_id).await? {
+        Some(detail) => Ok(Json(detail).into_response()),
+        None => Err(Error::NotFound),
+    }
+}
+
+#[derive(Deserialize)]
+struct EnrollBody {
+    instance_id: String,
+}
+
+/// `POST /api/installations {"instance_id"}`: registers an instance before its first
+/// heartbeat (needed when enrollment is required).
+pub(crate) async fn enroll(_: Admin, State(state): State<Shared>, body: Bytes) -> Result<Response> {
+    let parsed: EnrollBody = serde_json::from_slice(&body).map_err(|e| {
+        let mut errors = ValidationErrors::default();
+        errors.push("", e.to_string());
+        Error::Invalid(errors)
+    })?;
+    let id = parsed.instance_id.trim();
+    let max = state.settings.limits.max_id_len;
+    if id.is_empty() || id.len() > max || id.chars().any(char::is_control) {
+        let mut errors = ValidationErrors::default();
+        errors.push(
+            "instance_id",
+            format!("must be 1 to {max} bytes without control characters"),
+        );
+        return Err(Error::Invalid(errors));
+    }
+    let row = state.store.enroll(id, fleet_core::unix_now()).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "id": row, "instance_id": id })),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct AlertQuery {
+    open: Option<bool>,
+    limit: Option<i64>,
+}
+
+pub(crate) async fn list_alerts(
+    _: Support,
+    State(state): State<Shared>,
+    uri: Uri,
+) -> Result<Response> {
+    let query = Query::<AlertQuery>::try_from_uri(&uri)
+        .map_err(|e| Error::BadRequest(e.body_text()))?
+        .0;
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(Error::BadRequest(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let alerts = state
+        .store
+        .list_alerts(query.open.unwrap_or(true), limit)
+        .await?;
+    Ok(Json(serde_json::json!({ "items": alerts })).into_response())
+}
+
+/// Parses an alert id from the path; anything else is a 404, as for an unknown id.
+pub(crate) fn alert_id(text: &str) -> Result<i64> {
+    text.parse::<i64>().map_err(|_| Error::NotFound)
+}
+
+pub(crate) async fn acknowledge(
+    Authed(role): Ops,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let id = alert_id(&id)?;
+    match state
+        .store
+        .acknowledge_alert(id, role.as_str(), fleet_core::unix_now())
+        .await?
+    {
+        Some(alert) => Ok(Json(alert).into_response()),
+        None => Err(Error::NotFound),
+    }
+}
+
+pub(crate) async fn healthz(State(state): State<Shared>) -> Response {
+    match state.store.ping().await {
+        Ok(()) => Json(serde_json::json!({ "status": "ok" })).into_response(),
+        Err(err) => {
+            tracing::warn!(error = %err, "health check: database unreachable");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({ "status": "unavailable" })),
+            )
+                .into_response()
+        }
+    }
+}
+
+pub(crate) async fn not_found() -> Error {
+    Error::NotFound
+}

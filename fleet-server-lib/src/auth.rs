@@ -1,0 +1,324 @@
+//! Roles and who holds them.
+//!
+//! Three roles, each including the one below: `support` reads, `ops` also operates
+//! (acknowledges alerts), `admin` may do everything. A caller proves a role with a token:
+//! `Authorization: Bearer <token>` (API clients), the ERP's `x-cp-admin-token` header (admin),
+//! or the `cp_role` + `cp_token` cookies that `/login` sets (browsers; the ERP's names, so a
+//! session survives the switch). Tokens are compared in constant time, and every configured
+//! token is compared every time, so timing says nothing about which one matched.
+
+use axum::extract::FromRequestParts;
+use axum::http::HeaderMap;
+use axum::http::header::{AUTHORIZATION, COOKIE};
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Redirect, Response};
+use fleet_core::signing::constant_time_eq;
+use serde::Serialize;
+
+use crate::{Error, Shared};
+
+/// A role, ordered: `Support < Ops < Admin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads everything.
+    Support = 0,
+    /// Support, plus operating: acknowledging alerts.
+    Ops = 1,
+    /// Everything, including enrolling installations.
+    Admin = 2,
+}
+
+impl Role {
+    /// `support`, `ops` or `admin`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Support => "support",
+            Self::Ops => "ops",
+            Self::Admin => "admin",
+        }
+    }
+
+    /// Parses a role name.
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "support" => Self::Support,
+            "ops" => Self::Ops,
+            "admin" => Self::Admin,
+            _ => return None,
+        })
+    }
+
+    fn from_level(level: u8) -> Self {
+        match level {
+            0 => Self::Support,
+            1 => Self::Ops,
+            _ => Self::Admin,
+        }
+    }
+}
+
+/// The token of each role (`CONTROL_PLANE_{SUPPORT,OPS,ADMIN}_TOKEN`). A role without a
+/// token cannot be used. `Debug` never prints a token.
+#[derive(Clone, Default)]
+pub struct RoleTokens {
+    /// Token of the `support` role.
+    pub support: Option<String>,
+    /// Token of the `ops` role.
+    pub ops: Option<String>,
+    /// Token of the `admin` role.
+    pub admin: Option<String>,
+}
+
+impl std::fmt::Debug for RoleTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = |t: &Option<String>| t.as_ref().map(|_| "[redacted]");
+        f.debug_struct("RoleTokens")
+            .field("support", &shown(&self.support))
+            .field("ops", &shown(&self.ops))
+            .field("admin", &shown(&self.admin))
+            .finish()
+    }
+}
+
+impl RoleTokens {
+    fn token(&self, role: Role) -> Option<&str> {
+        match role {
+            Role::Support => self.support.as_deref(),
+            Role::Ops => self.ops.as_deref(),
+            Role::Admin => self.admin.as_deref(),
+        }
+        .filter(|t| !t.is_empty())
+    }
+
+    /// Whether `presented` is `role`'s token (constant time).
+    pub fn matches(&self, role: Role, presented: &str) -> bool {
+        self.token(role)
+            .is_some_and(|t| constant_time_eq(t.as_bytes(), presented.as_bytes()))
+    }
+
+    /// The highest role whose token is `presented`.
+    pub fn role_of(&self, presented: &str) -> Option<Role> {
+        let mut found = None;
+        // No early exit: all three comparisons always run.
+        for role in [Role::Support, Role::Ops, Role::Admin] {
+            if self.matches(role, presented) {
+                found = Some(role);
+            }
+        }
+        found
+    }
+
+    /// The role the request's credentials prove, if any.
+    pub fn caller(&self, headers: &HeaderMap) -> Option<Role> {
+        let mut best: Option<Role> = None;
+        if let Some(token) = header(headers, AUTHORIZATION.as_str())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+        {
+            best = best.max(self.role_of(token));
+        }
+        if let Some(token) = header(headers, "x-cp-admin-token")
+            && self.matches(Role::Admin, token.trim())
+        {
+            best = Some(Role::Admin);
+        }
+        if let (Some(role), Some(token)) = (cookie(headers, "cp_role"), cookie(headers, "cp_token"))
+            && let Some(role) = Role::parse(&role)
+            && self.matches(role, &token)
+        {
+            best = best.max(Some(role));
+        }
+        best
+    }
+}
+
+fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The value of cookie `name`, percent-decoded (browsers and the ERP's Next.js encode them).
+pub(crate) fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| percent_decode(v))
+}
+
+pub(crate) fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(hex) = text.get(i + 1..i + 3)
+            && let Ok(b) = u8::from_str_radix(hex, 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Percent-encodes everything but unreserved characters (cookie values, path segments).
+pub(crate) fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// An API caller holding at least role level `MIN` (0 support, 1 ops, 2 admin). Without
+/// credentials: 401; with a lower role: 403.
+#[derive(Debug, Clone, Copy)]
+pub struct Authed<const MIN: u8>(pub Role);
+
+/// At least `support`.
+pub type Support = Authed<0>;
+/// At least `ops`.
+pub type Ops = Authed<1>;
+/// `admin`.
+pub type Admin = Authed<2>;
+
+impl<const MIN: u8> FromRequestParts<Shared> for Authed<MIN> {
+    type Rejection = Error;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Shared,
+    ) -> Result<Self, Self::Rejection> {
+        match state.tokens.caller(&parts.headers) {
+            None => Err(Error::Unauthorized),
+            Some(role) if role < Role::from_level(MIN) => Err(Error::Forbidden),
+            Some(role) => Ok(Self(role)),
+        }
+    }
+}
+
+/// A dashboard viewer holding at least role level `MIN`. Without credentials the browser
+/// is sent to `/login`; with a lower role it gets a 403 page.
+#[derive(Debug, Clone, Copy)]
+pub struct Viewer<const MIN: u8>(pub Role);
+
+impl<const MIN: u8> FromRequestParts<Shared> for Viewer<MIN> {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Shared,
+    ) -> Result<Self, Self::Rejection> {
+        match state.tokens.caller(&parts.headers) {
+            None => Err(Redirect::to("/login").into_response()),
+            Some(role) if role < Role::from_level(MIN) => Err(crate::dashboard::forbidden_page()),
+            Some(role) => Ok(Self(role)),
+        }
+    }
+}
+
+/// `Set-Cookie` values that log a browser in as `role`.
+pub(crate) fn login_cookies(role: Role, token: &str, secure: bool) -> [String; 2] {
+    let attrs = cookie_attrs(secure);
+    [
+        format!("cp_role={}; {attrs}", role.as_str()),
+        format!("cp_token={}; {attrs}", percent_encode(token)),
+    ]
+}
+
+/// `Set-Cookie` values that log a browser out.
+pub(crate) fn logout_cookies(secure: bool) -> [String; 2] {
+    let attrs = cookie_attrs(secure);
+    [
+        format!("cp_role=; {attrs}; Max-Age=0"),
+        format!("cp_token=; {attrs}; Max-Age=0"),
+    ]
+}
+
+fn cookie_attrs(secure: bool) -> &'static str {
+    // HttpOnly: scripts cannot read the token. SameSite=Strict: other sites cannot make the
+    // browser send it, which is what protects the dashboard's POST forms.
+    if secure {
+        "Path=/; HttpOnly; SameSite=Strict; Secure"
+    } else {
+        "Path=/; HttpOnly; SameSite=Strict"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens() -> RoleTokens {
+        RoleTokens {
+            support: Some("sup".into()),
+            ops: Some("ops-token".into()),
+            admin: Some("adm".into()),
+        }
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().expect("header value"));
+        }
+        h
+    }
+
+    #[test]
+    fn bearer_admin_header_and_cookies() {
+        let t = tokens();
+        assert_eq!(
+            t.caller(&headers(&[("authorization", "Bearer ops-token")])),
+            Some(Role::Ops)
+        );
+        assert_eq!(
+            t.caller(&headers(&[("x-cp-admin-token", "adm")])),
+            Some(Role::Admin)
+        );
+        assert_eq!(t.caller(&headers(&[("x-cp-admin-token", "sup")])), None);
+        assert_eq!(
+            t.caller(&headers(&[(
+                "cookie",
+                "a=b; cp_role=ops; cp_token=ops%2Dtoken"
+            )])),
+            Some(Role::Ops)
+        );
+        // A cookie claiming a role must carry that role's token.
+        assert_eq!(
+            t.caller(&headers(&[("cookie", "cp_role=admin; cp_token=sup")])),
+            None
+        );
+        assert_eq!(
+            t.caller(&headers(&[("authorization", "Bearer nope")])),
+            None
+        );
+    }
+
+    #[test]
+    fn unset_roles_never_match() {
+        let t = RoleTokens {
+            admin: Some("adm".into()),
+            ..Default::default()
+        };
+        assert_eq!(t.role_of(""), None);
+        assert!(!format!("{t:?}").contains("adm\""));
+    }
+
+    #[test]
+    fn percent_round_trip() {
+        let raw = "a b;c=d/é";
+        assert_eq!(percent_decode(&percent_encode(raw)), raw);
+    }
+}

@@ -1,0 +1,500 @@
+//! The dashboard: server-rendered HTML, readable without JavaScript, no build step.
+
+use std::fmt::Write;
+
+use axum::Form;
+use axum::extract::{Path, State};
+use axum::http::header::SET_COOKIE;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::api::{ListQuery, alert_id};
+use crate::auth::{Role, Viewer, login_cookies, logout_cookies, percent_encode};
+use crate::store::{Alert, HeartbeatPoint, InstallationDetail, InstallationSummary};
+use crate::{Error, Result, Shared};
+
+const PAGE_SIZE: i64 = 50;
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}\
+header{background:#1d2330;color:#fff;padding:.6rem 1.2rem;display:flex;gap:1rem;align-items:center}\
+header a{color:#fff;text-decoration:none;font-weight:600}header form{margin-left:auto}\
+main{padding:1rem 1.2rem;max-width:75rem}table{border-collapse:collapse;width:100%;background:#fff}\
+th,td{text-align:left;padding:.35rem .6rem;border-bottom:1px solid #e3e6eb;font-size:.92rem}\
+th{background:#eef0f4}.ok{color:#137333}.bad{color:#b3261e;font-weight:600}.warn{color:#a56300}\
+.muted{color:#6b7280}section{margin:1.2rem 0}h1{font-size:1.4rem}h2{font-size:1.1rem}\
+.filters{display:flex;gap:.5rem;margin:.8rem 0}.tag{font-size:.75rem;border:1px solid #b3261e;color:#b3261e;padding:0 .3rem;border-radius:.3rem}\
+pre{background:#fff;padding:.6rem;overflow:auto;font-size:.8rem}";
+
+/// Escapes text for HTML element content and attribute values.
+pub(crate) fn esc(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn opt(value: &Option<String>) -> String {
+    value.as_deref().map(esc).unwrap_or_else(|| "–".into())
+}
+
+/// `2026-11-22 07:50:57 UTC` from unix seconds (proleptic Gregorian, no time-zone data).
+pub(crate) fn format_time(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn ago(secs: Option<i64>, now: i64) -> String {
+    let Some(at) = secs else {
+        return "never".into();
+    };
+    let d = (now - at).max(0);
+    let rel = match d {
+        0..60 => format!("{d} s ago"),
+        60..3600 => format!("{} min ago", d / 60),
+        3600..86_400 => format!("{} h ago", d / 3600),
+        _ => format!("{} d ago", d / 86_400),
+    };
+    format!("<span title=\"{}\">{rel}</span>", format_time(at))
+}
+
+fn layout(title: &str, role: Option<Role>, body: &str) -> Html<String> {
+    let session = match role {
+        Some(role) => format!(
+            "<span class=muted>{}</span><form method=post action=/logout><button>Log out</button></form>",
+            role.as_str()
+        ),
+        None => String::new(),
+    };
+    Html(format!(
+        "<!doctype html><html lang=en><head><meta charset=utf-8>\
+         <meta name=viewport content=\"width=device-width,initial-scale=1\">\
+         <title>{} · fleet</title><style>{STYLE}</style></head><body>\
+         <header><a href=\"/\">fleet</a>{session}</header><main>{body}</main></body></html>",
+        esc(title)
+    ))
+}
+
+fn health_cell(s: &InstallationSummary) -> String {
+    if s.offline > 0 {
+        return "<span class=bad>offline</span>".into();
+    }
+    match s.health.as_deref() {
+        Some(h @ ("ok" | "healthy")) => format!("<span class=ok>{}</span>", esc(h)),
+        Some(h) => format!("<span class=warn>{}</span>", esc(h)),
+        None => "<span class=muted>unknown</span>".into(),
+    }
+}
+
+fn install_link(instance_id: &str) -> String {
+    format!(
+        "<a href=\"/installations/{}\">{}</a>",
+        percent_encode(instance_id),
+        esc(instance_id)
+    )
+}
+
+pub(crate) async fn index(
+    Viewer(role): Viewer<0>,
+    State(state): State<Shared>,
+    uri: Uri,
+) -> Result<Response> {
+    let query = ListQuery::from_uri(&uri)?;
+    let filter = query.filter(PAGE_SIZE)?;
+    let page = state.store.list_installations(&filter).await?;
+    let now = fleet_core::unix_now();
+    let mut body = String::new();
+    let field = |v: &Option<String>| esc(v.as_deref().unwrap_or(""));
+    let _ = write!(
+        body,
+        "<h1>Installations <span class=muted>({})</span></h1>\
+         <form class=filters method=get action=/>\
+         <input name=q placeholder=\"instance, domain, client\" value=\"{}\">\
+         <input name=channel placeholder=channel value=\"{}\">\
+         <input name=health placeholder=\"health or offline\" value=\"{}\">\
+         <button>Filter</button></form>",
+        page.total,
+        field(&query.q),
+        field(&query.channel),
+        field(&query.health),
+    );
+    body.push_str(
+        "<table id=installations><thead><tr><th>Instance</th><th>Client</th><th>Health</th>\
+         <th>Version</th><th>Channel</th><th>Last seen</th><th>Open alerts</th></tr></thead><tbody>",
+    );
+    for s in &page.items {
+        let v0 = if s.scheme.as_deref() == Some("v0") {
+            " <span class=tag title=\"still signs with the v0 scheme\">v0</span>"
+        } else {
+            ""
+        };
+        let alerts = if s.open_alerts > 0 {
+            format!("<span class=bad>{}</span>", s.open_alerts)
+        } else {
+            "0".into()
+        };
+        let _ = write!(
+            body,
+            "<tr><td>{}{v0}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{alerts}</td></tr>",
+            install_link(&s.instance_id),
+            opt(&s.client),
+            health_cell(s),
+            opt(&s.version),
+            opt(&s.release_channel),
+            ago(s.last_seen_at, now),
+        );
+    }
+    if page.items.is_empty() {
+        body.push_str("<tr><td colspan=7 class=muted>No installation matches.</td></tr>");
+    }
+    body.push_str("</tbody></table>");
+    let link = |offset: i64, text: &str| {
+        let mut q = format!("offset={offset}");
+        for (k, v) in [
+            ("q", &filter.text),
+            ("channel", &filter.channel),
+            ("health", &filter.health),
+        ] {
+            if let Some(v) = v {
+                let _ = write!(q, "&{k}={}", percent_encode(v));
+            }
+        }
+        format!(" <a href=\"/?{q}\">{text}</a>")
+    };
+    if filter.offset > 0 {
+        body.push_str(&link((filter.offset - filter.limit).max(0), "← previous"));
+    }
+    if filter.offset + filter.limit < page.total {
+        body.push_str(&link(filter.offset + filter.limit, "next →"));
+    }
+    Ok(layout("Installations", Some(role), &body).into_response())
+}
+
+pub(crate) async fn installation(
+    Viewer(role): Viewer<0>,
+    State(state): State<Shared>,
+    Path(instance_id): Path<String>,
+) -> Result<Response> {
+    let Some(detail) = state.store.installation(&instance_id).await? else {
+        let body = format!(
+            "<h1>Not found</h1><p>No installation {}.</p>",
+            esc(&instance_id)
+        );
+        return Ok((
+            StatusCode::NOT_FOUND,
+            layout("Not found", Some(role), &body),
+        )
+            .into_response());
+    };
+    let body = detail_body(&detail, role, fleet_core::unix_now());
+    Ok(layout(&detail.summary.instance_id, Some(role), &body).into_response())
+}
+
+fn detail_body(d: &InstallationDetail, role: Role, now: i64) -> String {
+    let s = &d.summary;
+    let mut b = String::new();
+    let _ = write!(
+        b,
+        "<h1 id=instance>{}</h1><table><tbody>\
+         <tr><th>Health</th><td>{}</td><th>Version</th><td>{}</td></tr>\
+         <tr><th>Domain</th><td>{}</td><th>Channel</th><td>{}</td></tr>\
+         <tr><th>Client</th><td>{}</td><th>Signature</th><td>{}</td></tr>\
+         <tr><th>Last seen</th><td>{}</td><th>First seen</th><td>{}</td></tr></tbody></table>",
+        esc(&s.instance_id),
+        health_cell(s),
+        opt(&s.version),
+        opt(&s.domain),
+        opt(&s.release_channel),
+        opt(&s.client),
+        match s.scheme.as_deref() {
+            Some("v0") => "<span class=tag>v0 (legacy: no replay protection)</span>".to_owned(),
+            other => esc(other.unwrap_or("–")),
+        },
+        ago(s.last_seen_at, now),
+        ago(s.first_seen_at, now),
+    );
+    b.push_str(&checks_section(&d.state));
+    b.push_str("<section><h2>Recent figures</h2>");
+    b.push_str(&chart(&d.recent));
+    b.push_str("</section>");
+    b.push_str(&alerts_section(&d.alerts, role, now));
+    b.push_str("<section><h2>Job failures</h2><table><thead><tr><th>When</th><th>Queue</th><th>Message</th></tr></thead><tbody>");
+    for f in &d.job_failures {
+        let _ = write!(
+            b,
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            ago(Some(f.created_at), now),
+            opt(&f.queue),
+            esc(&f.message)
+        );
+    }
+    if d.job_failures.is_empty() {
+        b.push_str("<tr><td colspan=3 class=muted>None.</td></tr>");
+    }
+    b.push_str("</tbody></table></section><section><h2>Backups</h2><table><thead><tr><th>Backup at</th><th>Id</th><th>Size</th><th>Status</th><th>Checksum</th></tr></thead><tbody>");
+    for k in &d.backups {
+        let _ = write!(
+            b,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td></tr>",
+            opt(&k.backup_at),
+            opt(&k.backup_id),
+            k.size_bytes
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "–".into()),
+            opt(&k.status),
+            esc(&k.checksum)
+        );
+    }
+    if d.backups.is_empty() {
+        b.push_str("<tr><td colspan=5 class=muted>None recorded.</td></tr>");
+    }
+    b.push_str("</tbody></table></section>");
+    let raw = serde_json::to_string_pretty(&d.state).unwrap_or_default();
+    let _ = write!(
+        b,
+        "<details><summary>Latest heartbeat</summary><pre>{}</pre></details>",
+        esc(&raw)
+    );
+    b
+}
+
+fn checks_section(state: &Value) -> String {
+    let mut rows = String::new();
+    for name in ["db_ok", "redis_ok", "storage_ok", "search_ok"] {
+        if let Some(ok) = state.get(name).and_then(Value::as_bool) {
+            let _ = write!(
+                rows,
+                "<tr><td>{}</td>{}<td></td><td></td></tr>",
+                name.trim_end_matches("_ok"),
+                ok_cell(ok)
+            );
+        }
+    }
+    for check in state
+        .get("checks")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let name = check.get("name").and_then(Value::as_str).unwrap_or("?");
+        let ok = check.get("ok").and_then(Value::as_bool).unwrap_or(false);
+        let latency = check
+            .get("latency_ms")
+            .and_then(Value::as_f64)
+            .map(|v| format!("{v:.0} ms"))
+            .unwrap_or_default();
+        let error = check.get("error").and_then(Value::as_str).unwrap_or("");
+        let _ = write!(
+            rows,
+            "<tr><td>{}</td>{}<td>{latency}</td><td>{}</td></tr>",
+            esc(name),
+            ok_cell(ok),
+            esc(error)
+        );
+    }
+    format!(
+        "<section><h2>Checks</h2><table id=checks><thead><tr><th>Check</th><th>Result</th><th>Latency</th><th>Error</th></tr></thead><tbody>{rows}</tbody></table></section>"
+    )
+}
+
+fn ok_cell(ok: bool) -> &'static str {
+    if ok {
+        "<td class=ok>ok</td>"
+    } else {
+        "<td class=bad>failing</td>"
+    }
+}
+
+fn alerts_section(alerts: &[Alert], role: Role, now: i64) -> String {
+    let mut b = String::from(
+        "<section><h2>Alerts</h2><table id=alerts><thead><tr><th>Raised</th><th>Level</th><th>Type</th>\
+         <th>Message</th><th>State</th></tr></thead><tbody>",
+    );
+    for a in alerts {
+        let level_class = if matches!(a.level.as_str(), "error" | "critical") {
+            "bad"
+        } else {
+            "warn"
+        };
+        let status = match (a.resolved_at, &a.acknowledged_by) {
+            (Some(at), _) => format!("resolved {}", ago(Some(at), now)),
+            (None, Some(by)) => format!("open, acknowledged by {}", esc(by)),
+            (None, None) if role >= Role::Ops => format!(
+                "open <form method=post action=\"/alerts/{}/ack\" style=display:inline><button>Acknowledge</button></form>",
+                a.id
+            ),
+            (None, None) => "open".into(),
+        };
+        let _ = write!(
+            b,
+            "<tr><td>{}</td><td class={level_class}>{}</td><td>{}</td><td>{}</td><td>{status}</td></tr>",
+            ago(Some(a.created_at), now),
+            esc(&a.level),
+            esc(&a.kind),
+            esc(&a.message)
+        );
+    }
+    if alerts.is_empty() {
+        b.push_str("<tr><td colspan=5 class=muted>No alerts.</td></tr>");
+    }
+    b.push_str("</tbody></table></section>");
+    b
+}
+
+/// A small SVG line chart of CPU and memory use (percent) over the recent heartbeats.
+fn chart(points: &[HeartbeatPoint]) -> String {
+    let series = |f: &dyn Fn(&HeartbeatPoint) -> Option<f64>| -> Vec<(usize, f64)> {
+        points
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| f(p).map(|v| (i, v.clamp(0.0, 100.0))))
+            .collect()
+    };
+    let num = |p: &HeartbeatPoint, k: &str| p.figures.get(k).and_then(Value::as_f64);
+    let cpu = series(&|p| num(p, "cpu_usage_pct"));
+    let mem = series(&|p| {
+        let total = num(p, "memory_total_bytes").filter(|t| *t > 0.0)?;
+        Some(num(p, "memory_used_bytes")? * 100.0 / total)
+    });
+    if cpu.is_empty() && mem.is_empty() {
+        return "<p class=muted>No CPU or memory figures reported yet.</p>".into();
+    }
+    let (w, h) = (600.0, 120.0);
+    let step = w / (points.len().max(2) - 1) as f64;
+    let line = |data: &[(usize, f64)], color: &str| {
+        let pts: Vec<String> = data
+            .iter()
+            .map(|(i, v)| format!("{:.1},{:.1}", *i as f64 * step, h - v * h / 100.0))
+            .collect();
+        format!(
+            "<polyline fill=none stroke=\"{color}\" stroke-width=2 points=\"{}\"/>",
+            pts.join(" ")
+        )
+    };
+    let last = |data: &[(usize, f64)]| {
+        data.last()
+            .map(|(_, v)| format!("{v:.0}%"))
+            .unwrap_or_else(|| "–".into())
+    };
+    format!(
+        "<svg id=chart role=img aria-label=\"CPU and memory use\" viewBox=\"0 0 {w} {h}\" width=600 height=120 style=\"background:#fff;border:1px solid #e3e6eb\">{}{}</svg>\
+         <p class=muted><span style=color:#2563eb>■</span> CPU {} · <span style=color:#d97706>■</span> memory {} · last {} heartbeats</p>",
+        line(&cpu, "#2563eb"),
+        line(&mem, "#d97706"),
+        last(&cpu),
+        last(&mem),
+        points.len()
+    )
+}
+
+pub(crate) async fn acknowledge(
+    Viewer(role): Viewer<1>,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let id = alert_id(&id)?;
+    let alert = state
+        .store
+        .acknowledge_alert(id, role.as_str(), fleet_core::unix_now())
+        .await?
+        .ok_or(Error::NotFound)?;
+    Ok(Redirect::to(&format!(
+        "/installations/{}",
+        percent_encode(&alert.instance_id)
+    ))
+    .into_response())
+}
+
+fn login_form(message: &str) -> String {
+    format!(
+        "<h1>Log in</h1>{message}<form method=post action=/login>\
+         <label>Role token <input type=password name=token id=token autocomplete=current-password required></label> \
+         <button id=login>Log in</button></form>\
+         <p class=muted>Use the support, ops or admin token of this control plane.</p>"
+    )
+}
+
+pub(crate) async fn login_page(State(state): State<Shared>, headers: HeaderMap) -> Response {
+    layout("Log in", state.tokens.caller(&headers), &login_form("")).into_response()
+}
+
+#[derive(Deserialize)]
+pub(crate) struct LoginForm {
+    token: String,
+}
+
+pub(crate) async fn login(State(state): State<Shared>, Form(form): Form<LoginForm>) -> Response {
+    match state.tokens.role_of(form.token.trim()) {
+        Some(role) => {
+            let cookies = login_cookies(role, form.token.trim(), state.settings.secure_cookies);
+            let mut response = Redirect::to("/").into_response();
+            for c in cookies {
+                if let Ok(value) = c.parse() {
+                    response.headers_mut().append(SET_COOKIE, value);
+                }
+            }
+            response
+        }
+        None => {
+            tracing::info!("dashboard login refused");
+            let body = login_form("<p class=bad>That token is not valid.</p>");
+            (StatusCode::UNAUTHORIZED, layout("Log in", None, &body)).into_response()
+        }
+    }
+}
+
+pub(crate) async fn logout(State(state): State<Shared>) -> Response {
+    let mut response = Redirect::to("/login").into_response();
+    for c in logout_cookies(state.settings.secure_cookies) {
+        if let Ok(value) = c.parse() {
+            response.headers_mut().append(SET_COOKIE, value);
+        }
+    }
+    response
+}
+
+/// The page a logged-in viewer sees for a route above their role.
+pub(crate) fn forbidden_page() -> Response {
+    let body = "<h1>Forbidden</h1><p>Your role cannot do this.</p>";
+    (StatusCode::FORBIDDEN, layout("Forbidden", None, body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_and_escaping() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_time(1_614_265_330), "2021-02-25 15:02:10 UTC");
+        assert_eq!(
+            esc("<a href=\"x\">'&'</a>"),
+            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+        );
+    }
+}

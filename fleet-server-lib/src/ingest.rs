@@ -1,0 +1,158 @@
+//! `POST /api/heartbeats`: verify, then decode, then hand to the group-commit writer.
+//!
+//! The order matters. The body is read up to the size limit, the signature is checked over
+//! the raw bytes (only `instance_id` is looked at, to pick the secret), and only a verified
+//! body is parsed. The response is sent after the heartbeat's transaction has committed, so
+//! an acknowledged heartbeat is durable; the writer commits many heartbeats per transaction,
+//! so that durability does not cost a disk flush per request.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::http::header::CONTENT_LENGTH;
+use axum::response::{IntoResponse, Response};
+use fleet_core::{DecodeError, Heartbeat, SignatureHeaders};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Metrics;
+use crate::store::{IncomingHeartbeat, IngestRules, RecordOutcome, Store};
+use crate::{Error, Result, Shared};
+
+/// A heartbeat waiting for the writer, and where to send its outcome.
+pub(crate) struct Job {
+    incoming: IncomingHeartbeat,
+    reply: oneshot::Sender<Result<RecordOutcome>>,
+}
+
+pub(crate) async fn receive(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    let result = accept(&state, &headers, body).await;
+    match &result {
+        Ok(RecordOutcome::Applied { .. }) => state.metrics.accepted(),
+        Ok(RecordOutcome::Duplicate) => state.metrics.duplicate(),
+        Ok(RecordOutcome::Replay) => state.metrics.rejected("replay"),
+        Ok(RecordOutcome::NotEnrolled) => state.metrics.rejected("not_enrolled"),
+        Err(Error::TooLarge { .. }) => state.metrics.rejected("too_large"),
+        Err(Error::Invalid(_)) => state.metrics.rejected("invalid"),
+        Err(_) => {}
+    }
+    Ok(match result? {
+        RecordOutcome::Applied { installation_id } => Json(serde_json::json!({
+            "ok": true, "installation_id": installation_id, "duplicate": false
+        }))
+        .into_response(),
+        RecordOutcome::Duplicate => {
+            Json(serde_json::json!({ "ok": true, "duplicate": true })).into_response()
+        }
+        // Same answer as any other signature failure: a replayer learns nothing.
+        RecordOutcome::Replay => Error::Unauthorized.into_response(),
+        RecordOutcome::NotEnrolled => Error::NotEnrolled.into_response(),
+    })
+}
+
+async fn accept(state: &Shared, headers: &HeaderMap, body: Body) -> Result<RecordOutcome> {
+    let limit = state.settings.limits.max_body_bytes;
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(Error::TooLarge { limit });
+    }
+    // Reading stops at the limit, whatever Content-Length claimed.
+    let body = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| Error::TooLarge { limit })?;
+    let now = fleet_core::unix_now();
+    let lookup =
+        SignatureHeaders::from_lookup(|name| headers.get(name).and_then(|v| v.to_str().ok()));
+    let verified = state.verifier.verify(&body, &lookup, now).map_err(|err| {
+        state.metrics.rejected(err.kind());
+        // The reason is logged for the operator, never returned to the sender.
+        tracing::debug!(reason = err.kind(), "heartbeat refused");
+        Error::Unauthorized
+    })?;
+    let heartbeat = Heartbeat::decode(&body, &state.settings.limits).map_err(|err| match err {
+        DecodeError::TooLarge { limit, .. } => Error::TooLarge { limit },
+        DecodeError::Invalid(errors) => Error::Invalid(errors),
+    })?;
+    if heartbeat.instance_id != verified.instance_id {
+        // locate_instance_id refuses duplicate keys, so the two always agree; refuse anyway
+        // rather than act on an id the signature was not checked for.
+        state.metrics.rejected("instance_id_mismatch");
+        return Err(Error::Unauthorized);
+    }
+    let incoming = IncomingHeartbeat {
+        heartbeat,
+        scheme: verified.scheme,
+        msg_id: verified.msg_id,
+        signed_at: verified.timestamp,
+        received_at: now,
+    };
+    submit(&state.writer, incoming).await
+}
+
+async fn submit(writer: &mpsc::Sender<Job>, incoming: IncomingHeartbeat) -> Result<RecordOutcome> {
+    let (reply, outcome) = oneshot::channel();
+    writer
+        .send(Job { incoming, reply })
+        .await
+        .map_err(|_| Error::Unavailable)?;
+    outcome.await.map_err(|_| Error::Unavailable)?
+}
+
+/// Starts the writer: it takes every heartbeat waiting (up to `batch_max`), records them in
+/// one transaction and answers each. It stops when the last sender is dropped, after
+/// finishing what was queued.
+pub(crate) fn spawn_writer(
+    store: Arc<dyn Store>,
+    rules: IngestRules,
+    batch_max: usize,
+    metrics: Arc<Metrics>,
+) -> mpsc::Sender<Job> {
+    let (tx, mut rx) = mpsc::channel::<Job>(batch_max * 8);
+    tokio::spawn(async move {
+        let mut jobs = Vec::with_capacity(batch_max);
+        while rx.recv_many(&mut jobs, batch_max).await > 0 {
+            let (batch, replies): (Vec<_>, Vec<_>) =
+                jobs.drain(..).map(|j| (j.incoming, j.reply)).unzip();
+            metrics.batch(batch.len());
+            match store.record_heartbeats(&batch, &rules).await {
+                Ok(outcomes) => {
+                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                        let _ = reply.send(Ok(outcome));
+                    }
+                }
+                Err(err) if batch.len() > 1 => {
+                    // One bad heartbeat must not sink its neighbours: retry them one by one.
+                    tracing::warn!(error = %err, size = batch.len(), "batch failed, retrying singly");
+                    for (incoming, reply) in batch.into_iter().zip(replies) {
+                        let result = store
+                            .record_heartbeats(std::slice::from_ref(&incoming), &rules)
+                            .await
+                            .and_then(|mut o| o.pop().ok_or(Error::Internal("no outcome".into())));
+                        let _ = reply.send(result.map_err(unavailable));
+                    }
+                }
+                Err(err) => {
+                    for reply in replies {
+                        let _ = reply.send(Err(unavailable(Error::Internal(err.to_string()))));
+                    }
+                }
+            }
+        }
+    });
+    tx
+}
+
+/// Logs a storage failure and turns it into a retryable 503 for the agent.
+fn unavailable(err: Error) -> Error {
+    tracing::error!(error = %err, "recording heartbeats failed");
+    Error::Unavailable
+}

@@ -1,0 +1,30 @@
+//! Periodic work: open `offline` alerts, forget old v1 message ids.
+
+use std::sync::Weak;
+
+use crate::AppState;
+
+/// Runs until the control plane is dropped.
+pub(crate) fn spawn(state: Weak<AppState>) {
+    tokio::spawn(async move {
+        loop {
+            let Some(interval) = state.upgrade().map(|s| s.settings.sweep_interval) else {
+                return;
+            };
+            tokio::time::sleep(interval).await;
+            let Some(state) = state.upgrade() else { return };
+            let now = fleet_core::unix_now();
+            let settings = &state.settings;
+            let cutoff = now - settings.offline_after.as_secs() as i64;
+            let forward = state.webhook_configured;
+            match state.store.mark_offline(cutoff, now, forward).await {
+                Ok(opened) => state.metrics.offline(opened),
+                Err(err) => tracing::warn!(error = %err, "offline sweep failed"),
+            }
+            let before = now - settings.message_retention.as_secs() as i64;
+            if let Err(err) = state.store.prune_messages(before).await {
+                tracing::warn!(error = %err, "pruning message ids failed");
+            }
+        }
+    });
+}
