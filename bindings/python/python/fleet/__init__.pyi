@@ -1,0 +1,31 @@
+from fleet._fleet import (
+    TOLERANCE_SECONDS as TOLERANCE_SECONDS,
+    ConfigError as ConfigError,
+    FleetError as FleetError,
+    InvalidSignature as InvalidSignature,
+    ManifestError as ManifestError,
+    PayloadTooLarge as PayloadTooLarge,
+    Signer as Signer,
+    ValidationError as ValidationError,
+    Verifier as Verifier,
+    compare_digest as compare_digest,
+    sign_v0 as sign_v0,
+    validate_heartbeat as validate_heartbeat,
+    verify_manifest as verify_manifest,
+)
+
+__all__ = [
+    "TOLERANCE_SECONDS",
+    "ConfigError",
+    "FleetError",
+    "InvalidSignature",
+    "ManifestError",
+    "PayloadTooLarge",
+    "Signer",
+    "ValidationError",
+    "Verifier",
+    "compare_digest",
+    "sign_v0",
+    "validate_heartbeat",
+    "verify_manifest",
+]

@@ -1,0 +1,65 @@
+from collections.abc import Mapping, Sequence
+from typing import Any, Union, final
+
+__all__ = [
+    "ConfigError",
+    "FleetError",
+    "InvalidSignature",
+    "ManifestError",
+    "PayloadTooLarge",
+    "Signer",
+    "TOLERANCE_SECONDS",
+    "ValidationError",
+    "Verifier",
+    "compare_digest",
+    "sign_v0",
+    "validate_heartbeat",
+    "verify_manifest",
+]
+
+TOLERANCE_SECONDS: int
+
+class FleetError(Exception): ...
+
+class InvalidSignature(FleetError):
+    kind: str
+
+class ValidationError(FleetError):
+    errors: list[tuple[str, str]]
+    paths: list[str]
+
+class PayloadTooLarge(ValidationError): ...
+
+class ManifestError(FleetError):
+    kind: str
+
+class ConfigError(FleetError): ...
+
+def sign_v0(secret_text: str, body: bytes) -> str: ...
+def compare_digest(a: bytes, b: bytes) -> bool: ...
+def validate_heartbeat(body: Union[bytes, str]) -> dict[str, Any]: ...
+def verify_manifest(
+    manifest: Union[Mapping[str, Any], str, bytes],
+    public_keys: Sequence[str],
+    hmac_secret: Union[str, None] = None,
+) -> dict[str, Any]: ...
+
+@final
+class Signer:
+    def __new__(cls, secret_text: str) -> Signer: ...
+    def sign(self, msg_id: str, timestamp: int, body: bytes) -> str: ...
+    def headers(self, msg_id: str, body: bytes, timestamp: Union[int, None] = None) -> dict[str, str]: ...
+    def sign_v0(self, body: bytes) -> str: ...
+    def verify(self, body: bytes, headers: Mapping[str, str], now: Union[int, None] = None) -> None: ...
+
+@final
+class Verifier:
+    def __new__(
+        cls,
+        secrets: Union[Mapping[str, Union[str, Sequence[str]]], str, None] = None,
+        fallback: Union[str, None] = None,
+        *,
+        allow_v0: bool = True,
+        tolerance: int = 300,
+    ) -> Verifier: ...
+    def verify(self, body: bytes, headers: Mapping[str, str], now: Union[int, None] = None) -> str: ...
