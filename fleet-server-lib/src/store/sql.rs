@@ -108,6 +108,50 @@ pub(crate) fn point(received_at: i64, figures: &str) -> HeartbeatPoint {
     }
 }
 
+/// One installation's heartbeats within a batch, folded into the row to upsert.
+pub(crate) struct Merged<'a> {
+    pub first: usize,
+    pub latest: usize,
+    pub domain: Option<&'a String>,
+    pub client: Option<&'a String>,
+    pub version: Option<&'a String>,
+    pub release_channel: Option<&'a String>,
+    pub health: Option<&'a String>,
+    pub backup_checksum: Option<&'a String>,
+}
+
+impl<'a> Merged<'a> {
+    pub fn new(first: usize) -> Self {
+        Self {
+            first,
+            latest: first,
+            domain: None,
+            client: None,
+            version: None,
+            release_channel: None,
+            health: None,
+            backup_checksum: None,
+        }
+    }
+
+    pub fn add(&mut self, index: usize, hb: &'a Heartbeat) {
+        self.latest = index;
+        let fields = [
+            (&mut self.domain, &hb.domain),
+            (&mut self.client, &hb.client),
+            (&mut self.version, &hb.version),
+            (&mut self.release_channel, &hb.release_channel),
+            (&mut self.health, &hb.health),
+            (&mut self.backup_checksum, &hb.backup_checksum),
+        ];
+        for (slot, value) in fields {
+            if let Some(value) = value {
+                *slot = Some(value);
+            }
+        }
+    }
+}
+
 /// An alert the batch opens; `resolved_at` is set when a later heartbeat of the same batch
 /// already ends it.
 pub(crate) struct PendingAlert<'a> {
@@ -208,29 +252,26 @@ macro_rules! impl_sql_store {
                     }
                 }
 
-                // v1 message ids: the first sighting applies, a new timestamp is a retry
-                // (acknowledged, not applied), the same timestamp is a replay (refused).
+                // v1 message ids: the first sighting applies; a later one with a new
+                // timestamp is a retry (acknowledged, not applied); one whose timestamp was
+                // already seen for that id is a replay (refused).
                 let mut first: HashMap<(&str, &str), usize> = HashMap::new();
                 let mut fresh = Vec::new();
+                let mut repeats = Vec::new();
                 for (i, inc) in batch.iter().enumerate() {
                     let Some(msg_id) = inc.msg_id.as_deref() else { continue };
                     if outcomes[i].is_some() {
                         continue;
                     }
-                    match first.get(&(inc.heartbeat.instance_id.as_str(), msg_id)) {
-                        Some(&j) => {
-                            outcomes[i] = Some(if batch[j].signed_at == inc.signed_at {
-                                RecordOutcome::Replay
-                            } else {
-                                RecordOutcome::Duplicate
-                            })
-                        }
-                        None => {
-                            first.insert((inc.heartbeat.instance_id.as_str(), msg_id), i);
-                            fresh.push(i);
-                        }
+                    let key = (inc.heartbeat.instance_id.as_str(), msg_id);
+                    if first.contains_key(&key) {
+                        repeats.push(i);
+                    } else {
+                        first.insert(key, i);
+                        fresh.push(i);
                     }
                 }
+                let mut signed_seen: HashMap<(&str, &str), Vec<Option<i64>>> = HashMap::new();
                 for chunk in fresh.chunks(CHUNK) {
                     let mut qb = QueryBuilder::<$db>::new(
                         "INSERT INTO seen_messages (instance_id, msg_id, signed_at, seen_at) ",
@@ -250,35 +291,54 @@ macro_rules! impl_sql_store {
                     }
                     for &i in chunk {
                         let inc = &batch[i];
-                        let key = (inc.heartbeat.instance_id.clone(), inc.msg_id.clone().unwrap_or_default());
-                        if inserted.contains(&key) {
-                            continue;
+                        let msg_id = inc.msg_id.as_deref().unwrap_or_default();
+                        let key = (inc.heartbeat.instance_id.as_str(), msg_id);
+                        let seen = signed_seen.entry(key).or_default();
+                        if !inserted.contains(&(key.0.to_owned(), key.1.to_owned())) {
+                            let stored: Option<i64> = sqlx::query_scalar(
+                                "SELECT signed_at FROM seen_messages WHERE instance_id = $1 AND msg_id = $2",
+                            )
+                            .bind(key.0)
+                            .bind(key.1)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                            outcomes[i] = Some(if stored == inc.signed_at {
+                                RecordOutcome::Replay
+                            } else {
+                                RecordOutcome::Duplicate
+                            });
+                            seen.push(stored);
                         }
-                        let signed: Option<i64> = sqlx::query_scalar(
-                            "SELECT signed_at FROM seen_messages WHERE instance_id = $1 AND msg_id = $2",
-                        )
-                        .bind(&key.0)
-                        .bind(&key.1)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                        outcomes[i] = Some(if signed == inc.signed_at {
-                            RecordOutcome::Replay
-                        } else {
-                            RecordOutcome::Duplicate
-                        });
+                        seen.push(inc.signed_at);
                     }
+                }
+                for i in repeats {
+                    let inc = &batch[i];
+                    let key = (inc.heartbeat.instance_id.as_str(), inc.msg_id.as_deref().unwrap_or_default());
+                    let seen = signed_seen.entry(key).or_default();
+                    outcomes[i] = Some(if seen.contains(&inc.signed_at) {
+                        RecordOutcome::Replay
+                    } else {
+                        RecordOutcome::Duplicate
+                    });
+                    seen.push(inc.signed_at);
                 }
 
-                // Upsert each installation once, with its latest heartbeat of the batch.
-                let mut latest: HashMap<&str, usize> = HashMap::new();
+                // Upsert each installation once per batch: the latest heartbeat's state, and
+                // for each descriptive field the latest value any of them reported.
+                let mut merged: HashMap<&str, $crate::store::sql::Merged<'_>> = HashMap::new();
                 for (i, inc) in batch.iter().enumerate() {
                     if outcomes[i].is_none() {
-                        latest.insert(inc.heartbeat.instance_id.as_str(), i);
+                        merged
+                            .entry(inc.heartbeat.instance_id.as_str())
+                            .or_insert_with(|| $crate::store::sql::Merged::new(i))
+                            .add(i, &inc.heartbeat);
                     }
                 }
-                let latest: Vec<usize> = {
-                    let mut v: Vec<usize> = latest.into_values().collect();
-                    v.sort_unstable();
+                let latest: Vec<$crate::store::sql::Merged<'_>> = {
+                    let mut v: Vec<_> = merged.into_values().collect();
+                    // A stable order keeps concurrent writers (replicas) from deadlocking.
+                    v.sort_unstable_by_key(|m| batch[m.latest].heartbeat.instance_id.as_str());
                     v
                 };
                 let mut row_ids: HashMap<String, i64> = HashMap::new();
@@ -287,19 +347,19 @@ macro_rules! impl_sql_store {
                         "INSERT INTO installations (instance_id, domain, client, version, release_channel, \
                          health, scheme, first_seen_at, last_seen_at, last_backup_checksum, state) ",
                     );
-                    qb.push_values(chunk, |mut row, &i| {
-                        let inc = &batch[i];
+                    qb.push_values(chunk, |mut row, m| {
+                        let inc = &batch[m.latest];
                         let hb = &inc.heartbeat;
                         row.push_bind(hb.instance_id.clone())
-                            .push_bind(hb.domain.clone())
-                            .push_bind(hb.client.clone())
-                            .push_bind(hb.version.clone())
-                            .push_bind(hb.release_channel.clone())
-                            .push_bind(hb.health.clone())
+                            .push_bind(m.domain.cloned())
+                            .push_bind(m.client.cloned())
+                            .push_bind(m.version.cloned())
+                            .push_bind(m.release_channel.cloned())
+                            .push_bind(m.health.cloned())
                             .push_bind(inc.scheme.as_str())
+                            .push_bind(batch[m.first].received_at)
                             .push_bind(inc.received_at)
-                            .push_bind(inc.received_at)
-                            .push_bind(hb.backup_checksum.clone())
+                            .push_bind(m.backup_checksum.cloned())
                             .push_bind(String::from_utf8(hb.to_vec()).unwrap_or_default());
                     });
                     qb.push(

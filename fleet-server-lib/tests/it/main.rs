@@ -1,0 +1,10 @@
+//! Integration tests: the real server on 127.0.0.1:0, real HTTP, real SQLite and
+//! PostgreSQL (`FLEET_TEST_POSTGRES_URL`), a real headless Chromium (`FLEET_TEST_CHROMIUM`).
+
+mod api;
+mod auth;
+mod browser;
+mod ingest;
+mod store;
+mod support;
+mod webhook;

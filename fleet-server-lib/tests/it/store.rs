@@ -1,0 +1,557 @@
+//! The store suite: the same tests against SQLite and PostgreSQL.
+
+use fleet_server::SloThresholds;
+use fleet_server::store::{IngestRules, InstallationFilter, RecordOutcome};
+use serde_json::json;
+
+use crate::support::{TestStore, incoming, on_both_backends};
+
+on_both_backends!(
+    first_heartbeat_creates_the_installation_and_a_time_series,
+    v1_retry_is_acknowledged_once_and_same_timestamp_is_a_replay,
+    slo_alert_is_deduplicated_per_type_and_resolved_when_the_breach_ends,
+    payload_alerts_job_failures_and_backups_on_checksum_change,
+    enrollment_can_be_required,
+    list_filters_and_pagination,
+    alerts_are_acknowledged_once,
+    offline_alert_opens_once_and_a_heartbeat_resolves_it,
+    forwarded_alerts_go_through_the_outbox,
+    old_message_ids_are_pruned,
+);
+
+fn rules() -> IngestRules {
+    IngestRules {
+        slo: SloThresholds {
+            p95_ms_max: 500.0,
+            error_rate_max: 0.05,
+            webhook_retry_rate_max: 0.0,
+        },
+        require_enrollment: false,
+        forward_alerts: true,
+    }
+}
+
+fn applied(outcome: RecordOutcome) -> i64 {
+    match outcome {
+        RecordOutcome::Applied { installation_id } => installation_id,
+        other => panic!("expected applied, got {other:?}"),
+    }
+}
+
+async fn first_heartbeat_creates_the_installation_and_a_time_series(t: TestStore) {
+    let s = &t.store;
+    let batch = [
+        incoming(
+            "acme-001",
+            json!({"version": "1.2.3", "release_channel": "stable", "cpu_usage_pct": 12.5,
+            "checks": [{"name": "db", "ok": true, "latency_ms": 3}], "primary_region": "sa-east-1"}),
+            None,
+            1000,
+        ),
+        incoming("acme-001", json!({"cpu_usage_pct": 20.0}), None, 1060),
+        incoming("beta-002", json!({"health": "degraded"}), None, 1060),
+    ];
+    let out = s.record_heartbeats(&batch, &rules()).await.expect("record");
+    assert_eq!(
+        applied(out[0]),
+        applied(out[1]),
+        "same installation within a batch"
+    );
+    assert_ne!(applied(out[0]), applied(out[2]));
+    assert_eq!(s.heartbeat_count().await.expect("count"), 3);
+    let d = s
+        .installation("acme-001")
+        .await
+        .expect("detail")
+        .expect("exists");
+    // A later heartbeat without version keeps the known one.
+    assert_eq!(d.summary.version.as_deref(), Some("1.2.3"));
+    assert_eq!(d.summary.first_seen_at, Some(1000));
+    assert_eq!(d.summary.last_seen_at, Some(1060));
+    assert_eq!(d.summary.scheme.as_deref(), Some("v0"));
+    assert_eq!(d.recent.len(), 2);
+    assert_eq!(d.recent[1].figures["cpu_usage_pct"], json!(20.0));
+    assert_eq!(
+        d.state["cpu_usage_pct"],
+        json!(20.0),
+        "latest state is the last heartbeat"
+    );
+    assert!(s.installation("nope").await.expect("query").is_none());
+}
+
+async fn v1_retry_is_acknowledged_once_and_same_timestamp_is_a_replay(t: TestStore) {
+    let s = &t.store;
+    let first = incoming(
+        "acme-001",
+        json!({"job_failures": [{"message": "boom"}]}),
+        Some(("msg-1", 1000)),
+        1000,
+    );
+    assert!(matches!(
+        s.record_heartbeats(&[first.clone()], &rules())
+            .await
+            .expect("record")[0],
+        RecordOutcome::Applied { .. }
+    ));
+    let retry = incoming(
+        "acme-001",
+        json!({"job_failures": [{"message": "boom"}]}),
+        Some(("msg-1", 1100)),
+        1100,
+    );
+    let replay = first.clone();
+    let out = s
+        .record_heartbeats(&[retry, replay], &rules())
+        .await
+        .expect("record");
+    assert_eq!(out, [RecordOutcome::Duplicate, RecordOutcome::Replay]);
+    // Within one batch too.
+    let a = incoming("acme-001", json!({}), Some(("msg-2", 1200)), 1200);
+    let b = incoming("acme-001", json!({}), Some(("msg-2", 1201)), 1201);
+    let out = s
+        .record_heartbeats(&[a, b], &rules())
+        .await
+        .expect("record");
+    assert!(matches!(out[0], RecordOutcome::Applied { .. }));
+    assert_eq!(out[1], RecordOutcome::Duplicate);
+    assert_eq!(
+        s.heartbeat_count().await.expect("count"),
+        2,
+        "nothing applied twice"
+    );
+    let d = s
+        .installation("acme-001")
+        .await
+        .expect("detail")
+        .expect("exists");
+    assert_eq!(d.job_failures.len(), 1);
+    // The same id from another instance is another message.
+    let other = incoming("beta-002", json!({}), Some(("msg-1", 1000)), 1300);
+    assert!(matches!(
+        s.record_heartbeats(&[other], &rules())
+            .await
+            .expect("record")[0],
+        RecordOutcome::Applied { .. }
+    ));
+}
+
+async fn slo_alert_is_deduplicated_per_type_and_resolved_when_the_breach_ends(t: TestStore) {
+    let s = &t.store;
+    for (at, p95) in [(1000, 800.0), (1060, 900.0), (1120, 950.0)] {
+        s.record_heartbeats(
+            &[incoming("acme-001", json!({"slo_p95_ms": p95}), None, at)],
+            &rules(),
+        )
+        .await
+        .expect("record");
+    }
+    let open = s.list_alerts(true, 100).await.expect("alerts");
+    assert_eq!(
+        open.len(),
+        1,
+        "one open alert while the breach lasts: {open:?}"
+    );
+    assert_eq!(
+        (open[0].kind.as_str(), open[0].level.as_str()),
+        ("slo_p95_ms", "error")
+    );
+    assert!(
+        open[0].message.contains("800"),
+        "the first value is reported"
+    );
+    // Another SLO type is its own alert.
+    s.record_heartbeats(
+        &[incoming(
+            "acme-001",
+            json!({"slo_error_rate": 0.2}),
+            None,
+            1180,
+        )],
+        &rules(),
+    )
+    .await
+    .expect("record");
+    assert_eq!(s.list_alerts(true, 100).await.expect("alerts").len(), 2);
+    // Back under the maximum: resolved.
+    s.record_heartbeats(
+        &[incoming(
+            "acme-001",
+            json!({"slo_p95_ms": 120.0, "slo_error_rate": 0.0}),
+            None,
+            1240,
+        )],
+        &rules(),
+    )
+    .await
+    .expect("record");
+    assert!(s.list_alerts(true, 100).await.expect("alerts").is_empty());
+    let all = s.list_alerts(false, 100).await.expect("alerts");
+    assert!(all.iter().all(|a| a.resolved_at == Some(1240)));
+    // A new breach is a new alert.
+    s.record_heartbeats(
+        &[incoming(
+            "acme-001",
+            json!({"slo_p95_ms": 700.0}),
+            None,
+            1300,
+        )],
+        &rules(),
+    )
+    .await
+    .expect("record");
+    assert_eq!(s.list_alerts(true, 100).await.expect("alerts").len(), 1);
+    assert_eq!(s.list_alerts(false, 100).await.expect("alerts").len(), 3);
+}
+
+async fn payload_alerts_job_failures_and_backups_on_checksum_change(t: TestStore) {
+    let s = &t.store;
+    let backup = |sum: &str| {
+        json!({"backup_checksum": sum, "backup_id": "b-1", "backup_size_bytes": 1024,
+        "last_backup_at": "2026-02-11T02:00:00Z", "backup_status": "ok"})
+    };
+    let mut first = backup("sha-1");
+    first["alerts"] = json!([{"level": "warning", "message": "Low disk"}, {"message": "no level"}]);
+    first["job_failures"] = json!([{"queue": "billing", "message": "Timeout"}]);
+    first["secrets_expired"] = json!(2);
+    s.record_heartbeats(&[incoming("acme-001", first, None, 1000)], &rules())
+        .await
+        .expect("record");
+    let mut again = backup("sha-1");
+    again["alerts"] = json!([{"level": "warning", "message": "Low disk"}]);
+    again["secrets_expired"] = json!(0);
+    s.record_heartbeats(&[incoming("acme-001", again, None, 1060)], &rules())
+        .await
+        .expect("record");
+    s.record_heartbeats(
+        &[incoming("acme-001", backup("sha-2"), None, 1120)],
+        &rules(),
+    )
+    .await
+    .expect("record");
+    let d = s
+        .installation("acme-001")
+        .await
+        .expect("detail")
+        .expect("exists");
+    let backups: Vec<&str> = d.backups.iter().map(|b| b.checksum.as_str()).collect();
+    assert_eq!(
+        backups,
+        ["sha-2", "sha-1"],
+        "one record per checksum change"
+    );
+    assert_eq!(d.backups[1].size_bytes, Some(1024));
+    assert_eq!(d.job_failures.len(), 1);
+    assert_eq!(d.job_failures[0].queue.as_deref(), Some("billing"));
+    let mut kinds: Vec<(String, String, bool)> = d
+        .alerts
+        .iter()
+        .map(|a| (a.kind.clone(), a.message.clone(), a.resolved_at.is_some()))
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            ("payload".into(), "Low disk".into(), true),
+            ("payload".into(), "no level".into(), true),
+            (
+                "secrets".into(),
+                "secrets need attention: 2 expired, 0 unverified".into(),
+                true
+            ),
+        ],
+        "repeated payload alert kept once; each resolved when it stopped being reported"
+    );
+    let levels: Vec<&str> = d
+        .alerts
+        .iter()
+        .filter(|a| a.message == "no level")
+        .map(|a| a.level.as_str())
+        .collect();
+    assert_eq!(levels, ["info"], "level defaults to info");
+}
+
+async fn enrollment_can_be_required(t: TestStore) {
+    let s = &t.store;
+    let strict = IngestRules {
+        require_enrollment: true,
+        ..rules()
+    };
+    let out = s
+        .record_heartbeats(
+            &[incoming("new-1", json!({}), Some(("m1", 1000)), 1000)],
+            &strict,
+        )
+        .await
+        .expect("record");
+    assert_eq!(out, [RecordOutcome::NotEnrolled]);
+    assert_eq!(s.heartbeat_count().await.expect("count"), 0);
+    let id = s.enroll("new-1", 1050).await.expect("enroll");
+    assert_eq!(
+        s.enroll("new-1", 1060).await.expect("enroll again"),
+        id,
+        "idempotent"
+    );
+    // The refused message id was not remembered: the agent's retry is applied.
+    let out = s
+        .record_heartbeats(
+            &[incoming("new-1", json!({}), Some(("m1", 1100)), 1100)],
+            &strict,
+        )
+        .await
+        .expect("record");
+    assert_eq!(
+        out,
+        [RecordOutcome::Applied {
+            installation_id: id
+        }]
+    );
+    let d = s
+        .installation("new-1")
+        .await
+        .expect("detail")
+        .expect("exists");
+    assert_eq!(d.summary.enrolled_at, Some(1050));
+}
+
+async fn list_filters_and_pagination(t: TestStore) {
+    let s = &t.store;
+    let mut batch = Vec::new();
+    for i in 0..7 {
+        let channel = if i % 2 == 0 { "stable" } else { "beta" };
+        batch.push(incoming(
+            &format!("shop-{i}"),
+            json!({"release_channel": channel, "health": "ok",
+            "client": format!("Client 100%_{i}"), "domain": format!("shop{i}.example.com")}),
+            None,
+            1000,
+        ));
+    }
+    batch.push(incoming(
+        "other",
+        json!({"health": "degraded", "client": "ACME SA"}),
+        None,
+        1000,
+    ));
+    s.record_heartbeats(&batch, &rules()).await.expect("record");
+    let list = |f: InstallationFilter| async move { s.list_installations(&f).await.expect("list") };
+    let all = list(InstallationFilter {
+        limit: 3,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!((all.total, all.items.len()), (8, 3));
+    assert_eq!(all.items[0].instance_id, "other", "ordered by instance id");
+    let page3 = list(InstallationFilter {
+        limit: 3,
+        offset: 6,
+        ..Default::default()
+    })
+    .await;
+    let ids: Vec<&str> = page3.items.iter().map(|i| i.instance_id.as_str()).collect();
+    assert_eq!(ids, ["shop-5", "shop-6"]);
+    let beta = list(InstallationFilter {
+        channel: Some("beta".into()),
+        limit: 50,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(beta.total, 3);
+    let degraded = list(InstallationFilter {
+        health: Some("degraded".into()),
+        limit: 50,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(degraded.items[0].instance_id, "other");
+    let text = list(InstallationFilter {
+        text: Some("acme".into()),
+        limit: 50,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(text.total, 1, "case-insensitive match on the client");
+    let domain = list(InstallationFilter {
+        text: Some("SHOP3.example".into()),
+        limit: 50,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(domain.items[0].instance_id, "shop-3");
+    // LIKE wildcards in the user's text are literal.
+    let literal = list(InstallationFilter {
+        text: Some("100%_4".into()),
+        limit: 50,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(literal.total, 1);
+    let none = list(InstallationFilter {
+        text: Some("_".into()),
+        channel: Some("beta".into()),
+        limit: 50,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        none.total, 3,
+        "'_' matches the literal underscore in every client"
+    );
+}
+
+async fn alerts_are_acknowledged_once(t: TestStore) {
+    let s = &t.store;
+    s.record_heartbeats(
+        &[incoming(
+            "acme-001",
+            json!({"slo_p95_ms": 999.0}),
+            None,
+            1000,
+        )],
+        &rules(),
+    )
+    .await
+    .expect("record");
+    let alert = s.list_alerts(true, 10).await.expect("alerts").remove(0);
+    let acked = s
+        .acknowledge_alert(alert.id, "ops", 1100)
+        .await
+        .expect("ack")
+        .expect("exists");
+    assert_eq!(
+        (acked.acknowledged_at, acked.acknowledged_by.as_deref()),
+        (Some(1100), Some("ops"))
+    );
+    let again = s
+        .acknowledge_alert(alert.id, "admin", 1200)
+        .await
+        .expect("ack")
+        .expect("exists");
+    assert_eq!(
+        again.acknowledged_by.as_deref(),
+        Some("ops"),
+        "the first acknowledgement wins"
+    );
+    assert_eq!(acked.instance_id, "acme-001");
+    assert!(
+        s.acknowledge_alert(alert.id + 1000, "ops", 1200)
+            .await
+            .expect("ack")
+            .is_none()
+    );
+}
+
+async fn offline_alert_opens_once_and_a_heartbeat_resolves_it(t: TestStore) {
+    let s = &t.store;
+    s.record_heartbeats(
+        &[
+            incoming("quiet", json!({}), None, 1000),
+            incoming("busy", json!({}), None, 1500),
+        ],
+        &rules(),
+    )
+    .await
+    .expect("record");
+    s.enroll("never-seen", 1000).await.expect("enroll");
+    assert_eq!(s.mark_offline(1200, 1600, true).await.expect("sweep"), 1);
+    assert_eq!(
+        s.mark_offline(1200, 1700, true).await.expect("sweep"),
+        0,
+        "already open"
+    );
+    let offline = s
+        .list_installations(&InstallationFilter {
+            health: Some("offline".into()),
+            limit: 50,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(offline.items.len(), 1);
+    assert_eq!(
+        (
+            offline.items[0].instance_id.as_str(),
+            offline.items[0].offline
+        ),
+        ("quiet", 1)
+    );
+    s.record_heartbeats(&[incoming("quiet", json!({}), None, 1800)], &rules())
+        .await
+        .expect("record");
+    assert!(
+        s.list_alerts(true, 10).await.expect("alerts").is_empty(),
+        "resolved by the heartbeat"
+    );
+}
+
+async fn forwarded_alerts_go_through_the_outbox(t: TestStore) {
+    let s = &t.store;
+    let hb = json!({"slo_p95_ms": 999.0, "alerts": [{"level": "warning", "message": "Low disk"},
+        {"level": "critical", "message": "Disk full"}]});
+    s.record_heartbeats(&[incoming("acme-001", hb, None, 1000)], &rules())
+        .await
+        .expect("record");
+    let due = s.outbox_due(1000, 10).await.expect("due");
+    assert_eq!(
+        due.len(),
+        2,
+        "SLO and critical alerts are forwarded, the warning is not"
+    );
+    let bodies: Vec<serde_json::Value> = due
+        .iter()
+        .map(|d| serde_json::from_str(&d.payload).expect("json"))
+        .collect();
+    assert_eq!(bodies[0]["type"], "slo_p95_ms");
+    assert_eq!(bodies[0]["instanceId"], "acme-001");
+    assert!(bodies[0]["installationId"].is_i64() && bodies[0]["message"].is_string());
+    s.outbox_failed(due[0].id, 1, Some(1010), "receiver answered 500", 1000)
+        .await
+        .expect("failed");
+    s.outbox_delivered(due[1].id, 1000)
+        .await
+        .expect("delivered");
+    assert!(
+        s.outbox_due(1005, 10).await.expect("due").is_empty(),
+        "retry not due yet"
+    );
+    let retry = s.outbox_due(1010, 10).await.expect("due");
+    assert_eq!((retry.len(), retry[0].attempts), (1, 1));
+    s.outbox_failed(retry[0].id, 2, None, "gave up", 1010)
+        .await
+        .expect("give up");
+    assert!(s.outbox_due(99_999, 10).await.expect("due").is_empty());
+    // Without a webhook nothing is queued.
+    let quiet = IngestRules {
+        forward_alerts: false,
+        ..rules()
+    };
+    s.record_heartbeats(
+        &[incoming(
+            "beta-002",
+            json!({"slo_p95_ms": 999.0}),
+            None,
+            2000,
+        )],
+        &quiet,
+    )
+    .await
+    .expect("record");
+    assert!(s.outbox_due(99_999, 10).await.expect("due").is_empty());
+}
+
+async fn old_message_ids_are_pruned(t: TestStore) {
+    let s = &t.store;
+    s.record_heartbeats(
+        &[incoming("acme-001", json!({}), Some(("old", 1000)), 1000)],
+        &rules(),
+    )
+    .await
+    .expect("record");
+    s.record_heartbeats(
+        &[incoming("acme-001", json!({}), Some(("new", 5000)), 5000)],
+        &rules(),
+    )
+    .await
+    .expect("record");
+    assert_eq!(s.prune_messages(4000).await.expect("prune"), 1);
+    s.ping().await.expect("ping");
+}

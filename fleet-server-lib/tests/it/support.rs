@@ -1,0 +1,278 @@
+//! Shared test fixtures: stores, a running server, signed requests.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use fleet_core::{Heartbeat, Limits, Secret, SecretResolver, Signer};
+use fleet_server::store::{IncomingHeartbeat, Store};
+use fleet_server::{ControlPlane, ControlPlaneBuilder, PostgresStore, RoleTokens, SqliteStore};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const SECRET: &str = "s3cret";
+pub const SHARED: &str = "shared-fallback-secret";
+pub const SUPPORT: &str = "support-token";
+pub const OPS: &str = "ops-token";
+pub const ADMIN: &str = "admin-token";
+
+/// A temporary folder removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("fleet-server-it-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A store and whatever must live as long as it.
+pub struct TestStore {
+    pub store: Arc<dyn Store>,
+    pub url: String,
+    _dir: Option<TempDir>,
+}
+
+pub async fn sqlite() -> TestStore {
+    let dir = TempDir::new();
+    let url = format!("sqlite://{}", dir.0.join("fleet.db").display());
+    let store = SqliteStore::connect(&url).await.expect("open sqlite");
+    TestStore {
+        store: Arc::new(store),
+        url,
+        _dir: Some(dir),
+    }
+}
+
+/// Reopens the same SQLite database (a restart).
+pub async fn reopen_sqlite(url: &str) -> Arc<dyn Store> {
+    Arc::new(SqliteStore::connect(url).await.expect("reopen sqlite"))
+}
+
+pub fn postgres_url() -> String {
+    std::env::var("FLEET_TEST_POSTGRES_URL").unwrap_or_else(|_| {
+        panic!(
+            "FLEET_TEST_POSTGRES_URL is not set: the PostgreSQL store tests need a real server. \
+             Run `eval \"$(scripts/services postgres)\"` first (scripts/test does this)."
+        )
+    })
+}
+
+/// A PostgreSQL store in a fresh schema of its own, so tests run in parallel.
+pub async fn postgres() -> TestStore {
+    use sqlx::postgres::PgConnectOptions;
+    let url = postgres_url();
+    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(&url)
+        .await
+        .expect("connect to FLEET_TEST_POSTGRES_URL");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await
+        .expect("create schema");
+    admin.close().await;
+    let options = PgConnectOptions::from_str(&url)
+        .expect("postgres url")
+        .options([("search_path", schema.as_str())]);
+    let store = PostgresStore::connect_with(options)
+        .await
+        .expect("open postgres");
+    TestStore {
+        store: Arc::new(store),
+        url: format!("{url}#{schema}"),
+        _dir: None,
+    }
+}
+
+pub fn resolver() -> SecretResolver {
+    SecretResolver::from_config(
+        Some(&json!({ "acme-001": SECRET }).to_string()),
+        Some(SHARED),
+    )
+    .expect("valid secrets")
+}
+
+pub fn tokens() -> RoleTokens {
+    RoleTokens {
+        support: Some(SUPPORT.into()),
+        ops: Some(OPS.into()),
+        admin: Some(ADMIN.into()),
+    }
+}
+
+/// A heartbeat body for `instance` with `extra` fields merged in.
+pub fn body(instance: &str, extra: Value) -> Vec<u8> {
+    let mut hb = json!({
+        "instance_id": instance, "db_ok": true, "redis_ok": true, "storage_ok": true, "jobs_failed": 0
+    });
+    if let (Value::Object(map), Value::Object(more)) = (&mut hb, extra) {
+        map.extend(more);
+    }
+    serde_json::to_vec(&hb).expect("json")
+}
+
+/// A decoded heartbeat, as the ingest path hands it to the store.
+pub fn incoming(
+    instance: &str,
+    extra: Value,
+    msg: Option<(&str, i64)>,
+    at: i64,
+) -> IncomingHeartbeat {
+    IncomingHeartbeat {
+        heartbeat: Heartbeat::decode(&body(instance, extra), &Limits::default()).expect("valid"),
+        scheme: if msg.is_some() {
+            fleet_core::Scheme::V1
+        } else {
+            fleet_core::Scheme::V0
+        },
+        msg_id: msg.map(|(id, _)| id.to_owned()),
+        signed_at: msg.map(|(_, ts)| ts),
+        received_at: at,
+    }
+}
+
+pub fn signer(secret: &str) -> Signer {
+    Signer::new(Secret::new(secret).expect("secret"))
+}
+
+/// A running control plane.
+pub struct TestServer {
+    pub url: String,
+    pub store: Arc<dyn Store>,
+    pub client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start(store: Arc<dyn Store>) -> Self {
+        Self::start_with(store, |b| b).await
+    }
+
+    pub async fn start_with(
+        store: Arc<dyn Store>,
+        configure: impl FnOnce(ControlPlaneBuilder) -> ControlPlaneBuilder,
+    ) -> Self {
+        let builder = ControlPlane::builder()
+            .shared_store(store.clone())
+            .secrets(resolver())
+            .tokens(tokens());
+        let router = configure(builder).build().expect("build control plane");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("serve");
+        });
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client");
+        Self {
+            url,
+            store,
+            client,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stops serving and waits until the router (and so the background tasks) are gone.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    /// Sends `body` signed with v1 (`msg_id`, `timestamp`) under `secret`.
+    pub async fn send_v1(
+        &self,
+        secret: &str,
+        msg_id: &str,
+        timestamp: i64,
+        body: &[u8],
+    ) -> reqwest::Response {
+        let signed = signer(secret).headers(msg_id, timestamp, body);
+        let mut request = self
+            .client
+            .post(self.at("/api/heartbeats"))
+            .body(body.to_vec());
+        for (name, value) in signed.pairs() {
+            request = request.header(name, value);
+        }
+        request.send().await.expect("send")
+    }
+
+    /// Sends `body` signed with v0 under `secret`.
+    pub async fn send_v0(&self, secret: &str, body: &[u8]) -> reqwest::Response {
+        self.client
+            .post(self.at("/api/heartbeats"))
+            .header("x-agent-signature", signer(secret).sign_v0(body))
+            .body(body.to_vec())
+            .send()
+            .await
+            .expect("send")
+    }
+
+    pub async fn get_json(&self, path: &str, token: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .get(self.at(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("get");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+}
+
+pub fn now() -> i64 {
+    fleet_core::unix_now()
+}
+
+/// The error code of an error response body.
+pub fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("")
+}
+
+/// Runs each named async test fn `fn(TestStore)` against SQLite and against PostgreSQL.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name($crate::support::sqlite().await).await;
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name($crate::support::postgres().await).await;
+            })*
+        }
+    };
+}
+pub(crate) use on_both_backends;
