@@ -1,1 +1,158 @@
+//! The operator API: listing, detail, acknowledgement, health, metrics, OpenAPI.
 
+use serde_json::{Value, json};
+
+use crate::support::{self, OPS, SECRET, SUPPORT, TestServer, body, code, now};
+
+#[tokio::test]
+async fn list_filters_paginates_and_refuses_bad_queries_with_400() {
+    let t = support::sqlite().await;
+    let server = TestServer::start(t.store.clone()).await;
+    for i in 0..5 {
+        let channel = if i < 2 { "beta" } else { "stable" };
+        let hb = body(
+            &format!("shop-{i}"),
+            json!({"release_channel": channel, "client": format!("Shop {i}")}),
+        );
+        assert_eq!(
+            server
+                .send_v1(support::SHARED, "m", now(), &hb)
+                .await
+                .status(),
+            200
+        );
+    }
+    let (status, page) = server
+        .get_json("/api/installations?limit=2&offset=2", SUPPORT)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (
+            page["total"].clone(),
+            page["items"].as_array().map(Vec::len)
+        ),
+        (json!(5), Some(2))
+    );
+    assert_eq!(page["items"][0]["instance_id"], "shop-2");
+    let (_, beta) = server
+        .get_json("/api/installations?channel=beta", SUPPORT)
+        .await;
+    assert_eq!(beta["total"], 2);
+    let (_, text) = server
+        .get_json("/api/installations?q=shop%204", SUPPORT)
+        .await;
+    assert_eq!(text["items"][0]["instance_id"], "shop-4");
+    for bad in ["limit=0", "limit=100000", "offset=-1", "limit=abc"] {
+        let (status, error) = server
+            .get_json(&format!("/api/installations?{bad}"), SUPPORT)
+            .await;
+        assert_eq!((status, code(&error)), (400, "bad_request"), "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn detail_shows_state_checks_alerts_failures_backups_and_recent_figures() {
+    let t = support::sqlite().await;
+    let server = TestServer::start(t.store.clone()).await;
+    for (i, cpu) in [10.0, 20.0, 30.0].into_iter().enumerate() {
+        let hb = body(
+            "acme-001",
+            json!({
+                "cpu_usage_pct": cpu, "memory_used_bytes": 512, "memory_total_bytes": 1024,
+                "checks": [{"name": "db", "ok": true, "latency_ms": 2.5}, {"name": "smtp", "ok": false, "error": "refused"}],
+                "alerts": [{"level": "critical", "message": "Disk full"}],
+                "job_failures": [{"queue": "mail", "message": format!("failure {i}")}],
+                "backup_checksum": "sha-1", "backup_id": "b1", "iam_users": 4
+            }),
+        );
+        assert_eq!(
+            server
+                .send_v1(SECRET, &format!("m{i}"), now(), &hb)
+                .await
+                .status(),
+            200
+        );
+    }
+    let (status, d) = server
+        .get_json("/api/installations/acme-001", SUPPORT)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(d["state"]["checks"][1]["error"], "refused");
+    assert_eq!(d["state"]["iam_users"], 4, "unknown keys kept");
+    assert_eq!(d["recent"].as_array().map(Vec::len), Some(3));
+    assert_eq!(d["recent"][2]["figures"]["cpu_usage_pct"], 30.0);
+    assert_eq!(d["job_failures"].as_array().map(Vec::len), Some(3));
+    assert_eq!(d["backups"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        d["alerts"].as_array().map(Vec::len),
+        Some(1),
+        "repeated alert kept once"
+    );
+    assert_eq!(d["open_alerts"], 1);
+    let alert = d["alerts"][0]["id"].as_i64().expect("id");
+    let ack = server
+        .client
+        .post(server.at(&format!("/api/alerts/{alert}/ack")))
+        .bearer_auth(OPS)
+        .send()
+        .await
+        .expect("ack");
+    assert_eq!(ack.status(), 200);
+    let ack: Value = ack.json().await.expect("json");
+    assert_eq!(ack["acknowledged_by"], "ops");
+    for missing in ["/api/alerts/999999/ack", "/api/alerts/not-a-number/ack"] {
+        let response = server
+            .client
+            .post(server.at(missing))
+            .bearer_auth(OPS)
+            .send()
+            .await
+            .expect("ack");
+        assert_eq!(response.status(), 404, "{missing}");
+    }
+    let (status, error) = server.get_json("/api/installations/unknown", SUPPORT).await;
+    assert_eq!((status, code(&error)), (404, "not_found"));
+}
+
+#[tokio::test]
+async fn health_metrics_openapi_and_unknown_routes() {
+    let t = support::sqlite().await;
+    let server = TestServer::start(t.store.clone()).await;
+    let (status, health) = server.get_json("/healthz", SUPPORT).await;
+    assert_eq!((status, health), (200, json!({"status": "ok"})));
+    assert_eq!(
+        server
+            .send_v1(SECRET, "m", now(), &body("acme-001", json!({})))
+            .await
+            .status(),
+        200
+    );
+    let metrics = server
+        .client
+        .get(server.at("/metrics"))
+        .send()
+        .await
+        .expect("metrics");
+    assert!(
+        metrics.headers()["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("text/plain")
+    );
+    let text = metrics.text().await.expect("text");
+    assert!(text.contains("fleet_heartbeats_accepted_total 1"), "{text}");
+    assert!(
+        text.contains(
+            r#"fleet_http_requests_total{method="POST",route="/api/heartbeats",status="200"} 1"#
+        ),
+        "{text}"
+    );
+    let (_, spec) = server.get_json("/openapi.json", SUPPORT).await;
+    assert_eq!(spec["openapi"], "3.1.0");
+    assert_eq!(
+        spec["paths"]["/api/alerts/{id}/ack"]["post"]["x-fleet-role"],
+        "ops"
+    );
+    let (status, error) = server.get_json("/no/such/route", SUPPORT).await;
+    assert_eq!((status, code(&error)), (404, "not_found"));
+}

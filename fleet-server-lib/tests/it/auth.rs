@@ -1,1 +1,247 @@
+//! Roles: the route × role matrix, login cookies, the ERP's admin header.
 
+use std::collections::BTreeSet;
+
+use serde_json::{Value, json};
+
+use crate::support::{self, ADMIN, OPS, SECRET, SUPPORT, TestServer, body, now};
+
+/// Who calls: nobody, or a Bearer token of a role.
+const CALLERS: [(&str, Option<&str>); 4] = [
+    ("none", None),
+    ("support", Some(SUPPORT)),
+    ("ops", Some(OPS)),
+    ("admin", Some(ADMIN)),
+];
+
+/// (method, route template, request path, expected status for none/support/ops/admin).
+/// `{alert}` in the path is replaced by a real alert id.
+const MATRIX: &[(&str, &str, &str, [u16; 4])] = &[
+    // Agents prove themselves with a signature, never with a role token.
+    (
+        "POST",
+        "/api/heartbeats",
+        "/api/heartbeats",
+        [401, 401, 401, 401],
+    ),
+    (
+        "GET",
+        "/api/installations",
+        "/api/installations",
+        [401, 200, 200, 200],
+    ),
+    (
+        "POST",
+        "/api/installations",
+        "/api/installations",
+        [401, 403, 403, 201],
+    ),
+    (
+        "GET",
+        "/api/installations/{instance_id}",
+        "/api/installations/acme-001",
+        [401, 200, 200, 200],
+    ),
+    ("GET", "/api/alerts", "/api/alerts", [401, 200, 200, 200]),
+    (
+        "POST",
+        "/api/alerts/{id}/ack",
+        "/api/alerts/{alert}/ack",
+        [401, 403, 200, 200],
+    ),
+    ("GET", "/healthz", "/healthz", [200, 200, 200, 200]),
+    ("GET", "/metrics", "/metrics", [200, 200, 200, 200]),
+    (
+        "GET",
+        "/openapi.json",
+        "/openapi.json",
+        [200, 200, 200, 200],
+    ),
+    // Pages send a browser without credentials to /login.
+    ("GET", "/", "/", [303, 200, 200, 200]),
+    (
+        "GET",
+        "/installations/{instance_id}",
+        "/installations/acme-001",
+        [303, 200, 200, 200],
+    ),
+    (
+        "POST",
+        "/alerts/{id}/ack",
+        "/alerts/{alert}/ack",
+        [303, 403, 303, 303],
+    ),
+    ("GET", "/login", "/login", [200, 200, 200, 200]),
+    // The form carries the caller's token (empty for "none").
+    ("POST", "/login", "/login", [401, 303, 303, 303]),
+    ("POST", "/logout", "/logout", [303, 303, 303, 303]),
+];
+
+#[tokio::test]
+async fn every_route_answers_each_role_as_specified() {
+    let t = support::sqlite().await;
+    let server = TestServer::start(t.store.clone()).await;
+    let hb = body(
+        "acme-001",
+        json!({"slo_p95_ms": 1.0e6, "slo_error_rate": 0.9}),
+    );
+    let settings_breach = server.send_v1(SECRET, "m1", now(), &hb).await;
+    assert_eq!(settings_breach.status(), 200);
+    // No SLO maxima are set by default: raise an alert from the payload instead.
+    let hb = body(
+        "acme-001",
+        json!({"alerts": [{"level": "error", "message": "disk"}]}),
+    );
+    assert_eq!(server.send_v1(SECRET, "m2", now(), &hb).await.status(), 200);
+    let (_, alerts) = server.get_json("/api/alerts", SUPPORT).await;
+    let alert = alerts["items"][0]["id"].as_i64().expect("an alert");
+
+    let mut failures = Vec::new();
+    for (method, _, path, expected) in MATRIX {
+        for ((who, token), want) in CALLERS.iter().zip(expected) {
+            let url = server.at(&path.replace("{alert}", &alert.to_string()));
+            let mut request = match *method {
+                "GET" => server.client.get(url),
+                _ => server.client.post(url),
+            };
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            request = match *path {
+                "/api/installations" if *method == "POST" => {
+                    request.json(&json!({"instance_id": format!("new-{who}")}))
+                }
+                "/login" if *method == "POST" => support::login_form(request, token.unwrap_or("")),
+                _ => request,
+            };
+            let got = request.send().await.expect("send").status().as_u16();
+            if got != *want {
+                failures.push(format!("{method} {path} as {who}: got {got}, want {want}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // The matrix covers every route the OpenAPI document lists, and nothing else.
+    let (_, spec) = server.get_json("/openapi.json", SUPPORT).await;
+    let documented: BTreeSet<(String, String)> = spec["paths"]
+        .as_object()
+        .expect("paths")
+        .iter()
+        .flat_map(|(path, ops)| {
+            ops.as_object()
+                .expect("ops")
+                .keys()
+                .map(move |m| (m.to_uppercase(), path.clone()))
+        })
+        .collect();
+    let tested: BTreeSet<(String, String)> = MATRIX
+        .iter()
+        .map(|(m, route, _, _)| ((*m).to_owned(), (*route).to_owned()))
+        .collect();
+    assert_eq!(documented, tested);
+}
+
+#[tokio::test]
+async fn login_sets_httponly_samesite_cookies_that_authorize_and_logout_clears_them() {
+    let t = support::sqlite().await;
+    let server = TestServer::start(t.store.clone()).await;
+    let response = support::login_form(server.client.post(server.at("/login")), OPS)
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(response.status(), 303);
+    assert_eq!(response.headers()["location"], "/");
+    let cookies: Vec<String> = response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().expect("ascii").to_owned())
+        .collect();
+    assert_eq!(cookies.len(), 2);
+    for c in &cookies {
+        assert!(
+            c.contains("HttpOnly") && c.contains("SameSite=Strict") && c.contains("Path=/"),
+            "{c}"
+        );
+    }
+    let jar: Vec<&str> = cookies
+        .iter()
+        .map(|c| c.split(';').next().expect("pair"))
+        .collect();
+    let cookie = jar.join("; ");
+    let page = server
+        .client
+        .get(server.at("/"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("index");
+    assert_eq!(page.status(), 200);
+    // The ops cookie may acknowledge but not enroll.
+    let enroll = server
+        .client
+        .post(server.at("/api/installations"))
+        .header("cookie", &cookie)
+        .json(&json!({"instance_id": "x"}))
+        .send()
+        .await
+        .expect("enroll");
+    assert_eq!(enroll.status(), 403);
+    // A forged role cookie with the ops token is not admin.
+    let forged = format!("cp_role=admin; cp_token={OPS}");
+    let page = server
+        .client
+        .get(server.at("/"))
+        .header("cookie", forged)
+        .send()
+        .await
+        .expect("index");
+    assert_eq!(page.status(), 303);
+    let logout = server
+        .client
+        .post(server.at("/logout"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("logout");
+    let cleared: Vec<&str> = logout
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    assert!(
+        cleared.iter().all(|c| c.contains("Max-Age=0")),
+        "{cleared:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_erp_admin_header_is_honoured_and_errors_are_json() {
+    let t = support::sqlite().await;
+    let server = TestServer::start(t.store.clone()).await;
+    let response = server
+        .client
+        .post(server.at("/api/installations"))
+        .header("x-cp-admin-token", ADMIN)
+        .json(&json!({"instance_id": "erp-1"}))
+        .send()
+        .await
+        .expect("enroll");
+    assert_eq!(response.status(), 201);
+    let response = server
+        .client
+        .post(server.at("/api/installations"))
+        .header("x-cp-admin-token", OPS)
+        .json(&json!({"instance_id": "erp-2"}))
+        .send()
+        .await
+        .expect("enroll");
+    assert_eq!(response.status(), 401);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(
+        body,
+        json!({"error": {"code": "unauthorized", "message": "unauthorized"}})
+    );
+}

@@ -1,1 +1,376 @@
+//! `POST /api/heartbeats` over real HTTP.
 
+use std::time::Duration;
+
+use fleet_server::{Settings, SloThresholds};
+use serde_json::{Value, json};
+
+use crate::support::{self, ADMIN, SECRET, SUPPORT, TestServer, body, code, now};
+
+async fn count(server: &TestServer) -> i64 {
+    server.store.heartbeat_count().await.expect("count")
+}
+
+#[tokio::test]
+async fn v0_signed_with_openssl_and_sent_with_curl_is_accepted() {
+    let t = support::sqlite().await;
+    let server = TestServer::start(t.store.clone()).await;
+    let dir = support::TempDir::new();
+    let file = dir.0.join("hb.json");
+    // The ERP example payload, byte for byte as a shell script would send it.
+    let payload = r#"{"instance_id":"acme-001","domain":"acme.com","client":"Acme SA","version":"1.2.3","release_channel":"stable","health":"ok","backup_status":"ok","db_ok":true,"redis_ok":true,"storage_ok":true,"jobs_failed":0,"last_backup_at":"2026-02-11T02:00:00Z","alerts":[{"level":"warning","message":"Low disk"}],"job_failures":[{"queue":"billing","message":"Timeout"}]}"#;
+    std::fs::write(&file, payload).expect("write body");
+    let openssl = tokio::process::Command::new("openssl")
+        .args(["dgst", "-sha256", "-hmac", SECRET, "-r"])
+        .arg(&file)
+        .output()
+        .await
+        .expect("openssl must be installed");
+    let stdout = String::from_utf8(openssl.stdout).expect("utf8");
+    let signature = stdout
+        .split_whitespace()
+        .next()
+        .expect("openssl printed a digest")
+        .to_owned();
+    assert_eq!(signature.len(), 64);
+    let curl = tokio::process::Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+        .arg(format!("x-agent-signature: {signature}"))
+        .args(["-H", "content-type: application/json", "--data-binary"])
+        .arg(format!("@{}", file.display()))
+        .arg(server.at("/api/heartbeats"))
+        .output()
+        .await
+        .expect("curl must be installed");
+    assert_eq!(String::from_utf8_lossy(&curl.stdout), "200");
+    let (status, detail) = server
+        .get_json("/api/installations/acme-001", SUPPORT)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(detail["client"], "Acme SA");
+    assert_eq!(detail["scheme"], "v0");
+    assert_eq!(detail["job_failures"][0]["message"], "Timeout");
+    assert_eq!(detail["alerts"][0]["message"], "Low disk");
+}
+
+#[tokio::test]
+async fn v1_heartbeat_is_recorded_and_a_retry_is_acknowledged_without_being_applied() {
+    let t = support::sqlite().await;
+    let server = TestServer::start(t.store.clone()).await;
+    let hb = body("acme-001", json!({"job_failures": [{"message": "boom"}]}));
+    let ts = now();
+    let first = server.send_v1(SECRET, "msg-1", ts, &hb).await;
+    assert_eq!(first.status(), 200);
+    let first: Value = first.json().await.expect("json");
+    assert_eq!(
+        (first["ok"].clone(), first["duplicate"].clone()),
+        (json!(true), json!(false))
+    );
+    // The agent did not get the answer and re-sends: same id, fresh timestamp.
+    let retry = server.send_v1(SECRET, "msg-1", ts + 1, &hb).await;
+    assert_eq!(retry.status(), 200);
+    let retry: Value = retry.json().await.expect("json");
+    assert_eq!(retry["duplicate"], true);
+    assert_eq!(count(&server).await, 1);
+    let (_, detail) = server
+        .get_json("/api/installations/acme-001", SUPPORT)
+        .await;
+    assert_eq!(detail["job_failures"].as_array().map(Vec::len), Some(1));
+    // The shared fallback secret signs instances without their own.
+    let other = server
+        .send_v1(support::SHARED, "msg-1", ts, &body("other-7", json!({})))
+        .await;
+    assert_eq!(other.status(), 200);
+}
+
+#[tokio::test]
+async fn tampered_replayed_expired_and_malformed_signatures_get_401_and_store_nothing() {
+    let t = support::sqlite().await;
+    let server = TestServer::start(t.store.clone()).await;
+    let hb = body("acme-001", json!({}));
+    let ts = now();
+    assert_eq!(
+        server.send_v1(SECRET, "msg-ok", ts, &hb).await.status(),
+        200
+    );
+    let signed = support::signer(SECRET).headers("msg-x", ts, &hb);
+    let post = |headers: Vec<(&'static str, String)>, body: Vec<u8>| {
+        let mut request = server.client.post(server.at("/api/heartbeats")).body(body);
+        for (k, v) in headers {
+            request = request.header(k, v);
+        }
+        request.send()
+    };
+    let intruder = body("intruder-9", json!({}));
+    let mut tampered = hb.clone();
+    tampered[20] ^= 1;
+    let cases: Vec<(&str, Vec<(&'static str, String)>, Vec<u8>)> = vec![
+        ("tampered body", signed.pairs().to_vec(), tampered),
+        (
+            "other instance's body under this signature",
+            signed.pairs().to_vec(),
+            intruder.clone(),
+        ),
+        (
+            "wrong secret",
+            support::signer("not-the-secret")
+                .headers("msg-y", ts, &intruder)
+                .pairs()
+                .to_vec(),
+            intruder.clone(),
+        ),
+        (
+            "expired",
+            support::signer(SECRET)
+                .headers("msg-old", ts - 600, &hb)
+                .pairs()
+                .to_vec(),
+            hb.clone(),
+        ),
+        (
+            "from the future",
+            support::signer(SECRET)
+                .headers("msg-new", ts + 600, &hb)
+                .pairs()
+                .to_vec(),
+            hb.clone(),
+        ),
+        (
+            "replayed",
+            support::signer(SECRET)
+                .headers("msg-ok", ts, &hb)
+                .pairs()
+                .to_vec(),
+            hb.clone(),
+        ),
+        (
+            "v1 signature of the wrong length",
+            vec![
+                ("webhook-id", "m".into()),
+                ("webhook-timestamp", ts.to_string()),
+                ("webhook-signature", "v1,AAAA".into()),
+            ],
+            hb.clone(),
+        ),
+        (
+            "v0 signature of the wrong length",
+            vec![("x-agent-signature", "abc123".into())],
+            hb.clone(),
+        ),
+        (
+            "v0 signature far too long",
+            vec![("x-agent-signature", "a".repeat(5000))],
+            hb.clone(),
+        ),
+        (
+            "v0 signature not hex",
+            vec![("x-agent-signature", "z".repeat(64))],
+            hb.clone(),
+        ),
+        ("no signature", vec![], hb.clone()),
+        (
+            "v1 without timestamp",
+            vec![
+                ("webhook-id", "m".into()),
+                ("webhook-signature", signed.signature.clone()),
+            ],
+            hb.clone(),
+        ),
+        (
+            "timestamp not a number",
+            vec![
+                ("webhook-id", "m".into()),
+                ("webhook-timestamp", "soon".into()),
+                ("webhook-signature", signed.signature.clone()),
+            ],
+            hb.clone(),
+        ),
+        (
+            "body without instance_id",
+            support::signer(SECRET)
+                .headers("m2", ts, b"{}")
+                .pairs()
+                .to_vec(),
+            b"{}".to_vec(),
+        ),
+        (
+            "not JSON",
+            support::signer(SECRET)
+                .headers("m3", ts, b"\xff\xfe")
+                .pairs()
+                .to_vec(),
+            b"\xff\xfe".to_vec(),
+        ),
+    ];
+    for (what, headers, body) in cases {
+        let response = post(headers, body).await.expect("send");
+        assert_eq!(response.status(), 401, "{what}");
+        let error: Value = response.json().await.expect("json error body");
+        assert_eq!(code(&error), "unauthorized", "{what}");
+        assert_eq!(
+            error["error"]["message"], "unauthorized",
+            "{what}: one generic message"
+        );
+    }
+    assert_eq!(
+        count(&server).await,
+        1,
+        "nothing stored by refused requests"
+    );
+    let (status, _) = server
+        .get_json("/api/installations/intruder-9", SUPPORT)
+        .await;
+    assert_eq!(status, 404, "no installation created");
+    let metrics = server
+        .client
+        .get(server.at("/metrics"))
+        .send()
+        .await
+        .expect("metrics");
+    let text = metrics.text().await.expect("text");
+    for reason in [
+        "signature_mismatch",
+        "timestamp_out_of_tolerance",
+        "malformed_header",
+        "replay",
+        "missing_instance_id",
+    ] {
+        assert!(
+            text.contains(&format!(
+                "fleet_heartbeats_rejected_total{{reason=\"{reason}\"}}"
+            )),
+            "{reason} counted:\n{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn limits_answer_413_and_invalid_payloads_422_with_every_path() {
+    let t = support::sqlite().await;
+    let server = TestServer::start(t.store.clone()).await;
+    let huge = body("acme-001", json!({"pad": "x".repeat(2 * 1024 * 1024)}));
+    let response = server.send_v1(SECRET, "big", now(), &huge).await;
+    assert_eq!(response.status(), 413);
+    let error: Value = response.json().await.expect("json");
+    assert_eq!(code(&error), "payload_too_large");
+    // Chunked, without Content-Length: still cut at the limit.
+    let stream =
+        futures_util::stream::iter((0..40).map(|_| Ok::<_, std::io::Error>(vec![b' '; 64 * 1024])));
+    let response = server
+        .client
+        .post(server.at("/api/heartbeats"))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 413);
+    let invalid = br#"{"instance_id":"acme-001","db_ok":"yes","storage_ok":true,"jobs_failed":-1,"alerts":[{"level":"panic","message":"x"}]}"#;
+    let response = server.send_v1(SECRET, "bad", now(), invalid).await;
+    assert_eq!(response.status(), 422);
+    let error: Value = response.json().await.expect("json");
+    assert_eq!(code(&error), "invalid");
+    let paths: Vec<&str> = error["error"]["details"]
+        .as_array()
+        .expect("details")
+        .iter()
+        .filter_map(|d| d["path"].as_str())
+        .collect();
+    assert_eq!(
+        paths,
+        ["db_ok", "redis_ok", "jobs_failed", "alerts[0].level"]
+    );
+    let many = body(
+        "acme-001",
+        json!({"alerts": vec![json!({"message": "m"}); 101]}),
+    );
+    assert_eq!(
+        server.send_v1(SECRET, "many", now(), &many).await.status(),
+        422
+    );
+    assert_eq!(count(&server).await, 0);
+}
+
+#[tokio::test]
+async fn v0_can_be_refused_and_enrollment_can_be_required() {
+    let t = support::sqlite().await;
+    let settings = Settings {
+        allow_v0: false,
+        require_enrollment: true,
+        ..Settings::default()
+    };
+    let server = TestServer::start_with(t.store.clone(), |b| b.settings(settings)).await;
+    let hb = body("acme-001", json!({}));
+    assert_eq!(server.send_v0(SECRET, &hb).await.status(), 401);
+    let refused = server.send_v1(SECRET, "m1", now(), &hb).await;
+    assert_eq!(refused.status(), 403);
+    let error: Value = refused.json().await.expect("json");
+    assert_eq!(code(&error), "not_enrolled");
+    let enrolled = server
+        .client
+        .post(server.at("/api/installations"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"instance_id": "acme-001"}))
+        .send()
+        .await
+        .expect("enroll");
+    assert_eq!(enrolled.status(), 201);
+    assert_eq!(server.send_v1(SECRET, "m1", now(), &hb).await.status(), 200);
+}
+
+#[tokio::test]
+async fn slo_breach_alerts_once_and_silence_raises_an_offline_alert() {
+    let t = support::sqlite().await;
+    let settings = Settings {
+        slo: SloThresholds {
+            p95_ms_max: 500.0,
+            error_rate_max: 0.0,
+            webhook_retry_rate_max: 0.0,
+        },
+        offline_after: Duration::from_secs(1),
+        sweep_interval: Duration::from_millis(200),
+        ..Settings::default()
+    };
+    let server = TestServer::start_with(t.store.clone(), |b| b.settings(settings)).await;
+    for (i, p95) in [900.0, 950.0, 990.0].into_iter().enumerate() {
+        let hb = body("acme-001", json!({"slo_p95_ms": p95}));
+        assert_eq!(
+            server
+                .send_v1(SECRET, &format!("m{i}"), now(), &hb)
+                .await
+                .status(),
+            200
+        );
+    }
+    let (_, alerts) = server.get_json("/api/alerts", SUPPORT).await;
+    let kinds: Vec<&str> = alerts["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|a| a["kind"].as_str())
+        .collect();
+    assert_eq!(kinds, ["slo_p95_ms"]);
+    // Silence: the sweeper opens an offline alert within a few sweeps.
+    let mut offline = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_, list) = server
+            .get_json("/api/installations?health=offline", SUPPORT)
+            .await;
+        if list["total"] == 1 {
+            offline = true;
+            break;
+        }
+    }
+    assert!(offline, "offline alert opened");
+    let hb = body("acme-001", json!({"slo_p95_ms": 100.0}));
+    assert_eq!(
+        server.send_v1(SECRET, "m-back", now(), &hb).await.status(),
+        200
+    );
+    let (_, alerts) = server.get_json("/api/alerts?open=true", SUPPORT).await;
+    assert_eq!(
+        alerts["items"],
+        json!([]),
+        "breach over and back online: nothing open"
+    );
+}

@@ -276,3 +276,18 @@ macro_rules! on_both_backends {
     };
 }
 pub(crate) use on_both_backends;
+
+/// Adds an `application/x-www-form-urlencoded` body `token=<token>` (as the login form posts).
+pub fn login_form(request: reqwest::RequestBuilder, token: &str) -> reqwest::RequestBuilder {
+    let mut encoded = String::new();
+    for b in token.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            encoded.push(b as char);
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    request
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={encoded}"))
+}
