@@ -1,1 +1,255 @@
+//! The dashboard in a real headless Chromium, driven through chromedriver (W3C WebDriver).
 
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::{self, OPS, SECRET, TempDir, TestServer, body, now};
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+/// A chromedriver process and one browser session, both ended on drop.
+struct Browser {
+    driver: tokio::process::Child,
+    base: String,
+    session: String,
+    http: reqwest::Client,
+    _profile: TempDir,
+}
+
+impl Browser {
+    async fn start() -> Self {
+        let chromium = std::env::var("FLEET_TEST_CHROMIUM").unwrap_or_else(|_| {
+            panic!(
+                "FLEET_TEST_CHROMIUM is not set: the dashboard test needs a real Chromium and \
+                 chromedriver. Run `eval \"$(scripts/services chromium)\"` first (scripts/test does this)."
+            )
+        });
+        let chromedriver =
+            std::env::var("FLEET_TEST_CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let driver = tokio::process::Command::new(&chromedriver)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {chromedriver}: {e}"));
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let mut ready = false;
+        for _ in 0..100 {
+            if let Ok(r) = http.get(format!("{base}/status")).send().await
+                && let Ok(status) = r.json::<Value>().await
+                && status["value"]["ready"] == true
+            {
+                ready = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(ready, "chromedriver did not become ready");
+        let profile = TempDir::new();
+        let args = [
+            "--headless".to_owned(),
+            "--no-sandbox".into(),
+            "--disable-gpu".into(),
+            "--disable-dev-shm-usage".into(),
+            "--disable-background-networking".into(),
+            "--disable-component-update".into(),
+            "--disable-sync".into(),
+            "--no-first-run".into(),
+            format!("--user-data-dir={}", profile.0.display()),
+        ];
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {"binary": chromium, "args": args}
+        }}});
+        let created: Value = http
+            .post(format!("{base}/session"))
+            .json(&caps)
+            .send()
+            .await
+            .expect("new session")
+            .json()
+            .await
+            .expect("json");
+        let session = created["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {created}"))
+            .to_owned();
+        let browser = Self {
+            driver,
+            base,
+            session,
+            http,
+            _profile: profile,
+        };
+        // A click on a submit button returns before the next page has loaded: let element
+        // lookups wait for it.
+        browser
+            .call(
+                reqwest::Method::POST,
+                "/timeouts",
+                json!({"implicit": 5000}),
+            )
+            .await;
+        browser
+    }
+
+    /// Waits (up to 5 s) until the text of `css` contains `needle`, and returns it.
+    async fn wait_text(&self, css: &str, needle: &str) -> String {
+        let mut text = String::new();
+        for _ in 0..50 {
+            text = self.text(css).await;
+            if text.contains(needle) {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{css} never contained {needle:?}; last text: {text}");
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        let url = format!("{}/session/{}{path}", self.base, self.session);
+        let mut request = self.http.request(method.clone(), url);
+        if method == reqwest::Method::POST {
+            request = request.json(&body);
+        }
+        let response: Value = request
+            .send()
+            .await
+            .expect("webdriver call")
+            .json()
+            .await
+            .expect("json");
+        assert!(
+            response["value"]["error"].is_null(),
+            "webdriver {path}: {response}"
+        );
+        response["value"].clone()
+    }
+
+    async fn goto(&self, url: &str) {
+        self.call(reqwest::Method::POST, "/url", json!({"url": url}))
+            .await;
+    }
+
+    async fn url(&self) -> String {
+        self.call(reqwest::Method::GET, "/url", Value::Null)
+            .await
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    async fn find(&self, css: &str) -> String {
+        let found = self
+            .call(
+                reqwest::Method::POST,
+                "/element",
+                json!({"using": "css selector", "value": css}),
+            )
+            .await;
+        found[ELEMENT].as_str().expect("element id").to_owned()
+    }
+
+    async fn text(&self, css: &str) -> String {
+        let id = self.find(css).await;
+        let text = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/element/{id}/text"),
+                Value::Null,
+            )
+            .await;
+        text.as_str().unwrap_or_default().to_owned()
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let id = self.find(css).await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{id}/value"),
+            json!({"text": text}),
+        )
+        .await;
+    }
+
+    async fn click(&self, css: &str) {
+        let id = self.find(css).await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{id}/click"),
+            json!({}),
+        )
+        .await;
+    }
+
+    async fn quit(mut self) {
+        let _ = self
+            .http
+            .delete(format!("{}/session/{}", self.base, self.session))
+            .send()
+            .await;
+        let _ = self.driver.kill().await;
+    }
+}
+
+#[tokio::test]
+async fn a_browser_logs_in_sees_the_fleet_and_opens_an_installation() {
+    let t = support::sqlite().await;
+    let server = TestServer::start(t.store.clone()).await;
+    for (i, cpu) in [15.0, 40.0, 25.0].into_iter().enumerate() {
+        let hb = body(
+            "acme-001",
+            json!({"client": "Acme SA", "version": "1.2.3", "health": "ok",
+            "cpu_usage_pct": cpu, "checks": [{"name": "db", "ok": true, "latency_ms": 2}],
+            "alerts": [{"level": "error", "message": "Queue <stuck>"}]}),
+        );
+        assert_eq!(
+            server
+                .send_v1(SECRET, &format!("m{i}"), now(), &hb)
+                .await
+                .status(),
+            200
+        );
+    }
+    let hb = body("beta-002", json!({"client": "Beta", "health": "degraded"}));
+    assert_eq!(server.send_v0(support::SHARED, &hb).await.status(), 200);
+
+    let browser = Browser::start().await;
+    browser.goto(&server.at("/")).await;
+    assert!(
+        browser.url().await.ends_with("/login"),
+        "sent to the login page first"
+    );
+    browser.type_into("#token", OPS).await;
+    browser.click("#login").await;
+    let list = browser.wait_text("#installations", "beta-002").await;
+    assert!(
+        list.contains("acme-001") && list.contains("Acme SA") && list.contains("1.2.3"),
+        "{list}"
+    );
+    assert!(
+        list.contains("beta-002") && list.contains("degraded") && list.contains("v0"),
+        "{list}"
+    );
+    browser.click("a[href='/installations/acme-001']").await;
+    assert_eq!(browser.wait_text("#instance", "acme-001").await, "acme-001");
+    let alerts = browser.text("#alerts").await;
+    assert!(
+        alerts.contains("Queue <stuck>"),
+        "escaped text shows as typed: {alerts}"
+    );
+    assert!(browser.text("#checks").await.contains("db"));
+    browser.find("#chart polyline").await;
+    // ops may acknowledge from the page, without JavaScript: a plain form post.
+    browser.click("#alerts button").await;
+    browser.wait_text("#alerts", "acknowledged by ops").await;
+    browser.quit().await;
+}

@@ -7,6 +7,9 @@ use serde_json::{Value, json};
 
 use crate::support::{self, ADMIN, SECRET, SUPPORT, TestServer, body, code, now};
 
+/// Header pairs of one request.
+type Headers = Vec<(&'static str, String)>;
+
 async fn count(server: &TestServer) -> i64 {
     server.store.heartbeat_count().await.expect("count")
 }
@@ -104,7 +107,7 @@ async fn tampered_replayed_expired_and_malformed_signatures_get_401_and_store_no
     let intruder = body("intruder-9", json!({}));
     let mut tampered = hb.clone();
     tampered[20] ^= 1;
-    let cases: Vec<(&str, Vec<(&'static str, String)>, Vec<u8>)> = vec![
+    let cases: Vec<(&str, Headers, Vec<u8>)> = vec![
         ("tampered body", signed.pairs().to_vec(), tampered),
         (
             "other instance's body under this signature",

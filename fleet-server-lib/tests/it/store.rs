@@ -88,7 +88,7 @@ async fn v1_retry_is_acknowledged_once_and_same_timestamp_is_a_replay(t: TestSto
         1000,
     );
     assert!(matches!(
-        s.record_heartbeats(&[first.clone()], &rules())
+        s.record_heartbeats(std::slice::from_ref(&first), &rules())
             .await
             .expect("record")[0],
         RecordOutcome::Applied { .. }
