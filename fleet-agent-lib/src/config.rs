@@ -74,8 +74,8 @@ pub struct AgentConfig {
     pub ops_token: Option<String>,
     /// `BACKUP_META_PATH`: JSON file describing the last backup.
     pub backup_meta_path: Option<PathBuf>,
-    /// `AGENT_METRICS_URL` (default `http://api:3001/metrics`): Prometheus text for the SLO
-    /// figures.
+    /// `AGENT_METRICS_URL` (default `http://api:3001/metrics`; `off` for none): Prometheus
+    /// text for the SLO figures.
     pub metrics_url: Option<String>,
     /// `AGENT_SYSTEM_ROOT_PATH` (default `/`): the filesystem whose usage is reported.
     pub system_root_path: PathBuf,
@@ -338,8 +338,11 @@ impl AgentConfig {
         config.ops_url = env.get("AGENT_OPS_URL");
         config.ops_token = env.get("AGENT_OPS_TOKEN");
         config.backup_meta_path = env.get("BACKUP_META_PATH").map(PathBuf::from);
-        if let Some(url) = env.get("AGENT_METRICS_URL") {
-            config.metrics_url = Some(url);
+        // `off` turns the SLO figures off; an empty value keeps the ERP default.
+        match env.get("AGENT_METRICS_URL") {
+            Some(url) if url.eq_ignore_ascii_case("off") => config.metrics_url = None,
+            Some(url) => config.metrics_url = Some(url),
+            None => {}
         }
         if let Some(path) = env.get("AGENT_SYSTEM_ROOT_PATH") {
             config.system_root_path = PathBuf::from(path);
@@ -539,6 +542,13 @@ mod tests {
             load(&pairs).unwrap().heartbeat_interval,
             Duration::from_secs(7)
         );
+    }
+
+    #[test]
+    fn metrics_url_can_be_turned_off() {
+        let mut pairs = BASE.to_vec();
+        pairs.push(("AGENT_METRICS_URL", "off"));
+        assert_eq!(load(&pairs).unwrap().metrics_url, None);
     }
 
     #[test]

@@ -204,6 +204,14 @@ impl Outbox {
         add_dropped(&mut conn, n as i64).await
     }
 
+    /// The ids of the waiting messages, oldest first.
+    pub async fn waiting_ids(&self) -> Result<Vec<String>> {
+        let mut conn = self.conn.lock().await;
+        Ok(sqlx::query_scalar("SELECT msg_id FROM outbox ORDER BY seq")
+            .fetch_all(&mut *conn)
+            .await?)
+    }
+
     /// `(waiting messages, waiting bytes, drops ever)`.
     pub async fn stats(&self) -> Result<(u64, u64, u64)> {
         let mut conn = self.conn.lock().await;

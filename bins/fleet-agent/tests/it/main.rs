@@ -1,0 +1,121 @@
+//! End-to-end tests of the `fleet-agent` binary: configuration errors, SIGTERM, SIGKILL with
+//! a full outbox, and the container image. They use the real services from
+//! `scripts/services` and fail with the command to run when those are missing.
+
+#[path = "../../../../fleet-agent-lib/tests/it/receiver.rs"]
+mod receiver;
+
+mod image;
+mod process;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// The instance id the tests use.
+pub const INSTANCE: &str = "e2e-agent-001";
+/// The agent secret the tests use.
+pub const SECRET: &str = "e2e-agent-secret";
+/// The local API token the tests use.
+pub const LOCAL_TOKEN: &str = "e2e-local-token";
+
+/// A service URL the test command exports; panics with the fix when it is missing.
+pub fn service_env(name: &str) -> String {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => v,
+        _ => panic!(
+            "{name} is not set: these tests need real services. Run `eval \"$(scripts/services \
+             postgres redis podman)\"` first, or run scripts/test."
+        ),
+    }
+}
+
+/// A fresh directory under the system temp dir.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "fleet-agent-e2e-{name}-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The environment of an agent with every check on: real PostgreSQL, Redis and podman.
+pub fn agent_env(control_plane: &str, dir: &Path, local_port: u16) -> Vec<(String, String)> {
+    [
+        ("INSTANCE_ID", INSTANCE.to_owned()),
+        ("CONTROL_PLANE_URL", control_plane.to_owned()),
+        ("AGENT_SECRET", SECRET.to_owned()),
+        ("HEARTBEAT_INTERVAL", "1".to_owned()),
+        ("AGENT_PORT", local_port.to_string()),
+        ("AGENT_LOCAL_TOKEN", LOCAL_TOKEN.to_owned()),
+        (
+            "AGENT_STATE_PATH",
+            dir.join("state.db").display().to_string(),
+        ),
+        ("DATABASE_URL", service_env("FLEET_TEST_POSTGRES_URL")),
+        ("REDIS_URL", service_env("FLEET_TEST_REDIS_URL")),
+        ("DOCKER_HOST", service_env("DOCKER_HOST")),
+        ("CONTAINERS_INTERVAL", "5".to_owned()),
+        ("METRICS_INTERVAL", "5".to_owned()),
+        ("AGENT_METRICS_URL", "off".to_owned()),
+        ("SEND_BACKOFF_BASE_MS", "100".to_owned()),
+        ("SEND_BACKOFF_MAX", "1".to_owned()),
+        ("BUFFER_MAX_SIZE", "1000".to_owned()),
+        ("RUST_LOG", "info".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// Starts the agent binary with exactly `env` (plus PATH), logging to `dir/agent-N.log`.
+pub fn spawn_agent(env: &[(String, String)], dir: &Path) -> Child {
+    let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    let log = std::fs::File::create(dir.join(format!("agent-{n}.log"))).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_fleet-agent"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start fleet-agent")
+}
+
+/// Reads one figure from the agent's own metrics.
+pub async fn agent_metric(port: u16, name: &str) -> Option<f64> {
+    let text = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/metrics/agent"))
+        .header("x-agent-local-token", LOCAL_TOKEN)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits until `cond` holds, up to `secs`.
+pub async fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cond()
+}

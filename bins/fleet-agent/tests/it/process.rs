@@ -1,0 +1,149 @@
+//! The binary as a process: configuration errors, SIGKILL with a full outbox, SIGTERM.
+
+use std::process::Command;
+use std::time::Duration;
+
+use fleet_agent::outbox::{Bounds, Outbox};
+
+use crate::receiver::{Receiver, Seen};
+use crate::*;
+
+#[test]
+fn every_configuration_problem_is_named_at_once() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet-agent"))
+        .env_clear()
+        .env("HEARTBEAT_INTERVAL_MIN", "soon")
+        .env("AGENT_BIND", "0.0.0.0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "INSTANCE_ID is required",
+        "CONTROL_PLANE_URL is required",
+        "AGENT_SECRET is required",
+        "HEARTBEAT_INTERVAL_MIN",
+        "AGENT_LOCAL_TOKEN must be set",
+    ] {
+        assert!(stderr.contains(needle), "{needle} missing from:\n{stderr}");
+    }
+}
+
+/// Kills the agent process if a test fails before stopping it.
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+async fn waiting_ids(dir: &std::path::Path) -> Vec<String> {
+    let bounds = Bounds {
+        max_messages: 1000,
+        max_bytes: 1 << 30,
+        max_age: Duration::from_secs(3600),
+    };
+    Outbox::open(&dir.join("state.db"), bounds)
+        .await
+        .unwrap()
+        .waiting_ids()
+        .await
+        .unwrap()
+}
+
+/// Stop the receiver, let the agent queue N heartbeats, kill -9 the agent, restart both:
+/// all N arrive exactly once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_a_full_outbox_loses_nothing_and_duplicates_nothing() {
+    const N: f64 = 5.0;
+    let dir = temp_dir("kill9");
+    let seen = Seen::new(INSTANCE, SECRET);
+    let receiver = Receiver::start_with(seen.clone(), 0).await;
+    let port = receiver.addr.port();
+    let local_port = free_port();
+    let env = agent_env(&receiver.url(), &dir, local_port);
+    let mut agent = Guard(spawn_agent(&env, &dir));
+
+    assert!(
+        wait_until(30, || !seen.accepted.lock().unwrap().is_empty()).await,
+        "no heartbeat arrived; see {}",
+        dir.display()
+    );
+    let first = seen.bodies()[0].clone();
+    for check in first["checks"].as_array().unwrap() {
+        // Every built-in source that is configured here is green.
+        assert_eq!(check["ok"], true, "{check}");
+    }
+    let names: Vec<&str> = first["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(names, ["db", "redis", "host", "containers"]);
+
+    receiver.stop().await;
+    let mut queued = 0.0;
+    for _ in 0..300 {
+        queued = agent_metric(local_port, "fleet_agent_outbox_messages")
+            .await
+            .unwrap_or(0.0);
+        if queued >= N {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(queued >= N, "only {queued} queued");
+    agent.0.kill().unwrap(); // SIGKILL
+    agent.0.wait().unwrap();
+
+    let stranded = waiting_ids(&dir).await;
+    assert!(stranded.len() >= N as usize, "{stranded:?}");
+    let before = seen.accepted.lock().unwrap().len();
+
+    let receiver = Receiver::start_with(seen.clone(), port).await;
+    let mut agent = Guard(spawn_agent(&env, &dir));
+    let expect = before + stranded.len();
+    assert!(
+        wait_until(60, || seen.accepted.lock().unwrap().len() >= expect).await,
+        "stranded messages did not all arrive; see {}",
+        dir.display()
+    );
+    let ids: Vec<String> = seen
+        .accepted
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(&ids[before..expect], &stranded[..], "in order, each once");
+    let unique: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len());
+
+    // SIGTERM: a clean, prompt exit.
+    let status = Command::new("kill")
+        .args(["-TERM", &agent.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut exited = None;
+    for _ in 0..100 {
+        if let Some(status) = agent.0.try_wait().unwrap() {
+            exited = Some(status);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let exited = exited.expect("the agent stops within 10 s of SIGTERM");
+    assert!(exited.success(), "exit after SIGTERM: {exited:?}");
+    assert_eq!(
+        seen.bad_signatures
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    receiver.stop().await;
+}
