@@ -1,1 +1,107 @@
-fn main() {}
+//! `fleet-server`: the fleet control plane.
+//!
+//! `fleet-server serve` reads the ERP control plane's environment variables (and flags) and
+//! serves the API and dashboard; `fleet-server demo` starts a self-contained demo with
+//! in-process agents.
+
+mod config;
+mod demo;
+
+use std::net::SocketAddr;
+
+use clap::{Parser, Subcommand};
+use fleet_server::ControlPlaneBuilder;
+
+#[derive(Parser)]
+#[command(name = "fleet-server", version, about = "The fleet control plane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the control plane, configured from the environment (see --help of each flag).
+    Serve(Box<config::ServeArgs>),
+    /// A one-command demo: SQLite in a data folder, a login token, and agents sending
+    /// real signed heartbeats over loopback.
+    Demo(demo::DemoArgs),
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .init();
+    let result = match Cli::parse().command {
+        Command::Serve(args) => serve(*args).await,
+        Command::Demo(args) => demo::run(args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("fleet-server: {message}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn serve(args: config::ServeArgs) -> Result<(), String> {
+    let config = args.validate().map_err(|problems| {
+        format!(
+            "invalid configuration ({} problem{}):\n{}",
+            problems.len(),
+            if problems.len() == 1 { "" } else { "s" },
+            problems
+                .iter()
+                .map(|p| format!("  - {p}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    })?;
+    let store = fleet_server::store::open(&config.database_url)
+        .await
+        .map_err(|e| format!("cannot open the database: {e}"))?;
+    run_server(config.listen, config.builder.shared_store(store)).await
+}
+
+/// Binds `listen`, serves until Ctrl-C or SIGTERM, then lets in-flight requests finish.
+pub(crate) async fn run_server(
+    listen: SocketAddr,
+    builder: ControlPlaneBuilder,
+) -> Result<(), String> {
+    let router = builder.build().map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    tracing::info!(address = %listen, "fleet-server listening");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| format!("server error: {e}"))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+}

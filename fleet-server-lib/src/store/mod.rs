@@ -280,3 +280,17 @@ pub trait Store: Send + Sync + 'static {
     /// Checks the database answers.
     async fn ping(&self) -> Result<()>;
 }
+
+/// Opens the store a URL names: `sqlite://…` (or `sqlite::memory:`) or `postgres://…`
+/// (`postgresql://…`), running migrations.
+pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>> {
+    if url.starts_with("sqlite:") {
+        Ok(std::sync::Arc::new(SqliteStore::connect(url).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(std::sync::Arc::new(PostgresStore::connect(url).await?))
+    } else {
+        Err(crate::Error::Config(vec![
+            "the database URL must start with sqlite: or postgres://".into(),
+        ]))
+    }
+}

@@ -1,0 +1,321 @@
+//! Configuration from flags and the ERP control plane's environment variables, checked all
+//! at once so an operator fixes every problem in one go.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+use fleet_core::{Secret, SecretResolver};
+use fleet_server::{
+    ControlPlane, ControlPlaneBuilder, RoleTokens, Settings, SloThresholds, WebhookConfig,
+};
+
+/// Every setting is read as text and validated afterwards, so all problems are reported
+/// together instead of stopping at the first.
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "FLEET_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// `sqlite://path/fleet.db` (the default, created if missing) or `postgres://user:pw@host/db`.
+    #[arg(
+        long,
+        env = "CONTROL_PLANE_DATABASE_URL",
+        default_value = "sqlite://fleet.db"
+    )]
+    pub database_url: String,
+    /// Token of the support role (read-only).
+    #[arg(long, env = "CONTROL_PLANE_SUPPORT_TOKEN", hide_env_values = true)]
+    pub support_token: Option<String>,
+    /// Token of the ops role (support + acknowledge alerts).
+    #[arg(long, env = "CONTROL_PLANE_OPS_TOKEN", hide_env_values = true)]
+    pub ops_token: Option<String>,
+    /// Token of the admin role (required).
+    #[arg(long, env = "CONTROL_PLANE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// JSON map instance_id → secret (or → [secrets] during a rotation).
+    #[arg(long, env = "CONTROL_PLANE_AGENT_SECRETS", hide_env_values = true)]
+    pub agent_secrets: Option<String>,
+    /// Shared secret for instances not in CONTROL_PLANE_AGENT_SECRETS.
+    #[arg(long, env = "CONTROL_PLANE_AGENT_TOKEN", hide_env_values = true)]
+    pub agent_token: Option<String>,
+    /// Where alerts are forwarded (http or https URL).
+    #[arg(long, env = "CONTROL_PLANE_ALERT_WEBHOOK_URL")]
+    pub alert_webhook_url: Option<String>,
+    /// Sent as `Authorization: Bearer` to the alert webhook.
+    #[arg(
+        long,
+        env = "CONTROL_PLANE_ALERT_WEBHOOK_TOKEN",
+        hide_env_values = true
+    )]
+    pub alert_webhook_token: Option<String>,
+    /// Signs alert webhooks with Standard Webhooks v1 (`whsec_…` or plain text).
+    #[arg(
+        long,
+        env = "CONTROL_PLANE_ALERT_WEBHOOK_SECRET",
+        hide_env_values = true
+    )]
+    pub alert_webhook_secret: Option<String>,
+    /// Highest acceptable p95 latency in ms; 0 turns the check off.
+    #[arg(long, env = "SLO_P95_MS_MAX", default_value = "0")]
+    pub slo_p95_ms_max: String,
+    /// Highest acceptable 5xx share (0..1); 0 turns the check off.
+    #[arg(long, env = "SLO_ERROR_RATE_MAX", default_value = "0")]
+    pub slo_error_rate_max: String,
+    /// Highest acceptable webhook retry rate; 0 turns the check off.
+    #[arg(long, env = "SLO_WEBHOOK_RETRY_RATE_MAX", default_value = "0")]
+    pub slo_webhook_retry_rate_max: String,
+    /// Accept v0 (`x-agent-signature`) heartbeats from older agents.
+    #[arg(long, env = "CONTROL_PLANE_ALLOW_V0", default_value = "true")]
+    pub allow_v0: String,
+    /// Refuse heartbeats from instances not enrolled first (POST /api/installations).
+    #[arg(
+        long,
+        env = "CONTROL_PLANE_REQUIRE_ENROLLMENT",
+        default_value = "false"
+    )]
+    pub require_enrollment: String,
+    /// Seconds without a heartbeat before an installation gets an offline alert.
+    #[arg(long, env = "CONTROL_PLANE_OFFLINE_AFTER_SECS", default_value = "900")]
+    pub offline_after_secs: String,
+    /// Mark login cookies Secure (set this when serving over HTTPS).
+    #[arg(long, env = "CONTROL_PLANE_SECURE_COOKIES", default_value = "false")]
+    pub secure_cookies: String,
+}
+
+/// A validated configuration.
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub database_url: String,
+    pub builder: ControlPlaneBuilder,
+}
+
+fn set(value: &Option<String>) -> Option<&str> {
+    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+}
+
+impl ServeArgs {
+    /// Checks every setting; on failure returns one line per problem, naming the variable
+    /// and never printing a secret.
+    pub fn validate(&self) -> Result<ServeConfig, Vec<String>> {
+        let mut problems = Vec::new();
+        let listen = self
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|_| {
+                problems.push(format!(
+                    "FLEET_LISTEN: {:?} is not an address such as 127.0.0.1:8080",
+                    self.listen
+                ))
+            })
+            .ok();
+        let db = self.database_url.trim();
+        if !(db.starts_with("sqlite:")
+            || db.starts_with("postgres://")
+            || db.starts_with("postgresql://"))
+        {
+            problems
+                .push("CONTROL_PLANE_DATABASE_URL: must start with sqlite: or postgres://".into());
+        }
+        let tokens = RoleTokens {
+            support: set(&self.support_token).map(str::to_owned),
+            ops: set(&self.ops_token).map(str::to_owned),
+            admin: set(&self.admin_token).map(str::to_owned),
+        };
+        if tokens.admin.is_none() {
+            problems
+                .push("CONTROL_PLANE_ADMIN_TOKEN: missing (the admin role needs a token)".into());
+        }
+        let secrets = match SecretResolver::from_config(
+            set(&self.agent_secrets),
+            set(&self.agent_token),
+        ) {
+            Ok(resolver) if resolver.is_empty() => {
+                problems.push(
+                    "CONTROL_PLANE_AGENT_SECRETS / CONTROL_PLANE_AGENT_TOKEN: neither is set, so no heartbeat could be verified"
+                        .into(),
+                );
+                None
+            }
+            Ok(resolver) => Some(resolver),
+            Err(fleet_core::Error::Config(list)) => {
+                problems.extend(list);
+                None
+            }
+            Err(other) => {
+                problems.push(other.to_string());
+                None
+            }
+        };
+        let mut number = |name: &str, text: &str, max: f64| -> f64 {
+            match text.trim().parse::<f64>() {
+                Ok(v) if v.is_finite() && (0.0..=max).contains(&v) => v,
+                _ => {
+                    problems.push(format!(
+                        "{name}: {text:?} is not a number between 0 and {max}"
+                    ));
+                    0.0
+                }
+            }
+        };
+        let slo = SloThresholds {
+            p95_ms_max: number("SLO_P95_MS_MAX", &self.slo_p95_ms_max, 1.0e9),
+            error_rate_max: number("SLO_ERROR_RATE_MAX", &self.slo_error_rate_max, 1.0),
+            webhook_retry_rate_max: number(
+                "SLO_WEBHOOK_RETRY_RATE_MAX",
+                &self.slo_webhook_retry_rate_max,
+                1.0e6,
+            ),
+        };
+        let offline_after = number(
+            "CONTROL_PLANE_OFFLINE_AFTER_SECS",
+            &self.offline_after_secs,
+            1.0e8,
+        );
+        if offline_after < 1.0 {
+            problems.push("CONTROL_PLANE_OFFLINE_AFTER_SECS: must be at least 1".into());
+        }
+        let mut flag = |name: &str, text: &str| -> bool {
+            match text.trim().to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" => false,
+                _ => {
+                    problems.push(format!("{name}: {text:?} is not true or false"));
+                    false
+                }
+            }
+        };
+        let allow_v0 = flag("CONTROL_PLANE_ALLOW_V0", &self.allow_v0);
+        let require_enrollment = flag("CONTROL_PLANE_REQUIRE_ENROLLMENT", &self.require_enrollment);
+        let secure_cookies = flag("CONTROL_PLANE_SECURE_COOKIES", &self.secure_cookies);
+        let webhook = self.webhook(&mut problems);
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        let (Some(listen), Some(secrets)) = (listen, secrets) else {
+            return Err(vec!["internal: validated values missing".into()]);
+        };
+        let settings = Settings {
+            allow_v0,
+            require_enrollment,
+            slo,
+            offline_after: Duration::from_secs(offline_after as u64),
+            secure_cookies,
+            ..Settings::default()
+        };
+        let mut builder = ControlPlane::builder()
+            .secrets(secrets)
+            .tokens(tokens)
+            .settings(settings);
+        if let Some(webhook) = webhook {
+            builder = builder.webhook(webhook);
+        }
+        Ok(ServeConfig {
+            listen,
+            database_url: db.to_owned(),
+            builder,
+        })
+    }
+
+    fn webhook(&self, problems: &mut Vec<String>) -> Option<WebhookConfig> {
+        let secret = set(&self.alert_webhook_secret).and_then(|text| match Secret::new(text) {
+            Ok(secret) => Some(secret),
+            Err(err) => {
+                problems.push(format!("CONTROL_PLANE_ALERT_WEBHOOK_SECRET: {}", err.0));
+                None
+            }
+        });
+        let Some(url) = set(&self.alert_webhook_url) else {
+            if set(&self.alert_webhook_token).is_some() || secret.is_some() {
+                problems.push(
+                    "CONTROL_PLANE_ALERT_WEBHOOK_URL: missing, but a webhook token or secret is set".into(),
+                );
+            }
+            return None;
+        };
+        match reqwest::Url::parse(url) {
+            Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
+            _ => {
+                problems.push("CONTROL_PLANE_ALERT_WEBHOOK_URL: not an http(s) URL".into());
+                return None;
+            }
+        }
+        Some(WebhookConfig {
+            token: set(&self.alert_webhook_token).map(str::to_owned),
+            secret,
+            ..WebhookConfig::new(url)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ServeArgs {
+        ServeArgs {
+            listen: "127.0.0.1:8080".into(),
+            database_url: "sqlite://fleet.db".into(),
+            admin_token: Some("adm".into()),
+            agent_token: Some("shared".into()),
+            slo_p95_ms_max: "0".into(),
+            slo_error_rate_max: "0".into(),
+            slo_webhook_retry_rate_max: "0".into(),
+            allow_v0: "true".into(),
+            require_enrollment: "false".into(),
+            offline_after_secs: "900".into(),
+            secure_cookies: "false".into(),
+            ..ServeArgs::default()
+        }
+    }
+
+    #[test]
+    fn defaults_with_the_required_values_are_valid() {
+        assert!(args().validate().is_ok());
+    }
+
+    #[test]
+    fn every_problem_is_named_at_once_without_secrets() {
+        let bad = ServeArgs {
+            listen: "nowhere".into(),
+            database_url: "mysql://x".into(),
+            admin_token: None,
+            agent_secrets: Some(r#"{"a":"","b":"fine-secret-value"}"#.into()),
+            slo_p95_ms_max: "fast".into(),
+            allow_v0: "maybe".into(),
+            alert_webhook_url: Some("ftp://hooks".into()),
+            ..args()
+        };
+        let problems = bad.validate().err().expect("invalid");
+        let names: Vec<&str> = problems
+            .iter()
+            .map(|p| p.split([':', '[']).next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "FLEET_LISTEN",
+                "CONTROL_PLANE_DATABASE_URL",
+                "CONTROL_PLANE_ADMIN_TOKEN",
+                "CONTROL_PLANE_AGENT_SECRETS",
+                "SLO_P95_MS_MAX",
+                "CONTROL_PLANE_ALLOW_V0",
+                "CONTROL_PLANE_ALERT_WEBHOOK_URL",
+            ],
+            "{problems:#?}"
+        );
+        assert!(!problems.join("\n").contains("fine-secret-value"));
+    }
+
+    #[test]
+    fn no_agent_secret_at_all_is_an_error() {
+        let problems = ServeArgs {
+            agent_token: None,
+            ..args()
+        }
+        .validate()
+        .err()
+        .expect("invalid");
+        assert!(problems[0].starts_with("CONTROL_PLANE_AGENT_SECRETS / CONTROL_PLANE_AGENT_TOKEN"));
+    }
+}

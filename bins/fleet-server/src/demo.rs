@@ -1,0 +1,229 @@
+//! `fleet-server demo`: a live dashboard in one command.
+//!
+//! SQLite in a data folder, an admin token (kept in the folder so it survives restarts), and
+//! a few in-process agents that send real signed heartbeats to the server over loopback —
+//! the same bytes and headers a deployed agent sends.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use fleet_core::{Secret, SecretResolver, Signer};
+use fleet_server::{ControlPlane, RoleTokens, Settings, SloThresholds};
+use serde_json::json;
+
+/// Options of the demo.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Folder for the database and the login token.
+    #[arg(long, default_value = "fleet-demo")]
+    pub data: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "FLEET_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Seconds between two heartbeats of a demo agent.
+    #[arg(long, default_value_t = 5)]
+    pub interval_secs: u64,
+}
+
+/// One demo instance.
+struct DemoAgent {
+    instance_id: &'static str,
+    client: &'static str,
+    channel: &'static str,
+    /// Signs with the ERP's v0 scheme, to show how the dashboard marks old agents.
+    legacy: bool,
+    /// Phase of its figures, so the charts differ.
+    phase: f64,
+}
+
+const AGENTS: [DemoAgent; 3] = [
+    DemoAgent {
+        instance_id: "demo-shop-1",
+        client: "Acme SA",
+        channel: "stable",
+        legacy: false,
+        phase: 0.0,
+    },
+    DemoAgent {
+        instance_id: "demo-shop-2",
+        client: "Globex",
+        channel: "beta",
+        legacy: false,
+        phase: 2.0,
+    },
+    DemoAgent {
+        instance_id: "demo-legacy",
+        client: "Initech",
+        channel: "stable",
+        legacy: true,
+        phase: 4.0,
+    },
+];
+
+pub async fn run(args: DemoArgs) -> Result<(), String> {
+    std::fs::create_dir_all(&args.data)
+        .map_err(|e| format!("cannot create {}: {e}", args.data.display()))?;
+    let token = admin_token(&args.data)?;
+    let db = args.data.join("fleet.db");
+    let store = fleet_server::SqliteStore::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .map_err(|e| format!("cannot open {}: {e}", db.display()))?;
+    let secrets: Vec<(&str, String)> = AGENTS
+        .iter()
+        .map(|a| {
+            (
+                a.instance_id,
+                format!("demo-secret-{}", uuid::Uuid::new_v4().simple()),
+            )
+        })
+        .collect();
+    let map: serde_json::Map<String, serde_json::Value> = secrets
+        .iter()
+        .map(|(id, s)| ((*id).to_owned(), json!(s)))
+        .collect();
+    let resolver =
+        SecretResolver::from_config(Some(&serde_json::Value::Object(map).to_string()), None)
+            .map_err(|e| e.to_string())?;
+    let settings = Settings {
+        slo: SloThresholds {
+            p95_ms_max: 500.0,
+            error_rate_max: 0.05,
+            webhook_retry_rate_max: 0.0,
+        },
+        offline_after: Duration::from_secs(args.interval_secs * 6),
+        sweep_interval: Duration::from_secs(args.interval_secs),
+        ..Settings::default()
+    };
+    let builder = ControlPlane::builder()
+        .store(store)
+        .secrets(resolver)
+        .tokens(RoleTokens {
+            admin: Some(token.clone()),
+            ..RoleTokens::default()
+        })
+        .settings(settings);
+    let url = format!("http://{}", args.listen);
+    for (agent, (_, secret)) in AGENTS.iter().zip(secrets) {
+        let secret = Secret::new(&secret).map_err(|e| e.to_string())?;
+        tokio::spawn(send_heartbeats(
+            url.clone(),
+            agent,
+            Signer::new(secret),
+            args.interval_secs,
+        ));
+    }
+    println!("fleet demo is running.");
+    println!("  Dashboard:    {url}/");
+    println!(
+        "  Login token:  {token}   (admin; kept in {})",
+        args.data.join("admin-token").display()
+    );
+    println!("  Database:     {}", db.display());
+    println!(
+        "  Agents:       demo-shop-1 and demo-shop-2 (v1 signatures; shop-2 breaches its p95 SLO now and then),"
+    );
+    println!("                demo-legacy (v0 signature, as the ERP instance agent sends)");
+    println!("Press Ctrl-C to stop.");
+    crate::run_server(args.listen, builder).await
+}
+
+/// The demo's admin token: read from the data folder, or created there (mode 0600).
+fn admin_token(data: &std::path::Path) -> Result<String, String> {
+    let path = data.join("admin-token");
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && !text.trim().is_empty()
+    {
+        return Ok(text.trim().to_owned());
+    }
+    let token = format!("demo-{}", uuid::Uuid::new_v4().simple());
+    std::fs::write(&path, &token).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(token)
+}
+
+/// A heartbeat whose figures move smoothly with `tick`.
+fn heartbeat(agent: &DemoAgent, tick: u64) -> Vec<u8> {
+    let t = tick as f64 * 0.35 + agent.phase;
+    let total: u64 = 8 * 1024 * 1024 * 1024;
+    let memory = (total as f64 * (0.55 + 0.15 * (t * 0.7).sin())) as u64;
+    let p95 = if agent.instance_id == "demo-shop-2" {
+        380.0 + 220.0 * t.sin()
+    } else {
+        120.0 + 30.0 * t.sin()
+    };
+    let mut job_failures = Vec::new();
+    if agent.instance_id == "demo-shop-2" && tick % 9 == 4 {
+        job_failures.push(json!({"queue": "billing", "message": "Timeout after 30 s"}));
+    }
+    let mut alerts = Vec::new();
+    if agent.legacy && (tick / 6) % 2 == 1 {
+        alerts.push(json!({"level": "warning", "message": "Low disk on /var"}));
+    }
+    let hb = json!({
+        "instance_id": agent.instance_id,
+        "domain": format!("{}.example.com", agent.instance_id),
+        "client": agent.client,
+        "version": if agent.legacy { "1.8.2" } else { "2.0.1" },
+        "release_channel": agent.channel,
+        "health": "ok",
+        "db_ok": true, "redis_ok": true, "storage_ok": true, "search_ok": true,
+        "jobs_failed": job_failures.len(),
+        "uptime_seconds": 3600 + tick * 5,
+        "cpu_usage_pct": ((35.0 + 25.0 * t.sin()) * 10.0).round() / 10.0,
+        "memory_used_bytes": memory,
+        "memory_total_bytes": total,
+        "slo_p95_ms": p95.round(),
+        "slo_error_rate": 0.002,
+        "backup_status": "ok",
+        "backup_checksum": format!("sha256-{}-{}", agent.instance_id, tick / 20),
+        "backup_id": format!("backup-{}", tick / 20),
+        "checks": [
+            {"name": "db", "ok": true, "latency_ms": 2.0 + (t * 3.0).sin().abs() * 4.0},
+            {"name": "redis", "ok": true, "latency_ms": 0.4},
+            {"name": "storage", "ok": true, "latency_ms": 11.0}
+        ],
+        "alerts": alerts,
+        "job_failures": job_failures,
+    });
+    serde_json::to_vec(&hb).unwrap_or_default()
+}
+
+async fn send_heartbeats(url: String, agent: &'static DemoAgent, signer: Signer, interval: u64) {
+    let client = reqwest::Client::new();
+    let endpoint = format!("{url}/api/heartbeats");
+    // Give the server a moment to bind.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for tick in 0.. {
+        let body = heartbeat(agent, tick);
+        let mut request = client
+            .post(&endpoint)
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        if agent.legacy {
+            request = request.header("x-agent-signature", signer.sign_v0(&body));
+        } else {
+            let msg_id = format!("msg_{}", uuid::Uuid::now_v7().simple());
+            for (name, value) in signer
+                .headers(&msg_id, fleet_core::unix_now(), &body)
+                .pairs()
+            {
+                request = request.header(name, value);
+            }
+        }
+        match request.body(body).send().await {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => {
+                tracing::warn!(agent = agent.instance_id, status = %r.status(), "demo heartbeat refused")
+            }
+            Err(e) => {
+                tracing::warn!(agent = agent.instance_id, error = %e, "demo heartbeat failed")
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(interval)).await;
+    }
+}
