@@ -1,0 +1,311 @@
+//! Heartbeat ingest under load, beside a bare axum route measured by the same generator.
+//!
+//! ```sh
+//! cargo run --release -p fleet-benches --bin ingest_load -- --db sqlite
+//! FLEET_TEST_POSTGRES_URL=postgres://… cargo run --release -p fleet-benches --bin ingest_load -- --db postgres
+//! ```
+//!
+//! One process, two Tokio runtimes: the server (the real control plane router plus a bare
+//! `POST /bare` returning 200) and the generator. The generator keeps `--connections`
+//! keep-alive connections busy (one HTTP client each), sending v1-signed heartbeats from
+//! `--instances` distinct instance ids, each with its own secret. It first drives the bare
+//! route, then `/api/heartbeats`, for `--secs` each, with identical work per request
+//! (build, sign, send). It reports requests/s, p50 and p99, the ratio, and then checks that
+//! every acknowledged heartbeat is in the database.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleet_core::{Secret, SecretResolver, Signer};
+use fleet_server::store::Store;
+use fleet_server::{ControlPlane, Settings};
+
+struct Options {
+    db: String,
+    instances: usize,
+    connections: usize,
+    secs: u64,
+    server_threads: usize,
+    client_threads: usize,
+}
+
+fn options() -> Result<Options, String> {
+    let mut o = Options {
+        db: "sqlite".into(),
+        instances: 10_000,
+        connections: 256,
+        secs: 15,
+        server_threads: 2,
+        client_threads: 2,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or(format!("{flag} needs a value"));
+        let number = |v: String| {
+            v.parse::<usize>()
+                .map_err(|_| format!("{flag}: not a number"))
+        };
+        match flag.as_str() {
+            "--db" => o.db = value()?,
+            "--instances" => o.instances = number(value()?)?,
+            "--connections" => o.connections = number(value()?)?,
+            "--secs" => o.secs = number(value()?)? as u64,
+            "--server-threads" => o.server_threads = number(value()?)?,
+            "--client-threads" => o.client_threads = number(value()?)?,
+            _ => return Err(format!("unknown flag {flag}")),
+        }
+    }
+    Ok(o)
+}
+
+fn instance_id(i: usize) -> String {
+    format!("bench-{i:05}")
+}
+
+fn secret_text(i: usize) -> String {
+    format!("bench-secret-{i:05}-0123456789abcdef")
+}
+
+/// An ERP-shaped heartbeat of about 700 bytes.
+fn heartbeat(instance: &str, n: u64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "instance_id": instance, "domain": format!("{instance}.example.com"), "client": "Bench SA",
+        "version": "2.0.1", "release_channel": "stable", "health": "ok",
+        "db_ok": true, "redis_ok": true, "storage_ok": true, "search_ok": true, "jobs_failed": 0,
+        "uptime_seconds": 3600 + n, "cpu_usage_pct": (n % 100) as f64, "memory_used_bytes": 4_000_000_000u64 + n,
+        "memory_total_bytes": 8_000_000_000u64, "disk_used_bytes": 50_000_000_000u64, "disk_total_bytes": 100_000_000_000u64,
+        "slo_p95_ms": 120.0, "slo_error_rate": 0.001, "jobs_processed_1h": 420, "jobs_pending": 3,
+        "last_backup_at": "2026-11-22T02:00:00Z", "backup_checksum": "sha256-abc", "backup_status": "ok",
+        "checks": [{"name": "db", "ok": true, "latency_ms": 2.1}, {"name": "redis", "ok": true, "latency_ms": 0.3},
+                   {"name": "storage", "ok": true, "latency_ms": 8.0}],
+        "primary_region": "eu-west-1"
+    }))
+    .unwrap_or_default()
+}
+
+struct Phase {
+    ok: u64,
+    errors: u64,
+    latencies_us: Vec<u32>,
+    elapsed: Duration,
+}
+
+impl Phase {
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return 0.0;
+        }
+        let i = ((self.latencies_us.len() - 1) as f64 * p).round() as usize;
+        self.latencies_us[i] as f64 / 1000.0
+    }
+}
+
+/// Drives `path` with every connection for `secs`.
+async fn drive(base: &str, path: &str, o: &Options, signers: Arc<Vec<Signer>>, secs: u64) -> Phase {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..o.connections {
+        let url = format!("{base}{path}");
+        let signers = signers.clone();
+        let (instances, connections) = (o.instances, o.connections);
+        tasks.push(tokio::spawn(async move {
+            // One client per task: its own keep-alive connection.
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .build()
+                .expect("client");
+            let (mut ok, mut errors, mut lat) = (0u64, 0u64, Vec::with_capacity(32_768));
+            let mut k = 0usize;
+            while Instant::now() < deadline {
+                let i = (c + k * connections) % instances;
+                k += 1;
+                let id = instance_id(i);
+                let body = heartbeat(&id, k as u64);
+                let msg = format!("msg_{}", uuid::Uuid::now_v7().simple());
+                let signed = signers[i].headers(&msg, fleet_core::unix_now(), &body);
+                let mut request = client.post(&url).header("content-type", "application/json");
+                for (name, value) in signed.pairs() {
+                    request = request.header(name, value);
+                }
+                let t0 = Instant::now();
+                match request.body(body).send().await {
+                    Ok(r) if r.status() == reqwest::StatusCode::OK => {
+                        let _ = r.bytes().await;
+                        ok += 1;
+                        lat.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (ok, errors, lat)
+        }));
+    }
+    let mut phase = Phase {
+        ok: 0,
+        errors: 0,
+        latencies_us: Vec::new(),
+        elapsed: Duration::ZERO,
+    };
+    for task in tasks {
+        let (ok, errors, lat) = task.await.expect("generator task");
+        phase.ok += ok;
+        phase.errors += errors;
+        phase.latencies_us.extend(lat);
+    }
+    phase.elapsed = started.elapsed();
+    phase.latencies_us.sort_unstable();
+    phase
+}
+
+async fn open_store(db: &str) -> Result<(Arc<dyn Store>, String), String> {
+    match db {
+        "sqlite" => {
+            let dir =
+                std::env::temp_dir().join(format!("fleet-bench-{}", uuid::Uuid::new_v4().simple()));
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            let url = format!("sqlite://{}", dir.join("fleet.db").display());
+            let store = fleet_server::SqliteStore::connect(&url)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((Arc::new(store), url))
+        }
+        "postgres" => {
+            let url = std::env::var("FLEET_TEST_POSTGRES_URL").map_err(|_| {
+                "FLEET_TEST_POSTGRES_URL is not set (eval \"$(scripts/services postgres)\")"
+                    .to_owned()
+            })?;
+            let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
+            let admin = sqlx::PgPool::connect(&url)
+                .await
+                .map_err(|e| e.to_string())?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+                .execute(&admin)
+                .await
+                .map_err(|e| e.to_string())?;
+            let options = sqlx::postgres::PgConnectOptions::from_str(&url)
+                .map_err(|e| e.to_string())?
+                .options([("search_path", schema.as_str())]);
+            let store = fleet_server::PostgresStore::connect_with(options)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((Arc::new(store), format!("postgres schema {schema}")))
+        }
+        other => Err(format!("--db must be sqlite or postgres, not {other}")),
+    }
+}
+
+fn main() -> Result<(), String> {
+    let o = options()?;
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(o.server_threads)
+        .thread_name("server")
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(o.client_threads)
+        .thread_name("generator")
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+
+    let mut map = serde_json::Map::new();
+    for i in 0..o.instances {
+        map.insert(instance_id(i), serde_json::Value::String(secret_text(i)));
+    }
+    let resolver =
+        SecretResolver::from_config(Some(&serde_json::Value::Object(map).to_string()), None)
+            .map_err(|e| e.to_string())?;
+    let signers: Arc<Vec<Signer>> = Arc::new(
+        (0..o.instances)
+            .map(|i| Signer::new(Secret::new(&secret_text(i)).expect("secret")))
+            .collect(),
+    );
+
+    let (store, where_) = server_rt.block_on(open_store(&o.db))?;
+    let base = server_rt.block_on(async {
+        let router = ControlPlane::builder()
+            .shared_store(store.clone())
+            .secrets(resolver)
+            .settings(Settings::default())
+            .build()
+            .map_err(|e| e.to_string())?;
+        let app = axum::Router::new()
+            .route(
+                "/bare",
+                axum::routing::post(|| async { axum::http::StatusCode::OK }),
+            )
+            .merge(router);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| e.to_string())?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok::<_, String>(format!("http://{addr}"))
+    })?;
+
+    println!(
+        "ingest_load: db={} ({where_}), {} instances, {} keep-alive connections, {} s per phase, \
+         server {} threads + generator {} threads on {} CPUs",
+        o.db,
+        o.instances,
+        o.connections,
+        o.secs,
+        o.server_threads,
+        o.client_threads,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    let (bare, ingest) = client_rt.block_on(async {
+        // Warm up connections and code paths on the bare route.
+        drive(&base, "/bare", &o, signers.clone(), 2).await;
+        let bare = drive(&base, "/bare", &o, signers.clone(), o.secs).await;
+        let ingest = drive(&base, "/api/heartbeats", &o, signers.clone(), o.secs).await;
+        (bare, ingest)
+    });
+    let stored = server_rt
+        .block_on(store.heartbeat_count())
+        .map_err(|e| e.to_string())?;
+
+    println!("| route | accepted/s | p50 ms | p99 ms | errors |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, p) in [
+        ("bare axum 200 (`POST /bare`)", &bare),
+        ("`POST /api/heartbeats` (durable)", &ingest),
+    ] {
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.2} | {} |",
+            p.rate(),
+            p.percentile(0.50),
+            p.percentile(0.99),
+            p.errors
+        );
+    }
+    println!(
+        "ingest / bare = {:.0}%",
+        100.0 * ingest.rate() / bare.rate()
+    );
+    println!(
+        "count check: {} heartbeats acknowledged, {} in the database: {}",
+        ingest.ok,
+        stored,
+        if stored == ingest.ok as i64 {
+            "OK"
+        } else {
+            "MISMATCH"
+        }
+    );
+    if stored != ingest.ok as i64 {
+        return Err("acknowledged heartbeats missing from the database".into());
+    }
+    Ok(())
+}
