@@ -31,7 +31,9 @@ pub const DEFAULT_AGENT_PORT: u16 = 4010;
 pub const DEFAULT_METRICS_URL: &str = "http://api:3001/metrics";
 
 /// Everything the agent needs to run. Build it by hand or with [`AgentConfig::from_env`].
-#[derive(Debug, Clone)]
+///
+/// `Debug` hides the secret, the tokens and any password inside the service URLs.
+#[derive(Clone)]
 pub struct AgentConfig {
     /// `INSTANCE_ID`: who this agent speaks for.
     pub instance_id: String,
@@ -305,10 +307,14 @@ impl AgentConfig {
             }
         };
         // Neon's seconds take precedence over the ERP's minutes when both are set.
-        let minutes = env.number("HEARTBEAT_INTERVAL_MIN", DEFAULT_HEARTBEAT_INTERVAL_MIN);
+        // Both accept fractions, as the ERP agent's `Number(...)` does ("0.5" minutes).
+        let minutes = env.fraction(
+            "HEARTBEAT_INTERVAL_MIN",
+            DEFAULT_HEARTBEAT_INTERVAL_MIN as f64,
+        );
         config.heartbeat_interval = match env.get("HEARTBEAT_INTERVAL") {
-            Some(_) => Duration::from_secs(env.number("HEARTBEAT_INTERVAL", 0)),
-            None => Duration::from_secs(minutes * 60),
+            Some(_) => Duration::from_secs_f64(env.fraction("HEARTBEAT_INTERVAL", 0.0)),
+            None => Duration::from_secs_f64(minutes * 60.0),
         };
         if config.heartbeat_interval.is_zero() {
             env.problem("the heartbeat interval must be above zero");
@@ -434,6 +440,65 @@ impl AgentConfig {
     }
 }
 
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url = |u: &Option<String>| u.as_deref().map(redact_url_password);
+        let token = |t: &Option<String>| t.as_ref().map(|_| "[redacted]");
+        f.debug_struct("AgentConfig")
+            .field("instance_id", &self.instance_id)
+            .field(
+                "control_plane_url",
+                &redact_url_password(&self.control_plane_url),
+            )
+            .field("secret", &self.secret)
+            .field("signature_scheme", &self.signature_scheme)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("metrics_interval", &self.metrics_interval)
+            .field("containers_interval", &self.containers_interval)
+            .field("domain", &self.domain)
+            .field("client", &self.client)
+            .field("version", &self.version)
+            .field("release_channel", &self.release_channel)
+            .field("primary_region", &self.primary_region)
+            .field("iam", &self.iam)
+            .field("database_url", &url(&self.database_url))
+            .field("redis_url", &url(&self.redis_url))
+            .field("storage_endpoint", &url(&self.storage_endpoint))
+            .field("search_url", &url(&self.search_url))
+            .field("ops_url", &url(&self.ops_url))
+            .field("ops_token", &token(&self.ops_token))
+            .field("backup_meta_path", &self.backup_meta_path)
+            .field("metrics_url", &url(&self.metrics_url))
+            .field("system_root_path", &self.system_root_path)
+            .field("docker_host", &self.docker_host)
+            .field("local_bind", &self.local_bind)
+            .field("local_port", &self.local_port)
+            .field("local_token", &token(&self.local_token))
+            .field("state_path", &self.state_path)
+            .field("buffer", &self.buffer)
+            .field("update", &self.update)
+            .field("plugin", &self.plugin)
+            .field("check_timeout", &self.check_timeout)
+            .finish()
+    }
+}
+
+/// `scheme://user:[redacted]@host/...` for a URL with a password; other text unchanged.
+pub fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:[redacted]@{host}{tail}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// Reads variables and collects every problem instead of stopping at the first.
 struct Env<'a> {
     lookup: &'a dyn Fn(&str) -> Option<String>,
@@ -468,6 +533,22 @@ impl Env<'_> {
                 ));
                 default
             }),
+        }
+    }
+
+    /// A non-negative number that may have a fraction, at most a year.
+    fn fraction(&mut self, name: &str, default: f64) -> f64 {
+        match self.get(name) {
+            None => default,
+            Some(text) => match text.parse::<f64>() {
+                Ok(v) if v.is_finite() && (0.0..=31_536_000.0).contains(&v) => v,
+                _ => {
+                    self.problem(format!(
+                        "{name} must be a non-negative number, not {text:?}"
+                    ));
+                    default
+                }
+            },
         }
     }
 
@@ -542,6 +623,12 @@ mod tests {
             load(&pairs).unwrap().heartbeat_interval,
             Duration::from_secs(7)
         );
+        let mut pairs = BASE.to_vec();
+        pairs.push(("HEARTBEAT_INTERVAL_MIN", "0.5"));
+        assert_eq!(
+            load(&pairs).unwrap().heartbeat_interval,
+            Duration::from_secs(30)
+        );
     }
 
     #[test]
@@ -608,7 +695,14 @@ mod tests {
             .to_string();
         assert!(err.contains("AGENT_SECRET"));
         assert!(!err.contains("%%%"));
-        let ok = load(&BASE).unwrap();
-        assert!(!format!("{ok:?}").contains("s3cret"));
+        let mut pairs = BASE.to_vec();
+        pairs.push(("DATABASE_URL", "postgres://app:pg-pass@db:5432/app"));
+        pairs.push(("AGENT_OPS_TOKEN", "ops-tok"));
+        pairs.push(("AGENT_LOCAL_TOKEN", "local-tok"));
+        let debug = format!("{:?}", load(&pairs).unwrap());
+        for secret in ["s3cret", "pg-pass", "ops-tok", "local-tok"] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+        assert!(debug.contains("postgres://app:[redacted]@db:5432/app"));
     }
 }

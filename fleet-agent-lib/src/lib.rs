@@ -13,6 +13,8 @@ pub mod prometheus;
 pub mod sender;
 
 pub use agent::{Agent, AgentBuilder};
+/// Re-exported so implementations of [`Check`] and [`Collector`] need no extra dependency.
+pub use async_trait::async_trait;
 pub use checks::{Check, HttpCheck, PostgresCheck, RedisCheck, TcpCheck};
 pub use collectors::Collector;
 pub use config::{AgentConfig, PluginSettings, UpdateSettings};
