@@ -3,6 +3,7 @@
 use std::fmt::Write;
 
 use axum::Form;
+use axum::extract::rejection::FormRejection;
 use axum::extract::{Path, State};
 use axum::http::header::SET_COOKIE;
 use axum::http::{HeaderMap, StatusCode, Uri};
@@ -448,10 +449,16 @@ pub(crate) struct LoginForm {
     token: String,
 }
 
-pub(crate) async fn login(State(state): State<Shared>, Form(form): Form<LoginForm>) -> Response {
-    match state.tokens.role_of(form.token.trim()) {
+pub(crate) async fn login(
+    State(state): State<Shared>,
+    form: Result<Form<LoginForm>, FormRejection>,
+) -> Response {
+    // A malformed form is just a failed login, answered with the same page.
+    let token = form.map(|f| f.0.token).unwrap_or_default();
+    let token = token.trim();
+    match state.tokens.role_of(token) {
         Some(role) => {
-            let cookies = login_cookies(role, form.token.trim(), state.settings.secure_cookies);
+            let cookies = login_cookies(role, token, state.settings.secure_cookies);
             let mut response = Redirect::to("/").into_response();
             for c in cookies {
                 if let Ok(value) = c.parse() {

@@ -198,6 +198,15 @@ async fn login_sets_httponly_samesite_cookies_that_authorize_and_logout_clears_t
         .await
         .expect("index");
     assert_eq!(page.status(), 303);
+    // A malformed login form is a failed login, not an error page of another format.
+    let odd = server
+        .client
+        .post(server.at("/login"))
+        .json(&json!({"token": OPS}))
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(odd.status(), 401);
     let logout = server
         .client
         .post(server.at("/logout"))
