@@ -286,22 +286,26 @@ fn detail_body(d: &InstallationDetail, role: Role, now: i64) -> String {
 
 fn checks_section(state: &Value) -> String {
     let mut rows = String::new();
-    for name in ["db_ok", "redis_ok", "storage_ok", "search_ok"] {
-        if let Some(ok) = state.get(name).and_then(Value::as_bool) {
+    let checks = state.get("checks").and_then(Value::as_array);
+    let detailed = |name: &str| {
+        checks
+            .into_iter()
+            .flatten()
+            .any(|c| c.get("name").and_then(Value::as_str) == Some(name))
+    };
+    // The ERP's flags, unless a detailed check of the same name says more.
+    for name in ["db", "redis", "storage", "search"] {
+        if let Some(ok) = state.get(format!("{name}_ok")).and_then(Value::as_bool)
+            && !detailed(name)
+        {
             let _ = write!(
                 rows,
-                "<tr><td>{}</td>{}<td></td><td></td></tr>",
-                name.trim_end_matches("_ok"),
+                "<tr><td>{name}</td>{}<td></td><td></td></tr>",
                 ok_cell(ok)
             );
         }
     }
-    for check in state
-        .get("checks")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for check in checks.into_iter().flatten() {
         let name = check.get("name").and_then(Value::as_str).unwrap_or("?");
         let ok = check.get("ok").and_then(Value::as_bool).unwrap_or(false);
         let latency = check
