@@ -38,6 +38,8 @@ impl Drop for TempDir {
 pub struct TestStore {
     pub store: Arc<dyn Store>,
     pub url: String,
+    /// The PostgreSQL schema to drop once the test passed.
+    pub schema: Option<String>,
     _dir: Option<TempDir>,
 }
 
@@ -48,6 +50,7 @@ pub async fn sqlite() -> TestStore {
     TestStore {
         store: Arc::new(store),
         url,
+        schema: None,
         _dir: Some(dir),
     }
 }
@@ -70,7 +73,7 @@ pub fn postgres_url() -> String {
 pub async fn postgres() -> TestStore {
     use sqlx::postgres::PgConnectOptions;
     let url = postgres_url();
-    let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let schema = format!("fleet_server_it_{}", uuid::Uuid::new_v4().simple());
     let admin = sqlx::PgPool::connect(&url)
         .await
         .expect("connect to FLEET_TEST_POSTGRES_URL");
@@ -87,9 +90,22 @@ pub async fn postgres() -> TestStore {
         .expect("open postgres");
     TestStore {
         store: Arc::new(store),
-        url: format!("{url}#{schema}"),
+        url,
+        schema: Some(schema),
         _dir: None,
     }
+}
+
+/// Drops a test's schema (kept when the test failed, for a look at what it left).
+pub async fn drop_schema(schema: Option<String>) {
+    let Some(schema) = schema else { return };
+    let admin = sqlx::PgPool::connect(&postgres_url())
+        .await
+        .expect("connect");
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+        .execute(&admin)
+        .await
+        .expect("drop schema");
 }
 
 pub fn resolver() -> SecretResolver {
@@ -270,7 +286,10 @@ macro_rules! on_both_backends {
         mod postgres {
             $(#[tokio::test]
             async fn $name() {
-                super::$name($crate::support::postgres().await).await;
+                let store = $crate::support::postgres().await;
+                let schema = store.schema.clone();
+                super::$name(store).await;
+                $crate::support::drop_schema(schema).await;
             })*
         }
     };
