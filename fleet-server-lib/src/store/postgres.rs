@@ -37,4 +37,4 @@ impl PostgresStore {
     }
 }
 
-impl_sql_store!(PostgresStore, Postgres);
+impl_sql_store!(PostgresStore, Postgres, "BEGIN");

@@ -203,9 +203,10 @@ pub(crate) fn plan_alerts<'a>(
     (pending, resolve_ids)
 }
 
-/// Implements [`Store`](crate::store::Store) for `$store` (which has a `pool: Pool<$db>`).
+/// Implements [`Store`](crate::store::Store) for `$store` (which has a `pool: Pool<$db>`);
+/// `$begin` opens a write transaction.
 macro_rules! impl_sql_store {
-    ($store:ty, $db:ty) => {
+    ($store:ty, $db:ty, $begin:expr) => {
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
             async fn record_heartbeats(
@@ -219,7 +220,7 @@ macro_rules! impl_sql_store {
                 use $crate::store::sql::{CHUNK, OpenRef};
 
                 let mut outcomes: Vec<Option<RecordOutcome>> = vec![None; batch.len()];
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
 
                 // Installations that exist already, with what the batch needs to know of them.
                 let mut known: HashMap<String, (i64, Option<String>)> = HashMap::new();
@@ -638,7 +639,7 @@ macro_rules! impl_sql_store {
 
             async fn mark_offline(&self, cutoff: i64, now: i64, forward: bool) -> $crate::Result<u64> {
                 use sqlx::Row;
-                let mut tx = self.pool.begin().await?;
+                let mut tx = self.pool.begin_with($begin).await?;
                 let rows = sqlx::query(
                     "SELECT i.id, i.instance_id, i.last_seen_at FROM installations i \
                      WHERE i.last_seen_at < $1 AND NOT EXISTS (SELECT 1 FROM alerts a \

@@ -17,6 +17,7 @@ on_both_backends!(
     offline_alert_opens_once_and_a_heartbeat_resolves_it,
     forwarded_alerts_go_through_the_outbox,
     old_message_ids_are_pruned,
+    concurrent_writers_do_not_fail,
 );
 
 fn rules() -> IngestRules {
@@ -554,4 +555,35 @@ async fn old_message_ids_are_pruned(t: TestStore) {
     .expect("record");
     assert_eq!(s.prune_messages(4000).await.expect("prune"), 1);
     s.ping().await.expect("ping");
+}
+
+async fn concurrent_writers_do_not_fail(t: TestStore) {
+    // The heartbeat writer, the offline sweeper and operators write at the same time; none
+    // of them may fail because another committed first.
+    let mut tasks = Vec::new();
+    for i in 0..24i64 {
+        let s = t.store.clone();
+        tasks.push(tokio::spawn(async move {
+            match i % 3 {
+                0 => s.mark_offline(900 + i, 1000 + i, true).await.map(|_| ()),
+                1 => s.enroll(&format!("e-{i}"), 1000 + i).await.map(|_| ()),
+                _ => s
+                    .record_heartbeats(
+                        &[incoming(
+                            &format!("c-{}", i % 4),
+                            json!({"slo_p95_ms": 900.0}),
+                            None,
+                            800 + i,
+                        )],
+                        &rules(),
+                    )
+                    .await
+                    .map(|_| ()),
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task").expect("no write fails");
+    }
+    assert_eq!(t.store.heartbeat_count().await.expect("count"), 8);
 }
