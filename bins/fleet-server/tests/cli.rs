@@ -1,0 +1,173 @@
+//! The `fleet-server` binary: configuration errors, `serve`, and the one-command demo.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fleet-server");
+
+fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").to_string()
+}
+
+fn temp_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "fleet-server-cli-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// A command with none of the caller's CONTROL_PLANE_* settings.
+fn command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn wait_ok(client: &reqwest::Client, url: &str, token: Option<&str>) -> serde_json::Value {
+    for _ in 0..100 {
+        let mut request = client.get(url);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Ok(r) = request.send().await
+            && r.status().is_success()
+            && let Ok(body) = r.json::<serde_json::Value>().await
+        {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{url} never answered 200");
+}
+
+#[tokio::test]
+async fn every_configuration_problem_is_named_at_once() {
+    let output = command(&["serve"])
+        .env(
+            "CONTROL_PLANE_AGENT_SECRETS",
+            r#"{"acme":"","ok":"top-secret-value"}"#,
+        )
+        .env("SLO_ERROR_RATE_MAX", "5")
+        .env("FLEET_LISTEN", "not-an-address")
+        .output()
+        .await
+        .expect("run");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for name in [
+        "FLEET_LISTEN",
+        "CONTROL_PLANE_ADMIN_TOKEN",
+        "CONTROL_PLANE_AGENT_SECRETS[\"acme\"]",
+        "SLO_ERROR_RATE_MAX",
+    ] {
+        assert!(stderr.contains(name), "{name} named in:\n{stderr}");
+    }
+    assert!(stderr.contains("4 problems"), "{stderr}");
+    assert!(!stderr.contains("top-secret-value"), "no secret printed");
+}
+
+#[tokio::test]
+async fn serve_uses_the_erp_environment() {
+    let dir = temp_dir();
+    let addr = free_addr();
+    let _server: Child = command(&["serve"])
+        .env("FLEET_LISTEN", &addr)
+        .env(
+            "CONTROL_PLANE_DATABASE_URL",
+            format!("sqlite://{}", dir.join("cp.db").display()),
+        )
+        .env("CONTROL_PLANE_ADMIN_TOKEN", "admin-token")
+        .env("CONTROL_PLANE_AGENT_TOKEN", "shared-secret")
+        .spawn()
+        .expect("start");
+    let client = reqwest::Client::new();
+    let base = format!("http://{addr}");
+    wait_ok(&client, &format!("{base}/healthz"), None).await;
+    let body = br#"{"instance_id":"erp-1","db_ok":true,"redis_ok":true,"storage_ok":true,"jobs_failed":0}"#;
+    let signature = fleet_core::sign_v0(
+        &fleet_core::Secret::new("shared-secret").expect("secret"),
+        body,
+    );
+    let response = client
+        .post(format!("{base}/api/heartbeats"))
+        .header("x-agent-signature", signature)
+        .body(body.to_vec())
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200);
+    let list = wait_ok(
+        &client,
+        &format!("{base}/api/installations"),
+        Some("admin-token"),
+    )
+    .await;
+    assert_eq!(list["items"][0]["instance_id"], "erp-1");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn demo_prints_a_login_and_its_agents_fill_the_dashboard() {
+    let dir = temp_dir();
+    let addr = free_addr();
+    let mut demo = command(&[
+        "demo",
+        "--data",
+        dir.to_str().expect("utf8"),
+        "--listen",
+        &addr,
+        "--interval-secs",
+        "1",
+    ])
+    .spawn()
+    .expect("start");
+    let client = reqwest::Client::new();
+    let base = format!("http://{addr}");
+    wait_ok(&client, &format!("{base}/healthz"), None).await;
+    let token = std::fs::read_to_string(dir.join("admin-token")).expect("token file");
+    let mut names = Vec::new();
+    for _ in 0..50 {
+        let list = wait_ok(
+            &client,
+            &format!("{base}/api/installations"),
+            Some(token.trim()),
+        )
+        .await;
+        names = list["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .filter_map(|i| i["instance_id"].as_str().map(str::to_owned))
+            .collect();
+        if names.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(names, ["demo-legacy", "demo-shop-1", "demo-shop-2"]);
+    let page = client
+        .get(format!("{base}/"))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .expect("page");
+    assert!(page.text().await.expect("html").contains("demo-shop-1"));
+    demo.kill().await.expect("stop");
+    let output = demo.wait_with_output().await.expect("output");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains(&format!("http://{addr}/")) && stdout.contains(token.trim()),
+        "{stdout}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
