@@ -591,3 +591,33 @@ async fn flush_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invalid_optional_field_is_left_out_not_the_heartbeat() {
+        let mut hb = Heartbeat::new("acme-001");
+        hb.cpu_usage_pct = Some(250.0);
+        hb.version = Some("9".repeat(500));
+        hb.memory_total_bytes = Some(42);
+        let body = heartbeat_body(&hb);
+        let decoded = Heartbeat::decode(&body, &Limits::default()).expect("valid after cleanup");
+        assert_eq!(decoded.cpu_usage_pct, None);
+        assert_eq!(decoded.version, None);
+        assert_eq!(decoded.memory_total_bytes, Some(42));
+        // A valid heartbeat goes out byte for byte as serialized.
+        let good = Heartbeat::new("acme-001");
+        assert_eq!(heartbeat_body(&good), good.to_vec());
+    }
+
+    #[test]
+    fn message_ids_sort_in_creation_order() {
+        let ids: Vec<String> = (0..200).map(|_| new_message_id()).collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, sorted);
+        assert!(ids[0].len() <= fleet_core::signing::MAX_MSG_ID_LEN);
+    }
+}
