@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 
+mod agent;
+
 use fleet_core::signing::{SignatureHeaders, constant_time_eq};
 use fleet_core::{
     DecodeError, Heartbeat, Limits, ManifestVerifier, PublicKey, Secret, SecretResolver,
@@ -318,6 +320,7 @@ fn _fleet(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(compare_digest, m)?)?;
     m.add_class::<Signer>()?;
     m.add_class::<Verifier>()?;
+    m.add_class::<agent::Agent>()?;
     m.add("FleetError", py.get_type::<FleetError>())?;
     m.add("InvalidSignature", py.get_type::<InvalidSignature>())?;
     m.add("ValidationError", py.get_type::<ValidationError>())?;

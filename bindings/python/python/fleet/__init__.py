@@ -4,6 +4,7 @@ The work is done by fleet-core (Rust); this package is its Python face.
 """
 
 from fleet._fleet import (
+    Agent,
     TOLERANCE_SECONDS,
     ConfigError,
     FleetError,
@@ -20,6 +21,7 @@ from fleet._fleet import (
 )
 
 __all__ = [
+    "Agent",
     "TOLERANCE_SECONDS",
     "ConfigError",
     "FleetError",

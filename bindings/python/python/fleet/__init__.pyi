@@ -1,4 +1,5 @@
 from fleet._fleet import (
+    Agent as Agent,
     TOLERANCE_SECONDS as TOLERANCE_SECONDS,
     ConfigError as ConfigError,
     FleetError as FleetError,
@@ -15,6 +16,7 @@ from fleet._fleet import (
 )
 
 __all__ = [
+    "Agent",
     "TOLERANCE_SECONDS",
     "ConfigError",
     "FleetError",
