@@ -357,6 +357,8 @@ impl Shared {
         hb.checks = checks;
         hb.checks.extend(collected);
         hb.checks.truncate(Limits::default().max_checks);
+        // What /metrics/agent reports: checks and collectors of the last heartbeat.
+        *self.last_checks.lock().unwrap_or_else(|p| p.into_inner()) = hb.checks.clone();
         hb.health = Some(if hb.checks.iter().all(|r| r.ok) {
             "ok".into()
         } else {
