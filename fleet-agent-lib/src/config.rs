@@ -632,6 +632,47 @@ mod tests {
     }
 
     #[test]
+    fn update_and_plugin_settings_are_read() {
+        let mut pairs = BASE.to_vec();
+        pairs.extend([
+            ("UPDATE_ENABLED", "false"),
+            ("UPDATE_POLL_MIN", "3"),
+            ("UPDATE_STEP_TIMEOUT_SEC", "60"),
+            ("UPDATE_WORKDIR", "/srv/app"),
+            ("UPDATE_BACKUP_CMD", "backup.sh"),
+            ("UPDATE_PULL_CMD", "pull.sh"),
+            ("UPDATE_MIGRATE_CMD", "migrate.sh"),
+            ("UPDATE_SMOKE_CMD", "smoke.sh"),
+            ("UPDATE_SWITCH_CMD", "switch.sh"),
+            ("UPDATE_HEALTHCHECK_URL", "http://127.0.0.1:3001/health"),
+            ("UPDATE_ROLLBACK_CMD", "rollback.sh"),
+            ("PLUGIN_UPDATE_ENABLED", "0"),
+            ("PLUGIN_POLL_MIN", "1"),
+            ("PLUGIN_STEP_TIMEOUT_SEC", "30"),
+            ("PLUGIN_INSTALL_CMD", "install.sh"),
+            ("PLUGIN_UPDATE_CMD", "update.sh"),
+            ("PLUGIN_REMOVE_CMD", "remove.sh"),
+            ("PLUGIN_SMOKE_CMD", "psmoke.sh"),
+        ]);
+        let c = load(&pairs).unwrap();
+        assert!(!c.update.enabled && !c.plugin.enabled);
+        assert_eq!(c.update.poll_interval, Duration::from_secs(180));
+        assert_eq!(c.update.step_timeout, Duration::from_secs(60));
+        assert_eq!(
+            c.update.workdir.as_deref(),
+            Some(std::path::Path::new("/srv/app"))
+        );
+        assert_eq!(c.update.rollback_cmd.as_deref(), Some("rollback.sh"));
+        assert_eq!(
+            c.update.healthcheck_url.as_deref(),
+            Some("http://127.0.0.1:3001/health")
+        );
+        assert_eq!(c.plugin.poll_interval, Duration::from_secs(60));
+        assert_eq!(c.plugin.smoke_cmd.as_deref(), Some("psmoke.sh"));
+        assert_eq!(c.plugin.remove_cmd.as_deref(), Some("remove.sh"));
+    }
+
+    #[test]
     fn metrics_url_can_be_turned_off() {
         let mut pairs = BASE.to_vec();
         pairs.push(("AGENT_METRICS_URL", "off"));

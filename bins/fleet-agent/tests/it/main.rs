@@ -7,6 +7,7 @@ mod receiver;
 
 mod image;
 mod process;
+mod unit;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
