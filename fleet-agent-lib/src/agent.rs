@@ -15,7 +15,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::checks::{Check, NotConfigured, check_for_url, run_check};
 use crate::collectors::{BackupCollector, Collector, OpsCollector, SloCollector};
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, DEFAULT_DOCKER_HOST, DEFAULT_DOCKER_SOCKET};
 use crate::containers::Containers;
 use crate::metrics::HostMetrics;
 use crate::outbox::{Bounds, Outbox};
@@ -107,7 +107,15 @@ impl AgentBuilder {
                 &config.system_root_path,
                 config.metrics_interval,
             )));
-            if !config.containers_interval.is_zero() {
+            // A host without Docker that never asked for container inventory should not
+            // report a failing source forever: the default socket counts only if it exists.
+            let default_socket = config.docker_host == DEFAULT_DOCKER_HOST
+                && !std::path::Path::new(DEFAULT_DOCKER_SOCKET).exists();
+            if default_socket {
+                tracing::info!(
+                    "no {DEFAULT_DOCKER_SOCKET} and no DOCKER_HOST: container inventory is off"
+                );
+            } else if !config.containers_interval.is_zero() {
                 collectors.push(Arc::new(Containers::new(
                     &config.docker_host,
                     config.containers_interval,
@@ -348,6 +356,9 @@ impl Shared {
             results
         };
         let (checks, collected) = tokio::join!(self.run_checks(), collect);
+        // Health follows the services (checks); a collector that cannot read its source is
+        // reported in `checks[]` but says nothing about the instance itself.
+        let healthy = checks.iter().all(|r| r.ok);
         let ok_of = |name: &str| checks.iter().find(|r| r.name == name).map(|r| r.ok);
         hb.db_ok = ok_of("db").unwrap_or(false);
         hb.redis_ok = ok_of("redis").unwrap_or(false);
@@ -359,7 +370,7 @@ impl Shared {
         hb.checks.truncate(Limits::default().max_checks);
         // What /metrics/agent reports: checks and collectors of the last heartbeat.
         *self.last_checks.lock().unwrap_or_else(|p| p.into_inner()) = hb.checks.clone();
-        hb.health = Some(if hb.checks.iter().all(|r| r.ok) {
+        hb.health = Some(if healthy {
             "ok".into()
         } else {
             "degraded".into()

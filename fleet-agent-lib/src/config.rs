@@ -27,6 +27,10 @@ pub const DEFAULT_BUFFER_MAX_BYTES: u64 = 16 * 1024 * 1024;
 pub const DEFAULT_BUFFER_MAX_AGE_SECS: u64 = 7 * 24 * 3600;
 /// ERP default local API port.
 pub const DEFAULT_AGENT_PORT: u16 = 4010;
+/// Where the Docker Engine API is when `DOCKER_HOST` is not set.
+pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
+/// `DOCKER_HOST`'s default.
+pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
 /// ERP default metrics URL.
 pub const DEFAULT_METRICS_URL: &str = "http://api:3001/metrics";
 
@@ -228,7 +232,7 @@ impl AgentConfig {
             backup_meta_path: None,
             metrics_url: Some(DEFAULT_METRICS_URL.to_owned()),
             system_root_path: PathBuf::from("/"),
-            docker_host: "unix:///var/run/docker.sock".to_owned(),
+            docker_host: DEFAULT_DOCKER_HOST.to_owned(),
             local_bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             local_port: DEFAULT_AGENT_PORT,
             local_token: None,
