@@ -5,6 +5,7 @@
 #[path = "../../../../fleet-agent-lib/tests/it/receiver.rs"]
 mod receiver;
 
+mod control_plane;
 mod image;
 mod process;
 mod unit;
@@ -119,4 +120,63 @@ pub async fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     cond()
+}
+
+/// Kills the agent process if a test fails before stopping it.
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The ids waiting in the outbox at `dir` (the agent must be stopped), oldest first.
+pub async fn waiting_ids(dir: &Path) -> Vec<String> {
+    let bounds = fleet_agent::outbox::Bounds {
+        max_messages: 1000,
+        max_bytes: 1 << 30,
+        max_age: Duration::from_secs(3600),
+    };
+    fleet_agent::outbox::Outbox::open(&dir.join("state.db"), bounds)
+        .await
+        .unwrap()
+        .waiting_ids()
+        .await
+        .unwrap()
+}
+
+/// Waits until the agent's outbox holds at least `n` messages (read from its local API).
+pub async fn wait_for_queued(local_port: u16, n: f64) -> f64 {
+    let mut queued = 0.0;
+    for _ in 0..300 {
+        queued = agent_metric(local_port, "fleet_agent_outbox_messages")
+            .await
+            .unwrap_or(0.0);
+        if queued >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    queued
+}
+
+/// Sends SIGTERM and expects a clean exit within 10 s.
+pub async fn sigterm_and_wait(agent: &mut Guard) {
+    let status = Command::new("kill")
+        .args(["-TERM", &agent.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for _ in 0..100 {
+        if let Some(status) = agent.0.try_wait().unwrap() {
+            assert!(status.success(), "exit after SIGTERM: {status:?}");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the agent did not stop within 10 s of SIGTERM");
 }

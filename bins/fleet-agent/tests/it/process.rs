@@ -1,9 +1,6 @@
 //! The binary as a process: configuration errors, SIGKILL with a full outbox, SIGTERM.
 
 use std::process::Command;
-use std::time::Duration;
-
-use fleet_agent::outbox::{Bounds, Outbox};
 
 use crate::receiver::{Receiver, Seen};
 use crate::*;
@@ -27,32 +24,6 @@ fn every_configuration_problem_is_named_at_once() {
     ] {
         assert!(stderr.contains(needle), "{needle} missing from:\n{stderr}");
     }
-}
-
-/// Kills the agent process if a test fails before stopping it.
-struct Guard(std::process::Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_none() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-async fn waiting_ids(dir: &std::path::Path) -> Vec<String> {
-    let bounds = Bounds {
-        max_messages: 1000,
-        max_bytes: 1 << 30,
-        max_age: Duration::from_secs(3600),
-    };
-    Outbox::open(&dir.join("state.db"), bounds)
-        .await
-        .unwrap()
-        .waiting_ids()
-        .await
-        .unwrap()
 }
 
 /// Stop the receiver, let the agent queue N heartbeats, kill -9 the agent, restart both:
@@ -87,16 +58,7 @@ async fn sigkill_with_a_full_outbox_loses_nothing_and_duplicates_nothing() {
     assert_eq!(names, ["db", "redis", "host", "containers"]);
 
     receiver.stop().await;
-    let mut queued = 0.0;
-    for _ in 0..300 {
-        queued = agent_metric(local_port, "fleet_agent_outbox_messages")
-            .await
-            .unwrap_or(0.0);
-        if queued >= N {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let queued = wait_for_queued(local_port, N).await;
     assert!(queued >= N, "only {queued} queued");
     agent.0.kill().unwrap(); // SIGKILL
     agent.0.wait().unwrap();
@@ -124,22 +86,7 @@ async fn sigkill_with_a_full_outbox_loses_nothing_and_duplicates_nothing() {
     let unique: std::collections::HashSet<_> = ids.iter().collect();
     assert_eq!(unique.len(), ids.len());
 
-    // SIGTERM: a clean, prompt exit.
-    let status = Command::new("kill")
-        .args(["-TERM", &agent.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let mut exited = None;
-    for _ in 0..100 {
-        if let Some(status) = agent.0.try_wait().unwrap() {
-            exited = Some(status);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let exited = exited.expect("the agent stops within 10 s of SIGTERM");
-    assert!(exited.success(), "exit after SIGTERM: {exited:?}");
+    sigterm_and_wait(&mut agent).await;
     assert_eq!(
         seen.bad_signatures
             .load(std::sync::atomic::Ordering::SeqCst),
