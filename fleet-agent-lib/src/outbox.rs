@@ -238,6 +238,19 @@ async fn add_dropped(conn: &mut SqliteConnection, n: i64) -> Result<()> {
 }
 
 async fn enforce_bounds(conn: &mut SqliteConnection, bounds: &Bounds, now: i64) -> Result<u64> {
+    // The usual case, within bounds, costs one aggregate instead of reading every row.
+    let (count, bytes, oldest): (i64, i64, Option<i64>) = sqlx::query_as(
+        "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0), MIN(created_at) FROM outbox",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let max_age = i64::try_from(bounds.max_age.as_secs()).unwrap_or(i64::MAX);
+    if count as u64 <= bounds.max_messages
+        && bytes as u64 <= bounds.max_bytes
+        && oldest.is_none_or(|t| now.saturating_sub(t) <= max_age)
+    {
+        return Ok(0);
+    }
     let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(
         "SELECT seq, LENGTH(body), created_at, carried_dropped FROM outbox ORDER BY seq",
     )
@@ -321,6 +334,33 @@ mod tests {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[tokio::test]
+    async fn too_old_messages_are_dropped_before_sending_and_reported() {
+        let dir = temp_dir("age");
+        let outbox = open(&dir, bounds(100, 1 << 20, 60)).await;
+        outbox
+            .push("old", "/p", 1000, |_| b"a".to_vec())
+            .await
+            .unwrap();
+        outbox
+            .push("new", "/p", 1050, |_| b"b".to_vec())
+            .await
+            .unwrap();
+        // At 1070 "old" is 70 s old: past the 60 s bound.
+        assert_eq!(outbox.peek(1070).await.unwrap().unwrap().msg_id, "new");
+        let mut reported = 0;
+        outbox
+            .push("next", "/p", 1070, |d| {
+                reported = d;
+                Vec::new()
+            })
+            .await
+            .unwrap();
+        assert_eq!(reported, 1);
+        assert_eq!(outbox.waiting_ids().await.unwrap(), ["new", "next"]);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[tokio::test]
