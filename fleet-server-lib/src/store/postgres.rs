@@ -37,4 +37,4 @@ impl PostgresStore {
     }
 }
 
-impl_sql_store!(PostgresStore, Postgres, "BEGIN");
+impl_sql_store!(PostgresStore, Postgres, "BEGIN", super::sql::POSTGRES_BATCH);

@@ -71,6 +71,108 @@ pub(crate) fn like_pattern(text: &str) -> String {
     out
 }
 
+/// The statements that take a whole batch as ONE JSON array parameter. Their text is fixed
+/// whatever the batch size, so each is prepared once and cached (a multi-row `VALUES` list
+/// would be a new statement, parsed and planned again, for every batch size), and a batch
+/// of any size costs one round trip per statement. Only the way a JSON array becomes rows
+/// differs between the engines (`json_each` and `json_array_elements`).
+pub(crate) struct BatchSql {
+    /// `$1`: `["instance_id", ...]` → `id, instance_id, last_backup_checksum`.
+    pub select_installations: &'static str,
+    /// `$1`: `[[instance_id, msg_id, signed_at, seen_at], ...]` → inserted `instance_id, msg_id`.
+    pub insert_seen: &'static str,
+    /// `$1`: `[[[instance_id, domain, client, version], [release_channel, health, scheme],
+    /// [first_seen_at, last_seen_at, backup_checksum], state], ...]` → `id, instance_id`.
+    pub upsert_installations: &'static str,
+    /// `$1`: `[[installation_id, received_at, msg_id, figures], ...]`.
+    pub insert_heartbeats: &'static str,
+    /// `$1`: `[[installation_id, queue, message, created_at], ...]`.
+    pub insert_job_failures: &'static str,
+    /// `$1`: `[installation_id, ...]` → open `id, installation_id, dedup_key`.
+    pub select_open_alerts: &'static str,
+    /// `$1`: resolved_at, `$2`: `[alert_id, ...]`.
+    pub resolve_alerts: &'static str,
+}
+
+/// The upsert's conflict clause, the same for both engines.
+macro_rules! upsert_installations_tail {
+    () => {
+        " ON CONFLICT (instance_id) DO UPDATE SET \
+         domain = COALESCE(excluded.domain, installations.domain), \
+         client = COALESCE(excluded.client, installations.client), \
+         version = COALESCE(excluded.version, installations.version), \
+         release_channel = COALESCE(excluded.release_channel, installations.release_channel), \
+         health = COALESCE(excluded.health, installations.health), \
+         scheme = excluded.scheme, \
+         first_seen_at = COALESCE(installations.first_seen_at, excluded.first_seen_at), \
+         last_seen_at = excluded.last_seen_at, \
+         last_backup_checksum = COALESCE(excluded.last_backup_checksum, installations.last_backup_checksum), \
+         state = excluded.state \
+         RETURNING id, instance_id"
+    };
+}
+
+/// SQLite: `json_each` and the `->>` operator (SQLite 3.38+). `WHERE true` keeps the parser
+/// from reading `ON CONFLICT` as part of the `SELECT`'s join.
+pub(crate) const SQLITE_BATCH: BatchSql = BatchSql {
+    select_installations: "SELECT id, instance_id, last_backup_checksum FROM installations \
+        WHERE instance_id IN (SELECT value FROM json_each($1))",
+    insert_seen: "INSERT INTO seen_messages (instance_id, msg_id, signed_at, seen_at) \
+        SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each($1) WHERE true \
+        ON CONFLICT DO NOTHING RETURNING instance_id, msg_id",
+    upsert_installations: concat!(
+        "INSERT INTO installations (instance_id, domain, client, version, release_channel, health, \
+         scheme, first_seen_at, last_seen_at, last_backup_checksum, state) \
+         SELECT value ->> '$[0][0]', value ->> '$[0][1]', value ->> '$[0][2]', value ->> '$[0][3]', \
+         value ->> '$[1][0]', value ->> '$[1][1]', value ->> '$[1][2]', \
+         value ->> '$[2][0]', value ->> '$[2][1]', value ->> '$[2][2]', value ->> '$[3]' \
+         FROM json_each($1) WHERE true",
+        upsert_installations_tail!()
+    ),
+    insert_heartbeats: "INSERT INTO heartbeats (installation_id, received_at, msg_id, figures) \
+        SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each($1)",
+    insert_job_failures: "INSERT INTO job_failures (installation_id, queue, message, created_at) \
+        SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each($1)",
+    select_open_alerts: "SELECT id, installation_id, dedup_key FROM alerts \
+        WHERE resolved_at IS NULL AND dedup_key IS NOT NULL \
+        AND installation_id IN (SELECT value FROM json_each($1))",
+    resolve_alerts: "UPDATE alerts SET resolved_at = $1 WHERE id IN (SELECT value FROM json_each($2))",
+};
+
+/// PostgreSQL: `json_array_elements` with casts from text.
+pub(crate) const POSTGRES_BATCH: BatchSql = BatchSql {
+    select_installations: "SELECT id, instance_id, last_backup_checksum FROM installations \
+        WHERE instance_id IN (SELECT json_array_elements_text($1::json))",
+    insert_seen: "INSERT INTO seen_messages (instance_id, msg_id, signed_at, seen_at) \
+        SELECT e ->> 0, e ->> 1, (e ->> 2)::bigint, (e ->> 3)::bigint \
+        FROM json_array_elements($1::json) AS e \
+        ON CONFLICT DO NOTHING RETURNING instance_id, msg_id",
+    upsert_installations: concat!(
+        "INSERT INTO installations (instance_id, domain, client, version, release_channel, health, \
+         scheme, first_seen_at, last_seen_at, last_backup_checksum, state) \
+         SELECT e #>> '{0,0}', e #>> '{0,1}', e #>> '{0,2}', e #>> '{0,3}', \
+         e #>> '{1,0}', e #>> '{1,1}', e #>> '{1,2}', \
+         (e #>> '{2,0}')::bigint, (e #>> '{2,1}')::bigint, e #>> '{2,2}', e ->> 3 \
+         FROM json_array_elements($1::json) AS e",
+        upsert_installations_tail!()
+    ),
+    insert_heartbeats: "INSERT INTO heartbeats (installation_id, received_at, msg_id, figures) \
+        SELECT (e ->> 0)::bigint, (e ->> 1)::bigint, e ->> 2, e ->> 3 FROM json_array_elements($1::json) AS e",
+    insert_job_failures: "INSERT INTO job_failures (installation_id, queue, message, created_at) \
+        SELECT (e ->> 0)::bigint, e ->> 1, e ->> 2, (e ->> 3)::bigint FROM json_array_elements($1::json) AS e",
+    select_open_alerts: "SELECT id, installation_id, dedup_key FROM alerts \
+        WHERE resolved_at IS NULL AND dedup_key IS NOT NULL \
+        AND installation_id IN (SELECT (json_array_elements_text($1::json))::bigint)",
+    resolve_alerts: "UPDATE alerts SET resolved_at = $1 \
+        WHERE id IN (SELECT (json_array_elements_text($2::json))::bigint)",
+};
+
+/// A batch parameter: `rows` as JSON text (tuples become arrays).
+pub(crate) fn json<T: serde::Serialize + ?Sized>(rows: &T) -> String {
+    // Serializing plain tuples of strings and numbers cannot fail.
+    serde_json::to_string(rows).unwrap_or_else(|_| "[]".to_owned())
+}
+
 /// The numeric figures of a heartbeat, as stored in its time-series row.
 pub(crate) fn figures_json(hb: &Heartbeat) -> String {
     let mut map = serde_json::Map::new();
@@ -204,9 +306,9 @@ pub(crate) fn plan_alerts<'a>(
 }
 
 /// Implements [`Store`](crate::store::Store) for `$store` (which has a `pool: Pool<$db>`);
-/// `$begin` opens a write transaction.
+/// `$begin` opens a write transaction; `$batch` is the backend's [`BatchSql`].
 macro_rules! impl_sql_store {
-    ($store:ty, $db:ty, $begin:expr) => {
+    ($store:ty, $db:ty, $begin:expr, $batch:expr) => {
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
             async fn record_heartbeats(
@@ -215,7 +317,7 @@ macro_rules! impl_sql_store {
                 rules: &$crate::store::IngestRules,
             ) -> $crate::Result<Vec<$crate::store::RecordOutcome>> {
                 use std::collections::{HashMap, HashSet};
-                use sqlx::{QueryBuilder, Row};
+                use sqlx::Row;
                 use $crate::store::RecordOutcome;
                 use $crate::store::sql::{CHUNK, OpenRef};
 
@@ -230,15 +332,11 @@ macro_rules! impl_sql_store {
                     set.into_iter().collect()
                 };
                 for chunk in ids.chunks(CHUNK) {
-                    let mut qb = QueryBuilder::<$db>::new(
-                        "SELECT id, instance_id, last_backup_checksum FROM installations WHERE instance_id IN (",
-                    );
-                    let mut sep = qb.separated(", ");
-                    for id in chunk {
-                        sep.push_bind(id.to_string());
-                    }
-                    sep.push_unseparated(")");
-                    for row in qb.build().fetch_all(&mut *tx).await? {
+                    let rows = sqlx::query($batch.select_installations)
+                        .bind($crate::store::sql::json(&chunk))
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    for row in rows {
                         known.insert(
                             row.try_get("instance_id")?,
                             (row.try_get("id")?, row.try_get("last_backup_checksum")?),
@@ -274,19 +372,24 @@ macro_rules! impl_sql_store {
                 }
                 let mut signed_seen: HashMap<(&str, &str), Vec<Option<i64>>> = HashMap::new();
                 for chunk in fresh.chunks(CHUNK) {
-                    let mut qb = QueryBuilder::<$db>::new(
-                        "INSERT INTO seen_messages (instance_id, msg_id, signed_at, seen_at) ",
-                    );
-                    qb.push_values(chunk, |mut row, &i| {
-                        let inc = &batch[i];
-                        row.push_bind(inc.heartbeat.instance_id.clone())
-                            .push_bind(inc.msg_id.clone())
-                            .push_bind(inc.signed_at.unwrap_or(inc.received_at))
-                            .push_bind(inc.received_at);
-                    });
-                    qb.push(" ON CONFLICT DO NOTHING RETURNING instance_id, msg_id");
+                    let rows: Vec<_> = chunk
+                        .iter()
+                        .map(|&i| {
+                            let inc = &batch[i];
+                            (
+                                inc.heartbeat.instance_id.as_str(),
+                                inc.msg_id.as_deref(),
+                                inc.signed_at.unwrap_or(inc.received_at),
+                                inc.received_at,
+                            )
+                        })
+                        .collect();
                     let mut inserted = HashSet::new();
-                    for row in qb.build().fetch_all(&mut *tx).await? {
+                    let returned = sqlx::query($batch.insert_seen)
+                        .bind($crate::store::sql::json(&rows))
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    for row in returned {
                         let key: (String, String) = (row.try_get(0)?, row.try_get(1)?);
                         inserted.insert(key);
                     }
@@ -344,40 +447,24 @@ macro_rules! impl_sql_store {
                 };
                 let mut row_ids: HashMap<String, i64> = HashMap::new();
                 for chunk in latest.chunks(CHUNK) {
-                    let mut qb = QueryBuilder::<$db>::new(
-                        "INSERT INTO installations (instance_id, domain, client, version, release_channel, \
-                         health, scheme, first_seen_at, last_seen_at, last_backup_checksum, state) ",
-                    );
-                    qb.push_values(chunk, |mut row, m| {
-                        let inc = &batch[m.latest];
-                        let hb = &inc.heartbeat;
-                        row.push_bind(hb.instance_id.clone())
-                            .push_bind(m.domain.cloned())
-                            .push_bind(m.client.cloned())
-                            .push_bind(m.version.cloned())
-                            .push_bind(m.release_channel.cloned())
-                            .push_bind(m.health.cloned())
-                            .push_bind(inc.scheme.as_str())
-                            .push_bind(batch[m.first].received_at)
-                            .push_bind(inc.received_at)
-                            .push_bind(m.backup_checksum.cloned())
-                            .push_bind(String::from_utf8(hb.to_vec()).unwrap_or_default());
-                    });
-                    qb.push(
-                        " ON CONFLICT (instance_id) DO UPDATE SET \
-                         domain = COALESCE(excluded.domain, installations.domain), \
-                         client = COALESCE(excluded.client, installations.client), \
-                         version = COALESCE(excluded.version, installations.version), \
-                         release_channel = COALESCE(excluded.release_channel, installations.release_channel), \
-                         health = COALESCE(excluded.health, installations.health), \
-                         scheme = excluded.scheme, \
-                         first_seen_at = COALESCE(installations.first_seen_at, excluded.first_seen_at), \
-                         last_seen_at = excluded.last_seen_at, \
-                         last_backup_checksum = COALESCE(excluded.last_backup_checksum, installations.last_backup_checksum), \
-                         state = excluded.state \
-                         RETURNING id, instance_id",
-                    );
-                    for row in qb.build().fetch_all(&mut *tx).await? {
+                    let rows: Vec<_> = chunk
+                        .iter()
+                        .map(|m| {
+                            let inc = &batch[m.latest];
+                            let hb = &inc.heartbeat;
+                            (
+                                (hb.instance_id.as_str(), m.domain, m.client, m.version),
+                                (m.release_channel, m.health, inc.scheme.as_str()),
+                                (batch[m.first].received_at, inc.received_at, m.backup_checksum),
+                                String::from_utf8(hb.to_vec()).unwrap_or_default(),
+                            )
+                        })
+                        .collect();
+                    let returned = sqlx::query($batch.upsert_installations)
+                        .bind($crate::store::sql::json(&rows))
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    for row in returned {
                         row_ids.insert(row.try_get("instance_id")?, row.try_get("id")?);
                     }
                 }
@@ -396,16 +483,21 @@ macro_rules! impl_sql_store {
 
                 // The time series: one row per applied heartbeat.
                 for chunk in applied.chunks(CHUNK) {
-                    let mut qb = QueryBuilder::<$db>::new(
-                        "INSERT INTO heartbeats (installation_id, received_at, msg_id, figures) ",
-                    );
-                    qb.push_values(chunk, |mut row, (inc, id)| {
-                        row.push_bind(*id)
-                            .push_bind(inc.received_at)
-                            .push_bind(inc.msg_id.clone())
-                            .push_bind($crate::store::sql::figures_json(&inc.heartbeat));
-                    });
-                    qb.build().execute(&mut *tx).await?;
+                    let rows: Vec<_> = chunk
+                        .iter()
+                        .map(|(inc, id)| {
+                            (
+                                *id,
+                                inc.received_at,
+                                inc.msg_id.as_deref(),
+                                $crate::store::sql::figures_json(&inc.heartbeat),
+                            )
+                        })
+                        .collect();
+                    sqlx::query($batch.insert_heartbeats)
+                        .bind($crate::store::sql::json(&rows))
+                        .execute(&mut *tx)
+                        .await?;
                 }
 
                 // Job failures, one row each, as the ERP records them.
@@ -416,16 +508,14 @@ macro_rules! impl_sql_store {
                     })
                     .collect();
                 for chunk in failures.chunks(CHUNK) {
-                    let mut qb = QueryBuilder::<$db>::new(
-                        "INSERT INTO job_failures (installation_id, queue, message, created_at) ",
-                    );
-                    qb.push_values(chunk, |mut row, (id, at, f)| {
-                        row.push_bind(*id)
-                            .push_bind(f.queue.clone())
-                            .push_bind(f.message.clone())
-                            .push_bind(*at);
-                    });
-                    qb.build().execute(&mut *tx).await?;
+                    let rows: Vec<_> = chunk
+                        .iter()
+                        .map(|(id, at, f)| (*id, f.queue.as_deref(), f.message.as_str(), *at))
+                        .collect();
+                    sqlx::query($batch.insert_job_failures)
+                        .bind($crate::store::sql::json(&rows))
+                        .execute(&mut *tx)
+                        .await?;
                 }
 
                 // A backup record whenever the reported checksum differs from the last one.
@@ -465,16 +555,11 @@ macro_rules! impl_sql_store {
                     set.into_iter().collect()
                 };
                 for chunk in inst_ids.chunks(CHUNK) {
-                    let mut qb = QueryBuilder::<$db>::new(
-                        "SELECT id, installation_id, dedup_key FROM alerts \
-                         WHERE resolved_at IS NULL AND dedup_key IS NOT NULL AND installation_id IN (",
-                    );
-                    let mut sep = qb.separated(", ");
-                    for id in chunk {
-                        sep.push_bind(*id);
-                    }
-                    sep.push_unseparated(")");
-                    for row in qb.build().fetch_all(&mut *tx).await? {
+                    let rows = sqlx::query($batch.select_open_alerts)
+                        .bind($crate::store::sql::json(&chunk))
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    for row in rows {
                         let key: String = row.try_get("dedup_key")?;
                         open.entry(row.try_get("installation_id")?)
                             .or_default()
@@ -484,15 +569,11 @@ macro_rules! impl_sql_store {
                 let (pending, resolve_ids) =
                     $crate::store::sql::plan_alerts(&applied, open, &rules.slo);
                 for chunk in resolve_ids.chunks(CHUNK) {
-                    let mut qb = QueryBuilder::<$db>::new("UPDATE alerts SET resolved_at = ");
-                    qb.push_bind(batch.last().map(|b| b.received_at).unwrap_or_default());
-                    qb.push(" WHERE id IN (");
-                    let mut sep = qb.separated(", ");
-                    for id in chunk {
-                        sep.push_bind(*id);
-                    }
-                    sep.push_unseparated(")");
-                    qb.build().execute(&mut *tx).await?;
+                    sqlx::query($batch.resolve_alerts)
+                        .bind(batch.last().map(|b| b.received_at).unwrap_or_default())
+                        .bind($crate::store::sql::json(&chunk))
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 for alert in &pending {
                     Self::insert_alert(&mut tx, alert, rules.forward_alerts).await?;
