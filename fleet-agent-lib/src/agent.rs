@@ -14,11 +14,15 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
 use crate::checks::{Check, NotConfigured, check_for_url, run_check};
-use crate::collectors::{BackupCollector, Collector, OpsCollector, SloCollector};
+use crate::collectors::{
+    BackupCollector, Collector, DbSizeCollector, EventsCollector, OpsCollector, SloCollector,
+    StorageSizeCollector,
+};
 use crate::config::{AgentConfig, DEFAULT_DOCKER_HOST, DEFAULT_DOCKER_SOCKET};
 use crate::containers::Containers;
 use crate::metrics::HostMetrics;
 use crate::outbox::{Bounds, Outbox};
+use crate::regional::RegionalHealth;
 use crate::sender::{Backoff, Outcome, Sender};
 use crate::{Error, Result};
 
@@ -97,8 +101,31 @@ impl AgentBuilder {
                 ops = Some(collector.clone());
                 collectors.push(collector);
             }
+            if let (Some(url), Some(token)) = (&config.events_stats_url, &config.ops_token) {
+                collectors.push(Arc::new(EventsCollector::new(http.clone(), url, token)));
+            }
             if let Some(path) = &config.backup_meta_path {
                 collectors.push(Arc::new(BackupCollector::new(path)));
+            }
+            if let Some(url) = config
+                .database_url
+                .as_deref()
+                .filter(|u| u.starts_with("postgres://") || u.starts_with("postgresql://"))
+            {
+                collectors.push(Arc::new(DbSizeCollector::new(url, config.metrics_interval)));
+            }
+            if let Some(path) = &config.storage_data_path {
+                collectors.push(Arc::new(StorageSizeCollector::new(
+                    path,
+                    config.metrics_interval,
+                )));
+            }
+            if !config.regional_endpoints.is_empty() {
+                collectors.push(Arc::new(RegionalHealth::new(
+                    http.clone(),
+                    config.regional_endpoints.clone(),
+                    config.primary_region.clone(),
+                )));
             }
             if let Some(url) = &config.metrics_url {
                 collectors.push(Arc::new(SloCollector::new(http.clone(), url)));

@@ -4,12 +4,16 @@
 //!
 //! A collector that fails reports a failed check with its reason; the heartbeat still goes.
 
-use std::path::PathBuf;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use fleet_core::Heartbeat;
 use fleet_core::heartbeat::JobFailure;
 use serde_json::{Map, Value};
+use sqlx::Connection;
 
 use crate::checks::error_chain;
 use crate::prometheus::parse_slo;
@@ -233,6 +237,195 @@ impl Collector for SloCollector {
     }
 }
 
+/// A value refreshed at most once per interval; failures are not kept, so the next call
+/// tries again.
+pub(crate) struct Every<T> {
+    interval: Duration,
+    last: Mutex<Option<(Instant, T)>>,
+}
+
+impl<T: Clone> Every<T> {
+    pub(crate) fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            last: Mutex::new(None),
+        }
+    }
+
+    pub(crate) async fn get<F>(&self, refresh: impl FnOnce() -> F) -> Result<T, String>
+    where
+        F: Future<Output = Result<T, String>>,
+    {
+        {
+            let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, value)) = &*last
+                && at.elapsed() < self.interval
+            {
+                return Ok(value.clone());
+            }
+        }
+        let value = refresh().await?;
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), value.clone()));
+        Ok(value)
+    }
+}
+
+/// `db_size_bytes`: `pg_database_size(current_database())`, on the metrics interval.
+pub struct DbSizeCollector {
+    url: String,
+    every: Every<u64>,
+}
+
+impl DbSizeCollector {
+    /// Measures the PostgreSQL database at `url` at most once per `interval`.
+    pub fn new(url: &str, interval: Duration) -> Self {
+        Self {
+            url: url.to_owned(),
+            every: Every::new(interval),
+        }
+    }
+}
+
+#[async_trait]
+impl Collector for DbSizeCollector {
+    fn name(&self) -> &str {
+        "db_size"
+    }
+
+    async fn collect(&self, hb: &mut Heartbeat) -> Result<(), String> {
+        let url = &self.url;
+        let size = self
+            .every
+            .get(|| async move {
+                let redact = |e: sqlx::Error| crate::checks::redact(&e.to_string(), url);
+                let mut conn = sqlx::PgConnection::connect(url).await.map_err(redact)?;
+                let size: i64 =
+                    sqlx::query_scalar("SELECT pg_database_size(current_database())::bigint")
+                        .fetch_one(&mut conn)
+                        .await
+                        .map_err(redact)?;
+                let _ = conn.close().await;
+                Ok(size.max(0) as u64)
+            })
+            .await?;
+        hb.db_size_bytes = Some(size);
+        Ok(())
+    }
+}
+
+/// `storage_size_bytes`: the total size of the files under `STORAGE_DATA_PATH` (symbolic
+/// links not followed), on the metrics interval.
+pub struct StorageSizeCollector {
+    path: PathBuf,
+    every: Every<u64>,
+}
+
+impl StorageSizeCollector {
+    /// Measures `path` at most once per `interval`.
+    pub fn new(path: impl Into<PathBuf>, interval: Duration) -> Self {
+        Self {
+            path: path.into(),
+            every: Every::new(interval),
+        }
+    }
+}
+
+/// Bytes of the regular files under `root` (or of `root` itself when it is a file).
+pub fn tree_size(root: &Path) -> std::io::Result<u64> {
+    let meta = std::fs::symlink_metadata(root)?;
+    if !meta.is_dir() {
+        return Ok(meta.len());
+    }
+    let mut total = 0u64;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        // An unreadable subdirectory is skipped rather than failing the whole figure.
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file() {
+                total = total.saturating_add(entry.metadata().map(|m| m.len()).unwrap_or(0));
+            }
+        }
+    }
+    Ok(total)
+}
+
+#[async_trait]
+impl Collector for StorageSizeCollector {
+    fn name(&self) -> &str {
+        "storage_size"
+    }
+
+    async fn collect(&self, hb: &mut Heartbeat) -> Result<(), String> {
+        let path = self.path.clone();
+        let size = self
+            .every
+            .get(|| async move {
+                let shown = path.display().to_string();
+                tokio::task::spawn_blocking(move || tree_size(&path))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("{shown}: {e}"))
+            })
+            .await?;
+        hb.storage_size_bytes = Some(size);
+        Ok(())
+    }
+}
+
+/// The application's event statistics (`AGENT_EVENTS_STATS_URL`, Bearer ops token):
+/// `total1h`, `failed1h`, `avgLagMs` become `events_total_1h`, `events_failed_1h`,
+/// `events_avg_lag_ms`.
+pub struct EventsCollector {
+    client: reqwest::Client,
+    url: String,
+    token: String,
+}
+
+impl EventsCollector {
+    /// Reads `url` with `token` as Bearer.
+    pub fn new(client: reqwest::Client, url: &str, token: &str) -> Self {
+        Self {
+            client,
+            url: url.to_owned(),
+            token: token.to_owned(),
+        }
+    }
+}
+
+#[async_trait]
+impl Collector for EventsCollector {
+    fn name(&self) -> &str {
+        "events"
+    }
+
+    async fn collect(&self, hb: &mut Heartbeat) -> Result<(), String> {
+        let body = fetch_limited(self.client.get(&self.url).bearer_auth(&self.token))
+            .await
+            .map_err(|e| format!("events endpoint: {e}"))?;
+        let stats: Value =
+            serde_json::from_slice(&body).map_err(|e| format!("events endpoint JSON: {e}"))?;
+        for (from, to) in [
+            ("total1h", "events_total_1h"),
+            ("failed1h", "events_failed_1h"),
+            ("avgLagMs", "events_avg_lag_ms"),
+        ] {
+            if let Some(n) = stats.get(from).filter(|v| v.is_number()) {
+                hb.extra.insert(to.into(), n.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +447,32 @@ mod tests {
             (hb.secrets_expired, hb.secrets_unverified),
             (Some(1), Some(2))
         );
+    }
+
+    #[test]
+    fn tree_size_adds_files_and_skips_links() {
+        let dir = std::env::temp_dir().join(format!("fleet-agent-tree-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(dir.join("a/b")).unwrap();
+        std::fs::write(dir.join("x"), [0u8; 10]).unwrap();
+        std::fs::write(dir.join("a/b/y"), [0u8; 5]).unwrap();
+        std::os::unix::fs::symlink(dir.join("x"), dir.join("a/link")).unwrap();
+        assert_eq!(tree_size(&dir).unwrap(), 15);
+        assert_eq!(tree_size(&dir.join("x")).unwrap(), 10);
+        assert!(tree_size(&dir.join("missing")).is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn every_caches_successes_not_failures() {
+        let every = Every::new(Duration::from_secs(60));
+        assert!(
+            every
+                .get(|| async { Err::<u8, _>("down".to_owned()) })
+                .await
+                .is_err()
+        );
+        assert_eq!(every.get(|| async { Ok(1u8) }).await, Ok(1));
+        assert_eq!(every.get(|| async { Ok(2u8) }).await, Ok(1));
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub const DEFAULT_AGENT_PORT: u16 = 4010;
 pub const DEFAULT_DOCKER_SOCKET: &str = "/var/run/docker.sock";
 /// `DOCKER_HOST`'s default.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
+/// ERP default event statistics URL.
+pub const DEFAULT_EVENTS_STATS_URL: &str = "http://api:3001/admin/events/stats";
 /// ERP default metrics URL.
 pub const DEFAULT_METRICS_URL: &str = "http://api:3001/metrics";
 
@@ -80,6 +82,15 @@ pub struct AgentConfig {
     pub ops_token: Option<String>,
     /// `BACKUP_META_PATH`: JSON file describing the last backup.
     pub backup_meta_path: Option<PathBuf>,
+    /// `AGENT_EVENTS_STATS_URL` (default `http://api:3001/admin/events/stats`): event
+    /// figures (`events_total_1h`, `events_failed_1h`, `events_avg_lag_ms`), read with the
+    /// ops token and only when one is set, as the ERP agent does.
+    pub events_stats_url: Option<String>,
+    /// `STORAGE_DATA_PATH`: a directory whose total size is `storage_size_bytes`.
+    pub storage_data_path: Option<PathBuf>,
+    /// `REGIONAL_HEALTH_ENDPOINTS`: JSON `[{"region": .., "endpoint": ..}]`, probed into
+    /// `regional_health[]` (with `PRIMARY_REGION` marking the primary).
+    pub regional_endpoints: Vec<RegionalEndpoint>,
     /// `AGENT_METRICS_URL` (default `http://api:3001/metrics`; `off` for none): Prometheus
     /// text for the SLO figures.
     pub metrics_url: Option<String>,
@@ -103,6 +114,15 @@ pub struct AgentConfig {
     pub plugin: PluginSettings,
     /// `CHECK_TIMEOUT_MS` (default 2000, the ERP agent's TCP timeout): limit per check.
     pub check_timeout: Duration,
+}
+
+/// One entry of `REGIONAL_HEALTH_ENDPOINTS`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct RegionalEndpoint {
+    /// Region name (`sa-east-1`).
+    pub region: String,
+    /// URL probed with `GET`; a 2xx is healthy.
+    pub endpoint: String,
 }
 
 /// The ERP agent's IAM flags, reported as `iam_*` heartbeat keys.
@@ -230,6 +250,9 @@ impl AgentConfig {
             ops_url: None,
             ops_token: None,
             backup_meta_path: None,
+            events_stats_url: Some(DEFAULT_EVENTS_STATS_URL.to_owned()),
+            storage_data_path: None,
+            regional_endpoints: Vec::new(),
             metrics_url: Some(DEFAULT_METRICS_URL.to_owned()),
             system_root_path: PathBuf::from("/"),
             docker_host: DEFAULT_DOCKER_HOST.to_owned(),
@@ -348,6 +371,26 @@ impl AgentConfig {
         config.ops_url = env.get("AGENT_OPS_URL");
         config.ops_token = env.get("AGENT_OPS_TOKEN");
         config.backup_meta_path = env.get("BACKUP_META_PATH").map(PathBuf::from);
+        match env.get("AGENT_EVENTS_STATS_URL") {
+            Some(url) if url.eq_ignore_ascii_case("off") => config.events_stats_url = None,
+            Some(url) => config.events_stats_url = Some(url),
+            None => {}
+        }
+        config.storage_data_path = env.get("STORAGE_DATA_PATH").map(PathBuf::from);
+        if let Some(text) = env.get("REGIONAL_HEALTH_ENDPOINTS") {
+            // The ERP agent ignores a malformed list silently; saying so is kinder.
+            match serde_json::from_str::<Vec<RegionalEndpoint>>(&text) {
+                Ok(list) => {
+                    config.regional_endpoints = list
+                        .into_iter()
+                        .filter(|e| !e.region.trim().is_empty() && !e.endpoint.trim().is_empty())
+                        .collect();
+                }
+                Err(err) => env.problem(format!(
+                    "REGIONAL_HEALTH_ENDPOINTS must be a JSON list of {{\"region\", \"endpoint\"}}: {err}"
+                )),
+            }
+        }
         // `off` turns the SLO figures off; an empty value keeps the ERP default.
         match env.get("AGENT_METRICS_URL") {
             Some(url) if url.eq_ignore_ascii_case("off") => config.metrics_url = None,
@@ -472,6 +515,9 @@ impl std::fmt::Debug for AgentConfig {
             .field("ops_url", &url(&self.ops_url))
             .field("ops_token", &token(&self.ops_token))
             .field("backup_meta_path", &self.backup_meta_path)
+            .field("events_stats_url", &url(&self.events_stats_url))
+            .field("storage_data_path", &self.storage_data_path)
+            .field("regional_endpoints", &self.regional_endpoints)
             .field("metrics_url", &url(&self.metrics_url))
             .field("system_root_path", &self.system_root_path)
             .field("docker_host", &self.docker_host)
@@ -674,6 +720,32 @@ mod tests {
         assert_eq!(c.plugin.poll_interval, Duration::from_secs(60));
         assert_eq!(c.plugin.smoke_cmd.as_deref(), Some("psmoke.sh"));
         assert_eq!(c.plugin.remove_cmd.as_deref(), Some("remove.sh"));
+    }
+
+    #[test]
+    fn erp_extras_are_read() {
+        let mut pairs = BASE.to_vec();
+        pairs.push((
+            "REGIONAL_HEALTH_ENDPOINTS",
+            r#"[{"region":"sa-east-1","endpoint":"http://a/health"},{"region":"","endpoint":"x"}]"#,
+        ));
+        pairs.push(("STORAGE_DATA_PATH", "/srv/storage"));
+        pairs.push(("AGENT_EVENTS_STATS_URL", "off"));
+        let c = load(&pairs).unwrap();
+        assert_eq!(c.regional_endpoints.len(), 1);
+        assert_eq!(c.regional_endpoints[0].region, "sa-east-1");
+        assert_eq!(
+            c.storage_data_path.as_deref(),
+            Some(std::path::Path::new("/srv/storage"))
+        );
+        assert_eq!(c.events_stats_url, None);
+        assert_eq!(
+            load(&BASE).unwrap().events_stats_url.as_deref(),
+            Some("http://api:3001/admin/events/stats")
+        );
+        let mut bad = BASE.to_vec();
+        bad.push(("REGIONAL_HEALTH_ENDPOINTS", "sa-east-1=http://a"));
+        assert!(problems(&bad)[0].starts_with("REGIONAL_HEALTH_ENDPOINTS"));
     }
 
     #[test]

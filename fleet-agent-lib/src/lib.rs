@@ -10,6 +10,7 @@ pub mod local_api;
 pub mod metrics;
 pub mod outbox;
 pub mod prometheus;
+pub mod regional;
 pub mod sender;
 
 pub use agent::{Agent, AgentBuilder};
@@ -17,7 +18,7 @@ pub use agent::{Agent, AgentBuilder};
 pub use async_trait::async_trait;
 pub use checks::{Check, HttpCheck, PostgresCheck, RedisCheck, TcpCheck};
 pub use collectors::Collector;
-pub use config::{AgentConfig, PluginSettings, UpdateSettings};
+pub use config::{AgentConfig, PluginSettings, RegionalEndpoint, UpdateSettings};
 
 /// Everything that can go wrong in the agent library.
 #[derive(Debug, thiserror::Error)]

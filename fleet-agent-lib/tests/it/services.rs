@@ -40,6 +40,16 @@ async fn all_checks_green_against_real_services() {
     c.ops_token = Some(OPS_TOKEN.into());
     c.metrics_url = Some(format!("http://{app}/metrics"));
     c.backup_meta_path = Some(backup);
+    c.events_stats_url = Some(format!("http://{app}/events/stats"));
+    let data = dir.join("data");
+    std::fs::create_dir_all(data.join("uploads")).unwrap();
+    std::fs::write(data.join("uploads/a.bin"), [7u8; 1000]).unwrap();
+    c.storage_data_path = Some(data);
+    c.primary_region = Some("sa-east-1".into());
+    c.regional_endpoints = vec![fleet_agent::RegionalEndpoint {
+        region: "sa-east-1".into(),
+        endpoint: format!("http://{app}/storage/health"),
+    }];
     c.docker_host = docker;
     c.containers_interval = Duration::from_secs(60);
     let agent = Agent::builder(c).build().unwrap();
@@ -91,6 +101,16 @@ async fn all_checks_green_against_real_services() {
     assert!(hb.memory_total_bytes.unwrap() > 0 && hb.disk_total_bytes.unwrap() > 0);
     assert!(hb.network_rx_bytes.is_some() && hb.cpu_usage_pct.is_some());
     assert!(hb.host.as_ref().unwrap().hostname.is_some());
+    assert!(hb.db_size_bytes.unwrap() > 0);
+    assert_eq!(hb.storage_size_bytes, Some(1000));
+    assert_eq!(hb.extra["events_total_1h"], 120);
+    assert_eq!(hb.extra["events_avg_lag_ms"], 35.5);
+    let region = &hb.extra["regional_health"][0];
+    assert_eq!(
+        (region["role"].as_str(), region["ok"].as_bool()),
+        (Some("primary"), Some(true))
+    );
+    assert_eq!(hb.extra["primary_region"], "sa-east-1");
     // The heartbeat passes the protocol's own validation.
     fleet_core::Heartbeat::decode(&hb.to_vec(), &fleet_core::Limits::default()).unwrap();
 }
@@ -312,6 +332,38 @@ async fn the_container_list_matches_podman() {
         .args(["rm", "-f", "-t", "0", &name])
         .output();
     assert!(matched, "container lists differ:\n{last}");
+}
+
+#[tokio::test]
+async fn a_down_region_fails_its_collector_but_not_health() {
+    let postgres = service_env("FLEET_TEST_POSTGRES_URL");
+    let redis = service_env("FLEET_TEST_REDIS_URL");
+    let app = start_app().await;
+    let dir = temp_dir("region-down");
+    let mut c = config("http://127.0.0.1:9", &dir);
+    c.database_url = Some(postgres);
+    c.redis_url = Some(redis);
+    c.regional_endpoints = vec![
+        fleet_agent::RegionalEndpoint {
+            region: "eu-west-1".into(),
+            endpoint: format!("http://{app}/region/down"),
+        },
+        fleet_agent::RegionalEndpoint {
+            region: "us-east-1".into(),
+            endpoint: format!("http://{app}/storage/health"),
+        },
+    ];
+    let hb = Agent::builder(c).build().unwrap().heartbeat().await;
+    let regional = check(&hb, "regional");
+    assert!(!regional.ok);
+    assert_eq!(
+        regional.error.as_deref(),
+        Some("unhealthy regions: eu-west-1")
+    );
+    assert_eq!(hb.extra["regional_health"][1]["ok"], true);
+    assert_eq!(hb.extra["regional_health"][1]["role"], "secondary");
+    // The services are fine, so the instance is healthy.
+    assert_eq!(hb.health.as_deref(), Some("ok"));
 }
 
 #[tokio::test]

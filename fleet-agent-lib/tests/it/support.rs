@@ -62,8 +62,8 @@ webhooks_total 10
 webhook_retries_total 1
 ";
 
-/// Starts the stand-in application: `/storage/health` (200), `/ops` (Bearer
-/// [`OPS_TOKEN`]), `/metrics` (Prometheus text).
+/// Starts the stand-in application: `/storage/health` (200), `/ops` and `/events/stats`
+/// (Bearer [`OPS_TOKEN`]), `/metrics` (Prometheus text), `/region/down` (503).
 pub async fn start_app() -> SocketAddr {
     async fn ops(headers: HeaderMap) -> impl IntoResponse {
         let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
@@ -78,8 +78,21 @@ pub async fn start_app() -> SocketAddr {
         }))
         .into_response()
     }
+    async fn events(headers: HeaderMap) -> impl IntoResponse {
+        let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
+        if auth != Some(&format!("Bearer {OPS_TOKEN}")) {
+            return StatusCode::UNAUTHORIZED.into_response();
+        }
+        axum::Json(serde_json::json!({"total1h": 120, "failed1h": 2, "avgLagMs": 35.5}))
+            .into_response()
+    }
     let app = Router::new()
         .route("/storage/health", get(|| async { "ok" }))
+        .route("/events/stats", get(events))
+        .route(
+            "/region/down",
+            get(|| async { StatusCode::SERVICE_UNAVAILABLE }),
+        )
         .route("/ops", get(ops))
         .route("/metrics", get(|| async { METRICS_TEXT }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -55,7 +55,7 @@ async fn sigkill_with_a_full_outbox_loses_nothing_and_duplicates_nothing() {
         .iter()
         .filter_map(|c| c["name"].as_str())
         .collect();
-    assert_eq!(names, ["db", "redis", "host", "containers"]);
+    assert_eq!(names, ["db", "redis", "db_size", "host", "containers"]);
 
     receiver.stop().await;
     let queued = wait_for_queued(local_port, N).await;
