@@ -4,9 +4,10 @@
 # seconds (default 60) after a warm-up.
 #
 # The agent runs with a 1 s heartbeat and every check and collector on, every second:
-# PostgreSQL SELECT 1, Redis PING, HTTP storage, TCP search, ops JSON, backup file,
-# Prometheus SLO text, host metrics and podman's container list (METRICS_INTERVAL and
-# CONTAINERS_INTERVAL are 1 s too, the heaviest setting). Heartbeats go to a receiver that
+# PostgreSQL SELECT 1, Redis PING, HTTP storage, TCP search, ops JSON, event stats, backup
+# file, database size, storage directory size, a regional probe, Prometheus SLO text, host
+# metrics and podman's container list (METRICS_INTERVAL and CONTAINERS_INTERVAL are 1 s too,
+# the heaviest setting). Heartbeats go to a receiver that
 # verifies the v1 signatures. node_exporter is scraped once per second over the same window,
 # so both do their work every second.
 #
@@ -62,6 +63,7 @@ class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/metrics": self.reply(200, METRICS)
         elif self.path == "/ops": self.reply(200, OPS, "application/json")
+        elif self.path == "/events": self.reply(200, b'{"total1h":5,"failed1h":0,"avgLagMs":3}', "application/json")
         elif self.path == "/count": self.reply(200, json.dumps(counts).encode(), "application/json")
         else: self.reply(200, b"ok")
     def do_POST(self):
@@ -84,6 +86,8 @@ env -i PATH="$PATH" \
   STORAGE_ENDPOINT="http://127.0.0.1:$app_port/storage" MEILI_HOST="127.0.0.1:$app_port" \
   AGENT_OPS_URL="http://127.0.0.1:$app_port/ops" AGENT_OPS_TOKEN=t \
   AGENT_METRICS_URL="http://127.0.0.1:$app_port/metrics" BACKUP_META_PATH="$work/backup.json" \
+  AGENT_EVENTS_STATS_URL="http://127.0.0.1:$app_port/events" STORAGE_DATA_PATH="$work" \
+  PRIMARY_REGION=local REGIONAL_HEALTH_ENDPOINTS="[{\"region\":\"local\",\"endpoint\":\"http://127.0.0.1:$app_port/region\"}]" \
   DOCKER_HOST="$DOCKER_HOST" AGENT_PORT="$local_port" AGENT_STATE_PATH="$work/state.db" \
   RUST_LOG=warn "$agent_bin" 2>"$work/agent.log" & agent_pid=$!; pids+=($agent_pid)
 "$ne_bin" --web.listen-address="127.0.0.1:$ne_port" 2>"$work/ne.log" & ne_pid=$!; pids+=($ne_pid)
@@ -124,7 +128,7 @@ fleet-agent $(git rev-parse --short HEAD 2>/dev/null || echo '?') (release) · $
 | RSS, mean of ${samples} samples | $(mib $((a_sum / samples))) MiB | $(mib $((n_sum / samples))) MiB |
 | RSS, max | $(mib $a_max) MiB | $(mib $n_max) MiB |
 | CPU over ${DURATION}s | $(cpu $((a1 - a0))) | $(cpu $((n1 - n0))) |
-| work per second | 1 signed heartbeat, 9 checks/collectors | 1 scrape |
+| work per second | 1 signed heartbeat, 4 checks + 9 collectors | 1 scrape |
 
 Heartbeats verified by the receiver in the window: $((c1 - c0)) (bad signatures: $bad).
 Agent checks and collectors at the end: $checks
