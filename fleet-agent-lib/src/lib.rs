@@ -6,6 +6,7 @@ pub mod clock;
 pub mod collectors;
 pub mod config;
 pub mod containers;
+pub mod env;
 pub mod local_api;
 pub mod metrics;
 pub mod outbox;
