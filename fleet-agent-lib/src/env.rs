@@ -33,7 +33,9 @@ impl AgentConfig {
         {
             env.problem("CONTROL_PLANE_URL must start with http:// or https://");
         }
-        let secret = env.required("AGENT_SECRET").and_then(|text| {
+        // The secret is taken byte for byte (not trimmed): the control plane holds the same
+        // bytes, and a signature over a different key would never match.
+        let secret = env.required_raw("AGENT_SECRET").and_then(|text| {
             Secret::new(&text)
                 .map_err(|err| env.problem(format!("AGENT_SECRET: {}", err.0)))
                 .ok()
@@ -224,6 +226,14 @@ impl Env<'_> {
 
     fn required(&mut self, name: &str) -> Option<String> {
         let value = self.get(name);
+        if value.is_none() {
+            self.problem(format!("{name} is required"));
+        }
+        value
+    }
+
+    fn required_raw(&mut self, name: &str) -> Option<String> {
+        let value = (self.lookup)(name).filter(|v| !v.is_empty());
         if value.is_none() {
             self.problem(format!("{name} is required"));
         }
