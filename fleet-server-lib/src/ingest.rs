@@ -107,48 +107,63 @@ async fn submit(writer: &mpsc::Sender<Job>, incoming: IncomingHeartbeat) -> Resu
     outcome.await.map_err(|_| Error::Unavailable)?
 }
 
-/// Starts the writer: it takes every heartbeat waiting (up to `batch_max`), records them in
-/// one transaction and answers each. It stops when the last sender is dropped, after
-/// finishing what was queued.
+/// Starts the writers: each takes every heartbeat waiting (up to `batch_max`), records them
+/// in one transaction and answers each. There are [`Store::write_concurrency`] of them. They
+/// stop when the last sender is dropped, after finishing what was queued.
 pub(crate) fn spawn_writer(
     store: Arc<dyn Store>,
     rules: IngestRules,
     batch_max: usize,
     metrics: Arc<Metrics>,
 ) -> mpsc::Sender<Job> {
-    let (tx, mut rx) = mpsc::channel::<Job>(batch_max * 8);
-    tokio::spawn(async move {
-        let mut jobs = Vec::with_capacity(batch_max);
-        while rx.recv_many(&mut jobs, batch_max).await > 0 {
-            let (batch, replies): (Vec<_>, Vec<_>) =
-                jobs.drain(..).map(|j| (j.incoming, j.reply)).unzip();
-            metrics.batch(batch.len());
-            match store.record_heartbeats(&batch, &rules).await {
-                Ok(outcomes) => {
-                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                        let _ = reply.send(Ok(outcome));
-                    }
+    let (tx, rx) = mpsc::channel::<Job>(batch_max * 8);
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    for _ in 0..store.write_concurrency().max(1) {
+        let (store, rules, metrics, rx) =
+            (store.clone(), rules.clone(), metrics.clone(), rx.clone());
+        tokio::spawn(async move {
+            let mut jobs = Vec::with_capacity(batch_max);
+            loop {
+                // One writer at a time collects a batch; the others are busy or wait here.
+                let taken = rx.lock().await.recv_many(&mut jobs, batch_max).await;
+                if taken == 0 {
+                    return;
                 }
-                Err(err) if batch.len() > 1 => {
-                    // One bad heartbeat must not sink its neighbours: retry them one by one.
-                    tracing::warn!(error = %err, size = batch.len(), "batch failed, retrying singly");
-                    for (incoming, reply) in batch.into_iter().zip(replies) {
-                        let result = store
-                            .record_heartbeats(std::slice::from_ref(&incoming), &rules)
-                            .await
-                            .and_then(|mut o| o.pop().ok_or(Error::Internal("no outcome".into())));
-                        let _ = reply.send(result.map_err(unavailable));
-                    }
-                }
-                Err(err) => {
-                    for reply in replies {
-                        let _ = reply.send(Err(unavailable(Error::Internal(err.to_string()))));
-                    }
-                }
+                write_batch(&*store, &rules, &metrics, std::mem::take(&mut jobs)).await;
+            }
+        });
+    }
+    tx
+}
+
+async fn write_batch(store: &dyn Store, rules: &IngestRules, metrics: &Metrics, jobs: Vec<Job>) {
+    let (batch, replies): (Vec<_>, Vec<_>) =
+        jobs.into_iter().map(|j| (j.incoming, j.reply)).unzip();
+    metrics.batch(batch.len());
+    match store.record_heartbeats(&batch, rules).await {
+        Ok(outcomes) => {
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(Ok(outcome));
             }
         }
-    });
-    tx
+        Err(err) if batch.len() > 1 => {
+            // One bad heartbeat must not sink its neighbours: retry them one by one.
+            tracing::warn!(error = %err, size = batch.len(), "batch failed, retrying singly");
+            for (incoming, reply) in batch.into_iter().zip(replies) {
+                let result = store
+                    .record_heartbeats(std::slice::from_ref(&incoming), rules)
+                    .await
+                    .and_then(|mut o| o.pop().ok_or(Error::Internal("no outcome".into())));
+                let _ = reply.send(result.map_err(unavailable));
+            }
+        }
+        Err(err) => {
+            let _logged = unavailable(err);
+            for reply in replies {
+                let _ = reply.send(Err(Error::Unavailable));
+            }
+        }
+    }
 }
 
 /// Logs a storage failure and turns it into a retryable 503 for the agent.

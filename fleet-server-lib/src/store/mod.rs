@@ -279,6 +279,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks the database answers.
     async fn ping(&self) -> Result<()>;
+
+    /// How many heartbeat batches may be recorded at the same time. SQLite has one writer
+    /// at a time, so 1; a server database overlaps the round trips of several batches.
+    fn write_concurrency(&self) -> usize {
+        1
+    }
 }
 
 /// Opens the store a URL names: `sqlite://…` (or `sqlite::memory:`) or `postgres://…`

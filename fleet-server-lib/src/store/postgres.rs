@@ -37,4 +37,13 @@ impl PostgresStore {
     }
 }
 
-impl_sql_store!(PostgresStore, Postgres, "BEGIN", super::sql::POSTGRES_BATCH);
+impl_sql_store!(
+    PostgresStore,
+    Postgres,
+    "BEGIN",
+    super::sql::POSTGRES_BATCH,
+    // A batch is about eight round trips; with several in flight the writer is not idle
+    // while PostgreSQL answers. Batches lock installation rows in instance_id order, so
+    // they wait for each other at worst, never deadlock.
+    4
+);

@@ -306,9 +306,10 @@ pub(crate) fn plan_alerts<'a>(
 }
 
 /// Implements [`Store`](crate::store::Store) for `$store` (which has a `pool: Pool<$db>`);
-/// `$begin` opens a write transaction; `$batch` is the backend's [`BatchSql`].
+/// `$begin` opens a write transaction; `$batch` is the backend's [`BatchSql`];
+/// `$concurrency` is its [`Store::write_concurrency`](crate::store::Store::write_concurrency).
 macro_rules! impl_sql_store {
-    ($store:ty, $db:ty, $begin:expr, $batch:expr) => {
+    ($store:ty, $db:ty, $begin:expr, $batch:expr, $concurrency:expr) => {
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
             async fn record_heartbeats(
@@ -814,6 +815,10 @@ macro_rules! impl_sql_store {
             async fn ping(&self) -> $crate::Result<()> {
                 sqlx::query("SELECT 1").execute(&self.pool).await?;
                 Ok(())
+            }
+
+            fn write_concurrency(&self) -> usize {
+                $concurrency
             }
         }
 

@@ -58,5 +58,6 @@ impl_sql_store!(
     SqliteStore,
     Sqlite,
     "BEGIN IMMEDIATE",
-    super::sql::SQLITE_BATCH
+    super::sql::SQLITE_BATCH,
+    1
 );

@@ -105,7 +105,9 @@ impl Browser {
     async fn wait_text(&self, css: &str, needle: &str) -> String {
         let mut text = String::new();
         for _ in 0..50 {
-            text = self.text(css).await;
+            // A click that submits a form returns before the next page is there: an element
+            // found on the old page can go stale before its text is read.
+            text = self.try_text(css).await.unwrap_or_default();
             if text.contains(needle) {
                 return text;
             }
@@ -114,7 +116,13 @@ impl Browser {
         panic!("{css} never contained {needle:?}; last text: {text}");
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+    /// One WebDriver command; `Err` carries the driver's error answer.
+    async fn try_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Value,
+    ) -> Result<Value, Value> {
         let url = format!("{}/session/{}{path}", self.base, self.session);
         let mut request = self.http.request(method.clone(), url);
         if method == reqwest::Method::POST {
@@ -127,11 +135,39 @@ impl Browser {
             .json()
             .await
             .expect("json");
-        assert!(
-            response["value"]["error"].is_null(),
-            "webdriver {path}: {response}"
-        );
-        response["value"].clone()
+        if response["value"]["error"].is_null() {
+            Ok(response["value"].clone())
+        } else {
+            Err(response)
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+        self.try_call(method, path, body)
+            .await
+            .unwrap_or_else(|err| panic!("webdriver {path}: {err}"))
+    }
+
+    /// The text of `css`, or `None` while the page is changing under us.
+    async fn try_text(&self, css: &str) -> Option<String> {
+        let found = self
+            .try_call(
+                reqwest::Method::POST,
+                "/element",
+                json!({"using": "css selector", "value": css}),
+            )
+            .await
+            .ok()?;
+        let id = found[ELEMENT].as_str()?.to_owned();
+        let text = self
+            .try_call(
+                reqwest::Method::GET,
+                &format!("/element/{id}/text"),
+                Value::Null,
+            )
+            .await
+            .ok()?;
+        text.as_str().map(str::to_owned)
     }
 
     async fn goto(&self, url: &str) {
