@@ -94,6 +94,7 @@ async fn accept(state: &Shared, headers: &HeaderMap, body: Body) -> Result<Recor
         msg_id: verified.msg_id,
         signed_at: verified.timestamp,
         received_at: now,
+        body: body.into(),
     };
     submit(&state.writer, incoming).await
 }

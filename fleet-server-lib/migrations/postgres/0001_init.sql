@@ -70,7 +70,8 @@ CREATE TABLE seen_messages (
     msg_id TEXT NOT NULL,
     signed_at BIGINT NOT NULL,
     seen_at BIGINT NOT NULL,
-    PRIMARY KEY (instance_id, msg_id)
+    -- msg_id first: ids of our agent are time-ordered (UUIDv7), so inserts append.
+    PRIMARY KEY (msg_id, instance_id)
 );
 CREATE INDEX seen_messages_seen_at ON seen_messages (seen_at);
 

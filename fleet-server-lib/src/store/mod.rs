@@ -34,6 +34,9 @@ pub struct IncomingHeartbeat {
     pub signed_at: Option<i64>,
     /// When the control plane received it (unix seconds).
     pub received_at: i64,
+    /// The body exactly as received: kept as the installation's latest state, so what the
+    /// detail view shows is what the agent sent (and it need not be serialized again).
+    pub body: Vec<u8>,
 }
 
 /// What recording one heartbeat did.

@@ -173,34 +173,48 @@ pub(crate) fn json<T: serde::Serialize + ?Sized>(rows: &T) -> String {
     serde_json::to_string(rows).unwrap_or_else(|_| "[]".to_owned())
 }
 
-/// The numeric figures of a heartbeat, as stored in its time-series row.
+enum Figure {
+    Int(Option<u64>),
+    Float(Option<f64>),
+}
+
+/// The numeric figures of a heartbeat, as stored in its time-series row (a JSON object).
+/// Written directly: this runs once per heartbeat on the ingest path.
 pub(crate) fn figures_json(hb: &Heartbeat) -> String {
-    let mut map = serde_json::Map::new();
-    let mut put = |name: &str, value: Option<f64>| {
-        if let Some(v) = value.and_then(serde_json::Number::from_f64) {
-            map.insert(name.to_owned(), serde_json::Value::Number(v));
-        }
+    use std::fmt::Write;
+    let mut out = String::with_capacity(320);
+    out.push('{');
+    // Integers as integers, other figures as floats (`{:?}` keeps the `.0`), as serde_json
+    // writes them.
+    let mut put = |name: &str, value: Figure| {
+        let sep = if out.len() > 1 { "," } else { "" };
+        let _ = match value {
+            Figure::Int(Some(v)) => write!(out, "{sep}\"{name}\":{v}"),
+            Figure::Float(Some(v)) if v.is_finite() => write!(out, "{sep}\"{name}\":{v:?}"),
+            _ => Ok(()),
+        };
     };
-    let u = |v: Option<u64>| v.map(|v| v as f64);
-    put("jobs_failed", Some(hb.jobs_failed as f64));
-    put("uptime_seconds", hb.uptime_seconds);
-    put("cpu_usage_pct", hb.cpu_usage_pct);
-    put("memory_used_bytes", u(hb.memory_used_bytes));
-    put("memory_total_bytes", u(hb.memory_total_bytes));
-    put("disk_used_bytes", u(hb.disk_used_bytes));
-    put("disk_total_bytes", u(hb.disk_total_bytes));
-    put("network_rx_bytes", u(hb.network_rx_bytes));
-    put("network_tx_bytes", u(hb.network_tx_bytes));
-    put("db_size_bytes", u(hb.db_size_bytes));
-    put("storage_size_bytes", u(hb.storage_size_bytes));
-    put("jobs_processed_1h", u(hb.jobs_processed_1h));
-    put("jobs_pending", u(hb.jobs_pending));
-    put("slo_p95_ms", hb.slo_p95_ms);
-    put("slo_error_rate", hb.slo_error_rate);
-    put("slo_webhook_retry_rate", hb.slo_webhook_retry_rate);
-    put("secrets_expired", u(hb.secrets_expired));
-    put("secrets_unverified", u(hb.secrets_unverified));
-    serde_json::Value::Object(map).to_string()
+    use Figure::{Float, Int};
+    put("jobs_failed", Int(Some(hb.jobs_failed)));
+    put("uptime_seconds", Float(hb.uptime_seconds));
+    put("cpu_usage_pct", Float(hb.cpu_usage_pct));
+    put("memory_used_bytes", Int(hb.memory_used_bytes));
+    put("memory_total_bytes", Int(hb.memory_total_bytes));
+    put("disk_used_bytes", Int(hb.disk_used_bytes));
+    put("disk_total_bytes", Int(hb.disk_total_bytes));
+    put("network_rx_bytes", Int(hb.network_rx_bytes));
+    put("network_tx_bytes", Int(hb.network_tx_bytes));
+    put("db_size_bytes", Int(hb.db_size_bytes));
+    put("storage_size_bytes", Int(hb.storage_size_bytes));
+    put("jobs_processed_1h", Int(hb.jobs_processed_1h));
+    put("jobs_pending", Int(hb.jobs_pending));
+    put("slo_p95_ms", Float(hb.slo_p95_ms));
+    put("slo_error_rate", Float(hb.slo_error_rate));
+    put("slo_webhook_retry_rate", Float(hb.slo_webhook_retry_rate));
+    put("secrets_expired", Int(hb.secrets_expired));
+    put("secrets_unverified", Int(hb.secrets_unverified));
+    out.push('}');
+    out
 }
 
 pub(crate) fn point(received_at: i64, figures: &str) -> HeartbeatPoint {
@@ -457,7 +471,7 @@ macro_rules! impl_sql_store {
                                 (hb.instance_id.as_str(), m.domain, m.client, m.version),
                                 (m.release_channel, m.health, inc.scheme.as_str()),
                                 (batch[m.first].received_at, inc.received_at, m.backup_checksum),
-                                String::from_utf8(hb.to_vec()).unwrap_or_default(),
+                                String::from_utf8_lossy(&inc.body),
                             )
                         })
                         .collect();
@@ -866,4 +880,24 @@ macro_rules! impl_sql_store {
             }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_are_a_json_object_of_the_numbers() {
+        let mut hb = Heartbeat::new("a");
+        hb.cpu_usage_pct = Some(12.5);
+        hb.uptime_seconds = Some(60.0);
+        hb.memory_used_bytes = Some(4_000_000_000);
+        hb.slo_error_rate = Some(0.001);
+        let parsed: serde_json::Value = serde_json::from_str(&figures_json(&hb)).expect("json");
+        assert_eq!(
+            parsed,
+            serde_json::json!({"jobs_failed": 0, "cpu_usage_pct": 12.5, "uptime_seconds": 60.0,
+                "memory_used_bytes": 4_000_000_000u64, "slo_error_rate": 0.001})
+        );
+    }
 }

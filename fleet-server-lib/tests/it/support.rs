@@ -142,8 +142,9 @@ pub fn incoming(
     msg: Option<(&str, i64)>,
     at: i64,
 ) -> IncomingHeartbeat {
+    let body = body(instance, extra);
     IncomingHeartbeat {
-        heartbeat: Heartbeat::decode(&body(instance, extra), &Limits::default()).expect("valid"),
+        heartbeat: Heartbeat::decode(&body, &Limits::default()).expect("valid"),
         scheme: if msg.is_some() {
             fleet_core::Scheme::V1
         } else {
@@ -152,6 +153,7 @@ pub fn incoming(
         msg_id: msg.map(|(id, _)| id.to_owned()),
         signed_at: msg.map(|(_, ts)| ts),
         received_at: at,
+        body,
     }
 }
 
