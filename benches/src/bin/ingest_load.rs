@@ -21,6 +21,10 @@ use fleet_core::{Secret, SecretResolver, Signer};
 use fleet_server::store::Store;
 use fleet_server::{ControlPlane, Settings};
 
+// The same allocator as the `fleet-server` binary, for both the bare route and ingest.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Options {
     db: String,
     instances: usize,
@@ -28,6 +32,7 @@ struct Options {
     secs: u64,
     server_threads: usize,
     client_threads: usize,
+    pg_writers: usize,
 }
 
 fn options() -> Result<Options, String> {
@@ -38,6 +43,7 @@ fn options() -> Result<Options, String> {
         secs: 15,
         server_threads: 2,
         client_threads: 2,
+        pg_writers: 4,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -53,6 +59,7 @@ fn options() -> Result<Options, String> {
             "--secs" => o.secs = number(value()?)? as u64,
             "--server-threads" => o.server_threads = number(value()?)?,
             "--client-threads" => o.client_threads = number(value()?)?,
+            "--pg-writers" => o.pg_writers = number(value()?)?,
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -163,8 +170,8 @@ async fn drive(base: &str, path: &str, o: &Options, signers: Arc<Vec<Signer>>, s
     phase
 }
 
-async fn open_store(db: &str) -> Result<(Arc<dyn Store>, String), String> {
-    match db {
+async fn open_store(o: &Options) -> Result<(Arc<dyn Store>, String), String> {
+    match o.db.as_str() {
         "sqlite" => {
             let dir =
                 std::env::temp_dir().join(format!("fleet-bench-{}", uuid::Uuid::new_v4().simple()));
@@ -193,7 +200,8 @@ async fn open_store(db: &str) -> Result<(Arc<dyn Store>, String), String> {
                 .options([("search_path", schema.as_str())]);
             let store = fleet_server::PostgresStore::connect_with(options)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string())?
+                .with_writers(o.pg_writers);
             Ok((Arc::new(store), format!("postgres schema {schema}")))
         }
         other => Err(format!("--db must be sqlite or postgres, not {other}")),
@@ -228,7 +236,7 @@ fn main() -> Result<(), String> {
             .collect(),
     );
 
-    let (store, where_) = server_rt.block_on(open_store(&o.db))?;
+    let (store, where_) = server_rt.block_on(open_store(&o))?;
     let base = server_rt.block_on(async {
         let router = ControlPlane::builder()
             .shared_store(store.clone())

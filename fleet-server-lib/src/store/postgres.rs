@@ -7,11 +7,14 @@ use sqlx::{Pool, Postgres};
 
 use crate::Result;
 
+const DEFAULT_WRITERS: usize = 4;
+
 /// A [`Store`](super::Store) in PostgreSQL. Migrations run when it connects; several
 /// control-plane processes may share one database.
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: Pool<Postgres>,
+    writers: usize,
 }
 
 impl PostgresStore {
@@ -28,7 +31,23 @@ impl PostgresStore {
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            writers: DEFAULT_WRITERS,
+        })
+    }
+
+    /// How many heartbeat batches are recorded at the same time (default 4). A batch is about
+    /// eight round trips; with several in flight the writer is not idle while PostgreSQL
+    /// answers. Batches lock installation rows in instance_id order, so they wait for each
+    /// other at worst, never deadlock. Keep it below the pool size (16).
+    pub fn with_writers(mut self, writers: usize) -> Self {
+        self.writers = writers.clamp(1, 12);
+        self
+    }
+
+    fn concurrency(&self) -> usize {
+        self.writers
     }
 
     /// The connection pool, for tools that need to query the database directly.
@@ -37,13 +56,4 @@ impl PostgresStore {
     }
 }
 
-impl_sql_store!(
-    PostgresStore,
-    Postgres,
-    "BEGIN",
-    super::sql::POSTGRES_BATCH,
-    // A batch is about eight round trips; with several in flight the writer is not idle
-    // while PostgreSQL answers. Batches lock installation rows in instance_id order, so
-    // they wait for each other at worst, never deadlock.
-    4
-);
+impl_sql_store!(PostgresStore, Postgres, "BEGIN", super::sql::POSTGRES_BATCH);

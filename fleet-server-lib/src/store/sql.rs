@@ -320,10 +320,11 @@ pub(crate) fn plan_alerts<'a>(
 }
 
 /// Implements [`Store`](crate::store::Store) for `$store` (which has a `pool: Pool<$db>`);
-/// `$begin` opens a write transaction; `$batch` is the backend's [`BatchSql`];
-/// `$concurrency` is its [`Store::write_concurrency`](crate::store::Store::write_concurrency).
+/// `$begin` opens a write transaction; `$batch` is the backend's [`BatchSql`]; `$store` has
+/// an inherent `fn concurrency(&self) -> usize` for
+/// [`Store::write_concurrency`](crate::store::Store::write_concurrency).
 macro_rules! impl_sql_store {
-    ($store:ty, $db:ty, $begin:expr, $batch:expr, $concurrency:expr) => {
+    ($store:ty, $db:ty, $begin:expr, $batch:expr) => {
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
             async fn record_heartbeats(
@@ -832,7 +833,7 @@ macro_rules! impl_sql_store {
             }
 
             fn write_concurrency(&self) -> usize {
-                $concurrency
+                self.concurrency()
             }
         }
 

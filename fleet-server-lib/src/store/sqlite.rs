@@ -50,6 +50,11 @@ impl SqliteStore {
     pub fn pool(&self) -> &Pool<Sqlite> {
         &self.pool
     }
+
+    /// SQLite has one writer at a time.
+    fn concurrency(&self) -> usize {
+        1
+    }
 }
 
 // IMMEDIATE takes the write lock up front: a deferred transaction that reads and then
@@ -58,6 +63,5 @@ impl_sql_store!(
     SqliteStore,
     Sqlite,
     "BEGIN IMMEDIATE",
-    super::sql::SQLITE_BATCH,
-    1
+    super::sql::SQLITE_BATCH
 );
