@@ -75,7 +75,7 @@ pub(crate) fn like_pattern(text: &str) -> String {
 /// whatever the batch size, so each is prepared once and cached (a multi-row `VALUES` list
 /// would be a new statement, parsed and planned again, for every batch size), and a batch
 /// of any size costs one round trip per statement. Only the way a JSON array becomes rows
-/// differs between the engines (`json_each` and `json_array_elements`).
+/// differs between the engines (`json_each` and `jsonb_array_elements`).
 pub(crate) struct BatchSql {
     /// `$1`: `["instance_id", ...]` → `id, instance_id, last_backup_checksum`.
     pub select_installations: &'static str,
@@ -139,13 +139,14 @@ pub(crate) const SQLITE_BATCH: BatchSql = BatchSql {
     resolve_alerts: "UPDATE alerts SET resolved_at = $1 WHERE id IN (SELECT value FROM json_each($2))",
 };
 
-/// PostgreSQL: `json_array_elements` with casts from text.
+/// PostgreSQL: `jsonb_array_elements` (parsed once; with `json` every `->>` would parse its
+/// element again) with casts from text.
 pub(crate) const POSTGRES_BATCH: BatchSql = BatchSql {
     select_installations: "SELECT id, instance_id, last_backup_checksum FROM installations \
-        WHERE instance_id IN (SELECT json_array_elements_text($1::json))",
+        WHERE instance_id IN (SELECT jsonb_array_elements_text($1::jsonb))",
     insert_seen: "INSERT INTO seen_messages (instance_id, msg_id, signed_at, seen_at) \
         SELECT e ->> 0, e ->> 1, (e ->> 2)::bigint, (e ->> 3)::bigint \
-        FROM json_array_elements($1::json) AS e \
+        FROM jsonb_array_elements($1::jsonb) AS e \
         ON CONFLICT DO NOTHING RETURNING instance_id, msg_id",
     upsert_installations: concat!(
         "INSERT INTO installations (instance_id, domain, client, version, release_channel, health, \
@@ -153,18 +154,18 @@ pub(crate) const POSTGRES_BATCH: BatchSql = BatchSql {
          SELECT e #>> '{0,0}', e #>> '{0,1}', e #>> '{0,2}', e #>> '{0,3}', \
          e #>> '{1,0}', e #>> '{1,1}', e #>> '{1,2}', \
          (e #>> '{2,0}')::bigint, (e #>> '{2,1}')::bigint, e #>> '{2,2}', e ->> 3 \
-         FROM json_array_elements($1::json) AS e",
+         FROM jsonb_array_elements($1::jsonb) AS e",
         upsert_installations_tail!()
     ),
     insert_heartbeats: "INSERT INTO heartbeats (installation_id, received_at, msg_id, figures) \
-        SELECT (e ->> 0)::bigint, (e ->> 1)::bigint, e ->> 2, e ->> 3 FROM json_array_elements($1::json) AS e",
+        SELECT (e ->> 0)::bigint, (e ->> 1)::bigint, e ->> 2, e ->> 3 FROM jsonb_array_elements($1::jsonb) AS e",
     insert_job_failures: "INSERT INTO job_failures (installation_id, queue, message, created_at) \
-        SELECT (e ->> 0)::bigint, e ->> 1, e ->> 2, (e ->> 3)::bigint FROM json_array_elements($1::json) AS e",
+        SELECT (e ->> 0)::bigint, e ->> 1, e ->> 2, (e ->> 3)::bigint FROM jsonb_array_elements($1::jsonb) AS e",
     select_open_alerts: "SELECT id, installation_id, dedup_key FROM alerts \
         WHERE resolved_at IS NULL AND dedup_key IS NOT NULL \
-        AND installation_id IN (SELECT (json_array_elements_text($1::json))::bigint)",
+        AND installation_id IN (SELECT (jsonb_array_elements_text($1::jsonb))::bigint)",
     resolve_alerts: "UPDATE alerts SET resolved_at = $1 \
-        WHERE id IN (SELECT (json_array_elements_text($2::json))::bigint)",
+        WHERE id IN (SELECT (jsonb_array_elements_text($2::jsonb))::bigint)",
 };
 
 /// A batch parameter: `rows` as JSON text (tuples become arrays).
