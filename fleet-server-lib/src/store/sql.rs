@@ -142,8 +142,11 @@ pub(crate) const SQLITE_BATCH: BatchSql = BatchSql {
 /// PostgreSQL: `jsonb_array_elements` (parsed once; with `json` every `->>` would parse its
 /// element again) with casts from text.
 pub(crate) const POSTGRES_BATCH: BatchSql = BatchSql {
-    select_installations: "SELECT id, instance_id, last_backup_checksum FROM installations \
-        WHERE instance_id IN (SELECT jsonb_array_elements_text($1::jsonb))",
+    // LATERAL: one index probe per id. With `IN (SELECT ...)` the planner, which cannot
+    // size a set-returning function, may hash-join over a scan of the whole table.
+    select_installations: "SELECT i.id, i.instance_id, i.last_backup_checksum \
+        FROM jsonb_array_elements_text($1::jsonb) AS k(v) CROSS JOIN LATERAL \
+        (SELECT id, instance_id, last_backup_checksum FROM installations WHERE instance_id = k.v) AS i",
     insert_seen: "INSERT INTO seen_messages (instance_id, msg_id, signed_at, seen_at) \
         SELECT e ->> 0, e ->> 1, (e ->> 2)::bigint, (e ->> 3)::bigint \
         FROM jsonb_array_elements($1::jsonb) AS e \
@@ -161,9 +164,10 @@ pub(crate) const POSTGRES_BATCH: BatchSql = BatchSql {
         SELECT (e ->> 0)::bigint, (e ->> 1)::bigint, e ->> 2, e ->> 3 FROM jsonb_array_elements($1::jsonb) AS e",
     insert_job_failures: "INSERT INTO job_failures (installation_id, queue, message, created_at) \
         SELECT (e ->> 0)::bigint, e ->> 1, e ->> 2, (e ->> 3)::bigint FROM jsonb_array_elements($1::jsonb) AS e",
-    select_open_alerts: "SELECT id, installation_id, dedup_key FROM alerts \
-        WHERE resolved_at IS NULL AND dedup_key IS NOT NULL \
-        AND installation_id IN (SELECT (jsonb_array_elements_text($1::jsonb))::bigint)",
+    select_open_alerts: "SELECT a.id, a.installation_id, a.dedup_key \
+        FROM jsonb_array_elements_text($1::jsonb) AS k(v) CROSS JOIN LATERAL \
+        (SELECT id, installation_id, dedup_key FROM alerts WHERE installation_id = k.v::bigint \
+        AND resolved_at IS NULL AND dedup_key IS NOT NULL) AS a",
     resolve_alerts: "UPDATE alerts SET resolved_at = $1 \
         WHERE id IN (SELECT (jsonb_array_elements_text($2::jsonb))::bigint)",
 };
