@@ -88,6 +88,9 @@ pub(crate) struct BatchSql {
     pub insert_heartbeats: &'static str,
     /// `$1`: `[[installation_id, queue, message, created_at], ...]`.
     pub insert_job_failures: &'static str,
+    /// `$1`: `[[[installation_id, backup_id, checksum], [size_bytes, bucket, path],
+    /// [status, backup_at, recorded_at]], ...]`.
+    pub insert_backups: &'static str,
     /// `$1`: `[installation_id, ...]` → open `id, installation_id, dedup_key`.
     pub select_open_alerts: &'static str,
     /// `$1`: resolved_at, `$2`: `[alert_id, ...]`.
@@ -133,6 +136,11 @@ pub(crate) const SQLITE_BATCH: BatchSql = BatchSql {
         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each($1)",
     insert_job_failures: "INSERT INTO job_failures (installation_id, queue, message, created_at) \
         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each($1)",
+    insert_backups: "INSERT INTO backups (installation_id, backup_id, checksum, size_bytes, bucket, \
+        path, status, backup_at, recorded_at) \
+        SELECT value ->> '$[0][0]', value ->> '$[0][1]', value ->> '$[0][2]', value ->> '$[1][0]', \
+        value ->> '$[1][1]', value ->> '$[1][2]', value ->> '$[2][0]', value ->> '$[2][1]', \
+        value ->> '$[2][2]' FROM json_each($1)",
     select_open_alerts: "SELECT id, installation_id, dedup_key FROM alerts \
         WHERE resolved_at IS NULL AND dedup_key IS NOT NULL \
         AND installation_id IN (SELECT value FROM json_each($1))",
@@ -164,6 +172,11 @@ pub(crate) const POSTGRES_BATCH: BatchSql = BatchSql {
         SELECT (e ->> 0)::bigint, (e ->> 1)::bigint, e ->> 2, e ->> 3 FROM jsonb_array_elements($1::jsonb) AS e",
     insert_job_failures: "INSERT INTO job_failures (installation_id, queue, message, created_at) \
         SELECT (e ->> 0)::bigint, e ->> 1, e ->> 2, (e ->> 3)::bigint FROM jsonb_array_elements($1::jsonb) AS e",
+    insert_backups: "INSERT INTO backups (installation_id, backup_id, checksum, size_bytes, bucket, \
+        path, status, backup_at, recorded_at) \
+        SELECT (e #>> '{0,0}')::bigint, e #>> '{0,1}', e #>> '{0,2}', (e #>> '{1,0}')::bigint, \
+        e #>> '{1,1}', e #>> '{1,2}', e #>> '{2,0}', e #>> '{2,1}', (e #>> '{2,2}')::bigint \
+        FROM jsonb_array_elements($1::jsonb) AS e",
     select_open_alerts: "SELECT a.id, a.installation_id, a.dedup_key \
         FROM jsonb_array_elements_text($1::jsonb) AS k(v) CROSS JOIN LATERAL \
         (SELECT id, installation_id, dedup_key FROM alerts WHERE installation_id = k.v::bigint \
@@ -544,6 +557,7 @@ macro_rules! impl_sql_store {
                     .values()
                     .map(|(id, sum)| (*id, sum.clone()))
                     .collect();
+                let mut backups = Vec::new();
                 for (inc, id) in &applied {
                     let hb = &inc.heartbeat;
                     let Some(sum) = hb.backup_checksum.as_ref() else { continue };
@@ -552,21 +566,21 @@ macro_rules! impl_sql_store {
                         continue;
                     }
                     *previous = Some(sum.clone());
-                    sqlx::query(
-                        "INSERT INTO backups (installation_id, backup_id, checksum, size_bytes, bucket, \
-                         path, status, backup_at, recorded_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                    )
-                    .bind(*id)
-                    .bind(hb.backup_id.clone())
-                    .bind(sum.clone())
-                    .bind(hb.backup_size_bytes.map(|v| v.min(i64::MAX as u64) as i64))
-                    .bind(hb.backup_bucket.clone())
-                    .bind(hb.backup_path.clone())
-                    .bind(hb.backup_status.clone())
-                    .bind(hb.last_backup_at.clone())
-                    .bind(inc.received_at)
-                    .execute(&mut *tx)
-                    .await?;
+                    backups.push((
+                        (*id, hb.backup_id.as_deref(), sum.as_str()),
+                        (
+                            hb.backup_size_bytes.map(|v| v.min(i64::MAX as u64) as i64),
+                            hb.backup_bucket.as_deref(),
+                            hb.backup_path.as_deref(),
+                        ),
+                        (hb.backup_status.as_deref(), hb.last_backup_at.as_deref(), inc.received_at),
+                    ));
+                }
+                for chunk in backups.chunks(CHUNK) {
+                    sqlx::query($batch.insert_backups)
+                        .bind($crate::store::sql::json(&chunk))
+                        .execute(&mut *tx)
+                        .await?;
                 }
 
                 // Alerts: load the open keys of the batch's installations, run the rules.
