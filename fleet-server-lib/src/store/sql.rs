@@ -185,10 +185,34 @@ pub(crate) const POSTGRES_BATCH: BatchSql = BatchSql {
         WHERE id IN (SELECT (jsonb_array_elements_text($2::jsonb))::bigint)",
 };
 
-/// A batch parameter: `rows` as JSON text (tuples become arrays).
-pub(crate) fn json<T: serde::Serialize + ?Sized>(rows: &T) -> String {
-    // Serializing plain tuples of strings and numbers cannot fail.
-    serde_json::to_string(rows).unwrap_or_else(|_| "[]".to_owned())
+/// Largest batch parameter, in bytes. sqlx 0.9.0 does not set `TCP_NODELAY` (sqlx issue
+/// #4335, fixed upstream in #4336): a message that ends in a part-filled TCP segment waits
+/// for the server's delayed ACK, 40 ms. Pieces below one loopback segment (64 KiB) avoid it
+/// on a local server and keep the stall rare on a network.
+const PIECE_BYTES: usize = 48 * 1024;
+
+/// Batch parameters: `rows` as JSON arrays (tuples become arrays) of at most
+/// [`PIECE_BYTES`] each (a single larger row is a piece of its own).
+pub(crate) fn json_pieces<T: serde::Serialize>(rows: &[T]) -> Vec<String> {
+    let mut pieces = Vec::new();
+    let mut current = String::from("[");
+    for row in rows {
+        // Serializing plain tuples of strings and numbers cannot fail.
+        let text = serde_json::to_string(row).unwrap_or_else(|_| "null".to_owned());
+        if current.len() > 1 && current.len() + text.len() + 1 > PIECE_BYTES {
+            current.push(']');
+            pieces.push(std::mem::replace(&mut current, String::from("[")));
+        }
+        if current.len() > 1 {
+            current.push(',');
+        }
+        current.push_str(&text);
+    }
+    if current.len() > 1 {
+        current.push(']');
+        pieces.push(current);
+    }
+    pieces
 }
 
 enum Figure {
@@ -355,6 +379,7 @@ macro_rules! impl_sql_store {
                 use $crate::store::RecordOutcome;
                 use $crate::store::sql::{CHUNK, OpenRef};
 
+
                 let mut outcomes: Vec<Option<RecordOutcome>> = vec![None; batch.len()];
                 let mut tx = self.pool.begin_with($begin).await?;
 
@@ -365,9 +390,9 @@ macro_rules! impl_sql_store {
                         batch.iter().map(|b| b.heartbeat.instance_id.as_str()).collect();
                     set.into_iter().collect()
                 };
-                for chunk in ids.chunks(CHUNK) {
+                for param in $crate::store::sql::json_pieces(&ids) {
                     let rows = sqlx::query($batch.select_installations)
-                        .bind($crate::store::sql::json(&chunk))
+                        .bind(param)
                         .fetch_all(&mut *tx)
                         .await?;
                     for row in rows {
@@ -419,13 +444,15 @@ macro_rules! impl_sql_store {
                         })
                         .collect();
                     let mut inserted = HashSet::new();
-                    let returned = sqlx::query($batch.insert_seen)
-                        .bind($crate::store::sql::json(&rows))
-                        .fetch_all(&mut *tx)
-                        .await?;
-                    for row in returned {
-                        let key: (String, String) = (row.try_get(0)?, row.try_get(1)?);
-                        inserted.insert(key);
+                    for param in $crate::store::sql::json_pieces(&rows) {
+                        let returned = sqlx::query($batch.insert_seen)
+                            .bind(param)
+                            .fetch_all(&mut *tx)
+                            .await?;
+                        for row in returned {
+                            let key: (String, String) = (row.try_get(0)?, row.try_get(1)?);
+                            inserted.insert(key);
+                        }
                     }
                     for &i in chunk {
                         let inc = &batch[i];
@@ -494,12 +521,14 @@ macro_rules! impl_sql_store {
                             )
                         })
                         .collect();
-                    let returned = sqlx::query($batch.upsert_installations)
-                        .bind($crate::store::sql::json(&rows))
-                        .fetch_all(&mut *tx)
-                        .await?;
-                    for row in returned {
-                        row_ids.insert(row.try_get("instance_id")?, row.try_get("id")?);
+                    for param in $crate::store::sql::json_pieces(&rows) {
+                        let returned = sqlx::query($batch.upsert_installations)
+                            .bind(param)
+                            .fetch_all(&mut *tx)
+                            .await?;
+                        for row in returned {
+                            row_ids.insert(row.try_get("instance_id")?, row.try_get("id")?);
+                        }
                     }
                 }
 
@@ -528,10 +557,12 @@ macro_rules! impl_sql_store {
                             )
                         })
                         .collect();
-                    sqlx::query($batch.insert_heartbeats)
-                        .bind($crate::store::sql::json(&rows))
-                        .execute(&mut *tx)
-                        .await?;
+                    for param in $crate::store::sql::json_pieces(&rows) {
+                        sqlx::query($batch.insert_heartbeats)
+                            .bind(param)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
                 }
 
                 // Job failures, one row each, as the ERP records them.
@@ -546,10 +577,12 @@ macro_rules! impl_sql_store {
                         .iter()
                         .map(|(id, at, f)| (*id, f.queue.as_deref(), f.message.as_str(), *at))
                         .collect();
-                    sqlx::query($batch.insert_job_failures)
-                        .bind($crate::store::sql::json(&rows))
-                        .execute(&mut *tx)
-                        .await?;
+                    for param in $crate::store::sql::json_pieces(&rows) {
+                        sqlx::query($batch.insert_job_failures)
+                            .bind(param)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
                 }
 
                 // A backup record whenever the reported checksum differs from the last one.
@@ -576,9 +609,9 @@ macro_rules! impl_sql_store {
                         (hb.backup_status.as_deref(), hb.last_backup_at.as_deref(), inc.received_at),
                     ));
                 }
-                for chunk in backups.chunks(CHUNK) {
+                for param in $crate::store::sql::json_pieces(&backups) {
                     sqlx::query($batch.insert_backups)
-                        .bind($crate::store::sql::json(&chunk))
+                        .bind(param)
                         .execute(&mut *tx)
                         .await?;
                 }
@@ -589,9 +622,9 @@ macro_rules! impl_sql_store {
                     let set: HashSet<i64> = applied.iter().map(|(_, id)| *id).collect();
                     set.into_iter().collect()
                 };
-                for chunk in inst_ids.chunks(CHUNK) {
+                for param in $crate::store::sql::json_pieces(&inst_ids) {
                     let rows = sqlx::query($batch.select_open_alerts)
-                        .bind($crate::store::sql::json(&chunk))
+                        .bind(param)
                         .fetch_all(&mut *tx)
                         .await?;
                     for row in rows {
@@ -603,10 +636,10 @@ macro_rules! impl_sql_store {
                 }
                 let (pending, resolve_ids) =
                     $crate::store::sql::plan_alerts(&applied, open, &rules.slo);
-                for chunk in resolve_ids.chunks(CHUNK) {
+                for param in $crate::store::sql::json_pieces(&resolve_ids) {
                     sqlx::query($batch.resolve_alerts)
                         .bind(batch.last().map(|b| b.received_at).unwrap_or_default())
-                        .bind($crate::store::sql::json(&chunk))
+                        .bind(param)
                         .execute(&mut *tx)
                         .await?;
                 }
@@ -905,6 +938,26 @@ macro_rules! impl_sql_store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pieces_stay_under_the_limit_and_keep_every_row_in_order() {
+        let rows: Vec<(u32, String)> = (0..300).map(|i| (i, "x".repeat(400))).collect();
+        let pieces = json_pieces(&rows);
+        assert!(pieces.len() > 1);
+        let mut back: Vec<(u32, String)> = Vec::new();
+        for piece in &pieces {
+            assert!(piece.len() <= PIECE_BYTES, "{}", piece.len());
+            back.extend(serde_json::from_str::<Vec<(u32, String)>>(piece).expect("json"));
+        }
+        assert_eq!(back, rows);
+        let huge = [(0u32, "y".repeat(PIECE_BYTES * 2))];
+        assert_eq!(
+            json_pieces(&huge).len(),
+            1,
+            "an oversized row is a piece of its own"
+        );
+        assert!(json_pieces::<u32>(&[]).is_empty());
+    }
 
     #[test]
     fn figures_are_a_json_object_of_the_numbers() {
