@@ -77,6 +77,8 @@ pub(crate) fn like_pattern(text: &str) -> String {
 /// of any size costs one round trip per statement. Only the way a JSON array becomes rows
 /// differs between the engines (`json_each` and `jsonb_array_elements`).
 pub(crate) struct BatchSql {
+    /// Largest parameter sent in one statement; a larger batch is sent in pieces.
+    pub piece_bytes: usize,
     /// `$1`: `["instance_id", ...]` → `id, instance_id, last_backup_checksum`.
     pub select_installations: &'static str,
     /// `$1`: `[[instance_id, msg_id, signed_at, seen_at], ...]` → inserted `instance_id, msg_id`.
@@ -118,6 +120,8 @@ macro_rules! upsert_installations_tail {
 /// SQLite: `json_each` and the `->>` operator (SQLite 3.38+). `WHERE true` keeps the parser
 /// from reading `ON CONFLICT` as part of the `SELECT`'s join.
 pub(crate) const SQLITE_BATCH: BatchSql = BatchSql {
+    // In process: no network, no reason to split.
+    piece_bytes: usize::MAX,
     select_installations: "SELECT id, instance_id, last_backup_checksum FROM installations \
         WHERE instance_id IN (SELECT value FROM json_each($1))",
     insert_seen: "INSERT INTO seen_messages (instance_id, msg_id, signed_at, seen_at) \
@@ -150,6 +154,11 @@ pub(crate) const SQLITE_BATCH: BatchSql = BatchSql {
 /// PostgreSQL: `jsonb_array_elements` (parsed once; with `json` every `->>` would parse its
 /// element again) with casts from text.
 pub(crate) const POSTGRES_BATCH: BatchSql = BatchSql {
+    // sqlx 0.9.0 does not set TCP_NODELAY (sqlx issue #4335, fixed upstream by #4336). A
+    // message larger than the socket's initial send buffer (16 KiB on Linux) leaves in two
+    // writes, and the second waits for the server's delayed ACK: 40 ms per statement. Below
+    // that size a statement costs one round trip. Raise this once sqlx sets TCP_NODELAY.
+    piece_bytes: 12 * 1024,
     // LATERAL: one index probe per id. With `IN (SELECT ...)` the planner, which cannot
     // size a set-returning function, may hash-join over a scan of the whole table.
     select_installations: "SELECT i.id, i.instance_id, i.last_backup_checksum \
@@ -185,21 +194,15 @@ pub(crate) const POSTGRES_BATCH: BatchSql = BatchSql {
         WHERE id IN (SELECT (jsonb_array_elements_text($2::jsonb))::bigint)",
 };
 
-/// Largest batch parameter, in bytes. sqlx 0.9.0 does not set `TCP_NODELAY` (sqlx issue
-/// #4335, fixed upstream in #4336): a message that ends in a part-filled TCP segment waits
-/// for the server's delayed ACK, 40 ms. Pieces below one loopback segment (64 KiB) avoid it
-/// on a local server and keep the stall rare on a network.
-const PIECE_BYTES: usize = 48 * 1024;
-
-/// Batch parameters: `rows` as JSON arrays (tuples become arrays) of at most
-/// [`PIECE_BYTES`] each (a single larger row is a piece of its own).
-pub(crate) fn json_pieces<T: serde::Serialize>(rows: &[T]) -> Vec<String> {
+/// Batch parameters: `rows` as JSON arrays (tuples become arrays) of at most `limit` bytes
+/// each (a single larger row is a piece of its own).
+pub(crate) fn json_pieces<T: serde::Serialize>(rows: &[T], limit: usize) -> Vec<String> {
     let mut pieces = Vec::new();
     let mut current = String::from("[");
     for row in rows {
         // Serializing plain tuples of strings and numbers cannot fail.
         let text = serde_json::to_string(row).unwrap_or_else(|_| "null".to_owned());
-        if current.len() > 1 && current.len() + text.len() + 1 > PIECE_BYTES {
+        if current.len() > 1 && current.len() + text.len() + 1 > limit {
             current.push(']');
             pieces.push(std::mem::replace(&mut current, String::from("[")));
         }
@@ -390,7 +393,7 @@ macro_rules! impl_sql_store {
                         batch.iter().map(|b| b.heartbeat.instance_id.as_str()).collect();
                     set.into_iter().collect()
                 };
-                for param in $crate::store::sql::json_pieces(&ids) {
+                for param in $crate::store::sql::json_pieces(&ids, $batch.piece_bytes) {
                     let rows = sqlx::query($batch.select_installations)
                         .bind(param)
                         .fetch_all(&mut *tx)
@@ -444,7 +447,7 @@ macro_rules! impl_sql_store {
                         })
                         .collect();
                     let mut inserted = HashSet::new();
-                    for param in $crate::store::sql::json_pieces(&rows) {
+                    for param in $crate::store::sql::json_pieces(&rows, $batch.piece_bytes) {
                         let returned = sqlx::query($batch.insert_seen)
                             .bind(param)
                             .fetch_all(&mut *tx)
@@ -521,7 +524,7 @@ macro_rules! impl_sql_store {
                             )
                         })
                         .collect();
-                    for param in $crate::store::sql::json_pieces(&rows) {
+                    for param in $crate::store::sql::json_pieces(&rows, $batch.piece_bytes) {
                         let returned = sqlx::query($batch.upsert_installations)
                             .bind(param)
                             .fetch_all(&mut *tx)
@@ -557,7 +560,7 @@ macro_rules! impl_sql_store {
                             )
                         })
                         .collect();
-                    for param in $crate::store::sql::json_pieces(&rows) {
+                    for param in $crate::store::sql::json_pieces(&rows, $batch.piece_bytes) {
                         sqlx::query($batch.insert_heartbeats)
                             .bind(param)
                             .execute(&mut *tx)
@@ -577,7 +580,7 @@ macro_rules! impl_sql_store {
                         .iter()
                         .map(|(id, at, f)| (*id, f.queue.as_deref(), f.message.as_str(), *at))
                         .collect();
-                    for param in $crate::store::sql::json_pieces(&rows) {
+                    for param in $crate::store::sql::json_pieces(&rows, $batch.piece_bytes) {
                         sqlx::query($batch.insert_job_failures)
                             .bind(param)
                             .execute(&mut *tx)
@@ -609,7 +612,7 @@ macro_rules! impl_sql_store {
                         (hb.backup_status.as_deref(), hb.last_backup_at.as_deref(), inc.received_at),
                     ));
                 }
-                for param in $crate::store::sql::json_pieces(&backups) {
+                for param in $crate::store::sql::json_pieces(&backups, $batch.piece_bytes) {
                     sqlx::query($batch.insert_backups)
                         .bind(param)
                         .execute(&mut *tx)
@@ -622,7 +625,7 @@ macro_rules! impl_sql_store {
                     let set: HashSet<i64> = applied.iter().map(|(_, id)| *id).collect();
                     set.into_iter().collect()
                 };
-                for param in $crate::store::sql::json_pieces(&inst_ids) {
+                for param in $crate::store::sql::json_pieces(&inst_ids, $batch.piece_bytes) {
                     let rows = sqlx::query($batch.select_open_alerts)
                         .bind(param)
                         .fetch_all(&mut *tx)
@@ -636,7 +639,7 @@ macro_rules! impl_sql_store {
                 }
                 let (pending, resolve_ids) =
                     $crate::store::sql::plan_alerts(&applied, open, &rules.slo);
-                for param in $crate::store::sql::json_pieces(&resolve_ids) {
+                for param in $crate::store::sql::json_pieces(&resolve_ids, $batch.piece_bytes) {
                     sqlx::query($batch.resolve_alerts)
                         .bind(batch.last().map(|b| b.received_at).unwrap_or_default())
                         .bind(param)
@@ -942,21 +945,23 @@ mod tests {
     #[test]
     fn pieces_stay_under_the_limit_and_keep_every_row_in_order() {
         let rows: Vec<(u32, String)> = (0..300).map(|i| (i, "x".repeat(400))).collect();
-        let pieces = json_pieces(&rows);
+        let limit = 12 * 1024;
+        let pieces = json_pieces(&rows, limit);
         assert!(pieces.len() > 1);
+        assert_eq!(json_pieces(&rows, usize::MAX).len(), 1);
         let mut back: Vec<(u32, String)> = Vec::new();
         for piece in &pieces {
-            assert!(piece.len() <= PIECE_BYTES, "{}", piece.len());
+            assert!(piece.len() <= limit, "{}", piece.len());
             back.extend(serde_json::from_str::<Vec<(u32, String)>>(piece).expect("json"));
         }
         assert_eq!(back, rows);
-        let huge = [(0u32, "y".repeat(PIECE_BYTES * 2))];
+        let huge = [(0u32, "y".repeat(limit * 2))];
         assert_eq!(
-            json_pieces(&huge).len(),
+            json_pieces(&huge, limit).len(),
             1,
             "an oversized row is a piece of its own"
         );
-        assert!(json_pieces::<u32>(&[]).is_empty());
+        assert!(json_pieces::<u32>(&[], limit).is_empty());
     }
 
     #[test]
