@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::Result;
 use crate::alerts::SloThresholds;
 
+mod batch;
 // `sql` first: its macro must be defined before the backends expand it.
 #[macro_use]
 mod sql;

@@ -56,4 +56,9 @@ impl PostgresStore {
     }
 }
 
-impl_sql_store!(PostgresStore, Postgres, "BEGIN", super::sql::POSTGRES_BATCH);
+impl_sql_store!(
+    PostgresStore,
+    Postgres,
+    "BEGIN",
+    super::batch::POSTGRES_BATCH
+);

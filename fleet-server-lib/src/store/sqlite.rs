@@ -63,5 +63,5 @@ impl_sql_store!(
     SqliteStore,
     Sqlite,
     "BEGIN IMMEDIATE",
-    super::sql::SQLITE_BATCH
+    super::batch::SQLITE_BATCH
 );
