@@ -208,6 +208,24 @@ async fn open_store(o: &Options) -> Result<(Arc<dyn Store>, String), String> {
     }
 }
 
+/// Removes what the run created (kept when the count check fails, for a look).
+async fn clean_up(o: &Options, where_: &str) {
+    if let Some(path) = where_.strip_prefix("sqlite://") {
+        if let Some(dir) = std::path::Path::new(path).parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    } else if let (Some(schema), Ok(url)) = (
+        where_.strip_prefix("postgres schema "),
+        std::env::var("FLEET_TEST_POSTGRES_URL"),
+    ) && o.db == "postgres"
+        && let Ok(admin) = sqlx::PgPool::connect(&url).await
+    {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(&admin)
+            .await;
+    }
+}
+
 fn main() -> Result<(), String> {
     let o = options()?;
     let server_rt = tokio::runtime::Builder::new_multi_thread()
@@ -313,7 +331,10 @@ fn main() -> Result<(), String> {
         }
     );
     if stored != ingest.ok as i64 {
-        return Err("acknowledged heartbeats missing from the database".into());
+        return Err(format!(
+            "acknowledged heartbeats missing from the database ({where_}, kept)"
+        ));
     }
+    server_rt.block_on(clean_up(&o, &where_));
     Ok(())
 }
