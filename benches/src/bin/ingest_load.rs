@@ -8,10 +8,11 @@
 //! One process, two Tokio runtimes: the server (the real control plane router plus a bare
 //! `POST /bare` returning 200) and the generator. The generator keeps `--connections`
 //! keep-alive connections busy (one HTTP client each), sending v1-signed heartbeats from
-//! `--instances` distinct instance ids, each with its own secret. It first drives the bare
-//! route, then `/api/heartbeats`, for `--secs` each, with identical work per request
-//! (build, sign, send). It reports requests/s, p50 and p99, the ratio, and then checks that
-//! every acknowledged heartbeat is in the database.
+//! `--instances` distinct instance ids, each with its own secret. It drives the bare route
+//! and `/api/heartbeats` in alternating slices (`--rounds`, so that both see the same
+//! background load), `--secs` in total each, with identical work per request (build, sign,
+//! send). It reports requests/s, p50 and p99, the ratio, and then checks that every
+//! acknowledged heartbeat is in the database.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -33,6 +34,7 @@ struct Options {
     server_threads: usize,
     client_threads: usize,
     pg_writers: usize,
+    rounds: usize,
 }
 
 fn options() -> Result<Options, String> {
@@ -40,10 +42,11 @@ fn options() -> Result<Options, String> {
         db: "sqlite".into(),
         instances: 10_000,
         connections: 256,
-        secs: 15,
+        secs: 20,
         server_threads: 2,
         client_threads: 2,
         pg_writers: 4,
+        rounds: 5,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -60,6 +63,7 @@ fn options() -> Result<Options, String> {
             "--server-threads" => o.server_threads = number(value()?)?,
             "--client-threads" => o.client_threads = number(value()?)?,
             "--pg-writers" => o.pg_writers = number(value()?)?,
+            "--rounds" => o.rounds = number(value()?)?,
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -91,6 +95,7 @@ fn heartbeat(instance: &str, n: u64) -> Vec<u8> {
     .unwrap_or_default()
 }
 
+#[derive(Default)]
 struct Phase {
     ok: u64,
     errors: u64,
@@ -99,6 +104,13 @@ struct Phase {
 }
 
 impl Phase {
+    fn merge(&mut self, other: Phase) {
+        self.ok += other.ok;
+        self.errors += other.errors;
+        self.latencies_us.extend(other.latencies_us);
+        self.elapsed += other.elapsed;
+    }
+
     fn rate(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64()
     }
@@ -166,7 +178,6 @@ async fn drive(base: &str, path: &str, o: &Options, signers: Arc<Vec<Signer>>, s
         phase.latencies_us.extend(lat);
     }
     phase.elapsed = started.elapsed();
-    phase.latencies_us.sort_unstable();
     phase
 }
 
@@ -279,12 +290,13 @@ fn main() -> Result<(), String> {
     })?;
 
     println!(
-        "ingest_load: db={} ({where_}), {} instances, {} keep-alive connections, {} s per phase, \
+        "ingest_load: db={} ({where_}), {} instances, {} keep-alive connections, {} s per route in {} rounds, \
          server {} threads + generator {} threads on {} CPUs",
         o.db,
         o.instances,
         o.connections,
         o.secs,
+        o.rounds,
         o.server_threads,
         o.client_threads,
         std::thread::available_parallelism()
@@ -294,8 +306,16 @@ fn main() -> Result<(), String> {
     let (bare, ingest) = client_rt.block_on(async {
         // Warm up connections and code paths on the bare route.
         drive(&base, "/bare", &o, signers.clone(), 2).await;
-        let bare = drive(&base, "/bare", &o, signers.clone(), o.secs).await;
-        let ingest = drive(&base, "/api/heartbeats", &o, signers.clone(), o.secs).await;
+        // The two routes alternate, so both see the same background load on a shared
+        // machine; each round runs each route for secs / rounds.
+        let slice = (o.secs / o.rounds.max(1) as u64).max(1);
+        let (mut bare, mut ingest) = (Phase::default(), Phase::default());
+        for _ in 0..o.rounds.max(1) {
+            bare.merge(drive(&base, "/bare", &o, signers.clone(), slice).await);
+            ingest.merge(drive(&base, "/api/heartbeats", &o, signers.clone(), slice).await);
+        }
+        bare.latencies_us.sort_unstable();
+        ingest.latencies_us.sort_unstable();
         (bare, ingest)
     });
     let stored = server_rt
