@@ -6,6 +6,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use fleet_core::ValidationErrors;
+use fleet_core::validate::Path as FieldPath;
 use serde::Deserialize;
 
 use crate::auth::{Admin, Authed, Ops, Support};
@@ -92,14 +93,17 @@ pub(crate) async fn enroll(_: Admin, State(state): State<Shared>, body: Bytes) -
         errors.push("", e.to_string());
         Error::Invalid(errors)
     })?;
-    let id = parsed.instance_id.trim();
-    let max = state.settings.limits.max_id_len;
-    if id.is_empty() || id.len() > max || id.chars().any(char::is_control) {
-        let mut errors = ValidationErrors::default();
-        errors.push(
-            "instance_id",
-            format!("must be 1 to {max} bytes without control characters"),
-        );
+    // The same rule as a heartbeat's `instance_id`, so an enrolled id can send heartbeats.
+    let id = parsed.instance_id.as_str();
+    let mut errors = ValidationErrors::default();
+    let root = FieldPath::Root;
+    fleet_core::validate::check_id(
+        &mut errors,
+        &root.field("instance_id"),
+        id,
+        state.settings.limits.max_id_len,
+    );
+    if !errors.is_empty() {
         return Err(Error::Invalid(errors));
     }
     let row = state.store.enroll(id, fleet_core::unix_now()).await?;

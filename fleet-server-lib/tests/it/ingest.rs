@@ -317,6 +317,21 @@ async fn v0_can_be_refused_and_enrollment_can_be_required() {
         .await
         .expect("enroll");
     assert_eq!(enrolled.status(), 201);
+    for bad in [
+        json!({"instance_id": "has space"}),
+        json!({"instance_id": ""}),
+        json!({"id": 1}),
+    ] {
+        let refused = server
+            .client
+            .post(server.at("/api/installations"))
+            .bearer_auth(ADMIN)
+            .json(&bad)
+            .send()
+            .await
+            .expect("enroll");
+        assert_eq!(refused.status(), 422, "{bad}");
+    }
     assert_eq!(server.send_v1(SECRET, "m1", now(), &hb).await.status(), 200);
 }
 
