@@ -8,7 +8,10 @@ mod error;
 mod ingest;
 mod metrics;
 mod openapi;
+mod releases;
+pub mod rollouts;
 pub mod store;
+mod update_jobs;
 mod sweeper;
 pub mod webhook;
 
@@ -79,6 +82,8 @@ pub(crate) struct AppState {
     pub writer: mpsc::Sender<ingest::Job>,
     pub metrics: Arc<metrics::Metrics>,
     pub webhook_configured: bool,
+    /// Verifies release manifests (pinned Ed25519 keys, optional ERP HMAC secret).
+    pub manifests: fleet_core::manifest::ManifestVerifier,
 }
 
 pub(crate) type Shared = Arc<AppState>;
@@ -118,6 +123,7 @@ pub struct ControlPlaneBuilder {
     tokens: RoleTokens,
     settings: Settings,
     webhook: Option<WebhookConfig>,
+    manifests: fleet_core::manifest::ManifestVerifier,
 }
 
 impl std::fmt::Debug for ControlPlaneBuilder {
@@ -128,6 +134,7 @@ impl std::fmt::Debug for ControlPlaneBuilder {
             .field("tokens", &self.tokens)
             .field("settings", &self.settings)
             .field("webhook", &self.webhook)
+            .field("manifests", &self.manifests)
             .finish()
     }
 }
@@ -169,6 +176,14 @@ impl ControlPlaneBuilder {
         self
     }
 
+    /// Which release manifests `POST /api/releases` accepts: pinned Ed25519 public keys
+    /// (`CONTROL_PLANE_RELEASE_PUBLIC_KEYS`) and, for ERP compatibility, an HMAC secret
+    /// (`CONTROL_PLANE_RELEASE_SIGNING_SECRET`). Without either, every release is refused.
+    pub fn manifest_verifier(mut self, verifier: fleet_core::manifest::ManifestVerifier) -> Self {
+        self.manifests = verifier;
+        self
+    }
+
     /// Builds the router and starts the background tasks (heartbeat writer, offline sweeper,
     /// webhook delivery). Call it inside a Tokio runtime. The tasks stop by themselves once
     /// the router and all its clones are dropped; heartbeats already accepted are committed
@@ -205,8 +220,10 @@ impl ControlPlaneBuilder {
             writer,
             metrics,
             webhook_configured: self.webhook.is_some(),
+            manifests: self.manifests,
         });
         sweeper::spawn(Arc::downgrade(&state));
+        rollouts::spawn_watcher(Arc::downgrade(&state));
         if let Some(webhook) = self.webhook {
             webhook::spawn(Arc::downgrade(&state), webhook);
         }
@@ -224,6 +241,15 @@ fn routes(state: Shared) -> Router {
         .route("/api/installations/{instance_id}", get(api::installation))
         .route("/api/alerts", get(api::list_alerts))
         .route("/api/alerts/{id}/ack", post(api::acknowledge))
+        .route("/api/releases", get(releases::list).post(releases::create))
+        .route("/api/rollouts", get(rollouts::list).post(rollouts::create))
+        .route("/api/rollouts/{id}", get(rollouts::show))
+        .route("/api/rollouts/{id}/advance", post(rollouts::advance))
+        .route("/api/rollouts/{id}/pause", post(rollouts::pause))
+        .route("/api/rollouts/{id}/resume", post(rollouts::resume))
+        .route("/api/rollouts/{id}/cancel", post(rollouts::cancel))
+        .route("/api/updates/next", post(update_jobs::next))
+        .route("/api/updates/report", post(update_jobs::report))
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi::document))

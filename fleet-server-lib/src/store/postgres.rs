@@ -47,3 +47,5 @@ impl_sql_store!(
     // they wait for each other at worst, never deadlock.
     4
 );
+
+impl_rollout_store!(PostgresStore, Postgres, "BEGIN", " FOR UPDATE");

@@ -61,3 +61,5 @@ impl_sql_store!(
     super::sql::SQLITE_BATCH,
     1
 );
+
+impl_rollout_store!(SqliteStore, Sqlite, "BEGIN IMMEDIATE", "");
