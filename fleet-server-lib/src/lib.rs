@@ -11,8 +11,8 @@ mod openapi;
 mod releases;
 pub mod rollouts;
 pub mod store;
-mod update_jobs;
 mod sweeper;
+mod update_jobs;
 pub mod webhook;
 
 use std::sync::Arc;

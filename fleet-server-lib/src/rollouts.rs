@@ -196,7 +196,12 @@ pub fn after_job_end(
 
 /// The rule after an operator resumed a rollout: its current batch's failures were
 /// accepted; an ended batch completes the rollout or, with auto-advance, starts the next.
-pub fn after_resume(counts: &BatchCounts, auto_advance: bool, current_batch: i64, batch_count: i64) -> Next {
+pub fn after_resume(
+    counts: &BatchCounts,
+    auto_advance: bool,
+    current_batch: i64,
+    batch_count: i64,
+) -> Next {
     if counts.active() > 0 {
         Next::Stay
     } else if current_batch + 1 >= batch_count {
@@ -268,7 +273,10 @@ pub fn slo_breach(
     let checks = [
         ("slo_p95_ms", settings.slo_p95_ms_max),
         ("slo_error_rate", settings.slo_error_rate_max),
-        ("slo_webhook_retry_rate", settings.slo_webhook_retry_rate_max),
+        (
+            "slo_webhook_retry_rate",
+            settings.slo_webhook_retry_rate_max,
+        ),
     ];
     checks.into_iter().find_map(|(name, max)| {
         let max = max.filter(|m| *m > 0.0)?;
@@ -416,7 +424,10 @@ impl CreateRollout {
 }
 
 /// Parses a JSON body into `T`, answering 422 with the field path when it does not fit.
-pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], limits: &Limits) -> Result<T> {
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    limits: &Limits,
+) -> Result<T> {
     if body.len() > limits.max_body_bytes {
         return Err(Error::TooLarge {
             limit: limits.max_body_bytes,
@@ -496,12 +507,7 @@ async fn act(state: &Shared, id: &str, action: RolloutAction) -> Result<Response
     let id = path_id(id)?;
     let detail = state
         .store
-        .rollout_action(
-            id,
-            action,
-            fleet_core::unix_now(),
-            state.webhook_configured,
-        )
+        .rollout_action(id, action, fleet_core::unix_now(), state.webhook_configured)
         .await?;
     Ok(Json(detail).into_response())
 }
@@ -585,22 +591,55 @@ mod tests {
         );
         assert_eq!(split_batches(&targets, 10), vec![targets.clone()]);
         assert!(split_batches::<u32>(&[], 3).is_empty());
-        assert_eq!(split_batches(&targets, 0).len(), 5, "size 0 is treated as 1");
+        assert_eq!(
+            split_batches(&targets, 0).len(),
+            5,
+            "size 0 is treated as 1"
+        );
     }
 
     #[test]
     fn one_failure_over_a_count_threshold_halts_at_once() {
         let c = counts(1, &["rolled_back", "in_progress"]);
-        let next = after_job_end(RolloutStatus::Running, &c, Threshold::Count(0), true, 1, 3, true);
-        assert!(matches!(next, Next::Halt(ref r) if r.contains("1 of 2")), "{next:?}");
-        let next = after_job_end(RolloutStatus::Running, &c, Threshold::Count(1), true, 1, 3, true);
+        let next = after_job_end(
+            RolloutStatus::Running,
+            &c,
+            Threshold::Count(0),
+            true,
+            1,
+            3,
+            true,
+        );
+        assert!(
+            matches!(next, Next::Halt(ref r) if r.contains("1 of 2")),
+            "{next:?}"
+        );
+        let next = after_job_end(
+            RolloutStatus::Running,
+            &c,
+            Threshold::Count(1),
+            true,
+            1,
+            3,
+            true,
+        );
         assert_eq!(next, Next::Stay, "still running, under the threshold");
     }
 
     #[test]
     fn percent_threshold_counts_against_the_batch() {
         let c = counts(0, &["failed", "succeeded", "succeeded", "succeeded"]);
-        let at = |p| after_job_end(RolloutStatus::Running, &c, Threshold::Percent(p), false, 0, 2, true);
+        let at = |p| {
+            after_job_end(
+                RolloutStatus::Running,
+                &c,
+                Threshold::Percent(p),
+                false,
+                0,
+                2,
+                true,
+            )
+        };
         assert_eq!(at(25.0), Next::Stay);
         assert!(matches!(at(20.0), Next::Halt(_)));
     }
@@ -609,7 +648,10 @@ mod tests {
     fn an_ended_batch_advances_only_with_auto_advance_and_completes_at_the_end() {
         let done = counts(0, &["succeeded", "succeeded"]);
         let t = Threshold::Count(0);
-        assert_eq!(after_job_end(RolloutStatus::Running, &done, t, false, 0, 2, false), Next::Stay);
+        assert_eq!(
+            after_job_end(RolloutStatus::Running, &done, t, false, 0, 2, false),
+            Next::Stay
+        );
         assert_eq!(
             after_job_end(RolloutStatus::Running, &done, t, true, 0, 2, false),
             Next::StartNext
@@ -634,11 +676,17 @@ mod tests {
     fn a_success_after_resume_does_not_halt_again() {
         let c = counts(1, &["rolled_back", "succeeded"]);
         let t = Threshold::Count(0);
-        assert_eq!(after_job_end(RolloutStatus::Running, &c, t, false, 1, 3, false), Next::Stay);
+        assert_eq!(
+            after_job_end(RolloutStatus::Running, &c, t, false, 1, 3, false),
+            Next::Stay
+        );
         assert_eq!(after_resume(&c, false, 1, 3), Next::Stay);
         assert_eq!(after_resume(&c, true, 1, 3), Next::StartNext);
         assert_eq!(after_resume(&c, false, 2, 3), Next::Complete);
-        assert_eq!(after_resume(&counts(1, &["in_progress"]), true, 1, 3), Next::Stay);
+        assert_eq!(
+            after_resume(&counts(1, &["in_progress"]), true, 1, 3),
+            Next::Stay
+        );
     }
 
     #[test]
@@ -649,7 +697,10 @@ mod tests {
         assert!(check_advance(RolloutStatus::Running, &running, 0, 3).is_err());
         assert!(check_advance(RolloutStatus::Running, &pending, 0, 3).is_err());
         assert!(check_advance(RolloutStatus::Halted, &done, 0, 3).is_err());
-        assert!(check_advance(RolloutStatus::Running, &done, 2, 3).is_err(), "none left");
+        assert!(
+            check_advance(RolloutStatus::Running, &done, 2, 3).is_err(),
+            "none left"
+        );
         assert_eq!(check_advance(RolloutStatus::Running, &done, 0, 3), Ok(()));
     }
 
@@ -674,18 +725,25 @@ mod tests {
         };
         let figures = |v: serde_json::Value| v.as_object().cloned().unwrap_or_default();
         assert_eq!(
-            slo_breach(&settings, &figures(serde_json::json!({"slo_p95_ms": 400.0, "slo_error_rate": 0.9}))),
+            slo_breach(
+                &settings,
+                &figures(serde_json::json!({"slo_p95_ms": 400.0, "slo_error_rate": 0.9}))
+            ),
             None
         );
         assert!(
-            slo_breach(&settings, &figures(serde_json::json!({"slo_p95_ms": 812.5})))
-                .is_some_and(|r| r.contains("812.5"))
+            slo_breach(
+                &settings,
+                &figures(serde_json::json!({"slo_p95_ms": 812.5}))
+            )
+            .is_some_and(|r| r.contains("812.5"))
         );
     }
 
     #[test]
     fn create_body_accepts_erp_names_and_checks_threshold() {
-        let body = br#"{"manifestId": 3, "channel": "stable", "batchSize": 2, "autoRollback": false,
+        let body =
+            br#"{"manifestId": 3, "channel": "stable", "batchSize": 2, "autoRollback": false,
             "failure_threshold": "50%"}"#;
         let parsed: CreateRollout = parse_body(body, &Limits::default()).expect("parse");
         let new = parsed

@@ -74,7 +74,11 @@ pub(crate) async fn next(
     same_instance(&request.instance_id, &request.body.instance_id)?;
     let handed = state
         .store
-        .next_job(&request.instance_id, JobKind::Update, fleet_core::unix_now())
+        .next_job(
+            &request.instance_id,
+            JobKind::Update,
+            fleet_core::unix_now(),
+        )
         .await?;
     let Some(handed) = handed else {
         return Ok(StatusCode::NO_CONTENT.into_response());

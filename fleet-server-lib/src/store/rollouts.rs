@@ -86,7 +86,10 @@ pub struct NewRollout {
 }
 
 fn json_text<S: Serializer>(text: &Option<String>, s: S) -> std::result::Result<S::Ok, S::Error> {
-    match text.as_deref().and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok()) {
+    match text
+        .as_deref()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+    {
         Some(value) => value.serialize(s),
         None => s.serialize_none(),
     }
@@ -376,8 +379,12 @@ pub trait RolloutStore: Send + Sync {
 
     /// Hands the instance its oldest pending job of `kind` (marking it in progress, step
     /// `accepted`), or `None`.
-    async fn next_job(&self, instance_id: &str, kind: JobKind, now: i64)
-    -> Result<Option<HandedJob>>;
+    async fn next_job(
+        &self,
+        instance_id: &str,
+        kind: JobKind,
+        now: i64,
+    ) -> Result<Option<HandedJob>>;
 
     /// Records an agent's report on its own job, then applies the rollout rules (halt on
     /// the failure threshold, auto-advance, completion). 404 for a job that is not the
@@ -433,8 +440,12 @@ pub trait RolloutStore: Send + Sync {
     /// Schedules verifications for up to `count` installations with the freshest
     /// heartbeats, skipping any verified in `environment` in the last 7 days or with one
     /// already open there.
-    async fn schedule_restores(&self, count: i64, environment: &str, now: i64)
-    -> Result<Vec<Restore>>;
+    async fn schedule_restores(
+        &self,
+        count: i64,
+        environment: &str,
+        now: i64,
+    ) -> Result<Vec<Restore>>;
 
     /// Hands the instance its oldest scheduled verification, or `None`.
     async fn next_restore(&self, instance_id: &str, now: i64) -> Result<Option<Restore>>;
