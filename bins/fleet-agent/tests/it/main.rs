@@ -8,6 +8,7 @@ mod receiver;
 mod control_plane;
 mod image;
 mod process;
+mod rollout;
 mod unit;
 
 use std::path::{Path, PathBuf};
