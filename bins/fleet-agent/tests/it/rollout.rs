@@ -43,6 +43,10 @@ struct Server {
 }
 
 fn start_server(dir: &Path) -> Server {
+    start_server_trusting(dir, &[release_key().public_key().to_base64()])
+}
+
+fn start_server_trusting(dir: &Path, keys: &[String]) -> Server {
     let port = free_port();
     let db = dir.join("fleet.db");
     let log = std::fs::File::create(dir.join("server.log")).expect("log");
@@ -58,10 +62,7 @@ fn start_server(dir: &Path) -> Server {
         .env("CONTROL_PLANE_ADMIN_TOKEN", ADMIN)
         .env("CONTROL_PLANE_OPS_TOKEN", OPS)
         .env("CONTROL_PLANE_AGENT_TOKEN", AGENT_SECRET)
-        .env(
-            "CONTROL_PLANE_RELEASE_PUBLIC_KEYS",
-            release_key().public_key().to_base64(),
-        )
+        .env("CONTROL_PLANE_RELEASE_PUBLIC_KEYS", keys.join(","))
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
         .stderr(log)
@@ -279,6 +280,10 @@ impl Api {
     }
 
     async fn publish(&self, version: &str) -> i64 {
+        self.publish_with(version, &release_key()).await
+    }
+
+    async fn publish_with(&self, version: &str, key: &PrivateKey) -> i64 {
         let manifest = ReleaseManifest {
             version: version.into(),
             sha: "0123abcd".into(),
@@ -294,7 +299,7 @@ impl Api {
             .call("POST", "/api/releases", ADMIN, Some(&value))
             .await;
         assert_eq!(status, 422, "unsigned manifest");
-        let signed = release_key().sign_value(&value).expect("sign");
+        let signed = key.sign_value(&value).expect("sign");
         let mut tampered = signed.clone();
         tampered["sha"] = "evil".into();
         let (status, error) = self
@@ -584,5 +589,60 @@ async fn sigkill_during_migrate_ends_rolled_back_and_reported_once() {
     assert_eq!(finals, 1, "reported once");
     pool.close().await;
     drop(instance);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test]
+async fn the_agent_refuses_a_manifest_its_pinned_keys_do_not_verify() {
+    let root = temp_dir("rollout-unpinned");
+    // The control plane trusts a second key that this agent does not pin.
+    let other = PrivateKey::from_seed([7; 32]);
+    let server = start_server_trusting(
+        &root,
+        &[
+            release_key().public_key().to_base64(),
+            other.public_key().to_base64(),
+        ],
+    );
+    wait_healthy(&server.url).await;
+    let api = Api {
+        client: reqwest::Client::new(),
+        url: server.url.clone(),
+    };
+    let mut instance = Instance::new(&root, "careful-1");
+    instance.start_agent(&server.url, "echo migrating");
+    api.wait_installations(1).await;
+    let release = api.publish_with("6.6.6", &other).await;
+    let (status, rollout) = api
+        .call(
+            "POST",
+            "/api/rollouts",
+            ADMIN,
+            Some(&json!({"release_id": release, "channel": "stable", "batch_size": 1})),
+        )
+        .await;
+    assert_eq!(status, 201, "{rollout}");
+    let id = rollout["id"].as_i64().expect("id");
+    let ended = api
+        .wait_rollout(id, 30, "the job ended", |r| {
+            job(r, "careful-1")["status"] != "in_progress"
+                && job(r, "careful-1")["status"] != "pending"
+        })
+        .await;
+    let refused = job(&ended, "careful-1");
+    assert_eq!(refused["status"], "failed", "{ended:#}");
+    assert_eq!(refused["step"], "verify_manifest");
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("signature")),
+        "{refused}"
+    );
+    assert!(!instance.dir.join("backup.VERSION").exists(), "no step ran");
+    assert_eq!(instance.version_on_disk(), "1.0.0");
+    let mut agent = instance.agent.take().expect("agent");
+    crate::sigterm_and_wait(&mut agent).await;
+    drop(instance);
+    drop(server);
     let _ = std::fs::remove_dir_all(&root);
 }
