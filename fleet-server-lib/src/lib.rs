@@ -8,7 +8,9 @@ mod error;
 mod ingest;
 mod metrics;
 mod openapi;
+mod plugins;
 mod releases;
+mod restores;
 pub mod rollouts;
 pub mod store;
 mod sweeper;
@@ -250,6 +252,26 @@ fn routes(state: Shared) -> Router {
         .route("/api/rollouts/{id}/cancel", post(rollouts::cancel))
         .route("/api/updates/next", post(update_jobs::next))
         .route("/api/updates/report", post(update_jobs::report))
+        .route(
+            "/api/plugins/releases",
+            get(plugins::list_releases).post(plugins::create_release),
+        )
+        .route(
+            "/api/plugins/requests",
+            get(plugins::list_requests).post(plugins::create_request),
+        )
+        .route("/api/plugins/requests/{id}/approve", post(plugins::approve))
+        .route("/api/plugins/rollouts", post(plugins::create_rollout))
+        .route(
+            "/api/plugins/rollouts/{id}/advance",
+            post(rollouts::advance),
+        )
+        .route("/api/plugins/next", post(plugins::next))
+        .route("/api/plugins/report", post(plugins::report))
+        .route("/api/restores", get(restores::list))
+        .route("/api/restores/schedule", post(restores::schedule))
+        .route("/api/restores/next", post(restores::next))
+        .route("/api/restores/report", post(restores::report))
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi::document))

@@ -5,6 +5,7 @@ mod api;
 mod auth;
 mod browser;
 mod ingest;
+mod marketplace;
 mod rollouts;
 mod store;
 mod support;

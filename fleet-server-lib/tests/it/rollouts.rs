@@ -31,7 +31,7 @@ async fn server(t: &TestStore) -> TestServer {
 }
 
 /// A heartbeat that puts `instance` on `channel` at `version`.
-async fn enroll(server: &TestServer, instance: &str, channel: &str, version: &str) {
+pub(crate) async fn enroll(server: &TestServer, instance: &str, channel: &str, version: &str) {
     let hb = body(
         instance,
         json!({"release_channel": channel, "version": version}),
@@ -41,7 +41,7 @@ async fn enroll(server: &TestServer, instance: &str, channel: &str, version: &st
 }
 
 /// POSTs `body` to an agent endpoint, signed (v1) with the shared secret.
-async fn agent_post(server: &TestServer, path: &str, body: &Value) -> (u16, Value) {
+pub(crate) async fn agent_post(server: &TestServer, path: &str, body: &Value) -> (u16, Value) {
     let bytes = serde_json::to_vec(body).expect("json");
     let msg = uuid::Uuid::new_v4().to_string();
     let mut request = server.client.post(server.at(path)).body(bytes.clone());
@@ -53,7 +53,12 @@ async fn agent_post(server: &TestServer, path: &str, body: &Value) -> (u16, Valu
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-async fn admin_post(server: &TestServer, path: &str, token: &str, body: &Value) -> (u16, Value) {
+pub(crate) async fn admin_post(
+    server: &TestServer,
+    path: &str,
+    token: &str,
+    body: &Value,
+) -> (u16, Value) {
     let response = server
         .client
         .post(server.at(path))
