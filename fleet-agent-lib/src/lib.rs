@@ -13,8 +13,10 @@ pub mod metrics;
 pub mod outbox;
 pub mod pipeline;
 mod pipelines;
+pub mod plugins;
 pub mod prometheus;
 pub mod regional;
+pub mod restores;
 pub mod sender;
 pub mod updates;
 

@@ -334,6 +334,36 @@ impl ControlPlaneClient {
     }
 }
 
+/// Calls `poll` every `interval` (at once again after it did some work) until `stop`.
+pub async fn poll_loop<F, Fut>(
+    name: &'static str,
+    interval: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut poll: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::Result<bool>>,
+{
+    let interval = interval.max(Duration::from_secs(1));
+    loop {
+        let wait = tokio::select! {
+            ran = poll() => match ran {
+                Ok(true) => Duration::ZERO,
+                Ok(false) => interval,
+                Err(err) => {
+                    tracing::error!(pipeline = name, error = %err, "pipeline state is unusable");
+                    interval
+                }
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,5 +51,25 @@ pub(crate) async fn spawn(
         );
         tasks.spawn(crate::updates::run_loop(pipeline, stop.clone()));
     }
+    if c.plugin.enabled {
+        let pipeline = crate::plugins::PluginPipeline::new(
+            &c.instance_id,
+            c.plugin.clone(),
+            client.clone(),
+            state.clone(),
+            runner.clone(),
+        );
+        tasks.spawn(crate::plugins::run_loop(pipeline, stop.clone()));
+    }
+    if restore_on {
+        let restorer = crate::restores::RestoreRunner::new(
+            &c.instance_id,
+            c.restore.clone(),
+            client.clone(),
+            state.clone(),
+            runner.clone(),
+        );
+        tasks.spawn(crate::restores::run_loop(restorer, stop.clone()));
+    }
     Ok(())
 }

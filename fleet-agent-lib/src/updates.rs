@@ -500,25 +500,9 @@ fn job_env(job_id: &str, job: &Value, current: Option<String>) -> Vec<(String, S
 
 /// Polls for update jobs every `UPDATE_POLL_MIN` (or `UPDATE_POLL_SEC`) until `stop`, and
 /// at once again after a job ran.
-pub async fn run_loop(pipeline: UpdatePipeline, mut stop: watch::Receiver<bool>) {
-    let interval = pipeline.settings.poll_interval.max(Duration::from_secs(1));
-    loop {
-        let wait = tokio::select! {
-            ran = pipeline.poll_once() => match ran {
-                Ok(true) => Duration::ZERO,
-                Ok(false) => interval,
-                Err(err) => {
-                    tracing::error!(error = %err, "update pipeline state is unusable");
-                    interval
-                }
-            },
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
-    }
+pub async fn run_loop(pipeline: UpdatePipeline, stop: watch::Receiver<bool>) {
+    let interval = pipeline.settings.poll_interval;
+    crate::pipeline::poll_loop("update", interval, stop, || pipeline.poll_once()).await;
 }
 
 #[cfg(test)]

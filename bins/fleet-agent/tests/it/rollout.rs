@@ -188,6 +188,10 @@ impl Instance {
     }
 
     fn start_agent(&mut self, server: &str, migrate: &str) {
+        self.start_agent_with(server, migrate, &[]);
+    }
+
+    fn start_agent_with(&mut self, server: &str, migrate: &str, extra: &[(&str, &str)]) {
         let log = std::fs::File::create(
             self.dir
                 .join(format!("agent-{}.log", uuid::Uuid::new_v4().simple())),
@@ -197,6 +201,7 @@ impl Instance {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(self.env(server, migrate))
+            .envs(extra.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -640,6 +645,145 @@ async fn the_agent_refuses_a_manifest_its_pinned_keys_do_not_verify() {
     );
     assert!(!instance.dir.join("backup.VERSION").exists(), "no step ran");
     assert_eq!(instance.version_on_disk(), "1.0.0");
+    let mut agent = instance.agent.take().expect("agent");
+    crate::sigterm_and_wait(&mut agent).await;
+    drop(instance);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test]
+async fn plugin_jobs_run_quoted_and_restores_are_verified() {
+    let root = temp_dir("plugins-restores");
+    let server = start_server(&root);
+    wait_healthy(&server.url).await;
+    let api = Api {
+        client: reqwest::Client::new(),
+        url: server.url.clone(),
+    };
+    let mut instance = Instance::new(&root, "plug-1");
+    let workdir = instance.dir.display().to_string();
+    instance.start_agent_with(
+        &server.url,
+        "true",
+        &[
+            ("PLUGIN_UPDATE_ENABLED", "true"),
+            ("PLUGIN_POLL_SEC", "1"),
+            ("PLUGIN_WORKDIR", &workdir),
+            (
+                "PLUGIN_INSTALL_CMD",
+                "printf '%s|%s|%s|%s\\n' {{name}} {{version}} {{action}} \"$PLUGIN_NAME\" >> plugins.log",
+            ),
+            ("PLUGIN_UPDATE_CMD", "printf 'update %s\\n' {{version}} >> plugins.log"),
+            ("PLUGIN_SMOKE_CMD", "test -s plugins.log"),
+            ("RESTORE_POLL_SEC", "1"),
+            ("RESTORE_WORKDIR", &workdir),
+            (
+                "RESTORE_VERIFY_CMD",
+                "test \"$RESTORE_ENVIRONMENT\" = staging && echo restored \"$RESTORE_ID\"",
+            ),
+        ],
+    );
+    api.wait_installations(1).await;
+    let (status, release) = api
+        .call(
+            "POST",
+            "/api/plugins/releases",
+            ADMIN,
+            Some(&json!({"name": "@acme/report", "version": "1.2.0"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{release}");
+    // The instance asks (signed), an admin approves, the agent installs.
+    let body = serde_json::to_vec(&json!({"instance_id": "plug-1", "name": "@acme/report",
+        "version": "1.2.0", "action": "install", "reason": "reports"}))
+    .expect("json");
+    let signer = fleet_core::Signer::new(fleet_core::Secret::new(AGENT_SECRET).expect("secret"));
+    let mut request = api
+        .client
+        .post(format!("{}/api/plugins/requests", server.url))
+        .body(body.clone());
+    for (name, value) in signer
+        .headers("msg_plugin_request", fleet_core::unix_now(), &body)
+        .pairs()
+    {
+        request = request.header(name, value);
+    }
+    let response = request.send().await.expect("send");
+    assert_eq!(response.status().as_u16(), 201);
+    let created: Value = response.json().await.expect("json");
+    let (status, approved) = api
+        .call(
+            "POST",
+            &format!("/api/plugins/requests/{}/approve", created["id"]),
+            ADMIN,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{approved}");
+    let log = instance.dir.join("plugins.log");
+    assert!(
+        wait_until(30, || std::fs::read_to_string(&log)
+            .is_ok_and(|l| l.lines().count() == 1))
+        .await,
+        "the install never ran"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log).expect("log"),
+        "@acme/report|1.2.0|install|@acme/report\n"
+    );
+    // A plugin rollout carries `update` to the instance.
+    let (status, rollout) = api
+        .call(
+            "POST",
+            "/api/plugins/rollouts",
+            ADMIN,
+            Some(
+                &json!({"plugin_release_id": release["id"], "action": "update",
+                         "channel": "stable", "batch_size": 1}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{rollout}");
+    let done = api
+        .wait_rollout(
+            rollout["id"].as_i64().expect("id"),
+            30,
+            "plugin rollout completed",
+            |r| r["status"] == "completed",
+        )
+        .await;
+    assert_eq!(done["jobs"][0]["status"], "succeeded", "{done:#}");
+    assert!(
+        std::fs::read_to_string(&log)
+            .expect("log")
+            .ends_with("update 1.2.0\n")
+    );
+
+    // Restore verification: scheduled, run, reported verified.
+    let (status, scheduled) = api
+        .call(
+            "POST",
+            "/api/restores/schedule",
+            OPS,
+            Some(&json!({"count": 1})),
+        )
+        .await;
+    assert_eq!(status, 201, "{scheduled}");
+    let mut restores = Value::Null;
+    for _ in 0..100 {
+        restores = api.call("GET", "/api/restores", OPS, None).await.1;
+        if restores["items"][0]["status"] == "verified" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(restores["items"][0]["status"], "verified", "{restores:#}");
+    assert!(
+        restores["items"][0]["output_tail"]
+            .as_str()
+            .is_some_and(|t| t.contains("restored"))
+    );
     let mut agent = instance.agent.take().expect("agent");
     crate::sigterm_and_wait(&mut agent).await;
     drop(instance);
