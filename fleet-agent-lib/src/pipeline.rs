@@ -172,12 +172,11 @@ async fn run_shell(step: &Step) -> StepOutcome {
         Ok(Ok(status)) => (status.code(), false, None),
         Ok(Err(err)) => (None, false, Some(err.to_string())),
         Err(_) => {
-            if let Some(pid) = pgid.and_then(rustix::process::Pid::from_raw) {
-                if let Err(err) =
+            if let Some(pid) = pgid.and_then(rustix::process::Pid::from_raw)
+                && let Err(err) =
                     rustix::process::kill_process_group(pid, rustix::process::Signal::KILL)
-                {
-                    tracing::warn!(step = %step.name, error = %err, "cannot kill the step's process group");
-                }
+            {
+                tracing::warn!(step = %step.name, error = %err, "cannot kill the step's process group");
             }
             let _ = child.wait().await;
             (None, true, None)

@@ -42,46 +42,51 @@ pub struct RolloutOptions {
     pub auto_advance: bool,
 }
 
+/// `fleetctl rollout create` options.
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// Release id (from `release list`).
+    #[arg(long, conflicts_with = "version")]
+    pub release: Option<i64>,
+    /// Or the release's version on the channel.
+    #[arg(long)]
+    pub version: Option<String>,
+    #[command(flatten)]
+    pub options: RolloutOptions,
+    /// `batch` or `blue-green-canary`.
+    #[arg(long, default_value = "batch")]
+    pub strategy: String,
+    /// Canary percentages, ending at 100 (`5,25,100`).
+    #[arg(long, value_delimiter = ',')]
+    pub canary_steps: Option<Vec<u8>>,
+    /// Seconds to observe each canary step.
+    #[arg(long)]
+    pub canary_wait: Option<u32>,
+    /// p95 latency ceiling (ms) for updated instances.
+    #[arg(long)]
+    slo_p95_ms_max: Option<f64>,
+    /// Error-rate ceiling (0..1).
+    #[arg(long)]
+    pub slo_error_rate_max: Option<f64>,
+    /// Webhook-retry-rate ceiling.
+    #[arg(long)]
+    pub slo_webhook_retry_rate_max: Option<f64>,
+    /// Seconds an updated instance's heartbeats are watched against the SLO ceilings.
+    #[arg(long)]
+    pub observe_secs: Option<i64>,
+    /// Do not run the rollback command when a step fails.
+    #[arg(long)]
+    pub no_auto_rollback: bool,
+}
+
 /// `fleetctl rollout ...`.
 #[derive(Subcommand, Debug)]
 pub enum RolloutCommand {
     /// Create a rollout of a release.
-    Create {
-        /// Release id (from `release list`).
-        #[arg(long, conflicts_with = "version")]
-        release: Option<i64>,
-        /// Or the release's version on the channel.
-        #[arg(long)]
-        version: Option<String>,
-        #[command(flatten)]
-        options: RolloutOptions,
-        /// `batch` or `blue-green-canary`.
-        #[arg(long, default_value = "batch")]
-        strategy: String,
-        /// Canary percentages, ending at 100 (`5,25,100`).
-        #[arg(long, value_delimiter = ',')]
-        canary_steps: Option<Vec<u8>>,
-        /// Seconds to observe each canary step.
-        #[arg(long)]
-        canary_wait: Option<u32>,
-        /// p95 latency ceiling (ms) for updated instances.
-        #[arg(long)]
-        slo_p95_ms_max: Option<f64>,
-        /// Error-rate ceiling (0..1).
-        #[arg(long)]
-        slo_error_rate_max: Option<f64>,
-        /// Webhook-retry-rate ceiling.
-        #[arg(long)]
-        slo_webhook_retry_rate_max: Option<f64>,
-        /// Seconds an updated instance's heartbeats are watched against the SLO ceilings.
-        #[arg(long)]
-        observe_secs: Option<i64>,
-        /// Do not run the rollback command when a step fails.
-        #[arg(long)]
-        no_auto_rollback: bool,
-    },
+    Create(Box<CreateArgs>),
     /// List rollouts.
     List,
+
     /// Show a rollout with its batches and jobs.
     Show {
         /// Rollout id.
@@ -359,19 +364,20 @@ pub fn progress(rollout: &Value) -> String {
 pub fn rollout(client: &Client, command: RolloutCommand) -> Result<(), String> {
     let show = |value: &Value| client.print(value, progress);
     match command {
-        RolloutCommand::Create {
-            release,
-            version,
-            options,
-            strategy,
-            canary_steps,
-            canary_wait,
-            slo_p95_ms_max,
-            slo_error_rate_max,
-            slo_webhook_retry_rate_max,
-            observe_secs,
-            no_auto_rollback,
-        } => {
+        RolloutCommand::Create(args) => {
+            let CreateArgs {
+                release,
+                version,
+                options,
+                strategy,
+                canary_steps,
+                canary_wait,
+                slo_p95_ms_max,
+                slo_error_rate_max,
+                slo_webhook_retry_rate_max,
+                observe_secs,
+                no_auto_rollback,
+            } = *args;
             let strategy = match strategy.to_ascii_lowercase().replace('_', "-").as_str() {
                 "batch" => "BATCH",
                 "blue-green-canary" => "BLUE_GREEN_CANARY",
@@ -486,7 +492,7 @@ pub fn plugin(client: &Client, command: PluginCommand) -> Result<(), String> {
                     text(&r["name"]),
                     text(&r["version"]),
                     text(&r["id"]),
-                    r["compatible"].to_string()
+                    r["compatible"]
                 )
             });
         }

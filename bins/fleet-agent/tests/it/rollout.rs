@@ -372,14 +372,14 @@ async fn six_agents_batch_two_smoke_failure_rolls_back_halts_and_resume_complete
     let after_first = api
         .wait_rollout(id, 60, "batch 1 ended", |r| batch_ended(r, 0))
         .await;
-    for i in 0..2 {
+    for instance in &instances[..2] {
         assert_eq!(
-            job(&after_first, &instances[i].id)["status"],
+            job(&after_first, &instance.id)["status"],
             "succeeded",
             "{after_first:#}"
         );
-        assert_eq!(instances[i].version_on_disk(), "2.0.0");
-        assert_eq!(instances[i].version_served().await, "2.0.0");
+        assert_eq!(instance.version_on_disk(), "2.0.0");
+        assert_eq!(instance.version_served().await, "2.0.0");
     }
     for instance in &instances[2..] {
         assert_eq!(instance.version_on_disk(), "1.0.0");
@@ -443,8 +443,8 @@ async fn six_agents_batch_two_smoke_failure_rolls_back_halts_and_resume_complete
         on_disk,
         ["2.0.0", "2.0.0", "2.0.0", "1.0.0", "2.0.0", "2.0.0"]
     );
-    for i in [4, 5] {
-        assert_eq!(instances[i].version_served().await, "2.0.0");
+    for instance in &instances[4..] {
+        assert_eq!(instance.version_served().await, "2.0.0");
     }
     // The agents report the version they now run.
     let mut versions = Vec::new();
