@@ -11,6 +11,7 @@ mod openapi;
 mod plugins;
 mod releases;
 mod restores;
+mod rollout_pages;
 pub mod rollouts;
 pub mod store;
 mod sweeper;
@@ -278,6 +279,12 @@ fn routes(state: Shared) -> Router {
         .route("/", get(dashboard::index))
         .route("/installations/{instance_id}", get(dashboard::installation))
         .route("/alerts/{id}/ack", post(dashboard::acknowledge))
+        .route("/releases", get(rollout_pages::releases))
+        .route("/rollouts", get(rollout_pages::rollouts))
+        .route("/rollouts/{id}", get(rollout_pages::rollout))
+        .route("/rollouts/{id}/{action}", post(rollout_pages::act))
+        .route("/plugins", get(rollout_pages::plugins))
+        .route("/restores", get(rollout_pages::restores))
         .route("/login", get(dashboard::login_page).post(dashboard::login))
         .route("/logout", post(dashboard::logout))
         .fallback(api::not_found)

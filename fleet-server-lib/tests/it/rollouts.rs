@@ -470,3 +470,97 @@ on_both_backends!(
     pause_cancel_and_auto_advance,
     slo_breach_after_update_halts_the_rollout,
 );
+
+async fn page(server: &TestServer, path: &str, token: &str) -> (u16, String) {
+    let response = server
+        .client
+        .get(server.at(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("get");
+    (
+        response.status().as_u16(),
+        response.text().await.unwrap_or_default(),
+    )
+}
+
+#[tokio::test]
+async fn dashboard_pages_show_releases_rollouts_plugins_and_restores() {
+    let t = support::sqlite().await;
+    let server = server(&t).await;
+    for i in 1..=3 {
+        enroll(&server, &format!("d{i}"), "stable", "1.0.0").await;
+    }
+    let signed = release_key()
+        .sign_value(&serde_json::to_value(manifest("5.0.0")).expect("json"))
+        .expect("sign");
+    admin_post(&server, "/api/releases", ADMIN, &signed).await;
+    let (_, rollout) = admin_post(
+        &server,
+        "/api/rollouts",
+        ADMIN,
+        &json!({"version": "5.0.0", "channel": "stable", "batch_size": 2}),
+    )
+    .await;
+    let id = rollout["id"].as_i64().expect("id");
+    let (status, html) = page(&server, "/releases", SUPPORT).await;
+    assert_eq!(status, 200);
+    assert!(html.contains("5.0.0") && html.contains("ed25519"));
+    let (_, html) = page(&server, "/rollouts", SUPPORT).await;
+    assert!(html.contains(&format!("href=\"/rollouts/{id}\"")));
+    let (status, html) = page(&server, &format!("/rollouts/{id}"), SUPPORT).await;
+    assert_eq!(status, 200);
+    assert!(
+        html.contains("http-equiv=refresh"),
+        "a running rollout refreshes itself"
+    );
+    assert!(html.contains("id=batches") && html.contains("d3"));
+    assert!(
+        !html.contains("<button>advance</button>"),
+        "support sees no buttons"
+    );
+    let (_, html) = page(&server, &format!("/rollouts/{id}"), ADMIN).await;
+    assert!(html.contains("<button>advance</button>"));
+    // The buttons post with the session; the rules are the API's.
+    let post = |token: &'static str| {
+        server
+            .client
+            .post(server.at(&format!("/rollouts/{id}/advance")))
+            .bearer_auth(token)
+            .send()
+    };
+    assert_eq!(post(SUPPORT).await.expect("post").status().as_u16(), 403);
+    assert_eq!(post(OPS).await.expect("post").status().as_u16(), 403);
+    let conflict = post(ADMIN).await.expect("post");
+    assert_eq!(conflict.status().as_u16(), 409);
+    assert!(
+        conflict
+            .text()
+            .await
+            .unwrap_or_default()
+            .contains("still has 2 pending")
+    );
+    let paused = server
+        .client
+        .post(server.at(&format!("/rollouts/{id}/pause")))
+        .bearer_auth(OPS)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(paused.status().as_u16(), 303);
+    let (_, html) = page(&server, "/rollouts/999999", SUPPORT).await;
+    assert!(html.contains("No rollout"));
+    for path in ["/plugins", "/restores"] {
+        let (status, _) = page(&server, path, SUPPORT).await;
+        assert_eq!(status, 200, "{path}");
+    }
+    let anonymous = server
+        .client
+        .get(server.at("/rollouts"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(anonymous.status().as_u16(), 303, "to /login");
+    server.stop().await;
+}
