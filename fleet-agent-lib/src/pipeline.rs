@@ -111,10 +111,41 @@ impl Tail {
 
     fn text(&self) -> String {
         let start = self.bytes.len().saturating_sub(OUTPUT_TAIL_BYTES);
-        String::from_utf8_lossy(&self.bytes[start..])
-            .trim_start_matches('\u{FFFD}')
-            .to_string()
+        printable(String::from_utf8_lossy(&self.bytes[start..]).trim_start_matches('\u{FFFD}'))
     }
+}
+
+/// Output as a report may carry it: terminal escape sequences dropped, carriage returns
+/// (progress lines) turned into newlines, other control characters removed.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                // CSI `ESC [ ... final` or a two-character escape.
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                } else {
+                    chars.next();
+                }
+            }
+            '\r' => {
+                if chars.peek() != Some(&'\n') && !out.ends_with('\n') {
+                    out.push('\n');
+                }
+            }
+            '\n' | '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 async fn run_shell(step: &Step) -> StepOutcome {
@@ -420,6 +451,16 @@ mod tests {
             .await;
         assert!(out.ok, "{out:?}");
         assert!(started.elapsed() < Duration::from_secs(3));
+    }
+
+    #[test]
+    fn output_is_made_printable() {
+        assert_eq!(
+            printable(
+                "Creating web ... \r\n\u{1b}[1A\u{1b}[2KCreating web ... \u{1b}[32mdone\u{1b}[0m\r\n\u{7}x\ry"
+            ),
+            "Creating web ... \nCreating web ... done\nx\ny"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 #[path = "../../../../fleet-agent-lib/tests/it/receiver.rs"]
 mod receiver;
 
+mod compose_rollout;
 mod control_plane;
 mod image;
 mod process;

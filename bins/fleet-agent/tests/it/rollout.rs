@@ -15,11 +15,11 @@ use serde_json::{Value, json};
 
 use crate::{Guard, free_port, temp_dir, wait_until};
 
-const ADMIN: &str = "e2e-admin-token";
-const OPS: &str = "e2e-ops-token";
-const AGENT_SECRET: &str = "e2e-rollout-shared-secret";
+pub(crate) const ADMIN: &str = "e2e-admin-token";
+pub(crate) const OPS: &str = "e2e-ops-token";
+pub(crate) const AGENT_SECRET: &str = "e2e-rollout-shared-secret";
 
-fn release_key() -> PrivateKey {
+pub(crate) fn release_key() -> PrivateKey {
     PrivateKey::from_seed([42; 32])
 }
 
@@ -36,13 +36,13 @@ fn server_binary() -> PathBuf {
 }
 
 /// A running `fleet-server serve` on a free port with its own SQLite file.
-struct Server {
+pub(crate) struct Server {
     guard: Guard,
-    url: String,
+    pub(crate) url: String,
     db: PathBuf,
 }
 
-fn start_server(dir: &Path) -> Server {
+pub(crate) fn start_server(dir: &Path) -> Server {
     start_server_trusting(dir, &[release_key().public_key().to_base64()])
 }
 
@@ -75,7 +75,7 @@ fn start_server_trusting(dir: &Path, keys: &[String]) -> Server {
     }
 }
 
-async fn wait_healthy(url: &str) {
+pub(crate) async fn wait_healthy(url: &str) {
     let client = reqwest::Client::new();
     for _ in 0..200 {
         if let Ok(r) = client.get(format!("{url}/healthz")).send().await
@@ -219,13 +219,13 @@ impl Drop for Instance {
     }
 }
 
-struct Api {
-    client: reqwest::Client,
-    url: String,
+pub(crate) struct Api {
+    pub(crate) client: reqwest::Client,
+    pub(crate) url: String,
 }
 
 impl Api {
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: &str,
         path: &str,
@@ -253,7 +253,7 @@ impl Api {
     }
 
     /// Waits until the rollout satisfies `cond`, up to `secs`.
-    async fn wait_rollout(
+    pub(crate) async fn wait_rollout(
         &self,
         id: i64,
         secs: u64,
@@ -273,7 +273,7 @@ impl Api {
         }
     }
 
-    async fn wait_installations(&self, n: usize) {
+    pub(crate) async fn wait_installations(&self, n: usize) {
         for _ in 0..200 {
             let (_, page) = self.call("GET", "/api/installations", OPS, None).await;
             if page["items"].as_array().is_some_and(|i| i.len() >= n) {
@@ -284,7 +284,7 @@ impl Api {
         panic!("the agents never reported in");
     }
 
-    async fn publish(&self, version: &str) -> i64 {
+    pub(crate) async fn publish(&self, version: &str) -> i64 {
         self.publish_with(version, &release_key()).await
     }
 
@@ -319,7 +319,7 @@ impl Api {
     }
 }
 
-fn job<'a>(rollout: &'a Value, instance: &str) -> &'a Value {
+pub(crate) fn job<'a>(rollout: &'a Value, instance: &str) -> &'a Value {
     rollout["jobs"]
         .as_array()
         .and_then(|jobs| jobs.iter().find(|j| j["instance_id"] == instance))
