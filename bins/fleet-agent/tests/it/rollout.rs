@@ -790,3 +790,96 @@ async fn plugin_jobs_run_quoted_and_restores_are_verified() {
     drop(server);
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[tokio::test]
+async fn blue_green_canary_shifts_traffic_and_rolls_back_on_an_slo_breach() {
+    let root = temp_dir("rollout-canary");
+    let server = start_server(&root);
+    wait_healthy(&server.url).await;
+    let api = Api {
+        client: reqwest::Client::new(),
+        url: server.url.clone(),
+    };
+    // Two instances; the second one's application reports 50% errors.
+    let mut instances: Vec<Instance> = ["canary-1", "canary-2"]
+        .iter()
+        .map(|id| Instance::new(&root, id))
+        .collect();
+    let metrics = [
+        "http_requests_total{status=\"200\"} 100\n",
+        "http_requests_total{status=\"200\"} 50\nhttp_requests_total{status=\"500\"} 50\n",
+    ];
+    for (instance, text) in instances.iter_mut().zip(metrics) {
+        std::fs::write(instance.dir.join("current/metrics"), text).expect("metrics");
+        let metrics_url = format!("http://127.0.0.1:{}/metrics", instance.port);
+        instance.start_agent_with(
+            &server.url,
+            "true",
+            &[
+                ("AGENT_METRICS_URL", &metrics_url),
+                (
+                    "UPDATE_GREEN_UP_CMD",
+                    "cp -r current green && printf %s \"$UPDATE_VERSION\" > green/VERSION",
+                ),
+                ("UPDATE_MIGRATE_SAFE_CMD", "echo safe migration"),
+                (
+                    "UPDATE_PROXY_SHIFT_CMD",
+                    "echo \"$UPDATE_CANARY_PERCENT\" >> shifts.log",
+                ),
+                (
+                    "UPDATE_SWITCH_GREEN_CMD",
+                    "cp green/VERSION current/VERSION && sh restart.sh",
+                ),
+            ],
+        );
+    }
+    api.wait_installations(2).await;
+    let release = api.publish("3.0.0").await;
+    let (status, rollout) = api
+        .call(
+            "POST",
+            "/api/rollouts",
+            ADMIN,
+            Some(
+                &json!({"release_id": release, "channel": "stable", "batch_size": 2,
+                         "strategy": "BLUE_GREEN_CANARY", "canary_steps": [10, 50, 100],
+                         "canary_step_wait_sec": 0, "slo_error_rate_max": 0.1,
+                         "failure_threshold": "50%"}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{rollout}");
+    let id = rollout["id"].as_i64().expect("id");
+    let done = api
+        .wait_rollout(id, 60, "batch ended", |r| batch_ended(r, 0))
+        .await;
+    let healthy = job(&done, "canary-1");
+    assert_eq!(healthy["status"], "succeeded", "{done:#}");
+    let shifts = std::fs::read_to_string(instances[0].dir.join("shifts.log")).unwrap_or_default();
+    assert_eq!(shifts.lines().collect::<Vec<_>>(), ["10", "50", "100"]);
+    assert_eq!(instances[0].version_on_disk(), "3.0.0");
+    let breached = job(&done, "canary-2");
+    assert_eq!(breached["status"], "rolled_back", "{done:#}");
+    assert_eq!(breached["step"], "canary");
+    assert_eq!(breached["canary_percent"], 10, "stopped at the first step");
+    assert!(
+        breached["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("error rate")),
+        "{breached}"
+    );
+    assert!(
+        breached["metrics"]["metric_error_rate"]
+            .as_f64()
+            .is_some_and(|r| r > 0.4)
+    );
+    assert_eq!(instances[1].version_on_disk(), "1.0.0");
+    for instance in &mut instances {
+        if let Some(agent) = instance.agent.as_mut() {
+            crate::sigterm_and_wait(agent).await;
+        }
+    }
+    drop(instances);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&root);
+}
