@@ -464,7 +464,45 @@ async fn slo_breach_after_update_halts_the_rollout(t: TestStore) {
     server.stop().await;
 }
 
+async fn a_halt_raises_an_alert_that_is_forwarded(t: TestStore) {
+    let server = TestServer::start_with(t.store.clone(), |b| {
+        b.manifest_verifier(ManifestVerifier::new(vec![release_key().public_key()]))
+            // Nothing listens there: the delivery stays in the outbox for the test to see.
+            .webhook(fleet_server::WebhookConfig::new("http://127.0.0.1:9/hook"))
+    })
+    .await;
+    enroll(&server, "h1", "stable", "1.0.0").await;
+    let signed = release_key()
+        .sign_value(&serde_json::to_value(manifest("7.0.0")).expect("json"))
+        .expect("sign");
+    admin_post(&server, "/api/releases", ADMIN, &signed).await;
+    let (_, rollout) = admin_post(
+        &server,
+        "/api/rollouts",
+        ADMIN,
+        &json!({"version": "7.0.0", "channel": "stable"}),
+    )
+    .await;
+    let (_, job) = next(&server, "h1").await;
+    assert_eq!(report(&server, "h1", &job["job_id"], "failed").await.0, 200);
+    let (_, halted) = server
+        .get_json(&format!("/api/rollouts/{}", rollout["id"]), SUPPORT)
+        .await;
+    assert_eq!(halted["status"], "halted");
+    let due = t.store.outbox_due(now() + 3600, 100).await.expect("outbox");
+    let forwarded: Vec<Value> = due
+        .iter()
+        .filter_map(|item| serde_json::from_str::<Value>(&item.payload).ok())
+        .filter(|p| p["type"] == "rollout_halted")
+        .collect();
+    assert_eq!(forwarded.len(), 1, "{due:?}");
+    assert_eq!(forwarded[0]["instanceId"], "h1");
+    assert_eq!(forwarded[0]["level"], "error");
+    server.stop().await;
+}
+
 on_both_backends!(
+    a_halt_raises_an_alert_that_is_forwarded,
     releases_are_verified_before_they_are_stored,
     rollout_freezes_targets_halts_on_failure_and_resumes,
     pause_cancel_and_auto_advance,
