@@ -11,6 +11,7 @@ mod openapi;
 mod plugins;
 mod releases;
 mod restores;
+mod rollout_docs;
 mod rollout_pages;
 pub mod rollouts;
 pub mod store;
