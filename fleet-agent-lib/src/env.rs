@@ -372,6 +372,39 @@ mod tests {
     }
 
     #[test]
+    fn pipeline_settings_added_beside_the_erp_ones() {
+        let key = fleet_core::manifest::PrivateKey::from_seed([3; 32]).public_key();
+        let mut pairs = BASE.to_vec();
+        let keys = format!("{}, {}", key.to_base64(), key.to_base64());
+        pairs.extend([
+            ("UPDATE_POLL_MIN", "5"),
+            ("UPDATE_POLL_SEC", "2"),
+            ("UPDATE_MANIFEST_PUBLIC_KEYS", keys.as_str()),
+            ("UPDATE_PROXY_SHIFT_CMD", "shift.sh"),
+            ("UPDATE_GREEN_UP_CMD", "green.sh"),
+            ("PLUGIN_POLL_SEC", "3"),
+            ("RESTORE_VERIFY_CMD", "verify.sh"),
+            ("RESTORE_POLL_SEC", "4"),
+            ("RESTORE_VERIFY_TIMEOUT_SEC", "60"),
+        ]);
+        let c = load(&pairs).unwrap();
+        assert_eq!(c.update.poll_interval, Duration::from_secs(2));
+        assert_eq!(c.update.manifest_public_keys, vec![key, key]);
+        assert_eq!(c.update.proxy_shift_cmd.as_deref(), Some("shift.sh"));
+        assert_eq!(c.update.green_up_cmd.as_deref(), Some("green.sh"));
+        assert_eq!(c.plugin.poll_interval, Duration::from_secs(3));
+        assert_eq!(c.restore.verify_cmd.as_deref(), Some("verify.sh"));
+        assert_eq!(c.restore.poll_interval, Duration::from_secs(4));
+        assert_eq!(c.restore.timeout, Duration::from_secs(60));
+        let defaults = load(&BASE).unwrap();
+        assert!(defaults.update.manifest_public_keys.is_empty());
+        assert_eq!(defaults.restore.poll_interval, Duration::from_secs(600));
+        let mut bad = BASE.to_vec();
+        bad.push(("UPDATE_MANIFEST_PUBLIC_KEYS", "not-a-key"));
+        assert!(problems(&bad)[0].starts_with("UPDATE_MANIFEST_PUBLIC_KEYS: key 1"));
+    }
+
+    #[test]
     fn heartbeat_interval_seconds_beat_minutes() {
         let mut pairs = BASE.to_vec();
         pairs.push(("HEARTBEAT_INTERVAL_MIN", "2"));

@@ -25,12 +25,15 @@ pub(crate) async fn spawn(
         return Ok(());
     }
     let state = Arc::new(JobState::open(&c.state_path).await?);
-    if let Some(version) = state.value(INSTALLED_VERSION).await? {
-        *shared
-            .installed_version
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(version);
-    }
+    // The running version: what the last update installed, else INSTANCE_VERSION.
+    let version = state
+        .value(INSTALLED_VERSION)
+        .await?
+        .or_else(|| c.version.clone());
+    *shared
+        .installed_version
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = version;
     let client = ControlPlaneClient::new(
         shared.http.clone(),
         &c.control_plane_url,

@@ -190,6 +190,12 @@ impl PluginPipeline {
                 let report = failure(with("failed", &name), &outcome);
                 return self.finish(job_id, &payload, report).await;
             }
+            let mut done = with("in_progress", &name);
+            done["duration_ms"] = outcome.duration_ms().into();
+            if !outcome.output_tail.is_empty() {
+                done["output_tail"] = outcome.output_tail.clone().into();
+            }
+            self.client.report(REPORT_PATH, &done).await;
         }
         let mut report = with("succeeded", "done");
         report["duration_ms"] = u64::try_from(started.elapsed().as_millis())

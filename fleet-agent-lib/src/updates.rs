@@ -303,6 +303,14 @@ impl UpdatePipeline {
                 let report = self.fail(&running, &name, outcome).await?;
                 return self.finish(job_id, &payload, report).await;
             }
+            if step != UpdateStep::Canary {
+                // The step's duration and output, for the operator.
+                self.report(with_outcome(
+                    self.report_body(job_id, "in_progress", step),
+                    &outcome,
+                ))
+                .await;
+            }
         }
         let version = manifest.manifest.version.clone();
         self.state.set_value(INSTALLED_VERSION, &version).await?;
@@ -480,6 +488,15 @@ impl UpdatePipeline {
         }
         Ok(report)
     }
+}
+
+/// Adds a step's duration and output tail to a report.
+fn with_outcome(mut report: Value, outcome: &StepOutcome) -> Value {
+    report["duration_ms"] = outcome.duration_ms().into();
+    if !outcome.output_tail.is_empty() {
+        report["output_tail"] = outcome.output_tail.clone().into();
+    }
+    report
 }
 
 /// The environment every update step gets.

@@ -1,6 +1,7 @@
 //! The agent side of updates: `POST /api/updates/next` and `POST /api/updates/report`, both
 //! signed by the agent (v1 or v0, as heartbeats). The signature is checked over the raw body
-//! before it is parsed; a report is accepted only for the instance's own job.
+//! before it is parsed, a v1 message id seen before with the same timestamp is refused as a
+//! replay, and a report is accepted only for the instance's own job.
 
 use axum::Json;
 use axum::body::Body;
@@ -44,6 +45,17 @@ pub(crate) async fn signed<T: DeserializeOwned + Validate>(
             Error::Unauthorized
         })?;
     let instance_id = verified.instance_id.into_owned();
+    if let (Some(msg_id), Some(signed_at)) = (&verified.msg_id, verified.timestamp) {
+        let replay = state
+            .store
+            .remember_message(&instance_id, msg_id, signed_at, fleet_core::unix_now())
+            .await?;
+        if replay {
+            // Same answer as any other signature failure.
+            tracing::debug!("agent request refused: replay");
+            return Err(Error::Unauthorized);
+        }
+    }
     let parsed = decode::<T>(&body, &state.settings.limits).map_err(|err| match err {
         DecodeError::TooLarge { limit, .. } => Error::TooLarge { limit },
         DecodeError::Invalid(errors) => Error::Invalid(errors),

@@ -461,6 +461,16 @@ pub trait RolloutStore: Send + Sync {
 
     /// Restore verifications, newest first.
     async fn list_restores(&self, limit: i64) -> Result<Vec<Restore>>;
+
+    /// Remembers a v1 message id of a signed pipeline request (next, report, request) and
+    /// says whether it was already seen with the same timestamp (a replay, refused).
+    async fn remember_message(
+        &self,
+        instance_id: &str,
+        msg_id: &str,
+        signed_at: i64,
+        now: i64,
+    ) -> Result<bool>;
 }
 
 /// The job row's columns, in `RolloutJob` order.
@@ -1255,6 +1265,37 @@ macro_rules! impl_rollout_store {
                 }
                 tx.commit().await?;
                 Ok(restore)
+            }
+
+            async fn remember_message(
+                &self,
+                instance_id: &str,
+                msg_id: &str,
+                signed_at: i64,
+                now: i64,
+            ) -> $crate::Result<bool> {
+                let inserted: Option<String> = sqlx::query_scalar(
+                    "INSERT INTO seen_messages (instance_id, msg_id, signed_at, seen_at) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING msg_id",
+                )
+                .bind(instance_id)
+                .bind(msg_id)
+                .bind(signed_at)
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await?;
+                if inserted.is_some() {
+                    return Ok(false);
+                }
+                let stored: Option<i64> = sqlx::query_scalar(
+                    "SELECT signed_at FROM seen_messages WHERE instance_id = $1 AND msg_id = $2",
+                )
+                .bind(instance_id)
+                .bind(msg_id)
+                .fetch_optional(&self.pool)
+                .await?;
+                // A retry re-signs with a fresh timestamp; the same one again is a replay.
+                Ok(stored == Some(signed_at))
             }
 
             async fn list_restores(

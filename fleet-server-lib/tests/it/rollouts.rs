@@ -204,6 +204,22 @@ async fn rollout_freezes_targets_halts_on_failure_and_resumes(t: TestStore) {
     assert_eq!(job["rollout"]["batch_size"], 2);
     assert_eq!(next(&server, "a3").await.0, 204, "batch 2 has not started");
     let a1 = job["job_id"].clone();
+    // A replayed request (same message id and timestamp) is refused.
+    let replay_body = serde_json::to_vec(&json!({"instance_id": "a3"})).expect("json");
+    let headers = support::signer(SHARED).headers("msg_replayed", now(), &replay_body);
+    for expected in [204, 401] {
+        let mut request = server
+            .client
+            .post(server.at("/api/updates/next"))
+            .body(replay_body.clone());
+        for (name, value) in headers.pairs() {
+            request = request.header(name, value);
+        }
+        assert_eq!(
+            request.send().await.expect("send").status().as_u16(),
+            expected
+        );
+    }
     // The documented statuses only; only the instance's own job.
     let (status, error) = report(&server, "a1", &a1, "exploded").await;
     assert_eq!((status, code(&error)), (422, "invalid"), "{error}");
