@@ -198,21 +198,22 @@ async fn run_shell(step: &Step) -> StepOutcome {
         });
     }
     let pgid = child.id().and_then(|id| i32::try_from(id).ok());
+    // If this future is dropped mid-step (the agent stops), the whole group goes with it;
+    // a step that ends by itself may leave the daemons it meant to start.
+    let mut guard = GroupGuard(pgid);
     let waited = tokio::time::timeout(step.timeout, child.wait()).await;
     let (exit_code, timed_out, wait_error) = match waited {
         Ok(Ok(status)) => (status.code(), false, None),
         Ok(Err(err)) => (None, false, Some(err.to_string())),
         Err(_) => {
-            if let Some(pid) = pgid.and_then(rustix::process::Pid::from_raw)
-                && let Err(err) =
-                    rustix::process::kill_process_group(pid, rustix::process::Signal::KILL)
-            {
+            if let Err(err) = kill_group(pgid) {
                 tracing::warn!(step = %step.name, error = %err, "cannot kill the step's process group");
             }
             let _ = child.wait().await;
             (None, true, None)
         }
     };
+    guard.0 = None;
     let _ = tokio::time::timeout(OUTPUT_GRACE, async {
         while readers.join_next().await.is_some() {}
     })
@@ -243,6 +244,26 @@ async fn run_shell(step: &Step) -> StepOutcome {
         duration: started.elapsed(),
         output_tail,
         error,
+    }
+}
+
+/// Kills a step's process group with SIGKILL.
+fn kill_group(pgid: Option<i32>) -> std::io::Result<()> {
+    match pgid.and_then(rustix::process::Pid::from_raw) {
+        Some(pid) => rustix::process::kill_process_group(pid, rustix::process::Signal::KILL)
+            .map_err(std::io::Error::from),
+        None => Ok(()),
+    }
+}
+
+/// Kills the step's process group when dropped while still armed.
+struct GroupGuard(Option<i32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.0.is_some() {
+            let _ = kill_group(self.0.take());
+        }
     }
 }
 
@@ -440,6 +461,27 @@ mod tests {
         );
         tokio::time::sleep(Duration::from_millis(2500)).await;
         assert!(!marker.exists(), "the grandchild survived the timeout");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_step_abandoned_midway_takes_its_process_group_along() {
+        let dir = std::env::temp_dir().join(format!("fleet-step-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let marker = dir.join("survivor");
+        let command = format!(
+            "(sleep 1; touch {}) & sleep 30",
+            shell_quote(&marker.display().to_string())
+        );
+        let long = step(&command, 60_000);
+        let run = ShellRunner.run(&long);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), run)
+                .await
+                .is_err()
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!marker.exists(), "the abandoned step's child survived");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
