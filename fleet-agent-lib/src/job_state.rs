@@ -2,8 +2,11 @@
 //! the step it is in are written *before* the step runs, and the final status before it is
 //! reported. After a crash the agent finds the job still `running`, rolls it back and
 //! reports it once; a job id already on disk is never run again.
+//!
+//! The file is created only when a first job arrives (or when the outbox created it): an
+//! agent that buffers nothing and never gets a job writes nothing to disk.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
@@ -38,12 +41,40 @@ pub struct JobRecord {
 /// The pipeline state store.
 #[derive(Debug)]
 pub struct JobState {
-    conn: Mutex<SqliteConnection>,
+    path: PathBuf,
+    conn: tokio::sync::OnceCell<Mutex<SqliteConnection>>,
 }
 
 impl JobState {
-    /// Opens (creating if needed) the state tables in the SQLite file at `path`.
+    /// The state kept in the SQLite file at `path`: opened now if the file exists, else
+    /// created with the first job.
     pub async fn open(path: &Path) -> Result<Self> {
+        let state = Self {
+            path: path.to_owned(),
+            conn: tokio::sync::OnceCell::new(),
+        };
+        if path.exists() {
+            state.connection(true).await?;
+        }
+        Ok(state)
+    }
+
+    /// The connection; `None` when the file does not exist and `create` is false.
+    async fn connection(
+        &self,
+        create: bool,
+    ) -> Result<Option<tokio::sync::MutexGuard<'_, SqliteConnection>>> {
+        if self.conn.get().is_none() && !create && !self.path.exists() {
+            return Ok(None);
+        }
+        let conn = self
+            .conn
+            .get_or_try_init(|| async { Self::connect(&self.path).await.map(Mutex::new) })
+            .await?;
+        Ok(Some(conn.lock().await))
+    }
+
+    async fn connect(path: &Path) -> Result<SqliteConnection> {
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -64,14 +95,20 @@ impl JobState {
         )
         .execute(&mut conn)
         .await?;
-        Ok(Self {
-            conn: Mutex::new(conn),
-        })
+        Ok(conn)
+    }
+
+    async fn writer(&self) -> Result<tokio::sync::MutexGuard<'_, SqliteConnection>> {
+        self.connection(true)
+            .await?
+            .ok_or_else(|| crate::Error::Io(std::io::Error::other("pipeline state unavailable")))
     }
 
     /// The job, if this agent has ever started it.
     pub async fn get(&self, kind: &str, job_id: &str) -> Result<Option<JobRecord>> {
-        let mut conn = self.conn.lock().await;
+        let Some(mut conn) = self.connection(false).await? else {
+            return Ok(None);
+        };
         Ok(sqlx::query_as::<_, JobRecord>(
             "SELECT kind, job_id, payload, state, step, final_status, error, reported, report \
              FROM pipeline_jobs WHERE kind = $1 AND job_id = $2",
@@ -84,7 +121,7 @@ impl JobState {
 
     /// Records a job as started.
     pub async fn begin(&self, kind: &str, job_id: &str, payload: &str) -> Result<()> {
-        let mut conn = self.conn.lock().await;
+        let mut conn = self.writer().await?;
         sqlx::query(
             "INSERT INTO pipeline_jobs (kind, job_id, payload, state, updated_at) \
              VALUES ($1, $2, $3, 'running', $4)",
@@ -100,7 +137,7 @@ impl JobState {
 
     /// Records the step about to run.
     pub async fn step(&self, kind: &str, job_id: &str, step: &str) -> Result<()> {
-        let mut conn = self.conn.lock().await;
+        let mut conn = self.writer().await?;
         sqlx::query(
             "UPDATE pipeline_jobs SET step = $1, updated_at = $2 WHERE kind = $3 AND job_id = $4",
         )
@@ -124,7 +161,7 @@ impl JobState {
         error: Option<&str>,
         report: &serde_json::Value,
     ) -> Result<()> {
-        let mut conn = self.conn.lock().await;
+        let mut conn = self.writer().await?;
         sqlx::query(
             "INSERT INTO pipeline_jobs (kind, job_id, payload, state, final_status, error, report, updated_at) \
              VALUES ($1, $2, $3, 'finished', $4, $5, $6, $7) ON CONFLICT (kind, job_id) DO UPDATE SET \
@@ -145,7 +182,7 @@ impl JobState {
 
     /// Records that the final report was delivered.
     pub async fn reported(&self, kind: &str, job_id: &str) -> Result<()> {
-        let mut conn = self.conn.lock().await;
+        let mut conn = self.writer().await?;
         sqlx::query("UPDATE pipeline_jobs SET reported = TRUE WHERE kind = $1 AND job_id = $2")
             .bind(kind)
             .bind(job_id)
@@ -156,7 +193,9 @@ impl JobState {
 
     /// Jobs of `kind` that were running when the agent stopped.
     pub async fn interrupted(&self, kind: &str) -> Result<Vec<JobRecord>> {
-        let mut conn = self.conn.lock().await;
+        let Some(mut conn) = self.connection(false).await? else {
+            return Ok(Vec::new());
+        };
         Ok(sqlx::query_as::<_, JobRecord>(
             "SELECT kind, job_id, payload, state, step, final_status, error, reported, report \
              FROM pipeline_jobs WHERE kind = $1 AND state = 'running' ORDER BY updated_at",
@@ -168,7 +207,9 @@ impl JobState {
 
     /// Finished jobs of `kind` whose final report has not been delivered yet.
     pub async fn unreported(&self, kind: &str) -> Result<Vec<JobRecord>> {
-        let mut conn = self.conn.lock().await;
+        let Some(mut conn) = self.connection(false).await? else {
+            return Ok(Vec::new());
+        };
         Ok(sqlx::query_as::<_, JobRecord>(
             "SELECT kind, job_id, payload, state, step, final_status, error, reported, report \
              FROM pipeline_jobs WHERE kind = $1 AND state = 'finished' AND reported = FALSE \
@@ -181,7 +222,9 @@ impl JobState {
 
     /// A stored value (`installed_version`).
     pub async fn value(&self, key: &str) -> Result<Option<String>> {
-        let mut conn = self.conn.lock().await;
+        let Some(mut conn) = self.connection(false).await? else {
+            return Ok(None);
+        };
         Ok(
             sqlx::query_scalar("SELECT value FROM pipeline_values WHERE key = $1")
                 .bind(key)
@@ -192,7 +235,7 @@ impl JobState {
 
     /// Stores a value.
     pub async fn set_value(&self, key: &str, value: &str) -> Result<()> {
-        let mut conn = self.conn.lock().await;
+        let mut conn = self.writer().await?;
         sqlx::query(
             "INSERT INTO pipeline_values (key, value) VALUES ($1, $2) \
              ON CONFLICT (key) DO UPDATE SET value = excluded.value",
@@ -216,6 +259,8 @@ mod tests {
         let path = dir.join("state.db");
         {
             let state = JobState::open(&path).await.expect("open");
+            assert!(state.interrupted("update").await.expect("list").is_empty());
+            assert!(!path.exists(), "nothing written before the first job");
             state.begin("update", "7", "{}").await.expect("begin");
             state.step("update", "7", "migrate").await.expect("step");
         }

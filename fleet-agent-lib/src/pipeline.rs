@@ -358,13 +358,19 @@ impl ControlPlaneClient {
     }
 
     /// Posts a report, retrying network errors and 5xx a few times. `true` once the control
-    /// plane has it, or has said for good that it will never take it (4xx).
+    /// plane has it, or has said for good that it will never take it (4xx other than
+    /// 401/403/408/425/429); `false` leaves it for the next poll.
     pub async fn report(&self, path: &str, body: &serde_json::Value) -> bool {
         let mut delay = Duration::from_millis(250);
         for attempt in 0..4 {
             match self.post(path, body).await {
                 Ok(answer) if answer.status < 300 => return true,
-                Ok(answer) if (400..500).contains(&answer.status) && answer.status != 429 => {
+                // Refused for good (invalid, not this instance's job, contradicts the job's
+                // state). A 401/403 is a configuration problem that may be fixed: keep it.
+                Ok(answer)
+                    if (400..500).contains(&answer.status)
+                        && !matches!(answer.status, 401 | 403 | 408 | 425 | 429) =>
+                {
                     tracing::warn!(
                         path,
                         status = answer.status,

@@ -6,6 +6,7 @@ mod auth;
 mod browser;
 mod ingest;
 mod marketplace;
+mod rollout_auth;
 mod rollouts;
 mod store;
 mod support;
