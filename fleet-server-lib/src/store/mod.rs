@@ -15,8 +15,9 @@ use crate::alerts::SloThresholds;
 // `sql` first: its macro must be defined before the backends expand it.
 #[macro_use]
 mod sql;
-#[macro_use]
 pub mod rollouts;
+#[macro_use]
+mod rollouts_sql;
 mod postgres;
 mod sqlite;
 
