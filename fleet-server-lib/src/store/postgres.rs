@@ -48,4 +48,10 @@ impl_sql_store!(
     4
 );
 
-impl_rollout_store!(PostgresStore, Postgres, "BEGIN", " FOR UPDATE");
+impl_rollout_store!(
+    PostgresStore,
+    Postgres,
+    "BEGIN",
+    " FOR UPDATE",
+    super::rollouts_sql::POSTGRES_INSERT_JOBS
+);

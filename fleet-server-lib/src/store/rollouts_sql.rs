@@ -33,11 +33,29 @@ macro_rules! plugin_request_cols {
     };
 }
 
+/// Targets inserted per statement when a rollout is created.
+pub(crate) const ROLLOUT_JOB_CHUNK: usize = 2000;
+
+/// SQLite: inserts a rollout's jobs from `$5` = `[[batch, instance_id], ...]`; batch 0 starts
+/// `pending`, the others wait `queued`. `$1` rollout, `$2` payload, `$3` kind, `$4` now.
+pub(crate) const SQLITE_INSERT_JOBS: &str = "INSERT INTO rollout_jobs (rollout_id, payload, kind, \
+    batch, instance_id, status, created_at, updated_at) \
+    SELECT $1, $2, $3, value ->> 0, value ->> 1, \
+    CASE WHEN value ->> 0 = 0 THEN 'pending' ELSE 'queued' END, $4, $4 FROM json_each($5)";
+
+/// PostgreSQL: the same with `json_array_elements`.
+pub(crate) const POSTGRES_INSERT_JOBS: &str = "INSERT INTO rollout_jobs (rollout_id, payload, kind, \
+    batch, instance_id, status, created_at, updated_at) \
+    SELECT $1, $2, $3, (e ->> 0)::bigint, e ->> 1, \
+    CASE WHEN (e ->> 0)::bigint = 0 THEN 'pending' ELSE 'queued' END, $4, $4 \
+    FROM json_array_elements($5::json) AS e";
+
 /// Implements [`RolloutStore`] for `$store` (with `pool: Pool<$db>` and the `insert_alert`
-/// of `impl_sql_store!`); `$begin` opens a write transaction and `$lock` is the row-lock
-/// suffix of a `SELECT` (`" FOR UPDATE"` or nothing).
+/// of `impl_sql_store!`); `$begin` opens a write transaction, `$lock` is the row-lock
+/// suffix of a `SELECT` (`" FOR UPDATE"` or nothing) and `$insert_jobs` the backend's bulk
+/// insert of a rollout's jobs.
 macro_rules! impl_rollout_store {
-    ($store:ty, $db:ty, $begin:expr, $lock:literal) => {
+    ($store:ty, $db:ty, $begin:expr, $lock:literal, $insert_jobs:expr) => {
         #[async_trait::async_trait]
         impl $crate::store::rollouts::RolloutStore for $store {
             async fn create_release(
@@ -169,27 +187,21 @@ macro_rules! impl_rollout_store {
                 .bind(now)
                 .fetch_one(&mut *tx)
                 .await?;
-                for (index, batch) in batches.iter().enumerate() {
-                    let job_status = if index == 0 {
-                        $crate::rollouts::job_status::PENDING
-                    } else {
-                        $crate::rollouts::job_status::QUEUED
-                    };
-                    for instance_id in batch {
-                        sqlx::query(
-                            "INSERT INTO rollout_jobs (rollout_id, payload, kind, batch, instance_id, \
-                             status, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
-                        )
+                // The frozen targets, a few thousand rows per statement: `[batch, instance]`.
+                let rows: Vec<(i64, &str)> = batches
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(index, batch)| batch.iter().map(move |i| (index as i64, i.as_str())))
+                    .collect();
+                for chunk in rows.chunks($crate::store::rollouts_sql::ROLLOUT_JOB_CHUNK) {
+                    sqlx::query($insert_jobs)
                         .bind(id)
                         .bind(payload.clone())
                         .bind(new.kind.as_str())
-                        .bind(index as i64)
-                        .bind(instance_id)
-                        .bind(job_status)
                         .bind(now)
+                        .bind($crate::store::sql::json(chunk))
                         .execute(&mut *tx)
                         .await?;
-                    }
                 }
                 tx.commit().await?;
                 self.rollout(id)

@@ -62,4 +62,10 @@ impl_sql_store!(
     1
 );
 
-impl_rollout_store!(SqliteStore, Sqlite, "BEGIN IMMEDIATE", "");
+impl_rollout_store!(
+    SqliteStore,
+    Sqlite,
+    "BEGIN IMMEDIATE",
+    "",
+    super::rollouts_sql::SQLITE_INSERT_JOBS
+);

@@ -517,7 +517,61 @@ async fn a_halt_raises_an_alert_that_is_forwarded(t: TestStore) {
     server.stop().await;
 }
 
+async fn a_large_fleet_is_frozen_into_batches_in_one_go(t: TestStore) {
+    let now = now();
+    let heartbeats: Vec<_> = (0..3000)
+        .map(|i| {
+            support::incoming(
+                &format!("big-{i:05}"),
+                json!({"release_channel": "stable", "version": "1.0.0"}),
+                None,
+                now,
+            )
+        })
+        .collect();
+    t.store
+        .record_heartbeats(&heartbeats, &Default::default())
+        .await
+        .expect("record");
+    let signed = release_key()
+        .sign_value(&serde_json::to_value(manifest("8.0.0")).expect("json"))
+        .expect("sign");
+    let release = t
+        .store
+        .create_release("8.0.0", "stable", "ed25519", &signed.to_string(), now)
+        .await
+        .expect("release");
+    let started = std::time::Instant::now();
+    let new = fleet_server::store::rollouts::NewRollout {
+        kind: fleet_server::store::rollouts::JobKind::Update,
+        release_id: Some(release.id),
+        version: None,
+        plugin_release_id: None,
+        plugin_action: Default::default(),
+        channel: "stable".into(),
+        settings: fleet_core::update::RolloutSettings {
+            batch_size: 500,
+            ..Default::default()
+        },
+        failure_threshold: "1%".into(),
+        auto_advance: false,
+        observe_secs: 600,
+    };
+    let detail = t.store.create_rollout(&new, now).await.expect("create");
+    let took = started.elapsed();
+    assert_eq!(detail.jobs.len(), 3000);
+    assert_eq!(detail.batches.len(), 6);
+    assert_eq!(detail.batches[0].pending, 500);
+    assert!(detail.batches[1..].iter().all(|b| b.queued == 500));
+    assert_eq!(
+        detail.jobs[500].instance_id, "big-00500",
+        "ordered, batch by batch"
+    );
+    assert!(took < std::time::Duration::from_secs(20), "took {took:?}");
+}
+
 on_both_backends!(
+    a_large_fleet_is_frozen_into_batches_in_one_go,
     a_halt_raises_an_alert_that_is_forwarded,
     releases_are_verified_before_they_are_stored,
     rollout_freezes_targets_halts_on_failure_and_resumes,
