@@ -170,6 +170,7 @@ impl AgentBuilder {
                 last_checks: Mutex::new(Vec::new()),
                 outbox: tokio::sync::OnceCell::new(),
                 flush: Notify::new(),
+                installed_version: Arc::new(Mutex::new(None)),
             }),
             listener: None,
         })
@@ -202,6 +203,9 @@ pub(crate) struct Shared {
     pub(crate) last_checks: Mutex<Vec<CheckResult>>,
     pub(crate) outbox: tokio::sync::OnceCell<Outbox>,
     pub(crate) flush: Notify,
+    /// The version the last successful update installed (reported instead of
+    /// `INSTANCE_VERSION` once set).
+    pub(crate) installed_version: Arc<Mutex<Option<String>>>,
 }
 
 /// The fleet agent. Build it with [`Agent::builder`], then [`run`](Agent::run) it.
@@ -292,6 +296,7 @@ impl Agent {
 
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
+        crate::pipelines::spawn(&shared, &mut tasks, &stop_rx).await?;
         tasks.spawn(heartbeat_loop(shared.clone(), stop_rx.clone()));
         if shared.outbox.get().is_some() {
             tasks.spawn(flush_loop(shared.clone(), stop_rx.clone()));
@@ -339,7 +344,12 @@ impl Shared {
         let mut hb = Heartbeat::new(&c.instance_id);
         hb.domain = c.domain.clone();
         hb.client = c.client.clone();
-        hb.version = c.version.clone();
+        hb.version = self
+            .installed_version
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .or_else(|| c.version.clone());
         hb.release_channel = c.release_channel.clone();
         hb.uptime_seconds = Some(self.started.elapsed().as_secs() as f64);
         if let Some(region) = &c.primary_region {

@@ -106,6 +106,8 @@ pub struct AgentConfig {
     pub update: UpdateSettings,
     /// `PLUGIN_*`: the plugin pipeline (run by the pipelines issue; parsed here).
     pub plugin: PluginSettings,
+    /// `RESTORE_*`: the restore verification runner.
+    pub restore: RestoreSettings,
     /// `CHECK_TIMEOUT_MS` (default 2000, the ERP agent's TCP timeout): limit per check.
     pub check_timeout: Duration,
 }
@@ -193,6 +195,34 @@ pub struct UpdateSettings {
     pub healthcheck_url: Option<String>,
     /// `UPDATE_ROLLBACK_CMD`.
     pub rollback_cmd: Option<String>,
+    /// `UPDATE_MANIFEST_PUBLIC_KEYS`: comma-separated base64 Ed25519 keys; a job whose
+    /// manifest does not verify against one of them is refused. None pinned: every job is.
+    pub manifest_public_keys: Vec<fleet_core::manifest::PublicKey>,
+    /// `UPDATE_GREEN_UP_CMD` (BLUE_GREEN_CANARY): start the new version beside the old.
+    pub green_up_cmd: Option<String>,
+    /// `UPDATE_MIGRATE_SAFE_CMD` (BLUE_GREEN_CANARY): migrations both versions tolerate.
+    pub migrate_safe_cmd: Option<String>,
+    /// `UPDATE_PROXY_SHIFT_CMD` (BLUE_GREEN_CANARY): run once per canary step with
+    /// `UPDATE_CANARY_PERCENT` set.
+    pub proxy_shift_cmd: Option<String>,
+    /// `UPDATE_SWITCH_GREEN_CMD` (BLUE_GREEN_CANARY): make the new version the only one.
+    pub switch_green_cmd: Option<String>,
+}
+
+/// Restore verification settings (`RESTORE_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreSettings {
+    /// `RESTORE_VERIFY_ENABLED` (default true; nothing runs without a verify command).
+    pub enabled: bool,
+    /// `RESTORE_POLL_SEC`, else `RESTORE_POLL_MIN` (default 10 min).
+    pub poll_interval: Duration,
+    /// `RESTORE_VERIFY_TIMEOUT_SEC` (default 3600).
+    pub timeout: Duration,
+    /// `RESTORE_WORKDIR` (default: the current directory).
+    pub workdir: Option<PathBuf>,
+    /// `RESTORE_VERIFY_CMD`: restores the backup and checks it; exit 0 means verified.
+    /// Runs with `RESTORE_ID`, `RESTORE_ENVIRONMENT` and `RESTORE_BACKUP_ID` set.
+    pub verify_cmd: Option<String>,
 }
 
 /// The ERP agent's `PLUGIN_*` settings.
@@ -267,6 +297,11 @@ impl AgentConfig {
                 switch_cmd: None,
                 healthcheck_url: None,
                 rollback_cmd: None,
+                manifest_public_keys: Vec::new(),
+                green_up_cmd: None,
+                migrate_safe_cmd: None,
+                proxy_shift_cmd: None,
+                switch_green_cmd: None,
             },
             plugin: PluginSettings {
                 enabled: true,
@@ -277,6 +312,13 @@ impl AgentConfig {
                 update_cmd: None,
                 remove_cmd: None,
                 smoke_cmd: None,
+            },
+            restore: RestoreSettings {
+                enabled: true,
+                poll_interval: Duration::from_secs(600),
+                timeout: Duration::from_secs(3600),
+                workdir: None,
+                verify_cmd: None,
             },
             check_timeout: Duration::from_secs(2),
         }
@@ -332,6 +374,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("buffer", &self.buffer)
             .field("update", &self.update)
             .field("plugin", &self.plugin)
+            .field("restore", &self.restore)
             .field("check_timeout", &self.check_timeout)
             .finish()
     }

@@ -188,6 +188,32 @@ impl AgentConfig {
         u.switch_cmd = env.get("UPDATE_SWITCH_CMD");
         u.healthcheck_url = env.get("UPDATE_HEALTHCHECK_URL");
         u.rollback_cmd = env.get("UPDATE_ROLLBACK_CMD");
+        if let Some(secs) = env
+            .get("UPDATE_POLL_SEC")
+            .map(|_| env.number("UPDATE_POLL_SEC", 600))
+        {
+            u.poll_interval = Duration::from_secs(secs.max(1));
+        }
+        for (i, text) in env
+            .get("UPDATE_MANIFEST_PUBLIC_KEYS")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .enumerate()
+        {
+            match fleet_core::manifest::PublicKey::from_base64(text) {
+                Ok(key) => u.manifest_public_keys.push(key),
+                Err(err) => env.problem(format!(
+                    "UPDATE_MANIFEST_PUBLIC_KEYS: key {} is unusable: {err}",
+                    i + 1
+                )),
+            }
+        }
+        u.green_up_cmd = env.get("UPDATE_GREEN_UP_CMD");
+        u.migrate_safe_cmd = env.get("UPDATE_MIGRATE_SAFE_CMD");
+        u.proxy_shift_cmd = env.get("UPDATE_PROXY_SHIFT_CMD");
+        u.switch_green_cmd = env.get("UPDATE_SWITCH_GREEN_CMD");
 
         let p = &mut config.plugin;
         p.enabled = env.flag("PLUGIN_UPDATE_ENABLED", true);
@@ -198,6 +224,25 @@ impl AgentConfig {
         p.update_cmd = env.get("PLUGIN_UPDATE_CMD");
         p.remove_cmd = env.get("PLUGIN_REMOVE_CMD");
         p.smoke_cmd = env.get("PLUGIN_SMOKE_CMD");
+        if let Some(secs) = env
+            .get("PLUGIN_POLL_SEC")
+            .map(|_| env.number("PLUGIN_POLL_SEC", 600))
+        {
+            p.poll_interval = Duration::from_secs(secs.max(1));
+        }
+
+        let r = &mut config.restore;
+        r.enabled = env.flag("RESTORE_VERIFY_ENABLED", true);
+        r.poll_interval = Duration::from_secs(env.number("RESTORE_POLL_MIN", 10) * 60);
+        if let Some(secs) = env
+            .get("RESTORE_POLL_SEC")
+            .map(|_| env.number("RESTORE_POLL_SEC", 600))
+        {
+            r.poll_interval = Duration::from_secs(secs.max(1));
+        }
+        r.timeout = Duration::from_secs(env.number("RESTORE_VERIFY_TIMEOUT_SEC", 3600));
+        r.workdir = env.get("RESTORE_WORKDIR").map(PathBuf::from);
+        r.verify_cmd = env.get("RESTORE_VERIFY_CMD");
 
         if env.problems.is_empty() {
             Ok(config)
@@ -324,6 +369,39 @@ mod tests {
         assert_eq!(c.update.step_timeout, Duration::from_secs(900));
         assert_eq!(c.plugin.step_timeout, Duration::from_secs(600));
         assert_eq!(c.heartbeat_url(), "https://cp.example/api/heartbeats");
+    }
+
+    #[test]
+    fn pipeline_settings_added_beside_the_erp_ones() {
+        let key = fleet_core::manifest::PrivateKey::from_seed([3; 32]).public_key();
+        let mut pairs = BASE.to_vec();
+        let keys = format!("{}, {}", key.to_base64(), key.to_base64());
+        pairs.extend([
+            ("UPDATE_POLL_MIN", "5"),
+            ("UPDATE_POLL_SEC", "2"),
+            ("UPDATE_MANIFEST_PUBLIC_KEYS", keys.as_str()),
+            ("UPDATE_PROXY_SHIFT_CMD", "shift.sh"),
+            ("UPDATE_GREEN_UP_CMD", "green.sh"),
+            ("PLUGIN_POLL_SEC", "3"),
+            ("RESTORE_VERIFY_CMD", "verify.sh"),
+            ("RESTORE_POLL_SEC", "4"),
+            ("RESTORE_VERIFY_TIMEOUT_SEC", "60"),
+        ]);
+        let c = load(&pairs).unwrap();
+        assert_eq!(c.update.poll_interval, Duration::from_secs(2));
+        assert_eq!(c.update.manifest_public_keys, vec![key, key]);
+        assert_eq!(c.update.proxy_shift_cmd.as_deref(), Some("shift.sh"));
+        assert_eq!(c.update.green_up_cmd.as_deref(), Some("green.sh"));
+        assert_eq!(c.plugin.poll_interval, Duration::from_secs(3));
+        assert_eq!(c.restore.verify_cmd.as_deref(), Some("verify.sh"));
+        assert_eq!(c.restore.poll_interval, Duration::from_secs(4));
+        assert_eq!(c.restore.timeout, Duration::from_secs(60));
+        let defaults = load(&BASE).unwrap();
+        assert!(defaults.update.manifest_public_keys.is_empty());
+        assert_eq!(defaults.restore.poll_interval, Duration::from_secs(600));
+        let mut bad = BASE.to_vec();
+        bad.push(("UPDATE_MANIFEST_PUBLIC_KEYS", "not-a-key"));
+        assert!(problems(&bad)[0].starts_with("UPDATE_MANIFEST_PUBLIC_KEYS: key 1"));
     }
 
     #[test]

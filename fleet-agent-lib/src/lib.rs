@@ -7,19 +7,26 @@ pub mod collectors;
 pub mod config;
 pub mod containers;
 pub mod env;
+pub mod job_state;
 pub mod local_api;
 pub mod metrics;
 pub mod outbox;
+pub mod pipeline;
+mod pipelines;
+pub mod plugins;
 pub mod prometheus;
 pub mod regional;
+pub mod restores;
 pub mod sender;
+pub mod updates;
 
 pub use agent::{Agent, AgentBuilder};
 /// Re-exported so implementations of [`Check`] and [`Collector`] need no extra dependency.
 pub use async_trait::async_trait;
 pub use checks::{Check, HttpCheck, PostgresCheck, RedisCheck, TcpCheck};
 pub use collectors::Collector;
-pub use config::{AgentConfig, PluginSettings, RegionalEndpoint, UpdateSettings};
+pub use config::{AgentConfig, PluginSettings, RegionalEndpoint, RestoreSettings, UpdateSettings};
+pub use pipeline::{ShellRunner, Step, StepOutcome, StepRunner};
 
 /// Everything that can go wrong in the agent library.
 #[derive(Debug, thiserror::Error)]

@@ -27,6 +27,10 @@ pub mod kind {
     pub const SECRETS: &str = "secrets";
     /// No heartbeat for longer than the offline threshold.
     pub const OFFLINE: &str = "offline";
+    /// A rollout halted by itself (failure threshold or SLO breach).
+    pub const ROLLOUT_HALTED: &str = "rollout_halted";
+    /// A restore verification failed.
+    pub const RESTORE_FAILED: &str = "restore_failed";
 }
 
 /// SLO maxima (`SLO_P95_MS_MAX`, `SLO_ERROR_RATE_MAX`, `SLO_WEBHOOK_RETRY_RATE_MAX`). As in

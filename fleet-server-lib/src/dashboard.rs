@@ -84,7 +84,7 @@ fn ago(secs: Option<i64>, now: i64) -> String {
     format!("<span title=\"{}\">{rel}</span>", format_time(at))
 }
 
-fn layout(title: &str, role: Option<Role>, body: &str) -> Html<String> {
+pub(crate) fn layout(title: &str, role: Option<Role>, body: &str) -> Html<String> {
     let session = match role {
         Some(role) => format!(
             "<span class=muted>{}</span><form method=post action=/logout><button>Log out</button></form>",
@@ -92,11 +92,16 @@ fn layout(title: &str, role: Option<Role>, body: &str) -> Html<String> {
         ),
         None => String::new(),
     };
+    let nav = if role.is_some() {
+        crate::rollout_pages::NAV
+    } else {
+        ""
+    };
     Html(format!(
         "<!doctype html><html lang=en><head><meta charset=utf-8>\
          <meta name=viewport content=\"width=device-width,initial-scale=1\">\
          <title>{} · fleet</title><style>{STYLE}</style></head><body>\
-         <header><a href=\"/\">fleet</a>{session}</header><main>{body}</main></body></html>",
+         <header><a href=\"/\">fleet</a>{nav}{session}</header><main>{body}</main></body></html>",
         esc(title)
     ))
 }

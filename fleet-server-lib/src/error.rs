@@ -23,6 +23,10 @@ pub enum Error {
     /// Nothing at that path or id: 404.
     #[error("not found")]
     NotFound,
+    /// The request conflicts with the current state (a rollout batch still running, a
+    /// duplicate release, an incompatible plugin): 409.
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// The body is over the limit: 413.
     #[error("body exceeds the limit of {limit} bytes")]
     TooLarge {
@@ -62,6 +66,7 @@ impl Error {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden | Self::NotEnrolled => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -79,6 +84,7 @@ impl Error {
             Self::Forbidden => "forbidden",
             Self::NotEnrolled => "not_enrolled",
             Self::NotFound => "not_found",
+            Self::Conflict(_) => "conflict",
             Self::TooLarge { .. } => "payload_too_large",
             Self::Invalid(_) => "invalid",
             Self::BadRequest(_) => "bad_request",

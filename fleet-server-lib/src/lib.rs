@@ -8,8 +8,15 @@ mod error;
 mod ingest;
 mod metrics;
 mod openapi;
+mod plugins;
+mod releases;
+mod restores;
+mod rollout_docs;
+mod rollout_pages;
+pub mod rollouts;
 pub mod store;
 mod sweeper;
+mod update_jobs;
 pub mod webhook;
 
 use std::sync::Arc;
@@ -79,6 +86,8 @@ pub(crate) struct AppState {
     pub writer: mpsc::Sender<ingest::Job>,
     pub metrics: Arc<metrics::Metrics>,
     pub webhook_configured: bool,
+    /// Verifies release manifests (pinned Ed25519 keys, optional ERP HMAC secret).
+    pub manifests: fleet_core::manifest::ManifestVerifier,
 }
 
 pub(crate) type Shared = Arc<AppState>;
@@ -118,6 +127,7 @@ pub struct ControlPlaneBuilder {
     tokens: RoleTokens,
     settings: Settings,
     webhook: Option<WebhookConfig>,
+    manifests: fleet_core::manifest::ManifestVerifier,
 }
 
 impl std::fmt::Debug for ControlPlaneBuilder {
@@ -128,6 +138,7 @@ impl std::fmt::Debug for ControlPlaneBuilder {
             .field("tokens", &self.tokens)
             .field("settings", &self.settings)
             .field("webhook", &self.webhook)
+            .field("manifests", &self.manifests)
             .finish()
     }
 }
@@ -169,6 +180,14 @@ impl ControlPlaneBuilder {
         self
     }
 
+    /// Which release manifests `POST /api/releases` accepts: pinned Ed25519 public keys
+    /// (`CONTROL_PLANE_RELEASE_PUBLIC_KEYS`) and, for ERP compatibility, an HMAC secret
+    /// (`CONTROL_PLANE_RELEASE_SIGNING_SECRET`). Without either, every release is refused.
+    pub fn manifest_verifier(mut self, verifier: fleet_core::manifest::ManifestVerifier) -> Self {
+        self.manifests = verifier;
+        self
+    }
+
     /// Builds the router and starts the background tasks (heartbeat writer, offline sweeper,
     /// webhook delivery). Call it inside a Tokio runtime. The tasks stop by themselves once
     /// the router and all its clones are dropped; heartbeats already accepted are committed
@@ -205,8 +224,10 @@ impl ControlPlaneBuilder {
             writer,
             metrics,
             webhook_configured: self.webhook.is_some(),
+            manifests: self.manifests,
         });
         sweeper::spawn(Arc::downgrade(&state));
+        rollouts::spawn_watcher(Arc::downgrade(&state));
         if let Some(webhook) = self.webhook {
             webhook::spawn(Arc::downgrade(&state), webhook);
         }
@@ -224,12 +245,47 @@ fn routes(state: Shared) -> Router {
         .route("/api/installations/{instance_id}", get(api::installation))
         .route("/api/alerts", get(api::list_alerts))
         .route("/api/alerts/{id}/ack", post(api::acknowledge))
+        .route("/api/releases", get(releases::list).post(releases::create))
+        .route("/api/rollouts", get(rollouts::list).post(rollouts::create))
+        .route("/api/rollouts/{id}", get(rollouts::show))
+        .route("/api/rollouts/{id}/advance", post(rollouts::advance))
+        .route("/api/rollouts/{id}/pause", post(rollouts::pause))
+        .route("/api/rollouts/{id}/resume", post(rollouts::resume))
+        .route("/api/rollouts/{id}/cancel", post(rollouts::cancel))
+        .route("/api/updates/next", post(update_jobs::next))
+        .route("/api/updates/report", post(update_jobs::report))
+        .route(
+            "/api/plugins/releases",
+            get(plugins::list_releases).post(plugins::create_release),
+        )
+        .route(
+            "/api/plugins/requests",
+            get(plugins::list_requests).post(plugins::create_request),
+        )
+        .route("/api/plugins/requests/{id}/approve", post(plugins::approve))
+        .route("/api/plugins/rollouts", post(plugins::create_rollout))
+        .route(
+            "/api/plugins/rollouts/{id}/advance",
+            post(rollouts::advance),
+        )
+        .route("/api/plugins/next", post(plugins::next))
+        .route("/api/plugins/report", post(plugins::report))
+        .route("/api/restores", get(restores::list))
+        .route("/api/restores/schedule", post(restores::schedule))
+        .route("/api/restores/next", post(restores::next))
+        .route("/api/restores/report", post(restores::report))
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi::document))
         .route("/", get(dashboard::index))
         .route("/installations/{instance_id}", get(dashboard::installation))
         .route("/alerts/{id}/ack", post(dashboard::acknowledge))
+        .route("/releases", get(rollout_pages::releases))
+        .route("/rollouts", get(rollout_pages::rollouts))
+        .route("/rollouts/{id}", get(rollout_pages::rollout))
+        .route("/rollouts/{id}/{action}", post(rollout_pages::act))
+        .route("/plugins", get(rollout_pages::plugins))
+        .route("/restores", get(rollout_pages::restores))
         .route("/login", get(dashboard::login_page).post(dashboard::login))
         .route("/logout", post(dashboard::logout))
         .fallback(api::not_found)

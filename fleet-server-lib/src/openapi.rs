@@ -24,7 +24,7 @@ pub(crate) struct RouteDoc {
     pub responses: &'static [(u16, &'static str)],
 }
 
-const fn r(
+pub(crate) const fn r(
     method: &'static str,
     path: &'static str,
     access: Access,
@@ -194,7 +194,7 @@ fn operation(route: &RouteDoc) -> Value {
 /// The OpenAPI document.
 pub(crate) fn spec() -> Value {
     let mut paths = serde_json::Map::new();
-    for route in ROUTES {
+    for route in ROUTES.iter().chain(crate::rollout_docs::ROUTES) {
         let entry = paths.entry(route.path).or_insert_with(|| json!({}));
         entry[route.method] = operation(route);
     }

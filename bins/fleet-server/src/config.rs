@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Args;
+use fleet_core::manifest::{ManifestVerifier, PublicKey};
 use fleet_core::{Secret, SecretResolver};
 use fleet_server::{
     ControlPlane, ControlPlaneBuilder, RoleTokens, Settings, SloThresholds, WebhookConfig,
@@ -78,6 +79,16 @@ pub struct ServeArgs {
     /// Seconds without a heartbeat before an installation gets an offline alert.
     #[arg(long, env = "CONTROL_PLANE_OFFLINE_AFTER_SECS", default_value = "900")]
     pub offline_after_secs: String,
+    /// Comma-separated base64 Ed25519 public keys whose release manifests are accepted.
+    #[arg(long, env = "CONTROL_PLANE_RELEASE_PUBLIC_KEYS")]
+    pub release_public_keys: Option<String>,
+    /// ERP compatibility: accept HMAC-signed release manifests made with this secret.
+    #[arg(
+        long,
+        env = "CONTROL_PLANE_RELEASE_SIGNING_SECRET",
+        hide_env_values = true
+    )]
+    pub release_signing_secret: Option<String>,
     /// Mark login cookies Secure (set this when serving over HTTPS).
     #[arg(long, env = "CONTROL_PLANE_SECURE_COOKIES", default_value = "false")]
     pub secure_cookies: String,
@@ -189,6 +200,7 @@ impl ServeArgs {
         let require_enrollment = flag("CONTROL_PLANE_REQUIRE_ENROLLMENT", &self.require_enrollment);
         let secure_cookies = flag("CONTROL_PLANE_SECURE_COOKIES", &self.secure_cookies);
         let webhook = self.webhook(&mut problems);
+        let manifests = self.manifests(&mut problems);
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -206,7 +218,8 @@ impl ServeArgs {
         let mut builder = ControlPlane::builder()
             .secrets(secrets)
             .tokens(tokens)
-            .settings(settings);
+            .settings(settings)
+            .manifest_verifier(manifests);
         if let Some(webhook) = webhook {
             builder = builder.webhook(webhook);
         }
@@ -215,6 +228,35 @@ impl ServeArgs {
             database_url: db.to_owned(),
             builder,
         })
+    }
+
+    fn manifests(&self, problems: &mut Vec<String>) -> ManifestVerifier {
+        let mut keys = Vec::new();
+        for (i, text) in set(&self.release_public_keys)
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .enumerate()
+        {
+            match PublicKey::from_base64(text) {
+                Ok(key) => keys.push(key),
+                Err(err) => problems.push(format!(
+                    "CONTROL_PLANE_RELEASE_PUBLIC_KEYS: key {} is unusable: {err}",
+                    i + 1
+                )),
+            }
+        }
+        let mut verifier = ManifestVerifier::new(keys);
+        if let Some(text) = set(&self.release_signing_secret) {
+            match Secret::new(text) {
+                Ok(secret) => verifier = verifier.with_hmac_secret(secret),
+                Err(err) => {
+                    problems.push(format!("CONTROL_PLANE_RELEASE_SIGNING_SECRET: {}", err.0))
+                }
+            }
+        }
+        verifier
     }
 
     fn webhook(&self, problems: &mut Vec<String>) -> Option<WebhookConfig> {
@@ -305,6 +347,25 @@ mod tests {
             "{problems:#?}"
         );
         assert!(!problems.join("\n").contains("fine-secret-value"));
+    }
+
+    #[test]
+    fn release_keys_are_checked() {
+        let key = fleet_core::manifest::PrivateKey::from_seed([4; 32]).public_key();
+        let ok = ServeArgs {
+            release_public_keys: Some(format!(" {} ,", key.to_base64())),
+            release_signing_secret: Some("erp-release-secret".into()),
+            ..args()
+        };
+        assert!(ok.validate().is_ok());
+        let problems = ServeArgs {
+            release_public_keys: Some("AAAA".into()),
+            ..args()
+        }
+        .validate()
+        .err()
+        .expect("invalid");
+        assert!(problems[0].starts_with("CONTROL_PLANE_RELEASE_PUBLIC_KEYS: key 1"));
     }
 
     #[test]

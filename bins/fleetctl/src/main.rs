@@ -7,6 +7,17 @@
 //! fleetctl release sign --key release-key manifest.json > signed.json
 //! fleetctl release verify --public-key "$(cat release-key.pub)" signed.json
 //! ```
+//!
+//! The control-plane commands take `--url` (`FLEET_URL`) and `--token` (`FLEET_TOKEN`):
+//!
+//! ```sh
+//! fleetctl release create signed.json
+//! fleetctl rollout create --release 1 --channel stable --batch-size 2
+//! fleetctl rollout watch 1
+//! fleetctl rollout advance 1
+//! ```
+
+mod api;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -20,7 +31,7 @@ use fleet_core::{ManifestVerifier, PrivateKey, PublicKey};
 #[command(
     name = "fleetctl",
     version,
-    about = "Operate a fleet: release keys, signed manifests"
+    about = "Operate a fleet: release keys, signed manifests, rollouts, plugins, restores"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -34,10 +45,31 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
-    /// Sign and verify release manifests.
+    /// Sign and verify release manifests; publish and list releases.
     Release {
         #[command(subcommand)]
         command: ReleaseCommand,
+    },
+    /// Roll releases out in batches: create, advance, pause, resume, cancel, watch.
+    Rollout {
+        #[command(flatten)]
+        conn: api::Conn,
+        #[command(subcommand)]
+        command: api::RolloutCommand,
+    },
+    /// The plugin marketplace: releases, requests, approval, rollouts.
+    Plugin {
+        #[command(flatten)]
+        conn: api::Conn,
+        #[command(subcommand)]
+        command: api::PluginCommand,
+    },
+    /// Restore verification: schedule and list.
+    Restore {
+        #[command(flatten)]
+        conn: api::Conn,
+        #[command(subcommand)]
+        command: api::RestoreCommand,
     },
 }
 
@@ -70,6 +102,18 @@ enum ReleaseCommand {
         /// The signed manifest.
         manifest: PathBuf,
     },
+    /// Publish a signed manifest to the control plane (admin).
+    Create {
+        #[command(flatten)]
+        conn: api::Conn,
+        /// The signed manifest (`fleetctl release sign` output).
+        manifest: PathBuf,
+    },
+    /// List the control plane's releases.
+    List {
+        #[command(flatten)]
+        conn: api::Conn,
+    },
 }
 
 fn main() -> ExitCode {
@@ -97,6 +141,15 @@ fn run(cli: Cli) -> Result<(), String> {
                     manifest,
                 },
         } => verify(&public_keys, &manifest),
+        Command::Release {
+            command: ReleaseCommand::Create { conn, manifest },
+        } => api::release_create(&api::Client::new(conn)?, &read_json(&manifest)?),
+        Command::Release {
+            command: ReleaseCommand::List { conn },
+        } => api::release_list(&api::Client::new(conn)?),
+        Command::Rollout { conn, command } => api::rollout(&api::Client::new(conn)?, command),
+        Command::Plugin { conn, command } => api::plugin(&api::Client::new(conn)?, command),
+        Command::Restore { conn, command } => api::restore(&api::Client::new(conn)?, command),
     }
 }
 

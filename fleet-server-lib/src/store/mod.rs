@@ -16,6 +16,9 @@ mod batch;
 // `sql` first: its macro must be defined before the backends expand it.
 #[macro_use]
 mod sql;
+pub mod rollouts;
+#[macro_use]
+mod rollouts_sql;
 mod postgres;
 mod sqlite;
 
@@ -228,7 +231,7 @@ pub struct OutboxItem {
 /// another database by implementing it and passing it to
 /// [`ControlPlaneBuilder::store`](crate::ControlPlaneBuilder::store).
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: rollouts::RolloutStore + Send + Sync + 'static {
     /// Records a batch of heartbeats in ONE transaction (group commit) and returns one
     /// outcome per heartbeat, in order. When this returns `Ok`, everything is durable.
     async fn record_heartbeats(

@@ -62,3 +62,11 @@ impl_sql_store!(
     "BEGIN",
     super::batch::POSTGRES_BATCH
 );
+
+impl_rollout_store!(
+    PostgresStore,
+    Postgres,
+    "BEGIN",
+    " FOR UPDATE",
+    super::rollouts_sql::POSTGRES_INSERT_JOBS
+);

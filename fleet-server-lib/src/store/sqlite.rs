@@ -68,3 +68,11 @@ impl_sql_store!(
     "BEGIN IMMEDIATE",
     super::batch::SQLITE_BATCH
 );
+
+impl_rollout_store!(
+    SqliteStore,
+    Sqlite,
+    "BEGIN IMMEDIATE",
+    "",
+    super::rollouts_sql::SQLITE_INSERT_JOBS
+);

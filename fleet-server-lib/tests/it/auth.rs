@@ -97,7 +97,7 @@ async fn every_route_answers_each_role_as_specified() {
     let alert = alerts["items"][0]["id"].as_i64().expect("an alert");
 
     let mut failures = Vec::new();
-    for (method, _, path, expected) in MATRIX {
+    for (method, _, path, expected) in MATRIX.iter().chain(crate::rollout_auth::MATRIX) {
         for ((who, token), want) in CALLERS.iter().zip(expected) {
             let url = server.at(&path.replace("{alert}", &alert.to_string()));
             let mut request = match *method {
@@ -137,6 +137,7 @@ async fn every_route_answers_each_role_as_specified() {
         .collect();
     let tested: BTreeSet<(String, String)> = MATRIX
         .iter()
+        .chain(crate::rollout_auth::MATRIX)
         .map(|(m, route, _, _)| ((*m).to_owned(), (*route).to_owned()))
         .collect();
     assert_eq!(documented, tested);

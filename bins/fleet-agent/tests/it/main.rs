@@ -5,9 +5,11 @@
 #[path = "../../../../fleet-agent-lib/tests/it/receiver.rs"]
 mod receiver;
 
+mod compose_rollout;
 mod control_plane;
 mod image;
 mod process;
+mod rollout;
 mod unit;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,596 @@
+//! The control-plane commands: releases, rollouts (with a live `watch`), plugins and
+//! restores over the HTTP API. Human output by default, `--json` for scripts.
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+/// Where the control plane is and who is asking.
+#[derive(Args, Debug, Clone)]
+pub struct Conn {
+    /// Control-plane base URL.
+    #[arg(
+        long,
+        env = "FLEET_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    pub url: String,
+    /// Role token (admin for create/advance/approve; ops for pause/resume/schedule).
+    #[arg(long, env = "FLEET_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// Print the control plane's JSON answer instead of a summary.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// Rollout settings shared by update and plugin rollouts.
+#[derive(Args, Debug, Clone)]
+pub struct RolloutOptions {
+    /// Target channel: its instances not yet on the version, frozen now.
+    #[arg(long)]
+    pub channel: String,
+    /// Instances per batch.
+    #[arg(long, default_value_t = 10)]
+    pub batch_size: u32,
+    /// Failures per batch that halt the rollout: a count (`0` = any failure) or `25%`.
+    #[arg(long, default_value = "0")]
+    pub failure_threshold: String,
+    /// Start each next batch as soon as one ends well.
+    #[arg(long)]
+    pub auto_advance: bool,
+}
+
+/// `fleetctl rollout create` options.
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// Release id (from `release list`).
+    #[arg(long, conflicts_with = "version")]
+    pub release: Option<i64>,
+    /// Or the release's version on the channel.
+    #[arg(long)]
+    pub version: Option<String>,
+    #[command(flatten)]
+    pub options: RolloutOptions,
+    /// `batch` or `blue-green-canary`.
+    #[arg(long, default_value = "batch")]
+    pub strategy: String,
+    /// Canary percentages, ending at 100 (`5,25,100`).
+    #[arg(long, value_delimiter = ',')]
+    pub canary_steps: Option<Vec<u8>>,
+    /// Seconds to observe each canary step.
+    #[arg(long)]
+    pub canary_wait: Option<u32>,
+    /// p95 latency ceiling (ms) for updated instances.
+    #[arg(long)]
+    slo_p95_ms_max: Option<f64>,
+    /// Error-rate ceiling (0..1).
+    #[arg(long)]
+    pub slo_error_rate_max: Option<f64>,
+    /// Webhook-retry-rate ceiling.
+    #[arg(long)]
+    pub slo_webhook_retry_rate_max: Option<f64>,
+    /// Seconds an updated instance's heartbeats are watched against the SLO ceilings.
+    #[arg(long)]
+    pub observe_secs: Option<i64>,
+    /// Do not run the rollback command when a step fails.
+    #[arg(long)]
+    pub no_auto_rollback: bool,
+}
+
+/// `fleetctl rollout ...`.
+#[derive(Subcommand, Debug)]
+pub enum RolloutCommand {
+    /// Create a rollout of a release.
+    Create(Box<CreateArgs>),
+    /// List rollouts.
+    List,
+
+    /// Show a rollout with its batches and jobs.
+    Show {
+        /// Rollout id.
+        id: i64,
+    },
+    /// Start the next batch (refused while a batch runs or when halted).
+    Advance {
+        /// Rollout id.
+        id: i64,
+    },
+    /// Stop handing out jobs.
+    Pause {
+        /// Rollout id.
+        id: i64,
+    },
+    /// Continue after a pause or a halt.
+    Resume {
+        /// Rollout id.
+        id: i64,
+    },
+    /// Stop for good.
+    Cancel {
+        /// Rollout id.
+        id: i64,
+    },
+    /// Show live per-batch progress until the rollout completes, halts or is cancelled
+    /// (exit status 0 only when it completed).
+    Watch {
+        /// Rollout id.
+        id: i64,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2)]
+        interval: u64,
+    },
+}
+
+/// `fleetctl plugin ...`.
+#[derive(Subcommand, Debug)]
+pub enum PluginCommand {
+    /// Publish a plugin release in the marketplace.
+    Release {
+        /// Plugin name (`billing-export`, `@acme/report`).
+        #[arg(long)]
+        name: String,
+        /// Plugin version.
+        #[arg(long)]
+        version: String,
+        /// Control-plane versions it works with (`*`, `0.1.*`, `0.1.0`); repeatable.
+        #[arg(long = "compatible", default_value = "*")]
+        compatible: Vec<String>,
+        /// Notes for operators.
+        #[arg(long)]
+        notes: Option<String>,
+    },
+    /// List plugin releases.
+    Releases,
+    /// List requests from instances.
+    Requests,
+    /// Approve an instance's request (refused when no compatible approved release exists).
+    Approve {
+        /// Request id.
+        id: i64,
+    },
+    /// Roll a plugin action out to a channel, batch by batch.
+    Rollout {
+        /// Plugin release id.
+        #[arg(long)]
+        release: i64,
+        /// `install`, `update` or `remove`.
+        #[arg(long, default_value = "install")]
+        action: String,
+        #[command(flatten)]
+        options: RolloutOptions,
+    },
+}
+
+/// `fleetctl restore ...`.
+#[derive(Subcommand, Debug)]
+pub enum RestoreCommand {
+    /// Schedule verifications for the installations with the freshest heartbeats.
+    Schedule {
+        /// How many installations.
+        #[arg(long, default_value_t = 5)]
+        count: i64,
+        /// Where to restore.
+        #[arg(long, default_value = "staging")]
+        environment: String,
+    },
+    /// List verifications.
+    List,
+}
+
+/// A minimal blocking client for the control-plane API.
+pub struct Client {
+    http: reqwest::blocking::Client,
+    conn: Conn,
+}
+
+impl Client {
+    /// A client for `conn`.
+    pub fn new(conn: Conn) -> Result<Self, String> {
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| format!("http client: {e}"))?;
+        Ok(Self { http, conn })
+    }
+
+    fn send(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, String> {
+        let url = format!("{}{path}", self.conn.url.trim_end_matches('/'));
+        let mut request = match method {
+            "GET" => self.http.get(&url),
+            _ => self.http.post(&url),
+        };
+        if let Some(token) = &self.conn.token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .map_err(|e| format!("cannot reach {url}: {e}"))?;
+        let status = response.status();
+        let value: Value = response.json().unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(value);
+        }
+        let message = value["error"]["message"]
+            .as_str()
+            .unwrap_or("no message")
+            .to_owned();
+        let details = value["error"]["details"]
+            .as_array()
+            .map(|d| {
+                d.iter()
+                    .map(|v| {
+                        format!(
+                            "\n  {}: {}",
+                            v["path"].as_str().unwrap_or(""),
+                            v["message"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect::<String>()
+            })
+            .unwrap_or_default();
+        Err(format!("HTTP {}: {message}{details}", status.as_u16()))
+    }
+
+    fn get(&self, path: &str) -> Result<Value, String> {
+        self.send("GET", path, None)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> Result<Value, String> {
+        self.send("POST", path, Some(body))
+    }
+
+    fn print(&self, value: &Value, human: impl FnOnce(&Value) -> String) {
+        if self.conn.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(value).unwrap_or_default()
+            );
+        } else {
+            println!("{}", human(value));
+        }
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// `release create FILE`: uploads a signed manifest.
+pub fn release_create(client: &Client, manifest: &Value) -> Result<(), String> {
+    let release = client.post("/api/releases", manifest)?;
+    client.print(&release, |r| {
+        format!(
+            "release {} {} on {} stored as #{} ({})",
+            text(&r["version"]),
+            text(&r["manifest"]["sha"]),
+            text(&r["channel"]),
+            text(&r["id"]),
+            text(&r["scheme"])
+        )
+    });
+    Ok(())
+}
+
+/// `release list`.
+pub fn release_list(client: &Client) -> Result<(), String> {
+    let list = client.get("/api/releases")?;
+    client.print(&list, |l| {
+        let mut out = format!(
+            "{:>5}  {:<16} {:<10} {:<12}",
+            "ID", "VERSION", "CHANNEL", "SCHEME"
+        );
+        for r in l["items"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "\n{:>5}  {:<16} {:<10} {:<12}",
+                text(&r["id"]),
+                text(&r["version"]),
+                text(&r["channel"]),
+                text(&r["scheme"])
+            ));
+        }
+        out
+    });
+    Ok(())
+}
+
+fn options_json(options: &RolloutOptions) -> Value {
+    json!({
+        "channel": options.channel,
+        "batch_size": options.batch_size,
+        "failure_threshold": options.failure_threshold,
+        "auto_advance": options.auto_advance,
+    })
+}
+
+/// One line per batch: a bar and the counts.
+pub fn progress(rollout: &Value) -> String {
+    let what = match rollout["kind"].as_str() {
+        Some("plugin") => format!("plugin {}", text(&rollout["plugin_action"])),
+        _ => format!("update to {}", text(&rollout["version"])),
+    };
+    let mut out = format!(
+        "rollout {} ({what} on {}): {}",
+        text(&rollout["id"]),
+        text(&rollout["channel"]),
+        text(&rollout["status"])
+    );
+    if let Some(reason) = rollout["halt_reason"].as_str() {
+        out.push_str(&format!(" — {reason}"));
+    }
+    let current = rollout["current_batch"].as_i64().unwrap_or(0);
+    for b in rollout["batches"].as_array().into_iter().flatten() {
+        let n = |k: &str| b[k].as_u64().unwrap_or(0);
+        let total = n("total").max(1);
+        let ended = n("succeeded") + n("failed") + n("rolled_back") + n("cancelled");
+        let width = 20;
+        let filled = usize::try_from(ended * width / total).unwrap_or(0);
+        let bar = format!("{}{}", "#".repeat(filled), ".".repeat(20 - filled.min(20)));
+        let index = b["batch"].as_i64().unwrap_or(0);
+        let marker = if index == current { ">" } else { " " };
+        let mut counts = Vec::new();
+        for key in [
+            "queued",
+            "pending",
+            "in_progress",
+            "succeeded",
+            "failed",
+            "rolled_back",
+            "cancelled",
+        ] {
+            if n(key) > 0 {
+                counts.push(format!("{} {key}", n(key)));
+            }
+        }
+        out.push_str(&format!(
+            "\n{marker} batch {:>2} [{bar}] {ended}/{} {}",
+            index + 1,
+            n("total"),
+            counts.join(", ")
+        ));
+    }
+    out
+}
+
+/// `rollout ...`.
+pub fn rollout(client: &Client, command: RolloutCommand) -> Result<(), String> {
+    let show = |value: &Value| client.print(value, progress);
+    match command {
+        RolloutCommand::Create(args) => {
+            let CreateArgs {
+                release,
+                version,
+                options,
+                strategy,
+                canary_steps,
+                canary_wait,
+                slo_p95_ms_max,
+                slo_error_rate_max,
+                slo_webhook_retry_rate_max,
+                observe_secs,
+                no_auto_rollback,
+            } = *args;
+            let strategy = match strategy.to_ascii_lowercase().replace('_', "-").as_str() {
+                "batch" => "BATCH",
+                "blue-green-canary" => "BLUE_GREEN_CANARY",
+                other => {
+                    return Err(format!(
+                        "--strategy {other:?}: use batch or blue-green-canary"
+                    ));
+                }
+            };
+            let mut body = options_json(&options);
+            body["strategy"] = strategy.into();
+            body["auto_rollback"] = (!no_auto_rollback).into();
+            let optional = [
+                ("release_id", release.map(Value::from)),
+                ("version", version.map(Value::from)),
+                ("canary_steps", canary_steps.map(Value::from)),
+                ("canary_step_wait_sec", canary_wait.map(Value::from)),
+                ("slo_p95_ms_max", slo_p95_ms_max.map(Value::from)),
+                ("slo_error_rate_max", slo_error_rate_max.map(Value::from)),
+                (
+                    "slo_webhook_retry_rate_max",
+                    slo_webhook_retry_rate_max.map(Value::from),
+                ),
+                ("observe_secs", observe_secs.map(Value::from)),
+            ];
+            for (key, value) in optional {
+                if let Some(value) = value {
+                    body[key] = value;
+                }
+            }
+            show(&client.post("/api/rollouts", &body)?);
+        }
+        RolloutCommand::List => {
+            let list = client.get("/api/rollouts")?;
+            client.print(&list, |l| {
+                let mut out = format!(
+                    "{:>5}  {:<8} {:<10} {:<10} {:>7}",
+                    "ID", "KIND", "CHANNEL", "STATUS", "BATCH"
+                );
+                for r in l["items"].as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "\n{:>5}  {:<8} {:<10} {:<10} {:>3}/{:<3}",
+                        text(&r["id"]),
+                        text(&r["kind"]),
+                        text(&r["channel"]),
+                        text(&r["status"]),
+                        r["current_batch"].as_i64().unwrap_or(0) + 1,
+                        text(&r["batch_count"])
+                    ));
+                }
+                out
+            });
+        }
+        RolloutCommand::Show { id } => show(&client.get(&format!("/api/rollouts/{id}"))?),
+        RolloutCommand::Advance { id } => {
+            show(&client.post(&format!("/api/rollouts/{id}/advance"), &json!({}))?)
+        }
+        RolloutCommand::Pause { id } => {
+            show(&client.post(&format!("/api/rollouts/{id}/pause"), &json!({}))?)
+        }
+        RolloutCommand::Resume { id } => {
+            show(&client.post(&format!("/api/rollouts/{id}/resume"), &json!({}))?)
+        }
+        RolloutCommand::Cancel { id } => {
+            show(&client.post(&format!("/api/rollouts/{id}/cancel"), &json!({}))?)
+        }
+        RolloutCommand::Watch { id, interval } => {
+            let mut last = String::new();
+            loop {
+                let rollout = client.get(&format!("/api/rollouts/{id}"))?;
+                let view = if client.conn.json {
+                    serde_json::to_string(&rollout).unwrap_or_default()
+                } else {
+                    progress(&rollout)
+                };
+                if view != last {
+                    println!("{view}");
+                    if !client.conn.json {
+                        println!();
+                    }
+                    last = view;
+                }
+                match rollout["status"].as_str() {
+                    Some("completed") => return Ok(()),
+                    Some(status @ ("halted" | "cancelled")) => {
+                        return Err(format!("rollout {id} is {status}"));
+                    }
+                    _ => std::thread::sleep(Duration::from_secs(interval.max(1))),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `plugin ...`.
+pub fn plugin(client: &Client, command: PluginCommand) -> Result<(), String> {
+    match command {
+        PluginCommand::Release {
+            name,
+            version,
+            compatible,
+            notes,
+        } => {
+            let release = client.post(
+                "/api/plugins/releases",
+                &json!({"name": name, "version": version, "compatible": compatible, "notes": notes}),
+            )?;
+            client.print(&release, |r| {
+                format!(
+                    "plugin {} {} published as #{} (compatible: {})",
+                    text(&r["name"]),
+                    text(&r["version"]),
+                    text(&r["id"]),
+                    r["compatible"]
+                )
+            });
+        }
+        PluginCommand::Releases => {
+            let list = client.get("/api/plugins/releases")?;
+            client.print(&list, |l| {
+                let mut out = format!(
+                    "{:>5}  {:<28} {:<12} {}",
+                    "ID", "NAME", "VERSION", "COMPATIBLE"
+                );
+                for r in l["items"].as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "\n{:>5}  {:<28} {:<12} {}",
+                        text(&r["id"]),
+                        text(&r["name"]),
+                        text(&r["version"]),
+                        r["compatible"]
+                    ));
+                }
+                out
+            });
+        }
+        PluginCommand::Requests => {
+            let list = client.get("/api/plugins/requests")?;
+            client.print(&list, |l| {
+                let mut out = format!(
+                    "{:>5}  {:<16} {:<28} {:<12} {:<8} {}",
+                    "ID", "INSTANCE", "NAME", "VERSION", "ACTION", "STATUS"
+                );
+                for r in l["items"].as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "\n{:>5}  {:<16} {:<28} {:<12} {:<8} {}",
+                        text(&r["id"]),
+                        text(&r["instance_id"]),
+                        text(&r["name"]),
+                        text(&r["version"]),
+                        text(&r["action"]),
+                        text(&r["status"])
+                    ));
+                }
+                out
+            });
+        }
+        PluginCommand::Approve { id } => {
+            let record = client.post(&format!("/api/plugins/requests/{id}/approve"), &json!({}))?;
+            client.print(&record, |r| {
+                format!(
+                    "request {} approved: job {} will {} {} {} on {}",
+                    text(&r["id"]),
+                    text(&r["job_id"]),
+                    text(&r["action"]),
+                    text(&r["name"]),
+                    text(&r["version"]),
+                    text(&r["instance_id"])
+                )
+            });
+        }
+        PluginCommand::Rollout {
+            release,
+            action,
+            options,
+        } => {
+            let mut body = options_json(&options);
+            body["plugin_release_id"] = release.into();
+            body["action"] = action.into();
+            let rollout = client.post("/api/plugins/rollouts", &body)?;
+            client.print(&rollout, progress);
+        }
+    }
+    Ok(())
+}
+
+/// `restore ...`.
+pub fn restore(client: &Client, command: RestoreCommand) -> Result<(), String> {
+    let table = |l: &Value| {
+        let mut out = format!(
+            "{:>5}  {:<20} {:<10} {:<12} {}",
+            "ID", "INSTANCE", "ENV", "STATUS", "DETAIL"
+        );
+        for r in l["items"].as_array().into_iter().flatten() {
+            out.push_str(&format!(
+                "\n{:>5}  {:<20} {:<10} {:<12} {}",
+                text(&r["id"]),
+                text(&r["instance_id"]),
+                text(&r["environment"]),
+                text(&r["status"]),
+                r["error"].as_str().unwrap_or("")
+            ));
+        }
+        out
+    };
+    let list = match command {
+        RestoreCommand::Schedule { count, environment } => client.post(
+            "/api/restores/schedule",
+            &json!({"count": count, "environment": environment}),
+        )?,
+        RestoreCommand::List => client.get("/api/restores")?,
+    };
+    client.print(&list, table);
+    Ok(())
+}

@@ -1,0 +1,262 @@
+//! fleetctl against a real control plane (in-process, real HTTP, SQLite).
+
+use std::process::{Command, Output};
+
+use fleet_core::manifest::{ManifestVerifier, PrivateKey, ReleaseManifest};
+use fleet_core::{Secret, SecretResolver, Signer};
+use fleet_server::{ControlPlane, RoleTokens, SqliteStore};
+use serde_json::{Value, json};
+
+const ADMIN: &str = "ctl-admin-token";
+const AGENTS: &str = "ctl-agent-secret";
+
+fn key() -> PrivateKey {
+    PrivateKey::from_seed([5; 32])
+}
+
+struct Fixture {
+    url: String,
+    dir: std::path::PathBuf,
+    http: reqwest::Client,
+}
+
+impl Fixture {
+    async fn start() -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("fleetctl-api-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let store = SqliteStore::connect(&format!("sqlite://{}", dir.join("fleet.db").display()))
+            .await
+            .expect("store");
+        let router = ControlPlane::builder()
+            .store(store)
+            .secrets(SecretResolver::from_config(None, Some(AGENTS)).expect("secrets"))
+            .tokens(RoleTokens {
+                admin: Some(ADMIN.into()),
+                ..Default::default()
+            })
+            .manifest_verifier(ManifestVerifier::new(vec![key().public_key()]))
+            .build()
+            .expect("build");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            axum::serve(listener, router).await.expect("serve");
+        });
+        Self {
+            url,
+            dir,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Runs fleetctl with the control plane's URL and the admin token.
+    async fn ctl(&self, args: &[&str]) -> Output {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let (url, dir) = (self.url.clone(), self.dir.clone());
+        tokio::task::spawn_blocking(move || {
+            Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+                .current_dir(dir)
+                .env("FLEET_URL", url)
+                .env("FLEET_TOKEN", ADMIN)
+                .args(args)
+                .output()
+                .expect("fleetctl runs")
+        })
+        .await
+        .expect("join")
+    }
+
+    /// A signed agent request (as the instance's agent sends it).
+    async fn agent(&self, path: &str, body: Value) -> (u16, Value) {
+        let bytes = serde_json::to_vec(&body).expect("json");
+        let signer = Signer::new(Secret::new(AGENTS).expect("secret"));
+        let msg = format!("msg_{}", uuid::Uuid::new_v4().simple());
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .body(bytes.clone());
+        for (name, value) in signer.headers(&msg, fleet_core::unix_now(), &bytes).pairs() {
+            request = request.header(name, value);
+        }
+        let response = request.send().await.expect("send");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_rollout_plugin_and_restore_commands() {
+    let f = Fixture::start().await;
+    for id in ["i1", "i2"] {
+        let (status, _) = f
+            .agent(
+                "/api/heartbeats",
+                json!({"instance_id": id, "db_ok": true, "redis_ok": true, "storage_ok": true,
+                       "jobs_failed": 0, "release_channel": "stable", "version": "1.0.0"}),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+    let manifest = ReleaseManifest {
+        version: "2.0.0".into(),
+        sha: "cafe01".into(),
+        channel: "stable".into(),
+        migrations_required: false,
+        breaking_changes: false,
+        released_at: "2026-11-21T08:00:00Z".into(),
+        artifacts: None,
+    };
+    let signed = key()
+        .sign_value(&serde_json::to_value(&manifest).expect("json"))
+        .expect("sign");
+    std::fs::write(f.dir.join("signed.json"), signed.to_string()).expect("write");
+    let mut tampered = signed.clone();
+    tampered["version"] = "9.9.9".into();
+    std::fs::write(f.dir.join("tampered.json"), tampered.to_string()).expect("write");
+
+    let out = f.ctl(&["release", "create", "tampered.json"]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("HTTP 422") && stderr(&out).contains("signature"),
+        "{}",
+        stderr(&out)
+    );
+    let out = f.ctl(&["release", "create", "signed.json"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("release 2.0.0 cafe01 on stable stored as #1"),
+        "{}",
+        stdout(&out)
+    );
+    let out = f.ctl(&["release", "list", "--json"]).await;
+    let list: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(list["items"][0]["version"], "2.0.0");
+
+    let out = f
+        .ctl(&[
+            "rollout",
+            "create",
+            "--release",
+            "1",
+            "--channel",
+            "stable",
+            "--batch-size",
+            "1",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("rollout 1 (update to 2.0.0 on stable): running"),
+        "{text}"
+    );
+    assert!(
+        text.contains("batch  1 [....................] 0/1 1 pending"),
+        "{text}"
+    );
+    let out = f.ctl(&["rollout", "advance", "1"]).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("HTTP 409"), "{}", stderr(&out));
+
+    // The two agents do their jobs; advance in between.
+    for (id, advance) in [("i1", true), ("i2", false)] {
+        let (_, job) = f
+            .agent("/api/updates/next", json!({"instance_id": id}))
+            .await;
+        let (status, _) = f
+            .agent(
+                "/api/updates/report",
+                json!({"instance_id": id, "job_id": job["job_id"], "status": "succeeded"}),
+            )
+            .await;
+        assert_eq!(status, 200);
+        if advance {
+            let out = f.ctl(&["rollout", "advance", "1"]).await;
+            assert!(out.status.success(), "{}", stderr(&out));
+        }
+    }
+    let out = f.ctl(&["rollout", "watch", "1", "--interval", "1"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains(": completed"), "{text}");
+    assert!(
+        text.contains("batch  2 [####################] 1/1 1 succeeded"),
+        "{text}"
+    );
+    let out = f.ctl(&["rollout", "pause", "1"]).await;
+    assert!(stderr(&out).contains("HTTP 409"), "{}", stderr(&out));
+    let out = f.ctl(&["rollout", "list"]).await;
+    assert!(stdout(&out).contains("completed"));
+
+    let out = f
+        .ctl(&[
+            "plugin",
+            "release",
+            "--name",
+            "billing-export",
+            "--version",
+            "1.2.0",
+            "--compatible",
+            "0.1.*",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("plugin billing-export 1.2.0 published as #1"));
+    let out = f
+        .ctl(&[
+            "plugin",
+            "release",
+            "--name",
+            "x; rm -rf /",
+            "--version",
+            "1",
+        ])
+        .await;
+    assert!(stderr(&out).contains("HTTP 422"), "{}", stderr(&out));
+    let (status, request) = f
+        .agent(
+            "/api/plugins/requests",
+            json!({"instance_id": "i1", "name": "billing-export", "version": "1.2.0"}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let out = f
+        .ctl(&["plugin", "approve", &request["id"].to_string()])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("approved: job"), "{}", stdout(&out));
+    let out = f
+        .ctl(&[
+            "plugin",
+            "rollout",
+            "--release",
+            "1",
+            "--action",
+            "remove",
+            "--channel",
+            "stable",
+            "--json",
+        ])
+        .await;
+    let rollout: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(rollout["plugin_action"], "remove");
+
+    let out = f.ctl(&["restore", "schedule", "--count", "1"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("scheduled"));
+    let out = f.ctl(&["restore", "list", "--json"]).await;
+    let restores: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(restores["items"].as_array().map(Vec::len), Some(1));
+    let _ = std::fs::remove_dir_all(&f.dir);
+}

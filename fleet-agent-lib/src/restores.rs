@@ -1,0 +1,146 @@
+//! The restore verification runner: poll `POST /api/restores/next`, run
+//! `RESTORE_VERIFY_CMD` (with `RESTORE_ID`, `RESTORE_ENVIRONMENT`, `RESTORE_BACKUP_ID`) and
+//! report `verified` (exit 0) or `failed` with the error, duration and output tail.
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use crate::Result;
+use crate::config::RestoreSettings;
+use crate::job_state::JobState;
+use crate::pipeline::{ControlPlaneClient, Step, StepRunner};
+
+/// Where verifications come from.
+pub const NEXT_PATH: &str = "/api/restores/next";
+/// Where outcomes go.
+pub const REPORT_PATH: &str = "/api/restores/report";
+const KIND: &str = "restore";
+
+/// The restore verification runner of one agent.
+pub struct RestoreRunner {
+    instance_id: String,
+    settings: RestoreSettings,
+    client: ControlPlaneClient,
+    state: Arc<JobState>,
+    runner: Arc<dyn StepRunner>,
+}
+
+impl RestoreRunner {
+    /// A runner for `instance_id`.
+    pub fn new(
+        instance_id: &str,
+        settings: RestoreSettings,
+        client: ControlPlaneClient,
+        state: Arc<JobState>,
+        runner: Arc<dyn StepRunner>,
+    ) -> Self {
+        Self {
+            instance_id: instance_id.to_owned(),
+            settings,
+            client,
+            state,
+            runner,
+        }
+    }
+
+    async fn finish(&self, id: &str, payload: &str, report: Value) -> Result<()> {
+        let status = report["status"].as_str().unwrap_or("failed").to_owned();
+        self.state
+            .finish(
+                KIND,
+                id,
+                payload,
+                &status,
+                report["error"].as_str(),
+                &report,
+            )
+            .await?;
+        tracing::info!(restore_id = id, %status, "restore verification ended");
+        if self.client.report(REPORT_PATH, &report).await {
+            self.state.reported(KIND, id).await?;
+        }
+        Ok(())
+    }
+
+    /// Reports what a crash interrupted, delivers pending reports, then runs the next
+    /// verification. Returns whether one ran.
+    pub async fn poll_once(&self) -> Result<bool> {
+        for job in self.state.interrupted(KIND).await? {
+            let report = json!({"instance_id": self.instance_id, "restore_id": job.job_id,
+                "status": "failed", "error": "the agent stopped during the verification"});
+            self.finish(&job.job_id, &job.payload, report).await?;
+        }
+        for job in self.state.unreported(KIND).await? {
+            let report: Value = job
+                .report
+                .as_deref()
+                .and_then(|r| serde_json::from_str(r).ok())
+                .unwrap_or(Value::Null);
+            if report.is_null() || self.client.report(REPORT_PATH, &report).await {
+                self.state.reported(KIND, &job.job_id).await?;
+            }
+        }
+        let answer = match self
+            .client
+            .post(NEXT_PATH, &json!({"instance_id": self.instance_id}))
+            .await
+        {
+            Ok(answer) if answer.status == 200 => answer,
+            Ok(_) => return Ok(false),
+            Err(err) => {
+                tracing::warn!(%err, "cannot ask for a restore verification");
+                return Ok(false);
+            }
+        };
+        let job = answer.body.unwrap_or(Value::Null);
+        let Some(id) = job["restore_id"].as_str().map(str::to_owned) else {
+            return Ok(false);
+        };
+        if self.state.get(KIND, &id).await?.is_some() {
+            return Ok(false);
+        }
+        let payload = job.to_string();
+        let mut report = json!({"instance_id": self.instance_id, "restore_id": id});
+        let Some(command) = self.settings.verify_cmd.clone() else {
+            report["status"] = "skipped".into();
+            report["error"] = "RESTORE_VERIFY_CMD is not set".into();
+            self.finish(&id, &payload, report).await?;
+            return Ok(true);
+        };
+        self.state.begin(KIND, &id, &payload).await?;
+        self.state.step(KIND, &id, "verify").await?;
+        let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+        let outcome = self
+            .runner
+            .run(&Step {
+                name: "restore-verify".into(),
+                command,
+                workdir: self.settings.workdir.clone(),
+                timeout: self.settings.timeout,
+                env: vec![
+                    ("RESTORE_ID".into(), id.clone()),
+                    ("RESTORE_ENVIRONMENT".into(), text(&job["environment"])),
+                    ("RESTORE_BACKUP_ID".into(), text(&job["backup_id"])),
+                ],
+            })
+            .await;
+        report["status"] = if outcome.ok { "verified" } else { "failed" }.into();
+        report["duration_ms"] = outcome.duration_ms().into();
+        if let Some(error) = &outcome.error {
+            report["error"] = error.clone().into();
+        }
+        if !outcome.output_tail.is_empty() {
+            report["output_tail"] = outcome.output_tail.clone().into();
+        }
+        self.finish(&id, &payload, report).await?;
+        Ok(true)
+    }
+}
+
+/// Polls for verifications every `RESTORE_POLL_MIN` (or `RESTORE_POLL_SEC`) until `stop`.
+pub async fn run_loop(runner: RestoreRunner, stop: watch::Receiver<bool>) {
+    let interval = runner.settings.poll_interval;
+    crate::pipeline::poll_loop("restore", interval, stop, || runner.poll_once()).await;
+}

@@ -1,0 +1,224 @@
+//! The plugin marketplace as the ERP has it: plugin releases (with the control-plane
+//! versions they work with), signed requests from instances, approval (with the
+//! compatibility check) creating a job, plugin rollouts carrying their action through every
+//! batch, and the agent's `next` / `report`.
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use fleet_core::ValidationErrors;
+use fleet_core::plugin::{
+    NextJobRequest, PluginReport, PluginRequest, PluginSpec, is_valid_plugin_name,
+    is_valid_plugin_version,
+};
+use serde::Deserialize;
+
+use crate::auth::{Admin, Support};
+use crate::rollouts::{ListQuery, parse_body, path_id};
+use crate::store::rollouts::{JobKind, JobReport};
+use crate::update_jobs::{same_instance, signed};
+use crate::{Error, Result, Shared};
+
+/// The control plane's own version, checked against a plugin release's `compatible` list.
+pub const CONTROL_PLANE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Most entries in a plugin release's `compatible` list.
+const MAX_COMPATIBLE: usize = 50;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewPluginRelease {
+    name: String,
+    version: String,
+    #[serde(default = "any_version")]
+    compatible: Vec<String>,
+    #[serde(default)]
+    notes: Option<String>,
+}
+
+fn any_version() -> Vec<String> {
+    vec!["*".into()]
+}
+
+/// `POST /api/plugins/releases` (admin).
+pub(crate) async fn create_release(
+    _: Admin,
+    State(state): State<Shared>,
+    body: Bytes,
+) -> Result<Response> {
+    let new: NewPluginRelease = parse_body(&body, &state.settings.limits)?;
+    let mut errors = ValidationErrors::default();
+    if !is_valid_plugin_name(&new.name) {
+        errors.push(
+            "name",
+            "must be a plugin name such as billing-export or @acme/report",
+        );
+    }
+    if !is_valid_plugin_version(&new.version) {
+        errors.push("version", "must be a version such as 1.2.3");
+    }
+    if new.compatible.is_empty() || new.compatible.len() > MAX_COMPATIBLE {
+        errors.push(
+            "compatible",
+            format!("must list 1 to {MAX_COMPATIBLE} versions"),
+        );
+    }
+    for (i, pattern) in new.compatible.iter().enumerate() {
+        let bare = pattern.strip_suffix('*').unwrap_or(pattern);
+        if !(bare.is_empty() || is_valid_plugin_version(bare.trim_end_matches('.'))) {
+            errors.push(
+                format!("compatible[{i}]"),
+                "must be a version, `*` or `0.1.*`",
+            );
+        }
+    }
+    if let Some(notes) = &new.notes {
+        fleet_core::validate::check_text(
+            &mut errors,
+            &fleet_core::validate::Path::Root.field("notes"),
+            notes,
+            state.settings.limits.max_message_len,
+        );
+    }
+    if !errors.is_empty() {
+        return Err(Error::Invalid(errors));
+    }
+    let release = state
+        .store
+        .create_plugin_release(
+            &new.name,
+            &new.version,
+            &new.compatible,
+            new.notes.as_deref(),
+            fleet_core::unix_now(),
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(release)).into_response())
+}
+
+/// `GET /api/plugins/releases`.
+pub(crate) async fn list_releases(
+    _: Support,
+    State(state): State<Shared>,
+    Query(query): Query<ListQuery>,
+) -> Result<Response> {
+    let items = state.store.list_plugin_releases(query.limit()?).await?;
+    Ok(Json(serde_json::json!({ "items": items })).into_response())
+}
+
+/// `POST /api/plugins/requests`, signed by the instance.
+pub(crate) async fn create_request(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    let request = signed::<PluginRequest>(&state, &headers, body).await?;
+    same_instance(&request.instance_id, &request.body.instance_id)?;
+    let record = state
+        .store
+        .create_plugin_request(&request.body, fleet_core::unix_now())
+        .await?;
+    Ok((StatusCode::CREATED, Json(record)).into_response())
+}
+
+/// `GET /api/plugins/requests`.
+pub(crate) async fn list_requests(
+    _: Support,
+    State(state): State<Shared>,
+    Query(query): Query<ListQuery>,
+) -> Result<Response> {
+    let items = state.store.list_plugin_requests(query.limit()?).await?;
+    Ok(Json(serde_json::json!({ "items": items })).into_response())
+}
+
+/// `POST /api/plugins/requests/:id/approve` (admin): 409 without an approved, compatible
+/// release of that name and version.
+pub(crate) async fn approve(
+    _: Admin,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let record = state
+        .store
+        .approve_plugin_request(path_id(&id)?, CONTROL_PLANE_VERSION, fleet_core::unix_now())
+        .await?;
+    Ok(Json(record).into_response())
+}
+
+/// `POST /api/plugins/rollouts` (admin): a rollout whose every job carries the action.
+pub(crate) async fn create_rollout(
+    _: Admin,
+    State(state): State<Shared>,
+    body: Bytes,
+) -> Result<Response> {
+    crate::rollouts::create_kind(&state, JobKind::Plugin, &body).await
+}
+
+/// `POST /api/plugins/next`: `{job_id, plugin{name, version, action}}` or 204.
+pub(crate) async fn next(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    let request = signed::<NextJobRequest>(&state, &headers, body).await?;
+    same_instance(&request.instance_id, &request.body.instance_id)?;
+    let handed = state
+        .store
+        .next_job(
+            &request.instance_id,
+            JobKind::Plugin,
+            fleet_core::unix_now(),
+        )
+        .await?;
+    let Some(handed) = handed else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    let plugin: PluginSpec = handed
+        .job
+        .payload
+        .as_deref()
+        .and_then(|p| serde_json::from_str(p).ok())
+        .ok_or_else(|| Error::Internal("plugin job without its plugin".into()))?;
+    Ok(
+        Json(serde_json::json!({ "job_id": handed.job.id.to_string(), "plugin": plugin }))
+            .into_response(),
+    )
+}
+
+/// `POST /api/plugins/report`: the documented statuses and steps, the instance's own job.
+pub(crate) async fn report(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    let request = signed::<PluginReport>(&state, &headers, body).await?;
+    let r = request.body;
+    same_instance(&request.instance_id, &r.instance_id)?;
+    let step = r
+        .step
+        .and_then(|s| serde_json::to_value(s).ok())
+        .and_then(|v| v.as_str().map(str::to_owned));
+    let report = JobReport {
+        job_id: r.job_id,
+        status: r.status,
+        step,
+        error: r.error,
+        canary_percent: None,
+        metrics: None,
+        duration_ms: r.duration_ms,
+        output_tail: r.output_tail,
+    };
+    let job = state
+        .store
+        .report_job(
+            &r.instance_id,
+            JobKind::Plugin,
+            &report,
+            fleet_core::unix_now(),
+            state.webhook_configured,
+        )
+        .await?;
+    Ok(Json(serde_json::json!({ "ok": true, "status": job.status })).into_response())
+}

@@ -1,0 +1,766 @@
+//! Rollouts: the pure rules (batches, advance, halt, SLO breach) and the operator API.
+//!
+//! A rollout's targets are frozen when it is created: every target gets a job row at once,
+//! `queued` until its batch starts, so nothing is ever recomputed (the ERP recomputed the
+//! batch at every advance and skipped or doubled instances). The rules below are plain
+//! functions; the store applies them inside its transactions.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use fleet_core::command::Threshold;
+use fleet_core::update::{RolloutSettings, Strategy};
+use fleet_core::validate::{Limits, Path as FieldPath, Validate, ValidationErrors, check_id};
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{Admin, Authed, Ops, Support};
+use crate::store::rollouts::{JobKind, NewRollout, RolloutAction};
+use crate::{Error, Result, Shared};
+
+/// Where a rollout stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutStatus {
+    /// Batches run (and, with auto-advance, follow each other).
+    Running,
+    /// Stopped by an operator; running jobs finish, nothing new is handed out.
+    Paused,
+    /// Stopped by itself (failure threshold or SLO breach); see `halt_reason`.
+    Halted,
+    /// Stopped for good; jobs not yet handed out were cancelled.
+    Cancelled,
+    /// Every batch ended.
+    Completed,
+}
+
+impl RolloutStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Halted => "halted",
+            Self::Cancelled => "cancelled",
+            Self::Completed => "completed",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "running" => Self::Running,
+            "paused" => Self::Paused,
+            "halted" => Self::Halted,
+            "cancelled" => Self::Cancelled,
+            "completed" => Self::Completed,
+            _ => return None,
+        })
+    }
+}
+
+/// Job statuses stored beside the wire ones: `queued` (its batch has not started) and
+/// `cancelled` (its rollout was cancelled before it was handed out).
+pub mod job_status {
+    /// Waiting for its batch.
+    pub const QUEUED: &str = "queued";
+    /// Its batch started; the agent has not asked yet.
+    pub const PENDING: &str = "pending";
+    /// Handed out.
+    pub const IN_PROGRESS: &str = "in_progress";
+    /// Cancelled with its rollout.
+    pub const CANCELLED: &str = "cancelled";
+}
+
+/// How many jobs of one batch are in each state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BatchCounts {
+    /// Batch index, from 0.
+    pub batch: i64,
+    /// Jobs in the batch.
+    pub total: u32,
+    /// Not started (the batch has not begun).
+    pub queued: u32,
+    /// Started, not yet handed out.
+    pub pending: u32,
+    /// Handed out, running.
+    pub in_progress: u32,
+    /// Ended well.
+    pub succeeded: u32,
+    /// Ended badly without a rollback.
+    pub failed: u32,
+    /// Ended badly and rolled back.
+    pub rolled_back: u32,
+    /// Cancelled with the rollout.
+    pub cancelled: u32,
+}
+
+impl BatchCounts {
+    /// Counts `statuses` of the jobs of `batch`.
+    pub fn of<'a>(batch: i64, statuses: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut c = Self {
+            batch,
+            ..Self::default()
+        };
+        for status in statuses {
+            c.total += 1;
+            match status {
+                job_status::QUEUED => c.queued += 1,
+                job_status::PENDING => c.pending += 1,
+                job_status::IN_PROGRESS => c.in_progress += 1,
+                "succeeded" => c.succeeded += 1,
+                "failed" => c.failed += 1,
+                "rolled_back" => c.rolled_back += 1,
+                _ => c.cancelled += 1,
+            }
+        }
+        c
+    }
+
+    /// Jobs that have not ended (pending or running).
+    pub fn active(&self) -> u32 {
+        self.pending + self.in_progress
+    }
+
+    /// Jobs that ended badly.
+    pub fn failures(&self) -> u32 {
+        self.failed + self.rolled_back
+    }
+}
+
+/// Splits the frozen target list into batches of `batch_size` (the last may be smaller).
+pub fn split_batches<T: Clone>(targets: &[T], batch_size: usize) -> Vec<Vec<T>> {
+    targets
+        .chunks(batch_size.max(1))
+        .map(<[T]>::to_vec)
+        .collect()
+}
+
+/// What the rollout does after a job of its current batch ended, or after a resume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Nothing changes.
+    Stay,
+    /// The rollout halts, for this reason.
+    Halt(String),
+    /// The next batch starts (auto-advance).
+    StartNext,
+    /// That was the last batch: the rollout is complete.
+    Complete,
+}
+
+/// The rule after a job ended in `counts`' batch. Failures past the threshold halt a
+/// running or paused rollout at once, even while other jobs of the batch still run; an
+/// ended batch completes the rollout when it was the last, or starts the next one when
+/// auto-advance is on and the rollout is running.
+pub fn after_job_end(
+    status: RolloutStatus,
+    counts: &BatchCounts,
+    threshold: Threshold,
+    auto_advance: bool,
+    current_batch: i64,
+    batch_count: i64,
+    job_failed: bool,
+) -> Next {
+    if counts.batch != current_batch {
+        return Next::Stay;
+    }
+    // Only a failure can newly pass the threshold; a success reported after a resume does
+    // not halt the rollout again for the failures the operator already accepted.
+    if job_failed
+        && matches!(status, RolloutStatus::Running | RolloutStatus::Paused)
+        && threshold.exceeded(counts.failures(), counts.total)
+    {
+        return Next::Halt(format!(
+            "batch {} failed: {} of {} jobs failed, threshold {}",
+            counts.batch + 1,
+            counts.failures(),
+            counts.total,
+            threshold_text(threshold)
+        ));
+    }
+    if status != RolloutStatus::Running || counts.active() > 0 {
+        return Next::Stay;
+    }
+    if current_batch + 1 >= batch_count {
+        Next::Complete
+    } else if auto_advance {
+        Next::StartNext
+    } else {
+        Next::Stay
+    }
+}
+
+/// The rule after an operator resumed a rollout: its current batch's failures were
+/// accepted; an ended batch completes the rollout or, with auto-advance, starts the next.
+pub fn after_resume(
+    counts: &BatchCounts,
+    auto_advance: bool,
+    current_batch: i64,
+    batch_count: i64,
+) -> Next {
+    if counts.active() > 0 {
+        Next::Stay
+    } else if current_batch + 1 >= batch_count {
+        Next::Complete
+    } else if auto_advance {
+        Next::StartNext
+    } else {
+        Next::Stay
+    }
+}
+
+/// Whether `advance` may start the next batch: 409 (as text) while the current batch has
+/// pending or running jobs, or when the rollout is not running, or when no batch is left.
+pub fn check_advance(
+    status: RolloutStatus,
+    current: &BatchCounts,
+    current_batch: i64,
+    batch_count: i64,
+) -> std::result::Result<(), String> {
+    if status != RolloutStatus::Running {
+        return Err(format!("the rollout is {}", status.as_str()));
+    }
+    if current.active() > 0 {
+        return Err(format!(
+            "batch {} still has {} pending or running jobs",
+            current_batch + 1,
+            current.active()
+        ));
+    }
+    if current_batch + 1 >= batch_count {
+        return Err("no batch is left".into());
+    }
+    Ok(())
+}
+
+/// The status an operator action leads to, or why it is refused (409).
+pub fn transition(
+    status: RolloutStatus,
+    action: RolloutAction,
+) -> std::result::Result<RolloutStatus, String> {
+    use RolloutStatus::*;
+    match (action, status) {
+        (RolloutAction::Pause, Running) => Ok(Paused),
+        (RolloutAction::Resume, Paused | Halted) => Ok(Running),
+        (RolloutAction::Cancel, Running | Paused | Halted) => Ok(Cancelled),
+        (RolloutAction::Advance, _) => Ok(status),
+        (action, status) => Err(format!(
+            "cannot {} a rollout that is {}",
+            action.as_str(),
+            status.as_str()
+        )),
+    }
+}
+
+/// `"3"` or `"10%"`.
+pub fn threshold_text(threshold: Threshold) -> String {
+    match threshold {
+        Threshold::Count(n) => n.to_string(),
+        Threshold::Percent(p) => format!("{p}%"),
+    }
+}
+
+/// The first SLO figure of a heartbeat above the rollout's maxima, as a reason. A maximum
+/// that is absent or 0 is not checked (as in the ERP).
+pub fn slo_breach(
+    settings: &RolloutSettings,
+    figures: &serde_json::Map<String, serde_json::Value>,
+) -> Option<String> {
+    let checks = [
+        ("slo_p95_ms", settings.slo_p95_ms_max),
+        ("slo_error_rate", settings.slo_error_rate_max),
+        (
+            "slo_webhook_retry_rate",
+            settings.slo_webhook_retry_rate_max,
+        ),
+    ];
+    checks.into_iter().find_map(|(name, max)| {
+        let max = max.filter(|m| *m > 0.0)?;
+        let value = figures.get(name)?.as_f64()?;
+        (value > max).then(|| format!("{name} {value} is above the rollout's maximum {max}"))
+    })
+}
+
+/// Default observation window after an instance updated: 10 minutes.
+pub const DEFAULT_OBSERVE_SECS: i64 = 600;
+
+/// Body of `POST /api/rollouts`. The ERP's camelCase names are accepted too.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateRollout {
+    /// The release (its id); or give `version` (and the channel picks the release).
+    #[serde(default, alias = "manifestId")]
+    release_id: Option<i64>,
+    #[serde(default)]
+    version: Option<String>,
+    channel: String,
+    #[serde(default = "default_batch_size", alias = "batchSize")]
+    batch_size: u32,
+    #[serde(default)]
+    strategy: Strategy,
+    #[serde(default, alias = "canarySteps")]
+    canary_steps: Option<Vec<u8>>,
+    #[serde(default, alias = "canaryStepWaitSec")]
+    canary_step_wait_sec: Option<u32>,
+    #[serde(default, alias = "sloP95MsMax")]
+    slo_p95_ms_max: Option<f64>,
+    #[serde(default, alias = "sloErrorRateMax")]
+    slo_error_rate_max: Option<f64>,
+    #[serde(default, alias = "sloWebhookRetryRateMax")]
+    slo_webhook_retry_rate_max: Option<f64>,
+    #[serde(default, alias = "autoRollback")]
+    auto_rollback: Option<bool>,
+    /// `"0"` (default: any failure halts), `"2"` or `"25%"`, per batch.
+    #[serde(default, alias = "failureThreshold")]
+    failure_threshold: Option<serde_json::Value>,
+    #[serde(default, alias = "autoAdvance")]
+    auto_advance: bool,
+    /// Seconds an updated instance's heartbeats are watched for SLO breaches.
+    #[serde(default, alias = "observeSecs")]
+    observe_secs: Option<i64>,
+    /// Plugin rollouts: the plugin release and the action carried through every batch.
+    #[serde(default)]
+    plugin_release_id: Option<i64>,
+    #[serde(default)]
+    action: Option<fleet_core::plugin::PluginAction>,
+}
+
+fn default_batch_size() -> u32 {
+    10
+}
+
+impl CreateRollout {
+    fn settings(&self) -> RolloutSettings {
+        let defaults = RolloutSettings::default();
+        RolloutSettings {
+            strategy: self.strategy,
+            batch_size: self.batch_size,
+            canary_steps: self.canary_steps.clone().unwrap_or(defaults.canary_steps),
+            canary_step_wait_sec: self
+                .canary_step_wait_sec
+                .unwrap_or(defaults.canary_step_wait_sec),
+            slo_p95_ms_max: self.slo_p95_ms_max,
+            slo_error_rate_max: self.slo_error_rate_max,
+            slo_webhook_retry_rate_max: self.slo_webhook_retry_rate_max,
+            auto_rollback: self.auto_rollback.unwrap_or(defaults.auto_rollback),
+        }
+    }
+
+    fn threshold(&self, errors: &mut ValidationErrors) -> Threshold {
+        let parsed = match &self.failure_threshold {
+            None => Some(Threshold::Count(0)),
+            Some(serde_json::Value::Number(n)) => n
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .map(Threshold::Count),
+            Some(serde_json::Value::String(s)) => Threshold::parse(s),
+            Some(_) => None,
+        };
+        parsed.unwrap_or_else(|| {
+            errors.push(
+                "failure_threshold",
+                "must be a count such as 2 or a percentage such as \"25%\"",
+            );
+            Threshold::Count(0)
+        })
+    }
+
+    /// Validates and turns the body into what the store creates.
+    pub(crate) fn into_new(self, kind: JobKind, limits: &Limits) -> Result<NewRollout> {
+        let mut errors = ValidationErrors::default();
+        check_id(
+            &mut errors,
+            &FieldPath::Root.field("channel"),
+            &self.channel,
+            limits.max_id_len,
+        );
+        if let Some(v) = &self.version {
+            check_id(
+                &mut errors,
+                &FieldPath::Root.field("version"),
+                v,
+                limits.max_id_len,
+            );
+        }
+        let settings = self.settings();
+        settings.validate(limits, &FieldPath::Root, &mut errors);
+        let threshold = self.threshold(&mut errors);
+        let observe_secs = self.observe_secs.unwrap_or(DEFAULT_OBSERVE_SECS);
+        if !(0..=7 * 86_400).contains(&observe_secs) {
+            errors.push("observe_secs", "must be between 0 and 604800");
+        }
+        match kind {
+            JobKind::Update => {
+                if self.release_id.is_none() && self.version.is_none() {
+                    errors.push("release_id", "name the release (release_id or version)");
+                }
+            }
+            JobKind::Plugin => {
+                if self.plugin_release_id.is_none() {
+                    errors.push("plugin_release_id", "name the plugin release");
+                }
+            }
+        }
+        if !errors.is_empty() {
+            return Err(Error::Invalid(errors));
+        }
+        Ok(NewRollout {
+            kind,
+            release_id: self.release_id,
+            version: self.version,
+            plugin_release_id: self.plugin_release_id,
+            plugin_action: self.action.unwrap_or_default(),
+            channel: self.channel,
+            settings,
+            failure_threshold: threshold_text(threshold),
+            auto_advance: self.auto_advance,
+            observe_secs,
+        })
+    }
+}
+
+/// Parses a JSON body into `T`, answering 422 with the field path when it does not fit.
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    limits: &Limits,
+) -> Result<T> {
+    if body.len() > limits.max_body_bytes {
+        return Err(Error::TooLarge {
+            limit: limits.max_body_bytes,
+        });
+    }
+    serde_json::from_slice(body).map_err(|err| {
+        let mut errors = ValidationErrors::default();
+        let text: String = err.to_string().chars().take(300).collect();
+        errors.push("", text);
+        Error::Invalid(errors)
+    })
+}
+
+/// Parses a numeric id from the path; anything else is a 404, as for an unknown id.
+pub(crate) fn path_id(text: &str) -> Result<i64> {
+    text.parse::<i64>().map_err(|_| Error::NotFound)
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListQuery {
+    limit: Option<i64>,
+}
+
+impl ListQuery {
+    pub(crate) fn limit(&self) -> Result<i64> {
+        let limit = self.limit.unwrap_or(100);
+        if !(1..=crate::api::MAX_PAGE).contains(&limit) {
+            return Err(Error::BadRequest(format!(
+                "limit must be between 1 and {}",
+                crate::api::MAX_PAGE
+            )));
+        }
+        Ok(limit)
+    }
+}
+
+/// `POST /api/rollouts` (admin).
+pub(crate) async fn create(_: Admin, State(state): State<Shared>, body: Bytes) -> Result<Response> {
+    create_kind(&state, JobKind::Update, &body).await
+}
+
+/// Shared by update and plugin rollouts.
+pub(crate) async fn create_kind(state: &Shared, kind: JobKind, body: &[u8]) -> Result<Response> {
+    let request: CreateRollout = parse_body(body, &state.settings.limits)?;
+    let new = request.into_new(kind, &state.settings.limits)?;
+    let detail = state
+        .store
+        .create_rollout(&new, fleet_core::unix_now())
+        .await?;
+    Ok((StatusCode::CREATED, Json(detail)).into_response())
+}
+
+/// `GET /api/rollouts`.
+pub(crate) async fn list(
+    _: Support,
+    State(state): State<Shared>,
+    Query(query): Query<ListQuery>,
+) -> Result<Response> {
+    let items = state.store.list_rollouts(query.limit()?).await?;
+    Ok(Json(serde_json::json!({ "items": items })).into_response())
+}
+
+/// `GET /api/rollouts/:id`: the rollout, per-batch counts and every job.
+pub(crate) async fn show(
+    _: Support,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let id = path_id(&id)?;
+    match state.store.rollout(id).await? {
+        Some(detail) => Ok(Json(detail).into_response()),
+        None => Err(Error::NotFound),
+    }
+}
+
+async fn act(state: &Shared, id: &str, action: RolloutAction) -> Result<Response> {
+    let id = path_id(id)?;
+    let detail = state
+        .store
+        .rollout_action(id, action, fleet_core::unix_now(), state.webhook_configured)
+        .await?;
+    Ok(Json(detail).into_response())
+}
+
+/// `POST /api/rollouts/:id/advance` (admin): 404 unknown, 409 while the batch runs or
+/// when the rollout is not running.
+pub(crate) async fn advance(
+    _: Admin,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    act(&state, &id, RolloutAction::Advance).await
+}
+
+/// `POST /api/rollouts/:id/pause` (ops).
+pub(crate) async fn pause(
+    _: Ops,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    act(&state, &id, RolloutAction::Pause).await
+}
+
+/// `POST /api/rollouts/:id/resume` (ops).
+pub(crate) async fn resume(
+    _: Ops,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    act(&state, &id, RolloutAction::Resume).await
+}
+
+/// `POST /api/rollouts/:id/cancel` (admin).
+pub(crate) async fn cancel(
+    Authed(_): Admin,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    act(&state, &id, RolloutAction::Cancel).await
+}
+
+/// How often updated instances' heartbeats are checked against their rollout's SLO maxima.
+pub(crate) const SLO_WATCH_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Watches updated instances' heartbeats during their observation window and halts a
+/// rollout on an SLO breach. Stops when the control plane is dropped.
+pub(crate) fn spawn_watcher(state: std::sync::Weak<crate::AppState>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SLO_WATCH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(state) = state.upgrade() else { return };
+            match state
+                .store
+                .watch_rollout_slo(fleet_core::unix_now(), state.webhook_configured)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(halted = n, "rollouts halted on an SLO breach"),
+                Err(err) => tracing::warn!(error = %err, "rollout SLO watch failed"),
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(batch: i64, statuses: &[&str]) -> BatchCounts {
+        BatchCounts::of(batch, statuses.iter().copied())
+    }
+
+    #[test]
+    fn batches_keep_the_frozen_order_and_size() {
+        let targets: Vec<u32> = (1..=5).collect();
+        assert_eq!(
+            split_batches(&targets, 2),
+            vec![vec![1, 2], vec![3, 4], vec![5]]
+        );
+        assert_eq!(split_batches(&targets, 10), vec![targets.clone()]);
+        assert!(split_batches::<u32>(&[], 3).is_empty());
+        assert_eq!(
+            split_batches(&targets, 0).len(),
+            5,
+            "size 0 is treated as 1"
+        );
+    }
+
+    #[test]
+    fn one_failure_over_a_count_threshold_halts_at_once() {
+        let c = counts(1, &["rolled_back", "in_progress"]);
+        let next = after_job_end(
+            RolloutStatus::Running,
+            &c,
+            Threshold::Count(0),
+            true,
+            1,
+            3,
+            true,
+        );
+        assert!(
+            matches!(next, Next::Halt(ref r) if r.contains("1 of 2")),
+            "{next:?}"
+        );
+        let next = after_job_end(
+            RolloutStatus::Running,
+            &c,
+            Threshold::Count(1),
+            true,
+            1,
+            3,
+            true,
+        );
+        assert_eq!(next, Next::Stay, "still running, under the threshold");
+    }
+
+    #[test]
+    fn percent_threshold_counts_against_the_batch() {
+        let c = counts(0, &["failed", "succeeded", "succeeded", "succeeded"]);
+        let at = |p| {
+            after_job_end(
+                RolloutStatus::Running,
+                &c,
+                Threshold::Percent(p),
+                false,
+                0,
+                2,
+                true,
+            )
+        };
+        assert_eq!(at(25.0), Next::Stay);
+        assert!(matches!(at(20.0), Next::Halt(_)));
+    }
+
+    #[test]
+    fn an_ended_batch_advances_only_with_auto_advance_and_completes_at_the_end() {
+        let done = counts(0, &["succeeded", "succeeded"]);
+        let t = Threshold::Count(0);
+        assert_eq!(
+            after_job_end(RolloutStatus::Running, &done, t, false, 0, 2, false),
+            Next::Stay
+        );
+        assert_eq!(
+            after_job_end(RolloutStatus::Running, &done, t, true, 0, 2, false),
+            Next::StartNext
+        );
+        assert_eq!(
+            after_job_end(RolloutStatus::Running, &done, t, false, 0, 1, false),
+            Next::Complete
+        );
+        assert_eq!(
+            after_job_end(RolloutStatus::Paused, &done, t, true, 0, 2, false),
+            Next::Stay,
+            "a paused rollout does not advance"
+        );
+        assert_eq!(
+            after_job_end(RolloutStatus::Running, &done, t, true, 1, 3, false),
+            Next::Stay,
+            "a late report of an earlier batch changes nothing"
+        );
+    }
+
+    #[test]
+    fn a_success_after_resume_does_not_halt_again() {
+        let c = counts(1, &["rolled_back", "succeeded"]);
+        let t = Threshold::Count(0);
+        assert_eq!(
+            after_job_end(RolloutStatus::Running, &c, t, false, 1, 3, false),
+            Next::Stay
+        );
+        assert_eq!(after_resume(&c, false, 1, 3), Next::Stay);
+        assert_eq!(after_resume(&c, true, 1, 3), Next::StartNext);
+        assert_eq!(after_resume(&c, false, 2, 3), Next::Complete);
+        assert_eq!(
+            after_resume(&counts(1, &["in_progress"]), true, 1, 3),
+            Next::Stay
+        );
+    }
+
+    #[test]
+    fn advance_is_refused_while_the_batch_runs_or_the_rollout_is_halted() {
+        let running = counts(0, &["succeeded", "in_progress"]);
+        let pending = counts(0, &["pending", "succeeded"]);
+        let done = counts(0, &["succeeded", "rolled_back"]);
+        assert!(check_advance(RolloutStatus::Running, &running, 0, 3).is_err());
+        assert!(check_advance(RolloutStatus::Running, &pending, 0, 3).is_err());
+        assert!(check_advance(RolloutStatus::Halted, &done, 0, 3).is_err());
+        assert!(
+            check_advance(RolloutStatus::Running, &done, 2, 3).is_err(),
+            "none left"
+        );
+        assert_eq!(check_advance(RolloutStatus::Running, &done, 0, 3), Ok(()));
+    }
+
+    #[test]
+    fn operator_transitions() {
+        use RolloutAction::*;
+        use RolloutStatus::*;
+        assert_eq!(transition(Running, Pause), Ok(Paused));
+        assert_eq!(transition(Halted, Resume), Ok(Running));
+        assert_eq!(transition(Paused, Cancel), Ok(Cancelled));
+        assert!(transition(Completed, Cancel).is_err());
+        assert!(transition(Running, Resume).is_err());
+        assert!(transition(Cancelled, Pause).is_err());
+    }
+
+    #[test]
+    fn slo_breach_checks_only_set_maxima() {
+        let settings = RolloutSettings {
+            slo_p95_ms_max: Some(500.0),
+            slo_error_rate_max: Some(0.0),
+            ..RolloutSettings::default()
+        };
+        let figures = |v: serde_json::Value| v.as_object().cloned().unwrap_or_default();
+        assert_eq!(
+            slo_breach(
+                &settings,
+                &figures(serde_json::json!({"slo_p95_ms": 400.0, "slo_error_rate": 0.9}))
+            ),
+            None
+        );
+        assert!(
+            slo_breach(
+                &settings,
+                &figures(serde_json::json!({"slo_p95_ms": 812.5}))
+            )
+            .is_some_and(|r| r.contains("812.5"))
+        );
+    }
+
+    #[test]
+    fn create_body_accepts_erp_names_and_checks_threshold() {
+        let body =
+            br#"{"manifestId": 3, "channel": "stable", "batchSize": 2, "autoRollback": false,
+            "failure_threshold": "50%"}"#;
+        let parsed: CreateRollout = parse_body(body, &Limits::default()).expect("parse");
+        let new = parsed
+            .into_new(JobKind::Update, &Limits::default())
+            .expect("valid");
+        assert_eq!(new.release_id, Some(3));
+        assert_eq!(new.settings.batch_size, 2);
+        assert!(!new.settings.auto_rollback);
+        assert_eq!(new.failure_threshold, "50%");
+        let bad: CreateRollout = parse_body(
+            br#"{"release_id": 1, "channel": "stable", "batch_size": 0, "failure_threshold": "lots"}"#,
+            &Limits::default(),
+        )
+        .expect("parse");
+        let Err(Error::Invalid(errors)) = bad.into_new(JobKind::Update, &Limits::default()) else {
+            panic!("must be invalid");
+        };
+        assert_eq!(errors.paths(), ["batch_size", "failure_threshold"]);
+    }
+}

@@ -1,0 +1,470 @@
+//! Persistence of releases, rollouts and their jobs, the plugin marketplace and restore
+//! verification: the [`RolloutStore`] trait and its types. The SQL both backends share is
+//! in `rollouts_sql.rs`.
+
+use async_trait::async_trait;
+use fleet_core::plugin::{PluginAction, PluginRequest};
+use fleet_core::restore::RestoreReport;
+use fleet_core::update::{JobStatus, RolloutSettings};
+use serde::{Serialize, Serializer};
+
+use crate::Result;
+use crate::rollouts::BatchCounts;
+
+/// What a rollout job installs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// A release, through the update pipeline.
+    Update,
+    /// A plugin action, through the plugin pipeline.
+    Plugin,
+}
+
+impl JobKind {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Update => "update",
+            Self::Plugin => "plugin",
+        }
+    }
+}
+
+/// An operator action on a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutAction {
+    /// Start the next batch.
+    Advance,
+    /// Stop handing out jobs.
+    Pause,
+    /// Continue after a pause or a halt.
+    Resume,
+    /// Stop for good.
+    Cancel,
+}
+
+impl RolloutAction {
+    /// The verb.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Advance => "advance",
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::Cancel => "cancel",
+        }
+    }
+}
+
+/// A validated rollout to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewRollout {
+    /// Update or plugin.
+    pub kind: JobKind,
+    /// The release (update rollouts), by id ...
+    pub release_id: Option<i64>,
+    /// ... or by version on the rollout's channel.
+    pub version: Option<String>,
+    /// The plugin release (plugin rollouts).
+    pub plugin_release_id: Option<i64>,
+    /// What every plugin job does.
+    pub plugin_action: PluginAction,
+    /// Instances of this channel are the targets.
+    pub channel: String,
+    /// Settings sent with each job.
+    pub settings: RolloutSettings,
+    /// Failures per batch that halt the rollout (`"0"`, `"25%"`).
+    pub failure_threshold: String,
+    /// Start the next batch as soon as one ends well.
+    pub auto_advance: bool,
+    /// Seconds an updated instance's heartbeats are watched against the SLO maxima.
+    pub observe_secs: i64,
+}
+
+fn json_text<S: Serializer>(text: &Option<String>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    match text
+        .as_deref()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+    {
+        Some(value) => value.serialize(s),
+        None => s.serialize_none(),
+    }
+}
+
+fn json_text_required<S: Serializer>(text: &str, s: S) -> std::result::Result<S::Ok, S::Error> {
+    serde_json::from_str::<serde_json::Value>(text)
+        .unwrap_or(serde_json::Value::Null)
+        .serialize(s)
+}
+
+/// A stored release.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct Release {
+    /// Row id (the ERP's `manifestId`).
+    pub id: i64,
+    /// Version.
+    pub version: String,
+    /// Channel.
+    pub channel: String,
+    /// `ed25519` or `hmac-sha256`.
+    pub scheme: String,
+    /// The signed manifest exactly as verified (unknown fields included).
+    #[serde(serialize_with = "json_text_required")]
+    pub manifest: String,
+    /// When it was stored.
+    pub created_at: i64,
+}
+
+/// A rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct Rollout {
+    /// Row id.
+    pub id: i64,
+    /// `update` or `plugin`.
+    pub kind: String,
+    /// The release (update rollouts).
+    pub release_id: Option<i64>,
+    /// The release's version (update rollouts).
+    pub version: Option<String>,
+    /// The plugin release (plugin rollouts).
+    pub plugin_release_id: Option<i64>,
+    /// `install`, `update` or `remove` (plugin rollouts).
+    pub plugin_action: Option<String>,
+    /// Target channel.
+    pub channel: String,
+    /// The settings sent with each job.
+    #[serde(serialize_with = "json_text_required")]
+    pub settings: String,
+    /// Failures per batch that halt it.
+    pub failure_threshold: String,
+    /// Whether batches follow each other by themselves.
+    pub auto_advance: bool,
+    /// SLO observation window after an instance updated, in seconds.
+    pub observe_secs: i64,
+    /// `running`, `paused`, `halted`, `cancelled` or `completed`.
+    pub status: String,
+    /// Index of the batch started last (from 0).
+    pub current_batch: i64,
+    /// Number of batches.
+    pub batch_count: i64,
+    /// Why it halted.
+    pub halt_reason: Option<String>,
+    /// When it was created.
+    pub created_at: i64,
+    /// Last change.
+    pub updated_at: i64,
+}
+
+/// One target of a rollout (or a single approved plugin job).
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct RolloutJob {
+    /// Row id; the wire `job_id` is its decimal text.
+    pub id: i64,
+    /// The rollout, if any.
+    pub rollout_id: Option<i64>,
+    /// `update` or `plugin`.
+    pub kind: String,
+    /// Batch index, from 0.
+    pub batch: i64,
+    /// The target instance.
+    pub instance_id: String,
+    /// `queued`, `pending`, `in_progress`, `succeeded`, `failed`, `rolled_back`, `cancelled`.
+    pub status: String,
+    /// Last step reported.
+    pub step: Option<String>,
+    /// Last error reported.
+    pub error: Option<String>,
+    /// Last canary percentage reported.
+    pub canary_percent: Option<i64>,
+    /// Last metrics reported (`metric_*`).
+    #[serde(serialize_with = "json_text")]
+    pub metrics: Option<String>,
+    /// Duration of the last reported step or of the job.
+    pub duration_ms: Option<i64>,
+    /// Output tail of the last reported step.
+    pub output_tail: Option<String>,
+    /// Plugin jobs: `{name, version, action}`.
+    #[serde(serialize_with = "json_text")]
+    pub payload: Option<String>,
+    /// When it was created.
+    pub created_at: i64,
+    /// Last change.
+    pub updated_at: i64,
+    /// When it was handed out.
+    pub started_at: Option<i64>,
+    /// When it ended.
+    pub finished_at: Option<i64>,
+}
+
+/// A rollout with its per-batch counts and every job.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RolloutDetail {
+    /// The rollout.
+    #[serde(flatten)]
+    pub rollout: Rollout,
+    /// Counts per batch, in order.
+    pub batches: Vec<BatchCounts>,
+    /// Every job, by batch.
+    pub jobs: Vec<RolloutJob>,
+}
+
+/// A report as received from an agent, kind-independent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobReport {
+    /// The wire job id.
+    pub job_id: String,
+    /// The reported status (never `pending`).
+    pub status: JobStatus,
+    /// The step, in its wire name.
+    pub step: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Canary percentage.
+    pub canary_percent: Option<u8>,
+    /// `metric_*` figures as a JSON object.
+    pub metrics: Option<serde_json::Value>,
+    /// Step or job duration.
+    pub duration_ms: Option<u64>,
+    /// Output tail.
+    pub output_tail: Option<String>,
+}
+
+/// A job handed to an agent, with what it needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HandedJob {
+    /// The job.
+    pub job: RolloutJob,
+    /// Update jobs: the rollout settings.
+    pub settings: Option<RolloutSettings>,
+    /// Update jobs: the signed manifest exactly as stored.
+    pub manifest: Option<serde_json::Value>,
+}
+
+/// One report of a job, as received.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct JobEvent {
+    /// Row id.
+    pub id: i64,
+    /// The reported status.
+    pub status: String,
+    /// The reported step.
+    pub step: Option<String>,
+    /// The reported error.
+    pub error: Option<String>,
+    /// When it arrived.
+    pub created_at: i64,
+}
+
+/// A plugin release in the marketplace.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct PluginRelease {
+    /// Row id.
+    pub id: i64,
+    /// Plugin name.
+    pub name: String,
+    /// Plugin version.
+    pub version: String,
+    /// Control-plane versions it works with (JSON list; `*` and `0.1.*` patterns).
+    #[serde(serialize_with = "json_text_required")]
+    pub compatible: String,
+    /// Whether it may be installed.
+    pub approved: bool,
+    /// Notes for operators.
+    pub notes: Option<String>,
+    /// When it was published.
+    pub created_at: i64,
+}
+
+/// A plugin request from an instance.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct PluginRequestRecord {
+    /// Row id.
+    pub id: i64,
+    /// The asking instance.
+    pub instance_id: String,
+    /// Plugin name.
+    pub name: String,
+    /// Wanted version.
+    pub version: String,
+    /// `install`, `update` or `remove`.
+    pub action: String,
+    /// Why, from the instance.
+    pub reason: Option<String>,
+    /// `pending` or `approved`.
+    pub status: String,
+    /// The job approval created.
+    pub job_id: Option<i64>,
+    /// When it arrived.
+    pub created_at: i64,
+    /// When it was approved.
+    pub decided_at: Option<i64>,
+}
+
+/// A restore verification.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct Restore {
+    /// Row id; the wire `restore_id` is its decimal text.
+    pub id: i64,
+    /// The installation's row id.
+    pub installation_id: i64,
+    /// The instance.
+    pub instance_id: String,
+    /// Where to restore (`staging`).
+    pub environment: String,
+    /// The backup to restore, when known.
+    pub backup_id: Option<String>,
+    /// `scheduled`, `in_progress`, `verified`, `failed` or `skipped`.
+    pub status: String,
+    /// What went wrong.
+    pub error: Option<String>,
+    /// How long the verification took.
+    pub duration_ms: Option<i64>,
+    /// Output tail of the verify command.
+    pub output_tail: Option<String>,
+    /// When it was scheduled.
+    pub created_at: i64,
+    /// When it was handed out.
+    pub started_at: Option<i64>,
+    /// When it was reported.
+    pub finished_at: Option<i64>,
+}
+
+/// Whether a plugin release marked compatible with `patterns` works with `version`
+/// (`*`, an exact version, or a prefix ending in `*` such as `0.1.*`).
+pub fn is_compatible(patterns: &[String], version: &str) -> bool {
+    patterns.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => version.starts_with(prefix),
+        None => p == version,
+    })
+}
+
+/// Releases, rollouts, plugin marketplace and restores. Implemented by both backends.
+#[async_trait]
+pub trait RolloutStore: Send + Sync {
+    /// Stores a verified release; 409 when the channel already has that version.
+    async fn create_release(
+        &self,
+        version: &str,
+        channel: &str,
+        scheme: &str,
+        manifest: &str,
+        now: i64,
+    ) -> Result<Release>;
+
+    /// Releases, newest first.
+    async fn list_releases(&self, limit: i64) -> Result<Vec<Release>>;
+
+    /// Creates a rollout: freezes its targets (instances of the channel not already on
+    /// the version), splits them into batches and starts the first.
+    async fn create_rollout(&self, new: &NewRollout, now: i64) -> Result<RolloutDetail>;
+
+    /// Rollouts, newest first.
+    async fn list_rollouts(&self, limit: i64) -> Result<Vec<Rollout>>;
+
+    /// One rollout with its counts and jobs.
+    async fn rollout(&self, id: i64) -> Result<Option<RolloutDetail>>;
+
+    /// Advance, pause, resume or cancel: 404 unknown, 409 when the rules refuse.
+    async fn rollout_action(
+        &self,
+        id: i64,
+        action: RolloutAction,
+        now: i64,
+        forward: bool,
+    ) -> Result<RolloutDetail>;
+
+    /// Hands the instance its oldest pending job of `kind` (marking it in progress, step
+    /// `accepted`), or `None`.
+    async fn next_job(
+        &self,
+        instance_id: &str,
+        kind: JobKind,
+        now: i64,
+    ) -> Result<Option<HandedJob>>;
+
+    /// Records an agent's report on its own job, then applies the rollout rules (halt on
+    /// the failure threshold, auto-advance, completion). 404 for a job that is not the
+    /// instance's; 409 for a report that contradicts an ended job.
+    async fn report_job(
+        &self,
+        instance_id: &str,
+        kind: JobKind,
+        report: &JobReport,
+        now: i64,
+        forward: bool,
+    ) -> Result<RolloutJob>;
+
+    /// Every report received for a job, oldest first.
+    async fn job_events(&self, job_id: i64) -> Result<Vec<JobEvent>>;
+
+    /// Halts running rollouts whose updated instances' heartbeats breach the rollout's SLO
+    /// maxima within the observation window; returns how many halted.
+    async fn watch_rollout_slo(&self, now: i64, forward: bool) -> Result<u64>;
+
+    /// Publishes a plugin release; 409 when that name and version exist.
+    async fn create_plugin_release(
+        &self,
+        name: &str,
+        version: &str,
+        compatible: &[String],
+        notes: Option<&str>,
+        now: i64,
+    ) -> Result<PluginRelease>;
+
+    /// Plugin releases, newest first.
+    async fn list_plugin_releases(&self, limit: i64) -> Result<Vec<PluginRelease>>;
+
+    /// Records a (verified) request from an instance.
+    async fn create_plugin_request(
+        &self,
+        request: &PluginRequest,
+        now: i64,
+    ) -> Result<PluginRequestRecord>;
+
+    /// Plugin requests, newest first.
+    async fn list_plugin_requests(&self, limit: i64) -> Result<Vec<PluginRequestRecord>>;
+
+    /// Approves a request: needs an approved release of that name and version that is
+    /// compatible with `control_plane_version` (409 otherwise), and creates the job.
+    async fn approve_plugin_request(
+        &self,
+        id: i64,
+        control_plane_version: &str,
+        now: i64,
+    ) -> Result<PluginRequestRecord>;
+
+    /// Schedules verifications for up to `count` installations with the freshest
+    /// heartbeats, skipping any verified in `environment` in the last 7 days or with one
+    /// already open there.
+    async fn schedule_restores(
+        &self,
+        count: i64,
+        environment: &str,
+        now: i64,
+    ) -> Result<Vec<Restore>>;
+
+    /// Hands the instance its oldest scheduled verification, or `None`.
+    async fn next_restore(&self, instance_id: &str, now: i64) -> Result<Option<Restore>>;
+
+    /// Records the outcome of the instance's own verification; a `failed` one raises an
+    /// error alert (forwarded when `forward`).
+    async fn report_restore(
+        &self,
+        report: &RestoreReport,
+        now: i64,
+        forward: bool,
+    ) -> Result<Restore>;
+
+    /// Restore verifications, newest first.
+    async fn list_restores(&self, limit: i64) -> Result<Vec<Restore>>;
+
+    /// Remembers a v1 message id of a signed pipeline request (next, report, request) and
+    /// says whether it was already seen with the same timestamp (a replay, refused).
+    async fn remember_message(
+        &self,
+        instance_id: &str,
+        msg_id: &str,
+        signed_at: i64,
+        now: i64,
+    ) -> Result<bool>;
+}

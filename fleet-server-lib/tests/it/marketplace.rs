@@ -1,0 +1,253 @@
+//! Plugin marketplace and restore verification over real HTTP, on SQLite and PostgreSQL.
+
+use serde_json::{Value, json};
+
+use crate::rollouts::{admin_post, agent_post, enroll};
+use crate::support::{ADMIN, OPS, SUPPORT, TestServer, TestStore, code, on_both_backends};
+
+async fn plugin_releases_requests_approval_and_rollouts(t: TestStore) {
+    let server = TestServer::start(t.store.clone()).await;
+    enroll(&server, "m1", "stable", "1.0.0").await;
+    enroll(&server, "m2", "stable", "1.0.0").await;
+    let (status, release) = admin_post(
+        &server,
+        "/api/plugins/releases",
+        ADMIN,
+        &json!({"name": "billing-export", "version": "1.2.0", "compatible": ["0.1.*"]}),
+    )
+    .await;
+    assert_eq!(status, 201, "{release}");
+    let (status, error) = admin_post(
+        &server,
+        "/api/plugins/releases",
+        ADMIN,
+        &json!({"name": "x; rm -rf /", "version": "1.0.0"}),
+    )
+    .await;
+    assert_eq!((status, code(&error)), (422, "invalid"));
+    let (status, _) = admin_post(
+        &server,
+        "/api/plugins/releases",
+        ADMIN,
+        &json!({"name": "billing-export", "version": "1.2.0"}),
+    )
+    .await;
+    assert_eq!(status, 409);
+    admin_post(
+        &server,
+        "/api/plugins/releases",
+        ADMIN,
+        &json!({"name": "report", "version": "2.0.0", "compatible": ["9.*"]}),
+    )
+    .await;
+
+    // Requests are signed by the instance; a hostile name is refused at the door.
+    let request = |name: &str, version: &str| json!({"instance_id": "m1", "name": name, "version": version, "action": "install"});
+    let (status, ok) = agent_post(
+        &server,
+        "/api/plugins/requests",
+        &request("billing-export", "1.2.0"),
+    )
+    .await;
+    assert_eq!(status, 201, "{ok}");
+    let (status, _) = agent_post(&server, "/api/plugins/requests", &request("$(id)", "1")).await;
+    assert_eq!(status, 422);
+    let (_, incompatible) = agent_post(
+        &server,
+        "/api/plugins/requests",
+        &request("report", "2.0.0"),
+    )
+    .await;
+    let (_, unknown) =
+        agent_post(&server, "/api/plugins/requests", &request("nothing", "1.0")).await;
+    let approve = |r: &Value| format!("/api/plugins/requests/{}/approve", r["id"]);
+    let (status, error) = admin_post(&server, &approve(&incompatible), ADMIN, &json!({})).await;
+    assert_eq!(status, 409, "{error}");
+    assert!(error.to_string().contains("not compatible"));
+    assert_eq!(
+        admin_post(&server, &approve(&unknown), ADMIN, &json!({}))
+            .await
+            .0,
+        409
+    );
+    assert_eq!(
+        admin_post(&server, &approve(&ok), OPS, &json!({})).await.0,
+        403
+    );
+    let (status, approved) = admin_post(&server, &approve(&ok), ADMIN, &json!({})).await;
+    assert_eq!(
+        (status, approved["status"].clone()),
+        (200, json!("approved")),
+        "{approved}"
+    );
+    assert_eq!(
+        admin_post(&server, &approve(&ok), ADMIN, &json!({}))
+            .await
+            .0,
+        409
+    );
+
+    let (status, job) =
+        agent_post(&server, "/api/plugins/next", &json!({"instance_id": "m1"})).await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(
+        job["plugin"],
+        json!({"name": "billing-export", "version": "1.2.0", "action": "install"})
+    );
+    let (status, _) = agent_post(
+        &server,
+        "/api/plugins/report",
+        &json!({"instance_id": "m1", "job_id": job["job_id"], "status": "in_progress", "step": "install"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = agent_post(
+        &server,
+        "/api/plugins/report",
+        &json!({"instance_id": "m1", "job_id": job["job_id"], "status": "done"}),
+    )
+    .await;
+    assert_eq!(status, 422, "unknown status");
+    let (status, _) = agent_post(
+        &server,
+        "/api/plugins/report",
+        &json!({"instance_id": "m1", "job_id": job["job_id"], "status": "succeeded", "step": "done",
+                "duration_ms": 40}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        agent_post(&server, "/api/plugins/next", &json!({"instance_id": "m1"}))
+            .await
+            .0,
+        204
+    );
+
+    // A plugin rollout carries its action through every batch.
+    let (status, rollout) = admin_post(
+        &server,
+        "/api/plugins/rollouts",
+        ADMIN,
+        &json!({"plugin_release_id": release["id"], "action": "update", "channel": "stable",
+                "batch_size": 1, "auto_advance": true}),
+    )
+    .await;
+    assert_eq!(status, 201, "{rollout}");
+    assert_eq!(rollout["kind"], "plugin");
+    assert_eq!(rollout["plugin_action"], "update");
+    for instance in ["m1", "m2"] {
+        let (status, job) = agent_post(
+            &server,
+            "/api/plugins/next",
+            &json!({"instance_id": instance}),
+        )
+        .await;
+        assert_eq!(status, 200, "{instance}: {job}");
+        assert_eq!(job["plugin"]["action"], "update");
+        let (status, _) = agent_post(
+            &server,
+            "/api/plugins/report",
+            &json!({"instance_id": instance, "job_id": job["job_id"], "status": "succeeded"}),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let (_, done) = server
+        .get_json(&format!("/api/rollouts/{}", rollout["id"]), SUPPORT)
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let (_, requests) = server.get_json("/api/plugins/requests", SUPPORT).await;
+    assert_eq!(requests["items"].as_array().map(Vec::len), Some(3));
+    server.stop().await;
+}
+
+async fn restores_schedule_verify_and_alert_on_failure(t: TestStore) {
+    let server = TestServer::start_with(t.store.clone(), |b| {
+        b.webhook(fleet_server::WebhookConfig::new("http://127.0.0.1:9/hook"))
+    })
+    .await;
+    for id in ["r1", "r2", "r3"] {
+        enroll(&server, id, "stable", "1.0.0").await;
+    }
+    let (status, first) =
+        admin_post(&server, "/api/restores/schedule", OPS, &json!({"count": 2})).await;
+    assert_eq!(status, 201, "{first}");
+    assert_eq!(first["items"].as_array().map(Vec::len), Some(2));
+    assert_eq!(first["items"][0]["environment"], "staging");
+    let (status, _) = admin_post(&server, "/api/restores/schedule", SUPPORT, &json!({})).await;
+    assert_eq!(status, 403);
+    let (_, second) = admin_post(&server, "/api/restores/schedule", OPS, &json!({})).await;
+    assert_eq!(
+        second["items"].as_array().map(Vec::len),
+        Some(1),
+        "open ones are skipped"
+    );
+    let (status, _) =
+        admin_post(&server, "/api/restores/schedule", OPS, &json!({"count": 0})).await;
+    assert_eq!(status, 422);
+
+    let mut outcomes = Vec::new();
+    for (id, verdict) in [("r1", "verified"), ("r2", "failed"), ("r3", "skipped")] {
+        let (status, job) =
+            agent_post(&server, "/api/restores/next", &json!({"instance_id": id})).await;
+        assert_eq!(status, 200, "{id}: {job}");
+        let (status, reported) = agent_post(
+            &server,
+            "/api/restores/report",
+            &json!({"instance_id": id, "restore_id": job["restore_id"], "status": verdict,
+                    "error": (verdict == "failed").then_some("checksum mismatch"), "duration_ms": 900}),
+        )
+        .await;
+        assert_eq!(status, 200, "{reported}");
+        outcomes.push(reported["status"].clone());
+        let (status, _) = agent_post(
+            &server,
+            "/api/restores/report",
+            &json!({"instance_id": "r3", "restore_id": job["restore_id"], "status": "verified"}),
+        )
+        .await;
+        assert!(
+            status == 404 || id == "r3",
+            "only the instance's own restore"
+        );
+    }
+    assert_eq!(outcomes, ["verified", "failed", "skipped"]);
+    assert_eq!(
+        agent_post(&server, "/api/restores/next", &json!({"instance_id": "r1"}))
+            .await
+            .0,
+        204
+    );
+    let (_, alerts) = server.get_json("/api/alerts", SUPPORT).await;
+    let failed: Vec<&Value> = alerts["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter(|a| a["kind"] == "restore_failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{alerts}");
+    assert_eq!(failed[0]["level"], "error");
+    assert!(
+        failed[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("checksum mismatch"))
+    );
+    // Verified in the last 7 days: skipped; failed or skipped: scheduled again.
+    let (_, again) = admin_post(&server, "/api/restores/schedule", OPS, &json!({"count": 5})).await;
+    let mut ids: Vec<&str> = again["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|r| r["instance_id"].as_str())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["r2", "r3"]);
+    let (_, list) = server.get_json("/api/restores", SUPPORT).await;
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(5));
+    server.stop().await;
+}
+
+on_both_backends!(
+    plugin_releases_requests_approval_and_rollouts,
+    restores_schedule_verify_and_alert_on_failure,
+);
