@@ -131,6 +131,12 @@ pub(crate) const POSTGRES_BATCH: BatchSql = BatchSql {
         WHERE id IN (SELECT (jsonb_array_elements_text($2::jsonb))::bigint)",
 };
 
+/// One JSON array parameter for a statement over `rows` (tuples become arrays).
+pub(crate) fn json<T: serde::Serialize + ?Sized>(rows: &T) -> String {
+    // Serializing plain tuples of strings and numbers cannot fail.
+    serde_json::to_string(rows).unwrap_or_else(|_| "[]".to_owned())
+}
+
 /// Batch parameters: `rows` as JSON arrays (tuples become arrays) of at most `limit` bytes
 /// each (a single larger row is a piece of its own).
 pub(crate) fn json_pieces<T: serde::Serialize>(rows: &[T], limit: usize) -> Vec<String> {

@@ -199,7 +199,7 @@ macro_rules! impl_rollout_store {
                         .bind(payload.clone())
                         .bind(new.kind.as_str())
                         .bind(now)
-                        .bind($crate::store::sql::json(chunk))
+                        .bind($crate::store::batch::json(chunk))
                         .execute(&mut *tx)
                         .await?;
                 }
@@ -994,7 +994,7 @@ macro_rules! impl_rollout_store {
                         .fetch_optional(&mut **tx)
                         .await?;
                 let Some(installation_id) = installation else { return Ok(()) };
-                let alert = $crate::store::sql::PendingAlert {
+                let alert = $crate::store::batch::PendingAlert {
                     installation_id,
                     instance_id,
                     spec: $crate::alerts::AlertSpec {
