@@ -3,11 +3,15 @@
 pub mod alerts;
 mod api;
 pub mod auth;
+mod channel;
+mod commands;
 mod dashboard;
 mod error;
 mod ingest;
 mod metrics;
 mod openapi;
+mod registration;
+mod replicas;
 pub mod store;
 mod sweeper;
 pub mod webhook;
@@ -22,6 +26,7 @@ use tokio::sync::mpsc;
 
 pub use alerts::SloThresholds;
 pub use auth::{Role, RoleTokens};
+pub use channel::LiveSettings;
 pub use error::{Error, Result};
 pub use store::{PostgresStore, SqliteStore, Store};
 pub use webhook::WebhookConfig;
@@ -79,6 +84,7 @@ pub(crate) struct AppState {
     pub writer: mpsc::Sender<ingest::Job>,
     pub metrics: Arc<metrics::Metrics>,
     pub webhook_configured: bool,
+    pub(crate) live: Arc<channel::Live>,
 }
 
 pub(crate) type Shared = Arc<AppState>;
@@ -118,6 +124,7 @@ pub struct ControlPlaneBuilder {
     tokens: RoleTokens,
     settings: Settings,
     webhook: Option<WebhookConfig>,
+    live: LiveSettings,
 }
 
 impl std::fmt::Debug for ControlPlaneBuilder {
@@ -128,6 +135,7 @@ impl std::fmt::Debug for ControlPlaneBuilder {
             .field("tokens", &self.tokens)
             .field("settings", &self.settings)
             .field("webhook", &self.webhook)
+            .field("live", &self.live)
             .finish()
     }
 }
@@ -169,6 +177,12 @@ impl ControlPlaneBuilder {
         self
     }
 
+    /// Agent tokens, enrollment and the live channel.
+    pub fn live(mut self, live: LiveSettings) -> Self {
+        self.live = live;
+        self
+    }
+
     /// Builds the router and starts the background tasks (heartbeat writer, offline sweeper,
     /// webhook delivery). Call it inside a Tokio runtime. The tasks stop by themselves once
     /// the router and all its clones are dropped; heartbeats already accepted are committed
@@ -197,7 +211,13 @@ impl ControlPlaneBuilder {
         };
         let writer =
             ingest::spawn_writer(store.clone(), rules, settings.batch_max, metrics.clone());
+        let notify_pool = store.commands().and_then(|c| c.notify_pool());
+        let live = Arc::new(channel::Live::new(
+            self.live,
+            notify_pool.clone().map(replicas::Notifier::new),
+        ));
         let state = Arc::new(AppState {
+            live,
             store,
             verifier,
             settings,
@@ -207,6 +227,9 @@ impl ControlPlaneBuilder {
             webhook_configured: self.webhook.is_some(),
         });
         sweeper::spawn(Arc::downgrade(&state));
+        if let Some(pool) = notify_pool {
+            replicas::spawn_listener(Arc::downgrade(&state), pool);
+        }
         if let Some(webhook) = self.webhook {
             webhook::spawn(Arc::downgrade(&state), webhook);
         }
@@ -225,6 +248,15 @@ fn routes(state: Shared) -> Router {
         .route("/api/alerts", get(api::list_alerts))
         .route("/api/alerts/{id}/ack", post(api::acknowledge))
         .route("/healthz", get(api::healthz))
+        .route("/.well-known/jwks.json", get(registration::jwks))
+        .route("/v1/agents/register", post(registration::register))
+        .route("/v1/enrollments", post(registration::create_enrollment))
+        .route("/v1/agents/connect", get(channel::connect))
+        .route("/v1/agents/connected", get(channel::connected))
+        .route("/v1/commands/submit", post(commands::submit))
+        .route("/v1/commands/{id}", get(commands::show))
+        .route("/v1/commands/{id}/logs", get(commands::logs))
+        .route("/v1/commands/{id}/cancel", post(commands::cancel))
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi::document))
         .route("/", get(dashboard::index))

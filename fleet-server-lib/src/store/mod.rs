@@ -15,6 +15,7 @@ use crate::alerts::SloThresholds;
 // `sql` first: its macro must be defined before the backends expand it.
 #[macro_use]
 mod sql;
+pub mod commands;
 mod postgres;
 mod sqlite;
 
@@ -284,6 +285,11 @@ pub trait Store: Send + Sync + 'static {
     /// at a time, so 1; a server database overlaps the round trips of several batches.
     fn write_concurrency(&self) -> usize {
         1
+    }
+
+    /// Command persistence (remote commands, logs, enrollment), when the backend has it.
+    fn commands(&self) -> Option<&dyn commands::CommandStore> {
+        None
     }
 }
 
