@@ -39,9 +39,16 @@ pub struct AgentBuilder {
     checks: Vec<Arc<dyn Check>>,
     collectors: Vec<Arc<dyn Collector>>,
     builtin: bool,
+    commands: Option<crate::commands::CommandSettings>,
 }
 
 impl AgentBuilder {
+    /// Turns on remote commands over the live channel (off unless set).
+    pub fn commands(mut self, settings: crate::commands::CommandSettings) -> Self {
+        self.commands = Some(settings);
+        self
+    }
+
     /// Adds a health check, reported in `checks[]` under its name.
     pub fn check(mut self, check: impl Check + 'static) -> Self {
         self.checks.push(Arc::new(check));
@@ -172,6 +179,8 @@ impl AgentBuilder {
                 flush: Notify::new(),
             }),
             listener: None,
+            commands: self.commands,
+            restart: Arc::new(watch::channel(false).0),
         })
     }
 }
@@ -208,6 +217,8 @@ pub(crate) struct Shared {
 pub struct Agent {
     shared: Arc<Shared>,
     listener: Option<TcpListener>,
+    commands: Option<crate::commands::CommandSettings>,
+    restart: Arc<watch::Sender<bool>>,
 }
 
 impl Agent {
@@ -218,7 +229,14 @@ impl Agent {
             checks: Vec::new(),
             collectors: Vec::new(),
             builtin: true,
+            commands: None,
         }
+    }
+
+    /// Turns true when an `UpdateAgent` command installed a new binary: stop the agent
+    /// (pass this to [`run`](Self::run)'s shutdown) and start the new binary.
+    pub fn restart_signal(&self) -> watch::Receiver<bool> {
+        self.restart.subscribe()
     }
 
     /// The configuration in use.
@@ -295,6 +313,29 @@ impl Agent {
         tasks.spawn(heartbeat_loop(shared.clone(), stop_rx.clone()));
         if shared.outbox.get().is_some() {
             tasks.spawn(flush_loop(shared.clone(), stop_rx.clone()));
+        }
+        if let Some(settings) = self.commands.take().filter(|s| s.enabled) {
+            let journal = crate::logstream::Journal::open(&c.state_path).await?;
+            let executor = crate::commands::Executor::new(
+                journal,
+                settings,
+                c.version.clone(),
+                self.restart.clone(),
+            );
+            tasks.spawn(crate::channel::run(
+                crate::channel::ChannelConfig {
+                    instance_id: c.instance_id.clone(),
+                    control_plane_url: c.control_plane_url.clone(),
+                    secret: c.secret.clone(),
+                    version: c
+                        .version
+                        .clone()
+                        .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned()),
+                    executor,
+                    http: shared.http.clone(),
+                },
+                stop_rx.clone(),
+            ));
         }
         let mut api_stop = stop_rx.clone();
         let app = crate::local_api::router(shared.clone());

@@ -1,13 +1,17 @@
 #![doc = include_str!("../README.md")]
 
 pub mod agent;
+pub mod channel;
 pub mod checks;
 pub mod clock;
 pub mod collectors;
+pub mod commands;
 pub mod config;
 pub mod containers;
 pub mod env;
+pub mod enroll;
 pub mod local_api;
+pub mod logstream;
 pub mod metrics;
 pub mod outbox;
 pub mod prometheus;
@@ -19,6 +23,7 @@ pub use agent::{Agent, AgentBuilder};
 pub use async_trait::async_trait;
 pub use checks::{Check, HttpCheck, PostgresCheck, RedisCheck, TcpCheck};
 pub use collectors::Collector;
+pub use commands::CommandSettings;
 pub use config::{AgentConfig, PluginSettings, RegionalEndpoint, UpdateSettings};
 
 /// Everything that can go wrong in the agent library.

@@ -81,6 +81,13 @@ pub struct ServeArgs {
     /// Mark login cookies Secure (set this when serving over HTTPS).
     #[arg(long, env = "CONTROL_PLANE_SECURE_COOKIES", default_value = "false")]
     pub secure_cookies: String,
+    /// Ed25519 key (base64 of the 32-byte seed, `fleetctl keys generate`) that signs agent
+    /// tokens; replicas must share it. Unset: a random key per process.
+    #[arg(long, env = "CONTROL_PLANE_JWT_KEY", hide_env_values = true)]
+    pub jwt_key: Option<String>,
+    /// Lifetime of agent tokens, in seconds.
+    #[arg(long, env = "CONTROL_PLANE_AGENT_TOKEN_TTL_SECS", default_value = "3600")]
+    pub agent_token_ttl_secs: String,
 }
 
 /// A validated configuration.
@@ -189,6 +196,7 @@ impl ServeArgs {
         let require_enrollment = flag("CONTROL_PLANE_REQUIRE_ENROLLMENT", &self.require_enrollment);
         let secure_cookies = flag("CONTROL_PLANE_SECURE_COOKIES", &self.secure_cookies);
         let webhook = self.webhook(&mut problems);
+        let live = self.live(&mut problems);
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -210,11 +218,33 @@ impl ServeArgs {
         if let Some(webhook) = webhook {
             builder = builder.webhook(webhook);
         }
+        builder = builder.live(live);
         Ok(ServeConfig {
             listen,
             database_url: db.to_owned(),
             builder,
         })
+    }
+
+    fn live(&self, problems: &mut Vec<String>) -> fleet_server::LiveSettings {
+        let mut live = fleet_server::LiveSettings::default();
+        if let Some(key) = set(&self.jwt_key) {
+            match fleet_core::PrivateKey::from_base64(key) {
+                Ok(key) => live.jwt_key = Some(key),
+                Err(_) => problems.push(
+                    "CONTROL_PLANE_JWT_KEY: not base64 of a 32-byte Ed25519 seed".into(),
+                ),
+            }
+        }
+        match self.agent_token_ttl_secs.trim().parse::<u64>() {
+            Ok(secs) if (60..=86_400).contains(&secs) => {
+                live.token_ttl = Duration::from_secs(secs);
+            }
+            _ => problems.push(
+                "CONTROL_PLANE_AGENT_TOKEN_TTL_SECS: must be between 60 and 86400".into(),
+            ),
+        }
+        live
     }
 
     fn webhook(&self, problems: &mut Vec<String>) -> Option<WebhookConfig> {
