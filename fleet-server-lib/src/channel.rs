@@ -233,8 +233,9 @@ fn header_text(headers: &HeaderMap, name: &str) -> String {
 pub(crate) async fn connect(
     State(state): State<Shared>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: std::result::Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response> {
+    // The token is checked before anything else, upgrade headers included.
     let token = bearer(&headers).ok_or(Error::Unauthorized)?;
     let claims = state
         .live
@@ -247,6 +248,10 @@ pub(crate) async fn connect(
     if state.store.commands().is_none() {
         return Err(Error::Unavailable);
     }
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return Ok(rejection.into_response()),
+    };
     let version = header_text(&headers, "x-agent-version");
     let arch = header_text(&headers, "x-agent-architecture");
     let hostname = header_text(&headers, "x-agent-hostname");

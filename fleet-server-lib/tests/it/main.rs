@@ -4,6 +4,7 @@
 mod api;
 mod auth;
 mod browser;
+mod commands;
 mod ingest;
 mod store;
 mod support;
