@@ -5,6 +5,7 @@ mod api;
 mod auth;
 mod browser;
 mod commands;
+mod compose;
 mod ingest;
 mod store;
 mod support;
