@@ -1,0 +1,143 @@
+//! The command executor and its journal, without a control plane: each command id runs at
+//! most once, output is journalled in order until acknowledged, disabled types are refused.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_agent::CommandSettings;
+use fleet_agent::commands::Executor;
+use fleet_agent::logstream::Journal;
+use fleet_core::command::{CommandEnvelope, CommandType, Frame};
+use serde_json::json;
+
+use crate::support::temp_dir;
+
+async fn executor(settings: CommandSettings) -> (Executor, Journal, std::path::PathBuf) {
+    let dir = temp_dir("commands");
+    let journal = Journal::open(&dir.join("state.db")).await.expect("journal");
+    let executor = Executor::new(
+        journal.clone(),
+        settings,
+        None,
+        Arc::new(tokio::sync::watch::channel(false).0),
+    );
+    (executor, journal, dir)
+}
+
+fn envelope(id: &str, kind: &str, payload: serde_json::Value) -> CommandEnvelope {
+    serde_json::from_value(json!({"id": id, "type": kind, "payload": payload})).expect("envelope")
+}
+
+/// Results queued in the journal, in order.
+async fn results(journal: &Journal) -> Vec<fleet_core::command::CommandResult> {
+    journal
+        .pending(0, 10_000)
+        .await
+        .expect("pending")
+        .into_iter()
+        .filter_map(|p| match Frame::decode(&p.body) {
+            Ok(Frame::Result { result, .. }) => Some(result),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn wait_results(journal: &Journal, count: usize) -> Vec<fleet_core::command::CommandResult> {
+    for _ in 0..200 {
+        let found = results(journal).await;
+        if found.len() >= count {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("expected {count} results, have {:?}", results(journal).await);
+}
+
+#[tokio::test]
+async fn a_redelivered_command_answers_its_recorded_result_without_running_again() {
+    let (executor, journal, dir) = executor(CommandSettings::default()).await;
+    let counter = dir.join("runs");
+    let command = envelope(
+        "cmd-1",
+        "RunCommand",
+        json!({"cmd": format!("echo run >> {}; echo done", counter.display()), "shell": true}),
+    );
+    executor.accept(command.clone()).await.expect("accept");
+    let first = wait_results(&journal, 2).await;
+    assert_eq!(first[0].status, fleet_core::command::CommandStatus::InProgress);
+    assert_eq!(first[1].status, fleet_core::command::CommandStatus::Completed);
+    // Delivered again (a reconnect, a replica retry): the recorded answer, no second run.
+    executor.accept(command.clone()).await.expect("accept again");
+    let again = wait_results(&journal, 3).await;
+    assert_eq!(again[2], first[1]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(std::fs::read_to_string(&counter).expect("ran"), "run\n");
+
+    // Acknowledged frames are forgotten; the others stay.
+    let pending = journal.pending(0, 100).await.expect("pending");
+    let ids: Vec<String> = pending.iter().map(|p| p.frame_id.clone()).collect();
+    journal.ack(&ids[..1]).await.expect("ack");
+    assert_eq!(journal.backlog().await.expect("count") as usize, ids.len() - 1);
+
+    // A journal reopened after a crash mid-run reports the command failed, never reruns it.
+    sqlx_like_crash(&journal).await;
+    let reopened = Journal::open(&dir.join("state.db")).await.expect("reopen");
+    let executor = Executor::new(
+        reopened.clone(),
+        CommandSettings::default(),
+        None,
+        Arc::new(tokio::sync::watch::channel(false).0),
+    );
+    executor.recover().await.expect("recover");
+    let last = results(&reopened).await.pop().expect("a result");
+    assert_eq!(last.job_id, "crashed-1");
+    assert_eq!(last.status, fleet_core::command::CommandStatus::Failed);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Leaves a command recorded as running, as a crash in the middle of it would.
+async fn sqlx_like_crash(journal: &Journal) {
+    assert_eq!(
+        journal.begin("crashed-1").await.expect("begin"),
+        fleet_agent::logstream::Begin::New
+    );
+}
+
+#[tokio::test]
+async fn disabled_and_unreadable_commands_fail() {
+    let mut settings = CommandSettings::default();
+    settings.disabled.insert(CommandType::RunCommand);
+    let (executor, journal, dir) = executor(settings).await;
+    executor
+        .accept(envelope("c1", "RunCommand", json!({"cmd": "true"})))
+        .await
+        .expect("accept");
+    let found = wait_results(&journal, 1).await;
+    assert_eq!(found[0].status, fleet_core::command::CommandStatus::Failed);
+    assert!(found[0].error.as_deref().unwrap_or_default().contains("disabled"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn settings_come_from_the_environment_names() {
+    let vars = [
+        ("AGENT_COMMANDS_DISABLED", "RunCommand, UpdateAgent"),
+        ("AGENT_PROJECTS_DIR", "/srv/projects"),
+        ("AGENT_COMPOSE_COMMAND", "docker compose"),
+        ("AGENT_COMMANDS_TIMEOUT_SECS", "60"),
+    ];
+    let settings = CommandSettings::from_lookup(|name| {
+        vars.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| (*v).to_owned())
+    })
+    .expect("valid");
+    assert!(settings.disabled.contains(&CommandType::RunCommand));
+    assert!(settings.disabled.contains(&CommandType::UpdateAgent));
+    assert_eq!(settings.compose_command, ["docker", "compose"]);
+    assert_eq!(settings.default_timeout, Duration::from_secs(60));
+    let bad = CommandSettings::from_lookup(|name| {
+        (name == "AGENT_COMMANDS_DISABLED").then(|| "REBOOT".to_owned())
+    });
+    assert!(bad.is_err());
+}
