@@ -8,6 +8,8 @@
 //! fleetctl release verify --public-key "$(cat release-key.pub)" signed.json
 //! ```
 
+mod remote;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -20,7 +22,7 @@ use fleet_core::{ManifestVerifier, PrivateKey, PublicKey};
 #[command(
     name = "fleetctl",
     version,
-    about = "Operate a fleet: release keys, signed manifests"
+    about = "Operate a fleet: release keys, signed manifests, enrollment, remote commands"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -39,6 +41,23 @@ enum Command {
         #[command(subcommand)]
         command: ReleaseCommand,
     },
+    /// Create a one-time enrollment token and print the agent's install snippet.
+    Enroll(remote::EnrollArgs),
+    /// Run a program on instances and stream its output: `fleetctl run --target ID -- CMD ARGS`.
+    Run(remote::RunArgs),
+    /// Deploy (or stop) a compose project on instances.
+    Deploy(remote::DeployArgs),
+    /// Look at submitted commands.
+    Commands {
+        #[command(subcommand)]
+        command: CommandsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CommandsCommand {
+    /// A command's per-target results.
+    Show(remote::ShowArgs),
 }
 
 #[derive(Subcommand)]
@@ -97,6 +116,12 @@ fn run(cli: Cli) -> Result<(), String> {
                     manifest,
                 },
         } => verify(&public_keys, &manifest),
+        Command::Enroll(args) => remote::enroll(args),
+        Command::Run(args) => remote::run(args),
+        Command::Deploy(args) => remote::deploy(args),
+        Command::Commands {
+            command: CommandsCommand::Show(args),
+        } => remote::show(args),
     }
 }
 
