@@ -12,7 +12,9 @@ use crate::{Error, Result};
 /// Reads the secret stored at `path`, if there is one.
 pub fn stored_secret(path: &Path) -> Result<Option<String>> {
     match std::fs::read_to_string(path) {
-        Ok(text) => Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned()).filter(|s| !s.is_empty())),
+        Ok(text) => {
+            Ok(Some(text.trim_end_matches(['\n', '\r']).to_owned()).filter(|s| !s.is_empty()))
+        }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(err) => Err(err.into()),
     }
@@ -66,9 +68,9 @@ pub async fn enroll(
         )]));
     }
     let answer: RegisterResponse = response.json().await?;
-    let secret = answer.secret.ok_or_else(|| {
-        Error::Config(vec!["the control plane issued no secret".into()])
-    })?;
+    let secret = answer
+        .secret
+        .ok_or_else(|| Error::Config(vec!["the control plane issued no secret".into()]))?;
     store_secret(path, &secret)?;
     tracing::info!(instance_id, "enrolled; secret stored");
     Ok(secret)

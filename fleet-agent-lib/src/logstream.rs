@@ -113,12 +113,14 @@ impl Journal {
             result: result.clone(),
         };
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE command_runs SET status = 'done', result = $2, finished_at = $3 WHERE id = $1")
-            .bind(&result.job_id)
-            .bind(text)
-            .bind(fleet_core::unix_now())
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE command_runs SET status = 'done', result = $2, finished_at = $3 WHERE id = $1",
+        )
+        .bind(&result.job_id)
+        .bind(text)
+        .bind(fleet_core::unix_now())
+        .execute(&mut *tx)
+        .await?;
         insert_frame(&mut tx, &frame).await?;
         tx.commit().await?;
         self.notify.notify_waiters();
@@ -160,7 +162,13 @@ impl Journal {
     }
 
     /// Queues one chunk of output.
-    pub async fn chunk(&self, command_id: &str, stream: Stream, offset: u64, bytes: &[u8]) -> Result<()> {
+    pub async fn chunk(
+        &self,
+        command_id: &str,
+        stream: Stream,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<()> {
         let chunk = fleet_core::command::LogChunk::from_bytes(command_id, stream, offset, bytes);
         self.enqueue(&Frame::Logs {
             id: uuid::Uuid::new_v4().to_string(),

@@ -272,7 +272,10 @@ mod tests {
         let (token, claims) = signer.issue("acme-001", 1000, 3600, "j1");
         let verifier = JwtVerifier::new(&[signer.public_key()], "fleet");
         assert_eq!(verifier.verify(&token, 1000), Ok(claims));
-        assert_eq!(verifier.verify(&token, 1000 + 3600 + 31), Err(JwtError::Expired));
+        assert_eq!(
+            verifier.verify(&token, 1000 + 3600 + 31),
+            Err(JwtError::Expired)
+        );
         assert_eq!(
             JwtVerifier::new(&[signer.public_key()], "other").verify(&token, 1000),
             Err(JwtError::WrongIssuer)
@@ -293,11 +296,7 @@ mod tests {
         let mixed = format!("{}.{}.{}", parts[0], forged_parts[1], parts[2]);
         assert_eq!(verifier.verify(&mixed, 1000), Err(JwtError::BadSignature));
         assert_eq!(verifier.verify("a.b", 1000), Err(JwtError::Malformed));
-        let none = format!(
-            "{}.{}.",
-            B64URL.encode(br#"{"alg":"none"}"#),
-            parts[1]
-        );
+        let none = format!("{}.{}.", B64URL.encode(br#"{"alg":"none"}"#), parts[1]);
         assert_eq!(verifier.verify(&none, 1000), Err(JwtError::UnknownKey));
     }
 

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use fleet_core::command::{Ack, CommandResult, CommandStatus, Frame, TargetStatus};
@@ -233,7 +233,10 @@ fn header_text(headers: &HeaderMap, name: &str) -> String {
 pub(crate) async fn connect(
     State(state): State<Shared>,
     headers: HeaderMap,
-    ws: std::result::Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    ws: std::result::Result<
+        WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
 ) -> Result<Response> {
     // The token is checked before anything else, upgrade headers included.
     let token = bearer(&headers).ok_or(Error::Unauthorized)?;
@@ -365,13 +368,15 @@ async fn handle(
     };
     let now = fleet_core::unix_now();
     match frame {
-        Frame::Result { id, result } => match record_result(state, commands, instance_id, &result, now).await {
-            Ok(()) => Some(ack(id)),
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot record a command result");
-                None
+        Frame::Result { id, result } => {
+            match record_result(state, commands, instance_id, &result, now).await {
+                Ok(()) => Some(ack(id)),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot record a command result");
+                    None
+                }
             }
-        },
+        }
         Frame::Logs { id, batch } => {
             // An agent may only write output of its own commands.
             match commands.target_owner(&batch.command_id).await {
@@ -472,9 +477,6 @@ pub(crate) fn command_store(store: &dyn Store) -> Result<&dyn CommandStore> {
 }
 
 /// `GET /v1/agents/connected` (support): how many agents hold a socket to this process.
-pub(crate) async fn connected(
-    _: crate::auth::Support,
-    State(state): State<Shared>,
-) -> Response {
+pub(crate) async fn connected(_: crate::auth::Support, State(state): State<Shared>) -> Response {
     axum::Json(serde_json::json!({ "connected": state.live.connected() })).into_response()
 }

@@ -46,10 +46,13 @@ pub(crate) async fn submit(
     let commands = command_store(state.store.as_ref())?;
     let max_targets = i64::try_from(state.settings.limits.max_targets).unwrap_or(10_000);
     let mut instances: Vec<String> = if submit.targets.is_empty() {
-        let selector = submit.selector.clone().unwrap_or(fleet_core::command::Selector {
-            channel: None,
-            all: false,
-        });
+        let selector = submit
+            .selector
+            .clone()
+            .unwrap_or(fleet_core::command::Selector {
+                channel: None,
+                all: false,
+            });
         let channel = if selector.all {
             None
         } else {
@@ -168,7 +171,10 @@ pub(crate) async fn logs(
                 return None;
             }
             let commands = state.store.commands()?;
-            match commands.read_chunks(&target, Some(stream), from, PAGE).await {
+            match commands
+                .read_chunks(&target, Some(stream), from, PAGE)
+                .await
+            {
                 Ok(chunks) if chunks.is_empty() => None,
                 Ok(chunks) => {
                     let last = chunks.len() < PAGE as usize;

@@ -184,8 +184,7 @@ pub(crate) async fn create_enrollment(
         serde_json::from_slice(&body).map_err(|e| invalid("", e.to_string()))?;
     let id = parsed.instance_id.trim();
     let max = state.settings.limits.max_id_len;
-    if id.is_empty() || id.len() > max || id.chars().any(|c| c.is_control() || c.is_whitespace())
-    {
+    if id.is_empty() || id.len() > max || id.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(invalid(
             "instance_id",
             format!("must be 1 to {max} bytes without spaces or control characters"),

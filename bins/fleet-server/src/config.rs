@@ -86,7 +86,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CONTROL_PLANE_JWT_KEY", hide_env_values = true)]
     pub jwt_key: Option<String>,
     /// Lifetime of agent tokens, in seconds.
-    #[arg(long, env = "CONTROL_PLANE_AGENT_TOKEN_TTL_SECS", default_value = "3600")]
+    #[arg(
+        long,
+        env = "CONTROL_PLANE_AGENT_TOKEN_TTL_SECS",
+        default_value = "3600"
+    )]
     pub agent_token_ttl_secs: String,
 }
 
@@ -231,18 +235,16 @@ impl ServeArgs {
         if let Some(key) = set(&self.jwt_key) {
             match fleet_core::PrivateKey::from_base64(key) {
                 Ok(key) => live.jwt_key = Some(key),
-                Err(_) => problems.push(
-                    "CONTROL_PLANE_JWT_KEY: not base64 of a 32-byte Ed25519 seed".into(),
-                ),
+                Err(_) => problems
+                    .push("CONTROL_PLANE_JWT_KEY: not base64 of a 32-byte Ed25519 seed".into()),
             }
         }
         match self.agent_token_ttl_secs.trim().parse::<u64>() {
             Ok(secs) if (60..=86_400).contains(&secs) => {
                 live.token_ttl = Duration::from_secs(secs);
             }
-            _ => problems.push(
-                "CONTROL_PLANE_AGENT_TOKEN_TTL_SECS: must be between 60 and 86400".into(),
-            ),
+            _ => problems
+                .push("CONTROL_PLANE_AGENT_TOKEN_TTL_SECS: must be between 60 and 86400".into()),
         }
         live
     }

@@ -82,7 +82,10 @@ async fn connected(client: &reqwest::Client, base: &str) -> u64 {
 async fn wait_connected(client: &reqwest::Client, base: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while connected(client, base).await != 1 {
-        assert!(Instant::now() < deadline, "the agent never connected to {base}");
+        assert!(
+            Instant::now() < deadline,
+            "the agent never connected to {base}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

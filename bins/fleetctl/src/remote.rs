@@ -107,7 +107,12 @@ impl Remote {
         format!("{}{path}", self.url.trim_end_matches('/'))
     }
 
-    async fn post(&self, client: &reqwest::Client, path: &str, body: &Value) -> Result<Value, String> {
+    async fn post(
+        &self,
+        client: &reqwest::Client,
+        path: &str,
+        body: &Value,
+    ) -> Result<Value, String> {
         let response = client
             .post(self.at(path))
             .bearer_auth(&self.token)
@@ -135,7 +140,9 @@ async fn answer(path: &str, response: reqwest::Response) -> Result<Value, String
     if status.is_success() {
         Ok(body)
     } else {
-        let message = body["error"]["message"].as_str().unwrap_or("request failed");
+        let message = body["error"]["message"]
+            .as_str()
+            .unwrap_or("request failed");
         let details = body["error"]["details"].to_string();
         Err(format!("{path}: {status}: {message} {details}"))
     }
@@ -275,9 +282,17 @@ async fn follow(
                     Some("base64") => base64::engine::general_purpose::STANDARD
                         .decode(value["data"].as_str().unwrap_or_default())
                         .unwrap_or_default(),
-                    _ => value["data"].as_str().unwrap_or_default().as_bytes().to_vec(),
+                    _ => value["data"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .as_bytes()
+                        .to_vec(),
                 };
-                let label = if prefix { format!("[{target}] ") } else { String::new() };
+                let label = if prefix {
+                    format!("[{target}] ")
+                } else {
+                    String::new()
+                };
                 match event.as_str() {
                     "stdout" => {
                         let mut out = std::io::stdout().lock();

@@ -42,7 +42,9 @@ async fn enroll_run_and_show() {
         })
         .build()
         .expect("control plane");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
 
@@ -74,12 +76,26 @@ async fn enroll_run_and_show() {
     }
 
     let out = fleetctl(&url, &["enroll", "--instance-id", "shop-9"]).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("AGENT_ENROLLMENT_TOKEN=") && text.contains("#cloud-config"));
 
-    let out = fleetctl(&url, &["run", "--target", INSTANCE, "--", "printf", "%s\\n", "hello", "fleet"]).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = fleetctl(
+        &url,
+        &[
+            "run", "--target", INSTANCE, "--", "printf", "%s\\n", "hello", "fleet",
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\nfleet\n");
     let stderr = String::from_utf8_lossy(&out.stderr);
     let id = stderr
@@ -92,9 +108,16 @@ async fn enroll_run_and_show() {
     assert!(!out.status.success());
 
     let out = fleetctl(&url, &["commands", "show", &id]).await;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("RunCommand completed") && text.contains(INSTANCE), "{text}");
+    assert!(
+        text.contains("RunCommand completed") && text.contains(INSTANCE),
+        "{text}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

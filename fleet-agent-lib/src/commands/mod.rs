@@ -141,7 +141,12 @@ impl CommandSettings {
             }
         }
         if let Some(v) = get("AGENT_UPDATE_PUBLIC_KEYS") {
-            for (i, key) in v.split(',').map(str::trim).filter(|k| !k.is_empty()).enumerate() {
+            for (i, key) in v
+                .split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .enumerate()
+            {
                 match PublicKey::from_base64(key) {
                     Ok(key) => s.update_keys.push(key),
                     Err(err) => problems.push(format!("AGENT_UPDATE_PUBLIC_KEYS[{i}]: {err}")),
@@ -269,7 +274,10 @@ impl Executor {
         if self.settings.disabled.contains(&kind) {
             return self
                 .journal
-                .finish(&failed(&id, &format!("{} is disabled on this agent", kind.as_str())))
+                .finish(&failed(
+                    &id,
+                    &format!("{} is disabled on this agent", kind.as_str()),
+                ))
                 .await;
         }
         let mut errors = fleet_core::ValidationErrors::default();

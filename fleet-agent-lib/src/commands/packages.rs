@@ -77,7 +77,10 @@ pub async fn update(
     }
     let path = std::env::var("PATH").unwrap_or_default();
     let Some((manager, program)) = detect(&path) else {
-        return failed("", "no supported package manager (apt-get, dnf, apk) on PATH");
+        return failed(
+            "",
+            "no supported package manager (apt-get, dnf, apk) on PATH",
+        );
     };
     let args = manager.args(update.action, &update.packages);
     let env = BTreeMap::from([("DEBIAN_FRONTEND".to_owned(), "noninteractive".to_owned())]);
@@ -112,7 +115,10 @@ mod tests {
             Manager::Apk.args(PackageAction::Remove, &names),
             ["del", "--no-interactive", "--", "curl", "libssl3"]
         );
-        assert_eq!(Manager::Dnf.args(PackageAction::Install, &names)[..3], ["install", "-y", "--"]);
+        assert_eq!(
+            Manager::Dnf.args(PackageAction::Install, &names)[..3],
+            ["install", "-y", "--"]
+        );
     }
 
     #[test]

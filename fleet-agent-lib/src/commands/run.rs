@@ -231,14 +231,10 @@ pub async fn run(
         .unwrap_or(default_timeout);
     let shell_args;
     let (program, args): (&str, &[String]) = if run.shell {
-        shell_args = [
-            "-c".to_owned(),
-            run.cmd.clone(),
-            "fleet-run".to_owned(),
-        ]
-        .into_iter()
-        .chain(run.args.iter().cloned())
-        .collect::<Vec<_>>();
+        shell_args = ["-c".to_owned(), run.cmd.clone(), "fleet-run".to_owned()]
+            .into_iter()
+            .chain(run.args.iter().cloned())
+            .collect::<Vec<_>>();
         ("/bin/sh", &shell_args)
     } else {
         (run.cmd.as_str(), &run.args)

@@ -44,8 +44,10 @@ pub fn verify_binary(
     keys: &[fleet_core::manifest::PublicKey],
 ) -> Result<(), String> {
     let digest = hex::encode(sha2::Sha256::digest(bytes));
-    if !fleet_core::signing::constant_time_eq(digest.as_bytes(), sha256.to_ascii_lowercase().as_bytes())
-    {
+    if !fleet_core::signing::constant_time_eq(
+        digest.as_bytes(),
+        sha256.to_ascii_lowercase().as_bytes(),
+    ) {
         return Err("sha256 does not match".into());
     }
     let signature: [u8; 64] = base64::engine::general_purpose::STANDARD
@@ -124,7 +126,10 @@ async fn fetch(url: &str, to: &Path) -> Result<Vec<u8>, String> {
         .await
         .and_then(|r| r.error_for_status())
         .map_err(|e| format!("download failed: {e}"))?;
-    if response.content_length().is_some_and(|l| l > MAX_BINARY_BYTES) {
+    if response
+        .content_length()
+        .is_some_and(|l| l > MAX_BINARY_BYTES)
+    {
         return Err("the binary is too large".into());
     }
     let mut file = std::fs::File::create(to).map_err(|e| format!("cannot write: {e}"))?;
@@ -135,7 +140,8 @@ async fn fetch(url: &str, to: &Path) -> Result<Vec<u8>, String> {
         if bytes.len() as u64 + piece.len() as u64 > MAX_BINARY_BYTES {
             return Err("the binary is too large".into());
         }
-        file.write_all(&piece).map_err(|e| format!("cannot write: {e}"))?;
+        file.write_all(&piece)
+            .map_err(|e| format!("cannot write: {e}"))?;
         bytes.extend_from_slice(&piece);
     }
     file.sync_all().map_err(|e| format!("cannot write: {e}"))?;
@@ -224,7 +230,10 @@ mod tests {
         std::fs::write(&binary, "new").expect("write");
         std::fs::write(previous_path(&binary), "old").expect("write");
         std::fs::write(marker_path(&binary), r#"{"deadline":100}"#).expect("write");
-        assert_eq!(check_pending(&binary, 50), Pending::Confirm { deadline: 100 });
+        assert_eq!(
+            check_pending(&binary, 50),
+            Pending::Confirm { deadline: 100 }
+        );
         assert_eq!(check_pending(&binary, 101), Pending::RolledBack);
         assert_eq!(std::fs::read_to_string(&binary).expect("read"), "old");
         assert_eq!(check_pending(&binary, 200), Pending::None);

@@ -50,7 +50,10 @@ async fn wait_results(journal: &Journal, count: usize) -> Vec<fleet_core::comman
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    panic!("expected {count} results, have {:?}", results(journal).await);
+    panic!(
+        "expected {count} results, have {:?}",
+        results(journal).await
+    );
 }
 
 #[tokio::test]
@@ -64,10 +67,19 @@ async fn a_redelivered_command_answers_its_recorded_result_without_running_again
     );
     executor.accept(command.clone()).await.expect("accept");
     let first = wait_results(&journal, 2).await;
-    assert_eq!(first[0].status, fleet_core::command::CommandStatus::InProgress);
-    assert_eq!(first[1].status, fleet_core::command::CommandStatus::Completed);
+    assert_eq!(
+        first[0].status,
+        fleet_core::command::CommandStatus::InProgress
+    );
+    assert_eq!(
+        first[1].status,
+        fleet_core::command::CommandStatus::Completed
+    );
     // Delivered again (a reconnect, a replica retry): the recorded answer, no second run.
-    executor.accept(command.clone()).await.expect("accept again");
+    executor
+        .accept(command.clone())
+        .await
+        .expect("accept again");
     let again = wait_results(&journal, 3).await;
     assert_eq!(again[2], first[1]);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -77,7 +89,10 @@ async fn a_redelivered_command_answers_its_recorded_result_without_running_again
     let pending = journal.pending(0, 100).await.expect("pending");
     let ids: Vec<String> = pending.iter().map(|p| p.frame_id.clone()).collect();
     journal.ack(&ids[..1]).await.expect("ack");
-    assert_eq!(journal.backlog().await.expect("count") as usize, ids.len() - 1);
+    assert_eq!(
+        journal.backlog().await.expect("count") as usize,
+        ids.len() - 1
+    );
 
     // A journal reopened after a crash mid-run reports the command failed, never reruns it.
     sqlx_like_crash(&journal).await;
@@ -114,7 +129,13 @@ async fn disabled_and_unreadable_commands_fail() {
         .expect("accept");
     let found = wait_results(&journal, 1).await;
     assert_eq!(found[0].status, fleet_core::command::CommandStatus::Failed);
-    assert!(found[0].error.as_deref().unwrap_or_default().contains("disabled"));
+    assert!(
+        found[0]
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("disabled")
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

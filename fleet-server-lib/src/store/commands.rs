@@ -143,8 +143,11 @@ pub fn is_final(status: &str) -> bool {
 #[async_trait]
 pub trait CommandStore: Send + Sync {
     /// Stores a command and its targets (`(target_id, instance_id)`, all `queued`).
-    async fn create_command(&self, command: &NewCommand, targets: &[(String, String)])
-    -> Result<()>;
+    async fn create_command(
+        &self,
+        command: &NewCommand,
+        targets: &[(String, String)],
+    ) -> Result<()>;
 
     /// Instance ids matched by a selector: a release channel, or every instance.
     async fn select_instances(&self, channel: Option<&str>, limit: i64) -> Result<Vec<String>>;
@@ -174,7 +177,8 @@ pub trait CommandStore: Send + Sync {
     async fn target_owner(&self, target_id: &str) -> Result<Option<(String, String)>>;
 
     /// Stores chunks once per `(target, stream, offset)`; returns how many were new.
-    async fn store_chunks(&self, target_id: &str, chunks: &[(Stream, u64, Vec<u8>)]) -> Result<u64>;
+    async fn store_chunks(&self, target_id: &str, chunks: &[(Stream, u64, Vec<u8>)])
+    -> Result<u64>;
 
     /// Chunks of one target from offset `from` on (per stream), ordered by stream and offset.
     async fn read_chunks(

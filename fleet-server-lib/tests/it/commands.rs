@@ -184,7 +184,10 @@ async fn run_command_streams_output_and_exit_codes(store: TestStore) {
     let done = wait_done(&server.client, &server.url, &id, Duration::from_secs(20)).await;
     assert_eq!(done["targets"][0]["status"], "failed", "{done}");
     assert_eq!(done["targets"][0]["exit_code"], 3);
-    assert_eq!(output(&server.client, &server.url, &id, "stderr").await, b"oops\n");
+    assert_eq!(
+        output(&server.client, &server.url, &id, "stderr").await,
+        b"oops\n"
+    );
 
     // A timeout kills the whole process group, the background child included.
     let marker = agent.dir.0.join("survivor");
@@ -210,7 +213,10 @@ async fn run_command_streams_output_and_exit_codes(store: TestStore) {
         "{done}"
     );
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(!marker.exists(), "a child of the timed-out command survived");
+    assert!(
+        !marker.exists(),
+        "a child of the timed-out command survived"
+    );
 
     agent.stop().await;
     server.stop().await;
@@ -218,12 +224,29 @@ async fn run_command_streams_output_and_exit_codes(store: TestStore) {
 
 async fn roles_limits_and_tokens(store: TestStore) {
     let server = server(&store).await;
-    let run = json!({"command_type": "RunCommand", "targets": [INSTANCE], "payload": {"cmd": "true"}});
-    assert_eq!(submit(&server.client, &server.url, OPS, run.clone()).await.0, 403);
-    assert_eq!(submit(&server.client, &server.url, SUPPORT, run.clone()).await.0, 403);
-    assert_eq!(submit(&server.client, &server.url, "nope", run).await.0, 401);
+    let run =
+        json!({"command_type": "RunCommand", "targets": [INSTANCE], "payload": {"cmd": "true"}});
+    assert_eq!(
+        submit(&server.client, &server.url, OPS, run.clone())
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        submit(&server.client, &server.url, SUPPORT, run.clone())
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        submit(&server.client, &server.url, "nope", run).await.0,
+        401
+    );
     let status = json!({"command_type": "STATUS", "targets": [INSTANCE], "payload": {"project_name": "web"}});
-    assert_eq!(submit(&server.client, &server.url, OPS, status).await.0, 201);
+    assert_eq!(
+        submit(&server.client, &server.url, OPS, status).await.0,
+        201
+    );
     let bad = json!({"command_type": "STATUS", "targets": [INSTANCE], "payload": {"project_name": "../etc"}});
     let (code, body) = submit(&server.client, &server.url, OPS, bad).await;
     assert_eq!(code, 422);
@@ -391,7 +414,9 @@ async fn cancel_kills_a_running_command(store: TestStore) {
     // Wait until it runs.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, shown) = server.get_json(&format!("/v1/commands/{id}"), SUPPORT).await;
+        let (_, shown) = server
+            .get_json(&format!("/v1/commands/{id}"), SUPPORT)
+            .await;
         if shown["targets"][0]["status"] == "running" {
             break;
         }
@@ -406,7 +431,9 @@ async fn cancel_kills_a_running_command(store: TestStore) {
         .await
         .expect("cancel");
     assert_eq!(response.status().as_u16(), 200);
-    let (_, shown) = server.get_json(&format!("/v1/commands/{id}"), SUPPORT).await;
+    let (_, shown) = server
+        .get_json(&format!("/v1/commands/{id}"), SUPPORT)
+        .await;
     assert_eq!(shown["status"], "cancelled");
     assert_eq!(shown["targets"][0]["status"], "cancelled");
     // The agent killed it: its journal holds no running command for long.
@@ -474,4 +501,3 @@ support::on_both_backends!(
     cancel_kills_a_running_command,
     enrollment_token_buys_a_secret_once,
 );
-

@@ -142,9 +142,10 @@ async fn compose_deploy_status_stop_with_podman() {
     let id = body["id"].as_str().expect("id").to_owned();
     let done = wait_done(&server.client, &server.url, &id, Duration::from_secs(60)).await;
     let containers = done["targets"][0]["data"]["containers"].clone();
-    let listed = containers
-        .as_array()
-        .is_some_and(|list| list.iter().any(|c| c.as_str().is_some_and(|c| c.contains(&project))));
+    let listed = containers.as_array().is_some_and(|list| {
+        list.iter()
+            .any(|c| c.as_str().is_some_and(|c| c.contains(&project)))
+    });
     if !listed {
         cleanup(&project);
         panic!("STATUS does not list the container: {done}");
@@ -221,7 +222,10 @@ async fn compose_deploy_status_stop_with_podman() {
     executor.accept(envelope).await.expect("accept");
     let frames = journal.pending(0, 10).await.expect("frames");
     let last = String::from_utf8_lossy(&frames.last().expect("a result").body).into_owned();
-    assert!(last.contains("FAILED") && last.contains("project_name"), "{last}");
+    assert!(
+        last.contains("FAILED") && last.contains("project_name"),
+        "{last}"
+    );
     let after: Vec<_> = std::fs::read_dir(&projects.0)
         .expect("list")
         .map(|e| e.expect("entry").file_name())
