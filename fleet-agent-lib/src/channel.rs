@@ -46,6 +46,8 @@ pub struct ChannelConfig {
 enum Ended {
     /// The token was refused: register again.
     Unauthorized,
+    /// The socket could not be opened.
+    CannotConnect(String),
     /// Anything else.
     Failed(String),
     /// Shutdown.
@@ -132,6 +134,9 @@ pub async fn run(config: ChannelConfig, mut stop: watch::Receiver<bool>) {
     if let Err(err) = config.executor.recover().await {
         tracing::error!(error = %err, "cannot recover the command journal");
     }
+    // Consecutive attempts that could not open the socket; from POLL_AFTER on, the agent
+    // polls over plain HTTPS while it waits to try the socket again.
+    let mut cannot_connect = 0u32;
     loop {
         if *stop.borrow() {
             return;
@@ -151,6 +156,7 @@ pub async fn run(config: ChannelConfig, mut stop: watch::Receiver<bool>) {
                 Err(err) => {
                     tracing::warn!(reason = %err, "registration failed");
                     token = None;
+                    cannot_connect += 1;
                 }
             }
         }
@@ -163,16 +169,131 @@ pub async fn run(config: ChannelConfig, mut stop: watch::Receiver<bool>) {
             match ended {
                 Ended::Stopped => return,
                 Ended::Unauthorized => token = None,
-                Ended::Failed(reason) => tracing::info!(%reason, "live channel down"),
+                Ended::CannotConnect(reason) => {
+                    cannot_connect += 1;
+                    tracing::info!(%reason, "cannot open the live channel");
+                }
+                Ended::Failed(reason) => {
+                    cannot_connect = 0;
+                    tracing::info!(%reason, "live channel down");
+                }
                 Ended::RenewDue => {}
             }
         }
         let delay = backoff.next_delay();
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+        if cannot_connect >= POLL_AFTER {
+            if poll_until(&config, Instant::now() + delay, &mut stop).await {
+                return;
+            }
+        } else {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+            }
         }
     }
+}
+
+/// Failed socket attempts before the agent falls back to polling.
+pub const POLL_AFTER: u32 = 2;
+/// How often the agent polls while the socket is unavailable.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
+/// Frames sent per poll.
+const POLL_FRAMES: i64 = 24;
+
+/// Polls until `until` (or stop; then returns true).
+async fn poll_until(
+    config: &ChannelConfig,
+    until: Instant,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    loop {
+        let more = match poll_once(config).await {
+            Ok(more) => more,
+            Err(reason) => {
+                tracing::debug!(%reason, "poll failed");
+                false
+            }
+        };
+        let now = Instant::now();
+        if now >= until {
+            return false;
+        }
+        let wait = if more {
+            Duration::ZERO
+        } else {
+            POLL_INTERVAL.min(until - now)
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => return true,
+        }
+    }
+}
+
+/// One `POST /v1/agents/poll`: sends queued frames, forgets the stored ones, accepts the
+/// commands waiting. Returns whether frames are still queued.
+pub async fn poll_once(config: &ChannelConfig) -> Result<bool, String> {
+    let journal = config.executor.journal();
+    let frames = journal
+        .pending(0, POLL_FRAMES)
+        .await
+        .map_err(|e| e.to_string())?;
+    let sent = frames.len() as i64;
+    let values: Vec<serde_json::Value> = frames
+        .iter()
+        .filter_map(|f| serde_json::from_slice(&f.body).ok())
+        .collect();
+    let body = serde_json::to_vec(&serde_json::json!({
+        "instance_id": config.instance_id, "frames": values,
+    }))
+    .map_err(|e| e.to_string())?;
+    let signer = Signer::new(config.secret.clone());
+    let msg_id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+    let mut request = config
+        .http
+        .post(format!(
+            "{}/v1/agents/poll",
+            config.control_plane_url.trim_end_matches('/')
+        ))
+        .header("content-type", "application/json")
+        .body(body.clone());
+    for (name, value) in signer
+        .headers(&msg_id, fleet_core::unix_now(), &body)
+        .pairs()
+    {
+        request = request.header(name, value);
+    }
+    let response = request.send().await.map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("poll answered {}", response.status()));
+    }
+    let answer: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
+    let mut done: Vec<String> = answer["acked"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    done.extend(
+        answer["refused"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["id"].as_str().map(str::to_owned)),
+    );
+    journal.ack(&done).await.map_err(|e| e.to_string())?;
+    for command in answer["commands"].as_array().into_iter().flatten() {
+        let bytes = serde_json::to_vec(command).unwrap_or_default();
+        if let Ok(Frame::Command(envelope)) = Frame::decode(&bytes) {
+            config
+                .executor
+                .accept(envelope)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(sent == POLL_FRAMES)
 }
 
 fn token_of(answer: RegisterResponse) -> Token {
@@ -216,13 +337,13 @@ async fn session(
     )
     .await;
     let socket = match connected {
-        Err(_) => return Ended::Failed("handshake timed out".into()),
+        Err(_) => return Ended::CannotConnect("handshake timed out".into()),
         Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response)))
             if response.status() == 401 =>
         {
             return Ended::Unauthorized;
         }
-        Ok(Err(err)) => return Ended::Failed(err.to_string()),
+        Ok(Err(err)) => return Ended::CannotConnect(err.to_string()),
         Ok(Ok((socket, _))) => socket,
     };
     tracing::info!("live channel connected");

@@ -202,7 +202,7 @@ fn cancel_frame(target_id: &str) -> Message {
     Message::Text(String::from_utf8_lossy(&frame.encode()).into_owned().into())
 }
 
-fn command_frame(dispatch: &Dispatch) -> Option<Message> {
+pub(crate) fn command_frame(dispatch: &Dispatch) -> Option<Message> {
     let raw = serde_json::json!({
         "type": dispatch.command_type,
         "id": dispatch.target_id,
@@ -356,7 +356,7 @@ fn ack(id: String) -> Message {
 }
 
 /// Handles one frame from an agent; the answer (ack or error) goes back on the socket.
-async fn handle(
+pub(crate) async fn handle(
     state: &Shared,
     commands: &dyn CommandStore,
     instance_id: &str,

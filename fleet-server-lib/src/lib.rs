@@ -10,6 +10,7 @@ mod error;
 mod ingest;
 mod metrics;
 mod openapi;
+mod poll;
 mod registration;
 mod replicas;
 pub mod store;
@@ -253,6 +254,7 @@ fn routes(state: Shared) -> Router {
         .route("/v1/enrollments", post(registration::create_enrollment))
         .route("/v1/agents/connect", get(channel::connect))
         .route("/v1/agents/connected", get(channel::connected))
+        .route("/v1/agents/poll", post(poll::poll))
         .route("/v1/commands/submit", post(commands::submit))
         .route("/v1/commands/{id}", get(commands::show))
         .route("/v1/commands/{id}/logs", get(commands::logs))

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use fleet_agent::{Agent, AgentConfig, CommandSettings};
 use fleet_core::Secret;
+use axum::response::IntoResponse;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -501,3 +502,54 @@ support::on_both_backends!(
     cancel_kills_a_running_command,
     enrollment_token_buys_a_secret_once,
 );
+
+/// A control plane behind a "proxy" that refuses WebSocket upgrades: the agent must fall
+/// back to `POST /v1/agents/poll`.
+#[tokio::test]
+async fn polling_fallback_runs_commands_without_a_socket() {
+    let store = support::sqlite().await;
+    let router = fleet_server::ControlPlane::builder()
+        .shared_store(store.store.clone())
+        .secrets(support::resolver())
+        .tokens(support::tokens())
+        .build()
+        .expect("build")
+        .layer(axum::middleware::from_fn(
+            |request: axum::extract::Request, next: axum::middleware::Next| async move {
+                if request.uri().path() == "/v1/agents/connect" {
+                    return axum::http::StatusCode::BAD_GATEWAY.into_response();
+                }
+                next.run(request).await
+            },
+        ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let serving = tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+    let client = reqwest::Client::new();
+    let agent = TestAgent::start(&url, INSTANCE, SECRET, None).await;
+    let (status, body) = submit(
+        &client,
+        &url,
+        ADMIN,
+        json!({"command_type": "RunCommand", "targets": [INSTANCE],
+               "payload": {"cmd": "echo", "args": ["over plain HTTPS"]}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().expect("id").to_owned();
+    let done = wait_done(&client, &url, &id, Duration::from_secs(60)).await;
+    assert_eq!(done["targets"][0]["status"], "completed", "{done}");
+    assert_eq!(output(&client, &url, &id, "stdout").await, b"over plain HTTPS\n");
+    // A poll must be signed: an unsigned one is refused.
+    let response = client
+        .post(format!("{url}/v1/agents/poll"))
+        .json(&json!({"instance_id": INSTANCE, "frames": []}))
+        .send()
+        .await
+        .expect("poll");
+    assert_eq!(response.status().as_u16(), 401);
+    agent.stop().await;
+    serving.abort();
+}
