@@ -259,7 +259,11 @@ pub(crate) async fn connect(
     let arch = header_text(&headers, "x-agent-architecture");
     let hostname = header_text(&headers, "x-agent-hostname");
     tracing::info!(instance_id = %claims.sub, %version, %arch, %hostname, "agent connected");
+    // Small buffers: most sockets are idle, and tungstenite's defaults (128 KiB each way)
+    // would cost over 100 KiB per connected agent.
     Ok(ws
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
         .max_message_size(MAX_FRAME_BYTES)
         .on_upgrade(move |socket| session(state, claims.sub, socket)))
 }
