@@ -44,6 +44,11 @@ pub struct LiveSettings {
     pub token_ttl: Duration,
     /// Lifetime of an enrollment token.
     pub enrollment_ttl: Duration,
+    /// A target released to its agent with no answer for this long is `timed_out` (the agent
+    /// may be offline); the command goes on with its other targets.
+    pub delivery_timeout: Duration,
+    /// A running target with no news for this long is `timed_out`.
+    pub run_timeout: Duration,
 }
 
 impl std::fmt::Debug for LiveSettings {
@@ -53,6 +58,8 @@ impl std::fmt::Debug for LiveSettings {
             .field("issuer", &self.issuer)
             .field("token_ttl", &self.token_ttl)
             .field("enrollment_ttl", &self.enrollment_ttl)
+            .field("delivery_timeout", &self.delivery_timeout)
+            .field("run_timeout", &self.run_timeout)
             .finish()
     }
 }
@@ -64,6 +71,9 @@ impl Default for LiveSettings {
             issuer: "fleet-control-plane".into(),
             token_ttl: Duration::from_secs(3600),
             enrollment_ttl: Duration::from_secs(7 * 86_400),
+            delivery_timeout: Duration::from_secs(15 * 60),
+            // Longer than the longest RunCommand timeout (7 days).
+            run_timeout: Duration::from_secs(7 * 86_400 + 3600),
         }
     }
 }
@@ -483,4 +493,40 @@ pub(crate) fn command_store(store: &dyn Store) -> Result<&dyn CommandStore> {
 /// `GET /v1/agents/connected` (support): how many agents hold a socket to this process.
 pub(crate) async fn connected(_: crate::auth::Support, State(state): State<Shared>) -> Response {
     axum::Json(serde_json::json!({ "connected": state.live.connected() })).into_response()
+}
+
+/// Times out targets that never answered, then lets their commands go on; runs until the
+/// control plane is dropped.
+pub(crate) fn spawn_timeouts(state: std::sync::Weak<crate::AppState>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            let Some(state) = state.upgrade() else { return };
+            let Some(commands) = state.store.commands() else {
+                return;
+            };
+            let now = fleet_core::unix_now();
+            let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+            let settings = &state.live.settings;
+            let expired = commands
+                .time_out_targets(
+                    now.saturating_sub(secs(settings.delivery_timeout)),
+                    now.saturating_sub(secs(settings.run_timeout)),
+                    now,
+                )
+                .await;
+            match expired {
+                Ok(ids) => {
+                    for id in ids {
+                        match commands.schedule(&id, now).await {
+                            Ok(released) => state.live.deliver(commands, released).await,
+                            Err(err) => tracing::warn!(error = %err, "cannot schedule a command"),
+                        }
+                    }
+                }
+                Err(err) => tracing::warn!(error = %err, "cannot time out command targets"),
+            }
+        }
+    });
 }

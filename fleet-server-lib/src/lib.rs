@@ -228,6 +228,7 @@ impl ControlPlaneBuilder {
             webhook_configured: self.webhook.is_some(),
         });
         sweeper::spawn(Arc::downgrade(&state));
+        channel::spawn_timeouts(Arc::downgrade(&state));
         if let Some(pool) = notify_pool {
             replicas::spawn_listener(Arc::downgrade(&state), pool);
         }

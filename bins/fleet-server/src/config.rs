@@ -92,6 +92,13 @@ pub struct ServeArgs {
         default_value = "3600"
     )]
     pub agent_token_ttl_secs: String,
+    /// A command target with no answer from its agent for this long is timed out.
+    #[arg(
+        long,
+        env = "CONTROL_PLANE_COMMAND_DELIVERY_TIMEOUT_SECS",
+        default_value = "900"
+    )]
+    pub command_delivery_timeout_secs: String,
 }
 
 /// A validated configuration.
@@ -245,6 +252,12 @@ impl ServeArgs {
             }
             _ => problems
                 .push("CONTROL_PLANE_AGENT_TOKEN_TTL_SECS: must be between 60 and 86400".into()),
+        }
+        match self.command_delivery_timeout_secs.trim().parse::<u64>() {
+            Ok(secs) if secs >= 1 => live.delivery_timeout = Duration::from_secs(secs),
+            _ => problems.push(
+                "CONTROL_PLANE_COMMAND_DELIVERY_TIMEOUT_SECS: must be a positive integer".into(),
+            ),
         }
         live
     }

@@ -211,6 +211,15 @@ pub trait CommandStore: Send + Sync {
     /// The nonce of the instance's issued secret.
     async fn issued_nonce(&self, instance_id: &str) -> Result<Option<String>>;
 
+    /// Marks targets `timed_out`: released but unanswered since before `sent_before`, or
+    /// running without news since before `running_before`. Returns their command ids.
+    async fn time_out_targets(
+        &self,
+        sent_before: i64,
+        running_before: i64,
+        now: i64,
+    ) -> Result<Vec<String>>;
+
     /// Remembers a signed message id; `false` when it was seen before (a replay).
     async fn remember_message(
         &self,
@@ -616,6 +625,28 @@ macro_rules! impl_command_store {
                 .execute(self.pool())
                 .await?;
                 Ok(())
+            }
+
+            async fn time_out_targets(
+                &self,
+                sent_before: i64,
+                running_before: i64,
+                now: i64,
+            ) -> $crate::Result<Vec<String>> {
+                let mut ids: Vec<String> = sqlx::query_scalar(
+                    "UPDATE command_targets SET status = 'timed_out', updated_at = $3, \
+                     error = 'no answer from the agent in time' \
+                     WHERE (status = 'sent' AND sent_at < $1) OR (status = 'running' AND updated_at < $2) \
+                     RETURNING command_id",
+                )
+                .bind(sent_before)
+                .bind(running_before)
+                .bind(now)
+                .fetch_all(self.pool())
+                .await?;
+                ids.sort();
+                ids.dedup();
+                Ok(ids)
             }
 
             async fn remember_message(

@@ -493,7 +493,34 @@ async fn enrollment_token_buys_a_secret_once(store: TestStore) {
     server.stop().await;
 }
 
+async fn unanswered_targets_time_out_and_the_command_goes_on(store: TestStore) {
+    let server = TestServer::start_with(store.store.clone(), |b| {
+        b.live(fleet_server::LiveSettings {
+            delivery_timeout: Duration::from_secs(1),
+            ..Default::default()
+        })
+    })
+    .await;
+    let agent = TestAgent::start(&server.url, INSTANCE, SECRET, None).await;
+    wait_connected(&server.client, &server.url, 1).await;
+    let (_, body) = submit(
+        &server.client,
+        &server.url,
+        OPS,
+        json!({"command_type": "HEALTH_CHECK", "targets": ["offline-003", INSTANCE],
+               "max_concurrency": 1, "payload": {}}),
+    )
+    .await;
+    let id = body["id"].as_str().expect("id").to_owned();
+    let done = wait_done(&server.client, &server.url, &id, Duration::from_secs(30)).await;
+    assert_eq!(done["targets"][0]["status"], "timed_out", "{done}");
+    assert_eq!(done["targets"][1]["status"], "completed", "{done}");
+    agent.stop().await;
+    server.stop().await;
+}
+
 support::on_both_backends!(
+    unanswered_targets_time_out_and_the_command_goes_on,
     run_command_streams_output_and_exit_codes,
     roles_limits_and_tokens,
     max_errors_stops_further_targets,
