@@ -246,14 +246,22 @@ impl ServeArgs {
                     .push("CONTROL_PLANE_JWT_KEY: not base64 of a 32-byte Ed25519 seed".into()),
             }
         }
-        match self.agent_token_ttl_secs.trim().parse::<u64>() {
+        // Empty means the default (as the ERP variables behave).
+        let text = |v: &str, default: &'static str| -> String {
+            if v.trim().is_empty() {
+                default.to_owned()
+            } else {
+                v.trim().to_owned()
+            }
+        };
+        match text(&self.agent_token_ttl_secs, "3600").parse::<u64>() {
             Ok(secs) if (60..=86_400).contains(&secs) => {
                 live.token_ttl = Duration::from_secs(secs);
             }
             _ => problems
                 .push("CONTROL_PLANE_AGENT_TOKEN_TTL_SECS: must be between 60 and 86400".into()),
         }
-        match self.command_delivery_timeout_secs.trim().parse::<u64>() {
+        match text(&self.command_delivery_timeout_secs, "900").parse::<u64>() {
             Ok(secs) if secs >= 1 => live.delivery_timeout = Duration::from_secs(secs),
             _ => problems.push(
                 "CONTROL_PLANE_COMMAND_DELIVERY_TIMEOUT_SECS: must be a positive integer".into(),
