@@ -323,3 +323,104 @@ pub(crate) async fn cancel(
     state.live.activity.notify_waiters();
     Ok(Json(serde_json::json!({ "id": id, "cancelled": running.len() })).into_response())
 }
+
+use crate::openapi::Access::{Public, Role as Least, Signed};
+use crate::openapi::RouteDoc;
+
+const fn doc(
+    method: &'static str,
+    path: &'static str,
+    access: crate::openapi::Access,
+    summary: &'static str,
+    responses: &'static [(u16, &'static str)],
+) -> RouteDoc {
+    RouteDoc {
+        method,
+        path,
+        access,
+        summary,
+        responses,
+    }
+}
+
+/// The routes of registration, the live channel and the command API, for `/openapi.json`.
+pub(crate) const ROUTES: &[RouteDoc] = &[
+    doc(
+        "get",
+        "/.well-known/jwks.json",
+        Public,
+        "The Ed25519 key (JWKS, OKP) that verifies agent tokens.",
+        &[(200, "The key set")],
+    ),
+    doc(
+        "post",
+        "/v1/agents/register",
+        Signed,
+        "Trade a v1 signature (or a one-time enrollment_token, unsigned) for a short-lived EdDSA JWT; with a token the answer also carries the instance's issued secret, once.",
+        &[
+            (200, "{instance_id, token, expires_at, secret?}"),
+            (401, "Signature, replay or token refused"),
+            (422, "Invalid body"),
+        ],
+    ),
+    doc(
+        "post",
+        "/v1/enrollments",
+        Least("admin"),
+        "Create a one-time enrollment token for an instance.",
+        &[(201, "{instance_id, enrollment_token, expires_at}"), (422, "Invalid body")],
+    ),
+    doc(
+        "get",
+        "/v1/agents/connect",
+        Public,
+        "WebSocket upgrade for agents (Authorization: Bearer <JWT from /v1/agents/register>; X-Agent-Version, X-Agent-Architecture, X-Agent-Hostname). Frames are JSON {type, id, payload}.",
+        &[(101, "Switching protocols"), (401, "No or bad token")],
+    ),
+    doc(
+        "get",
+        "/v1/agents/connected",
+        Least("support"),
+        "How many agents hold a live channel to this process.",
+        &[(200, "{connected}")],
+    ),
+    doc(
+        "post",
+        "/v1/agents/poll",
+        Signed,
+        "Fallback when the WebSocket cannot be opened: send queued frames, receive acknowledgements and waiting commands. v1 signature only.",
+        &[(200, "{acked, refused, commands}"), (401, "Signature refused")],
+    ),
+    doc(
+        "post",
+        "/v1/commands/submit",
+        Least("ops"),
+        "Submit a command to targets or a selector, with max_concurrency and max_errors. RunCommand, UpdateAgent, UpdatePackage, DEPLOY_COMPOSE and STOP_COMPOSE need admin.",
+        &[
+            (201, "{id, targets: [{target_id, instance_id}]}"),
+            (403, "Role too low for the command type"),
+            (422, "Invalid command or no target"),
+        ],
+    ),
+    doc(
+        "get",
+        "/v1/commands/{id}",
+        Least("support"),
+        "A command and its per-target status, exit code, error, short log and data.",
+        &[(200, "The command"), (404, "Unknown command")],
+    ),
+    doc(
+        "get",
+        "/v1/commands/{id}/logs",
+        Least("support"),
+        "Output of one target (?target=instance, ?stream=stdout|stderr): whole as bytes, or followed live as server-sent events with ?follow=true.",
+        &[(200, "Bytes or text/event-stream"), (404, "Unknown command or target")],
+    ),
+    doc(
+        "post",
+        "/v1/commands/{id}/cancel",
+        Least("ops"),
+        "Cancel: queued targets are skipped, running ones killed (admin for non-read-only types).",
+        &[(200, "{id, cancelled}"), (404, "Unknown command")],
+    ),
+];
