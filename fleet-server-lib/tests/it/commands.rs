@@ -519,6 +519,43 @@ async fn unanswered_targets_time_out_and_the_command_goes_on(store: TestStore) {
     server.stop().await;
 }
 
+/// Tokens of 31 s are renewed about every second (30 s before expiry) on the open channel,
+/// which stays up and keeps working.
+#[tokio::test]
+async fn tokens_are_renewed_before_they_expire() {
+    let store = support::sqlite().await;
+    let server = TestServer::start_with(store.store.clone(), |b| {
+        b.live(fleet_server::LiveSettings {
+            token_ttl: Duration::from_secs(31),
+            ..Default::default()
+        })
+    })
+    .await;
+    let agent = TestAgent::start(&server.url, INSTANCE, SECRET, None).await;
+    wait_connected(&server.client, &server.url, 1).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let pool = sqlx::SqlitePool::connect(&store.url).await.expect("db");
+    let registrations: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM seen_messages WHERE instance_id = $1")
+            .bind(INSTANCE)
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    assert!(registrations >= 3, "only {registrations} registrations");
+    let (_, body) = submit(
+        &server.client,
+        &server.url,
+        OPS,
+        json!({"command_type": "HEALTH_CHECK", "targets": [INSTANCE], "payload": {}}),
+    )
+    .await;
+    let id = body["id"].as_str().expect("id").to_owned();
+    let done = wait_done(&server.client, &server.url, &id, Duration::from_secs(20)).await;
+    assert_eq!(done["targets"][0]["status"], "completed", "{done}");
+    agent.stop().await;
+    server.stop().await;
+}
+
 support::on_both_backends!(
     unanswered_targets_time_out_and_the_command_goes_on,
     run_command_streams_output_and_exit_codes,
