@@ -304,7 +304,7 @@ impl Executor {
             if envelope.command.command_type() == CommandType::UpdateAgent
                 && result.status == CommandStatus::Completed
             {
-                let _ = this.restart.send(true);
+                this.restart.send_replace(true);
             }
         });
         Ok(())

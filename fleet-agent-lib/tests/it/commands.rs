@@ -162,3 +162,81 @@ fn settings_come_from_the_environment_names() {
     });
     assert!(bad.is_err());
 }
+
+/// Serves `bytes` at `/agent` on 127.0.0.1; returns the URL.
+async fn serve_binary(bytes: Vec<u8>) -> String {
+    let app = axum::Router::new().route(
+        "/agent",
+        axum::routing::get(move || {
+            let bytes = bytes.clone();
+            async move { bytes }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/agent", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+    url
+}
+
+#[tokio::test]
+async fn update_agent_checks_digest_and_signature_then_swaps_atomically() {
+    use base64::Engine;
+    use ed25519_dalek::Signer as _;
+    use sha2::Digest;
+    let seed = [9u8; 32];
+    let signing = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let public = fleet_core::PrivateKey::from_seed(seed).public_key();
+    let new_binary = b"#!/bin/sh\necho new agent\n".to_vec();
+    let url = serve_binary(new_binary.clone()).await;
+    let sha = hex::encode(sha2::Sha256::digest(&new_binary));
+    let good = base64::engine::general_purpose::STANDARD.encode(signing.sign(&new_binary).to_bytes());
+    let forged = base64::engine::general_purpose::STANDARD
+        .encode(ed25519_dalek::SigningKey::from_bytes(&[1; 32]).sign(&new_binary).to_bytes());
+
+    let dir = temp_dir("update");
+    let binary = dir.join("fleet-agent");
+    std::fs::write(&binary, b"old agent").expect("old binary");
+    let settings = CommandSettings {
+        update_keys: vec![public],
+        agent_binary: Some(binary.clone()),
+        ..CommandSettings::default()
+    };
+    let journal = Journal::open(&dir.join("state.db")).await.expect("journal");
+    let restart = Arc::new(tokio::sync::watch::channel(false).0);
+    let executor = Executor::new(journal.clone(), settings, None, restart.clone());
+
+    // A signature by a key that is not pinned: refused, nothing replaced.
+    executor
+        .accept(envelope(
+            "u1",
+            "UpdateAgent",
+            json!({"version": "2.0.0", "url": url, "sha256": sha, "signature": forged}),
+        ))
+        .await
+        .expect("accept");
+    let found = wait_results(&journal, 2).await;
+    assert_eq!(found[1].status, fleet_core::command::CommandStatus::Failed);
+    assert_eq!(std::fs::read(&binary).expect("read"), b"old agent");
+    assert!(!*restart.borrow());
+
+    executor
+        .accept(envelope(
+            "u2",
+            "UpdateAgent",
+            json!({"version": "2.0.0", "url": url, "sha256": sha, "signature": good}),
+        ))
+        .await
+        .expect("accept");
+    let found = wait_results(&journal, 4).await;
+    assert_eq!(found[3].status, fleet_core::command::CommandStatus::Completed, "{:?}", found[3]);
+    assert_eq!(std::fs::read(&binary).expect("read"), new_binary);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&binary).expect("meta").permissions().mode() & 0o777, 0o755);
+    let previous = fleet_agent::commands::update_agent::previous_path(&binary);
+    assert_eq!(std::fs::read(previous).expect("previous kept"), b"old agent");
+    assert!(fleet_agent::commands::update_agent::marker_path(&binary).exists());
+    // The agent is asked to restart into the new binary.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(*restart.borrow());
+    let _ = std::fs::remove_dir_all(dir);
+}
