@@ -368,7 +368,10 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "/v1/enrollments",
         Least("admin"),
         "Create a one-time enrollment token for an instance.",
-        &[(201, "{instance_id, enrollment_token, expires_at}"), (422, "Invalid body")],
+        &[
+            (201, "{instance_id, enrollment_token, expires_at}"),
+            (422, "Invalid body"),
+        ],
     ),
     doc(
         "get",
@@ -389,7 +392,10 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "/v1/agents/poll",
         Signed,
         "Fallback when the WebSocket cannot be opened: send queued frames, receive acknowledgements and waiting commands. v1 signature only.",
-        &[(200, "{acked, refused, commands}"), (401, "Signature refused")],
+        &[
+            (200, "{acked, refused, commands}"),
+            (401, "Signature refused"),
+        ],
     ),
     doc(
         "post",
@@ -414,7 +420,10 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "/v1/commands/{id}/logs",
         Least("support"),
         "Output of one target (?target=instance, ?stream=stdout|stderr): whole as bytes, or followed live as server-sent events with ?follow=true.",
-        &[(200, "Bytes or text/event-stream"), (404, "Unknown command or target")],
+        &[
+            (200, "Bytes or text/event-stream"),
+            (404, "Unknown command or target"),
+        ],
     ),
     doc(
         "post",

@@ -9,9 +9,9 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::extract::ws::Message;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use axum::extract::ws::Message;
 use fleet_core::command::Frame;
 use fleet_core::signing::Scheme;
 use fleet_core::{Secret, SignatureHeaders};
@@ -115,6 +115,8 @@ pub(crate) async fn poll(
             _ => None,
         })
         .collect();
-    Ok(Json(serde_json::json!({ "acked": acked, "refused": refused, "commands": pending }))
-        .into_response())
+    Ok(
+        Json(serde_json::json!({ "acked": acked, "refused": refused, "commands": pending }))
+            .into_response(),
+    )
 }

@@ -46,7 +46,10 @@ fn options() -> Result<Options, String> {
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
-        let number = |v: &str| v.parse::<u64>().map_err(|_| format!("{flag}: not a number"));
+        let number = |v: &str| {
+            v.parse::<u64>()
+                .map_err(|_| format!("{flag}: not a number"))
+        };
         match flag.as_str() {
             "--url" => o.url = value,
             "--agents" => o.agents = number(&value)? as usize,
@@ -127,7 +130,11 @@ async fn simulate(url: String, source: std::net::IpAddr, token: String, answered
         if frame["type"] == "HEALTH_CHECK" {
             let reply = json!({"type": "result", "id": uuid::Uuid::new_v4().to_string(),
                 "payload": {"job_id": frame["id"], "status": "COMPLETED", "logs": "ok"}});
-            if sink.send(Message::Text(reply.to_string().into())).await.is_err() {
+            if sink
+                .send(Message::Text(reply.to_string().into()))
+                .await
+                .is_err()
+            {
                 break;
             }
             answered.fetch_add(1, Ordering::Relaxed);
@@ -195,14 +202,28 @@ async fn run(o: Options) {
         .buffered(64)
         .collect()
         .await;
-    println!("registered {} agents in {:.1} s", ids.len(), started.elapsed().as_secs_f64());
+    println!(
+        "registered {} agents in {:.1} s",
+        ids.len(),
+        started.elapsed().as_secs_f64()
+    );
 
     let answered = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(ids.len());
     for (i, token) in tokens.into_iter().enumerate() {
-        let source = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2 + (i as u8 % o.sources)));
-        tasks.push(tokio::spawn(simulate(o.url.clone(), source, token, answered.clone())));
+        let source = std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+            127,
+            0,
+            0,
+            2 + (i as u8 % o.sources),
+        ));
+        tasks.push(tokio::spawn(simulate(
+            o.url.clone(),
+            source,
+            token,
+            answered.clone(),
+        )));
         if i % 200 == 199 {
             // Paced so the accept queue never overflows.
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -213,7 +234,10 @@ async fn run(o: Options) {
         if n as usize >= ids.len() {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(300), "only {n} connected");
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "only {n} connected"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     println!(

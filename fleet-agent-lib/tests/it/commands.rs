@@ -172,7 +172,9 @@ async fn serve_binary(bytes: Vec<u8>) -> String {
             async move { bytes }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let url = format!("http://{}/agent", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
     url
@@ -189,9 +191,13 @@ async fn update_agent_checks_digest_and_signature_then_swaps_atomically() {
     let new_binary = b"#!/bin/sh\necho new agent\n".to_vec();
     let url = serve_binary(new_binary.clone()).await;
     let sha = hex::encode(sha2::Sha256::digest(&new_binary));
-    let good = base64::engine::general_purpose::STANDARD.encode(signing.sign(&new_binary).to_bytes());
-    let forged = base64::engine::general_purpose::STANDARD
-        .encode(ed25519_dalek::SigningKey::from_bytes(&[1; 32]).sign(&new_binary).to_bytes());
+    let good =
+        base64::engine::general_purpose::STANDARD.encode(signing.sign(&new_binary).to_bytes());
+    let forged = base64::engine::general_purpose::STANDARD.encode(
+        ed25519_dalek::SigningKey::from_bytes(&[1; 32])
+            .sign(&new_binary)
+            .to_bytes(),
+    );
 
     let dir = temp_dir("update");
     let binary = dir.join("fleet-agent");
@@ -228,12 +234,27 @@ async fn update_agent_checks_digest_and_signature_then_swaps_atomically() {
         .await
         .expect("accept");
     let found = wait_results(&journal, 4).await;
-    assert_eq!(found[3].status, fleet_core::command::CommandStatus::Completed, "{:?}", found[3]);
+    assert_eq!(
+        found[3].status,
+        fleet_core::command::CommandStatus::Completed,
+        "{:?}",
+        found[3]
+    );
     assert_eq!(std::fs::read(&binary).expect("read"), new_binary);
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&binary).expect("meta").permissions().mode() & 0o777, 0o755);
+    assert_eq!(
+        std::fs::metadata(&binary)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o755
+    );
     let previous = fleet_agent::commands::update_agent::previous_path(&binary);
-    assert_eq!(std::fs::read(previous).expect("previous kept"), b"old agent");
+    assert_eq!(
+        std::fs::read(previous).expect("previous kept"),
+        b"old agent"
+    );
     assert!(fleet_agent::commands::update_agent::marker_path(&binary).exists());
     // The agent is asked to restart into the new binary.
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -4,9 +4,9 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use axum::response::IntoResponse;
 use fleet_agent::{Agent, AgentConfig, CommandSettings};
 use fleet_core::Secret;
-use axum::response::IntoResponse;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -605,7 +605,10 @@ async fn polling_fallback_runs_commands_without_a_socket() {
     let id = body["id"].as_str().expect("id").to_owned();
     let done = wait_done(&client, &url, &id, Duration::from_secs(60)).await;
     assert_eq!(done["targets"][0]["status"], "completed", "{done}");
-    assert_eq!(output(&client, &url, &id, "stdout").await, b"over plain HTTPS\n");
+    assert_eq!(
+        output(&client, &url, &id, "stdout").await,
+        b"over plain HTTPS\n"
+    );
     // A poll must be signed: an unsigned one is refused.
     let response = client
         .post(format!("{url}/v1/agents/poll"))
