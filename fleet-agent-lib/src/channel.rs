@@ -154,9 +154,11 @@ pub async fn run(config: ChannelConfig, mut stop: watch::Receiver<bool>) {
             {
                 Ok(answer) => token = Some(token_of(answer)),
                 Err(err) => {
+                    // No polling then: a control plane that cannot register agents (down,
+                    // or an older one without the endpoint) would not answer polls either.
                     tracing::warn!(reason = %err, "registration failed");
                     token = None;
-                    cannot_connect += 1;
+                    cannot_connect = 0;
                 }
             }
         }
