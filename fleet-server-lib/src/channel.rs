@@ -99,7 +99,16 @@ pub(crate) struct Live {
     pub replicas: Option<crate::replicas::Notifier>,
     /// Woken when logs or results were stored, so local followers look sooner.
     pub activity: Notify,
+    /// Commands with targets that ended since the last scheduling pass. Scheduling reads
+    /// all of a command's targets, so it runs per command at most every
+    /// [`SCHEDULE_EVERY`], not per result (10,000 results would otherwise cost 10,000
+    /// passes over 10,000 rows).
+    ended: Mutex<std::collections::HashSet<String>>,
+    schedule_now: Notify,
 }
+
+/// Pause between scheduling passes.
+pub const SCHEDULE_EVERY: Duration = Duration::from_millis(50);
 
 impl Live {
     pub fn new(settings: LiveSettings, replicas: Option<crate::replicas::Notifier>) -> Self {
@@ -124,7 +133,26 @@ impl Live {
             next_id: AtomicU64::new(1),
             replicas,
             activity: Notify::new(),
+            ended: Mutex::new(Default::default()),
+            schedule_now: Notify::new(),
         }
+    }
+
+    /// Notes that a target of `command_id` ended; the scheduler looks at it soon.
+    pub fn mark_ended(&self, command_id: String) {
+        self.ended
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(command_id);
+        self.schedule_now.notify_one();
+    }
+
+    fn take_ended(&self) -> Vec<String> {
+        self.ended
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect()
     }
 
     /// How many agents are connected to this process.
@@ -479,8 +507,7 @@ async fn record_result(
     if let Some(command_id) = changed
         && status != TargetStatus::Running
     {
-        let released = commands.schedule(&command_id, now).await?;
-        state.live.deliver(commands, released).await;
+        state.live.mark_ended(command_id);
     }
     Ok(())
 }
@@ -493,6 +520,41 @@ pub(crate) fn command_store(store: &dyn Store) -> Result<&dyn CommandStore> {
 /// `GET /v1/agents/connected` (support): how many agents hold a socket to this process.
 pub(crate) async fn connected(_: crate::auth::Support, State(state): State<Shared>) -> Response {
     axum::Json(serde_json::json!({ "connected": state.live.connected() })).into_response()
+}
+
+/// Schedules commands whose targets ended: releases more targets, halts, completes.
+pub(crate) fn spawn_scheduler(state: std::sync::Weak<crate::AppState>) {
+    tokio::spawn(async move {
+        loop {
+            let Some(strong) = state.upgrade() else {
+                return;
+            };
+            let ids = strong.live.take_ended();
+            if ids.is_empty() {
+                let live = strong.live.clone();
+                drop(strong);
+                // Wake on news (notify_one keeps a permit), but check now and then that the
+                // control plane still exists.
+                let _ = tokio::time::timeout(Duration::from_secs(5), live.schedule_now.notified())
+                    .await;
+                continue;
+            }
+            if let Some(commands) = strong.store.commands() {
+                let now = fleet_core::unix_now();
+                for id in ids {
+                    match commands.schedule(&id, now).await {
+                        Ok(released) => strong.live.deliver(commands, released).await,
+                        Err(err) => {
+                            tracing::warn!(error = %err, "cannot schedule a command");
+                            strong.live.mark_ended(id);
+                        }
+                    }
+                }
+            }
+            drop(strong);
+            tokio::time::sleep(SCHEDULE_EVERY).await;
+        }
+    });
 }
 
 /// Times out targets that never answered, then lets their commands go on; runs until the
@@ -519,10 +581,7 @@ pub(crate) fn spawn_timeouts(state: std::sync::Weak<crate::AppState>) {
             match expired {
                 Ok(ids) => {
                     for id in ids {
-                        match commands.schedule(&id, now).await {
-                            Ok(released) => state.live.deliver(commands, released).await,
-                            Err(err) => tracing::warn!(error = %err, "cannot schedule a command"),
-                        }
+                        state.live.mark_ended(id);
                     }
                 }
                 Err(err) => tracing::warn!(error = %err, "cannot time out command targets"),

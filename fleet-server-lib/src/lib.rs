@@ -229,6 +229,7 @@ impl ControlPlaneBuilder {
         });
         sweeper::spawn(Arc::downgrade(&state));
         channel::spawn_timeouts(Arc::downgrade(&state));
+        channel::spawn_scheduler(Arc::downgrade(&state));
         if let Some(pool) = notify_pool {
             replicas::spawn_listener(Arc::downgrade(&state), pool);
         }
