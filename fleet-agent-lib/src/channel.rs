@@ -423,29 +423,18 @@ async fn session(
                 Ok(_) => {}
                 Err(err) => tracing::error!(error = %err, "cannot read the journal"),
             }
-            tokio::select! {
+            let event = tokio::select! {
                 _ = notified => continue,
-                ended = step(config, &mut stream, &tx, &mut in_flight, &mut last_pong, &mut ping, stop, &mut renew) => {
-                    match ended {
-                        Some(Ended::RenewDue) => pending_end = Some(Ended::RenewDue),
-                        Some(ended) => break ended,
-                        None => {}
-                    }
-                }
+                event = wait(&mut stream, &mut ping, stop, &mut renew) => event,
+            };
+            match apply(config, event, &tx, &mut in_flight, &mut last_pong).await {
+                Some(Ended::RenewDue) => pending_end = Some(Ended::RenewDue),
+                Some(ended) => break ended,
+                None => {}
             }
         } else {
-            match step(
-                config,
-                &mut stream,
-                &tx,
-                &mut in_flight,
-                &mut last_pong,
-                &mut ping,
-                stop,
-                &mut renew,
-            )
-            .await
-            {
+            let event = wait(&mut stream, &mut ping, stop, &mut renew).await;
+            match apply(config, event, &tx, &mut in_flight, &mut last_pong).await {
                 Some(Ended::RenewDue) => pending_end = Some(Ended::RenewDue),
                 Some(ended) => break ended,
                 None => {}
@@ -457,39 +446,59 @@ async fn session(
     ended
 }
 
-/// Waits for one event on the socket; `Some` ends the session.
-#[allow(clippy::too_many_arguments)]
-async fn step(
-    config: &ChannelConfig,
-    stream: &mut futures_util::stream::SplitStream<
-        tokio_tungstenite::WebSocketStream<
-            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-        >,
-    >,
-    tx: &mpsc::Sender<Message>,
-    in_flight: &mut HashSet<String>,
-    last_pong: &mut Instant,
+type Incoming = futures_util::stream::SplitStream<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+>;
+
+/// What woke the session.
+enum Event {
+    Stop,
+    Renew,
+    Ping,
+    Message(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
+}
+
+/// Waits for the next event. Only cancel-safe waits happen here, so the session may race it
+/// against the journal's notification; the event is handled after, never half-way.
+async fn wait(
+    stream: &mut Incoming,
     ping: &mut tokio::time::Interval,
     stop: &mut watch::Receiver<bool>,
     renew: &mut std::pin::Pin<&mut tokio::time::Sleep>,
+) -> Event {
+    tokio::select! {
+        _ = async { let _ = stop.wait_for(|s| *s).await; } => Event::Stop,
+        // The token is only checked at the handshake; a fresh one is fetched before it
+        // expires, so a reconnect always has a valid one.
+        _ = renew.as_mut() => Event::Renew,
+        _ = ping.tick() => Event::Ping,
+        message = stream.next() => Event::Message(message),
+    }
+}
+
+/// Handles one event; `Some` ends the session (or asks for a renewal).
+async fn apply(
+    config: &ChannelConfig,
+    event: Event,
+    tx: &mpsc::Sender<Message>,
+    in_flight: &mut HashSet<String>,
+    last_pong: &mut Instant,
 ) -> Option<Ended> {
     let settings = config.executor.settings();
-    tokio::select! {
-        _ = async { let _ = stop.wait_for(|s| *s).await; } => {
+    match event {
+        Event::Stop => {
             let _ = tx.send(Message::Close(None)).await;
             Some(Ended::Stopped)
         }
-        // The token is only checked at the handshake; a fresh one is fetched before it
-        // expires, so a reconnect always has a valid one.
-        _ = renew.as_mut() => Some(Ended::RenewDue),
-        _ = ping.tick() => {
+        Event::Renew => Some(Ended::RenewDue),
+        Event::Ping => {
             if last_pong.elapsed() > settings.pong_timeout {
                 return Some(Ended::Failed("no pong for too long".into()));
             }
             let _ = tx.send(Message::Ping(Default::default())).await;
             None
         }
-        message = stream.next() => {
+        Event::Message(message) => {
             let message = match message {
                 None => return Some(Ended::Failed("closed by the control plane".into())),
                 Some(Err(err)) => return Some(Ended::Failed(err.to_string())),
@@ -499,7 +508,9 @@ async fn step(
             let bytes = match message {
                 Message::Text(text) => text.as_bytes().to_vec(),
                 Message::Binary(bytes) => bytes.to_vec(),
-                Message::Close(_) => return Some(Ended::Failed("closed by the control plane".into())),
+                Message::Close(_) => {
+                    return Some(Ended::Failed("closed by the control plane".into()));
+                }
                 _ => return None,
             };
             handle(config, &bytes, tx, in_flight).await;
