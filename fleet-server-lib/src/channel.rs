@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use fleet_core::command::{Ack, CommandResult, CommandStatus, Frame, TargetStatus};
 use fleet_core::jwt::{JwtSigner, JwtVerifier};
 use fleet_core::manifest::PrivateKey;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::{Notify, mpsc};
 
 use crate::store::Store;
@@ -30,6 +30,10 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub const MAX_FRAME_BYTES: usize = 2 * 1024 * 1024;
 /// Frames queued for one socket before senders wait.
 const QUEUE: usize = 256;
+/// Most frames from one agent handled (and log frames committed) together.
+const BATCH_FRAMES: usize = 64;
+/// Most bytes of frames handled together.
+const BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 /// Settings of the live channel and registration.
 #[derive(Clone)]
@@ -328,12 +332,13 @@ async fn session(state: Shared, instance_id: String, socket: WebSocket) {
         return;
     };
     state.live.deliver_pending(commands, &instance_id).await;
-    loop {
+    let mut owners = HashMap::new();
+    'session: loop {
         let next = tokio::select! {
             next = tokio::time::timeout(IDLE_TIMEOUT, stream.next()) => next,
             _ = kick.notified() => break,
         };
-        let message = match next {
+        let first = match next {
             Err(_) => {
                 tracing::info!(%instance_id, "agent silent too long; closing");
                 break;
@@ -341,16 +346,45 @@ async fn session(state: Shared, instance_id: String, socket: WebSocket) {
             Ok(None) | Ok(Some(Err(_))) => break,
             Ok(Some(Ok(message))) => message,
         };
-        let bytes = match message {
-            Message::Text(text) => text.as_str().as_bytes().to_vec(),
-            Message::Binary(bytes) => bytes.to_vec(),
-            Message::Close(_) => break,
-            Message::Ping(_) | Message::Pong(_) => continue,
-        };
-        if let Some(reply) = handle(&state, commands, &instance_id, &bytes).await
-            && tx.send(reply).await.is_err()
-        {
+        // Take whatever else has arrived already, to store it in one go.
+        let mut frames = Vec::new();
+        let mut closing = false;
+        let mut message = Some(first);
+        let mut bytes_taken = 0usize;
+        while let Some(current) = message.take() {
+            let frame = match current {
+                Message::Text(text) => Some(text.as_str().as_bytes().to_vec()),
+                Message::Binary(bytes) => Some(bytes.to_vec()),
+                Message::Close(_) => {
+                    closing = true;
+                    None
+                }
+                Message::Ping(_) | Message::Pong(_) => None,
+            };
+            if let Some(frame) = frame {
+                bytes_taken += frame.len();
+                frames.push(frame);
+            }
+            if closing || frames.len() >= BATCH_FRAMES || bytes_taken >= BATCH_BYTES {
+                break;
+            }
+            match stream.next().now_or_never() {
+                Some(Some(Ok(next))) => message = Some(next),
+                Some(None) | Some(Some(Err(_))) => closing = true,
+                None => {}
+            }
+        }
+        for reply in handle_batch(&state, commands, &instance_id, frames, &mut owners).await {
+            if tx.send(reply).await.is_err() {
+                break 'session;
+            }
+        }
+        if closing {
             break;
+        }
+        // Targets are per command; a long session must not keep every answer forever.
+        if owners.len() > 1024 {
+            owners.clear();
         }
     }
     {
@@ -420,36 +454,14 @@ pub(crate) async fn handle(
             }
         }
         Frame::Logs { id, batch } => {
-            // An agent may only write output of its own commands.
-            match commands.target_owner(&batch.command_id).await {
-                Ok(Some((owner, _))) if owner == instance_id => {}
-                Ok(_) => {
-                    return Some(text(&Frame::Error {
-                        id,
-                        message: "unknown command".into(),
-                    }));
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "cannot look up a command");
-                    return None;
-                }
+            let mut owners = HashMap::new();
+            let mut rows = Vec::new();
+            if let Err(reply) =
+                log_rows(commands, instance_id, &id, batch, &mut owners, &mut rows).await
+            {
+                return reply;
             }
-            let target = batch.command_id.clone();
-            let mut chunks = Vec::with_capacity(batch.chunks.len());
-            for chunk in batch.into_chunks() {
-                match chunk.bytes() {
-                    Some(bytes) if bytes.len() <= fleet_core::command::MAX_CHUNK_BYTES => {
-                        chunks.push((chunk.stream, chunk.offset, bytes));
-                    }
-                    _ => {
-                        return Some(text(&Frame::Error {
-                            id,
-                            message: "chunk is not valid base64 or too large".into(),
-                        }));
-                    }
-                }
-            }
-            match commands.store_chunks(&target, &chunks).await {
+            match commands.store_chunks(&rows).await {
                 Ok(_) => {
                     state.live.activity.notify_waiters();
                     Some(ack(id))
@@ -471,6 +483,116 @@ pub(crate) async fn handle(
             message: "agents do not send cancels".into(),
         })),
     }
+}
+
+/// Checks a log frame (the agent may only write output of its own commands; `owners`
+/// caches that per target) and appends its chunks to `rows`. `Err` carries the answer for a
+/// refused frame (`None`: nothing to say, e.g. a database error; the agent sends it again).
+async fn log_rows(
+    commands: &dyn CommandStore,
+    instance_id: &str,
+    id: &str,
+    batch: fleet_core::command::LogBatch,
+    owners: &mut HashMap<String, bool>,
+    rows: &mut Vec<(String, fleet_core::command::Stream, u64, Vec<u8>)>,
+) -> std::result::Result<(), Option<Message>> {
+    let owned = match owners.get(&batch.command_id) {
+        Some(owned) => *owned,
+        None => match commands.target_owner(&batch.command_id).await {
+            Ok(owner) => {
+                let owned = owner.is_some_and(|(owner, _)| owner == instance_id);
+                owners.insert(batch.command_id.clone(), owned);
+                owned
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot look up a command");
+                return Err(None);
+            }
+        },
+    };
+    let refuse = |message: &str| {
+        Err(Some(text(&Frame::Error {
+            id: id.to_owned(),
+            message: message.to_owned(),
+        })))
+    };
+    if !owned {
+        return refuse("unknown command");
+    }
+    let target = batch.command_id.clone();
+    let start = rows.len();
+    for chunk in batch.into_chunks() {
+        match chunk.bytes() {
+            Some(bytes) if bytes.len() <= fleet_core::command::MAX_CHUNK_BYTES => {
+                rows.push((target.clone(), chunk.stream, chunk.offset, bytes));
+            }
+            _ => {
+                rows.truncate(start);
+                return refuse("chunk is not valid base64 or too large");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Handles frames that arrived together: consecutive log frames are stored in ONE
+/// transaction and acknowledged in one ack (a commit per frame would cap throughput at
+/// the database's commit rate); any other frame is handled on its own, after the logs
+/// before it are stored, so a result never overtakes its output.
+async fn handle_batch(
+    state: &Shared,
+    commands: &dyn CommandStore,
+    instance_id: &str,
+    frames: Vec<Vec<u8>>,
+    owners: &mut HashMap<String, bool>,
+) -> Vec<Message> {
+    let mut replies = Vec::new();
+    let mut rows = Vec::new();
+    let mut ids = Vec::new();
+    for bytes in frames {
+        match Frame::decode(&bytes) {
+            Ok(Frame::Logs { id, batch }) => {
+                match log_rows(commands, instance_id, &id, batch, owners, &mut rows).await {
+                    Ok(()) => ids.push(id),
+                    Err(reply) => replies.extend(reply),
+                }
+            }
+            _ => {
+                flush_logs(state, commands, &mut rows, &mut ids, &mut replies).await;
+                replies.extend(handle(state, commands, instance_id, &bytes).await);
+            }
+        }
+    }
+    flush_logs(state, commands, &mut rows, &mut ids, &mut replies).await;
+    replies
+}
+
+async fn flush_logs(
+    state: &Shared,
+    commands: &dyn CommandStore,
+    rows: &mut Vec<(String, fleet_core::command::Stream, u64, Vec<u8>)>,
+    ids: &mut Vec<String>,
+    replies: &mut Vec<Message>,
+) {
+    if ids.is_empty() {
+        return;
+    }
+    match commands.store_chunks(rows.as_slice()).await {
+        Ok(_) => {
+            state.live.activity.notify_waiters();
+            let ids = std::mem::take(ids);
+            replies.push(text(&Frame::Ack {
+                id: ids[0].clone(),
+                ack: Ack { ids },
+            }));
+        }
+        Err(err) => {
+            // No ack: the agent keeps the chunks and sends them again.
+            tracing::warn!(error = %err, "cannot store log chunks");
+            ids.clear();
+        }
+    }
+    rows.clear();
 }
 
 async fn record_result(

@@ -176,9 +176,9 @@ pub trait CommandStore: Send + Sync {
     /// The instance a target belongs to, and its command.
     async fn target_owner(&self, target_id: &str) -> Result<Option<(String, String)>>;
 
-    /// Stores chunks once per `(target, stream, offset)`; returns how many were new.
-    async fn store_chunks(&self, target_id: &str, chunks: &[(Stream, u64, Vec<u8>)])
-    -> Result<u64>;
+    /// Stores chunks `(target, stream, offset, bytes)` in one transaction, once per
+    /// `(target, stream, offset)`; returns how many were new.
+    async fn store_chunks(&self, chunks: &[(String, Stream, u64, Vec<u8>)]) -> Result<u64>;
 
     /// Chunks of one target from offset `from` on (per stream), ordered by stream and offset.
     async fn read_chunks(
@@ -485,12 +485,11 @@ macro_rules! impl_command_store {
 
             async fn store_chunks(
                 &self,
-                target_id: &str,
-                chunks: &[(fleet_core::command::Stream, u64, Vec<u8>)],
+                chunks: &[(String, fleet_core::command::Stream, u64, Vec<u8>)],
             ) -> $crate::Result<u64> {
                 let mut tx = self.pool().begin_with($begin).await?;
                 let mut new = 0;
-                for (stream, pos, data) in chunks {
+                for (target_id, stream, pos, data) in chunks {
                     new += sqlx::query(
                         "INSERT INTO command_logs (target_id, stream, pos, data) \
                          VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
