@@ -40,9 +40,19 @@ pub struct AgentBuilder {
     collectors: Vec<Arc<dyn Collector>>,
     builtin: bool,
     commands: Option<crate::commands::CommandSettings>,
+    handlers: Vec<Arc<dyn crate::commands::CommandHandler>>,
 }
 
 impl AgentBuilder {
+    /// Runs a command type with `handler` instead of the built-in one.
+    pub fn command_handler(
+        mut self,
+        handler: impl crate::commands::CommandHandler + 'static,
+    ) -> Self {
+        self.handlers.push(Arc::new(handler));
+        self
+    }
+
     /// Turns on remote commands over the live channel (off unless set).
     pub fn commands(mut self, settings: crate::commands::CommandSettings) -> Self {
         self.commands = Some(settings);
@@ -180,6 +190,7 @@ impl AgentBuilder {
             }),
             listener: None,
             commands: self.commands,
+            handlers: self.handlers,
             restart: Arc::new(watch::channel(false).0),
         })
     }
@@ -218,6 +229,7 @@ pub struct Agent {
     shared: Arc<Shared>,
     listener: Option<TcpListener>,
     commands: Option<crate::commands::CommandSettings>,
+    handlers: Vec<Arc<dyn crate::commands::CommandHandler>>,
     restart: Arc<watch::Sender<bool>>,
 }
 
@@ -230,6 +242,7 @@ impl Agent {
             collectors: Vec::new(),
             builtin: true,
             commands: None,
+            handlers: Vec::new(),
         }
     }
 
@@ -321,7 +334,8 @@ impl Agent {
                 settings,
                 c.version.clone(),
                 self.restart.clone(),
-            );
+            )
+            .with_handlers(std::mem::take(&mut self.handlers));
             tasks.spawn(crate::channel::run(
                 crate::channel::ChannelConfig {
                     instance_id: c.instance_id.clone(),

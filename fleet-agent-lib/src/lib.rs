@@ -23,7 +23,7 @@ pub use agent::{Agent, AgentBuilder};
 pub use async_trait::async_trait;
 pub use checks::{Check, HttpCheck, PostgresCheck, RedisCheck, TcpCheck};
 pub use collectors::Collector;
-pub use commands::CommandSettings;
+pub use commands::{CommandHandler, CommandSettings};
 pub use config::{AgentConfig, PluginSettings, RegionalEndpoint, UpdateSettings};
 
 /// Everything that can go wrong in the agent library.

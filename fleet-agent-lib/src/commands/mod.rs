@@ -165,6 +165,22 @@ impl CommandSettings {
     }
 }
 
+/// Runs one command type in place of the built-in handler, e.g. a `HEALTH_CHECK` that asks
+/// the application. Register it with
+/// [`AgentBuilder::command_handler`](crate::AgentBuilder::command_handler).
+///
+/// The executor still records the id (exactly once), answers `IN_PROGRESS` first, journals
+/// what the handler writes to `output`, and sends the returned result (its `job_id` is
+/// filled in).
+#[async_trait::async_trait]
+pub trait CommandHandler: Send + Sync {
+    /// The type this handler runs.
+    fn command_type(&self) -> CommandType;
+
+    /// Runs `command`; `cancel` is notified when the control plane cancels it.
+    async fn run(&self, command: &Command, output: &Output, cancel: &Notify) -> CommandResult;
+}
+
 /// Writes a command's output to the journal with running offsets.
 pub struct Output {
     journal: Journal,
@@ -209,9 +225,21 @@ pub struct Executor {
     pub restart: Arc<tokio::sync::watch::Sender<bool>>,
     started: std::time::Instant,
     version: Option<String>,
+    handlers: Arc<HashMap<CommandType, Arc<dyn CommandHandler>>>,
 }
 
 impl Executor {
+    /// Uses `handlers` in place of the built-in ones for their types.
+    pub fn with_handlers(mut self, handlers: Vec<Arc<dyn CommandHandler>>) -> Self {
+        self.handlers = Arc::new(
+            handlers
+                .into_iter()
+                .map(|h| (h.command_type(), h))
+                .collect(),
+        );
+        self
+    }
+
     /// An executor over `journal`.
     pub fn new(
         journal: Journal,
@@ -226,6 +254,7 @@ impl Executor {
             restart,
             started: std::time::Instant::now(),
             version,
+            handlers: Arc::new(HashMap::new()),
         }
     }
 
@@ -329,6 +358,9 @@ impl Executor {
         cancel: &Notify,
     ) -> CommandResult {
         let s = &self.settings;
+        if let Some(handler) = self.handlers.get(&command.command_type()) {
+            return handler.run(command, output, cancel).await;
+        }
         match command {
             Command::RunCommand(run) => run::run(run, output, cancel, s.default_timeout).await,
             Command::DeployCompose(deploy) => compose::deploy(s, deploy, output, cancel).await,

@@ -261,3 +261,53 @@ async fn update_agent_checks_digest_and_signature_then_swaps_atomically() {
     assert!(*restart.borrow());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// An application's own HEALTH_CHECK, plugged in with a `CommandHandler`.
+struct AppHealth;
+
+#[fleet_agent::async_trait]
+impl fleet_agent::CommandHandler for AppHealth {
+    fn command_type(&self) -> CommandType {
+        CommandType::HealthCheck
+    }
+
+    async fn run(
+        &self,
+        _command: &fleet_core::command::Command,
+        output: &fleet_agent::commands::Output,
+        _cancel: &tokio::sync::Notify,
+    ) -> fleet_core::command::CommandResult {
+        output
+            .write(fleet_core::command::Stream::Stdout, b"queue depth 3\n")
+            .await
+            .expect("journal");
+        let mut result = fleet_agent::commands::completed("", "app healthy");
+        result.data = Some(json!({"queue_depth": 3}));
+        result
+    }
+}
+
+#[tokio::test]
+async fn a_plugged_in_handler_replaces_the_built_in_one() {
+    let (executor, journal, dir) = executor(CommandSettings::default()).await;
+    let executor = executor.with_handlers(vec![Arc::new(AppHealth)]);
+    executor
+        .accept(envelope("h1", "HEALTH_CHECK", json!({})))
+        .await
+        .expect("accept");
+    let found = wait_results(&journal, 2).await;
+    assert_eq!(found[1].job_id, "h1");
+    assert_eq!(found[1].data, Some(json!({"queue_depth": 3})));
+    let logs: Vec<_> = journal
+        .pending(0, 100)
+        .await
+        .expect("pending")
+        .into_iter()
+        .filter_map(|p| match Frame::decode(&p.body) {
+            Ok(Frame::Logs { batch, .. }) => Some(batch.chunks[0].data.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(logs, ["queue depth 3\n"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
