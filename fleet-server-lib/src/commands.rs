@@ -399,6 +399,17 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
     ),
     doc(
         "post",
+        "/v1/commands/logs",
+        Signed,
+        "Output chunks over HTTP (agent-svc shape): {instance_id, command_id, chunks: [{offset, stream, data, encoding?}]}, v1-signed; stored once per (command_id, stream, offset).",
+        &[
+            (200, "Stored (or already stored)"),
+            (401, "Signature refused"),
+            (422, "Invalid body or not this instance's command"),
+        ],
+    ),
+    doc(
+        "post",
         "/v1/commands/submit",
         Least("ops"),
         "Submit a command to targets or a selector, with max_concurrency and max_errors. RunCommand, UpdateAgent, UpdatePackage, DEPLOY_COMPOSE and STOP_COMPOSE need admin.",

@@ -261,6 +261,7 @@ fn routes(state: Shared) -> Router {
         .route("/v1/commands/{id}", get(commands::show))
         .route("/v1/commands/{id}/logs", get(commands::logs))
         .route("/v1/commands/{id}/cancel", post(commands::cancel))
+        .route("/v1/commands/logs", post(poll::logs))
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi::document))
         .route("/", get(dashboard::index))

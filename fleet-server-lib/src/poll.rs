@@ -45,35 +45,7 @@ pub(crate) async fn poll(
         });
     }
     let commands = command_store(state.store.as_ref())?;
-    let now = fleet_core::unix_now();
-    let lookup =
-        SignatureHeaders::from_lookup(|name| headers.get(name).and_then(|v| v.to_str().ok()));
-    if lookup.scheme() != Some(Scheme::V1) {
-        return Err(Error::Unauthorized);
-    }
-    let instance = fleet_core::locate_instance_id(&body)
-        .ok_or(Error::Unauthorized)?
-        .into_owned();
-    let mut secrets: Vec<Secret> = state
-        .verifier
-        .resolver()
-        .resolve(&instance)
-        .map(<[Secret]>::to_vec)
-        .unwrap_or_default();
-    if let Some(nonce) = commands.issued_nonce(&instance).await? {
-        secrets.extend(Secret::new(&issued_secret(&state.live.master, &instance, &nonce)).ok());
-    }
-    let verified = state
-        .verifier
-        .verify_with(&body, &lookup, now, |_| Some(secrets.as_slice()))
-        .map_err(|_| Error::Unauthorized)?;
-    let msg_id = verified.msg_id.clone().unwrap_or_default();
-    if !commands
-        .remember_message(&instance, &msg_id, verified.timestamp.unwrap_or(now), now)
-        .await?
-    {
-        return Err(Error::Unauthorized);
-    }
+    let instance = verify_agent(&state, commands, &headers, &body).await?;
     let parsed: PollBody = serde_json::from_slice(&body).map_err(|e| {
         let mut errors = fleet_core::ValidationErrors::default();
         errors.push("", e.to_string());
@@ -119,4 +91,79 @@ pub(crate) async fn poll(
         Json(serde_json::json!({ "acked": acked, "refused": refused, "commands": pending }))
             .into_response(),
     )
+}
+
+/// Checks a v1-signed agent request over its raw bytes (configured or issued secrets) and
+/// remembers its message id; returns the instance id. Every failure is the same 401.
+async fn verify_agent(
+    state: &Shared,
+    commands: &dyn crate::store::commands::CommandStore,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<String> {
+    let now = fleet_core::unix_now();
+    let lookup =
+        SignatureHeaders::from_lookup(|name| headers.get(name).and_then(|v| v.to_str().ok()));
+    if lookup.scheme() != Some(Scheme::V1) {
+        return Err(Error::Unauthorized);
+    }
+    let instance = fleet_core::locate_instance_id(body)
+        .ok_or(Error::Unauthorized)?
+        .into_owned();
+    let mut secrets: Vec<Secret> = state
+        .verifier
+        .resolver()
+        .resolve(&instance)
+        .map(<[Secret]>::to_vec)
+        .unwrap_or_default();
+    if let Some(nonce) = commands.issued_nonce(&instance).await? {
+        secrets.extend(Secret::new(&issued_secret(&state.live.master, &instance, &nonce)).ok());
+    }
+    let verified = state
+        .verifier
+        .verify_with(body, &lookup, now, |_| Some(secrets.as_slice()))
+        .map_err(|_| Error::Unauthorized)?;
+    let msg_id = verified.msg_id.clone().unwrap_or_default();
+    if !commands
+        .remember_message(&instance, &msg_id, verified.timestamp.unwrap_or(now), now)
+        .await?
+    {
+        return Err(Error::Unauthorized);
+    }
+    Ok(instance)
+}
+
+/// `POST /v1/commands/logs` (the agent-svc shape): `{instance_id, command_id, chunks:
+/// [{offset, stream, data, encoding?}]}`, v1-signed. Stored once per `(command_id, stream,
+/// offset)`; a duplicate is acknowledged again.
+pub(crate) async fn logs(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response> {
+    if body.len() > MAX_POLL_BYTES {
+        return Err(Error::TooLarge {
+            limit: MAX_POLL_BYTES,
+        });
+    }
+    let commands = command_store(state.store.as_ref())?;
+    let instance = verify_agent(&state, commands, &headers, &body).await?;
+    let batch: fleet_core::command::LogBatch =
+        crate::registration::decode_body(&body, &state.settings.limits)?;
+    let frame = Frame::Logs {
+        id: batch.command_id.clone(),
+        batch,
+    };
+    match handle(&state, commands, &instance, &frame.encode()).await {
+        Some(Message::Text(text)) => match Frame::decode(text.as_str().as_bytes()) {
+            Ok(Frame::Ack { .. }) => Ok(Json(serde_json::json!({ "ok": true })).into_response()),
+            Ok(Frame::Error { message, .. }) => {
+                let mut errors = fleet_core::ValidationErrors::default();
+                errors.push("command_id", message);
+                Err(Error::Invalid(errors))
+            }
+            _ => Err(Error::Unavailable),
+        },
+        _ => Err(Error::Unavailable),
+    }
 }

@@ -116,6 +116,12 @@ const MATRIX: &[(&str, &str, &str, [u16; 4])] = &[
     ),
     (
         "POST",
+        "/v1/commands/logs",
+        "/v1/commands/logs",
+        [401, 401, 401, 401],
+    ),
+    (
+        "POST",
         "/v1/commands/submit",
         "/v1/commands/submit",
         [401, 403, 422, 422],

@@ -620,3 +620,75 @@ async fn polling_fallback_runs_commands_without_a_socket() {
     agent.stop().await;
     serving.abort();
 }
+
+/// `POST /v1/commands/logs` (agent-svc shape): signed, idempotent, only for own commands.
+#[tokio::test]
+async fn http_log_chunks_are_stored_once_for_their_own_instance() {
+    let store = support::sqlite().await;
+    let server = TestServer::start(store.store.clone()).await;
+    let (_, body) = submit(
+        &server.client,
+        &server.url,
+        ADMIN,
+        json!({"command_type": "RunCommand", "targets": [INSTANCE], "payload": {"cmd": "true"}}),
+    )
+    .await;
+    let id = body["id"].as_str().expect("id").to_owned();
+    let target = body["targets"][0]["target_id"]
+        .as_str()
+        .expect("target")
+        .to_owned();
+    let post = |instance: &'static str, secret: &'static str, msg: &'static str, data: Value| {
+        let body = serde_json::to_vec(&json!({
+            "instance_id": instance, "command_id": target, "chunks": data,
+        }))
+        .expect("json");
+        let signed = support::signer(secret).headers(msg, support::now(), &body);
+        let mut request = server
+            .client
+            .post(server.at("/v1/commands/logs"))
+            .body(body);
+        for (name, value) in signed.pairs() {
+            request = request.header(name, value);
+        }
+        request.send()
+    };
+    let chunks = json!([{"offset": 0, "stream": "stdout", "data": "hello "},
+                        {"offset": 6, "stream": "stdout", "data": "world\n"}]);
+    assert_eq!(
+        post(INSTANCE, SECRET, "l1", chunks.clone())
+            .await
+            .expect("post")
+            .status(),
+        200
+    );
+    // Sent again (a retry): acknowledged, stored once.
+    assert_eq!(
+        post(INSTANCE, SECRET, "l2", chunks.clone())
+            .await
+            .expect("post")
+            .status(),
+        200
+    );
+    // The same signed message again: a replay.
+    assert_eq!(
+        post(INSTANCE, SECRET, "l2", chunks.clone())
+            .await
+            .expect("post")
+            .status(),
+        401
+    );
+    // Another instance may not write this command's output.
+    let other = post(
+        "other-009",
+        support::SHARED,
+        "l3",
+        json!([{"offset": 12, "stream": "stdout", "data": "x"}]),
+    );
+    assert_eq!(other.await.expect("post").status(), 422);
+    assert_eq!(
+        output(&server.client, &server.url, &id, "stdout").await,
+        b"hello world\n"
+    );
+    server.stop().await;
+}
