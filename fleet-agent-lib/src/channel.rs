@@ -21,6 +21,10 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use crate::commands::Executor;
 use crate::sender::Backoff;
 
+/// The HTTP client type [`ChannelConfig::http`] takes (re-exported so embedders need no
+/// direct reqwest dependency).
+pub type HttpClient = reqwest::Client;
+
 /// Frames sent and not yet acknowledged, at most.
 const WINDOW: usize = 64;
 

@@ -311,3 +311,69 @@ async fn a_plugged_in_handler_replaces_the_built_in_one() {
     assert_eq!(logs, ["queue depth 3\n"]);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A control plane that accepts the socket and then never reads it (so never answers a
+/// ping): the agent gives up after the pong timeout and dials again.
+#[tokio::test]
+async fn a_silent_socket_is_dropped_after_the_pong_timeout_and_redialled() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let sockets = Arc::new(AtomicUsize::new(0));
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (count, keep) = (sockets.clone(), held.clone());
+    let app = axum::Router::new()
+        .route(
+            "/v1/agents/register",
+            axum::routing::post(|| async {
+                axum::Json(json!({"instance_id": "silent-1", "token": "t",
+                                  "expires_at": fleet_core::unix_now() + 3600}))
+            }),
+        )
+        .route(
+            "/v1/agents/connect",
+            axum::routing::get(move |ws: axum::extract::ws::WebSocketUpgrade| {
+                let (count, keep) = (count.clone(), keep.clone());
+                async move {
+                    ws.on_upgrade(move |socket| async move {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        // Held, never read: pings stay unanswered.
+                        keep.lock().unwrap().push(socket);
+                    })
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+
+    let settings = CommandSettings {
+        ping_interval: Duration::from_millis(100),
+        pong_timeout: Duration::from_millis(300),
+        backoff_base: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(100),
+        ..CommandSettings::default()
+    };
+    let (executor, _journal, dir) = executor(settings).await;
+    let config = fleet_agent::channel::ChannelConfig {
+        instance_id: "silent-1".into(),
+        control_plane_url: url,
+        secret: fleet_core::Secret::new("s").expect("secret"),
+        version: "test".into(),
+        executor,
+        http: reqwest_client(),
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let channel = tokio::spawn(fleet_agent::channel::run(config, stopped));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let dialled = sockets.load(Ordering::SeqCst);
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), channel).await;
+    assert!(dialled >= 3, "dialled {dialled} times in 3 s");
+    assert!(dialled <= 12, "dialled {dialled} times in 3 s: no backoff?");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn reqwest_client() -> fleet_agent::channel::HttpClient {
+    fleet_agent::channel::HttpClient::new()
+}
