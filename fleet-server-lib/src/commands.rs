@@ -275,13 +275,11 @@ fn follow(
 }
 
 async fn target_final(commands: &dyn CommandStore, target: &str) -> Option<String> {
-    let (_, command_id) = commands.target_owner(target).await.ok()??;
-    let record = commands.command(&command_id).await.ok()??;
-    record
-        .targets
-        .into_iter()
-        .find(|t| t.target_id == target)
-        .map(|t| t.status)
+    commands
+        .target_status(target)
+        .await
+        .ok()
+        .flatten()
         .filter(|s| is_final(s))
 }
 

@@ -176,6 +176,9 @@ pub trait CommandStore: Send + Sync {
     /// The instance a target belongs to, and its command.
     async fn target_owner(&self, target_id: &str) -> Result<Option<(String, String)>>;
 
+    /// A target's status.
+    async fn target_status(&self, target_id: &str) -> Result<Option<String>>;
+
     /// Stores chunks `(target, stream, offset, bytes)` in one transaction, once per
     /// `(target, stream, offset)`; returns how many were new.
     async fn store_chunks(&self, chunks: &[(String, Stream, u64, Vec<u8>)]) -> Result<u64>;
@@ -481,6 +484,15 @@ macro_rules! impl_command_store {
                 .bind(target_id)
                 .fetch_optional(self.pool())
                 .await?)
+            }
+
+            async fn target_status(&self, target_id: &str) -> $crate::Result<Option<String>> {
+                Ok(
+                    sqlx::query_scalar("SELECT status FROM command_targets WHERE target_id = $1")
+                        .bind(target_id)
+                        .fetch_optional(self.pool())
+                        .await?,
+                )
             }
 
             async fn store_chunks(
