@@ -236,9 +236,13 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         let id = submitted["id"].as_str().ok_or("no command id")?.to_owned();
         eprintln!("command {id}");
         let several = args.targets.len() > 1;
-        for target in &args.targets {
-            follow(&args.remote, &client, &id, target, several).await?;
-        }
+        // Every target is followed at once; with several, each piece is prefixed.
+        futures_util::future::try_join_all(
+            args.targets
+                .iter()
+                .map(|target| follow(&args.remote, &client, &id, target, several)),
+        )
+        .await?;
         summary(&args.remote, &client, &id).await
     })
 }
