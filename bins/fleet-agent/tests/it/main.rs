@@ -6,6 +6,7 @@
 mod receiver;
 
 mod control_plane;
+mod enroll;
 mod image;
 mod process;
 mod unit;
