@@ -328,7 +328,9 @@ impl Agent {
             tasks.spawn(flush_loop(shared.clone(), stop_rx.clone()));
         }
         if let Some(settings) = self.commands.take().filter(|s| s.enabled) {
-            let journal = crate::logstream::Journal::open(&c.state_path).await?;
+            let journal =
+                crate::logstream::Journal::open(&crate::logstream::journal_path(&c.state_path))
+                    .await?;
             let executor = crate::commands::Executor::new(
                 journal,
                 settings,

@@ -17,6 +17,14 @@ use tokio::sync::Notify;
 
 use crate::Result;
 
+/// The journal's file beside the agent's state file (`state.db` → `state.commands.db`).
+///
+/// Its own file, not tables in the state file: the outbox's transactions and the journal's
+/// would otherwise fail each other with `SQLITE_BUSY_SNAPSHOT` under WAL.
+pub fn journal_path(state_path: &Path) -> std::path::PathBuf {
+    state_path.with_extension("commands.db")
+}
+
 /// What the journal knows of a command id.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Begin {

@@ -47,12 +47,13 @@ fn main() -> ExitCode {
             && fleet_agent::commands::update_agent::check_pending(binary, fleet_core_now())
                 == fleet_agent::commands::update_agent::Pending::RolledBack
         {
-            return Ok(true);
+            return Ok(Some(binary.clone()));
         }
         let agent = Agent::builder(config).commands(commands).build()?;
         let mut restart = agent.restart_signal();
         let deadline = confirm_deadline(binary.clone());
         let (why_tx, why_rx) = std::sync::mpsc::channel();
+        let restart_into = binary.clone();
         agent
             .run(async move {
                 tokio::select! {
@@ -71,11 +72,15 @@ fn main() -> ExitCode {
                 }
             })
             .await?;
-        Ok(why_rx.try_recv().unwrap_or(false))
+        Ok(why_rx
+            .try_recv()
+            .unwrap_or(false)
+            .then_some(restart_into)
+            .flatten())
     });
     match outcome {
-        Ok(false) => ExitCode::SUCCESS,
-        Ok(true) => restart(),
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some(binary)) => restart(&binary),
         Err(err) => report(&err),
     }
 }
@@ -134,12 +139,11 @@ async fn load_config(commands: &CommandSettings) -> Result<AgentConfig, Error> {
     })
 }
 
-/// Replaces this process with the (new or restored) binary, same arguments.
-fn restart() -> ExitCode {
+/// Replaces this process with the (new or restored) binary at `binary`, same arguments.
+/// The path is the one read at start: once the file is replaced, `/proc/self/exe` names the
+/// deleted old one.
+fn restart(binary: &std::path::Path) -> ExitCode {
     use std::os::unix::process::CommandExt;
-    let Ok(binary) = std::env::current_exe() else {
-        return ExitCode::FAILURE;
-    };
     let err = std::process::Command::new(binary)
         .args(std::env::args_os().skip(1))
         .exec();

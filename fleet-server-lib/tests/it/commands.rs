@@ -440,9 +440,11 @@ async fn cancel_kills_a_running_command(store: TestStore) {
     // The agent killed it: its journal holds no running command for long.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let dir = agent.stop().await;
-    let journal = fleet_agent::logstream::Journal::open(&dir.0.join("state.db"))
-        .await
-        .expect("journal");
+    let journal = fleet_agent::logstream::Journal::open(&fleet_agent::logstream::journal_path(
+        &dir.0.join("state.db"),
+    ))
+    .await
+    .expect("journal");
     assert!(journal.interrupted().await.expect("ids").is_empty());
     server.stop().await;
 }

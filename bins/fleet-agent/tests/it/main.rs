@@ -10,6 +10,7 @@ mod enroll;
 mod image;
 mod process;
 mod unit;
+mod update;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
