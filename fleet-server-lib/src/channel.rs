@@ -174,7 +174,7 @@ impl Live {
 
     /// Sends released targets to their agents: through this process's socket when the agent
     /// is here, else through the other replicas.
-    pub async fn deliver(&self, store: &dyn CommandStore, dispatches: Vec<Dispatch>) {
+    pub async fn deliver(&self, dispatches: Vec<Dispatch>) {
         let mut remote = Vec::new();
         for dispatch in dispatches {
             match self.sender_of(&dispatch.instance_id) {
@@ -193,7 +193,6 @@ impl Live {
                 replicas.deliver(&instance).await;
             }
         }
-        let _ = store;
     }
 
     /// Sends every released, unfinished target of `instance_id` if it is connected here
@@ -311,6 +310,10 @@ pub(crate) async fn connect(
 }
 
 async fn session(state: Shared, instance_id: String, socket: WebSocket) {
+    // `connect` checked this before the upgrade.
+    let Some(commands) = state.store.commands() else {
+        return;
+    };
     let (sink, mut stream) = socket.split();
     let (tx, rx) = mpsc::channel::<Message>(QUEUE);
     let writer = tokio::spawn(writer(sink, rx));
@@ -328,9 +331,6 @@ async fn session(state: Shared, instance_id: String, socket: WebSocket) {
     if let Some(old) = previous {
         old.kick.notify_one();
     }
-    let Some(commands) = state.store.commands() else {
-        return;
-    };
     state.live.deliver_pending(commands, &instance_id).await;
     let mut owners = HashMap::new();
     'session: loop {
@@ -665,7 +665,7 @@ pub(crate) fn spawn_scheduler(state: std::sync::Weak<crate::AppState>) {
                 let now = fleet_core::unix_now();
                 for id in ids {
                     match commands.schedule(&id, now).await {
-                        Ok(released) => strong.live.deliver(commands, released).await,
+                        Ok(released) => strong.live.deliver(released).await,
                         Err(err) => {
                             tracing::warn!(error = %err, "cannot schedule a command");
                             strong.live.mark_ended(id);

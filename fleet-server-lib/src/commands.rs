@@ -85,7 +85,7 @@ pub(crate) async fn submit(
         .collect();
     commands.create_command(&command, &targets).await?;
     let released = commands.schedule(&command.id, now).await?;
-    state.live.deliver(commands, released).await;
+    state.live.deliver(released).await;
     tracing::info!(
         command_id = %command.id, command_type = command.command_type.as_str(),
         targets = targets.len(), by = role.as_str(), "command submitted"
