@@ -20,7 +20,7 @@ const GATHER: Duration = Duration::from_millis(50);
 /// How long readers may drain the pipes after the group was killed.
 const DRAIN_AFTER_KILL: Duration = Duration::from_secs(5);
 /// Bytes of each stream's end kept for the short log.
-const TAIL_BYTES: usize = 4096;
+const TAIL_BYTES: usize = 16 * 1024;
 
 /// How a process ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
