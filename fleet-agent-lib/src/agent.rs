@@ -39,9 +39,26 @@ pub struct AgentBuilder {
     checks: Vec<Arc<dyn Check>>,
     collectors: Vec<Arc<dyn Collector>>,
     builtin: bool,
+    commands: Option<crate::commands::CommandSettings>,
+    handlers: Vec<Arc<dyn crate::commands::CommandHandler>>,
 }
 
 impl AgentBuilder {
+    /// Runs a command type with `handler` instead of the built-in one.
+    pub fn command_handler(
+        mut self,
+        handler: impl crate::commands::CommandHandler + 'static,
+    ) -> Self {
+        self.handlers.push(Arc::new(handler));
+        self
+    }
+
+    /// Turns on remote commands over the live channel (off unless set).
+    pub fn commands(mut self, settings: crate::commands::CommandSettings) -> Self {
+        self.commands = Some(settings);
+        self
+    }
+
     /// Adds a health check, reported in `checks[]` under its name.
     pub fn check(mut self, check: impl Check + 'static) -> Self {
         self.checks.push(Arc::new(check));
@@ -173,6 +190,9 @@ impl AgentBuilder {
                 installed_version: Arc::new(Mutex::new(None)),
             }),
             listener: None,
+            commands: self.commands,
+            handlers: self.handlers,
+            restart: Arc::new(watch::channel(false).0),
         })
     }
 }
@@ -212,6 +232,9 @@ pub(crate) struct Shared {
 pub struct Agent {
     shared: Arc<Shared>,
     listener: Option<TcpListener>,
+    commands: Option<crate::commands::CommandSettings>,
+    handlers: Vec<Arc<dyn crate::commands::CommandHandler>>,
+    restart: Arc<watch::Sender<bool>>,
 }
 
 impl Agent {
@@ -222,7 +245,15 @@ impl Agent {
             checks: Vec::new(),
             collectors: Vec::new(),
             builtin: true,
+            commands: None,
+            handlers: Vec::new(),
         }
+    }
+
+    /// Turns true when an `UpdateAgent` command installed a new binary: stop the agent
+    /// (pass this to [`run`](Self::run)'s shutdown) and start the new binary.
+    pub fn restart_signal(&self) -> watch::Receiver<bool> {
+        self.restart.subscribe()
     }
 
     /// The configuration in use.
@@ -300,6 +331,32 @@ impl Agent {
         tasks.spawn(heartbeat_loop(shared.clone(), stop_rx.clone()));
         if shared.outbox.get().is_some() {
             tasks.spawn(flush_loop(shared.clone(), stop_rx.clone()));
+        }
+        if let Some(settings) = self.commands.take().filter(|s| s.enabled) {
+            let journal =
+                crate::logstream::Journal::open(&crate::logstream::journal_path(&c.state_path))
+                    .await?;
+            let executor = crate::commands::Executor::new(
+                journal,
+                settings,
+                c.version.clone(),
+                self.restart.clone(),
+            )
+            .with_handlers(std::mem::take(&mut self.handlers));
+            tasks.spawn(crate::channel::run(
+                crate::channel::ChannelConfig {
+                    instance_id: c.instance_id.clone(),
+                    control_plane_url: c.control_plane_url.clone(),
+                    secret: c.secret.clone(),
+                    version: c
+                        .version
+                        .clone()
+                        .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned()),
+                    executor,
+                    http: shared.http.clone(),
+                },
+                stop_rx.clone(),
+            ));
         }
         let mut api_stop = stop_rx.clone();
         let app = crate::local_api::router(shared.clone());

@@ -1,14 +1,18 @@
 #![doc = include_str!("../README.md")]
 
 pub mod agent;
+pub mod channel;
 pub mod checks;
 pub mod clock;
 pub mod collectors;
+pub mod commands;
 pub mod config;
 pub mod containers;
+pub mod enroll;
 pub mod env;
 pub mod job_state;
 pub mod local_api;
+pub mod logstream;
 pub mod metrics;
 pub mod outbox;
 pub mod pipeline;
@@ -25,6 +29,7 @@ pub use agent::{Agent, AgentBuilder};
 pub use async_trait::async_trait;
 pub use checks::{Check, HttpCheck, PostgresCheck, RedisCheck, TcpCheck};
 pub use collectors::Collector;
+pub use commands::{CommandHandler, CommandSettings};
 pub use config::{AgentConfig, PluginSettings, RegionalEndpoint, RestoreSettings, UpdateSettings};
 pub use pipeline::{ShellRunner, Step, StepOutcome, StepRunner};
 

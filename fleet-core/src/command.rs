@@ -602,6 +602,13 @@ pub enum Frame {
         /// What is acknowledged.
         ack: Ack,
     },
+    /// Control plane → agent: stop a running command (kills its process group).
+    Cancel {
+        /// Frame id.
+        id: String,
+        /// The command to stop.
+        command_id: String,
+    },
     /// Either way: a frame was refused.
     Error {
         /// Id of the refused frame (`unknown` when unreadable).
@@ -665,6 +672,15 @@ impl Frame {
                 id: raw.id,
                 ack: serde_json::from_value(raw.payload).map_err(|e| fail(e.to_string()))?,
             }),
+            "cancel" => Ok(Frame::Cancel {
+                id: raw.id,
+                command_id: raw
+                    .payload
+                    .get("command_id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| fail("cancel needs payload.command_id".into()))?
+                    .to_owned(),
+            }),
             "error" => Ok(Frame::Error {
                 id: raw.id,
                 message: raw
@@ -698,6 +714,11 @@ impl Frame {
                 kind: "ack".into(),
                 id,
                 payload: to_value(&ack),
+            },
+            Frame::Cancel { id, command_id } => RawFrame {
+                kind: "cancel".into(),
+                id,
+                payload: serde_json::json!({ "command_id": command_id }),
             },
             Frame::Error { id, message } => RawFrame {
                 kind: "error".into(),

@@ -3,6 +3,7 @@
 pub mod canonical;
 pub mod command;
 pub mod heartbeat;
+pub mod jwt;
 pub mod locate;
 pub mod manifest;
 pub mod plugin;

@@ -3,13 +3,18 @@
 pub mod alerts;
 mod api;
 pub mod auth;
+mod channel;
+mod commands;
 mod dashboard;
 mod error;
 mod ingest;
 mod metrics;
 mod openapi;
 mod plugins;
+mod poll;
+mod registration;
 mod releases;
+mod replicas;
 mod restores;
 mod rollout_docs;
 mod rollout_pages;
@@ -29,6 +34,7 @@ use tokio::sync::mpsc;
 
 pub use alerts::SloThresholds;
 pub use auth::{Role, RoleTokens};
+pub use channel::LiveSettings;
 pub use error::{Error, Result};
 pub use store::{PostgresStore, SqliteStore, Store};
 pub use webhook::WebhookConfig;
@@ -88,6 +94,7 @@ pub(crate) struct AppState {
     pub webhook_configured: bool,
     /// Verifies release manifests (pinned Ed25519 keys, optional ERP HMAC secret).
     pub manifests: fleet_core::manifest::ManifestVerifier,
+    pub(crate) live: Arc<channel::Live>,
 }
 
 pub(crate) type Shared = Arc<AppState>;
@@ -128,6 +135,7 @@ pub struct ControlPlaneBuilder {
     settings: Settings,
     webhook: Option<WebhookConfig>,
     manifests: fleet_core::manifest::ManifestVerifier,
+    live: LiveSettings,
 }
 
 impl std::fmt::Debug for ControlPlaneBuilder {
@@ -139,6 +147,7 @@ impl std::fmt::Debug for ControlPlaneBuilder {
             .field("settings", &self.settings)
             .field("webhook", &self.webhook)
             .field("manifests", &self.manifests)
+            .field("live", &self.live)
             .finish()
     }
 }
@@ -188,6 +197,12 @@ impl ControlPlaneBuilder {
         self
     }
 
+    /// Agent tokens, enrollment and the live channel.
+    pub fn live(mut self, live: LiveSettings) -> Self {
+        self.live = live;
+        self
+    }
+
     /// Builds the router and starts the background tasks (heartbeat writer, offline sweeper,
     /// webhook delivery). Call it inside a Tokio runtime. The tasks stop by themselves once
     /// the router and all its clones are dropped; heartbeats already accepted are committed
@@ -216,7 +231,13 @@ impl ControlPlaneBuilder {
         };
         let writer =
             ingest::spawn_writer(store.clone(), rules, settings.batch_max, metrics.clone());
+        let notify_pool = store.commands().and_then(|c| c.notify_pool());
+        let live = Arc::new(channel::Live::new(
+            self.live,
+            notify_pool.clone().map(replicas::Notifier::new),
+        ));
         let state = Arc::new(AppState {
+            live,
             store,
             verifier,
             settings,
@@ -228,6 +249,11 @@ impl ControlPlaneBuilder {
         });
         sweeper::spawn(Arc::downgrade(&state));
         rollouts::spawn_watcher(Arc::downgrade(&state));
+        channel::spawn_timeouts(Arc::downgrade(&state));
+        channel::spawn_scheduler(Arc::downgrade(&state));
+        if let Some(pool) = notify_pool {
+            replicas::spawn_listener(Arc::downgrade(&state), pool);
+        }
         if let Some(webhook) = self.webhook {
             webhook::spawn(Arc::downgrade(&state), webhook);
         }
@@ -275,6 +301,17 @@ fn routes(state: Shared) -> Router {
         .route("/api/restores/next", post(restores::next))
         .route("/api/restores/report", post(restores::report))
         .route("/healthz", get(api::healthz))
+        .route("/.well-known/jwks.json", get(registration::jwks))
+        .route("/v1/agents/register", post(registration::register))
+        .route("/v1/enrollments", post(registration::create_enrollment))
+        .route("/v1/agents/connect", get(channel::connect))
+        .route("/v1/agents/connected", get(channel::connected))
+        .route("/v1/agents/poll", post(poll::poll))
+        .route("/v1/commands/submit", post(commands::submit))
+        .route("/v1/commands/{id}", get(commands::show))
+        .route("/v1/commands/{id}/logs", get(commands::logs))
+        .route("/v1/commands/{id}/cancel", post(commands::cancel))
+        .route("/v1/commands/logs", post(poll::logs))
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi::document))
         .route("/", get(dashboard::index))

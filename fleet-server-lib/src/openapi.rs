@@ -194,7 +194,11 @@ fn operation(route: &RouteDoc) -> Value {
 /// The OpenAPI document.
 pub(crate) fn spec() -> Value {
     let mut paths = serde_json::Map::new();
-    for route in ROUTES.iter().chain(crate::rollout_docs::ROUTES) {
+    for route in ROUTES
+        .iter()
+        .chain(crate::rollout_docs::ROUTES)
+        .chain(crate::commands::ROUTES)
+    {
         let entry = paths.entry(route.path).or_insert_with(|| json!({}));
         entry[route.method] = operation(route);
     }

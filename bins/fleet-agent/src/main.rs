@@ -6,7 +6,7 @@
 
 use std::process::ExitCode;
 
-use fleet_agent::{Agent, AgentConfig, Error};
+use fleet_agent::{Agent, AgentConfig, CommandSettings, Error};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -21,8 +21,8 @@ fn main() -> ExitCode {
         builder.init();
     }
 
-    let config = match AgentConfig::from_env() {
-        Ok(config) => config,
+    let commands = match CommandSettings::from_lookup(|name| std::env::var(name).ok()) {
+        Ok(commands) => commands,
         Err(err) => return report(&err),
     };
     // One thread: the agent waits on timers and sockets almost all the time, and a single
@@ -38,13 +38,117 @@ fn main() -> ExitCode {
         }
     };
     let outcome = runtime.block_on(async {
-        let agent = Agent::builder(config).build()?;
-        agent.run(shutdown_signal()).await
+        let config = load_config(&commands).await?;
+        let binary = commands
+            .agent_binary
+            .clone()
+            .or_else(|| std::env::current_exe().ok());
+        if let Some(binary) = &binary
+            && fleet_agent::commands::update_agent::check_pending(binary, fleet_core_now())
+                == fleet_agent::commands::update_agent::Pending::RolledBack
+        {
+            return Ok(Some(binary.clone()));
+        }
+        let agent = Agent::builder(config).commands(commands).build()?;
+        let mut restart = agent.restart_signal();
+        let deadline = confirm_deadline(binary.clone());
+        let (why_tx, why_rx) = std::sync::mpsc::channel();
+        let restart_into = binary.clone();
+        agent
+            .run(async move {
+                tokio::select! {
+                    _ = shutdown_signal() => {}
+                    _ = restart.wait_for(|r| *r) => {
+                        tracing::info!("restarting into the new binary");
+                        let _ = why_tx.send(true);
+                    }
+                    _ = deadline => {
+                        tracing::warn!("update not confirmed in time; rolling back");
+                        if let Some(binary) = &binary {
+                            fleet_agent::commands::update_agent::rollback(binary);
+                        }
+                        let _ = why_tx.send(true);
+                    }
+                }
+            })
+            .await?;
+        Ok(why_rx
+            .try_recv()
+            .unwrap_or(false)
+            .then_some(restart_into)
+            .flatten())
     });
     match outcome {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some(binary)) => restart(&binary),
         Err(err) => report(&err),
     }
+}
+
+fn fleet_core_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+/// Completes when an installed update's confirmation deadline passes (never otherwise).
+async fn confirm_deadline(binary: Option<std::path::PathBuf>) {
+    use fleet_agent::commands::update_agent::{Pending, check_pending, marker_path};
+    let Some(binary) = binary else {
+        return std::future::pending().await;
+    };
+    let Pending::Confirm { deadline } = check_pending(&binary, fleet_core_now()) else {
+        return std::future::pending().await;
+    };
+    let wait = u64::try_from(deadline - fleet_core_now()).unwrap_or(0);
+    tokio::time::sleep(std::time::Duration::from_secs(wait + 1)).await;
+    if !marker_path(&binary).exists() {
+        // Confirmed meanwhile.
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Reads the configuration; on first start with `AGENT_ENROLLMENT_TOKEN`, trades the token
+/// for the instance's secret (stored 0600 at `AGENT_SECRET_FILE`).
+async fn load_config(commands: &CommandSettings) -> Result<AgentConfig, Error> {
+    let secret_file = std::env::var("AGENT_SECRET_FILE")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from);
+    let env_secret = std::env::var("AGENT_SECRET").ok().filter(|v| !v.is_empty());
+    let mut secret = env_secret.clone();
+    if secret.is_none()
+        && let Some(path) = &secret_file
+    {
+        secret = fleet_agent::enroll::stored_secret(path)?;
+        if secret.is_none()
+            && let Some(token) = &commands.enrollment_token
+        {
+            let url = std::env::var("CONTROL_PLANE_URL").unwrap_or_default();
+            let instance = std::env::var("INSTANCE_ID").unwrap_or_default();
+            secret = Some(fleet_agent::enroll::enroll(&url, &instance, token, path).await?);
+        }
+    }
+    AgentConfig::from_lookup(|name| {
+        if name == "AGENT_SECRET" {
+            secret.clone()
+        } else {
+            std::env::var(name).ok()
+        }
+    })
+}
+
+/// Replaces this process with the (new or restored) binary at `binary`, same arguments.
+/// The path is the one read at start: once the file is replaced, `/proc/self/exe` names the
+/// deleted old one.
+fn restart(binary: &std::path::Path) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(binary)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    eprintln!("fleet-agent: cannot restart: {err}");
+    ExitCode::FAILURE
 }
 
 fn report(err: &Error) -> ExitCode {

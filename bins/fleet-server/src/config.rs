@@ -92,6 +92,24 @@ pub struct ServeArgs {
     /// Mark login cookies Secure (set this when serving over HTTPS).
     #[arg(long, env = "CONTROL_PLANE_SECURE_COOKIES", default_value = "false")]
     pub secure_cookies: String,
+    /// Ed25519 key (base64 of the 32-byte seed, `fleetctl keys generate`) that signs agent
+    /// tokens; replicas must share it. Unset: a random key per process.
+    #[arg(long, env = "CONTROL_PLANE_JWT_KEY", hide_env_values = true)]
+    pub jwt_key: Option<String>,
+    /// Lifetime of agent tokens, in seconds.
+    #[arg(
+        long,
+        env = "CONTROL_PLANE_AGENT_TOKEN_TTL_SECS",
+        default_value = "3600"
+    )]
+    pub agent_token_ttl_secs: String,
+    /// A command target with no answer from its agent for this long is timed out.
+    #[arg(
+        long,
+        env = "CONTROL_PLANE_COMMAND_DELIVERY_TIMEOUT_SECS",
+        default_value = "900"
+    )]
+    pub command_delivery_timeout_secs: String,
 }
 
 /// A validated configuration.
@@ -201,6 +219,7 @@ impl ServeArgs {
         let secure_cookies = flag("CONTROL_PLANE_SECURE_COOKIES", &self.secure_cookies);
         let webhook = self.webhook(&mut problems);
         let manifests = self.manifests(&mut problems);
+        let live = self.live(&mut problems);
         if !problems.is_empty() {
             return Err(problems);
         }
@@ -223,6 +242,7 @@ impl ServeArgs {
         if let Some(webhook) = webhook {
             builder = builder.webhook(webhook);
         }
+        builder = builder.live(live);
         Ok(ServeConfig {
             listen,
             database_url: db.to_owned(),
@@ -257,6 +277,39 @@ impl ServeArgs {
             }
         }
         verifier
+    }
+
+    fn live(&self, problems: &mut Vec<String>) -> fleet_server::LiveSettings {
+        let mut live = fleet_server::LiveSettings::default();
+        if let Some(key) = set(&self.jwt_key) {
+            match fleet_core::PrivateKey::from_base64(key) {
+                Ok(key) => live.jwt_key = Some(key),
+                Err(_) => problems
+                    .push("CONTROL_PLANE_JWT_KEY: not base64 of a 32-byte Ed25519 seed".into()),
+            }
+        }
+        // Empty means the default (as the ERP variables behave).
+        let text = |v: &str, default: &'static str| -> String {
+            if v.trim().is_empty() {
+                default.to_owned()
+            } else {
+                v.trim().to_owned()
+            }
+        };
+        match text(&self.agent_token_ttl_secs, "3600").parse::<u64>() {
+            Ok(secs) if (60..=86_400).contains(&secs) => {
+                live.token_ttl = Duration::from_secs(secs);
+            }
+            _ => problems
+                .push("CONTROL_PLANE_AGENT_TOKEN_TTL_SECS: must be between 60 and 86400".into()),
+        }
+        match text(&self.command_delivery_timeout_secs, "900").parse::<u64>() {
+            Ok(secs) if secs >= 1 => live.delivery_timeout = Duration::from_secs(secs),
+            _ => problems.push(
+                "CONTROL_PLANE_COMMAND_DELIVERY_TIMEOUT_SECS: must be a positive integer".into(),
+            ),
+        }
+        live
     }
 
     fn webhook(&self, problems: &mut Vec<String>) -> Option<WebhookConfig> {

@@ -19,6 +19,8 @@
 
 mod api;
 
+mod remote;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -31,7 +33,7 @@ use fleet_core::{ManifestVerifier, PrivateKey, PublicKey};
 #[command(
     name = "fleetctl",
     version,
-    about = "Operate a fleet: release keys, signed manifests, rollouts, plugins, restores"
+    about = "Operate a fleet: release keys, signed manifests, rollouts, plugins, restores, enrollment, remote commands"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -71,6 +73,23 @@ enum Command {
         #[command(subcommand)]
         command: api::RestoreCommand,
     },
+    /// Create a one-time enrollment token and print the agent's install snippet.
+    Enroll(remote::EnrollArgs),
+    /// Run a program on instances and stream its output: `fleetctl run --target ID -- CMD ARGS`.
+    Run(remote::RunArgs),
+    /// Deploy (or stop) a compose project on instances.
+    Deploy(remote::DeployArgs),
+    /// Look at submitted commands.
+    Commands {
+        #[command(subcommand)]
+        command: CommandsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CommandsCommand {
+    /// A command's per-target results.
+    Show(remote::ShowArgs),
 }
 
 #[derive(Subcommand)]
@@ -150,6 +169,12 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Rollout { conn, command } => api::rollout(&api::Client::new(conn)?, command),
         Command::Plugin { conn, command } => api::plugin(&api::Client::new(conn)?, command),
         Command::Restore { conn, command } => api::restore(&api::Client::new(conn)?, command),
+        Command::Enroll(args) => remote::enroll(args),
+        Command::Run(args) => remote::run(args),
+        Command::Deploy(args) => remote::deploy(args),
+        Command::Commands {
+            command: CommandsCommand::Show(args),
+        } => remote::show(args),
     }
 }
 

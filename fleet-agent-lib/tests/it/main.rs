@@ -2,6 +2,7 @@
 //! and a real HTTP receiver. Services come from `scripts/services` (run by `scripts/test`);
 //! a missing one fails the test with the command to run.
 
+mod commands;
 mod delivery;
 mod local_api;
 mod receiver;

@@ -19,6 +19,7 @@ mod sql;
 pub mod rollouts;
 #[macro_use]
 mod rollouts_sql;
+pub mod commands;
 mod postgres;
 mod sqlite;
 
@@ -291,6 +292,11 @@ pub trait Store: rollouts::RolloutStore + Send + Sync + 'static {
     /// at a time, so 1; a server database overlaps the round trips of several batches.
     fn write_concurrency(&self) -> usize {
         1
+    }
+
+    /// Command persistence (remote commands, logs, enrollment), when the backend has it.
+    fn commands(&self) -> Option<&dyn commands::CommandStore> {
+        None
     }
 }
 

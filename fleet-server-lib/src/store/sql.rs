@@ -73,6 +73,10 @@ macro_rules! impl_sql_store {
     ($store:ty, $db:ty, $begin:expr, $batch:expr) => {
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
+            fn commands(&self) -> Option<&dyn $crate::store::commands::CommandStore> {
+                Some(self)
+            }
+
             async fn record_heartbeats(
                 &self,
                 batch: &[$crate::store::IncomingHeartbeat],

@@ -75,6 +75,75 @@ const MATRIX: &[(&str, &str, &str, [u16; 4])] = &[
     // The form carries the caller's token (empty for "none").
     ("POST", "/login", "/login", [401, 303, 303, 303]),
     ("POST", "/logout", "/logout", [303, 303, 303, 303]),
+    // Registration, the live channel and commands (issue 6).
+    (
+        "GET",
+        "/.well-known/jwks.json",
+        "/.well-known/jwks.json",
+        [200, 200, 200, 200],
+    ),
+    // Unsigned and without an enrollment token: the empty body is refused first.
+    (
+        "POST",
+        "/v1/agents/register",
+        "/v1/agents/register",
+        [422, 422, 422, 422],
+    ),
+    (
+        "POST",
+        "/v1/enrollments",
+        "/v1/enrollments",
+        [401, 403, 403, 422],
+    ),
+    // Role tokens are not agent tokens.
+    (
+        "GET",
+        "/v1/agents/connect",
+        "/v1/agents/connect",
+        [401, 401, 401, 401],
+    ),
+    (
+        "GET",
+        "/v1/agents/connected",
+        "/v1/agents/connected",
+        [401, 200, 200, 200],
+    ),
+    (
+        "POST",
+        "/v1/agents/poll",
+        "/v1/agents/poll",
+        [401, 401, 401, 401],
+    ),
+    (
+        "POST",
+        "/v1/commands/logs",
+        "/v1/commands/logs",
+        [401, 401, 401, 401],
+    ),
+    (
+        "POST",
+        "/v1/commands/submit",
+        "/v1/commands/submit",
+        [401, 403, 422, 422],
+    ),
+    (
+        "GET",
+        "/v1/commands/{id}",
+        "/v1/commands/nope",
+        [401, 404, 404, 404],
+    ),
+    (
+        "GET",
+        "/v1/commands/{id}/logs",
+        "/v1/commands/nope/logs",
+        [401, 404, 404, 404],
+    ),
+    (
+        "POST",
+        "/v1/commands/{id}/cancel",
+        "/v1/commands/nope/cancel",
+        [401, 403, 404, 404],
+    ),
 ];
 
 #[tokio::test]

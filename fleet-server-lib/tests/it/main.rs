@@ -4,6 +4,8 @@
 mod api;
 mod auth;
 mod browser;
+mod commands;
+mod compose;
 mod ingest;
 mod marketplace;
 mod rollout_auth;

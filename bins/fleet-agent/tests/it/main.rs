@@ -7,10 +7,12 @@ mod receiver;
 
 mod compose_rollout;
 mod control_plane;
+mod enroll;
 mod image;
 mod process;
 mod rollout;
 mod unit;
+mod update;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,0 +1,112 @@
+//! First start with a one-time enrollment token, through the real binary: it trades the
+//! token for its secret, stores it with mode 0600, opens the live channel and runs a command;
+//! a restart uses the stored secret (the token is spent).
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use fleet_server::{ControlPlane, RoleTokens, SqliteStore};
+use serde_json::{Value, json};
+
+use crate::*;
+
+const ADMIN: &str = "enroll-admin";
+
+async fn health_check(client: &reqwest::Client, url: &str, instance: &str) -> Value {
+    let submitted: Value = client
+        .post(format!("{url}/v1/commands/submit"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"command_type": "HEALTH_CHECK", "targets": [instance], "payload": {}}))
+        .send()
+        .await
+        .expect("submit")
+        .json()
+        .await
+        .expect("json");
+    let id = submitted["id"].as_str().expect("id").to_owned();
+    for _ in 0..300 {
+        let shown: Value = client
+            .get(format!("{url}/v1/commands/{id}"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .expect("show")
+            .json()
+            .await
+            .expect("json");
+        if shown["status"] != "running" {
+            return shown;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the HEALTH_CHECK never ended");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_enrolls_with_a_one_time_token_and_keeps_its_secret() {
+    let dir = temp_dir("enroll");
+    let store = SqliteStore::connect(&format!("sqlite://{}", dir.join("cp.db").display()))
+        .await
+        .expect("store");
+    let router = ControlPlane::builder()
+        .store(store)
+        .tokens(RoleTokens {
+            admin: Some(ADMIN.into()),
+            ..Default::default()
+        })
+        .build()
+        .expect("control plane");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+    let client = reqwest::Client::new();
+    let created: Value = client
+        .post(format!("{url}/v1/enrollments"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"instance_id": "fresh-host-1"}))
+        .send()
+        .await
+        .expect("enroll")
+        .json()
+        .await
+        .expect("json");
+    let token = created["enrollment_token"].as_str().expect("token");
+    let secret_file = dir.join("secret");
+    let env: Vec<(String, String)> = [
+        ("INSTANCE_ID", "fresh-host-1".to_owned()),
+        ("CONTROL_PLANE_URL", url.clone()),
+        ("AGENT_ENROLLMENT_TOKEN", token.to_owned()),
+        ("AGENT_SECRET_FILE", secret_file.display().to_string()),
+        (
+            "AGENT_STATE_PATH",
+            dir.join("state.db").display().to_string(),
+        ),
+        ("AGENT_PORT", free_port().to_string()),
+        ("HEARTBEAT_INTERVAL", "60".to_owned()),
+        ("AGENT_METRICS_URL", "off".to_owned()),
+        ("CONTAINERS_INTERVAL", "0".to_owned()),
+        ("RUST_LOG", "info".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+
+    let mut agent = Guard(spawn_agent(&env, &dir));
+    let done = health_check(&client, &url, "fresh-host-1").await;
+    assert_eq!(done["targets"][0]["status"], "completed", "{done}");
+    let mode = std::fs::metadata(&secret_file)
+        .expect("secret stored")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    sigterm_and_wait(&mut agent).await;
+
+    // Restarted with the same (now spent) token: the stored secret is used.
+    let mut agent = Guard(spawn_agent(&env, &dir));
+    let done = health_check(&client, &url, "fresh-host-1").await;
+    assert_eq!(done["targets"][0]["status"], "completed", "{done}");
+    sigterm_and_wait(&mut agent).await;
+    let _ = std::fs::remove_dir_all(dir);
+}

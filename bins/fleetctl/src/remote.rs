@@ -1,0 +1,446 @@
+//! The control-plane side of fleetctl: enrollment, remote commands, deploys.
+//!
+//! ```sh
+//! export FLEET_URL=https://fleet.example.com FLEET_TOKEN=...   # an admin or ops token
+//! fleetctl enroll --instance-id shop-042 --agent-url https://dl.example.com/fleet-agent
+//! fleetctl run --target shop-042 -- df -h /
+//! fleetctl deploy --target shop-042 --project web docker-compose.yml
+//! fleetctl commands show 0193...
+//! ```
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use base64::Engine;
+use clap::Args;
+use serde_json::{Value, json};
+
+/// Where the control plane is and who is asking.
+#[derive(Args, Debug)]
+pub struct Remote {
+    /// Control-plane base URL.
+    #[arg(long, env = "FLEET_URL")]
+    url: String,
+    /// An API token (admin for enrollment, RunCommand and deploys; ops for STATUS).
+    #[arg(long, env = "FLEET_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+/// `fleetctl enroll`.
+#[derive(Args, Debug)]
+pub struct EnrollArgs {
+    #[command(flatten)]
+    remote: Remote,
+    /// The new instance's id.
+    #[arg(long)]
+    instance_id: String,
+    /// Token lifetime in seconds (default: the control plane's, 7 days).
+    #[arg(long)]
+    ttl_secs: Option<u64>,
+    /// Where the host downloads the agent binary (put into the cloud-init snippet).
+    #[arg(long, default_value = "https://example.invalid/fleet-agent")]
+    agent_url: String,
+}
+
+/// `fleetctl run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    remote: Remote,
+    /// Instance ids (repeat or separate with commas).
+    #[arg(long = "target", value_delimiter = ',', required = true)]
+    targets: Vec<String>,
+    /// Kill the process group after this many seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Run the command through `/bin/sh -c` (the first word is the script).
+    #[arg(long)]
+    shell: bool,
+    /// The program and its arguments, after `--`.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// `fleetctl deploy`.
+#[derive(Args, Debug)]
+pub struct DeployArgs {
+    #[command(flatten)]
+    remote: Remote,
+    /// Instance ids.
+    #[arg(long = "target", value_delimiter = ',', required = true)]
+    targets: Vec<String>,
+    /// Compose project name, `^[a-zA-Z0-9_-]+$`.
+    #[arg(long)]
+    project: String,
+    /// Stop the project instead of deploying it.
+    #[arg(long)]
+    stop: bool,
+    /// Most hosts deploying at once.
+    #[arg(long)]
+    max_concurrency: Option<u32>,
+    /// Stop after this many failures (`3` or `10%`).
+    #[arg(long)]
+    max_errors: Option<String>,
+    /// The compose file (not needed with --stop).
+    file: Option<PathBuf>,
+}
+
+/// `fleetctl commands show ID`.
+#[derive(Args, Debug)]
+pub struct ShowArgs {
+    #[command(flatten)]
+    remote: Remote,
+    /// The command id.
+    id: String,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+impl Remote {
+    fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.url.trim_end_matches('/'))
+    }
+
+    async fn post(
+        &self,
+        client: &reqwest::Client,
+        path: &str,
+        body: &Value,
+    ) -> Result<Value, String> {
+        let response = client
+            .post(self.at(path))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| format!("{path}: {e}"))?;
+        answer(path, response).await
+    }
+
+    async fn get(&self, client: &reqwest::Client, path: &str) -> Result<Value, String> {
+        let response = client
+            .get(self.at(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| format!("{path}: {e}"))?;
+        answer(path, response).await
+    }
+}
+
+async fn answer(path: &str, response: reqwest::Response) -> Result<Value, String> {
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    if status.is_success() {
+        Ok(body)
+    } else {
+        let message = body["error"]["message"]
+            .as_str()
+            .unwrap_or("request failed");
+        let details = body["error"]["details"].to_string();
+        Err(format!("{path}: {status}: {message} {details}"))
+    }
+}
+
+/// The systemd unit and cloud-init document printed by `fleetctl enroll`.
+pub fn install_snippet(url: &str, instance_id: &str, token: &str, agent_url: &str) -> String {
+    let env = format!(
+        "INSTANCE_ID={instance_id}\nCONTROL_PLANE_URL={url}\nAGENT_ENROLLMENT_TOKEN={token}\n\
+         AGENT_SECRET_FILE=/var/lib/fleet-agent/secret\nAGENT_STATE_PATH=/var/lib/fleet-agent/state.db\n\
+         AGENT_BINARY_PATH=/var/lib/fleet-agent/bin/fleet-agent\n\
+         AGENT_PROJECTS_DIR=/var/lib/fleet-agent/projects\n"
+    );
+    let unit = "[Unit]\nDescription=fleet agent (heartbeats, live channel, remote commands)\n\
+                Wants=network-online.target\nAfter=network-online.target\n\n[Service]\n\
+                Type=simple\nExecStart=/var/lib/fleet-agent/bin/fleet-agent\n\
+                EnvironmentFile=/etc/fleet-agent/env\nStateDirectory=fleet-agent\n\
+                StateDirectoryMode=0700\nRestart=always\nRestartSec=5\nKillSignal=SIGTERM\n\
+                TimeoutStopSec=20\n\n[Install]\nWantedBy=multi-user.target\n";
+    let indent = |text: &str| {
+        text.lines()
+            .map(|l| format!("      {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    format!(
+        "# --- /etc/fleet-agent/env (mode 0600) ---\n{env}\n\
+         # --- /etc/systemd/system/fleet-agent.service ---\n{unit}\n\
+         # --- cloud-init (user data) ---\n#cloud-config\nwrite_files:\n\
+         \x20 - path: /etc/fleet-agent/env\n    permissions: '0600'\n    content: |\n{}\n\
+         \x20 - path: /etc/systemd/system/fleet-agent.service\n    permissions: '0644'\n    content: |\n{}\n\
+         runcmd:\n\
+         \x20 - [mkdir, -p, -m, '0700', /var/lib/fleet-agent/bin]\n\
+         \x20 - [curl, -fsSL, -o, /var/lib/fleet-agent/bin/fleet-agent, '{agent_url}']\n\
+         \x20 - [chmod, '0755', /var/lib/fleet-agent/bin/fleet-agent]\n\
+         \x20 - [systemctl, daemon-reload]\n\
+         \x20 - [systemctl, enable, --now, fleet-agent]\n",
+        indent(&env),
+        indent(unit)
+    )
+}
+
+/// `fleetctl enroll`: a one-time token and the snippet that installs the agent with it.
+pub fn enroll(args: EnrollArgs) -> Result<(), String> {
+    runtime()?.block_on(async {
+        let client = reqwest::Client::new();
+        let mut body = json!({ "instance_id": args.instance_id });
+        if let Some(ttl) = args.ttl_secs {
+            body["ttl_secs"] = ttl.into();
+        }
+        let answer = args.remote.post(&client, "/v1/enrollments", &body).await?;
+        let token = answer["enrollment_token"]
+            .as_str()
+            .ok_or("the control plane returned no token")?;
+        eprintln!(
+            "enrollment token for {} (works once, until {}); keep it like a password",
+            args.instance_id, answer["expires_at"]
+        );
+        print!(
+            "{}",
+            install_snippet(&args.remote.url, &args.instance_id, token, &args.agent_url)
+        );
+        Ok(())
+    })
+}
+
+/// `fleetctl run`: submits a RunCommand and streams each target's output as it comes.
+/// The exit status is 0 only when every target completed.
+pub fn run(args: RunArgs) -> Result<(), String> {
+    let (cmd, rest) = args
+        .command
+        .split_first()
+        .ok_or("name a command after --")?;
+    let mut payload = json!({ "cmd": cmd, "args": rest });
+    if let Some(timeout) = args.timeout {
+        payload["timeout_sec"] = timeout.into();
+    }
+    if args.shell {
+        payload["shell"] = true.into();
+    }
+    runtime()?.block_on(async {
+        let client = reqwest::Client::new();
+        let submitted = args
+            .remote
+            .post(
+                &client,
+                "/v1/commands/submit",
+                &json!({"command_type": "RunCommand", "targets": args.targets, "payload": payload}),
+            )
+            .await?;
+        let id = submitted["id"].as_str().ok_or("no command id")?.to_owned();
+        eprintln!("command {id}");
+        let several = args.targets.len() > 1;
+        // Every target is followed at once; with several, each piece is prefixed.
+        futures_util::future::try_join_all(
+            args.targets
+                .iter()
+                .map(|target| follow(&args.remote, &client, &id, target, several)),
+        )
+        .await?;
+        summary(&args.remote, &client, &id).await
+    })
+}
+
+/// Prints one target's output live from the server-sent events.
+async fn follow(
+    remote: &Remote,
+    client: &reqwest::Client,
+    id: &str,
+    target: &str,
+    prefix: bool,
+) -> Result<(), String> {
+    use futures_util::StreamExt;
+    let path = format!("/v1/commands/{id}/logs");
+    let mut url = reqwest::Url::parse(&remote.at(&path)).map_err(|e| format!("FLEET_URL: {e}"))?;
+    url.query_pairs_mut()
+        .append_pair("follow", "true")
+        .append_pair("target", target);
+    let response = client
+        .get(url)
+        .bearer_auth(&remote.token)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("{path}: {}", response.status()));
+    }
+    let mut body = response.bytes_stream();
+    let mut pending = Vec::new();
+    let mut event = String::new();
+    while let Some(piece) = body.next().await {
+        pending.extend_from_slice(&piece.map_err(|e| e.to_string())?);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line).trim_end().to_owned();
+            if let Some(name) = line.strip_prefix("event: ") {
+                event = name.to_owned();
+            } else if let Some(data) = line.strip_prefix("data: ") {
+                let value: Value = serde_json::from_str(data).unwrap_or(Value::Null);
+                let bytes = match value["encoding"].as_str() {
+                    Some("base64") => base64::engine::general_purpose::STANDARD
+                        .decode(value["data"].as_str().unwrap_or_default())
+                        .unwrap_or_default(),
+                    _ => value["data"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .as_bytes()
+                        .to_vec(),
+                };
+                let label = if prefix {
+                    format!("[{target}] ")
+                } else {
+                    String::new()
+                };
+                match event.as_str() {
+                    "stdout" => {
+                        let mut out = std::io::stdout().lock();
+                        let _ = out.write_all(label.as_bytes());
+                        let _ = out.write_all(&bytes);
+                        let _ = out.flush();
+                    }
+                    "stderr" => {
+                        let mut err = std::io::stderr().lock();
+                        let _ = err.write_all(label.as_bytes());
+                        let _ = err.write_all(&bytes);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn summary(remote: &Remote, client: &reqwest::Client, id: &str) -> Result<(), String> {
+    // The follow ends when the target ended; the command row may lag by a moment.
+    let mut shown = remote.get(client, &format!("/v1/commands/{id}")).await?;
+    for _ in 0..50 {
+        if shown["status"] != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        shown = remote.get(client, &format!("/v1/commands/{id}")).await?;
+    }
+    let mut failed = 0;
+    for target in shown["targets"].as_array().into_iter().flatten() {
+        if target["status"] != "completed" {
+            failed += 1;
+            eprintln!(
+                "{}: {} (exit {}) {}",
+                target["instance_id"].as_str().unwrap_or("?"),
+                target["status"].as_str().unwrap_or("?"),
+                target["exit_code"],
+                target["error"].as_str().unwrap_or_default()
+            );
+        }
+    }
+    if failed == 0 {
+        Ok(())
+    } else {
+        Err(format!("{failed} target(s) did not complete"))
+    }
+}
+
+/// `fleetctl deploy`: DEPLOY_COMPOSE (or STOP_COMPOSE), waits and prints the results.
+pub fn deploy(args: DeployArgs) -> Result<(), String> {
+    let (kind, payload) = if args.stop {
+        ("STOP_COMPOSE", json!({ "project_name": args.project }))
+    } else {
+        let file = args.file.as_ref().ok_or("name the compose file")?;
+        let bytes = std::fs::read(file).map_err(|e| format!("read {}: {e}", file.display()))?;
+        (
+            "DEPLOY_COMPOSE",
+            json!({
+                "project_name": args.project,
+                "compose_file_base64": base64::engine::general_purpose::STANDARD.encode(bytes),
+            }),
+        )
+    };
+    let mut body = json!({"command_type": kind, "targets": args.targets, "payload": payload});
+    if let Some(max) = args.max_concurrency {
+        body["max_concurrency"] = max.into();
+    }
+    if let Some(max) = &args.max_errors {
+        body["max_errors"] = max.clone().into();
+    }
+    runtime()?.block_on(async {
+        let client = reqwest::Client::new();
+        let submitted = args
+            .remote
+            .post(&client, "/v1/commands/submit", &body)
+            .await?;
+        let id = submitted["id"].as_str().ok_or("no command id")?.to_owned();
+        eprintln!("command {id}");
+        loop {
+            let shown = args
+                .remote
+                .get(&client, &format!("/v1/commands/{id}"))
+                .await?;
+            if shown["status"] != "running" {
+                print_command(&shown);
+                return if shown["status"] == "completed"
+                    && shown["targets"]
+                        .as_array()
+                        .is_some_and(|t| t.iter().all(|t| t["status"] == "completed"))
+                {
+                    Ok(())
+                } else {
+                    Err(format!("command {id} ended {}", shown["status"]))
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+}
+
+fn print_command(shown: &Value) {
+    println!(
+        "{} {} {} (by {})",
+        shown["id"].as_str().unwrap_or("?"),
+        shown["command_type"].as_str().unwrap_or("?"),
+        shown["status"].as_str().unwrap_or("?"),
+        shown["created_by"].as_str().unwrap_or("?")
+    );
+    for target in shown["targets"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<32} {:<10} exit={:<5} {}",
+            target["instance_id"].as_str().unwrap_or("?"),
+            target["status"].as_str().unwrap_or("?"),
+            target["exit_code"],
+            target["error"].as_str().unwrap_or_default()
+        );
+    }
+}
+
+/// `fleetctl commands show ID`.
+pub fn show(args: ShowArgs) -> Result<(), String> {
+    runtime()?.block_on(async {
+        let client = reqwest::Client::new();
+        let shown = args
+            .remote
+            .get(&client, &format!("/v1/commands/{}", args.id))
+            .await?;
+        print_command(&shown);
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_snippet_carries_the_token_and_a_unit() {
+        let text = install_snippet("https://cp", "shop-1", "tok123", "https://dl/agent");
+        assert!(text.contains("AGENT_ENROLLMENT_TOKEN=tok123"));
+        assert!(text.contains("#cloud-config"));
+        assert!(text.contains("[Service]"));
+        assert!(text.contains("permissions: '0600'"));
+    }
+}

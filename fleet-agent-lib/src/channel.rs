@@ -1,0 +1,577 @@
+//! The live channel, agent side: register for a short-lived token (renewed before it
+//! expires), dial `GET /v1/agents/connect` with the InstaDeploy headers, run commands that
+//! arrive, and send the journal's frames until each is acknowledged.
+//!
+//! One task writes to the socket. Pings go every 30 s and the socket is dropped after 60 s
+//! without a pong; reconnects back off from 1 s to 2 min with jitter, and the backoff is
+//! reset once a connection stayed up for a minute.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleet_core::command::Frame;
+use fleet_core::registration::{RegisterRequest, RegisterResponse};
+use fleet_core::{Secret, Signer};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::commands::Executor;
+use crate::sender::Backoff;
+
+/// The HTTP client type [`ChannelConfig::http`] takes (re-exported so embedders need no
+/// direct reqwest dependency).
+pub type HttpClient = reqwest::Client;
+
+/// Frames sent and not yet acknowledged, at most.
+const WINDOW: usize = 64;
+
+/// Everything the channel needs.
+#[derive(Clone)]
+pub struct ChannelConfig {
+    /// The instance.
+    pub instance_id: String,
+    /// `http(s)://` base URL of the control plane.
+    pub control_plane_url: String,
+    /// The agent's signing secret.
+    pub secret: Secret,
+    /// `X-Agent-Version`.
+    pub version: String,
+    /// Runs the commands.
+    pub executor: Executor,
+    /// HTTP client for registration.
+    pub http: reqwest::Client,
+}
+
+/// Why a connection attempt ended.
+#[derive(Debug)]
+enum Ended {
+    /// The token was refused: register again.
+    Unauthorized,
+    /// The socket could not be opened.
+    CannotConnect(String),
+    /// Anything else.
+    Failed(String),
+    /// Shutdown.
+    Stopped,
+    /// The token is due for renewal (the session goes on).
+    RenewDue,
+}
+
+/// A token and when to renew it.
+struct Token {
+    text: String,
+    renew_at: Instant,
+}
+
+/// `os-arch` as Go writes it (`linux-amd64`).
+pub fn architecture() -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    format!("{}-{arch}", std::env::consts::OS)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Registers with the agent's secret (v1 signature) and returns the token.
+pub async fn register(
+    http: &reqwest::Client,
+    base: &str,
+    instance_id: &str,
+    secret: &Secret,
+    version: &str,
+) -> Result<RegisterResponse, String> {
+    let body = serde_json::to_vec(&RegisterRequest {
+        instance_id: instance_id.to_owned(),
+        enrollment_token: None,
+        hostname: Some(hostname()),
+        agent_version: Some(version.to_owned()),
+        architecture: Some(architecture()),
+    })
+    .map_err(|e| e.to_string())?;
+    let signer = Signer::new(secret.clone());
+    let msg_id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+    let mut request = http
+        .post(format!("{}/v1/agents/register", base.trim_end_matches('/')))
+        .header("content-type", "application/json")
+        .body(body.clone());
+    for (name, value) in signer
+        .headers(&msg_id, fleet_core::unix_now(), &body)
+        .pairs()
+    {
+        request = request.header(name, value);
+    }
+    let response = request.send().await.map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("registration answered {}", response.status()));
+    }
+    response
+        .json::<RegisterResponse>()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn websocket_url(base: &str) -> String {
+    let base = base.trim_end_matches('/');
+    let rest = base
+        .strip_prefix("https://")
+        .map(|r| format!("wss://{r}"))
+        .or_else(|| base.strip_prefix("http://").map(|r| format!("ws://{r}")))
+        .unwrap_or_else(|| base.to_owned());
+    format!("{rest}/v1/agents/connect")
+}
+
+/// Runs the channel until `stop` turns true.
+pub async fn run(config: ChannelConfig, mut stop: watch::Receiver<bool>) {
+    let settings = config.executor.settings().clone();
+    let mut backoff = Backoff::new(settings.backoff_base, settings.backoff_max);
+    let mut token: Option<Token> = None;
+    if let Err(err) = config.executor.recover().await {
+        tracing::error!(error = %err, "cannot recover the command journal");
+    }
+    // Consecutive attempts that could not open the socket; from POLL_AFTER on, the agent
+    // polls over plain HTTPS while it waits to try the socket again.
+    let mut cannot_connect = 0u32;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let now = Instant::now();
+        if token.as_ref().is_none_or(|t| now >= t.renew_at) {
+            match register(
+                &config.http,
+                &config.control_plane_url,
+                &config.instance_id,
+                &config.secret,
+                &config.version,
+            )
+            .await
+            {
+                Ok(answer) => token = Some(token_of(answer)),
+                Err(err) => {
+                    // No polling then: a control plane that cannot register agents (down,
+                    // or an older one without the endpoint) would not answer polls either.
+                    tracing::warn!(reason = %err, "registration failed");
+                    token = None;
+                    cannot_connect = 0;
+                }
+            }
+        }
+        if token.is_some() {
+            let started = Instant::now();
+            let ended = session(&config, &mut token, &mut stop).await;
+            if started.elapsed() >= settings.healthy_after {
+                backoff.reset();
+            }
+            match ended {
+                Ended::Stopped => return,
+                Ended::Unauthorized => token = None,
+                Ended::CannotConnect(reason) => {
+                    cannot_connect += 1;
+                    tracing::info!(%reason, "cannot open the live channel");
+                }
+                Ended::Failed(reason) => {
+                    cannot_connect = 0;
+                    tracing::info!(%reason, "live channel down");
+                }
+                Ended::RenewDue => {}
+            }
+        }
+        let delay = backoff.next_delay();
+        if cannot_connect >= POLL_AFTER {
+            if poll_until(&config, Instant::now() + delay, &mut stop).await {
+                return;
+            }
+        } else {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
+            }
+        }
+    }
+}
+
+/// Failed socket attempts before the agent falls back to polling.
+pub const POLL_AFTER: u32 = 2;
+/// How often the agent polls while the socket is unavailable.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
+/// Frames sent per poll.
+const POLL_FRAMES: i64 = 24;
+
+/// Polls until `until` (or stop; then returns true).
+async fn poll_until(
+    config: &ChannelConfig,
+    until: Instant,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    loop {
+        let more = match poll_once(config).await {
+            Ok(more) => more,
+            Err(reason) => {
+                tracing::debug!(%reason, "poll failed");
+                false
+            }
+        };
+        let now = Instant::now();
+        if now >= until {
+            return false;
+        }
+        let wait = if more {
+            Duration::ZERO
+        } else {
+            POLL_INTERVAL.min(until - now)
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => return true,
+        }
+    }
+}
+
+/// One `POST /v1/agents/poll`: sends queued frames, forgets the stored ones, accepts the
+/// commands waiting. Returns whether frames are still queued.
+pub async fn poll_once(config: &ChannelConfig) -> Result<bool, String> {
+    let journal = config.executor.journal();
+    let frames = journal
+        .pending(0, POLL_FRAMES)
+        .await
+        .map_err(|e| e.to_string())?;
+    let sent = frames.len() as i64;
+    let values: Vec<serde_json::Value> = frames
+        .iter()
+        .filter_map(|f| serde_json::from_slice(&f.body).ok())
+        .collect();
+    let body = serde_json::to_vec(&serde_json::json!({
+        "instance_id": config.instance_id, "frames": values,
+    }))
+    .map_err(|e| e.to_string())?;
+    let signer = Signer::new(config.secret.clone());
+    let msg_id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+    let mut request = config
+        .http
+        .post(format!(
+            "{}/v1/agents/poll",
+            config.control_plane_url.trim_end_matches('/')
+        ))
+        .header("content-type", "application/json")
+        .body(body.clone());
+    for (name, value) in signer
+        .headers(&msg_id, fleet_core::unix_now(), &body)
+        .pairs()
+    {
+        request = request.header(name, value);
+    }
+    let response = request.send().await.map_err(|e| e.to_string())?;
+    if !response.status().is_success() {
+        return Err(format!("poll answered {}", response.status()));
+    }
+    let answer: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
+    let mut done: Vec<String> = answer["acked"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    done.extend(
+        answer["refused"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["id"].as_str().map(str::to_owned)),
+    );
+    journal.ack(&done).await.map_err(|e| e.to_string())?;
+    for command in answer["commands"].as_array().into_iter().flatten() {
+        let bytes = serde_json::to_vec(command).unwrap_or_default();
+        if let Ok(Frame::Command(envelope)) = Frame::decode(&bytes) {
+            config
+                .executor
+                .accept(envelope)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(sent == POLL_FRAMES)
+}
+
+fn token_of(answer: RegisterResponse) -> Token {
+    let ttl = (answer.expires_at - fleet_core::unix_now()).max(0) as u64;
+    // Renew when a fifth of the lifetime is left (at least 30 s before expiry).
+    let renew_in = Duration::from_secs(ttl.saturating_sub((ttl / 5).max(30)));
+    Token {
+        text: answer.token,
+        renew_at: Instant::now() + renew_in,
+    }
+}
+
+async fn session(
+    config: &ChannelConfig,
+    token_slot: &mut Option<Token>,
+    stop: &mut watch::Receiver<bool>,
+) -> Ended {
+    let settings = config.executor.settings();
+    let Some(current) = token_slot.as_ref() else {
+        return Ended::Unauthorized;
+    };
+    let token = current.text.clone();
+    let renew_at = current.renew_at;
+    let mut request = match websocket_url(&config.control_plane_url).into_client_request() {
+        Ok(request) => request,
+        Err(err) => return Ended::Failed(err.to_string()),
+    };
+    let headers = request.headers_mut();
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(value) = value.parse() {
+            headers.insert(name, value);
+        }
+    };
+    put("authorization", format!("Bearer {token}"));
+    put("x-agent-version", config.version.clone());
+    put("x-agent-architecture", architecture());
+    put("x-agent-hostname", hostname());
+    let connected = tokio::time::timeout(
+        settings.handshake_timeout,
+        tokio_tungstenite::connect_async(request),
+    )
+    .await;
+    let socket = match connected {
+        Err(_) => return Ended::CannotConnect("handshake timed out".into()),
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response)))
+            if response.status() == 401 =>
+        {
+            return Ended::Unauthorized;
+        }
+        Ok(Err(err)) => return Ended::CannotConnect(err.to_string()),
+        Ok(Ok((socket, _))) => socket,
+    };
+    tracing::info!("live channel connected");
+    if let Some(binary) = settings
+        .agent_binary
+        .clone()
+        .or_else(|| std::env::current_exe().ok())
+    {
+        crate::commands::update_agent::confirm(&binary);
+    }
+    let (mut sink, mut stream) = socket.split();
+    let (tx, mut rx) = mpsc::channel::<Message>(WINDOW * 2);
+    // The one writer of this socket.
+    let writer = tokio::spawn(async move {
+        while let Some(message) = rx.recv().await {
+            if sink.send(message).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let journal = config.executor.journal().clone();
+    let mut ping = tokio::time::interval(settings.ping_interval);
+    ping.tick().await;
+    let mut last_pong = Instant::now();
+    let mut sent_upto = 0i64;
+    let mut in_flight: HashSet<String> = HashSet::new();
+    let renew = tokio::time::sleep_until(renew_at.into());
+    tokio::pin!(renew);
+    let mut pending_end: Option<Ended> = None;
+    let ended = loop {
+        if let Some(Ended::RenewDue) = pending_end.take() {
+            match register(
+                &config.http,
+                &config.control_plane_url,
+                &config.instance_id,
+                &config.secret,
+                &config.version,
+            )
+            .await
+            {
+                Ok(answer) => {
+                    let fresh = token_of(answer);
+                    renew.as_mut().reset(fresh.renew_at.into());
+                    *token_slot = Some(fresh);
+                }
+                Err(err) => {
+                    tracing::warn!(reason = %err, "token renewal failed; retrying in 30 s");
+                    renew
+                        .as_mut()
+                        .reset((Instant::now() + Duration::from_secs(30)).into());
+                }
+            }
+        }
+        // Send what the journal holds, within the window.
+        if in_flight.len() < WINDOW {
+            let notified = journal.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match journal
+                .pending(sent_upto, (WINDOW - in_flight.len()) as i64)
+                .await
+            {
+                Ok(frames) if !frames.is_empty() => {
+                    for frame in frames {
+                        sent_upto = frame.seq;
+                        in_flight.insert(frame.frame_id);
+                        let text = String::from_utf8_lossy(&frame.body).into_owned();
+                        if tx.send(Message::Text(text.into())).await.is_err() {
+                            break;
+                        }
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(err) => tracing::error!(error = %err, "cannot read the journal"),
+            }
+            let event = tokio::select! {
+                _ = notified => continue,
+                event = wait(&mut stream, &mut ping, stop, &mut renew) => event,
+            };
+            match apply(config, event, &tx, &mut in_flight, &mut last_pong).await {
+                Some(Ended::RenewDue) => pending_end = Some(Ended::RenewDue),
+                Some(ended) => break ended,
+                None => {}
+            }
+        } else {
+            let event = wait(&mut stream, &mut ping, stop, &mut renew).await;
+            match apply(config, event, &tx, &mut in_flight, &mut last_pong).await {
+                Some(Ended::RenewDue) => pending_end = Some(Ended::RenewDue),
+                Some(ended) => break ended,
+                None => {}
+            }
+        }
+    };
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    ended
+}
+
+type Incoming = futures_util::stream::SplitStream<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+>;
+
+/// What woke the session.
+enum Event {
+    Stop,
+    Renew,
+    Ping,
+    Message(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
+}
+
+/// Waits for the next event. Only cancel-safe waits happen here, so the session may race it
+/// against the journal's notification; the event is handled after, never half-way.
+async fn wait(
+    stream: &mut Incoming,
+    ping: &mut tokio::time::Interval,
+    stop: &mut watch::Receiver<bool>,
+    renew: &mut std::pin::Pin<&mut tokio::time::Sleep>,
+) -> Event {
+    tokio::select! {
+        _ = async { let _ = stop.wait_for(|s| *s).await; } => Event::Stop,
+        // The token is only checked at the handshake; a fresh one is fetched before it
+        // expires, so a reconnect always has a valid one.
+        _ = renew.as_mut() => Event::Renew,
+        _ = ping.tick() => Event::Ping,
+        message = stream.next() => Event::Message(message),
+    }
+}
+
+/// Handles one event; `Some` ends the session (or asks for a renewal).
+async fn apply(
+    config: &ChannelConfig,
+    event: Event,
+    tx: &mpsc::Sender<Message>,
+    in_flight: &mut HashSet<String>,
+    last_pong: &mut Instant,
+) -> Option<Ended> {
+    let settings = config.executor.settings();
+    match event {
+        Event::Stop => {
+            let _ = tx.send(Message::Close(None)).await;
+            Some(Ended::Stopped)
+        }
+        Event::Renew => Some(Ended::RenewDue),
+        Event::Ping => {
+            if last_pong.elapsed() > settings.pong_timeout {
+                return Some(Ended::Failed("no pong for too long".into()));
+            }
+            let _ = tx.send(Message::Ping(Default::default())).await;
+            None
+        }
+        Event::Message(message) => {
+            let message = match message {
+                None => return Some(Ended::Failed("closed by the control plane".into())),
+                Some(Err(err)) => return Some(Ended::Failed(err.to_string())),
+                Some(Ok(message)) => message,
+            };
+            *last_pong = Instant::now();
+            let bytes = match message {
+                Message::Text(text) => text.as_bytes().to_vec(),
+                Message::Binary(bytes) => bytes.to_vec(),
+                Message::Close(_) => {
+                    return Some(Ended::Failed("closed by the control plane".into()));
+                }
+                _ => return None,
+            };
+            handle(config, &bytes, tx, in_flight).await;
+            None
+        }
+    }
+}
+
+async fn handle(
+    config: &ChannelConfig,
+    bytes: &[u8],
+    tx: &mpsc::Sender<Message>,
+    in_flight: &mut HashSet<String>,
+) {
+    let executor = &config.executor;
+    match Frame::decode(bytes) {
+        Ok(Frame::Command(envelope)) => {
+            if let Err(err) = executor.accept(envelope).await {
+                tracing::error!(error = %err, "cannot journal a command");
+            }
+        }
+        Ok(Frame::Cancel { command_id, .. }) => executor.cancel(&command_id),
+        Ok(Frame::Ack { ack, .. }) => {
+            for id in &ack.ids {
+                in_flight.remove(id);
+            }
+            if let Err(err) = executor.journal().ack(&ack.ids).await {
+                tracing::error!(error = %err, "cannot forget acknowledged frames");
+            }
+        }
+        Ok(Frame::Error { id, message }) => {
+            tracing::warn!(frame = %id, %message, "the control plane refused a frame");
+            // A refused frame will never be accepted: forget it rather than resend forever.
+            if in_flight.remove(&id) {
+                let _ = executor.journal().ack(std::slice::from_ref(&id)).await;
+            }
+        }
+        Ok(Frame::Result { .. } | Frame::Logs { .. }) => {}
+        Err((id, message)) => {
+            // The InstaDeploy answer to an unreadable command: FAILED with its id.
+            if id != "unknown" && !id.is_empty() {
+                let result = crate::commands::failed(&id, &message);
+                let _ = executor
+                    .journal()
+                    .enqueue(&Frame::Result {
+                        id: uuid::Uuid::new_v4().to_string(),
+                        result,
+                    })
+                    .await;
+            } else {
+                let frame = Frame::Error { id, message };
+                let text = String::from_utf8_lossy(&frame.encode()).into_owned();
+                let _ = tx.send(Message::Text(text.into())).await;
+            }
+        }
+    }
+}
+
+/// Shared handle so the agent can hold the channel's config.
+pub type SharedChannel = Arc<ChannelConfig>;

@@ -1,0 +1,379 @@
+//! The command executor and its journal, without a control plane: each command id runs at
+//! most once, output is journalled in order until acknowledged, disabled types are refused.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_agent::CommandSettings;
+use fleet_agent::commands::Executor;
+use fleet_agent::logstream::Journal;
+use fleet_core::command::{CommandEnvelope, CommandType, Frame};
+use serde_json::json;
+
+use crate::support::temp_dir;
+
+async fn executor(settings: CommandSettings) -> (Executor, Journal, std::path::PathBuf) {
+    let dir = temp_dir("commands");
+    let journal = Journal::open(&dir.join("state.db")).await.expect("journal");
+    let executor = Executor::new(
+        journal.clone(),
+        settings,
+        None,
+        Arc::new(tokio::sync::watch::channel(false).0),
+    );
+    (executor, journal, dir)
+}
+
+fn envelope(id: &str, kind: &str, payload: serde_json::Value) -> CommandEnvelope {
+    serde_json::from_value(json!({"id": id, "type": kind, "payload": payload})).expect("envelope")
+}
+
+/// Results queued in the journal, in order.
+async fn results(journal: &Journal) -> Vec<fleet_core::command::CommandResult> {
+    journal
+        .pending(0, 10_000)
+        .await
+        .expect("pending")
+        .into_iter()
+        .filter_map(|p| match Frame::decode(&p.body) {
+            Ok(Frame::Result { result, .. }) => Some(result),
+            _ => None,
+        })
+        .collect()
+}
+
+async fn wait_results(journal: &Journal, count: usize) -> Vec<fleet_core::command::CommandResult> {
+    for _ in 0..200 {
+        let found = results(journal).await;
+        if found.len() >= count {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "expected {count} results, have {:?}",
+        results(journal).await
+    );
+}
+
+#[tokio::test]
+async fn a_redelivered_command_answers_its_recorded_result_without_running_again() {
+    let (executor, journal, dir) = executor(CommandSettings::default()).await;
+    let counter = dir.join("runs");
+    let command = envelope(
+        "cmd-1",
+        "RunCommand",
+        json!({"cmd": format!("echo run >> {}; echo done", counter.display()), "shell": true}),
+    );
+    executor.accept(command.clone()).await.expect("accept");
+    let first = wait_results(&journal, 2).await;
+    assert_eq!(
+        first[0].status,
+        fleet_core::command::CommandStatus::InProgress
+    );
+    assert_eq!(
+        first[1].status,
+        fleet_core::command::CommandStatus::Completed
+    );
+    // Delivered again (a reconnect, a replica retry): the recorded answer, no second run.
+    executor
+        .accept(command.clone())
+        .await
+        .expect("accept again");
+    let again = wait_results(&journal, 3).await;
+    assert_eq!(again[2], first[1]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(std::fs::read_to_string(&counter).expect("ran"), "run\n");
+
+    // Acknowledged frames are forgotten; the others stay.
+    let pending = journal.pending(0, 100).await.expect("pending");
+    let ids: Vec<String> = pending.iter().map(|p| p.frame_id.clone()).collect();
+    journal.ack(&ids[..1]).await.expect("ack");
+    assert_eq!(
+        journal.backlog().await.expect("count") as usize,
+        ids.len() - 1
+    );
+
+    // A journal reopened after a crash mid-run reports the command failed, never reruns it.
+    sqlx_like_crash(&journal).await;
+    let reopened = Journal::open(&dir.join("state.db")).await.expect("reopen");
+    let executor = Executor::new(
+        reopened.clone(),
+        CommandSettings::default(),
+        None,
+        Arc::new(tokio::sync::watch::channel(false).0),
+    );
+    executor.recover().await.expect("recover");
+    let last = results(&reopened).await.pop().expect("a result");
+    assert_eq!(last.job_id, "crashed-1");
+    assert_eq!(last.status, fleet_core::command::CommandStatus::Failed);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Leaves a command recorded as running, as a crash in the middle of it would.
+async fn sqlx_like_crash(journal: &Journal) {
+    assert_eq!(
+        journal.begin("crashed-1").await.expect("begin"),
+        fleet_agent::logstream::Begin::New
+    );
+}
+
+#[tokio::test]
+async fn disabled_and_unreadable_commands_fail() {
+    let mut settings = CommandSettings::default();
+    settings.disabled.insert(CommandType::RunCommand);
+    let (executor, journal, dir) = executor(settings).await;
+    executor
+        .accept(envelope("c1", "RunCommand", json!({"cmd": "true"})))
+        .await
+        .expect("accept");
+    let found = wait_results(&journal, 1).await;
+    assert_eq!(found[0].status, fleet_core::command::CommandStatus::Failed);
+    assert!(
+        found[0]
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("disabled")
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn settings_come_from_the_environment_names() {
+    let vars = [
+        ("AGENT_COMMANDS_DISABLED", "RunCommand, UpdateAgent"),
+        ("AGENT_PROJECTS_DIR", "/srv/projects"),
+        ("AGENT_COMPOSE_COMMAND", "docker compose"),
+        ("AGENT_COMMANDS_TIMEOUT_SECS", "60"),
+    ];
+    let settings = CommandSettings::from_lookup(|name| {
+        vars.iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| (*v).to_owned())
+    })
+    .expect("valid");
+    assert!(settings.disabled.contains(&CommandType::RunCommand));
+    assert!(settings.disabled.contains(&CommandType::UpdateAgent));
+    assert_eq!(settings.compose_command, ["docker", "compose"]);
+    assert_eq!(settings.default_timeout, Duration::from_secs(60));
+    let bad = CommandSettings::from_lookup(|name| {
+        (name == "AGENT_COMMANDS_DISABLED").then(|| "REBOOT".to_owned())
+    });
+    assert!(bad.is_err());
+}
+
+/// Serves `bytes` at `/agent` on 127.0.0.1; returns the URL.
+async fn serve_binary(bytes: Vec<u8>) -> String {
+    let app = axum::Router::new().route(
+        "/agent",
+        axum::routing::get(move || {
+            let bytes = bytes.clone();
+            async move { bytes }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/agent", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+    url
+}
+
+#[tokio::test]
+async fn update_agent_checks_digest_and_signature_then_swaps_atomically() {
+    use base64::Engine;
+    use ed25519_dalek::Signer as _;
+    use sha2::Digest;
+    let seed = [9u8; 32];
+    let signing = ed25519_dalek::SigningKey::from_bytes(&seed);
+    let public = fleet_core::PrivateKey::from_seed(seed).public_key();
+    let new_binary = b"#!/bin/sh\necho new agent\n".to_vec();
+    let url = serve_binary(new_binary.clone()).await;
+    let sha = hex::encode(sha2::Sha256::digest(&new_binary));
+    let good =
+        base64::engine::general_purpose::STANDARD.encode(signing.sign(&new_binary).to_bytes());
+    let forged = base64::engine::general_purpose::STANDARD.encode(
+        ed25519_dalek::SigningKey::from_bytes(&[1; 32])
+            .sign(&new_binary)
+            .to_bytes(),
+    );
+
+    let dir = temp_dir("update");
+    let binary = dir.join("fleet-agent");
+    std::fs::write(&binary, b"old agent").expect("old binary");
+    let settings = CommandSettings {
+        update_keys: vec![public],
+        agent_binary: Some(binary.clone()),
+        ..CommandSettings::default()
+    };
+    let journal = Journal::open(&dir.join("state.db")).await.expect("journal");
+    let restart = Arc::new(tokio::sync::watch::channel(false).0);
+    let executor = Executor::new(journal.clone(), settings, None, restart.clone());
+
+    // A signature by a key that is not pinned: refused, nothing replaced.
+    executor
+        .accept(envelope(
+            "u1",
+            "UpdateAgent",
+            json!({"version": "2.0.0", "url": url, "sha256": sha, "signature": forged}),
+        ))
+        .await
+        .expect("accept");
+    let found = wait_results(&journal, 2).await;
+    assert_eq!(found[1].status, fleet_core::command::CommandStatus::Failed);
+    assert_eq!(std::fs::read(&binary).expect("read"), b"old agent");
+    assert!(!*restart.borrow());
+
+    executor
+        .accept(envelope(
+            "u2",
+            "UpdateAgent",
+            json!({"version": "2.0.0", "url": url, "sha256": sha, "signature": good}),
+        ))
+        .await
+        .expect("accept");
+    let found = wait_results(&journal, 4).await;
+    assert_eq!(
+        found[3].status,
+        fleet_core::command::CommandStatus::Completed,
+        "{:?}",
+        found[3]
+    );
+    assert_eq!(std::fs::read(&binary).expect("read"), new_binary);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&binary)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o755
+    );
+    let previous = fleet_agent::commands::update_agent::previous_path(&binary);
+    assert_eq!(
+        std::fs::read(previous).expect("previous kept"),
+        b"old agent"
+    );
+    assert!(fleet_agent::commands::update_agent::marker_path(&binary).exists());
+    // The agent is asked to restart into the new binary.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(*restart.borrow());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// An application's own HEALTH_CHECK, plugged in with a `CommandHandler`.
+struct AppHealth;
+
+#[fleet_agent::async_trait]
+impl fleet_agent::CommandHandler for AppHealth {
+    fn command_type(&self) -> CommandType {
+        CommandType::HealthCheck
+    }
+
+    async fn run(
+        &self,
+        _command: &fleet_core::command::Command,
+        output: &fleet_agent::commands::Output,
+        _cancel: &tokio::sync::Notify,
+    ) -> fleet_core::command::CommandResult {
+        output
+            .write(fleet_core::command::Stream::Stdout, b"queue depth 3\n")
+            .await
+            .expect("journal");
+        let mut result = fleet_agent::commands::completed("", "app healthy");
+        result.data = Some(json!({"queue_depth": 3}));
+        result
+    }
+}
+
+#[tokio::test]
+async fn a_plugged_in_handler_replaces_the_built_in_one() {
+    let (executor, journal, dir) = executor(CommandSettings::default()).await;
+    let executor = executor.with_handlers(vec![Arc::new(AppHealth)]);
+    executor
+        .accept(envelope("h1", "HEALTH_CHECK", json!({})))
+        .await
+        .expect("accept");
+    let found = wait_results(&journal, 2).await;
+    assert_eq!(found[1].job_id, "h1");
+    assert_eq!(found[1].data, Some(json!({"queue_depth": 3})));
+    let logs: Vec<_> = journal
+        .pending(0, 100)
+        .await
+        .expect("pending")
+        .into_iter()
+        .filter_map(|p| match Frame::decode(&p.body) {
+            Ok(Frame::Logs { batch, .. }) => Some(batch.chunks[0].data.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(logs, ["queue depth 3\n"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A control plane that accepts the socket and then never reads it (so never answers a
+/// ping): the agent gives up after the pong timeout and dials again.
+#[tokio::test]
+async fn a_silent_socket_is_dropped_after_the_pong_timeout_and_redialled() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let sockets = Arc::new(AtomicUsize::new(0));
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (count, keep) = (sockets.clone(), held.clone());
+    let app = axum::Router::new()
+        .route(
+            "/v1/agents/register",
+            axum::routing::post(|| async {
+                axum::Json(json!({"instance_id": "silent-1", "token": "t",
+                                  "expires_at": fleet_core::unix_now() + 3600}))
+            }),
+        )
+        .route(
+            "/v1/agents/connect",
+            axum::routing::get(move |ws: axum::extract::ws::WebSocketUpgrade| {
+                let (count, keep) = (count.clone(), keep.clone());
+                async move {
+                    ws.on_upgrade(move |socket| async move {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        // Held, never read: pings stay unanswered.
+                        keep.lock().unwrap().push(socket);
+                    })
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+
+    let settings = CommandSettings {
+        ping_interval: Duration::from_millis(100),
+        pong_timeout: Duration::from_millis(300),
+        backoff_base: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(100),
+        ..CommandSettings::default()
+    };
+    let (executor, _journal, dir) = executor(settings).await;
+    let config = fleet_agent::channel::ChannelConfig {
+        instance_id: "silent-1".into(),
+        control_plane_url: url,
+        secret: fleet_core::Secret::new("s").expect("secret"),
+        version: "test".into(),
+        executor,
+        http: reqwest_client(),
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let channel = tokio::spawn(fleet_agent::channel::run(config, stopped));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let dialled = sockets.load(Ordering::SeqCst);
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), channel).await;
+    assert!(dialled >= 3, "dialled {dialled} times in 3 s");
+    assert!(dialled <= 12, "dialled {dialled} times in 3 s: no backoff?");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn reqwest_client() -> fleet_agent::channel::HttpClient {
+    fleet_agent::channel::HttpClient::new()
+}

@@ -1,0 +1,444 @@
+//! The command API for operators: submit, show per-target results, read or follow output,
+//! cancel.
+//!
+//! RunCommand, UpdateAgent, UpdatePackage and the compose deploys need `admin`; STATUS and
+//! HEALTH_CHECK need `ops`.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use fleet_core::command::{Stream, SubmitCommand};
+use serde::Deserialize;
+
+use crate::auth::{Authed, Ops, Role, Support};
+use crate::channel::command_store;
+use crate::registration::decode_body;
+use crate::store::commands::{CommandStore, NewCommand, StoredChunk, is_final};
+use crate::{Error, Result, Shared};
+
+/// Chunks read from the database per page when streaming output.
+const PAGE: i64 = 64;
+/// How often a follower looks for new output when nothing woke it.
+const FOLLOW_POLL: Duration = Duration::from_millis(500);
+
+fn require(role: Role, command_type: fleet_core::command::CommandType) -> Result<()> {
+    if command_type.is_read_only() || role >= Role::Admin {
+        Ok(())
+    } else {
+        Err(Error::Forbidden)
+    }
+}
+
+/// `POST /v1/commands/submit`.
+pub(crate) async fn submit(
+    Authed(role): Ops,
+    State(state): State<Shared>,
+    body: Bytes,
+) -> Result<Response> {
+    let submit: SubmitCommand = decode_body(&body, &state.settings.limits)?;
+    require(role, submit.command_type)?;
+    let commands = command_store(state.store.as_ref())?;
+    let max_targets = i64::try_from(state.settings.limits.max_targets).unwrap_or(10_000);
+    let mut instances: Vec<String> = if submit.targets.is_empty() {
+        let selector = submit
+            .selector
+            .clone()
+            .unwrap_or(fleet_core::command::Selector {
+                channel: None,
+                all: false,
+            });
+        let channel = if selector.all {
+            None
+        } else {
+            selector.channel.as_deref()
+        };
+        commands.select_instances(channel, max_targets).await?
+    } else {
+        submit.targets.clone()
+    };
+    let mut seen = std::collections::HashSet::new();
+    instances.retain(|i| seen.insert(i.clone()));
+    if instances.is_empty() {
+        let mut errors = fleet_core::ValidationErrors::default();
+        errors.push("selector", "matches no instance");
+        return Err(Error::Invalid(errors));
+    }
+    let now = fleet_core::unix_now();
+    let command = NewCommand {
+        id: uuid::Uuid::now_v7().to_string(),
+        command_type: submit.command_type,
+        payload: submit.payload.clone(),
+        max_concurrency: submit.max_concurrency,
+        max_errors: submit.max_errors.clone(),
+        created_by: role.as_str().to_owned(),
+        created_at: now,
+    };
+    let targets: Vec<(String, String)> = instances
+        .into_iter()
+        .map(|instance| (uuid::Uuid::new_v4().to_string(), instance))
+        .collect();
+    commands.create_command(&command, &targets).await?;
+    let released = commands.schedule(&command.id, now).await?;
+    state.live.deliver(released).await;
+    tracing::info!(
+        command_id = %command.id, command_type = command.command_type.as_str(),
+        targets = targets.len(), by = role.as_str(), "command submitted"
+    );
+    let listed: Vec<_> = targets
+        .iter()
+        .map(|(target, instance)| serde_json::json!({"target_id": target, "instance_id": instance}))
+        .collect();
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "id": command.id, "targets": listed })),
+    )
+        .into_response())
+}
+
+/// `GET /v1/commands/{id}`.
+pub(crate) async fn show(
+    _: Support,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let commands = command_store(state.store.as_ref())?;
+    let record = commands.command(&id).await?.ok_or(Error::NotFound)?;
+    let mut value = serde_json::to_value(&record).map_err(|e| Error::Internal(e.to_string()))?;
+    // `data` is stored as text; show it as JSON.
+    if let Some(targets) = value.get_mut("targets").and_then(|t| t.as_array_mut()) {
+        for (target, stored) in targets.iter_mut().zip(&record.targets) {
+            target["data"] = stored
+                .data
+                .as_deref()
+                .and_then(|d| serde_json::from_str(d).ok())
+                .unwrap_or(serde_json::Value::Null);
+        }
+    }
+    Ok(Json(value).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct LogQuery {
+    /// Instance id (needed when the command has several targets).
+    target: Option<String>,
+    /// `stdout` (default) or `stderr`; with `follow`, both when absent.
+    stream: Option<Stream>,
+    /// Server-sent events until the target ends.
+    #[serde(default)]
+    follow: bool,
+}
+
+/// `GET /v1/commands/{id}/logs?target=&stream=&follow=`: the whole output as bytes, or a
+/// live stream of server-sent events.
+pub(crate) async fn logs(
+    _: Support,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    Query(query): Query<LogQuery>,
+) -> Result<Response> {
+    let commands = command_store(state.store.as_ref())?;
+    let record = commands.command(&id).await?.ok_or(Error::NotFound)?;
+    let target = match &query.target {
+        Some(instance) => record
+            .targets
+            .iter()
+            .find(|t| &t.instance_id == instance || &t.target_id == instance),
+        None if record.targets.len() == 1 => record.targets.first(),
+        None => {
+            return Err(Error::BadRequest(
+                "the command has several targets: name one with ?target=".into(),
+            ));
+        }
+    }
+    .ok_or(Error::NotFound)?
+    .target_id
+    .clone();
+    if query.follow {
+        return Ok(follow(state, target, query.stream).into_response());
+    }
+    let stream = query.stream.unwrap_or(Stream::Stdout);
+    // Page by page: a 100 MB output never sits in memory whole.
+    let body = futures_util::stream::unfold(
+        (state, target, 0i64, false),
+        move |(state, target, from, done)| async move {
+            if done {
+                return None;
+            }
+            let commands = state.store.commands()?;
+            match commands
+                .read_chunks(&target, Some(stream), from, PAGE)
+                .await
+            {
+                Ok(chunks) if chunks.is_empty() => None,
+                Ok(chunks) => {
+                    let last = chunks.len() < PAGE as usize;
+                    let next = chunks
+                        .last()
+                        .map(|c| c.pos + c.data.len() as i64)
+                        .unwrap_or(from);
+                    let mut bytes = Vec::new();
+                    for chunk in chunks {
+                        bytes.extend_from_slice(&chunk.data);
+                    }
+                    Some((
+                        Ok::<_, std::io::Error>(Bytes::from(bytes)),
+                        (state, target, next, last),
+                    ))
+                }
+                Err(err) => Some((
+                    Err(std::io::Error::other(err.to_string())),
+                    (state, target, from, true),
+                )),
+            }
+        },
+    );
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+/// Follows one target's output as server-sent events: `stdout`/`stderr` events carrying
+/// `{offset, data, encoding}`, then one `end` event with the target's final status.
+fn follow(
+    state: Shared,
+    target: String,
+    only: Option<Stream>,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    struct Cursor {
+        state: Shared,
+        target: String,
+        next: [i64; 2],
+        pending: std::collections::VecDeque<Event>,
+        finished: bool,
+        ended: bool,
+    }
+    let cursor = Cursor {
+        state,
+        target,
+        next: [0, 0],
+        pending: Default::default(),
+        finished: false,
+        ended: false,
+    };
+    let stream = futures_util::stream::unfold(cursor, move |mut c| async move {
+        loop {
+            if let Some(event) = c.pending.pop_front() {
+                return Some((Ok(event), c));
+            }
+            if c.ended {
+                return None;
+            }
+            let commands = c.state.store.commands()?;
+            // Whether the target ended is read BEFORE the output: output stored before the
+            // end is then certainly seen by the read that follows.
+            let final_status = target_final(commands, &c.target).await;
+            let mut got = 0;
+            for (i, stream) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
+                if only.is_some_and(|o| o != stream) {
+                    continue;
+                }
+                let chunks = commands
+                    .read_chunks(&c.target, Some(stream), c.next[i], PAGE)
+                    .await
+                    .unwrap_or_default();
+                got += chunks.len();
+                for chunk in chunks {
+                    c.next[i] = chunk.pos + chunk.data.len() as i64;
+                    c.pending.push_back(chunk_event(&chunk));
+                }
+            }
+            if got > 0 {
+                continue;
+            }
+            if let Some(status) = final_status {
+                c.finished = true;
+                c.ended = true;
+                c.pending.push_back(
+                    Event::default()
+                        .event("end")
+                        .data(serde_json::json!({ "status": status }).to_string()),
+                );
+                continue;
+            }
+            let _ = tokio::time::timeout(FOLLOW_POLL, c.state.live.activity.notified()).await;
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+async fn target_final(commands: &dyn CommandStore, target: &str) -> Option<String> {
+    commands
+        .target_status(target)
+        .await
+        .ok()
+        .flatten()
+        .filter(|s| is_final(s))
+}
+
+fn chunk_event(chunk: &StoredChunk) -> Event {
+    use base64::Engine;
+    let (data, encoding) = match std::str::from_utf8(&chunk.data) {
+        Ok(text) => (text.to_owned(), "utf8"),
+        Err(_) => (
+            base64::engine::general_purpose::STANDARD.encode(&chunk.data),
+            "base64",
+        ),
+    };
+    Event::default().event(chunk.stream.clone()).data(
+        serde_json::json!({ "offset": chunk.pos, "data": data, "encoding": encoding }).to_string(),
+    )
+}
+
+/// `POST /v1/commands/{id}/cancel`.
+pub(crate) async fn cancel(
+    Authed(role): Ops,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let commands = command_store(state.store.as_ref())?;
+    let record = commands.command(&id).await?.ok_or(Error::NotFound)?;
+    let kind = fleet_core::command::CommandType::parse(&record.command_type)
+        .ok_or_else(|| Error::Internal("stored command type unknown".into()))?;
+    require(role, kind)?;
+    let running = commands
+        .cancel_command(&id, fleet_core::unix_now())
+        .await?
+        .ok_or(Error::NotFound)?;
+    for dispatch in &running {
+        state
+            .live
+            .cancel(&dispatch.instance_id, &dispatch.target_id)
+            .await;
+    }
+    state.live.activity.notify_waiters();
+    Ok(Json(serde_json::json!({ "id": id, "cancelled": running.len() })).into_response())
+}
+
+use crate::openapi::Access::{Public, Role as Least, Signed};
+use crate::openapi::RouteDoc;
+
+const fn doc(
+    method: &'static str,
+    path: &'static str,
+    access: crate::openapi::Access,
+    summary: &'static str,
+    responses: &'static [(u16, &'static str)],
+) -> RouteDoc {
+    RouteDoc {
+        method,
+        path,
+        access,
+        summary,
+        responses,
+    }
+}
+
+/// The routes of registration, the live channel and the command API, for `/openapi.json`.
+pub(crate) const ROUTES: &[RouteDoc] = &[
+    doc(
+        "get",
+        "/.well-known/jwks.json",
+        Public,
+        "The Ed25519 key (JWKS, OKP) that verifies agent tokens.",
+        &[(200, "The key set")],
+    ),
+    doc(
+        "post",
+        "/v1/agents/register",
+        Signed,
+        "Trade a v1 signature (or a one-time enrollment_token, unsigned) for a short-lived EdDSA JWT; with a token the answer also carries the instance's issued secret, once.",
+        &[
+            (200, "{instance_id, token, expires_at, secret?}"),
+            (401, "Signature, replay or token refused"),
+            (422, "Invalid body"),
+        ],
+    ),
+    doc(
+        "post",
+        "/v1/enrollments",
+        Least("admin"),
+        "Create a one-time enrollment token for an instance.",
+        &[
+            (201, "{instance_id, enrollment_token, expires_at}"),
+            (422, "Invalid body"),
+        ],
+    ),
+    doc(
+        "get",
+        "/v1/agents/connect",
+        Public,
+        "WebSocket upgrade for agents (Authorization: Bearer <JWT from /v1/agents/register>; X-Agent-Version, X-Agent-Architecture, X-Agent-Hostname). Frames are JSON {type, id, payload}.",
+        &[(101, "Switching protocols"), (401, "No or bad token")],
+    ),
+    doc(
+        "get",
+        "/v1/agents/connected",
+        Least("support"),
+        "How many agents hold a live channel to this process.",
+        &[(200, "{connected}")],
+    ),
+    doc(
+        "post",
+        "/v1/agents/poll",
+        Signed,
+        "Fallback when the WebSocket cannot be opened: send queued frames, receive acknowledgements and waiting commands. v1 signature only.",
+        &[
+            (200, "{acked, refused, commands}"),
+            (401, "Signature refused"),
+        ],
+    ),
+    doc(
+        "post",
+        "/v1/commands/logs",
+        Signed,
+        "Output chunks over HTTP (agent-svc shape): {instance_id, command_id, chunks: [{offset, stream, data, encoding?}]}, v1-signed; stored once per (command_id, stream, offset).",
+        &[
+            (200, "Stored (or already stored)"),
+            (401, "Signature refused"),
+            (422, "Invalid body or not this instance's command"),
+        ],
+    ),
+    doc(
+        "post",
+        "/v1/commands/submit",
+        Least("ops"),
+        "Submit a command to targets or a selector, with max_concurrency and max_errors. RunCommand, UpdateAgent, UpdatePackage, DEPLOY_COMPOSE and STOP_COMPOSE need admin.",
+        &[
+            (201, "{id, targets: [{target_id, instance_id}]}"),
+            (403, "Role too low for the command type"),
+            (422, "Invalid command or no target"),
+        ],
+    ),
+    doc(
+        "get",
+        "/v1/commands/{id}",
+        Least("support"),
+        "A command and its per-target status, exit code, error, short log and data.",
+        &[(200, "The command"), (404, "Unknown command")],
+    ),
+    doc(
+        "get",
+        "/v1/commands/{id}/logs",
+        Least("support"),
+        "Output of one target (?target=instance, ?stream=stdout|stderr): whole as bytes, or followed live as server-sent events with ?follow=true.",
+        &[
+            (200, "Bytes or text/event-stream"),
+            (404, "Unknown command or target"),
+        ],
+    ),
+    doc(
+        "post",
+        "/v1/commands/{id}/cancel",
+        Least("ops"),
+        "Cancel: queued targets are skipped, running ones killed (admin for non-read-only types).",
+        &[(200, "{id, cancelled}"), (404, "Unknown command")],
+    ),
+];

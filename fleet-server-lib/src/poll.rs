@@ -1,0 +1,169 @@
+//! `POST /v1/agents/poll`: the live channel's fallback for agents that cannot open a
+//! WebSocket (a proxy that drops upgrades, say). One signed request carries the agent's
+//! queued frames (results and log chunks, exactly as on the socket) and answers with the
+//! ids it stored and the commands waiting for the agent.
+//!
+//! The body is v1-signed with the agent's secret, verified over the raw bytes before it is
+//! parsed, and its message id is remembered, so a captured poll cannot be replayed.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::ws::Message;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use fleet_core::command::Frame;
+use fleet_core::signing::Scheme;
+use fleet_core::{Secret, SignatureHeaders};
+use serde::Deserialize;
+
+use crate::channel::{command_frame, command_store, handle};
+use crate::registration::issued_secret;
+use crate::{Error, Result, Shared};
+
+/// Largest poll body.
+pub const MAX_POLL_BYTES: usize = 8 * 1024 * 1024;
+/// Most frames in one poll.
+pub const MAX_POLL_FRAMES: usize = 256;
+
+#[derive(Deserialize)]
+struct PollBody {
+    instance_id: String,
+    #[serde(default)]
+    frames: Vec<serde_json::Value>,
+}
+
+/// `POST /v1/agents/poll`.
+pub(crate) async fn poll(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response> {
+    if body.len() > MAX_POLL_BYTES {
+        return Err(Error::TooLarge {
+            limit: MAX_POLL_BYTES,
+        });
+    }
+    let commands = command_store(state.store.as_ref())?;
+    let instance = verify_agent(&state, commands, &headers, &body).await?;
+    let parsed: PollBody = serde_json::from_slice(&body).map_err(|e| {
+        let mut errors = fleet_core::ValidationErrors::default();
+        errors.push("", e.to_string());
+        Error::Invalid(errors)
+    })?;
+    if parsed.instance_id != instance {
+        return Err(Error::Unauthorized);
+    }
+    if parsed.frames.len() > MAX_POLL_FRAMES {
+        let mut errors = fleet_core::ValidationErrors::default();
+        errors.push("frames", format!("at most {MAX_POLL_FRAMES}"));
+        return Err(Error::Invalid(errors));
+    }
+    let mut acked = Vec::new();
+    let mut refused = Vec::new();
+    for frame in &parsed.frames {
+        let bytes = serde_json::to_vec(frame).unwrap_or_default();
+        let Some(reply) = handle(&state, commands, &instance, &bytes).await else {
+            // Not stored (a database error): the agent sends it again.
+            continue;
+        };
+        if let Message::Text(text) = reply {
+            match Frame::decode(text.as_str().as_bytes()) {
+                Ok(Frame::Ack { ack, .. }) => acked.extend(ack.ids),
+                Ok(Frame::Error { id, message }) => {
+                    refused.push(serde_json::json!({ "id": id, "message": message }));
+                }
+                _ => {}
+            }
+        }
+    }
+    let pending: Vec<serde_json::Value> = commands
+        .pending_for(&instance)
+        .await?
+        .iter()
+        .filter_map(command_frame)
+        .filter_map(|m| match m {
+            Message::Text(text) => serde_json::from_str(text.as_str()).ok(),
+            _ => None,
+        })
+        .collect();
+    Ok(
+        Json(serde_json::json!({ "acked": acked, "refused": refused, "commands": pending }))
+            .into_response(),
+    )
+}
+
+/// Checks a v1-signed agent request over its raw bytes (configured or issued secrets) and
+/// remembers its message id; returns the instance id. Every failure is the same 401.
+async fn verify_agent(
+    state: &Shared,
+    commands: &dyn crate::store::commands::CommandStore,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<String> {
+    let now = fleet_core::unix_now();
+    let lookup =
+        SignatureHeaders::from_lookup(|name| headers.get(name).and_then(|v| v.to_str().ok()));
+    if lookup.scheme() != Some(Scheme::V1) {
+        return Err(Error::Unauthorized);
+    }
+    let instance = fleet_core::locate_instance_id(body)
+        .ok_or(Error::Unauthorized)?
+        .into_owned();
+    let mut secrets: Vec<Secret> = state
+        .verifier
+        .resolver()
+        .resolve(&instance)
+        .map(<[Secret]>::to_vec)
+        .unwrap_or_default();
+    if let Some(nonce) = commands.issued_nonce(&instance).await? {
+        secrets.extend(Secret::new(&issued_secret(&state.live.master, &instance, &nonce)).ok());
+    }
+    let verified = state
+        .verifier
+        .verify_with(body, &lookup, now, |_| Some(secrets.as_slice()))
+        .map_err(|_| Error::Unauthorized)?;
+    let msg_id = verified.msg_id.clone().unwrap_or_default();
+    if !commands
+        .remember_message(&instance, &msg_id, verified.timestamp.unwrap_or(now), now)
+        .await?
+    {
+        return Err(Error::Unauthorized);
+    }
+    Ok(instance)
+}
+
+/// `POST /v1/commands/logs` (the agent-svc shape): `{instance_id, command_id, chunks:
+/// [{offset, stream, data, encoding?}]}`, v1-signed. Stored once per `(command_id, stream,
+/// offset)`; a duplicate is acknowledged again.
+pub(crate) async fn logs(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response> {
+    if body.len() > MAX_POLL_BYTES {
+        return Err(Error::TooLarge {
+            limit: MAX_POLL_BYTES,
+        });
+    }
+    let commands = command_store(state.store.as_ref())?;
+    let instance = verify_agent(&state, commands, &headers, &body).await?;
+    let batch: fleet_core::command::LogBatch =
+        crate::registration::decode_body(&body, &state.settings.limits)?;
+    let frame = Frame::Logs {
+        id: batch.command_id.clone(),
+        batch,
+    };
+    match handle(&state, commands, &instance, &frame.encode()).await {
+        Some(Message::Text(text)) => match Frame::decode(text.as_str().as_bytes()) {
+            Ok(Frame::Ack { .. }) => Ok(Json(serde_json::json!({ "ok": true })).into_response()),
+            Ok(Frame::Error { message, .. }) => {
+                let mut errors = fleet_core::ValidationErrors::default();
+                errors.push("command_id", message);
+                Err(Error::Invalid(errors))
+            }
+            _ => Err(Error::Unavailable),
+        },
+        _ => Err(Error::Unavailable),
+    }
+}

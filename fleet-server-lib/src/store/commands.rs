@@ -1,0 +1,703 @@
+//! Persistence of remote commands, their per-target results and output, enrollment tokens
+//! and issued secrets: the [`CommandStore`] trait, implemented by both SQL backends with
+//! the same statements (expanded by `impl_command_store!`).
+
+use async_trait::async_trait;
+use fleet_core::command::{CommandType, Stream, TargetStatus};
+use serde::Serialize;
+
+use crate::Result;
+
+/// A command as submitted, before it has targets.
+#[derive(Debug, Clone)]
+pub struct NewCommand {
+    /// Command id (a UUID).
+    pub id: String,
+    /// What it does.
+    pub command_type: CommandType,
+    /// The validated payload.
+    pub payload: serde_json::Value,
+    /// Most targets released at once (`None`: all).
+    pub max_concurrency: Option<u32>,
+    /// `"3"` or `"10%"`.
+    pub max_errors: Option<String>,
+    /// The role that submitted it.
+    pub created_by: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// One target of a command.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct TargetRecord {
+    /// The id the agent sees (its log chunks and results name it).
+    pub target_id: String,
+    /// The instance.
+    pub instance_id: String,
+    /// `queued`, `sent`, `running`, `completed`, `failed`, `timed_out`, `skipped`, `cancelled`.
+    pub status: String,
+    /// When it was released to the agent.
+    pub sent_at: Option<i64>,
+    /// Last change.
+    pub updated_at: i64,
+    /// Exit code of the process, if one ran.
+    pub exit_code: Option<i64>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The agent's short log.
+    pub logs: Option<String>,
+    /// Structured result as JSON text.
+    #[serde(skip)]
+    pub data: Option<String>,
+}
+
+/// A command with its targets.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CommandRecord {
+    /// Command id.
+    pub id: String,
+    /// Wire name of the type.
+    pub command_type: String,
+    /// The payload.
+    pub payload: serde_json::Value,
+    /// Concurrency limit.
+    pub max_concurrency: Option<i64>,
+    /// Error threshold.
+    pub max_errors: Option<String>,
+    /// `running`, `completed`, `cancelled` or `halted`.
+    pub status: String,
+    /// Submitting role.
+    pub created_by: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// When every target ended.
+    pub finished_at: Option<i64>,
+    /// Per-target state, in submission order.
+    pub targets: Vec<TargetRecord>,
+}
+
+/// A target released to its agent: what to put on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Dispatch {
+    /// The id the agent sees.
+    pub target_id: String,
+    /// Where it goes.
+    pub instance_id: String,
+    /// Wire name of the type.
+    pub command_type: String,
+    /// Payload JSON text.
+    pub payload: String,
+}
+
+/// A stored piece of output.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StoredChunk {
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    /// Byte offset in the stream.
+    pub pos: i64,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+/// What an agent reported for one target.
+#[derive(Debug, Clone)]
+pub struct TargetUpdate<'a> {
+    /// New status (`running`, `completed` or `failed`).
+    pub status: TargetStatus,
+    /// Exit code.
+    pub exit_code: Option<i32>,
+    /// Error text.
+    pub error: Option<&'a str>,
+    /// Short log.
+    pub logs: Option<&'a str>,
+    /// Structured result as JSON text.
+    pub data: Option<String>,
+}
+
+/// The wire name of a target status.
+pub fn target_status_str(status: TargetStatus) -> &'static str {
+    match status {
+        TargetStatus::Queued => "queued",
+        TargetStatus::Sent => "sent",
+        TargetStatus::Running => "running",
+        TargetStatus::Completed => "completed",
+        TargetStatus::Failed => "failed",
+        TargetStatus::TimedOut => "timed_out",
+        TargetStatus::Skipped => "skipped",
+        TargetStatus::Cancelled => "cancelled",
+    }
+}
+
+/// Whether a stored target status is final.
+pub fn is_final(status: &str) -> bool {
+    matches!(
+        status,
+        "completed" | "failed" | "timed_out" | "skipped" | "cancelled"
+    )
+}
+
+/// Persistence of commands. Both [`SqliteStore`](super::SqliteStore) and
+/// [`PostgresStore`](super::PostgresStore) implement it; reach it through
+/// [`Store::commands`](super::Store::commands).
+#[async_trait]
+pub trait CommandStore: Send + Sync {
+    /// Stores a command and its targets (`(target_id, instance_id)`, all `queued`).
+    async fn create_command(
+        &self,
+        command: &NewCommand,
+        targets: &[(String, String)],
+    ) -> Result<()>;
+
+    /// Instance ids matched by a selector: a release channel, or every instance.
+    async fn select_instances(&self, channel: Option<&str>, limit: i64) -> Result<Vec<String>>;
+
+    /// A command with its targets.
+    async fn command(&self, id: &str) -> Result<Option<CommandRecord>>;
+
+    /// Releases as many queued targets as `max_concurrency` and `max_errors` allow, halts the
+    /// command once `max_errors` is passed (queued targets become `skipped`), and marks it
+    /// completed when every target ended. Returns the targets released now.
+    async fn schedule(&self, command_id: &str, now: i64) -> Result<Vec<Dispatch>>;
+
+    /// Targets released to `instance_id` that have not ended (to send again on connect).
+    async fn pending_for(&self, instance_id: &str) -> Result<Vec<Dispatch>>;
+
+    /// Records an agent's report on one of its own targets; returns the command id when the
+    /// row changed (a report on an ended or foreign target changes nothing).
+    async fn record_target(
+        &self,
+        target_id: &str,
+        instance_id: &str,
+        update: &TargetUpdate<'_>,
+        now: i64,
+    ) -> Result<Option<String>>;
+
+    /// The instance a target belongs to, and its command.
+    async fn target_owner(&self, target_id: &str) -> Result<Option<(String, String)>>;
+
+    /// A target's status.
+    async fn target_status(&self, target_id: &str) -> Result<Option<String>>;
+
+    /// Stores chunks `(target, stream, offset, bytes)` in one transaction, once per
+    /// `(target, stream, offset)`; returns how many were new.
+    async fn store_chunks(&self, chunks: &[(String, Stream, u64, Vec<u8>)]) -> Result<u64>;
+
+    /// Chunks of one target from offset `from` on (per stream), ordered by stream and offset.
+    async fn read_chunks(
+        &self,
+        target_id: &str,
+        stream: Option<Stream>,
+        from: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredChunk>>;
+
+    /// Cancels a command: queued targets become `skipped`, released ones `cancelled`.
+    /// Returns the targets that were released (to tell their agents), or `None` if unknown.
+    async fn cancel_command(&self, id: &str, now: i64) -> Result<Option<Vec<Dispatch>>>;
+
+    /// Stores a one-time enrollment token (its SHA-256 hex).
+    async fn create_enrollment(
+        &self,
+        token_hash: &str,
+        instance_id: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<()>;
+
+    /// Uses an enrollment token once; returns its instance id when it was valid and unused.
+    async fn consume_enrollment(&self, token_hash: &str, now: i64) -> Result<Option<String>>;
+
+    /// Records the nonce the instance's issued secret derives from.
+    async fn set_issued_nonce(&self, instance_id: &str, nonce: &str, now: i64) -> Result<()>;
+
+    /// The nonce of the instance's issued secret.
+    async fn issued_nonce(&self, instance_id: &str) -> Result<Option<String>>;
+
+    /// Marks targets `timed_out`: released but unanswered since before `sent_before`, or
+    /// running without news since before `running_before`. Returns their command ids.
+    async fn time_out_targets(
+        &self,
+        sent_before: i64,
+        running_before: i64,
+        now: i64,
+    ) -> Result<Vec<String>>;
+
+    /// Remembers a signed message id; `false` when it was seen before (a replay).
+    async fn remember_message(
+        &self,
+        instance_id: &str,
+        msg_id: &str,
+        signed_at: i64,
+        now: i64,
+    ) -> Result<bool>;
+
+    /// A PostgreSQL pool for `LISTEN/NOTIFY` between replicas (`None` on SQLite).
+    fn notify_pool(&self) -> Option<sqlx::PgPool> {
+        None
+    }
+}
+
+/// `$lock`: what locks the command row in a transaction (`FOR UPDATE` on PostgreSQL;
+/// nothing on SQLite, where `BEGIN IMMEDIATE` already serializes writers).
+macro_rules! impl_command_store {
+    ($store:ty, $begin:expr, $lock:expr, $($extra:tt)*) => {
+        #[async_trait::async_trait]
+        impl $crate::store::commands::CommandStore for $store {
+            async fn create_command(
+                &self,
+                command: &$crate::store::commands::NewCommand,
+                targets: &[(String, String)],
+            ) -> $crate::Result<()> {
+                let mut tx = self.pool().begin_with($begin).await?;
+                sqlx::query(
+                    "INSERT INTO commands (id, command_type, payload, max_concurrency, max_errors, \
+                     status, created_by, created_at) VALUES ($1, $2, $3, $4, $5, 'running', $6, $7)",
+                )
+                .bind(&command.id)
+                .bind(command.command_type.as_str())
+                .bind(command.payload.to_string())
+                .bind(command.max_concurrency.map(i64::from))
+                .bind(&command.max_errors)
+                .bind(&command.created_by)
+                .bind(command.created_at)
+                .execute(&mut *tx)
+                .await?;
+                for (seq, (target_id, instance_id)) in targets.iter().enumerate() {
+                    sqlx::query(
+                        "INSERT INTO command_targets (target_id, command_id, instance_id, seq, \
+                         status, updated_at) VALUES ($1, $2, $3, $4, 'queued', $5)",
+                    )
+                    .bind(target_id)
+                    .bind(&command.id)
+                    .bind(instance_id)
+                    .bind(seq as i64)
+                    .bind(command.created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn select_instances(
+                &self,
+                channel: Option<&str>,
+                limit: i64,
+            ) -> $crate::Result<Vec<String>> {
+                Ok(sqlx::query_scalar(
+                    "SELECT instance_id FROM installations \
+                     WHERE ($1 IS NULL OR release_channel = $1) ORDER BY instance_id LIMIT $2",
+                )
+                .bind(channel)
+                .bind(limit)
+                .fetch_all(self.pool())
+                .await?)
+            }
+
+            async fn command(
+                &self,
+                id: &str,
+            ) -> $crate::Result<Option<$crate::store::commands::CommandRecord>> {
+                use sqlx::Row;
+                let Some(row) = sqlx::query(
+                    "SELECT id, command_type, payload, max_concurrency, max_errors, status, \
+                     created_by, created_at, finished_at FROM commands WHERE id = $1",
+                )
+                .bind(id)
+                .fetch_optional(self.pool())
+                .await?
+                else {
+                    return Ok(None);
+                };
+                let targets = sqlx::query_as::<_, $crate::store::commands::TargetRecord>(
+                    "SELECT target_id, instance_id, status, sent_at, updated_at, exit_code, error, \
+                     logs, data FROM command_targets WHERE command_id = $1 ORDER BY seq",
+                )
+                .bind(id)
+                .fetch_all(self.pool())
+                .await?;
+                let payload: String = row.try_get("payload")?;
+                Ok(Some($crate::store::commands::CommandRecord {
+                    id: row.try_get("id")?,
+                    command_type: row.try_get("command_type")?,
+                    payload: serde_json::from_str(&payload).unwrap_or_default(),
+                    max_concurrency: row.try_get("max_concurrency")?,
+                    max_errors: row.try_get("max_errors")?,
+                    status: row.try_get("status")?,
+                    created_by: row.try_get("created_by")?,
+                    created_at: row.try_get("created_at")?,
+                    finished_at: row.try_get("finished_at")?,
+                    targets,
+                }))
+            }
+
+            async fn schedule(
+                &self,
+                command_id: &str,
+                now: i64,
+            ) -> $crate::Result<Vec<$crate::store::commands::Dispatch>> {
+                use sqlx::Row;
+                let mut tx = self.pool().begin_with($begin).await?;
+                let Some(row) = sqlx::query(concat!(
+                    "SELECT status, max_concurrency, max_errors FROM commands WHERE id = $1",
+                    $lock
+                ))
+                .bind(command_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                else {
+                    return Ok(Vec::new());
+                };
+                let status: String = row.try_get("status")?;
+                if status != "running" {
+                    return Ok(Vec::new());
+                }
+                let max_concurrency: Option<i64> = row.try_get("max_concurrency")?;
+                let max_errors: Option<String> = row.try_get("max_errors")?;
+                let counts = sqlx::query(
+                    "SELECT COUNT(*) AS total, \
+                     COALESCE(SUM(CASE WHEN status IN ('sent', 'running') THEN 1 ELSE 0 END), 0) AS inflight, \
+                     COALESCE(SUM(CASE WHEN status IN ('failed', 'timed_out') THEN 1 ELSE 0 END), 0) AS failed, \
+                     COALESCE(SUM(CASE WHEN status = 'queued' THEN 1 ELSE 0 END), 0) AS queued \
+                     FROM command_targets WHERE command_id = $1",
+                )
+                .bind(command_id)
+                .fetch_one(&mut *tx)
+                .await?;
+                let total: i64 = counts.try_get("total")?;
+                let inflight: i64 = counts.try_get("inflight")?;
+                let failed: i64 = counts.try_get("failed")?;
+                let queued: i64 = counts.try_get("queued")?;
+                let halted = max_errors
+                    .as_deref()
+                    .and_then(fleet_core::command::Threshold::parse)
+                    .is_some_and(|t| {
+                        t.exceeded(
+                            u32::try_from(failed).unwrap_or(u32::MAX),
+                            u32::try_from(total).unwrap_or(u32::MAX),
+                        )
+                    });
+                let mut released = Vec::new();
+                if halted {
+                    sqlx::query(
+                        "UPDATE command_targets SET status = 'skipped', updated_at = $2 \
+                         WHERE command_id = $1 AND status = 'queued'",
+                    )
+                    .bind(command_id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    // Targets still running are awaited; the schedule after the last one
+                    // ends closes the command.
+                    if inflight == 0 {
+                        sqlx::query(
+                            "UPDATE commands SET status = 'halted', finished_at = $2 WHERE id = $1",
+                        )
+                        .bind(command_id)
+                        .bind(now)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                } else if queued > 0 {
+                    let room = match max_concurrency {
+                        Some(max) => (max - inflight).max(0),
+                        None => queued,
+                    };
+                    if room > 0 {
+                        released = sqlx::query_as::<_, $crate::store::commands::Dispatch>(
+                            "UPDATE command_targets SET status = 'sent', sent_at = $2, updated_at = $2 \
+                             WHERE target_id IN (SELECT target_id FROM command_targets \
+                             WHERE command_id = $1 AND status = 'queued' ORDER BY seq LIMIT $3) \
+                             RETURNING target_id, instance_id, \
+                             (SELECT command_type FROM commands WHERE id = $1) AS command_type, \
+                             (SELECT payload FROM commands WHERE id = $1) AS payload",
+                        )
+                        .bind(command_id)
+                        .bind(now)
+                        .bind(room)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    }
+                } else if inflight == 0 {
+                    sqlx::query(
+                        "UPDATE commands SET status = 'completed', finished_at = $2 WHERE id = $1",
+                    )
+                    .bind(command_id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(released)
+            }
+
+            async fn pending_for(
+                &self,
+                instance_id: &str,
+            ) -> $crate::Result<Vec<$crate::store::commands::Dispatch>> {
+                Ok(sqlx::query_as::<_, $crate::store::commands::Dispatch>(
+                    "SELECT t.target_id, t.instance_id, c.command_type, c.payload \
+                     FROM command_targets t JOIN commands c ON c.id = t.command_id \
+                     WHERE t.instance_id = $1 AND t.status IN ('sent', 'running') \
+                     ORDER BY t.sent_at, t.seq",
+                )
+                .bind(instance_id)
+                .fetch_all(self.pool())
+                .await?)
+            }
+
+            async fn record_target(
+                &self,
+                target_id: &str,
+                instance_id: &str,
+                update: &$crate::store::commands::TargetUpdate<'_>,
+                now: i64,
+            ) -> $crate::Result<Option<String>> {
+                let status = $crate::store::commands::target_status_str(update.status);
+                Ok(sqlx::query_scalar(
+                    "UPDATE command_targets SET status = $3, updated_at = $4, \
+                     exit_code = COALESCE($5, exit_code), error = COALESCE($6, error), \
+                     logs = COALESCE($7, logs), data = COALESCE($8, data) \
+                     WHERE target_id = $1 AND instance_id = $2 AND status IN ('sent', 'running') \
+                     RETURNING command_id",
+                )
+                .bind(target_id)
+                .bind(instance_id)
+                .bind(status)
+                .bind(now)
+                .bind(update.exit_code.map(i64::from))
+                .bind(update.error)
+                .bind(update.logs)
+                .bind(update.data.as_deref())
+                .fetch_optional(self.pool())
+                .await?)
+            }
+
+            async fn target_owner(
+                &self,
+                target_id: &str,
+            ) -> $crate::Result<Option<(String, String)>> {
+                Ok(sqlx::query_as(
+                    "SELECT instance_id, command_id FROM command_targets WHERE target_id = $1",
+                )
+                .bind(target_id)
+                .fetch_optional(self.pool())
+                .await?)
+            }
+
+            async fn target_status(&self, target_id: &str) -> $crate::Result<Option<String>> {
+                Ok(
+                    sqlx::query_scalar("SELECT status FROM command_targets WHERE target_id = $1")
+                        .bind(target_id)
+                        .fetch_optional(self.pool())
+                        .await?,
+                )
+            }
+
+            async fn store_chunks(
+                &self,
+                chunks: &[(String, fleet_core::command::Stream, u64, Vec<u8>)],
+            ) -> $crate::Result<u64> {
+                let mut tx = self.pool().begin_with($begin).await?;
+                let mut new = 0;
+                for (target_id, stream, pos, data) in chunks {
+                    new += sqlx::query(
+                        "INSERT INTO command_logs (target_id, stream, pos, data) \
+                         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    )
+                    .bind(target_id)
+                    .bind(stream.as_str())
+                    .bind(i64::try_from(*pos).unwrap_or(i64::MAX))
+                    .bind(data.as_slice())
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                }
+                tx.commit().await?;
+                Ok(new)
+            }
+
+            async fn read_chunks(
+                &self,
+                target_id: &str,
+                stream: Option<fleet_core::command::Stream>,
+                from: i64,
+                limit: i64,
+            ) -> $crate::Result<Vec<$crate::store::commands::StoredChunk>> {
+                Ok(sqlx::query_as::<_, $crate::store::commands::StoredChunk>(
+                    "SELECT stream, pos, data FROM command_logs \
+                     WHERE target_id = $1 AND ($2 IS NULL OR stream = $2) AND pos >= $3 \
+                     ORDER BY stream, pos LIMIT $4",
+                )
+                .bind(target_id)
+                .bind(stream.map(|s| s.as_str()))
+                .bind(from)
+                .bind(limit)
+                .fetch_all(self.pool())
+                .await?)
+            }
+
+            async fn cancel_command(
+                &self,
+                id: &str,
+                now: i64,
+            ) -> $crate::Result<Option<Vec<$crate::store::commands::Dispatch>>> {
+                let mut tx = self.pool().begin_with($begin).await?;
+                let found: Option<String> = sqlx::query_scalar(concat!(
+                    "SELECT status FROM commands WHERE id = $1",
+                    $lock
+                ))
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if found.is_none() {
+                    return Ok(None);
+                }
+                sqlx::query(
+                    "UPDATE command_targets SET status = 'skipped', updated_at = $2 \
+                     WHERE command_id = $1 AND status = 'queued'",
+                )
+                .bind(id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                let running = sqlx::query_as::<_, $crate::store::commands::Dispatch>(
+                    "UPDATE command_targets SET status = 'cancelled', updated_at = $2 \
+                     WHERE command_id = $1 AND status IN ('sent', 'running') \
+                     RETURNING target_id, instance_id, '' AS command_type, '' AS payload",
+                )
+                .bind(id)
+                .bind(now)
+                .fetch_all(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE commands SET status = 'cancelled', finished_at = COALESCE(finished_at, $2) \
+                     WHERE id = $1 AND status = 'running'",
+                )
+                .bind(id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(Some(running))
+            }
+
+            async fn create_enrollment(
+                &self,
+                token_hash: &str,
+                instance_id: &str,
+                now: i64,
+                expires_at: i64,
+            ) -> $crate::Result<()> {
+                sqlx::query(
+                    "INSERT INTO enrollment_tokens (token_hash, instance_id, created_at, expires_at) \
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .bind(token_hash)
+                .bind(instance_id)
+                .bind(now)
+                .bind(expires_at)
+                .execute(self.pool())
+                .await?;
+                Ok(())
+            }
+
+            async fn consume_enrollment(
+                &self,
+                token_hash: &str,
+                now: i64,
+            ) -> $crate::Result<Option<String>> {
+                Ok(sqlx::query_scalar(
+                    "UPDATE enrollment_tokens SET used_at = $2 \
+                     WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2 \
+                     RETURNING instance_id",
+                )
+                .bind(token_hash)
+                .bind(now)
+                .fetch_optional(self.pool())
+                .await?)
+            }
+
+            async fn set_issued_nonce(
+                &self,
+                instance_id: &str,
+                nonce: &str,
+                now: i64,
+            ) -> $crate::Result<()> {
+                sqlx::query(
+                    "INSERT INTO issued_secrets (instance_id, nonce, created_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (instance_id) DO UPDATE SET nonce = excluded.nonce, \
+                     created_at = excluded.created_at",
+                )
+                .bind(instance_id)
+                .bind(nonce)
+                .bind(now)
+                .execute(self.pool())
+                .await?;
+                Ok(())
+            }
+
+            async fn time_out_targets(
+                &self,
+                sent_before: i64,
+                running_before: i64,
+                now: i64,
+            ) -> $crate::Result<Vec<String>> {
+                let mut ids: Vec<String> = sqlx::query_scalar(
+                    "UPDATE command_targets SET status = 'timed_out', updated_at = $3, \
+                     error = 'no answer from the agent in time' \
+                     WHERE (status = 'sent' AND sent_at < $1) OR (status = 'running' AND updated_at < $2) \
+                     RETURNING command_id",
+                )
+                .bind(sent_before)
+                .bind(running_before)
+                .bind(now)
+                .fetch_all(self.pool())
+                .await?;
+                ids.sort();
+                ids.dedup();
+                Ok(ids)
+            }
+
+            async fn remember_message(
+                &self,
+                instance_id: &str,
+                msg_id: &str,
+                signed_at: i64,
+                now: i64,
+            ) -> $crate::Result<bool> {
+                Ok(sqlx::query(
+                    "INSERT INTO seen_messages (instance_id, msg_id, signed_at, seen_at)                      VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                )
+                .bind(instance_id)
+                .bind(msg_id)
+                .bind(signed_at)
+                .bind(now)
+                .execute(self.pool())
+                .await?
+                .rows_affected()
+                    == 1)
+            }
+
+            $($extra)*
+
+            async fn issued_nonce(&self, instance_id: &str) -> $crate::Result<Option<String>> {
+                Ok(sqlx::query_scalar("SELECT nonce FROM issued_secrets WHERE instance_id = $1")
+                    .bind(instance_id)
+                    .fetch_optional(self.pool())
+                    .await?)
+            }
+        }
+    };
+}
+
+impl_command_store!(super::SqliteStore, "BEGIN IMMEDIATE", "",);
+impl_command_store!(
+    super::PostgresStore,
+    "BEGIN",
+    " FOR UPDATE",
+    fn notify_pool(&self) -> Option<sqlx::PgPool> {
+        Some(self.pool().clone())
+    }
+);

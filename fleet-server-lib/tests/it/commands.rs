@@ -1,0 +1,696 @@
+//! Remote commands end to end: the real control plane on 127.0.0.1:0 and a real agent
+//! (fleet-agent-lib) dialling its live channel, real processes, SQLite and PostgreSQL.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use axum::response::IntoResponse;
+use fleet_agent::{Agent, AgentConfig, CommandSettings};
+use fleet_core::Secret;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use crate::support::{self, ADMIN, OPS, SECRET, SUPPORT, TempDir, TestServer, TestStore};
+
+pub const INSTANCE: &str = "acme-001";
+
+/// A running in-process agent with remote commands on.
+pub struct TestAgent {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    pub dir: TempDir,
+}
+
+impl TestAgent {
+    pub async fn start(url: &str, instance: &str, secret: &str, projects: Option<&Path>) -> Self {
+        Self::start_in(url, instance, secret, projects, TempDir::new()).await
+    }
+
+    pub async fn start_in(
+        url: &str,
+        instance: &str,
+        secret: &str,
+        projects: Option<&Path>,
+        dir: TempDir,
+    ) -> Self {
+        let mut config = AgentConfig::new(instance, url, Secret::new(secret).expect("secret"));
+        config.local_port = 0;
+        config.state_path = dir.0.join("state.db");
+        config.heartbeat_interval = Duration::from_secs(3600);
+        let mut settings = CommandSettings {
+            projects_dir: projects
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| dir.0.join("projects")),
+            ..CommandSettings::default()
+        };
+        settings.backoff_max = Duration::from_secs(2);
+        let agent = Agent::builder(config)
+            .without_builtins()
+            .commands(settings)
+            .build()
+            .expect("agent");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            agent
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .expect("agent run");
+        });
+        Self {
+            stop: Some(stop),
+            task: Some(task),
+            dir,
+        }
+    }
+
+    pub async fn stop(mut self) -> TempDir {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        TempDir(std::mem::take(&mut self.dir.0))
+    }
+}
+
+/// Waits until `count` agents hold a socket to the server at `url`.
+pub async fn wait_connected(client: &reqwest::Client, url: &str, count: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body: Value = client
+            .get(format!("{url}/v1/agents/connected"))
+            .bearer_auth(SUPPORT)
+            .send()
+            .await
+            .expect("connected")
+            .json()
+            .await
+            .unwrap_or(Value::Null);
+        if body["connected"].as_u64() == Some(count) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "agents did not connect: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Submits a command as `token`; returns the status and body.
+pub async fn submit(client: &reqwest::Client, url: &str, token: &str, body: Value) -> (u16, Value) {
+    let response = client
+        .post(format!("{url}/v1/commands/submit"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .expect("submit");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Polls `GET /v1/commands/:id` until the command is no longer running.
+pub async fn wait_done(client: &reqwest::Client, url: &str, id: &str, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let body: Value = client
+            .get(format!("{url}/v1/commands/{id}"))
+            .bearer_auth(SUPPORT)
+            .send()
+            .await
+            .expect("show")
+            .json()
+            .await
+            .expect("json");
+        if body["status"] != "running" {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "command still running: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The whole stored output of one target's stream.
+pub async fn output(client: &reqwest::Client, url: &str, id: &str, stream: &str) -> Vec<u8> {
+    let response = client
+        .get(format!("{url}/v1/commands/{id}/logs?stream={stream}"))
+        .bearer_auth(SUPPORT)
+        .send()
+        .await
+        .expect("logs");
+    assert_eq!(response.status().as_u16(), 200);
+    response.bytes().await.expect("bytes").to_vec()
+}
+
+async fn server(store: &TestStore) -> TestServer {
+    TestServer::start(store.store.clone()).await
+}
+
+async fn run_command_streams_output_and_exit_codes(store: TestStore) {
+    let server = server(&store).await;
+    let agent = TestAgent::start(&server.url, INSTANCE, SECRET, None).await;
+    wait_connected(&server.client, &server.url, 1).await;
+
+    let (status, body) = submit(
+        &server.client,
+        &server.url,
+        ADMIN,
+        json!({"command_type": "RunCommand", "targets": [INSTANCE],
+               "payload": {"cmd": "printf", "args": ["%s|%s", "a b", "$(id)"]}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().expect("id").to_owned();
+    let done = wait_done(&server.client, &server.url, &id, Duration::from_secs(20)).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["targets"][0]["status"], "completed");
+    assert_eq!(done["targets"][0]["exit_code"], 0);
+    // No shell: the arguments arrive as they were sent, `$(id)` included.
+    assert_eq!(
+        output(&server.client, &server.url, &id, "stdout").await,
+        b"a b|$(id)"
+    );
+
+    // A failing program: FAILED with its exit code and stderr.
+    let (_, body) = submit(
+        &server.client,
+        &server.url,
+        ADMIN,
+        json!({"command_type": "RunCommand", "targets": [INSTANCE],
+               "payload": {"cmd": "echo oops >&2; exit 3", "shell": true}}),
+    )
+    .await;
+    let id = body["id"].as_str().expect("id").to_owned();
+    let done = wait_done(&server.client, &server.url, &id, Duration::from_secs(20)).await;
+    assert_eq!(done["targets"][0]["status"], "failed", "{done}");
+    assert_eq!(done["targets"][0]["exit_code"], 3);
+    assert_eq!(
+        output(&server.client, &server.url, &id, "stderr").await,
+        b"oops\n"
+    );
+
+    // A timeout kills the whole process group, the background child included.
+    let marker = agent.dir.0.join("survivor");
+    let script = format!("(sleep 3; touch {}) & sleep 60", marker.display());
+    let started = Instant::now();
+    let (_, body) = submit(
+        &server.client,
+        &server.url,
+        ADMIN,
+        json!({"command_type": "RunCommand", "targets": [INSTANCE],
+               "payload": {"cmd": script, "shell": true, "timeout_sec": 1}}),
+    )
+    .await;
+    let id = body["id"].as_str().expect("id").to_owned();
+    let done = wait_done(&server.client, &server.url, &id, Duration::from_secs(20)).await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(done["targets"][0]["status"], "failed", "{done}");
+    assert!(
+        done["targets"][0]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("timed out"),
+        "{done}"
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        !marker.exists(),
+        "a child of the timed-out command survived"
+    );
+
+    agent.stop().await;
+    server.stop().await;
+}
+
+async fn roles_limits_and_tokens(store: TestStore) {
+    let server = server(&store).await;
+    let run =
+        json!({"command_type": "RunCommand", "targets": [INSTANCE], "payload": {"cmd": "true"}});
+    assert_eq!(
+        submit(&server.client, &server.url, OPS, run.clone())
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        submit(&server.client, &server.url, SUPPORT, run.clone())
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        submit(&server.client, &server.url, "nope", run).await.0,
+        401
+    );
+    let status = json!({"command_type": "STATUS", "targets": [INSTANCE], "payload": {"project_name": "web"}});
+    assert_eq!(
+        submit(&server.client, &server.url, OPS, status).await.0,
+        201
+    );
+    let bad = json!({"command_type": "STATUS", "targets": [INSTANCE], "payload": {"project_name": "../etc"}});
+    let (code, body) = submit(&server.client, &server.url, OPS, bad).await;
+    assert_eq!(code, 422);
+    assert_eq!(body["error"]["details"][0]["path"], "payload.project_name");
+    let none = json!({"command_type": "HEALTH_CHECK", "payload": {}});
+    assert_eq!(submit(&server.client, &server.url, OPS, none).await.0, 422);
+
+    // The live channel needs a token; a forged one is refused before the upgrade.
+    let response = server
+        .client
+        .get(server.at("/v1/agents/connect"))
+        .bearer_auth("a.b.c")
+        .send()
+        .await
+        .expect("connect");
+    assert_eq!(response.status().as_u16(), 401);
+
+    // JWKS publishes the key that verifies registration tokens.
+    let (code, jwks) = server.get_json("/.well-known/jwks.json", "").await;
+    assert_eq!(code, 200);
+    assert_eq!(jwks["keys"][0]["alg"], "EdDSA");
+    let client = reqwest::Client::new();
+    let answer = fleet_agent::channel::register(
+        &client,
+        &server.url,
+        INSTANCE,
+        &Secret::new(SECRET).expect("secret"),
+        "1.0.0",
+    )
+    .await
+    .expect("register");
+    let key = fleet_core::PublicKey::from_base64(&{
+        use base64::Engine;
+        let x = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(jwks["keys"][0]["x"].as_str().expect("x"))
+            .expect("x");
+        base64::engine::general_purpose::STANDARD.encode(x)
+    })
+    .expect("key");
+    let claims = fleet_core::jwt::JwtVerifier::new(&[key], "fleet-control-plane")
+        .verify(&answer.token, support::now())
+        .expect("token verifies with the published key");
+    assert_eq!(claims.sub, INSTANCE);
+    // A wrong secret is refused.
+    let wrong = fleet_agent::channel::register(
+        &client,
+        &server.url,
+        INSTANCE,
+        &Secret::new("wrong").expect("secret"),
+        "1.0.0",
+    )
+    .await;
+    assert!(wrong.is_err());
+    server.stop().await;
+}
+
+async fn max_errors_stops_further_targets(store: TestStore) {
+    let server = server(&store).await;
+    let agent = TestAgent::start(&server.url, INSTANCE, SECRET, None).await;
+    wait_connected(&server.client, &server.url, 1).await;
+    let (status, body) = submit(
+        &server.client,
+        &server.url,
+        ADMIN,
+        json!({"command_type": "RunCommand", "targets": [INSTANCE, "never-connected-002"],
+               "max_concurrency": 1, "max_errors": "0", "payload": {"cmd": "false"}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().expect("id").to_owned();
+    let done = wait_done(&server.client, &server.url, &id, Duration::from_secs(20)).await;
+    assert_eq!(done["status"], "halted", "{done}");
+    assert_eq!(done["targets"][0]["status"], "failed");
+    assert_eq!(done["targets"][1]["status"], "skipped");
+    agent.stop().await;
+    server.stop().await;
+}
+
+async fn large_output_streams_byte_for_byte(store: TestStore) {
+    let server = server(&store).await;
+    let agent = TestAgent::start(&server.url, INSTANCE, SECRET, None).await;
+    wait_connected(&server.client, &server.url, 1).await;
+    // 20 MB with one 200 KiB line (no newline for far longer than 64 KiB), then numbered lines.
+    let script = "head -c 204800 /dev/zero | tr '\\0' x; echo; seq 1 2500000";
+    let (_, body) = submit(
+        &server.client,
+        &server.url,
+        ADMIN,
+        json!({"command_type": "RunCommand", "targets": [INSTANCE],
+               "payload": {"cmd": script, "shell": true}}),
+    )
+    .await;
+    let id = body["id"].as_str().expect("id").to_owned();
+    let done = wait_done(&server.client, &server.url, &id, Duration::from_secs(180)).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let expected = std::process::Command::new("/bin/sh")
+        .args(["-c", script])
+        .output()
+        .expect("run locally")
+        .stdout;
+    let stored = output(&server.client, &server.url, &id, "stdout").await;
+    assert_eq!(stored.len(), expected.len());
+    assert!(stored == expected, "stored output differs");
+    agent.stop().await;
+    server.stop().await;
+}
+
+async fn follow_streams_live_then_ends(store: TestStore) {
+    let server = server(&store).await;
+    let agent = TestAgent::start(&server.url, INSTANCE, SECRET, None).await;
+    wait_connected(&server.client, &server.url, 1).await;
+    let (_, body) = submit(
+        &server.client,
+        &server.url,
+        ADMIN,
+        json!({"command_type": "RunCommand", "targets": [INSTANCE],
+               "payload": {"cmd": "for i in 1 2 3; do echo line$i; sleep 0.3; done", "shell": true}}),
+    )
+    .await;
+    let id = body["id"].as_str().expect("id").to_owned();
+    let response = server
+        .client
+        .get(server.at(&format!("/v1/commands/{id}/logs?follow=true")))
+        .bearer_auth(SUPPORT)
+        .send()
+        .await
+        .expect("follow");
+    assert_eq!(response.status().as_u16(), 200);
+    let text = tokio::time::timeout(Duration::from_secs(20), response.text())
+        .await
+        .expect("the stream ends with the command")
+        .expect("text");
+    let mut out = String::new();
+    let mut ended = false;
+    for line in text.lines() {
+        if let Some(data) = line.strip_prefix("data: ") {
+            let value: Value = serde_json::from_str(data).expect("json");
+            if let Some(piece) = value["data"].as_str() {
+                out.push_str(piece);
+            }
+            if value["status"] == "completed" {
+                ended = true;
+            }
+        }
+    }
+    assert_eq!(out, "line1\nline2\nline3\n");
+    assert!(ended, "{text}");
+    agent.stop().await;
+    server.stop().await;
+}
+
+async fn cancel_kills_a_running_command(store: TestStore) {
+    let server = server(&store).await;
+    let agent = TestAgent::start(&server.url, INSTANCE, SECRET, None).await;
+    wait_connected(&server.client, &server.url, 1).await;
+    let (_, body) = submit(
+        &server.client,
+        &server.url,
+        ADMIN,
+        json!({"command_type": "RunCommand", "targets": [INSTANCE],
+               "payload": {"cmd": "sleep", "args": ["60"]}}),
+    )
+    .await;
+    let id = body["id"].as_str().expect("id").to_owned();
+    // Wait until it runs.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, shown) = server
+            .get_json(&format!("/v1/commands/{id}"), SUPPORT)
+            .await;
+        if shown["targets"][0]["status"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{shown}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let response = server
+        .client
+        .post(server.at(&format!("/v1/commands/{id}/cancel")))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(response.status().as_u16(), 200);
+    let (_, shown) = server
+        .get_json(&format!("/v1/commands/{id}"), SUPPORT)
+        .await;
+    assert_eq!(shown["status"], "cancelled");
+    assert_eq!(shown["targets"][0]["status"], "cancelled");
+    // The agent killed it: its journal holds no running command for long.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let dir = agent.stop().await;
+    let journal = fleet_agent::logstream::Journal::open(&fleet_agent::logstream::journal_path(
+        &dir.0.join("state.db"),
+    ))
+    .await
+    .expect("journal");
+    assert!(journal.interrupted().await.expect("ids").is_empty());
+    server.stop().await;
+}
+
+async fn enrollment_token_buys_a_secret_once(store: TestStore) {
+    let server = server(&store).await;
+    let response = server
+        .client
+        .post(server.at("/v1/enrollments"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"instance_id": "new-host-7"}))
+        .send()
+        .await
+        .expect("enroll");
+    assert_eq!(response.status().as_u16(), 201);
+    let body: Value = response.json().await.expect("json");
+    let token = body["enrollment_token"].as_str().expect("token").to_owned();
+    let dir = TempDir::new();
+    let path = dir.0.join("agent.secret");
+    let secret = fleet_agent::enroll::enroll(&server.url, "new-host-7", &token, &path)
+        .await
+        .expect("enrolled");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).expect("file").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(std::fs::read_to_string(&path).expect("read"), secret);
+    // Used once.
+    assert!(
+        fleet_agent::enroll::enroll(&server.url, "new-host-7", &token, &dir.0.join("again"))
+            .await
+            .is_err()
+    );
+    // The issued secret signs registrations and opens the live channel.
+    let agent = TestAgent::start(&server.url, "new-host-7", &secret, None).await;
+    wait_connected(&server.client, &server.url, 1).await;
+    let (_, body) = submit(
+        &server.client,
+        &server.url,
+        OPS,
+        json!({"command_type": "HEALTH_CHECK", "targets": ["new-host-7"], "payload": {}}),
+    )
+    .await;
+    let id = body["id"].as_str().expect("id").to_owned();
+    let done = wait_done(&server.client, &server.url, &id, Duration::from_secs(20)).await;
+    assert_eq!(done["targets"][0]["status"], "completed", "{done}");
+    assert!(done["targets"][0]["data"]["uptime_secs"].is_u64(), "{done}");
+    agent.stop().await;
+    server.stop().await;
+}
+
+async fn unanswered_targets_time_out_and_the_command_goes_on(store: TestStore) {
+    let server = TestServer::start_with(store.store.clone(), |b| {
+        b.live(fleet_server::LiveSettings {
+            delivery_timeout: Duration::from_secs(1),
+            ..Default::default()
+        })
+    })
+    .await;
+    let agent = TestAgent::start(&server.url, INSTANCE, SECRET, None).await;
+    wait_connected(&server.client, &server.url, 1).await;
+    let (_, body) = submit(
+        &server.client,
+        &server.url,
+        OPS,
+        json!({"command_type": "HEALTH_CHECK", "targets": ["offline-003", INSTANCE],
+               "max_concurrency": 1, "payload": {}}),
+    )
+    .await;
+    let id = body["id"].as_str().expect("id").to_owned();
+    let done = wait_done(&server.client, &server.url, &id, Duration::from_secs(30)).await;
+    assert_eq!(done["targets"][0]["status"], "timed_out", "{done}");
+    assert_eq!(done["targets"][1]["status"], "completed", "{done}");
+    agent.stop().await;
+    server.stop().await;
+}
+
+/// Tokens of 31 s are renewed about every second (30 s before expiry) on the open channel,
+/// which stays up and keeps working.
+#[tokio::test]
+async fn tokens_are_renewed_before_they_expire() {
+    let store = support::sqlite().await;
+    let server = TestServer::start_with(store.store.clone(), |b| {
+        b.live(fleet_server::LiveSettings {
+            token_ttl: Duration::from_secs(31),
+            ..Default::default()
+        })
+    })
+    .await;
+    let agent = TestAgent::start(&server.url, INSTANCE, SECRET, None).await;
+    wait_connected(&server.client, &server.url, 1).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let pool = sqlx::SqlitePool::connect(&store.url).await.expect("db");
+    let registrations: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM seen_messages WHERE instance_id = $1")
+            .bind(INSTANCE)
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    assert!(registrations >= 3, "only {registrations} registrations");
+    let (_, body) = submit(
+        &server.client,
+        &server.url,
+        OPS,
+        json!({"command_type": "HEALTH_CHECK", "targets": [INSTANCE], "payload": {}}),
+    )
+    .await;
+    let id = body["id"].as_str().expect("id").to_owned();
+    let done = wait_done(&server.client, &server.url, &id, Duration::from_secs(20)).await;
+    assert_eq!(done["targets"][0]["status"], "completed", "{done}");
+    agent.stop().await;
+    server.stop().await;
+}
+
+support::on_both_backends!(
+    unanswered_targets_time_out_and_the_command_goes_on,
+    run_command_streams_output_and_exit_codes,
+    roles_limits_and_tokens,
+    max_errors_stops_further_targets,
+    large_output_streams_byte_for_byte,
+    follow_streams_live_then_ends,
+    cancel_kills_a_running_command,
+    enrollment_token_buys_a_secret_once,
+);
+
+/// A control plane behind a "proxy" that refuses WebSocket upgrades: the agent must fall
+/// back to `POST /v1/agents/poll`.
+#[tokio::test]
+async fn polling_fallback_runs_commands_without_a_socket() {
+    let store = support::sqlite().await;
+    let router = fleet_server::ControlPlane::builder()
+        .shared_store(store.store.clone())
+        .secrets(support::resolver())
+        .tokens(support::tokens())
+        .build()
+        .expect("build")
+        .layer(axum::middleware::from_fn(
+            |request: axum::extract::Request, next: axum::middleware::Next| async move {
+                if request.uri().path() == "/v1/agents/connect" {
+                    return axum::http::StatusCode::BAD_GATEWAY.into_response();
+                }
+                next.run(request).await
+            },
+        ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let serving = tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+    let client = reqwest::Client::new();
+    let agent = TestAgent::start(&url, INSTANCE, SECRET, None).await;
+    let (status, body) = submit(
+        &client,
+        &url,
+        ADMIN,
+        json!({"command_type": "RunCommand", "targets": [INSTANCE],
+               "payload": {"cmd": "echo", "args": ["over plain HTTPS"]}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().expect("id").to_owned();
+    let done = wait_done(&client, &url, &id, Duration::from_secs(60)).await;
+    assert_eq!(done["targets"][0]["status"], "completed", "{done}");
+    assert_eq!(
+        output(&client, &url, &id, "stdout").await,
+        b"over plain HTTPS\n"
+    );
+    // A poll must be signed: an unsigned one is refused.
+    let response = client
+        .post(format!("{url}/v1/agents/poll"))
+        .json(&json!({"instance_id": INSTANCE, "frames": []}))
+        .send()
+        .await
+        .expect("poll");
+    assert_eq!(response.status().as_u16(), 401);
+    agent.stop().await;
+    serving.abort();
+}
+
+/// `POST /v1/commands/logs` (agent-svc shape): signed, idempotent, only for own commands.
+#[tokio::test]
+async fn http_log_chunks_are_stored_once_for_their_own_instance() {
+    let store = support::sqlite().await;
+    let server = TestServer::start(store.store.clone()).await;
+    let (_, body) = submit(
+        &server.client,
+        &server.url,
+        ADMIN,
+        json!({"command_type": "RunCommand", "targets": [INSTANCE], "payload": {"cmd": "true"}}),
+    )
+    .await;
+    let id = body["id"].as_str().expect("id").to_owned();
+    let target = body["targets"][0]["target_id"]
+        .as_str()
+        .expect("target")
+        .to_owned();
+    let post = |instance: &'static str, secret: &'static str, msg: &'static str, data: Value| {
+        let body = serde_json::to_vec(&json!({
+            "instance_id": instance, "command_id": target, "chunks": data,
+        }))
+        .expect("json");
+        let signed = support::signer(secret).headers(msg, support::now(), &body);
+        let mut request = server
+            .client
+            .post(server.at("/v1/commands/logs"))
+            .body(body);
+        for (name, value) in signed.pairs() {
+            request = request.header(name, value);
+        }
+        request.send()
+    };
+    let chunks = json!([{"offset": 0, "stream": "stdout", "data": "hello "},
+                        {"offset": 6, "stream": "stdout", "data": "world\n"}]);
+    assert_eq!(
+        post(INSTANCE, SECRET, "l1", chunks.clone())
+            .await
+            .expect("post")
+            .status(),
+        200
+    );
+    // Sent again (a retry): acknowledged, stored once.
+    assert_eq!(
+        post(INSTANCE, SECRET, "l2", chunks.clone())
+            .await
+            .expect("post")
+            .status(),
+        200
+    );
+    // The same signed message again: a replay.
+    assert_eq!(
+        post(INSTANCE, SECRET, "l2", chunks.clone())
+            .await
+            .expect("post")
+            .status(),
+        401
+    );
+    // Another instance may not write this command's output.
+    let other = post(
+        "other-009",
+        support::SHARED,
+        "l3",
+        json!([{"offset": 12, "stream": "stdout", "data": "x"}]),
+    );
+    assert_eq!(other.await.expect("post").status(), 422);
+    assert_eq!(
+        output(&server.client, &server.url, &id, "stdout").await,
+        b"hello world\n"
+    );
+    server.stop().await;
+}
