@@ -476,13 +476,16 @@ impl LogChunk {
 
     /// The raw output bytes.
     pub fn bytes(&self) -> Option<Vec<u8>> {
-        use base64::Engine;
-        match self.encoding {
-            ChunkEncoding::Utf8 => Some(self.data.as_bytes().to_vec()),
-            ChunkEncoding::Base64 => base64::engine::general_purpose::STANDARD
-                .decode(&self.data)
-                .ok(),
-        }
+        chunk_bytes(&self.data, self.encoding)
+    }
+}
+
+/// The raw output bytes of a chunk's `data` written with `encoding`.
+fn chunk_bytes(data: &str, encoding: ChunkEncoding) -> Option<Vec<u8>> {
+    use base64::Engine;
+    match encoding {
+        ChunkEncoding::Utf8 => Some(data.as_bytes().to_vec()),
+        ChunkEncoding::Base64 => base64::engine::general_purpose::STANDARD.decode(data).ok(),
     }
 }
 
@@ -557,9 +560,9 @@ impl Validate for LogBatch {
         );
         check_len(errors, &at.field("chunks"), &self.chunks, 1024);
         let list = at.field("chunks");
-        for (i, chunk) in self.clone().into_chunks().iter().enumerate() {
+        for (i, chunk) in self.chunks.iter().enumerate() {
             let item = list.index(i);
-            if chunk.bytes().is_none_or(|b| b.len() > MAX_CHUNK_BYTES) {
+            if chunk_bytes(&chunk.data, chunk.encoding).is_none_or(|b| b.len() > MAX_CHUNK_BYTES) {
                 errors.push(
                     item.field("data").to_string(),
                     "is not valid base64 or is too large",

@@ -415,6 +415,17 @@ pub fn verify_v1(
     tolerance_secs: i64,
 ) -> Result<(), SignatureError> {
     let (id, timestamp, header) = v1_envelope(headers, now, tolerance_secs)?;
+    verify_v1_parsed(secrets, body, id, timestamp, header)
+}
+
+/// The signature check of [`verify_v1`] on headers [`v1_envelope`] already read.
+fn verify_v1_parsed(
+    secrets: &[Secret],
+    body: &[u8],
+    id: &str,
+    timestamp: i64,
+    header: &str,
+) -> Result<(), SignatureError> {
     let candidates = v1_candidates(header);
     if candidates.is_empty() {
         return Err(SignatureError::SignatureMismatch);
@@ -540,19 +551,23 @@ impl Verifier {
         }
         // Header shape is checked before any secret is looked up, so a malformed request
         // costs nothing and says nothing about which instances exist.
-        let v0_expected = match scheme {
-            Scheme::V0 => Some(decode_v0(headers.v0_signature.unwrap_or_default())?),
+        enum Checked<'h> {
+            V0([u8; 32]),
+            V1(&'h str, i64, &'h str),
+        }
+        let checked = match scheme {
+            Scheme::V0 => Checked::V0(decode_v0(headers.v0_signature.unwrap_or_default())?),
             Scheme::V1 => {
-                v1_envelope(headers, now, self.tolerance_secs)?;
-                None
+                let (id, timestamp, header) = v1_envelope(headers, now, self.tolerance_secs)?;
+                Checked::V1(id, timestamp, header)
             }
         };
         let instance_id = locate_instance_id(body).ok_or(SignatureError::MissingInstanceId)?;
         let secrets = secrets_for(&instance_id)
             .filter(|s| !s.is_empty())
             .ok_or(SignatureError::NoSecret)?;
-        match v0_expected {
-            Some(expected) => {
+        match checked {
+            Checked::V0(expected) => {
                 verify_v0_decoded(secrets, body, &expected)?;
                 Ok(Verified {
                     instance_id,
@@ -561,10 +576,10 @@ impl Verifier {
                     timestamp: None,
                 })
             }
-            None => {
-                verify_v1(secrets, body, headers, now, self.tolerance_secs)?;
-                let msg_id = headers.webhook_id.map(str::to_owned);
-                let timestamp = headers.webhook_timestamp.and_then(|t| t.parse().ok());
+            Checked::V1(id, ts, header) => {
+                verify_v1_parsed(secrets, body, id, ts, header)?;
+                let msg_id = Some(id.to_owned());
+                let timestamp = Some(ts);
                 Ok(Verified {
                     instance_id,
                     scheme,
