@@ -11,7 +11,8 @@
 //! `--instances` distinct instance ids, each with its own secret. It drives the bare route
 //! and `/api/heartbeats` in alternating slices (`--rounds`, so that both see the same
 //! background load), `--secs` in total each, with identical work per request (build, sign,
-//! send). It reports requests/s, p50 and p99, the ratio, and then checks that every
+//! send). It reports requests/s, p50 and p99, the CPU time of the process per request (steadier
+//! than requests/s on a shared machine), the ratio, and then checks that every
 //! acknowledged heartbeat is in the database.
 
 use std::str::FromStr;
@@ -101,6 +102,25 @@ struct Phase {
     errors: u64,
     latencies_us: Vec<u32>,
     elapsed: Duration,
+    /// CPU time of the whole process (server and generator) while this route was driven.
+    cpu: Duration,
+}
+
+/// CPU time (user + system) this process has used so far, from `/proc/self/stat`. CPU per
+/// request is steadier than requests/s when other work shares the machine.
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let after = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime is field 14 of the line, index 11 after pid, comm and state; ticks are 1/100 s.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
 impl Phase {
@@ -109,6 +129,11 @@ impl Phase {
         self.errors += other.errors;
         self.latencies_us.extend(other.latencies_us);
         self.elapsed += other.elapsed;
+        self.cpu += other.cpu;
+    }
+
+    fn cpu_us_per_request(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / self.ok.max(1) as f64
     }
 
     fn rate(&self) -> f64 {
@@ -125,20 +150,24 @@ impl Phase {
 }
 
 /// Drives `path` with every connection for `secs`.
-async fn drive(base: &str, path: &str, o: &Options, signers: Arc<Vec<Signer>>, secs: u64) -> Phase {
+async fn drive(
+    base: &str,
+    path: &str,
+    o: &Options,
+    clients: &[reqwest::Client],
+    signers: Arc<Vec<Signer>>,
+    secs: u64,
+) -> Phase {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let started = Instant::now();
+    let cpu_before = process_cpu();
     let mut tasks = Vec::new();
     for c in 0..o.connections {
         let url = format!("{base}{path}");
         let signers = signers.clone();
         let (instances, connections) = (o.instances, o.connections);
+        let client = clients[c].clone();
         tasks.push(tokio::spawn(async move {
-            // One client per task: its own keep-alive connection.
-            let client = reqwest::Client::builder()
-                .pool_max_idle_per_host(1)
-                .build()
-                .expect("client");
             let (mut ok, mut errors, mut lat) = (0u64, 0u64, Vec::with_capacity(32_768));
             let mut k = 0usize;
             while Instant::now() < deadline {
@@ -170,6 +199,7 @@ async fn drive(base: &str, path: &str, o: &Options, signers: Arc<Vec<Signer>>, s
         errors: 0,
         latencies_us: Vec::new(),
         elapsed: Duration::ZERO,
+        cpu: Duration::ZERO,
     };
     for task in tasks {
         let (ok, errors, lat) = task.await.expect("generator task");
@@ -178,6 +208,7 @@ async fn drive(base: &str, path: &str, o: &Options, signers: Arc<Vec<Signer>>, s
         phase.latencies_us.extend(lat);
     }
     phase.elapsed = started.elapsed();
+    phase.cpu = process_cpu().saturating_sub(cpu_before);
     phase
 }
 
@@ -304,36 +335,51 @@ fn main() -> Result<(), String> {
             .unwrap_or(0)
     );
     let (bare, ingest) = client_rt.block_on(async {
+        // One client per connection, built once (building one loads the TLS roots), each
+        // keeping its own keep-alive connection for the whole run.
+        let clients: Vec<reqwest::Client> = (0..o.connections)
+            .map(|_| reqwest::Client::builder().pool_max_idle_per_host(1).build())
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
         // Warm up connections and code paths on the bare route.
-        drive(&base, "/bare", &o, signers.clone(), 2).await;
+        drive(&base, "/bare", &o, &clients, signers.clone(), 2).await;
         // The two routes alternate, so both see the same background load on a shared
         // machine; each round runs each route for secs / rounds.
         let slice = (o.secs / o.rounds.max(1) as u64).max(1);
         let (mut bare, mut ingest) = (Phase::default(), Phase::default());
         for _ in 0..o.rounds.max(1) {
-            bare.merge(drive(&base, "/bare", &o, signers.clone(), slice).await);
-            ingest.merge(drive(&base, "/api/heartbeats", &o, signers.clone(), slice).await);
+            bare.merge(drive(&base, "/bare", &o, &clients, signers.clone(), slice).await);
+            let heartbeats = drive(
+                &base,
+                "/api/heartbeats",
+                &o,
+                &clients,
+                signers.clone(),
+                slice,
+            );
+            ingest.merge(heartbeats.await);
         }
         bare.latencies_us.sort_unstable();
         ingest.latencies_us.sort_unstable();
-        (bare, ingest)
-    });
+        Ok::<_, String>((bare, ingest))
+    })?;
     let stored = server_rt
         .block_on(store.heartbeat_count())
         .map_err(|e| e.to_string())?;
 
-    println!("| route | accepted/s | p50 ms | p99 ms | errors |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| route | accepted/s | p50 ms | p99 ms | errors | CPU µs/request |");
+    println!("|---|---:|---:|---:|---:|---:|");
     for (name, p) in [
         ("bare axum 200 (`POST /bare`)", &bare),
         ("`POST /api/heartbeats` (durable)", &ingest),
     ] {
         println!(
-            "| {name} | {:.0} | {:.2} | {:.2} | {} |",
+            "| {name} | {:.0} | {:.2} | {:.2} | {} | {:.0} |",
             p.rate(),
             p.percentile(0.50),
             p.percentile(0.99),
-            p.errors
+            p.errors,
+            p.cpu_us_per_request()
         );
     }
     println!(
