@@ -56,6 +56,8 @@ pub struct Settings {
     /// How long v1 message ids are remembered, so a late retry is still recognised. Never
     /// shorter than twice the timestamp tolerance (a replay must meet its first sighting).
     pub message_retention: Duration,
+    /// How long the time series of heartbeat figures is kept; `None` keeps it forever.
+    pub heartbeat_retention: Option<Duration>,
     /// Tolerance of v1 timestamps, in seconds.
     pub tolerance_secs: i64,
     /// Body, array and string limits.
@@ -75,6 +77,7 @@ impl Default for Settings {
             offline_after: Duration::from_secs(15 * 60),
             sweep_interval: Duration::from_secs(30),
             message_retention: Duration::from_secs(3600),
+            heartbeat_retention: Some(Duration::from_secs(30 * 24 * 3600)),
             tolerance_secs: fleet_core::signing::DEFAULT_TOLERANCE_SECS,
             limits: Limits::default(),
             batch_max: 512,

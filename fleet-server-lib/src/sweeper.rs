@@ -1,4 +1,5 @@
-//! Periodic work: open `offline` alerts, forget old v1 message ids.
+//! Periodic work: open `offline` alerts, forget old v1 message ids, drop time-series rows
+//! past their retention.
 
 use std::sync::Weak;
 
@@ -24,6 +25,14 @@ pub(crate) fn spawn(state: Weak<AppState>) {
             let before = now - settings.message_retention.as_secs() as i64;
             if let Err(err) = state.store.prune_messages(before).await {
                 tracing::warn!(error = %err, "pruning message ids failed");
+            }
+            if let Some(retention) = settings.heartbeat_retention {
+                let before = now - retention.as_secs().min(i64::MAX as u64) as i64;
+                match state.store.prune_heartbeats(before).await {
+                    Ok(0) => {}
+                    Ok(pruned) => tracing::debug!(pruned, "time series pruned"),
+                    Err(err) => tracing::warn!(error = %err, "pruning the time series failed"),
+                }
             }
         }
     });

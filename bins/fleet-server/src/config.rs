@@ -79,6 +79,13 @@ pub struct ServeArgs {
     /// Seconds without a heartbeat before an installation gets an offline alert.
     #[arg(long, env = "CONTROL_PLANE_OFFLINE_AFTER_SECS", default_value = "900")]
     pub offline_after_secs: String,
+    /// Days the time series of heartbeat figures is kept; 0 keeps it forever.
+    #[arg(
+        long,
+        env = "CONTROL_PLANE_HEARTBEAT_RETENTION_DAYS",
+        default_value = "30"
+    )]
+    pub heartbeat_retention_days: String,
     /// Comma-separated base64 Ed25519 public keys whose release manifests are accepted.
     #[arg(long, env = "CONTROL_PLANE_RELEASE_PUBLIC_KEYS")]
     pub release_public_keys: Option<String>,
@@ -117,6 +124,11 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub database_url: String,
     pub builder: ControlPlaneBuilder,
+}
+
+/// `CONTROL_PLANE_HEARTBEAT_RETENTION_DAYS` as a retention: 0 keeps the series forever.
+fn retention(days: f64) -> Option<Duration> {
+    (days > 0.0).then(|| Duration::from_secs_f64(days * 86_400.0))
 }
 
 fn set(value: &Option<String>) -> Option<&str> {
@@ -201,9 +213,15 @@ impl ServeArgs {
             &self.offline_after_secs,
             1.0e8,
         );
+        let retention_days = number(
+            "CONTROL_PLANE_HEARTBEAT_RETENTION_DAYS",
+            &self.heartbeat_retention_days,
+            36_500.0,
+        );
         if offline_after < 1.0 {
             problems.push("CONTROL_PLANE_OFFLINE_AFTER_SECS: must be at least 1".into());
         }
+        let heartbeat_retention = retention(retention_days);
         let mut flag = |name: &str, text: &str| -> bool {
             match text.trim().to_ascii_lowercase().as_str() {
                 "1" | "true" | "yes" | "on" => true,
@@ -231,6 +249,7 @@ impl ServeArgs {
             require_enrollment,
             slo,
             offline_after: Duration::from_secs(offline_after as u64),
+            heartbeat_retention,
             secure_cookies,
             ..Settings::default()
         };
@@ -359,6 +378,7 @@ mod tests {
             allow_v0: "true".into(),
             require_enrollment: "false".into(),
             offline_after_secs: "900".into(),
+            heartbeat_retention_days: "30".into(),
             secure_cookies: "false".into(),
             ..ServeArgs::default()
         }
@@ -400,6 +420,29 @@ mod tests {
             "{problems:#?}"
         );
         assert!(!problems.join("\n").contains("fine-secret-value"));
+    }
+
+    #[test]
+    fn heartbeat_retention_is_in_days_and_zero_keeps_forever() {
+        assert_eq!(retention(7.0), Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(retention(0.5), Some(Duration::from_secs(43_200)));
+        assert_eq!(retention(0.0), None);
+        assert!(
+            ServeArgs {
+                heartbeat_retention_days: "0".into(),
+                ..args()
+            }
+            .validate()
+            .is_ok()
+        );
+        let problems = ServeArgs {
+            heartbeat_retention_days: "-1".into(),
+            ..args()
+        }
+        .validate()
+        .err()
+        .expect("invalid");
+        assert!(problems[0].starts_with("CONTROL_PLANE_HEARTBEAT_RETENTION_DAYS"));
     }
 
     #[test]

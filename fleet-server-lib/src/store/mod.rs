@@ -282,6 +282,11 @@ pub trait Store: rollouts::RolloutStore + Send + Sync + 'static {
     /// Forgets v1 message ids first seen before `before`; returns how many.
     async fn prune_messages(&self, before: i64) -> Result<u64>;
 
+    /// Deletes time-series rows received before `before` (unix seconds), oldest first, and
+    /// returns how many went. Each call removes at most a bounded number, so one sweep never
+    /// holds the write lock for long; the next sweep continues.
+    async fn prune_heartbeats(&self, before: i64) -> Result<u64>;
+
     /// How many heartbeats are stored (all installations).
     async fn heartbeat_count(&self) -> Result<i64>;
 

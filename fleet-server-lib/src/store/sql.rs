@@ -581,6 +581,30 @@ macro_rules! impl_sql_store {
                     .rows_affected())
             }
 
+            async fn prune_heartbeats(&self, before: i64) -> $crate::Result<u64> {
+                // Rows come in id order as they were received, so only the oldest ids are
+                // looked at (a primary-key range, however big the table), a chunk at a time.
+                const CHUNK: i64 = 5_000;
+                const CHUNKS_PER_CALL: usize = 20;
+                let mut pruned = 0;
+                for _ in 0..CHUNKS_PER_CALL {
+                    let deleted = sqlx::query(
+                        "DELETE FROM heartbeats WHERE id IN \
+                         (SELECT id FROM heartbeats ORDER BY id LIMIT $1) AND received_at < $2",
+                    )
+                    .bind(CHUNK)
+                    .bind(before)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                    pruned += deleted;
+                    if deleted < CHUNK as u64 {
+                        break;
+                    }
+                }
+                Ok(pruned)
+            }
+
             async fn heartbeat_count(&self) -> $crate::Result<i64> {
                 Ok(sqlx::query_scalar("SELECT COUNT(*) FROM heartbeats")
                     .fetch_one(&self.pool)

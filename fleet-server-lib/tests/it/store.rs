@@ -17,6 +17,7 @@ on_both_backends!(
     offline_alert_opens_once_and_a_heartbeat_resolves_it,
     forwarded_alerts_go_through_the_outbox,
     old_message_ids_are_pruned,
+    time_series_is_pruned_oldest_first_and_the_installation_stays,
     concurrent_writers_do_not_fail,
 );
 
@@ -555,6 +556,44 @@ async fn old_message_ids_are_pruned(t: TestStore) {
     .expect("record");
     assert_eq!(s.prune_messages(4000).await.expect("prune"), 1);
     s.ping().await.expect("ping");
+}
+
+async fn time_series_is_pruned_oldest_first_and_the_installation_stays(t: TestStore) {
+    let s = &t.store;
+    // More old rows than one pruning chunk, so the chunked delete has to go round.
+    let old: Vec<_> = (0..5_200i64)
+        .map(|i| incoming(&format!("old-{}", i % 7), json!({}), None, 1_000 + i))
+        .collect();
+    for batch in old.chunks(512) {
+        s.record_heartbeats(batch, &rules()).await.expect("record");
+    }
+    s.record_heartbeats(
+        &[
+            incoming("old-0", json!({"cpu_usage_pct": 3.0}), None, 90_000),
+            incoming("fresh", json!({}), None, 90_001),
+        ],
+        &rules(),
+    )
+    .await
+    .expect("record");
+    assert_eq!(s.heartbeat_count().await.expect("count"), 5_202);
+
+    assert_eq!(s.prune_heartbeats(50_000).await.expect("prune"), 5_200);
+    assert_eq!(s.heartbeat_count().await.expect("count"), 2);
+    assert_eq!(
+        s.prune_heartbeats(50_000).await.expect("prune"),
+        0,
+        "nothing left to prune"
+    );
+    // The installation and its latest state are not part of the time series.
+    let page = s
+        .list_installations(&InstallationFilter::default())
+        .await
+        .expect("list");
+    assert_eq!(
+        page.total, 8,
+        "7 old installations and the fresh one remain"
+    );
 }
 
 async fn concurrent_writers_do_not_fail(t: TestStore) {
