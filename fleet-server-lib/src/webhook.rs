@@ -82,10 +82,16 @@ pub(crate) fn spawn(state: Weak<AppState>, config: WebhookConfig) {
             }
         };
         let signer = config.secret.clone().map(Signer::new);
+        // A claimed batch is delivered one by one, each attempt bounded by the timeout; the
+        // lease covers the whole batch with room to spare, so another replica only takes a
+        // row over when this one has died (or lost its database) mid-delivery.
+        const BATCH: i64 = 50;
+        let lease_secs = (config.timeout.as_secs() as i64 + 1) * BATCH + 60;
         loop {
             tokio::time::sleep(config.poll_interval).await;
             let Some(state) = state.upgrade() else { return };
-            let due = match state.store.outbox_due(fleet_core::unix_now(), 50).await {
+            let now = fleet_core::unix_now();
+            let due = match state.store.outbox_claim(now, now + lease_secs, BATCH).await {
                 Ok(due) => due,
                 Err(err) => {
                     tracing::warn!(error = %err, "reading the webhook outbox failed");

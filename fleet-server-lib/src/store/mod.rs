@@ -263,8 +263,12 @@ pub trait Store: rollouts::RolloutStore + Send + Sync + 'static {
     /// none open; returns how many were opened.
     async fn mark_offline(&self, cutoff: i64, now: i64, forward: bool) -> Result<u64>;
 
-    /// Outbox deliveries due at `now`, oldest first.
-    async fn outbox_due(&self, now: i64, limit: i64) -> Result<Vec<OutboxItem>>;
+    /// Claims up to `limit` outbox deliveries due at `now`, oldest first: each claimed row is
+    /// not due again before `lease_until`, so replicas sharing the database never deliver the
+    /// same alert at the same time, and a delivery cut short by a crash is retried once the
+    /// lease ends.
+    async fn outbox_claim(&self, now: i64, lease_until: i64, limit: i64)
+    -> Result<Vec<OutboxItem>>;
 
     /// Records a successful delivery.
     async fn outbox_delivered(&self, id: i64, now: i64) -> Result<()>;

@@ -524,20 +524,31 @@ macro_rules! impl_sql_store {
                 Ok(opened)
             }
 
-            async fn outbox_due(
+            async fn outbox_claim(
                 &self,
                 now: i64,
+                lease_until: i64,
                 limit: i64,
             ) -> $crate::Result<Vec<$crate::store::OutboxItem>> {
-                Ok(sqlx::query_as::<_, $crate::store::OutboxItem>(
-                    "SELECT id, alert_id, payload, attempts FROM webhook_outbox \
-                     WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= $1 \
-                     ORDER BY next_attempt_at, id LIMIT $2",
+                // The outer `next_attempt_at <= $1` is what makes a claim exclusive: on
+                // PostgreSQL a concurrent claim waits for this one's row locks and then
+                // re-checks it against the leased value; SQLite runs one writer at a time.
+                let mut claimed = sqlx::query_as::<_, $crate::store::OutboxItem>(
+                    "UPDATE webhook_outbox SET next_attempt_at = $2 \
+                     WHERE id IN (SELECT id FROM webhook_outbox \
+                       WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= $1 \
+                       ORDER BY next_attempt_at, id LIMIT $3) \
+                     AND next_attempt_at <= $1 \
+                     RETURNING id, alert_id, payload, attempts",
                 )
                 .bind(now)
+                .bind(lease_until)
                 .bind(limit)
                 .fetch_all(&self.pool)
-                .await?)
+                .await?;
+                // RETURNING has no order; alerts go out in the order they were raised.
+                claimed.sort_unstable_by_key(|item| item.id);
+                Ok(claimed)
             }
 
             async fn outbox_delivered(&self, id: i64, now: i64) -> $crate::Result<()> {

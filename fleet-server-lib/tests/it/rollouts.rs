@@ -505,7 +505,11 @@ async fn a_halt_raises_an_alert_that_is_forwarded(t: TestStore) {
         .get_json(&format!("/api/rollouts/{}", rollout["id"]), SUPPORT)
         .await;
     assert_eq!(halted["status"], "halted");
-    let due = t.store.outbox_due(now() + 3600, 100).await.expect("outbox");
+    let due = t
+        .store
+        .outbox_claim(now() + 3600, now() + 3600 + 60, 100)
+        .await
+        .expect("outbox");
     let forwarded: Vec<Value> = due
         .iter()
         .filter_map(|item| serde_json::from_str::<Value>(&item.payload).ok())

@@ -16,6 +16,7 @@ on_both_backends!(
     alerts_are_acknowledged_once,
     offline_alert_opens_once_and_a_heartbeat_resolves_it,
     forwarded_alerts_go_through_the_outbox,
+    outbox_claims_are_exclusive_until_the_lease_ends,
     old_message_ids_are_pruned,
     time_series_is_pruned_oldest_first_and_the_installation_stays,
     concurrent_writers_do_not_fail,
@@ -492,7 +493,7 @@ async fn forwarded_alerts_go_through_the_outbox(t: TestStore) {
     s.record_heartbeats(&[incoming("acme-001", hb, None, 1000)], &rules())
         .await
         .expect("record");
-    let due = s.outbox_due(1000, 10).await.expect("due");
+    let due = s.outbox_claim(1000, 1000 + 60, 10).await.expect("due");
     assert_eq!(
         due.len(),
         2,
@@ -512,15 +513,23 @@ async fn forwarded_alerts_go_through_the_outbox(t: TestStore) {
         .await
         .expect("delivered");
     assert!(
-        s.outbox_due(1005, 10).await.expect("due").is_empty(),
+        s.outbox_claim(1005, 1005 + 60, 10)
+            .await
+            .expect("due")
+            .is_empty(),
         "retry not due yet"
     );
-    let retry = s.outbox_due(1010, 10).await.expect("due");
+    let retry = s.outbox_claim(1010, 1010 + 60, 10).await.expect("due");
     assert_eq!((retry.len(), retry[0].attempts), (1, 1));
     s.outbox_failed(retry[0].id, 2, None, "gave up", 1010)
         .await
         .expect("give up");
-    assert!(s.outbox_due(99_999, 10).await.expect("due").is_empty());
+    assert!(
+        s.outbox_claim(99_999, 99_999 + 60, 10)
+            .await
+            .expect("due")
+            .is_empty()
+    );
     // Without a webhook nothing is queued.
     let quiet = IngestRules {
         forward_alerts: false,
@@ -537,7 +546,57 @@ async fn forwarded_alerts_go_through_the_outbox(t: TestStore) {
     )
     .await
     .expect("record");
-    assert!(s.outbox_due(99_999, 10).await.expect("due").is_empty());
+    assert!(
+        s.outbox_claim(99_999, 99_999 + 60, 10)
+            .await
+            .expect("due")
+            .is_empty()
+    );
+}
+
+async fn outbox_claims_are_exclusive_until_the_lease_ends(t: TestStore) {
+    let s = &t.store;
+    let breach = json!({"slo_p95_ms": 999.0});
+    let batch: Vec<_> = (0..30)
+        .map(|i| incoming(&format!("claim-{i:02}"), breach.clone(), None, 1000))
+        .collect();
+    s.record_heartbeats(&batch, &rules()).await.expect("record");
+    // Replicas polling at the same moment: every alert is claimed by exactly one of them.
+    let claims: Vec<_> = (0..4)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.outbox_claim(1000, 1100, 10).await })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for claim in claims {
+        ids.extend(
+            claim
+                .await
+                .expect("task")
+                .expect("claim")
+                .into_iter()
+                .map(|i| i.id),
+        );
+    }
+    let distinct: std::collections::BTreeSet<i64> = ids.iter().copied().collect();
+    assert_eq!((ids.len(), distinct.len()), (30, 30), "claimed {ids:?}");
+    assert!(
+        s.outbox_claim(1099, 1200, 50)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    // A replica that died mid-delivery: after the lease its rows are due again, once.
+    let again = s.outbox_claim(1100, 1200, 50).await.expect("claim");
+    assert_eq!(again.len(), 30);
+    assert!(again.windows(2).all(|w| w[0].id < w[1].id), "oldest first");
+    assert!(
+        s.outbox_claim(1100, 1200, 50)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
 }
 
 async fn old_message_ids_are_pruned(t: TestStore) {
