@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 
 pub use alerts::SloThresholds;
 pub use auth::{Role, RoleTokens};
-pub use channel::LiveSettings;
+pub use channel::{LiveSettings, stored_jwt_key};
 pub use error::{Error, Result};
 pub use store::{PostgresStore, SqliteStore, Store};
 pub use webhook::WebhookConfig;

@@ -124,6 +124,9 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub database_url: String,
     pub builder: ControlPlaneBuilder,
+    /// Live-channel settings, applied once the database is open: without
+    /// `CONTROL_PLANE_JWT_KEY` the key is the one stored in the database.
+    pub live: fleet_server::LiveSettings,
 }
 
 /// `CONTROL_PLANE_HEARTBEAT_RETENTION_DAYS` as a retention: 0 keeps the series forever.
@@ -171,14 +174,17 @@ impl ServeArgs {
             set(&self.agent_secrets),
             set(&self.agent_token),
         ) {
-            Ok(resolver) if resolver.is_empty() => {
-                problems.push(
-                    "CONTROL_PLANE_AGENT_SECRETS / CONTROL_PLANE_AGENT_TOKEN: neither is set, so no heartbeat could be verified"
-                        .into(),
-                );
-                None
+            Ok(resolver) => {
+                if resolver.is_empty() {
+                    // Not an error: a fleet can consist of enrolled agents only, each
+                    // signing with the secret issued to it (`fleetctl enroll`).
+                    tracing::info!(
+                        "neither CONTROL_PLANE_AGENT_SECRETS nor CONTROL_PLANE_AGENT_TOKEN is set: \
+                         only enrolled agents can be verified"
+                    );
+                }
+                Some(resolver)
             }
-            Ok(resolver) => Some(resolver),
             Err(fleet_core::Error::Config(list)) => {
                 problems.extend(list);
                 None
@@ -261,11 +267,11 @@ impl ServeArgs {
         if let Some(webhook) = webhook {
             builder = builder.webhook(webhook);
         }
-        builder = builder.live(live);
         Ok(ServeConfig {
             listen,
             database_url: db.to_owned(),
             builder,
+            live,
         })
     }
 
@@ -465,14 +471,12 @@ mod tests {
     }
 
     #[test]
-    fn no_agent_secret_at_all_is_an_error() {
-        let problems = ServeArgs {
+    fn no_agent_secret_at_all_means_enrolled_agents_only() {
+        let config = ServeArgs {
             agent_token: None,
             ..args()
         }
-        .validate()
-        .err()
-        .expect("invalid");
-        assert!(problems[0].starts_with("CONTROL_PLANE_AGENT_SECRETS / CONTROL_PLANE_AGENT_TOKEN"));
+        .validate();
+        assert!(config.is_ok(), "{:?}", config.err());
     }
 }

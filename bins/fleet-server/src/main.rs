@@ -70,7 +70,16 @@ async fn serve(args: config::ServeArgs) -> Result<(), String> {
     let store = fleet_server::store::open(&config.database_url)
         .await
         .map_err(|e| format!("cannot open the database: {e}"))?;
-    run_server(config.listen, config.builder.shared_store(store)).await
+    let mut live = config.live;
+    if live.jwt_key.is_none() {
+        // Enrolled agents' secrets derive from this key: it must outlive the process.
+        let key = fleet_server::stored_jwt_key(&*store)
+            .await
+            .map_err(|e| format!("cannot read the agent token key from the database: {e}"))?;
+        live.jwt_key = Some(key);
+    }
+    let builder = config.builder.live(live).shared_store(store);
+    run_server(config.listen, builder).await
 }
 
 /// Binds `listen`, serves until Ctrl-C or SIGTERM, then lets in-flight requests finish.

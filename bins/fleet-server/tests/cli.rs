@@ -171,3 +171,85 @@ async fn demo_prints_a_login_and_its_agents_fill_the_dashboard() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `serve` on `db` with an admin token and no agent secret at all: enrolled agents only.
+fn serve_enrolled_only(addr: &str, db: &std::path::Path) -> Child {
+    command(&["serve"])
+        .env("FLEET_LISTEN", addr)
+        .env(
+            "CONTROL_PLANE_DATABASE_URL",
+            format!("sqlite://{}", db.display()),
+        )
+        .env("CONTROL_PLANE_ADMIN_TOKEN", "admin-token")
+        .spawn()
+        .expect("start")
+}
+
+async fn signed_heartbeat(client: &reqwest::Client, base: &str, secret: &str) -> u16 {
+    let body = br#"{"instance_id":"enrolled-1","db_ok":true,"redis_ok":true,"storage_ok":true,"jobs_failed":0}"#;
+    let signer = fleet_core::Signer::new(fleet_core::Secret::new(secret).expect("secret"));
+    let msg_id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+    let mut request = client.post(format!("{base}/api/heartbeats"));
+    for (name, value) in signer
+        .headers(&msg_id, fleet_core::unix_now(), body)
+        .pairs()
+    {
+        request = request.header(name, value);
+    }
+    let response = request.body(body.to_vec()).send().await.expect("send");
+    response.status().as_u16()
+}
+
+#[tokio::test]
+async fn enrolled_agents_are_accepted_without_shared_secrets_and_across_restarts() {
+    let dir = temp_dir();
+    let db = dir.join("cp.db");
+    let client = reqwest::Client::new();
+    let addr = free_addr();
+    let base = format!("http://{addr}");
+    let mut server = serve_enrolled_only(&addr, &db);
+    wait_ok(&client, &format!("{base}/healthz"), None).await;
+    let jwks = wait_ok(&client, &format!("{base}/.well-known/jwks.json"), None).await;
+
+    let enrollment: serde_json::Value = client
+        .post(format!("{base}/v1/enrollments"))
+        .bearer_auth("admin-token")
+        .json(&serde_json::json!({"instance_id": "enrolled-1"}))
+        .send()
+        .await
+        .expect("enroll")
+        .json()
+        .await
+        .expect("json");
+    let token = enrollment["enrollment_token"].as_str().expect("token");
+    let registered: serde_json::Value = client
+        .post(format!("{base}/v1/agents/register"))
+        .json(&serde_json::json!({"instance_id": "enrolled-1", "enrollment_token": token}))
+        .send()
+        .await
+        .expect("register")
+        .json()
+        .await
+        .expect("json");
+    let secret = registered["secret"]
+        .as_str()
+        .expect("issued secret")
+        .to_owned();
+
+    assert_eq!(signed_heartbeat(&client, &base, &secret).await, 200);
+    assert_eq!(
+        signed_heartbeat(&client, &base, "not-the-issued-secret").await,
+        401
+    );
+
+    // A restart keeps the key the issued secrets derive from (and the agents' tokens).
+    server.kill().await.expect("kill");
+    let addr = free_addr();
+    let base = format!("http://{addr}");
+    let _server = serve_enrolled_only(&addr, &db);
+    wait_ok(&client, &format!("{base}/healthz"), None).await;
+    assert_eq!(signed_heartbeat(&client, &base, &secret).await, 200);
+    let again = wait_ok(&client, &format!("{base}/.well-known/jwks.json"), None).await;
+    assert_eq!(jwks, again, "the token key survives a restart");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -214,6 +214,10 @@ pub trait CommandStore: Send + Sync {
     /// The nonce of the instance's issued secret.
     async fn issued_nonce(&self, instance_id: &str) -> Result<Option<String>>;
 
+    /// The server key stored under `name`, storing `candidate` first if there is none: the
+    /// first process to ask decides, every later one (a restart, a replica) gets the same.
+    async fn server_key(&self, name: &str, candidate: &str, now: i64) -> Result<String>;
+
     /// Marks targets `timed_out`: released but unanswered since before `sent_before`, or
     /// running without news since before `running_before`. Returns their command ids.
     async fn time_out_targets(
@@ -686,6 +690,27 @@ macro_rules! impl_command_store {
                 Ok(sqlx::query_scalar("SELECT nonce FROM issued_secrets WHERE instance_id = $1")
                     .bind(instance_id)
                     .fetch_optional(self.pool())
+                    .await?)
+            }
+
+            async fn server_key(
+                &self,
+                name: &str,
+                candidate: &str,
+                now: i64,
+            ) -> $crate::Result<String> {
+                sqlx::query(
+                    "INSERT INTO server_keys (name, value, created_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (name) DO NOTHING",
+                )
+                .bind(name)
+                .bind(candidate)
+                .bind(now)
+                .execute(self.pool())
+                .await?;
+                Ok(sqlx::query_scalar("SELECT value FROM server_keys WHERE name = $1")
+                    .bind(name)
+                    .fetch_one(self.pool())
                     .await?)
             }
         }

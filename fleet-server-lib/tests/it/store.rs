@@ -17,6 +17,7 @@ on_both_backends!(
     offline_alert_opens_once_and_a_heartbeat_resolves_it,
     forwarded_alerts_go_through_the_outbox,
     outbox_claims_are_exclusive_until_the_lease_ends,
+    the_first_stored_server_key_wins,
     old_message_ids_are_pruned,
     time_series_is_pruned_oldest_first_and_the_installation_stays,
     concurrent_writers_do_not_fail,
@@ -561,23 +562,26 @@ async fn outbox_claims_are_exclusive_until_the_lease_ends(t: TestStore) {
         .map(|i| incoming(&format!("claim-{i:02}"), breach.clone(), None, 1000))
         .collect();
     s.record_heartbeats(&batch, &rules()).await.expect("record");
-    // Replicas polling at the same moment: every alert is claimed by exactly one of them.
+    // Replicas polling at the same moment, each until it finds nothing due: every alert is
+    // claimed by exactly one of them.
     let claims: Vec<_> = (0..4)
         .map(|_| {
             let s = s.clone();
-            tokio::spawn(async move { s.outbox_claim(1000, 1100, 10).await })
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let claimed = s.outbox_claim(1000, 1100, 10).await.expect("claim");
+                    if claimed.is_empty() {
+                        return mine;
+                    }
+                    mine.extend(claimed.into_iter().map(|i| i.id));
+                }
+            })
         })
         .collect();
     let mut ids = Vec::new();
     for claim in claims {
-        ids.extend(
-            claim
-                .await
-                .expect("task")
-                .expect("claim")
-                .into_iter()
-                .map(|i| i.id),
-        );
+        ids.extend(claim.await.expect("task"));
     }
     let distinct: std::collections::BTreeSet<i64> = ids.iter().copied().collect();
     assert_eq!((ids.len(), distinct.len()), (30, 30), "claimed {ids:?}");
@@ -597,6 +601,29 @@ async fn outbox_claims_are_exclusive_until_the_lease_ends(t: TestStore) {
             .expect("claim")
             .is_empty()
     );
+}
+
+async fn the_first_stored_server_key_wins(t: TestStore) {
+    // Replicas starting together each propose a key; all of them end up with the same one.
+    let proposals: Vec<_> = (0..4)
+        .map(|i| {
+            let s = t.store.clone();
+            tokio::spawn(async move {
+                let commands = s.commands().expect("command store");
+                commands
+                    .server_key("example", &format!("key-{i}"), 1000)
+                    .await
+            })
+        })
+        .collect();
+    let mut chosen = std::collections::BTreeSet::new();
+    for proposal in proposals {
+        chosen.insert(proposal.await.expect("task").expect("key"));
+    }
+    assert_eq!(chosen.len(), 1, "{chosen:?}");
+    let key = fleet_server::stored_jwt_key(&*t.store).await.expect("key");
+    let again = fleet_server::stored_jwt_key(&*t.store).await.expect("key");
+    assert_eq!(key.to_base64(), again.to_base64());
 }
 
 async fn old_message_ids_are_pruned(t: TestStore) {
