@@ -7,7 +7,9 @@
 //! - `POST /v1/enrollments` (admin): a one-time enrollment token for an instance.
 //!
 //! Issued secrets are never stored: each is `HMAC(server key, instance_id, nonce)` and only
-//! the nonce is kept, so a copy of the database alone does not hold any agent's secret.
+//! the nonce is kept, so a copy of the database alone does not hold any agent's secret, as
+//! long as the server key comes from the configuration rather than from the database
+//! ([`stored_jwt_key`](crate::stored_jwt_key)).
 
 use axum::Json;
 use axum::body::Bytes;
