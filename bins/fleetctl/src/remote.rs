@@ -156,12 +156,8 @@ pub fn install_snippet(url: &str, instance_id: &str, token: &str, agent_url: &st
          AGENT_BINARY_PATH=/var/lib/fleet-agent/bin/fleet-agent\n\
          AGENT_PROJECTS_DIR=/var/lib/fleet-agent/projects\n"
     );
-    let unit = "[Unit]\nDescription=fleet agent (heartbeats, live channel, remote commands)\n\
-                Wants=network-online.target\nAfter=network-online.target\n\n[Service]\n\
-                Type=simple\nExecStart=/var/lib/fleet-agent/bin/fleet-agent\n\
-                EnvironmentFile=/etc/fleet-agent/env\nStateDirectory=fleet-agent\n\
-                StateDirectoryMode=0700\nRestart=always\nRestartSec=5\nKillSignal=SIGTERM\n\
-                TimeoutStopSec=20\n\n[Install]\nWantedBy=multi-user.target\n";
+    // The unit shipped in deploy/, so the snippet and the documented unit cannot drift.
+    let unit = include_str!("../../../deploy/fleet-agent-managed.service");
     let indent = |text: &str| {
         text.lines()
             .map(|l| format!("      {l}"))
@@ -436,11 +432,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_snippet_carries_the_token_and_a_unit() {
+    fn the_snippet_carries_the_token_and_the_managed_unit() {
         let text = install_snippet("https://cp", "shop-1", "tok123", "https://dl/agent");
         assert!(text.contains("AGENT_ENROLLMENT_TOKEN=tok123"));
         assert!(text.contains("#cloud-config"));
-        assert!(text.contains("[Service]"));
+        assert!(text.contains("ExecStart=/var/lib/fleet-agent/bin/fleet-agent\n"));
+        assert!(text.contains("Restart=always"));
         assert!(text.contains("permissions: '0600'"));
     }
 }
