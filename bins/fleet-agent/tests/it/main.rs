@@ -8,6 +8,7 @@ mod receiver;
 mod compose_rollout;
 mod control_plane;
 mod enroll;
+mod faults;
 mod image;
 mod process;
 mod rollout;
