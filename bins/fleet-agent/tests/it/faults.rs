@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fleet_core::{Heartbeat, Secret, Signer};
+use fleet_agent::sender::{Outcome, Sender};
+use fleet_core::{Heartbeat, Scheme, Secret, Signer};
 use serde_json::{Value, json};
 use sqlx::postgres::PgPool;
 use sqlx::sqlite::SqliteConnectOptions;
@@ -87,6 +88,20 @@ async fn health(client: &reqwest::Client, url: &str) -> Option<u16> {
         .await
         .ok()
         .map(|r| r.status().as_u16())
+}
+
+/// One figure of the control plane's `/metrics` (0 when absent), e.g.
+/// `fleet_heartbeats_rejected_total{reason="replay"}`.
+async fn server_metric(url: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 async fn wait_healthy(url: &str, secs: u64) {
@@ -320,32 +335,22 @@ impl Ledger {
 // A load generator that behaves like an outbox: same id, fresh signature, until a 2xx
 // ---------------------------------------------------------------------------------------
 
+/// Signed heartbeats through the agent library's own `Sender` (v1 signature, fresh
+/// timestamp per attempt, never the timestamp of an earlier attempt of the same message).
 #[derive(Clone)]
 struct Load {
-    client: reqwest::Client,
-    url: String,
-    signer: Signer,
-}
-
-/// The control plane's answer to one signed heartbeat.
-enum Answer {
-    /// A 2xx; `duplicate` when the message had already been applied.
-    Acked { duplicate: bool },
-    /// Any other status.
-    Refused(u16),
-    /// No answer (connection refused or reset, timeout).
-    Lost,
+    sender: Sender,
 }
 
 impl Load {
     fn new(url: &str, timeout: Duration) -> Self {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .expect("client");
+        let signer = Signer::new(Secret::new(SHARED_SECRET).expect("secret"));
         Self {
-            client: reqwest::Client::builder()
-                .timeout(timeout)
-                .build()
-                .expect("client"),
-            url: url.to_owned(),
-            signer: Signer::new(Secret::new(SHARED_SECRET).expect("secret")),
+            sender: Sender::new(client, url, signer, Scheme::V1),
         }
     }
 
@@ -354,31 +359,9 @@ impl Load {
         (msg_id, Heartbeat::new(instance).to_vec())
     }
 
-    /// One attempt, signed now (v1 keeps the id and takes a fresh timestamp).
-    async fn post(&self, msg_id: &str, body: &[u8]) -> Answer {
-        let mut request = self
-            .client
-            .post(format!("{}/api/heartbeats", self.url))
-            .header("content-type", "application/json")
-            .body(body.to_vec());
-        for (name, value) in self
-            .signer
-            .headers(msg_id, fleet_core::unix_now(), body)
-            .pairs()
-        {
-            request = request.header(name, value);
-        }
-        let Ok(response) = request.send().await else {
-            return Answer::Lost;
-        };
-        let status = response.status().as_u16();
-        if !(200..300).contains(&status) {
-            return Answer::Refused(status);
-        }
-        let body: Value = response.json().await.unwrap_or(Value::Null);
-        Answer::Acked {
-            duplicate: body["duplicate"] == true,
-        }
+    /// One attempt: `Delivered` for a 2xx (applied now, or a duplicate of an applied one).
+    async fn post(&self, msg_id: &str, body: &[u8]) -> Outcome {
+        self.sender.send(msg_id, "/api/heartbeats", body).await
     }
 }
 
@@ -417,7 +400,7 @@ async fn faults_kill9_control_plane_with_1000_heartbeats_in_flight() {
     for (msg_id, body) in messages.clone() {
         let (load, acked) = (load.clone(), acked.clone());
         tasks.spawn(async move {
-            if let Answer::Acked { .. } = load.post(&msg_id, &body).await {
+            if load.post(&msg_id, &body).await == Outcome::Delivered {
                 acked.lock().unwrap().insert(msg_id);
             }
         });
@@ -459,37 +442,24 @@ async fn faults_kill9_control_plane_with_1000_heartbeats_in_flight() {
     let down_for = killed_at.elapsed();
 
     // The load generator redelivers what was not acknowledged, as an outbox would: same id,
-    // fresh signature. A message stored before the kill is acknowledged as a duplicate.
+    // fresh signature. A message stored before the kill is acknowledged as a duplicate (a
+    // same-second retry would have been refused as a replay before the sender's fix).
     let unacked: Vec<(String, Vec<u8>)> = messages
         .iter()
         .filter(|(id, _)| !acked.contains(id))
         .cloned()
         .collect();
-    let duplicates = Arc::new(AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for (msg_id, body) in unacked.clone() {
-        let (load, duplicates) = (load.clone(), duplicates.clone());
+        let load = load.clone();
         tasks.spawn(async move {
-            match load.post(&msg_id, &body).await {
-                Answer::Acked { duplicate } => {
-                    if duplicate {
-                        duplicates.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Answer::Refused(status) => panic!("redelivery of {msg_id} refused: {status}"),
-                Answer::Lost => panic!("redelivery of {msg_id} got no answer"),
-            }
+            let answer = load.post(&msg_id, &body).await;
+            assert_eq!(answer, Outcome::Delivered, "redelivery of {msg_id}");
         });
     }
     while let Some(joined) = tasks.join_next().await {
         joined.expect("redelivery");
     }
-    let duplicates = duplicates.load(Ordering::Relaxed);
-    assert_eq!(
-        duplicates,
-        stored_load - acked.len(),
-        "exactly the stored-but-unanswered ones are duplicates"
-    );
 
     // The agents' outboxes deliver the rest, each message once, in order.
     let mut figures = Vec::new();
@@ -514,8 +484,8 @@ async fn faults_kill9_control_plane_with_1000_heartbeats_in_flight() {
     println!(
         "FAULT kill9: {LOAD} heartbeats sent at once; SIGKILL after {acked_at_kill} answers \
          ({} in flight); {} acknowledged in all, all {} stored; {stored_load} stored at the \
-         kill ({} stored but unanswered); {} redelivered after the restart ({duplicates} \
-         answered as duplicates); {LOAD} stored once in the end; control plane down {:.1} s; \
+         kill ({} stored but unanswered); {} redelivered after the restart, all acknowledged \
+         (the stored ones as duplicates); {LOAD} stored once in the end; control plane down {:.1} s; \
          agents: {}",
         LOAD - acked_at_kill,
         acked.len(),
@@ -700,7 +670,7 @@ impl Steady {
                     }
                     let (msg_id, body) = Load::message(&instance);
                     loop {
-                        if let Answer::Acked { .. } = load.post(&msg_id, &body).await {
+                        if load.post(&msg_id, &body).await == Outcome::Delivered {
                             acked.lock().unwrap().push(msg_id);
                             break;
                         }
@@ -909,10 +879,14 @@ async fn faults_postgres_restart_under_load() {
 
 /// A TCP proxy that can be cut: while cut, it forwards nothing in either direction and
 /// answers nothing (connections are accepted and held silent, like packets into a black
-/// hole), so the agent sees timeouts, not refusals.
+/// hole), so the agent sees timeouts, not refusals. It can also lose answers: the request
+/// reaches the control plane, which applies it, and the connection drops before the answer.
 struct Proxy {
     port: u16,
     cut: watch::Sender<bool>,
+    /// Bumped to close every open connection (the client must open new ones).
+    reset: watch::Sender<u64>,
+    lose_answers: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -921,21 +895,56 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
         let (cut, watching) = watch::channel(false);
+        let (reset, resets) = watch::channel(0u64);
+        let lose_answers = Arc::new(AtomicUsize::new(0));
+        let lose = lose_answers.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(Self::relay(client, upstream, watching.clone()));
+                let lossy = lose
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                tokio::spawn(Self::relay(
+                    client,
+                    upstream,
+                    (watching.clone(), resets.clone()),
+                    lossy,
+                ));
             }
         });
-        Self { port, cut, task }
+        Self {
+            port,
+            cut,
+            reset,
+            lose_answers,
+            task,
+        }
     }
 
-    async fn relay(mut client: TcpStream, upstream: u16, mut cut: watch::Receiver<bool>) {
+    async fn relay(
+        mut client: TcpStream,
+        upstream: u16,
+        (mut cut, mut reset): (watch::Receiver<bool>, watch::Receiver<u64>),
+        lossy: bool,
+    ) {
+        reset.mark_unchanged();
         if !*cut.borrow() {
             let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
                 return;
             };
+            if lossy {
+                // Forward the request; once the answer starts, drop both ends unanswered.
+                let (mut from_client, _) = client.split();
+                let (mut from_server, mut to_server) = server.split();
+                let mut answer = [0u8; 1];
+                tokio::select! {
+                    _ = tokio::io::copy(&mut from_client, &mut to_server) => {}
+                    _ = tokio::io::AsyncReadExt::read(&mut from_server, &mut answer) => {}
+                }
+                return;
+            }
             tokio::select! {
                 _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+                _ = reset.changed() => return,
                 _ = cut.wait_for(|c| *c) => {}
             }
         }
@@ -946,6 +955,13 @@ impl Proxy {
 
     fn set_cut(&self, cut: bool) {
         let _ = self.cut.send(cut);
+    }
+
+    /// The next `n` connections lose their first answer; open connections are closed, so
+    /// the client opens new ones.
+    fn lose_answers(&self, n: usize) {
+        self.lose_answers.store(n, Ordering::SeqCst);
+        self.reset.send_modify(|r| *r += 1);
     }
 }
 
@@ -1018,10 +1034,48 @@ async fn faults_network_cut_agent_buffers_reconnects_and_delivers_in_order() {
         (agent.metric("fleet_agent_outbox_messages").await == 0.0).then(|| healed_at.elapsed())
     })
     .await;
+
+    // Answers lost: three requests reach the control plane and are applied, their answers
+    // never come back. The agent retries at once; each retry must be taken as a duplicate,
+    // not refused as a replay (which would look like a wrong secret).
+    const LOST: usize = 3;
+    let duplicates_before = server_metric(&url, "fleet_heartbeats_duplicate_total").await;
+    let failures_before = agent.metric("fleet_agent_send_failures_total").await;
+    proxy.lose_answers(LOST);
+    eventually(60, "the lost answers to be retried", || async {
+        let failures = agent.metric("fleet_agent_send_failures_total").await;
+        (proxy.lose_answers.load(Ordering::SeqCst) == 0 && failures >= failures_before + LOST as f64)
+            .then_some(())
+    })
+    .await;
+    let retried_at = Instant::now();
+    let stored_after_losses = count().await;
+    eventually(60, "deliveries after the lost answers", || async {
+        (count().await >= stored_after_losses + 5).then_some(())
+    })
+    .await;
+    let duplicates =
+        server_metric(&url, "fleet_heartbeats_duplicate_total").await - duplicates_before;
+    let replays = server_metric(&url, "fleet_heartbeats_rejected_total{reason=\"replay\"}").await;
+    assert!(duplicates >= 1.0, "no lost answer was retried as a duplicate");
+    assert_eq!(replays, 0.0, "a retry was refused as a replay");
+    let unauthorized = agent.metric("fleet_agent_unauthorized_total").await;
+    assert_eq!(
+        unauthorized, 0.0,
+        "a retry after a lost answer was refused as a replay"
+    );
+    let after_losses = retried_at.elapsed();
+
     let ledger = agent.drain_and_stop(60).await;
     let ids = ids_of(&stored(&db.pool).await, "netcut-agent");
     ledger.assert_exactly_once("netcut-agent", &ids);
 
+    println!(
+        "FAULT netcut (lost answers): {LOST} answers lost after the control plane applied \
+         the heartbeat; retried at once: {duplicates} acknowledged as duplicates, 0 refused \
+         as replays; 5 more delivered {:.2} s later",
+        after_losses.as_secs_f64()
+    );
     println!(
         "FAULT netcut: cut for {:.1} s; {failures} sends timed out or failed; {queued_at_heal} \
          heartbeats waiting at the heal; first delivery {:.2} s after the heal (bound: send \
