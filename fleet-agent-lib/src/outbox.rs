@@ -176,7 +176,8 @@ impl Outbox {
     }
 
     /// The oldest waiting message, after dropping what has grown too old. It counts as
-    /// being sent (never dropped by a bound) until it is acknowledged or the next peek.
+    /// being sent (never dropped by a bound) until it is acknowledged or
+    /// [released](Outbox::release), or the next peek.
     pub async fn peek(&self, now: i64) -> Result<Option<Message>> {
         let mut conn = self.conn.lock().await;
         // The previous attempt is over: its message may be dropped again if too old.
@@ -212,6 +213,14 @@ impl Outbox {
             .execute(&mut *conn)
             .await?;
         Ok(())
+    }
+
+    /// The send of `seq` ended without delivery (the control plane did not answer 2xx): it
+    /// is no longer on the wire, and a bound may drop it again.
+    pub fn release(&self, seq: i64) {
+        let _ = self
+            .sending
+            .compare_exchange(seq, 0, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// Removes a message the control plane refused for good (it would block the queue
@@ -443,7 +452,10 @@ mod tests {
         let first = outbox.peek(100).await.unwrap().unwrap();
         assert_eq!(first.msg_id, "m2");
         outbox.ack(first.seq).await.unwrap();
-        assert_eq!(outbox.peek(100).await.unwrap().unwrap().msg_id, "m3");
+        let next = outbox.peek(100).await.unwrap().unwrap();
+        assert_eq!(next.msg_id, "m3");
+        // Its send fails: off the wire, m3 may be dropped by a bound again.
+        outbox.release(next.seq);
         // m3 carried one drop; if m3 itself is dropped, that count is handed on.
         let mut next = 0;
         for i in 4..6 {
