@@ -158,7 +158,8 @@ impl Sender {
     }
 
     /// The timestamp to sign this attempt of `msg_id` with: never the one of an earlier
-    /// attempt (see [`attempt_timestamp`]), waiting for the next second when needed.
+    /// attempt that may have reached the control plane (see [`attempt_timestamp`]), waiting
+    /// for the next second when needed.
     async fn timestamp_for(&self, msg_id: &str) -> i64 {
         loop {
             let now = fleet_core::unix_now();
@@ -175,7 +176,8 @@ impl Sender {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.subsec_nanos())
                 .unwrap_or_default();
-            let rest = Duration::from_nanos(u64::from(1_000_000_000 - into_second.min(999_999_999)));
+            let rest =
+                Duration::from_nanos(u64::from(1_000_000_000 - into_second.min(999_999_999)));
             tokio::time::sleep(rest + Duration::from_millis(5)).await;
         }
     }
@@ -205,10 +207,20 @@ impl Sender {
             }
         }
         match request.send().await {
-            Err(err) => Outcome::Retry {
-                after: None,
-                reason: error_chain(&err),
-            },
+            Err(err) => {
+                if err.is_connect() {
+                    // It never reached the control plane, so it cannot have been applied:
+                    // the next attempt may be signed in this same second.
+                    self.signed_at
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(msg_id);
+                }
+                Outcome::Retry {
+                    after: None,
+                    reason: error_chain(&err),
+                }
+            }
             Ok(response) => {
                 let status = response.status().as_u16();
                 let retry_after = response
