@@ -153,6 +153,51 @@ impl SharedDb {
     }
 }
 
+/// A control plane of a test's own: a folder, a database on the shared PostgreSQL, a port;
+/// `fleet-server` runs on them between `start` and `kill`, as often as the test wants.
+struct Plane {
+    root: PathBuf,
+    db: SharedDb,
+    port: u16,
+    url: String,
+    server: Option<Guard>,
+}
+
+impl Plane {
+    /// Everything but the server process.
+    async fn new(name: &str) -> Self {
+        let port = free_port();
+        Self {
+            root: temp_dir(&format!("fault-{name}")),
+            db: SharedDb::create(name).await,
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            server: None,
+        }
+    }
+
+    /// Starts `fleet-server` and waits until it is healthy.
+    async fn start(&mut self) {
+        self.server = Some(spawn_server(&self.root, self.port, &self.db.url));
+        wait_healthy(&self.url, 60).await;
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    fn kill(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = server.0.kill();
+            let _ = server.0.wait();
+        }
+    }
+
+    async fn finish(mut self) {
+        self.kill();
+        let Plane { root, db, .. } = self;
+        db.drop_db().await;
+        let _ = std::fs::remove_dir_all(root);
+    }
+}
+
 /// A stored heartbeat: instance, message id, numeric figures.
 struct Row {
     instance: String,
@@ -379,17 +424,14 @@ impl Load {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_kill9_control_plane_with_1000_heartbeats_in_flight() {
     const LOAD: usize = 1000;
-    let root = temp_dir("fault-kill9");
-    let db = SharedDb::create("kill9").await;
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let mut server = spawn_server(&root, port, &db.url);
-    wait_healthy(&url, 60).await;
+    let mut plane = Plane::new("kill9").await;
+    plane.start().await;
+    let (root, url, pool) = (plane.root.clone(), plane.url.clone(), plane.db.pool.clone());
     let agents: Vec<AgentProc> = (0..3)
         .map(|i| AgentProc::start(&root, &format!("kill9-agent-{i}"), &url, &[]))
         .collect();
     eventually(60, "every agent's first heartbeat stored", || async {
-        let rows = stored(&db.pool).await;
+        let rows = stored(&pool).await;
         agents
             .iter()
             .all(|a| !ids_of(&rows, &a.instance).is_empty())
@@ -417,9 +459,8 @@ async fn faults_kill9_control_plane_with_1000_heartbeats_in_flight() {
         (acked.lock().unwrap().len() >= LOAD / 10).then_some(())
     })
     .await;
-    server.0.kill().expect("SIGKILL the control plane");
+    plane.kill();
     let killed_at = Instant::now();
-    let _ = server.0.wait();
     let acked_at_kill = acked.lock().unwrap().len();
     while tasks.join_next().await.is_some() {}
     let acked: HashSet<String> = acked.lock().unwrap().clone();
@@ -429,7 +470,7 @@ async fn faults_kill9_control_plane_with_1000_heartbeats_in_flight() {
     );
 
     // Every heartbeat that got a 2xx is in the database.
-    let rows = stored(&db.pool).await;
+    let rows = stored(&pool).await;
     let stored_ids: HashSet<String> = rows.iter().map(|r| r.msg_id.clone()).collect();
     let lost: Vec<&String> = acked.difference(&stored_ids).collect();
     assert!(lost.is_empty(), "acknowledged but not stored: {lost:?}");
@@ -444,8 +485,7 @@ async fn faults_kill9_control_plane_with_1000_heartbeats_in_flight() {
         })
         .await;
     }
-    let mut server = spawn_server(&root, port, &db.url);
-    wait_healthy(&url, 60).await;
+    plane.start().await;
     let down_for = killed_at.elapsed();
 
     // The load generator redelivers what was not acknowledged, as an outbox would: same id,
@@ -473,7 +513,7 @@ async fn faults_kill9_control_plane_with_1000_heartbeats_in_flight() {
     for agent in agents {
         let instance = agent.instance.clone();
         let ledger = agent.drain_and_stop(60).await;
-        let rows = stored(&db.pool).await;
+        let rows = stored(&pool).await;
         let ids = ids_of(&rows, &instance);
         ledger.assert_exactly_once(&instance, &ids);
         figures.push(format!(
@@ -482,7 +522,7 @@ async fn faults_kill9_control_plane_with_1000_heartbeats_in_flight() {
             ids.len()
         ));
     }
-    let rows = stored(&db.pool).await;
+    let rows = stored(&pool).await;
     let load_rows: Vec<&String> = rows
         .iter()
         .filter(|r| r.instance.starts_with("kill9-load-"))
@@ -510,10 +550,7 @@ async fn faults_kill9_control_plane_with_1000_heartbeats_in_flight() {
         down_for.as_secs_f64(),
         figures.join("; "),
     );
-    let _ = server.0.kill();
-    let _ = server.0.wait();
-    db.drop_db().await;
-    let _ = std::fs::remove_dir_all(&root);
+    plane.finish().await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -991,13 +1028,10 @@ impl Drop for Proxy {
 async fn faults_network_cut_agent_buffers_reconnects_and_delivers_in_order() {
     const SEND_TIMEOUT: Duration = Duration::from_secs(2);
     const BACKOFF_MAX: Duration = Duration::from_secs(2);
-    let root = temp_dir("fault-netcut");
-    let db = SharedDb::create("netcut").await;
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
-    let mut server = spawn_server(&root, port, &db.url);
-    wait_healthy(&url, 60).await;
-    let proxy = Proxy::start(port).await;
+    let mut plane = Plane::new("netcut").await;
+    plane.start().await;
+    let (root, url, pool) = (plane.root.clone(), plane.url.clone(), plane.db.pool.clone());
+    let proxy = Proxy::start(plane.port).await;
     let via_proxy = format!("http://127.0.0.1:{}", proxy.port);
     let agent = AgentProc::start(
         &root,
@@ -1005,7 +1039,7 @@ async fn faults_network_cut_agent_buffers_reconnects_and_delivers_in_order() {
         &via_proxy,
         &[("SEND_TIMEOUT_MS", "2000"), ("SEND_BACKOFF_MAX", "2")],
     );
-    let count = || async { ids_of(&stored(&db.pool).await, "netcut-agent").len() };
+    let count = || async { ids_of(&stored(&pool).await, "netcut-agent").len() };
     eventually(60, "heartbeats through the proxy", || async {
         (count().await >= 3).then_some(())
     })
@@ -1084,7 +1118,7 @@ async fn faults_network_cut_agent_buffers_reconnects_and_delivers_in_order() {
     let after_losses = retried_at.elapsed();
 
     let ledger = agent.drain_and_stop(60).await;
-    let ids = ids_of(&stored(&db.pool).await, "netcut-agent");
+    let ids = ids_of(&stored(&pool).await, "netcut-agent");
     ledger.assert_exactly_once("netcut-agent", &ids);
 
     println!(
@@ -1107,10 +1141,7 @@ async fn faults_network_cut_agent_buffers_reconnects_and_delivers_in_order() {
         ids.len(),
     );
     drop(proxy);
-    let _ = server.0.kill();
-    let _ = server.0.wait();
-    db.drop_db().await;
-    let _ = std::fs::remove_dir_all(&root);
+    plane.finish().await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1120,10 +1151,8 @@ async fn faults_network_cut_agent_buffers_reconnects_and_delivers_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_outbox_past_its_bound_stays_bounded_and_reports_drops() {
     const BOUND: f64 = 5.0;
-    let root = temp_dir("fault-bound");
-    let db = SharedDb::create("bound").await;
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
+    let mut plane = Plane::new("bound").await;
+    let (root, url, pool) = (plane.root.clone(), plane.url.clone(), plane.db.pool.clone());
     // No control plane yet: every heartbeat stays in the outbox.
     let agent = AgentProc::start(
         &root,
@@ -1148,10 +1177,9 @@ async fn faults_outbox_past_its_bound_stays_bounded_and_reports_drops() {
     );
 
     // The control plane comes up; what reaches it says how many were dropped.
-    let mut server = spawn_server(&root, port, &db.url);
-    wait_healthy(&url, 60).await;
+    plane.start().await;
     let ledger = agent.drain_and_stop(60).await;
-    let rows = stored(&db.pool).await;
+    let rows = stored(&pool).await;
     let ids = ids_of(&rows, "bound-agent");
     ledger.assert_exactly_once("bound-agent", &ids);
     let reported: u64 = rows
@@ -1174,10 +1202,7 @@ async fn faults_outbox_past_its_bound_stays_bounded_and_reports_drops() {
         ledger.pushed,
         ids.len(),
     );
-    let _ = server.0.kill();
-    let _ = server.0.wait();
-    db.drop_db().await;
-    let _ = std::fs::remove_dir_all(&root);
+    plane.finish().await;
 }
 
 // ---------------------------------------------------------------------------------------
