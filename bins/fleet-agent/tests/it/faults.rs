@@ -1,6 +1,7 @@
 //! The fault tests of the reliability suite (RELIABILITY.md, "Faults"): real `fleet-server`
 //! and `fleet-agent` processes, real PostgreSQL, real sockets. Each test prints its figures
-//! (`cargo test -p fleet-agent --test it faults -- --nocapture`).
+//! (`cargo build -p fleet-server && cargo test -p fleet-agent --test it faults_ -- --nocapture`;
+//! the server binary is looked up beside the agent's).
 //!
 //! Exactly once is checked with the agent's own ledger: the outbox numbers its messages
 //! (SQLite AUTOINCREMENT), so after the agent stops, every message it ever queued is either
@@ -284,6 +285,8 @@ impl AgentProc {
         }
     }
 
+    /// A figure of the agent's local API; -1 when it does not answer, so that waiting for
+    /// "0 messages waiting" cannot pass on a dead agent.
     async fn metric(&self, name: &str) -> f64 {
         agent_metric(self.local_port, name).await.unwrap_or(-1.0)
     }
