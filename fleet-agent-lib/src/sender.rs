@@ -128,10 +128,9 @@ impl Backoff {
 /// would back off as if its secret were wrong. With a newer timestamp it is acknowledged as
 /// a duplicate.
 pub fn attempt_timestamp(previous: Option<i64>, now: i64) -> Option<i64> {
-    match previous {
-        Some(previous) if previous >= now => None,
-        _ => Some(now),
-    }
+    // Only equality collides: after a clock step back, waiting for the clock to pass the
+    // previous attempt could take as long as the step.
+    (previous != Some(now)).then_some(now)
 }
 
 /// Signs and posts messages to the control plane.
@@ -141,7 +140,8 @@ pub struct Sender {
     base_url: String,
     signer: Signer,
     scheme: Scheme,
-    /// When each message was last signed (only entries of the current second are kept).
+    /// When each message was last signed, for attempts of the current second (older entries
+    /// are pruned at each attempt).
     signed_at: Arc<Mutex<HashMap<String, i64>>>,
 }
 
@@ -165,8 +165,8 @@ impl Sender {
             let now = fleet_core::unix_now();
             {
                 let mut signed = self.signed_at.lock().unwrap_or_else(|p| p.into_inner());
-                // An attempt signed before this second cannot collide with one signed now.
-                signed.retain(|_, at| *at >= now);
+                // Only an attempt signed in this very second can collide with one signed now.
+                signed.retain(|_, at| *at == now);
                 if let Some(timestamp) = attempt_timestamp(signed.get(msg_id).copied(), now) {
                     signed.insert(msg_id.to_owned(), timestamp);
                     return timestamp;
@@ -293,8 +293,8 @@ mod tests {
         assert_eq!(attempt_timestamp(None, 100), Some(100));
         assert_eq!(attempt_timestamp(Some(99), 100), Some(100));
         assert_eq!(attempt_timestamp(Some(100), 100), None);
-        // A clock that stepped back: wait until it passes the previous attempt.
-        assert_eq!(attempt_timestamp(Some(101), 100), None);
+        // A clock that stepped back: no collision, no wait.
+        assert_eq!(attempt_timestamp(Some(101), 100), Some(100));
     }
 
     #[tokio::test]
