@@ -703,7 +703,10 @@ fn is_root() -> bool {
 /// (same id, fresh signature), then the next.
 struct Steady {
     acked: Arc<Mutex<Vec<String>>>,
-    failed_attempts: Arc<AtomicUsize>,
+    /// Attempts answered with another status (a 503 while the database is away).
+    refused: Arc<AtomicUsize>,
+    /// Attempts with no answer at all (connection error or the client's timeout).
+    unanswered: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     tasks: tokio::task::JoinSet<Option<String>>,
 }
@@ -711,14 +714,16 @@ struct Steady {
 impl Steady {
     fn start(load: &Load, prefix: &str, workers: usize) -> Self {
         let acked = Arc::new(Mutex::new(Vec::new()));
-        let failed_attempts = Arc::new(AtomicUsize::new(0));
+        let refused = Arc::new(AtomicUsize::new(0));
+        let unanswered = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = tokio::task::JoinSet::new();
         for w in 0..workers {
-            let (load, acked, failed, stop) = (
+            let (load, acked, refused, unanswered, stop) = (
                 load.clone(),
                 acked.clone(),
-                failed_attempts.clone(),
+                refused.clone(),
+                unanswered.clone(),
                 stop.clone(),
             );
             let instance = format!("{prefix}-{w}");
@@ -730,11 +735,17 @@ impl Steady {
                     }
                     let (msg_id, body) = Load::message(&instance);
                     loop {
-                        if load.post(&msg_id, &body).await == Outcome::Delivered {
-                            acked.lock().unwrap().push(msg_id);
-                            break;
-                        }
-                        failed.fetch_add(1, Ordering::Relaxed);
+                        match load.post(&msg_id, &body).await {
+                            Outcome::Delivered => {
+                                acked.lock().unwrap().push(msg_id);
+                                break;
+                            }
+                            // The sender names an HTTP answer "HTTP <status>".
+                            Outcome::Retry { reason, .. } if !reason.starts_with("HTTP ") => {
+                                unanswered.fetch_add(1, Ordering::Relaxed)
+                            }
+                            _ => refused.fetch_add(1, Ordering::Relaxed),
+                        };
                         if stop.load(Ordering::Relaxed) {
                             // Keep trying a while, then report the message never acked.
                             let since = *stopping_since.get_or_insert_with(Instant::now);
@@ -750,7 +761,8 @@ impl Steady {
         }
         Self {
             acked,
-            failed_attempts,
+            refused,
+            unanswered,
             stop,
             tasks,
         }
@@ -857,7 +869,8 @@ async fn faults_postgres_restart_under_load() {
     })
     .await;
 
-    // PostgreSQL goes away at once (no checkpoint), stays away 3 s, comes back.
+    // PostgreSQL goes away at once (no checkpoint), stays away 12 s (longer than the
+    // senders' 10 s timeout), comes back.
     let down_at = Instant::now();
     pg.stop_immediately();
     let acked_before = steady.acked();
@@ -865,7 +878,7 @@ async fn faults_postgres_restart_under_load() {
         healthz.first(down_at, |s| s != Some(200))
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(12)).await;
     let acked_in_outage = steady.acked() - acked_before;
     pg.start();
     let up_at = Instant::now();
@@ -879,7 +892,8 @@ async fn faults_postgres_restart_under_load() {
     })
     .await;
     let recovered_at = Instant::now();
-    let failed_attempts = steady.failed_attempts.load(Ordering::Relaxed);
+    let refused = steady.refused.load(Ordering::Relaxed);
+    let unanswered = steady.unanswered.load(Ordering::Relaxed);
     let (acked, never) = steady.stop().await;
     let outage_samples = healthz.between(unhealthy_at, healthy_at);
     healthz.stop().await;
@@ -901,6 +915,16 @@ async fn faults_postgres_restart_under_load() {
         "{outage_samples:?}"
     );
     assert!(never.is_empty(), "never acknowledged: {never:?}");
+    // Every heartbeat sent meanwhile got its 503 before the sender's 10 s timeout, so
+    // agents learn the control plane is there but its database is not, and retry.
+    assert!(
+        refused > 0,
+        "no heartbeat was refused while PostgreSQL was down"
+    );
+    assert_eq!(
+        unanswered, 0,
+        "heartbeats got no answer within 10 s while PostgreSQL was down"
+    );
 
     // Nothing acknowledged is lost; nothing is stored twice.
     let pool = PgPool::connect(&db_url).await.expect("connect");
@@ -918,8 +942,7 @@ async fn faults_postgres_restart_under_load() {
     println!(
         "FAULT pg-restart: {} heartbeats acknowledged to the load generator, all stored; \
          {acked_in_outage} answered 2xx while PostgreSQL was down; \
-         {failed_attempts} \
-         attempts refused or unanswered and retried; /healthz unhealthy {:.1} s after the \
+         {refused} attempts answered 503 and retried, {unanswered} unanswered; /healthz unhealthy {:.1} s after the \
          stop, healthy again {:.1} s after PostgreSQL was back (unhealthy for {:.1} s in all, \
          {} samples, all 503); load acknowledged again {:.1} s after PostgreSQL was back; \
          agent: {} queued, {} stored once, in order",
