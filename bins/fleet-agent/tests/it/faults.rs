@@ -605,18 +605,11 @@ impl PrivatePg {
             data: home.join("data"),
             port: free_port(),
         };
-        let out = me
-            .command("initdb")
-            .arg("-D")
-            .arg(&me.data)
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
-            .output()
-            .expect("initdb");
-        assert!(
-            out.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut initdb = me.command("initdb");
+        // Local trust auth (the cluster lives only as long as the test), no fsync at init.
+        let options = ["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"];
+        initdb.arg("-D").arg(&me.data).args(options);
+        run_ok(initdb, "initdb");
         me
     }
 
@@ -632,20 +625,9 @@ impl PrivatePg {
     }
 
     fn pg_ctl(&self, args: &[&str]) {
-        let out = self
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(&self.data)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("pg_ctl");
-        assert!(
-            out.status.success(),
-            "pg_ctl {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut pg_ctl = self.command("pg_ctl");
+        pg_ctl.arg("-D").arg(&self.data).args(args);
+        run_ok(pg_ctl, &format!("pg_ctl {args:?}"));
     }
 
     fn start(&self) {
@@ -689,6 +671,20 @@ impl Drop for PrivatePg {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// Runs `command` (no stdin) and panics with its output unless it succeeds.
+fn run_ok(mut command: Command, what: &str) {
+    let out = command
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn is_root() -> bool {
