@@ -671,10 +671,12 @@ async fn flush_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 None
             }
             Outcome::Retry { after, .. } => {
+                outbox.release(message.seq);
                 record(&shared, &outcome);
                 Some(after.unwrap_or_else(|| backoff.next_delay()))
             }
             Outcome::Unauthorized { .. } => {
+                outbox.release(message.seq);
                 // Logged once per episode, then retried only at the slowest pace: a wrong
                 // secret does not fix itself, and hammering looks like an attack.
                 if unauthorized {

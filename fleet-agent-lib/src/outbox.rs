@@ -5,9 +5,12 @@
 //! It is bounded by count, bytes and age. When a bound is passed the oldest messages go
 //! first; how many went is stored and put into the next heartbeat as `outbox_dropped`
 //! (a dropped heartbeat that itself carried such a count hands it on, so no drop goes
-//! unreported).
+//! unreported). The message being sent is never dropped: it may already have been
+//! delivered, and a delivered message counted as dropped would report a loss that did not
+//! happen; the oldest of the others goes instead.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
@@ -34,16 +37,22 @@ pub struct RowMeta {
     pub bytes: u64,
     /// Unix seconds when it was queued.
     pub created_at: i64,
+    /// Being sent right now: never dropped (it may already be delivered).
+    pub sending: bool,
 }
 
 /// Which rows (indices into `rows`, oldest first) must go to respect `bounds` at `now`:
-/// everything past the age bound, then the oldest until count and bytes fit.
+/// everything past the age bound, then the oldest until count and bytes fit; never the row
+/// being sent.
 pub fn plan_drops(rows: &[RowMeta], bounds: &Bounds, now: i64) -> Vec<usize> {
     let max_age = i64::try_from(bounds.max_age.as_secs()).unwrap_or(i64::MAX);
     let mut drop = Vec::new();
     let mut count = rows.len() as u64;
     let mut bytes: u64 = rows.iter().map(|r| r.bytes).sum();
     for (i, row) in rows.iter().enumerate() {
+        if row.sending {
+            continue;
+        }
         let expired = now.saturating_sub(row.created_at) > max_age;
         if expired || count > bounds.max_messages || bytes > bounds.max_bytes {
             drop.push(i);
@@ -84,6 +93,9 @@ pub struct Outbox {
     // agent should hold.
     conn: Mutex<SqliteConnection>,
     bounds: Bounds,
+    /// The `seq` handed out by the last [`peek`](Outbox::peek) and not yet acknowledged
+    /// (0: none).
+    sending: AtomicI64,
 }
 
 const SCHEMA: &str = "
@@ -122,6 +134,7 @@ impl Outbox {
         Ok(Self {
             conn: Mutex::new(conn),
             bounds,
+            sending: AtomicI64::new(0),
         })
     }
 
@@ -156,22 +169,30 @@ impl Outbox {
         sqlx::query("UPDATE counters SET value = 0 WHERE name = 'dropped_unreported'")
             .execute(&mut *tx)
             .await?;
-        let dropped = enforce_bounds(&mut tx, &self.bounds, now).await?;
+        let sending = self.sending.load(Ordering::SeqCst);
+        let dropped = enforce_bounds(&mut tx, &self.bounds, now, sending).await?;
         tx.commit().await?;
         Ok(Pushed { seq, dropped })
     }
 
-    /// The oldest waiting message, after dropping what has grown too old.
+    /// The oldest waiting message, after dropping what has grown too old. It counts as
+    /// being sent (never dropped by a bound) until it is acknowledged or
+    /// [released](Outbox::release), or the next peek.
     pub async fn peek(&self, now: i64) -> Result<Option<Message>> {
         let mut conn = self.conn.lock().await;
+        // The previous attempt is over: its message may be dropped again if too old.
+        self.sending.store(0, Ordering::SeqCst);
         let mut tx = conn.begin().await?;
-        enforce_bounds(&mut tx, &self.bounds, now).await?;
+        enforce_bounds(&mut tx, &self.bounds, now, 0).await?;
         let row = sqlx::query(
             "SELECT seq, msg_id, path, body, created_at FROM outbox ORDER BY seq LIMIT 1",
         )
         .fetch_optional(&mut *tx)
         .await?;
         tx.commit().await?;
+        if let Some(r) = &row {
+            self.sending.store(r.get(0), Ordering::SeqCst);
+        }
         Ok(row.map(|r| Message {
             seq: r.get(0),
             msg_id: r.get(1),
@@ -184,11 +205,22 @@ impl Outbox {
     /// Removes a delivered message.
     pub async fn ack(&self, seq: i64) -> Result<()> {
         let mut conn = self.conn.lock().await;
+        let _ = self
+            .sending
+            .compare_exchange(seq, 0, Ordering::SeqCst, Ordering::SeqCst);
         sqlx::query("DELETE FROM outbox WHERE seq = ?")
             .bind(seq)
             .execute(&mut *conn)
             .await?;
         Ok(())
+    }
+
+    /// The send of `seq` ended without delivery (the control plane did not answer 2xx): it
+    /// is no longer on the wire, and a bound may drop it again.
+    pub fn release(&self, seq: i64) {
+        let _ = self
+            .sending
+            .compare_exchange(seq, 0, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// Removes a message the control plane refused for good (it would block the queue
@@ -237,7 +269,13 @@ async fn add_dropped(conn: &mut SqliteConnection, n: i64) -> Result<()> {
     Ok(())
 }
 
-async fn enforce_bounds(conn: &mut SqliteConnection, bounds: &Bounds, now: i64) -> Result<u64> {
+/// Drops what `bounds` allow no more, never the message `sending` (its `seq`; 0 for none).
+async fn enforce_bounds(
+    conn: &mut SqliteConnection,
+    bounds: &Bounds,
+    now: i64,
+    sending: i64,
+) -> Result<u64> {
     // The usual case, within bounds, costs one aggregate instead of reading every row.
     let (count, bytes, oldest): (i64, i64, Option<i64>) = sqlx::query_as(
         "SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0), MIN(created_at) FROM outbox",
@@ -258,9 +296,10 @@ async fn enforce_bounds(conn: &mut SqliteConnection, bounds: &Bounds, now: i64) 
     .await?;
     let metas: Vec<RowMeta> = rows
         .iter()
-        .map(|&(_, bytes, created_at, _)| RowMeta {
+        .map(|&(seq, bytes, created_at, _)| RowMeta {
             bytes: bytes as u64,
             created_at,
+            sending: seq == sending,
         })
         .collect();
     let plan = plan_drops(&metas, bounds, now);
@@ -305,7 +344,11 @@ mod tests {
 
     fn rows(spec: &[(u64, i64)]) -> Vec<RowMeta> {
         spec.iter()
-            .map(|&(bytes, created_at)| RowMeta { bytes, created_at })
+            .map(|&(bytes, created_at)| RowMeta {
+                bytes,
+                created_at,
+                sending: false,
+            })
             .collect()
     }
 
@@ -321,6 +364,32 @@ mod tests {
         assert_eq!(plan_drops(&r, &bounds(10, 1000, 1), 3), [0, 1]);
         // A single message larger than the byte bound cannot be kept either.
         assert_eq!(plan_drops(&rows(&[(50, 0)]), &bounds(10, 25, 100), 0), [0]);
+        // The row being sent is kept; the next oldest goes instead.
+        let mut r = rows(&[(10, 0), (10, 1), (10, 2)]);
+        r[0].sending = true;
+        assert_eq!(plan_drops(&r, &bounds(2, 1000, 100), 3), [1]);
+    }
+
+    #[tokio::test]
+    async fn the_message_being_sent_is_never_counted_as_dropped() {
+        let dir = temp_dir("sending");
+        let outbox = open(&dir, bounds(2, 1 << 20, 3600)).await;
+        for id in ["m0", "m1"] {
+            outbox.push(id, "/p", 100, |_| Vec::new()).await.unwrap();
+        }
+        let sending = outbox.peek(100).await.unwrap().unwrap();
+        assert_eq!(sending.msg_id, "m0");
+        // A push while m0 is on the wire drops m1, not m0 (which may be delivered).
+        let pushed = outbox.push("m2", "/p", 100, |_| Vec::new()).await.unwrap();
+        assert_eq!(pushed.dropped, 1);
+        assert_eq!(outbox.waiting_ids().await.unwrap(), ["m0", "m2"]);
+        outbox.ack(sending.seq).await.unwrap();
+        // Acknowledged: the bound applies to every waiting message again.
+        outbox.push("m3", "/p", 100, |_| Vec::new()).await.unwrap();
+        outbox.push("m4", "/p", 100, |_| Vec::new()).await.unwrap();
+        assert_eq!(outbox.waiting_ids().await.unwrap(), ["m3", "m4"]);
+        assert_eq!(outbox.stats().await.unwrap().2, 2);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     async fn open(dir: &Path, b: Bounds) -> Outbox {
@@ -383,7 +452,10 @@ mod tests {
         let first = outbox.peek(100).await.unwrap().unwrap();
         assert_eq!(first.msg_id, "m2");
         outbox.ack(first.seq).await.unwrap();
-        assert_eq!(outbox.peek(100).await.unwrap().unwrap().msg_id, "m3");
+        let next = outbox.peek(100).await.unwrap().unwrap();
+        assert_eq!(next.msg_id, "m3");
+        // Its send fails: off the wire, m3 may be dropped by a bound again.
+        outbox.release(next.seq);
         // m3 carried one drop; if m3 itself is dropped, that count is handed on.
         let mut next = 0;
         for i in 4..6 {

@@ -2,6 +2,8 @@
 //! delivered, retry (with exponential backoff and jitter, or when `Retry-After` says),
 //! unauthorized (logged clearly and retried only slowly), or refused for good.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleet_core::signing::HEADER_V0_SIGNATURE;
@@ -115,6 +117,22 @@ impl Backoff {
     }
 }
 
+/// The `webhook-timestamp` for an attempt of a message at `now`, given the timestamp its
+/// previous attempt was signed with: `now`, or `None` when that attempt was signed in this
+/// very second (wait for the next one).
+///
+/// The control plane takes a message id arriving again with the same timestamp for a replay
+/// and refuses it (401). A retry follows an attempt whose answer was lost (a reset
+/// connection, a control plane killed after its commit), and that attempt may have been
+/// applied: a retry signed in the same second would be refused as a replay, and the agent
+/// would back off as if its secret were wrong. With a newer timestamp it is acknowledged as
+/// a duplicate.
+pub fn attempt_timestamp(previous: Option<i64>, now: i64) -> Option<i64> {
+    // Only equality collides: after a clock step back, waiting for the clock to pass the
+    // previous attempt could take as long as the step.
+    (previous != Some(now)).then_some(now)
+}
+
 /// Signs and posts messages to the control plane.
 #[derive(Clone)]
 pub struct Sender {
@@ -122,6 +140,9 @@ pub struct Sender {
     base_url: String,
     signer: Signer,
     scheme: Scheme,
+    /// When each message was last signed, for attempts of the current second (older entries
+    /// are pruned at each attempt).
+    signed_at: Arc<Mutex<HashMap<String, i64>>>,
 }
 
 impl Sender {
@@ -132,6 +153,32 @@ impl Sender {
             base_url: base_url.trim_end_matches('/').to_owned(),
             signer,
             scheme,
+            signed_at: Arc::default(),
+        }
+    }
+
+    /// The timestamp to sign this attempt of `msg_id` with: never the one of an earlier
+    /// attempt that may have reached the control plane (see [`attempt_timestamp`]), waiting
+    /// for the next second when needed.
+    async fn timestamp_for(&self, msg_id: &str) -> i64 {
+        loop {
+            let now = fleet_core::unix_now();
+            {
+                let mut signed = self.signed_at.lock().unwrap_or_else(|p| p.into_inner());
+                // Only an attempt signed in this very second can collide with one signed now.
+                signed.retain(|_, at| *at == now);
+                if let Some(timestamp) = attempt_timestamp(signed.get(msg_id).copied(), now) {
+                    signed.insert(msg_id.to_owned(), timestamp);
+                    return timestamp;
+                }
+            }
+            let into_second = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or_default();
+            let rest =
+                Duration::from_nanos(u64::from(1_000_000_000 - into_second.min(999_999_999)));
+            tokio::time::sleep(rest + Duration::from_millis(5)).await;
         }
     }
 
@@ -139,7 +186,11 @@ impl Sender {
     /// a fresh timestamp, so a message that waited in the outbox is still within the
     /// receiver's tolerance).
     pub async fn send(&self, msg_id: &str, path: &str, body: &[u8]) -> Outcome {
-        let now = fleet_core::unix_now();
+        let now = match self.scheme {
+            Scheme::V1 => self.timestamp_for(msg_id).await,
+            // v0 signs the body alone: no id, no timestamp, nothing to collide.
+            Scheme::V0 => fleet_core::unix_now(),
+        };
         let mut request = self
             .client
             .post(format!("{}{path}", self.base_url))
@@ -156,10 +207,20 @@ impl Sender {
             }
         }
         match request.send().await {
-            Err(err) => Outcome::Retry {
-                after: None,
-                reason: error_chain(&err),
-            },
+            Err(err) => {
+                if err.is_connect() {
+                    // It never reached the control plane, so it cannot have been applied:
+                    // the next attempt may be signed in this same second.
+                    self.signed_at
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(msg_id);
+                }
+                Outcome::Retry {
+                    after: None,
+                    reason: error_chain(&err),
+                }
+            }
             Ok(response) => {
                 let status = response.status().as_u16();
                 let retry_after = response
@@ -225,6 +286,30 @@ mod tests {
         );
         assert_eq!(parse_retry_after("120", 0), Some(Duration::from_secs(120)));
         assert_eq!(parse_retry_after("99999999", 0), Some(MAX_RETRY_AFTER));
+    }
+
+    #[test]
+    fn a_retry_is_never_signed_in_the_second_of_the_previous_attempt() {
+        assert_eq!(attempt_timestamp(None, 100), Some(100));
+        assert_eq!(attempt_timestamp(Some(99), 100), Some(100));
+        assert_eq!(attempt_timestamp(Some(100), 100), None);
+        // A clock that stepped back: no collision, no wait.
+        assert_eq!(attempt_timestamp(Some(101), 100), Some(100));
+    }
+
+    #[tokio::test]
+    async fn a_quick_retry_waits_for_the_next_second() {
+        let sender = Sender::new(
+            reqwest::Client::new(),
+            "http://127.0.0.1:9",
+            Signer::new(fleet_core::Secret::new("s3cret").expect("secret")),
+            Scheme::V1,
+        );
+        let first = sender.timestamp_for("msg_a").await;
+        let other = sender.timestamp_for("msg_b").await;
+        let again = sender.timestamp_for("msg_a").await;
+        assert!(again > first, "{first} then {again}");
+        assert!(other >= first);
     }
 
     #[test]

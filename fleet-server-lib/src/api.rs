@@ -162,8 +162,14 @@ pub(crate) async fn acknowledge(
     }
 }
 
+/// Longest `/healthz` waits for the database. A probe must get an answer (503) while the
+/// database is down, not hang until the pool gives up on connecting (seconds later) and the
+/// prober's own timeout fires first.
+const HEALTH_PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub(crate) async fn healthz(State(state): State<Shared>) -> Response {
-    match state.store.ping().await {
+    let ping = tokio::time::timeout(HEALTH_PING_TIMEOUT, state.store.ping()).await;
+    match ping.unwrap_or(Err(Error::Unavailable)) {
         Ok(()) => Json(serde_json::json!({ "status": "ok" })).into_response(),
         Err(err) => {
             tracing::warn!(error = %err, "health check: database unreachable");

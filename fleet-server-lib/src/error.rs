@@ -60,6 +60,29 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Whether the database could not be reached (down, restarting, no connection within the
+    /// pool's acquire timeout) rather than refusing the data: doing the same work again at
+    /// once would only wait again.
+    pub(crate) fn is_unreachable(&self) -> bool {
+        let Self::Database(err) = self else {
+            return false;
+        };
+        match err {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            // SQLSTATE class 08 (connection exception) and 57P (the server shutting down or
+            // starting up).
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+            _ => false,
+        }
+    }
+
     /// The HTTP status this error answers with.
     pub fn status(&self) -> StatusCode {
         match self {
@@ -118,5 +141,19 @@ impl IntoResponse for Error {
             error["details"] = serde_json::json!(errors.violations);
         }
         (status, axum::Json(serde_json::json!({ "error": error }))).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_database_is_told_from_refused_data() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(Error::Database(sqlx::Error::Io(refused)).is_unreachable());
+        assert!(Error::Database(sqlx::Error::PoolTimedOut).is_unreachable());
+        assert!(!Error::Database(sqlx::Error::RowNotFound).is_unreachable());
+        assert!(!Error::NotFound.is_unreachable());
     }
 }

@@ -180,8 +180,10 @@ async fn write_batch(store: &dyn Store, rules: &IngestRules, metrics: &Metrics, 
                 let _ = reply.send(Ok(outcome));
             }
         }
-        Err(err) if batch.len() > 1 => {
-            // One bad heartbeat must not sink its neighbours: retry them one by one.
+        Err(err) if batch.len() > 1 && !err.is_unreachable() => {
+            // One bad heartbeat must not sink its neighbours: retry them one by one. Not
+            // when the database is unreachable: each retry would wait the pool's acquire
+            // timeout again, and the last answers would come long after the agents gave up.
             tracing::warn!(error = %err, size = batch.len(), "batch failed, retrying singly");
             for (incoming, reply) in batch.into_iter().zip(replies) {
                 let result = store

@@ -201,6 +201,9 @@ pub(crate) fn figures_json(hb: &Heartbeat) -> String {
     put("slo_webhook_retry_rate", Float(hb.slo_webhook_retry_rate));
     put("secrets_expired", Int(hb.secrets_expired));
     put("secrets_unverified", Int(hb.secrets_unverified));
+    // Heartbeats the agent's outbox dropped (bounds passed while the control plane was
+    // away): kept, or the count the agent reports would reach nobody.
+    put("outbox_dropped", Int(hb.outbox_dropped));
     out.push('}');
     out
 }
@@ -340,11 +343,13 @@ mod tests {
         hb.uptime_seconds = Some(60.0);
         hb.memory_used_bytes = Some(4_000_000_000);
         hb.slo_error_rate = Some(0.001);
+        hb.outbox_dropped = Some(7);
         let parsed: serde_json::Value = serde_json::from_str(&figures_json(&hb)).expect("json");
         assert_eq!(
             parsed,
             serde_json::json!({"jobs_failed": 0, "cpu_usage_pct": 12.5, "uptime_seconds": 60.0,
-                "memory_used_bytes": 4_000_000_000u64, "slo_error_rate": 0.001})
+                "memory_used_bytes": 4_000_000_000u64, "slo_error_rate": 0.001,
+                "outbox_dropped": 7})
         );
     }
 }

@@ -8,6 +8,7 @@ use sqlx::{Pool, Postgres};
 use crate::Result;
 
 const DEFAULT_WRITERS: usize = 4;
+const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A [`Store`](super::Store) in PostgreSQL. Migrations run when it connects; several
 /// control-plane processes may share one database.
@@ -28,6 +29,13 @@ impl PostgresStore {
     pub async fn connect_with(options: PgConnectOptions) -> Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(16)
+            // While PostgreSQL is down or restarting, a request waits this long for a
+            // connection and then fails (a heartbeat gets a retryable 503) instead of
+            // sqlx's default 30 s, longer than the agent's 10 s send timeout. A heartbeat may
+            // wait for a writer and then for its own batch: twice this, well below 10 s.
+            // With every writer holding its own connection, a healthy pool hands one out at
+            // once.
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;

@@ -1,6 +1,7 @@
 //! End-to-end tests of the `fleet-agent` binary: configuration errors, SIGTERM, SIGKILL with
-//! a full outbox, and the container image. They use the real services from
-//! `scripts/services` and fail with the command to run when those are missing.
+//! a full outbox, the container image, and the fault tests of RELIABILITY.md (`faults`).
+//! They use the real services from `scripts/services` and fail with the command to run when
+//! those are missing.
 
 #[path = "../../../../fleet-agent-lib/tests/it/receiver.rs"]
 mod receiver;
@@ -8,6 +9,7 @@ mod receiver;
 mod compose_rollout;
 mod control_plane;
 mod enroll;
+mod faults;
 mod image;
 mod process;
 mod rollout;

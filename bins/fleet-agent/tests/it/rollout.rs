@@ -23,7 +23,7 @@ pub(crate) fn release_key() -> PrivateKey {
     PrivateKey::from_seed([42; 32])
 }
 
-fn server_binary() -> PathBuf {
+pub(crate) fn server_binary() -> PathBuf {
     let agent = PathBuf::from(env!("CARGO_BIN_EXE_fleet-agent"));
     let server = agent.with_file_name("fleet-server");
     assert!(
@@ -89,11 +89,11 @@ pub(crate) async fn wait_healthy(url: &str) {
 }
 
 /// One instance: its folder, the HTTP service's port, and the agent.
-struct Instance {
-    id: String,
-    dir: PathBuf,
+pub(crate) struct Instance {
+    pub(crate) id: String,
+    pub(crate) dir: PathBuf,
     port: u16,
-    agent: Option<Guard>,
+    pub(crate) agent: Option<Guard>,
 }
 
 const RESTART: &str = r#"#!/bin/sh
@@ -104,7 +104,7 @@ echo $! > service.pid
 "#;
 
 impl Instance {
-    fn new(root: &Path, id: &str) -> Self {
+    pub(crate) fn new(root: &Path, id: &str) -> Self {
         let dir = root.join(id);
         std::fs::create_dir_all(dir.join("current")).expect("dir");
         std::fs::write(dir.join("current/VERSION"), "1.0.0").expect("version");
@@ -126,11 +126,11 @@ impl Instance {
         me
     }
 
-    fn version_on_disk(&self) -> String {
+    pub(crate) fn version_on_disk(&self) -> String {
         std::fs::read_to_string(self.dir.join("current/VERSION")).unwrap_or_default()
     }
 
-    async fn version_served(&self) -> String {
+    pub(crate) async fn version_served(&self) -> String {
         for _ in 0..40 {
             if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{}/VERSION", self.port)).await
                 && r.status().is_success()
@@ -191,7 +191,7 @@ impl Instance {
         self.start_agent_with(server, migrate, &[]);
     }
 
-    fn start_agent_with(&mut self, server: &str, migrate: &str, extra: &[(&str, &str)]) {
+    pub(crate) fn start_agent_with(&mut self, server: &str, migrate: &str, extra: &[(&str, &str)]) {
         let log = std::fs::File::create(
             self.dir
                 .join(format!("agent-{}.log", uuid::Uuid::new_v4().simple())),
@@ -246,7 +246,7 @@ impl Api {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
-    async fn rollout(&self, id: i64) -> Value {
+    pub(crate) async fn rollout(&self, id: i64) -> Value {
         self.call("GET", &format!("/api/rollouts/{id}"), OPS, None)
             .await
             .1
