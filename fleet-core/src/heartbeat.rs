@@ -5,7 +5,7 @@
 //! this control plane interoperate.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 
 use crate::validate::{
     DecodeError, Fields, Limits, Path, ValidationErrors, check_size, json_message,
@@ -282,6 +282,43 @@ impl Heartbeat {
     pub fn to_vec(&self) -> Vec<u8> {
         // Serializing plain data to memory cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+impl Heartbeat {
+    /// JSON Schema of a heartbeat (for the OpenAPI document): the required fields and the
+    /// common optional ones with their bounds. Unknown keys are kept, so any other key is
+    /// allowed; `decode` is the full rule.
+    pub fn json_schema() -> Value {
+        let l = Limits::default();
+        let boolean = json!({ "type": "boolean" });
+        let number = |max: f64| json!({ "type": "number", "minimum": 0, "maximum": max });
+        let text = |max: usize| crate::schema::text(max);
+        crate::schema::object(
+            &["instance_id", "db_ok", "redis_ok", "storage_ok", "jobs_failed"],
+            &[
+                ("instance_id", crate::schema::id()),
+                ("db_ok", boolean.clone()),
+                ("redis_ok", boolean.clone()),
+                ("storage_ok", boolean.clone()),
+                ("jobs_failed", crate::schema::count()),
+                ("domain", text(253)),
+                ("client", text(l.max_text_len)),
+                ("version", text(l.max_id_len)),
+                ("release_channel", text(l.max_id_len)),
+                ("health", text(l.max_id_len)),
+                ("uptime_seconds", number(1.0e12)),
+                ("search_ok", boolean),
+                ("slo_p95_ms", number(1.0e9)),
+                ("slo_error_rate", number(1.0)),
+                ("slo_webhook_retry_rate", number(1.0e6)),
+                ("cpu_usage_pct", number(100.0)),
+                ("alerts", json!({ "type": "array", "maxItems": l.max_alerts })),
+                ("job_failures", json!({ "type": "array", "maxItems": l.max_job_failures })),
+                ("checks", json!({ "type": "array", "maxItems": l.max_checks })),
+                ("containers", json!({ "type": "array", "maxItems": l.max_containers })),
+            ],
+        )
     }
 }
 

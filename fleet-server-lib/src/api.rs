@@ -85,6 +85,11 @@ struct EnrollBody {
     instance_id: String,
 }
 
+/// JSON Schema of [`EnrollBody`] (for `/openapi.json`).
+pub(crate) fn enroll_schema() -> serde_json::Value {
+    fleet_core::schema::object(&["instance_id"], &[("instance_id", fleet_core::schema::id())])
+}
+
 /// `POST /api/installations {"instance_id"}`: registers an instance before its first
 /// heartbeat (needed when enrollment is required).
 pub(crate) async fn enroll(_: Admin, State(state): State<Shared>, body: Bytes) -> Result<Response> {

@@ -326,6 +326,7 @@ fn routes(state: Shared) -> Router {
         .route("/login", get(dashboard::login_page).post(dashboard::login))
         .route("/logout", post(dashboard::logout))
         .fallback(api::not_found)
+        .layer(axum::middleware::map_response(error::json_rejections))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track,

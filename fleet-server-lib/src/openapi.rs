@@ -165,12 +165,146 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
     ),
 ];
 
+/// The request body a route reads, with its media type and schema; `None` for routes that
+/// read none. The schemas come from the body types themselves (`json_schema()` beside each).
+fn request_body(method: &str, path: &str) -> Option<(&'static str, Value)> {
+    use fleet_core::{command, manifest, plugin, registration, restore, update};
+    let json = |schema: Value| Some(("application/json", schema));
+    match (method, path) {
+        ("post", "/api/heartbeats") => json(fleet_core::Heartbeat::json_schema()),
+        ("post", "/api/installations") => json(crate::api::enroll_schema()),
+        ("post", "/api/releases") => json(json!({ "oneOf": [
+            manifest::SignedManifest::json_schema(),
+            fleet_core::schema::object(&["manifest"], &[("manifest", manifest::SignedManifest::json_schema())]),
+        ]})),
+        ("post", "/api/rollouts") | ("post", "/api/plugins/rollouts") => {
+            json(crate::rollouts::create_rollout_schema())
+        }
+        ("post", "/api/updates/next") => json(update::UpdateNextRequest::json_schema()),
+        ("post", "/api/updates/report") => json(update::UpdateReport::json_schema()),
+        ("post", "/api/plugins/releases") => json(crate::plugins::new_release_schema()),
+        ("post", "/api/plugins/requests") => json(plugin::PluginRequest::json_schema()),
+        ("post", "/api/plugins/next") | ("post", "/api/restores/next") => {
+            json(plugin::NextJobRequest::json_schema())
+        }
+        ("post", "/api/plugins/report") => json(plugin::PluginReport::json_schema()),
+        ("post", "/api/restores/schedule") => json(crate::restores::schedule_schema()),
+        ("post", "/api/restores/report") => json(restore::RestoreReport::json_schema()),
+        ("post", "/v1/agents/register") => json(registration::RegisterRequest::json_schema()),
+        ("post", "/v1/enrollments") => json(crate::registration::enrollment_schema()),
+        ("post", "/v1/agents/poll") => json(crate::poll::poll_schema()),
+        ("post", "/v1/commands/submit") => json(command::SubmitCommand::json_schema()),
+        ("post", "/v1/commands/logs") => json(command::LogBatch::json_schema()),
+        ("post", "/login") => Some((
+            "application/x-www-form-urlencoded",
+            fleet_core::schema::object(&["token"], &[("token", json!({ "type": "string" }))]),
+        )),
+        _ => None,
+    }
+}
+
+/// What kind of answer a route gives when it succeeds, which fixes its media types.
+fn success_media(path: &str) -> &'static [&'static str] {
+    match path {
+        "/metrics" => &["text/plain"],
+        "/v1/commands/{id}/logs" => &["application/octet-stream", "text/event-stream"],
+        p if p.starts_with("/api/")
+            || p.starts_with("/v1/")
+            || p.starts_with("/.well-known/")
+            || p == "/healthz"
+            || p == "/openapi.json" =>
+        {
+            &["application/json"]
+        }
+        _ => &["text/html"],
+    }
+}
+
+/// The error body every JSON error answer carries.
+fn error_schema() -> Value {
+    json!({
+        "type": "object",
+        "required": ["error"],
+        "properties": { "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": { "type": "string" },
+                "message": { "type": "string" },
+                "details": { "type": "array", "items": {
+                    "type": "object",
+                    "required": ["path", "message"],
+                    "properties": { "path": { "type": "string" }, "message": { "type": "string" } }
+                }}
+            }
+        }}
+    })
+}
+
+/// The answers every route of a kind can give besides its own: who may call it, whether it
+/// reads a body, whether its path names something that may not exist.
+fn common_responses(route: &RouteDoc, has_body: bool) -> Vec<(u16, &'static str)> {
+    let mut extra = Vec::new();
+    match route.access {
+        Public => {}
+        Signed => extra.push((
+            401,
+            "Signature missing, wrong, expired or replayed: every request without a valid agent signature",
+        )),
+        Role(role) => {
+            extra.push((401, "No or unknown token"));
+            if role != "support" {
+                extra.push((403, "The token's role is below the one this route needs"));
+            }
+        }
+    }
+    if has_body {
+        extra.push((413, "Body over the limit"));
+        extra.push((422, "Invalid body; details lists every problem with its path"));
+    }
+    if route.path.contains('{') {
+        extra.push((404, "Nothing with that id"));
+    }
+    extra
+}
+
 fn operation(route: &RouteDoc) -> Value {
+    let body = request_body(route.method, route.path);
+    let mut statuses: Vec<(u16, &str)> = route.responses.to_vec();
+    for (status, description) in common_responses(route, body.is_some()) {
+        if !statuses.iter().any(|(s, _)| *s == status) {
+            statuses.push((status, description));
+        }
+    }
+    let html_route = success_media(route.path) == ["text/html"];
     let mut responses = serde_json::Map::new();
-    for (status, description) in route.responses {
-        responses.insert(status.to_string(), json!({ "description": description }));
+    for (status, description) in statuses {
+        let mut response = json!({ "description": description });
+        let media: &[&str] = match status {
+            101 | 204 | 303 => &[],
+            200..=299 => success_media(route.path),
+            // The dashboard answers a refused login, a low role and a refused action with a page.
+            401 | 403 | 409 if html_route => &["text/html"],
+            _ => &["application/json"],
+        };
+        if !media.is_empty() {
+            let mut content = serde_json::Map::new();
+            for m in media {
+                let entry = if status >= 400 && *m == "application/json" {
+                    json!({ "schema": error_schema() })
+                } else {
+                    json!({})
+                };
+                content.insert((*m).to_owned(), entry);
+            }
+            response["content"] = Value::Object(content);
+        }
+        responses.insert(status.to_string(), response);
     }
     let mut op = json!({ "summary": route.summary, "responses": responses });
+    if let Some((media, schema)) = body {
+        op["requestBody"] = json!({ "required": true, "content": { media: { "schema": schema } } });
+    }
     match route.access {
         Public => op["security"] = json!([]),
         Signed => op["security"] = json!([{ "agentSignatureV1": [] }, { "agentSignatureV0": [] }]),

@@ -33,6 +33,17 @@ struct PollBody {
     frames: Vec<serde_json::Value>,
 }
 
+/// JSON Schema of [`PollBody`] (for `/openapi.json`).
+pub(crate) fn poll_schema() -> serde_json::Value {
+    fleet_core::schema::object(
+        &["instance_id"],
+        &[
+            ("instance_id", fleet_core::schema::id()),
+            ("frames", serde_json::json!({ "type": "array", "maxItems": MAX_POLL_FRAMES })),
+        ],
+    )
+}
+
 /// `POST /v1/agents/poll`.
 pub(crate) async fn poll(
     State(state): State<Shared>,

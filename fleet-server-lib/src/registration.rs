@@ -174,6 +174,17 @@ struct EnrollmentBody {
     ttl_secs: Option<u64>,
 }
 
+/// JSON Schema of [`EnrollmentBody`] (for `/openapi.json`).
+pub(crate) fn enrollment_schema() -> serde_json::Value {
+    fleet_core::schema::object(
+        &["instance_id"],
+        &[
+            ("instance_id", fleet_core::schema::id()),
+            ("ttl_secs", serde_json::json!({ "type": "integer", "minimum": 60, "maximum": 2_592_000 })),
+        ],
+    )
+}
+
 /// `POST /v1/enrollments {"instance_id", "ttl_secs"?}` (admin): a one-time token, shown once.
 pub(crate) async fn create_enrollment(
     _: Admin,

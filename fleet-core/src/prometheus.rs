@@ -2,6 +2,9 @@
 //! sturdier: label values may contain commas and escapes, a sample may carry a timestamp, p95
 //! comes from a summary quantile or, failing that, from histogram buckets, and durations in
 //! seconds are converted to milliseconds.
+//!
+//! Pure text in, figures out (no I/O), so it lives in fleet-core where the fuzzer reaches it
+//! (`fuzz/fuzz_targets/prometheus_parse.rs`); the agent re-exports it as `fleet_agent::prometheus`.
 
 use std::collections::BTreeMap;
 
