@@ -294,6 +294,7 @@ impl Heartbeat {
         let boolean = json!({ "type": "boolean" });
         let number = |max: f64| json!({ "type": "number", "minimum": 0, "maximum": max });
         let text = |max: usize| crate::schema::text(max);
+        let list = |max: usize, item: Value| json!({ "type": "array", "maxItems": max, "items": item });
         crate::schema::object(
             &["instance_id", "db_ok", "redis_ok", "storage_ok", "jobs_failed"],
             &[
@@ -313,10 +314,29 @@ impl Heartbeat {
                 ("slo_error_rate", number(1.0)),
                 ("slo_webhook_retry_rate", number(1.0e6)),
                 ("cpu_usage_pct", number(100.0)),
-                ("alerts", json!({ "type": "array", "maxItems": l.max_alerts })),
-                ("job_failures", json!({ "type": "array", "maxItems": l.max_job_failures })),
-                ("checks", json!({ "type": "array", "maxItems": l.max_checks })),
-                ("containers", json!({ "type": "array", "maxItems": l.max_containers })),
+                ("alerts", list(l.max_alerts, crate::schema::object(
+                    &["message"],
+                    &[
+                        ("level", crate::schema::one_of(&[
+                            AlertLevel::Info, AlertLevel::Warning, AlertLevel::Error, AlertLevel::Critical,
+                        ])),
+                        ("message", text(l.max_message_len)),
+                    ],
+                ))),
+                ("job_failures", list(l.max_job_failures, crate::schema::object(
+                    &["message"],
+                    &[("queue", text(l.max_id_len)), ("message", text(l.max_message_len))],
+                ))),
+                ("checks", list(l.max_checks, crate::schema::object(
+                    &["name", "ok"],
+                    &[
+                        ("name", crate::schema::id()),
+                        ("ok", json!({ "type": "boolean" })),
+                        ("latency_ms", json!({ "type": "number", "minimum": 0 })),
+                        ("error", text(l.max_message_len)),
+                    ],
+                ))),
+                ("containers", list(l.max_containers, crate::schema::object(&["id"], &[("id", crate::schema::id())]))),
             ],
         )
     }

@@ -283,15 +283,17 @@ fn operation(route: &RouteDoc) -> Value {
         let media: &[&str] = match status {
             101 | 204 | 303 => &[],
             200..=299 => success_media(route.path),
-            // The dashboard answers a refused login, a low role and a refused action with a page.
+            // The dashboard answers a refused login, a low role, a refused action and (for a
+            // page, not a form) an unknown id with a page.
             401 | 403 | 409 if html_route => &["text/html"],
+            404 if html_route && route.method == "get" => &["text/html"],
             _ => &["application/json"],
         };
         if !media.is_empty() {
             let mut content = serde_json::Map::new();
             for m in media {
                 let entry = if status >= 400 && *m == "application/json" {
-                    json!({ "schema": error_schema() })
+                    json!({ "schema": { "$ref": "#/components/schemas/Error" } })
                 } else {
                     json!({})
                 };
@@ -303,7 +305,9 @@ fn operation(route: &RouteDoc) -> Value {
     }
     let mut op = json!({ "summary": route.summary, "responses": responses });
     if let Some((media, schema)) = body {
-        op["requestBody"] = json!({ "required": true, "content": { media: { "schema": schema } } });
+        // Scheduling restores takes its defaults from an empty body.
+        let required = route.path != "/api/restores/schedule";
+        op["requestBody"] = json!({ "required": required, "content": { media: { "schema": schema } } });
     }
     match route.access {
         Public => op["security"] = json!([]),
@@ -344,12 +348,15 @@ pub(crate) fn spec() -> Value {
             "description": "Heartbeat ingest, installations, alerts, roles. Error bodies are {\"error\": {\"code\", \"message\"}}; roles are support < ops < admin (x-fleet-role is the least role a route needs)."
         },
         "paths": paths,
-        "components": { "securitySchemes": {
-            "bearer": { "type": "http", "scheme": "bearer", "description": "A role token (CONTROL_PLANE_{SUPPORT,OPS,ADMIN}_TOKEN). The admin token is also accepted in x-cp-admin-token." },
-            "cookie": { "type": "apiKey", "in": "cookie", "name": "cp_token", "description": "Set by POST /login together with cp_role." },
-            "agentSignatureV1": { "type": "apiKey", "in": "header", "name": "webhook-signature", "description": "Standard Webhooks: v1,<base64 HMAC-SHA256 of {webhook-id}.{webhook-timestamp}.{body}>" },
-            "agentSignatureV0": { "type": "apiKey", "in": "header", "name": "x-agent-signature", "description": "Hex HMAC-SHA256 of the raw body (ERP instance agent)" }
-        }}
+        "components": {
+            "schemas": { "Error": error_schema() },
+            "securitySchemes": {
+                "bearer": { "type": "http", "scheme": "bearer", "description": "A role token (CONTROL_PLANE_{SUPPORT,OPS,ADMIN}_TOKEN). The admin token is also accepted in x-cp-admin-token." },
+                "cookie": { "type": "apiKey", "in": "cookie", "name": "cp_token", "description": "Set by POST /login together with cp_role." },
+                "agentSignatureV1": { "type": "apiKey", "in": "header", "name": "webhook-signature", "description": "Standard Webhooks: v1,<base64 HMAC-SHA256 of {webhook-id}.{webhook-timestamp}.{body}>" },
+                "agentSignatureV0": { "type": "apiKey", "in": "header", "name": "x-agent-signature", "description": "Hex HMAC-SHA256 of the raw body (ERP instance agent)" }
+            }
+        }
     })
 }
 

@@ -57,6 +57,7 @@ pub(crate) async fn poll(
     }
     let commands = command_store(state.store.as_ref())?;
     let instance = verify_agent(&state, commands, &headers, &body).await?;
+    fleet_core::validate::require_object(&body).map_err(Error::Invalid)?;
     let parsed: PollBody = serde_json::from_slice(&body).map_err(|e| {
         let mut errors = fleet_core::ValidationErrors::default();
         errors.push("", e.to_string());

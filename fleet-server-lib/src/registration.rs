@@ -180,7 +180,7 @@ pub(crate) fn enrollment_schema() -> serde_json::Value {
         &["instance_id"],
         &[
             ("instance_id", fleet_core::schema::id()),
-            ("ttl_secs", serde_json::json!({ "type": "integer", "minimum": 60, "maximum": 2_592_000 })),
+            ("ttl_secs", serde_json::json!({ "type": ["integer", "null"], "minimum": 60, "maximum": 2_592_000 })),
         ],
     )
 }
@@ -191,6 +191,7 @@ pub(crate) async fn create_enrollment(
     State(state): State<Shared>,
     body: Bytes,
 ) -> Result<Response> {
+    fleet_core::validate::require_object(&body).map_err(Error::Invalid)?;
     let parsed: EnrollmentBody =
         serde_json::from_slice(&body).map_err(|e| invalid("", e.to_string()))?;
     let id = parsed.instance_id.trim();

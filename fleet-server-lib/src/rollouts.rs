@@ -480,6 +480,7 @@ pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
             limit: limits.max_body_bytes,
         });
     }
+    fleet_core::validate::require_object(body).map_err(Error::Invalid)?;
     serde_json::from_slice(body).map_err(|err| {
         let mut errors = ValidationErrors::default();
         let text: String = err.to_string().chars().take(300).collect();
