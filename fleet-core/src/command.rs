@@ -879,12 +879,12 @@ impl SubmitCommand {
                 ("command_type", schema::one_of(&CommandType::ALL)),
                 ("targets", serde_json::json!({ "type": "array", "maxItems": limits.max_targets, "items": schema::id() })),
                 ("selector", schema::object(&[], &[
-                    ("channel", schema::text(limits.max_id_len)),
+                    ("channel", schema::nullable(schema::text(limits.max_id_len))),
                     ("all", serde_json::json!({ "type": "boolean" })),
                 ])),
                 ("payload", serde_json::json!({ "type": "object" })),
-                ("max_concurrency", serde_json::json!({ "type": "integer", "minimum": 1, "maximum": u32::MAX })),
-                ("max_errors", serde_json::json!({ "type": "string", "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*%?\\s*$" })),
+                ("max_concurrency", schema::nullable(serde_json::json!({ "type": "integer", "minimum": 1, "maximum": u32::MAX }))),
+                ("max_errors", schema::nullable(serde_json::json!({ "type": "string", "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*%?\\s*$" }))),
             ],
         )
     }

@@ -143,8 +143,8 @@ impl SignedManifest {
             &[
                 ("url", schema::text(max)),
                 ("sha256", serde_json::json!({ "type": "string", "pattern": "^[0-9a-fA-F]{64}$" })),
-                ("platform", schema::text(max)),
-                ("size", schema::count()),
+                ("platform", schema::nullable(schema::text(max))),
+                ("size", schema::nullable(schema::count())),
             ],
         );
         let boolean = serde_json::json!({ "type": "boolean" });
@@ -157,10 +157,10 @@ impl SignedManifest {
                 ("migrations_required", boolean.clone()),
                 ("breaking_changes", boolean),
                 ("released_at", serde_json::json!({ "type": "string", "format": "date-time" })),
-                ("artifacts", serde_json::json!({ "type": "array", "items": artifact })),
+                ("artifacts", schema::nullable(serde_json::json!({ "type": "array", "items": artifact }))),
                 ("signature", schema::text(max)),
                 ("signature_scheme", schema::one_of(&[ManifestScheme::Ed25519, ManifestScheme::HmacSha256])),
-                ("key_id", schema::text(max)),
+                ("key_id", schema::nullable(schema::text(max))),
             ],
         )
     }

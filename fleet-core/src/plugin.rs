@@ -222,10 +222,10 @@ impl PluginReport {
                 ("instance_id", schema::id()),
                 ("job_id", schema::id()),
                 ("status", crate::update::reported_status_schema()),
-                ("step", schema::one_of(&[S::Accepted, S::Install, S::Update, S::Remove, S::Smoke, S::Rollback, S::Done])),
-                ("error", schema::text(max)),
-                ("duration_ms", schema::count()),
-                ("output_tail", schema::text(max)),
+                ("step", schema::nullable(schema::one_of(&[S::Accepted, S::Install, S::Update, S::Remove, S::Smoke, S::Rollback, S::Done]))),
+                ("error", schema::nullable(schema::text(max))),
+                ("duration_ms", schema::nullable(schema::count())),
+                ("output_tail", schema::nullable(schema::text(max))),
             ],
         )
     }
@@ -283,7 +283,7 @@ impl PluginRequest {
                 ("name", plugin_name_schema()),
                 ("version", plugin_version_schema()),
                 ("action", plugin_action_schema()),
-                ("reason", schema::text(Limits::default().max_message_len)),
+                ("reason", schema::nullable(schema::text(Limits::default().max_message_len))),
             ],
         )
     }

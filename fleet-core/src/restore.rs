@@ -111,9 +111,9 @@ impl RestoreReport {
                 ("instance_id", schema::id()),
                 ("restore_id", schema::id()),
                 ("status", schema::one_of(&[R::Verified, R::Failed, R::Skipped])),
-                ("error", schema::text(max)),
-                ("duration_ms", schema::count()),
-                ("output_tail", schema::text(max)),
+                ("error", schema::nullable(schema::text(max))),
+                ("duration_ms", schema::nullable(schema::count())),
+                ("output_tail", schema::nullable(schema::text(max))),
             ],
         )
     }

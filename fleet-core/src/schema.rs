@@ -31,6 +31,23 @@ pub fn count() -> Value {
     json!({ "type": "integer", "minimum": 0 })
 }
 
+/// The same schema, also admitting `null`: what an `Option` field with `#[serde(default)]`
+/// accepts (null reads as absent).
+pub fn nullable(mut schema: Value) -> Value {
+    if let Some(names) = schema.get_mut("enum").and_then(Value::as_array_mut) {
+        names.push(Value::Null);
+    }
+    match schema.get("type").cloned() {
+        Some(Value::String(ty)) => schema["type"] = json!([ty, "null"]),
+        Some(Value::Array(mut types)) if !types.contains(&json!("null")) => {
+            types.push(json!("null"));
+            schema["type"] = Value::Array(types);
+        }
+        _ => {}
+    }
+    schema
+}
+
 /// A string enum with the serde names of `values`.
 pub fn one_of<T: Serialize>(values: &[T]) -> Value {
     let names: Vec<Value> = values
@@ -58,5 +75,8 @@ mod tests {
     fn enum_values_are_the_serde_names() {
         let schema = one_of(&[crate::update::JobStatus::RolledBack]);
         assert_eq!(schema["enum"], json!(["rolled_back"]));
+        let optional = nullable(schema);
+        assert_eq!(optional["enum"], json!(["rolled_back", null]));
+        assert_eq!(optional["type"], json!(["string", "null"]));
     }
 }

@@ -206,7 +206,7 @@ impl UpdateNextRequest {
         let max = Limits::default().max_id_len;
         schema::object(
             &["instance_id"],
-            &[("instance_id", schema::id()), ("current_version", schema::text(max))],
+            &[("instance_id", schema::id()), ("current_version", schema::nullable(schema::text(max)))],
         )
     }
 }
@@ -313,14 +313,14 @@ impl UpdateReport {
                 ("instance_id", schema::id()),
                 ("job_id", schema::id()),
                 ("status", reported_status_schema()),
-                ("step", schema::one_of(&steps)),
-                ("error", schema::text(max)),
-                ("canary_percent", serde_json::json!({ "type": "integer", "minimum": 0, "maximum": 100 })),
-                ("metric_p95_ms", serde_json::json!({ "type": "number", "minimum": 0 })),
-                ("metric_error_rate", serde_json::json!({ "type": "number", "minimum": 0, "maximum": 1 })),
-                ("metric_webhook_retry_rate", serde_json::json!({ "type": "number", "minimum": 0 })),
-                ("duration_ms", schema::count()),
-                ("output_tail", schema::text(max)),
+                ("step", schema::nullable(schema::one_of(&steps))),
+                ("error", schema::nullable(schema::text(max))),
+                ("canary_percent", schema::nullable(serde_json::json!({ "type": "integer", "minimum": 0, "maximum": 100 }))),
+                ("metric_p95_ms", schema::nullable(serde_json::json!({ "type": "number", "minimum": 0 }))),
+                ("metric_error_rate", schema::nullable(serde_json::json!({ "type": "number", "minimum": 0, "maximum": 1 }))),
+                ("metric_webhook_retry_rate", schema::nullable(serde_json::json!({ "type": "number", "minimum": 0 }))),
+                ("duration_ms", schema::nullable(schema::count())),
+                ("output_tail", schema::nullable(schema::text(max))),
             ],
         )
     }

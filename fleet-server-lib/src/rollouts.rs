@@ -353,7 +353,7 @@ pub(crate) fn create_rollout_schema() -> serde_json::Value {
             ("auto_advance", json!({ "type": "boolean" })),
             ("observe_secs", int.clone()),
             ("plugin_release_id", int),
-            ("action", fleet_core::plugin::plugin_action_schema()),
+            ("action", fleet_core::schema::nullable(fleet_core::plugin::plugin_action_schema())),
         ],
     );
     // The ERP's camelCase names are accepted as aliases of the same fields.
