@@ -191,9 +191,7 @@ pub(crate) async fn create_enrollment(
     State(state): State<Shared>,
     body: Bytes,
 ) -> Result<Response> {
-    fleet_core::validate::require_object(&body).map_err(Error::Invalid)?;
-    let parsed: EnrollmentBody =
-        serde_json::from_slice(&body).map_err(|e| invalid("", e.to_string()))?;
+    let parsed: EnrollmentBody = crate::rollouts::parse_body(&body, &state.settings.limits)?;
     let id = parsed.instance_id.trim();
     let max = state.settings.limits.max_id_len;
     if id.is_empty() || id.len() > max || id.chars().any(|c| c.is_control() || c.is_whitespace()) {
