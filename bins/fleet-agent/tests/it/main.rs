@@ -11,6 +11,7 @@ mod enroll;
 mod image;
 mod process;
 mod rollout;
+mod secrets;
 mod unit;
 mod update;
 
