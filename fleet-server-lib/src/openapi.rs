@@ -251,6 +251,13 @@ fn common_responses(route: &RouteDoc, has_body: bool) -> Vec<(u16, &'static str)
             401,
             "Signature missing, wrong, expired or replayed: every request without a valid agent signature",
         )),
+        // A dashboard page or form sends a visitor without a valid login to the login page.
+        Role(role) if success_media(route.path) == ["text/html"] => {
+            extra.push((303, "Not logged in: to /login"));
+            if role != "support" {
+                extra.push((403, "The login's role is below the one this page needs"));
+            }
+        }
         Role(role) => {
             extra.push((401, "No or unknown token"));
             if role != "support" {
