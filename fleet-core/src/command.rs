@@ -582,7 +582,10 @@ impl LogBatch {
                 ("offset", schema::count()),
                 ("stream", schema::one_of(&[Stream::Stdout, Stream::Stderr])),
                 ("data", serde_json::json!({ "type": "string" })),
-                ("encoding", schema::one_of(&[ChunkEncoding::Utf8, ChunkEncoding::Base64])),
+                (
+                    "encoding",
+                    schema::one_of(&[ChunkEncoding::Utf8, ChunkEncoding::Base64]),
+                ),
             ],
         );
         schema::object(
@@ -590,7 +593,10 @@ impl LogBatch {
             &[
                 ("instance_id", schema::id()),
                 ("command_id", schema::id()),
-                ("chunks", serde_json::json!({ "type": "array", "maxItems": 1024, "items": chunk })),
+                (
+                    "chunks",
+                    serde_json::json!({ "type": "array", "maxItems": 1024, "items": chunk }),
+                ),
             ],
         )
     }
@@ -877,14 +883,33 @@ impl SubmitCommand {
             &["command_type"],
             &[
                 ("command_type", schema::one_of(&CommandType::ALL)),
-                ("targets", serde_json::json!({ "type": "array", "maxItems": limits.max_targets, "items": schema::id() })),
-                ("selector", schema::object(&[], &[
-                    ("channel", schema::nullable(schema::text(limits.max_id_len))),
-                    ("all", serde_json::json!({ "type": "boolean" })),
-                ])),
+                (
+                    "targets",
+                    serde_json::json!({ "type": "array", "maxItems": limits.max_targets, "items": schema::id() }),
+                ),
+                (
+                    "selector",
+                    schema::object(
+                        &[],
+                        &[
+                            ("channel", schema::nullable(schema::text(limits.max_id_len))),
+                            ("all", serde_json::json!({ "type": "boolean" })),
+                        ],
+                    ),
+                ),
                 ("payload", serde_json::json!({ "type": "object" })),
-                ("max_concurrency", schema::nullable(serde_json::json!({ "type": "integer", "minimum": 1, "maximum": u32::MAX }))),
-                ("max_errors", schema::nullable(serde_json::json!({ "type": "string", "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*%?\\s*$" }))),
+                (
+                    "max_concurrency",
+                    schema::nullable(
+                        serde_json::json!({ "type": "integer", "minimum": 1, "maximum": u32::MAX }),
+                    ),
+                ),
+                (
+                    "max_errors",
+                    schema::nullable(
+                        serde_json::json!({ "type": "string", "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*%?\\s*$" }),
+                    ),
+                ),
             ],
         )
     }

@@ -294,9 +294,16 @@ impl Heartbeat {
         let boolean = json!({ "type": "boolean" });
         let number = |max: f64| json!({ "type": "number", "minimum": 0, "maximum": max });
         let text = |max: usize| crate::schema::text(max);
-        let list = |max: usize, item: Value| json!({ "type": "array", "maxItems": max, "items": item });
+        let list =
+            |max: usize, item: Value| json!({ "type": "array", "maxItems": max, "items": item });
         crate::schema::object(
-            &["instance_id", "db_ok", "redis_ok", "storage_ok", "jobs_failed"],
+            &[
+                "instance_id",
+                "db_ok",
+                "redis_ok",
+                "storage_ok",
+                "jobs_failed",
+            ],
             &[
                 ("instance_id", crate::schema::id()),
                 ("db_ok", boolean.clone()),
@@ -306,37 +313,81 @@ impl Heartbeat {
                 ("domain", crate::schema::nullable(text(253))),
                 ("client", crate::schema::nullable(text(l.max_text_len))),
                 ("version", crate::schema::nullable(text(l.max_id_len))),
-                ("release_channel", crate::schema::nullable(text(l.max_id_len))),
+                (
+                    "release_channel",
+                    crate::schema::nullable(text(l.max_id_len)),
+                ),
                 ("health", crate::schema::nullable(text(l.max_id_len))),
                 ("uptime_seconds", crate::schema::nullable(number(1.0e12))),
                 ("search_ok", crate::schema::nullable(boolean)),
                 ("slo_p95_ms", crate::schema::nullable(number(1.0e9))),
                 ("slo_error_rate", crate::schema::nullable(number(1.0))),
-                ("slo_webhook_retry_rate", crate::schema::nullable(number(1.0e6))),
+                (
+                    "slo_webhook_retry_rate",
+                    crate::schema::nullable(number(1.0e6)),
+                ),
                 ("cpu_usage_pct", crate::schema::nullable(number(100.0))),
-                ("alerts", list(l.max_alerts, crate::schema::object(
-                    &["message"],
-                    &[
-                        ("level", crate::schema::nullable(crate::schema::one_of(&[
-                            AlertLevel::Info, AlertLevel::Warning, AlertLevel::Error, AlertLevel::Critical,
-                        ]))),
-                        ("message", text(l.max_message_len)),
-                    ],
-                ))),
-                ("job_failures", list(l.max_job_failures, crate::schema::object(
-                    &["message"],
-                    &[("queue", crate::schema::nullable(text(l.max_id_len))), ("message", text(l.max_message_len))],
-                ))),
-                ("checks", list(l.max_checks, crate::schema::object(
-                    &["name", "ok"],
-                    &[
-                        ("name", crate::schema::id()),
-                        ("ok", json!({ "type": "boolean" })),
-                        ("latency_ms", crate::schema::nullable(json!({ "type": "number", "minimum": 0 }))),
-                        ("error", crate::schema::nullable(text(l.max_message_len))),
-                    ],
-                ))),
-                ("containers", list(l.max_containers, crate::schema::object(&["id"], &[("id", crate::schema::id())]))),
+                (
+                    "alerts",
+                    list(
+                        l.max_alerts,
+                        crate::schema::object(
+                            &["message"],
+                            &[
+                                (
+                                    "level",
+                                    crate::schema::nullable(crate::schema::one_of(&[
+                                        AlertLevel::Info,
+                                        AlertLevel::Warning,
+                                        AlertLevel::Error,
+                                        AlertLevel::Critical,
+                                    ])),
+                                ),
+                                ("message", text(l.max_message_len)),
+                            ],
+                        ),
+                    ),
+                ),
+                (
+                    "job_failures",
+                    list(
+                        l.max_job_failures,
+                        crate::schema::object(
+                            &["message"],
+                            &[
+                                ("queue", crate::schema::nullable(text(l.max_id_len))),
+                                ("message", text(l.max_message_len)),
+                            ],
+                        ),
+                    ),
+                ),
+                (
+                    "checks",
+                    list(
+                        l.max_checks,
+                        crate::schema::object(
+                            &["name", "ok"],
+                            &[
+                                ("name", crate::schema::id()),
+                                ("ok", json!({ "type": "boolean" })),
+                                (
+                                    "latency_ms",
+                                    crate::schema::nullable(
+                                        json!({ "type": "number", "minimum": 0 }),
+                                    ),
+                                ),
+                                ("error", crate::schema::nullable(text(l.max_message_len))),
+                            ],
+                        ),
+                    ),
+                ),
+                (
+                    "containers",
+                    list(
+                        l.max_containers,
+                        crate::schema::object(&["id"], &[("id", crate::schema::id())]),
+                    ),
+                ),
             ],
         )
     }

@@ -142,24 +142,44 @@ impl SignedManifest {
             &["url", "sha256"],
             &[
                 ("url", schema::text(max)),
-                ("sha256", serde_json::json!({ "type": "string", "pattern": "^[0-9a-fA-F]{64}$" })),
+                (
+                    "sha256",
+                    serde_json::json!({ "type": "string", "pattern": "^[0-9a-fA-F]{64}$" }),
+                ),
                 ("platform", schema::nullable(schema::text(max))),
                 ("size", schema::nullable(schema::count())),
             ],
         );
         let boolean = serde_json::json!({ "type": "boolean" });
         schema::object(
-            &["version", "sha", "channel", "migrations_required", "breaking_changes", "released_at", "signature"],
+            &[
+                "version",
+                "sha",
+                "channel",
+                "migrations_required",
+                "breaking_changes",
+                "released_at",
+                "signature",
+            ],
             &[
                 ("version", schema::id()),
                 ("sha", schema::id()),
                 ("channel", schema::id()),
                 ("migrations_required", boolean.clone()),
                 ("breaking_changes", boolean),
-                ("released_at", serde_json::json!({ "type": "string", "format": "date-time" })),
-                ("artifacts", schema::nullable(serde_json::json!({ "type": "array", "items": artifact }))),
+                (
+                    "released_at",
+                    serde_json::json!({ "type": "string", "format": "date-time" }),
+                ),
+                (
+                    "artifacts",
+                    schema::nullable(serde_json::json!({ "type": "array", "items": artifact })),
+                ),
                 ("signature", schema::text(max)),
-                ("signature_scheme", schema::one_of(&[ManifestScheme::Ed25519, ManifestScheme::HmacSha256])),
+                (
+                    "signature_scheme",
+                    schema::one_of(&[ManifestScheme::Ed25519, ManifestScheme::HmacSha256]),
+                ),
                 ("key_id", schema::nullable(schema::text(max))),
             ],
         )

@@ -47,7 +47,11 @@ pub fn plugin_version_schema() -> serde_json::Value {
 
 /// JSON Schema of a plugin action.
 pub fn plugin_action_schema() -> serde_json::Value {
-    schema::one_of(&[PluginAction::Install, PluginAction::Update, PluginAction::Remove])
+    schema::one_of(&[
+        PluginAction::Install,
+        PluginAction::Update,
+        PluginAction::Remove,
+    ])
 }
 
 /// A step of the plugin pipeline.
@@ -222,7 +226,18 @@ impl PluginReport {
                 ("instance_id", schema::id()),
                 ("job_id", schema::id()),
                 ("status", crate::update::reported_status_schema()),
-                ("step", schema::nullable(schema::one_of(&[S::Accepted, S::Install, S::Update, S::Remove, S::Smoke, S::Rollback, S::Done]))),
+                (
+                    "step",
+                    schema::nullable(schema::one_of(&[
+                        S::Accepted,
+                        S::Install,
+                        S::Update,
+                        S::Remove,
+                        S::Smoke,
+                        S::Rollback,
+                        S::Done,
+                    ])),
+                ),
                 ("error", schema::nullable(schema::text(max))),
                 ("duration_ms", schema::nullable(schema::count())),
                 ("output_tail", schema::nullable(schema::text(max))),
@@ -283,7 +298,10 @@ impl PluginRequest {
                 ("name", plugin_name_schema()),
                 ("version", plugin_version_schema()),
                 ("action", plugin_action_schema()),
-                ("reason", schema::nullable(schema::text(Limits::default().max_message_len))),
+                (
+                    "reason",
+                    schema::nullable(schema::text(Limits::default().max_message_len)),
+                ),
             ],
         )
     }

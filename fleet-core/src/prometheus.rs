@@ -163,9 +163,7 @@ pub fn parse_slo(text: &str) -> SloFigures {
         p95_ms: p95_summary_ms
             .or_else(|| histogram_quantile(0.95, &bounds))
             .and_then(finite),
-        error_rate: (requests > 0.0)
-            .then(|| errors / requests)
-            .and_then(finite),
+        error_rate: (requests > 0.0).then(|| errors / requests).and_then(finite),
         webhook_retry_rate: (webhooks > 0.0)
             .then(|| retries / webhooks)
             .and_then(finite),
@@ -326,8 +324,18 @@ webhook_retries_total 1e308
 webhook_retries_total 1e308
 ";
         let slo = parse_slo(text);
-        assert!(slo.p95_ms.is_none_or(|p| p.is_finite() && p >= 0.0), "{slo:?}");
-        assert!(slo.error_rate.is_none_or(|r| (0.0..=1.0).contains(&r)), "{slo:?}");
-        assert!(slo.webhook_retry_rate.is_none_or(|r| r.is_finite() && r >= 0.0), "{slo:?}");
+        assert!(
+            slo.p95_ms.is_none_or(|p| p.is_finite() && p >= 0.0),
+            "{slo:?}"
+        );
+        assert!(
+            slo.error_rate.is_none_or(|r| (0.0..=1.0).contains(&r)),
+            "{slo:?}"
+        );
+        assert!(
+            slo.webhook_retry_rate
+                .is_none_or(|r| r.is_finite() && r >= 0.0),
+            "{slo:?}"
+        );
     }
 }

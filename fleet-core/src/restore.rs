@@ -110,7 +110,10 @@ impl RestoreReport {
             &[
                 ("instance_id", schema::id()),
                 ("restore_id", schema::id()),
-                ("status", schema::one_of(&[R::Verified, R::Failed, R::Skipped])),
+                (
+                    "status",
+                    schema::one_of(&[R::Verified, R::Failed, R::Skipped]),
+                ),
                 ("error", schema::nullable(schema::text(max))),
                 ("duration_ms", schema::nullable(schema::count())),
                 ("output_tail", schema::nullable(schema::text(max))),

@@ -206,7 +206,10 @@ impl UpdateNextRequest {
         let max = Limits::default().max_id_len;
         schema::object(
             &["instance_id"],
-            &[("instance_id", schema::id()), ("current_version", schema::nullable(schema::text(max)))],
+            &[
+                ("instance_id", schema::id()),
+                ("current_version", schema::nullable(schema::text(max))),
+            ],
         )
     }
 }
@@ -304,8 +307,20 @@ impl UpdateReport {
         use UpdateStep as S;
         let max = Limits::default().max_message_len;
         let steps = [
-            S::Accepted, S::VerifyManifest, S::Backup, S::Pull, S::Migrate, S::Smoke, S::Switch,
-            S::Health, S::GreenUp, S::MigrateSafe, S::Canary, S::SwitchGreen, S::Rollback, S::Done,
+            S::Accepted,
+            S::VerifyManifest,
+            S::Backup,
+            S::Pull,
+            S::Migrate,
+            S::Smoke,
+            S::Switch,
+            S::Health,
+            S::GreenUp,
+            S::MigrateSafe,
+            S::Canary,
+            S::SwitchGreen,
+            S::Rollback,
+            S::Done,
         ];
         schema::object(
             &["instance_id", "job_id", "status"],
@@ -315,10 +330,26 @@ impl UpdateReport {
                 ("status", reported_status_schema()),
                 ("step", schema::nullable(schema::one_of(&steps))),
                 ("error", schema::nullable(schema::text(max))),
-                ("canary_percent", schema::nullable(serde_json::json!({ "type": "integer", "minimum": 0, "maximum": 100 }))),
-                ("metric_p95_ms", schema::nullable(serde_json::json!({ "type": "number", "minimum": 0 }))),
-                ("metric_error_rate", schema::nullable(serde_json::json!({ "type": "number", "minimum": 0, "maximum": 1 }))),
-                ("metric_webhook_retry_rate", schema::nullable(serde_json::json!({ "type": "number", "minimum": 0 }))),
+                (
+                    "canary_percent",
+                    schema::nullable(
+                        serde_json::json!({ "type": "integer", "minimum": 0, "maximum": 100 }),
+                    ),
+                ),
+                (
+                    "metric_p95_ms",
+                    schema::nullable(serde_json::json!({ "type": "number", "minimum": 0 })),
+                ),
+                (
+                    "metric_error_rate",
+                    schema::nullable(
+                        serde_json::json!({ "type": "number", "minimum": 0, "maximum": 1 }),
+                    ),
+                ),
+                (
+                    "metric_webhook_retry_rate",
+                    schema::nullable(serde_json::json!({ "type": "number", "minimum": 0 })),
+                ),
                 ("duration_ms", schema::nullable(schema::count())),
                 ("output_tail", schema::nullable(schema::text(max))),
             ],

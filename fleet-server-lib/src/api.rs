@@ -87,7 +87,10 @@ struct EnrollBody {
 
 /// JSON Schema of [`EnrollBody`] (for `/openapi.json`).
 pub(crate) fn enroll_schema() -> serde_json::Value {
-    fleet_core::schema::object(&["instance_id"], &[("instance_id", fleet_core::schema::id())])
+    fleet_core::schema::object(
+        &["instance_id"],
+        &[("instance_id", fleet_core::schema::id())],
+    )
 }
 
 /// `POST /api/installations {"instance_id"}`: registers an instance before its first

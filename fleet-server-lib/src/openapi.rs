@@ -267,7 +267,10 @@ fn common_responses(route: &RouteDoc, has_body: bool) -> Vec<(u16, &'static str)
     }
     if has_body {
         extra.push((413, "Body over the limit"));
-        extra.push((422, "Invalid body; details lists every problem with its path"));
+        extra.push((
+            422,
+            "Invalid body; details lists every problem with its path",
+        ));
     }
     if route.path.contains('{') {
         extra.push((404, "Nothing with that id"));
@@ -314,7 +317,8 @@ fn operation(route: &RouteDoc) -> Value {
     if let Some((media, schema)) = body {
         // Scheduling restores takes its defaults from an empty body.
         let required = route.path != "/api/restores/schedule";
-        op["requestBody"] = json!({ "required": required, "content": { media: { "schema": schema } } });
+        op["requestBody"] =
+            json!({ "required": required, "content": { media: { "schema": schema } } });
     }
     match route.access {
         Public => op["security"] = json!([]),

@@ -46,7 +46,10 @@ pub(crate) fn new_release_schema() -> serde_json::Value {
         &[
             ("name", plugin_name_schema()),
             ("version", plugin_version_schema()),
-            ("compatible", serde_json::json!({ "type": "array", "maxItems": MAX_COMPATIBLE, "items": { "type": "string" } })),
+            (
+                "compatible",
+                serde_json::json!({ "type": "array", "maxItems": MAX_COMPATIBLE, "items": { "type": "string" } }),
+            ),
             ("notes", serde_json::json!({ "type": ["string", "null"] })),
         ],
     );

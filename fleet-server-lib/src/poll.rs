@@ -39,7 +39,10 @@ pub(crate) fn poll_schema() -> serde_json::Value {
         &["instance_id"],
         &[
             ("instance_id", fleet_core::schema::id()),
-            ("frames", serde_json::json!({ "type": "array", "maxItems": MAX_POLL_FRAMES })),
+            (
+                "frames",
+                serde_json::json!({ "type": "array", "maxItems": MAX_POLL_FRAMES }),
+            ),
         ],
     )
 }

@@ -180,7 +180,10 @@ pub(crate) fn enrollment_schema() -> serde_json::Value {
         &["instance_id"],
         &[
             ("instance_id", fleet_core::schema::id()),
-            ("ttl_secs", serde_json::json!({ "type": ["integer", "null"], "minimum": 60, "maximum": 2_592_000 })),
+            (
+                "ttl_secs",
+                serde_json::json!({ "type": ["integer", "null"], "minimum": 60, "maximum": 2_592_000 }),
+            ),
         ],
     )
 }

@@ -36,8 +36,14 @@ pub(crate) fn schedule_schema() -> serde_json::Value {
     fleet_core::schema::object(
         &[],
         &[
-            ("count", serde_json::json!({ "type": ["integer", "null"], "minimum": 1, "maximum": MAX_COUNT })),
-            ("environment", fleet_core::schema::nullable(fleet_core::schema::id())),
+            (
+                "count",
+                serde_json::json!({ "type": ["integer", "null"], "minimum": 1, "maximum": MAX_COUNT }),
+            ),
+            (
+                "environment",
+                fleet_core::schema::nullable(fleet_core::schema::id()),
+            ),
         ],
     )
 }

@@ -341,19 +341,34 @@ pub(crate) fn create_rollout_schema() -> serde_json::Value {
             ("release_id", int.clone()),
             ("version", json!({ "type": ["string", "null"] })),
             ("channel", id()),
-            ("batch_size", json!({ "type": "integer", "minimum": 1, "maximum": u32::MAX })),
-            ("strategy", one_of(&[Strategy::Batch, Strategy::BlueGreenCanary])),
-            ("canary_steps", json!({ "type": ["array", "null"], "items": { "type": "integer", "minimum": 0, "maximum": 100 } })),
+            (
+                "batch_size",
+                json!({ "type": "integer", "minimum": 1, "maximum": u32::MAX }),
+            ),
+            (
+                "strategy",
+                one_of(&[Strategy::Batch, Strategy::BlueGreenCanary]),
+            ),
+            (
+                "canary_steps",
+                json!({ "type": ["array", "null"], "items": { "type": "integer", "minimum": 0, "maximum": 100 } }),
+            ),
             ("canary_step_wait_sec", int.clone()),
             ("slo_p95_ms_max", rate.clone()),
             ("slo_error_rate_max", rate.clone()),
             ("slo_webhook_retry_rate_max", rate),
             ("auto_rollback", json!({ "type": ["boolean", "null"] })),
-            ("failure_threshold", json!({ "type": ["string", "integer", "null"] })),
+            (
+                "failure_threshold",
+                json!({ "type": ["string", "integer", "null"] }),
+            ),
             ("auto_advance", json!({ "type": "boolean" })),
             ("observe_secs", int.clone()),
             ("plugin_release_id", int),
-            ("action", fleet_core::schema::nullable(fleet_core::plugin::plugin_action_schema())),
+            (
+                "action",
+                fleet_core::schema::nullable(fleet_core::plugin::plugin_action_schema()),
+            ),
         ],
     );
     // The ERP's camelCase names are accepted as aliases of the same fields.

@@ -435,7 +435,11 @@ async fn run_command_passes_shell_metacharacters_verbatim() {
             fleet_core::command::CommandStatus::Completed,
             "{result:?}"
         );
-        assert_eq!(result.logs, expected, "{}: arguments verbatim", result.job_id);
+        assert_eq!(
+            result.logs, expected,
+            "{}: arguments verbatim",
+            result.job_id
+        );
     }
     assert!(!canary.exists(), "an injected command ran");
     let _ = std::fs::remove_dir_all(dir);

@@ -88,7 +88,10 @@ async fn oversized_bodies_answer_413_with_the_json_error_on_every_route() {
     // Over the 1 MiB body limit, and over the 2 MiB the HTTP layer buffers at most: both
     // answer 413 with the JSON error body (the second used to be axum's plain text).
     for size in [1536 * 1024, 3 * 1024 * 1024] {
-        let body = format!(r#"{{"instance_id":"acme-001","pad":"{}"}}"#, "x".repeat(size));
+        let body = format!(
+            r#"{{"instance_id":"acme-001","pad":"{}"}}"#,
+            "x".repeat(size)
+        );
         for path in ADMIN_BODY_ROUTES {
             let (status, error) = admin_post(&server, path, body.clone().into_bytes()).await;
             assert_eq!(status, 413, "{path} {size}: {error}");
@@ -98,7 +101,14 @@ async fn oversized_bodies_answer_413_with_the_json_error_on_every_route() {
             if POLL_ROUTES.contains(path) {
                 continue;
             }
-            let response = signed_post(&server, path, &format!("big-{size}"), now(), body.as_bytes()).await;
+            let response = signed_post(
+                &server,
+                path,
+                &format!("big-{size}"),
+                now(),
+                body.as_bytes(),
+            )
+            .await;
             let (status, error) = read(response).await;
             assert_eq!(status, 413, "{path} {size}: {error}");
         }
@@ -115,9 +125,17 @@ async fn polls_take_bodies_up_to_their_own_limit_and_no_more() {
     // to refuse it with a plain-text 413 although the route allows it.
     let pad = "x".repeat(3 * 1024 * 1024);
     let body = format!(r#"{{"instance_id":"acme-001","frames":[],"pad":"{pad}"}}"#);
-    let (status, answer) =
-        read(signed_post(&server, "/v1/agents/poll", "poll-3m", now(), body.as_bytes()).await)
-            .await;
+    let (status, answer) = read(
+        signed_post(
+            &server,
+            "/v1/agents/poll",
+            "poll-3m",
+            now(),
+            body.as_bytes(),
+        )
+        .await,
+    )
+    .await;
     assert_eq!(status, 200, "{answer:.300}");
     let pad = "x".repeat(9 * 1024 * 1024);
     for path in POLL_ROUTES {
@@ -152,7 +170,8 @@ async fn oversized_arrays_answer_422_with_the_path() {
     assert_eq!(status, 422, "{error}");
     let frames = vec![json!({}); 300];
     let body = serde_json::to_vec(&json!({"instance_id": "acme-001", "frames": frames})).unwrap();
-    let (status, error) = read(signed_post(&server, "/v1/agents/poll", "many", now(), &body).await).await;
+    let (status, error) =
+        read(signed_post(&server, "/v1/agents/poll", "many", now(), &body).await).await;
     assert_eq!(status, 422, "{error}");
 }
 
@@ -194,9 +213,7 @@ async fn invalid_utf8_in_bodies_paths_and_queries_is_a_4xx_json_error() {
         assert_eq!(status, 422, "{path}: {error}");
     }
     // A query decodes lossily (U+FFFD), so it is only a search that finds nothing.
-    let (status, page) = server
-        .get_json("/api/installations?q=%FF%FE", ADMIN)
-        .await;
+    let (status, page) = server.get_json("/api/installations?q=%FF%FE", ADMIN).await;
     assert_eq!(status, 200, "{page}");
     assert_eq!(page["total"], 0);
     // A percent-encoded byte sequence that is not UTF-8 in a path parameter: axum's
@@ -287,7 +304,10 @@ async fn malformed_signatures_on_every_signed_route_are_a_plain_401() {
         ),
         ("v0 odd length", vec![("x-agent-signature", "abc".into())]),
         ("v0 not hex", vec![("x-agent-signature", "zz".repeat(32))]),
-        ("v0 too long", vec![("x-agent-signature", "ab".repeat(4000))]),
+        (
+            "v0 too long",
+            vec![("x-agent-signature", "ab".repeat(4000))],
+        ),
         ("nothing", vec![]),
     ];
     for path in SIGNED_ROUTES {
@@ -307,7 +327,11 @@ async fn malformed_signatures_on_every_signed_route_are_a_plain_401() {
 async fn replayed_and_out_of_window_requests_are_refused_on_job_routes() {
     let (_t, server) = server().await;
     let body = br#"{"instance_id":"acme-001"}"#;
-    for path in ["/api/plugins/next", "/api/updates/next", "/api/restores/next"] {
+    for path in [
+        "/api/plugins/next",
+        "/api/updates/next",
+        "/api/restores/next",
+    ] {
         let id = format!("once-{path}");
         let first = signed_post(&server, path, &id, now(), body).await;
         assert_eq!(first.status(), 204, "{path}: no job yet");
@@ -366,7 +390,15 @@ async fn traversal_and_shell_syntax_in_names_are_refused_before_anything_runs() 
         assert_eq!(status, 422, "plugin version {version:?}");
     }
     let compose = "c2VydmljZXM6IHt9Cg=="; // "services: {}"
-    for project in ["../etc", "..", "a/b", "/abs", "web; rm -rf /", "$(id)", "a b"] {
+    for project in [
+        "../etc",
+        "..",
+        "a/b",
+        "/abs",
+        "web; rm -rf /",
+        "$(id)",
+        "a b",
+    ] {
         for (kind, payload) in [
             (
                 "DEPLOY_COMPOSE",
