@@ -151,16 +151,13 @@ impl SignedManifest {
             ],
         );
         let boolean = serde_json::json!({ "type": "boolean" });
+        // Every field the ERP's HMAC covers is required, and the signature beside them.
+        let required: Vec<&str> = LEGACY_SIGNED_FIELDS
+            .into_iter()
+            .chain(["signature"])
+            .collect();
         schema::object(
-            &[
-                "version",
-                "sha",
-                "channel",
-                "migrations_required",
-                "breaking_changes",
-                "released_at",
-                "signature",
-            ],
+            &required,
             &[
                 ("version", schema::id()),
                 ("sha", schema::id()),

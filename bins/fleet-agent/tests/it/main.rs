@@ -169,6 +169,43 @@ pub async fn wait_for_queued(local_port: u16, n: f64) -> f64 {
     queued
 }
 
+/// Submits a `HEALTH_CHECK` to `instance` with an admin `token` and returns the command once
+/// it is no longer running (30 s at most).
+pub async fn health_check(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    instance: &str,
+) -> serde_json::Value {
+    let submitted: serde_json::Value = client
+        .post(format!("{url}/v1/commands/submit"))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"command_type": "HEALTH_CHECK", "targets": [instance], "payload": {}}))
+        .send()
+        .await
+        .expect("submit")
+        .json()
+        .await
+        .expect("json");
+    let id = submitted["id"].as_str().expect("id").to_owned();
+    for _ in 0..300 {
+        let shown: serde_json::Value = client
+            .get(format!("{url}/v1/commands/{id}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("show")
+            .json()
+            .await
+            .expect("json");
+        if shown["status"] != "running" {
+            return shown;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the HEALTH_CHECK never ended");
+}
+
 /// Sends SIGTERM and expects a clean exit within 10 s.
 pub async fn sigterm_and_wait(agent: &mut Guard) {
     let status = Command::new("kill")

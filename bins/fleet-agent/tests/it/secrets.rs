@@ -105,35 +105,6 @@ async fn wait_for(what: &str, secs: u64, mut check: impl AsyncFnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
-async fn health_check(client: &reqwest::Client, url: &str, instance: &str) -> Value {
-    let submitted: Value = client
-        .post(format!("{url}/v1/commands/submit"))
-        .bearer_auth(ADMIN_TOKEN)
-        .json(&json!({"command_type": "HEALTH_CHECK", "targets": [instance], "payload": {}}))
-        .send()
-        .await
-        .expect("submit")
-        .json()
-        .await
-        .expect("json");
-    let id = submitted["id"].as_str().expect("command id").to_owned();
-    let mut shown = Value::Null;
-    wait_for("the HEALTH_CHECK", 60, async || {
-        shown = client
-            .get(format!("{url}/v1/commands/{id}"))
-            .bearer_auth(SUPPORT_TOKEN)
-            .send()
-            .await
-            .expect("show")
-            .json()
-            .await
-            .expect("json");
-        shown["status"] != "running"
-    })
-    .await;
-    shown
-}
-
 // One thread, so the subscriber set for this thread sees every task of the control plane.
 #[tokio::test(flavor = "current_thread")]
 async fn no_secret_reaches_any_log_of_a_full_flow_at_trace_level() {
@@ -245,7 +216,7 @@ async fn no_secret_reaches_any_log_of_a_full_flow_at_trace_level() {
             .status();
         assert_eq!(status, expected, "local API with {token}");
     }
-    let done = health_check(&client, &url, FIRST).await;
+    let done = health_check(&client, &url, ADMIN_TOKEN, FIRST).await;
     assert_eq!(done["targets"][0]["status"], "completed", "{done}");
 
     // An alert forwarded to the webhook with its token and signature.
@@ -322,7 +293,7 @@ async fn no_secret_reaches_any_log_of_a_full_flow_at_trace_level() {
     let second_dir = dir.join("second-logs");
     std::fs::create_dir_all(&second_dir).expect("dir");
     let mut second = Guard(spawn_agent(&second_env, &second_dir));
-    let done = health_check(&client, &url, ENROLLED).await;
+    let done = health_check(&client, &url, ADMIN_TOKEN, ENROLLED).await;
     assert_eq!(done["targets"][0]["status"], "completed", "{done}");
     let issued_secret = std::fs::read_to_string(&secret_file).expect("issued secret stored");
     let issued_secret = issued_secret.trim().to_owned();
