@@ -169,26 +169,29 @@ pub async fn wait_for_queued(local_port: u16, n: f64) -> f64 {
     queued
 }
 
-/// Submits a `HEALTH_CHECK` to `instance` with an admin `token` and returns the command once
-/// it is no longer running (30 s at most).
-pub async fn health_check(
+/// Submits a command (the body of `POST /v1/commands/submit`) with an admin `token` and
+/// returns it once it is no longer running (60 s at most).
+pub async fn run_command(
     client: &reqwest::Client,
     url: &str,
     token: &str,
-    instance: &str,
+    body: serde_json::Value,
 ) -> serde_json::Value {
     let submitted: serde_json::Value = client
         .post(format!("{url}/v1/commands/submit"))
         .bearer_auth(token)
-        .json(&serde_json::json!({"command_type": "HEALTH_CHECK", "targets": [instance], "payload": {}}))
+        .json(&body)
         .send()
         .await
         .expect("submit")
         .json()
         .await
         .expect("json");
-    let id = submitted["id"].as_str().expect("id").to_owned();
-    for _ in 0..300 {
+    let id = submitted["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("refused: {submitted}"))
+        .to_owned();
+    for _ in 0..600 {
         let shown: serde_json::Value = client
             .get(format!("{url}/v1/commands/{id}"))
             .bearer_auth(token)
@@ -203,7 +206,19 @@ pub async fn health_check(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("the HEALTH_CHECK never ended");
+    panic!("command {id} never ended");
+}
+
+/// A `HEALTH_CHECK` of `instance`, run to its end.
+pub async fn health_check(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    instance: &str,
+) -> serde_json::Value {
+    let body =
+        serde_json::json!({"command_type": "HEALTH_CHECK", "targets": [instance], "payload": {}});
+    run_command(client, url, token, body).await
 }
 
 /// Sends SIGTERM and expects a clean exit within 10 s.

@@ -112,7 +112,9 @@ async fn no_secret_reaches_any_log_of_a_full_flow_at_trace_level() {
     let server_log = Captured::default();
     let writer = server_log.clone();
     let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("trace,tungstenite=debug"))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "trace,tungstenite=debug",
+        ))
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
