@@ -169,6 +169,16 @@ pub async fn wait_for_queued(local_port: u16, n: f64) -> f64 {
     queued
 }
 
+/// Serves `router` on 127.0.0.1 (a free port) in the background; returns its URL.
+pub async fn serve(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+    url
+}
+
 /// Submits a command (the body of `POST /v1/commands/submit`) with an admin `token` and
 /// returns it once it is no longer running (60 s at most).
 pub async fn run_command(

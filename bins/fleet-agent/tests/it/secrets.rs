@@ -149,11 +149,7 @@ async fn no_secret_reaches_any_log_of_a_full_flow_at_trace_level() {
         .live(live)
         .build()
         .expect("control plane");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+    let url = serve(router).await;
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()

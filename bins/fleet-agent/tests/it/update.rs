@@ -66,11 +66,7 @@ async fn update_agent_swaps_the_binary_restarts_and_confirms() {
         })
         .build()
         .expect("control plane");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+    let url = serve(router).await;
 
     let log = std::fs::File::create(dir.join("agent.log")).expect("log");
     let child = Command::new(&installed)
