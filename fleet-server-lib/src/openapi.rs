@@ -374,3 +374,47 @@ pub(crate) fn spec() -> Value {
 pub(crate) async fn document() -> impl IntoResponse {
     Json(spec())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_body_route_and_error_is_described() {
+        let spec = spec();
+        let mut problems = Vec::new();
+        for route in ROUTES
+            .iter()
+            .chain(crate::rollout_docs::ROUTES)
+            .chain(crate::commands::ROUTES)
+        {
+            let op = &spec["paths"][route.path][route.method];
+            let responses = op["responses"].as_object().expect("responses");
+            let name = format!("{} {}", route.method, route.path);
+            // Every signed route reads a body it verifies; an unsigned caller gets 401.
+            if route.access == Signed && route.method == "post" {
+                if op["requestBody"].is_null() {
+                    problems.push(format!("{name}: no request body"));
+                }
+                if !responses.contains_key("401") {
+                    problems.push(format!("{name}: 401 undocumented"));
+                }
+            }
+            if !op["requestBody"].is_null()
+                && !(responses.contains_key("413") && responses.contains_key("422"))
+            {
+                problems.push(format!("{name}: reads a body but 413/422 undocumented"));
+            }
+            for (status, response) in responses {
+                let json_error = &response["content"]["application/json"]["schema"]["$ref"];
+                if status.starts_with('4')
+                    && !response["content"]["application/json"].is_null()
+                    && json_error != "#/components/schemas/Error"
+                {
+                    problems.push(format!("{name} {status}: not the Error schema"));
+                }
+            }
+        }
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
+}
