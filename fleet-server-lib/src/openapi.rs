@@ -400,9 +400,9 @@ mod tests {
                     problems.push(format!("{name}: 401 undocumented"));
                 }
             }
-            if !op["requestBody"].is_null()
-                && !(responses.contains_key("413") && responses.contains_key("422"))
-            {
+            let reads_body = !op["requestBody"].is_null();
+            let body_errors = responses.contains_key("413") && responses.contains_key("422");
+            if reads_body && !body_errors {
                 problems.push(format!("{name}: reads a body but 413/422 undocumented"));
             }
             for (status, response) in responses {
