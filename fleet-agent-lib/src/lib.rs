@@ -18,7 +18,8 @@ pub mod outbox;
 pub mod pipeline;
 mod pipelines;
 pub mod plugins;
-pub mod prometheus;
+/// The Prometheus text parser, kept sans-I/O in fleet-core so it can be fuzzed alone.
+pub use fleet_core::prometheus;
 pub mod regional;
 pub mod restores;
 pub mod sender;

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::schema;
 use crate::validate::{Limits, Path, Validate, ValidationErrors, check_id, check_len, check_text};
 
 /// The seven command types, with their wire names.
@@ -572,6 +573,35 @@ impl Validate for LogBatch {
     }
 }
 
+impl LogBatch {
+    /// JSON Schema of `POST /v1/commands/logs` (this batch plus the signing `instance_id`).
+    pub fn json_schema() -> Value {
+        let chunk = schema::object(
+            &["offset", "stream", "data"],
+            &[
+                ("offset", schema::count()),
+                ("stream", schema::one_of(&[Stream::Stdout, Stream::Stderr])),
+                ("data", serde_json::json!({ "type": "string" })),
+                (
+                    "encoding",
+                    schema::one_of(&[ChunkEncoding::Utf8, ChunkEncoding::Base64]),
+                ),
+            ],
+        );
+        schema::object(
+            &["instance_id", "command_id", "chunks"],
+            &[
+                ("instance_id", schema::id()),
+                ("command_id", schema::id()),
+                (
+                    "chunks",
+                    serde_json::json!({ "type": "array", "maxItems": 1024, "items": chunk }),
+                ),
+            ],
+        )
+    }
+}
+
 /// Acknowledgement of frames the agent sent, so it can forget them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
@@ -841,6 +871,47 @@ impl Validate for SubmitCommand {
             Ok(command) => command.validate(limits, at, errors),
             Err(problems) => errors.violations.extend(problems.violations),
         }
+    }
+}
+
+impl SubmitCommand {
+    /// JSON Schema of this body (for the OpenAPI document). The payload depends on the
+    /// command type and is checked by `Command::from_parts`.
+    pub fn json_schema() -> Value {
+        let limits = Limits::default();
+        schema::object(
+            &["command_type"],
+            &[
+                ("command_type", schema::one_of(&CommandType::ALL)),
+                (
+                    "targets",
+                    serde_json::json!({ "type": "array", "maxItems": limits.max_targets, "items": schema::id() }),
+                ),
+                (
+                    "selector",
+                    schema::object(
+                        &[],
+                        &[
+                            ("channel", schema::nullable(schema::text(limits.max_id_len))),
+                            ("all", serde_json::json!({ "type": "boolean" })),
+                        ],
+                    ),
+                ),
+                ("payload", serde_json::json!({ "type": "object" })),
+                (
+                    "max_concurrency",
+                    schema::nullable(
+                        serde_json::json!({ "type": "integer", "minimum": 1, "maximum": u32::MAX }),
+                    ),
+                ),
+                (
+                    "max_errors",
+                    schema::nullable(
+                        serde_json::json!({ "type": "string", "pattern": "^\\s*[0-9]+(\\.[0-9]+)?\\s*%?\\s*$" }),
+                    ),
+                ),
+            ],
+        )
     }
 }
 

@@ -5,7 +5,7 @@
 //! this control plane interoperate.
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 
 use crate::validate::{
     DecodeError, Fields, Limits, Path, ValidationErrors, check_size, json_message,
@@ -282,6 +282,114 @@ impl Heartbeat {
     pub fn to_vec(&self) -> Vec<u8> {
         // Serializing plain data to memory cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+impl Heartbeat {
+    /// JSON Schema of a heartbeat (for the OpenAPI document): the required fields and the
+    /// common optional ones with their bounds. Unknown keys are kept, so any other key is
+    /// allowed; `decode` is the full rule.
+    pub fn json_schema() -> Value {
+        let l = Limits::default();
+        let boolean = json!({ "type": "boolean" });
+        let number = |max: f64| json!({ "type": "number", "minimum": 0, "maximum": max });
+        let text = |max: usize| crate::schema::text(max);
+        let list =
+            |max: usize, item: Value| json!({ "type": "array", "maxItems": max, "items": item });
+        crate::schema::object(
+            &[
+                "instance_id",
+                "db_ok",
+                "redis_ok",
+                "storage_ok",
+                "jobs_failed",
+            ],
+            &[
+                ("instance_id", crate::schema::id()),
+                ("db_ok", boolean.clone()),
+                ("redis_ok", boolean.clone()),
+                ("storage_ok", boolean.clone()),
+                ("jobs_failed", crate::schema::count()),
+                ("domain", crate::schema::nullable(text(253))),
+                ("client", crate::schema::nullable(text(l.max_text_len))),
+                ("version", crate::schema::nullable(text(l.max_id_len))),
+                (
+                    "release_channel",
+                    crate::schema::nullable(text(l.max_id_len)),
+                ),
+                ("health", crate::schema::nullable(text(l.max_id_len))),
+                ("uptime_seconds", crate::schema::nullable(number(1.0e12))),
+                ("search_ok", crate::schema::nullable(boolean)),
+                ("slo_p95_ms", crate::schema::nullable(number(1.0e9))),
+                ("slo_error_rate", crate::schema::nullable(number(1.0))),
+                (
+                    "slo_webhook_retry_rate",
+                    crate::schema::nullable(number(1.0e6)),
+                ),
+                ("cpu_usage_pct", crate::schema::nullable(number(100.0))),
+                (
+                    "alerts",
+                    list(
+                        l.max_alerts,
+                        crate::schema::object(
+                            &["message"],
+                            &[
+                                (
+                                    "level",
+                                    crate::schema::nullable(crate::schema::one_of(&[
+                                        AlertLevel::Info,
+                                        AlertLevel::Warning,
+                                        AlertLevel::Error,
+                                        AlertLevel::Critical,
+                                    ])),
+                                ),
+                                ("message", text(l.max_message_len)),
+                            ],
+                        ),
+                    ),
+                ),
+                (
+                    "job_failures",
+                    list(
+                        l.max_job_failures,
+                        crate::schema::object(
+                            &["message"],
+                            &[
+                                ("queue", crate::schema::nullable(text(l.max_id_len))),
+                                ("message", text(l.max_message_len)),
+                            ],
+                        ),
+                    ),
+                ),
+                (
+                    "checks",
+                    list(
+                        l.max_checks,
+                        crate::schema::object(
+                            &["name", "ok"],
+                            &[
+                                ("name", crate::schema::id()),
+                                ("ok", json!({ "type": "boolean" })),
+                                (
+                                    "latency_ms",
+                                    crate::schema::nullable(
+                                        json!({ "type": "number", "minimum": 0 }),
+                                    ),
+                                ),
+                                ("error", crate::schema::nullable(text(l.max_message_len))),
+                            ],
+                        ),
+                    ),
+                ),
+                (
+                    "containers",
+                    list(
+                        l.max_containers,
+                        crate::schema::object(&["id"], &[("id", crate::schema::id())]),
+                    ),
+                ),
+            ],
+        )
     }
 }
 

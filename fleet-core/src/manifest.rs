@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::canonical::to_canonical_vec;
+use crate::schema;
 use crate::signing::{Secret, constant_time_eq};
 use crate::validate::{Limits, Path, Validate, ValidationErrors, check_id, check_text, is_rfc3339};
 
@@ -130,6 +131,56 @@ pub struct SignedManifest {
 
 fn legacy_scheme() -> ManifestScheme {
     ManifestScheme::HmacSha256
+}
+
+impl SignedManifest {
+    /// JSON Schema of a signed manifest (for the OpenAPI document): the manifest's fields
+    /// with `signature`, `signature_scheme` and `key_id` beside them.
+    pub fn json_schema() -> Value {
+        let max = Limits::default().max_text_len;
+        let artifact = schema::object(
+            &["url", "sha256"],
+            &[
+                ("url", schema::text(max)),
+                (
+                    "sha256",
+                    serde_json::json!({ "type": "string", "pattern": "^[0-9a-fA-F]{64}$" }),
+                ),
+                ("platform", schema::nullable(schema::text(max))),
+                ("size", schema::nullable(schema::count())),
+            ],
+        );
+        let boolean = serde_json::json!({ "type": "boolean" });
+        // Every field the ERP's HMAC covers is required, and the signature beside them.
+        let required: Vec<&str> = LEGACY_SIGNED_FIELDS
+            .into_iter()
+            .chain(["signature"])
+            .collect();
+        schema::object(
+            &required,
+            &[
+                ("version", schema::id()),
+                ("sha", schema::id()),
+                ("channel", schema::id()),
+                ("migrations_required", boolean.clone()),
+                ("breaking_changes", boolean),
+                (
+                    "released_at",
+                    serde_json::json!({ "type": "string", "format": "date-time" }),
+                ),
+                (
+                    "artifacts",
+                    schema::nullable(serde_json::json!({ "type": "array", "items": artifact })),
+                ),
+                ("signature", schema::text(max)),
+                (
+                    "signature_scheme",
+                    schema::one_of(&[ManifestScheme::Ed25519, ManifestScheme::HmacSha256]),
+                ),
+                ("key_id", schema::nullable(schema::text(max))),
+            ],
+        )
+    }
 }
 
 /// Why a manifest was refused.

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::schema;
 use crate::update::{JobStatus, validate_report_tail};
 use crate::validate::{Limits, Path, Validate, ValidationErrors, check_id};
 
@@ -27,6 +28,30 @@ impl PluginAction {
             Self::Remove => "remove",
         }
     }
+}
+
+/// The plugin name rule of [`is_valid_plugin_name`] as a JSON Schema pattern.
+pub const PLUGIN_NAME_PATTERN: &str = "^(@[a-z0-9][a-z0-9._-]*/)?[a-z0-9][a-z0-9._-]*$";
+/// The plugin version rule of [`is_valid_plugin_version`] as a JSON Schema pattern.
+pub const PLUGIN_VERSION_PATTERN: &str = "^[0-9A-Za-z][0-9A-Za-z.+-]*$";
+
+/// JSON Schema of a plugin name.
+pub fn plugin_name_schema() -> serde_json::Value {
+    serde_json::json!({ "type": "string", "maxLength": MAX_PLUGIN_NAME_LEN, "pattern": PLUGIN_NAME_PATTERN })
+}
+
+/// JSON Schema of a plugin version.
+pub fn plugin_version_schema() -> serde_json::Value {
+    serde_json::json!({ "type": "string", "maxLength": MAX_PLUGIN_VERSION_LEN, "pattern": PLUGIN_VERSION_PATTERN })
+}
+
+/// JSON Schema of a plugin action.
+pub fn plugin_action_schema() -> serde_json::Value {
+    schema::one_of(&[
+        PluginAction::Install,
+        PluginAction::Update,
+        PluginAction::Remove,
+    ])
 }
 
 /// A step of the plugin pipeline.
@@ -126,6 +151,13 @@ impl Validate for NextJobRequest {
     }
 }
 
+impl NextJobRequest {
+    /// JSON Schema of this body (for the OpenAPI document).
+    pub fn json_schema() -> serde_json::Value {
+        schema::object(&["instance_id"], &[("instance_id", schema::id())])
+    }
+}
+
 /// A plugin job handed to an agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PluginJob {
@@ -183,6 +215,37 @@ impl Validate for PluginReport {
     }
 }
 
+impl PluginReport {
+    /// JSON Schema of this body (for the OpenAPI document).
+    pub fn json_schema() -> serde_json::Value {
+        use PluginStep as S;
+        let max = Limits::default().max_message_len;
+        schema::object(
+            &["instance_id", "job_id", "status"],
+            &[
+                ("instance_id", schema::id()),
+                ("job_id", schema::id()),
+                ("status", crate::update::reported_status_schema()),
+                (
+                    "step",
+                    schema::nullable(schema::one_of(&[
+                        S::Accepted,
+                        S::Install,
+                        S::Update,
+                        S::Remove,
+                        S::Smoke,
+                        S::Rollback,
+                        S::Done,
+                    ])),
+                ),
+                ("error", schema::nullable(schema::text(max))),
+                ("duration_ms", schema::nullable(schema::count())),
+                ("output_tail", schema::nullable(schema::text(max))),
+            ],
+        )
+    }
+}
+
 /// Body of `POST /api/plugins/requests`: an instance asks for a plugin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PluginRequest {
@@ -222,6 +285,25 @@ impl Validate for PluginRequest {
                 limits.max_message_len,
             );
         }
+    }
+}
+
+impl PluginRequest {
+    /// JSON Schema of this body (for the OpenAPI document).
+    pub fn json_schema() -> serde_json::Value {
+        schema::object(
+            &["instance_id", "name", "version"],
+            &[
+                ("instance_id", schema::id()),
+                ("name", plugin_name_schema()),
+                ("version", plugin_version_schema()),
+                ("action", plugin_action_schema()),
+                (
+                    "reason",
+                    schema::nullable(schema::text(Limits::default().max_message_len)),
+                ),
+            ],
+        )
     }
 }
 

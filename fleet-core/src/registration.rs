@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::schema;
 use crate::validate::{Limits, Path, Validate, ValidationErrors, check_id, check_text};
 
 /// Body of `POST /v1/agents/register`.
@@ -41,6 +42,24 @@ impl Validate for RegisterRequest {
                 check_text(errors, &at.field(name), value, 256);
             }
         }
+    }
+}
+
+impl RegisterRequest {
+    /// JSON Schema of this body (for the OpenAPI document).
+    pub fn json_schema() -> serde_json::Value {
+        // The same bound as `validate` uses for these fields.
+        let max = 256;
+        schema::object(
+            &["instance_id"],
+            &[
+                ("instance_id", schema::id()),
+                ("enrollment_token", schema::nullable(schema::text(max))),
+                ("hostname", schema::nullable(schema::text(max))),
+                ("agent_version", schema::nullable(schema::text(max))),
+                ("architecture", schema::nullable(schema::text(max))),
+            ],
+        )
     }
 }
 

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::schema;
 use crate::update::validate_report_tail;
 use crate::validate::{Limits, Path, Validate, ValidationErrors, check_id};
 
@@ -96,5 +97,27 @@ impl Validate for RestoreReport {
             at,
             errors,
         );
+    }
+}
+
+impl RestoreReport {
+    /// JSON Schema of this body (for the OpenAPI document).
+    pub fn json_schema() -> serde_json::Value {
+        use RestoreStatus as R;
+        let max = Limits::default().max_message_len;
+        schema::object(
+            &["instance_id", "restore_id", "status"],
+            &[
+                ("instance_id", schema::id()),
+                ("restore_id", schema::id()),
+                (
+                    "status",
+                    schema::one_of(&[R::Verified, R::Failed, R::Skipped]),
+                ),
+                ("error", schema::nullable(schema::text(max))),
+                ("duration_ms", schema::nullable(schema::count())),
+                ("output_tail", schema::nullable(schema::text(max))),
+            ],
+        )
     }
 }

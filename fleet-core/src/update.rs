@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::SignedManifest;
+use crate::schema;
 use crate::validate::{
     Limits, Path, Validate, ValidationErrors, check_id, check_range, check_text,
 };
@@ -44,6 +45,12 @@ impl JobStatus {
     pub fn is_failure(self) -> bool {
         matches!(self, Self::Failed | Self::RolledBack)
     }
+}
+
+/// JSON Schema of the statuses an agent may report (everything but `pending`).
+pub fn reported_status_schema() -> serde_json::Value {
+    use JobStatus as J;
+    schema::one_of(&[J::InProgress, J::Succeeded, J::Failed, J::RolledBack])
 }
 
 /// A step of the update pipeline. `accepted` is recorded by the control plane when it hands
@@ -193,6 +200,20 @@ impl Validate for UpdateNextRequest {
     }
 }
 
+impl UpdateNextRequest {
+    /// JSON Schema of this body (for the OpenAPI document).
+    pub fn json_schema() -> serde_json::Value {
+        let max = Limits::default().max_id_len;
+        schema::object(
+            &["instance_id"],
+            &[
+                ("instance_id", schema::id()),
+                ("current_version", schema::nullable(schema::text(max))),
+            ],
+        )
+    }
+}
+
 /// An update job handed to an agent (200 answer of `POST /api/updates/next`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UpdateJob {
@@ -277,6 +298,62 @@ impl Validate for UpdateReport {
                 check_range(errors, &at.field(name), value, 0.0, 1.0e9);
             }
         }
+    }
+}
+
+impl UpdateReport {
+    /// JSON Schema of this body (for the OpenAPI document).
+    pub fn json_schema() -> serde_json::Value {
+        use UpdateStep as S;
+        let max = Limits::default().max_message_len;
+        let steps = [
+            S::Accepted,
+            S::VerifyManifest,
+            S::Backup,
+            S::Pull,
+            S::Migrate,
+            S::Smoke,
+            S::Switch,
+            S::Health,
+            S::GreenUp,
+            S::MigrateSafe,
+            S::Canary,
+            S::SwitchGreen,
+            S::Rollback,
+            S::Done,
+        ];
+        schema::object(
+            &["instance_id", "job_id", "status"],
+            &[
+                ("instance_id", schema::id()),
+                ("job_id", schema::id()),
+                ("status", reported_status_schema()),
+                ("step", schema::nullable(schema::one_of(&steps))),
+                ("error", schema::nullable(schema::text(max))),
+                (
+                    "canary_percent",
+                    schema::nullable(
+                        serde_json::json!({ "type": "integer", "minimum": 0, "maximum": 100 }),
+                    ),
+                ),
+                (
+                    "metric_p95_ms",
+                    schema::nullable(serde_json::json!({ "type": "number", "minimum": 0 })),
+                ),
+                (
+                    "metric_error_rate",
+                    schema::nullable(
+                        serde_json::json!({ "type": "number", "minimum": 0, "maximum": 1 }),
+                    ),
+                ),
+                (
+                    "metric_webhook_retry_rate",
+                    schema::nullable(serde_json::json!({ "type": "number", "minimum": 0 })),
+                ),
+                ("duration_ms", schema::nullable(schema::count())),
+                ("output_tail", schema::nullable(schema::text(max))),
+            ],
+        )
     }
 }
 

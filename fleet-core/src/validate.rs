@@ -170,6 +170,7 @@ pub fn decode<T: DeserializeOwned + Validate>(
     limits: &Limits,
 ) -> Result<T, DecodeError> {
     check_size(body, limits)?;
+    require_object(body)?;
     let mut de = serde_json::Deserializer::from_slice(body);
     let parsed = serde_path_to_error::deserialize(&mut de);
     let value: T = match parsed {
@@ -192,6 +193,19 @@ fn single_problem(path: String, err: &serde_json::Error) -> ValidationErrors {
     let mut errors = ValidationErrors::default();
     errors.push(path, json_message(err));
     errors
+}
+
+/// Refuses a body that is not a JSON object. serde also fills a struct from a JSON array of
+/// its fields in order (`[null, null]`), which no client means and no schema documents.
+pub fn require_object(body: &[u8]) -> Result<(), ValidationErrors> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'{') => Ok(()),
+        _ => {
+            let mut errors = ValidationErrors::default();
+            errors.push(String::new(), "must be a JSON object");
+            Err(errors)
+        }
+    }
 }
 
 /// Refuses a body over the size limit.

@@ -85,14 +85,18 @@ struct EnrollBody {
     instance_id: String,
 }
 
+/// JSON Schema of [`EnrollBody`] (for `/openapi.json`).
+pub(crate) fn enroll_schema() -> serde_json::Value {
+    fleet_core::schema::object(
+        &["instance_id"],
+        &[("instance_id", fleet_core::schema::id())],
+    )
+}
+
 /// `POST /api/installations {"instance_id"}`: registers an instance before its first
 /// heartbeat (needed when enrollment is required).
 pub(crate) async fn enroll(_: Admin, State(state): State<Shared>, body: Bytes) -> Result<Response> {
-    let parsed: EnrollBody = serde_json::from_slice(&body).map_err(|e| {
-        let mut errors = ValidationErrors::default();
-        errors.push("", e.to_string());
-        Error::Invalid(errors)
-    })?;
+    let parsed: EnrollBody = crate::rollouts::parse_body(&body, &state.settings.limits)?;
     // The same rule as a heartbeat's `instance_id`, so an enrolled id can send heartbeats.
     let id = parsed.instance_id.as_str();
     let mut errors = ValidationErrors::default();

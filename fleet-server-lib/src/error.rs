@@ -144,6 +144,38 @@ impl IntoResponse for Error {
     }
 }
 
+/// Rewrites axum's own rejections (a body over the transport limit, an unreadable body, a
+/// malformed path) from plain text into the `{"error": {"code", "message"}}` body every other
+/// error has, so clients and the OpenAPI document can rely on one error shape.
+pub(crate) async fn json_rejections(response: Response) -> Response {
+    let status = response.status();
+    let plain_text = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/plain"));
+    if !status.is_client_error() || !plain_text {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Rejection texts are one short line; the cap only guards against a surprise.
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        _ => "bad_request",
+    };
+    parts.headers.remove(axum::http::header::CONTENT_TYPE);
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    let json = axum::Json(serde_json::json!({ "error": { "code": code, "message": text } }));
+    (parts, json).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,6 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use fleet_core::{Limits, SecretResolver, Verifier};
 use tokio::sync::mpsc;
@@ -309,12 +310,20 @@ fn routes(state: Shared) -> Router {
         .route("/v1/enrollments", post(registration::create_enrollment))
         .route("/v1/agents/connect", get(channel::connect))
         .route("/v1/agents/connected", get(channel::connected))
-        .route("/v1/agents/poll", post(poll::poll))
+        // A poll carries queued frames and log chunks up to MAX_POLL_BYTES; without its own
+        // limit the HTTP layer refused anything over axum's default of 2 MiB.
+        .route(
+            "/v1/agents/poll",
+            post(poll::poll).layer(DefaultBodyLimit::max(poll::MAX_POLL_BYTES)),
+        )
         .route("/v1/commands/submit", post(commands::submit))
         .route("/v1/commands/{id}", get(commands::show))
         .route("/v1/commands/{id}/logs", get(commands::logs))
         .route("/v1/commands/{id}/cancel", post(commands::cancel))
-        .route("/v1/commands/logs", post(poll::logs))
+        .route(
+            "/v1/commands/logs",
+            post(poll::logs).layer(DefaultBodyLimit::max(poll::MAX_POLL_BYTES)),
+        )
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi::document))
         .route("/", get(dashboard::index))
@@ -329,6 +338,7 @@ fn routes(state: Shared) -> Router {
         .route("/login", get(dashboard::login_page).post(dashboard::login))
         .route("/logout", post(dashboard::logout))
         .fallback(api::not_found)
+        .layer(axum::middleware::map_response(error::json_rejections))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::track,

@@ -165,12 +165,161 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
     ),
 ];
 
+/// The request body a route reads, with its media type and schema; `None` for routes that
+/// read none. The schemas come from the body types themselves (`json_schema()` beside each).
+fn request_body(method: &str, path: &str) -> Option<(&'static str, Value)> {
+    use fleet_core::{command, manifest, plugin, registration, restore, update};
+    let json = |schema: Value| Some(("application/json", schema));
+    match (method, path) {
+        ("post", "/api/heartbeats") => json(fleet_core::Heartbeat::json_schema()),
+        ("post", "/api/installations") => json(crate::api::enroll_schema()),
+        ("post", "/api/releases") => json(json!({ "oneOf": [
+            manifest::SignedManifest::json_schema(),
+            fleet_core::schema::object(&["manifest"], &[("manifest", manifest::SignedManifest::json_schema())]),
+        ]})),
+        ("post", "/api/rollouts") | ("post", "/api/plugins/rollouts") => {
+            json(crate::rollouts::create_rollout_schema())
+        }
+        ("post", "/api/updates/next") => json(update::UpdateNextRequest::json_schema()),
+        ("post", "/api/updates/report") => json(update::UpdateReport::json_schema()),
+        ("post", "/api/plugins/releases") => json(crate::plugins::new_release_schema()),
+        ("post", "/api/plugins/requests") => json(plugin::PluginRequest::json_schema()),
+        ("post", "/api/plugins/next") | ("post", "/api/restores/next") => {
+            json(plugin::NextJobRequest::json_schema())
+        }
+        ("post", "/api/plugins/report") => json(plugin::PluginReport::json_schema()),
+        ("post", "/api/restores/schedule") => json(crate::restores::schedule_schema()),
+        ("post", "/api/restores/report") => json(restore::RestoreReport::json_schema()),
+        ("post", "/v1/agents/register") => json(registration::RegisterRequest::json_schema()),
+        ("post", "/v1/enrollments") => json(crate::registration::enrollment_schema()),
+        ("post", "/v1/agents/poll") => json(crate::poll::poll_schema()),
+        ("post", "/v1/commands/submit") => json(command::SubmitCommand::json_schema()),
+        ("post", "/v1/commands/logs") => json(command::LogBatch::json_schema()),
+        ("post", "/login") => Some((
+            "application/x-www-form-urlencoded",
+            fleet_core::schema::object(&["token"], &[("token", json!({ "type": "string" }))]),
+        )),
+        _ => None,
+    }
+}
+
+/// What kind of answer a route gives when it succeeds, which fixes its media types.
+fn success_media(path: &str) -> &'static [&'static str] {
+    match path {
+        "/metrics" => &["text/plain"],
+        "/v1/commands/{id}/logs" => &["application/octet-stream", "text/event-stream"],
+        p if p.starts_with("/api/")
+            || p.starts_with("/v1/")
+            || p.starts_with("/.well-known/")
+            || p == "/healthz"
+            || p == "/openapi.json" =>
+        {
+            &["application/json"]
+        }
+        _ => &["text/html"],
+    }
+}
+
+/// The error body every JSON error answer carries.
+fn error_schema() -> Value {
+    json!({
+        "type": "object",
+        "required": ["error"],
+        "properties": { "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": { "type": "string" },
+                "message": { "type": "string" },
+                "details": { "type": "array", "items": {
+                    "type": "object",
+                    "required": ["path", "message"],
+                    "properties": { "path": { "type": "string" }, "message": { "type": "string" } }
+                }}
+            }
+        }}
+    })
+}
+
+/// The answers every route of a kind can give besides its own: who may call it, whether it
+/// reads a body, whether its path names something that may not exist.
+fn common_responses(route: &RouteDoc, has_body: bool) -> Vec<(u16, &'static str)> {
+    let mut extra = Vec::new();
+    match route.access {
+        Public => {}
+        Signed => extra.push((
+            401,
+            "Signature missing, wrong, expired or replayed: every request without a valid agent signature",
+        )),
+        // A dashboard page or form sends a visitor without a valid login to the login page.
+        Role(role) if success_media(route.path) == ["text/html"] => {
+            extra.push((303, "Not logged in: to /login"));
+            if role != "support" {
+                extra.push((403, "The login's role is below the one this page needs"));
+            }
+        }
+        Role(role) => {
+            extra.push((401, "No or unknown token"));
+            if role != "support" {
+                extra.push((403, "The token's role is below the one this route needs"));
+            }
+        }
+    }
+    if has_body {
+        extra.push((413, "Body over the limit"));
+        extra.push((
+            422,
+            "Invalid body; details lists every problem with its path",
+        ));
+    }
+    if route.path.contains('{') {
+        extra.push((404, "Nothing with that id"));
+    }
+    extra
+}
+
 fn operation(route: &RouteDoc) -> Value {
+    let body = request_body(route.method, route.path);
+    let mut statuses: Vec<(u16, &str)> = route.responses.to_vec();
+    for (status, description) in common_responses(route, body.is_some()) {
+        if !statuses.iter().any(|(s, _)| *s == status) {
+            statuses.push((status, description));
+        }
+    }
+    let html_route = success_media(route.path) == ["text/html"];
     let mut responses = serde_json::Map::new();
-    for (status, description) in route.responses {
-        responses.insert(status.to_string(), json!({ "description": description }));
+    for (status, description) in statuses {
+        let mut response = json!({ "description": description });
+        let media: &[&str] = match status {
+            101 | 204 | 303 => &[],
+            200..=299 => success_media(route.path),
+            // The dashboard answers a refused login, a low role, a refused action and (for a
+            // page, not a form) an unknown id with a page.
+            401 | 403 | 409 if html_route => &["text/html"],
+            404 if html_route && route.method == "get" => &["text/html"],
+            _ => &["application/json"],
+        };
+        if !media.is_empty() {
+            let mut content = serde_json::Map::new();
+            for m in media {
+                let entry = if status >= 400 && *m == "application/json" {
+                    json!({ "schema": { "$ref": "#/components/schemas/Error" } })
+                } else {
+                    json!({})
+                };
+                content.insert((*m).to_owned(), entry);
+            }
+            response["content"] = Value::Object(content);
+        }
+        responses.insert(status.to_string(), response);
     }
     let mut op = json!({ "summary": route.summary, "responses": responses });
+    if let Some((media, schema)) = body {
+        // Scheduling restores takes its defaults from an empty body.
+        let required = route.path != "/api/restores/schedule";
+        op["requestBody"] =
+            json!({ "required": required, "content": { media: { "schema": schema } } });
+    }
     match route.access {
         Public => op["security"] = json!([]),
         Signed => op["security"] = json!([{ "agentSignatureV1": [] }, { "agentSignatureV0": [] }]),
@@ -210,15 +359,62 @@ pub(crate) fn spec() -> Value {
             "description": "Heartbeat ingest, installations, alerts, roles. Error bodies are {\"error\": {\"code\", \"message\"}}; roles are support < ops < admin (x-fleet-role is the least role a route needs)."
         },
         "paths": paths,
-        "components": { "securitySchemes": {
-            "bearer": { "type": "http", "scheme": "bearer", "description": "A role token (CONTROL_PLANE_{SUPPORT,OPS,ADMIN}_TOKEN). The admin token is also accepted in x-cp-admin-token." },
-            "cookie": { "type": "apiKey", "in": "cookie", "name": "cp_token", "description": "Set by POST /login together with cp_role." },
-            "agentSignatureV1": { "type": "apiKey", "in": "header", "name": "webhook-signature", "description": "Standard Webhooks: v1,<base64 HMAC-SHA256 of {webhook-id}.{webhook-timestamp}.{body}>" },
-            "agentSignatureV0": { "type": "apiKey", "in": "header", "name": "x-agent-signature", "description": "Hex HMAC-SHA256 of the raw body (ERP instance agent)" }
-        }}
+        "components": {
+            "schemas": { "Error": error_schema() },
+            "securitySchemes": {
+                "bearer": { "type": "http", "scheme": "bearer", "description": "A role token (CONTROL_PLANE_{SUPPORT,OPS,ADMIN}_TOKEN). The admin token is also accepted in x-cp-admin-token." },
+                "cookie": { "type": "apiKey", "in": "cookie", "name": "cp_token", "description": "Set by POST /login together with cp_role." },
+                "agentSignatureV1": { "type": "apiKey", "in": "header", "name": "webhook-signature", "description": "Standard Webhooks: v1,<base64 HMAC-SHA256 of {webhook-id}.{webhook-timestamp}.{body}>" },
+                "agentSignatureV0": { "type": "apiKey", "in": "header", "name": "x-agent-signature", "description": "Hex HMAC-SHA256 of the raw body (ERP instance agent)" }
+            }
+        }
     })
 }
 
 pub(crate) async fn document() -> impl IntoResponse {
     Json(spec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_body_route_and_error_is_described() {
+        let spec = spec();
+        let mut problems = Vec::new();
+        for route in ROUTES
+            .iter()
+            .chain(crate::rollout_docs::ROUTES)
+            .chain(crate::commands::ROUTES)
+        {
+            let op = &spec["paths"][route.path][route.method];
+            let responses = op["responses"].as_object().expect("responses");
+            let name = format!("{} {}", route.method, route.path);
+            // Every signed route reads a body it verifies; an unsigned caller gets 401.
+            if route.access == Signed && route.method == "post" {
+                if op["requestBody"].is_null() {
+                    problems.push(format!("{name}: no request body"));
+                }
+                if !responses.contains_key("401") {
+                    problems.push(format!("{name}: 401 undocumented"));
+                }
+            }
+            let reads_body = !op["requestBody"].is_null();
+            let body_errors = responses.contains_key("413") && responses.contains_key("422");
+            if reads_body && !body_errors {
+                problems.push(format!("{name}: reads a body but 413/422 undocumented"));
+            }
+            for (status, response) in responses {
+                let json_error = &response["content"]["application/json"]["schema"]["$ref"];
+                if status.starts_with('4')
+                    && !response["content"]["application/json"].is_null()
+                    && json_error != "#/components/schemas/Error"
+                {
+                    problems.push(format!("{name} {status}: not the Error schema"));
+                }
+            }
+        }
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
 }

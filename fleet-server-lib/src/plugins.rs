@@ -38,6 +38,25 @@ struct NewPluginRelease {
     notes: Option<String>,
 }
 
+/// JSON Schema of [`NewPluginRelease`] (for `/openapi.json`); unknown keys are refused.
+pub(crate) fn new_release_schema() -> serde_json::Value {
+    use fleet_core::plugin::{plugin_name_schema, plugin_version_schema};
+    let mut schema = fleet_core::schema::object(
+        &["name", "version"],
+        &[
+            ("name", plugin_name_schema()),
+            ("version", plugin_version_schema()),
+            (
+                "compatible",
+                serde_json::json!({ "type": "array", "maxItems": MAX_COMPATIBLE, "items": { "type": "string" } }),
+            ),
+            ("notes", serde_json::json!({ "type": ["string", "null"] })),
+        ],
+    );
+    schema["additionalProperties"] = serde_json::json!(false);
+    schema
+}
+
 fn any_version() -> Vec<String> {
     vec!["*".into()]
 }

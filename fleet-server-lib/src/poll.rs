@@ -33,6 +33,20 @@ struct PollBody {
     frames: Vec<serde_json::Value>,
 }
 
+/// JSON Schema of [`PollBody`] (for `/openapi.json`).
+pub(crate) fn poll_schema() -> serde_json::Value {
+    fleet_core::schema::object(
+        &["instance_id"],
+        &[
+            ("instance_id", fleet_core::schema::id()),
+            (
+                "frames",
+                serde_json::json!({ "type": "array", "maxItems": MAX_POLL_FRAMES }),
+            ),
+        ],
+    )
+}
+
 /// `POST /v1/agents/poll`.
 pub(crate) async fn poll(
     State(state): State<Shared>,
@@ -46,6 +60,7 @@ pub(crate) async fn poll(
     }
     let commands = command_store(state.store.as_ref())?;
     let instance = verify_agent(&state, commands, &headers, &body).await?;
+    fleet_core::validate::require_object(&body).map_err(Error::Invalid)?;
     let parsed: PollBody = serde_json::from_slice(&body).map_err(|e| {
         let mut errors = fleet_core::ValidationErrors::default();
         errors.push("", e.to_string());

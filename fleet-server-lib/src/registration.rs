@@ -176,14 +176,27 @@ struct EnrollmentBody {
     ttl_secs: Option<u64>,
 }
 
+/// JSON Schema of [`EnrollmentBody`] (for `/openapi.json`).
+pub(crate) fn enrollment_schema() -> serde_json::Value {
+    fleet_core::schema::object(
+        &["instance_id"],
+        &[
+            ("instance_id", fleet_core::schema::id()),
+            (
+                "ttl_secs",
+                serde_json::json!({ "type": ["integer", "null"], "minimum": 60, "maximum": 2_592_000 }),
+            ),
+        ],
+    )
+}
+
 /// `POST /v1/enrollments {"instance_id", "ttl_secs"?}` (admin): a one-time token, shown once.
 pub(crate) async fn create_enrollment(
     _: Admin,
     State(state): State<Shared>,
     body: Bytes,
 ) -> Result<Response> {
-    let parsed: EnrollmentBody =
-        serde_json::from_slice(&body).map_err(|e| invalid("", e.to_string()))?;
+    let parsed: EnrollmentBody = crate::rollouts::parse_body(&body, &state.settings.limits)?;
     let id = parsed.instance_id.trim();
     let max = state.settings.limits.max_id_len;
     if id.is_empty() || id.len() > max || id.chars().any(|c| c.is_control() || c.is_whitespace()) {

@@ -31,6 +31,23 @@ struct Schedule {
     environment: Option<String>,
 }
 
+/// JSON Schema of [`Schedule`] (for `/openapi.json`).
+pub(crate) fn schedule_schema() -> serde_json::Value {
+    fleet_core::schema::object(
+        &[],
+        &[
+            (
+                "count",
+                serde_json::json!({ "type": ["integer", "null"], "minimum": 1, "maximum": MAX_COUNT }),
+            ),
+            (
+                "environment",
+                fleet_core::schema::nullable(fleet_core::schema::id()),
+            ),
+        ],
+    )
+}
+
 /// `POST /api/restores/schedule` (ops): `{count (5), environment ("staging")}`.
 pub(crate) async fn schedule(_: Ops, State(state): State<Shared>, body: Bytes) -> Result<Response> {
     let request: Schedule = if body.iter().all(u8::is_ascii_whitespace) {

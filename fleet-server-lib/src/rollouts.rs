@@ -329,6 +329,68 @@ pub(crate) struct CreateRollout {
     action: Option<fleet_core::plugin::PluginAction>,
 }
 
+/// JSON Schema of [`CreateRollout`] (for `/openapi.json`); unknown keys are refused.
+pub(crate) fn create_rollout_schema() -> serde_json::Value {
+    use fleet_core::schema::{id, one_of};
+    use serde_json::json;
+    let int = json!({ "type": ["integer", "null"], "minimum": 0 });
+    let rate = json!({ "type": ["number", "null"], "minimum": 0 });
+    let mut schema = fleet_core::schema::object(
+        &["channel"],
+        &[
+            ("release_id", int.clone()),
+            ("version", json!({ "type": ["string", "null"] })),
+            ("channel", id()),
+            (
+                "batch_size",
+                json!({ "type": "integer", "minimum": 1, "maximum": u32::MAX }),
+            ),
+            (
+                "strategy",
+                one_of(&[Strategy::Batch, Strategy::BlueGreenCanary]),
+            ),
+            (
+                "canary_steps",
+                json!({ "type": ["array", "null"], "items": { "type": "integer", "minimum": 0, "maximum": 100 } }),
+            ),
+            ("canary_step_wait_sec", int.clone()),
+            ("slo_p95_ms_max", rate.clone()),
+            ("slo_error_rate_max", rate.clone()),
+            ("slo_webhook_retry_rate_max", rate),
+            ("auto_rollback", json!({ "type": ["boolean", "null"] })),
+            (
+                "failure_threshold",
+                json!({ "type": ["string", "integer", "null"] }),
+            ),
+            ("auto_advance", json!({ "type": "boolean" })),
+            ("observe_secs", int.clone()),
+            ("plugin_release_id", int),
+            (
+                "action",
+                fleet_core::schema::nullable(fleet_core::plugin::plugin_action_schema()),
+            ),
+        ],
+    );
+    // The ERP's camelCase names are accepted as aliases of the same fields.
+    for (alias, name) in [
+        ("manifestId", "release_id"),
+        ("batchSize", "batch_size"),
+        ("canarySteps", "canary_steps"),
+        ("canaryStepWaitSec", "canary_step_wait_sec"),
+        ("sloP95MsMax", "slo_p95_ms_max"),
+        ("sloErrorRateMax", "slo_error_rate_max"),
+        ("sloWebhookRetryRateMax", "slo_webhook_retry_rate_max"),
+        ("autoRollback", "auto_rollback"),
+        ("failureThreshold", "failure_threshold"),
+        ("autoAdvance", "auto_advance"),
+        ("observeSecs", "observe_secs"),
+    ] {
+        schema["properties"][alias] = schema["properties"][name].clone();
+    }
+    schema["additionalProperties"] = json!(false);
+    schema
+}
+
 fn default_batch_size() -> u32 {
     10
 }
@@ -433,6 +495,7 @@ pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
             limit: limits.max_body_bytes,
         });
     }
+    fleet_core::validate::require_object(body).map_err(Error::Invalid)?;
     serde_json::from_slice(body).map_err(|err| {
         let mut errors = ValidationErrors::default();
         let text: String = err.to_string().chars().take(300).collect();

@@ -10,7 +10,11 @@ use fleet_agent::{Agent, AgentConfig, CommandSettings, Error};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        // tungstenite logs the whole handshake request at trace, with the live channel's
+        // `Authorization: Bearer <JWT>`: held at debug whatever RUST_LOG says.
+        .add_directive("tungstenite=debug".parse().expect("static directive"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -377,3 +377,70 @@ async fn a_silent_socket_is_dropped_after_the_pong_timeout_and_redialled() {
 fn reqwest_client() -> fleet_agent::channel::HttpClient {
     fleet_agent::channel::HttpClient::new()
 }
+
+/// Arguments full of shell syntax reach the program verbatim: without `shell` nothing
+/// interprets them, and with `shell` they are positional parameters (`"$@"`), never pasted
+/// into the command line. The canary file proves no injected command ran.
+#[tokio::test]
+async fn run_command_passes_shell_metacharacters_verbatim() {
+    let (executor, journal, dir) = executor(CommandSettings::default()).await;
+    let canary = dir.join("injected");
+    let hostile: Vec<String> = vec![
+        format!("; touch {}", canary.display()),
+        format!("$(touch {})", canary.display()),
+        format!("`touch {}`", canary.display()),
+        format!("a && touch {} || b", canary.display()),
+        "| cat /etc/passwd > x".into(),
+        "*".into(),
+        "$HOME".into(),
+        "'\"\\".into(),
+        "line\nbreak".into(),
+    ];
+    let expected: String = hostile.iter().map(|a| format!("<{a}>")).collect();
+    let printf_args: Vec<String> = std::iter::once("<%s>".to_owned())
+        .chain(hostile.iter().cloned())
+        .collect();
+    executor
+        .accept(envelope(
+            "plain",
+            "RunCommand",
+            json!({"cmd": "printf", "args": printf_args}),
+        ))
+        .await
+        .expect("accept");
+    executor
+        .accept(envelope(
+            "shell",
+            "RunCommand",
+            json!({"cmd": "printf '<%s>' \"$@\"", "args": hostile, "shell": true}),
+        ))
+        .await
+        .expect("accept");
+    let mut found = Vec::new();
+    for _ in 0..400 {
+        found = results(&journal)
+            .await
+            .into_iter()
+            .filter(|r| r.status != fleet_core::command::CommandStatus::InProgress)
+            .collect();
+        if found.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(found.len(), 2, "both commands ended: {found:?}");
+    for result in &found {
+        assert_eq!(
+            result.status,
+            fleet_core::command::CommandStatus::Completed,
+            "{result:?}"
+        );
+        assert_eq!(
+            result.logs, expected,
+            "{}: arguments verbatim",
+            result.job_id
+        );
+    }
+    assert!(!canary.exists(), "an injected command ran");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,4 +1,5 @@
-//! fleet-core integration tests: the shared vectors and property tests.
+//! fleet-core integration tests: the shared vectors, property tests and a timing oracle.
 
 mod properties;
+mod timing;
 mod vectors;

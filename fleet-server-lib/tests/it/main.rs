@@ -6,6 +6,7 @@ mod auth;
 mod browser;
 mod commands;
 mod compose;
+mod hostile;
 mod ingest;
 mod marketplace;
 mod rollout_auth;

@@ -3,7 +3,6 @@
 //! a restart uses the stored secret (the token is spent).
 
 use std::os::unix::fs::PermissionsExt;
-use std::time::Duration;
 
 use fleet_server::{ControlPlane, RoleTokens, SqliteStore};
 use serde_json::{Value, json};
@@ -11,36 +10,6 @@ use serde_json::{Value, json};
 use crate::*;
 
 const ADMIN: &str = "enroll-admin";
-
-async fn health_check(client: &reqwest::Client, url: &str, instance: &str) -> Value {
-    let submitted: Value = client
-        .post(format!("{url}/v1/commands/submit"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"command_type": "HEALTH_CHECK", "targets": [instance], "payload": {}}))
-        .send()
-        .await
-        .expect("submit")
-        .json()
-        .await
-        .expect("json");
-    let id = submitted["id"].as_str().expect("id").to_owned();
-    for _ in 0..300 {
-        let shown: Value = client
-            .get(format!("{url}/v1/commands/{id}"))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .expect("show")
-            .json()
-            .await
-            .expect("json");
-        if shown["status"] != "running" {
-            return shown;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the HEALTH_CHECK never ended");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_enrolls_with_a_one_time_token_and_keeps_its_secret() {
@@ -56,11 +25,7 @@ async fn the_binary_enrolls_with_a_one_time_token_and_keeps_its_secret() {
         })
         .build()
         .expect("control plane");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+    let url = serve(router).await;
     let client = reqwest::Client::new();
     let created: Value = client
         .post(format!("{url}/v1/enrollments"))
@@ -94,7 +59,7 @@ async fn the_binary_enrolls_with_a_one_time_token_and_keeps_its_secret() {
     .collect();
 
     let mut agent = Guard(spawn_agent(&env, &dir));
-    let done = health_check(&client, &url, "fresh-host-1").await;
+    let done = health_check(&client, &url, ADMIN, "fresh-host-1").await;
     assert_eq!(done["targets"][0]["status"], "completed", "{done}");
     let mode = std::fs::metadata(&secret_file)
         .expect("secret stored")
@@ -105,7 +70,7 @@ async fn the_binary_enrolls_with_a_one_time_token_and_keeps_its_secret() {
 
     // Restarted with the same (now spent) token: the stored secret is used.
     let mut agent = Guard(spawn_agent(&env, &dir));
-    let done = health_check(&client, &url, "fresh-host-1").await;
+    let done = health_check(&client, &url, ADMIN, "fresh-host-1").await;
     assert_eq!(done["targets"][0]["status"], "completed", "{done}");
     sigterm_and_wait(&mut agent).await;
     let _ = std::fs::remove_dir_all(dir);

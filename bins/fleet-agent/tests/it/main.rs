@@ -13,6 +13,7 @@ mod faults;
 mod image;
 mod process;
 mod rollout;
+mod secrets;
 mod unit;
 mod update;
 
@@ -168,6 +169,68 @@ pub async fn wait_for_queued(local_port: u16, n: f64) -> f64 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     queued
+}
+
+/// Serves `router` on 127.0.0.1 (a free port) in the background; returns its URL.
+pub async fn serve(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+    url
+}
+
+/// Submits a command (the body of `POST /v1/commands/submit`) with an admin `token` and
+/// returns it once it is no longer running (60 s at most).
+pub async fn run_command(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let submitted: serde_json::Value = client
+        .post(format!("{url}/v1/commands/submit"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .expect("submit")
+        .json()
+        .await
+        .expect("json");
+    let id = submitted["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("refused: {submitted}"))
+        .to_owned();
+    for _ in 0..600 {
+        let shown: serde_json::Value = client
+            .get(format!("{url}/v1/commands/{id}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("show")
+            .json()
+            .await
+            .expect("json");
+        if shown["status"] != "running" {
+            return shown;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("command {id} never ended");
+}
+
+/// A `HEALTH_CHECK` of `instance`, run to its end.
+pub async fn health_check(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    instance: &str,
+) -> serde_json::Value {
+    let body =
+        serde_json::json!({"command_type": "HEALTH_CHECK", "targets": [instance], "payload": {}});
+    run_command(client, url, token, body).await
 }
 
 /// Sends SIGTERM and expects a clean exit within 10 s.

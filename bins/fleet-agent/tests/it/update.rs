@@ -4,50 +4,16 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use base64::Engine;
 use ed25519_dalek::Signer as _;
 use fleet_server::{ControlPlane, RoleTokens, SqliteStore};
-use serde_json::{Value, json};
+use serde_json::json;
 use sha2::Digest;
 
 use crate::*;
 
 const ADMIN: &str = "update-admin";
-
-async fn run_command(client: &reqwest::Client, url: &str, body: Value) -> Value {
-    let submitted: Value = client
-        .post(format!("{url}/v1/commands/submit"))
-        .bearer_auth(ADMIN)
-        .json(&body)
-        .send()
-        .await
-        .expect("submit")
-        .json()
-        .await
-        .expect("json");
-    let id = submitted["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("refused: {submitted}"))
-        .to_owned();
-    for _ in 0..600 {
-        let shown: Value = client
-            .get(format!("{url}/v1/commands/{id}"))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .expect("show")
-            .json()
-            .await
-            .expect("json");
-        if shown["status"] != "running" {
-            return shown;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("command {id} never ended");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_agent_swaps_the_binary_restarts_and_confirms() {
@@ -100,11 +66,7 @@ async fn update_agent_swaps_the_binary_restarts_and_confirms() {
         })
         .build()
         .expect("control plane");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+    let url = serve(router).await;
 
     let log = std::fs::File::create(dir.join("agent.log")).expect("log");
     let child = Command::new(&installed)
@@ -130,6 +92,7 @@ async fn update_agent_swaps_the_binary_restarts_and_confirms() {
     let done = run_command(
         &Client::new(),
         &url,
+        ADMIN,
         json!({"command_type": "UpdateAgent", "targets": [INSTANCE],
                "payload": {"version": "2.0.0", "url": download_url, "sha256": sha, "signature": signature}}),
     )
@@ -168,6 +131,7 @@ async fn update_agent_swaps_the_binary_restarts_and_confirms() {
     let done = run_command(
         &Client::new(),
         &url,
+        ADMIN,
         json!({"command_type": "HEALTH_CHECK", "targets": [INSTANCE], "payload": {}}),
     )
     .await;

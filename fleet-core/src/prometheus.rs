@@ -2,6 +2,9 @@
 //! sturdier: label values may contain commas and escapes, a sample may carry a timestamp, p95
 //! comes from a summary quantile or, failing that, from histogram buckets, and durations in
 //! seconds are converted to milliseconds.
+//!
+//! Pure text in, figures out (no I/O), so it lives in fleet-core where the fuzzer reaches it
+//! (`fuzz/fuzz_targets/prometheus_parse.rs`); the agent re-exports it as `fleet_agent::prometheus`.
 
 use std::collections::BTreeMap;
 
@@ -111,12 +114,17 @@ pub fn parse_slo(text: &str) -> SloFigures {
     let mut processed = 0.0;
     let mut pending = 0.0;
 
-    for sample in text.lines().filter_map(parse_line) {
+    // Every figure read here is a duration, a counter or a gauge of things: none can be
+    // negative, NaN or infinite, and one that is would poison a sum or a ratio.
+    for sample in text
+        .lines()
+        .filter_map(parse_line)
+        .filter(|s| s.value.is_finite() && s.value >= 0.0)
+    {
         let v = sample.value;
         match sample.name {
             "http_request_duration_ms" | "http_request_duration_seconds"
-                if sample.label("quantile").and_then(|q| q.parse::<f64>().ok()) == Some(0.95)
-                    && v.is_finite() =>
+                if sample.label("quantile").and_then(|q| q.parse::<f64>().ok()) == Some(0.95) =>
             {
                 let ms = to_ms(sample.name, v);
                 // The worst series is the one an SLO cares about.
@@ -127,34 +135,38 @@ pub fn parse_slo(text: &str) -> SloFigures {
                     "+Inf" | "Inf" => Some(f64::INFINITY),
                     other => other.parse::<f64>().ok(),
                 });
-                if let Some(bound) = bound.filter(|_| v.is_finite()) {
+                if let Some(bound) = bound.filter(|b| !b.is_nan()) {
                     *buckets
                         .entry(OrderedBound(to_ms(sample.name, bound)))
                         .or_default() += v;
                 }
             }
-            "http_requests_total" if v.is_finite() => {
+            "http_requests_total" => {
                 requests += v;
                 let status = sample.label("status").or_else(|| sample.label("code"));
                 if status.is_some_and(|s| s.starts_with('5')) {
                     errors += v;
                 }
             }
-            "webhooks_total" if v.is_finite() => webhooks += v,
-            "webhook_retries_total" if v.is_finite() => retries += v,
-            "jobs_processed_total" | "bullmq_jobs_processed_total" if v.is_finite() => {
-                processed += v
-            }
-            "jobs_pending" | "bullmq_jobs_waiting" if v.is_finite() => pending += v,
+            "webhooks_total" => webhooks += v,
+            "webhook_retries_total" => retries += v,
+            "jobs_processed_total" | "bullmq_jobs_processed_total" => processed += v,
+            "jobs_pending" | "bullmq_jobs_waiting" => pending += v,
             _ => {}
         }
     }
 
     let bounds: Vec<(f64, f64)> = buckets.into_iter().map(|(b, c)| (b.0, c)).collect();
+    // Sums of huge counters can still overflow to infinity; a ratio of those is no figure.
+    let finite = |x: f64| Some(x).filter(|x| x.is_finite());
     SloFigures {
-        p95_ms: p95_summary_ms.or_else(|| histogram_quantile(0.95, &bounds)),
-        error_rate: (requests > 0.0).then(|| errors / requests),
-        webhook_retry_rate: (webhooks > 0.0).then(|| retries / webhooks),
+        p95_ms: p95_summary_ms
+            .or_else(|| histogram_quantile(0.95, &bounds))
+            .and_then(finite),
+        error_rate: (requests > 0.0).then(|| errors / requests).and_then(finite),
+        webhook_retry_rate: (webhooks > 0.0)
+            .then(|| retries / webhooks)
+            .and_then(finite),
         jobs_processed: (processed > 0.0).then_some(processed as u64),
         jobs_pending: (pending > 0.0).then_some(pending as u64),
     }
@@ -197,7 +209,7 @@ pub fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> Option<f64> {
     None
 }
 
-/// An `f64` bucket bound that sorts (bounds are never NaN here).
+/// An `f64` bucket bound that sorts (NaN bounds are dropped before they get here).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct OrderedBound(f64);
 
@@ -294,6 +306,36 @@ http_request_duration_seconds_bucket{route="/b",le="+Inf"} 45
         assert_eq!(
             parse_slo("up 1\nhttp_request_duration_ms{quantile=\"0.95\"} NaN\n"),
             SloFigures::default()
+        );
+    }
+
+    #[test]
+    fn hostile_values_never_give_a_figure_a_heartbeat_refuses() {
+        // A NaN bucket bound (`-nan` sorts first), negative counters and sums that overflow
+        // to infinity: the figures stay finite, non-negative and the error rate a share.
+        let text = "\
+http_request_duration_ms_bucket{le=\"-nan\"} 5
+http_request_duration_ms_bucket{le=\"+Inf\"} 5
+http_requests_total{status=\"500\"} 10
+http_requests_total{status=\"200\"} -5
+webhooks_total 1e308
+webhooks_total 1e308
+webhook_retries_total 1e308
+webhook_retries_total 1e308
+";
+        let slo = parse_slo(text);
+        assert!(
+            slo.p95_ms.is_none_or(|p| p.is_finite() && p >= 0.0),
+            "{slo:?}"
+        );
+        assert!(
+            slo.error_rate.is_none_or(|r| (0.0..=1.0).contains(&r)),
+            "{slo:?}"
+        );
+        assert!(
+            slo.webhook_retry_rate
+                .is_none_or(|r| r.is_finite() && r >= 0.0),
+            "{slo:?}"
         );
     }
 }
