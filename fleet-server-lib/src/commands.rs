@@ -389,9 +389,9 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "post",
         "/v1/agents/poll",
         Signed,
-        "Fallback when the WebSocket cannot be opened: send queued frames, receive acknowledgements and waiting commands. v1 signature only.",
+        "Fallback when the WebSocket cannot be opened: send queued frames and the ids of running commands (`running`), receive acknowledgements, waiting commands and the running ones to stop (`cancel`). v1 signature only.",
         &[
-            (200, "{acked, refused, commands}"),
+            (200, "{acked, refused, commands, cancel}"),
             (401, "Signature refused"),
         ],
     ),

@@ -569,11 +569,9 @@ support::on_both_backends!(
     enrollment_token_buys_a_secret_once,
 );
 
-/// A control plane behind a "proxy" that refuses WebSocket upgrades: the agent must fall
-/// back to `POST /v1/agents/poll`.
-#[tokio::test]
-async fn polling_fallback_runs_commands_without_a_socket() {
-    let store = support::sqlite().await;
+/// A control plane behind a "proxy" that refuses WebSocket upgrades, so agents must fall
+/// back to `POST /v1/agents/poll`; returns its URL and the serving task.
+async fn polling_only_server(store: &TestStore) -> (String, tokio::task::JoinHandle<()>) {
     let router = fleet_server::ControlPlane::builder()
         .shared_store(store.store.clone())
         .secrets(support::resolver())
@@ -593,6 +591,14 @@ async fn polling_fallback_runs_commands_without_a_socket() {
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let serving = tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+    (url, serving)
+}
+
+/// The agent falls back to `POST /v1/agents/poll` and still runs commands.
+#[tokio::test]
+async fn polling_fallback_runs_commands_without_a_socket() {
+    let store = support::sqlite().await;
+    let (url, serving) = polling_only_server(&store).await;
     let client = reqwest::Client::new();
     let agent = TestAgent::start(&url, INSTANCE, SECRET, None).await;
     let (status, body) = submit(
@@ -619,6 +625,79 @@ async fn polling_fallback_runs_commands_without_a_socket() {
         .await
         .expect("poll");
     assert_eq!(response.status().as_u16(), 401);
+    agent.stop().await;
+    serving.abort();
+}
+
+/// Whether process `pid` is gone (or a zombie waiting for a reaper).
+fn process_gone(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// A cancel reaches an agent that has no socket: its next poll answer names the running
+/// command, and the agent kills the command's whole process group.
+#[tokio::test]
+async fn polling_fallback_delivers_cancel_and_kills_the_process_group() {
+    let store = support::sqlite().await;
+    let (url, serving) = polling_only_server(&store).await;
+    let client = reqwest::Client::new();
+    let agent = TestAgent::start(&url, INSTANCE, SECRET, None).await;
+    let pid_file = agent.dir.0.join("background.pid");
+    // A shell that leaves a background child in its process group, then waits.
+    let (status, body) = submit(
+        &client,
+        &url,
+        ADMIN,
+        json!({"command_type": "RunCommand", "targets": [INSTANCE],
+               "payload": {"cmd": "sh", "args": ["-c",
+                   "sleep 600 & echo $! > \"$0\"; echo started; wait",
+                   pid_file.display().to_string()]}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().expect("id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pid = loop {
+        if let Ok(pid) = std::fs::read_to_string(&pid_file)
+            && !pid.trim().is_empty()
+        {
+            break pid.trim().to_owned();
+        }
+        assert!(Instant::now() < deadline, "the command never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!process_gone(&pid));
+    let response = client
+        .post(format!("{url}/v1/commands/{id}/cancel"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(response.status().as_u16(), 200);
+    // The agent polls every few seconds; the background child dies with its group.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !process_gone(&pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the cancelled command's process group still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let shown = wait_done(&client, &url, &id, Duration::from_secs(10)).await;
+    assert_eq!(shown["status"], "cancelled", "{shown}");
+    assert_eq!(shown["targets"][0]["status"], "cancelled", "{shown}");
+    // Its output so far still arrives over polls.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while output(&client, &url, &id, "stdout").await != b"started\n" {
+        assert!(Instant::now() < deadline, "the output never arrived");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     agent.stop().await;
     serving.abort();
 }
