@@ -567,7 +567,64 @@ support::on_both_backends!(
     follow_streams_live_then_ends,
     cancel_kills_a_running_command,
     enrollment_token_buys_a_secret_once,
+    dashboard_lists_commands_and_shows_one,
 );
+
+/// The dashboard's command pages over each backend's SQL (the browser test drives them in
+/// Chromium on SQLite).
+async fn dashboard_lists_commands_and_shows_one(store: TestStore) {
+    let server = server(&store).await;
+    let agent = TestAgent::start(&server.url, INSTANCE, SECRET, None).await;
+    wait_connected(&server.client, &server.url, 1).await;
+    let mut ids = Vec::new();
+    for word in ["first", "second"] {
+        let (_, body) = submit(
+            &server.client,
+            &server.url,
+            OPS,
+            json!({"command_type": "HEALTH_CHECK", "targets": [INSTANCE], "payload": {}}),
+        )
+        .await;
+        let id = body["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{word}: {body}"));
+        ids.push(id.to_owned());
+        wait_done(&server.client, &server.url, id, Duration::from_secs(60)).await;
+    }
+    let page = |path: String| {
+        let server = &server;
+        async move {
+            let response = server
+                .client
+                .get(server.at(&path))
+                .bearer_auth(SUPPORT)
+                .send()
+                .await
+                .expect("page");
+            (
+                response.status().as_u16(),
+                response.text().await.expect("html"),
+            )
+        }
+    };
+    let (status, list) = page("/commands".into()).await;
+    assert_eq!(status, 200);
+    // Newest first, each with its counts.
+    let newest = list.find(&ids[1]).expect("second listed");
+    let oldest = list.find(&ids[0]).expect("first listed");
+    assert!(newest < oldest, "{list}");
+    assert_eq!(list.matches("1 completed · 0 failed").count(), 2, "{list}");
+    let (status, detail) = page(format!("/commands/{}", ids[0])).await;
+    assert_eq!(status, 200);
+    assert!(
+        detail.contains("HEALTH_CHECK")
+            && detail.contains(INSTANCE)
+            && detail.contains("completed"),
+        "{detail}"
+    );
+    agent.stop().await;
+    server.stop().await;
+}
 
 /// A control plane behind a "proxy" that refuses WebSocket upgrades, so agents must fall
 /// back to `POST /v1/agents/poll`; returns its URL and the serving task.
