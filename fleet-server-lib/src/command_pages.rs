@@ -62,19 +62,21 @@ pub(crate) fn visible_payload(command_type: &str, payload: &Value, role: Role) -
     }
     // A shell command line may carry credentials inline (`curl -u user:pass`); the
     // program alone is shown.
-    if command_type == "RunCommand" && shown["shell"].as_bool() == Some(true) {
-        if let Some(cmd) = shown.get_mut("cmd") {
-            let program = cmd
-                .as_str()
-                .and_then(|c| c.split_whitespace().next())
-                .unwrap_or("")
-                .to_owned();
-            *cmd = Value::String(format!("{program} [rest hidden from support]"));
-        }
+    let shell = shown["shell"].as_bool() == Some(true);
+    if command_type == "RunCommand"
+        && shell
+        && let Some(cmd) = shown.get_mut("cmd")
+    {
+        let program = cmd
+            .as_str()
+            .and_then(|c| c.split_whitespace().next())
+            .unwrap_or("")
+            .to_owned();
+        *cmd = Value::String(format!("{program} [rest hidden from support]"));
     }
     if command_type == "RunCommand"
         && let Some(args) = shown.get_mut("args").and_then(Value::as_array_mut)
-        && shown_args_hidden(args)
+        && args_look_secret(args)
     {
         *args = vec![hidden("arguments")];
     }
@@ -82,7 +84,7 @@ pub(crate) fn visible_payload(command_type: &str, payload: &Value, role: Role) -
 }
 
 /// Arguments that look like they carry a credential (`--password=…`, `token=…`).
-fn shown_args_hidden(args: &[Value]) -> bool {
+fn args_look_secret(args: &[Value]) -> bool {
     args.iter().filter_map(Value::as_str).any(|a| {
         let a = a.to_ascii_lowercase();
         ["pass", "secret", "token", "key", "auth"]
@@ -268,6 +270,47 @@ async fn head(
                 return Ok((String::from_utf8_lossy(&bytes).into_owned(), true));
             }
             bytes.extend_from_slice(&chunk.data);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn support_sees_no_secret_bearing_payload_values_ops_sees_all() {
+        let run = json!({"cmd": "curl -u user:pa55 https://x", "shell": true,
+                         "env": {"API_TOKEN": "t0ken"}, "args": []});
+        let shown = visible_payload("RunCommand", &run, Role::Support).to_string();
+        assert!(
+            !shown.contains("t0ken") && !shown.contains("pa55"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("API_TOKEN") && shown.contains("curl"),
+            "{shown}"
+        );
+        let args = json!({"cmd": "mysql", "args": ["--password=pa55", "-e", "select 1"]});
+        let shown = visible_payload("RunCommand", &args, Role::Support).to_string();
+        assert!(!shown.contains("pa55"), "{shown}");
+        let plain = json!({"cmd": "uname", "args": ["-a"]});
+        assert_eq!(visible_payload("RunCommand", &plain, Role::Support), plain);
+        let update = json!({"version": "2", "url": "https://dl/agent?sig=abc", "sha256": "00"});
+        let shown = visible_payload("UpdateAgent", &update, Role::Support).to_string();
+        assert!(
+            !shown.contains("sig=abc") && shown.contains("https://dl/agent"),
+            "{shown}"
+        );
+        let deploy = json!({"project_name": "web", "compose_file_base64": "c2VjcmV0"});
+        let shown = visible_payload("DEPLOY_COMPOSE", &deploy, Role::Support).to_string();
+        assert!(
+            !shown.contains("c2VjcmV0") && shown.contains("web"),
+            "{shown}"
+        );
+        for role in [Role::Ops, Role::Admin] {
+            assert_eq!(visible_payload("RunCommand", &run, role), run);
         }
     }
 }

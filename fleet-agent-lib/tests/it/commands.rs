@@ -29,7 +29,7 @@ fn envelope(id: &str, kind: &str, payload: serde_json::Value) -> CommandEnvelope
 }
 
 /// Results queued in the journal, in order.
-async fn results(journal: &Journal) -> Vec<fleet_core::command::CommandResult> {
+pub async fn results(journal: &Journal) -> Vec<fleet_core::command::CommandResult> {
     journal
         .pending(0, 10_000)
         .await

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use fleet_agent::CommandSettings;
 use fleet_agent::commands::Executor;
 use fleet_agent::logstream::Journal;
-use fleet_core::command::{CommandEnvelope, CommandResult, CommandStatus, Frame};
+use fleet_core::command::{CommandEnvelope, CommandResult, CommandStatus};
 use serde_json::json;
 
 use crate::support::temp_dir;
@@ -41,15 +41,9 @@ async fn update_package(
     // apt may have to download the package and wait for another apt's lock.
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let done = journal
-            .pending(0, 100_000)
+        let done = crate::commands::results(journal)
             .await
-            .expect("pending")
             .into_iter()
-            .filter_map(|p| match Frame::decode(&p.body) {
-                Ok(Frame::Result { result, .. }) => Some(result),
-                _ => None,
-            })
             .find(|r| r.job_id == id && r.status != CommandStatus::InProgress);
         if let Some(done) = done {
             return done;

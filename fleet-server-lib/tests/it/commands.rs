@@ -131,6 +131,22 @@ pub async fn wait_done(client: &reqwest::Client, url: &str, id: &str, limit: Dur
     }
 }
 
+/// Runs a `HEALTH_CHECK` on `instance` as ops and returns the ended command.
+pub async fn health_check(server: &TestServer, instance: &str) -> Value {
+    let (_, body) = submit(
+        &server.client,
+        &server.url,
+        OPS,
+        json!({"command_type": "HEALTH_CHECK", "targets": [instance], "payload": {}}),
+    )
+    .await;
+    let id = body["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("refused: {body}"))
+        .to_owned();
+    wait_done(&server.client, &server.url, &id, Duration::from_secs(60)).await
+}
+
 /// The whole stored output of one target's stream.
 pub async fn output(client: &reqwest::Client, url: &str, id: &str, stream: &str) -> Vec<u8> {
     let response = client
@@ -480,15 +496,7 @@ async fn enrollment_token_buys_a_secret_once(store: TestStore) {
     // The issued secret signs registrations and opens the live channel.
     let agent = TestAgent::start(&server.url, "new-host-7", &secret, None).await;
     wait_connected(&server.client, &server.url, 1).await;
-    let (_, body) = submit(
-        &server.client,
-        &server.url,
-        OPS,
-        json!({"command_type": "HEALTH_CHECK", "targets": ["new-host-7"], "payload": {}}),
-    )
-    .await;
-    let id = body["id"].as_str().expect("id").to_owned();
-    let done = wait_done(&server.client, &server.url, &id, Duration::from_secs(20)).await;
+    let done = health_check(&server, "new-host-7").await;
     assert_eq!(done["targets"][0]["status"], "completed", "{done}");
     assert!(done["targets"][0]["data"]["uptime_secs"].is_u64(), "{done}");
     agent.stop().await;
@@ -544,15 +552,7 @@ async fn tokens_are_renewed_before_they_expire() {
             .await
             .expect("count");
     assert!(registrations >= 3, "only {registrations} registrations");
-    let (_, body) = submit(
-        &server.client,
-        &server.url,
-        OPS,
-        json!({"command_type": "HEALTH_CHECK", "targets": [INSTANCE], "payload": {}}),
-    )
-    .await;
-    let id = body["id"].as_str().expect("id").to_owned();
-    let done = wait_done(&server.client, &server.url, &id, Duration::from_secs(20)).await;
+    let done = health_check(&server, INSTANCE).await;
     assert_eq!(done["targets"][0]["status"], "completed", "{done}");
     agent.stop().await;
     server.stop().await;
@@ -577,19 +577,9 @@ async fn dashboard_lists_commands_and_shows_one(store: TestStore) {
     let agent = TestAgent::start(&server.url, INSTANCE, SECRET, None).await;
     wait_connected(&server.client, &server.url, 1).await;
     let mut ids = Vec::new();
-    for word in ["first", "second"] {
-        let (_, body) = submit(
-            &server.client,
-            &server.url,
-            OPS,
-            json!({"command_type": "HEALTH_CHECK", "targets": [INSTANCE], "payload": {}}),
-        )
-        .await;
-        let id = body["id"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{word}: {body}"));
-        ids.push(id.to_owned());
-        wait_done(&server.client, &server.url, id, Duration::from_secs(60)).await;
+    for _ in 0..2 {
+        let done = health_check(&server, INSTANCE).await;
+        ids.push(done["id"].as_str().expect("id").to_owned());
     }
     let page = |path: String| {
         let server = &server;

@@ -56,11 +56,7 @@ async fn the_binary_enrolls_with_a_one_time_token_and_keeps_its_secret() {
         })
         .build()
         .expect("control plane");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+    let url = serve(router).await;
     let client = reqwest::Client::new();
     let created: Value = client
         .post(format!("{url}/v1/enrollments"))

@@ -93,11 +93,7 @@ impl Bench {
                 },
             ),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let downloads = format!("http://{}", listener.local_addr().expect("addr"));
-        tokio::spawn(async move { axum::serve(listener, download).await.expect("serve") });
+        let downloads = serve(download).await;
 
         let store = SqliteStore::connect(&format!("sqlite://{}", dir.join("cp.db").display()))
             .await
@@ -117,11 +113,7 @@ impl Bench {
             })
             .build()
             .expect("control plane");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+        let url = serve(router).await;
         Self {
             dir,
             installed,
