@@ -39,8 +39,11 @@ fn main() -> ExitCode {
     };
     use fleet_agent::commands::update_agent::{self, Start};
     let binary = update_agent::binary_path(&commands).ok();
-    if std::env::var_os(update_agent::TRIAL_ENV).is_some() {
-        return runtime.block_on(trial(&commands));
+    if let Some(nonce) = std::env::var(update_agent::TRIAL_ENV)
+        .ok()
+        .filter(|n| !n.is_empty())
+    {
+        return runtime.block_on(trial(&commands, &nonce));
     }
     // Before anything that could crash: a new binary counts its starts, and the previous
     // one comes back when it keeps failing or missed its deadline.
@@ -85,9 +88,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// The trial run of a downloaded binary: registers and opens the live channel, then exits
-/// 0 (anything else makes the running agent keep its binary).
-async fn trial(commands: &CommandSettings) -> ExitCode {
+/// The trial run of a downloaded binary: registers and opens the live channel, prints the
+/// proof for `nonce` and exits 0 (anything else makes the running agent keep its binary).
+async fn trial(commands: &CommandSettings, nonce: &str) -> ExitCode {
     let config = match load_config(commands).await {
         Ok(config) => config,
         Err(err) => return report(&err),
@@ -117,6 +120,10 @@ async fn trial(commands: &CommandSettings) -> ExitCode {
     .await
     {
         Ok(()) => {
+            println!(
+                "{}",
+                fleet_agent::commands::update_agent::trial_proof(nonce)
+            );
             eprintln!("fleet-agent: trial: the live channel opened");
             ExitCode::SUCCESS
         }

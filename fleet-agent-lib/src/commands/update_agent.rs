@@ -6,10 +6,11 @@
 //! (`Restart=always`) as under a test harness or a plain shell:
 //!
 //! 1. **Trial before the swap.** The running agent starts the downloaded file as a child
-//!    with [`TRIAL_ENV`]` = 1`: the child reads the same configuration, registers and opens
-//!    the live channel, closes it and exits 0 ([`crate::channel::trial`]). A binary that
-//!    crashes, exits non-zero or does not reconnect within `update_confirm_within` is
-//!    deleted and the command ends `FAILED` with the reason and the end of the child's
+//!    with [`TRIAL_ENV`] set to a random nonce: the child reads the same configuration,
+//!    registers and opens the live channel, closes it, prints [`trial_proof`] of the nonce
+//!    and exits 0 ([`crate::channel::trial`]); exit 0 alone is no proof (`/bin/true` is not
+//!    an agent). A binary that crashes, exits non-zero, gives no proof or does not reconnect
+//!    within `update_confirm_within` is deleted and the command ends `FAILED` with the reason and the end of the child's
 //!    output; the agent never stopped and never left its binary.
 //! 2. **Marker across the restart.** After a good trial the previous binary is copied to
 //!    `<binary>.previous`, a marker (`<binary>.update-pending`: command id, version,
@@ -43,10 +44,16 @@ use crate::logstream::Journal;
 /// Largest binary downloaded.
 pub const MAX_BINARY_BYTES: u64 = 256 * 1024 * 1024;
 
-/// Set (to `1`) in the environment of a downloaded binary's trial run: the binary only
-/// proves it can start and reconnect ([`crate::channel::trial`]) and exits. A program
-/// embedding the agent that handles `UpdateAgent` must honour it in its `main`.
+/// Set (to a random nonce) in the environment of a downloaded binary's trial run: the
+/// binary only proves it can start and reconnect ([`crate::channel::trial`]), prints
+/// [`trial_proof`] of the nonce on stdout and exits 0. A program embedding the agent that
+/// handles `UpdateAgent` must honour it in its `main`.
 pub const TRIAL_ENV: &str = "FLEET_AGENT_TRIAL";
+
+/// The line a trial run prints once its live channel opened, for the nonce it was given.
+pub fn trial_proof(nonce: &str) -> String {
+    format!("fleet-agent trial ok {nonce}")
+}
 
 /// Starts of a new binary without confirmation after which the previous one comes back.
 pub const MAX_STARTS: u32 = 3;
@@ -226,7 +233,8 @@ async fn trial(
     cancel: &Notify,
 ) -> Result<(), String> {
     let program = candidate.to_string_lossy();
-    let env = std::collections::BTreeMap::from([(TRIAL_ENV.to_owned(), "1".to_owned())]);
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    let env = std::collections::BTreeMap::from([(TRIAL_ENV.to_owned(), nonce.clone())]);
     let finished = super::run::spawn(
         &super::run::Program {
             program: &program,
@@ -240,6 +248,7 @@ async fn trial(
     )
     .await
     .map_err(|err| format!("it cannot be started ({err})"))?;
+    let proved = finished.tail.contains(&trial_proof(&nonce));
     let tail: String = {
         let text = finished.tail.trim();
         let start = text.char_indices().rev().nth(400).map_or(0, |(i, _)| i);
@@ -256,7 +265,10 @@ async fn trial(
             "its trial run did not reconnect within {} s{said}",
             within.as_secs()
         )),
-        f if f.exit_code == Some(0) => Ok(()),
+        f if f.exit_code == Some(0) && proved => Ok(()),
+        f if f.exit_code == Some(0) => Err(format!(
+            "its trial run exited 0 without reporting a live channel (not a fleet agent?){said}"
+        )),
         f => Err(format!(
             "its trial run exited with {}{said}",
             f.exit_code
