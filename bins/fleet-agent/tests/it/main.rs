@@ -56,6 +56,33 @@ pub async fn serve(router: axum::Router) -> String {
     url
 }
 
+/// A control plane on SQLite in `dir` with the `admin` token and, when given, the test
+/// instance's secret; returns its URL.
+pub async fn serve_control_plane(dir: &Path, admin: &str, with_secret: bool) -> String {
+    let store =
+        fleet_server::SqliteStore::connect(&format!("sqlite://{}", dir.join("cp.db").display()))
+            .await
+            .expect("store");
+    let mut builder = fleet_server::ControlPlane::builder().store(store);
+    if with_secret {
+        builder = builder.secrets(
+            fleet_core::SecretResolver::from_config(
+                Some(&serde_json::json!({ INSTANCE: SECRET }).to_string()),
+                None,
+            )
+            .expect("secrets"),
+        );
+    }
+    let router = builder
+        .tokens(fleet_server::RoleTokens {
+            admin: Some(admin.into()),
+            ..Default::default()
+        })
+        .build()
+        .expect("control plane");
+    serve(router).await
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

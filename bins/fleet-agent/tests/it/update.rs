@@ -16,7 +16,6 @@ use std::time::Duration;
 use base64::Engine;
 use ed25519_dalek::Signer as _;
 use fleet_agent::commands::update_agent::{marker_path, previous_path};
-use fleet_server::{ControlPlane, RoleTokens, SqliteStore};
 use reqwest::Client;
 use serde_json::{Value, json};
 use sha2::Digest;
@@ -95,25 +94,7 @@ impl Bench {
         );
         let downloads = serve(download).await;
 
-        let store = SqliteStore::connect(&format!("sqlite://{}", dir.join("cp.db").display()))
-            .await
-            .expect("store");
-        let router = ControlPlane::builder()
-            .store(store)
-            .secrets(
-                fleet_core::SecretResolver::from_config(
-                    Some(&json!({ INSTANCE: SECRET }).to_string()),
-                    None,
-                )
-                .expect("secrets"),
-            )
-            .tokens(RoleTokens {
-                admin: Some(ADMIN.into()),
-                ..Default::default()
-            })
-            .build()
-            .expect("control plane");
-        let url = serve(router).await;
+        let url = serve_control_plane(&dir, ADMIN, true).await;
         Self {
             dir,
             installed,
