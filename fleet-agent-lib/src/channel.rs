@@ -133,7 +133,11 @@ fn websocket_url(base: &str) -> String {
 /// Runs the channel until `stop` turns true.
 pub async fn run(config: ChannelConfig, mut stop: watch::Receiver<bool>) {
     let settings = config.executor.settings().clone();
-    let mut backoff = Backoff::new(settings.backoff_base, settings.backoff_max);
+    let mut reconnect = Reconnect::new(
+        settings.backoff_base,
+        settings.backoff_max,
+        settings.healthy_after,
+    );
     let mut token: Option<Token> = None;
     if let Err(err) = config.executor.recover().await {
         tracing::error!(error = %err, "cannot recover the command journal");
@@ -169,8 +173,8 @@ pub async fn run(config: ChannelConfig, mut stop: watch::Receiver<bool>) {
         if token.is_some() {
             let started = Instant::now();
             let ended = session(&config, &mut token, &mut stop).await;
-            if started.elapsed() >= settings.healthy_after {
-                backoff.reset();
+            if !matches!(ended, Ended::CannotConnect(_)) {
+                reconnect.session_ended(started.elapsed());
             }
             match ended {
                 Ended::Stopped => return,
@@ -186,7 +190,7 @@ pub async fn run(config: ChannelConfig, mut stop: watch::Receiver<bool>) {
                 Ended::RenewDue => {}
             }
         }
-        let delay = backoff.next_delay();
+        let delay = reconnect.next_delay();
         if cannot_connect >= POLL_AFTER {
             if poll_until(&config, Instant::now() + delay, &mut stop).await {
                 return;
@@ -197,6 +201,43 @@ pub async fn run(config: ChannelConfig, mut stop: watch::Receiver<bool>) {
                 _ = async { let _ = stop.wait_for(|s| *s).await; } => return,
             }
         }
+    }
+}
+
+/// When to dial again: exponential backoff with jitter (each delay is drawn between half
+/// and all of `base × 2^attempt`, capped at `max`), back to `base` once a connection stayed
+/// up for `healthy_after`, so one blip after a long healthy run is retried at once while a
+/// control plane that accepts and drops sockets is not hammered.
+#[derive(Debug)]
+pub struct Reconnect {
+    backoff: Backoff,
+    healthy_after: Duration,
+}
+
+impl Reconnect {
+    /// The agent uses 1 s, 2 min and one minute ([`CommandSettings`](crate::CommandSettings)).
+    pub fn new(base: Duration, max: Duration, healthy_after: Duration) -> Self {
+        Self {
+            backoff: Backoff::new(base, max),
+            healthy_after,
+        }
+    }
+
+    /// A connection ended after being up for `up_for`; a healthy one resets the backoff.
+    pub fn session_ended(&mut self, up_for: Duration) {
+        if up_for >= self.healthy_after {
+            self.backoff.reset();
+        }
+    }
+
+    /// The next delay; `unit` is the jitter, a number in [0, 1).
+    pub fn next_delay_with(&mut self, unit: f64) -> Duration {
+        self.backoff.next_delay_with(unit)
+    }
+
+    /// The next delay, with a random jitter.
+    pub fn next_delay(&mut self) -> Duration {
+        self.backoff.next_delay()
     }
 }
 
@@ -237,8 +278,9 @@ async fn poll_until(
     }
 }
 
-/// One `POST /v1/agents/poll`: sends queued frames, forgets the stored ones, accepts the
-/// commands waiting. Returns whether frames are still queued.
+/// One `POST /v1/agents/poll`: sends queued frames and the ids of the running commands,
+/// forgets the stored frames, stops the commands cancelled meanwhile, accepts the commands
+/// waiting. Returns whether frames are still queued.
 pub async fn poll_once(config: &ChannelConfig) -> Result<bool, String> {
     let journal = config.executor.journal();
     let frames = journal
@@ -250,8 +292,11 @@ pub async fn poll_once(config: &ChannelConfig) -> Result<bool, String> {
         .iter()
         .filter_map(|f| serde_json::from_slice(&f.body).ok())
         .collect();
+    // The commands running here: the answer names those cancelled meanwhile, since a
+    // polling agent has no socket to receive the cancel frame on.
+    let running = config.executor.running_ids();
     let body = serde_json::to_vec(&serde_json::json!({
-        "instance_id": config.instance_id, "frames": values,
+        "instance_id": config.instance_id, "frames": values, "running": running,
     }))
     .map_err(|e| e.to_string())?;
     let signer = Signer::new(config.secret.clone());
@@ -289,6 +334,12 @@ pub async fn poll_once(config: &ChannelConfig) -> Result<bool, String> {
             .filter_map(|v| v["id"].as_str().map(str::to_owned)),
     );
     journal.ack(&done).await.map_err(|e| e.to_string())?;
+    for id in answer["cancel"].as_array().into_iter().flatten() {
+        if let Some(id) = id.as_str() {
+            tracing::info!(command_id = %id, "cancelled by the control plane (poll)");
+            config.executor.cancel(id);
+        }
+    }
     for command in answer["commands"].as_array().into_iter().flatten() {
         let bytes = serde_json::to_vec(command).unwrap_or_default();
         if let Ok(Frame::Command(envelope)) = Frame::decode(&bytes) {
@@ -312,6 +363,58 @@ fn token_of(answer: RegisterResponse) -> Token {
     }
 }
 
+/// The handshake request with the InstaDeploy headers; `trial` adds `X-Agent-Trial: 1`.
+fn connect_request(
+    base: &str,
+    token: &str,
+    version: &str,
+    trial: bool,
+) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, String> {
+    let mut request = websocket_url(base)
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
+    let headers = request.headers_mut();
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(value) = value.parse() {
+            headers.insert(name, value);
+        }
+    };
+    put("authorization", format!("Bearer {token}"));
+    put("x-agent-version", version.to_owned());
+    put("x-agent-architecture", architecture());
+    put("x-agent-hostname", hostname());
+    if trial {
+        put("x-agent-trial", "1".to_owned());
+    }
+    Ok(request)
+}
+
+/// The trial run of a downloaded agent binary (see
+/// [`update_agent`](crate::commands::update_agent)): registers and opens the live channel
+/// within `timeout`, then closes it. The handshake carries `X-Agent-Trial: 1`, so the
+/// control plane closes it at once and keeps the running agent's socket and commands.
+pub async fn trial(
+    http: &reqwest::Client,
+    base: &str,
+    instance_id: &str,
+    secret: &Secret,
+    version: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let attempt = async {
+        let answer = register(http, base, instance_id, secret, version).await?;
+        let request = connect_request(base, &answer.token, version, true)?;
+        let (mut socket, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .map_err(|e| format!("cannot open the live channel: {e}"))?;
+        let _ = socket.close(None).await;
+        Ok(())
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| format!("no live channel within {} s", timeout.as_secs()))?
+}
+
 async fn session(
     config: &ChannelConfig,
     token_slot: &mut Option<Token>,
@@ -321,22 +424,16 @@ async fn session(
     let Some(current) = token_slot.as_ref() else {
         return Ended::Unauthorized;
     };
-    let token = current.text.clone();
     let renew_at = current.renew_at;
-    let mut request = match websocket_url(&config.control_plane_url).into_client_request() {
+    let request = match connect_request(
+        &config.control_plane_url,
+        &current.text,
+        &config.version,
+        false,
+    ) {
         Ok(request) => request,
-        Err(err) => return Ended::Failed(err.to_string()),
+        Err(err) => return Ended::Failed(err),
     };
-    let headers = request.headers_mut();
-    let mut put = |name: &'static str, value: String| {
-        if let Ok(value) = value.parse() {
-            headers.insert(name, value);
-        }
-    };
-    put("authorization", format!("Bearer {token}"));
-    put("x-agent-version", config.version.clone());
-    put("x-agent-architecture", architecture());
-    put("x-agent-hostname", hostname());
     let connected = tokio::time::timeout(
         settings.handshake_timeout,
         tokio_tungstenite::connect_async(request),
@@ -353,12 +450,11 @@ async fn session(
         Ok(Ok((socket, _))) => socket,
     };
     tracing::info!("live channel connected");
-    if let Some(binary) = settings
-        .agent_binary
-        .clone()
-        .or_else(|| std::env::current_exe().ok())
+    if let Ok(binary) = crate::commands::update_agent::binary_path(settings)
+        && let Err(err) =
+            crate::commands::update_agent::confirm(&binary, config.executor.journal()).await
     {
-        crate::commands::update_agent::confirm(&binary);
+        tracing::error!(error = %err, "cannot record the confirmed agent update");
     }
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Message>(WINDOW * 2);
@@ -575,3 +671,54 @@ async fn handle(
 
 /// Shared handle so the agent can hold the channel's config.
 pub type SharedChannel = Arc<ChannelConfig>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    /// The next delay with the largest jitter (the ceiling), in whole seconds.
+    fn ceiling(r: &mut Reconnect) -> u64 {
+        r.next_delay_with(0.999_999_999).as_secs_f64().round() as u64
+    }
+
+    #[test]
+    fn short_lived_connections_back_off_from_one_second_to_two_minutes_with_jitter() {
+        let mut r = Reconnect::new(SECOND, 120 * SECOND, 60 * SECOND);
+        let mut ceilings = Vec::new();
+        for _ in 0..10 {
+            r.session_ended(Duration::from_secs(59));
+            ceilings.push(ceiling(&mut r));
+        }
+        assert_eq!(ceilings, [1, 2, 4, 8, 16, 32, 64, 120, 120, 120]);
+        // The smallest jitter gives half of the ceiling; random ones stay in between.
+        let mut r = Reconnect::new(SECOND, 120 * SECOND, 60 * SECOND);
+        assert_eq!(r.next_delay_with(0.0), SECOND / 2);
+        for attempt in 1..200u32 {
+            let top = SECOND * 2u32.pow(attempt.min(7)).min(120);
+            let delay = r.next_delay();
+            assert!(delay >= top / 2 && delay <= top, "{attempt}: {delay:?}");
+        }
+    }
+
+    #[test]
+    fn a_connection_up_for_the_healthy_period_resets_the_delay_to_one_second() {
+        let mut r = Reconnect::new(SECOND, 120 * SECOND, 60 * SECOND);
+        for _ in 0..6 {
+            r.next_delay_with(0.0);
+        }
+        assert_eq!(ceiling(&mut r), 64);
+        r.session_ended(Duration::from_millis(59_999));
+        assert_eq!(ceiling(&mut r), 120, "one ms short of healthy: no reset");
+        r.session_ended(60 * SECOND);
+        assert_eq!(ceiling(&mut r), 1);
+        assert_eq!(ceiling(&mut r), 2);
+        // The healthy period is a setting; tests shorten it.
+        let mut r = Reconnect::new(SECOND, 120 * SECOND, Duration::from_millis(1500));
+        ceiling(&mut r);
+        ceiling(&mut r);
+        r.session_ended(Duration::from_millis(1500));
+        assert_eq!(ceiling(&mut r), 1);
+    }
+}

@@ -221,7 +221,12 @@ pub fn is_valid_project_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-/// Whether `name` is a safe package name for apt, dnf or apk.
+/// Whether `name` is a safe package name for apt, dnf or apk: a letter or digit first (so
+/// never an option such as `-oAPT::…`, nor an apt pattern `?…`/`~…`), then letters, digits
+/// and `. + - _ : =` (`libstdc++6`, `python3.11`, `hello=2.10-3`, `hello:amd64`), no glob
+/// characters, no `/` (a file or a release), and a letter, digit or `+` last: apt reads a
+/// trailing `-` as "remove" (`install hello-` would remove hello) and a trailing `:` or `=`
+/// is an empty architecture or version.
 pub fn is_valid_package_name(name: &str) -> bool {
     let mut bytes = name.bytes();
     name.len() <= 128
@@ -229,6 +234,10 @@ pub fn is_valid_package_name(name: &str) -> bool {
         && bytes.all(|b| {
             b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'-' | b'_' | b':' | b'=')
         })
+        && name
+            .bytes()
+            .last()
+            .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'+')
 }
 
 impl Validate for Command {
@@ -918,6 +927,46 @@ impl SubmitCommand {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn package_names_are_names_never_options_patterns_or_paths() {
+        for good in [
+            "hello",
+            "g++",
+            "libstdc++6",
+            "python3.11",
+            "hello=2.10-3",
+            "hello:amd64",
+            "R",
+        ] {
+            assert!(is_valid_package_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "-oAPT::Get::Simulate=false",
+            "--purge",
+            "-y",
+            "hello-",
+            "hello:",
+            "hello=",
+            "?installed",
+            "~nhello",
+            "hello*",
+            "hel?o",
+            "hello[1]",
+            "./hello.deb",
+            "hello/bookworm",
+            "hello world",
+            "hello;reboot",
+            "$(reboot)",
+            "`reboot`",
+            "hello\nreboot",
+            "héllo",
+        ] {
+            assert!(!is_valid_package_name(bad), "{bad:?}");
+        }
+        assert!(!is_valid_package_name(&"a".repeat(129)));
+    }
     use serde_json::json;
 
     #[test]

@@ -314,6 +314,15 @@ pub(crate) async fn connect(
     let version = header_text(&headers, "x-agent-version");
     let arch = header_text(&headers, "x-agent-architecture");
     let hostname = header_text(&headers, "x-agent-hostname");
+    if headers.contains_key("x-agent-trial") {
+        // A downloaded agent binary proving it can reconnect before it is installed: the
+        // handshake is the proof. It must not replace the running agent's socket nor
+        // receive its commands, so it is closed at once.
+        tracing::info!(instance_id = %claims.sub, %version, "trial connection of a new agent binary");
+        return Ok(ws.on_upgrade(|mut socket| async move {
+            let _ = socket.send(Message::Close(None)).await;
+        }));
+    }
     tracing::info!(instance_id = %claims.sub, %version, %arch, %hostname, "agent connected");
     // Small buffers: most sockets are idle, and tungstenite's defaults (128 KiB each way)
     // would cost over 100 KiB per connected agent.

@@ -103,13 +103,16 @@ pub(crate) async fn submit(
 
 /// `GET /v1/commands/{id}`.
 pub(crate) async fn show(
-    _: Support,
+    crate::auth::Authed(role): Support,
     State(state): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<Response> {
     let commands = command_store(state.store.as_ref())?;
     let record = commands.command(&id).await?.ok_or(Error::NotFound)?;
     let mut value = serde_json::to_value(&record).map_err(|e| Error::Internal(e.to_string()))?;
+    // Support reads results and output, not the secrets a payload may carry.
+    value["payload"] =
+        crate::command_pages::visible_payload(&record.command_type, &record.payload, role);
     // `data` is stored as text; show it as JSON.
     if let Some(targets) = value.get_mut("targets").and_then(|t| t.as_array_mut()) {
         for (target, stored) in targets.iter_mut().zip(&record.targets) {
@@ -345,6 +348,20 @@ const fn doc(
 pub(crate) const ROUTES: &[RouteDoc] = &[
     doc(
         "get",
+        "/commands",
+        Least("support"),
+        "Dashboard: the 100 most recent commands with their targets counted by status (HTML).",
+        &[(200, "HTML")],
+    ),
+    doc(
+        "get",
+        "/commands/{id}",
+        Least("support"),
+        "Dashboard: one command, each target's status, result and output (HTML, refreshes while running; payload secrets hidden from support).",
+        &[(200, "HTML"), (404, "Unknown command")],
+    ),
+    doc(
+        "get",
         "/.well-known/jwks.json",
         Public,
         "The Ed25519 key (JWKS, OKP) that verifies agent tokens.",
@@ -389,9 +406,9 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "post",
         "/v1/agents/poll",
         Signed,
-        "Fallback when the WebSocket cannot be opened: send queued frames, receive acknowledgements and waiting commands. v1 signature only.",
+        "Fallback when the WebSocket cannot be opened: send queued frames and the ids of running commands (`running`), receive acknowledgements, waiting commands and the running ones to stop (`cancel`). v1 signature only.",
         &[
-            (200, "{acked, refused, commands}"),
+            (200, "{acked, refused, commands, cancel}"),
             (401, "Signature refused"),
         ],
     ),

@@ -4,6 +4,7 @@ pub mod alerts;
 mod api;
 pub mod auth;
 mod channel;
+mod command_pages;
 mod commands;
 mod dashboard;
 mod error;
@@ -335,6 +336,8 @@ fn routes(state: Shared) -> Router {
         .route("/rollouts/{id}/{action}", post(rollout_pages::act))
         .route("/plugins", get(rollout_pages::plugins))
         .route("/restores", get(rollout_pages::restores))
+        .route("/commands", get(command_pages::commands))
+        .route("/commands/{id}", get(command_pages::command))
         .route("/login", get(dashboard::login_page).post(dashboard::login))
         .route("/logout", post(dashboard::logout))
         .fallback(api::not_found)

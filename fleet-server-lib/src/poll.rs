@@ -1,7 +1,8 @@
 //! `POST /v1/agents/poll`: the live channel's fallback for agents that cannot open a
 //! WebSocket (a proxy that drops upgrades, say). One signed request carries the agent's
-//! queued frames (results and log chunks, exactly as on the socket) and answers with the
-//! ids it stored and the commands waiting for the agent.
+//! queued frames (results and log chunks, exactly as on the socket) and the ids of the
+//! commands it is running, and answers with the ids it stored, the commands waiting for the
+//! agent and the running ones to stop (`cancel`: cancelled or timed out meanwhile).
 //!
 //! The body is v1-signed with the agent's secret, verified over the raw bytes before it is
 //! parsed, and its message id is remembered, so a captured poll cannot be replayed.
@@ -31,6 +32,10 @@ struct PollBody {
     instance_id: String,
     #[serde(default)]
     frames: Vec<serde_json::Value>,
+    /// Ids of the commands the agent is running; the answer's `cancel` lists those that
+    /// were cancelled (or timed out) meanwhile.
+    #[serde(default)]
+    running: Vec<String>,
 }
 
 /// JSON Schema of [`PollBody`] (for `/openapi.json`).
@@ -69,9 +74,14 @@ pub(crate) async fn poll(
     if parsed.instance_id != instance {
         return Err(Error::Unauthorized);
     }
-    if parsed.frames.len() > MAX_POLL_FRAMES {
+    if parsed.frames.len() > MAX_POLL_FRAMES || parsed.running.len() > MAX_POLL_FRAMES {
         let mut errors = fleet_core::ValidationErrors::default();
-        errors.push("frames", format!("at most {MAX_POLL_FRAMES}"));
+        let field = if parsed.frames.len() > MAX_POLL_FRAMES {
+            "frames"
+        } else {
+            "running"
+        };
+        errors.push(field, format!("at most {MAX_POLL_FRAMES}"));
         return Err(Error::Invalid(errors));
     }
     let mut acked = Vec::new();
@@ -92,6 +102,23 @@ pub(crate) async fn poll(
             }
         }
     }
+    // What a socket would have carried as cancel frames: the agent's running commands
+    // whose target ended on this side (only its own targets).
+    let mut cancel = Vec::new();
+    for id in &parsed.running {
+        let owned = commands
+            .target_owner(id)
+            .await?
+            .is_some_and(|(owner, _)| owner == instance);
+        if owned
+            && matches!(
+                commands.target_status(id).await?.as_deref(),
+                Some("cancelled" | "timed_out")
+            )
+        {
+            cancel.push(id.clone());
+        }
+    }
     let pending: Vec<serde_json::Value> = commands
         .pending_for(&instance)
         .await?
@@ -102,10 +129,10 @@ pub(crate) async fn poll(
             _ => None,
         })
         .collect();
-    Ok(
-        Json(serde_json::json!({ "acked": acked, "refused": refused, "commands": pending }))
-            .into_response(),
-    )
+    Ok(Json(serde_json::json!({
+        "acked": acked, "refused": refused, "commands": pending, "cancel": cancel,
+    }))
+    .into_response())
 }
 
 /// Checks a v1-signed agent request over its raw bytes (configured or issued secrets) and

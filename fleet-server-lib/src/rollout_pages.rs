@@ -16,7 +16,7 @@ use crate::{Error, Result, Shared};
 
 /// Links to these pages, shown in the dashboard's header.
 pub(crate) const NAV: &str = "<a href=\"/releases\">Releases</a><a href=\"/rollouts\">Rollouts</a>\
-<a href=\"/plugins\">Plugins</a><a href=\"/restores\">Restores</a>";
+<a href=\"/plugins\">Plugins</a><a href=\"/restores\">Restores</a><a href=\"/commands\">Commands</a>";
 
 /// Seconds between refreshes of a running rollout's page.
 const REFRESH_SECS: u32 = 3;

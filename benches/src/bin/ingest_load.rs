@@ -162,11 +162,11 @@ async fn drive(
     let started = Instant::now();
     let cpu_before = process_cpu();
     let mut tasks = Vec::new();
-    for c in 0..o.connections {
+    for (c, client) in clients.iter().enumerate().take(o.connections) {
         let url = format!("{base}{path}");
         let signers = signers.clone();
         let (instances, connections) = (o.instances, o.connections);
-        let client = clients[c].clone();
+        let client = client.clone();
         tasks.push(tokio::spawn(async move {
             let (mut ok, mut errors, mut lat) = (0u64, 0u64, Vec::with_capacity(32_768));
             let mut k = 0usize;

@@ -41,23 +41,29 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    use fleet_agent::commands::update_agent::{self, Start};
+    let binary = update_agent::binary_path(&commands).ok();
+    if let Some(nonce) = std::env::var(update_agent::TRIAL_ENV)
+        .ok()
+        .filter(|n| !n.is_empty())
+    {
+        return runtime.block_on(trial(&commands, &nonce));
+    }
+    // Before anything that could crash: a new binary counts its starts, and the previous
+    // one comes back when it keeps failing or missed its deadline.
+    let confirm_by = match &binary {
+        Some(binary) => match update_agent::on_start(binary, fleet_core_now()) {
+            Start::RolledBack => return restart(binary),
+            Start::Run { confirm_by } => confirm_by,
+        },
+        None => None,
+    };
     let outcome = runtime.block_on(async {
         let config = load_config(&commands).await?;
-        let binary = commands
-            .agent_binary
-            .clone()
-            .or_else(|| std::env::current_exe().ok());
-        if let Some(binary) = &binary
-            && fleet_agent::commands::update_agent::check_pending(binary, fleet_core_now())
-                == fleet_agent::commands::update_agent::Pending::RolledBack
-        {
-            return Ok(Some(binary.clone()));
-        }
         let agent = Agent::builder(config).commands(commands).build()?;
         let mut restart = agent.restart_signal();
-        let deadline = confirm_deadline(binary.clone());
         let (why_tx, why_rx) = std::sync::mpsc::channel();
-        let restart_into = binary.clone();
+        let deadline_binary = binary.clone();
         agent
             .run(async move {
                 tokio::select! {
@@ -66,26 +72,69 @@ fn main() -> ExitCode {
                         tracing::info!("restarting into the new binary");
                         let _ = why_tx.send(true);
                     }
-                    _ = deadline => {
-                        tracing::warn!("update not confirmed in time; rolling back");
-                        if let Some(binary) = &binary {
-                            fleet_agent::commands::update_agent::rollback(binary);
+                    _ = confirm_deadline(confirm_by) => {
+                        if let Some(binary) = &deadline_binary
+                            && update_agent::rollback_unconfirmed(binary) == Start::RolledBack
+                        {
+                            tracing::warn!("update not confirmed in time; back to the previous binary");
+                            let _ = why_tx.send(true);
                         }
-                        let _ = why_tx.send(true);
                     }
                 }
             })
             .await?;
-        Ok(why_rx
-            .try_recv()
-            .unwrap_or(false)
-            .then_some(restart_into)
-            .flatten())
+        Ok(why_rx.try_recv().unwrap_or(false))
     });
-    match outcome {
-        Ok(None) => ExitCode::SUCCESS,
-        Ok(Some(binary)) => restart(&binary),
-        Err(err) => report(&err),
+    match (outcome, &binary) {
+        (Ok(true), Some(binary)) => restart(binary),
+        (Ok(_), _) => ExitCode::SUCCESS,
+        (Err(err), _) => report(&err),
+    }
+}
+
+/// The trial run of a downloaded binary: registers and opens the live channel, prints the
+/// proof for `nonce` and exits 0 (anything else makes the running agent keep its binary).
+async fn trial(commands: &CommandSettings, nonce: &str) -> ExitCode {
+    let config = match load_config(commands).await {
+        Ok(config) => config,
+        Err(err) => return report(&err),
+    };
+    let http = match fleet_agent::channel::HttpClient::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+    {
+        Ok(http) => http,
+        Err(err) => {
+            eprintln!("fleet-agent: trial: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let version = config
+        .version
+        .clone()
+        .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned());
+    match fleet_agent::channel::trial(
+        &http,
+        &config.control_plane_url,
+        &config.instance_id,
+        &config.secret,
+        &version,
+        commands.update_confirm_within,
+    )
+    .await
+    {
+        Ok(()) => {
+            println!(
+                "{}",
+                fleet_agent::commands::update_agent::trial_proof(nonce)
+            );
+            eprintln!("fleet-agent: trial: the live channel opened");
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            eprintln!("fleet-agent: trial: {why}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -97,20 +146,12 @@ fn fleet_core_now() -> i64 {
 }
 
 /// Completes when an installed update's confirmation deadline passes (never otherwise).
-async fn confirm_deadline(binary: Option<std::path::PathBuf>) {
-    use fleet_agent::commands::update_agent::{Pending, check_pending, marker_path};
-    let Some(binary) = binary else {
-        return std::future::pending().await;
-    };
-    let Pending::Confirm { deadline } = check_pending(&binary, fleet_core_now()) else {
+async fn confirm_deadline(confirm_by: Option<i64>) {
+    let Some(deadline) = confirm_by else {
         return std::future::pending().await;
     };
     let wait = u64::try_from(deadline - fleet_core_now()).unwrap_or(0);
     tokio::time::sleep(std::time::Duration::from_secs(wait + 1)).await;
-    if !marker_path(&binary).exists() {
-        // Confirmed meanwhile.
-        std::future::pending::<()>().await;
-    }
 }
 
 /// Reads the configuration; on first start with `AGENT_ENROLLMENT_TOKEN`, trades the token

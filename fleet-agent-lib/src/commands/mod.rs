@@ -45,7 +45,8 @@ pub struct CommandSettings {
     pub update_keys: Vec<PublicKey>,
     /// The binary `UpdateAgent` replaces (default: the running executable).
     pub agent_binary: Option<PathBuf>,
-    /// How long a new binary has to reconnect before the previous one is restored.
+    /// How long a new binary has for its trial run, and then to reconnect after the
+    /// restart, before the previous one is restored (`AGENT_UPDATE_CONFIRM_SECS`).
     pub update_confirm_within: Duration,
     /// Ping interval on the live channel.
     pub ping_interval: Duration,
@@ -151,6 +152,14 @@ impl CommandSettings {
                     Ok(key) => s.update_keys.push(key),
                     Err(err) => problems.push(format!("AGENT_UPDATE_PUBLIC_KEYS[{i}]: {err}")),
                 }
+            }
+        }
+        if let Some(v) = get("AGENT_UPDATE_CONFIRM_SECS") {
+            match v.trim().parse::<u64>() {
+                Ok(secs) if (1..=86_400).contains(&secs) => {
+                    s.update_confirm_within = Duration::from_secs(secs);
+                }
+                _ => problems.push("AGENT_UPDATE_CONFIRM_SECS must be between 1 and 86400".into()),
             }
         }
         if let Some(v) = get("AGENT_BINARY_PATH") {
@@ -270,8 +279,18 @@ impl Executor {
 
     /// Answers commands that were running when the agent stopped: they are not run again
     /// (they may have had effects), and they are reported as failed.
+    /// An `UpdateAgent` rolled back before this start ends `FAILED` with its reason; the one
+    /// waiting for this binary to reconnect is left running (the channel confirms it).
     pub async fn recover(&self) -> crate::Result<()> {
+        let binary = update_agent::binary_path(&self.settings).ok();
+        if let Some(binary) = &binary {
+            update_agent::settle(binary, &self.journal).await?;
+        }
+        let awaiting = binary.as_deref().and_then(update_agent::awaiting);
         for id in self.journal.interrupted().await? {
+            if awaiting.as_ref() == Some(&id) {
+                continue;
+            }
             self.journal
                 .finish(&failed(&id, "the agent stopped while the command ran"))
                 .await?;
@@ -327,16 +346,24 @@ impl Executor {
             let mut result = this.execute(&id, &envelope.command, &output, &cancel).await;
             result.job_id = id.clone();
             this.lock().remove(&id);
+            if envelope.command.command_type() == CommandType::UpdateAgent
+                && result.status == CommandStatus::InProgress
+            {
+                // Installed: the command stays running until the new binary reconnects and
+                // records COMPLETED, or the previous one comes back and records FAILED.
+                this.restart.send_replace(true);
+                return;
+            }
             if let Err(err) = this.journal.finish(&result).await {
                 tracing::error!(error = %err, command_id = %id, "cannot record a command result");
             }
-            if envelope.command.command_type() == CommandType::UpdateAgent
-                && result.status == CommandStatus::Completed
-            {
-                this.restart.send_replace(true);
-            }
         });
         Ok(())
+    }
+
+    /// Ids of the commands running now (a poll asks the control plane which to cancel).
+    pub fn running_ids(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
     }
 
     /// Stops a running command (its process group is killed).
@@ -368,7 +395,9 @@ impl Executor {
             Command::Status(project) => compose::status(s, project, output, cancel).await,
             Command::HealthCheck => self.health(id),
             Command::UpdatePackage(update) => packages::update(s, update, output, cancel).await,
-            Command::UpdateAgent(update) => update_agent::update(s, update, output).await,
+            Command::UpdateAgent(update) => {
+                update_agent::update(s, id, update, output, cancel).await
+            }
         }
     }
 

@@ -1,6 +1,7 @@
 //! `UpdatePackage`: install, remove or upgrade host packages with the package manager the
-//! host has (apt, dnf or apk, detected on `PATH`). Names are validated and passed as
-//! separate arguments after `--` where the manager accepts it: never through a shell.
+//! host has (apt, dnf or apk, detected on `PATH`). Names are validated
+//! ([`is_valid_package_name`]) and passed as separate arguments after `--`, never through a
+//! shell; apt-get is told to take them as exact names, not regular expressions.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,10 +35,25 @@ impl Manager {
 
     /// The arguments for `action` on `packages` (already validated).
     pub fn args(self, action: PackageAction, packages: &[String]) -> Vec<String> {
-        let lead: &[&str] = match (self, action) {
-            (Self::Apt, PackageAction::Install) => &["install", "-y", "--"],
+        let options: &[&str] = match self {
+            // Names are exact (`Pattern-Only`: without it, a name that matches no package is
+            // retried as a regular expression, so `remove libc.+` would match every libc
+            // package); wait for the dpkg lock rather than fail when another apt runs.
+            Self::Apt => &[
+                "-o",
+                "APT::Cmd::Pattern-Only=true",
+                "-o",
+                "DPkg::Lock::Timeout=120",
+            ],
+            Self::Dnf | Self::Apk => &[],
+        };
+        let verb: &[&str] = match (self, action) {
+            // An install or upgrade never removes other packages to make room.
+            (Self::Apt, PackageAction::Install) => &["install", "-y", "--no-remove", "--"],
             (Self::Apt, PackageAction::Remove) => &["remove", "-y", "--"],
-            (Self::Apt, PackageAction::Upgrade) => &["install", "-y", "--only-upgrade", "--"],
+            (Self::Apt, PackageAction::Upgrade) => {
+                &["install", "-y", "--no-remove", "--only-upgrade", "--"]
+            }
             (Self::Dnf, PackageAction::Install) => &["install", "-y", "--"],
             (Self::Dnf, PackageAction::Remove) => &["remove", "-y", "--"],
             (Self::Dnf, PackageAction::Upgrade) => &["upgrade", "-y", "--"],
@@ -45,7 +61,9 @@ impl Manager {
             (Self::Apk, PackageAction::Remove) => &["del", "--no-interactive", "--"],
             (Self::Apk, PackageAction::Upgrade) => &["upgrade", "--no-interactive", "--"],
         };
-        lead.iter()
+        options
+            .iter()
+            .chain(verb)
             .map(|a| (*a).to_owned())
             .chain(packages.iter().cloned())
             .collect()
@@ -108,8 +126,20 @@ mod tests {
     fn arguments_keep_names_apart_from_options() {
         let names = vec!["curl".to_owned(), "libssl3".to_owned()];
         assert_eq!(
-            Manager::Apt.args(PackageAction::Upgrade, &names),
-            ["install", "-y", "--only-upgrade", "--", "curl", "libssl3"]
+            Manager::Apt.args(PackageAction::Upgrade, &names)[4..],
+            [
+                "install",
+                "-y",
+                "--no-remove",
+                "--only-upgrade",
+                "--",
+                "curl",
+                "libssl3"
+            ]
+        );
+        assert_eq!(
+            Manager::Apt.args(PackageAction::Remove, &names)[..2],
+            ["-o", "APT::Cmd::Pattern-Only=true"]
         );
         assert_eq!(
             Manager::Apk.args(PackageAction::Remove, &names),

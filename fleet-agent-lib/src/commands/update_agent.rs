@@ -1,22 +1,62 @@
 //! `UpdateAgent`: download a new agent binary, check its SHA-256 and its Ed25519 signature
-//! against the pinned keys, and swap it in atomically, keeping the previous binary beside
-//! it (`<binary>.previous`). A marker file records the swap; the new binary confirms it once
-//! its live channel is up, and [`check_pending`] restores the previous binary when the
-//! deadline passes without that confirmation.
+//! against the pinned keys, prove that it starts and reconnects, then swap it in atomically
+//! and restart into it, keeping the previous binary beside it (`<binary>.previous`).
+//!
+//! Returning to the previous binary works without any supervisor, under systemd
+//! (`Restart=always`) as under a test harness or a plain shell:
+//!
+//! 1. **Trial before the swap.** The running agent starts the downloaded file as a child
+//!    with [`TRIAL_ENV`] set to a random nonce: the child reads the same configuration,
+//!    registers and opens the live channel, closes it, prints [`trial_proof`] of the nonce
+//!    and exits 0 ([`crate::channel::trial`]); exit 0 alone is no proof (`/bin/true` is not
+//!    an agent). A binary that crashes, exits non-zero, gives no proof or does not reconnect
+//!    within `update_confirm_within` is deleted and the command ends `FAILED` with the reason and the end of the child's
+//!    output; the agent never stopped and never left its binary.
+//! 2. **Marker across the restart.** After a good trial the previous binary is copied to
+//!    `<binary>.previous`, a marker (`<binary>.update-pending`: command id, version,
+//!    deadline, starts) is written, and the new file is renamed over the binary; the agent
+//!    then execs it (same pid, so systemd sees the same service). The command stays
+//!    `IN_PROGRESS`.
+//! 3. **Confirmation.** The new process counts its start in the marker before anything else
+//!    ([`on_start`]); once its live channel is up it records `COMPLETED` and removes the
+//!    marker ([`confirm`]).
+//! 4. **Rollback.** A start that finds the deadline passed or more than [`MAX_STARTS`]
+//!    starts (the new binary keeps crashing after its trial and systemd keeps restarting
+//!    it), or a process whose deadline passes unconfirmed, puts `<binary>.previous` back,
+//!    notes the reason in the marker and execs the previous binary, which records `FAILED`
+//!    with that reason ([`settle`]).
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use base64::Engine;
 use fleet_core::command::{CommandResult, UpdateAgent};
 use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
 use sha2::Digest;
+use tokio::sync::Notify;
 
 use super::{CommandSettings, Output, completed, failed};
+use crate::logstream::Journal;
 
 /// Largest binary downloaded.
 pub const MAX_BINARY_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Set (to a random nonce) in the environment of a downloaded binary's trial run: the
+/// binary only proves it can start and reconnect ([`crate::channel::trial`]), prints
+/// [`trial_proof`] of the nonce on stdout and exits 0. A program embedding the agent that
+/// handles `UpdateAgent` must honour it in its `main`.
+pub const TRIAL_ENV: &str = "FLEET_AGENT_TRIAL";
+
+/// The line a trial run prints once its live channel opened, for the nonce it was given.
+pub fn trial_proof(nonce: &str) -> String {
+    format!("fleet-agent trial ok {nonce}")
+}
+
+/// Starts of a new binary without confirmation after which the previous one comes back.
+pub const MAX_STARTS: u32 = 3;
 
 /// The marker written next to the binary while an update waits for confirmation.
 pub fn marker_path(binary: &Path) -> PathBuf {
@@ -28,11 +68,50 @@ pub fn previous_path(binary: &Path) -> PathBuf {
     binary.with_extension("previous")
 }
 
-fn binary_path(settings: &CommandSettings) -> std::io::Result<PathBuf> {
+/// The binary `UpdateAgent` replaces: `AGENT_BINARY_PATH`, else the running executable.
+pub fn binary_path(settings: &CommandSettings) -> std::io::Result<PathBuf> {
     match &settings.agent_binary {
         Some(path) => Ok(path.clone()),
         None => std::env::current_exe(),
     }
+}
+
+/// What the marker file holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Marker {
+    /// The `UpdateAgent` command (target) id that installed the binary.
+    #[serde(default)]
+    pub command_id: String,
+    /// The version installed.
+    #[serde(default)]
+    pub version: String,
+    /// Unix seconds by which the new binary must have reconnected.
+    #[serde(default)]
+    pub deadline: i64,
+    /// Starts of the new binary so far.
+    #[serde(default)]
+    pub starts: u32,
+    /// Set once the previous binary was put back: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<String>,
+}
+
+fn read_marker(binary: &Path) -> Option<Marker> {
+    let text = std::fs::read_to_string(marker_path(binary)).ok()?;
+    // An unreadable marker still means "an update is pending"; its deadline 0 has passed,
+    // so the previous binary comes back.
+    Some(serde_json::from_str(&text).unwrap_or_default())
+}
+
+/// Writes the marker atomically (temp file, fsync, rename), so a crash never leaves half
+/// of one.
+fn write_marker(binary: &Path, marker: &Marker) -> std::io::Result<()> {
+    let path = marker_path(binary);
+    let tmp = path.with_extension("update-pending.tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(serde_json::to_string(marker).unwrap_or_default().as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(tmp, path)
 }
 
 /// Checks a downloaded binary: its SHA-256 hex and an Ed25519 signature (base64) by one of
@@ -67,57 +146,134 @@ pub fn verify_binary(
     }
 }
 
-/// Downloads, verifies and installs the binary.
+/// Downloads, verifies, tries and installs the binary. `IN_PROGRESS` means installed: the
+/// agent must restart into it, and the new process reports the end ([`confirm`]).
 pub async fn update(
     settings: &CommandSettings,
+    id: &str,
     update: &UpdateAgent,
-    _output: &Output,
+    output: &Output,
+    cancel: &Notify,
 ) -> CommandResult {
     if settings.update_keys.is_empty() {
-        return failed("", "no update keys pinned (AGENT_UPDATE_PUBLIC_KEYS)");
+        return failed(id, "no update keys pinned (AGENT_UPDATE_PUBLIC_KEYS)");
     }
     let (Some(sha256), Some(signature)) = (&update.sha256, &update.signature) else {
-        return failed("", "sha256 and signature are required");
+        return failed(id, "sha256 and signature are required");
     };
     let binary = match binary_path(settings) {
         Ok(path) => path,
-        Err(err) => return failed("", &format!("cannot find the agent binary: {err}")),
+        Err(err) => return failed(id, &format!("cannot find the agent binary: {err}")),
     };
     let download = binary.with_extension("download");
     let bytes = match fetch(&update.url, &download).await {
         Ok(bytes) => bytes,
         Err(why) => {
             let _ = std::fs::remove_file(&download);
-            return failed("", &why);
+            return failed(id, &why);
         }
     };
     if let Err(why) = verify_binary(&bytes, sha256, signature, &settings.update_keys) {
         let _ = std::fs::remove_file(&download);
-        return failed("", &why);
+        return failed(id, &why);
     }
     drop(bytes);
+    if let Err(err) = std::fs::set_permissions(&download, std::fs::Permissions::from_mode(0o755)) {
+        let _ = std::fs::remove_file(&download);
+        return failed(id, &format!("cannot install the binary: {err}"));
+    }
+    if let Err(why) = trial(&download, settings.update_confirm_within, output, cancel).await {
+        let _ = std::fs::remove_file(&download);
+        return failed(
+            id,
+            &format!(
+                "the new binary ({}) did not reconnect: {why}; the previous binary stays",
+                update.version
+            ),
+        );
+    }
     let installed = (|| -> std::io::Result<()> {
-        std::fs::set_permissions(&download, std::fs::Permissions::from_mode(0o755))?;
         // The previous binary is kept (copied, so the running one stays in place until the
         // rename below swaps the new one in atomically).
         std::fs::copy(&binary, previous_path(&binary))?;
         let deadline = fleet_core::unix_now()
             + i64::try_from(settings.update_confirm_within.as_secs()).unwrap_or(120);
-        let marker = serde_json::json!({ "version": update.version, "deadline": deadline });
-        std::fs::write(marker_path(&binary), marker.to_string())?;
+        write_marker(
+            &binary,
+            &Marker {
+                command_id: id.to_owned(),
+                version: update.version.clone(),
+                deadline,
+                starts: 0,
+                rolled_back: None,
+            },
+        )?;
         std::fs::rename(&download, &binary)
     })();
     match installed {
         Ok(()) => {
-            let mut result = completed("", &format!("installed {}; restarting", update.version));
-            result.data = Some(serde_json::json!({ "version": update.version }));
+            let mut result = completed(id, &format!("installed {}; restarting", update.version));
+            result.status = fleet_core::command::CommandStatus::InProgress;
             result
         }
         Err(err) => {
             let _ = std::fs::remove_file(&download);
             let _ = std::fs::remove_file(marker_path(&binary));
-            failed("", &format!("cannot install the binary: {err}"))
+            failed(id, &format!("cannot install the binary: {err}"))
         }
+    }
+}
+
+/// Runs `candidate` in trial mode ([`TRIAL_ENV`]) with this process's environment; its
+/// output goes to the command's log. `Err` says how it failed.
+async fn trial(
+    candidate: &Path,
+    within: Duration,
+    output: &Output,
+    cancel: &Notify,
+) -> Result<(), String> {
+    let program = candidate.to_string_lossy();
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    let env = std::collections::BTreeMap::from([(TRIAL_ENV.to_owned(), nonce.clone())]);
+    let finished = super::run::spawn(
+        &super::run::Program {
+            program: &program,
+            args: &[],
+            env: &env,
+            cwd: None,
+            timeout: within,
+        },
+        output,
+        cancel,
+    )
+    .await
+    .map_err(|err| format!("it cannot be started ({err})"))?;
+    let proved = finished.tail.contains(&trial_proof(&nonce));
+    let tail: String = {
+        let text = finished.tail.trim();
+        let start = text.char_indices().rev().nth(400).map_or(0, |(i, _)| i);
+        text[start..].to_owned()
+    };
+    let said = if tail.is_empty() {
+        String::new()
+    } else {
+        format!(" (it said: {tail})")
+    };
+    match finished {
+        f if f.cancelled => Err("the update was cancelled".into()),
+        f if f.timed_out => Err(format!(
+            "its trial run did not reconnect within {} s{said}",
+            within.as_secs()
+        )),
+        f if f.exit_code == Some(0) && proved => Ok(()),
+        f if f.exit_code == Some(0) => Err(format!(
+            "its trial run exited 0 without reporting a live channel (not a fleet agent?){said}"
+        )),
+        f => Err(format!(
+            "its trial run exited with {}{said}",
+            f.exit_code
+                .map_or_else(|| "a signal".to_owned(), |c| format!("status {c}"))
+        )),
     }
 }
 
@@ -148,58 +304,137 @@ async fn fetch(url: &str, to: &Path) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
-/// What to do about an update waiting for confirmation, at start.
+/// What a starting process does about an installed update.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Pending {
-    /// No update waiting.
-    None,
-    /// Waiting; confirm once the channel is up, before the deadline (unix seconds).
-    Confirm {
-        /// Unix seconds.
-        deadline: i64,
+pub enum Start {
+    /// Run. `confirm_by`: an update waits for this process to reconnect by then (unix
+    /// seconds); past it, call [`rollback_unconfirmed`].
+    Run {
+        /// Unix seconds, when an update is waiting for confirmation.
+        confirm_by: Option<i64>,
     },
-    /// The deadline passed: the previous binary was put back; restart into it.
+    /// The previous binary was put back: exec it instead of running.
     RolledBack,
 }
 
-/// Looks at the marker of `binary` at `now`; rolls back when its deadline passed.
-pub fn check_pending(binary: &Path, now: i64) -> Pending {
-    let Ok(text) = std::fs::read_to_string(marker_path(binary)) else {
-        return Pending::None;
+/// Call first at start, before anything that could crash: counts this start of a new
+/// binary, and puts the previous binary back when the deadline passed or the new binary
+/// started more than [`MAX_STARTS`] times without confirming.
+pub fn on_start(binary: &Path, now: i64) -> Start {
+    let Some(mut marker) = read_marker(binary) else {
+        return Start::Run { confirm_by: None };
     };
-    let deadline = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| v["deadline"].as_i64())
-        .unwrap_or(0);
-    if now <= deadline {
-        return Pending::Confirm { deadline };
+    if marker.rolled_back.is_some() {
+        // This is the previous binary, back; it reports the failure once connected.
+        return Start::Run { confirm_by: None };
     }
-    rollback(binary)
+    marker.starts += 1;
+    if now > marker.deadline {
+        let why = format!(
+            "the new binary ({}) did not reconnect before its deadline",
+            marker.version
+        );
+        return rollback(binary, marker, why);
+    }
+    if marker.starts > MAX_STARTS {
+        let why = format!(
+            "the new binary ({}) started {} times without reconnecting",
+            marker.version,
+            marker.starts - 1
+        );
+        return rollback(binary, marker, why);
+    }
+    if let Err(err) = write_marker(binary, &marker) {
+        tracing::warn!(error = %err, "cannot count this start in the update marker");
+    }
+    Start::Run {
+        confirm_by: Some(marker.deadline),
+    }
 }
 
-/// Puts the previous binary back.
-pub fn rollback(binary: &Path) -> Pending {
-    let previous = previous_path(binary);
-    if std::fs::rename(&previous, binary).is_ok() {
-        let _ = std::fs::remove_file(marker_path(binary));
-        tracing::warn!("the new agent binary did not confirm in time; previous binary restored");
-        Pending::RolledBack
-    } else {
-        let _ = std::fs::remove_file(marker_path(binary));
-        Pending::None
+/// The deadline of a running, unconfirmed binary passed: puts the previous binary back
+/// (exec it when this returns [`Start::RolledBack`]). Does nothing once confirmed.
+pub fn rollback_unconfirmed(binary: &Path) -> Start {
+    match read_marker(binary) {
+        Some(marker) if marker.rolled_back.is_none() => {
+            let why = format!(
+                "the new binary ({}) did not reconnect before its deadline",
+                marker.version
+            );
+            rollback(binary, marker, why)
+        }
+        _ => Start::Run { confirm_by: None },
     }
 }
 
-/// Confirms the running binary (the channel is up): the marker goes.
-pub fn confirm(binary: &Path) {
-    if std::fs::remove_file(marker_path(binary)).is_ok() {
-        tracing::info!("agent update confirmed");
+fn rollback(binary: &Path, mut marker: Marker, why: String) -> Start {
+    let restored = std::fs::rename(previous_path(binary), binary);
+    tracing::warn!(reason = %why, restored = restored.is_ok(), "agent update rolled back");
+    let outcome = match restored {
+        Ok(()) => {
+            marker.rolled_back = Some(format!("{why}; the previous binary was restored"));
+            Start::RolledBack
+        }
+        Err(err) => {
+            marker.rolled_back = Some(format!("{why}; no previous binary to restore ({err})"));
+            Start::Run { confirm_by: None }
+        }
+    };
+    if let Err(err) = write_marker(binary, &marker) {
+        tracing::warn!(error = %err, "cannot record the rollback in the update marker");
     }
+    outcome
+}
+
+/// The id of an `UpdateAgent` command waiting for this process to confirm it (not to be
+/// reported as interrupted).
+pub fn awaiting(binary: &Path) -> Option<String> {
+    read_marker(binary)
+        .filter(|m| m.rolled_back.is_none() && !m.command_id.is_empty())
+        .map(|m| m.command_id)
+}
+
+/// At start, once the journal is open: a rolled-back update ends `FAILED` with its reason.
+pub async fn settle(binary: &Path, journal: &Journal) -> crate::Result<()> {
+    let Some(marker) = read_marker(binary) else {
+        return Ok(());
+    };
+    let Some(why) = &marker.rolled_back else {
+        return Ok(());
+    };
+    if !marker.command_id.is_empty() {
+        journal.finish(&failed(&marker.command_id, why)).await?;
+    }
+    let _ = std::fs::remove_file(marker_path(binary));
+    Ok(())
+}
+
+/// The live channel is up: an update waiting for this binary ends `COMPLETED` and its
+/// marker goes.
+pub async fn confirm(binary: &Path, journal: &Journal) -> crate::Result<()> {
+    let Some(marker) = read_marker(binary) else {
+        return Ok(());
+    };
+    if marker.rolled_back.is_some() {
+        return Ok(());
+    }
+    if !marker.command_id.is_empty() {
+        let mut result = completed(
+            &marker.command_id,
+            &format!("updated to {}; the new binary reconnected", marker.version),
+        );
+        result.data = Some(serde_json::json!({ "version": marker.version }));
+        journal.finish(&result).await?;
+    }
+    let _ = std::fs::remove_file(marker_path(binary));
+    tracing::info!(version = %marker.version, "agent update confirmed");
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleet_core::command::{CommandStatus, Frame};
     use fleet_core::manifest::PrivateKey;
 
     #[test]
@@ -222,21 +457,103 @@ mod tests {
         assert!(verify_binary(bytes, &sha, &sig, &other).is_err());
     }
 
-    #[test]
-    fn an_unconfirmed_update_rolls_back_after_its_deadline() {
+    fn installed(deadline: i64) -> (PathBuf, PathBuf) {
         let dir = std::env::temp_dir().join(format!("fleet-upd-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).expect("dir");
         let binary = dir.join("fleet-agent");
         std::fs::write(&binary, "new").expect("write");
         std::fs::write(previous_path(&binary), "old").expect("write");
-        std::fs::write(marker_path(&binary), r#"{"deadline":100}"#).expect("write");
+        let marker = Marker {
+            command_id: "cmd-1".into(),
+            version: "2.0.0".into(),
+            deadline,
+            ..Marker::default()
+        };
+        write_marker(&binary, &marker).expect("marker");
+        (dir, binary)
+    }
+
+    /// The last result frame the journal queued.
+    async fn last_result(journal: &Journal) -> fleet_core::command::CommandResult {
+        let frames = journal.pending(0, 100).await.expect("pending");
+        frames
+            .iter()
+            .rev()
+            .find_map(|f| match Frame::decode(&f.body) {
+                Ok(Frame::Result { result, .. }) => Some(result),
+                _ => None,
+            })
+            .expect("a result frame")
+    }
+
+    #[tokio::test]
+    async fn an_unconfirmed_update_rolls_back_after_its_deadline_and_reports_why() {
+        let (dir, binary) = installed(100);
         assert_eq!(
-            check_pending(&binary, 50),
-            Pending::Confirm { deadline: 100 }
+            on_start(&binary, 50),
+            Start::Run {
+                confirm_by: Some(100)
+            }
         );
-        assert_eq!(check_pending(&binary, 101), Pending::RolledBack);
+        assert_eq!(awaiting(&binary).as_deref(), Some("cmd-1"));
+        assert_eq!(on_start(&binary, 101), Start::RolledBack);
         assert_eq!(std::fs::read_to_string(&binary).expect("read"), "old");
-        assert_eq!(check_pending(&binary, 200), Pending::None);
+        assert_eq!(awaiting(&binary), None);
+        // The previous binary starts normally and reports the failure once.
+        assert_eq!(on_start(&binary, 102), Start::Run { confirm_by: None });
+        let journal = Journal::open(&dir.join("j.db")).await.expect("journal");
+        settle(&binary, &journal).await.expect("settle");
+        let result = last_result(&journal).await;
+        assert_eq!(result.job_id, "cmd-1");
+        assert_eq!(result.status, CommandStatus::Failed);
+        let error = result.error.unwrap_or_default();
+        assert!(
+            error.contains("did not reconnect") && error.contains("restored"),
+            "{error}"
+        );
+        assert!(!marker_path(&binary).exists());
+        assert_eq!(on_start(&binary, 103), Start::Run { confirm_by: None });
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_binary_that_keeps_crashing_is_replaced_after_max_starts() {
+        let (dir, binary) = installed(i64::MAX);
+        for _ in 0..MAX_STARTS {
+            assert!(matches!(
+                on_start(&binary, 1),
+                Start::Run {
+                    confirm_by: Some(_)
+                }
+            ));
+        }
+        assert_eq!(on_start(&binary, 1), Start::RolledBack);
+        assert_eq!(std::fs::read_to_string(&binary).expect("read"), "old");
+        let marker = read_marker(&binary).expect("marker");
+        assert!(
+            marker
+                .rolled_back
+                .is_some_and(|why| why.contains(&format!("started {MAX_STARTS} times"))),
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_confirmed_update_completes_and_never_rolls_back() {
+        let (dir, binary) = installed(100);
+        let journal = Journal::open(&dir.join("j.db")).await.expect("journal");
+        confirm(&binary, &journal).await.expect("confirm");
+        let result = last_result(&journal).await;
+        assert_eq!(
+            (result.job_id.as_str(), result.status),
+            ("cmd-1", CommandStatus::Completed)
+        );
+        assert_eq!(
+            rollback_unconfirmed(&binary),
+            Start::Run { confirm_by: None }
+        );
+        assert_eq!(on_start(&binary, 1000), Start::Run { confirm_by: None });
+        assert_eq!(std::fs::read_to_string(&binary).expect("read"), "new");
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -29,7 +29,7 @@ fn envelope(id: &str, kind: &str, payload: serde_json::Value) -> CommandEnvelope
 }
 
 /// Results queued in the journal, in order.
-async fn results(journal: &Journal) -> Vec<fleet_core::command::CommandResult> {
+pub async fn results(journal: &Journal) -> Vec<fleet_core::command::CommandResult> {
     journal
         .pending(0, 10_000)
         .await
@@ -188,7 +188,12 @@ async fn update_agent_checks_digest_and_signature_then_swaps_atomically() {
     let seed = [9u8; 32];
     let signing = ed25519_dalek::SigningKey::from_bytes(&seed);
     let public = fleet_core::PrivateKey::from_seed(seed).public_key();
-    let new_binary = b"#!/bin/sh\necho new agent\n".to_vec();
+    // Stands in for an agent binary: it answers its trial run with the proof of the nonce,
+    // as `fleet-agent` does once its live channel opened (bins/fleet-agent/tests/it/update.rs
+    // runs the real binary).
+    let new_binary =
+        b"#!/bin/sh\n[ -n \"$FLEET_AGENT_TRIAL\" ] && echo \"fleet-agent trial ok $FLEET_AGENT_TRIAL\"\n"
+            .to_vec();
     let url = serve_binary(new_binary.clone()).await;
     let sha = hex::encode(sha2::Sha256::digest(&new_binary));
     let good =
@@ -233,12 +238,21 @@ async fn update_agent_checks_digest_and_signature_then_swaps_atomically() {
         ))
         .await
         .expect("accept");
-    let found = wait_results(&journal, 4).await;
+    // Installed: the agent is asked to restart into it; the command stays in progress.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !*restart.borrow() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            results(&journal).await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let found = results(&journal).await;
+    assert_eq!(found.len(), 3, "{found:?}");
     assert_eq!(
-        found[3].status,
-        fleet_core::command::CommandStatus::Completed,
-        "{:?}",
-        found[3]
+        found[2].status,
+        fleet_core::command::CommandStatus::InProgress
     );
     assert_eq!(std::fs::read(&binary).expect("read"), new_binary);
     use std::os::unix::fs::PermissionsExt;
@@ -256,9 +270,39 @@ async fn update_agent_checks_digest_and_signature_then_swaps_atomically() {
         b"old agent"
     );
     assert!(fleet_agent::commands::update_agent::marker_path(&binary).exists());
-    // The agent is asked to restart into the new binary.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(*restart.borrow());
+    // The restarted agent confirms once its channel is up: COMPLETED, marker gone.
+    fleet_agent::commands::update_agent::confirm(&binary, &journal)
+        .await
+        .expect("confirm");
+    let found = results(&journal).await;
+    assert_eq!(
+        (found[3].job_id.as_str(), found[3].status),
+        ("u2", fleet_core::command::CommandStatus::Completed)
+    );
+    assert!(!fleet_agent::commands::update_agent::marker_path(&binary).exists());
+
+    // A file that exits 0 without the proof (no agent at all) is not installed.
+    let not_an_agent = b"#!/bin/sh\nexit 0\n".to_vec();
+    let url = serve_binary(not_an_agent.clone()).await;
+    let sha = hex::encode(sha2::Sha256::digest(&not_an_agent));
+    let signature =
+        base64::engine::general_purpose::STANDARD.encode(signing.sign(&not_an_agent).to_bytes());
+    executor
+        .accept(envelope(
+            "u3",
+            "UpdateAgent",
+            json!({"version": "3.0.0", "url": url, "sha256": sha, "signature": signature}),
+        ))
+        .await
+        .expect("accept");
+    let found = wait_results(&journal, 6).await;
+    assert_eq!(found[5].status, fleet_core::command::CommandStatus::Failed);
+    let error = found[5].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("without reporting a live channel"),
+        "{error}"
+    );
+    assert_eq!(std::fs::read(&binary).expect("read"), new_binary);
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -5,6 +5,8 @@
 mod commands;
 mod delivery;
 mod local_api;
+mod packages;
 mod receiver;
+mod reconnect;
 mod services;
 mod support;

@@ -76,6 +76,35 @@ pub struct CommandRecord {
     pub targets: Vec<TargetRecord>,
 }
 
+/// A command in a list: what, who, when, and its targets counted by status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct CommandSummary {
+    /// Command id.
+    pub id: String,
+    /// Wire name of the type.
+    pub command_type: String,
+    /// `running`, `completed`, `cancelled` or `halted`.
+    pub status: String,
+    /// Submitting role.
+    pub created_by: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// When every target ended.
+    pub finished_at: Option<i64>,
+    /// Targets in all.
+    pub total: i64,
+    /// Targets `completed`.
+    pub completed: i64,
+    /// Targets `failed` or `timed_out`.
+    pub failed: i64,
+    /// Targets `sent` or `running`.
+    pub running: i64,
+    /// Targets still `queued`.
+    pub queued: i64,
+    /// The first target's instance (by id), to name a one-target command.
+    pub first_instance: Option<String>,
+}
+
 /// A target released to its agent: what to put on the wire.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct Dispatch {
@@ -154,6 +183,9 @@ pub trait CommandStore: Send + Sync {
 
     /// A command with its targets.
     async fn command(&self, id: &str) -> Result<Option<CommandRecord>>;
+
+    /// The `limit` most recent commands, newest first, with their targets counted.
+    async fn list_commands(&self, limit: i64) -> Result<Vec<CommandSummary>>;
 
     /// Releases as many queued targets as `max_concurrency` and `max_errors` allow, halts the
     /// command once `max_errors` is passed (queued targets become `skipped`), and marks it
@@ -334,6 +366,27 @@ macro_rules! impl_command_store {
                     finished_at: row.try_get("finished_at")?,
                     targets,
                 }))
+            }
+
+            async fn list_commands(
+                &self,
+                limit: i64,
+            ) -> $crate::Result<Vec<$crate::store::commands::CommandSummary>> {
+                Ok(sqlx::query_as::<_, $crate::store::commands::CommandSummary>(
+                    "SELECT c.id, c.command_type, c.status, c.created_by, c.created_at, \
+                     c.finished_at, COUNT(t.target_id) AS total, \
+                     COALESCE(SUM(CASE WHEN t.status = 'completed' THEN 1 ELSE 0 END), 0) AS completed, \
+                     COALESCE(SUM(CASE WHEN t.status IN ('failed', 'timed_out') THEN 1 ELSE 0 END), 0) AS failed, \
+                     COALESCE(SUM(CASE WHEN t.status IN ('sent', 'running') THEN 1 ELSE 0 END), 0) AS running, \
+                     COALESCE(SUM(CASE WHEN t.status = 'queued' THEN 1 ELSE 0 END), 0) AS queued, \
+                     MIN(t.instance_id) AS first_instance \
+                     FROM commands c LEFT JOIN command_targets t ON t.command_id = c.id \
+                     GROUP BY c.id, c.command_type, c.status, c.created_by, c.created_at, c.finished_at \
+                     ORDER BY c.created_at DESC, c.id DESC LIMIT $1",
+                )
+                .bind(limit)
+                .fetch_all(self.pool())
+                .await?)
             }
 
             async fn schedule(

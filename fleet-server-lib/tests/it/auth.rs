@@ -144,6 +144,14 @@ const MATRIX: &[(&str, &str, &str, [u16; 4])] = &[
         "/v1/commands/nope/cancel",
         [401, 403, 404, 404],
     ),
+    // The dashboard's command pages: every role reads them.
+    ("GET", "/commands", "/commands", [303, 200, 200, 200]),
+    (
+        "GET",
+        "/commands/{id}",
+        "/commands/nope",
+        [303, 404, 404, 404],
+    ),
 ];
 
 #[tokio::test]

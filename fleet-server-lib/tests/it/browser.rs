@@ -289,3 +289,77 @@ async fn a_browser_logs_in_sees_the_fleet_and_opens_an_installation() {
     browser.wait_text("#alerts", "acknowledged by ops").await;
     browser.quit().await;
 }
+
+#[tokio::test]
+async fn a_browser_follows_a_command_to_its_targets_and_output_without_seeing_its_secrets() {
+    use crate::commands::{INSTANCE, TestAgent, submit, wait_connected, wait_done};
+    let t = support::sqlite().await;
+    let server = TestServer::start(t.store.clone()).await;
+    let agent = TestAgent::start(&server.url, INSTANCE, SECRET, None).await;
+    wait_connected(&server.client, &server.url, 1).await;
+    let (status, submitted) = submit(
+        &server.client,
+        &server.url,
+        support::ADMIN,
+        json!({"command_type": "RunCommand", "targets": [INSTANCE],
+               "payload": {"cmd": "sh",
+                           "args": ["-c", "echo \"<hello> from $GREETING_SOURCE\"; echo oops >&2; exit 3"],
+                           "env": {"GREETING_SOURCE": "the agent", "API_TOKEN": "s3cr3t-value"}}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{submitted}");
+    let id = submitted["id"].as_str().expect("id").to_owned();
+    let done = wait_done(&server.client, &server.url, &id, Duration::from_secs(60)).await;
+    assert_eq!(done["targets"][0]["status"], "failed", "{done}");
+
+    let browser = Browser::start().await;
+    browser.goto(&server.at("/login")).await;
+    browser.type_into("#token", support::SUPPORT).await;
+    browser.click("#login").await;
+    browser.wait_text("header", "support").await;
+    browser.click("a[href='/commands']").await;
+    let list = browser.wait_text("#commands", "RunCommand").await;
+    assert!(
+        list.contains(INSTANCE)
+            && list.contains("0 completed · 1 failed · 0 running · 0 queued")
+            && list.contains("admin"),
+        "{list}"
+    );
+    browser.click(&format!("a[href='/commands/{id}']")).await;
+    let targets = browser.wait_text("#targets", INSTANCE).await;
+    assert!(
+        targets.contains("failed") && targets.contains('3'),
+        "{targets}"
+    );
+    assert_eq!(browser.text("#submitted-by").await, "admin");
+    // Output is shown as typed (escaped, not markup), stdout and stderr apart.
+    assert_eq!(
+        browser.text("#log-0-stdout").await,
+        "<hello> from the agent"
+    );
+    assert_eq!(browser.text("#log-0-stderr").await, "oops");
+    // Support sees which variables were set, not their values.
+    let payload = browser.text("#payload").await;
+    assert!(
+        payload.contains("API_TOKEN") && payload.contains("hidden from support"),
+        "{payload}"
+    );
+    let source = browser
+        .call(reqwest::Method::GET, "/source", Value::Null)
+        .await;
+    assert!(
+        !source.as_str().unwrap_or_default().contains("s3cr3t-value"),
+        "the secret reached a support page"
+    );
+    browser.quit().await;
+
+    // The JSON API agrees: hidden from support, whole for ops (who may run commands).
+    let (_, shown) = server
+        .get_json(&format!("/v1/commands/{id}"), support::SUPPORT)
+        .await;
+    assert!(!shown.to_string().contains("s3cr3t-value"), "{shown}");
+    let (_, shown) = server.get_json(&format!("/v1/commands/{id}"), OPS).await;
+    assert_eq!(shown["payload"]["env"]["API_TOKEN"], "s3cr3t-value");
+    agent.stop().await;
+    server.stop().await;
+}

@@ -131,6 +131,22 @@ pub async fn wait_done(client: &reqwest::Client, url: &str, id: &str, limit: Dur
     }
 }
 
+/// Runs a `HEALTH_CHECK` on `instance` as ops and returns the ended command.
+pub async fn health_check(server: &TestServer, instance: &str) -> Value {
+    let (_, body) = submit(
+        &server.client,
+        &server.url,
+        OPS,
+        json!({"command_type": "HEALTH_CHECK", "targets": [instance], "payload": {}}),
+    )
+    .await;
+    let id = body["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("refused: {body}"))
+        .to_owned();
+    wait_done(&server.client, &server.url, &id, Duration::from_secs(60)).await
+}
+
 /// The whole stored output of one target's stream.
 pub async fn output(client: &reqwest::Client, url: &str, id: &str, stream: &str) -> Vec<u8> {
     let response = client
@@ -480,15 +496,7 @@ async fn enrollment_token_buys_a_secret_once(store: TestStore) {
     // The issued secret signs registrations and opens the live channel.
     let agent = TestAgent::start(&server.url, "new-host-7", &secret, None).await;
     wait_connected(&server.client, &server.url, 1).await;
-    let (_, body) = submit(
-        &server.client,
-        &server.url,
-        OPS,
-        json!({"command_type": "HEALTH_CHECK", "targets": ["new-host-7"], "payload": {}}),
-    )
-    .await;
-    let id = body["id"].as_str().expect("id").to_owned();
-    let done = wait_done(&server.client, &server.url, &id, Duration::from_secs(20)).await;
+    let done = health_check(&server, "new-host-7").await;
     assert_eq!(done["targets"][0]["status"], "completed", "{done}");
     assert!(done["targets"][0]["data"]["uptime_secs"].is_u64(), "{done}");
     agent.stop().await;
@@ -544,15 +552,7 @@ async fn tokens_are_renewed_before_they_expire() {
             .await
             .expect("count");
     assert!(registrations >= 3, "only {registrations} registrations");
-    let (_, body) = submit(
-        &server.client,
-        &server.url,
-        OPS,
-        json!({"command_type": "HEALTH_CHECK", "targets": [INSTANCE], "payload": {}}),
-    )
-    .await;
-    let id = body["id"].as_str().expect("id").to_owned();
-    let done = wait_done(&server.client, &server.url, &id, Duration::from_secs(20)).await;
+    let done = health_check(&server, INSTANCE).await;
     assert_eq!(done["targets"][0]["status"], "completed", "{done}");
     agent.stop().await;
     server.stop().await;
@@ -567,13 +567,58 @@ support::on_both_backends!(
     follow_streams_live_then_ends,
     cancel_kills_a_running_command,
     enrollment_token_buys_a_secret_once,
+    dashboard_lists_commands_and_shows_one,
 );
 
-/// A control plane behind a "proxy" that refuses WebSocket upgrades: the agent must fall
-/// back to `POST /v1/agents/poll`.
-#[tokio::test]
-async fn polling_fallback_runs_commands_without_a_socket() {
-    let store = support::sqlite().await;
+/// The dashboard's command pages over each backend's SQL (the browser test drives them in
+/// Chromium on SQLite).
+async fn dashboard_lists_commands_and_shows_one(store: TestStore) {
+    let server = server(&store).await;
+    let agent = TestAgent::start(&server.url, INSTANCE, SECRET, None).await;
+    wait_connected(&server.client, &server.url, 1).await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let done = health_check(&server, INSTANCE).await;
+        ids.push(done["id"].as_str().expect("id").to_owned());
+    }
+    let page = |path: String| {
+        let server = &server;
+        async move {
+            let response = server
+                .client
+                .get(server.at(&path))
+                .bearer_auth(SUPPORT)
+                .send()
+                .await
+                .expect("page");
+            (
+                response.status().as_u16(),
+                response.text().await.expect("html"),
+            )
+        }
+    };
+    let (status, list) = page("/commands".into()).await;
+    assert_eq!(status, 200);
+    // Newest first, each with its counts.
+    let newest = list.find(&ids[1]).expect("second listed");
+    let oldest = list.find(&ids[0]).expect("first listed");
+    assert!(newest < oldest, "{list}");
+    assert_eq!(list.matches("1 completed · 0 failed").count(), 2, "{list}");
+    let (status, detail) = page(format!("/commands/{}", ids[0])).await;
+    assert_eq!(status, 200);
+    assert!(
+        detail.contains("HEALTH_CHECK")
+            && detail.contains(INSTANCE)
+            && detail.contains("completed"),
+        "{detail}"
+    );
+    agent.stop().await;
+    server.stop().await;
+}
+
+/// A control plane behind a "proxy" that refuses WebSocket upgrades, so agents must fall
+/// back to `POST /v1/agents/poll`; returns its URL and the serving task.
+async fn polling_only_server(store: &TestStore) -> (String, tokio::task::JoinHandle<()>) {
     let router = fleet_server::ControlPlane::builder()
         .shared_store(store.store.clone())
         .secrets(support::resolver())
@@ -593,6 +638,14 @@ async fn polling_fallback_runs_commands_without_a_socket() {
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let serving = tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+    (url, serving)
+}
+
+/// The agent falls back to `POST /v1/agents/poll` and still runs commands.
+#[tokio::test]
+async fn polling_fallback_runs_commands_without_a_socket() {
+    let store = support::sqlite().await;
+    let (url, serving) = polling_only_server(&store).await;
     let client = reqwest::Client::new();
     let agent = TestAgent::start(&url, INSTANCE, SECRET, None).await;
     let (status, body) = submit(
@@ -619,6 +672,79 @@ async fn polling_fallback_runs_commands_without_a_socket() {
         .await
         .expect("poll");
     assert_eq!(response.status().as_u16(), 401);
+    agent.stop().await;
+    serving.abort();
+}
+
+/// Whether process `pid` is gone (or a zombie waiting for a reaper).
+fn process_gone(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// A cancel reaches an agent that has no socket: its next poll answer names the running
+/// command, and the agent kills the command's whole process group.
+#[tokio::test]
+async fn polling_fallback_delivers_cancel_and_kills_the_process_group() {
+    let store = support::sqlite().await;
+    let (url, serving) = polling_only_server(&store).await;
+    let client = reqwest::Client::new();
+    let agent = TestAgent::start(&url, INSTANCE, SECRET, None).await;
+    let pid_file = agent.dir.0.join("background.pid");
+    // A shell that leaves a background child in its process group, then waits.
+    let (status, body) = submit(
+        &client,
+        &url,
+        ADMIN,
+        json!({"command_type": "RunCommand", "targets": [INSTANCE],
+               "payload": {"cmd": "sh", "args": ["-c",
+                   "sleep 600 & echo $! > \"$0\"; echo started; wait",
+                   pid_file.display().to_string()]}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().expect("id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pid = loop {
+        if let Ok(pid) = std::fs::read_to_string(&pid_file)
+            && !pid.trim().is_empty()
+        {
+            break pid.trim().to_owned();
+        }
+        assert!(Instant::now() < deadline, "the command never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!process_gone(&pid));
+    let response = client
+        .post(format!("{url}/v1/commands/{id}/cancel"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(response.status().as_u16(), 200);
+    // The agent polls every few seconds; the background child dies with its group.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !process_gone(&pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the cancelled command's process group still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let shown = wait_done(&client, &url, &id, Duration::from_secs(10)).await;
+    assert_eq!(shown["status"], "cancelled", "{shown}");
+    assert_eq!(shown["targets"][0]["status"], "cancelled", "{shown}");
+    // Its output so far still arrives over polls.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while output(&client, &url, &id, "stdout").await != b"started\n" {
+        assert!(Instant::now() < deadline, "the output never arrived");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     agent.stop().await;
     serving.abort();
 }

@@ -4,7 +4,6 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use fleet_server::{ControlPlane, RoleTokens, SqliteStore};
 use serde_json::{Value, json};
 
 use crate::*;
@@ -14,18 +13,7 @@ const ADMIN: &str = "enroll-admin";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_enrolls_with_a_one_time_token_and_keeps_its_secret() {
     let dir = temp_dir("enroll");
-    let store = SqliteStore::connect(&format!("sqlite://{}", dir.join("cp.db").display()))
-        .await
-        .expect("store");
-    let router = ControlPlane::builder()
-        .store(store)
-        .tokens(RoleTokens {
-            admin: Some(ADMIN.into()),
-            ..Default::default()
-        })
-        .build()
-        .expect("control plane");
-    let url = serve(router).await;
+    let url = serve_control_plane(&dir, ADMIN, false).await;
     let client = reqwest::Client::new();
     let created: Value = client
         .post(format!("{url}/v1/enrollments"))

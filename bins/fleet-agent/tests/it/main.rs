@@ -49,6 +49,43 @@ pub fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// Serves `router` on a fresh 127.0.0.1 port for the rest of the test; returns its URL.
+pub async fn serve(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
+    url
+}
+
+/// A control plane on SQLite in `dir` with the `admin` token and, when given, the test
+/// instance's secret; returns its URL.
+pub async fn serve_control_plane(dir: &Path, admin: &str, with_secret: bool) -> String {
+    let store =
+        fleet_server::SqliteStore::connect(&format!("sqlite://{}", dir.join("cp.db").display()))
+            .await
+            .expect("store");
+    let mut builder = fleet_server::ControlPlane::builder().store(store);
+    if with_secret {
+        builder = builder.secrets(
+            fleet_core::SecretResolver::from_config(
+                Some(&serde_json::json!({ INSTANCE: SECRET }).to_string()),
+                None,
+            )
+            .expect("secrets"),
+        );
+    }
+    let router = builder
+        .tokens(fleet_server::RoleTokens {
+            admin: Some(admin.into()),
+            ..Default::default()
+        })
+        .build()
+        .expect("control plane");
+    serve(router).await
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -169,16 +206,6 @@ pub async fn wait_for_queued(local_port: u16, n: f64) -> f64 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     queued
-}
-
-/// Serves `router` on 127.0.0.1 (a free port) in the background; returns its URL.
-pub async fn serve(router: axum::Router) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
-    url
 }
 
 /// Submits a command (the body of `POST /v1/commands/submit`) with an admin `token` and
