@@ -117,15 +117,14 @@ async fn verify_with_issued_secret<'b>(
 ) -> Option<fleet_core::Verified<'b>> {
     let instance = fleet_core::locate_instance_id(body)?;
     let commands = state.store.commands()?;
-    let nonce = match commands.issued_nonce(&instance).await {
-        Ok(nonce) => nonce?,
+    let issued = match crate::registration::issued_secret_of(state, commands, &instance).await {
+        Ok(issued) => issued?,
         Err(err) => {
             tracing::warn!(error = %err, "reading an issued secret failed");
             return None;
         }
     };
-    let issued = crate::registration::issued_secret(&state.live.master, &instance, &nonce);
-    let secrets = [fleet_core::Secret::new(&issued).ok()?];
+    let secrets = [issued];
     state
         .verifier
         .verify_with(body, lookup, now, |_| Some(secrets.as_slice()))

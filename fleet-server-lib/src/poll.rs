@@ -15,11 +15,11 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use fleet_core::command::Frame;
 use fleet_core::signing::Scheme;
-use fleet_core::{Secret, SignatureHeaders};
+use fleet_core::SignatureHeaders;
 use serde::Deserialize;
 
 use crate::channel::{command_frame, command_store, handle};
-use crate::registration::issued_secret;
+use crate::registration::agent_secrets;
 use crate::{Error, Result, Shared};
 
 /// Largest poll body.
@@ -152,15 +152,7 @@ async fn verify_agent(
     let instance = fleet_core::locate_instance_id(body)
         .ok_or(Error::Unauthorized)?
         .into_owned();
-    let mut secrets: Vec<Secret> = state
-        .verifier
-        .resolver()
-        .resolve(&instance)
-        .map(<[Secret]>::to_vec)
-        .unwrap_or_default();
-    if let Some(nonce) = commands.issued_nonce(&instance).await? {
-        secrets.extend(Secret::new(&issued_secret(&state.live.master, &instance, &nonce)).ok());
-    }
+    let secrets = agent_secrets(state, commands, &instance).await?;
     let verified = state
         .verifier
         .verify_with(body, &lookup, now, |_| Some(secrets.as_slice()))

@@ -46,6 +46,35 @@ pub(crate) fn issued_secret(master: &Secret, instance_id: &str, nonce: &str) -> 
     ]))
 }
 
+/// The secret issued to `instance` at enrollment, if it enrolled.
+pub(crate) async fn issued_secret_of(
+    state: &Shared,
+    commands: &dyn crate::store::commands::CommandStore,
+    instance: &str,
+) -> Result<Option<Secret>> {
+    Ok(commands
+        .issued_nonce(instance)
+        .await?
+        .and_then(|nonce| Secret::new(&issued_secret(&state.live.master, instance, &nonce)).ok()))
+}
+
+/// Every secret `instance` may sign with: the configured ones, and the one issued to it at
+/// enrollment.
+pub(crate) async fn agent_secrets(
+    state: &Shared,
+    commands: &dyn crate::store::commands::CommandStore,
+    instance: &str,
+) -> Result<Vec<Secret>> {
+    let mut secrets: Vec<Secret> = state
+        .verifier
+        .resolver()
+        .resolve(instance)
+        .map(<[Secret]>::to_vec)
+        .unwrap_or_default();
+    secrets.extend(issued_secret_of(state, commands, instance).await?);
+    Ok(secrets)
+}
+
 fn random_token() -> Result<String> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| Error::Internal(format!("no randomness: {e}")))?;
@@ -85,16 +114,7 @@ pub(crate) async fn register(
         let instance = fleet_core::locate_instance_id(&body)
             .ok_or(Error::Unauthorized)?
             .into_owned();
-        let mut secrets: Vec<Secret> = state
-            .verifier
-            .resolver()
-            .resolve(&instance)
-            .map(<[Secret]>::to_vec)
-            .unwrap_or_default();
-        if let Some(nonce) = commands.issued_nonce(&instance).await? {
-            let text = issued_secret(&state.live.master, &instance, &nonce);
-            secrets.extend(Secret::new(&text).ok());
-        }
+        let secrets = agent_secrets(&state, commands, &instance).await?;
         if lookup.scheme() != Some(Scheme::V1) {
             // v0 has no timestamp or id: a captured request could be replayed for a token.
             return Err(Error::Unauthorized);
