@@ -13,9 +13,9 @@ use axum::extract::State;
 use axum::extract::ws::Message;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use fleet_core::SignatureHeaders;
 use fleet_core::command::Frame;
 use fleet_core::signing::Scheme;
-use fleet_core::SignatureHeaders;
 use serde::Deserialize;
 
 use crate::channel::{command_frame, command_store, handle};
