@@ -13,23 +13,13 @@ use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
-const BIN: &str = env!("CARGO_BIN_EXE_fleet-server");
+use crate::{BIN, free_addr, temp_dir};
+
 const ADMIN: &str = "live-admin-token";
 const INSTANCE: &str = "live-001";
 const SECRET: &str = "live-agent-secret";
 /// A fixed test key (base64 of 32 bytes), shared by the replicas and across restarts.
 const JWT_KEY: &str = "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=";
-
-fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").to_string()
-}
-
-fn temp_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("fleet-live-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
 
 fn serve(addr: &str, database_url: &str) -> Child {
     Command::new(BIN)
@@ -174,7 +164,7 @@ async fn stdout_of(client: &reqwest::Client, base: &str, id: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_killed_mid_stream_ends_with_the_whole_log_once() {
-    let dir = temp_dir();
+    let dir = temp_dir("live");
     let db = format!("sqlite://{}", dir.join("fleet.db").display());
     let addr = free_addr();
     let base = format!("http://{addr}");
@@ -278,7 +268,7 @@ async fn two_replicas_route_commands_through_postgres() {
         .query_pairs_mut()
         .append_pair("options[search_path]", &schema);
     let db = parsed.to_string();
-    let dir = temp_dir();
+    let dir = temp_dir("live");
     let client = reqwest::Client::new();
     let (addr_a, addr_b) = (free_addr(), free_addr());
     let (base_a, base_b) = (format!("http://{addr_a}"), format!("http://{addr_b}"));

@@ -5,21 +5,7 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-const BIN: &str = env!("CARGO_BIN_EXE_fleet-server");
-
-fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").to_string()
-}
-
-fn temp_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "fleet-server-cli-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
+use crate::{BIN, free_addr, temp_dir};
 
 /// A command with none of the caller's CONTROL_PLANE_* settings.
 fn command(args: &[&str]) -> Command {
@@ -78,7 +64,7 @@ async fn every_configuration_problem_is_named_at_once() {
 
 #[tokio::test]
 async fn serve_uses_the_erp_environment() {
-    let dir = temp_dir();
+    let dir = temp_dir("cli");
     let addr = free_addr();
     let _server: Child = command(&["serve"])
         .env("FLEET_LISTEN", &addr)
@@ -118,7 +104,7 @@ async fn serve_uses_the_erp_environment() {
 
 #[tokio::test]
 async fn demo_prints_a_login_and_its_agents_fill_the_dashboard() {
-    let dir = temp_dir();
+    let dir = temp_dir("cli");
     let addr = free_addr();
     let mut demo = command(&[
         "demo",
@@ -202,7 +188,7 @@ async fn signed_heartbeat(client: &reqwest::Client, base: &str, secret: &str) ->
 
 #[tokio::test]
 async fn enrolled_agents_are_accepted_without_shared_secrets_and_across_restarts() {
-    let dir = temp_dir();
+    let dir = temp_dir("cli");
     let db = dir.join("cp.db");
     let client = reqwest::Client::new();
     let addr = free_addr();
