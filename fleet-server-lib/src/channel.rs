@@ -39,8 +39,8 @@ const BATCH_BYTES: usize = 8 * 1024 * 1024;
 #[derive(Clone)]
 pub struct LiveSettings {
     /// The Ed25519 key that signs agent tokens and derives issued secrets. Replicas must
-    /// share it. `None`: a random key per process (tokens do not survive a restart; agents
-    /// register again).
+    /// share it. `None`: a random key per process (tokens and the secrets issued at
+    /// enrollment do not survive a restart); [`stored_jwt_key`] gives one kept in the store.
     pub jwt_key: Option<PrivateKey>,
     /// The `iss` of tokens.
     pub issuer: String,
