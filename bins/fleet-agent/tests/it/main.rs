@@ -208,14 +208,14 @@ pub async fn wait_for_queued(local_port: u16, n: f64) -> f64 {
     queued
 }
 
-/// Submits a command (the body of `POST /v1/commands/submit`) with an admin `token` and
-/// returns it once it is no longer running (60 s at most).
-pub async fn run_command(
+/// Submits a command (the body of `POST /v1/commands/submit`) with an admin `token`;
+/// returns its id.
+pub async fn submit_command(
     client: &reqwest::Client,
     url: &str,
     token: &str,
     body: serde_json::Value,
-) -> serde_json::Value {
+) -> String {
     let submitted: serde_json::Value = client
         .post(format!("{url}/v1/commands/submit"))
         .bearer_auth(token)
@@ -226,11 +226,23 @@ pub async fn run_command(
         .json()
         .await
         .expect("json");
-    let id = submitted["id"]
+    submitted["id"]
         .as_str()
         .unwrap_or_else(|| panic!("refused: {submitted}"))
-        .to_owned();
-    for _ in 0..600 {
+        .to_owned()
+}
+
+/// The command `id` once it is no longer running, or as it stands after `secs` (so the
+/// caller's assertion shows where it got stuck).
+pub async fn wait_command(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    id: &str,
+    secs: u64,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
         let shown: serde_json::Value = client
             .get(format!("{url}/v1/commands/{id}"))
             .bearer_auth(token)
@@ -240,12 +252,22 @@ pub async fn run_command(
             .json()
             .await
             .expect("json");
-        if shown["status"] != "running" {
+        if shown["status"] != "running" || tokio::time::Instant::now() > deadline {
             return shown;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("command {id} never ended");
+}
+
+/// Submits a command and returns it once it is no longer running (120 s at most).
+pub async fn run_command(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let id = submit_command(client, url, token, body).await;
+    wait_command(client, url, token, &id, 120).await
 }
 
 /// A `HEALTH_CHECK` of `instance`, run to its end.

@@ -11,7 +11,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use base64::Engine;
 use ed25519_dalek::Signer as _;
@@ -24,47 +23,6 @@ use crate::*;
 
 const ADMIN: &str = "update-admin";
 const SEED: [u8; 32] = [5u8; 32];
-
-async fn submit(url: &str, body: Value) -> String {
-    let submitted: Value = Client::new()
-        .post(format!("{url}/v1/commands/submit"))
-        .bearer_auth(ADMIN)
-        .json(&body)
-        .send()
-        .await
-        .expect("submit")
-        .json()
-        .await
-        .expect("json");
-    submitted["id"]
-        .as_str()
-        .unwrap_or_else(|| panic!("refused: {submitted}"))
-        .to_owned()
-}
-
-async fn wait_command(url: &str, id: &str, secs: u64) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        let shown: Value = Client::new()
-            .get(format!("{url}/v1/commands/{id}"))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .expect("show")
-            .json()
-            .await
-            .expect("json");
-        if shown["status"] != "running" || tokio::time::Instant::now() > deadline {
-            return shown;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn run_command(url: &str, body: Value) -> Value {
-    let id = submit(url, body).await;
-    wait_command(url, &id, 120).await
-}
 
 /// A control plane, a download server and an installed copy of the agent binary.
 struct Bench {
@@ -164,7 +122,9 @@ impl Bench {
     /// Waits until a HEALTH_CHECK completes (the agent is connected) and returns its data.
     async fn healthy(&self) -> Value {
         let done = run_command(
+            &Client::new(),
             &self.url,
+            ADMIN,
             json!({"command_type": "HEALTH_CHECK", "targets": [INSTANCE], "payload": {}}),
         )
         .await;
@@ -194,8 +154,9 @@ async fn update_agent_swaps_the_binary_restarts_and_confirms() {
             .spawn()
             .expect("start the installed agent"),
     );
-    let id = submit(&bench.url, command).await;
-    let done = wait_command(&bench.url, &id, 120).await;
+    let client = Client::new();
+    let id = submit_command(&client, &bench.url, ADMIN, command).await;
+    let done = wait_command(&client, &bench.url, ADMIN, &id, 120).await;
     let target = &done["targets"][0];
     assert_eq!(target["status"], "completed", "{done}\n{}", bench.logs());
     // The trial run's own output is the command's log.
@@ -250,7 +211,13 @@ async fn an_agent_binary_that_crashes_at_start_is_never_installed() {
     let pid = agent.0.id();
     // Validly signed, but it dies at once, as a binary for the wrong libc would.
     let bad = script("#!/bin/sh\necho 'fatal: cannot start the new agent' >&2\nexit 1\n");
-    let done = run_command(&bench.url, bench.offer("bad-agent", "6.6.6", bad)).await;
+    let done = run_command(
+        &Client::new(),
+        &bench.url,
+        ADMIN,
+        bench.offer("bad-agent", "6.6.6", bad),
+    )
+    .await;
     let target = &done["targets"][0];
     assert_eq!(target["status"], "failed", "{done}\n{}", bench.logs());
     let error = target["error"].as_str().unwrap_or_default();
@@ -303,7 +270,13 @@ async fn a_new_binary_that_keeps_failing_after_its_trial_gives_way_to_the_previo
     let stop_group = scopeguard(group);
 
     bench.healthy().await;
-    let done = run_command(&bench.url, bench.offer("flaky-agent", "7.0.0", flaky)).await;
+    let done = run_command(
+        &Client::new(),
+        &bench.url,
+        ADMIN,
+        bench.offer("flaky-agent", "7.0.0", flaky),
+    )
+    .await;
     let target = &done["targets"][0];
     assert_eq!(target["status"], "failed", "{done}\n{}", bench.logs());
     let error = target["error"].as_str().unwrap_or_default();
@@ -337,8 +310,12 @@ fn scopeguard(group: u32) -> GroupKill {
 
 impl Drop for GroupKill {
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-KILL", &format!("-{}", self.0)])
-            .status();
+        // `--` is essential: without it procps `kill` reads `-KILL -10` as `kill -KILL -1`
+        // and kills every process the user may signal. Group 0 or 1 is never ours to kill.
+        if self.0 > 1 {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", self.0)])
+                .status();
+        }
     }
 }
