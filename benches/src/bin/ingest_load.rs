@@ -162,7 +162,7 @@ async fn drive(
     let started = Instant::now();
     let cpu_before = process_cpu();
     let mut tasks = Vec::new();
-    for (c, client) in clients.iter().enumerate().take(o.connections) {
+    for (c, client) in clients.iter().enumerate() {
         let url = format!("{base}{path}");
         let signers = signers.clone();
         let (instances, connections) = (o.instances, o.connections);

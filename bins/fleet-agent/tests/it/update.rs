@@ -267,7 +267,7 @@ async fn a_new_binary_that_keeps_failing_after_its_trial_gives_way_to_the_previo
     std::os::unix::process::CommandExt::process_group(&mut supervisor, 0);
     let supervisor = Guard(supervisor.spawn().expect("start the supervisor"));
     let group = supervisor.0.id();
-    let stop_group = scopeguard(group);
+    let stop_group = GroupKill(group);
 
     bench.healthy().await;
     let done = run_command(
@@ -303,10 +303,6 @@ async fn a_new_binary_that_keeps_failing_after_its_trial_gives_way_to_the_previo
 
 /// Kills the whole process group (the supervisor loop and the agent) when dropped.
 struct GroupKill(u32);
-
-fn scopeguard(group: u32) -> GroupKill {
-    GroupKill(group)
-}
 
 impl Drop for GroupKill {
     fn drop(&mut self) {
