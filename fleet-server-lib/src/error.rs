@@ -48,6 +48,10 @@ pub enum Error {
     /// A database error (shown to clients as `internal`).
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// An error of the SQLite connection that records heartbeats (shown to clients as
+    /// `internal`).
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// A migration failed (shown to clients as `internal`).
     #[error("migration error: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -94,9 +98,11 @@ impl Error {
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::Config(_) | Self::Database(_) | Self::Migrate(_) | Self::Internal(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Self::Config(_)
+            | Self::Database(_)
+            | Self::Sqlite(_)
+            | Self::Migrate(_)
+            | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -112,9 +118,11 @@ impl Error {
             Self::Invalid(_) => "invalid",
             Self::BadRequest(_) => "bad_request",
             Self::Unavailable => "unavailable",
-            Self::Config(_) | Self::Database(_) | Self::Migrate(_) | Self::Internal(_) => {
-                "internal"
-            }
+            Self::Config(_)
+            | Self::Database(_)
+            | Self::Sqlite(_)
+            | Self::Migrate(_)
+            | Self::Internal(_) => "internal",
         }
     }
 
@@ -122,7 +130,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Self::Unavailable | Self::Database(_) | Self::Internal(_)
+            Self::Unavailable | Self::Database(_) | Self::Sqlite(_) | Self::Internal(_)
         )
     }
 }

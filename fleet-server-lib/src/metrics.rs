@@ -6,16 +6,22 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
 use axum::http::header::CONTENT_TYPE;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::Shared;
 
+/// Requests to one route by (method, status).
+type RouteCounts = BTreeMap<(&'static str, u16), u64>;
+
 /// Counters, updated with relaxed atomics (and a short lock for labelled ones).
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
-    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
+    /// Route template → (method, status) → count. Keyed so that counting a request on a
+    /// route already seen allocates nothing.
+    requests: Mutex<BTreeMap<String, RouteCounts>>,
     rejections: Mutex<BTreeMap<&'static str, u64>>,
     accepted: AtomicU64,
     duplicates: AtomicU64,
@@ -61,10 +67,13 @@ impl Metrics {
         self.offline_opened.fetch_add(opened, Relaxed);
     }
 
-    fn request(&self, method: &str, route: &str, status: u16) {
+    fn request(&self, method: &'static str, route: &str, status: u16) {
         if let Ok(mut map) = self.requests.lock() {
-            *map.entry((method.to_owned(), route.to_owned(), status))
-                .or_default() += 1;
+            let by_status = match map.get_mut(route) {
+                Some(by_status) => by_status,
+                None => map.entry(route.to_owned()).or_default(),
+            };
+            *by_status.entry((method, status)).or_default() += 1;
         }
     }
 
@@ -76,12 +85,14 @@ impl Metrics {
             "# HELP fleet_http_requests_total HTTP requests by method, route and status.\n# TYPE fleet_http_requests_total counter"
         );
         if let Ok(map) = self.requests.lock() {
-            for ((method, route, status), n) in map.iter() {
-                let _ = writeln!(
-                    out,
-                    "fleet_http_requests_total{{method=\"{method}\",route=\"{}\",status=\"{status}\"}} {n}",
-                    route.replace('\\', "\\\\").replace('"', "\\\"")
-                );
+            for (route, by_status) in map.iter() {
+                let route = route.replace('\\', "\\\\").replace('"', "\\\"");
+                for ((method, status), n) in by_status {
+                    let _ = writeln!(
+                        out,
+                        "fleet_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}"
+                    );
+                }
             }
         }
         let simple = [
@@ -152,19 +163,23 @@ impl Metrics {
 /// Counts every request by its route template (never the raw path, which would let
 /// clients create unbounded label values).
 pub(crate) async fn track(State(state): State<Shared>, request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method = match request.method().as_str() {
-        m @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS") => m.to_owned(),
-        _ => "other".to_owned(),
+    // `MatchedPath` is shared, so keeping it costs no copy of the route.
+    let route = request.extensions().get::<MatchedPath>().cloned();
+    let method = match *request.method() {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
     };
     let response = next.run(request).await;
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     state
         .metrics
-        .request(&method, &route, response.status().as_u16());
+        .request(method, route, response.status().as_u16());
     response
 }
 

@@ -1,43 +1,17 @@
-//! Recording a batch: the statements of each engine (the whole batch is ONE JSON array
-//! parameter), the parameters, and the plain functions that fold a batch into rows.
+//! Recording a batch of heartbeats: the plain functions both backends use to fold a batch
+//! into rows (message-id bookkeeping, one upsert per installation, backup records, alert
+//! planning).
 
 use std::collections::{BTreeSet, HashMap};
 
 use fleet_core::Heartbeat;
 
 use crate::alerts::AlertSpec;
-use crate::store::{HeartbeatPoint, IncomingHeartbeat};
+use crate::store::{HeartbeatPoint, IncomingHeartbeat, RecordOutcome};
 
-/// The statements that take a whole batch as ONE JSON array parameter. Their text is fixed
-/// whatever the batch size, so each is prepared once and cached (a multi-row `VALUES` list
-/// would be a new statement, parsed and planned again, for every batch size), and a batch
-/// of any size costs one round trip per statement. Only the way a JSON array becomes rows
-/// differs between the engines (`json_each` and `jsonb_array_elements`).
-pub(crate) struct BatchSql {
-    /// Largest parameter sent in one statement; a larger batch is sent in pieces.
-    pub piece_bytes: usize,
-    /// `$1`: `["instance_id", ...]` → `id, instance_id, last_backup_checksum`.
-    pub select_installations: &'static str,
-    /// `$1`: `[[instance_id, msg_id, signed_at, seen_at], ...]` → inserted `instance_id, msg_id`.
-    pub insert_seen: &'static str,
-    /// `$1`: `[[[instance_id, domain, client, version], [release_channel, health, scheme],
-    /// [first_seen_at, last_seen_at, backup_checksum], state], ...]` → `id, instance_id`.
-    pub upsert_installations: &'static str,
-    /// `$1`: `[[installation_id, received_at, msg_id, figures], ...]`.
-    pub insert_heartbeats: &'static str,
-    /// `$1`: `[[installation_id, queue, message, created_at], ...]`.
-    pub insert_job_failures: &'static str,
-    /// `$1`: `[[[installation_id, backup_id, checksum], [size_bytes, bucket, path],
-    /// [status, backup_at, recorded_at]], ...]`.
-    pub insert_backups: &'static str,
-    /// `$1`: `[installation_id, ...]` → open `id, installation_id, dedup_key`.
-    pub select_open_alerts: &'static str,
-    /// `$1`: resolved_at, `$2`: `[alert_id, ...]`.
-    pub resolve_alerts: &'static str,
-}
-
-/// The upsert's conflict clause, the same for both engines.
-macro_rules! upsert_installations_tail {
+/// The installation upsert's conflict clause, the same for both engines: the latest state,
+/// and for each descriptive field the latest value reported.
+macro_rules! upsert_installation_tail {
     () => {
         " ON CONFLICT (instance_id) DO UPDATE SET \
          domain = COALESCE(excluded.domain, installations.domain), \
@@ -50,115 +24,159 @@ macro_rules! upsert_installations_tail {
          last_seen_at = excluded.last_seen_at, \
          last_backup_checksum = COALESCE(excluded.last_backup_checksum, installations.last_backup_checksum), \
          state = excluded.state \
-         RETURNING id, instance_id"
+         RETURNING id"
     };
 }
 
-/// SQLite: `json_each` and the `->>` operator (SQLite 3.38+). `WHERE true` keeps the parser
-/// from reading `ON CONFLICT` as part of the `SELECT`'s join.
-pub(crate) const SQLITE_BATCH: BatchSql = BatchSql {
-    // In process: no network, no reason to split.
-    piece_bytes: usize::MAX,
-    select_installations: "SELECT id, instance_id, last_backup_checksum FROM installations \
-        WHERE instance_id IN (SELECT value FROM json_each($1))",
-    insert_seen: "INSERT INTO seen_messages (instance_id, msg_id, signed_at, seen_at) \
-        SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each($1) WHERE true \
-        ON CONFLICT DO NOTHING RETURNING instance_id, msg_id",
-    upsert_installations: concat!(
-        "INSERT INTO installations (instance_id, domain, client, version, release_channel, health, \
-         scheme, first_seen_at, last_seen_at, last_backup_checksum, state) \
-         SELECT value ->> '$[0][0]', value ->> '$[0][1]', value ->> '$[0][2]', value ->> '$[0][3]', \
-         value ->> '$[1][0]', value ->> '$[1][1]', value ->> '$[1][2]', \
-         value ->> '$[2][0]', value ->> '$[2][1]', value ->> '$[2][2]', value ->> '$[3]' \
-         FROM json_each($1) WHERE true",
-        upsert_installations_tail!()
-    ),
-    insert_heartbeats: "INSERT INTO heartbeats (installation_id, received_at, msg_id, figures) \
-        SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each($1)",
-    insert_job_failures: "INSERT INTO job_failures (installation_id, queue, message, created_at) \
-        SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3 FROM json_each($1)",
-    insert_backups: "INSERT INTO backups (installation_id, backup_id, checksum, size_bytes, bucket, \
-        path, status, backup_at, recorded_at) \
-        SELECT value ->> '$[0][0]', value ->> '$[0][1]', value ->> '$[0][2]', value ->> '$[1][0]', \
-        value ->> '$[1][1]', value ->> '$[1][2]', value ->> '$[2][0]', value ->> '$[2][1]', \
-        value ->> '$[2][2]' FROM json_each($1)",
-    select_open_alerts: "SELECT id, installation_id, dedup_key FROM alerts \
-        WHERE resolved_at IS NULL AND dedup_key IS NOT NULL \
-        AND installation_id IN (SELECT value FROM json_each($1))",
-    resolve_alerts: "UPDATE alerts SET resolved_at = $1 WHERE id IN (SELECT value FROM json_each($2))",
-};
+/// The v1 message ids of a batch: `fresh` holds the first heartbeat of each (instance,
+/// message id), to be inserted into `seen_messages`; `repeats` the later ones of the same
+/// batch. Heartbeats that already have an outcome, and v0 ones, are in neither.
+pub(crate) fn split_messages(
+    batch: &[IncomingHeartbeat],
+    outcomes: &[Option<RecordOutcome>],
+) -> (Vec<usize>, Vec<usize>) {
+    let mut first = std::collections::HashSet::new();
+    let (mut fresh, mut repeats) = (Vec::new(), Vec::new());
+    for (i, inc) in batch.iter().enumerate() {
+        let Some(msg_id) = inc.msg_id.as_deref() else {
+            continue;
+        };
+        if outcomes[i].is_some() {
+            continue;
+        }
+        if first.insert((inc.heartbeat.instance_id.as_str(), msg_id)) {
+            fresh.push(i);
+        } else {
+            repeats.push(i);
+        }
+    }
+    (fresh, repeats)
+}
 
-/// PostgreSQL: `jsonb_array_elements` (parsed once; with `json` every `->>` would parse its
-/// element again) with casts from text.
-pub(crate) const POSTGRES_BATCH: BatchSql = BatchSql {
-    // sqlx 0.9.0 does not set TCP_NODELAY (sqlx issue #4335, fixed upstream by #4336). A
-    // message larger than the socket's initial send buffer (16 KiB on Linux) leaves in two
-    // writes, and the second waits for the server's delayed ACK: 40 ms per statement. Below
-    // that size a statement costs one round trip. Raise this once sqlx sets TCP_NODELAY.
-    piece_bytes: 12 * 1024,
-    // LATERAL: one index probe per id. With `IN (SELECT ...)` the planner, which cannot
-    // size a set-returning function, may hash-join over a scan of the whole table.
-    select_installations: "SELECT i.id, i.instance_id, i.last_backup_checksum \
-        FROM jsonb_array_elements_text($1::jsonb) AS k(v) CROSS JOIN LATERAL \
-        (SELECT id, instance_id, last_backup_checksum FROM installations WHERE instance_id = k.v) AS i",
-    insert_seen: "INSERT INTO seen_messages (instance_id, msg_id, signed_at, seen_at) \
-        SELECT e ->> 0, e ->> 1, (e ->> 2)::bigint, (e ->> 3)::bigint \
-        FROM jsonb_array_elements($1::jsonb) AS e \
-        ON CONFLICT DO NOTHING RETURNING instance_id, msg_id",
-    upsert_installations: concat!(
-        "INSERT INTO installations (instance_id, domain, client, version, release_channel, health, \
-         scheme, first_seen_at, last_seen_at, last_backup_checksum, state) \
-         SELECT e #>> '{0,0}', e #>> '{0,1}', e #>> '{0,2}', e #>> '{0,3}', \
-         e #>> '{1,0}', e #>> '{1,1}', e #>> '{1,2}', \
-         (e #>> '{2,0}')::bigint, (e #>> '{2,1}')::bigint, e #>> '{2,2}', e ->> 3 \
-         FROM jsonb_array_elements($1::jsonb) AS e",
-        upsert_installations_tail!()
-    ),
-    insert_heartbeats: "INSERT INTO heartbeats (installation_id, received_at, msg_id, figures) \
-        SELECT (e ->> 0)::bigint, (e ->> 1)::bigint, e ->> 2, e ->> 3 FROM jsonb_array_elements($1::jsonb) AS e",
-    insert_job_failures: "INSERT INTO job_failures (installation_id, queue, message, created_at) \
-        SELECT (e ->> 0)::bigint, e ->> 1, e ->> 2, (e ->> 3)::bigint FROM jsonb_array_elements($1::jsonb) AS e",
-    insert_backups: "INSERT INTO backups (installation_id, backup_id, checksum, size_bytes, bucket, \
-        path, status, backup_at, recorded_at) \
-        SELECT (e #>> '{0,0}')::bigint, e #>> '{0,1}', e #>> '{0,2}', (e #>> '{1,0}')::bigint, \
-        e #>> '{1,1}', e #>> '{1,2}', e #>> '{2,0}', e #>> '{2,1}', (e #>> '{2,2}')::bigint \
-        FROM jsonb_array_elements($1::jsonb) AS e",
-    select_open_alerts: "SELECT a.id, a.installation_id, a.dedup_key \
-        FROM jsonb_array_elements_text($1::jsonb) AS k(v) CROSS JOIN LATERAL \
-        (SELECT id, installation_id, dedup_key FROM alerts WHERE installation_id = k.v::bigint \
-        AND resolved_at IS NULL AND dedup_key IS NOT NULL) AS a",
-    resolve_alerts: "UPDATE alerts SET resolved_at = $1 \
-        WHERE id IN (SELECT (jsonb_array_elements_text($2::jsonb))::bigint)",
-};
+/// The signing times seen for each message id during a batch. The first sighting of an id
+/// applies; a later one with a new timestamp is a retry (acknowledged, not applied); one
+/// whose timestamp was already seen for that id is a replay (refused).
+#[derive(Default)]
+pub(crate) struct MessageLedger<'a> {
+    seen: HashMap<(&'a str, &'a str), Vec<Option<i64>>>,
+}
+
+impl<'a> MessageLedger<'a> {
+    fn times(&mut self, inc: &'a IncomingHeartbeat) -> &mut Vec<Option<i64>> {
+        let msg_id = inc.msg_id.as_deref().unwrap_or_default();
+        self.seen
+            .entry((inc.heartbeat.instance_id.as_str(), msg_id))
+            .or_default()
+    }
+
+    /// A fresh message id the store had not seen: it applies.
+    pub fn inserted(&mut self, inc: &'a IncomingHeartbeat) {
+        self.times(inc).push(inc.signed_at);
+    }
+
+    /// A fresh message id the store already had, signed at `stored`.
+    pub fn already_stored(
+        &mut self,
+        inc: &'a IncomingHeartbeat,
+        stored: Option<i64>,
+    ) -> RecordOutcome {
+        let times = self.times(inc);
+        times.push(stored);
+        times.push(inc.signed_at);
+        if stored == inc.signed_at {
+            RecordOutcome::Replay
+        } else {
+            RecordOutcome::Duplicate
+        }
+    }
+
+    /// A message id seen earlier in the same batch.
+    pub fn repeat(&mut self, inc: &'a IncomingHeartbeat) -> RecordOutcome {
+        let times = self.times(inc);
+        let outcome = if times.contains(&inc.signed_at) {
+            RecordOutcome::Replay
+        } else {
+            RecordOutcome::Duplicate
+        };
+        times.push(inc.signed_at);
+        outcome
+    }
+}
+
+/// The heartbeats of a batch that still apply, folded into one upsert per installation, in
+/// instance-id order (a stable order keeps concurrent writers from deadlocking).
+pub(crate) fn merge_installations<'a>(
+    batch: &'a [IncomingHeartbeat],
+    outcomes: &[Option<RecordOutcome>],
+) -> Vec<Merged<'a>> {
+    let mut merged: HashMap<&str, Merged<'a>> = HashMap::new();
+    for (i, inc) in batch.iter().enumerate() {
+        if outcomes[i].is_none() {
+            merged
+                .entry(inc.heartbeat.instance_id.as_str())
+                .or_insert_with(|| Merged::new(i))
+                .add(i, &inc.heartbeat);
+        }
+    }
+    let mut latest: Vec<Merged<'a>> = merged.into_values().collect();
+    latest.sort_unstable_by_key(|m| batch[m.latest].heartbeat.instance_id.as_str());
+    latest
+}
+
+/// A backup record to insert.
+pub(crate) struct BackupRow<'a> {
+    pub installation_id: i64,
+    pub backup_id: Option<&'a str>,
+    pub checksum: &'a str,
+    pub size_bytes: Option<i64>,
+    pub bucket: Option<&'a str>,
+    pub path: Option<&'a str>,
+    pub status: Option<&'a str>,
+    pub backup_at: Option<&'a str>,
+    pub recorded_at: i64,
+}
+
+/// A backup record for each applied heartbeat whose backup checksum differs from the last
+/// one recorded (`checksums`: installation id → last checksum, as stored before the batch).
+pub(crate) fn new_backups<'a>(
+    mut checksums: HashMap<i64, Option<String>>,
+    applied: &[(&'a IncomingHeartbeat, i64)],
+) -> Vec<BackupRow<'a>> {
+    let mut rows = Vec::new();
+    for &(inc, id) in applied {
+        let hb = &inc.heartbeat;
+        let Some(sum) = hb.backup_checksum.as_ref() else {
+            continue;
+        };
+        let previous = checksums.entry(id).or_default();
+        if previous.as_ref() == Some(sum) {
+            continue;
+        }
+        *previous = Some(sum.clone());
+        rows.push(BackupRow {
+            installation_id: id,
+            backup_id: hb.backup_id.as_deref(),
+            checksum: sum,
+            size_bytes: hb.backup_size_bytes.map(|v| v.min(i64::MAX as u64) as i64),
+            bucket: hb.backup_bucket.as_deref(),
+            path: hb.backup_path.as_deref(),
+            status: hb.backup_status.as_deref(),
+            backup_at: hb.last_backup_at.as_deref(),
+            recorded_at: inc.received_at,
+        });
+    }
+    rows
+}
+
+/// The latest state column: the body as received (verified JSON, so UTF-8).
+pub(crate) fn state_text(body: &[u8]) -> std::borrow::Cow<'_, str> {
+    String::from_utf8_lossy(body)
+}
 
 /// One JSON array parameter for a statement over `rows` (tuples become arrays).
 pub(crate) fn json<T: serde::Serialize + ?Sized>(rows: &T) -> String {
     // Serializing plain tuples of strings and numbers cannot fail.
     serde_json::to_string(rows).unwrap_or_else(|_| "[]".to_owned())
-}
-
-/// Batch parameters: `rows` as JSON arrays (tuples become arrays) of at most `limit` bytes
-/// each (a single larger row is a piece of its own).
-pub(crate) fn json_pieces<T: serde::Serialize>(rows: &[T], limit: usize) -> Vec<String> {
-    let mut pieces = Vec::new();
-    let mut current = String::from("[");
-    for row in rows {
-        // Serializing plain tuples of strings and numbers cannot fail.
-        let text = serde_json::to_string(row).unwrap_or_else(|_| "null".to_owned());
-        if current.len() > 1 && current.len() + text.len() + 1 > limit {
-            current.push(']');
-            pieces.push(std::mem::replace(&mut current, String::from("[")));
-        }
-        if current.len() > 1 {
-            current.push(',');
-        }
-        current.push_str(&text);
-    }
-    if current.len() > 1 {
-        current.push(']');
-        pieces.push(current);
-    }
-    pieces
 }
 
 enum Figure {
@@ -313,28 +331,6 @@ pub(crate) fn plan_alerts<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pieces_stay_under_the_limit_and_keep_every_row_in_order() {
-        let rows: Vec<(u32, String)> = (0..300).map(|i| (i, "x".repeat(400))).collect();
-        let limit = 12 * 1024;
-        let pieces = json_pieces(&rows, limit);
-        assert!(pieces.len() > 1);
-        assert_eq!(json_pieces(&rows, usize::MAX).len(), 1);
-        let mut back: Vec<(u32, String)> = Vec::new();
-        for piece in &pieces {
-            assert!(piece.len() <= limit, "{}", piece.len());
-            back.extend(serde_json::from_str::<Vec<(u32, String)>>(piece).expect("json"));
-        }
-        assert_eq!(back, rows);
-        let huge = [(0u32, "y".repeat(limit * 2))];
-        assert_eq!(
-            json_pieces(&huge, limit).len(),
-            1,
-            "an oversized row is a piece of its own"
-        );
-        assert!(json_pieces::<u32>(&[], limit).is_empty());
-    }
 
     #[test]
     fn figures_are_a_json_object_of_the_numbers() {

@@ -2,7 +2,11 @@
 //!
 //! Both backends share one SQL implementation (`sql.rs`): the statements use `$n`
 //! placeholders and types (`BIGINT`, `TEXT`) that mean the same thing to both engines, so
-//! behaviour cannot drift between them. Only connecting and migrating differ.
+//! behaviour cannot drift between them. Connecting and migrating differ, and so does the
+//! hot path of recording heartbeats: PostgreSQL takes a batch as JSON array parameters (one
+//! round trip per statement), SQLite runs prepared statements row by row on a connection of
+//! its own (no round trips to save); both fold the batch with the same functions
+//! (`batch.rs`).
 
 use async_trait::async_trait;
 use fleet_core::Heartbeat;
@@ -12,8 +16,9 @@ use serde::Serialize;
 use crate::Result;
 use crate::alerts::SloThresholds;
 
+// `batch` and `sql` first: their macros must be defined before the backends expand them.
+#[macro_use]
 mod batch;
-// `sql` first: its macro must be defined before the backends expand it.
 #[macro_use]
 mod sql;
 pub mod rollouts;
@@ -21,7 +26,9 @@ pub mod rollouts;
 mod rollouts_sql;
 pub mod commands;
 mod postgres;
+mod postgres_ingest;
 mod sqlite;
+mod sqlite_ingest;
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;

@@ -64,12 +64,7 @@ impl PostgresStore {
     }
 }
 
-impl_sql_store!(
-    PostgresStore,
-    Postgres,
-    "BEGIN",
-    super::batch::POSTGRES_BATCH
-);
+impl_sql_store!(PostgresStore, Postgres, "BEGIN");
 
 impl_rollout_store!(
     PostgresStore,

@@ -1,11 +1,6 @@
 //! The SQL shared by both backends, expanded once per database by `impl_sql_store!`.
-//!
-//! Heartbeats are recorded a batch at a time with multi-row statements, so a batch of 500
-//! costs about ten round trips whatever its size: that is what lets PostgreSQL keep up with
-//! a commit per batch.
-
-/// Rows per multi-row statement; keeps every statement far below both engines' bind limits.
-pub(crate) const CHUNK: usize = 500;
+//! Recording heartbeats is the exception: each engine has its own statements for it
+//! (`postgres_ingest.rs`, `sqlite_ingest.rs`) around the plain functions of `batch.rs`.
 
 macro_rules! summary_select {
     () => {
@@ -65,12 +60,13 @@ pub(crate) fn like_pattern(text: &str) -> String {
 }
 
 /// Implements [`Store`](crate::store::Store) for `$store` (which has a `pool: Pool<$db>`);
-/// `$begin` opens a write transaction; `$batch` is the backend's
-/// [`BatchSql`](crate::store::batch::BatchSql); `$store` has
-/// an inherent `fn concurrency(&self) -> usize` for
-/// [`Store::write_concurrency`](crate::store::Store::write_concurrency).
+/// `$begin` opens a write transaction; `$store` has inherent functions
+/// `concurrency(&self) -> usize` for
+/// [`Store::write_concurrency`](crate::store::Store::write_concurrency) and `record_batch`
+/// for [`Store::record_heartbeats`](crate::store::Store::record_heartbeats), the one
+/// statement path each engine has of its own.
 macro_rules! impl_sql_store {
-    ($store:ty, $db:ty, $begin:expr, $batch:expr) => {
+    ($store:ty, $db:ty, $begin:expr) => {
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
             fn commands(&self) -> Option<&dyn $crate::store::commands::CommandStore> {
@@ -82,284 +78,7 @@ macro_rules! impl_sql_store {
                 batch: &[$crate::store::IncomingHeartbeat],
                 rules: &$crate::store::IngestRules,
             ) -> $crate::Result<Vec<$crate::store::RecordOutcome>> {
-                use std::collections::{HashMap, HashSet};
-                use sqlx::Row;
-                use $crate::store::RecordOutcome;
-                use $crate::store::batch::OpenRef;
-                use $crate::store::sql::CHUNK;
-
-                let mut outcomes: Vec<Option<RecordOutcome>> = vec![None; batch.len()];
-                let mut tx = self.pool.begin_with($begin).await?;
-
-                // Installations that exist already, with what the batch needs to know of them.
-                let mut known: HashMap<String, (i64, Option<String>)> = HashMap::new();
-                let ids: Vec<&str> = {
-                    let set: HashSet<&str> =
-                        batch.iter().map(|b| b.heartbeat.instance_id.as_str()).collect();
-                    set.into_iter().collect()
-                };
-                for param in $crate::store::batch::json_pieces(&ids, $batch.piece_bytes) {
-                    let rows = sqlx::query($batch.select_installations)
-                        .bind(param)
-                        .fetch_all(&mut *tx)
-                        .await?;
-                    for row in rows {
-                        known.insert(
-                            row.try_get("instance_id")?,
-                            (row.try_get("id")?, row.try_get("last_backup_checksum")?),
-                        );
-                    }
-                }
-                if rules.require_enrollment {
-                    for (i, inc) in batch.iter().enumerate() {
-                        if !known.contains_key(&inc.heartbeat.instance_id) {
-                            outcomes[i] = Some(RecordOutcome::NotEnrolled);
-                        }
-                    }
-                }
-
-                // v1 message ids: the first sighting applies; a later one with a new
-                // timestamp is a retry (acknowledged, not applied); one whose timestamp was
-                // already seen for that id is a replay (refused).
-                let mut first: HashMap<(&str, &str), usize> = HashMap::new();
-                let mut fresh = Vec::new();
-                let mut repeats = Vec::new();
-                for (i, inc) in batch.iter().enumerate() {
-                    let Some(msg_id) = inc.msg_id.as_deref() else { continue };
-                    if outcomes[i].is_some() {
-                        continue;
-                    }
-                    let key = (inc.heartbeat.instance_id.as_str(), msg_id);
-                    if first.contains_key(&key) {
-                        repeats.push(i);
-                    } else {
-                        first.insert(key, i);
-                        fresh.push(i);
-                    }
-                }
-                let mut signed_seen: HashMap<(&str, &str), Vec<Option<i64>>> = HashMap::new();
-                for chunk in fresh.chunks(CHUNK) {
-                    let rows: Vec<_> = chunk
-                        .iter()
-                        .map(|&i| {
-                            let inc = &batch[i];
-                            (
-                                inc.heartbeat.instance_id.as_str(),
-                                inc.msg_id.as_deref(),
-                                inc.signed_at.unwrap_or(inc.received_at),
-                                inc.received_at,
-                            )
-                        })
-                        .collect();
-                    let mut inserted = HashSet::new();
-                    for param in $crate::store::batch::json_pieces(&rows, $batch.piece_bytes) {
-                        let returned = sqlx::query($batch.insert_seen)
-                            .bind(param)
-                            .fetch_all(&mut *tx)
-                            .await?;
-                        for row in returned {
-                            let key: (String, String) = (row.try_get(0)?, row.try_get(1)?);
-                            inserted.insert(key);
-                        }
-                    }
-                    for &i in chunk {
-                        let inc = &batch[i];
-                        let msg_id = inc.msg_id.as_deref().unwrap_or_default();
-                        let key = (inc.heartbeat.instance_id.as_str(), msg_id);
-                        let seen = signed_seen.entry(key).or_default();
-                        if !inserted.contains(&(key.0.to_owned(), key.1.to_owned())) {
-                            let stored: Option<i64> = sqlx::query_scalar(
-                                "SELECT signed_at FROM seen_messages WHERE instance_id = $1 AND msg_id = $2",
-                            )
-                            .bind(key.0)
-                            .bind(key.1)
-                            .fetch_optional(&mut *tx)
-                            .await?;
-                            outcomes[i] = Some(if stored == inc.signed_at {
-                                RecordOutcome::Replay
-                            } else {
-                                RecordOutcome::Duplicate
-                            });
-                            seen.push(stored);
-                        }
-                        seen.push(inc.signed_at);
-                    }
-                }
-                for i in repeats {
-                    let inc = &batch[i];
-                    let key = (inc.heartbeat.instance_id.as_str(), inc.msg_id.as_deref().unwrap_or_default());
-                    let seen = signed_seen.entry(key).or_default();
-                    outcomes[i] = Some(if seen.contains(&inc.signed_at) {
-                        RecordOutcome::Replay
-                    } else {
-                        RecordOutcome::Duplicate
-                    });
-                    seen.push(inc.signed_at);
-                }
-
-                // Upsert each installation once per batch: the latest heartbeat's state, and
-                // for each descriptive field the latest value any of them reported.
-                let mut merged: HashMap<&str, $crate::store::batch::Merged<'_>> = HashMap::new();
-                for (i, inc) in batch.iter().enumerate() {
-                    if outcomes[i].is_none() {
-                        merged
-                            .entry(inc.heartbeat.instance_id.as_str())
-                            .or_insert_with(|| $crate::store::batch::Merged::new(i))
-                            .add(i, &inc.heartbeat);
-                    }
-                }
-                let latest: Vec<$crate::store::batch::Merged<'_>> = {
-                    let mut v: Vec<_> = merged.into_values().collect();
-                    // A stable order keeps concurrent writers (replicas) from deadlocking.
-                    v.sort_unstable_by_key(|m| batch[m.latest].heartbeat.instance_id.as_str());
-                    v
-                };
-                let mut row_ids: HashMap<String, i64> = HashMap::new();
-                for chunk in latest.chunks(CHUNK) {
-                    let rows: Vec<_> = chunk
-                        .iter()
-                        .map(|m| {
-                            let inc = &batch[m.latest];
-                            let hb = &inc.heartbeat;
-                            (
-                                (hb.instance_id.as_str(), m.domain, m.client, m.version),
-                                (m.release_channel, m.health, inc.scheme.as_str()),
-                                (batch[m.first].received_at, inc.received_at, m.backup_checksum),
-                                String::from_utf8_lossy(&inc.body),
-                            )
-                        })
-                        .collect();
-                    for param in $crate::store::batch::json_pieces(&rows, $batch.piece_bytes) {
-                        let returned = sqlx::query($batch.upsert_installations)
-                            .bind(param)
-                            .fetch_all(&mut *tx)
-                            .await?;
-                        for row in returned {
-                            row_ids.insert(row.try_get("instance_id")?, row.try_get("id")?);
-                        }
-                    }
-                }
-
-                let mut applied = Vec::new();
-                for (i, inc) in batch.iter().enumerate() {
-                    if outcomes[i].is_some() {
-                        continue;
-                    }
-                    let Some(&id) = row_ids.get(&inc.heartbeat.instance_id) else {
-                        return Err($crate::Error::Internal("upsert returned no row".into()));
-                    };
-                    outcomes[i] = Some(RecordOutcome::Applied { installation_id: id });
-                    applied.push((inc, id));
-                }
-
-                // The time series: one row per applied heartbeat.
-                for chunk in applied.chunks(CHUNK) {
-                    let rows: Vec<_> = chunk
-                        .iter()
-                        .map(|(inc, id)| {
-                            (
-                                *id,
-                                inc.received_at,
-                                inc.msg_id.as_deref(),
-                                $crate::store::batch::figures_json(&inc.heartbeat),
-                            )
-                        })
-                        .collect();
-                    for param in $crate::store::batch::json_pieces(&rows, $batch.piece_bytes) {
-                        sqlx::query($batch.insert_heartbeats)
-                            .bind(param)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                }
-
-                // Job failures, one row each, as the ERP records them.
-                let failures: Vec<(i64, i64, &fleet_core::heartbeat::JobFailure)> = applied
-                    .iter()
-                    .flat_map(|(inc, id)| {
-                        inc.heartbeat.job_failures.iter().map(move |f| (*id, inc.received_at, f))
-                    })
-                    .collect();
-                for chunk in failures.chunks(CHUNK) {
-                    let rows: Vec<_> = chunk
-                        .iter()
-                        .map(|(id, at, f)| (*id, f.queue.as_deref(), f.message.as_str(), *at))
-                        .collect();
-                    for param in $crate::store::batch::json_pieces(&rows, $batch.piece_bytes) {
-                        sqlx::query($batch.insert_job_failures)
-                            .bind(param)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                }
-
-                // A backup record whenever the reported checksum differs from the last one.
-                let mut checksums: HashMap<i64, Option<String>> = known
-                    .values()
-                    .map(|(id, sum)| (*id, sum.clone()))
-                    .collect();
-                let mut backups = Vec::new();
-                for (inc, id) in &applied {
-                    let hb = &inc.heartbeat;
-                    let Some(sum) = hb.backup_checksum.as_ref() else { continue };
-                    let previous = checksums.entry(*id).or_default();
-                    if previous.as_ref() == Some(sum) {
-                        continue;
-                    }
-                    *previous = Some(sum.clone());
-                    backups.push((
-                        (*id, hb.backup_id.as_deref(), sum.as_str()),
-                        (
-                            hb.backup_size_bytes.map(|v| v.min(i64::MAX as u64) as i64),
-                            hb.backup_bucket.as_deref(),
-                            hb.backup_path.as_deref(),
-                        ),
-                        (hb.backup_status.as_deref(), hb.last_backup_at.as_deref(), inc.received_at),
-                    ));
-                }
-                for param in $crate::store::batch::json_pieces(&backups, $batch.piece_bytes) {
-                    sqlx::query($batch.insert_backups)
-                        .bind(param)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-
-                // Alerts: load the open keys of the batch's installations, run the rules.
-                let mut open: HashMap<i64, HashMap<String, OpenRef>> = HashMap::new();
-                let inst_ids: Vec<i64> = {
-                    let set: HashSet<i64> = applied.iter().map(|(_, id)| *id).collect();
-                    set.into_iter().collect()
-                };
-                for param in $crate::store::batch::json_pieces(&inst_ids, $batch.piece_bytes) {
-                    let rows = sqlx::query($batch.select_open_alerts)
-                        .bind(param)
-                        .fetch_all(&mut *tx)
-                        .await?;
-                    for row in rows {
-                        let key: String = row.try_get("dedup_key")?;
-                        open.entry(row.try_get("installation_id")?)
-                            .or_default()
-                            .insert(key, OpenRef::Stored(row.try_get("id")?));
-                    }
-                }
-                let (pending, resolve_ids) =
-                    $crate::store::batch::plan_alerts(&applied, open, &rules.slo);
-                for param in $crate::store::batch::json_pieces(&resolve_ids, $batch.piece_bytes) {
-                    sqlx::query($batch.resolve_alerts)
-                        .bind(batch.last().map(|b| b.received_at).unwrap_or_default())
-                        .bind(param)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                for alert in &pending {
-                    Self::insert_alert(&mut tx, alert, rules.forward_alerts).await?;
-                }
-
-                tx.commit().await?;
-                Ok(outcomes
-                    .into_iter()
-                    .map(|o| o.unwrap_or(RecordOutcome::Duplicate))
-                    .collect())
+                self.record_batch(batch, rules).await
             }
 
             async fn enroll(&self, instance_id: &str, now: i64) -> $crate::Result<i64> {
@@ -635,7 +354,7 @@ macro_rules! impl_sql_store {
         impl $store {
             /// Inserts one alert (skipped if the same key is already open, e.g. raised by
             /// another replica) and its outbox row; returns whether it was inserted.
-            async fn insert_alert(
+            pub(crate) async fn insert_alert(
                 tx: &mut sqlx::Transaction<'static, $db>,
                 alert: &$crate::store::batch::PendingAlert<'_>,
                 forward: bool,

@@ -1,18 +1,42 @@
 //! The SQLite backend: the embedded default (`sqlite://fleet.db`).
 
+use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Pool, Sqlite};
 
+use super::sqlite_ingest::IngestConnection;
 use crate::Result;
+use crate::store::{IncomingHeartbeat, IngestRules, RecordOutcome};
 
 /// A [`Store`](super::Store) in an SQLite file, in WAL mode with `synchronous=FULL`, so an
 /// acknowledged heartbeat survives a power cut. Migrations run when it opens.
+///
+/// `sqlite::memory:` is a database in a temporary file, removed when the last clone of the
+/// store is dropped: heartbeats are recorded on a connection of their own, and every
+/// connection to `:memory:` would be a database of its own.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: Pool<Sqlite>,
+    ingest: Arc<IngestConnection>,
+    _temporary: Option<Arc<TemporaryFile>>,
+}
+
+/// A database file that exists only as long as the store.
+#[derive(Debug)]
+struct TemporaryFile(PathBuf);
+
+impl Drop for TemporaryFile {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut path = self.0.clone().into_os_string();
+            path.push(suffix);
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 impl SqliteStore {
@@ -25,10 +49,19 @@ impl SqliteStore {
 
     /// Like [`connect`](Self::connect), with options built by the caller.
     pub async fn connect_with(options: SqliteConnectOptions) -> Result<Self> {
-        let in_memory = options
-            .get_filename()
-            .to_string_lossy()
-            .contains(":memory:");
+        // sqlx names an in-memory database `file:sqlx-in-memory-N` (a shared-cache URI).
+        let name = options.get_filename().to_string_lossy().into_owned();
+        let in_memory = name.contains(":memory:")
+            || name.starts_with("file:sqlx-in-memory-")
+            || name.contains("mode=memory");
+        let temporary = in_memory.then(|| {
+            let name = format!("fleet-memory-{}.db", uuid::Uuid::new_v4().simple());
+            Arc::new(TemporaryFile(std::env::temp_dir().join(name)))
+        });
+        let options = match &temporary {
+            Some(file) => SqliteConnectOptions::new().filename(&file.0),
+            None => options,
+        };
         let options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -38,15 +71,19 @@ impl SqliteStore {
             // 64 MiB of page cache per connection (the default is 2 MiB): the installations
             // a batch updates stay in memory instead of being read back from the OS.
             .pragma("cache_size", "-65536");
-        // Each connection to `:memory:` is its own database: keep exactly one.
-        let max = if in_memory { 1 } else { 8 };
+        let path = options.get_filename().to_owned();
         let pool = SqlitePoolOptions::new()
-            .max_connections(max)
+            .max_connections(8)
             .min_connections(1)
             .connect_with(options)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(Self { pool })
+        let ingest = Arc::new(IngestConnection::open(&path)?);
+        Ok(Self {
+            pool,
+            ingest,
+            _temporary: temporary,
+        })
     }
 
     /// The connection pool, for tools that need to query the database directly.
@@ -58,16 +95,26 @@ impl SqliteStore {
     fn concurrency(&self) -> usize {
         1
     }
+
+    /// Records a batch on the ingest connection, off the async workers: on a multi-threaded
+    /// runtime this worker hands its other tasks over while SQLite runs.
+    async fn record_batch(
+        &self,
+        batch: &[IncomingHeartbeat],
+        rules: &IngestRules,
+    ) -> Result<Vec<RecordOutcome>> {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        let record = || self.ingest.record(batch, rules);
+        match Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(record),
+            _ => record(),
+        }
+    }
 }
 
 // IMMEDIATE takes the write lock up front: a deferred transaction that reads and then
 // writes fails at once (SQLITE_BUSY, no waiting) if another writer committed in between.
-impl_sql_store!(
-    SqliteStore,
-    Sqlite,
-    "BEGIN IMMEDIATE",
-    super::batch::SQLITE_BATCH
-);
+impl_sql_store!(SqliteStore, Sqlite, "BEGIN IMMEDIATE");
 
 impl_rollout_store!(
     SqliteStore,

@@ -712,3 +712,44 @@ async fn concurrent_writers_do_not_fail(t: TestStore) {
     }
     assert_eq!(t.store.heartbeat_count().await.expect("count"), 8);
 }
+
+/// `sqlite::memory:` records and reads back like a file database (heartbeats go through a
+/// connection of their own), and leaves no file behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_sqlite_records_and_leaves_nothing_behind() {
+    let temporary_files = || {
+        std::fs::read_dir(std::env::temp_dir())
+            .expect("temp dir")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("fleet-memory-"))
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let before = temporary_files();
+    let store = fleet_server::store::open("sqlite::memory:")
+        .await
+        .expect("open");
+    let created: Vec<_> = temporary_files().difference(&before).cloned().collect();
+    assert!(!created.is_empty(), "the database is a temporary file");
+    let out = store
+        .record_heartbeats(
+            &[incoming("mem-001", json!({"version": "9.9.9"}), None, 1000)],
+            &rules(),
+        )
+        .await
+        .expect("record");
+    applied(out[0]);
+    let detail = store
+        .installation("mem-001")
+        .await
+        .expect("read")
+        .expect("recorded");
+    assert_eq!(detail.summary.version.as_deref(), Some("9.9.9"));
+    assert_eq!(detail.recent.len(), 1);
+    drop(store);
+    let left: Vec<_> = temporary_files()
+        .intersection(&created.into_iter().collect())
+        .cloned()
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
