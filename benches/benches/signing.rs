@@ -89,7 +89,14 @@ fn signing(c: &mut Criterion) {
     }
 }
 
-fn heartbeat(c: &mut Criterion) -> String {
+/// The heartbeat the ERP agent sends most often (the fields `src/bin/ingest_load.rs` sends):
+/// three checks and one unknown key.
+const ERP_HEARTBEAT: &str = r#"{"instance_id": "bench-00001", "domain": "bench-00001.example.com", "client": "Bench SA", "version": "2.0.1", "release_channel": "stable", "health": "ok", "db_ok": true, "redis_ok": true, "storage_ok": true, "search_ok": true, "jobs_failed": 0, "uptime_seconds": 3601, "cpu_usage_pct": 1.0, "memory_used_bytes": 4000000001, "memory_total_bytes": 8000000000, "disk_used_bytes": 50000000000, "disk_total_bytes": 100000000000, "slo_p95_ms": 120.0, "slo_error_rate": 0.001, "jobs_processed_1h": 420, "jobs_pending": 3, "last_backup_at": "2026-11-22T02:00:00Z", "backup_checksum": "sha256-abc", "backup_status": "ok", "checks": [{"name": "db", "ok": true, "latency_ms": 2.1}, {"name": "redis", "ok": true, "latency_ms": 0.3}, {"name": "storage", "ok": true, "latency_ms": 8.0}], "primary_region": "eu-west-1"}"#;
+
+/// `Heartbeat::decode` (`parse_validate`) beside its slow path alone (`parse_validate_slow`,
+/// the `Value`-tree decoding every body took before the fast path), for the full vector and
+/// the ERP agent's usual heartbeat.
+fn heartbeat(c: &mut Criterion) -> Vec<String> {
     let body = std::fs::read_to_string(vectors_dir().join("heartbeats.json")).expect("vectors");
     let vectors: serde_json::Value = serde_json::from_str(&body).expect("json");
     let full = vectors
@@ -103,19 +110,39 @@ fn heartbeat(c: &mut Criterion) -> String {
         .as_bytes()
         .to_vec();
     let limits = Limits::default();
-    let name = format!("heartbeat_{}", full.len());
-    let mut group = c.benchmark_group(&name);
-    group.throughput(Throughput::Bytes(full.len() as u64));
-    group.bench_function("raw_hmac", |b| {
-        b.iter(|| raw_hmac(black_box(SECRET.as_bytes()), black_box(&full)))
-    });
-    group.bench_with_input(
-        BenchmarkId::from_parameter("parse_validate"),
-        &full,
-        |b, body| b.iter(|| Heartbeat::decode(black_box(body), &limits).expect("valid")),
-    );
-    group.finish();
-    name
+    let bodies = [
+        (format!("heartbeat_{}", full.len()), full),
+        (
+            format!("heartbeat_erp_{}", ERP_HEARTBEAT.len()),
+            ERP_HEARTBEAT.as_bytes().to_vec(),
+        ),
+    ];
+    let mut names = Vec::new();
+    for (name, body) in bodies {
+        // Else `parse_validate` would time the slow path twice over.
+        assert!(
+            Heartbeat::decode_fast(&body, &limits).is_some(),
+            "{name} takes the fast path"
+        );
+        let mut group = c.benchmark_group(&name);
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_function("raw_hmac", |b| {
+            b.iter(|| raw_hmac(black_box(SECRET.as_bytes()), black_box(&body)))
+        });
+        group.bench_with_input(
+            BenchmarkId::from_parameter("parse_validate"),
+            &body,
+            |b, body| b.iter(|| Heartbeat::decode(black_box(body), &limits).expect("valid")),
+        );
+        group.bench_with_input(
+            BenchmarkId::from_parameter("parse_validate_slow"),
+            &body,
+            |b, body| b.iter(|| Heartbeat::decode_slow(black_box(body), &limits).expect("valid")),
+        );
+        group.finish();
+        names.push(name);
+    }
+    names
 }
 
 fn vectors_dir() -> PathBuf {
@@ -174,9 +201,9 @@ fn main() {
         .output_directory(&criterion_dir())
         .configure_from_args();
     signing(&mut c);
-    let heartbeat_group = heartbeat(&mut c);
+    let heartbeat_groups = heartbeat(&mut c);
     c.final_summary();
     let mut groups: Vec<String> = SIZES.iter().map(|s| format!("signing_{s}")).collect();
-    groups.push(heartbeat_group);
+    groups.extend(heartbeat_groups);
     print_ratios(&groups);
 }

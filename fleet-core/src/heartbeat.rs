@@ -11,6 +11,8 @@ use crate::validate::{
     DecodeError, Fields, Limits, Path, ValidationErrors, check_size, json_message,
 };
 
+mod fast;
+
 /// Severity of an alert.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
@@ -248,6 +250,26 @@ impl Heartbeat {
     /// Decodes and validates a raw body: 413-style [`DecodeError::TooLarge`] over the body
     /// limit, else every problem at once in [`DecodeError::Invalid`].
     pub fn decode(body: &[u8], limits: &Limits) -> Result<Self, DecodeError> {
+        match Self::decode_fast(body, limits) {
+            Some(heartbeat) => Ok(heartbeat),
+            None => Self::decode_slow(body, limits),
+        }
+    }
+
+    /// [`decode`](Self::decode)'s fast path alone: the heartbeat when `body` is valid and
+    /// `decode` would return exactly it, `None` when `decode` takes the slow path instead
+    /// (any problem, or anything the fast path does not handle). Public for the differential
+    /// tests and the benchmarks.
+    #[doc(hidden)]
+    pub fn decode_fast(body: &[u8], limits: &Limits) -> Option<Self> {
+        fast::decode(body, limits)
+    }
+
+    /// [`decode`](Self::decode)'s slow path alone: parse a [`Value`], then
+    /// [`from_value`](Self::from_value). It produces every error `decode` returns and is the
+    /// reference the fast path is tested against. Public for those tests and the benchmarks.
+    #[doc(hidden)]
+    pub fn decode_slow(body: &[u8], limits: &Limits) -> Result<Self, DecodeError> {
         check_size(body, limits)?;
         let value: Value = serde_json::from_slice(body).map_err(|err| {
             let mut errors = ValidationErrors::default();

@@ -4,7 +4,7 @@
 use std::fmt;
 
 use serde::de::DeserializeOwned;
-use serde_json::{Map, Value};
+use serde_json::{Map, Number, Value};
 
 /// Size limits for everything an agent or operator sends. The defaults suit a fleet of
 /// ordinary instances; raise them deliberately, never remove them.
@@ -314,6 +314,15 @@ pub fn is_rfc3339(text: &str) -> bool {
     }
 }
 
+/// A JSON number as a count: a non-negative integer, or a whole float such as `3.0`, which is
+/// what some senders write for counts, below 9e15 where f64 still holds every whole number.
+pub(crate) fn as_count(number: &Number) -> Option<u64> {
+    number.as_u64().or_else(|| match number.as_f64() {
+        Some(f) if f >= 0.0 && f.fract() == 0.0 && f < 9.0e15 => Some(f as u64),
+        _ => None,
+    })
+}
+
 /// Reads fields out of a JSON object one by one, recording every problem with its path;
 /// what is left at the end are the unknown keys, which callers keep.
 pub(crate) struct Fields<'e, 'p> {
@@ -425,17 +434,12 @@ impl<'e, 'p> Fields<'e, 'p> {
     }
 
     pub(crate) fn opt_u64(&mut self, key: &str) -> Option<u64> {
-        let value = self.take(key)?;
-        match value.as_u64() {
+        match self.take(key)?.as_number().and_then(as_count) {
             Some(n) => Some(n),
-            // A whole float such as 3.0 is what some senders write for counts.
-            None => match value.as_f64() {
-                Some(f) if f >= 0.0 && f.fract() == 0.0 && f < 9.0e15 => Some(f as u64),
-                _ => {
-                    self.bad(key, "must be a non-negative integer");
-                    None
-                }
-            },
+            None => {
+                self.bad(key, "must be a non-negative integer");
+                None
+            }
         }
     }
 
