@@ -334,7 +334,7 @@ fn main() -> Result<(), String> {
             .map(|n| n.get())
             .unwrap_or(0)
     );
-    let (bare, ingest) = client_rt.block_on(async {
+    let (bare, ingest, metrics) = client_rt.block_on(async {
         // One client per connection, built once (building one loads the TLS roots), each
         // keeping its own keep-alive connection for the whole run.
         let clients: Vec<reqwest::Client> = (0..o.connections)
@@ -361,7 +361,15 @@ fn main() -> Result<(), String> {
         }
         bare.latencies_us.sort_unstable();
         ingest.latencies_us.sort_unstable();
-        Ok::<_, String>((bare, ingest))
+        let metrics = clients[0]
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .text()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((bare, ingest, metrics))
     })?;
     let stored = server_rt
         .block_on(store.heartbeat_count())
@@ -385,6 +393,20 @@ fn main() -> Result<(), String> {
     println!(
         "ingest / bare = {:.0}%",
         100.0 * ingest.rate() / bare.rate()
+    );
+    let counter = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let (batches, batched) = (
+        counter("fleet_ingest_batches_total "),
+        counter("fleet_ingest_batched_heartbeats_total "),
+    );
+    println!(
+        "writer: {batches:.0} transactions, {:.1} heartbeats each on average",
+        batched / batches.max(1.0)
     );
     println!(
         "count check: {} heartbeats acknowledged, {} in the database: {}",

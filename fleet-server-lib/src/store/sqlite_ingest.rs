@@ -7,7 +7,7 @@
 //! ingest's own, so its page cache keeps the installations the batches update, and the
 //! whole batch runs in one call on a blocking thread instead of one hand-off per statement.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -18,8 +18,12 @@ use super::batch::{self, MessageLedger, OpenRef, PendingAlert};
 use crate::store::{IncomingHeartbeat, IngestRules, RecordOutcome};
 use crate::{Error, Result};
 
-const SELECT_INSTALLATION: &str =
-    "SELECT id, last_backup_checksum FROM installations WHERE instance_id = ?1";
+/// An installation with its open deduplicated alerts (one row each, or one row of NULLs):
+/// one statement instead of two per heartbeat. Nothing of this batch raises an alert
+/// before the rules run, so reading them first is the same as reading them last.
+const SELECT_INSTALLATION: &str = "SELECT i.id, i.last_backup_checksum, a.id, a.dedup_key \
+    FROM installations i LEFT JOIN alerts a ON a.installation_id = i.id \
+    AND a.resolved_at IS NULL AND a.dedup_key IS NOT NULL WHERE i.instance_id = ?1";
 const INSERT_SEEN: &str = "INSERT INTO seen_messages (instance_id, msg_id, signed_at, seen_at) \
     VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING";
 const SELECT_SEEN: &str =
@@ -36,8 +40,6 @@ const INSERT_JOB_FAILURE: &str = "INSERT INTO job_failures (installation_id, que
     VALUES (?1, ?2, ?3, ?4)";
 const INSERT_BACKUP: &str = "INSERT INTO backups (installation_id, backup_id, checksum, size_bytes, \
     bucket, path, status, backup_at, recorded_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
-const SELECT_OPEN_ALERTS: &str = "SELECT id, dedup_key FROM alerts WHERE installation_id = ?1 \
-    AND resolved_at IS NULL AND dedup_key IS NOT NULL";
 const RESOLVE_ALERT: &str = "UPDATE alerts SET resolved_at = ?1 WHERE id = ?2";
 const INSERT_ALERT: &str = "INSERT INTO alerts (installation_id, level, kind, dedup_key, message, \
     created_at, resolved_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING RETURNING id";
@@ -85,8 +87,10 @@ impl IngestConnection {
         let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut outcomes: Vec<Option<RecordOutcome>> = vec![None; batch.len()];
 
-        // Installations that exist already, with their last backup checksum.
+        // Installations that exist already, with their last backup checksum and the keys of
+        // their open alerts (an installation this batch creates has none).
         let mut known: HashMap<&str, Option<(i64, Option<String>)>> = HashMap::new();
+        let mut open: HashMap<i64, HashMap<String, OpenRef>> = HashMap::new();
         {
             let mut select = tx.prepare_cached(SELECT_INSTALLATION)?;
             for inc in batch {
@@ -94,9 +98,17 @@ impl IngestConnection {
                 if known.contains_key(instance_id) {
                     continue;
                 }
-                let row = select
-                    .query_row([instance_id], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()?;
+                let mut row = None;
+                let mut rows = select.query([instance_id])?;
+                while let Some(r) = rows.next()? {
+                    let id: i64 = r.get(0)?;
+                    if let (Some(alert_id), Some(key)) = (r.get(2)?, r.get(3)?) {
+                        open.entry(id)
+                            .or_default()
+                            .insert(key, OpenRef::Stored(alert_id));
+                    }
+                    row = Some((id, r.get(1)?));
+                }
                 known.insert(instance_id, row);
             }
         }
@@ -207,23 +219,7 @@ impl IngestConnection {
             }
         }
 
-        // Alerts: load the open keys of the batch's installations, run the rules.
-        let mut open: HashMap<i64, HashMap<String, OpenRef>> = HashMap::new();
-        {
-            let mut select = tx.prepare_cached(SELECT_OPEN_ALERTS)?;
-            let mut loaded = HashSet::new();
-            for &(_, id) in &applied {
-                if !loaded.insert(id) {
-                    continue;
-                }
-                let mut rows = select.query([id])?;
-                while let Some(row) = rows.next()? {
-                    open.entry(id)
-                        .or_default()
-                        .insert(row.get(1)?, OpenRef::Stored(row.get(0)?));
-                }
-            }
-        }
+        // Alerts: run the rules over the open keys read at the start.
         let (pending, resolve_ids) = batch::plan_alerts(&applied, open, &rules.slo);
         if !resolve_ids.is_empty() {
             let resolved_at = batch.last().map(|b| b.received_at).unwrap_or_default();
