@@ -43,6 +43,36 @@ fn serve(addr: &str, database_url: &str) -> Child {
         .expect("start fleet-server")
 }
 
+/// A `fleet-server serve` on an SQLite file in a new directory, up and answering.
+struct OnSqlite {
+    dir: std::path::PathBuf,
+    db: String,
+    addr: String,
+    base: String,
+    client: reqwest::Client,
+    server: Child,
+}
+
+impl OnSqlite {
+    async fn start(name: &str) -> Self {
+        let dir = temp_dir(name);
+        let db = format!("sqlite://{}", dir.join("fleet.db").display());
+        let addr = free_addr();
+        let base = format!("http://{addr}");
+        let client = reqwest::Client::new();
+        let server = serve(&addr, &db);
+        wait_up(&client, &base).await;
+        Self {
+            dir,
+            db,
+            addr,
+            base,
+            client,
+            server,
+        }
+    }
+}
+
 async fn wait_up(client: &reqwest::Client, base: &str) {
     for _ in 0..200 {
         if let Ok(r) = client.get(format!("{base}/healthz")).send().await
@@ -165,13 +195,14 @@ async fn stdout_of(client: &reqwest::Client, base: &str, id: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_killed_mid_stream_ends_with_the_whole_log_once() {
-    let dir = temp_dir("live");
-    let db = format!("sqlite://{}", dir.join("fleet.db").display());
-    let addr = free_addr();
-    let base = format!("http://{addr}");
-    let client = reqwest::Client::new();
-    let mut server = serve(&addr, &db);
-    wait_up(&client, &base).await;
+    let OnSqlite {
+        dir,
+        db,
+        addr,
+        base,
+        client,
+        mut server,
+    } = OnSqlite::start("live").await;
     let agent = start_agent(&base, &dir);
     wait_connected(&client, &base).await;
 
@@ -255,13 +286,14 @@ async fn a_server_killed_mid_stream_ends_with_the_whole_log_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_keeps_every_acknowledged_heartbeat_through_a_kill() {
     const LOAD: usize = 1000;
-    let dir = temp_dir("kill9-sqlite");
-    let db = format!("sqlite://{}", dir.join("fleet.db").display());
-    let addr = free_addr();
-    let base = format!("http://{addr}");
-    let client = reqwest::Client::new();
-    let mut server = serve(&addr, &db);
-    wait_up(&client, &base).await;
+    let OnSqlite {
+        dir,
+        db,
+        addr,
+        base,
+        client,
+        mut server,
+    } = OnSqlite::start("kill9-sqlite").await;
 
     let signer = fleet_core::Signer::new(Secret::new(SECRET).expect("secret"));
     let post = |msg_id: String, n: usize| {
