@@ -173,12 +173,6 @@ pub(crate) fn state_text(body: &[u8]) -> std::borrow::Cow<'_, str> {
     String::from_utf8_lossy(body)
 }
 
-/// One JSON array parameter for a statement over `rows` (tuples become arrays).
-pub(crate) fn json<T: serde::Serialize + ?Sized>(rows: &T) -> String {
-    // Serializing plain tuples of strings and numbers cannot fail.
-    serde_json::to_string(rows).unwrap_or_else(|_| "[]".to_owned())
-}
-
 enum Figure {
     Int(Option<u64>),
     Float(Option<f64>),

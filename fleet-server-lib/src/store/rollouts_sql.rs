@@ -36,6 +36,12 @@ macro_rules! plugin_request_cols {
 /// Targets inserted per statement when a rollout is created.
 pub(crate) const ROLLOUT_JOB_CHUNK: usize = 2000;
 
+/// One JSON array parameter for a statement over `rows` (tuples become arrays).
+pub(crate) fn json<T: serde::Serialize + ?Sized>(rows: &T) -> String {
+    // Serializing plain tuples of strings and numbers cannot fail.
+    serde_json::to_string(rows).unwrap_or_else(|_| "[]".to_owned())
+}
+
 /// SQLite: inserts a rollout's jobs from `$5` = `[[batch, instance_id], ...]`; batch 0 starts
 /// `pending`, the others wait `queued`. `$1` rollout, `$2` payload, `$3` kind, `$4` now.
 pub(crate) const SQLITE_INSERT_JOBS: &str = "INSERT INTO rollout_jobs (rollout_id, payload, kind, \
@@ -199,7 +205,7 @@ macro_rules! impl_rollout_store {
                         .bind(payload.clone())
                         .bind(new.kind.as_str())
                         .bind(now)
-                        .bind($crate::store::batch::json(chunk))
+                        .bind($crate::store::rollouts_sql::json(chunk))
                         .execute(&mut *tx)
                         .await?;
                 }

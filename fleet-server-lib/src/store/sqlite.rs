@@ -25,6 +25,13 @@ pub struct SqliteStore {
     _temporary: Option<Arc<TemporaryFile>>,
 }
 
+/// How long a connection waits for another one's write lock.
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Page cache per connection, in KiB when negative: 64 MiB (the default is 2 MiB), so the
+/// installations a batch updates stay in memory instead of being read back from the OS.
+pub(super) const CACHE_SIZE: i64 = -65536;
+
 /// A database file that exists only as long as the store.
 #[derive(Debug)]
 struct TemporaryFile(PathBuf);
@@ -66,11 +73,9 @@ impl SqliteStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
+            .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true)
-            // 64 MiB of page cache per connection (the default is 2 MiB): the installations
-            // a batch updates stay in memory instead of being read back from the OS.
-            .pragma("cache_size", "-65536");
+            .pragma("cache_size", CACHE_SIZE.to_string());
         let path = options.get_filename().to_owned();
         let pool = SqlitePoolOptions::new()
             .max_connections(8)

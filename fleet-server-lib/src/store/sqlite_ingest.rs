@@ -10,11 +10,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::batch::{self, MessageLedger, OpenRef, PendingAlert};
+use super::sqlite::{BUSY_TIMEOUT, CACHE_SIZE};
 use crate::store::{IncomingHeartbeat, IngestRules, RecordOutcome};
 use crate::{Error, Result};
 
@@ -62,11 +62,10 @@ impl IngestConnection {
     /// the same durability and waiting rules as the pool's connections.
     pub fn open(path: &Path) -> Result<Self> {
         let connection = Connection::open(path)?;
-        connection.busy_timeout(Duration::from_secs(10))?;
+        connection.busy_timeout(BUSY_TIMEOUT)?;
         connection.pragma_update(None, "synchronous", "FULL")?;
         connection.pragma_update(None, "foreign_keys", "ON")?;
-        // 64 MiB of page cache: the installations the batches update stay in memory.
-        connection.pragma_update(None, "cache_size", -65536)?;
+        connection.pragma_update(None, "cache_size", CACHE_SIZE)?;
         connection.set_prepared_statement_cache_capacity(32);
         Ok(Self {
             connection: Mutex::new(connection),
