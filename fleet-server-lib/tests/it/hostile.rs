@@ -333,9 +333,12 @@ async fn replayed_and_out_of_window_requests_are_refused_on_job_routes() {
         "/api/restores/next",
     ] {
         let id = format!("once-{path}");
-        let first = signed_post(&server, path, &id, now(), body).await;
+        // One timestamp for both: the same id signed in a later second is a retry, not a
+        // replay, and two calls to `now()` may straddle a second.
+        let signed_at = now();
+        let first = signed_post(&server, path, &id, signed_at, body).await;
         assert_eq!(first.status(), 204, "{path}: no job yet");
-        let replay = signed_post(&server, path, &id, now(), body).await;
+        let replay = signed_post(&server, path, &id, signed_at, body).await;
         assert_eq!(replay.status(), 401, "{path}: replayed message id");
         for (what, ts) in [("future", now() + 600), ("past", now() - 600)] {
             let response = signed_post(&server, path, &format!("{what}-{path}"), ts, body).await;
