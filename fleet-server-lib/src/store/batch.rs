@@ -31,6 +31,10 @@ macro_rules! upsert_installation_tail {
 /// The v1 message ids of a batch: `fresh` holds the first heartbeat of each (instance,
 /// message id), to be inserted into `seen_messages`; `repeats` the later ones of the same
 /// batch. Heartbeats that already have an outcome, and v0 ones, are in neither.
+///
+/// `fresh` is in (instance, message id) order: a retry can put the same messages in two
+/// concurrent batches, and inserting them in one order makes the second batch wait for the
+/// first instead of both deadlocking on the unique index.
 pub(crate) fn split_messages(
     batch: &[IncomingHeartbeat],
     outcomes: &[Option<RecordOutcome>],
@@ -50,6 +54,13 @@ pub(crate) fn split_messages(
             repeats.push(i);
         }
     }
+    let key = |i: usize| {
+        (
+            batch[i].heartbeat.instance_id.as_str(),
+            batch[i].msg_id.as_deref(),
+        )
+    };
+    fresh.sort_unstable_by(|&a, &b| key(a).cmp(&key(b)));
     (fresh, repeats)
 }
 

@@ -216,10 +216,14 @@ macro_rules! impl_sql_store {
             async fn mark_offline(&self, cutoff: i64, now: i64, forward: bool) -> $crate::Result<u64> {
                 use sqlx::Row;
                 let mut tx = self.pool.begin_with($begin).await?;
+                // In id order: two sweeps that overlap raise their alerts in the same order,
+                // so on PostgreSQL each waits for the other instead of deadlocking on the
+                // open-alert index.
                 let rows = sqlx::query(
                     "SELECT i.id, i.instance_id, i.last_seen_at FROM installations i \
                      WHERE i.last_seen_at < $1 AND NOT EXISTS (SELECT 1 FROM alerts a \
-                     WHERE a.installation_id = i.id AND a.dedup_key = 'offline' AND a.resolved_at IS NULL)",
+                     WHERE a.installation_id = i.id AND a.dedup_key = 'offline' AND a.resolved_at IS NULL) \
+                     ORDER BY i.id",
                 )
                 .bind(cutoff)
                 .fetch_all(&mut *tx)

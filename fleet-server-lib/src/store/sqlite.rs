@@ -9,8 +9,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Pool, Sqlite};
 
 use super::sqlite_ingest::IngestConnection;
-use crate::Result;
 use crate::store::{IncomingHeartbeat, IngestRules, RecordOutcome};
+use crate::{Error, Result};
 
 /// A [`Store`](super::Store) in an SQLite file, in WAL mode with `synchronous=FULL`, so an
 /// acknowledged heartbeat survives a power cut. Migrations run when it opens.
@@ -101,18 +101,28 @@ impl SqliteStore {
         1
     }
 
-    /// Records a batch on the ingest connection, off the async workers: on a multi-threaded
-    /// runtime this worker hands its other tasks over while SQLite runs.
+    /// Records a batch on the ingest connection, off the async workers. On a multi-threaded
+    /// runtime this worker hands its other tasks over while SQLite runs. A single-threaded
+    /// runtime has no worker to hand them to: blocking its thread would stop the task that
+    /// holds the write lock from committing, and both would wait out the busy timeout. There
+    /// the batch is copied to a blocking thread instead.
     async fn record_batch(
         &self,
         batch: &[IncomingHeartbeat],
         rules: &IngestRules,
     ) -> Result<Vec<RecordOutcome>> {
         use tokio::runtime::{Handle, RuntimeFlavor};
-        let record = || self.ingest.record(batch, rules);
         match Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(record),
-            _ => record(),
+            Ok(RuntimeFlavor::MultiThread) => {
+                tokio::task::block_in_place(|| self.ingest.record(batch, rules))
+            }
+            Ok(_) => {
+                let (ingest, batch, rules) = (self.ingest.clone(), batch.to_vec(), rules.clone());
+                tokio::task::spawn_blocking(move || ingest.record(&batch, &rules))
+                    .await
+                    .map_err(|e| Error::Internal(format!("the ingest thread failed: {e}")))?
+            }
+            Err(_) => self.ingest.record(batch, rules),
         }
     }
 }

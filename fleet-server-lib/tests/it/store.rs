@@ -21,6 +21,7 @@ on_both_backends!(
     old_message_ids_are_pruned,
     time_series_is_pruned_oldest_first_and_the_installation_stays,
     concurrent_writers_do_not_fail,
+    retried_batches_in_opposite_orders_do_not_deadlock,
 );
 
 fn rules() -> IngestRules {
@@ -711,6 +712,46 @@ async fn concurrent_writers_do_not_fail(t: TestStore) {
         task.await.expect("task").expect("no write fails");
     }
     assert_eq!(t.store.heartbeat_count().await.expect("count"), 8);
+}
+
+async fn retried_batches_in_opposite_orders_do_not_deadlock(t: TestStore) {
+    // A client that retries a request whose answer was lost can have its messages in two
+    // batches at once, each in its own order. Both batches must commit, and every message
+    // must count once.
+    const INSTANCES: i64 = 48;
+    const ROUNDS: i64 = 6;
+    for round in 0..ROUNDS {
+        let batch = |signed_at: i64| -> Vec<_> {
+            (0..INSTANCES)
+                .map(|k| {
+                    let msg = format!("m-{round}-{k}");
+                    incoming(&format!("r-{k}"), json!({}), Some((&msg, signed_at)), 900)
+                })
+                .collect()
+        };
+        let first = batch(800 + round);
+        let mut retry = batch(801 + round);
+        retry.reverse();
+        let (a, b) = (t.store.clone(), t.store.clone());
+        let (first, retry) = tokio::join!(
+            tokio::spawn(async move { a.record_heartbeats(&first, &rules()).await }),
+            tokio::spawn(async move { b.record_heartbeats(&retry, &rules()).await }),
+        );
+        let outcomes = [first, retry].map(|r| r.expect("task").expect("no batch fails"));
+        let applied = outcomes
+            .iter()
+            .flatten()
+            .filter(|o| matches!(o, RecordOutcome::Applied { .. }))
+            .count() as i64;
+        assert_eq!(
+            applied, INSTANCES,
+            "each message applies once (round {round})"
+        );
+    }
+    assert_eq!(
+        t.store.heartbeat_count().await.expect("count"),
+        INSTANCES * ROUNDS
+    );
 }
 
 /// `sqlite::memory:` records and reads back like a file database (heartbeats go through a
