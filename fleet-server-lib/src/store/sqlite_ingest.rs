@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::batch::{self, MessageLedger, OpenRef, PendingAlert};
-use super::sqlite::{BUSY_TIMEOUT, CACHE_SIZE};
+use super::sqlite::{BUSY_TIMEOUT, CACHE_SIZE, WAL_AUTOCHECKPOINT_PAGES};
 use crate::store::{IncomingHeartbeat, IngestRules, RecordOutcome};
 use crate::{Error, Result};
 
@@ -66,6 +66,7 @@ impl IngestConnection {
         connection.pragma_update(None, "synchronous", "FULL")?;
         connection.pragma_update(None, "foreign_keys", "ON")?;
         connection.pragma_update(None, "cache_size", CACHE_SIZE)?;
+        connection.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
         connection.set_prepared_statement_cache_capacity(32);
         Ok(Self {
             connection: Mutex::new(connection),
