@@ -152,19 +152,22 @@ impl IntoResponse for Error {
     }
 }
 
-/// Rewrites axum's own rejections (a body over the transport limit, an unreadable body, a
-/// malformed path) from plain text into the `{"error": {"code", "message"}}` body every other
-/// error has, so clients and the OpenAPI document can rely on one error shape.
-pub(crate) async fn json_rejections(response: Response) -> Response {
+/// Whether `response` is one of axum's own rejections (a body over the transport limit, an
+/// unreadable body, a malformed path): a client error in plain text. These are rewritten
+/// into the `{"error": {"code", "message"}}` body every other error has, so clients and the
+/// OpenAPI document can rely on one error shape.
+pub(crate) fn is_plain_rejection(response: &Response) -> bool {
+    response.status().is_client_error()
+        && response
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/plain"))
+}
+
+/// The JSON form of a response [`is_plain_rejection`] picked.
+pub(crate) async fn json_rejection(response: Response) -> Response {
     let status = response.status();
-    let plain_text = response
-        .headers()
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/plain"));
-    if !status.is_client_error() || !plain_text {
-        return response;
-    }
     let (mut parts, body) = response.into_parts();
     // Rejection texts are one short line; the cap only guards against a surprise.
     let text = axum::body::to_bytes(body, 4096)

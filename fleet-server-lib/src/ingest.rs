@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use axum::response::{IntoResponse, Response};
@@ -26,12 +26,10 @@ pub(crate) struct Job {
     reply: oneshot::Sender<Result<RecordOutcome>>,
 }
 
-pub(crate) async fn receive(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response> {
-    let result = accept(&state, &headers, body).await;
+pub(crate) async fn receive(State(state): State<Shared>, request: Request) -> Result<Response> {
+    // The request is taken whole: a `HeaderMap` extractor would copy the headers.
+    let (parts, body) = request.into_parts();
+    let result = accept(&state, &parts.headers, body).await;
     match &result {
         Ok(RecordOutcome::Applied { .. }) => state.metrics.accepted(),
         Ok(RecordOutcome::Duplicate) => state.metrics.duplicate(),

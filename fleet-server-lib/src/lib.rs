@@ -10,6 +10,7 @@ mod dashboard;
 mod error;
 mod ingest;
 mod metrics;
+mod observe;
 mod openapi;
 mod plugins;
 mod poll;
@@ -341,10 +342,6 @@ fn routes(state: Shared) -> Router {
         .route("/login", get(dashboard::login_page).post(dashboard::login))
         .route("/logout", post(dashboard::logout))
         .fallback(api::not_found)
-        .layer(axum::middleware::map_response(error::json_rejections))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            metrics::track,
-        ))
+        .layer(observe::ObserveLayer::new(state.metrics.clone()))
         .with_state(state)
 }

@@ -5,10 +5,8 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::Method;
+use axum::extract::State;
 use axum::http::header::CONTENT_TYPE;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::Shared;
@@ -67,7 +65,8 @@ impl Metrics {
         self.offline_opened.fetch_add(opened, Relaxed);
     }
 
-    fn request(&self, method: &'static str, route: &str, status: u16) {
+    /// One finished request, by method, route template and status.
+    pub fn request(&self, method: &'static str, route: &str, status: u16) {
         if let Ok(mut map) = self.requests.lock() {
             let by_status = match map.get_mut(route) {
                 Some(by_status) => by_status,
@@ -158,29 +157,6 @@ impl Metrics {
         }
         out
     }
-}
-
-/// Counts every request by its route template (never the raw path, which would let
-/// clients create unbounded label values).
-pub(crate) async fn track(State(state): State<Shared>, request: Request, next: Next) -> Response {
-    // `MatchedPath` is shared, so keeping it costs no copy of the route.
-    let route = request.extensions().get::<MatchedPath>().cloned();
-    let method = match *request.method() {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::PATCH => "PATCH",
-        Method::DELETE => "DELETE",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        _ => "other",
-    };
-    let response = next.run(request).await;
-    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
-    state
-        .metrics
-        .request(method, route, response.status().as_u16());
-    response
 }
 
 pub(crate) async fn render(State(state): State<Shared>) -> Response {
