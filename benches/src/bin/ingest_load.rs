@@ -5,13 +5,15 @@
 //! FLEET_TEST_POSTGRES_URL=postgres://… cargo run --release -p fleet-benches --bin ingest_load -- --db postgres
 //! ```
 //!
-//! One process, two Tokio runtimes: the server (the real control plane router plus a bare
-//! `POST /bare` returning 200) and the generator. The generator keeps `--connections`
-//! keep-alive connections busy (one HTTP client each), sending v1-signed heartbeats from
-//! `--instances` distinct instance ids, each with its own secret. It drives the bare route
-//! and `/api/heartbeats` in alternating slices (`--rounds`, so that both see the same
+//! One process, two Tokio runtimes: the server (the real control plane router, a bare
+//! `POST /bare` returning 200, and `POST /checked`, which verifies and decodes the heartbeat
+//! as ingest does and then answers without storing it) and the generator. The generator
+//! keeps `--connections` keep-alive connections busy (one HTTP client each), sending
+//! v1-signed heartbeats from `--instances` distinct instance ids, each with its own secret.
+//! It drives the three routes in alternating slices (`--rounds`, so that all see the same
 //! background load), `--secs` in total each, with identical work per request (build, sign,
-//! send). It reports requests/s, p50 and p99, the CPU time of the process per request (steadier
+//! send). `/checked` splits the gap between the bare route and ingest into what reading a
+//! signed heartbeat costs and what storing it durably costs. It reports requests/s, p50 and p99, the CPU time of the process per request (steadier
 //! than requests/s on a shared machine), the ratio, how many heartbeats each transaction of
 //! the writer carried (from `/metrics`), and then checks that every acknowledged heartbeat is
 //! in the database.
@@ -20,7 +22,10 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fleet_core::{Secret, SecretResolver, Signer};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use fleet_core::{Heartbeat, Limits, Secret, SecretResolver, SignatureHeaders, Signer, Verifier};
 use fleet_server::store::Store;
 use fleet_server::{ControlPlane, Settings};
 
@@ -70,6 +75,25 @@ fn options() -> Result<Options, String> {
         }
     }
     Ok(o)
+}
+
+/// `POST /checked`: the signature check and the decoding ingest does before it stores a
+/// heartbeat, and nothing else.
+async fn checked(
+    State(verifier): State<Arc<Verifier>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let lookup =
+        SignatureHeaders::from_lookup(|name| headers.get(name).and_then(|v| v.to_str().ok()));
+    let verified = verifier
+        .verify(&body, &lookup, fleet_core::unix_now())
+        .is_ok();
+    if verified && Heartbeat::decode(&body, &Limits::default()).is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::UNAUTHORIZED
+    }
 }
 
 fn instance_id(i: usize) -> String {
@@ -297,6 +321,7 @@ fn main() -> Result<(), String> {
             .collect(),
     );
 
+    let checker = Arc::new(Verifier::new(resolver.clone()));
     let (store, where_) = server_rt.block_on(open_store(&o))?;
     let base = server_rt.block_on(async {
         let router = ControlPlane::builder()
@@ -310,6 +335,7 @@ fn main() -> Result<(), String> {
                 "/bare",
                 axum::routing::post(|| async { axum::http::StatusCode::OK }),
             )
+            .route("/checked", axum::routing::post(checked).with_state(checker))
             .merge(router);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -335,7 +361,7 @@ fn main() -> Result<(), String> {
             .map(|n| n.get())
             .unwrap_or(0)
     );
-    let (bare, ingest, metrics) = client_rt.block_on(async {
+    let (bare, checked, ingest, metrics) = client_rt.block_on(async {
         // One client per connection, built once (building one loads the TLS roots), each
         // keeping its own keep-alive connection for the whole run.
         let clients: Vec<reqwest::Client> = (0..o.connections)
@@ -344,12 +370,14 @@ fn main() -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         // Warm up connections and code paths on the bare route.
         drive(&base, "/bare", &o, &clients, signers.clone(), 2).await;
-        // The two routes alternate, so both see the same background load on a shared
-        // machine; each round runs each route for secs / rounds.
+        // The routes alternate, so all see the same background load on a shared machine;
+        // each round runs each route for secs / rounds.
         let slice = (o.secs / o.rounds.max(1) as u64).max(1);
-        let (mut bare, mut ingest) = (Phase::default(), Phase::default());
+        let (mut bare, mut checked, mut ingest) =
+            (Phase::default(), Phase::default(), Phase::default());
         for _ in 0..o.rounds.max(1) {
             bare.merge(drive(&base, "/bare", &o, &clients, signers.clone(), slice).await);
+            checked.merge(drive(&base, "/checked", &o, &clients, signers.clone(), slice).await);
             let heartbeats = drive(
                 &base,
                 "/api/heartbeats",
@@ -360,8 +388,9 @@ fn main() -> Result<(), String> {
             );
             ingest.merge(heartbeats.await);
         }
-        bare.latencies_us.sort_unstable();
-        ingest.latencies_us.sort_unstable();
+        for phase in [&mut bare, &mut checked, &mut ingest] {
+            phase.latencies_us.sort_unstable();
+        }
         let metrics = clients[0]
             .get(format!("{base}/metrics"))
             .send()
@@ -370,7 +399,7 @@ fn main() -> Result<(), String> {
             .text()
             .await
             .map_err(|e| e.to_string())?;
-        Ok::<_, String>((bare, ingest, metrics))
+        Ok::<_, String>((bare, checked, ingest, metrics))
     })?;
     let stored = server_rt
         .block_on(store.heartbeat_count())
@@ -380,6 +409,7 @@ fn main() -> Result<(), String> {
     println!("|---|---:|---:|---:|---:|---:|");
     for (name, p) in [
         ("bare axum 200 (`POST /bare`)", &bare),
+        ("verify + decode, not stored (`POST /checked`)", &checked),
         ("`POST /api/heartbeats` (durable)", &ingest),
     ] {
         println!(
@@ -392,7 +422,8 @@ fn main() -> Result<(), String> {
         );
     }
     println!(
-        "ingest / bare = {:.0}%",
+        "checked / bare = {:.0}%, ingest / bare = {:.0}%",
+        100.0 * checked.rate() / bare.rate(),
         100.0 * ingest.rate() / bare.rate()
     );
     let counter = |name: &str| {
