@@ -1,5 +1,5 @@
-//! Periodic work: open `offline` alerts, forget old v1 message ids, drop time-series rows
-//! past their retention.
+//! Periodic work: open `offline` alerts, forget old v1 message ids, drop time-series rows,
+//! job failures and finished alert deliveries past their retention.
 
 use std::sync::Weak;
 
@@ -32,6 +32,13 @@ pub(crate) fn spawn(state: Weak<AppState>) {
                     Ok(0) => {}
                     Ok(pruned) => tracing::debug!(pruned, "time series pruned"),
                     Err(err) => tracing::warn!(error = %err, "pruning the time series failed"),
+                }
+                match state.store.prune_records(before).await {
+                    Ok(0) => {}
+                    Ok(pruned) => tracing::debug!(pruned, "job failures and deliveries pruned"),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "pruning job failures and deliveries failed")
+                    }
                 }
             }
         }

@@ -317,26 +317,35 @@ macro_rules! impl_sql_store {
 
             async fn prune_heartbeats(&self, before: i64) -> $crate::Result<u64> {
                 // Rows come in id order as they were received, so only the oldest ids are
-                // looked at (a primary-key range, however big the table), a chunk at a time.
-                const CHUNK: i64 = 5_000;
-                const CHUNKS_PER_CALL: usize = 20;
-                let mut pruned = 0;
-                for _ in 0..CHUNKS_PER_CALL {
-                    let deleted = sqlx::query(
-                        "DELETE FROM heartbeats WHERE id IN \
-                         (SELECT id FROM heartbeats ORDER BY id LIMIT $1) AND received_at < $2",
+                // looked at (a primary-key range, however big the table).
+                self.delete_oldest(
+                    "DELETE FROM heartbeats WHERE id IN \
+                     (SELECT id FROM heartbeats ORDER BY id LIMIT $1) AND received_at < $2",
+                    before,
+                )
+                .await
+            }
+
+            async fn prune_records(&self, before: i64) -> $crate::Result<u64> {
+                let failures = self
+                    .delete_oldest(
+                        "DELETE FROM job_failures WHERE id IN \
+                         (SELECT id FROM job_failures ORDER BY id LIMIT $1) AND created_at < $2",
+                        before,
                     )
-                    .bind(CHUNK)
-                    .bind(before)
-                    .execute(&self.pool)
-                    .await?
-                    .rows_affected();
-                    pruned += deleted;
-                    if deleted < CHUNK as u64 {
-                        break;
-                    }
-                }
-                Ok(pruned)
+                    .await?;
+                // Only deliveries that are over: a pending one stays however old it is.
+                let deliveries = self
+                    .delete_oldest(
+                        "DELETE FROM webhook_outbox WHERE id IN \
+                         (SELECT id FROM webhook_outbox \
+                          WHERE delivered_at IS NOT NULL OR failed_at IS NOT NULL \
+                          ORDER BY id LIMIT $1) \
+                         AND COALESCE(delivered_at, failed_at) < $2",
+                        before,
+                    )
+                    .await?;
+                Ok(failures + deliveries)
             }
 
             async fn heartbeat_count(&self) -> $crate::Result<i64> {
@@ -396,6 +405,35 @@ macro_rules! impl_sql_store {
                     .await?;
                 }
                 Ok(true)
+            }
+        }
+
+        impl $store {
+            /// Runs `statement` (`$1`: a chunk size, `$2`: the cutoff), which deletes the
+            /// oldest rows of one chunk that are older than the cutoff, until a chunk comes
+            /// back short. At most a bounded number go per call, so one sweep never holds the
+            /// write lock for long; the next sweep continues.
+            async fn delete_oldest(
+                &self,
+                statement: &'static str,
+                before: i64,
+            ) -> $crate::Result<u64> {
+                const CHUNK: i64 = 5_000;
+                const CHUNKS_PER_CALL: usize = 20;
+                let mut deleted = 0;
+                for _ in 0..CHUNKS_PER_CALL {
+                    let chunk = sqlx::query(statement)
+                        .bind(CHUNK)
+                        .bind(before)
+                        .execute(&self.pool)
+                        .await?
+                        .rows_affected();
+                    deleted += chunk;
+                    if chunk < CHUNK as u64 {
+                        break;
+                    }
+                }
+                Ok(deleted)
             }
         }
     };

@@ -20,6 +20,7 @@ on_both_backends!(
     the_first_stored_server_key_wins,
     old_message_ids_are_pruned,
     time_series_is_pruned_oldest_first_and_the_installation_stays,
+    old_job_failures_and_ended_deliveries_are_pruned_and_pending_ones_stay,
     concurrent_writers_do_not_fail,
     retried_batches_in_opposite_orders_do_not_deadlock,
 );
@@ -680,6 +681,68 @@ async fn time_series_is_pruned_oldest_first_and_the_installation_stays(t: TestSt
     assert_eq!(
         page.total, 8,
         "7 old installations and the fresh one remain"
+    );
+}
+
+async fn old_job_failures_and_ended_deliveries_are_pruned_and_pending_ones_stay(t: TestStore) {
+    let s = &t.store;
+    let failures = json!([{"queue": "mail", "message": "smtp down"}, {"message": "boom"}]);
+    // Three old SLO breaches (each an alert to forward) and two old job failures.
+    let old: Vec<_> = (0..3)
+        .map(|i| {
+            let body = if i == 0 {
+                json!({"slo_p95_ms": 999.0, "job_failures": failures})
+            } else {
+                json!({"slo_p95_ms": 999.0})
+            };
+            incoming(&format!("prune-{i}"), body, None, 1000)
+        })
+        .collect();
+    s.record_heartbeats(&old, &rules()).await.expect("record");
+    s.record_heartbeats(
+        &[incoming(
+            "prune-0",
+            json!({"slo_p95_ms": 999.0, "job_failures": [{"message": "fresh"}]}),
+            None,
+            90_000,
+        )],
+        &rules(),
+    )
+    .await
+    .expect("record");
+    let claimed = s.outbox_claim(1000, 1100, 10).await.expect("claim");
+    assert_eq!(claimed.len(), 3);
+    s.outbox_delivered(claimed[0].id, 1001)
+        .await
+        .expect("delivered");
+    s.outbox_failed(claimed[1].id, 8, None, "gave up", 1002)
+        .await
+        .expect("given up");
+    // claimed[2] stays pending: a retry is due once its lease ends.
+
+    assert_eq!(
+        s.prune_records(50_000).await.expect("prune"),
+        4,
+        "two job failures and the two deliveries that ended"
+    );
+    assert_eq!(s.prune_records(50_000).await.expect("prune"), 0);
+    let detail = s
+        .installation("prune-0")
+        .await
+        .expect("detail")
+        .expect("installation");
+    let messages: Vec<_> = detail
+        .job_failures
+        .iter()
+        .map(|f| f.message.as_str())
+        .collect();
+    assert_eq!(messages, ["fresh"]);
+    assert_eq!(detail.alerts.len(), 1, "alerts are not pruned");
+    let due = s.outbox_claim(2000, 2100, 10).await.expect("claim");
+    assert_eq!(
+        due.iter().map(|d| d.id).collect::<Vec<_>>(),
+        [claimed[2].id],
+        "the pending delivery is still due"
     );
 }
 
