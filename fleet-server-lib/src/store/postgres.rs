@@ -64,7 +64,7 @@ impl PostgresStore {
     }
 }
 
-impl_sql_store!(PostgresStore, Postgres, "BEGIN");
+impl_sql_store!(PostgresStore, Postgres, "BEGIN", " FOR UPDATE SKIP LOCKED");
 
 impl_rollout_store!(
     PostgresStore,

@@ -60,13 +60,14 @@ pub(crate) fn like_pattern(text: &str) -> String {
 }
 
 /// Implements [`Store`](crate::store::Store) for `$store` (which has a `pool: Pool<$db>`);
-/// `$begin` opens a write transaction; `$store` has inherent functions
+/// `$begin` opens a write transaction; `$skip_locked` ends a `SELECT` that claims rows
+/// (`" FOR UPDATE SKIP LOCKED"` or nothing); `$store` has inherent functions
 /// `concurrency(&self) -> usize` for
 /// [`Store::write_concurrency`](crate::store::Store::write_concurrency) and `record_batch`
 /// for [`Store::record_heartbeats`](crate::store::Store::record_heartbeats), the one
 /// statement path each engine has of its own.
 macro_rules! impl_sql_store {
-    ($store:ty, $db:ty, $begin:expr) => {
+    ($store:ty, $db:ty, $begin:expr, $skip_locked:literal) => {
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
             fn commands(&self) -> Option<&dyn $crate::store::commands::CommandStore> {
@@ -253,17 +254,18 @@ macro_rules! impl_sql_store {
                 lease_until: i64,
                 limit: i64,
             ) -> $crate::Result<Vec<$crate::store::OutboxItem>> {
-                // The outer `next_attempt_at <= $1` is what makes a claim exclusive: on
-                // PostgreSQL a concurrent claim waits for this one's row locks and then
-                // re-checks it against the leased value; SQLite runs one writer at a time.
-                let mut claimed = sqlx::query_as::<_, $crate::store::OutboxItem>(
+                // On PostgreSQL a concurrent claim skips the rows this one has locked and
+                // takes the next due ones; the outer `next_attempt_at <= $1` re-checks each
+                // row against a lease taken meanwhile. SQLite runs one writer at a time.
+                let mut claimed = sqlx::query_as::<_, $crate::store::OutboxItem>(concat!(
                     "UPDATE webhook_outbox SET next_attempt_at = $2 \
                      WHERE id IN (SELECT id FROM webhook_outbox \
                        WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= $1 \
-                       ORDER BY next_attempt_at, id LIMIT $3) \
-                     AND next_attempt_at <= $1 \
+                       ORDER BY next_attempt_at, id LIMIT $3",
+                    $skip_locked,
+                    ") AND next_attempt_at <= $1 \
                      RETURNING id, alert_id, payload, attempts",
-                )
+                ))
                 .bind(now)
                 .bind(lease_until)
                 .bind(limit)

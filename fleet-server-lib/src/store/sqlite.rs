@@ -138,7 +138,7 @@ impl SqliteStore {
 
 // IMMEDIATE takes the write lock up front: a deferred transaction that reads and then
 // writes fails at once (SQLITE_BUSY, no waiting) if another writer committed in between.
-impl_sql_store!(SqliteStore, Sqlite, "BEGIN IMMEDIATE");
+impl_sql_store!(SqliteStore, Sqlite, "BEGIN IMMEDIATE", "");
 
 impl_rollout_store!(
     SqliteStore,

@@ -857,3 +857,53 @@ async fn in_memory_sqlite_records_and_leaves_nothing_behind() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// On PostgreSQL a claim in progress on another replica holds no other claim up: the rows
+/// it locked are skipped and the next due ones are taken at once.
+#[tokio::test]
+async fn postgres_claims_skip_the_rows_another_claim_holds() {
+    use std::str::FromStr;
+    let t = crate::support::postgres().await;
+    let batch: Vec<_> = (0..6)
+        .map(|i| {
+            incoming(
+                &format!("skip-{i}"),
+                json!({"slo_p95_ms": 999.0}),
+                None,
+                1000,
+            )
+        })
+        .collect();
+    t.store
+        .record_heartbeats(&batch, &rules())
+        .await
+        .expect("record");
+    let schema = t.schema.clone().expect("schema");
+    let options = sqlx::postgres::PgConnectOptions::from_str(&t.url)
+        .expect("url")
+        .options([("search_path", schema.as_str())]);
+    let other_replica = sqlx::PgPool::connect_with(options).await.expect("connect");
+    let mut in_progress = other_replica.begin().await.expect("begin");
+    let held: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM webhook_outbox ORDER BY id LIMIT 2 FOR UPDATE")
+            .fetch_all(&mut *in_progress)
+            .await
+            .expect("lock two rows");
+
+    let claimed = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        t.store.outbox_claim(1000, 1100, 10),
+    )
+    .await
+    .expect("a claim must not wait for rows another claim holds")
+    .expect("claim");
+    let claimed: Vec<i64> = claimed.iter().map(|item| item.id).collect();
+    assert_eq!(claimed.len(), 4, "{claimed:?}");
+    assert!(
+        claimed.iter().all(|id| !held.contains(id)),
+        "{claimed:?} {held:?}"
+    );
+    in_progress.rollback().await.expect("rollback");
+    other_replica.close().await;
+    crate::support::drop_schema(t.schema).await;
+}
