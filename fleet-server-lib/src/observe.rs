@@ -69,20 +69,11 @@ where
         Observed {
             handling: self.inner.call(request),
             rewriting: None,
-            count: Some(Count {
-                metrics: self.metrics.clone(),
-                route,
-                method,
-            }),
+            metrics: self.metrics.clone(),
+            route,
+            method,
         }
     }
-}
-
-/// What a finished request is counted under.
-struct Count {
-    metrics: Arc<Metrics>,
-    route: Option<MatchedPath>,
-    method: &'static str,
 }
 
 pin_project_lite::pin_project! {
@@ -92,7 +83,10 @@ pin_project_lite::pin_project! {
         handling: F,
         // Only axum's plain-text rejections get here: rewriting reads their body.
         rewriting: Option<BoxFuture<'static, Response>>,
-        count: Option<Count>,
+        // What the finished request is counted under.
+        metrics: Arc<Metrics>,
+        route: Option<MatchedPath>,
+        method: &'static str,
     }
 }
 
@@ -115,15 +109,9 @@ where
                 break response;
             }
         };
-        if let Some(count) = this.count.take() {
-            let route = count
-                .route
-                .as_ref()
-                .map_or("unmatched", MatchedPath::as_str);
-            count
-                .metrics
-                .request(count.method, route, response.status().as_u16());
-        }
+        let route = this.route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        this.metrics
+            .request(this.method, route, response.status().as_u16());
         Poll::Ready(Ok(response))
     }
 }
