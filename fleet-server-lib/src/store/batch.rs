@@ -179,9 +179,14 @@ pub(crate) fn new_backups<'a>(
     rows
 }
 
-/// The latest state column: the body as received (verified JSON, so UTF-8).
+/// The latest state column: the body as received (verified JSON, so UTF-8). `from_utf8`
+/// checks a word at a time; the lossy conversion, kept for a body that is not UTF-8 after
+/// all, walks byte by byte.
 pub(crate) fn state_text(body: &[u8]) -> std::borrow::Cow<'_, str> {
-    String::from_utf8_lossy(body)
+    match std::str::from_utf8(body) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(body),
+    }
 }
 
 enum Figure {
