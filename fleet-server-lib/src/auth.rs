@@ -5,7 +5,8 @@
 //! `Authorization: Bearer <token>` (API clients), the ERP's `x-cp-admin-token` header (admin),
 //! or the `cp_role` + `cp_token` cookies that `/login` sets (browsers; the ERP's names, so a
 //! session survives the switch). Tokens are compared in constant time, and every configured
-//! token is compared every time, so timing says nothing about which one matched.
+//! token is compared every time, so timing says nothing about which one matched. A client
+//! that fails too many checks in a minute is held back (see [`crate::throttle`]).
 
 use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;
@@ -15,7 +16,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use fleet_core::signing::constant_time_eq;
 use serde::Serialize;
 
-use crate::{Error, Shared};
+use crate::{AppState, Error, Shared};
 
 /// A role, ordered: `Support < Ops < Admin`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -193,6 +194,46 @@ pub type Ops = Authed<1>;
 /// `admin`.
 pub type Admin = Authed<2>;
 
+/// Whether the request carries anything that claims a role: a Bearer token, the ERP's
+/// admin header or the login cookie. Only such requests are checked against the tokens, and
+/// only their failures count towards the client's limit.
+fn presents_credentials(headers: &HeaderMap) -> bool {
+    header(headers, AUTHORIZATION.as_str()).is_some_and(|v| v.starts_with("Bearer "))
+        || headers.contains_key("x-cp-admin-token")
+        || cookie(headers, "cp_token").is_some()
+}
+
+/// The role the request's credentials prove (`None` without credentials or with wrong
+/// ones), or [`Error::TooManyAttempts`] when the client used up its failed checks: then the
+/// credentials are not looked at. A failed check counts against the client.
+pub(crate) fn caller_of(state: &AppState, parts: &Parts) -> Result<Option<Role>, Error> {
+    if !presents_credentials(&parts.headers) {
+        return Ok(None);
+    }
+    let client = crate::throttle::client_of(&parts.extensions);
+    attempt(state, client, || state.tokens.caller(&parts.headers))
+}
+
+/// Runs one credential check for `client` under its limit (see [`crate::throttle`]).
+pub(crate) fn attempt(
+    state: &AppState,
+    client: std::net::IpAddr,
+    check: impl FnOnce() -> Option<Role>,
+) -> Result<Option<Role>, Error> {
+    let now = std::time::Instant::now();
+    if let Some(wait) = state.auth_throttle.retry_after(client, now) {
+        let retry_after_secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        return Err(Error::TooManyAttempts { retry_after_secs });
+    }
+    let role = check();
+    if role.is_none() {
+        state.auth_throttle.failed(client, now);
+        // The address is the operator's lead; the presented token is never logged.
+        tracing::info!(%client, "role token refused");
+    }
+    Ok(role)
+}
+
 impl<const MIN: u8> FromRequestParts<Shared> for Authed<MIN> {
     type Rejection = Error;
 
@@ -200,7 +241,7 @@ impl<const MIN: u8> FromRequestParts<Shared> for Authed<MIN> {
         parts: &mut Parts,
         state: &Shared,
     ) -> Result<Self, Self::Rejection> {
-        match state.tokens.caller(&parts.headers) {
+        match caller_of(state, parts)? {
             None => Err(Error::Unauthorized),
             Some(role) if role < Role::from_level(MIN) => Err(Error::Forbidden),
             Some(role) => Ok(Self(role)),
@@ -220,7 +261,8 @@ impl<const MIN: u8> FromRequestParts<Shared> for Viewer<MIN> {
         parts: &mut Parts,
         state: &Shared,
     ) -> Result<Self, Self::Rejection> {
-        match state.tokens.caller(&parts.headers) {
+        let caller = caller_of(state, parts).map_err(crate::dashboard::error_page)?;
+        match caller {
             None => Err(Redirect::to("/login").into_response()),
             Some(role) if role < Role::from_level(MIN) => Err(crate::dashboard::forbidden_page()),
             Some(role) => Ok(Self(role)),

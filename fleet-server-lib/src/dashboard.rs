@@ -6,7 +6,8 @@ use axum::Form;
 use axum::extract::rejection::FormRejection;
 use axum::extract::{Path, State};
 use axum::http::header::SET_COOKIE;
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, Uri};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use serde_json::Value;
@@ -14,6 +15,7 @@ use serde_json::Value;
 use crate::api::{ListQuery, alert_id};
 use crate::auth::{Role, Viewer, login_cookies, logout_cookies, percent_encode};
 use crate::store::{Alert, HeartbeatPoint, InstallationDetail, InstallationSummary};
+use crate::throttle::Client;
 use crate::{Error, Result, Shared};
 
 const PAGE_SIZE: i64 = 50;
@@ -449,8 +451,13 @@ fn login_form(message: &str) -> String {
     )
 }
 
-pub(crate) async fn login_page(State(state): State<Shared>, headers: HeaderMap) -> Response {
-    layout("Log in", state.tokens.caller(&headers), &login_form("")).into_response()
+pub(crate) async fn login_page(State(state): State<Shared>, parts: Parts) -> Response {
+    // The page shows who is logged in, so it checks the cookie under the same limit as
+    // every other route: otherwise it would answer unlimited guesses.
+    match crate::auth::caller_of(&state, &parts) {
+        Ok(role) => layout("Log in", role, &login_form("")).into_response(),
+        Err(err) => error_page(err),
+    }
 }
 
 #[derive(Deserialize)]
@@ -460,12 +467,17 @@ pub(crate) struct LoginForm {
 
 pub(crate) async fn login(
     State(state): State<Shared>,
+    Client(client): Client,
     form: Result<Form<LoginForm>, FormRejection>,
 ) -> Response {
     // A malformed form is just a failed login, answered with the same page.
     let token = form.map(|f| f.0.token).unwrap_or_default();
     let token = token.trim();
-    match state.tokens.role_of(token) {
+    let role = match crate::auth::attempt(&state, client, || state.tokens.role_of(token)) {
+        Ok(role) => role,
+        Err(err) => return error_page(err),
+    };
+    match role {
         Some(role) => {
             let cookies = login_cookies(role, token, state.settings.secure_cookies);
             let mut response = Redirect::to("/").into_response();
@@ -477,7 +489,6 @@ pub(crate) async fn login(
             response
         }
         None => {
-            tracing::info!("dashboard login refused");
             let body = login_form("<p class=bad>That token is not valid.</p>");
             (StatusCode::UNAUTHORIZED, layout("Log in", None, &body)).into_response()
         }
@@ -492,6 +503,14 @@ pub(crate) async fn logout(State(state): State<Shared>) -> Response {
         }
     }
     response
+}
+
+/// An error as a dashboard page: its status, its message, and `Retry-After` when it has one.
+pub(crate) fn error_page(err: Error) -> Response {
+    let body = format!("<h1>{}</h1><p>{}</p>", err.status(), esc(&err.to_string()));
+    let mut page = (err.status(), layout("Error", None, &body)).into_response();
+    err.add_headers(&mut page);
+    page
 }
 
 /// The page a logged-in viewer sees for a route above their role.

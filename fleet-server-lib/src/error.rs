@@ -39,6 +39,12 @@ pub enum Error {
     /// A malformed request (bad query parameter, bad form): 400.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// Too many failed credential checks from this client: 429, with `Retry-After`.
+    #[error("too many failed credential checks; retry in {retry_after_secs} s")]
+    TooManyAttempts {
+        /// Seconds until the client may try again.
+        retry_after_secs: u64,
+    },
     /// The control plane is stopping or overloaded: 503.
     #[error("service unavailable")]
     Unavailable,
@@ -97,6 +103,7 @@ impl Error {
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Config(_)
             | Self::Database(_)
@@ -117,12 +124,23 @@ impl Error {
             Self::TooLarge { .. } => "payload_too_large",
             Self::Invalid(_) => "invalid",
             Self::BadRequest(_) => "bad_request",
+            Self::TooManyAttempts { .. } => "too_many_attempts",
             Self::Unavailable => "unavailable",
             Self::Config(_)
             | Self::Database(_)
             | Self::Sqlite(_)
             | Self::Migrate(_)
             | Self::Internal(_) => "internal",
+        }
+    }
+
+    /// Adds the headers this error's answer carries besides its body: `Retry-After` for
+    /// [`Error::TooManyAttempts`]. Shared by the JSON answer and the dashboard's page.
+    pub(crate) fn add_headers(&self, response: &mut Response) {
+        if let Self::TooManyAttempts { retry_after_secs } = self {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, (*retry_after_secs).into());
         }
     }
 
@@ -148,7 +166,10 @@ impl IntoResponse for Error {
         if let Self::Invalid(errors) = &self {
             error["details"] = serde_json::json!(errors.violations);
         }
-        (status, axum::Json(serde_json::json!({ "error": error }))).into_response()
+        let mut response =
+            (status, axum::Json(serde_json::json!({ "error": error }))).into_response();
+        self.add_headers(&mut response);
+        response
     }
 }
 

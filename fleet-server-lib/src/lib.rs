@@ -23,6 +23,7 @@ mod rollout_pages;
 pub mod rollouts;
 pub mod store;
 mod sweeper;
+mod throttle;
 mod update_jobs;
 pub mod webhook;
 
@@ -70,6 +71,12 @@ pub struct Settings {
     pub batch_max: usize,
     /// Mark login cookies `Secure` (set when the control plane is served over HTTPS).
     pub secure_cookies: bool,
+    /// Failed role-token checks (API credentials or dashboard logins) one client may make
+    /// per minute; past it the client's credentialed requests get 429 until the minute is
+    /// over. Clients are told apart by peer address, which needs the router served with
+    /// `into_make_service_with_connect_info::<SocketAddr>()`; without it all share one
+    /// allowance. 0 turns the limit off.
+    pub auth_failures_per_minute: u32,
 }
 
 impl Default for Settings {
@@ -86,6 +93,7 @@ impl Default for Settings {
             limits: Limits::default(),
             batch_max: 512,
             secure_cookies: false,
+            auth_failures_per_minute: 30,
         }
     }
 }
@@ -102,6 +110,8 @@ pub(crate) struct AppState {
     /// Verifies release manifests (pinned Ed25519 keys, optional ERP HMAC secret).
     pub manifests: fleet_core::manifest::ManifestVerifier,
     pub(crate) live: Arc<channel::Live>,
+    /// Failed role-token checks per client.
+    pub(crate) auth_throttle: throttle::AuthThrottle,
 }
 
 pub(crate) type Shared = Arc<AppState>;
@@ -120,7 +130,9 @@ pub(crate) type Shared = Arc<AppState>;
 ///     .tokens(RoleTokens { admin: Some("admin-token".into()), ..Default::default() })
 ///     .build()?;
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await.expect("bind");
-/// axum::serve(listener, router).await.expect("serve");
+/// // With the peer address, the limit on failed role-token checks applies per client.
+/// let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+/// axum::serve(listener, service).await.expect("serve");
 /// # Ok(()) }
 /// ```
 #[derive(Debug)]
@@ -243,8 +255,10 @@ impl ControlPlaneBuilder {
             self.live,
             notify_pool.clone().map(replicas::Notifier::new),
         ));
+        let auth_throttle = throttle::AuthThrottle::new(settings.auth_failures_per_minute);
         let state = Arc::new(AppState {
             live,
+            auth_throttle,
             store,
             verifier,
             settings,

@@ -147,14 +147,18 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "/login",
         Public,
         "Login form (HTML).",
-        &[(200, "HTML")],
+        &[(200, "HTML"), (429, THROTTLED)],
     ),
     r(
         "post",
         "/login",
         Public,
         "Log in with a role token (form field token); sets HttpOnly SameSite cookies.",
-        &[(303, "Logged in: to /"), (401, "Wrong token")],
+        &[
+            (303, "Logged in: to /"),
+            (401, "Wrong token"),
+            (429, THROTTLED),
+        ],
     ),
     r(
         "post",
@@ -241,6 +245,10 @@ fn error_schema() -> Value {
     })
 }
 
+/// A client that failed too many role-token checks within a minute.
+const THROTTLED: &str = "Too many failed role-token checks from this client within a minute; \
+    the credentials were not checked, and Retry-After says in how many seconds to try again";
+
 /// The answers every route of a kind can give besides its own: who may call it, whether it
 /// reads a body, whether its path names something that may not exist.
 fn common_responses(route: &RouteDoc, has_body: bool) -> Vec<(u16, &'static str)> {
@@ -257,12 +265,14 @@ fn common_responses(route: &RouteDoc, has_body: bool) -> Vec<(u16, &'static str)
             if role != "support" {
                 extra.push((403, "The login's role is below the one this page needs"));
             }
+            extra.push((429, THROTTLED));
         }
         Role(role) => {
             extra.push((401, "No or unknown token"));
             if role != "support" {
                 extra.push((403, "The token's role is below the one this route needs"));
             }
+            extra.push((429, THROTTLED));
         }
     }
     if has_body {
@@ -295,7 +305,7 @@ fn operation(route: &RouteDoc) -> Value {
             200..=299 => success_media(route.path),
             // The dashboard answers a refused login, a low role, a refused action and (for a
             // page, not a form) an unknown id with a page.
-            401 | 403 | 409 if html_route => &["text/html"],
+            401 | 403 | 409 | 429 if html_route => &["text/html"],
             404 if html_route && route.method == "get" => &["text/html"],
             _ => &["application/json"],
         };

@@ -100,6 +100,14 @@ pub struct ServeArgs {
     /// Mark login cookies Secure (set this when serving over HTTPS).
     #[arg(long, env = "CONTROL_PLANE_SECURE_COOKIES", default_value = "false")]
     pub secure_cookies: String,
+    /// Failed role-token checks one client address may make per minute before its
+    /// credentialed requests get 429 for the rest of the minute; 0 turns the limit off.
+    #[arg(
+        long,
+        env = "CONTROL_PLANE_AUTH_FAILURES_PER_MINUTE",
+        default_value = "30"
+    )]
+    pub auth_failures_per_minute: String,
     /// Ed25519 key (base64 of the 32-byte seed, `fleetctl keys generate`) that signs agent
     /// tokens; replicas must share it. Unset: a random key per process.
     #[arg(long, env = "CONTROL_PLANE_JWT_KEY", hide_env_values = true)]
@@ -225,8 +233,16 @@ impl ServeArgs {
             &self.heartbeat_retention_days,
             36_500.0,
         );
+        let auth_failures_per_minute = number(
+            "CONTROL_PLANE_AUTH_FAILURES_PER_MINUTE",
+            &self.auth_failures_per_minute,
+            1.0e6,
+        );
         if offline_after < 1.0 {
             problems.push("CONTROL_PLANE_OFFLINE_AFTER_SECS: must be at least 1".into());
+        }
+        if auth_failures_per_minute.fract() != 0.0 {
+            problems.push("CONTROL_PLANE_AUTH_FAILURES_PER_MINUTE: must be a whole number".into());
         }
         let heartbeat_retention = retention(retention_days);
         let mut flag = |name: &str, text: &str| -> bool {
@@ -258,6 +274,7 @@ impl ServeArgs {
             offline_after: Duration::from_secs(offline_after as u64),
             heartbeat_retention,
             secure_cookies,
+            auth_failures_per_minute: auth_failures_per_minute as u32,
             ..Settings::default()
         };
         let mut builder = ControlPlane::builder()
@@ -387,6 +404,7 @@ mod tests {
             offline_after_secs: "900".into(),
             heartbeat_retention_days: "30".into(),
             secure_cookies: "false".into(),
+            auth_failures_per_minute: "30".into(),
             ..ServeArgs::default()
         }
     }
@@ -427,6 +445,31 @@ mod tests {
             "{problems:#?}"
         );
         assert!(!problems.join("\n").contains("fine-secret-value"));
+    }
+
+    #[test]
+    fn the_auth_failure_limit_is_a_whole_number() {
+        for bad in ["2.5", "-1", "many"] {
+            let problems = ServeArgs {
+                auth_failures_per_minute: bad.into(),
+                ..args()
+            }
+            .validate()
+            .err()
+            .expect("invalid");
+            assert!(
+                problems[0].starts_with("CONTROL_PLANE_AUTH_FAILURES_PER_MINUTE"),
+                "{bad}: {problems:?}"
+            );
+        }
+        assert!(
+            ServeArgs {
+                auth_failures_per_minute: "0".into(),
+                ..args()
+            }
+            .validate()
+            .is_ok()
+        );
     }
 
     #[test]

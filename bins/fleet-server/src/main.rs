@@ -92,7 +92,9 @@ pub(crate) async fn run_server(
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     tracing::info!(address = %listen, "fleet-server listening");
-    axum::serve(listener, router)
+    // The peer address tells clients apart for the limit on failed role-token checks.
+    let service = router.into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(|e| format!("server error: {e}"))

@@ -347,3 +347,96 @@ async fn the_erp_admin_header_is_honoured_and_errors_are_json() {
         json!({"error": {"code": "unauthorized", "message": "unauthorized"}})
     );
 }
+
+#[tokio::test]
+async fn a_client_that_keeps_guessing_tokens_is_held_back_and_others_are_not() {
+    let t = support::sqlite().await;
+    let settings = fleet_server::Settings {
+        auth_failures_per_minute: 3,
+        ..fleet_server::Settings::default()
+    };
+    let server = TestServer::start_with(t.store.clone(), |b| b.settings(settings)).await;
+    let installations = server.at("/api/installations");
+    for guess in ["guess-1", "guess-2", "guess-3"] {
+        let response = server
+            .client
+            .get(&installations)
+            .bearer_auth(guess)
+            .send()
+            .await
+            .expect("guess");
+        assert_eq!(response.status(), 401, "{guess}");
+    }
+    // Now even the right token is not looked at, or guessing could go on at full speed.
+    let held = server
+        .client
+        .get(&installations)
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("held");
+    assert_eq!(held.status(), 429);
+    let retry_after: u64 = held.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    let answer: Value = held.json().await.expect("json");
+    assert_eq!(answer["error"]["code"], "too_many_attempts");
+    // The same for the ERP's header, the login form and the login cookie.
+    let header = server
+        .client
+        .get(&installations)
+        .header("x-cp-admin-token", ADMIN)
+        .send()
+        .await
+        .expect("header");
+    assert_eq!(header.status(), 429);
+    let login = support::login_form(server.client.post(server.at("/login")), ADMIN)
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(login.status(), 429);
+    assert!(login.headers().contains_key("retry-after"));
+    let page = login.text().await.expect("page");
+    assert!(page.contains("too many failed credential checks"), "{page}");
+    let cookie = server
+        .client
+        .get(server.at("/"))
+        .header("cookie", format!("cp_role=admin; cp_token={ADMIN}"))
+        .send()
+        .await
+        .expect("cookie");
+    assert_eq!(cookie.status(), 429);
+    // A request without credentials is answered as before, and agents, which sign their
+    // heartbeats instead, are not affected.
+    let anonymous = server
+        .client
+        .get(&installations)
+        .send()
+        .await
+        .expect("anon");
+    assert_eq!(anonymous.status(), 401);
+    let heartbeat = server
+        .send_v1(
+            support::SHARED,
+            "msg-held",
+            now(),
+            &body("acme-held", json!({})),
+        )
+        .await;
+    assert_eq!(heartbeat.status(), 200);
+    // Another client address keeps its own allowance.
+    let other = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .expect("client");
+    let response = other
+        .get(&installations)
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("other client");
+    assert_eq!(response.status(), 200);
+}

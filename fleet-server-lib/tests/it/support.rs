@@ -190,7 +190,9 @@ impl TestServer {
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            axum::serve(listener, router)
+            // As `fleet-server` serves it: the peer address tells clients apart.
+            let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+            axum::serve(listener, service)
                 .with_graceful_shutdown(async {
                     let _ = stopped.await;
                 })
