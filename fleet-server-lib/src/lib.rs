@@ -60,8 +60,8 @@ pub struct Settings {
     /// How long v1 message ids are remembered, so a late retry is still recognised. Never
     /// shorter than twice the timestamp tolerance (a replay must meet its first sighting).
     pub message_retention: Duration,
-    /// How long the time series of heartbeat figures, job failures and alert deliveries that
-    /// ended are kept; `None` keeps them forever.
+    /// How long the time series of heartbeat figures, job failures, alert deliveries that
+    /// ended and resolved alerts are kept; `None` keeps them forever.
     pub heartbeat_retention: Option<Duration>,
     /// Tolerance of v1 timestamps, in seconds.
     pub tolerance_secs: i64,

@@ -79,8 +79,8 @@ pub struct ServeArgs {
     /// Seconds without a heartbeat before an installation gets an offline alert.
     #[arg(long, env = "CONTROL_PLANE_OFFLINE_AFTER_SECS", default_value = "900")]
     pub offline_after_secs: String,
-    /// Days the time series of heartbeat figures, job failures and ended alert deliveries
-    /// are kept; 0 keeps them forever.
+    /// Days the time series of heartbeat figures, job failures, ended alert deliveries and
+    /// resolved alerts are kept; 0 keeps them forever.
     #[arg(
         long,
         env = "CONTROL_PLANE_HEARTBEAT_RETENTION_DAYS",

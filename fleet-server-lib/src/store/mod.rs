@@ -298,9 +298,10 @@ pub trait Store: rollouts::RolloutStore + Send + Sync + 'static {
     /// holds the write lock for long; the next sweep continues.
     async fn prune_heartbeats(&self, before: i64) -> Result<u64>;
 
-    /// Deletes, with the same bound per call, job failures reported before `before` and
-    /// alert deliveries that ended (delivered or given up) before it; returns how many rows
-    /// went. Deliveries still pending stay, however old. Alerts themselves are kept.
+    /// Deletes, with the same bound per call, job failures reported before `before`, alert
+    /// deliveries that ended (delivered or given up) before it, and alerts resolved before
+    /// it; returns how many rows went. Open alerts stay, and so do deliveries still pending
+    /// and the alerts they are for, however old.
     async fn prune_records(&self, before: i64) -> Result<u64>;
 
     /// How many heartbeats are stored (all installations).

@@ -347,7 +347,18 @@ macro_rules! impl_sql_store {
                         before,
                     )
                     .await?;
-                Ok(failures + deliveries)
+                // Alerts resolved before the cutoff, after their deliveries (above): one
+                // whose delivery is still pending stays until it is delivered or given up.
+                let alerts = self
+                    .delete_oldest(
+                        "DELETE FROM alerts WHERE id IN \
+                         (SELECT id FROM alerts WHERE resolved_at < $2 ORDER BY id LIMIT $1) \
+                         AND id NOT IN (SELECT alert_id FROM webhook_outbox \
+                          WHERE delivered_at IS NULL AND failed_at IS NULL)",
+                        before,
+                    )
+                    .await?;
+                Ok(failures + deliveries + alerts)
             }
 
             async fn heartbeat_count(&self) -> $crate::Result<i64> {

@@ -21,6 +21,7 @@ on_both_backends!(
     old_message_ids_are_pruned,
     time_series_is_pruned_oldest_first_and_the_installation_stays,
     old_job_failures_and_ended_deliveries_are_pruned_and_pending_ones_stay,
+    resolved_alerts_past_retention_are_pruned_unless_a_delivery_is_pending,
     concurrent_writers_do_not_fail,
     retried_batches_in_opposite_orders_do_not_deadlock,
 );
@@ -744,6 +745,54 @@ async fn old_job_failures_and_ended_deliveries_are_pruned_and_pending_ones_stay(
         [claimed[2].id],
         "the pending delivery is still due"
     );
+}
+
+async fn resolved_alerts_past_retention_are_pruned_unless_a_delivery_is_pending(t: TestStore) {
+    let s = &t.store;
+    let breach = || json!({"slo_p95_ms": 999.0});
+    let healthy = || json!({"slo_p95_ms": 100.0});
+    // Each installation breaches its SLO once (an alert to forward); some recover.
+    let at = |instance: &str, body, when| incoming(instance, body, None, when);
+    for (instance, breached, recovered) in [
+        ("delivered", 1000, Some(2000)),
+        ("pending", 1000, Some(2000)),
+        ("still-open", 1000, None),
+        ("recent", 60_000, Some(70_000)),
+    ] {
+        s.record_heartbeats(&[at(instance, breach(), breached)], &rules())
+            .await
+            .expect("breach");
+        if let Some(when) = recovered {
+            s.record_heartbeats(&[at(instance, healthy(), when)], &rules())
+                .await
+                .expect("recovery");
+        }
+    }
+    // The first alert's delivery went out; the others' are still pending.
+    let claimed = s.outbox_claim(1000, 1100, 1).await.expect("claim");
+    assert_eq!(claimed.len(), 1);
+    s.outbox_delivered(claimed[0].id, 1001)
+        .await
+        .expect("delivered");
+
+    assert_eq!(
+        s.prune_records(50_000).await.expect("prune"),
+        2,
+        "the delivery that ended and its resolved alert"
+    );
+    let alerts_of = |instance: &'static str| async move {
+        let detail = s.installation(instance).await.expect("detail");
+        detail.expect("installation").alerts.len()
+    };
+    assert_eq!(
+        alerts_of("delivered").await,
+        0,
+        "resolved before the cutoff"
+    );
+    assert_eq!(alerts_of("pending").await, 1, "its delivery is pending");
+    assert_eq!(alerts_of("still-open").await, 1, "open");
+    assert_eq!(alerts_of("recent").await, 1, "resolved after the cutoff");
+    assert_eq!(s.prune_records(50_000).await.expect("prune"), 0);
 }
 
 async fn concurrent_writers_do_not_fail(t: TestStore) {
