@@ -40,6 +40,7 @@ pub use alerts::SloThresholds;
 pub use auth::{Role, RoleTokens};
 pub use channel::{LiveSettings, stored_jwt_key};
 pub use error::{Error, Result};
+pub use ipnet::IpNet;
 pub use store::{PostgresStore, SqliteStore, Store};
 pub use webhook::WebhookConfig;
 
@@ -77,6 +78,10 @@ pub struct Settings {
     /// `into_make_service_with_connect_info::<SocketAddr>()`; without it all share one
     /// allowance. 0 turns the limit off.
     pub auth_failures_per_minute: u32,
+    /// Reverse proxies whose `X-Forwarded-For` names the client for that limit (the
+    /// rightmost address in it that is not itself a trusted proxy). Empty: the header is
+    /// ignored, since anyone can write it.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 impl Default for Settings {
@@ -94,6 +99,7 @@ impl Default for Settings {
             batch_max: 512,
             secure_cookies: false,
             auth_failures_per_minute: 30,
+            trusted_proxies: Vec::new(),
         }
     }
 }

@@ -3,9 +3,12 @@
 //! is over, without the credentials being checked at all (a guess that happens to be right
 //! must not be told apart from a wrong one, or the limit would not slow guessing).
 //!
-//! A client is the peer address of the connection, as the server's `ConnectInfo` gives it;
-//! IPv6 addresses count by their /64 prefix, which one host usually holds whole. Behind a
-//! reverse proxy every request comes from the proxy, so all clients share one allowance.
+//! A client is the peer address of the connection, as the server's `ConnectInfo` gives it.
+//! When the peer is a trusted proxy (`Settings::trusted_proxies`), the client is the
+//! rightmost address of `X-Forwarded-For` that is not a trusted proxy: entries further left
+//! were written by the client itself and prove nothing. IPv6 addresses count by their /64
+//! prefix, which one host usually holds whole. Behind a proxy that is not trusted, every
+//! request comes from the proxy, so all clients share one allowance.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -13,8 +16,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, FromRequestParts};
-use axum::http::Extensions;
 use axum::http::request::Parts;
+use ipnet::IpNet;
+
+use crate::Shared;
 
 /// How long a client's count of failures lasts.
 pub(crate) const WINDOW: Duration = Duration::from_secs(60);
@@ -84,21 +89,43 @@ impl AuthThrottle {
     }
 }
 
-/// The client a request counts against: its peer address (IPv6 by /64), or the unspecified
-/// address when the router is served without `ConnectInfo`, so that every such request
-/// shares one allowance rather than none.
-pub(crate) fn client_of(extensions: &Extensions) -> IpAddr {
-    let Some(ConnectInfo(peer)) = extensions.get::<ConnectInfo<SocketAddr>>() else {
+/// The client a request counts against: its peer address, or behind trusted proxies the
+/// address they forwarded (see the module's documentation), IPv6 by /64. Served without
+/// `ConnectInfo`, every request is the unspecified address, so that all share one allowance
+/// rather than none.
+pub(crate) fn client_of(parts: &Parts, trusted: &[IpNet]) -> IpAddr {
+    let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<SocketAddr>>() else {
         return IpAddr::from([0, 0, 0, 0]);
     };
-    match peer.ip() {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-                IpAddr::V6(Ipv6Addr::from(prefix))
+    let is_trusted = |addr: &IpAddr| trusted.iter().any(|net| net.contains(addr));
+    let mut client = canonical(peer.ip());
+    if is_trusted(&client) {
+        // Later proxies append, so the last entry is the one the trusted peer wrote.
+        let forwarded = parts.headers.get_all("x-forwarded-for").iter().rev();
+        'hops: for value in forwarded {
+            let Ok(value) = value.to_str() else { break };
+            for entry in value.rsplit(',') {
+                // An entry that is not an address ends the walk at the last hop trusted.
+                let Ok(addr) = entry.trim().parse::<IpAddr>() else {
+                    break 'hops;
+                };
+                client = canonical(addr);
+                if !is_trusted(&client) {
+                    break 'hops;
+                }
             }
-        },
+        }
+    }
+    match client {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        v4 => v4,
+    }
+}
+
+/// An IPv4 address written as IPv6 (`::ffff:a.b.c.d`) as the IPv4 address it is.
+fn canonical(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
         v4 => v4,
     }
 }
@@ -106,11 +133,14 @@ pub(crate) fn client_of(extensions: &Extensions) -> IpAddr {
 /// The client a request counts against, as an extractor (see [`client_of`]).
 pub(crate) struct Client(pub IpAddr);
 
-impl<S: Send + Sync> FromRequestParts<S> for Client {
+impl FromRequestParts<Shared> for Client {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self(client_of(&parts.extensions)))
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Shared,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Self(client_of(parts, &state.settings.trusted_proxies)))
     }
 }
 
@@ -169,17 +199,45 @@ mod tests {
         assert!(clients.contains_key(&newest));
     }
 
+    /// The parts of a request from `peer` with these `X-Forwarded-For` headers.
+    fn request(peer: &str, forwarded: &[&str]) -> Parts {
+        let mut builder = axum::http::Request::builder();
+        for value in forwarded {
+            builder = builder.header("x-forwarded-for", *value);
+        }
+        let (mut parts, ()) = builder.body(()).expect("request").into_parts();
+        let peer: SocketAddr = peer.parse().expect("peer");
+        parts.extensions.insert(ConnectInfo(peer));
+        parts
+    }
+
     #[test]
     fn ipv6_clients_count_by_their_64_prefix() {
-        let mut extensions = Extensions::new();
-        let peer: SocketAddr = "[2001:db8:1:2:aaaa:bbbb:cccc:dddd]:443"
-            .parse()
-            .expect("peer");
-        extensions.insert(ConnectInfo(peer));
-        assert_eq!(client_of(&extensions), ip("2001:db8:1:2::"));
-        let mapped: SocketAddr = "[::ffff:192.0.2.7]:443".parse().expect("peer");
-        extensions.insert(ConnectInfo(mapped));
-        assert_eq!(client_of(&extensions), ip("192.0.2.7"));
-        assert_eq!(client_of(&Extensions::new()), ip("0.0.0.0"));
+        let v6 = request("[2001:db8:1:2:aaaa:bbbb:cccc:dddd]:443", &[]);
+        assert_eq!(client_of(&v6, &[]), ip("2001:db8:1:2::"));
+        let mapped = request("[::ffff:192.0.2.7]:443", &[]);
+        assert_eq!(client_of(&mapped, &[]), ip("192.0.2.7"));
+        let (unserved, ()) = axum::http::Request::new(()).into_parts();
+        assert_eq!(client_of(&unserved, &[]), ip("0.0.0.0"));
+    }
+
+    #[test]
+    fn behind_trusted_proxies_the_client_is_the_last_address_they_did_not_write() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().expect("net")];
+        // The client wrote 1.1.1.1 itself; the proxies saw 203.0.113.9 and 10.0.0.7.
+        let chain = request("10.0.0.2:80", &["1.1.1.1, 203.0.113.9", "10.0.0.7"]);
+        assert_eq!(client_of(&chain, &trusted), ip("203.0.113.9"));
+        // A peer that is not trusted cannot choose its address.
+        let direct = request("198.51.100.4:80", &["203.0.113.9"]);
+        assert_eq!(client_of(&direct, &trusted), ip("198.51.100.4"));
+        // Without proxies configured the header means nothing.
+        let untrusted = request("10.0.0.2:80", &["203.0.113.9"]);
+        assert_eq!(client_of(&untrusted, &[]), ip("10.0.0.2"));
+        // An entry that is not an address stops the walk at the last trusted hop.
+        let garbled = request("10.0.0.2:80", &["203.0.113.9, unknown, 10.0.0.7"]);
+        assert_eq!(client_of(&garbled, &trusted), ip("10.0.0.7"));
+        // The proxy's own requests count as the proxy.
+        let own = request("10.0.0.2:80", &[]);
+        assert_eq!(client_of(&own, &trusted), ip("10.0.0.2"));
     }
 }

@@ -8,7 +8,7 @@ use clap::Args;
 use fleet_core::manifest::{ManifestVerifier, PublicKey};
 use fleet_core::{Secret, SecretResolver};
 use fleet_server::{
-    ControlPlane, ControlPlaneBuilder, RoleTokens, Settings, SloThresholds, WebhookConfig,
+    ControlPlane, ControlPlaneBuilder, IpNet, RoleTokens, Settings, SloThresholds, WebhookConfig,
 };
 
 /// Every setting is read as text and validated afterwards, so all problems are reported
@@ -108,6 +108,10 @@ pub struct ServeArgs {
         default_value = "30"
     )]
     pub auth_failures_per_minute: String,
+    /// Comma-separated addresses or networks (CIDR) of reverse proxies whose
+    /// X-Forwarded-For names the client for that limit.
+    #[arg(long, env = "CONTROL_PLANE_TRUSTED_PROXIES")]
+    pub trusted_proxies: Option<String>,
     /// Ed25519 key (base64 of the 32-byte seed, `fleetctl keys generate`) that signs agent
     /// tokens; replicas must share it. Unset: a random key per process.
     #[arg(long, env = "CONTROL_PLANE_JWT_KEY", hide_env_values = true)]
@@ -141,6 +145,28 @@ pub struct ServeConfig {
 /// `CONTROL_PLANE_HEARTBEAT_RETENTION_DAYS` as a retention: 0 keeps the series forever.
 fn retention(days: f64) -> Option<Duration> {
     (days > 0.0).then(|| Duration::from_secs_f64(days * 86_400.0))
+}
+
+/// `CONTROL_PLANE_TRUSTED_PROXIES`: addresses (one host each) or networks, comma-separated;
+/// each entry that is neither is a problem of its own.
+fn trusted_proxies(text: Option<&str>, problems: &mut Vec<String>) -> Vec<IpNet> {
+    let mut networks = Vec::new();
+    for entry in text.unwrap_or("").split(',').map(str::trim) {
+        if entry.is_empty() {
+            continue;
+        }
+        match entry.parse::<IpNet>() {
+            Ok(network) => networks.push(network),
+            Err(_) => match entry.parse::<std::net::IpAddr>() {
+                Ok(addr) => networks.push(IpNet::from(addr)),
+                Err(_) => problems.push(format!(
+                    "CONTROL_PLANE_TRUSTED_PROXIES: {entry:?} is not an address or a network \
+                     such as 10.0.0.0/8"
+                )),
+            },
+        }
+    }
+    networks
 }
 
 fn set(value: &Option<String>) -> Option<&str> {
@@ -245,6 +271,7 @@ impl ServeArgs {
             problems.push("CONTROL_PLANE_AUTH_FAILURES_PER_MINUTE: must be a whole number".into());
         }
         let heartbeat_retention = retention(retention_days);
+        let trusted_proxies = trusted_proxies(set(&self.trusted_proxies), &mut problems);
         let mut flag = |name: &str, text: &str| -> bool {
             match text.trim().to_ascii_lowercase().as_str() {
                 "1" | "true" | "yes" | "on" => true,
@@ -275,6 +302,7 @@ impl ServeArgs {
             heartbeat_retention,
             secure_cookies,
             auth_failures_per_minute: auth_failures_per_minute as u32,
+            trusted_proxies,
             ..Settings::default()
         };
         let mut builder = ControlPlane::builder()
@@ -405,6 +433,7 @@ mod tests {
             heartbeat_retention_days: "30".into(),
             secure_cookies: "false".into(),
             auth_failures_per_minute: "30".into(),
+            trusted_proxies: None,
             ..ServeArgs::default()
         }
     }
@@ -469,6 +498,26 @@ mod tests {
             }
             .validate()
             .is_ok()
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_networks() {
+        let mut problems = Vec::new();
+        let networks = trusted_proxies(Some(" 10.0.0.0/8, 127.0.0.1 ,::1,"), &mut problems);
+        assert!(problems.is_empty(), "{problems:?}");
+        let expected: Vec<IpNet> = ["10.0.0.0/8", "127.0.0.1/32", "::1/128"]
+            .iter()
+            .map(|n| n.parse().expect("net"))
+            .collect();
+        assert_eq!(networks, expected);
+        let networks = trusted_proxies(Some("10.0.0.0/33, proxy.local"), &mut problems);
+        assert!(networks.is_empty());
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .all(|p| p.starts_with("CONTROL_PLANE_TRUSTED_PROXIES"))
         );
     }
 

@@ -440,3 +440,54 @@ async fn a_client_that_keeps_guessing_tokens_is_held_back_and_others_are_not() {
         .expect("other client");
     assert_eq!(response.status(), 200);
 }
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_allowance() {
+    let t = support::sqlite().await;
+    let settings = fleet_server::Settings {
+        auth_failures_per_minute: 2,
+        trusted_proxies: vec!["127.0.0.1/32".parse().expect("network")],
+        ..fleet_server::Settings::default()
+    };
+    let server = TestServer::start_with(t.store.clone(), |b| b.settings(settings)).await;
+    let installations = server.at("/api/installations");
+    let status = |client: reqwest::Client, forwarded: Option<&'static str>, token: &'static str| {
+        let url = installations.clone();
+        async move {
+            let mut request = client.get(url).bearer_auth(token);
+            if let Some(forwarded) = forwarded {
+                request = request.header("x-forwarded-for", forwarded);
+            }
+            request.send().await.expect("request").status().as_u16()
+        }
+    };
+    let proxy = server.client.clone();
+    // Two clients behind the proxy (127.0.0.1): one guesses, the other is not held back.
+    for guess in ["guess-1", "guess-2"] {
+        assert_eq!(status(proxy.clone(), Some("203.0.113.5"), guess).await, 401);
+    }
+    assert_eq!(status(proxy.clone(), Some("203.0.113.5"), ADMIN).await, 429);
+    assert_eq!(
+        status(proxy.clone(), Some("198.51.100.1, 203.0.113.6"), ADMIN).await,
+        200
+    );
+    assert_eq!(
+        status(proxy.clone(), None, ADMIN).await,
+        200,
+        "the proxy itself"
+    );
+    // A peer that is not a trusted proxy cannot escape its allowance with the header.
+    let direct = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .expect("client");
+    assert_eq!(
+        status(direct.clone(), Some("192.0.2.1"), "guess-3").await,
+        401
+    );
+    assert_eq!(
+        status(direct.clone(), Some("192.0.2.2"), "guess-4").await,
+        401
+    );
+    assert_eq!(status(direct, Some("192.0.2.3"), ADMIN).await, 429);
+}
