@@ -317,7 +317,10 @@ impl Heartbeat {
         let number = |max: f64| json!({ "type": "number", "minimum": 0, "maximum": max });
         let text = |max: usize| crate::schema::text(max);
         let list =
-            |max: usize, item: Value| json!({ "type": "array", "maxItems": max, "items": item });
+            // `null` reads as an empty list, as for the optional scalars.
+            |max: usize, item: Value| {
+                crate::schema::nullable(json!({ "type": "array", "maxItems": max, "items": item }))
+            };
         crate::schema::object(
             &[
                 "instance_id",

@@ -38,6 +38,33 @@ struct PollBody {
     running: Vec<String>,
 }
 
+/// Every problem of a poll body: the counts and, like any id, the instance id (which the
+/// signature check only located) and the running command ids.
+fn poll_problems(poll: &PollBody, max_id_len: usize) -> fleet_core::ValidationErrors {
+    use fleet_core::validate::{Path, check_id};
+    let mut errors = fleet_core::ValidationErrors::default();
+    let root = Path::Root;
+    check_id(
+        &mut errors,
+        &root.field("instance_id"),
+        &poll.instance_id,
+        max_id_len,
+    );
+    for (field, count) in [
+        ("frames", poll.frames.len()),
+        ("running", poll.running.len()),
+    ] {
+        if count > MAX_POLL_FRAMES {
+            errors.push(field, format!("at most {MAX_POLL_FRAMES}"));
+        }
+    }
+    let running = root.field("running");
+    for (i, id) in poll.running.iter().take(MAX_POLL_FRAMES).enumerate() {
+        check_id(&mut errors, &running.index(i), id, max_id_len);
+    }
+    errors
+}
+
 /// JSON Schema of [`PollBody`] (for `/openapi.json`).
 pub(crate) fn poll_schema() -> serde_json::Value {
     fleet_core::schema::object(
@@ -47,6 +74,12 @@ pub(crate) fn poll_schema() -> serde_json::Value {
             (
                 "frames",
                 serde_json::json!({ "type": "array", "maxItems": MAX_POLL_FRAMES }),
+            ),
+            (
+                "running",
+                serde_json::json!({
+                    "type": "array", "maxItems": MAX_POLL_FRAMES, "items": fleet_core::schema::id(),
+                }),
             ),
         ],
     )
@@ -74,14 +107,8 @@ pub(crate) async fn poll(
     if parsed.instance_id != instance {
         return Err(Error::Unauthorized);
     }
-    if parsed.frames.len() > MAX_POLL_FRAMES || parsed.running.len() > MAX_POLL_FRAMES {
-        let mut errors = fleet_core::ValidationErrors::default();
-        let field = if parsed.frames.len() > MAX_POLL_FRAMES {
-            "frames"
-        } else {
-            "running"
-        };
-        errors.push(field, format!("at most {MAX_POLL_FRAMES}"));
+    let errors = poll_problems(&parsed, state.settings.limits.max_id_len);
+    if !errors.is_empty() {
         return Err(Error::Invalid(errors));
     }
     let mut acked = Vec::new();

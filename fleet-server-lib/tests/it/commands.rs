@@ -820,3 +820,40 @@ async fn http_log_chunks_are_stored_once_for_their_own_instance() {
     );
     server.stop().await;
 }
+
+/// A poll's ids are checked like every other id: a control character in the instance id or
+/// an over-long running command id is a 422 naming the field.
+#[tokio::test]
+async fn poll_ids_are_validated() {
+    let store = support::sqlite().await;
+    let server = server(&store).await;
+    let long = "x".repeat(1000);
+    for (i, (body, field)) in [
+        (
+            json!({"instance_id": "bad\u{f}id", "frames": []}),
+            "instance_id",
+        ),
+        (
+            json!({"instance_id": "poller-1", "running": [long]}),
+            "running[0]",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let bytes = serde_json::to_vec(&body).expect("json");
+        let signed = support::signer(support::SHARED).headers(
+            &format!("msg-poll-{i}"),
+            support::now(),
+            &bytes,
+        );
+        let mut request = server.client.post(server.at("/v1/agents/poll")).body(bytes);
+        for (name, value) in signed.pairs() {
+            request = request.header(name, value);
+        }
+        let response = request.send().await.expect("poll");
+        assert_eq!(response.status(), 422, "{field}");
+        let answer: Value = response.json().await.expect("json");
+        assert_eq!(answer["error"]["details"][0]["path"], field, "{answer}");
+    }
+}
