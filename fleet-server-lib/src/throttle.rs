@@ -22,7 +22,7 @@ use ipnet::IpNet;
 use crate::Shared;
 
 /// How long a client's count of failures lasts.
-pub(crate) const WINDOW: Duration = Duration::from_secs(60);
+const WINDOW: Duration = Duration::from_secs(60);
 
 /// Most clients tracked at once; past it, windows that are over are dropped, and if every
 /// one is still running the oldest goes, so a flood of addresses cannot grow the map.
@@ -34,10 +34,18 @@ pub(crate) struct AuthThrottle {
     clients: Mutex<HashMap<IpAddr, Window>>,
 }
 
-#[derive(Clone, Copy)]
 struct Window {
     started: Instant,
     failures: u32,
+}
+
+impl Window {
+    fn starting(now: Instant) -> Self {
+        Self {
+            started: now,
+            failures: 0,
+        }
+    }
 }
 
 impl AuthThrottle {
@@ -75,15 +83,11 @@ impl AuthThrottle {
                 clients.remove(&oldest);
             }
         }
-        let window = clients.entry(client).or_insert(Window {
-            started: now,
-            failures: 0,
-        });
+        let window = clients
+            .entry(client)
+            .or_insert_with(|| Window::starting(now));
         if now >= window.started + WINDOW {
-            *window = Window {
-                started: now,
-                failures: 0,
-            };
+            *window = Window::starting(now);
         }
         window.failures = window.failures.saturating_add(1);
     }
