@@ -210,7 +210,7 @@ pub(crate) fn caller_of(state: &AppState, parts: &Parts) -> Result<Option<Role>,
     if !presents_credentials(&parts.headers) {
         return Ok(None);
     }
-    let client = crate::throttle::client_of(parts, &state.settings.trusted_proxies);
+    let client = crate::throttle::client_of(parts, &state.settings);
     attempt(state, client, || state.tokens.caller(&parts.headers))
 }
 

@@ -42,6 +42,7 @@ pub use channel::{LiveSettings, stored_jwt_key};
 pub use error::{Error, Result};
 pub use ipnet::IpNet;
 pub use store::{PostgresStore, SqliteStore, Store};
+pub use throttle::ProxyHeader;
 pub use webhook::WebhookConfig;
 
 /// How the control plane behaves. `Settings::default()` matches the ERP control plane.
@@ -78,10 +79,13 @@ pub struct Settings {
     /// `into_make_service_with_connect_info::<SocketAddr>()`; without it all share one
     /// allowance. 0 turns the limit off.
     pub auth_failures_per_minute: u32,
-    /// Reverse proxies whose `X-Forwarded-For` names the client for that limit (the
+    /// Reverse proxies whose forwarding header names the client for that limit (the
     /// rightmost address in it that is not itself a trusted proxy). Empty: the header is
     /// ignored, since anyone can write it.
     pub trusted_proxies: Vec<IpNet>,
+    /// The header the trusted proxies write: `X-Forwarded-For` (the default) or `Forwarded`
+    /// (RFC 7239). Only that one is read.
+    pub proxy_header: ProxyHeader,
 }
 
 impl Default for Settings {
@@ -100,6 +104,7 @@ impl Default for Settings {
             secure_cookies: false,
             auth_failures_per_minute: 30,
             trusted_proxies: Vec::new(),
+            proxy_header: ProxyHeader::XForwardedFor,
         }
     }
 }

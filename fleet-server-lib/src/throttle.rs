@@ -5,21 +5,22 @@
 //!
 //! A client is the peer address of the connection, as the server's `ConnectInfo` gives it.
 //! When the peer is a trusted proxy (`Settings::trusted_proxies`), the client is the
-//! rightmost address of `X-Forwarded-For` that is not a trusted proxy: entries further left
-//! were written by the client itself and prove nothing. IPv6 addresses count by their /64
-//! prefix, which one host usually holds whole. Behind a proxy that is not trusted, every
-//! request comes from the proxy, so all clients share one allowance.
+//! rightmost address that is not a trusted proxy in the header the proxies write
+//! (`Settings::proxy_header`: `X-Forwarded-For`, or `Forwarded` of RFC 7239): entries
+//! further left were written by the client itself and prove nothing. Only the configured
+//! header is read, because the other one passes through a proxy untouched and says whatever
+//! the client wrote. IPv6 addresses count by their /64 prefix, which one host usually holds
+//! whole. Behind a proxy that is not trusted, every request comes from the proxy, so all
+//! clients share one allowance.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::{Settings, Shared};
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
-use ipnet::IpNet;
-
-use crate::Shared;
 
 /// How long a client's count of failures lasts.
 const WINDOW: Duration = Duration::from_secs(60);
@@ -93,24 +94,81 @@ impl AuthThrottle {
     }
 }
 
+/// The header in which trusted reverse proxies name the client they forward for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ProxyHeader {
+    /// `X-Forwarded-For: client, proxy1, …`, as nginx, HAProxy and most load balancers
+    /// write it.
+    #[default]
+    XForwardedFor,
+    /// `Forwarded: for=client, for=proxy1, …` (RFC 7239); quoted IPv6 addresses and ports
+    /// (`for="[2001:db8::1]:4711"`) are understood.
+    Forwarded,
+}
+
+impl ProxyHeader {
+    fn name(self) -> &'static str {
+        match self {
+            Self::XForwardedFor => "x-forwarded-for",
+            Self::Forwarded => "forwarded",
+        }
+    }
+
+    /// The address of one comma-separated entry of the header, `None` when it names none
+    /// (`unknown`, an obfuscated name, anything malformed).
+    fn address_of(self, entry: &str) -> Option<IpAddr> {
+        match self {
+            Self::XForwardedFor => entry.trim().parse().ok(),
+            Self::Forwarded => forwarded_for(entry),
+        }
+    }
+}
+
+/// The `for` parameter of one `Forwarded` element (`for=192.0.2.1;proto=https`) as an
+/// address. Splitting the header at commas without reading its quoted strings is on
+/// purpose: a client could open a quote that swallows the entries the proxies append, and
+/// no address contains a comma.
+fn forwarded_for(element: &str) -> Option<IpAddr> {
+    let value = element.split(';').find_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        name.trim()
+            .eq_ignore_ascii_case("for")
+            .then_some(value.trim())
+    })?;
+    let node = value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(value);
+    if let Some(bracketed) = node.strip_prefix('[') {
+        let (v6, port) = bracketed.split_once(']')?;
+        if !(port.is_empty() || port.starts_with(':')) {
+            return None;
+        }
+        return v6.parse::<Ipv6Addr>().ok().map(IpAddr::V6);
+    }
+    let host = node.split_once(':').map_or(node, |(host, _port)| host);
+    host.parse::<Ipv4Addr>().ok().map(IpAddr::V4)
+}
+
 /// The client a request counts against: its peer address, or behind trusted proxies the
 /// address they forwarded (see the module's documentation), IPv6 by /64. Served without
 /// `ConnectInfo`, every request is the unspecified address, so that all share one allowance
 /// rather than none.
-pub(crate) fn client_of(parts: &Parts, trusted: &[IpNet]) -> IpAddr {
+pub(crate) fn client_of(parts: &Parts, settings: &Settings) -> IpAddr {
     let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<SocketAddr>>() else {
         return IpAddr::from([0, 0, 0, 0]);
     };
+    let (trusted, header) = (&settings.trusted_proxies, settings.proxy_header);
     let is_trusted = |addr: &IpAddr| trusted.iter().any(|net| net.contains(addr));
     let mut client = canonical(peer.ip());
     if is_trusted(&client) {
         // Later proxies append, so the last entry is the one the trusted peer wrote.
-        let forwarded = parts.headers.get_all("x-forwarded-for").iter().rev();
+        let forwarded = parts.headers.get_all(header.name()).iter().rev();
         'hops: for value in forwarded {
             let Ok(value) = value.to_str() else { break };
             for entry in value.rsplit(',') {
                 // An entry that is not an address ends the walk at the last hop trusted.
-                let Ok(addr) = entry.trim().parse::<IpAddr>() else {
+                let Some(addr) = header.address_of(entry) else {
                     break 'hops;
                 };
                 client = canonical(addr);
@@ -144,7 +202,7 @@ impl FromRequestParts<Shared> for Client {
         parts: &mut Parts,
         state: &Shared,
     ) -> Result<Self, Self::Rejection> {
-        Ok(Self(client_of(parts, &state.settings.trusted_proxies)))
+        Ok(Self(client_of(parts, &state.settings)))
     }
 }
 
@@ -203,11 +261,11 @@ mod tests {
         assert!(clients.contains_key(&newest));
     }
 
-    /// The parts of a request from `peer` with these `X-Forwarded-For` headers.
-    fn request(peer: &str, forwarded: &[&str]) -> Parts {
+    /// The parts of a request from `peer` with these headers.
+    fn request(peer: &str, headers: &[(&str, &str)]) -> Parts {
         let mut builder = axum::http::Request::builder();
-        for value in forwarded {
-            builder = builder.header("x-forwarded-for", *value);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
         }
         let (mut parts, ()) = builder.body(()).expect("request").into_parts();
         let peer: SocketAddr = peer.parse().expect("peer");
@@ -215,33 +273,97 @@ mod tests {
         parts
     }
 
+    /// A request from `peer` with these `X-Forwarded-For` headers.
+    fn forwarded_for(peer: &str, values: &[&str]) -> Parts {
+        let headers: Vec<_> = values.iter().map(|v| ("x-forwarded-for", *v)).collect();
+        request(peer, &headers)
+    }
+
+    /// Settings trusting the proxies in `networks`, which write `header`.
+    fn behind(networks: &[&str], header: ProxyHeader) -> Settings {
+        Settings {
+            trusted_proxies: networks.iter().map(|n| n.parse().expect("net")).collect(),
+            proxy_header: header,
+            ..Settings::default()
+        }
+    }
+
     #[test]
     fn ipv6_clients_count_by_their_64_prefix() {
+        let direct = Settings::default();
         let v6 = request("[2001:db8:1:2:aaaa:bbbb:cccc:dddd]:443", &[]);
-        assert_eq!(client_of(&v6, &[]), ip("2001:db8:1:2::"));
+        assert_eq!(client_of(&v6, &direct), ip("2001:db8:1:2::"));
         let mapped = request("[::ffff:192.0.2.7]:443", &[]);
-        assert_eq!(client_of(&mapped, &[]), ip("192.0.2.7"));
+        assert_eq!(client_of(&mapped, &direct), ip("192.0.2.7"));
         let (unserved, ()) = axum::http::Request::new(()).into_parts();
-        assert_eq!(client_of(&unserved, &[]), ip("0.0.0.0"));
+        assert_eq!(client_of(&unserved, &direct), ip("0.0.0.0"));
     }
 
     #[test]
     fn behind_trusted_proxies_the_client_is_the_last_address_they_did_not_write() {
-        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().expect("net")];
+        let trusted = behind(&["10.0.0.0/8"], ProxyHeader::XForwardedFor);
         // The client wrote 1.1.1.1 itself; the proxies saw 203.0.113.9 and 10.0.0.7.
-        let chain = request("10.0.0.2:80", &["1.1.1.1, 203.0.113.9", "10.0.0.7"]);
+        let chain = forwarded_for("10.0.0.2:80", &["1.1.1.1, 203.0.113.9", "10.0.0.7"]);
         assert_eq!(client_of(&chain, &trusted), ip("203.0.113.9"));
         // A peer that is not trusted cannot choose its address.
-        let direct = request("198.51.100.4:80", &["203.0.113.9"]);
+        let direct = forwarded_for("198.51.100.4:80", &["203.0.113.9"]);
         assert_eq!(client_of(&direct, &trusted), ip("198.51.100.4"));
         // Without proxies configured the header means nothing.
-        let untrusted = request("10.0.0.2:80", &["203.0.113.9"]);
-        assert_eq!(client_of(&untrusted, &[]), ip("10.0.0.2"));
+        let untrusted = forwarded_for("10.0.0.2:80", &["203.0.113.9"]);
+        assert_eq!(client_of(&untrusted, &Settings::default()), ip("10.0.0.2"));
         // An entry that is not an address stops the walk at the last trusted hop.
-        let garbled = request("10.0.0.2:80", &["203.0.113.9, unknown, 10.0.0.7"]);
+        let garbled = forwarded_for("10.0.0.2:80", &["203.0.113.9, unknown, 10.0.0.7"]);
         assert_eq!(client_of(&garbled, &trusted), ip("10.0.0.7"));
         // The proxy's own requests count as the proxy.
-        let own = request("10.0.0.2:80", &[]);
+        let own = forwarded_for("10.0.0.2:80", &[]);
         assert_eq!(client_of(&own, &trusted), ip("10.0.0.2"));
+    }
+
+    #[test]
+    fn proxies_writing_the_standard_forwarded_header_are_read_the_same_way() {
+        let trusted = behind(&["10.0.0.0/8", "fd00::/8"], ProxyHeader::Forwarded);
+        let from = |forwarded: &[&str]| {
+            let headers: Vec<_> = forwarded.iter().map(|v| ("forwarded", *v)).collect();
+            client_of(&request("10.0.0.2:80", &headers), &trusted)
+        };
+        // Parameters in any order and case, quoted addresses with ports, IPv6 in brackets.
+        assert_eq!(
+            from(&[
+                "for=1.1.1.1, proto=https;FOR=\"203.0.113.9:4711\"",
+                "for=10.0.0.7"
+            ]),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            from(&["for=\"[2001:db8:cafe::17]:4711\";by=10.0.0.7, for=\"[fd00::1]\""]),
+            ip("2001:db8:cafe::"),
+        );
+        // `unknown`, an obfuscated name, an element without `for`, and IPv6 without its
+        // brackets name no address: the walk stops at the last trusted hop.
+        for stop in [
+            "for=unknown",
+            "for=_hidden",
+            "proto=https",
+            "for=2001:db8::1",
+        ] {
+            assert_eq!(
+                from(&[&format!("for=203.0.113.9, {stop}, for=10.0.0.7")]),
+                ip("10.0.0.7"),
+                "{stop}"
+            );
+        }
+        // A quote the client opened cannot swallow what the proxies appended.
+        assert_eq!(from(&["for=\"1.1.1.1, for=203.0.113.9"]), ip("203.0.113.9"));
+        // Only the configured header counts: the other passes through proxies untouched.
+        let spoofed = request(
+            "10.0.0.2:80",
+            &[
+                ("x-forwarded-for", "192.0.2.1"),
+                ("forwarded", "for=203.0.113.9"),
+            ],
+        );
+        assert_eq!(client_of(&spoofed, &trusted), ip("203.0.113.9"));
+        let legacy = behind(&["10.0.0.0/8"], ProxyHeader::XForwardedFor);
+        assert_eq!(client_of(&spoofed, &legacy), ip("192.0.2.1"));
     }
 }

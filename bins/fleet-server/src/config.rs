@@ -8,7 +8,8 @@ use clap::Args;
 use fleet_core::manifest::{ManifestVerifier, PublicKey};
 use fleet_core::{Secret, SecretResolver};
 use fleet_server::{
-    ControlPlane, ControlPlaneBuilder, IpNet, RoleTokens, Settings, SloThresholds, WebhookConfig,
+    ControlPlane, ControlPlaneBuilder, IpNet, ProxyHeader, RoleTokens, Settings, SloThresholds,
+    WebhookConfig,
 };
 
 /// Every setting is read as text and validated afterwards, so all problems are reported
@@ -108,10 +109,17 @@ pub struct ServeArgs {
         default_value = "30"
     )]
     pub auth_failures_per_minute: String,
-    /// Comma-separated addresses or networks (CIDR) of reverse proxies whose
-    /// X-Forwarded-For names the client for that limit.
+    /// Comma-separated addresses or networks (CIDR) of reverse proxies whose forwarding
+    /// header names the client for that limit.
     #[arg(long, env = "CONTROL_PLANE_TRUSTED_PROXIES")]
     pub trusted_proxies: Option<String>,
+    /// The header those proxies write: x-forwarded-for, or forwarded (RFC 7239).
+    #[arg(
+        long,
+        env = "CONTROL_PLANE_PROXY_HEADER",
+        default_value = "x-forwarded-for"
+    )]
+    pub proxy_header: String,
     /// Ed25519 key (base64 of the 32-byte seed, `fleetctl keys generate`) that signs agent
     /// tokens; replicas must share it. Unset: a random key per process.
     #[arg(long, env = "CONTROL_PLANE_JWT_KEY", hide_env_values = true)]
@@ -167,6 +175,20 @@ fn trusted_proxies(text: Option<&str>, problems: &mut Vec<String>) -> Vec<IpNet>
         }
     }
     networks
+}
+
+/// `CONTROL_PLANE_PROXY_HEADER`: the header's name, in any case.
+fn proxy_header(text: &str, problems: &mut Vec<String>) -> ProxyHeader {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "x-forwarded-for" => ProxyHeader::XForwardedFor,
+        "forwarded" => ProxyHeader::Forwarded,
+        _ => {
+            problems.push(format!(
+                "CONTROL_PLANE_PROXY_HEADER: {text:?} is neither x-forwarded-for nor forwarded"
+            ));
+            ProxyHeader::XForwardedFor
+        }
+    }
 }
 
 fn set(value: &Option<String>) -> Option<&str> {
@@ -272,6 +294,7 @@ impl ServeArgs {
         }
         let heartbeat_retention = retention(retention_days);
         let trusted_proxies = trusted_proxies(set(&self.trusted_proxies), &mut problems);
+        let proxy_header = proxy_header(&self.proxy_header, &mut problems);
         let mut flag = |name: &str, text: &str| -> bool {
             match text.trim().to_ascii_lowercase().as_str() {
                 "1" | "true" | "yes" | "on" => true,
@@ -303,6 +326,7 @@ impl ServeArgs {
             secure_cookies,
             auth_failures_per_minute: auth_failures_per_minute as u32,
             trusted_proxies,
+            proxy_header,
             ..Settings::default()
         };
         let mut builder = ControlPlane::builder()
@@ -434,6 +458,7 @@ mod tests {
             secure_cookies: "false".into(),
             auth_failures_per_minute: "30".into(),
             trusted_proxies: None,
+            proxy_header: "x-forwarded-for".into(),
             ..ServeArgs::default()
         }
     }
@@ -518,6 +543,25 @@ mod tests {
             problems
                 .iter()
                 .all(|p| p.starts_with("CONTROL_PLANE_TRUSTED_PROXIES"))
+        );
+    }
+
+    #[test]
+    fn the_proxy_header_is_one_of_two_names() {
+        let mut problems = Vec::new();
+        assert_eq!(
+            proxy_header(" Forwarded ", &mut problems),
+            ProxyHeader::Forwarded
+        );
+        assert_eq!(
+            proxy_header("X-Forwarded-For", &mut problems),
+            ProxyHeader::XForwardedFor
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        proxy_header("x-real-ip", &mut problems);
+        assert_eq!(
+            problems,
+            ["CONTROL_PLANE_PROXY_HEADER: \"x-real-ip\" is neither x-forwarded-for nor forwarded"]
         );
     }
 

@@ -491,3 +491,35 @@ async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_allowance() {
     );
     assert_eq!(status(direct, Some("192.0.2.3"), ADMIN).await, 429);
 }
+
+#[tokio::test]
+async fn behind_a_proxy_writing_forwarded_only_that_header_names_the_client() {
+    let t = support::sqlite().await;
+    let settings = fleet_server::Settings {
+        auth_failures_per_minute: 1,
+        trusted_proxies: vec!["127.0.0.1/32".parse().expect("network")],
+        proxy_header: fleet_server::ProxyHeader::Forwarded,
+        ..fleet_server::Settings::default()
+    };
+    let server = TestServer::start_with(t.store.clone(), |b| b.settings(settings)).await;
+    let installations = server.at("/api/installations");
+    let status = |headers: &'static [(&'static str, &'static str)], token: &'static str| {
+        let mut request = server.client.get(&installations).bearer_auth(token);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        async move { request.send().await.expect("request").status().as_u16() }
+    };
+    let guesser = &[("forwarded", "for=\"[2001:db8::5]:4711\";proto=https")];
+    assert_eq!(status(guesser, "guess-1").await, 401);
+    assert_eq!(status(guesser, ADMIN).await, 429);
+    // The same host's /64, through X-Forwarded-For too: still held back, because that
+    // header passes through the proxy unread.
+    let disguised = &[
+        ("forwarded", "for=\"[2001:db8::6]\""),
+        ("x-forwarded-for", "198.51.100.7"),
+    ];
+    assert_eq!(status(disguised, ADMIN).await, 429);
+    // Another client behind the proxy keeps its allowance.
+    assert_eq!(status(&[("forwarded", "for=192.0.2.10")], ADMIN).await, 200);
+}
