@@ -38,6 +38,9 @@ pub(crate) struct AuthThrottle {
 struct Window {
     started: Instant,
     failures: u32,
+    /// Held back until then whatever this process counted: the replicas sharing the
+    /// database counted the client's failures past the limit together.
+    held_until: Option<Instant>,
 }
 
 impl Window {
@@ -45,7 +48,12 @@ impl Window {
         Self {
             started: now,
             failures: 0,
+            held_until: None,
         }
+    }
+
+    fn is_over(&self, now: Instant) -> bool {
+        now >= self.started + WINDOW && self.held_until.is_none_or(|until| now >= until)
     }
 }
 
@@ -58,6 +66,11 @@ impl AuthThrottle {
         }
     }
 
+    /// The failures allowed per client and window; 0 when the throttle is off.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
     /// When the client may try again, if it has used up its failures.
     pub fn retry_after(&self, client: IpAddr, now: Instant) -> Option<Duration> {
         if self.limit == 0 {
@@ -66,17 +79,32 @@ impl AuthThrottle {
         let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         let window = clients.get(&client)?;
         let ends = window.started + WINDOW;
-        (window.failures >= self.limit && now < ends).then(|| ends - now)
+        let counted = (window.failures >= self.limit && now < ends).then_some(ends);
+        let held = window.held_until.filter(|until| now < *until);
+        counted.max(held).map(|until| until - now)
     }
 
     /// Counts a failed credential check of the client.
     pub fn failed(&self, client: IpAddr, now: Instant) {
+        self.update(client, now, |window| {
+            window.failures = window.failures.saturating_add(1);
+        });
+    }
+
+    /// Holds the client back until `until`, whatever this process counted.
+    pub fn hold(&self, client: IpAddr, now: Instant, until: Instant) {
+        self.update(client, now, |window| {
+            window.held_until = window.held_until.max(Some(until));
+        });
+    }
+
+    fn update(&self, client: IpAddr, now: Instant, change: impl FnOnce(&mut Window)) {
         if self.limit == 0 {
             return;
         }
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         if clients.len() >= MAX_CLIENTS && !clients.contains_key(&client) {
-            clients.retain(|_, w| now < w.started + WINDOW);
+            clients.retain(|_, w| !w.is_over(now));
             if clients.len() >= MAX_CLIENTS
                 && let Some(oldest) = clients.iter().min_by_key(|(_, w)| w.started)
             {
@@ -88,9 +116,9 @@ impl AuthThrottle {
             .entry(client)
             .or_insert_with(|| Window::starting(now));
         if now >= window.started + WINDOW {
-            *window = Window::starting(now);
+            (window.started, window.failures) = (now, 0);
         }
-        window.failures = window.failures.saturating_add(1);
+        change(window);
     }
 }
 
@@ -235,6 +263,24 @@ mod tests {
         assert_eq!(throttle.retry_after(ip("10.0.0.1"), next), None);
         throttle.failed(ip("10.0.0.1"), next);
         assert_eq!(throttle.retry_after(ip("10.0.0.1"), next), None);
+    }
+
+    #[test]
+    fn a_hold_from_the_shared_count_lasts_until_it_ends_whatever_was_counted_here() {
+        let throttle = AuthThrottle::new(3);
+        let start = Instant::now();
+        throttle.failed(ip("10.0.0.1"), start);
+        throttle.hold(ip("10.0.0.1"), start, start + Duration::from_secs(90));
+        assert_eq!(
+            throttle.retry_after(ip("10.0.0.1"), start + Duration::from_secs(70)),
+            Some(Duration::from_secs(20)),
+            "the hold outlasts this process's own window"
+        );
+        assert_eq!(
+            throttle.retry_after(ip("10.0.0.1"), start + Duration::from_secs(90)),
+            None
+        );
+        assert_eq!(throttle.retry_after(ip("10.0.0.2"), start), None);
     }
 
     #[test]

@@ -310,11 +310,28 @@ macro_rules! impl_sql_store {
             }
 
             async fn prune_messages(&self, before: i64) -> $crate::Result<u64> {
+                sqlx::query("DELETE FROM auth_failures WHERE minute < $1")
+                    .bind(before)
+                    .execute(&self.pool)
+                    .await?;
                 Ok(sqlx::query("DELETE FROM seen_messages WHERE seen_at < $1")
                     .bind(before)
                     .execute(&self.pool)
                     .await?
                     .rows_affected())
+            }
+
+            async fn count_auth_failure(&self, client: &str, minute: i64) -> $crate::Result<u64> {
+                let failures: i64 = sqlx::query_scalar(
+                    "INSERT INTO auth_failures (client, minute, failures) VALUES ($1, $2, 1) \
+                     ON CONFLICT (client, minute) \
+                     DO UPDATE SET failures = auth_failures.failures + 1 RETURNING failures",
+                )
+                .bind(client)
+                .bind(minute)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok(failures.max(0) as u64)
             }
 
             async fn prune_heartbeats(&self, before: i64) -> $crate::Result<u64> {

@@ -523,3 +523,35 @@ async fn behind_a_proxy_writing_forwarded_only_that_header_names_the_client() {
     // Another client behind the proxy keeps its allowance.
     assert_eq!(status(&[("forwarded", "for=192.0.2.10")], ADMIN).await, 200);
 }
+
+#[tokio::test]
+async fn replicas_sharing_a_database_hold_a_guesser_back_together() {
+    // The shared count is per wall-clock minute: start well inside one.
+    let second_of_minute = fleet_core::unix_now().rem_euclid(60);
+    if second_of_minute > 50 {
+        tokio::time::sleep(std::time::Duration::from_secs(61 - second_of_minute as u64)).await;
+    }
+    let t = support::sqlite().await;
+    let settings = || fleet_server::Settings {
+        auth_failures_per_minute: 3,
+        ..fleet_server::Settings::default()
+    };
+    let first = TestServer::start_with(t.store.clone(), |b| b.settings(settings())).await;
+    let second = TestServer::start_with(t.store.clone(), |b| b.settings(settings())).await;
+    let status = |server: &TestServer, token: &'static str| {
+        let request = server
+            .client
+            .get(server.at("/api/installations"))
+            .bearer_auth(token);
+        async move { request.send().await.expect("request").status().as_u16() }
+    };
+    // Three guesses spread over the two replicas: each counted only one or two itself.
+    assert_eq!(status(&first, "guess-1").await, 401);
+    assert_eq!(status(&second, "guess-2").await, 401);
+    assert_eq!(status(&first, "guess-3").await, 401);
+    assert_eq!(status(&first, ADMIN).await, 429);
+    // The other replica learns it with the client's next failure; valid credentials cost
+    // no database round trip, so until then it checks them.
+    assert_eq!(status(&second, "guess-4").await, 401);
+    assert_eq!(status(&second, ADMIN).await, 429);
+}

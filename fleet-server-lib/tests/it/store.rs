@@ -19,6 +19,7 @@ on_both_backends!(
     outbox_claims_are_exclusive_until_the_lease_ends,
     the_first_stored_server_key_wins,
     old_message_ids_are_pruned,
+    failed_role_checks_are_counted_per_client_and_minute_and_pruned,
     time_series_is_pruned_oldest_first_and_the_installation_stays,
     old_job_failures_and_ended_deliveries_are_pruned_and_pending_ones_stay,
     resolved_alerts_past_retention_are_pruned_unless_a_delivery_is_pending,
@@ -645,6 +646,21 @@ async fn old_message_ids_are_pruned(t: TestStore) {
     .expect("record");
     assert_eq!(s.prune_messages(4000).await.expect("prune"), 1);
     s.ping().await.expect("ping");
+}
+
+async fn failed_role_checks_are_counted_per_client_and_minute_and_pruned(t: TestStore) {
+    let s = &t.store;
+    let count = |client: &'static str, minute: i64| async move {
+        s.count_auth_failure(client, minute).await.expect("count")
+    };
+    assert_eq!(count("192.0.2.1", 960).await, 1);
+    assert_eq!(count("192.0.2.1", 960).await, 2);
+    assert_eq!(count("192.0.2.2", 960).await, 1, "another client");
+    assert_eq!(count("192.0.2.1", 1020).await, 1, "the next minute");
+    s.prune_messages(1000).await.expect("prune");
+    // The minute that started before the cutoff is gone, the later one stays.
+    assert_eq!(count("192.0.2.1", 960).await, 1);
+    assert_eq!(count("192.0.2.1", 1020).await, 2);
 }
 
 async fn time_series_is_pruned_oldest_first_and_the_installation_stays(t: TestStore) {
