@@ -11,6 +11,7 @@ pub mod containers;
 pub mod enroll;
 pub mod env;
 pub mod job_state;
+mod jobs;
 pub mod local_api;
 pub mod logstream;
 pub mod metrics;

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use crate::Result;
 use crate::config::RestoreSettings;
 use crate::job_state::JobState;
+use crate::jobs;
 use crate::pipeline::{ControlPlaneClient, Step, StepRunner};
 
 /// Where verifications come from.
@@ -72,29 +73,11 @@ impl RestoreRunner {
                 "status": "failed", "error": "the agent stopped during the verification"});
             self.finish(&job.job_id, &job.payload, report).await?;
         }
-        for job in self.state.unreported(KIND).await? {
-            let report: Value = job
-                .report
-                .as_deref()
-                .and_then(|r| serde_json::from_str(r).ok())
-                .unwrap_or(Value::Null);
-            if report.is_null() || self.client.report(REPORT_PATH, &report).await {
-                self.state.reported(KIND, &job.job_id).await?;
-            }
-        }
-        let answer = match self
-            .client
-            .post(NEXT_PATH, &json!({"instance_id": self.instance_id}))
-            .await
-        {
-            Ok(answer) if answer.status == 200 => answer,
-            Ok(_) => return Ok(false),
-            Err(err) => {
-                tracing::warn!(%err, "cannot ask for a restore verification");
-                return Ok(false);
-            }
-        };
-        let job = answer.body.unwrap_or(Value::Null);
+        jobs::deliver_unreported(&self.state, &self.client, KIND, REPORT_PATH).await?;
+        let job = jobs::next_job(&self.client, NEXT_PATH, &self.instance_id, |err| {
+            tracing::warn!(%err, "cannot ask for a restore verification");
+        })
+        .await;
         let Some(id) = job["restore_id"].as_str().map(str::to_owned) else {
             return Ok(false);
         };

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use crate::Result;
 use crate::config::UpdateSettings;
 use crate::job_state::JobState;
+use crate::jobs;
 use crate::pipeline::{ControlPlaneClient, Step, StepOutcome, StepRunner};
 
 /// Where jobs come from.
@@ -161,7 +162,7 @@ impl UpdatePipeline {
     /// the next job and runs it. Returns whether a job ran.
     pub async fn poll_once(&self) -> Result<bool> {
         self.recover().await?;
-        self.flush_reports().await?;
+        jobs::deliver_unreported(&self.state, &self.client, KIND, REPORT_PATH).await?;
         let body =
             json!({"instance_id": self.instance_id, "current_version": self.current_version()});
         let answer = match self.client.post(NEXT_PATH, &body).await {
@@ -191,7 +192,7 @@ impl UpdatePipeline {
             // Handed out again (our answer was lost, or an old control plane): never run
             // twice; make sure its final report gets there.
             tracing::info!(job_id, state = %seen.state, "update job already run here; not again");
-            self.flush_reports().await?;
+            jobs::deliver_unreported(&self.state, &self.client, KIND, REPORT_PATH).await?;
             return Ok(false);
         }
         self.run_job(&job_id, &job).await?;
@@ -221,23 +222,6 @@ impl UpdatePipeline {
         tracing::info!(job_id, %status, error = error.as_deref().unwrap_or(""), "update job ended");
         if self.report(report).await {
             self.state.reported(KIND, job_id).await?;
-        }
-        Ok(())
-    }
-
-    async fn flush_reports(&self) -> Result<()> {
-        for job in self.state.unreported(KIND).await? {
-            let Some(report) = job
-                .report
-                .as_deref()
-                .and_then(|r| serde_json::from_str(r).ok())
-            else {
-                self.state.reported(KIND, &job.job_id).await?;
-                continue;
-            };
-            if self.report(report).await {
-                self.state.reported(KIND, &job.job_id).await?;
-            }
         }
         Ok(())
     }

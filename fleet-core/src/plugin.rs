@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::schema;
-use crate::update::{JobStatus, validate_report_tail};
+use crate::update::{JobReportHead, JobStatus};
 use crate::validate::{Limits, Path, Validate, ValidationErrors, check_id};
 
 /// What to do with a plugin.
@@ -192,26 +192,14 @@ pub struct PluginReport {
 
 impl Validate for PluginReport {
     fn validate(&self, limits: &Limits, at: &Path<'_>, errors: &mut ValidationErrors) {
-        check_id(
-            errors,
-            &at.field("instance_id"),
-            &self.instance_id,
-            limits.max_id_len,
-        );
-        check_id(errors, &at.field("job_id"), &self.job_id, limits.max_id_len);
-        if self.status == JobStatus::Pending {
-            errors.push(
-                at.field("status").to_string(),
-                "an agent reports in_progress, succeeded, failed or rolled_back",
-            );
+        JobReportHead {
+            instance_id: &self.instance_id,
+            job_id: &self.job_id,
+            status: self.status,
+            error: self.error.as_deref(),
+            output_tail: self.output_tail.as_deref(),
         }
-        validate_report_tail(
-            self.error.as_deref(),
-            self.output_tail.as_deref(),
-            limits,
-            at,
-            errors,
-        );
+        .validate(limits, at, errors);
     }
 }
 
@@ -310,6 +298,31 @@ impl PluginRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::update::UpdateReport;
+    use crate::validate::{DecodeError, decode};
+
+    #[test]
+    fn plugin_and_update_reports_refuse_the_same_bad_heads() {
+        let limits = Limits::default();
+        let long_id = "j".repeat(limits.max_id_len + 1);
+        let long_tail = "x".repeat(limits.max_message_len + 1);
+        let body = serde_json::json!({"instance_id": "acme\u{7}", "job_id": long_id,
+            "status": "pending", "error": long_tail, "output_tail": "fine"})
+        .to_string();
+        let expected = ["instance_id", "job_id", "status", "error"];
+        match decode::<PluginReport>(body.as_bytes(), &limits) {
+            Err(DecodeError::Invalid(errors)) => assert_eq!(errors.paths(), expected),
+            other => panic!("expected invalid, got {other:?}"),
+        }
+        match decode::<UpdateReport>(body.as_bytes(), &limits) {
+            Err(DecodeError::Invalid(errors)) => assert_eq!(errors.paths(), expected),
+            other => panic!("expected invalid, got {other:?}"),
+        }
+        let fine =
+            r#"{"instance_id": "acme-1", "job_id": "7", "status": "failed", "error": "no space"}"#;
+        assert!(decode::<PluginReport>(fine.as_bytes(), &limits).is_ok());
+        assert!(decode::<UpdateReport>(fine.as_bytes(), &limits).is_ok());
+    }
 
     #[test]
     fn plugin_names_refuse_shell_text() {

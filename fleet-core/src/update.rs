@@ -263,26 +263,14 @@ pub struct UpdateReport {
 
 impl Validate for UpdateReport {
     fn validate(&self, limits: &Limits, at: &Path<'_>, errors: &mut ValidationErrors) {
-        check_id(
-            errors,
-            &at.field("instance_id"),
-            &self.instance_id,
-            limits.max_id_len,
-        );
-        check_id(errors, &at.field("job_id"), &self.job_id, limits.max_id_len);
-        if self.status == JobStatus::Pending {
-            errors.push(
-                at.field("status").to_string(),
-                "an agent reports in_progress, succeeded, failed or rolled_back",
-            );
+        JobReportHead {
+            instance_id: &self.instance_id,
+            job_id: &self.job_id,
+            status: self.status,
+            error: self.error.as_deref(),
+            output_tail: self.output_tail.as_deref(),
         }
-        validate_report_tail(
-            self.error.as_deref(),
-            self.output_tail.as_deref(),
-            limits,
-            at,
-            errors,
-        );
+        .validate(limits, at, errors);
         if self.canary_percent.is_some_and(|p| p > 100) {
             errors.push(
                 at.field("canary_percent").to_string(),
@@ -354,6 +342,35 @@ impl UpdateReport {
                 ("output_tail", schema::nullable(schema::text(max))),
             ],
         )
+    }
+}
+
+/// What update and plugin reports share, checked in one place: both ids, a status an agent
+/// may report (`pending` is the control plane's alone), and the free-text parts.
+pub(crate) struct JobReportHead<'a> {
+    pub instance_id: &'a str,
+    pub job_id: &'a str,
+    pub status: JobStatus,
+    pub error: Option<&'a str>,
+    pub output_tail: Option<&'a str>,
+}
+
+impl Validate for JobReportHead<'_> {
+    fn validate(&self, limits: &Limits, at: &Path<'_>, errors: &mut ValidationErrors) {
+        check_id(
+            errors,
+            &at.field("instance_id"),
+            self.instance_id,
+            limits.max_id_len,
+        );
+        check_id(errors, &at.field("job_id"), self.job_id, limits.max_id_len);
+        if self.status == JobStatus::Pending {
+            errors.push(
+                at.field("status").to_string(),
+                "an agent reports in_progress, succeeded, failed or rolled_back",
+            );
+        }
+        validate_report_tail(self.error, self.output_tail, limits, at, errors);
     }
 }
 

@@ -1,0 +1,53 @@
+//! What the plugin, restore and update pipelines do alike around their jobs: deliver the
+//! final reports the control plane does not have yet, and ask it for the next job.
+
+use serde_json::{Value, json};
+
+use crate::Result;
+use crate::job_state::JobState;
+use crate::pipeline::ControlPlaneClient;
+
+/// Posts to `report_path` the final reports of `kind` that have not reached the control
+/// plane yet, marking each one delivered once it has.
+pub(crate) async fn deliver_unreported(
+    state: &JobState,
+    client: &ControlPlaneClient,
+    kind: &str,
+    report_path: &str,
+) -> Result<()> {
+    for job in state.unreported(kind).await? {
+        let report: Value = job
+            .report
+            .as_deref()
+            .and_then(|r| serde_json::from_str(r).ok())
+            .unwrap_or(Value::Null);
+        // A report that cannot be read would never be taken: give it up rather than retry
+        // it at every poll.
+        if report.is_null() || client.report(report_path, &report).await {
+            state.reported(kind, &job.job_id).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Asks `next_path` for the next job of `instance_id`: the body of a 200 answer, else `null`
+/// (no job). A request that fails counts as no job; its error goes to `log_failure`, for the
+/// pipeline to log under its own name.
+pub(crate) async fn next_job(
+    client: &ControlPlaneClient,
+    next_path: &str,
+    instance_id: &str,
+    log_failure: impl FnOnce(&str),
+) -> Value {
+    match client
+        .post(next_path, &json!({"instance_id": instance_id}))
+        .await
+    {
+        Ok(answer) if answer.status == 200 => answer.body.unwrap_or(Value::Null),
+        Ok(_) => Value::Null,
+        Err(err) => {
+            log_failure(&err);
+            Value::Null
+        }
+    }
+}
