@@ -18,9 +18,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::{Settings, Shared};
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
+
+use crate::{Settings, Shared};
 
 /// How long a client's count of failures lasts.
 const WINDOW: Duration = Duration::from_secs(60);
