@@ -212,6 +212,112 @@ impl Command {
     }
 }
 
+/// Longest command line, argument or environment value of a `RunCommand`, in bytes.
+const MAX_RUN_TEXT: usize = 64 * 1024;
+/// Most arguments of a `RunCommand`.
+const MAX_RUN_ARGS: usize = 1024;
+/// Longest `timeout_sec` of a `RunCommand`: a week.
+const MAX_RUN_TIMEOUT_SECS: u64 = 7 * 86_400;
+/// Most packages of one `UpdatePackage`.
+const MAX_PACKAGES: usize = 100;
+
+impl Command {
+    /// JSON Schema of the payload of `kind`, as [`Command::from_parts`] and the validation
+    /// accept it (for the OpenAPI document).
+    pub fn payload_schema(kind: CommandType) -> Value {
+        let limits = Limits::default();
+        let project =
+            || serde_json::json!({ "type": "string", "pattern": "^[a-zA-Z0-9_-]{1,64}$" });
+        match kind {
+            CommandType::RunCommand => {
+                let mut cmd = schema::plain_text(MAX_RUN_TEXT);
+                cmd["minLength"] = 1.into();
+                schema::object(
+                    &["cmd"],
+                    &[
+                        ("cmd", cmd),
+                        (
+                            "args",
+                            serde_json::json!({ "type": "array", "maxItems": MAX_RUN_ARGS,
+                                "items": schema::plain_text(MAX_RUN_TEXT) }),
+                        ),
+                        (
+                            "timeout_sec",
+                            schema::nullable(serde_json::json!({ "type": "integer",
+                                "minimum": 1, "maximum": MAX_RUN_TIMEOUT_SECS })),
+                        ),
+                        (
+                            "env",
+                            serde_json::json!({ "type": "object",
+                                "propertyNames": { "pattern": "^[A-Za-z_][A-Za-z0-9_]*$" },
+                                "additionalProperties": schema::plain_text(MAX_RUN_TEXT) }),
+                        ),
+                        ("shell", serde_json::json!({ "type": "boolean" })),
+                    ],
+                )
+            }
+            CommandType::UpdateAgent => {
+                let mut url = schema::plain_text(limits.max_text_len);
+                url["pattern"] = "^https?://[^\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f]*$".into();
+                schema::object(
+                    &["version", "url"],
+                    &[
+                        ("version", schema::id()),
+                        ("url", url),
+                        (
+                            "sha256",
+                            schema::nullable(
+                                serde_json::json!({ "type": "string", "pattern": "^[0-9a-fA-F]{64}$" }),
+                            ),
+                        ),
+                        (
+                            "signature",
+                            schema::nullable(serde_json::json!({ "type": "string" })),
+                        ),
+                    ],
+                )
+            }
+            CommandType::UpdatePackage => {
+                let name = serde_json::json!({ "type": "string", "maxLength": 128,
+                    "pattern": "^[A-Za-z0-9]([A-Za-z0-9.+_:=-]*[A-Za-z0-9+])?$" });
+                schema::object(
+                    &["packages", "action"],
+                    &[
+                        (
+                            "packages",
+                            serde_json::json!({ "type": "array", "minItems": 1,
+                                "maxItems": MAX_PACKAGES, "items": name }),
+                        ),
+                        (
+                            "action",
+                            schema::one_of(&[
+                                PackageAction::Install,
+                                PackageAction::Remove,
+                                PackageAction::Upgrade,
+                            ]),
+                        ),
+                    ],
+                )
+            }
+            CommandType::DeployCompose => schema::object(
+                &["project_name", "compose_file_base64"],
+                &[
+                    ("project_name", project()),
+                    (
+                        "compose_file_base64",
+                        serde_json::json!({ "type": "string", "maxLength": limits.max_body_bytes }),
+                    ),
+                ],
+            ),
+            CommandType::StopCompose | CommandType::Status => {
+                schema::object(&["project_name"], &[("project_name", project())])
+            }
+            // The payload is not read.
+            CommandType::HealthCheck => serde_json::json!({}),
+        }
+    }
+}
+
 /// Whether `name` is a valid compose project name: `^[a-zA-Z0-9_-]+$`, at most 64 bytes.
 pub fn is_valid_project_name(name: &str) -> bool {
     !name.is_empty()
@@ -256,13 +362,16 @@ impl Validate for Command {
                 if run.cmd.is_empty() {
                     errors.push(payload.field("cmd").to_string(), "must not be empty");
                 }
-                check_text(errors, &payload.field("cmd"), &run.cmd, 64 * 1024);
-                check_len(errors, &payload.field("args"), &run.args, 1024);
+                check_text(errors, &payload.field("cmd"), &run.cmd, MAX_RUN_TEXT);
+                check_len(errors, &payload.field("args"), &run.args, MAX_RUN_ARGS);
                 let args = payload.field("args");
                 for (i, arg) in run.args.iter().enumerate() {
-                    check_text(errors, &args.index(i), arg, 64 * 1024);
+                    check_text(errors, &args.index(i), arg, MAX_RUN_TEXT);
                 }
-                if run.timeout_sec.is_some_and(|t| t == 0 || t > 7 * 86_400) {
+                if run
+                    .timeout_sec
+                    .is_some_and(|t| t == 0 || t > MAX_RUN_TIMEOUT_SECS)
+                {
                     errors.push(
                         payload.field("timeout_sec").to_string(),
                         "must be between 1 and 604800",
@@ -279,7 +388,7 @@ impl Validate for Command {
                             "names must match ^[A-Za-z_][A-Za-z0-9_]*$",
                         );
                     }
-                    check_text(errors, &env.field(key), value, 64 * 1024);
+                    check_text(errors, &env.field(key), value, MAX_RUN_TEXT);
                 }
             }
             Command::UpdateAgent(update) => {
@@ -306,7 +415,7 @@ impl Validate for Command {
             }
             Command::UpdatePackage(update) => {
                 let list = payload.field("packages");
-                if update.packages.is_empty() || update.packages.len() > 100 {
+                if update.packages.is_empty() || update.packages.len() > MAX_PACKAGES {
                     errors.push(list.to_string(), "must name 1 to 100 packages");
                 }
                 for (i, name) in update.packages.iter().enumerate() {
@@ -884,11 +993,11 @@ impl Validate for SubmitCommand {
 }
 
 impl SubmitCommand {
-    /// JSON Schema of this body (for the OpenAPI document). The payload depends on the
-    /// command type and is checked by `Command::from_parts`.
+    /// JSON Schema of this body (for the OpenAPI document): the payload's shape follows
+    /// the command type, and the targets are listed or selected.
     pub fn json_schema() -> Value {
         let limits = Limits::default();
-        schema::object(
+        let mut body = schema::object(
             &["command_type"],
             &[
                 ("command_type", schema::one_of(&CommandType::ALL)),
@@ -920,7 +1029,32 @@ impl SubmitCommand {
                     ),
                 ),
             ],
-        )
+        );
+        let by_type: Vec<Value> = CommandType::ALL
+            .iter()
+            .map(|&kind| {
+                let mut then = serde_json::json!({
+                    "properties": { "payload": Command::payload_schema(kind) }
+                });
+                if kind != CommandType::HealthCheck {
+                    then["required"] = serde_json::json!(["payload"]);
+                }
+                serde_json::json!({
+                    "if": { "required": ["command_type"],
+                            "properties": { "command_type": { "const": kind.as_str() } } },
+                    "then": then
+                })
+            })
+            .collect();
+        body["allOf"] = Value::Array(by_type);
+        body["anyOf"] = serde_json::json!([
+            { "required": ["targets"], "properties": { "targets": { "minItems": 1 } } },
+            { "required": ["selector"], "properties": { "selector": { "anyOf": [
+                { "required": ["channel"], "properties": { "channel": { "type": "string" } } },
+                { "required": ["all"], "properties": { "all": { "const": true } } }
+            ] } } }
+        ]);
+        body
     }
 }
 

@@ -26,6 +26,16 @@ pub fn text(max: usize) -> Value {
     json!({ "type": "string", "maxLength": max })
 }
 
+/// Text as `check_text` accepts it: at most `max` bytes, no control characters but newline
+/// and tab.
+pub fn plain_text(max: usize) -> Value {
+    json!({
+        "type": "string",
+        "maxLength": max,
+        "pattern": "^[^\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f]*$"
+    })
+}
+
 /// A non-negative integer.
 pub fn count() -> Value {
     json!({ "type": "integer", "minimum": 0 })
