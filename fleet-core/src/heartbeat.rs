@@ -315,7 +315,7 @@ impl Heartbeat {
         let l = Limits::default();
         let boolean = json!({ "type": "boolean" });
         let number = |max: f64| json!({ "type": "number", "minimum": 0, "maximum": max });
-        let text = |max: usize| crate::schema::text(max);
+        let text = |max: usize| crate::schema::plain_text(max);
         let list =
             // `null` reads as an empty list, as for the optional scalars.
             |max: usize, item: Value| {

@@ -141,7 +141,7 @@ impl SignedManifest {
         let artifact = schema::object(
             &["url", "sha256"],
             &[
-                ("url", schema::text(max)),
+                ("url", schema::plain_text(max)),
                 (
                     "sha256",
                     serde_json::json!({ "type": "string", "pattern": "^[0-9a-fA-F]{64}$" }),

@@ -226,9 +226,9 @@ impl PluginReport {
                         S::Done,
                     ])),
                 ),
-                ("error", schema::nullable(schema::text(max))),
+                ("error", schema::nullable(schema::plain_text(max))),
                 ("duration_ms", schema::nullable(schema::count())),
-                ("output_tail", schema::nullable(schema::text(max))),
+                ("output_tail", schema::nullable(schema::plain_text(max))),
             ],
         )
     }
@@ -288,7 +288,7 @@ impl PluginRequest {
                 ("action", plugin_action_schema()),
                 (
                     "reason",
-                    schema::nullable(schema::text(Limits::default().max_message_len)),
+                    schema::nullable(schema::plain_text(Limits::default().max_message_len)),
                 ),
             ],
         )

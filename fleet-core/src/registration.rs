@@ -54,10 +54,13 @@ impl RegisterRequest {
             &["instance_id"],
             &[
                 ("instance_id", schema::id()),
-                ("enrollment_token", schema::nullable(schema::text(max))),
-                ("hostname", schema::nullable(schema::text(max))),
-                ("agent_version", schema::nullable(schema::text(max))),
-                ("architecture", schema::nullable(schema::text(max))),
+                (
+                    "enrollment_token",
+                    schema::nullable(schema::plain_text(max)),
+                ),
+                ("hostname", schema::nullable(schema::plain_text(max))),
+                ("agent_version", schema::nullable(schema::plain_text(max))),
+                ("architecture", schema::nullable(schema::plain_text(max))),
             ],
         )
     }

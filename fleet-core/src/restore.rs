@@ -114,9 +114,9 @@ impl RestoreReport {
                     "status",
                     schema::one_of(&[R::Verified, R::Failed, R::Skipped]),
                 ),
-                ("error", schema::nullable(schema::text(max))),
+                ("error", schema::nullable(schema::plain_text(max))),
                 ("duration_ms", schema::nullable(schema::count())),
-                ("output_tail", schema::nullable(schema::text(max))),
+                ("output_tail", schema::nullable(schema::plain_text(max))),
             ],
         )
     }

@@ -21,7 +21,8 @@ pub fn id() -> Value {
     })
 }
 
-/// Free text as `check_text` accepts it, at most `max` bytes.
+/// A string of at most `max` bytes, for a field whose characters are not checked (a
+/// signature, a key id); text that `check_text` checks is [`plain_text`].
 pub fn text(max: usize) -> Value {
     json!({ "type": "string", "maxLength": max })
 }

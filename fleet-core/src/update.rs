@@ -208,7 +208,7 @@ impl UpdateNextRequest {
             &["instance_id"],
             &[
                 ("instance_id", schema::id()),
-                ("current_version", schema::nullable(schema::text(max))),
+                ("current_version", schema::nullable(schema::plain_text(max))),
             ],
         )
     }
@@ -277,13 +277,18 @@ impl Validate for UpdateReport {
                 "must be between 0 and 100",
             );
         }
-        for (name, value) in [
-            ("metric_p95_ms", self.metric_p95_ms),
-            ("metric_error_rate", self.metric_error_rate),
-            ("metric_webhook_retry_rate", self.metric_webhook_retry_rate),
+        // The same bounds as the heartbeat's SLO figures.
+        for (name, value, max) in [
+            ("metric_p95_ms", self.metric_p95_ms, 1.0e9),
+            ("metric_error_rate", self.metric_error_rate, 1.0),
+            (
+                "metric_webhook_retry_rate",
+                self.metric_webhook_retry_rate,
+                1.0e6,
+            ),
         ] {
             if let Some(value) = value {
-                check_range(errors, &at.field(name), value, 0.0, 1.0e9);
+                check_range(errors, &at.field(name), value, 0.0, max);
             }
         }
     }
@@ -317,7 +322,7 @@ impl UpdateReport {
                 ("job_id", schema::id()),
                 ("status", reported_status_schema()),
                 ("step", schema::nullable(schema::one_of(&steps))),
-                ("error", schema::nullable(schema::text(max))),
+                ("error", schema::nullable(schema::plain_text(max))),
                 (
                     "canary_percent",
                     schema::nullable(
@@ -326,7 +331,9 @@ impl UpdateReport {
                 ),
                 (
                     "metric_p95_ms",
-                    schema::nullable(serde_json::json!({ "type": "number", "minimum": 0 })),
+                    schema::nullable(
+                        serde_json::json!({ "type": "number", "minimum": 0, "maximum": 1.0e9 }),
+                    ),
                 ),
                 (
                     "metric_error_rate",
@@ -336,10 +343,12 @@ impl UpdateReport {
                 ),
                 (
                     "metric_webhook_retry_rate",
-                    schema::nullable(serde_json::json!({ "type": "number", "minimum": 0 })),
+                    schema::nullable(
+                        serde_json::json!({ "type": "number", "minimum": 0, "maximum": 1.0e6 }),
+                    ),
                 ),
                 ("duration_ms", schema::nullable(schema::count())),
-                ("output_tail", schema::nullable(schema::text(max))),
+                ("output_tail", schema::nullable(schema::plain_text(max))),
             ],
         )
     }

@@ -4,21 +4,34 @@
 
 use fleet_core::Limits;
 use fleet_core::command::SubmitCommand;
-use fleet_core::validate::decode;
+use fleet_core::plugin::{PluginReport, PluginRequest};
+use fleet_core::registration::RegisterRequest;
+use fleet_core::restore::RestoreReport;
+use fleet_core::update::UpdateReport;
+use fleet_core::validate::{Validate, decode};
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-/// Checks each body against the schema and the decoder, and that both give `accepted`.
-fn agree(schema: &Value, bodies: &[Value], accepted: bool) {
+/// Checks each body against `T`'s schema and decoder, and that both give `accepted`.
+fn agree_on<T: DeserializeOwned + Validate + std::fmt::Debug>(
+    schema: &Value,
+    bodies: &[Value],
+    accepted: bool,
+) {
     let validator = jsonschema::validator_for(schema).expect("the schema compiles");
     for body in bodies {
         let by_schema = validator.is_valid(body);
-        let by_decoder = decode::<SubmitCommand>(body.to_string().as_bytes(), &Limits::default());
+        let by_decoder = decode::<T>(body.to_string().as_bytes(), &Limits::default());
         assert_eq!(
             (by_schema, by_decoder.is_ok()),
             (accepted, accepted),
             "schema and decoder on {body}: {by_decoder:?}"
         );
     }
+}
+
+fn agree(schema: &Value, bodies: &[Value], accepted: bool) {
+    agree_on::<SubmitCommand>(schema, bodies, accepted);
 }
 
 fn submit(command_type: &str, payload: Value) -> Value {
@@ -115,4 +128,135 @@ fn submit_command_payloads_follow_their_command_type() {
         ],
         false,
     );
+}
+
+/// `base` with `changes` merged in.
+fn with(base: &Value, changes: Value) -> Value {
+    let mut body = base.clone();
+    for (key, value) in changes.as_object().expect("an object") {
+        body[key] = value.clone();
+    }
+    body
+}
+
+#[test]
+fn pipeline_reports_and_requests_refuse_what_their_schemas_refuse() {
+    let control = "a\u{1}b";
+    let c1 = "a\u{85}b";
+    let report = json!({"instance_id": "acme-001", "job_id": "7", "status": "failed",
+        "error": "disk full\nretry\tlater", "output_tail": "last line", "duration_ms": 12});
+    let update = with(
+        &report,
+        json!({"step": "migrate", "canary_percent": 10, "metric_p95_ms": 250.5,
+               "metric_error_rate": 0.02, "metric_webhook_retry_rate": 3.0}),
+    );
+    let bad_heads = |base: &Value| {
+        vec![
+            with(base, json!({"status": "pending"})),
+            with(base, json!({"instance_id": "acme 001"})),
+            with(base, json!({"job_id": ""})),
+            with(base, json!({"error": control})),
+            with(base, json!({"output_tail": c1})),
+            with(
+                base,
+                json!({"error": "x".repeat(Limits::default().max_message_len + 1)}),
+            ),
+        ]
+    };
+    agree_on::<UpdateReport>(
+        &UpdateReport::json_schema(),
+        std::slice::from_ref(&update),
+        true,
+    );
+    let mut bad_updates = bad_heads(&update);
+    bad_updates.extend([
+        with(&update, json!({"canary_percent": 101})),
+        with(&update, json!({"metric_error_rate": 1.5})),
+        with(&update, json!({"metric_p95_ms": -1})),
+        with(&update, json!({"metric_webhook_retry_rate": 2.0e6})),
+        with(&update, json!({"step": "reboot"})),
+    ]);
+    agree_on::<UpdateReport>(&UpdateReport::json_schema(), &bad_updates, false);
+    let plugin = with(&report, json!({"step": "install"}));
+    agree_on::<PluginReport>(
+        &PluginReport::json_schema(),
+        std::slice::from_ref(&plugin),
+        true,
+    );
+    agree_on::<PluginReport>(&PluginReport::json_schema(), &bad_heads(&plugin), false);
+
+    let restore = json!({"instance_id": "acme-001", "restore_id": "3", "status": "verified",
+        "output_tail": "ok"});
+    agree_on::<RestoreReport>(
+        &RestoreReport::json_schema(),
+        std::slice::from_ref(&restore),
+        true,
+    );
+    agree_on::<RestoreReport>(
+        &RestoreReport::json_schema(),
+        &[
+            with(&restore, json!({"error": control})),
+            with(&restore, json!({"restore_id": "3\n"})),
+            with(&restore, json!({"status": "done"})),
+        ],
+        false,
+    );
+
+    let request = json!({"instance_id": "acme-001", "name": "billing-export",
+        "version": "1.0.0", "action": "install", "reason": "asked by\tsupport"});
+    agree_on::<PluginRequest>(
+        &PluginRequest::json_schema(),
+        std::slice::from_ref(&request),
+        true,
+    );
+    agree_on::<PluginRequest>(
+        &PluginRequest::json_schema(),
+        &[
+            with(&request, json!({"reason": control})),
+            with(&request, json!({"name": "x; rm -rf /"})),
+        ],
+        false,
+    );
+
+    let register = json!({"instance_id": "edge-7", "hostname": "edge-7.local",
+        "agent_version": "0.1.0", "architecture": "x86_64"});
+    agree_on::<RegisterRequest>(
+        &RegisterRequest::json_schema(),
+        std::slice::from_ref(&register),
+        true,
+    );
+    agree_on::<RegisterRequest>(
+        &RegisterRequest::json_schema(),
+        &[
+            with(&register, json!({"hostname": control})),
+            with(&register, json!({"architecture": "x".repeat(257)})),
+        ],
+        false,
+    );
+}
+
+#[test]
+fn heartbeat_text_fields_refuse_control_characters_in_both() {
+    let schema = fleet_core::Heartbeat::json_schema();
+    let validator = jsonschema::validator_for(&schema).expect("the schema compiles");
+    let base = json!({"instance_id": "acme-001", "db_ok": true, "redis_ok": true,
+        "storage_ok": true, "jobs_failed": 0, "client": "Acme\tSA",
+        "alerts": [{"level": "warning", "message": "Low disk\nsoon"}]});
+    let bad = [
+        with(&base, json!({"client": "Acme\u{7}"})),
+        with(&base, json!({"alerts": [{"message": "x\u{1b}[31m"}]})),
+        with(
+            &base,
+            json!({"job_failures": [{"queue": "q", "message": "\u{0}"}]}),
+        ),
+    ];
+    for (body, accepted) in std::iter::once((&base, true)).chain(bad.iter().map(|b| (b, false))) {
+        let by_decoder =
+            fleet_core::Heartbeat::decode(body.to_string().as_bytes(), &Limits::default());
+        assert_eq!(
+            (validator.is_valid(body), by_decoder.is_ok()),
+            (accepted, accepted),
+            "schema and decoder on {body}: {by_decoder:?}"
+        );
+    }
 }
