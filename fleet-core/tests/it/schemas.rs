@@ -139,6 +139,16 @@ fn with(base: &Value, changes: Value) -> Value {
     body
 }
 
+/// `valid` is accepted, and each of `invalid` refused, by `T`'s schema and decoder alike.
+fn accepts_one_refuses_the_rest<T: DeserializeOwned + Validate + std::fmt::Debug>(
+    schema: Value,
+    valid: &Value,
+    invalid: &[Value],
+) {
+    agree_on::<T>(&schema, std::slice::from_ref(valid), true);
+    agree_on::<T>(&schema, invalid, false);
+}
+
 #[test]
 fn pipeline_reports_and_requests_refuse_what_their_schemas_refuse() {
     let control = "a\u{1}b";
@@ -163,11 +173,6 @@ fn pipeline_reports_and_requests_refuse_what_their_schemas_refuse() {
             ),
         ]
     };
-    agree_on::<UpdateReport>(
-        &UpdateReport::json_schema(),
-        std::slice::from_ref(&update),
-        true,
-    );
     let mut bad_updates = bad_heads(&update);
     bad_updates.extend([
         with(&update, json!({"canary_percent": 101})),
@@ -176,62 +181,50 @@ fn pipeline_reports_and_requests_refuse_what_their_schemas_refuse() {
         with(&update, json!({"metric_webhook_retry_rate": 2.0e6})),
         with(&update, json!({"step": "reboot"})),
     ]);
-    agree_on::<UpdateReport>(&UpdateReport::json_schema(), &bad_updates, false);
-    let plugin = with(&report, json!({"step": "install"}));
-    agree_on::<PluginReport>(
-        &PluginReport::json_schema(),
-        std::slice::from_ref(&plugin),
-        true,
+    accepts_one_refuses_the_rest::<UpdateReport>(
+        UpdateReport::json_schema(),
+        &update,
+        &bad_updates,
     );
-    agree_on::<PluginReport>(&PluginReport::json_schema(), &bad_heads(&plugin), false);
+    let plugin = with(&report, json!({"step": "install"}));
+    accepts_one_refuses_the_rest::<PluginReport>(
+        PluginReport::json_schema(),
+        &plugin,
+        &bad_heads(&plugin),
+    );
 
     let restore = json!({"instance_id": "acme-001", "restore_id": "3", "status": "verified",
         "output_tail": "ok"});
-    agree_on::<RestoreReport>(
-        &RestoreReport::json_schema(),
-        std::slice::from_ref(&restore),
-        true,
-    );
-    agree_on::<RestoreReport>(
-        &RestoreReport::json_schema(),
+    accepts_one_refuses_the_rest::<RestoreReport>(
+        RestoreReport::json_schema(),
+        &restore,
         &[
             with(&restore, json!({"error": control})),
             with(&restore, json!({"restore_id": "3\n"})),
             with(&restore, json!({"status": "done"})),
         ],
-        false,
     );
 
     let request = json!({"instance_id": "acme-001", "name": "billing-export",
         "version": "1.0.0", "action": "install", "reason": "asked by\tsupport"});
-    agree_on::<PluginRequest>(
-        &PluginRequest::json_schema(),
-        std::slice::from_ref(&request),
-        true,
-    );
-    agree_on::<PluginRequest>(
-        &PluginRequest::json_schema(),
+    accepts_one_refuses_the_rest::<PluginRequest>(
+        PluginRequest::json_schema(),
+        &request,
         &[
             with(&request, json!({"reason": control})),
             with(&request, json!({"name": "x; rm -rf /"})),
         ],
-        false,
     );
 
     let register = json!({"instance_id": "edge-7", "hostname": "edge-7.local",
         "agent_version": "0.1.0", "architecture": "x86_64"});
-    agree_on::<RegisterRequest>(
-        &RegisterRequest::json_schema(),
-        std::slice::from_ref(&register),
-        true,
-    );
-    agree_on::<RegisterRequest>(
-        &RegisterRequest::json_schema(),
+    accepts_one_refuses_the_rest::<RegisterRequest>(
+        RegisterRequest::json_schema(),
+        &register,
         &[
             with(&register, json!({"hostname": control})),
             with(&register, json!({"architecture": "x".repeat(257)})),
         ],
-        false,
     );
 }
 
