@@ -13,7 +13,8 @@
 //! It drives the three routes in alternating slices (`--rounds`, so that all see the same
 //! background load), `--secs` in total each, with identical work per request (build, sign,
 //! send). `/checked` splits the gap between the bare route and ingest into what reading a
-//! signed heartbeat costs and what storing it durably costs.
+//! signed heartbeat costs and what storing it durably costs. `--batch-max` caps the
+//! heartbeats per transaction (the server's default otherwise).
 //!
 //! It reports requests/s, p50 and p99, and three CPU clocks per request: this process
 //! (server and generator), the whole machine (`/proc/stat`: also the database server, the
@@ -46,6 +47,7 @@ struct Options {
     server_threads: usize,
     client_threads: usize,
     pg_writers: usize,
+    batch_max: usize,
     rounds: usize,
 }
 
@@ -58,6 +60,7 @@ fn options() -> Result<Options, String> {
         server_threads: 2,
         client_threads: 2,
         pg_writers: 4,
+        batch_max: Settings::default().batch_max,
         rounds: 5,
     };
     let mut args = std::env::args().skip(1);
@@ -75,6 +78,7 @@ fn options() -> Result<Options, String> {
             "--server-threads" => o.server_threads = number(value()?)?,
             "--client-threads" => o.client_threads = number(value()?)?,
             "--pg-writers" => o.pg_writers = number(value()?)?,
+            "--batch-max" => o.batch_max = number(value()?)?.max(1),
             "--rounds" => o.rounds = number(value()?)?,
             _ => return Err(format!("unknown flag {flag}")),
         }
@@ -400,7 +404,10 @@ fn main() -> Result<(), String> {
         let router = ControlPlane::builder()
             .shared_store(store.clone())
             .secrets(resolver)
-            .settings(Settings::default())
+            .settings(Settings {
+                batch_max: o.batch_max,
+                ..Settings::default()
+            })
             .build()
             .map_err(|e| e.to_string())?;
         let app = axum::Router::new()
