@@ -206,16 +206,16 @@ fn presents_credentials(headers: &HeaderMap) -> bool {
 /// The role the request's credentials prove (`None` without credentials or with wrong
 /// ones), or [`Error::TooManyAttempts`] when the client used up its failed checks: then the
 /// credentials are not looked at. A failed check counts against the client.
-pub(crate) async fn caller_of(state: &AppState, parts: &Parts) -> Result<Option<Role>, Error> {
+pub(crate) fn caller_of(state: &AppState, parts: &Parts) -> Result<Option<Role>, Error> {
     if !presents_credentials(&parts.headers) {
         return Ok(None);
     }
     let client = crate::throttle::client_of(parts, &state.settings);
-    attempt(state, client, || state.tokens.caller(&parts.headers)).await
+    attempt(state, client, || state.tokens.caller(&parts.headers))
 }
 
 /// Runs one credential check for `client` under its limit (see [`crate::throttle`]).
-pub(crate) async fn attempt(
+pub(crate) fn attempt(
     state: &AppState,
     client: std::net::IpAddr,
     check: impl FnOnce() -> Option<Role>,
@@ -230,42 +230,8 @@ pub(crate) async fn attempt(
         state.auth_throttle.failed(client, now);
         // The address is the operator's lead; the presented token is never logged.
         tracing::info!(%client, "role token refused");
-        count_failure_with_replicas(state, client, now).await;
     }
     Ok(role)
-}
-
-/// Adds a failed check to the count the replicas sharing the database keep per client and
-/// minute, and holds the client back for the rest of the minute once that count reaches the
-/// limit: a guesser spread over N replicas gets one allowance, not N. The count is written
-/// only for failures, so valid credentials cost no database round trip. When the database
-/// does not answer, this process's own count still applies.
-async fn count_failure_with_replicas(
-    state: &AppState,
-    client: std::net::IpAddr,
-    now: std::time::Instant,
-) {
-    let limit = state.auth_throttle.limit();
-    if limit == 0 {
-        return;
-    }
-    let unix = fleet_core::unix_now();
-    let minute = unix - unix.rem_euclid(60);
-    match state
-        .store
-        .count_auth_failure(&client.to_string(), minute)
-        .await
-    {
-        Ok(failures) if failures >= u64::from(limit) => {
-            let rest = std::time::Duration::from_secs((minute + 60 - unix) as u64);
-            state.auth_throttle.hold(client, now, now + rest);
-        }
-        Ok(_) => {}
-        Err(err) => tracing::warn!(
-            error = %err,
-            "counting a failed role-token check in the database failed; this process's count applies"
-        ),
-    }
 }
 
 impl<const MIN: u8> FromRequestParts<Shared> for Authed<MIN> {
@@ -275,7 +241,7 @@ impl<const MIN: u8> FromRequestParts<Shared> for Authed<MIN> {
         parts: &mut Parts,
         state: &Shared,
     ) -> Result<Self, Self::Rejection> {
-        match caller_of(state, parts).await? {
+        match caller_of(state, parts)? {
             None => Err(Error::Unauthorized),
             Some(role) if role < Role::from_level(MIN) => Err(Error::Forbidden),
             Some(role) => Ok(Self(role)),
@@ -295,9 +261,7 @@ impl<const MIN: u8> FromRequestParts<Shared> for Viewer<MIN> {
         parts: &mut Parts,
         state: &Shared,
     ) -> Result<Self, Self::Rejection> {
-        let caller = caller_of(state, parts)
-            .await
-            .map_err(crate::dashboard::error_page)?;
+        let caller = caller_of(state, parts).map_err(crate::dashboard::error_page)?;
         match caller {
             None => Err(Redirect::to("/login").into_response()),
             Some(role) if role < Role::from_level(MIN) => Err(crate::dashboard::forbidden_page()),

@@ -454,7 +454,7 @@ fn login_form(message: &str) -> String {
 pub(crate) async fn login_page(State(state): State<Shared>, parts: Parts) -> Response {
     // The page shows who is logged in, so it checks the cookie under the same limit as
     // every other route: otherwise it would answer unlimited guesses.
-    match crate::auth::caller_of(&state, &parts).await {
+    match crate::auth::caller_of(&state, &parts) {
         Ok(role) => layout("Log in", role, &login_form("")).into_response(),
         Err(err) => error_page(err),
     }
@@ -473,7 +473,7 @@ pub(crate) async fn login(
     // A malformed form is just a failed login, answered with the same page.
     let token = form.map(|f| f.0.token).unwrap_or_default();
     let token = token.trim();
-    let role = match crate::auth::attempt(&state, client, || state.tokens.role_of(token)).await {
+    let role = match crate::auth::attempt(&state, client, || state.tokens.role_of(token)) {
         Ok(role) => role,
         Err(err) => return error_page(err),
     };

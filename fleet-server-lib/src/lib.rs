@@ -280,6 +280,7 @@ impl ControlPlaneBuilder {
             manifests: self.manifests,
         });
         sweeper::spawn(Arc::downgrade(&state));
+        throttle::spawn_sharing(Arc::downgrade(&state));
         rollouts::spawn_watcher(Arc::downgrade(&state));
         channel::spawn_timeouts(Arc::downgrade(&state));
         channel::spawn_scheduler(Arc::downgrade(&state));

@@ -30,10 +30,15 @@ const WINDOW: Duration = Duration::from_secs(60);
 /// one is still running the oldest goes, so a flood of addresses cannot grow the map.
 const MAX_CLIENTS: usize = 10_000;
 
+/// How often a process adds its clients' new failures to the count the replicas share.
+const SHARE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Failed credential checks per client, over fixed windows of [`WINDOW`].
 pub(crate) struct AuthThrottle {
     limit: u32,
     clients: Mutex<HashMap<IpAddr, Window>>,
+    /// Failures not yet added to the shared count, per client (bounded like `clients`).
+    unshared: Mutex<HashMap<IpAddr, u64>>,
 }
 
 struct Window {
@@ -64,12 +69,8 @@ impl AuthThrottle {
         Self {
             limit,
             clients: Mutex::new(HashMap::new()),
+            unshared: Mutex::new(HashMap::new()),
         }
-    }
-
-    /// The failures allowed per client and window; 0 when the throttle is off.
-    pub fn limit(&self) -> u32 {
-        self.limit
     }
 
     /// When the client may try again, if it has used up its failures.
@@ -79,17 +80,48 @@ impl AuthThrottle {
         }
         let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         let window = clients.get(&client)?;
+        self.held_until(window, now).map(|until| until - now)
+    }
+
+    /// Until when `window`'s client is held back, if it is at `now`.
+    fn held_until(&self, window: &Window, now: Instant) -> Option<Instant> {
         let ends = window.started + WINDOW;
         let counted = (window.failures >= self.limit && now < ends).then_some(ends);
         let held = window.held_until.filter(|until| now < *until);
-        counted.max(held).map(|until| until - now)
+        counted.max(held)
     }
 
-    /// Counts a failed credential check of the client.
+    /// Counts a failed credential check of the client, here and (at the next share) in the
+    /// count the replicas keep together.
     pub fn failed(&self, client: IpAddr, now: Instant) {
         self.update(client, now, |window| {
             window.failures = window.failures.saturating_add(1);
         });
+        if self.limit == 0 {
+            return;
+        }
+        let mut unshared = self.unshared.lock().unwrap_or_else(|e| e.into_inner());
+        if unshared.len() < MAX_CLIENTS || unshared.contains_key(&client) {
+            *unshared.entry(client).or_default() += 1;
+        }
+    }
+
+    /// What to share, in client order: each client's failures since the last share, and 0
+    /// for a client that failed here earlier in its window and is not held back yet, so that
+    /// the failures other replicas counted for it are still read.
+    fn to_share(&self, now: Instant) -> Vec<(IpAddr, u64)> {
+        let mut share =
+            std::mem::take(&mut *self.unshared.lock().unwrap_or_else(|e| e.into_inner()));
+        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        for (client, window) in clients.iter() {
+            let open = window.failures > 0 && now < window.started + WINDOW;
+            if open && self.held_until(window, now).is_none() {
+                share.entry(*client).or_insert(0);
+            }
+        }
+        let mut share: Vec<(IpAddr, u64)> = share.into_iter().collect();
+        share.sort_unstable();
+        share
     }
 
     /// Holds the client back until `until`, whatever this process counted.
@@ -121,6 +153,57 @@ impl AuthThrottle {
         }
         change(window);
     }
+}
+
+/// Shares this process's failed checks with the replicas on the same database, once a
+/// second until the control plane is dropped: the new failures of each client are added to
+/// the store's count for the current minute (and the count of a client that failed here
+/// earlier is read again), in one transaction whatever their number, and a client whose
+/// count reached the limit is held back here until the minute ends. So a guesser spread over
+/// N replicas gets about one allowance, not N, and a flood of failures costs the database one
+/// transaction a second. When the database does not answer, those failures are left out of
+/// the shared count and each process's own count still applies.
+pub(crate) fn spawn_sharing(state: std::sync::Weak<crate::AppState>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SHARE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(state) = state.upgrade() else { return };
+            let throttle = &state.auth_throttle;
+            if throttle.limit == 0 {
+                return;
+            }
+            // In client order, the same for every replica, so that two sharing at once wait
+            // for each other instead of deadlocking on each other's rows.
+            let unshared = throttle.to_share(Instant::now());
+            if unshared.is_empty() {
+                continue;
+            }
+            let unix = fleet_core::unix_now();
+            let minute = unix - unix.rem_euclid(60);
+            let failures: Vec<(String, u64)> = unshared
+                .iter()
+                .map(|(client, n)| (client.to_string(), *n))
+                .collect();
+            match state.store.count_auth_failures(minute, &failures).await {
+                Ok(totals) => {
+                    let now = Instant::now();
+                    let until = now + Duration::from_secs((minute + 60 - unix).max(0) as u64);
+                    for ((client, _), total) in unshared.iter().zip(totals) {
+                        if total >= u64::from(throttle.limit) {
+                            throttle.hold(*client, now, until);
+                        }
+                    }
+                }
+                Err(err) => tracing::warn!(
+                    error = %err,
+                    clients = failures.len(),
+                    "sharing failed role-token checks with the replicas failed; each process's count applies"
+                ),
+            }
+        }
+    });
 }
 
 /// The header in which trusted reverse proxies name the client they forward for.
@@ -282,6 +365,34 @@ mod tests {
             None
         );
         assert_eq!(throttle.retry_after(ip("10.0.0.2"), start), None);
+    }
+
+    #[test]
+    fn what_is_shared_is_the_new_failures_and_the_clients_still_guessing() {
+        let throttle = AuthThrottle::new(3);
+        let start = Instant::now();
+        throttle.failed(ip("10.0.0.2"), start);
+        throttle.failed(ip("10.0.0.1"), start);
+        throttle.failed(ip("10.0.0.1"), start);
+        assert_eq!(
+            throttle.to_share(start),
+            [(ip("10.0.0.1"), 2), (ip("10.0.0.2"), 1)],
+            "in client order"
+        );
+        // Nothing new: the clients are read again, adding nothing.
+        assert_eq!(
+            throttle.to_share(start),
+            [(ip("10.0.0.1"), 0), (ip("10.0.0.2"), 0)]
+        );
+        // A client held back, or whose window ended, is not read again.
+        throttle.failed(ip("10.0.0.1"), start);
+        assert_eq!(
+            throttle.to_share(start),
+            [(ip("10.0.0.1"), 1), (ip("10.0.0.2"), 0)]
+        );
+        assert_eq!(throttle.to_share(start), [(ip("10.0.0.2"), 0)]);
+        assert!(throttle.to_share(start + WINDOW).is_empty());
+        assert!(AuthThrottle::new(0).to_share(start).is_empty());
     }
 
     #[test]

@@ -294,10 +294,14 @@ pub trait Store: rollouts::RolloutStore + Send + Sync + 'static {
     /// checks of minutes that started before it; returns how many message ids.
     async fn prune_messages(&self, before: i64) -> Result<u64>;
 
-    /// Counts one failed role-token check of `client` in the minute starting at `minute`
-    /// (unix seconds, a multiple of 60) and returns that minute's failures so far, as
-    /// counted by every replica sharing the database.
-    async fn count_auth_failure(&self, client: &str, minute: i64) -> Result<u64>;
+    /// Adds failed role-token checks (client, how many) to the counts of the minute starting
+    /// at `minute` (unix seconds, a multiple of 60), in one transaction, and returns each
+    /// client's count for that minute so far, as every replica sharing the database counted.
+    async fn count_auth_failures(
+        &self,
+        minute: i64,
+        failures: &[(String, u64)],
+    ) -> Result<Vec<u64>>;
 
     /// Deletes time-series rows received before `before` (unix seconds), oldest first, and
     /// returns how many went. Each call removes at most a bounded number, so one sweep never

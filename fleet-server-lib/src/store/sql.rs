@@ -321,17 +321,30 @@ macro_rules! impl_sql_store {
                     .rows_affected())
             }
 
-            async fn count_auth_failure(&self, client: &str, minute: i64) -> $crate::Result<u64> {
-                let failures: i64 = sqlx::query_scalar(
-                    "INSERT INTO auth_failures (client, minute, failures) VALUES ($1, $2, 1) \
-                     ON CONFLICT (client, minute) \
-                     DO UPDATE SET failures = auth_failures.failures + 1 RETURNING failures",
-                )
-                .bind(client)
-                .bind(minute)
-                .fetch_one(&self.pool)
-                .await?;
-                Ok(failures.max(0) as u64)
+            async fn count_auth_failures(
+                &self,
+                minute: i64,
+                failures: &[(String, u64)],
+            ) -> $crate::Result<Vec<u64>> {
+                let mut tx = self.pool.begin().await?;
+                let mut totals = Vec::with_capacity(failures.len());
+                for (client, count) in failures {
+                    let count = i64::try_from(*count).unwrap_or(i64::MAX);
+                    let total: i64 = sqlx::query_scalar(
+                        "INSERT INTO auth_failures (client, minute, failures) VALUES ($1, $2, $3) \
+                         ON CONFLICT (client, minute) \
+                         DO UPDATE SET failures = auth_failures.failures + excluded.failures \
+                         RETURNING failures",
+                    )
+                    .bind(client)
+                    .bind(minute)
+                    .bind(count)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    totals.push(total.max(0) as u64);
+                }
+                tx.commit().await?;
+                Ok(totals)
             }
 
             async fn prune_heartbeats(&self, before: i64) -> $crate::Result<u64> {

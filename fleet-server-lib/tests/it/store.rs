@@ -650,17 +650,36 @@ async fn old_message_ids_are_pruned(t: TestStore) {
 
 async fn failed_role_checks_are_counted_per_client_and_minute_and_pruned(t: TestStore) {
     let s = &t.store;
-    let count = |client: &'static str, minute: i64| async move {
-        s.count_auth_failure(client, minute).await.expect("count")
+    let count = |minute: i64, failures: &[(&str, u64)]| {
+        let failures: Vec<(String, u64)> = failures
+            .iter()
+            .map(|(c, n)| ((*c).to_owned(), *n))
+            .collect();
+        async move {
+            s.count_auth_failures(minute, &failures)
+                .await
+                .expect("count")
+        }
     };
-    assert_eq!(count("192.0.2.1", 960).await, 1);
-    assert_eq!(count("192.0.2.1", 960).await, 2);
-    assert_eq!(count("192.0.2.2", 960).await, 1, "another client");
-    assert_eq!(count("192.0.2.1", 1020).await, 1, "the next minute");
+    assert_eq!(
+        count(960, &[("192.0.2.1", 2), ("192.0.2.2", 1)]).await,
+        [2, 1]
+    );
+    // Another replica adds its own; 0 reads the count without adding.
+    assert_eq!(
+        count(960, &[("192.0.2.1", 3), ("192.0.2.2", 0)]).await,
+        [5, 1]
+    );
+    assert_eq!(
+        count(1020, &[("192.0.2.1", 1)]).await,
+        [1],
+        "the next minute"
+    );
+    assert!(count(1020, &[]).await.is_empty());
     s.prune_messages(1000).await.expect("prune");
     // The minute that started before the cutoff is gone, the later one stays.
-    assert_eq!(count("192.0.2.1", 960).await, 1);
-    assert_eq!(count("192.0.2.1", 1020).await, 2);
+    assert_eq!(count(960, &[("192.0.2.1", 0)]).await, [0]);
+    assert_eq!(count(1020, &[("192.0.2.1", 0)]).await, [1]);
 }
 
 async fn time_series_is_pruned_oldest_first_and_the_installation_stays(t: TestStore) {
