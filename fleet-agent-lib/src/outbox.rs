@@ -224,9 +224,25 @@ impl Outbox {
     }
 
     /// Removes a message the control plane refused for good (it would block the queue
-    /// forever), without counting it as a bound drop.
+    /// forever), without counting it as a bound drop. The drops it was to report are handed
+    /// on to the next heartbeat: the control plane never recorded them.
     pub async fn discard(&self, seq: i64) -> Result<()> {
-        self.ack(seq).await
+        let mut conn = self.conn.lock().await;
+        let _ = self
+            .sending
+            .compare_exchange(seq, 0, Ordering::SeqCst, Ordering::SeqCst);
+        let mut tx = conn.begin().await?;
+        let carried: Option<i64> =
+            sqlx::query_scalar("DELETE FROM outbox WHERE seq = ? RETURNING carried_dropped")
+                .bind(seq)
+                .fetch_optional(&mut *tx)
+                .await?;
+        sqlx::query("UPDATE counters SET value = value + ? WHERE name = 'dropped_unreported'")
+            .bind(carried.unwrap_or(0))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Adds drops that happened outside the outbox (buffering turned off) so the next
@@ -389,6 +405,39 @@ mod tests {
         outbox.push("m4", "/p", 100, |_| Vec::new()).await.unwrap();
         assert_eq!(outbox.waiting_ids().await.unwrap(), ["m3", "m4"]);
         assert_eq!(outbox.stats().await.unwrap().2, 2);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_refused_heartbeat_hands_on_the_drops_it_was_to_report() {
+        let dir = temp_dir("discard");
+        let outbox = open(&dir, bounds(1, 1 << 20, 3600)).await;
+        outbox.push("m0", "/p", 100, |_| Vec::new()).await.unwrap();
+        let pushed = outbox.push("m1", "/p", 100, |_| Vec::new()).await.unwrap();
+        assert_eq!(pushed.dropped, 1);
+        // m2 carries m0's drop; the control plane refuses m2 for good.
+        let carried = std::cell::Cell::new(0);
+        outbox
+            .push("m2", "/p", 100, |n| {
+                carried.set(n);
+                Vec::new()
+            })
+            .await
+            .unwrap();
+        assert_eq!(carried.get(), 1);
+        let refused = outbox.peek(100).await.unwrap().unwrap();
+        assert_eq!(refused.msg_id, "m2");
+        outbox.discard(refused.seq).await.unwrap();
+        // m1's drop (by m2's push) and m0's (carried by m2) go into the next heartbeat.
+        outbox
+            .push("m3", "/p", 100, |n| {
+                carried.set(n);
+                Vec::new()
+            })
+            .await
+            .unwrap();
+        assert_eq!(carried.get(), 2);
+        assert_eq!(outbox.stats().await.unwrap().2, 2, "two bound drops in all");
         let _ = std::fs::remove_dir_all(dir);
     }
 
