@@ -969,6 +969,14 @@ impl Validate for SubmitCommand {
                 "name targets or a selector (channel or all)",
             );
         }
+        if let Some(channel) = self.selector.as_ref().and_then(|s| s.channel.as_deref()) {
+            check_text(
+                errors,
+                &at.field("selector").field("channel"),
+                channel,
+                limits.max_id_len,
+            );
+        }
         if self.max_concurrency == Some(0) {
             errors.push(
                 at.field("max_concurrency").to_string(),
@@ -1010,7 +1018,10 @@ impl SubmitCommand {
                     schema::object(
                         &[],
                         &[
-                            ("channel", schema::nullable(schema::text(limits.max_id_len))),
+                            (
+                                "channel",
+                                schema::nullable(schema::plain_text(limits.max_id_len)),
+                            ),
                             ("all", serde_json::json!({ "type": "boolean" })),
                         ],
                     ),

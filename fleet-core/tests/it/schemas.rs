@@ -125,6 +125,8 @@ fn submit_command_payloads_follow_their_command_type() {
             json!({"command_type": "HEALTH_CHECK", "targets": []}),
             json!({"command_type": "HEALTH_CHECK", "selector": {"all": false}}),
             json!({"command_type": "HEALTH_CHECK", "selector": {"channel": null}}),
+            json!({"command_type": "HEALTH_CHECK", "selector": {"all": true, "channel": "c".repeat(129)}}),
+            json!({"command_type": "HEALTH_CHECK", "selector": {"channel": "stable\u{7}"}}),
         ],
         false,
     );
