@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::validate::{
-    DecodeError, Fields, Limits, Path, ValidationErrors, check_size, json_message,
+    DecodeError, Fields, Limits, MAX_SLO_ERROR_RATE, MAX_SLO_P95_MS, MAX_SLO_WEBHOOK_RETRY_RATE,
+    Path, ValidationErrors, check_size, json_message,
 };
 
 mod fast;
@@ -345,11 +346,17 @@ impl Heartbeat {
                 ("health", crate::schema::nullable(text(l.max_id_len))),
                 ("uptime_seconds", crate::schema::nullable(number(1.0e12))),
                 ("search_ok", crate::schema::nullable(boolean)),
-                ("slo_p95_ms", crate::schema::nullable(number(1.0e9))),
-                ("slo_error_rate", crate::schema::nullable(number(1.0))),
+                (
+                    "slo_p95_ms",
+                    crate::schema::nullable(number(MAX_SLO_P95_MS)),
+                ),
+                (
+                    "slo_error_rate",
+                    crate::schema::nullable(number(MAX_SLO_ERROR_RATE)),
+                ),
                 (
                     "slo_webhook_retry_rate",
-                    crate::schema::nullable(number(1.0e6)),
+                    crate::schema::nullable(number(MAX_SLO_WEBHOOK_RETRY_RATE)),
                 ),
                 ("cpu_usage_pct", crate::schema::nullable(number(100.0))),
                 (
@@ -437,9 +444,13 @@ fn decode_fields(f: &mut Fields<'_, '_>) -> Heartbeat {
         search_ok: f.opt_bool("search_ok"),
         secrets_expired: f.opt_u64("secrets_expired"),
         secrets_unverified: f.opt_u64("secrets_unverified"),
-        slo_p95_ms: f.opt_f64("slo_p95_ms", 0.0, 1.0e9),
-        slo_error_rate: f.opt_f64("slo_error_rate", 0.0, 1.0),
-        slo_webhook_retry_rate: f.opt_f64("slo_webhook_retry_rate", 0.0, 1.0e6),
+        slo_p95_ms: f.opt_f64("slo_p95_ms", 0.0, MAX_SLO_P95_MS),
+        slo_error_rate: f.opt_f64("slo_error_rate", 0.0, MAX_SLO_ERROR_RATE),
+        slo_webhook_retry_rate: f.opt_f64(
+            "slo_webhook_retry_rate",
+            0.0,
+            MAX_SLO_WEBHOOK_RETRY_RATE,
+        ),
         slo_updated_at: f.opt_timestamp("slo_updated_at"),
         last_backup_at: f.opt_timestamp("last_backup_at"),
         backup_id: f.opt_string("backup_id", text),

@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 use crate::manifest::SignedManifest;
 use crate::schema;
 use crate::validate::{
-    Limits, Path, Validate, ValidationErrors, check_id, check_range, check_text,
+    Limits, MAX_SLO_ERROR_RATE, MAX_SLO_P95_MS, MAX_SLO_WEBHOOK_RETRY_RATE, Path, Validate,
+    ValidationErrors, check_id, check_range, check_text,
 };
 
 /// Status of an update (or plugin) job.
@@ -161,12 +162,16 @@ impl Validate for RolloutSettings {
             );
         }
         for (name, value, max) in [
-            ("slo_p95_ms_max", self.slo_p95_ms_max, 1.0e9),
-            ("slo_error_rate_max", self.slo_error_rate_max, 1.0),
+            ("slo_p95_ms_max", self.slo_p95_ms_max, MAX_SLO_P95_MS),
+            (
+                "slo_error_rate_max",
+                self.slo_error_rate_max,
+                MAX_SLO_ERROR_RATE,
+            ),
             (
                 "slo_webhook_retry_rate_max",
                 self.slo_webhook_retry_rate_max,
-                1.0e6,
+                MAX_SLO_WEBHOOK_RETRY_RATE,
             ),
         ] {
             if let Some(value) = value {
@@ -277,14 +282,17 @@ impl Validate for UpdateReport {
                 "must be between 0 and 100",
             );
         }
-        // The same bounds as the heartbeat's SLO figures.
         for (name, value, max) in [
-            ("metric_p95_ms", self.metric_p95_ms, 1.0e9),
-            ("metric_error_rate", self.metric_error_rate, 1.0),
+            ("metric_p95_ms", self.metric_p95_ms, MAX_SLO_P95_MS),
+            (
+                "metric_error_rate",
+                self.metric_error_rate,
+                MAX_SLO_ERROR_RATE,
+            ),
             (
                 "metric_webhook_retry_rate",
                 self.metric_webhook_retry_rate,
-                1.0e6,
+                MAX_SLO_WEBHOOK_RETRY_RATE,
             ),
         ] {
             if let Some(value) = value {
@@ -329,29 +337,22 @@ impl UpdateReport {
                         serde_json::json!({ "type": "integer", "minimum": 0, "maximum": 100 }),
                     ),
                 ),
-                (
-                    "metric_p95_ms",
-                    schema::nullable(
-                        serde_json::json!({ "type": "number", "minimum": 0, "maximum": 1.0e9 }),
-                    ),
-                ),
-                (
-                    "metric_error_rate",
-                    schema::nullable(
-                        serde_json::json!({ "type": "number", "minimum": 0, "maximum": 1 }),
-                    ),
-                ),
+                ("metric_p95_ms", slo_figure(MAX_SLO_P95_MS)),
+                ("metric_error_rate", slo_figure(MAX_SLO_ERROR_RATE)),
                 (
                     "metric_webhook_retry_rate",
-                    schema::nullable(
-                        serde_json::json!({ "type": "number", "minimum": 0, "maximum": 1.0e6 }),
-                    ),
+                    slo_figure(MAX_SLO_WEBHOOK_RETRY_RATE),
                 ),
                 ("duration_ms", schema::nullable(schema::count())),
                 ("output_tail", schema::nullable(schema::plain_text(max))),
             ],
         )
     }
+}
+
+/// An optional SLO figure of a report: a number from 0 to `max`, or `null`.
+fn slo_figure(max: f64) -> serde_json::Value {
+    schema::nullable(serde_json::json!({ "type": "number", "minimum": 0, "maximum": max }))
 }
 
 /// What update and plugin reports share, checked in one place: both ids, a status an agent

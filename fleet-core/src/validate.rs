@@ -6,6 +6,14 @@ use std::fmt;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Number, Value};
 
+/// Largest p95 latency in ms accepted as an SLO figure (a heartbeat's, an update report's) or
+/// threshold (a rollout's).
+pub const MAX_SLO_P95_MS: f64 = 1.0e9;
+/// Largest error rate, a fraction, accepted as an SLO figure or threshold.
+pub const MAX_SLO_ERROR_RATE: f64 = 1.0;
+/// Largest webhook retry rate accepted as an SLO figure or threshold.
+pub const MAX_SLO_WEBHOOK_RETRY_RATE: f64 = 1.0e6;
+
 /// Size limits for everything an agent or operator sends. The defaults suit a fleet of
 /// ordinary instances; raise them deliberately, never remove them.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -27,8 +27,8 @@ use super::{
     AlertLevel, BYTES_MAX, CheckResult, Container, Heartbeat, HostInfo, JobFailure, PayloadAlert,
 };
 use crate::validate::{
-    Limits, Path, ValidationErrors, as_count, check_id, check_range, check_size, check_text,
-    is_rfc3339,
+    Limits, MAX_SLO_ERROR_RATE, MAX_SLO_P95_MS, MAX_SLO_WEBHOOK_RETRY_RATE, Path, ValidationErrors,
+    as_count, check_id, check_range, check_size, check_text, is_rfc3339,
 };
 
 /// The heartbeat in `body` when it is valid and the fast path handles it, else `None`.
@@ -331,9 +331,11 @@ impl ReadObject for Heartbeat {
                 "search_ok" => hb.search_ok = flag(m)?,
                 "secrets_expired" => hb.secrets_expired = count(m)?,
                 "secrets_unverified" => hb.secrets_unverified = count(m)?,
-                "slo_p95_ms" => hb.slo_p95_ms = number(m, 0.0, 1.0e9)?,
-                "slo_error_rate" => hb.slo_error_rate = number(m, 0.0, 1.0)?,
-                "slo_webhook_retry_rate" => hb.slo_webhook_retry_rate = number(m, 0.0, 1.0e6)?,
+                "slo_p95_ms" => hb.slo_p95_ms = number(m, 0.0, MAX_SLO_P95_MS)?,
+                "slo_error_rate" => hb.slo_error_rate = number(m, 0.0, MAX_SLO_ERROR_RATE)?,
+                "slo_webhook_retry_rate" => {
+                    hb.slo_webhook_retry_rate = number(m, 0.0, MAX_SLO_WEBHOOK_RETRY_RATE)?
+                }
                 "slo_updated_at" => hb.slo_updated_at = timestamp(m)?,
                 "last_backup_at" => hb.last_backup_at = timestamp(m)?,
                 "backup_id" => hb.backup_id = string(m, text)?,
