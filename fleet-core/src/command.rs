@@ -258,7 +258,7 @@ impl Command {
             }
             CommandType::UpdateAgent => {
                 let mut url = schema::plain_text(limits.max_text_len);
-                url["pattern"] = "^https?://[^\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f]*$".into();
+                url["pattern"] = format!("^https?://{}*$", schema::PLAIN_TEXT_CHAR).into();
                 schema::object(
                     &["version", "url"],
                     &[

@@ -27,13 +27,17 @@ pub fn text(max: usize) -> Value {
     json!({ "type": "string", "maxLength": max })
 }
 
+/// The characters `check_text` admits, as a regular-expression class: anything but control
+/// characters other than newline and tab.
+pub const PLAIN_TEXT_CHAR: &str = "[^\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f]";
+
 /// Text as `check_text` accepts it: at most `max` bytes, no control characters but newline
 /// and tab.
 pub fn plain_text(max: usize) -> Value {
     json!({
         "type": "string",
         "maxLength": max,
-        "pattern": "^[^\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f]*$"
+        "pattern": format!("^{PLAIN_TEXT_CHAR}*$")
     })
 }
 
