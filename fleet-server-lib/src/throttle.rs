@@ -37,13 +37,13 @@ const SHARE_INTERVAL: Duration = Duration::from_secs(1);
 pub(crate) struct AuthThrottle {
     limit: u32,
     clients: Mutex<HashMap<IpAddr, Window>>,
-    /// Failures not yet added to the shared count, per client (bounded like `clients`).
-    unshared: Mutex<HashMap<IpAddr, u64>>,
 }
 
 struct Window {
     started: Instant,
     failures: u32,
+    /// Failures not yet added to the count the replicas share (they outlive the window).
+    unshared: u64,
     /// Held back until then whatever this process counted: the replicas sharing the
     /// database counted the client's failures past the limit together.
     held_until: Option<Instant>,
@@ -54,6 +54,7 @@ impl Window {
         Self {
             started: now,
             failures: 0,
+            unshared: 0,
             held_until: None,
         }
     }
@@ -69,7 +70,6 @@ impl AuthThrottle {
         Self {
             limit,
             clients: Mutex::new(HashMap::new()),
-            unshared: Mutex::new(HashMap::new()),
         }
     }
 
@@ -96,30 +96,22 @@ impl AuthThrottle {
     pub fn failed(&self, client: IpAddr, now: Instant) {
         self.update(client, now, |window| {
             window.failures = window.failures.saturating_add(1);
+            window.unshared += 1;
         });
-        if self.limit == 0 {
-            return;
-        }
-        let mut unshared = self.unshared.lock().unwrap_or_else(|e| e.into_inner());
-        if unshared.len() < MAX_CLIENTS || unshared.contains_key(&client) {
-            *unshared.entry(client).or_default() += 1;
-        }
     }
 
     /// What to share, in client order: each client's failures since the last share, and 0
     /// for a client that failed here earlier in its window and is not held back yet, so that
     /// the failures other replicas counted for it are still read.
     fn to_share(&self, now: Instant) -> Vec<(IpAddr, u64)> {
-        let mut share =
-            std::mem::take(&mut *self.unshared.lock().unwrap_or_else(|e| e.into_inner()));
-        let clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        for (client, window) in clients.iter() {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let mut share = Vec::new();
+        for (client, window) in clients.iter_mut() {
             let open = window.failures > 0 && now < window.started + WINDOW;
-            if open && self.held_until(window, now).is_none() {
-                share.entry(*client).or_insert(0);
+            if window.unshared > 0 || (open && self.held_until(window, now).is_none()) {
+                share.push((*client, std::mem::take(&mut window.unshared)));
             }
         }
-        let mut share: Vec<(IpAddr, u64)> = share.into_iter().collect();
         share.sort_unstable();
         share
     }
