@@ -228,9 +228,7 @@ impl Outbox {
     /// on to the next heartbeat: the control plane never recorded them.
     pub async fn discard(&self, seq: i64) -> Result<()> {
         let mut conn = self.conn.lock().await;
-        let _ = self
-            .sending
-            .compare_exchange(seq, 0, Ordering::SeqCst, Ordering::SeqCst);
+        self.release(seq);
         let mut tx = conn.begin().await?;
         let carried: Option<i64> =
             sqlx::query_scalar("DELETE FROM outbox WHERE seq = ? RETURNING carried_dropped")
