@@ -2,7 +2,7 @@
 //!
 //! ```sh
 //! cargo run --release -p fleet-benches --bin ingest_load -- --db sqlite
-//! FLEET_TEST_POSTGRES_URL=postgres://… cargo run --release -p fleet-benches --bin ingest_load -- --db postgres
+//! eval "$(scripts/services postgres)"; cargo run --release -p fleet-benches --bin ingest_load -- --db postgres
 //! ```
 //!
 //! One process, two Tokio runtimes: the server (the real control plane router, a bare
@@ -14,7 +14,9 @@
 //! background load), `--secs` in total each, with identical work per request (build, sign,
 //! send). `/checked` splits the gap between the bare route and ingest into what reading a
 //! signed heartbeat costs and what storing it durably costs. `--batch-max` caps the
-//! heartbeats per transaction (the server's default otherwise).
+//! heartbeats per transaction (the server's default otherwise). PostgreSQL is reached over
+//! its Unix socket (`FLEET_TEST_POSTGRES_SOCKET_URL`), as a control plane on the database's
+//! machine would; `--pg-over tcp` uses `FLEET_TEST_POSTGRES_URL` instead.
 //!
 //! It reports requests/s, p50 and p99, and three CPU clocks per request: this process
 //! (server and generator), the whole machine (`/proc/stat`: also the database server, the
@@ -47,6 +49,8 @@ struct Options {
     server_threads: usize,
     client_threads: usize,
     pg_writers: usize,
+    /// `socket` or `tcp`.
+    pg_over: String,
     batch_max: usize,
     rounds: usize,
 }
@@ -60,6 +64,7 @@ fn options() -> Result<Options, String> {
         server_threads: 2,
         client_threads: 2,
         pg_writers: 4,
+        pg_over: "socket".into(),
         batch_max: Settings::default().batch_max,
         rounds: 5,
     };
@@ -78,6 +83,7 @@ fn options() -> Result<Options, String> {
             "--server-threads" => o.server_threads = number(value()?)?,
             "--client-threads" => o.client_threads = number(value()?)?,
             "--pg-writers" => o.pg_writers = number(value()?)?,
+            "--pg-over" => o.pg_over = value()?,
             "--batch-max" => o.batch_max = number(value()?)?.max(1),
             "--rounds" => o.rounds = number(value()?)?,
             _ => return Err(format!("unknown flag {flag}")),
@@ -327,10 +333,7 @@ async fn open_store(o: &Options) -> Result<(Arc<dyn Store>, String), String> {
             Ok((Arc::new(store), url))
         }
         "postgres" => {
-            let url = std::env::var("FLEET_TEST_POSTGRES_URL").map_err(|_| {
-                "FLEET_TEST_POSTGRES_URL is not set (eval \"$(scripts/services postgres)\")"
-                    .to_owned()
-            })?;
+            let url = postgres_url(o)?;
             let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
             let admin = sqlx::PgPool::connect(&url)
                 .await
@@ -346,10 +349,24 @@ async fn open_store(o: &Options) -> Result<(Arc<dyn Store>, String), String> {
                 .await
                 .map_err(|e| e.to_string())?
                 .with_writers(o.pg_writers);
-            Ok((Arc::new(store), format!("postgres schema {schema}")))
+            Ok((
+                Arc::new(store),
+                format!("postgres schema {schema} over {}", o.pg_over),
+            ))
         }
         other => Err(format!("--db must be sqlite or postgres, not {other}")),
     }
+}
+
+/// The database URL for `--pg-over`.
+fn postgres_url(o: &Options) -> Result<String, String> {
+    let variable = match o.pg_over.as_str() {
+        "socket" => "FLEET_TEST_POSTGRES_SOCKET_URL",
+        "tcp" => "FLEET_TEST_POSTGRES_URL",
+        other => return Err(format!("--pg-over must be socket or tcp, not {other}")),
+    };
+    std::env::var(variable)
+        .map_err(|_| format!("{variable} is not set (eval \"$(scripts/services postgres)\")"))
 }
 
 /// Removes what the run created (kept when the count check fails, for a look).
@@ -359,8 +376,10 @@ async fn clean_up(o: &Options, where_: &str) {
             let _ = std::fs::remove_dir_all(dir);
         }
     } else if let (Some(schema), Ok(url)) = (
-        where_.strip_prefix("postgres schema "),
-        std::env::var("FLEET_TEST_POSTGRES_URL"),
+        where_
+            .strip_prefix("postgres schema ")
+            .and_then(|rest| rest.split(' ').next()),
+        postgres_url(o),
     ) && o.db == "postgres"
         && let Ok(admin) = sqlx::PgPool::connect(&url).await
     {

@@ -16,10 +16,15 @@ const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 pub struct PostgresStore {
     pool: Pool<Postgres>,
     writers: usize,
+    /// Largest statement a heartbeat batch sends at once: small over TCP, large over a Unix
+    /// socket (see `postgres_ingest`).
+    pub(super) piece_bytes: usize,
 }
 
 impl PostgresStore {
-    /// Connects to `url` (`postgres://user:password@host/db`) and applies pending migrations.
+    /// Connects to `url` and applies pending migrations. Over TCP: `postgres://user:password@host/db`;
+    /// over a Unix socket, cheaper when PostgreSQL runs on the same machine:
+    /// `postgres://user:password@%2Fvar%2Frun%2Fpostgresql/db` (or `?host=/var/run/postgresql`).
     pub async fn connect(url: &str) -> Result<Self> {
         Self::connect_with(PgConnectOptions::from_str(url)?).await
     }
@@ -27,6 +32,7 @@ impl PostgresStore {
     /// Like [`connect`](Self::connect), with options built by the caller (for example a
     /// `search_path` to keep the tables in their own schema).
     pub async fn connect_with(options: PgConnectOptions) -> Result<Self> {
+        let piece_bytes = super::postgres_ingest::piece_bytes(&options);
         let pool = PgPoolOptions::new()
             .max_connections(16)
             // While PostgreSQL is down or restarting, a request waits this long for a
@@ -42,6 +48,7 @@ impl PostgresStore {
         Ok(Self {
             pool,
             writers: DEFAULT_WRITERS,
+            piece_bytes,
         })
     }
 

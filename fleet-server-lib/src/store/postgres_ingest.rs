@@ -15,13 +15,27 @@ use super::batch::{self, MessageLedger, OpenRef};
 use crate::Result;
 use crate::store::{IncomingHeartbeat, IngestRules, RecordOutcome};
 
-/// Largest statement (in parameter bytes) sent at once; a larger batch goes in pieces.
+/// Largest statement (in parameter bytes) sent at once over TCP; a larger batch goes in
+/// pieces.
 ///
 /// sqlx 0.9.0 does not set TCP_NODELAY (sqlx issue #4335, fixed upstream by #4336). A
 /// message larger than the socket's initial send buffer (16 KiB on Linux) leaves in two
 /// writes, and the second waits for the server's delayed ACK: 40 ms per statement. Below
 /// that size a statement costs one round trip. Raise this once sqlx sets TCP_NODELAY.
-const PIECE_BYTES: usize = 12 * 1024;
+const TCP_PIECE_BYTES: usize = 12 * 1024;
+
+/// Largest statement sent at once over a Unix socket, which has no delayed ACK: a batch of
+/// 512 heartbeats of ordinary size goes in one statement per table.
+const SOCKET_PIECE_BYTES: usize = 1024 * 1024;
+
+/// The largest statement a heartbeat batch sends at once on connections made with `options`.
+pub(super) fn piece_bytes(options: &sqlx::postgres::PgConnectOptions) -> usize {
+    if options.get_socket().is_some() {
+        SOCKET_PIECE_BYTES
+    } else {
+        TCP_PIECE_BYTES
+    }
+}
 
 /// `$1`: instance ids → `id, instance_id, last_backup_checksum`.
 const SELECT_INSTALLATIONS: &str = "SELECT id, instance_id, last_backup_checksum \
@@ -60,14 +74,14 @@ const SELECT_OPEN_ALERTS: &str = "SELECT id, installation_id, dedup_key FROM ale
 /// `$1`: resolved_at, `$2`: alert ids.
 const RESOLVE_ALERTS: &str = "UPDATE alerts SET resolved_at = $1 WHERE id = ANY($2::bigint[])";
 
-/// Splits `rows` into runs whose parameters stay under [`PIECE_BYTES`] (`bytes` estimates
-/// one row); a single larger row is a run of its own.
-fn pieces<T>(rows: &[T], bytes: impl Fn(&T) -> usize) -> Vec<&[T]> {
+/// Splits `rows` into runs whose parameters stay under `limit` bytes (`bytes` estimates one
+/// row); a single larger row is a run of its own.
+fn pieces<T>(rows: &[T], limit: usize, bytes: impl Fn(&T) -> usize) -> Vec<&[T]> {
     let mut runs = Vec::new();
     let (mut start, mut size) = (0, 0);
     for (i, row) in rows.iter().enumerate() {
         let row_bytes = bytes(row) + 16;
-        if i > start && size + row_bytes > PIECE_BYTES {
+        if i > start && size + row_bytes > limit {
             runs.push(&rows[start..i]);
             (start, size) = (i, 0);
         }
@@ -91,6 +105,7 @@ impl PostgresStore {
         rules: &IngestRules,
     ) -> Result<Vec<RecordOutcome>> {
         let mut outcomes: Vec<Option<RecordOutcome>> = vec![None; batch.len()];
+        let limit = self.piece_bytes;
         let mut tx = self.pool().begin().await?;
 
         // Installations that exist already, with their last backup checksum.
@@ -102,7 +117,7 @@ impl PostgresStore {
                 .collect();
             set.into_iter().collect()
         };
-        for run in pieces(&ids, |id| id.len()) {
+        for run in pieces(&ids, limit, |id| id.len()) {
             let rows = sqlx::query(SELECT_INSTALLATIONS)
                 .bind(run)
                 .fetch_all(&mut *tx)
@@ -125,7 +140,7 @@ impl PostgresStore {
         let (fresh, repeats) = batch::split_messages(batch, &outcomes);
         let mut ledger = MessageLedger::default();
         let mut inserted = HashSet::new();
-        for run in pieces(&fresh, |&i| {
+        for run in pieces(&fresh, limit, |&i| {
             batch[i].heartbeat.instance_id.len() + text_len(batch[i].msg_id.as_deref())
         }) {
             let column = |f: fn(&IncomingHeartbeat) -> &str| -> Vec<&str> {
@@ -171,7 +186,7 @@ impl PostgresStore {
 
         let latest = batch::merge_installations(batch, &outcomes);
         let mut row_ids: HashMap<String, i64> = HashMap::new();
-        for run in pieces(&latest, |m| batch[m.latest].body.len() + 128) {
+        for run in pieces(&latest, limit, |m| batch[m.latest].body.len() + 128) {
             let text =
                 |f: for<'m> fn(&'m batch::Merged<'m>) -> Option<&'m String>| -> Vec<Option<&str>> {
                     run.iter().map(|m| f(m).map(String::as_str)).collect()
@@ -236,7 +251,7 @@ impl PostgresStore {
             .map(|(inc, _)| batch::figures_json(&inc.heartbeat))
             .collect();
         let rows: Vec<_> = applied.iter().zip(&figures).collect();
-        for run in pieces(&rows, |(_, f)| f.len() + 64) {
+        for run in pieces(&rows, limit, |(_, f)| f.len() + 64) {
             sqlx::query(INSERT_HEARTBEATS)
                 .bind(run.iter().map(|((_, id), _)| *id).collect::<Vec<_>>())
                 .bind(
@@ -264,7 +279,7 @@ impl PostgresStore {
                     .map(move |f| (*id, f, inc.received_at))
             })
             .collect();
-        for run in pieces(&failures, |(_, f, _)| f.message.len() + 64) {
+        for run in pieces(&failures, limit, |(_, f, _)| f.message.len() + 64) {
             sqlx::query(INSERT_JOB_FAILURES)
                 .bind(run.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
                 .bind(
@@ -285,7 +300,7 @@ impl PostgresStore {
         // A backup record whenever the reported checksum differs from the last one.
         let checksums = known.into_values().collect();
         let backups = batch::new_backups(checksums, &applied);
-        for run in pieces(&backups, |b| {
+        for run in pieces(&backups, limit, |b| {
             b.checksum.len() + text_len(b.path) + text_len(b.bucket) + 128
         }) {
             sqlx::query(INSERT_BACKUPS)
@@ -308,7 +323,7 @@ impl PostgresStore {
             let set: HashSet<i64> = applied.iter().map(|(_, id)| *id).collect();
             set.into_iter().collect()
         };
-        for run in pieces(&installation_ids, |_| 8) {
+        for run in pieces(&installation_ids, limit, |_| 8) {
             let rows = sqlx::query(SELECT_OPEN_ALERTS)
                 .bind(run)
                 .fetch_all(&mut *tx)
@@ -322,7 +337,7 @@ impl PostgresStore {
         }
         let (pending, resolve_ids) = batch::plan_alerts(&applied, open, &rules.slo);
         let resolved_at = batch.last().map(|b| b.received_at).unwrap_or_default();
-        for run in pieces(&resolve_ids, |_| 8) {
+        for run in pieces(&resolve_ids, limit, |_| 8) {
             sqlx::query(RESOLVE_ALERTS)
                 .bind(resolved_at)
                 .bind(run)
@@ -346,24 +361,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_a_unix_socket_takes_large_pieces() {
+        use std::str::FromStr;
+        let options = |url| sqlx::postgres::PgConnectOptions::from_str(url).expect("url");
+        assert_eq!(
+            piece_bytes(&options("postgres://u:p@127.0.0.1:5432/db")),
+            TCP_PIECE_BYTES
+        );
+        assert_eq!(
+            piece_bytes(&options("postgres://u:p@db.example.com/db")),
+            TCP_PIECE_BYTES
+        );
+        assert_eq!(
+            piece_bytes(&options("postgres://u:p@%2Fvar%2Frun%2Fpostgresql/db")),
+            SOCKET_PIECE_BYTES
+        );
+        assert_eq!(
+            piece_bytes(&options(
+                "postgres://u:p@localhost/db?host=/var/run/postgresql"
+            )),
+            SOCKET_PIECE_BYTES
+        );
+    }
+
+    #[test]
     fn pieces_stay_under_the_limit_and_keep_every_row_in_order() {
         let rows: Vec<String> = (0..300)
             .map(|i| format!("{i:04}{}", "x".repeat(400)))
             .collect();
-        let runs = pieces(&rows, |r| r.len());
+        let runs = pieces(&rows, TCP_PIECE_BYTES, |r| r.len());
         assert!(runs.len() > 1);
         for run in &runs {
             let bytes: usize = run.iter().map(|r| r.len() + 16).sum();
-            assert!(bytes <= PIECE_BYTES, "{bytes}");
+            assert!(bytes <= TCP_PIECE_BYTES, "{bytes}");
         }
         let back: Vec<&String> = runs.iter().flat_map(|r| r.iter()).collect();
         assert_eq!(back, rows.iter().collect::<Vec<_>>());
-        let huge = ["y".repeat(PIECE_BYTES * 2)];
+        let huge = ["y".repeat(TCP_PIECE_BYTES * 2)];
         assert_eq!(
-            pieces(&huge, |r| r.len()).len(),
+            pieces(&huge, TCP_PIECE_BYTES, |r| r.len()).len(),
             1,
             "an oversized row is a run of its own"
         );
-        assert!(pieces::<String>(&[], |r| r.len()).is_empty());
+        assert!(pieces::<String>(&[], TCP_PIECE_BYTES, |r| r.len()).is_empty());
     }
 }

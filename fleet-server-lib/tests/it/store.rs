@@ -991,3 +991,55 @@ async fn postgres_claims_skip_the_rows_another_claim_holds() {
     other_replica.close().await;
     crate::support::drop_schema(t.schema).await;
 }
+
+/// Over a Unix socket a batch goes in one statement per table, however large its
+/// parameters (over TCP it is cut into pieces of 12 KiB): a batch of 96 heartbeats of about
+/// 1.5 KiB each is recorded whole, and each installation keeps its own latest state.
+#[tokio::test]
+async fn postgres_over_a_unix_socket_records_a_large_batch() {
+    let t = crate::support::postgres_at(crate::support::postgres_socket_url()).await;
+    let padding = "p".repeat(1_200);
+    let batch = |signed_at: i64| -> Vec<_> {
+        (0..96)
+            .map(|i| {
+                let msg = format!("sock-msg-{i:03}");
+                incoming(
+                    &format!("sock-{i:03}"),
+                    json!({"version": format!("1.0.{i}"), "primary_region": padding}),
+                    Some((&msg, signed_at)),
+                    1000,
+                )
+            })
+            .collect()
+    };
+    let outcomes = t
+        .store
+        .record_heartbeats(&batch(1000), &rules())
+        .await
+        .expect("record");
+    assert_eq!(outcomes.len(), 96);
+    for outcome in outcomes {
+        applied(outcome);
+    }
+    assert_eq!(t.store.heartbeat_count().await.expect("count"), 96);
+    let detail = t
+        .store
+        .installation("sock-077")
+        .await
+        .expect("read")
+        .expect("recorded");
+    assert_eq!(detail.summary.version.as_deref(), Some("1.0.77"));
+    // The same messages again, signed anew as a retry is, are acknowledged and applied
+    // nothing twice.
+    let again = t
+        .store
+        .record_heartbeats(&batch(1001), &rules())
+        .await
+        .expect("record again");
+    assert!(
+        again.iter().all(|o| *o == RecordOutcome::Duplicate),
+        "{again:?}"
+    );
+    assert_eq!(t.store.heartbeat_count().await.expect("count"), 96);
+    crate::support::drop_schema(t.schema).await;
+}

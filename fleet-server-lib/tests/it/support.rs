@@ -69,10 +69,24 @@ pub fn postgres_url() -> String {
     })
 }
 
+/// The same database as [`postgres_url`], reached over PostgreSQL's Unix socket.
+pub fn postgres_socket_url() -> String {
+    std::env::var("FLEET_TEST_POSTGRES_SOCKET_URL").unwrap_or_else(|_| {
+        panic!(
+            "FLEET_TEST_POSTGRES_SOCKET_URL is not set. Run `eval \"$(scripts/services postgres)\"` \
+             first (scripts/test does this)."
+        )
+    })
+}
+
 /// A PostgreSQL store in a fresh schema of its own, so tests run in parallel.
 pub async fn postgres() -> TestStore {
+    postgres_at(postgres_url()).await
+}
+
+/// Like [`postgres`], connected through `url`.
+pub async fn postgres_at(url: String) -> TestStore {
     use sqlx::postgres::PgConnectOptions;
-    let url = postgres_url();
     let schema = format!("fleet_server_it_{}", uuid::Uuid::new_v4().simple());
     let admin = sqlx::PgPool::connect(&url)
         .await
