@@ -100,18 +100,14 @@ impl AuthThrottle {
         });
     }
 
-    /// What to share, in client order: each client's failures since the last share, and 0
-    /// for a client that failed here earlier in its window and is not held back yet, so that
-    /// the failures other replicas counted for it are still read.
-    fn to_share(&self, now: Instant) -> Vec<(IpAddr, u64)> {
+    /// What to share, in client order: each client's failures since the last share.
+    fn to_share(&self) -> Vec<(IpAddr, u64)> {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        let mut share = Vec::new();
-        for (client, window) in clients.iter_mut() {
-            let open = window.failures > 0 && now < window.started + WINDOW;
-            if window.unshared > 0 || (open && self.held_until(window, now).is_none()) {
-                share.push((*client, std::mem::take(&mut window.unshared)));
-            }
-        }
+        let mut share: Vec<(IpAddr, u64)> = clients
+            .iter_mut()
+            .filter(|(_, window)| window.unshared > 0)
+            .map(|(client, window)| (*client, std::mem::take(&mut window.unshared)))
+            .collect();
         share.sort_unstable();
         share
     }
@@ -149,16 +145,19 @@ impl AuthThrottle {
 
 /// Shares this process's failed checks with the replicas on the same database, once a
 /// second until the control plane is dropped: the new failures of each client are added to
-/// the store's count for the current minute (and the count of a client that failed here
-/// earlier is read again), in one transaction whatever their number, and a client whose
-/// count reached the limit is held back here until the minute ends. So a guesser spread over
-/// N replicas gets about one allowance, not N, and a flood of failures costs the database one
-/// transaction a second. When the database does not answer, those failures are left out of
-/// the shared count and each process's own count still applies.
+/// the store's count for the current minute, in one transaction whatever their number; then
+/// every client whose count reached the limit is held back here until the minute ends,
+/// including clients that never failed here. So a guesser spread over N replicas gets about
+/// one allowance, not N, and moving to another replica does not start a new one. A flood of
+/// failures costs the database one transaction a second, and each replica reads the
+/// clients held back once a second. When the database does not answer, each process's own
+/// count still applies.
 pub(crate) fn spawn_sharing(state: std::sync::Weak<crate::AppState>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(SHARE_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Warn when sharing starts failing, not at every second it goes on failing.
+        let mut failing = false;
         loop {
             tick.tick().await;
             let Some(state) = state.upgrade() else { return };
@@ -166,36 +165,55 @@ pub(crate) fn spawn_sharing(state: std::sync::Weak<crate::AppState>) {
             if throttle.limit == 0 {
                 return;
             }
-            // In client order, the same for every replica, so that two sharing at once wait
-            // for each other instead of deadlocking on each other's rows.
-            let unshared = throttle.to_share(Instant::now());
-            if unshared.is_empty() {
-                continue;
-            }
             let unix = fleet_core::unix_now();
             let minute = unix - unix.rem_euclid(60);
-            let failures: Vec<(String, u64)> = unshared
-                .iter()
-                .map(|(client, n)| (client.to_string(), *n))
-                .collect();
-            match state.store.count_auth_failures(minute, &failures).await {
-                Ok(totals) => {
+            match share_once(&state, minute).await {
+                Ok(held) => {
+                    if failing {
+                        tracing::info!(
+                            "sharing failed role-token checks with the replicas works again"
+                        );
+                        failing = false;
+                    }
                     let now = Instant::now();
                     let until = now + Duration::from_secs((minute + 60 - unix).max(0) as u64);
-                    for ((client, _), total) in unshared.iter().zip(totals) {
-                        if total >= u64::from(throttle.limit) {
-                            throttle.hold(*client, now, until);
-                        }
+                    for client in held {
+                        throttle.hold(client, now, until);
                     }
                 }
-                Err(err) => tracing::warn!(
-                    error = %err,
-                    clients = failures.len(),
-                    "sharing failed role-token checks with the replicas failed; each process's count applies"
-                ),
+                Err(err) if !failing => {
+                    failing = true;
+                    tracing::warn!(
+                        error = %err,
+                        "sharing failed role-token checks with the replicas failed; each process's count applies"
+                    );
+                }
+                Err(_) => {}
             }
         }
     });
+}
+
+/// Adds this process's new failures to the shared count of `minute`, then reads which
+/// clients the replicas together counted past the limit. In client order, the same for
+/// every replica, so that two sharing at once wait for each other instead of deadlocking on
+/// each other's rows.
+async fn share_once(state: &crate::AppState, minute: i64) -> crate::Result<Vec<IpAddr>> {
+    let throttle = &state.auth_throttle;
+    let failures: Vec<(String, u64)> = throttle
+        .to_share()
+        .into_iter()
+        .map(|(client, n)| (client.to_string(), n))
+        .collect();
+    if !failures.is_empty() {
+        state.store.count_auth_failures(minute, &failures).await?;
+    }
+    let held = state
+        .store
+        .clients_over_auth_limit(minute, u64::from(throttle.limit), MAX_CLIENTS)
+        .await?;
+    // Addresses are written by `IpAddr`'s `Display`; anything else is not ours to act on.
+    Ok(held.iter().filter_map(|c| c.parse().ok()).collect())
 }
 
 /// The header in which trusted reverse proxies name the client they forward for.
@@ -360,31 +378,28 @@ mod tests {
     }
 
     #[test]
-    fn what_is_shared_is_the_new_failures_and_the_clients_still_guessing() {
+    fn what_is_shared_is_each_clients_failures_since_the_last_share() {
         let throttle = AuthThrottle::new(3);
         let start = Instant::now();
         throttle.failed(ip("10.0.0.2"), start);
         throttle.failed(ip("10.0.0.1"), start);
         throttle.failed(ip("10.0.0.1"), start);
         assert_eq!(
-            throttle.to_share(start),
+            throttle.to_share(),
             [(ip("10.0.0.1"), 2), (ip("10.0.0.2"), 1)],
             "in client order"
         );
-        // Nothing new: the clients are read again, adding nothing.
+        assert!(throttle.to_share().is_empty(), "nothing new");
+        throttle.failed(ip("10.0.0.1"), start + WINDOW);
         assert_eq!(
-            throttle.to_share(start),
-            [(ip("10.0.0.1"), 0), (ip("10.0.0.2"), 0)]
+            throttle.to_share(),
+            [(ip("10.0.0.1"), 1)],
+            "a new window's failure"
         );
-        // A client held back, or whose window ended, is not read again.
-        throttle.failed(ip("10.0.0.1"), start);
-        assert_eq!(
-            throttle.to_share(start),
-            [(ip("10.0.0.1"), 1), (ip("10.0.0.2"), 0)]
-        );
-        assert_eq!(throttle.to_share(start), [(ip("10.0.0.2"), 0)]);
-        assert!(throttle.to_share(start + WINDOW).is_empty());
-        assert!(AuthThrottle::new(0).to_share(start).is_empty());
+        // A hold from the shared count is not a failure of this process.
+        throttle.hold(ip("10.0.0.3"), start, start + WINDOW);
+        assert!(throttle.to_share().is_empty());
+        assert!(AuthThrottle::new(0).to_share().is_empty());
     }
 
     #[test]

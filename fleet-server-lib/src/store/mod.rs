@@ -295,13 +295,17 @@ pub trait Store: rollouts::RolloutStore + Send + Sync + 'static {
     async fn prune_messages(&self, before: i64) -> Result<u64>;
 
     /// Adds failed role-token checks (client, how many) to the counts of the minute starting
-    /// at `minute` (unix seconds, a multiple of 60), in one transaction, and returns each
-    /// client's count for that minute so far, as every replica sharing the database counted.
-    async fn count_auth_failures(
+    /// at `minute` (unix seconds, a multiple of 60), in one transaction.
+    async fn count_auth_failures(&self, minute: i64, failures: &[(String, u64)]) -> Result<()>;
+
+    /// The clients whose failed role-token checks in the minute starting at `minute` reached
+    /// `limit`, as every replica sharing the database counted them; at most `max` of them.
+    async fn clients_over_auth_limit(
         &self,
         minute: i64,
-        failures: &[(String, u64)],
-    ) -> Result<Vec<u64>>;
+        limit: u64,
+        max: usize,
+    ) -> Result<Vec<String>>;
 
     /// Deletes time-series rows received before `before` (unix seconds), oldest first, and
     /// returns how many went. Each call removes at most a bounded number, so one sweep never

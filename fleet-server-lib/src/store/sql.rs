@@ -325,26 +325,40 @@ macro_rules! impl_sql_store {
                 &self,
                 minute: i64,
                 failures: &[(String, u64)],
-            ) -> $crate::Result<Vec<u64>> {
+            ) -> $crate::Result<()> {
                 let mut tx = self.pool.begin().await?;
-                let mut totals = Vec::with_capacity(failures.len());
                 for (client, count) in failures {
                     let count = i64::try_from(*count).unwrap_or(i64::MAX);
-                    let total: i64 = sqlx::query_scalar(
+                    sqlx::query(
                         "INSERT INTO auth_failures (client, minute, failures) VALUES ($1, $2, $3) \
                          ON CONFLICT (client, minute) \
-                         DO UPDATE SET failures = auth_failures.failures + excluded.failures \
-                         RETURNING failures",
+                         DO UPDATE SET failures = auth_failures.failures + excluded.failures",
                     )
                     .bind(client)
                     .bind(minute)
                     .bind(count)
-                    .fetch_one(&mut *tx)
+                    .execute(&mut *tx)
                     .await?;
-                    totals.push(total.max(0) as u64);
                 }
                 tx.commit().await?;
-                Ok(totals)
+                Ok(())
+            }
+
+            async fn clients_over_auth_limit(
+                &self,
+                minute: i64,
+                limit: u64,
+                max: usize,
+            ) -> $crate::Result<Vec<String>> {
+                Ok(sqlx::query_scalar(
+                    "SELECT client FROM auth_failures WHERE minute = $1 AND failures >= $2 \
+                     ORDER BY client LIMIT $3",
+                )
+                .bind(minute)
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .bind(i64::try_from(max).unwrap_or(i64::MAX))
+                .fetch_all(&self.pool)
+                .await?)
             }
 
             async fn prune_heartbeats(&self, before: i64) -> $crate::Result<u64> {

@@ -538,6 +538,8 @@ async fn replicas_sharing_a_database_hold_a_guesser_back_together() {
     };
     let first = TestServer::start_with(t.store.clone(), |b| b.settings(settings())).await;
     let second = TestServer::start_with(t.store.clone(), |b| b.settings(settings())).await;
+    // The guesser never tries the third replica before it is held back everywhere.
+    let third = TestServer::start_with(t.store.clone(), |b| b.settings(settings())).await;
     let status = |server: &TestServer, token: &'static str| {
         let request = server
             .client
@@ -549,9 +551,10 @@ async fn replicas_sharing_a_database_hold_a_guesser_back_together() {
     assert_eq!(status(&first, "guess-1").await, 401);
     assert_eq!(status(&second, "guess-2").await, 401);
     assert_eq!(status(&first, "guess-3").await, 401);
-    // Each shares its count once a second, and both learn the total.
+    // Each shares its count once a second, and every replica learns who reached the limit,
+    // including the one the guesser has not tried yet.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    for server in [&first, &second] {
+    for server in [&first, &second, &third] {
         loop {
             match status(server, ADMIN).await {
                 429 => break,

@@ -661,25 +661,30 @@ async fn failed_role_checks_are_counted_per_client_and_minute_and_pruned(t: Test
                 .expect("count")
         }
     };
+    let over = |minute: i64, limit: u64| async move {
+        s.clients_over_auth_limit(minute, limit, 10)
+            .await
+            .expect("read")
+    };
+    count(960, &[("192.0.2.1", 2), ("192.0.2.2", 1)]).await;
+    assert_eq!(over(960, 3).await, Vec::<String>::new());
+    assert_eq!(over(960, 1).await, ["192.0.2.1", "192.0.2.2"]);
+    // Another replica adds its own: together they reach the limit.
+    count(960, &[("192.0.2.1", 1), ("192.0.2.3", 1)]).await;
+    assert_eq!(over(960, 3).await, ["192.0.2.1"]);
+    count(1020, &[("192.0.2.1", 1)]).await;
+    assert_eq!(over(1020, 3).await, Vec::<String>::new(), "the next minute");
+    assert_eq!(over(1020, 1).await, ["192.0.2.1"]);
+    count(1020, &[]).await;
     assert_eq!(
-        count(960, &[("192.0.2.1", 2), ("192.0.2.2", 1)]).await,
-        [2, 1]
+        s.clients_over_auth_limit(960, 1, 2).await.expect("read"),
+        ["192.0.2.1", "192.0.2.2"],
+        "at most max"
     );
-    // Another replica adds its own; 0 reads the count without adding.
-    assert_eq!(
-        count(960, &[("192.0.2.1", 3), ("192.0.2.2", 0)]).await,
-        [5, 1]
-    );
-    assert_eq!(
-        count(1020, &[("192.0.2.1", 1)]).await,
-        [1],
-        "the next minute"
-    );
-    assert!(count(1020, &[]).await.is_empty());
     s.prune_messages(1000).await.expect("prune");
     // The minute that started before the cutoff is gone, the later one stays.
-    assert_eq!(count(960, &[("192.0.2.1", 0)]).await, [0]);
-    assert_eq!(count(1020, &[("192.0.2.1", 0)]).await, [1]);
+    assert_eq!(over(960, 1).await, Vec::<String>::new());
+    assert_eq!(over(1020, 1).await, ["192.0.2.1"]);
 }
 
 async fn time_series_is_pruned_oldest_first_and_the_installation_stays(t: TestStore) {
