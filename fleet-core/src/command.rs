@@ -599,6 +599,11 @@ impl LogChunk {
     }
 }
 
+/// Standard base64 as the decoder takes it: padded to 4 characters, and the bits past the
+/// last byte zero.
+const BASE64_PATTERN: &str =
+    "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)?$";
+
 /// The raw output bytes of a chunk's `data` written with `encoding`.
 fn chunk_bytes(data: &str, encoding: ChunkEncoding) -> Option<Vec<u8>> {
     use base64::Engine;
@@ -694,18 +699,37 @@ impl Validate for LogBatch {
 impl LogBatch {
     /// JSON Schema of `POST /v1/commands/logs` (this batch plus the signing `instance_id`).
     pub fn json_schema() -> Value {
-        let chunk = schema::object(
+        let mut chunk = schema::object(
             &["offset", "stream", "data"],
             &[
                 ("offset", schema::count()),
                 ("stream", schema::one_of(&[Stream::Stdout, Stream::Stderr])),
-                ("data", serde_json::json!({ "type": "string" })),
+                (
+                    "data",
+                    serde_json::json!({
+                        "type": "string",
+                        "description": format!("At most {MAX_CHUNK_BYTES} bytes of output once decoded.")
+                    }),
+                ),
                 (
                     "encoding",
                     schema::one_of(&[ChunkEncoding::Utf8, ChunkEncoding::Base64]),
                 ),
             ],
         );
+        // Text is counted in characters here, bytes by the decoder: the byte limit is at
+        // least as strict. Base64 text of the largest chunk is 4 characters per 3 bytes.
+        let base64_len = MAX_CHUNK_BYTES.div_ceil(3) * 4;
+        chunk["if"] = serde_json::json!({
+            "required": ["encoding"],
+            "properties": { "encoding": { "const": ChunkEncoding::Base64 } }
+        });
+        chunk["then"] = serde_json::json!({
+            "properties": { "data": { "maxLength": base64_len, "pattern": BASE64_PATTERN } }
+        });
+        chunk["else"] = serde_json::json!({
+            "properties": { "data": { "maxLength": MAX_CHUNK_BYTES } }
+        });
         schema::object(
             &["instance_id", "command_id", "chunks"],
             &[

@@ -255,3 +255,55 @@ fn heartbeat_text_fields_refuse_control_characters_in_both() {
         );
     }
 }
+
+#[test]
+fn log_chunks_are_base64_when_they_say_so_and_bounded_in_both() {
+    use base64::Engine;
+    use fleet_core::command::{LogBatch, MAX_CHUNK_BYTES};
+    let base64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let batch = |chunks: Vec<Value>| json!({ "instance_id": "acme-001", "command_id": "cmd-1", "chunks": chunks });
+    let chunk = |data: String, encoding: Option<&str>| {
+        let mut chunk = json!({ "offset": 0, "stream": "stdout", "data": data });
+        if let Some(encoding) = encoding {
+            chunk["encoding"] = json!(encoding);
+        }
+        chunk
+    };
+    let schema = LogBatch::json_schema();
+    agree_on::<LogBatch>(
+        &schema,
+        &[
+            batch(vec![chunk("hello\n".into(), None)]),
+            batch(vec![chunk("hello\n".into(), Some("utf8"))]),
+            batch(vec![chunk(String::new(), Some("base64"))]),
+            batch(vec![
+                chunk(base64(b"\xff\xfe"), Some("base64")),
+                chunk(base64(b"a"), Some("base64")),
+                chunk(base64(b"ab"), Some("base64")),
+                chunk(base64(b"abc"), Some("base64")),
+            ]),
+            batch(vec![chunk("x".repeat(MAX_CHUNK_BYTES), None)]),
+            batch(vec![chunk(
+                base64(&vec![0xff; MAX_CHUNK_BYTES]),
+                Some("base64"),
+            )]),
+        ],
+        true,
+    );
+    agree_on::<LogBatch>(
+        &schema,
+        &[
+            batch(vec![chunk("not base64!".into(), Some("base64"))]),
+            batch(vec![chunk("YWJj\n".into(), Some("base64"))]),
+            batch(vec![chunk("YWI".into(), Some("base64"))]),
+            batch(vec![chunk("YR==".into(), Some("base64"))]),
+            batch(vec![chunk("x".repeat(MAX_CHUNK_BYTES + 1), None)]),
+            batch(vec![chunk(
+                base64(&vec![0xff; MAX_CHUNK_BYTES + 3]),
+                Some("base64"),
+            )]),
+            batch(vec![chunk("hello".into(), Some("latin1"))]),
+        ],
+        false,
+    );
+}
