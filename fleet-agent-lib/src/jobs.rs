@@ -1,11 +1,36 @@
-//! What the plugin, restore and update pipelines do alike around their jobs: deliver the
-//! final reports the control plane does not have yet, and ask it for the next job.
+//! What the plugin, restore and update pipelines do alike around their jobs: keep and
+//! deliver a job's final report, deliver the final reports the control plane does not have
+//! yet, and ask it for the next job.
 
 use serde_json::{Value, json};
 
 use crate::Result;
 use crate::job_state::JobState;
 use crate::pipeline::ControlPlaneClient;
+
+/// Keeps `report` as the final report of job `job_id` of `kind` (its `status`, `failed` when
+/// it has none, and its `error` go into the job's record), then posts it to `report_path`
+/// and marks it delivered once the control plane has it. A report not delivered now is
+/// sent again by [`deliver_unreported`], also after a restart.
+pub(crate) async fn finish(
+    state: &JobState,
+    client: &ControlPlaneClient,
+    kind: &str,
+    report_path: &str,
+    job_id: &str,
+    payload: &str,
+    report: &Value,
+) -> Result<()> {
+    let status = report["status"].as_str().unwrap_or("failed");
+    let error = report["error"].as_str();
+    state
+        .finish(kind, job_id, payload, status, error, report)
+        .await?;
+    if client.report(report_path, report).await {
+        state.reported(kind, job_id).await?;
+    }
+    Ok(())
+}
 
 /// Posts to `report_path` the final reports of `kind` that have not reached the control
 /// plane yet, marking each one delivered once it has.

@@ -109,16 +109,18 @@ impl PluginPipeline {
     }
 
     async fn finish(&self, job_id: &str, payload: &str, report: Value) -> Result<()> {
-        let status = report["status"].as_str().unwrap_or("failed").to_owned();
-        let error = report["error"].as_str().map(str::to_owned);
-        self.state
-            .finish(KIND, job_id, payload, &status, error.as_deref(), &report)
-            .await?;
+        let status = report["status"].as_str().unwrap_or("failed");
         tracing::info!(job_id, %status, "plugin job ended");
-        if self.client.report(REPORT_PATH, &report).await {
-            self.state.reported(KIND, job_id).await?;
-        }
-        Ok(())
+        jobs::finish(
+            &self.state,
+            &self.client,
+            KIND,
+            REPORT_PATH,
+            job_id,
+            payload,
+            &report,
+        )
+        .await
     }
 
     async fn run_job(&self, job_id: &str, job: &Value) -> Result<()> {

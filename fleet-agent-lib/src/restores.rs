@@ -47,22 +47,18 @@ impl RestoreRunner {
     }
 
     async fn finish(&self, id: &str, payload: &str, report: Value) -> Result<()> {
-        let status = report["status"].as_str().unwrap_or("failed").to_owned();
-        self.state
-            .finish(
-                KIND,
-                id,
-                payload,
-                &status,
-                report["error"].as_str(),
-                &report,
-            )
-            .await?;
+        let status = report["status"].as_str().unwrap_or("failed");
         tracing::info!(restore_id = id, %status, "restore verification ended");
-        if self.client.report(REPORT_PATH, &report).await {
-            self.state.reported(KIND, id).await?;
-        }
-        Ok(())
+        jobs::finish(
+            &self.state,
+            &self.client,
+            KIND,
+            REPORT_PATH,
+            id,
+            payload,
+            &report,
+        )
+        .await
     }
 
     /// Reports what a crash interrupted, delivers pending reports, then runs the next

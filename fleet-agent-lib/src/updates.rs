@@ -211,19 +211,19 @@ impl UpdatePipeline {
     /// Records the final status, then reports it; the report is retried at the next poll
     /// until the control plane has it.
     async fn finish(&self, job_id: &str, payload: &str, report: Value) -> Result<()> {
-        let status = report["status"].as_str().unwrap_or("failed").to_owned();
-        let error = report
-            .get("error")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        self.state
-            .finish(KIND, job_id, payload, &status, error.as_deref(), &report)
-            .await?;
-        tracing::info!(job_id, %status, error = error.as_deref().unwrap_or(""), "update job ended");
-        if self.report(report).await {
-            self.state.reported(KIND, job_id).await?;
-        }
-        Ok(())
+        let status = report["status"].as_str().unwrap_or("failed");
+        let error = report["error"].as_str().unwrap_or("");
+        tracing::info!(job_id, %status, error, "update job ended");
+        jobs::finish(
+            &self.state,
+            &self.client,
+            KIND,
+            REPORT_PATH,
+            job_id,
+            payload,
+            &report,
+        )
+        .await
     }
 
     /// Jobs a crash interrupted: roll back (when the rollout asks for it) and report once.
