@@ -1,1 +1,111 @@
-//! Benchmarks live in `benches/`; run them with `cargo bench -p fleet-benches`.
+//! Benchmarks live in `benches/`; run them with `cargo bench -p fleet-benches`. This library
+//! holds what the load harnesses in `src/bin` share: the heartbeat they send and the CPU
+//! clocks they read.
+
+use std::time::Duration;
+
+/// The instance id of the `i`-th instance of a load run.
+pub fn instance_id(i: usize) -> String {
+    format!("bench-{i:05}")
+}
+
+/// An ERP-shaped heartbeat of about 700 bytes from `instance`, its figures moving with `n`.
+pub fn heartbeat(instance: &str, n: u64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "instance_id": instance, "domain": format!("{instance}.example.com"), "client": "Bench SA",
+        "version": "2.0.1", "release_channel": "stable", "health": "ok",
+        "db_ok": true, "redis_ok": true, "storage_ok": true, "search_ok": true, "jobs_failed": 0,
+        "uptime_seconds": 3600 + n, "cpu_usage_pct": (n % 100) as f64, "memory_used_bytes": 4_000_000_000u64 + n,
+        "memory_total_bytes": 8_000_000_000u64, "disk_used_bytes": 50_000_000_000u64, "disk_total_bytes": 100_000_000_000u64,
+        "slo_p95_ms": 120.0, "slo_error_rate": 0.001, "jobs_processed_1h": 420, "jobs_pending": 3,
+        "last_backup_at": "2026-11-22T02:00:00Z", "backup_checksum": "sha256-abc", "backup_status": "ok",
+        "checks": [{"name": "db", "ok": true, "latency_ms": 2.1}, {"name": "redis", "ok": true, "latency_ms": 0.3},
+                   {"name": "storage", "ok": true, "latency_ms": 8.0}],
+        "primary_region": "eu-west-1"
+    }))
+    .unwrap_or_default()
+}
+
+/// User and system ticks (1/100 s) of a `/proc/<pid>/stat` line: fields 14 and 15, counted
+/// after the parenthesised command name, which may itself contain spaces.
+fn stat_ticks(stat: &str) -> Duration {
+    let after = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("");
+    let ticks: u64 = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
+/// CPU time (user + system) this process has used so far. CPU per request is steadier than
+/// requests/s when other work shares the machine.
+pub fn process_cpu() -> Duration {
+    stat_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default())
+}
+
+/// CPU time all cores have spent busy since boot (everything but idle and iowait), from the
+/// first line of `/proc/stat`. Per request, it counts what the process clock cannot see: the
+/// database server's processes, the kernel's writeback threads, anything else running.
+pub fn machine_busy() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal; guest time is already in user.
+    let busy: u64 = ticks.iter().take(8).sum::<u64>()
+        - ticks.get(3).copied().unwrap_or(0)
+        - ticks.get(4).copied().unwrap_or(0);
+    Duration::from_millis(busy * 10)
+}
+
+/// CPU time used so far by the processes named `postgres` on this machine (the server, its
+/// backends and background workers), or `None` when there are none, as with a remote server.
+pub fn postgres_cpu() -> Option<Duration> {
+    let mut total = None;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let path = entry.path();
+        let is_postgres = std::fs::read_to_string(path.join("comm"))
+            .is_ok_and(|comm| comm.trim_end() == "postgres");
+        if is_postgres && let Ok(stat) = std::fs::read_to_string(path.join("stat")) {
+            *total.get_or_insert(Duration::ZERO) += stat_ticks(&stat);
+        }
+    }
+    total
+}
+
+/// Creates a schema of its own for a run (`{prefix}_{uuid}`) in the database at `url`, and
+/// returns the connect options that keep the store's tables in it, with its name.
+pub async fn postgres_schema(
+    url: &str,
+    prefix: &str,
+) -> Result<(sqlx::postgres::PgConnectOptions, String), String> {
+    use std::str::FromStr;
+    let schema = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(url)
+        .await
+        .map_err(|e| e.to_string())?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await
+        .map_err(|e| e.to_string())?;
+    let options = sqlx::postgres::PgConnectOptions::from_str(url)
+        .map_err(|e| e.to_string())?
+        .options([("search_path", schema.as_str())]);
+    Ok((options, schema))
+}
+
+/// Drops a run's schema; what cannot be dropped is left for a look.
+pub async fn drop_postgres_schema(url: &str, schema: &str) {
+    if let Ok(admin) = sqlx::PgPool::connect(url).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(&admin)
+            .await;
+    }
+}

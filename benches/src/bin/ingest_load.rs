@@ -26,13 +26,16 @@
 //! heartbeats each transaction of the writer carried (from `/metrics`), and a check that
 //! every acknowledged heartbeat is in the database.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use fleet_benches::{
+    drop_postgres_schema, heartbeat, instance_id, machine_busy, postgres_cpu, postgres_schema,
+    process_cpu,
+};
 use fleet_core::{Heartbeat, Limits, Secret, SecretResolver, SignatureHeaders, Signer, Verifier};
 use fleet_server::store::Store;
 use fleet_server::{ControlPlane, Settings};
@@ -111,29 +114,8 @@ async fn checked(
     }
 }
 
-fn instance_id(i: usize) -> String {
-    format!("bench-{i:05}")
-}
-
 fn secret_text(i: usize) -> String {
     format!("bench-secret-{i:05}-0123456789abcdef")
-}
-
-/// An ERP-shaped heartbeat of about 700 bytes.
-fn heartbeat(instance: &str, n: u64) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "instance_id": instance, "domain": format!("{instance}.example.com"), "client": "Bench SA",
-        "version": "2.0.1", "release_channel": "stable", "health": "ok",
-        "db_ok": true, "redis_ok": true, "storage_ok": true, "search_ok": true, "jobs_failed": 0,
-        "uptime_seconds": 3600 + n, "cpu_usage_pct": (n % 100) as f64, "memory_used_bytes": 4_000_000_000u64 + n,
-        "memory_total_bytes": 8_000_000_000u64, "disk_used_bytes": 50_000_000_000u64, "disk_total_bytes": 100_000_000_000u64,
-        "slo_p95_ms": 120.0, "slo_error_rate": 0.001, "jobs_processed_1h": 420, "jobs_pending": 3,
-        "last_backup_at": "2026-11-22T02:00:00Z", "backup_checksum": "sha256-abc", "backup_status": "ok",
-        "checks": [{"name": "db", "ok": true, "latency_ms": 2.1}, {"name": "redis", "ok": true, "latency_ms": 0.3},
-                   {"name": "storage", "ok": true, "latency_ms": 8.0}],
-        "primary_region": "eu-west-1"
-    }))
-    .unwrap_or_default()
 }
 
 #[derive(Default)]
@@ -176,60 +158,6 @@ impl Clocks {
             .zip(self.database)
             .map(|(after, before)| after.saturating_sub(before));
     }
-}
-
-/// User and system ticks (1/100 s) of a `/proc/<pid>/stat` line: fields 14 and 15, counted
-/// after the parenthesised command name, which may itself contain spaces.
-fn stat_ticks(stat: &str) -> Duration {
-    let after = stat.rsplit_once(") ").map(|(_, rest)| rest).unwrap_or("");
-    let ticks: u64 = after
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|v| v.parse::<u64>().ok())
-        .sum();
-    Duration::from_millis(ticks * 10)
-}
-
-/// CPU time (user + system) this process has used so far. CPU per request is steadier than
-/// requests/s when other work shares the machine.
-fn process_cpu() -> Duration {
-    stat_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default())
-}
-
-/// CPU time all cores have spent busy since boot (everything but idle and iowait), from the
-/// first line of `/proc/stat`. Per request, it counts what the process clock cannot see: the
-/// database server's processes, the kernel's writeback threads, anything else running.
-fn machine_busy() -> Duration {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let ticks: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal; guest time is already in user.
-    let busy: u64 = ticks.iter().take(8).sum::<u64>()
-        - ticks.get(3).copied().unwrap_or(0)
-        - ticks.get(4).copied().unwrap_or(0);
-    Duration::from_millis(busy * 10)
-}
-
-/// CPU time used so far by the processes named `postgres` on this machine (the server, its
-/// backends and background workers), or `None` when there are none, as with a remote server.
-fn postgres_cpu() -> Option<Duration> {
-    let mut total = None;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let path = entry.path();
-        let is_postgres = std::fs::read_to_string(path.join("comm"))
-            .is_ok_and(|comm| comm.trim_end() == "postgres");
-        if is_postgres && let Ok(stat) = std::fs::read_to_string(path.join("stat")) {
-            *total.get_or_insert(Duration::ZERO) += stat_ticks(&stat);
-        }
-    }
-    total
 }
 
 impl Phase {
@@ -333,18 +261,7 @@ async fn open_store(o: &Options) -> Result<(Arc<dyn Store>, String), String> {
             Ok((Arc::new(store), url))
         }
         "postgres" => {
-            let url = postgres_url(o)?;
-            let schema = format!("bench_{}", uuid::Uuid::new_v4().simple());
-            let admin = sqlx::PgPool::connect(&url)
-                .await
-                .map_err(|e| e.to_string())?;
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-                .execute(&admin)
-                .await
-                .map_err(|e| e.to_string())?;
-            let options = sqlx::postgres::PgConnectOptions::from_str(&url)
-                .map_err(|e| e.to_string())?
-                .options([("search_path", schema.as_str())]);
+            let (options, schema) = postgres_schema(&postgres_url(o)?, "bench").await?;
             let store = fleet_server::PostgresStore::connect_with(options)
                 .await
                 .map_err(|e| e.to_string())?
@@ -381,11 +298,8 @@ async fn clean_up(o: &Options, where_: &str) {
             .and_then(|rest| rest.split(' ').next()),
         postgres_url(o),
     ) && o.db == "postgres"
-        && let Ok(admin) = sqlx::PgPool::connect(&url).await
     {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-            .execute(&admin)
-            .await;
+        drop_postgres_schema(&url, schema).await;
     }
 }
 
