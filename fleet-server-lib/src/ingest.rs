@@ -6,6 +6,8 @@
 //! an acknowledged heartbeat is durable; the writer commits many heartbeats per transaction,
 //! so that durability does not cost a disk flush per request.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -172,36 +174,163 @@ async fn write_batch(store: &dyn Store, rules: &IngestRules, metrics: &Metrics, 
     let (batch, replies): (Vec<_>, Vec<_>) =
         jobs.into_iter().map(|j| (j.incoming, j.reply)).unzip();
     metrics.batch(batch.len());
-    match store.record_heartbeats(&batch, rules).await {
-        Ok(outcomes) => {
-            for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                let _ = reply.send(Ok(outcome));
-            }
-        }
-        Err(err) if batch.len() > 1 && !err.is_unreachable() => {
-            // One bad heartbeat must not sink its neighbours: retry them one by one. Not
-            // when the database is unreachable: each retry would wait the pool's acquire
-            // timeout again, and the last answers would come long after the agents gave up.
-            tracing::warn!(error = %err, size = batch.len(), "batch failed, retrying singly");
-            for (incoming, reply) in batch.into_iter().zip(replies) {
-                let result = store
-                    .record_heartbeats(std::slice::from_ref(&incoming), rules)
-                    .await
-                    .and_then(|mut o| o.pop().ok_or(Error::Internal("no outcome".into())));
-                let _ = reply.send(result.map_err(unavailable));
-            }
-        }
-        Err(err) => {
-            let _logged = unavailable(err);
-            for reply in replies {
-                let _ = reply.send(Err(Error::Unavailable));
-            }
-        }
+    let outcomes = record_halving(&batch, &|part| store.record_heartbeats(part, rules)).await;
+    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+        let _ = reply.send(outcome);
     }
 }
+
+/// Records `batch` with `record`, one outcome per heartbeat, in order. When the database
+/// refuses a batch, one bad heartbeat must not sink its neighbours: each half is recorded
+/// again on its own, down to single heartbeats, so a bad one costs about 2·log₂(n)
+/// transactions and a batch refused for a passing reason (a lock it waited too long for)
+/// costs two. A database that cannot be reached is not asked again: each retry would wait
+/// the pool's acquire timeout, and the answers would come after the agents gave up.
+fn record_halving<'a, R>(
+    batch: &'a [IncomingHeartbeat],
+    record: &'a R,
+) -> Pin<Box<dyn Future<Output = Vec<Result<RecordOutcome>>> + Send + 'a>>
+where
+    R: Fn(&'a [IncomingHeartbeat]) -> RecordFuture<'a> + Sync,
+{
+    Box::pin(async move {
+        match record(batch).await {
+            Ok(outcomes) if outcomes.len() == batch.len() => outcomes.into_iter().map(Ok).collect(),
+            Ok(_) => {
+                let _logged = unavailable(Error::Internal(
+                    "the store answered a different number of outcomes".into(),
+                ));
+                batch.iter().map(|_| Err(Error::Unavailable)).collect()
+            }
+            Err(err) if batch.len() > 1 && !err.is_unreachable() => {
+                tracing::warn!(error = %err, size = batch.len(), "batch refused, recording each half on its own");
+                let (first, second) = batch.split_at(batch.len() / 2);
+                let mut outcomes = record_halving(first, record).await;
+                outcomes.extend(record_halving(second, record).await);
+                outcomes
+            }
+            Err(err) => {
+                let _logged = unavailable(err);
+                batch.iter().map(|_| Err(Error::Unavailable)).collect()
+            }
+        }
+    })
+}
+
+/// What [`Store::record_heartbeats`] returns, boxed by `async_trait`.
+type RecordFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<RecordOutcome>>> + Send + 'a>>;
 
 /// Logs a storage failure and turns it into a retryable 503 for the agent.
 fn unavailable(err: Error) -> Error {
     tracing::error!(error = %err, "recording heartbeats failed");
     Error::Unavailable
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use fleet_core::{Limits, Scheme};
+
+    use super::*;
+
+    fn heartbeats(ids: &[&str]) -> Vec<IncomingHeartbeat> {
+        ids.iter()
+            .map(|id| {
+                let body = format!(
+                    r#"{{"instance_id":"{id}","db_ok":true,"redis_ok":true,"storage_ok":true,"jobs_failed":0}}"#
+                )
+                .into_bytes();
+                IncomingHeartbeat {
+                    heartbeat: Heartbeat::decode(&body, &Limits::default()).expect("valid"),
+                    scheme: Scheme::V0,
+                    msg_id: None,
+                    signed_at: None,
+                    received_at: 1000,
+                    body,
+                }
+            })
+            .collect()
+    }
+
+    /// A database that refuses every batch holding `bad`, and the first `flaky` batches
+    /// whatever they hold, counting the transactions it was asked for.
+    fn database<'c>(
+        bad: &'static str,
+        flaky: usize,
+        calls: &'c AtomicUsize,
+    ) -> impl for<'a> Fn(&'a [IncomingHeartbeat]) -> RecordFuture<'a> + Sync + 'c {
+        move |part: &[IncomingHeartbeat]| {
+            let call = calls.fetch_add(1, Ordering::SeqCst);
+            let refused = call < flaky || part.iter().any(|inc| inc.heartbeat.instance_id == bad);
+            let outcomes = part
+                .iter()
+                .map(|_| RecordOutcome::Applied { installation_id: 1 })
+                .collect();
+            Box::pin(async move {
+                if refused {
+                    Err(Error::Internal("refused".into()))
+                } else {
+                    Ok(outcomes)
+                }
+            })
+        }
+    }
+
+    fn applied(outcomes: &[Result<RecordOutcome>]) -> Vec<bool> {
+        outcomes
+            .iter()
+            .map(|o| matches!(o, Ok(RecordOutcome::Applied { .. })))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn one_refused_heartbeat_does_not_sink_its_neighbours() {
+        let ids: Vec<String> = (0..64).map(|i| format!("inst-{i:02}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let batch = heartbeats(&ids);
+        let calls = AtomicUsize::new(0);
+        let outcomes = record_halving(&batch, &database("inst-37", 0, &calls)).await;
+        let expected: Vec<bool> = ids.iter().map(|id| *id != "inst-37").collect();
+        assert_eq!(applied(&outcomes), expected);
+        assert!(matches!(outcomes[37], Err(Error::Unavailable)));
+        // The whole batch, then two halves at each of six levels: 13 transactions, not 65.
+        assert_eq!(calls.load(Ordering::SeqCst), 13);
+    }
+
+    #[tokio::test]
+    async fn a_batch_refused_once_is_recorded_in_two_halves() {
+        let batch = heartbeats(&["a", "b", "c", "d", "e"]);
+        let calls = AtomicUsize::new(0);
+        let outcomes = record_halving(&batch, &database("none", 1, &calls)).await;
+        assert_eq!(applied(&outcomes), [true; 5]);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_single_refused_heartbeat_is_answered_unavailable() {
+        let batch = heartbeats(&["bad"]);
+        let calls = AtomicUsize::new(0);
+        let outcomes = record_halving(&batch, &database("bad", 0, &calls)).await;
+        assert!(matches!(outcomes.as_slice(), [Err(Error::Unavailable)]));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_database_is_not_asked_again() {
+        let batch = heartbeats(&["a", "b", "c", "d"]);
+        let calls = AtomicUsize::new(0);
+        let down = |_: &[IncomingHeartbeat]| -> RecordFuture<'_> {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async { Err(Error::Database(sqlx::Error::PoolTimedOut)) })
+        };
+        let outcomes = record_halving(&batch, &down).await;
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Err(Error::Unavailable)))
+        );
+        assert_eq!(outcomes.len(), 4);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
 }
