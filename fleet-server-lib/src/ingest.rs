@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -174,7 +175,9 @@ async fn write_batch(store: &dyn Store, rules: &IngestRules, metrics: &Metrics, 
     let (batch, replies): (Vec<_>, Vec<_>) =
         jobs.into_iter().map(|j| (j.incoming, j.reply)).unzip();
     metrics.batch(batch.len());
-    let outcomes = record_halving(&batch, &|part| store.record_heartbeats(part, rules)).await;
+    let attempts = AtomicUsize::new(attempt_budget(batch.len()));
+    let record = |part| store.record_heartbeats(part, rules);
+    let outcomes = record_halving(&batch, &record, &attempts).await;
     for (reply, outcome) in replies.into_iter().zip(outcomes) {
         let _ = reply.send(outcome);
     }
@@ -184,37 +187,51 @@ async fn write_batch(store: &dyn Store, rules: &IngestRules, metrics: &Metrics, 
 /// refuses a batch, one bad heartbeat must not sink its neighbours: each half is recorded
 /// again on its own, down to single heartbeats, so a bad one costs about 2·log₂(n)
 /// transactions and a batch refused for a passing reason (a lock it waited too long for)
-/// costs two. A database that cannot be reached is not asked again: each retry would wait
-/// the pool's acquire timeout, and the answers would come after the agents gave up.
-fn record_halving<'a, R>(
+/// costs two. At most `attempts` transactions are tried in all: a database that refuses
+/// everything (a full disk) is not asked once per heartbeat. A database that cannot be
+/// reached is not asked again: each retry would wait the pool's acquire timeout, and the
+/// answers would come after the agents gave up.
+fn record_halving<'a: 'r, 'r, R>(
     batch: &'a [IncomingHeartbeat],
-    record: &'a R,
-) -> Pin<Box<dyn Future<Output = Vec<Result<RecordOutcome>>> + Send + 'a>>
+    record: &'r R,
+    attempts: &'r AtomicUsize,
+) -> Pin<Box<dyn Future<Output = Vec<Result<RecordOutcome>>> + Send + 'r>>
 where
     R: Fn(&'a [IncomingHeartbeat]) -> RecordFuture<'a> + Sync,
 {
     Box::pin(async move {
+        let unavailable_all = || batch.iter().map(|_| Err(Error::Unavailable)).collect();
+        let left = attempts.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if left.is_err() {
+            return unavailable_all();
+        }
         match record(batch).await {
             Ok(outcomes) if outcomes.len() == batch.len() => outcomes.into_iter().map(Ok).collect(),
             Ok(_) => {
                 let _logged = unavailable(Error::Internal(
                     "the store answered a different number of outcomes".into(),
                 ));
-                batch.iter().map(|_| Err(Error::Unavailable)).collect()
+                unavailable_all()
             }
             Err(err) if batch.len() > 1 && !err.is_unreachable() => {
                 tracing::warn!(error = %err, size = batch.len(), "batch refused, recording each half on its own");
                 let (first, second) = batch.split_at(batch.len() / 2);
-                let mut outcomes = record_halving(first, record).await;
-                outcomes.extend(record_halving(second, record).await);
+                let mut outcomes = record_halving(first, record, attempts).await;
+                outcomes.extend(record_halving(second, record, attempts).await);
                 outcomes
             }
             Err(err) => {
                 let _logged = unavailable(err);
-                batch.iter().map(|_| Err(Error::Unavailable)).collect()
+                unavailable_all()
             }
         }
     })
+}
+
+/// Transactions a batch of `size` may take in all: enough to find two bad heartbeats by
+/// halving, far fewer than one per heartbeat.
+fn attempt_budget(size: usize) -> usize {
+    4 * (usize::BITS - size.max(1).leading_zeros()) as usize + 1
 }
 
 /// What [`Store::record_heartbeats`] returns, boxed by `async_trait`.
@@ -228,15 +245,19 @@ fn unavailable(err: Error) -> Error {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
     use fleet_core::{Limits, Scheme};
 
     use super::*;
 
-    fn heartbeats(ids: &[&str]) -> Vec<IncomingHeartbeat> {
+    /// `inst-000`, `inst-001`, …
+    fn numbered(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("inst-{i:03}")).collect()
+    }
+
+    fn heartbeats<S: AsRef<str>>(ids: &[S]) -> Vec<IncomingHeartbeat> {
         ids.iter()
             .map(|id| {
+                let id = id.as_ref();
                 let body = format!(
                     r#"{{"instance_id":"{id}","db_ok":true,"redis_ok":true,"storage_ok":true,"jobs_failed":0}}"#
                 )
@@ -253,16 +274,19 @@ mod tests {
             .collect()
     }
 
-    /// A database that refuses every batch holding `bad`, and the first `flaky` batches
-    /// whatever they hold, counting the transactions it was asked for.
+    /// A database that refuses every batch holding one of `bad`, and the first `flaky`
+    /// batches whatever they hold, counting the transactions it was asked for.
     fn database<'c>(
-        bad: &'static str,
+        bad: &'static [&'static str],
         flaky: usize,
         calls: &'c AtomicUsize,
     ) -> impl for<'a> Fn(&'a [IncomingHeartbeat]) -> RecordFuture<'a> + Sync + 'c {
         move |part: &[IncomingHeartbeat]| {
             let call = calls.fetch_add(1, Ordering::SeqCst);
-            let refused = call < flaky || part.iter().any(|inc| inc.heartbeat.instance_id == bad);
+            let refused = call < flaky
+                || part
+                    .iter()
+                    .any(|inc| bad.contains(&inc.heartbeat.instance_id.as_str()));
             let outcomes = part
                 .iter()
                 .map(|_| RecordOutcome::Applied { installation_id: 1 })
@@ -277,6 +301,17 @@ mod tests {
         }
     }
 
+    async fn halving<'a, R>(
+        batch: &'a [IncomingHeartbeat],
+        record: &'a R,
+    ) -> Vec<Result<RecordOutcome>>
+    where
+        R: Fn(&'a [IncomingHeartbeat]) -> RecordFuture<'a> + Sync,
+    {
+        let attempts = AtomicUsize::new(attempt_budget(batch.len()));
+        record_halving(batch, record, &attempts).await
+    }
+
     fn applied(outcomes: &[Result<RecordOutcome>]) -> Vec<bool> {
         outcomes
             .iter()
@@ -286,12 +321,11 @@ mod tests {
 
     #[tokio::test]
     async fn one_refused_heartbeat_does_not_sink_its_neighbours() {
-        let ids: Vec<String> = (0..64).map(|i| format!("inst-{i:02}")).collect();
-        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let ids = numbered(64);
         let batch = heartbeats(&ids);
         let calls = AtomicUsize::new(0);
-        let outcomes = record_halving(&batch, &database("inst-37", 0, &calls)).await;
-        let expected: Vec<bool> = ids.iter().map(|id| *id != "inst-37").collect();
+        let outcomes = halving(&batch, &database(&["inst-037"], 0, &calls)).await;
+        let expected: Vec<bool> = ids.iter().map(|id| id != "inst-037").collect();
         assert_eq!(applied(&outcomes), expected);
         assert!(matches!(outcomes[37], Err(Error::Unavailable)));
         // The whole batch, then two halves at each of six levels: 13 transactions, not 65.
@@ -302,7 +336,7 @@ mod tests {
     async fn a_batch_refused_once_is_recorded_in_two_halves() {
         let batch = heartbeats(&["a", "b", "c", "d", "e"]);
         let calls = AtomicUsize::new(0);
-        let outcomes = record_halving(&batch, &database("none", 1, &calls)).await;
+        let outcomes = halving(&batch, &database(&[], 1, &calls)).await;
         assert_eq!(applied(&outcomes), [true; 5]);
         assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
@@ -311,7 +345,7 @@ mod tests {
     async fn a_single_refused_heartbeat_is_answered_unavailable() {
         let batch = heartbeats(&["bad"]);
         let calls = AtomicUsize::new(0);
-        let outcomes = record_halving(&batch, &database("bad", 0, &calls)).await;
+        let outcomes = halving(&batch, &database(&["bad"], 0, &calls)).await;
         assert!(matches!(outcomes.as_slice(), [Err(Error::Unavailable)]));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
@@ -324,7 +358,7 @@ mod tests {
             calls.fetch_add(1, Ordering::SeqCst);
             Box::pin(async { Err(Error::Database(sqlx::Error::PoolTimedOut)) })
         };
-        let outcomes = record_halving(&batch, &down).await;
+        let outcomes = halving(&batch, &down).await;
         assert!(
             outcomes
                 .iter()
@@ -332,5 +366,35 @@ mod tests {
         );
         assert_eq!(outcomes.len(), 4);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_database_refusing_everything_is_not_asked_once_per_heartbeat() {
+        let ids = numbered(512);
+        let batch = heartbeats(&ids);
+        let calls = AtomicUsize::new(0);
+        let outcomes = halving(&batch, &database(&[], usize::MAX, &calls)).await;
+        assert_eq!(outcomes.len(), 512);
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Err(Error::Unavailable)))
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), attempt_budget(512));
+        assert_eq!(attempt_budget(512), 41);
+    }
+
+    #[tokio::test]
+    async fn two_refused_heartbeats_are_found_within_the_budget() {
+        let ids = numbered(512);
+        let batch = heartbeats(&ids);
+        let calls = AtomicUsize::new(0);
+        let outcomes = halving(&batch, &database(&["inst-003", "inst-400"], 0, &calls)).await;
+        let expected: Vec<bool> = ids
+            .iter()
+            .map(|id| id != "inst-003" && id != "inst-400")
+            .collect();
+        assert_eq!(applied(&outcomes), expected);
+        assert!(calls.load(Ordering::SeqCst) <= attempt_budget(512));
     }
 }
