@@ -392,3 +392,48 @@ async fn slo_breach_alerts_once_and_silence_raises_an_offline_alert() {
         "breach over and back online: nothing open"
     );
 }
+
+/// A heartbeat the database refuses gets 503, so its agent keeps it and sends it again, and
+/// the heartbeats sent with it (batched with it when they arrive together) are recorded
+/// and acknowledged.
+#[tokio::test]
+async fn a_heartbeat_the_database_refuses_does_not_sink_the_ones_sent_with_it() {
+    let t = support::sqlite().await;
+    // A real refusal: SQLite aborts the time-series row of one installation.
+    let pool = sqlx::SqlitePool::connect(&t.url).await.expect("connect");
+    sqlx::query(
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON heartbeats \
+         WHEN (SELECT instance_id FROM installations WHERE id = NEW.installation_id) = 'poison' \
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+    )
+    .execute(&pool)
+    .await
+    .expect("create trigger");
+    pool.close().await;
+    let server = TestServer::start(t.store.clone()).await;
+    let ids: Vec<String> = (0..40)
+        .map(|i| match i {
+            20 => "poison".to_owned(),
+            _ => format!("ok-{i:02}"),
+        })
+        .collect();
+    let bodies: Vec<Vec<u8>> = ids.iter().map(|id| body(id, json!({}))).collect();
+    let ts = now();
+    let sends = bodies.iter().enumerate().map(|(i, hb)| {
+        let msg = format!("msg-{i}");
+        let server = &server;
+        async move {
+            server
+                .send_v1(support::SHARED, &msg, ts, hb)
+                .await
+                .status()
+                .as_u16()
+        }
+    });
+    let statuses = futures_util::future::join_all(sends).await;
+    for (id, status) in ids.iter().zip(&statuses) {
+        let expected = if id == "poison" { 503 } else { 200 };
+        assert_eq!(*status, expected, "{id}: {statuses:?}");
+    }
+    assert_eq!(count(&server).await, 39);
+}
