@@ -22,9 +22,10 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
-    /// Connects to `url` and applies pending migrations. Over TCP: `postgres://user:password@host/db`;
-    /// over a Unix socket, cheaper when PostgreSQL runs on the same machine:
-    /// `postgres://user:password@%2Fvar%2Frun%2Fpostgresql/db` (or `?host=/var/run/postgresql`).
+    /// Connects to `url` and applies pending migrations. Over TCP:
+    /// `postgres://user:password@host/db`; over a Unix socket, cheaper when PostgreSQL runs on
+    /// the same machine: `postgres://user:password@%2Fvar%2Frun%2Fpostgresql/db` (or
+    /// `?host=/var/run/postgresql`).
     pub async fn connect(url: &str) -> Result<Self> {
         Self::connect_with(PgConnectOptions::from_str(url)?).await
     }
