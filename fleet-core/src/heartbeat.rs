@@ -315,7 +315,7 @@ impl Heartbeat {
     pub fn json_schema() -> Value {
         let l = Limits::default();
         let boolean = json!({ "type": "boolean" });
-        let number = |max: f64| json!({ "type": "number", "minimum": 0, "maximum": max });
+        let number = crate::schema::number;
         let text = |max: usize| crate::schema::plain_text(max);
         let list =
             // `null` reads as an empty list, as for the optional scalars.

@@ -41,6 +41,11 @@ pub fn plain_text(max: usize) -> Value {
     })
 }
 
+/// A number from 0 to `max`.
+pub fn number(max: f64) -> Value {
+    json!({ "type": "number", "minimum": 0, "maximum": max })
+}
+
 /// A non-negative integer.
 pub fn count() -> Value {
     json!({ "type": "integer", "minimum": 0 })

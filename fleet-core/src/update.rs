@@ -337,22 +337,23 @@ impl UpdateReport {
                         serde_json::json!({ "type": "integer", "minimum": 0, "maximum": 100 }),
                     ),
                 ),
-                ("metric_p95_ms", slo_figure(MAX_SLO_P95_MS)),
-                ("metric_error_rate", slo_figure(MAX_SLO_ERROR_RATE)),
+                (
+                    "metric_p95_ms",
+                    schema::nullable(schema::number(MAX_SLO_P95_MS)),
+                ),
+                (
+                    "metric_error_rate",
+                    schema::nullable(schema::number(MAX_SLO_ERROR_RATE)),
+                ),
                 (
                     "metric_webhook_retry_rate",
-                    slo_figure(MAX_SLO_WEBHOOK_RETRY_RATE),
+                    schema::nullable(schema::number(MAX_SLO_WEBHOOK_RETRY_RATE)),
                 ),
                 ("duration_ms", schema::nullable(schema::count())),
                 ("output_tail", schema::nullable(schema::plain_text(max))),
             ],
         )
     }
-}
-
-/// An optional SLO figure of a report: a number from 0 to `max`, or `null`.
-fn slo_figure(max: f64) -> serde_json::Value {
-    schema::nullable(serde_json::json!({ "type": "number", "minimum": 0, "maximum": max }))
 }
 
 /// What update and plugin reports share, checked in one place: both ids, a status an agent
