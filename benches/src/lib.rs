@@ -101,11 +101,49 @@ pub async fn postgres_schema(
     Ok((options, schema))
 }
 
-/// Drops a run's schema; what cannot be dropped is left for a look.
-pub async fn drop_postgres_schema(url: &str, schema: &str) {
-    if let Ok(admin) = sqlx::PgPool::connect(url).await {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-            .execute(&admin)
-            .await;
+/// What a run created for its store: named in the run's report, removed afterwards.
+pub enum Created {
+    /// A temporary folder holding the SQLite database.
+    SqliteDir(std::path::PathBuf),
+    /// A PostgreSQL schema of the run's own.
+    PostgresSchema(String),
+}
+
+impl std::fmt::Display for Created {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::SqliteDir(dir) => write!(f, "{}", dir.join("fleet.db").display()),
+            Self::PostgresSchema(schema) => write!(f, "postgres schema {schema}"),
+        }
     }
+}
+
+impl Created {
+    /// Removes it (a schema through the database at `postgres_url`); what cannot be removed
+    /// is left for a look.
+    pub async fn remove(&self, postgres_url: Option<&str>) {
+        match self {
+            Self::SqliteDir(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            Self::PostgresSchema(schema) => {
+                let Some(url) = postgres_url else { return };
+                if let Ok(admin) = sqlx::PgPool::connect(url).await {
+                    let drop = format!("DROP SCHEMA {schema} CASCADE");
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(drop)).execute(&admin).await;
+                }
+            }
+        }
+    }
+}
+
+/// A SQLite store in a temporary folder of its own (`{prefix}-{uuid}`).
+pub async fn sqlite_store(prefix: &str) -> Result<(fleet_server::SqliteStore, Created), String> {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let url = format!("sqlite://{}", dir.join("fleet.db").display());
+    let store = fleet_server::SqliteStore::connect(&url)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((store, Created::SqliteDir(dir)))
 }

@@ -33,8 +33,8 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use fleet_benches::{
-    drop_postgres_schema, heartbeat, instance_id, machine_busy, postgres_cpu, postgres_schema,
-    process_cpu,
+    Created, heartbeat, instance_id, machine_busy, postgres_cpu, postgres_schema, process_cpu,
+    sqlite_store,
 };
 use fleet_core::{Heartbeat, Limits, Secret, SecretResolver, SignatureHeaders, Signer, Verifier};
 use fleet_server::store::Store;
@@ -248,17 +248,11 @@ async fn drive(
     phase
 }
 
-async fn open_store(o: &Options) -> Result<(Arc<dyn Store>, String), String> {
+async fn open_store(o: &Options) -> Result<(Arc<dyn Store>, Created), String> {
     match o.db.as_str() {
         "sqlite" => {
-            let dir =
-                std::env::temp_dir().join(format!("fleet-bench-{}", uuid::Uuid::new_v4().simple()));
-            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-            let url = format!("sqlite://{}", dir.join("fleet.db").display());
-            let store = fleet_server::SqliteStore::connect(&url)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok((Arc::new(store), url))
+            let (store, created) = sqlite_store("fleet-bench").await?;
+            Ok((Arc::new(store), created))
         }
         "postgres" => {
             let (options, schema) = postgres_schema(&postgres_url(o)?, "bench").await?;
@@ -266,10 +260,7 @@ async fn open_store(o: &Options) -> Result<(Arc<dyn Store>, String), String> {
                 .await
                 .map_err(|e| e.to_string())?
                 .with_writers(o.pg_writers);
-            Ok((
-                Arc::new(store),
-                format!("postgres schema {schema} over {}", o.pg_over),
-            ))
+            Ok((Arc::new(store), Created::PostgresSchema(schema)))
         }
         other => Err(format!("--db must be sqlite or postgres, not {other}")),
     }
@@ -284,23 +275,6 @@ fn postgres_url(o: &Options) -> Result<String, String> {
     };
     std::env::var(variable)
         .map_err(|_| format!("{variable} is not set (eval \"$(scripts/services postgres)\")"))
-}
-
-/// Removes what the run created (kept when the count check fails, for a look).
-async fn clean_up(o: &Options, where_: &str) {
-    if let Some(path) = where_.strip_prefix("sqlite://") {
-        if let Some(dir) = std::path::Path::new(path).parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    } else if let (Some(schema), Ok(url)) = (
-        where_
-            .strip_prefix("postgres schema ")
-            .and_then(|rest| rest.split(' ').next()),
-        postgres_url(o),
-    ) && o.db == "postgres"
-    {
-        drop_postgres_schema(&url, schema).await;
-    }
 }
 
 fn main() -> Result<(), String> {
@@ -332,7 +306,11 @@ fn main() -> Result<(), String> {
     );
 
     let checker = Arc::new(Verifier::new(resolver.clone()));
-    let (store, where_) = server_rt.block_on(open_store(&o))?;
+    let (store, created) = server_rt.block_on(open_store(&o))?;
+    let where_ = match &created {
+        Created::PostgresSchema(_) => format!("{created} over {}", o.pg_over),
+        Created::SqliteDir(_) => created.to_string(),
+    };
     let base = server_rt.block_on(async {
         let router = ControlPlane::builder()
             .shared_store(store.clone())
@@ -489,6 +467,6 @@ fn main() -> Result<(), String> {
             "acknowledged heartbeats missing from the database ({where_}, kept)"
         ));
     }
-    server_rt.block_on(clean_up(&o, &where_));
+    server_rt.block_on(created.remove(postgres_url(&o).ok().as_deref()));
     Ok(())
 }

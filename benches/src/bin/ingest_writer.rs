@@ -17,7 +17,7 @@
 use std::time::Instant;
 
 use fleet_benches::{
-    drop_postgres_schema, heartbeat, instance_id, postgres_cpu, postgres_schema, process_cpu,
+    Created, heartbeat, instance_id, postgres_cpu, postgres_schema, process_cpu, sqlite_store,
 };
 use fleet_core::{Heartbeat, Limits, Scheme};
 use fleet_server::SloThresholds;
@@ -88,38 +88,27 @@ impl Lcg {
     }
 }
 
-async fn open(o: &Options) -> Result<(Box<dyn Store>, Option<String>), String> {
+/// The database URL when `--db postgres`.
+fn postgres_url() -> Result<String, String> {
+    std::env::var("FLEET_TEST_POSTGRES_SOCKET_URL").map_err(|_| {
+        "FLEET_TEST_POSTGRES_SOCKET_URL is not set (eval \"$(scripts/services postgres)\")".into()
+    })
+}
+
+async fn open(o: &Options) -> Result<(Box<dyn Store>, Created), String> {
     match o.db.as_str() {
         "sqlite" => {
-            let dir = std::env::temp_dir()
-                .join(format!("fleet-writer-{}", uuid::Uuid::new_v4().simple()));
-            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-            let url = format!("sqlite://{}", dir.join("fleet.db").display());
-            let store = fleet_server::SqliteStore::connect(&url)
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok((Box::new(store), Some(dir.display().to_string())))
+            let (store, created) = sqlite_store("fleet-writer").await?;
+            Ok((Box::new(store), created))
         }
         "postgres" => {
-            let url = std::env::var("FLEET_TEST_POSTGRES_SOCKET_URL").map_err(|_| {
-                "FLEET_TEST_POSTGRES_SOCKET_URL is not set (eval \"$(scripts/services postgres)\")"
-            })?;
-            let (options, schema) = postgres_schema(&url, "bench_writer").await?;
+            let (options, schema) = postgres_schema(&postgres_url()?, "bench_writer").await?;
             let store = fleet_server::PostgresStore::connect_with(options)
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok((Box::new(store), Some(schema)))
+            Ok((Box::new(store), Created::PostgresSchema(schema)))
         }
         other => Err(format!("--db must be sqlite or postgres, not {other}")),
-    }
-}
-
-async fn clean_up(o: &Options, left: Option<String>) {
-    let Some(left) = left else { return };
-    if o.db == "sqlite" {
-        let _ = std::fs::remove_dir_all(left);
-    } else if let Ok(url) = std::env::var("FLEET_TEST_POSTGRES_SOCKET_URL") {
-        drop_postgres_schema(&url, &left).await;
     }
 }
 
@@ -135,7 +124,7 @@ fn main() -> Result<(), String> {
 }
 
 async fn run(o: &Options) -> Result<(), String> {
-    let (store, left) = open(o).await?;
+    let (store, created) = open(o).await?;
     let rules = IngestRules {
         slo: SloThresholds {
             p95_ms_max: 500.0,
@@ -202,7 +191,7 @@ async fn run(o: &Options) -> Result<(), String> {
     }
     let stored = store.heartbeat_count().await.map_err(|e| e.to_string())?;
     println!("count check: {written} recorded, {stored} in the database");
-    clean_up(o, left).await;
+    created.remove(postgres_url().ok().as_deref()).await;
     if stored != written {
         return Err("recorded heartbeats missing from the database".into());
     }
