@@ -8,51 +8,49 @@ use crate::Result;
 use crate::job_state::JobState;
 use crate::pipeline::ControlPlaneClient;
 
-/// Keeps `report` as the final report of job `job_id` of `kind` (its `status`, `failed` when
-/// it has none, and its `error` go into the job's record), then posts it to `report_path`
-/// and marks it delivered once the control plane has it. A report not delivered now is
-/// sent again by [`deliver_unreported`], also after a restart.
-pub(crate) async fn finish(
-    state: &JobState,
-    client: &ControlPlaneClient,
-    kind: &str,
-    report_path: &str,
-    job_id: &str,
-    payload: &str,
-    report: &Value,
-) -> Result<()> {
-    let status = report["status"].as_str().unwrap_or("failed");
-    let error = report["error"].as_str();
-    state
-        .finish(kind, job_id, payload, status, error, report)
-        .await?;
-    if client.report(report_path, report).await {
-        state.reported(kind, job_id).await?;
-    }
-    Ok(())
+/// Where one pipeline keeps and delivers the final reports of its jobs: its job records
+/// (`kind` in the agent's job state) and the control-plane path that takes them.
+pub(crate) struct Reports<'a> {
+    pub state: &'a JobState,
+    pub client: &'a ControlPlaneClient,
+    pub kind: &'static str,
+    pub report_path: &'static str,
 }
 
-/// Posts to `report_path` the final reports of `kind` that have not reached the control
-/// plane yet, marking each one delivered once it has.
-pub(crate) async fn deliver_unreported(
-    state: &JobState,
-    client: &ControlPlaneClient,
-    kind: &str,
-    report_path: &str,
-) -> Result<()> {
-    for job in state.unreported(kind).await? {
-        let report: Value = job
-            .report
-            .as_deref()
-            .and_then(|r| serde_json::from_str(r).ok())
-            .unwrap_or(Value::Null);
-        // A report that cannot be read would never be taken: give it up rather than retry
-        // it at every poll.
-        if report.is_null() || client.report(report_path, &report).await {
-            state.reported(kind, &job.job_id).await?;
+impl Reports<'_> {
+    /// Keeps `report` as the final report of job `job_id` (its `status`, `failed` when it
+    /// has none, and its `error` go into the job's record), then posts it and marks it
+    /// delivered once the control plane has it. A report not delivered now is sent again by
+    /// [`deliver_unreported`](Self::deliver_unreported), also after a restart.
+    pub async fn finish(&self, job_id: &str, payload: &str, report: &Value) -> Result<()> {
+        let status = report["status"].as_str().unwrap_or("failed");
+        let error = report["error"].as_str();
+        self.state
+            .finish(self.kind, job_id, payload, status, error, report)
+            .await?;
+        if self.client.report(self.report_path, report).await {
+            self.state.reported(self.kind, job_id).await?;
         }
+        Ok(())
     }
-    Ok(())
+
+    /// Posts the final reports that have not reached the control plane yet, marking each
+    /// one delivered once it has.
+    pub async fn deliver_unreported(&self) -> Result<()> {
+        for job in self.state.unreported(self.kind).await? {
+            let report: Value = job
+                .report
+                .as_deref()
+                .and_then(|r| serde_json::from_str(r).ok())
+                .unwrap_or(Value::Null);
+            // A report that cannot be read would never be taken: give it up rather than
+            // retry it at every poll.
+            if report.is_null() || self.client.report(self.report_path, &report).await {
+                self.state.reported(self.kind, &job.job_id).await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Asks `next_path` for the next job of `instance_id`: the body of a 200 answer, else `null`

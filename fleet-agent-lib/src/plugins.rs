@@ -93,7 +93,7 @@ impl PluginPipeline {
                 "error": format!("the agent stopped during step {step}; the step did not finish")});
             self.finish(&job.job_id, &job.payload, report).await?;
         }
-        jobs::deliver_unreported(&self.state, &self.client, KIND, REPORT_PATH).await?;
+        self.reports().deliver_unreported().await?;
         let job = jobs::next_job(&self.client, NEXT_PATH, &self.instance_id, |err| {
             tracing::warn!(%err, "cannot ask for a plugin job");
         })
@@ -107,20 +107,20 @@ impl PluginPipeline {
         self.run_job(&job_id, &job).await?;
         Ok(true)
     }
+    /// Where this pipeline keeps and delivers its final reports.
+    fn reports(&self) -> jobs::Reports<'_> {
+        jobs::Reports {
+            state: &self.state,
+            client: &self.client,
+            kind: KIND,
+            report_path: REPORT_PATH,
+        }
+    }
 
     async fn finish(&self, job_id: &str, payload: &str, report: Value) -> Result<()> {
         let status = report["status"].as_str().unwrap_or("failed");
         tracing::info!(job_id, %status, "plugin job ended");
-        jobs::finish(
-            &self.state,
-            &self.client,
-            KIND,
-            REPORT_PATH,
-            job_id,
-            payload,
-            &report,
-        )
-        .await
+        self.reports().finish(job_id, payload, &report).await
     }
 
     async fn run_job(&self, job_id: &str, job: &Value) -> Result<()> {

@@ -45,20 +45,20 @@ impl RestoreRunner {
             runner,
         }
     }
+    /// Where this pipeline keeps and delivers its final reports.
+    fn reports(&self) -> jobs::Reports<'_> {
+        jobs::Reports {
+            state: &self.state,
+            client: &self.client,
+            kind: KIND,
+            report_path: REPORT_PATH,
+        }
+    }
 
     async fn finish(&self, id: &str, payload: &str, report: Value) -> Result<()> {
         let status = report["status"].as_str().unwrap_or("failed");
         tracing::info!(restore_id = id, %status, "restore verification ended");
-        jobs::finish(
-            &self.state,
-            &self.client,
-            KIND,
-            REPORT_PATH,
-            id,
-            payload,
-            &report,
-        )
-        .await
+        self.reports().finish(id, payload, &report).await
     }
 
     /// Reports what a crash interrupted, delivers pending reports, then runs the next
@@ -69,7 +69,7 @@ impl RestoreRunner {
                 "status": "failed", "error": "the agent stopped during the verification"});
             self.finish(&job.job_id, &job.payload, report).await?;
         }
-        jobs::deliver_unreported(&self.state, &self.client, KIND, REPORT_PATH).await?;
+        self.reports().deliver_unreported().await?;
         let job = jobs::next_job(&self.client, NEXT_PATH, &self.instance_id, |err| {
             tracing::warn!(%err, "cannot ask for a restore verification");
         })

@@ -162,7 +162,7 @@ impl UpdatePipeline {
     /// the next job and runs it. Returns whether a job ran.
     pub async fn poll_once(&self) -> Result<bool> {
         self.recover().await?;
-        jobs::deliver_unreported(&self.state, &self.client, KIND, REPORT_PATH).await?;
+        self.reports().deliver_unreported().await?;
         let body =
             json!({"instance_id": self.instance_id, "current_version": self.current_version()});
         let answer = match self.client.post(NEXT_PATH, &body).await {
@@ -192,7 +192,7 @@ impl UpdatePipeline {
             // Handed out again (our answer was lost, or an old control plane): never run
             // twice; make sure its final report gets there.
             tracing::info!(job_id, state = %seen.state, "update job already run here; not again");
-            jobs::deliver_unreported(&self.state, &self.client, KIND, REPORT_PATH).await?;
+            self.reports().deliver_unreported().await?;
             return Ok(false);
         }
         self.run_job(&job_id, &job).await?;
@@ -208,22 +208,23 @@ impl UpdatePipeline {
                "step": step_name(step)})
     }
 
+    /// Where this pipeline keeps and delivers its final reports.
+    fn reports(&self) -> jobs::Reports<'_> {
+        jobs::Reports {
+            state: &self.state,
+            client: &self.client,
+            kind: KIND,
+            report_path: REPORT_PATH,
+        }
+    }
+
     /// Records the final status, then reports it; the report is retried at the next poll
     /// until the control plane has it.
     async fn finish(&self, job_id: &str, payload: &str, report: Value) -> Result<()> {
         let status = report["status"].as_str().unwrap_or("failed");
         let error = report["error"].as_str().unwrap_or("");
         tracing::info!(job_id, %status, error, "update job ended");
-        jobs::finish(
-            &self.state,
-            &self.client,
-            KIND,
-            REPORT_PATH,
-            job_id,
-            payload,
-            &report,
-        )
-        .await
+        self.reports().finish(job_id, payload, &report).await
     }
 
     /// Jobs a crash interrupted: roll back (when the rollout asks for it) and report once.
