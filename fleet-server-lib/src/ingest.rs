@@ -8,8 +8,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -175,9 +175,20 @@ async fn write_batch(store: &dyn Store, rules: &IngestRules, metrics: &Metrics, 
     let (batch, replies): (Vec<_>, Vec<_>) =
         jobs.into_iter().map(|j| (j.incoming, j.reply)).unzip();
     metrics.batch(batch.len());
-    let attempts = AtomicUsize::new(attempt_budget(batch.len()));
+    let attempts = Attempts::for_batch(batch.len());
     let record = |part| store.record_heartbeats(part, rules);
     let outcomes = record_halving(&batch, &record, &attempts).await;
+    if let Some(refusal) = attempts.first_refusal.get() {
+        // One line for the whole batch: the halving itself can go nine levels deep.
+        let refused = outcomes.iter().filter(|o| o.is_err()).count();
+        tracing::warn!(
+            error = %refusal,
+            size = batch.len(),
+            transactions = attempts.used(),
+            refused,
+            "the database refused a batch; it was recorded again in halves"
+        );
+    }
     for (reply, outcome) in replies.into_iter().zip(outcomes) {
         let _ = reply.send(outcome);
     }
@@ -187,22 +198,21 @@ async fn write_batch(store: &dyn Store, rules: &IngestRules, metrics: &Metrics, 
 /// refuses a batch, one bad heartbeat must not sink its neighbours: each half is recorded
 /// again on its own, down to single heartbeats, so a bad one costs about 2·log₂(n)
 /// transactions and a batch refused for a passing reason (a lock it waited too long for)
-/// costs two. At most `attempts` transactions are tried in all: a database that refuses
+/// costs two. At most `attempts.budget` transactions are tried in all: a database that refuses
 /// everything (a full disk) is not asked once per heartbeat. A database that cannot be
 /// reached is not asked again: each retry would wait the pool's acquire timeout, and the
 /// answers would come after the agents gave up.
 fn record_halving<'a: 'r, 'r, R>(
     batch: &'a [IncomingHeartbeat],
     record: &'r R,
-    attempts: &'r AtomicUsize,
+    attempts: &'r Attempts,
 ) -> Pin<Box<dyn Future<Output = Vec<Result<RecordOutcome>>> + Send + 'r>>
 where
     R: Fn(&'a [IncomingHeartbeat]) -> RecordFuture<'a> + Sync,
 {
     Box::pin(async move {
         let unavailable_all = || batch.iter().map(|_| Err(Error::Unavailable)).collect();
-        let left = attempts.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-        if left.is_err() {
+        if !attempts.take_one() {
             return unavailable_all();
         }
         match record(batch).await {
@@ -214,7 +224,7 @@ where
                 unavailable_all()
             }
             Err(err) if batch.len() > 1 && !err.is_unreachable() => {
-                tracing::warn!(error = %err, size = batch.len(), "batch refused, recording each half on its own");
+                let _first = attempts.first_refusal.set(err.to_string());
                 let (first, second) = batch.split_at(batch.len() / 2);
                 let mut outcomes = record_halving(first, record, attempts).await;
                 outcomes.extend(record_halving(second, record, attempts).await);
@@ -232,6 +242,35 @@ where
 /// halving, far fewer than one per heartbeat.
 fn attempt_budget(size: usize) -> usize {
     4 * (usize::BITS - size.max(1).leading_zeros()) as usize + 1
+}
+
+/// The transactions one batch may still take, and why the database first refused it.
+struct Attempts {
+    budget: usize,
+    left: AtomicUsize,
+    first_refusal: OnceLock<String>,
+}
+
+impl Attempts {
+    fn for_batch(size: usize) -> Self {
+        let budget = attempt_budget(size);
+        Self {
+            budget,
+            left: AtomicUsize::new(budget),
+            first_refusal: OnceLock::new(),
+        }
+    }
+
+    /// Counts one more transaction; false once the budget is spent.
+    fn take_one(&self) -> bool {
+        self.left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    fn used(&self) -> usize {
+        self.budget - self.left.load(Ordering::SeqCst)
+    }
 }
 
 /// What [`Store::record_heartbeats`] returns, boxed by `async_trait`.
@@ -308,8 +347,7 @@ mod tests {
     where
         R: Fn(&'a [IncomingHeartbeat]) -> RecordFuture<'a> + Sync,
     {
-        let attempts = AtomicUsize::new(attempt_budget(batch.len()));
-        record_halving(batch, record, &attempts).await
+        record_halving(batch, record, &Attempts::for_batch(batch.len())).await
     }
 
     fn applied(outcomes: &[Result<RecordOutcome>]) -> Vec<bool> {
@@ -330,6 +368,27 @@ mod tests {
         assert!(matches!(outcomes[37], Err(Error::Unavailable)));
         // The whole batch, then two halves at each of six levels: 13 transactions, not 65.
         assert_eq!(calls.load(Ordering::SeqCst), 13);
+    }
+
+    #[tokio::test]
+    async fn a_halved_batch_keeps_its_first_refusal_and_transaction_count_for_one_warning() {
+        let ids = numbered(64);
+        let batch = heartbeats(&ids);
+        let calls = AtomicUsize::new(0);
+        let attempts = Attempts::for_batch(batch.len());
+        record_halving(&batch, &database(&["inst-005"], 0, &calls), &attempts).await;
+        assert_eq!(attempts.used(), calls.load(Ordering::SeqCst));
+        assert_eq!(attempts.used(), 13);
+        let refusal = attempts.first_refusal.get().map(String::as_str);
+        assert!(
+            refusal.is_some_and(|r| r.contains("refused")),
+            "{refusal:?}"
+        );
+
+        let untouched = Attempts::for_batch(batch.len());
+        record_halving(&batch, &database(&[], 0, &calls), &untouched).await;
+        assert_eq!(untouched.used(), 1);
+        assert!(untouched.first_refusal.get().is_none());
     }
 
     #[tokio::test]
