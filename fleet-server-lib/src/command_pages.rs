@@ -36,9 +36,9 @@ fn status(text: &str) -> String {
 }
 
 /// What `role` may see of a payload: `support` reads no value that commonly carries a
-/// secret (a `RunCommand`'s environment values, a compose file, a download URL's query
-/// string, a command line that runs through a shell); ops and admin, who may run commands,
-/// see it whole.
+/// secret (a `RunCommand`'s environment values and arguments, a compose file, a download
+/// URL's query string, a command line that runs through a shell); ops and admin, who may run
+/// commands, see it whole.
 pub(crate) fn visible_payload(command_type: &str, payload: &Value, role: Role) -> Value {
     if role >= Role::Ops {
         return payload.clone();
@@ -74,23 +74,19 @@ pub(crate) fn visible_payload(command_type: &str, payload: &Value, role: Role) -
             .to_owned();
         *cmd = Value::String(format!("{program} [rest hidden from support]"));
     }
+    // Arguments are hidden whatever they look like: no list of words catches every way of
+    // passing a credential (`-pHunter2`, `postgres://user:pw@db`, a bare token).
     if command_type == "RunCommand"
         && let Some(args) = shown.get_mut("args").and_then(Value::as_array_mut)
-        && args_look_secret(args)
+        && !args.is_empty()
     {
-        *args = vec![hidden("arguments")];
+        let what = match args.len() {
+            1 => "1 argument".to_owned(),
+            n => format!("{n} arguments"),
+        };
+        *args = vec![hidden(&what)];
     }
     shown
-}
-
-/// Arguments that look like they carry a credential (`--password=…`, `token=…`).
-fn args_look_secret(args: &[Value]) -> bool {
-    args.iter().filter_map(Value::as_str).any(|a| {
-        let a = a.to_ascii_lowercase();
-        ["pass", "secret", "token", "key", "auth"]
-            .iter()
-            .any(|w| a.contains(w))
-    })
 }
 
 /// `GET /commands`: the most recent commands.
@@ -292,11 +288,26 @@ mod tests {
             shown.contains("API_TOKEN") && shown.contains("curl"),
             "{shown}"
         );
-        let args = json!({"cmd": "mysql", "args": ["--password=pa55", "-e", "select 1"]});
-        let shown = visible_payload("RunCommand", &args, Role::Support).to_string();
-        assert!(!shown.contains("pa55"), "{shown}");
+        for args in [
+            json!(["--password=pa55", "-e", "select 1"]),
+            json!(["-ppa55", "-e", "select 1"]),
+            json!(["postgres://app:pa55@db/app"]),
+        ] {
+            let run = json!({"cmd": "mysql", "args": args});
+            let shown = visible_payload("RunCommand", &run, Role::Support).to_string();
+            assert!(!shown.contains("pa55"), "{shown}");
+            assert!(
+                shown.contains("mysql") && shown.contains("argument"),
+                "{shown}"
+            );
+        }
         let plain = json!({"cmd": "uname", "args": ["-a"]});
-        assert_eq!(visible_payload("RunCommand", &plain, Role::Support), plain);
+        assert_eq!(
+            visible_payload("RunCommand", &plain, Role::Support),
+            json!({"cmd": "uname", "args": ["[hidden from support: 1 argument]"]})
+        );
+        let bare = json!({"cmd": "uptime", "args": []});
+        assert_eq!(visible_payload("RunCommand", &bare, Role::Support), bare);
         let update = json!({"version": "2", "url": "https://dl/agent?sig=abc", "sha256": "00"});
         let shown = visible_payload("UpdateAgent", &update, Role::Support).to_string();
         assert!(
