@@ -6,7 +6,7 @@
 //! or the `cp_role` + `cp_token` cookies that `/login` sets (browsers; the ERP's names, so a
 //! session survives the switch). Tokens are compared in constant time, and every configured
 //! token is compared every time, so timing says nothing about which one matched. A client
-//! that fails too many checks in a minute is held back (see [`crate::throttle`]).
+//! that fails too many checks in a minute is held back (see `throttle.rs`).
 
 use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;

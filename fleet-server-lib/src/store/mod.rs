@@ -24,6 +24,10 @@ mod sql;
 pub mod rollouts;
 #[macro_use]
 mod rollouts_sql;
+#[macro_use]
+mod plugins_sql;
+#[macro_use]
+mod restores_sql;
 pub mod commands;
 mod postgres;
 mod postgres_ingest;
@@ -239,7 +243,9 @@ pub struct OutboxItem {
 /// another database by implementing it and passing it to
 /// [`ControlPlaneBuilder::store`](crate::ControlPlaneBuilder::store).
 #[async_trait]
-pub trait Store: rollouts::RolloutStore + Send + Sync + 'static {
+pub trait Store:
+    rollouts::RolloutStore + rollouts::PluginStore + rollouts::RestoreStore + Send + Sync + 'static
+{
     /// Records a batch of heartbeats in ONE transaction (group commit) and returns one
     /// outcome per heartbeat, in order. When this returns `Ok`, everything is durable.
     async fn record_heartbeats(

@@ -81,3 +81,6 @@ impl_rollout_store!(
     " FOR UPDATE",
     super::rollouts_sql::POSTGRES_INSERT_JOBS
 );
+
+impl_plugin_store!(PostgresStore, "BEGIN", " FOR UPDATE");
+impl_restore_store!(PostgresStore, "BEGIN", " FOR UPDATE");

@@ -338,7 +338,8 @@ pub fn is_compatible(patterns: &[String], version: &str) -> bool {
     })
 }
 
-/// Releases, rollouts, plugin marketplace and restores. Implemented by both backends.
+/// Releases, rollouts and the jobs they hand out, and the replay check of signed pipeline
+/// requests. Implemented by both backends.
 #[async_trait]
 pub trait RolloutStore: Send + Sync {
     /// Stores a verified release; 409 when the channel already has that version.
@@ -401,6 +402,21 @@ pub trait RolloutStore: Send + Sync {
     /// maxima within the observation window; returns how many halted.
     async fn watch_rollout_slo(&self, now: i64, forward: bool) -> Result<u64>;
 
+    /// Remembers a v1 message id of a signed pipeline request (next, report, request) and
+    /// says whether it was already seen with the same timestamp (a replay, refused).
+    async fn remember_message(
+        &self,
+        instance_id: &str,
+        msg_id: &str,
+        signed_at: i64,
+        now: i64,
+    ) -> Result<bool>;
+}
+
+/// The plugin marketplace: releases, requests from instances, approvals. Implemented by
+/// both backends.
+#[async_trait]
+pub trait PluginStore: Send + Sync {
     /// Publishes a plugin release; 409 when that name and version exist.
     async fn create_plugin_release(
         &self,
@@ -432,7 +448,11 @@ pub trait RolloutStore: Send + Sync {
         control_plane_version: &str,
         now: i64,
     ) -> Result<PluginRequestRecord>;
+}
 
+/// Restore verifications: scheduling, handing out, reports. Implemented by both backends.
+#[async_trait]
+pub trait RestoreStore: Send + Sync {
     /// Schedules verifications for up to `count` installations with the freshest
     /// heartbeats, skipping any verified in `environment` in the last 7 days or with one
     /// already open there.
@@ -457,14 +477,4 @@ pub trait RolloutStore: Send + Sync {
 
     /// Restore verifications, newest first.
     async fn list_restores(&self, limit: i64) -> Result<Vec<Restore>>;
-
-    /// Remembers a v1 message id of a signed pipeline request (next, report, request) and
-    /// says whether it was already seen with the same timestamp (a replay, refused).
-    async fn remember_message(
-        &self,
-        instance_id: &str,
-        msg_id: &str,
-        signed_at: i64,
-        now: i64,
-    ) -> Result<bool>;
 }

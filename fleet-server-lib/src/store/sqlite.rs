@@ -147,3 +147,6 @@ impl_rollout_store!(
     "",
     super::rollouts_sql::SQLITE_INSERT_JOBS
 );
+
+impl_plugin_store!(SqliteStore, "BEGIN IMMEDIATE", "");
+impl_restore_store!(SqliteStore, "BEGIN IMMEDIATE", "");
