@@ -107,6 +107,7 @@ impl PluginPipeline {
         self.run_job(&job_id, &job).await?;
         Ok(true)
     }
+
     /// Where this pipeline keeps and delivers its final reports.
     fn reports(&self) -> jobs::Reports<'_> {
         jobs::Reports {

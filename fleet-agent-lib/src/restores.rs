@@ -45,6 +45,7 @@ impl RestoreRunner {
             runner,
         }
     }
+
     /// Where this pipeline keeps and delivers its final reports.
     fn reports(&self) -> jobs::Reports<'_> {
         jobs::Reports {

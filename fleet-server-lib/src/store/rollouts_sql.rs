@@ -1,6 +1,6 @@
 //! The SQL of [`RolloutStore`](super::rollouts::RolloutStore) shared by both backends,
-//! expanded once per database by `impl_rollout_store!`, with the transaction helpers the
-//! plugin and restore stores (`plugins_sql`, `restores_sql`) use too.
+//! expanded once per database by `impl_rollout_store!`, with the transaction helpers of
+//! its rollouts (one of which, `raise_alert`, the restore store in `restores_sql` uses too).
 //!
 //! Every change that reads and then writes runs in one transaction; PostgreSQL also locks
 //! the rollout row (`FOR UPDATE`), SQLite takes its write lock up front (`BEGIN IMMEDIATE`),
