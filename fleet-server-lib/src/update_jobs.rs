@@ -48,7 +48,7 @@ pub(crate) async fn signed<T: DeserializeOwned + Validate>(
     if let (Some(msg_id), Some(signed_at)) = (&verified.msg_id, verified.timestamp) {
         let replay = state
             .store
-            .remember_message(&instance_id, msg_id, signed_at, fleet_core::unix_now())
+            .is_replay(&instance_id, msg_id, signed_at, fleet_core::unix_now())
             .await?;
         if replay {
             // Same answer as any other signature failure.

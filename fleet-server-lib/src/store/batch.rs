@@ -10,10 +10,15 @@ use crate::alerts::AlertSpec;
 use crate::store::{HeartbeatPoint, IncomingHeartbeat, RecordOutcome};
 
 /// The installation upsert's conflict clause, the same for both engines: the latest state,
-/// and for each descriptive field the latest value reported.
+/// and for each descriptive field the latest value reported. An argument (`", column =
+/// excluded.column"`) sets columns one engine has of its own.
 macro_rules! upsert_installation_tail {
     () => {
-        " ON CONFLICT (instance_id) DO UPDATE SET \
+        upsert_installation_tail!("")
+    };
+    ($also:literal) => {
+        concat!(
+            " ON CONFLICT (instance_id) DO UPDATE SET \
          domain = COALESCE(excluded.domain, installations.domain), \
          client = COALESCE(excluded.client, installations.client), \
          version = COALESCE(excluded.version, installations.version), \
@@ -23,8 +28,10 @@ macro_rules! upsert_installation_tail {
          first_seen_at = COALESCE(installations.first_seen_at, excluded.first_seen_at), \
          last_seen_at = excluded.last_seen_at, \
          last_backup_checksum = COALESCE(excluded.last_backup_checksum, installations.last_backup_checksum), \
-         state = excluded.state \
-         RETURNING id"
+         state = excluded.state",
+            $also,
+            " RETURNING id"
+        )
     };
 }
 
@@ -132,6 +139,49 @@ pub(crate) fn merge_installations<'a>(
     let mut latest: Vec<Merged<'a>> = merged.into_values().collect();
     latest.sort_unstable_by_key(|m| batch[m.latest].heartbeat.instance_id.as_str());
     latest
+}
+
+/// Where an applied heartbeat goes in its installation's time series: its row id, and the
+/// row id of the installation's heartbeat before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ChainLink {
+    pub id: i64,
+    pub previous: Option<i64>,
+}
+
+/// Row ids for the heartbeats of a batch that still apply, from `first_id` up in batch
+/// order, each linked to the one before it of the same installation: the previous one in
+/// this batch, or else `stored_last(instance_id)`, the newest stored one. Reading an
+/// installation's recent heartbeats follows these links instead of an index by installation,
+/// which every heartbeat would have to update at a random place.
+pub(crate) fn chain_heartbeats(
+    batch: &[IncomingHeartbeat],
+    outcomes: &[Option<RecordOutcome>],
+    first_id: i64,
+    stored_last: impl Fn(&str) -> Option<i64>,
+) -> Vec<Option<ChainLink>> {
+    let mut newest: HashMap<&str, Option<i64>> = HashMap::new();
+    let mut next = first_id;
+    batch
+        .iter()
+        .zip(outcomes)
+        .map(|(inc, outcome)| {
+            if outcome.is_some() {
+                return None;
+            }
+            let instance_id = inc.heartbeat.instance_id.as_str();
+            let newest = newest
+                .entry(instance_id)
+                .or_insert_with(|| stored_last(instance_id));
+            let link = ChainLink {
+                id: next,
+                previous: *newest,
+            };
+            *newest = Some(next);
+            next += 1;
+            Some(link)
+        })
+        .collect()
 }
 
 /// A backup record to insert.
@@ -341,6 +391,33 @@ pub(crate) fn plan_alerts<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn applied_heartbeats_get_ids_in_batch_order_linked_per_installation() {
+        let incoming = |instance: &str| IncomingHeartbeat {
+            heartbeat: Heartbeat::new(instance),
+            scheme: fleet_core::signing::Scheme::V0,
+            msg_id: None,
+            signed_at: None,
+            received_at: 1_000,
+            body: b"{}".to_vec(),
+        };
+        let batch = ["a", "b", "a", "a", "c"].map(incoming);
+        // The third heartbeat was a duplicate: it gets no row and breaks no link.
+        let outcomes = [None, None, Some(RecordOutcome::Duplicate), None, None];
+        let stored_last = |instance: &str| (instance == "a").then_some(7);
+        let link = |id, previous| Some(ChainLink { id, previous });
+        assert_eq!(
+            chain_heartbeats(&batch, &outcomes, 20, stored_last),
+            [
+                link(20, Some(7)),
+                link(21, None),
+                None,
+                link(22, Some(20)),
+                link(23, None)
+            ]
+        );
+    }
 
     #[test]
     fn figures_are_a_json_object_of_the_numbers() {

@@ -259,7 +259,9 @@ pub trait CommandStore: Send + Sync {
         now: i64,
     ) -> Result<Vec<String>>;
 
-    /// Remembers a signed message id; `false` when it was seen before (a replay).
+    /// Remembers a signed message id; `false` when it was seen before (a replay). Unlike
+    /// [`RolloutStore::is_replay`](crate::store::rollouts::RolloutStore::is_replay), any
+    /// earlier use of the id counts, whatever its timestamp.
     async fn remember_message(
         &self,
         instance_id: &str,

@@ -66,6 +66,13 @@ impl PostgresStore {
         self.writers
     }
 
+    /// `$1`: installation id, `$2`: oldest `received_at`, `$3`: how many → the installation's
+    /// most recent heartbeats (`received_at, figures`), newest first. PostgreSQL keeps the
+    /// index by installation: an entry costs it a WAL record, not a page, so dropping it did
+    /// not pay (SQLite follows links instead).
+    const RECENT_HEARTBEATS: &str = "SELECT received_at, figures FROM heartbeats \
+        WHERE installation_id = $1 AND received_at >= $2 ORDER BY id DESC LIMIT $3";
+
     /// The connection pool, for tools that need to query the database directly.
     pub fn pool(&self) -> &Pool<Postgres> {
         &self.pool

@@ -403,8 +403,9 @@ pub trait RolloutStore: Send + Sync {
     async fn watch_rollout_slo(&self, now: i64, forward: bool) -> Result<u64>;
 
     /// Remembers a v1 message id of a signed pipeline request (next, report, request) and
-    /// says whether it was already seen with the same timestamp (a replay, refused).
-    async fn remember_message(
+    /// answers `true` when it was already seen with the same timestamp: a replay, refused. (A
+    /// retry signs the same id again with a new timestamp, and is let through.)
+    async fn is_replay(
         &self,
         instance_id: &str,
         msg_id: &str,

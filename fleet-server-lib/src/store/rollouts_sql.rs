@@ -46,10 +46,11 @@ pub(crate) const POSTGRES_INSERT_JOBS: &str = "INSERT INTO rollout_jobs (rollout
     CASE WHEN (e ->> 0)::bigint = 0 THEN 'pending' ELSE 'queued' END, $4, $4 \
     FROM json_array_elements($5::json) AS e";
 
-/// Implements [`RolloutStore`] for `$store` (with `pool: Pool<$db>` and the `insert_alert`
-/// of `impl_sql_store!`); `$begin` opens a write transaction, `$lock` is the row-lock
-/// suffix of a `SELECT` (`" FOR UPDATE"` or nothing) and `$insert_jobs` the backend's bulk
-/// insert of a rollout's jobs.
+/// Implements [`RolloutStore`] for `$store` (with `pool: Pool<$db>`, the `insert_alert`
+/// of `impl_sql_store!` and the `RECENT_HEARTBEATS` query `impl_sql_store!` asks for);
+/// `$begin` opens a write transaction, `$lock` is the row-lock suffix of a `SELECT`
+/// (`" FOR UPDATE"` or nothing) and `$insert_jobs` the backend's bulk insert of a rollout's
+/// jobs.
 macro_rules! impl_rollout_store {
     ($store:ty, $db:ty, $begin:expr, $lock:literal, $insert_jobs:expr) => {
         #[async_trait::async_trait]
@@ -505,14 +506,15 @@ macro_rules! impl_rollout_store {
                     let Ok(settings) = serde_json::from_str::<fleet_core::update::RolloutSettings>(&settings) else {
                         continue;
                     };
-                    let figures: Vec<String> = sqlx::query_scalar(
-                        "SELECT figures FROM heartbeats WHERE installation_id = $1 AND received_at >= $2 \
-                         ORDER BY id DESC LIMIT 20",
-                    )
-                    .bind(installation_id)
-                    .bind(finished_at)
-                    .fetch_all(&self.pool)
-                    .await?;
+                    let figures: Vec<String> = sqlx::query(Self::RECENT_HEARTBEATS)
+                        .bind(installation_id)
+                        .bind(finished_at)
+                        .bind(20i64)
+                        .fetch_all(&self.pool)
+                        .await?
+                        .iter()
+                        .map(|row| sqlx::Row::try_get(row, "figures"))
+                        .collect::<std::result::Result<_, _>>()?;
                     let breach = figures.iter().find_map(|f| {
                         let map = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(f).ok()?;
                         $crate::rollouts::slo_breach(&settings, &map)
@@ -533,7 +535,7 @@ macro_rules! impl_rollout_store {
                 Ok(halted.len() as u64)
             }
 
-            async fn remember_message(
+            async fn is_replay(
                 &self,
                 instance_id: &str,
                 msg_id: &str,

@@ -65,7 +65,8 @@ pub(crate) fn like_pattern(text: &str) -> String {
 /// `concurrency(&self) -> usize` for
 /// [`Store::write_concurrency`](crate::store::Store::write_concurrency) and `record_batch`
 /// for [`Store::record_heartbeats`](crate::store::Store::record_heartbeats), the one
-/// statement path each engine has of its own.
+/// statement path each engine has of its own, and the constant `RECENT_HEARTBEATS`, the one
+/// query: each engine finds an installation's time series its own way.
 macro_rules! impl_sql_store {
     ($store:ty, $db:ty, $begin:expr, $skip_locked:literal) => {
         #[async_trait::async_trait]
@@ -156,13 +157,12 @@ macro_rules! impl_sql_store {
                 .bind(summary.id)
                 .fetch_all(&self.pool)
                 .await?;
-                let rows = sqlx::query(
-                    "SELECT received_at, figures FROM heartbeats WHERE installation_id = $1 \
-                     ORDER BY id DESC LIMIT 60",
-                )
-                .bind(summary.id)
-                .fetch_all(&self.pool)
-                .await?;
+                let rows = sqlx::query(Self::RECENT_HEARTBEATS)
+                    .bind(summary.id)
+                    .bind(i64::MIN)
+                    .bind(60i64)
+                    .fetch_all(&self.pool)
+                    .await?;
                 let mut recent = Vec::with_capacity(rows.len());
                 for row in rows.iter().rev() {
                     let figures: String = row.try_get("figures")?;

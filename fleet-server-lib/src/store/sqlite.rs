@@ -37,7 +37,9 @@ pub(super) const CACHE_SIZE: i64 = -65536;
 /// rewriting the same installation and index pages; the longer the log, the more of those
 /// rewrites one checkpoint folds into a single write, and under load a checkpoint every
 /// 4 MiB was about a tenth of the CPU each heartbeat cost. The log file keeps its largest
-/// size until the database is closed.
+/// size until the database is closed. Beside the store, a background checkpoint copies the
+/// log every 100 ms (`sqlite_ingest::spawn_checkpoints`), so the commit that reaches this
+/// size has little left to copy.
 pub(super) const WAL_AUTOCHECKPOINT_PAGES: i64 = 16_384;
 
 /// A database file that exists only as long as the store.
@@ -104,6 +106,20 @@ impl SqliteStore {
     pub fn pool(&self) -> &Pool<Sqlite> {
         &self.pool
     }
+
+    /// `$1`: installation id, `$2`: oldest `received_at`, `$3`: how many → the installation's
+    /// most recent heartbeats (`received_at, figures`), newest first. It follows the links from
+    /// the installation to its newest heartbeat and from each heartbeat to the one before (see
+    /// `batch::chain_heartbeats`). A link must go to a lower id of the same installation: ids
+    /// are taken again after the whole time series was pruned, and such a link ends the walk.
+    const RECENT_HEARTBEATS: &str = "WITH RECURSIVE chain(id, depth) AS ( \
+        SELECT last_heartbeat_id, 1 FROM installations WHERE id = $1 \
+        UNION ALL \
+        SELECT h.previous_id, chain.depth + 1 FROM chain JOIN heartbeats h ON h.id = chain.id \
+        WHERE h.installation_id = $1 AND h.previous_id < h.id AND h.received_at >= $2 \
+        AND chain.depth < $3) \
+        SELECT h.received_at, h.figures FROM chain JOIN heartbeats h ON h.id = chain.id \
+        WHERE h.installation_id = $1 AND h.received_at >= $2 ORDER BY h.id DESC";
 
     /// SQLite has one writer at a time.
     fn concurrency(&self) -> usize {

@@ -9,7 +9,8 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, mpsc};
+use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
@@ -21,7 +22,8 @@ use crate::{Error, Result};
 /// An installation with its open deduplicated alerts (one row each, or one row of NULLs):
 /// one statement instead of two per heartbeat. Nothing of this batch raises an alert
 /// before the rules run, so reading them first is the same as reading them last.
-const SELECT_INSTALLATION: &str = "SELECT i.id, i.last_backup_checksum, a.id, a.dedup_key \
+const SELECT_INSTALLATION: &str = "SELECT i.id, i.last_backup_checksum, i.last_heartbeat_id, \
+    a.id, a.dedup_key \
     FROM installations i LEFT JOIN alerts a ON a.installation_id = i.id \
     AND a.resolved_at IS NULL AND a.dedup_key IS NOT NULL WHERE i.instance_id = ?1";
 const INSERT_SEEN: &str = "INSERT INTO seen_messages (instance_id, msg_id, signed_at, seen_at) \
@@ -30,12 +32,15 @@ const SELECT_SEEN: &str =
     "SELECT signed_at FROM seen_messages WHERE instance_id = ?1 AND msg_id = ?2";
 const UPSERT_INSTALLATION: &str = concat!(
     "INSERT INTO installations (instance_id, domain, client, version, release_channel, health, \
-     scheme, first_seen_at, last_seen_at, last_backup_checksum, state) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-    upsert_installation_tail!()
+     scheme, first_seen_at, last_seen_at, last_backup_checksum, state, last_heartbeat_id) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    upsert_installation_tail!(", last_heartbeat_id = excluded.last_heartbeat_id")
 );
-const INSERT_HEARTBEAT: &str = "INSERT INTO heartbeats (installation_id, received_at, msg_id, figures) \
-    VALUES (?1, ?2, ?3, ?4)";
+/// The next heartbeat row id. The transaction holds the database's write lock, so no other
+/// writer can take the ids this batch gives its rows (and their links) before it inserts them.
+const NEXT_HEARTBEAT_ID: &str = "SELECT COALESCE(MAX(id), 0) + 1 FROM heartbeats";
+const INSERT_HEARTBEAT: &str = "INSERT INTO heartbeats (id, installation_id, received_at, msg_id, \
+    figures, previous_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 const INSERT_JOB_FAILURE: &str = "INSERT INTO job_failures (installation_id, queue, message, created_at) \
     VALUES (?1, ?2, ?3, ?4)";
 const INSERT_BACKUP: &str = "INSERT INTO backups (installation_id, backup_id, checksum, size_bytes, \
@@ -46,9 +51,22 @@ const INSERT_ALERT: &str = "INSERT INTO alerts (installation_id, level, kind, de
 const INSERT_OUTBOX: &str = "INSERT INTO webhook_outbox (alert_id, payload, attempts, \
     next_attempt_at, created_at) VALUES (?1, ?2, 0, ?3, ?3)";
 
+/// An installation the batch's first statement found.
+struct Known {
+    id: i64,
+    backup_checksum: Option<String>,
+    last_heartbeat_id: Option<i64>,
+}
+
+/// How often the background checkpoint copies what the write-ahead log gained into the
+/// database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
 /// The connection that records heartbeats. One batch at a time holds it.
 pub(crate) struct IngestConnection {
     connection: Mutex<Connection>,
+    /// Dropped with the connection, which ends the background checkpoint.
+    _checkpoints: mpsc::Sender<()>,
 }
 
 impl std::fmt::Debug for IngestConnection {
@@ -70,6 +88,7 @@ impl IngestConnection {
         connection.set_prepared_statement_cache_capacity(32);
         Ok(Self {
             connection: Mutex::new(connection),
+            _checkpoints: spawn_checkpoints(path)?,
         })
     }
 
@@ -87,9 +106,10 @@ impl IngestConnection {
         let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut outcomes: Vec<Option<RecordOutcome>> = vec![None; batch.len()];
 
-        // Installations that exist already, with their last backup checksum and the keys of
-        // their open alerts (an installation this batch creates has none).
-        let mut known: HashMap<&str, Option<(i64, Option<String>)>> = HashMap::new();
+        // Installations that exist already, with their last backup checksum, their newest
+        // heartbeat and the keys of their open alerts (an installation this batch creates has
+        // none).
+        let mut known: HashMap<&str, Option<Known>> = HashMap::new();
         let mut open: HashMap<i64, HashMap<String, OpenRef>> = HashMap::new();
         {
             let mut select = tx.prepare_cached(SELECT_INSTALLATION)?;
@@ -102,12 +122,16 @@ impl IngestConnection {
                 let mut rows = select.query([instance_id])?;
                 while let Some(r) = rows.next()? {
                     let id: i64 = r.get(0)?;
-                    if let (Some(alert_id), Some(key)) = (r.get(2)?, r.get(3)?) {
+                    if let (Some(alert_id), Some(key)) = (r.get(3)?, r.get(4)?) {
                         open.entry(id)
                             .or_default()
                             .insert(key, OpenRef::Stored(alert_id));
                     }
-                    row = Some((id, r.get(1)?));
+                    row = Some(Known {
+                        id,
+                        backup_checksum: r.get(1)?,
+                        last_heartbeat_id: r.get(2)?,
+                    });
                 }
                 known.insert(instance_id, row);
             }
@@ -146,6 +170,16 @@ impl IngestConnection {
             outcomes[i] = Some(ledger.repeat(&batch[i]));
         }
 
+        let first_id: i64 = tx.query_row(NEXT_HEARTBEAT_ID, [], |r| r.get(0))?;
+        let links = batch::chain_heartbeats(batch, &outcomes, first_id, |instance_id| {
+            known
+                .get(instance_id)
+                .and_then(|k| k.as_ref()?.last_heartbeat_id)
+        });
+        let link_of = |i: usize| {
+            links[i].ok_or_else(|| Error::Internal("an applied heartbeat has no row id".into()))
+        };
+
         let mut row_ids: HashMap<&str, i64> = HashMap::new();
         {
             let mut upsert = tx.prepare_cached(UPSERT_INSTALLATION)?;
@@ -165,6 +199,7 @@ impl IngestConnection {
                         inc.received_at,
                         m.backup_checksum,
                         batch::state_text(&inc.body),
+                        link_of(m.latest)?.id,
                     ],
                     |r| r.get(0),
                 )?;
@@ -172,7 +207,8 @@ impl IngestConnection {
             }
         }
 
-        let mut applied = Vec::new();
+        // The applied heartbeats with their installations, and beside them their rows' links.
+        let (mut applied, mut applied_links) = (Vec::new(), Vec::new());
         for (i, inc) in batch.iter().enumerate() {
             if outcomes[i].is_some() {
                 continue;
@@ -184,15 +220,23 @@ impl IngestConnection {
                 installation_id: id,
             });
             applied.push((inc, id));
+            applied_links.push(link_of(i)?);
         }
 
         {
             // The time series, and job failures one row each, as the ERP records them.
             let mut insert = tx.prepare_cached(INSERT_HEARTBEAT)?;
             let mut failure = tx.prepare_cached(INSERT_JOB_FAILURE)?;
-            for &(inc, id) in &applied {
+            for (&(inc, id), link) in applied.iter().zip(&applied_links) {
                 let figures = batch::figures_json(&inc.heartbeat);
-                insert.execute(params![id, inc.received_at, inc.msg_id, figures])?;
+                insert.execute(params![
+                    link.id,
+                    id,
+                    inc.received_at,
+                    inc.msg_id,
+                    figures,
+                    link.previous
+                ])?;
                 for f in &inc.heartbeat.job_failures {
                     failure.execute(params![id, f.queue, f.message, inc.received_at])?;
                 }
@@ -200,7 +244,11 @@ impl IngestConnection {
         }
 
         // A backup record whenever the reported checksum differs from the last one.
-        let checksums = known.into_values().flatten().collect();
+        let checksums = known
+            .into_values()
+            .flatten()
+            .map(|k| (k.id, k.backup_checksum))
+            .collect();
         let backups = batch::new_backups(checksums, &applied);
         if !backups.is_empty() {
             let mut insert = tx.prepare_cached(INSERT_BACKUP)?;
@@ -238,6 +286,38 @@ impl IngestConnection {
             .map(|o| o.unwrap_or(RecordOutcome::Duplicate))
             .collect())
     }
+}
+
+/// Copies the write-ahead log into the database file every [`CHECKPOINT_EVERY`] on a
+/// connection and thread of its own, until the returned sender is dropped.
+///
+/// The commit that takes the log past [`WAL_AUTOCHECKPOINT_PAGES`] still checkpoints, since
+/// only a writer can start the log over, but by then these passive checkpoints have copied
+/// nearly all of it. Left to that commit alone, the copying held up the single writer, and
+/// every request waiting for it, for tens of milliseconds at a time. A passive checkpoint
+/// never waits for the writer, nor the writer for it.
+fn spawn_checkpoints(path: &Path) -> Result<mpsc::Sender<()>> {
+    let connection = Connection::open(path)?;
+    connection.busy_timeout(BUSY_TIMEOUT)?;
+    connection.pragma_update(None, "synchronous", "FULL")?;
+    let (stop, stopped) = mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name("fleet-sqlite-checkpoint".into())
+        .spawn(move || {
+            let mut last_error = None;
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY)
+            {
+                let result = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                let error = result.err().map(|err| err.to_string());
+                if error.is_some() && error != last_error {
+                    // Once per kind of failure: it repeats every tick while it lasts.
+                    tracing::warn!(error = error.as_deref(), "a background checkpoint failed");
+                }
+                last_error = error;
+            }
+        })
+        .map_err(|err| Error::Internal(format!("cannot start the checkpoint thread: {err}")))?;
+    Ok(stop)
 }
 
 /// Inserts one alert (skipped if the same key is already open) and, when it is forwarded,

@@ -1,13 +1,14 @@
 //! The store suite: the same tests against SQLite and PostgreSQL.
 
 use fleet_server::SloThresholds;
-use fleet_server::store::{IngestRules, InstallationFilter, RecordOutcome};
+use fleet_server::store::{IngestRules, InstallationFilter, RecordOutcome, Store};
 use serde_json::json;
 
 use crate::support::{TestStore, incoming, on_both_backends};
 
 on_both_backends!(
     first_heartbeat_creates_the_installation_and_a_time_series,
+    recent_heartbeats_are_each_installations_own_across_batches_and_pruning,
     v1_retry_is_acknowledged_once_and_same_timestamp_is_a_replay,
     slo_alert_is_deduplicated_per_type_and_resolved_when_the_breach_ends,
     payload_alerts_job_failures_and_backups_on_checksum_change,
@@ -85,6 +86,83 @@ async fn first_heartbeat_creates_the_installation_and_a_time_series(t: TestStore
         "latest state is the last heartbeat"
     );
     assert!(s.installation("nope").await.expect("query").is_none());
+}
+
+/// The CPU figures of an installation's recent heartbeats, oldest first.
+async fn recent_cpu(store: &dyn Store, instance: &str) -> Vec<f64> {
+    let detail = store.installation(instance).await.expect("detail");
+    let detail = detail.expect("exists");
+    detail
+        .recent
+        .iter()
+        .map(|p| p.figures["cpu_usage_pct"].as_f64().expect("cpu"))
+        .collect()
+}
+
+async fn recent_heartbeats_are_each_installations_own_across_batches_and_pruning(t: TestStore) {
+    let s = &t.store;
+    let cpu = |instance: &str, value: f64, msg, at| {
+        incoming(instance, json!({"cpu_usage_pct": value}), msg, at)
+    };
+    s.record_heartbeats(
+        &[
+            cpu("a", 1.0, None, 100),
+            cpu("b", 50.0, None, 100),
+            cpu("a", 2.0, None, 101),
+        ],
+        &rules(),
+    )
+    .await
+    .expect("first batch");
+    s.record_heartbeats(&[cpu("a", 3.0, Some(("m-1", 102)), 102)], &rules())
+        .await
+        .expect("second batch");
+    // A retry is acknowledged, and does not enter the series a second time.
+    let retry = s
+        .record_heartbeats(
+            &[
+                cpu("b", 51.0, None, 103),
+                cpu("a", 3.0, Some(("m-1", 103)), 103),
+            ],
+            &rules(),
+        )
+        .await
+        .expect("third batch");
+    assert_eq!(retry[1], RecordOutcome::Duplicate);
+    assert_eq!(recent_cpu(&*t.store, "a").await, [1.0, 2.0, 3.0]);
+    assert_eq!(recent_cpu(&*t.store, "b").await, [50.0, 51.0]);
+
+    // The detail shows the 60 most recent.
+    let many: Vec<_> = (0..70)
+        .map(|i| cpu("c", f64::from(i), None, 200 + i64::from(i)))
+        .collect();
+    for batch in many.chunks(16) {
+        s.record_heartbeats(batch, &rules()).await.expect("record");
+    }
+    let expected: Vec<f64> = (10..70).map(f64::from).collect();
+    assert_eq!(recent_cpu(&*t.store, "c").await, expected);
+
+    // Once the whole series is pruned, what comes next is all there is, even where a
+    // database numbers the new rows from the start again.
+    s.prune_heartbeats(1_000).await.expect("prune");
+    assert_eq!(s.heartbeat_count().await.expect("count"), 0);
+    assert_eq!(recent_cpu(&*t.store, "a").await, Vec::<f64>::new());
+    let after: Vec<_> = [
+        ("b", 60.0),
+        ("b", 61.0),
+        ("a", 4.0),
+        ("a", 5.0),
+        ("c", 99.0),
+    ]
+    .into_iter()
+    .map(|(instance, value)| cpu(instance, value, None, 2_000))
+    .collect();
+    for batch in after.chunks(1) {
+        s.record_heartbeats(batch, &rules()).await.expect("record");
+    }
+    assert_eq!(recent_cpu(&*t.store, "a").await, [4.0, 5.0]);
+    assert_eq!(recent_cpu(&*t.store, "b").await, [60.0, 61.0]);
+    assert_eq!(recent_cpu(&*t.store, "c").await, [99.0]);
 }
 
 async fn v1_retry_is_acknowledged_once_and_same_timestamp_is_a_replay(t: TestStore) {
@@ -1047,4 +1125,94 @@ async fn postgres_over_a_unix_socket_records_a_large_batch() {
     );
     assert_eq!(t.store.heartbeat_count().await.expect("count"), 96);
     crate::support::drop_schema(t.schema).await;
+}
+
+/// A SQLite database from before the heartbeats were linked: the migration links the rows
+/// it holds, and new heartbeats continue each installation's series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_links_the_heartbeats_stored_before_an_upgrade() {
+    let dir = crate::support::TempDir::new();
+    let old_migrations = dir.0.join("migrations");
+    std::fs::create_dir(&old_migrations).expect("dir");
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+    for entry in std::fs::read_dir(&source).expect("migrations") {
+        let name = entry.expect("entry").file_name();
+        if name.to_string_lossy().as_ref() < "0006" {
+            std::fs::copy(source.join(&name), old_migrations.join(&name)).expect("copy");
+        }
+    }
+    let url = format!("sqlite://{}?mode=rwc", dir.0.join("fleet.db").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.expect("connect");
+    sqlx::migrate::Migrator::new(old_migrations.as_path())
+        .await
+        .expect("old migrations")
+        .run(&pool)
+        .await
+        .expect("old schema");
+    sqlx::raw_sql(
+        "INSERT INTO installations (id, instance_id) VALUES (1, 'a'), (2, 'b'); \
+         INSERT INTO heartbeats (installation_id, received_at, figures) VALUES \
+         (1, 100, '{\"cpu_usage_pct\": 1.0}'), (2, 100, '{\"cpu_usage_pct\": 50.0}'), \
+         (1, 101, '{\"cpu_usage_pct\": 2.0}');",
+    )
+    .execute(&pool)
+    .await
+    .expect("rows of the old schema");
+    pool.close().await;
+
+    let store = fleet_server::store::open(&url).await.expect("upgrade");
+    store
+        .record_heartbeats(
+            &[incoming("a", json!({"cpu_usage_pct": 3.0}), None, 102)],
+            &rules(),
+        )
+        .await
+        .expect("record");
+    assert_eq!(recent_cpu(&*store, "a").await, [1.0, 2.0, 3.0]);
+    assert_eq!(recent_cpu(&*store, "b").await, [50.0]);
+}
+
+/// Heartbeats reach the SQLite database file itself within moments, not only its
+/// write-ahead log: a background checkpoint copies them, long before the log is long enough
+/// for a commit to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_copies_the_log_into_the_database_file_in_the_background() {
+    let dir = crate::support::TempDir::new();
+    let url = format!("sqlite://{}?mode=rwc", dir.0.join("fleet.db").display());
+    let store = fleet_server::store::open(&url).await.expect("open");
+    let batch = [
+        incoming("a", json!({}), None, 100),
+        incoming("b", json!({}), None, 100),
+    ];
+    store
+        .record_heartbeats(&batch, &rules())
+        .await
+        .expect("record");
+
+    // A copy of the database file without its log holds what was checkpointed.
+    let copy = dir.0.join("copy.db");
+    let copy_url = format!("sqlite://{}", copy.display());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        std::fs::copy(dir.0.join("fleet.db"), &copy).expect("copy");
+        let pool = sqlx::SqlitePool::connect(&copy_url)
+            .await
+            .expect("open copy");
+        let in_file: Option<i64> = sqlx::query_scalar("SELECT COUNT(*) FROM heartbeats")
+            .fetch_one(&pool)
+            .await
+            .ok();
+        pool.close().await;
+        for stale in ["copy.db", "copy.db-wal", "copy.db-shm"] {
+            let _ = std::fs::remove_file(dir.0.join(stale));
+        }
+        if in_file == Some(2) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after 5 s the database file holds {in_file:?} heartbeats"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
