@@ -19,7 +19,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "embedded_agent.py"
 
 
 class Receiver:
-    """A control-plane stand-in that verifies with fleet.Verifier and records heartbeats."""
+    """A control-plane stand-in that verifies every request with fleet.Verifier and records
+    the heartbeats (not the agent's requests for jobs)."""
 
     def __init__(self, instance_id: str):
         self.verifier = fleet.Verifier({instance_id: SECRET})
@@ -35,6 +36,12 @@ class Receiver:
                 except fleet.InvalidSignature:
                     receiver.refused += 1
                     self.send_response(401)
+                    self.end_headers()
+                    return
+                if self.path != "/api/heartbeats":
+                    # The agent also asks for update, plugin and restore jobs; 204 is the
+                    # control plane's answer when there is none.
+                    self.send_response(204)
                     self.end_headers()
                     return
                 receiver.heartbeats.append(json.loads(body))
