@@ -79,9 +79,7 @@ impl IngestConnection {
     /// Opens the database file the pool uses (already migrated, already in WAL mode) with
     /// the same durability and waiting rules as the pool's connections.
     pub fn open(path: &Path) -> Result<Self> {
-        let connection = Connection::open(path)?;
-        connection.busy_timeout(BUSY_TIMEOUT)?;
-        connection.pragma_update(None, "synchronous", "FULL")?;
+        let connection = open_durable(path)?;
         connection.pragma_update(None, "foreign_keys", "ON")?;
         connection.pragma_update(None, "cache_size", CACHE_SIZE)?;
         connection.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)?;
@@ -288,6 +286,15 @@ impl IngestConnection {
     }
 }
 
+/// A connection to `path` that waits for locks as the pool's do and syncs as they do: each
+/// commit, and a checkpoint before the log starts over.
+fn open_durable(path: &Path) -> Result<Connection> {
+    let connection = Connection::open(path)?;
+    connection.busy_timeout(BUSY_TIMEOUT)?;
+    connection.pragma_update(None, "synchronous", "FULL")?;
+    Ok(connection)
+}
+
 /// Copies the write-ahead log into the database file every [`CHECKPOINT_EVERY`] on a
 /// connection and thread of its own, until the returned sender is dropped.
 ///
@@ -297,9 +304,7 @@ impl IngestConnection {
 /// every request waiting for it, for tens of milliseconds at a time. A passive checkpoint
 /// never waits for the writer, nor the writer for it.
 fn spawn_checkpoints(path: &Path) -> Result<mpsc::Sender<()>> {
-    let connection = Connection::open(path)?;
-    connection.busy_timeout(BUSY_TIMEOUT)?;
-    connection.pragma_update(None, "synchronous", "FULL")?;
+    let connection = open_durable(path)?;
     let (stop, stopped) = mpsc::channel::<()>();
     std::thread::Builder::new()
         .name("fleet-sqlite-checkpoint".into())
