@@ -45,6 +45,24 @@ pub fn process_cpu() -> Duration {
     stat_ticks(&std::fs::read_to_string("/proc/self/stat").unwrap_or_default())
 }
 
+/// CPU time used so far by this process's threads whose name starts with `prefix` (a Tokio
+/// runtime names its threads): splits the process clock between a load generator and the
+/// server it drives in the same process. Threads that have ended are not counted.
+pub fn threads_cpu(prefix: &str) -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    tasks
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|comm| comm.starts_with(prefix))
+        })
+        .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+        .map(|stat| stat_ticks(&stat))
+        .sum()
+}
+
 /// CPU time all cores have spent busy since boot (everything but idle and iowait), from the
 /// first line of `/proc/stat`. Per request, it counts what the process clock cannot see: the
 /// database server's processes, the kernel's writeback threads, anything else running.

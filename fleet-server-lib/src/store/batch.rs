@@ -17,6 +17,13 @@ macro_rules! upsert_installation_tail {
         upsert_installation_tail!("")
     };
     ($also:literal) => {
+        concat!(upsert_installation_conflict!(), $also, " RETURNING id")
+    };
+}
+
+/// The conflict clause of [`upsert_installation_tail`] alone, without `RETURNING`.
+macro_rules! upsert_installation_conflict {
+    () => {
         concat!(
             " ON CONFLICT (instance_id) DO UPDATE SET \
          domain = COALESCE(excluded.domain, installations.domain), \
@@ -28,9 +35,7 @@ macro_rules! upsert_installation_tail {
          first_seen_at = COALESCE(installations.first_seen_at, excluded.first_seen_at), \
          last_seen_at = excluded.last_seen_at, \
          last_backup_checksum = COALESCE(excluded.last_backup_checksum, installations.last_backup_checksum), \
-         state = excluded.state",
-            $also,
-            " RETURNING id"
+         state = excluded.state"
         )
     };
 }

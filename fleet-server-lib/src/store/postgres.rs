@@ -15,10 +15,30 @@ const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: Pool<Postgres>,
+    /// The heartbeat writers' own connections (see [`ingest_pool`]).
+    pub(super) ingest: Pool<Postgres>,
     writers: usize,
-    /// Largest statement a heartbeat batch sends at once: small over TCP, large over a Unix
-    /// socket (see `postgres_ingest`).
-    pub(super) piece_bytes: usize,
+}
+
+/// Most heartbeat batches recorded at the same time.
+const MAX_WRITERS: usize = 12;
+
+/// Connections for the heartbeat writers alone, which plan each statement once and never
+/// scan a whole table. The batch statements bind whole columns as arrays, so a plan made
+/// for one batch's values is no better than the generic one, and planning the batch's write
+/// statement (every table a heartbeat touches) costs PostgreSQL more than a millisecond.
+/// Every row they read is found by a key; but a plan made while a table is young (a new
+/// database, before autovacuum first analyzes it) scans it, and a cached plan keeps doing
+/// so as the table grows, so sequential scans are off for them. Opened when the first
+/// batch needs one.
+fn ingest_pool(options: &PgConnectOptions) -> Pool<Postgres> {
+    PgPoolOptions::new()
+        .max_connections(MAX_WRITERS as u32)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_lazy_with(options.clone().options([
+            ("plan_cache_mode", "force_generic_plan"),
+            ("enable_seqscan", "off"),
+        ]))
 }
 
 impl PostgresStore {
@@ -33,7 +53,7 @@ impl PostgresStore {
     /// Like [`connect`](Self::connect), with options built by the caller (for example a
     /// `search_path` to keep the tables in their own schema).
     pub async fn connect_with(options: PgConnectOptions) -> Result<Self> {
-        let piece_bytes = super::postgres_ingest::piece_bytes(&options);
+        let ingest = ingest_pool(&options);
         let pool = PgPoolOptions::new()
             .max_connections(16)
             // While PostgreSQL is down or restarting, a request waits this long for a
@@ -48,8 +68,8 @@ impl PostgresStore {
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         Ok(Self {
             pool,
+            ingest,
             writers: DEFAULT_WRITERS,
-            piece_bytes,
         })
     }
 
@@ -58,7 +78,7 @@ impl PostgresStore {
     /// answers. Batches lock installation rows in instance_id order, so they wait for each
     /// other at worst, never deadlock. Keep it below the pool size (16).
     pub fn with_writers(mut self, writers: usize) -> Self {
-        self.writers = writers.clamp(1, 12);
+        self.writers = writers.clamp(1, MAX_WRITERS);
         self
     }
 

@@ -1,41 +1,74 @@
 //! Recording a batch of heartbeats on PostgreSQL: each statement takes the batch as one
 //! array parameter per column (`UNNEST`).
 //!
-//! The statement text is fixed whatever the batch size, so each is prepared once and cached
-//! (a multi-row `VALUES` list would be a new statement, parsed and planned again, for every
-//! batch size), and a batch costs one round trip per statement. Arrays travel in the binary
-//! protocol: nothing is escaped on our side or parsed on the server's.
+//! The statement texts are fixed whatever the batch size, so each is prepared once and
+//! cached (a multi-row `VALUES` list would be a new statement, parsed and planned again, for
+//! every batch size). Arrays travel in the binary protocol: nothing is escaped on our side or
+//! parsed on the server's.
+//!
+//! A batch usually takes two round trips. The first reads what the batch needs to know (its
+//! installations, their open alerts, which of its message ids are stored already); the plain
+//! functions of `batch` decide every outcome from that; the second is one statement that
+//! writes it all and commits on its own, since a single statement is its own transaction.
+//! What PostgreSQL spends per transaction and per statement (waking the backend, planning,
+//! the commit's WAL flush) is as large as what it spends on a few dozen heartbeats, so fewer
+//! of both is what makes ingest cheap. A batch that creates an installation or opens an
+//! alert (the first heartbeat of an instance, the start of a breach) needs row ids the
+//! database hands out, and is recorded in an explicit transaction instead
+//! ([`PostgresStore::record_in_transaction`]).
+//!
+//! Between the read and the write, another writer may record a heartbeat of the same
+//! installation. The write statement stays right: a message id stored in between makes it
+//! fail on the unique index, and the batch then takes the transaction path, which waits for
+//! the other writer and answers the retried messages as duplicates; an alert resolved in
+//! between is not resolved twice.
 
 use std::collections::{HashMap, HashSet};
 
 use sqlx::Row;
+use sqlx::postgres::{PgArguments, Postgres};
 
 use super::PostgresStore;
-use super::batch::{self, MessageLedger, OpenRef};
+use super::batch::{self, BackupRow, Merged, MessageLedger, OpenRef};
 use crate::Result;
 use crate::store::{IncomingHeartbeat, IngestRules, RecordOutcome};
 
-/// Largest statement (in parameter bytes) sent at once over TCP; a larger batch goes in
-/// pieces.
-///
-/// sqlx 0.9.0 does not set TCP_NODELAY (sqlx issue #4335, fixed upstream by #4336). A
-/// message larger than the socket's initial send buffer (16 KiB on Linux) leaves in two
-/// writes, and the second waits for the server's delayed ACK: 40 ms per statement. Below
-/// that size a statement costs one round trip. Raise this once sqlx sets TCP_NODELAY.
-const TCP_PIECE_BYTES: usize = 12 * 1024;
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
 
-/// Largest statement sent at once over a Unix socket, which has no delayed ACK: a batch of
-/// 512 heartbeats of ordinary size goes in one statement per table.
-const SOCKET_PIECE_BYTES: usize = 1024 * 1024;
+/// `$1`: the batch's instance ids; `$2`: the message ids of its v1 heartbeats. Rows with an
+/// `id` are installations (one per open deduplicated alert, or one with a NULL alert); rows
+/// without are stored messages, with their instance and signing time. The messages are
+/// looked up by the leading column of their primary key alone: joined with the batch's
+/// pairs, the planner hashed the whole table instead.
+const READ_BATCH: &str = "SELECT i.id, i.instance_id, i.last_backup_checksum AS text, \
+    a.id AS alert_id, a.dedup_key, NULL::bigint AS signed_at \
+    FROM installations i LEFT JOIN alerts a ON a.installation_id = i.id \
+    AND a.resolved_at IS NULL AND a.dedup_key IS NOT NULL \
+    WHERE i.instance_id = ANY($1::text[]) \
+    UNION ALL \
+    SELECT NULL, instance_id, msg_id, NULL, NULL, signed_at FROM seen_messages \
+    WHERE msg_id = ANY($2::text[])";
 
-/// The largest statement a heartbeat batch sends at once on connections made with `options`.
-pub(super) fn piece_bytes(options: &sqlx::postgres::PgConnectOptions) -> usize {
-    if options.get_socket().is_some() {
-        SOCKET_PIECE_BYTES
-    } else {
-        TCP_PIECE_BYTES
-    }
-}
+/// Everything a batch of known installations writes, in one statement. The message ids go
+/// in without `ON CONFLICT`: one stored since the batch's read fails the statement.
+const WRITE_BATCH: &str = concat!(
+    "WITH seen AS (INSERT INTO seen_messages (instance_id, msg_id, signed_at, seen_at) \
+     SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[])), \
+     installation AS (INSERT INTO installations (instance_id, domain, client, version, \
+     release_channel, health, scheme, first_seen_at, last_seen_at, last_backup_checksum, state) \
+     SELECT * FROM UNNEST($5::text[], $6::text[], $7::text[], $8::text[], $9::text[], \
+     $10::text[], $11::text[], $12::bigint[], $13::bigint[], $14::text[], $15::text[])",
+    upsert_installation_conflict!(),
+    "), heartbeat AS (INSERT INTO heartbeats (installation_id, received_at, msg_id, figures) \
+     SELECT * FROM UNNEST($16::bigint[], $17::bigint[], $18::text[], $19::text[])), \
+     failure AS (INSERT INTO job_failures (installation_id, queue, message, created_at) \
+     SELECT * FROM UNNEST($20::bigint[], $21::text[], $22::text[], $23::bigint[])), \
+     backup AS (INSERT INTO backups (installation_id, backup_id, checksum, size_bytes, bucket, \
+     path, status, backup_at, recorded_at) \
+     SELECT * FROM UNNEST($24::bigint[], $25::text[], $26::text[], $27::bigint[], $28::text[], \
+     $29::text[], $30::text[], $31::text[], $32::bigint[])) \
+     UPDATE alerts SET resolved_at = $33 WHERE id = ANY($34::bigint[]) AND resolved_at IS NULL"
+);
 
 /// `$1`: instance ids → `id, instance_id, last_backup_checksum`.
 const SELECT_INSTALLATIONS: &str = "SELECT id, instance_id, last_backup_checksum \
@@ -72,29 +105,165 @@ const SELECT_OPEN_ALERTS: &str = "SELECT id, installation_id, dedup_key FROM ale
     WHERE installation_id = ANY($1::bigint[]) AND resolved_at IS NULL AND dedup_key IS NOT NULL";
 
 /// `$1`: resolved_at, `$2`: alert ids.
-const RESOLVE_ALERTS: &str = "UPDATE alerts SET resolved_at = $1 WHERE id = ANY($2::bigint[])";
+const RESOLVE_ALERTS: &str =
+    "UPDATE alerts SET resolved_at = $1 WHERE id = ANY($2::bigint[]) AND resolved_at IS NULL";
 
-/// Splits `rows` into runs whose parameters stay under `limit` bytes (`bytes` estimates one
-/// row); a single larger row is a run of its own.
-fn pieces<T>(rows: &[T], limit: usize, bytes: impl Fn(&T) -> usize) -> Vec<&[T]> {
-    let mut runs = Vec::new();
-    let (mut start, mut size) = (0, 0);
-    for (i, row) in rows.iter().enumerate() {
-        let row_bytes = bytes(row) + 16;
-        if i > start && size + row_bytes > limit {
-            runs.push(&rows[start..i]);
-            (start, size) = (i, 0);
-        }
-        size += row_bytes;
-    }
-    if start < rows.len() {
-        runs.push(&rows[start..]);
-    }
-    runs
+/// Binds the `seen_messages` rows of the heartbeats at `fresh`: instance id, message id,
+/// signing time, arrival.
+fn bind_seen<'q>(
+    query: PgQuery<'q>,
+    batch: &'q [IncomingHeartbeat],
+    fresh: &[usize],
+) -> PgQuery<'q> {
+    let rows = || fresh.iter().map(|&i| &batch[i]);
+    query
+        .bind(
+            rows()
+                .map(|inc| inc.heartbeat.instance_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows()
+                .map(|inc| inc.msg_id.as_deref().unwrap_or_default())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows()
+                .map(|inc| inc.signed_at.unwrap_or(inc.received_at))
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows().map(|inc| inc.received_at).collect::<Vec<_>>())
 }
 
-fn text_len(text: Option<&str>) -> usize {
-    text.map_or(0, str::len)
+/// Binds the installation rows of `merged`, in the columns of [`UPSERT_INSTALLATIONS`].
+fn bind_installations<'q>(
+    query: PgQuery<'q>,
+    batch: &'q [IncomingHeartbeat],
+    merged: &[Merged<'q>],
+) -> PgQuery<'q> {
+    let text = |f: fn(&Merged<'q>) -> Option<&'q String>| -> Vec<Option<&'q str>> {
+        merged.iter().map(|m| f(m).map(String::as_str)).collect()
+    };
+    let latest = || merged.iter().map(|m| &batch[m.latest]);
+    query
+        .bind(
+            latest()
+                .map(|inc| inc.heartbeat.instance_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(text(|m| m.domain))
+        .bind(text(|m| m.client))
+        .bind(text(|m| m.version))
+        .bind(text(|m| m.release_channel))
+        .bind(text(|m| m.health))
+        .bind(latest().map(|inc| inc.scheme.as_str()).collect::<Vec<_>>())
+        .bind(
+            merged
+                .iter()
+                .map(|m| batch[m.first].received_at)
+                .collect::<Vec<_>>(),
+        )
+        .bind(latest().map(|inc| inc.received_at).collect::<Vec<_>>())
+        .bind(text(|m| m.backup_checksum))
+        .bind(
+            latest()
+                .map(|inc| batch::state_text(&inc.body))
+                .collect::<Vec<_>>(),
+        )
+}
+
+/// Binds the time-series rows of the applied heartbeats.
+fn bind_heartbeats<'q>(
+    query: PgQuery<'q>,
+    applied: &[(&'q IncomingHeartbeat, i64)],
+) -> PgQuery<'q> {
+    query
+        .bind(applied.iter().map(|(_, id)| *id).collect::<Vec<_>>())
+        .bind(
+            applied
+                .iter()
+                .map(|(inc, _)| inc.received_at)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            applied
+                .iter()
+                .map(|(inc, _)| inc.msg_id.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            applied
+                .iter()
+                .map(|(inc, _)| batch::figures_json(&inc.heartbeat))
+                .collect::<Vec<_>>(),
+        )
+}
+
+/// Binds the job failures of the applied heartbeats, one row each, as the ERP records them.
+fn bind_failures<'q>(query: PgQuery<'q>, applied: &[(&'q IncomingHeartbeat, i64)]) -> PgQuery<'q> {
+    let failures: Vec<_> = applied
+        .iter()
+        .flat_map(|&(inc, id)| {
+            inc.heartbeat
+                .job_failures
+                .iter()
+                .map(move |f| (id, f, inc.received_at))
+        })
+        .collect();
+    query
+        .bind(failures.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
+        .bind(
+            failures
+                .iter()
+                .map(|(_, f, _)| f.queue.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            failures
+                .iter()
+                .map(|(_, f, _)| f.message.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(failures.iter().map(|(_, _, at)| *at).collect::<Vec<_>>())
+}
+
+/// Binds the backup records.
+fn bind_backups<'q>(query: PgQuery<'q>, backups: &[BackupRow<'q>]) -> PgQuery<'q> {
+    query
+        .bind(
+            backups
+                .iter()
+                .map(|b| b.installation_id)
+                .collect::<Vec<_>>(),
+        )
+        .bind(backups.iter().map(|b| b.backup_id).collect::<Vec<_>>())
+        .bind(backups.iter().map(|b| b.checksum).collect::<Vec<_>>())
+        .bind(backups.iter().map(|b| b.size_bytes).collect::<Vec<_>>())
+        .bind(backups.iter().map(|b| b.bucket).collect::<Vec<_>>())
+        .bind(backups.iter().map(|b| b.path).collect::<Vec<_>>())
+        .bind(backups.iter().map(|b| b.status).collect::<Vec<_>>())
+        .bind(backups.iter().map(|b| b.backup_at).collect::<Vec<_>>())
+        .bind(backups.iter().map(|b| b.recorded_at).collect::<Vec<_>>())
+}
+
+/// The distinct instance ids of a batch.
+fn instance_ids(batch: &[IncomingHeartbeat]) -> Vec<&str> {
+    let set: HashSet<&str> = batch
+        .iter()
+        .map(|b| b.heartbeat.instance_id.as_str())
+        .collect();
+    set.into_iter().collect()
+}
+
+/// What the first round trip of a batch found.
+#[derive(Default)]
+struct BatchState {
+    /// Installations by instance id: row id and last backup checksum.
+    known: HashMap<String, (i64, Option<String>)>,
+    /// Open deduplicated alerts by installation id.
+    open: HashMap<i64, HashMap<String, OpenRef>>,
+    /// Stored message ids by (instance id, message id): their signing time.
+    stored: HashMap<(String, String), i64>,
 }
 
 impl PostgresStore {
@@ -104,30 +273,158 @@ impl PostgresStore {
         batch: &[IncomingHeartbeat],
         rules: &IngestRules,
     ) -> Result<Vec<RecordOutcome>> {
+        let state = self.read_batch(batch).await?;
         let mut outcomes: Vec<Option<RecordOutcome>> = vec![None; batch.len()];
-        let limit = self.piece_bytes;
-        let mut tx = self.pool().begin().await?;
+        if rules.require_enrollment {
+            for (i, inc) in batch.iter().enumerate() {
+                if !state.known.contains_key(&inc.heartbeat.instance_id) {
+                    outcomes[i] = Some(RecordOutcome::NotEnrolled);
+                }
+            }
+        }
+
+        let (fresh, repeats) = batch::split_messages(batch, &outcomes);
+        let mut ledger = MessageLedger::default();
+        let mut new_messages = Vec::with_capacity(fresh.len());
+        for i in fresh {
+            let inc = &batch[i];
+            let stored = (!state.stored.is_empty())
+                .then(|| {
+                    let key = (
+                        inc.heartbeat.instance_id.clone(),
+                        inc.msg_id.clone().unwrap_or_default(),
+                    );
+                    state.stored.get(&key).copied()
+                })
+                .flatten();
+            match stored {
+                Some(signed_at) => outcomes[i] = Some(ledger.already_stored(inc, Some(signed_at))),
+                None => {
+                    ledger.inserted(inc);
+                    new_messages.push(i);
+                }
+            }
+        }
+        for i in repeats {
+            outcomes[i] = Some(ledger.repeat(&batch[i]));
+        }
+
+        let merged = batch::merge_installations(batch, &outcomes);
+        let all_known = merged.iter().all(|m| {
+            state
+                .known
+                .contains_key(&batch[m.latest].heartbeat.instance_id)
+        });
+        if !all_known {
+            return self.record_in_transaction(batch, rules).await;
+        }
+        let mut applied = Vec::new();
+        for (i, inc) in batch.iter().enumerate() {
+            if outcomes[i].is_some() {
+                continue;
+            }
+            let (id, _) = state.known[&inc.heartbeat.instance_id];
+            outcomes[i] = Some(RecordOutcome::Applied {
+                installation_id: id,
+            });
+            applied.push((inc, id));
+        }
+        let checksums = state.known.values().cloned().collect();
+        let backups = batch::new_backups(checksums, &applied);
+        let (pending, resolve_ids) = batch::plan_alerts(&applied, state.open, &rules.slo);
+        if !pending.is_empty() {
+            return self.record_in_transaction(batch, rules).await;
+        }
+
+        if !applied.is_empty() {
+            let query = bind_seen(sqlx::query(WRITE_BATCH), batch, &new_messages);
+            let query = bind_installations(query, batch, &merged);
+            let query = bind_failures(bind_heartbeats(query, &applied), &applied);
+            let written = bind_backups(query, &backups)
+                .bind(batch.last().map(|b| b.received_at).unwrap_or_default())
+                .bind(resolve_ids)
+                .execute(&self.ingest)
+                .await;
+            match written {
+                Ok(_) => {}
+                // A message id stored since the read: a retry of this batch's messages is
+                // being recorded by another writer. The transaction path waits for it and
+                // answers those heartbeats as duplicates.
+                Err(sqlx::Error::Database(err)) if err.is_unique_violation() => {
+                    return self.record_in_transaction(batch, rules).await;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or(RecordOutcome::Duplicate))
+            .collect())
+    }
+
+    /// The first round trip of a batch: [`READ_BATCH`].
+    async fn read_batch(&self, batch: &[IncomingHeartbeat]) -> Result<BatchState> {
+        let msg_ids: Vec<&str> = batch
+            .iter()
+            .filter_map(|inc| inc.msg_id.as_deref())
+            .collect();
+        let rows = sqlx::query(READ_BATCH)
+            .bind(instance_ids(batch))
+            .bind(msg_ids)
+            .fetch_all(&self.ingest)
+            .await?;
+        let mut state = BatchState::default();
+        for row in rows {
+            let instance_id: String = row.try_get("instance_id")?;
+            let text: Option<String> = row.try_get("text")?;
+            match row.try_get::<Option<i64>, _>("id")? {
+                Some(id) => {
+                    if let (Some(alert_id), Some(key)) = (
+                        row.try_get::<Option<i64>, _>("alert_id")?,
+                        row.try_get::<Option<String>, _>("dedup_key")?,
+                    ) {
+                        state
+                            .open
+                            .entry(id)
+                            .or_default()
+                            .insert(key, OpenRef::Stored(alert_id));
+                    }
+                    state.known.insert(instance_id, (id, text));
+                }
+                None => {
+                    let signed_at: i64 = row.try_get("signed_at")?;
+                    state
+                        .stored
+                        .insert((instance_id, text.unwrap_or_default()), signed_at);
+                }
+            }
+        }
+        Ok(state)
+    }
+
+    /// Records a batch in an explicit transaction, statement by statement: the path of a
+    /// batch that creates installations or opens alerts, whose row ids the later statements
+    /// need. The open alerts are read after the installation rows are locked, so a batch of
+    /// the same installation recorded at the same time is seen whole or not at all.
+    async fn record_in_transaction(
+        &self,
+        batch: &[IncomingHeartbeat],
+        rules: &IngestRules,
+    ) -> Result<Vec<RecordOutcome>> {
+        let mut outcomes: Vec<Option<RecordOutcome>> = vec![None; batch.len()];
+        let mut tx = self.ingest.begin().await?;
 
         // Installations that exist already, with their last backup checksum.
         let mut known: HashMap<String, (i64, Option<String>)> = HashMap::new();
-        let ids: Vec<&str> = {
-            let set: HashSet<&str> = batch
-                .iter()
-                .map(|b| b.heartbeat.instance_id.as_str())
-                .collect();
-            set.into_iter().collect()
-        };
-        for run in pieces(&ids, limit, |id| id.len()) {
-            let rows = sqlx::query(SELECT_INSTALLATIONS)
-                .bind(run)
-                .fetch_all(&mut *tx)
-                .await?;
-            for row in rows {
-                known.insert(
-                    row.try_get("instance_id")?,
-                    (row.try_get("id")?, row.try_get("last_backup_checksum")?),
-                );
-            }
+        let rows = sqlx::query(SELECT_INSTALLATIONS)
+            .bind(instance_ids(batch))
+            .fetch_all(&mut *tx)
+            .await?;
+        for row in rows {
+            known.insert(
+                row.try_get("instance_id")?,
+                (row.try_get("id")?, row.try_get("last_backup_checksum")?),
+            );
         }
         if rules.require_enrollment {
             for (i, inc) in batch.iter().enumerate() {
@@ -140,28 +437,16 @@ impl PostgresStore {
         let (fresh, repeats) = batch::split_messages(batch, &outcomes);
         let mut ledger = MessageLedger::default();
         let mut inserted = HashSet::new();
-        for run in pieces(&fresh, limit, |&i| {
-            batch[i].heartbeat.instance_id.len() + text_len(batch[i].msg_id.as_deref())
-        }) {
-            let column = |f: fn(&IncomingHeartbeat) -> &str| -> Vec<&str> {
-                run.iter().map(|&i| f(&batch[i])).collect()
-            };
-            let signed_at: Vec<i64> = run
-                .iter()
-                .map(|&i| batch[i].signed_at.unwrap_or(batch[i].received_at))
-                .collect();
-            let seen_at: Vec<i64> = run.iter().map(|&i| batch[i].received_at).collect();
-            let returned = sqlx::query(INSERT_SEEN)
-                .bind(column(|inc| inc.heartbeat.instance_id.as_str()))
-                .bind(column(|inc| inc.msg_id.as_deref().unwrap_or_default()))
-                .bind(signed_at)
-                .bind(seen_at)
+        let returned = if fresh.is_empty() {
+            Vec::new()
+        } else {
+            bind_seen(sqlx::query(INSERT_SEEN), batch, &fresh)
                 .fetch_all(&mut *tx)
-                .await?;
-            for row in returned {
-                let key: (String, String) = (row.try_get(0)?, row.try_get(1)?);
-                inserted.insert(key);
-            }
+                .await?
+        };
+        for row in returned {
+            let key: (String, String) = (row.try_get(0)?, row.try_get(1)?);
+            inserted.insert(key);
         }
         for &i in &fresh {
             let inc = &batch[i];
@@ -184,51 +469,13 @@ impl PostgresStore {
             outcomes[i] = Some(ledger.repeat(&batch[i]));
         }
 
-        let latest = batch::merge_installations(batch, &outcomes);
+        let merged = batch::merge_installations(batch, &outcomes);
         let mut row_ids: HashMap<String, i64> = HashMap::new();
-        for run in pieces(&latest, limit, |m| batch[m.latest].body.len() + 128) {
-            let text =
-                |f: for<'m> fn(&'m batch::Merged<'m>) -> Option<&'m String>| -> Vec<Option<&str>> {
-                    run.iter().map(|m| f(m).map(String::as_str)).collect()
-                };
-            let latest_of = |m: &batch::Merged<'_>| &batch[m.latest];
-            let returned = sqlx::query(UPSERT_INSTALLATIONS)
-                .bind(
-                    run.iter()
-                        .map(|m| latest_of(m).heartbeat.instance_id.as_str())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(text(|m| m.domain))
-                .bind(text(|m| m.client))
-                .bind(text(|m| m.version))
-                .bind(text(|m| m.release_channel))
-                .bind(text(|m| m.health))
-                .bind(
-                    run.iter()
-                        .map(|m| latest_of(m).scheme.as_str())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    run.iter()
-                        .map(|m| batch[m.first].received_at)
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    run.iter()
-                        .map(|m| latest_of(m).received_at)
-                        .collect::<Vec<_>>(),
-                )
-                .bind(text(|m| m.backup_checksum))
-                .bind(
-                    run.iter()
-                        .map(|m| batch::state_text(&latest_of(m).body))
-                        .collect::<Vec<_>>(),
-                )
-                .fetch_all(&mut *tx)
-                .await?;
-            for row in returned {
-                row_ids.insert(row.try_get("instance_id")?, row.try_get("id")?);
-            }
+        let returned = bind_installations(sqlx::query(UPSERT_INSTALLATIONS), batch, &merged)
+            .fetch_all(&mut *tx)
+            .await?;
+        for row in returned {
+            row_ids.insert(row.try_get("instance_id")?, row.try_get("id")?);
         }
 
         let mut applied = Vec::new();
@@ -245,54 +492,17 @@ impl PostgresStore {
             applied.push((inc, id));
         }
 
-        // The time series: one row per applied heartbeat.
-        let figures: Vec<String> = applied
-            .iter()
-            .map(|(inc, _)| batch::figures_json(&inc.heartbeat))
-            .collect();
-        let rows: Vec<_> = applied.iter().zip(&figures).collect();
-        for run in pieces(&rows, limit, |(_, f)| f.len() + 64) {
-            sqlx::query(INSERT_HEARTBEATS)
-                .bind(run.iter().map(|((_, id), _)| *id).collect::<Vec<_>>())
-                .bind(
-                    run.iter()
-                        .map(|((inc, _), _)| inc.received_at)
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    run.iter()
-                        .map(|((inc, _), _)| inc.msg_id.as_deref())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(run.iter().map(|(_, f)| f.as_str()).collect::<Vec<_>>())
+        // The time series, one row per applied heartbeat, and the job failures.
+        if !applied.is_empty() {
+            bind_heartbeats(sqlx::query(INSERT_HEARTBEATS), &applied)
                 .execute(&mut *tx)
                 .await?;
         }
-
-        // Job failures, one row each, as the ERP records them.
-        let failures: Vec<_> = applied
+        if applied
             .iter()
-            .flat_map(|(inc, id)| {
-                inc.heartbeat
-                    .job_failures
-                    .iter()
-                    .map(move |f| (*id, f, inc.received_at))
-            })
-            .collect();
-        for run in pieces(&failures, limit, |(_, f, _)| f.message.len() + 64) {
-            sqlx::query(INSERT_JOB_FAILURES)
-                .bind(run.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
-                .bind(
-                    run.iter()
-                        .map(|(_, f, _)| f.queue.as_deref())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    run.iter()
-                        .map(|(_, f, _)| f.message.as_str())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(run.iter().map(|(_, _, at)| *at).collect::<Vec<_>>())
+            .any(|(inc, _)| !inc.heartbeat.job_failures.is_empty())
+        {
+            bind_failures(sqlx::query(INSERT_JOB_FAILURES), &applied)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -300,19 +510,8 @@ impl PostgresStore {
         // A backup record whenever the reported checksum differs from the last one.
         let checksums = known.into_values().collect();
         let backups = batch::new_backups(checksums, &applied);
-        for run in pieces(&backups, limit, |b| {
-            b.checksum.len() + text_len(b.path) + text_len(b.bucket) + 128
-        }) {
-            sqlx::query(INSERT_BACKUPS)
-                .bind(run.iter().map(|b| b.installation_id).collect::<Vec<_>>())
-                .bind(run.iter().map(|b| b.backup_id).collect::<Vec<_>>())
-                .bind(run.iter().map(|b| b.checksum).collect::<Vec<_>>())
-                .bind(run.iter().map(|b| b.size_bytes).collect::<Vec<_>>())
-                .bind(run.iter().map(|b| b.bucket).collect::<Vec<_>>())
-                .bind(run.iter().map(|b| b.path).collect::<Vec<_>>())
-                .bind(run.iter().map(|b| b.status).collect::<Vec<_>>())
-                .bind(run.iter().map(|b| b.backup_at).collect::<Vec<_>>())
-                .bind(run.iter().map(|b| b.recorded_at).collect::<Vec<_>>())
+        if !backups.is_empty() {
+            bind_backups(sqlx::query(INSERT_BACKUPS), &backups)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -323,24 +522,22 @@ impl PostgresStore {
             let set: HashSet<i64> = applied.iter().map(|(_, id)| *id).collect();
             set.into_iter().collect()
         };
-        for run in pieces(&installation_ids, limit, |_| 8) {
-            let rows = sqlx::query(SELECT_OPEN_ALERTS)
-                .bind(run)
-                .fetch_all(&mut *tx)
-                .await?;
-            for row in rows {
-                let key: String = row.try_get("dedup_key")?;
-                open.entry(row.try_get("installation_id")?)
-                    .or_default()
-                    .insert(key, OpenRef::Stored(row.try_get("id")?));
-            }
+        let rows = sqlx::query(SELECT_OPEN_ALERTS)
+            .bind(installation_ids)
+            .fetch_all(&mut *tx)
+            .await?;
+        for row in rows {
+            let key: String = row.try_get("dedup_key")?;
+            open.entry(row.try_get("installation_id")?)
+                .or_default()
+                .insert(key, OpenRef::Stored(row.try_get("id")?));
         }
         let (pending, resolve_ids) = batch::plan_alerts(&applied, open, &rules.slo);
-        let resolved_at = batch.last().map(|b| b.received_at).unwrap_or_default();
-        for run in pieces(&resolve_ids, limit, |_| 8) {
+        if !resolve_ids.is_empty() {
+            let resolved_at = batch.last().map(|b| b.received_at).unwrap_or_default();
             sqlx::query(RESOLVE_ALERTS)
                 .bind(resolved_at)
-                .bind(run)
+                .bind(resolve_ids)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -353,56 +550,5 @@ impl PostgresStore {
             .into_iter()
             .map(|o| o.unwrap_or(RecordOutcome::Duplicate))
             .collect())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_a_unix_socket_takes_large_pieces() {
-        use std::str::FromStr;
-        let options = |url| sqlx::postgres::PgConnectOptions::from_str(url).expect("url");
-        assert_eq!(
-            piece_bytes(&options("postgres://u:p@127.0.0.1:5432/db")),
-            TCP_PIECE_BYTES
-        );
-        assert_eq!(
-            piece_bytes(&options("postgres://u:p@db.example.com/db")),
-            TCP_PIECE_BYTES
-        );
-        assert_eq!(
-            piece_bytes(&options("postgres://u:p@%2Fvar%2Frun%2Fpostgresql/db")),
-            SOCKET_PIECE_BYTES
-        );
-        assert_eq!(
-            piece_bytes(&options(
-                "postgres://u:p@localhost/db?host=/var/run/postgresql"
-            )),
-            SOCKET_PIECE_BYTES
-        );
-    }
-
-    #[test]
-    fn pieces_stay_under_the_limit_and_keep_every_row_in_order() {
-        let rows: Vec<String> = (0..300)
-            .map(|i| format!("{i:04}{}", "x".repeat(400)))
-            .collect();
-        let runs = pieces(&rows, TCP_PIECE_BYTES, |r| r.len());
-        assert!(runs.len() > 1);
-        for run in &runs {
-            let bytes: usize = run.iter().map(|r| r.len() + 16).sum();
-            assert!(bytes <= TCP_PIECE_BYTES, "{bytes}");
-        }
-        let back: Vec<&String> = runs.iter().flat_map(|r| r.iter()).collect();
-        assert_eq!(back, rows.iter().collect::<Vec<_>>());
-        let huge = ["y".repeat(TCP_PIECE_BYTES * 2)];
-        assert_eq!(
-            pieces(&huge, TCP_PIECE_BYTES, |r| r.len()).len(),
-            1,
-            "an oversized row is a run of its own"
-        );
-        assert!(pieces::<String>(&[], TCP_PIECE_BYTES, |r| r.len()).is_empty());
     }
 }
