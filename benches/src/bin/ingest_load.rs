@@ -69,7 +69,7 @@ fn options() -> Result<Options, String> {
         secs: 20,
         server_threads: 2,
         client_threads: 2,
-        pg_writers: 4,
+        pg_writers: fleet_server::PostgresStore::DEFAULT_WRITERS,
         pg_over: "socket".into(),
         batch_max: Settings::default().batch_max,
         rounds: 5,

@@ -7,7 +7,6 @@ use sqlx::{Pool, Postgres};
 
 use crate::Result;
 
-const DEFAULT_WRITERS: usize = 4;
 const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A [`Store`](super::Store) in PostgreSQL. Migrations run when it connects; several
@@ -42,6 +41,10 @@ fn ingest_pool(options: &PgConnectOptions) -> Pool<Postgres> {
 }
 
 impl PostgresStore {
+    /// How many heartbeat batches are recorded at the same time unless
+    /// [`with_writers`](Self::with_writers) says otherwise.
+    pub const DEFAULT_WRITERS: usize = 2;
+
     /// Connects to `url` and applies pending migrations. Over TCP:
     /// `postgres://user:password@host/db`; over a Unix socket, cheaper when PostgreSQL runs on
     /// the same machine: `postgres://user:password@%2Fvar%2Frun%2Fpostgresql/db` (or
@@ -69,14 +72,15 @@ impl PostgresStore {
         Ok(Self {
             pool,
             ingest,
-            writers: DEFAULT_WRITERS,
+            writers: Self::DEFAULT_WRITERS,
         })
     }
 
-    /// How many heartbeat batches are recorded at the same time (default 4). A batch is about
-    /// eight round trips; with several in flight the writer is not idle while PostgreSQL
-    /// answers. Batches lock installation rows in instance_id order, so they wait for each
-    /// other at worst, never deadlock. Keep it below the pool size (16).
+    /// How many heartbeat batches are recorded at the same time (default 2, at most 12). A
+    /// batch is usually two round trips; a second writer keeps the database busy while the
+    /// first waits for an answer, and more writers make smaller batches, each costing
+    /// PostgreSQL a transaction. Batches lock installation rows in instance_id order, so
+    /// they wait for each other at worst, never deadlock.
     pub fn with_writers(mut self, writers: usize) -> Self {
         self.writers = writers.clamp(1, MAX_WRITERS);
         self

@@ -1075,12 +1075,20 @@ async fn postgres_claims_skip_the_rows_another_claim_holds() {
     crate::support::drop_schema(t.schema).await;
 }
 
-/// Over a Unix socket a batch goes in one statement per table, however large its
-/// parameters (over TCP it is cut into pieces of 12 KiB): a batch of 96 heartbeats of about
-/// 1.5 KiB each is recorded whole, and each installation keeps its own latest state.
+/// A batch goes in one statement per table however large its parameters, over a Unix socket
+/// as over TCP: a batch of 96 heartbeats of about 1.5 KiB each is recorded whole, and each
+/// installation keeps its own latest state.
 #[tokio::test]
-async fn postgres_over_a_unix_socket_records_a_large_batch() {
-    let t = crate::support::postgres_at(crate::support::postgres_socket_url()).await;
+async fn postgres_records_a_large_batch_over_tcp_and_over_a_unix_socket() {
+    for url in [
+        crate::support::postgres_url(),
+        crate::support::postgres_socket_url(),
+    ] {
+        large_batch_recorded_whole(crate::support::postgres_at(url).await).await;
+    }
+}
+
+async fn large_batch_recorded_whole(t: TestStore) {
     let padding = "p".repeat(1_200);
     let batch = |signed_at: i64| -> Vec<_> {
         (0..96)
