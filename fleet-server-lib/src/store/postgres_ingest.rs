@@ -21,7 +21,10 @@
 //! installation. The write statement stays right: a message id stored in between makes it
 //! fail on the unique index, and the batch then takes the transaction path, which waits for
 //! the other writer and answers the retried messages as duplicates; an alert resolved in
-//! between is not resolved twice.
+//! between is not resolved twice. One thing it cannot see: an alert another writer opens in
+//! between stays open through this batch even if this batch ends the breach, until the
+//! installation's next heartbeat resolves it (opening one twice is prevented by the unique
+//! index on open alerts).
 
 use std::collections::{HashMap, HashSet};
 
