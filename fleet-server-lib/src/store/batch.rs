@@ -40,6 +40,32 @@ macro_rules! upsert_installation_conflict {
     };
 }
 
+/// The outcomes of a batch before anything is written: `NotEnrolled` for each heartbeat
+/// whose installation does not exist (`is_known` says which do) when enrollment is required,
+/// nothing yet for the others.
+pub(crate) fn enrollment_outcomes(
+    batch: &[IncomingHeartbeat],
+    require_enrollment: bool,
+    is_known: impl Fn(&str) -> bool,
+) -> Vec<Option<RecordOutcome>> {
+    batch
+        .iter()
+        .map(|inc| {
+            (require_enrollment && !is_known(&inc.heartbeat.instance_id))
+                .then_some(RecordOutcome::NotEnrolled)
+        })
+        .collect()
+}
+
+/// The outcomes a batch answers: a heartbeat nothing was decided for was neither applied
+/// nor refused, so it was a duplicate.
+pub(crate) fn final_outcomes(outcomes: Vec<Option<RecordOutcome>>) -> Vec<RecordOutcome> {
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or(RecordOutcome::Duplicate))
+        .collect()
+}
+
 /// The v1 message ids of a batch: `fresh` holds the first heartbeat of each (instance,
 /// message id), to be inserted into `seen_messages`; `repeats` the later ones of the same
 /// batch. Heartbeats that already have an outcome, and v0 ones, are in neither.

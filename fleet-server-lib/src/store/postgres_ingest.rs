@@ -277,14 +277,9 @@ impl PostgresStore {
         rules: &IngestRules,
     ) -> Result<Vec<RecordOutcome>> {
         let state = self.read_batch(batch).await?;
-        let mut outcomes: Vec<Option<RecordOutcome>> = vec![None; batch.len()];
-        if rules.require_enrollment {
-            for (i, inc) in batch.iter().enumerate() {
-                if !state.known.contains_key(&inc.heartbeat.instance_id) {
-                    outcomes[i] = Some(RecordOutcome::NotEnrolled);
-                }
-            }
-        }
+        let mut outcomes = batch::enrollment_outcomes(batch, rules.require_enrollment, |id| {
+            state.known.contains_key(id)
+        });
 
         let (fresh, repeats) = batch::split_messages(batch, &outcomes);
         let mut ledger = MessageLedger::default();
@@ -332,7 +327,7 @@ impl PostgresStore {
             });
             applied.push((inc, id));
         }
-        let checksums = state.known.values().cloned().collect();
+        let checksums = state.known.into_values().collect();
         let backups = batch::new_backups(checksums, &applied);
         let (pending, resolve_ids) = batch::plan_alerts(&applied, state.open, &rules.slo);
         if !pending.is_empty() {
@@ -359,10 +354,7 @@ impl PostgresStore {
                 Err(err) => return Err(err.into()),
             }
         }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(RecordOutcome::Duplicate))
-            .collect())
+        Ok(batch::final_outcomes(outcomes))
     }
 
     /// The first round trip of a batch: [`READ_BATCH`].
@@ -414,7 +406,6 @@ impl PostgresStore {
         batch: &[IncomingHeartbeat],
         rules: &IngestRules,
     ) -> Result<Vec<RecordOutcome>> {
-        let mut outcomes: Vec<Option<RecordOutcome>> = vec![None; batch.len()];
         let mut tx = self.ingest.begin().await?;
 
         // Installations that exist already, with their last backup checksum.
@@ -429,13 +420,9 @@ impl PostgresStore {
                 (row.try_get("id")?, row.try_get("last_backup_checksum")?),
             );
         }
-        if rules.require_enrollment {
-            for (i, inc) in batch.iter().enumerate() {
-                if !known.contains_key(&inc.heartbeat.instance_id) {
-                    outcomes[i] = Some(RecordOutcome::NotEnrolled);
-                }
-            }
-        }
+        let mut outcomes = batch::enrollment_outcomes(batch, rules.require_enrollment, |id| {
+            known.contains_key(id)
+        });
 
         let (fresh, repeats) = batch::split_messages(batch, &outcomes);
         let mut ledger = MessageLedger::default();
@@ -549,9 +536,6 @@ impl PostgresStore {
         }
 
         tx.commit().await?;
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(RecordOutcome::Duplicate))
-            .collect())
+        Ok(batch::final_outcomes(outcomes))
     }
 }

@@ -102,7 +102,6 @@ impl IngestConnection {
             .lock()
             .map_err(|_| Error::Internal("the ingest connection's lock is poisoned".into()))?;
         let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut outcomes: Vec<Option<RecordOutcome>> = vec![None; batch.len()];
 
         // Installations that exist already, with their last backup checksum, their newest
         // heartbeat and the keys of their open alerts (an installation this batch creates has
@@ -134,13 +133,9 @@ impl IngestConnection {
                 known.insert(instance_id, row);
             }
         }
-        if rules.require_enrollment {
-            for (i, inc) in batch.iter().enumerate() {
-                if known[inc.heartbeat.instance_id.as_str()].is_none() {
-                    outcomes[i] = Some(RecordOutcome::NotEnrolled);
-                }
-            }
-        }
+        let mut outcomes = batch::enrollment_outcomes(batch, rules.require_enrollment, |id| {
+            known.get(id).is_some_and(Option::is_some)
+        });
 
         let (fresh, repeats) = batch::split_messages(batch, &outcomes);
         let mut ledger = MessageLedger::default();
@@ -279,10 +274,7 @@ impl IngestConnection {
         }
 
         tx.commit()?;
-        Ok(outcomes
-            .into_iter()
-            .map(|o| o.unwrap_or(RecordOutcome::Duplicate))
-            .collect())
+        Ok(batch::final_outcomes(outcomes))
     }
 }
 
