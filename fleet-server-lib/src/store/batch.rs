@@ -10,18 +10,8 @@ use crate::alerts::AlertSpec;
 use crate::store::{HeartbeatPoint, IncomingHeartbeat, RecordOutcome};
 
 /// The installation upsert's conflict clause, the same for both engines: the latest state,
-/// and for each descriptive field the latest value reported. An argument (`", column =
-/// excluded.column"`) sets columns one engine has of its own.
-macro_rules! upsert_installation_tail {
-    () => {
-        upsert_installation_tail!("")
-    };
-    ($also:literal) => {
-        concat!(upsert_installation_conflict!(), $also, " RETURNING id")
-    };
-}
-
-/// The conflict clause of [`upsert_installation_tail`] alone, without `RETURNING`.
+/// and for each descriptive field the latest value reported. Each engine appends what it
+/// needs of its own (columns only it has, a `RETURNING` list).
 macro_rules! upsert_installation_conflict {
     () => {
         concat!(

@@ -88,8 +88,8 @@ const UPSERT_INSTALLATIONS: &str = concat!(
      scheme, first_seen_at, last_seen_at, last_backup_checksum, state) \
      SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
      $6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::text[], $11::text[])",
-    upsert_installation_tail!(),
-    ", instance_id"
+    upsert_installation_conflict!(),
+    " RETURNING id, instance_id"
 );
 
 const INSERT_HEARTBEATS: &str = "INSERT INTO heartbeats (installation_id, received_at, msg_id, figures) \

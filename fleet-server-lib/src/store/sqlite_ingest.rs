@@ -30,12 +30,24 @@ const INSERT_SEEN: &str = "INSERT INTO seen_messages (instance_id, msg_id, signe
     VALUES (?1, ?2, ?3, ?4) ON CONFLICT DO NOTHING";
 const SELECT_SEEN: &str =
     "SELECT signed_at FROM seen_messages WHERE instance_id = ?1 AND msg_id = ?2";
+/// Without `RETURNING`: SQLite gathers returned rows in a temporary table, opened and closed
+/// again on every execution, which cost more than the upsert itself. The batch knows the row
+/// id of an installation that exists, and one it inserts is the last inserted row.
 const UPSERT_INSTALLATION: &str = concat!(
     "INSERT INTO installations (instance_id, domain, client, version, release_channel, health, \
      scheme, first_seen_at, last_seen_at, last_backup_checksum, state, last_heartbeat_id) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-    upsert_installation_tail!(", last_heartbeat_id = excluded.last_heartbeat_id")
+    upsert_installation_conflict!(),
+    ", last_heartbeat_id = excluded.last_heartbeat_id"
 );
+/// [`UPSERT_INSTALLATION`] for an installation the batch found: by row id, without the
+/// insert attempt and the unique-index probe the upsert starts with.
+const UPDATE_INSTALLATION: &str = "UPDATE installations SET domain = COALESCE(?2, domain), \
+    client = COALESCE(?3, client), version = COALESCE(?4, version), \
+    release_channel = COALESCE(?5, release_channel), health = COALESCE(?6, health), \
+    scheme = ?7, first_seen_at = COALESCE(first_seen_at, ?8), last_seen_at = ?9, \
+    last_backup_checksum = COALESCE(?10, last_backup_checksum), state = ?11, \
+    last_heartbeat_id = ?12 WHERE id = ?1";
 /// The next heartbeat row id. The transaction holds the database's write lock, so no other
 /// writer can take the ids this batch gives its rows (and their links) before it inserts them.
 const NEXT_HEARTBEAT_ID: &str = "SELECT COALESCE(MAX(id), 0) + 1 FROM heartbeats";
@@ -176,26 +188,31 @@ impl IngestConnection {
         let mut row_ids: HashMap<&str, i64> = HashMap::new();
         {
             let mut upsert = tx.prepare_cached(UPSERT_INSTALLATION)?;
+            let mut update = tx.prepare_cached(UPDATE_INSTALLATION)?;
             for m in batch::merge_installations(batch, &outcomes) {
                 let inc = &batch[m.latest];
                 let instance_id = inc.heartbeat.instance_id.as_str();
-                let id: i64 = upsert.query_row(
-                    params![
-                        instance_id,
-                        m.domain,
-                        m.client,
-                        m.version,
-                        m.release_channel,
-                        m.health,
-                        inc.scheme.as_str(),
-                        batch[m.first].received_at,
-                        inc.received_at,
-                        m.backup_checksum,
-                        batch::state_text(&inc.body),
-                        link_of(m.latest)?.id,
-                    ],
-                    |r| r.get(0),
-                )?;
+                let known_id = known.get(instance_id).and_then(|k| k.as_ref()).map(|k| k.id);
+                let (statement, key) = match known_id {
+                    Some(id) => (&mut update, rusqlite::types::Value::Integer(id)),
+                    None => (&mut upsert, instance_id.to_owned().into()),
+                };
+                statement.execute(params![
+                    key,
+                    m.domain,
+                    m.client,
+                    m.version,
+                    m.release_channel,
+                    m.health,
+                    inc.scheme.as_str(),
+                    batch[m.first].received_at,
+                    inc.received_at,
+                    m.backup_checksum,
+                    batch::state_text(&inc.body),
+                    link_of(m.latest)?.id,
+                ])?;
+                // Not there when the transaction took the write lock, so inserted now.
+                let id = known_id.unwrap_or_else(|| tx.last_insert_rowid());
                 row_ids.insert(instance_id, id);
             }
         }
