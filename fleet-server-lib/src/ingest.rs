@@ -25,7 +25,9 @@ use crate::{Error, Result, Shared};
 
 /// A heartbeat waiting for the writer, and where to send its outcome.
 pub(crate) struct Job {
-    incoming: IncomingHeartbeat,
+    /// Boxed: a heartbeat is about a kilobyte, and a job is moved into the queue, out of it
+    /// into a batch and into the store's slice; each move would copy it all.
+    incoming: Box<IncomingHeartbeat>,
     reply: oneshot::Sender<Result<RecordOutcome>>,
 }
 
@@ -96,14 +98,14 @@ async fn accept(state: &Shared, headers: &HeaderMap, body: Body) -> Result<Recor
         state.metrics.rejected("instance_id_mismatch");
         return Err(Error::Unauthorized);
     }
-    let incoming = IncomingHeartbeat {
+    let incoming = Box::new(IncomingHeartbeat {
         heartbeat,
         scheme: verified.scheme,
         msg_id: verified.msg_id,
         signed_at: verified.timestamp,
         received_at: now,
         body: body.into(),
-    };
+    });
     submit(&state.writer, incoming).await
 }
 
@@ -133,7 +135,10 @@ async fn verify_with_issued_secret<'b>(
         .ok()
 }
 
-async fn submit(writer: &mpsc::Sender<Job>, incoming: IncomingHeartbeat) -> Result<RecordOutcome> {
+async fn submit(
+    writer: &mpsc::Sender<Job>,
+    incoming: Box<IncomingHeartbeat>,
+) -> Result<RecordOutcome> {
     let (reply, outcome) = oneshot::channel();
     writer
         .send(Job { incoming, reply })
@@ -173,7 +178,7 @@ pub(crate) fn spawn_writer(
 
 async fn write_batch(store: &dyn Store, rules: &IngestRules, metrics: &Metrics, jobs: Vec<Job>) {
     let (batch, replies): (Vec<_>, Vec<_>) =
-        jobs.into_iter().map(|j| (j.incoming, j.reply)).unzip();
+        jobs.into_iter().map(|j| (*j.incoming, j.reply)).unzip();
     metrics.batch(batch.len());
     let attempts = Attempts::for_batch(batch.len());
     let record = |part| store.record_heartbeats(part, rules);

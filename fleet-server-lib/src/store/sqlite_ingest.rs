@@ -192,7 +192,10 @@ impl IngestConnection {
             for m in batch::merge_installations(batch, &outcomes) {
                 let inc = &batch[m.latest];
                 let instance_id = inc.heartbeat.instance_id.as_str();
-                let known_id = known.get(instance_id).and_then(|k| k.as_ref()).map(|k| k.id);
+                let known_id = known
+                    .get(instance_id)
+                    .and_then(|k| k.as_ref())
+                    .map(|k| k.id);
                 let (statement, key) = match known_id {
                     Some(id) => (&mut update, rusqlite::types::Value::Integer(id)),
                     None => (&mut upsert, instance_id.to_owned().into()),
