@@ -8,6 +8,7 @@ use crate::support::{TestStore, incoming, on_both_backends};
 
 on_both_backends!(
     first_heartbeat_creates_the_installation_and_a_time_series,
+    a_later_batch_keeps_what_it_does_not_report,
     recent_heartbeats_are_each_installations_own_across_batches_and_pruning,
     v1_retry_is_acknowledged_once_and_same_timestamp_is_a_replay,
     slo_alert_is_deduplicated_per_type_and_resolved_when_the_breach_ends,
@@ -86,6 +87,61 @@ async fn first_heartbeat_creates_the_installation_and_a_time_series(t: TestStore
         "latest state is the last heartbeat"
     );
     assert!(s.installation("nope").await.expect("query").is_none());
+}
+
+/// A known installation is updated in place: what a later heartbeat reports replaces the
+/// stored value, what it leaves out stays, and the first sighting keeps its time.
+async fn a_later_batch_keeps_what_it_does_not_report(t: TestStore) {
+    let s = &t.store;
+    let first = [incoming(
+        "keep-001",
+        json!({"domain": "keep.example.com", "client": "Keep SA", "version": "1.0.0",
+        "release_channel": "stable", "health": "ok", "backup_checksum": "sha256-a",
+        "cpu_usage_pct": 10.0}),
+        None,
+        1000,
+    )];
+    let id = applied(s.record_heartbeats(&first, &rules()).await.expect("record")[0]);
+    let later = [incoming(
+        "keep-001",
+        json!({"health": "degraded", "version": "1.1.0", "cpu_usage_pct": 30.0}),
+        Some(("msg-keep-2", 1060)),
+        1060,
+    )];
+    let out = s.record_heartbeats(&later, &rules()).await.expect("record");
+    assert_eq!(applied(out[0]), id, "the same installation row");
+
+    let d = s
+        .installation("keep-001")
+        .await
+        .expect("detail")
+        .expect("exists");
+    assert_eq!(d.summary.id, id);
+    assert_eq!(d.summary.domain.as_deref(), Some("keep.example.com"));
+    assert_eq!(d.summary.client.as_deref(), Some("Keep SA"));
+    assert_eq!(d.summary.release_channel.as_deref(), Some("stable"));
+    assert_eq!(d.summary.version.as_deref(), Some("1.1.0"));
+    assert_eq!(d.summary.health.as_deref(), Some("degraded"));
+    assert_eq!(d.summary.scheme.as_deref(), Some("v1"));
+    assert_eq!(d.summary.first_seen_at, Some(1000));
+    assert_eq!(d.summary.last_seen_at, Some(1060));
+    assert_eq!(d.state["cpu_usage_pct"], json!(30.0), "the latest state");
+    assert_eq!(d.recent.len(), 2);
+
+    // The stored checksum stayed, so reporting it again records no second backup.
+    let again = [incoming(
+        "keep-001",
+        json!({"backup_checksum": "sha256-a"}),
+        None,
+        1120,
+    )];
+    s.record_heartbeats(&again, &rules()).await.expect("record");
+    let d = s
+        .installation("keep-001")
+        .await
+        .expect("detail")
+        .expect("exists");
+    assert_eq!(d.backups.len(), 1);
 }
 
 /// The CPU figures of an installation's recent heartbeats, oldest first.
