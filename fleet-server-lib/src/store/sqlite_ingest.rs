@@ -31,8 +31,8 @@ const INSERT_SEEN: &str = "INSERT INTO seen_messages (instance_id, msg_id, signe
 const SELECT_SEEN: &str =
     "SELECT signed_at FROM seen_messages WHERE instance_id = ?1 AND msg_id = ?2";
 /// Without `RETURNING`: SQLite gathers returned rows in a temporary table, opened and closed
-/// again on every execution, which cost more than the upsert itself. The batch knows the row
-/// id of an installation that exists, and one it inserts is the last inserted row.
+/// again on every execution (about 1.5 µs per heartbeat, BENCHMARKS.md). The batch knows the
+/// row id of an installation that exists, and one it inserts is the last inserted row.
 const UPSERT_INSTALLATION: &str = concat!(
     "INSERT INTO installations (instance_id, domain, client, version, release_channel, health, \
      scheme, first_seen_at, last_seen_at, last_backup_checksum, state, last_heartbeat_id) \
@@ -41,7 +41,9 @@ const UPSERT_INSTALLATION: &str = concat!(
     ", last_heartbeat_id = excluded.last_heartbeat_id"
 );
 /// [`UPSERT_INSTALLATION`] for an installation the batch found: by row id, without the
-/// insert attempt and the unique-index probe the upsert starts with.
+/// insert attempt and the unique-index probe the upsert starts with. Its rules are those of
+/// `upsert_installation_conflict!`, written for an update; the store suite's
+/// `a_later_batch_keeps_what_it_does_not_report` holds the two to the same result.
 const UPDATE_INSTALLATION: &str = "UPDATE installations SET domain = COALESCE(?2, domain), \
     client = COALESCE(?3, client), version = COALESCE(?4, version), \
     release_channel = COALESCE(?5, release_channel), health = COALESCE(?6, health), \
@@ -196,9 +198,9 @@ impl IngestConnection {
                     .get(instance_id)
                     .and_then(|k| k.as_ref())
                     .map(|k| k.id);
-                let (statement, key) = match known_id {
-                    Some(id) => (&mut update, rusqlite::types::Value::Integer(id)),
-                    None => (&mut upsert, instance_id.to_owned().into()),
+                let (statement, key): (_, &dyn rusqlite::ToSql) = match &known_id {
+                    Some(id) => (&mut update, id),
+                    None => (&mut upsert, &instance_id),
                 };
                 statement.execute(params![
                     key,
