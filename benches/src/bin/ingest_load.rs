@@ -22,7 +22,9 @@
 //! (server and generator), the whole machine (`/proc/stat`: also the database server, the
 //! kernel's writeback, anything else running) and, of that, the local PostgreSQL server's
 //! processes. With every core busy the ratio of throughputs is the inverse ratio of the
-//! machine's CPU per request, so these say where the ratio goes. Then the ratio, how many
+//! machine's CPU per request, so these say where the ratio goes. Each round prints its own
+//! ratio as it ends, and the run the spread and median of those: on a shared machine the
+//! bare route's speed moves from one slice to the next. Then the ratio, how many
 //! heartbeats each transaction of the writer carried (from `/metrics`), and a check that
 //! every acknowledged heartbeat is in the database.
 
@@ -361,7 +363,7 @@ fn main() -> Result<(), String> {
             .map(|n| n.get())
             .unwrap_or(0)
     );
-    let (bare, checked, ingest, metrics) = client_rt.block_on(async {
+    let (bare, checked, ingest, metrics, mut round_ratios) = client_rt.block_on(async {
         // One client per connection, built once (building one loads the TLS roots), each
         // keeping its own keep-alive connection for the whole run.
         let clients: Vec<reqwest::Client> = (0..o.connections)
@@ -375,18 +377,31 @@ fn main() -> Result<(), String> {
         let slice = (o.secs / o.rounds.max(1) as u64).max(1);
         let (mut bare, mut checked, mut ingest) =
             (Phase::default(), Phase::default(), Phase::default());
-        for _ in 0..o.rounds.max(1) {
-            bare.merge(drive(&base, "/bare", &o, &clients, signers.clone(), slice).await);
-            checked.merge(drive(&base, "/checked", &o, &clients, signers.clone(), slice).await);
-            let heartbeats = drive(
+        let mut round_ratios = Vec::with_capacity(o.rounds.max(1));
+        for round in 1..=o.rounds.max(1) {
+            let b = drive(&base, "/bare", &o, &clients, signers.clone(), slice).await;
+            let c = drive(&base, "/checked", &o, &clients, signers.clone(), slice).await;
+            let i = drive(
                 &base,
                 "/api/heartbeats",
                 &o,
                 &clients,
                 signers.clone(),
                 slice,
+            )
+            .await;
+            // Each round's own ratio: how far the machine's noise moves it within one run.
+            let ratio = 100.0 * i.rate() / b.rate();
+            println!(
+                "round {round}: bare {:.0}/s, checked {:.0}/s, ingest {:.0}/s, ingest / bare = {ratio:.0}%",
+                b.rate(),
+                c.rate(),
+                i.rate(),
             );
-            ingest.merge(heartbeats.await);
+            round_ratios.push(ratio);
+            bare.merge(b);
+            checked.merge(c);
+            ingest.merge(i);
         }
         for phase in [&mut bare, &mut checked, &mut ingest] {
             phase.latencies_us.sort_unstable();
@@ -399,7 +414,7 @@ fn main() -> Result<(), String> {
             .text()
             .await
             .map_err(|e| e.to_string())?;
-        Ok::<_, String>((bare, checked, ingest, metrics))
+        Ok::<_, String>((bare, checked, ingest, metrics, round_ratios))
     })?;
     let stored = server_rt
         .block_on(store.heartbeat_count())
@@ -447,6 +462,13 @@ fn main() -> Result<(), String> {
         "checked / bare = {:.0}%, ingest / bare = {:.0}%",
         100.0 * checked.rate() / bare.rate(),
         100.0 * ingest.rate() / bare.rate()
+    );
+    round_ratios.sort_by(f64::total_cmp);
+    println!(
+        "ingest / bare by round: {:.0}% to {:.0}%, median {:.0}%",
+        round_ratios[0],
+        round_ratios[round_ratios.len() - 1],
+        round_ratios[round_ratios.len() / 2]
     );
     let counter = |name: &str| {
         metrics
