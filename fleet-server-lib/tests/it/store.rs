@@ -1280,3 +1280,102 @@ async fn sqlite_copies_the_log_into_the_database_file_in_the_background() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// PostgreSQL writes a batch of known installations in one statement after a first round
+/// trip has read what the batch needs. A message id that another writer stores between the
+/// two (a retry recorded by the other writer) must fail that statement, and the batch must
+/// then answer the heartbeat as a duplicate on its transaction path instead of applying it
+/// twice. The test holds the batch's write on a table lock, stores the message id the way
+/// the other writer would, and lets the write go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_message_stored_between_a_batchs_read_and_write_is_answered_once() {
+    use sqlx::postgres::PgConnectOptions;
+    use std::str::FromStr;
+
+    let t = crate::support::postgres().await;
+    let schema = t.schema.clone().expect("a schema of its own");
+    let side = sqlx::PgPool::connect_with(
+        PgConnectOptions::from_str(&t.url)
+            .expect("url")
+            .options([("search_path", schema.as_str())]),
+    )
+    .await
+    .expect("side connection");
+
+    // A known installation, so that the next batch takes the one-statement path.
+    let first = [incoming("race-001", json!({}), Some(("m-0", 850)), 900)];
+    applied(
+        t.store
+            .record_heartbeats(&first, &rules())
+            .await
+            .expect("first")[0],
+    );
+
+    // Readers pass a SHARE lock; the write statement, which inserts into the time series,
+    // waits for it.
+    let mut hold = side.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE heartbeats IN SHARE MODE")
+        .execute(&mut *hold)
+        .await
+        .expect("lock");
+    let store = t.store.clone();
+    let batch = tokio::spawn(async move {
+        let retried = [incoming("race-001", json!({}), Some(("m-1", 901)), 1000)];
+        store.record_heartbeats(&retried, &rules()).await
+    });
+
+    // Wait until the batch has read and its write waits for the lock.
+    let waiting = "SELECT COUNT(*) FROM pg_locks \
+        WHERE relation = 'heartbeats'::regclass AND NOT granted";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let n: i64 = sqlx::query_scalar(waiting)
+            .fetch_one(&side)
+            .await
+            .expect("pg_locks");
+        if n > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the batch's write never waited for the lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(!batch.is_finished(), "the batch waits for its write");
+
+    // The other writer records the same message, from an earlier signature, and commits.
+    sqlx::query(
+        "INSERT INTO seen_messages (instance_id, msg_id, signed_at, seen_at) \
+         VALUES ('race-001', 'm-1', 899, 999)",
+    )
+    .execute(&side)
+    .await
+    .expect("the other writer's message id");
+    hold.rollback().await.expect("release the lock");
+
+    let outcome = batch.await.expect("task").expect("the batch does not fail");
+    assert_eq!(
+        outcome,
+        vec![RecordOutcome::Duplicate],
+        "a message stored meanwhile is answered as a duplicate"
+    );
+    assert_eq!(
+        t.store.heartbeat_count().await.expect("count"),
+        1,
+        "and is not applied again"
+    );
+    let detail = t
+        .store
+        .installation("race-001")
+        .await
+        .expect("detail")
+        .expect("exists");
+    assert_eq!(
+        detail.summary.last_seen_at,
+        Some(900),
+        "nothing of it was written"
+    );
+    side.close().await;
+    crate::support::drop_schema(t.schema).await;
+}
