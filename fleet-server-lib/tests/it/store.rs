@@ -1,7 +1,9 @@
 //! The store suite: the same tests against SQLite and PostgreSQL.
 
 use fleet_server::SloThresholds;
-use fleet_server::store::{IngestRules, InstallationFilter, RecordOutcome, Store};
+use fleet_server::store::{
+    IngestRules, InstallationDetail, InstallationFilter, RecordOutcome, Store,
+};
 use serde_json::json;
 
 use crate::support::{TestStore, incoming, on_both_backends};
@@ -41,6 +43,15 @@ fn rules() -> IngestRules {
     }
 }
 
+/// The detail of an installation the test recorded.
+async fn detail(store: &dyn Store, instance: &str) -> InstallationDetail {
+    store
+        .installation(instance)
+        .await
+        .expect("detail")
+        .expect("exists")
+}
+
 fn applied(outcome: RecordOutcome) -> i64 {
     match outcome {
         RecordOutcome::Applied { installation_id } => installation_id,
@@ -69,11 +80,7 @@ async fn first_heartbeat_creates_the_installation_and_a_time_series(t: TestStore
     );
     assert_ne!(applied(out[0]), applied(out[2]));
     assert_eq!(s.heartbeat_count().await.expect("count"), 3);
-    let d = s
-        .installation("acme-001")
-        .await
-        .expect("detail")
-        .expect("exists");
+    let d = detail(&**s, "acme-001").await;
     // A later heartbeat without version keeps the known one.
     assert_eq!(d.summary.version.as_deref(), Some("1.2.3"));
     assert_eq!(d.summary.first_seen_at, Some(1000));
@@ -111,11 +118,7 @@ async fn a_later_batch_keeps_what_it_does_not_report(t: TestStore) {
     let out = s.record_heartbeats(&later, &rules()).await.expect("record");
     assert_eq!(applied(out[0]), id, "the same installation row");
 
-    let d = s
-        .installation("keep-001")
-        .await
-        .expect("detail")
-        .expect("exists");
+    let d = detail(&**s, "keep-001").await;
     assert_eq!(d.summary.id, id);
     assert_eq!(d.summary.domain.as_deref(), Some("keep.example.com"));
     assert_eq!(d.summary.client.as_deref(), Some("Keep SA"));
@@ -136,19 +139,14 @@ async fn a_later_batch_keeps_what_it_does_not_report(t: TestStore) {
         1120,
     )];
     s.record_heartbeats(&again, &rules()).await.expect("record");
-    let d = s
-        .installation("keep-001")
-        .await
-        .expect("detail")
-        .expect("exists");
+    let d = detail(&**s, "keep-001").await;
     assert_eq!(d.backups.len(), 1);
 }
 
 /// The CPU figures of an installation's recent heartbeats, oldest first.
 async fn recent_cpu(store: &dyn Store, instance: &str) -> Vec<f64> {
-    let detail = store.installation(instance).await.expect("detail");
-    let detail = detail.expect("exists");
-    detail
+    detail(store, instance)
+        .await
         .recent
         .iter()
         .map(|p| p.figures["cpu_usage_pct"].as_f64().expect("cpu"))
@@ -261,11 +259,7 @@ async fn v1_retry_is_acknowledged_once_and_same_timestamp_is_a_replay(t: TestSto
         2,
         "nothing applied twice"
     );
-    let d = s
-        .installation("acme-001")
-        .await
-        .expect("detail")
-        .expect("exists");
+    let d = detail(&**s, "acme-001").await;
     assert_eq!(d.job_failures.len(), 1);
     // The same id from another instance is another message.
     let other = incoming("beta-002", json!({}), Some(("msg-1", 1000)), 1300);
@@ -370,11 +364,7 @@ async fn payload_alerts_job_failures_and_backups_on_checksum_change(t: TestStore
     )
     .await
     .expect("record");
-    let d = s
-        .installation("acme-001")
-        .await
-        .expect("detail")
-        .expect("exists");
+    let d = detail(&**s, "acme-001").await;
     let backups: Vec<&str> = d.backups.iter().map(|b| b.checksum.as_str()).collect();
     assert_eq!(
         backups,
@@ -447,11 +437,7 @@ async fn enrollment_can_be_required(t: TestStore) {
             installation_id: id
         }]
     );
-    let d = s
-        .installation("new-1")
-        .await
-        .expect("detail")
-        .expect("exists");
+    let d = detail(&**s, "new-1").await;
     assert_eq!(d.summary.enrolled_at, Some(1050));
 }
 
@@ -1365,12 +1351,7 @@ async fn postgres_message_stored_between_a_batchs_read_and_write_is_answered_onc
         1,
         "and is not applied again"
     );
-    let detail = t
-        .store
-        .installation("race-001")
-        .await
-        .expect("detail")
-        .expect("exists");
+    let detail = detail(&*t.store, "race-001").await;
     assert_eq!(
         detail.summary.last_seen_at,
         Some(900),
