@@ -87,15 +87,93 @@ pub fn machine_busy() -> Duration {
 /// backends and background workers), or `None` when there are none, as with a remote server.
 pub fn postgres_cpu() -> Option<Duration> {
     let mut total = None;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let path = entry.path();
-        let is_postgres = std::fs::read_to_string(path.join("comm"))
-            .is_ok_and(|comm| comm.trim_end() == "postgres");
-        if is_postgres && let Ok(stat) = std::fs::read_to_string(path.join("stat")) {
+    for pid in postgres_pids() {
+        let path = format!("/proc/{}/stat", pid.as_raw_nonzero());
+        if let Ok(stat) = std::fs::read_to_string(path) {
             *total.get_or_insert(Duration::ZERO) += stat_ticks(&stat);
         }
     }
     total
+}
+
+/// The set of the CPUs numbered in `cpus`.
+fn cpu_set(cpus: &[usize]) -> rustix::thread::CpuSet {
+    let mut set = rustix::thread::CpuSet::new();
+    for &cpu in cpus {
+        set.set(cpu);
+    }
+    set
+}
+
+/// Keeps the calling thread (and the threads it starts from now on) on `cpus`.
+pub fn pin_current_thread(cpus: &[usize]) -> Result<(), String> {
+    rustix::thread::sched_setaffinity(None, &cpu_set(cpus))
+        .map_err(|err| format!("cannot pin a thread to CPUs {cpus:?}: {err}"))
+}
+
+/// The local PostgreSQL server's processes, pinned to some CPUs until this is dropped, when
+/// each gets back the CPUs it had. Backends started meanwhile are forked by the postmaster,
+/// so they inherit its pinning, and are given all CPUs back on drop like the rest.
+pub struct PinnedPostgres {
+    previous: Vec<(rustix::process::Pid, rustix::thread::CpuSet)>,
+}
+
+impl PinnedPostgres {
+    /// Pins every process named `postgres` to `cpus`. Needs the right to change another
+    /// user's processes (root, or the `postgres` user).
+    pub fn pin(cpus: &[usize]) -> Result<Self, String> {
+        let set = cpu_set(cpus);
+        let mut pinned = Self {
+            previous: Vec::new(),
+        };
+        for pid in postgres_pids() {
+            let previous = rustix::thread::sched_getaffinity(Some(pid))
+                .map_err(|err| format!("cannot read PostgreSQL process {pid:?}'s CPUs: {err}"))?;
+            rustix::thread::sched_setaffinity(Some(pid), &set).map_err(|err| {
+                format!(
+                    "cannot pin PostgreSQL process {pid:?} to CPUs {cpus:?}: {err} \
+                     (run as root or as the postgres user)"
+                )
+            })?;
+            pinned.previous.push((pid, previous));
+        }
+        Ok(pinned)
+    }
+}
+
+impl Drop for PinnedPostgres {
+    fn drop(&mut self) {
+        let all = rustix::thread::CpuSet::new();
+        let all = (0..rustix::thread::CpuSet::MAX_CPU).fold(all, |mut set, cpu| {
+            set.set(cpu);
+            set
+        });
+        for pid in postgres_pids() {
+            let previous = self
+                .previous
+                .iter()
+                .find(|(p, _)| *p == pid)
+                .map_or(&all, |(_, set)| set);
+            // A backend that ended since is gone; nothing to restore.
+            let _ = rustix::thread::sched_setaffinity(Some(pid), previous);
+        }
+    }
+}
+
+/// The processes on this machine named `postgres`.
+fn postgres_pids() -> Vec<rustix::process::Pid> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
+            std::fs::read_to_string(entry.path().join("comm"))
+                .is_ok_and(|comm| comm.trim_end() == "postgres")
+        })
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(rustix::process::Pid::from_raw)
+        .collect()
 }
 
 /// Creates a schema of its own for a run (`{prefix}_{uuid}`) in the database at `url`, and

@@ -16,7 +16,10 @@
 //! signed heartbeat costs and what storing it durably costs. `--batch-max` caps the
 //! heartbeats per transaction (the server's default otherwise). PostgreSQL is reached over
 //! its Unix socket (`FLEET_TEST_POSTGRES_SOCKET_URL`), as a control plane on the database's
-//! machine would; `--pg-over tcp` uses `FLEET_TEST_POSTGRES_URL` instead.
+//! machine would; `--pg-over tcp` uses `FLEET_TEST_POSTGRES_URL` instead. `--pin` keeps
+//! the generator's threads on the last CPU and everything else of the process, with a local
+//! PostgreSQL server's processes (given back all their CPUs at the end), on the others, as
+//! if the generator ran on a machine of its own; pinning PostgreSQL needs root or its user.
 //!
 //! It reports requests/s, p50 and p99, and three CPU clocks per request: this process
 //! (server and generator), the whole machine (`/proc/stat`: also the database server, the
@@ -61,6 +64,8 @@ struct Options {
     pg_over: String,
     batch_max: usize,
     rounds: usize,
+    /// Generator on the last CPU, the server (and a local PostgreSQL) on the others.
+    pin: bool,
 }
 
 fn options() -> Result<Options, String> {
@@ -75,6 +80,7 @@ fn options() -> Result<Options, String> {
         pg_over: "socket".into(),
         batch_max: Settings::default().batch_max,
         rounds: 5,
+        pin: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -94,6 +100,7 @@ fn options() -> Result<Options, String> {
             "--pg-over" => o.pg_over = value()?,
             "--batch-max" => o.batch_max = number(value()?)?.max(1),
             "--rounds" => o.rounds = number(value()?)?,
+            "--pin" => o.pin = true,
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -288,17 +295,54 @@ fn postgres_url(o: &Options) -> Result<String, String> {
         .map_err(|_| format!("{variable} is not set (eval \"$(scripts/services postgres)\")"))
 }
 
+/// The CPUs of the generator and of the server with `--pin`: the last one, and the others.
+fn pinned_cpus(cpus: usize) -> Result<(Vec<usize>, Vec<usize>), String> {
+    if cpus < 2 {
+        return Err("--pin needs at least 2 CPUs".into());
+    }
+    Ok((vec![cpus - 1], (0..cpus - 1).collect()))
+}
+
 fn main() -> Result<(), String> {
     let o = options()?;
+    // Read before any pinning, which narrows what the process may use.
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let pinning = o.pin.then(|| pinned_cpus(cpus)).transpose()?;
+    // With --pin, the main thread takes the server's CPUs first, so the threads it starts (the
+    // store's own, such as SQLite's checkpoint) have them too; a local PostgreSQL as well.
+    let _pinned_postgres = match &pinning {
+        Some((_, server)) => {
+            fleet_benches::pin_current_thread(server)?;
+            (o.db == "postgres")
+                .then(|| fleet_benches::PinnedPostgres::pin(server))
+                .transpose()?
+        }
+        None => None,
+    };
+    let pin_to = |cpus: Option<Vec<usize>>| {
+        move || {
+            if let Some(cpus) = &cpus
+                && let Err(err) = fleet_benches::pin_current_thread(cpus)
+            {
+                eprintln!("{err}");
+            }
+        }
+    };
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(o.server_threads)
         .thread_name("server")
+        .on_thread_start(pin_to(pinning.as_ref().map(|(_, server)| server.clone())))
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     let client_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(o.client_threads)
         .thread_name(GENERATOR_THREADS)
+        .on_thread_start(pin_to(
+            pinning.as_ref().map(|(generator, _)| generator.clone()),
+        ))
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
@@ -349,19 +393,21 @@ fn main() -> Result<(), String> {
         Ok::<_, String>(format!("http://{addr}"))
     })?;
 
+    let placement = match &pinning {
+        Some((generator, server)) => format!(
+            "; pinned: generator on CPU {generator:?}, server{} on {server:?}",
+            if o.db == "postgres" {
+                " and PostgreSQL"
+            } else {
+                ""
+            }
+        ),
+        None => String::new(),
+    };
     println!(
         "ingest_load: db={} ({where_}), {} instances, {} keep-alive connections, {} s per route in {} rounds, \
-         server {} threads + generator {} threads on {} CPUs",
-        o.db,
-        o.instances,
-        o.connections,
-        o.secs,
-        o.rounds,
-        o.server_threads,
-        o.client_threads,
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
+         server {} threads + generator {} threads on {cpus} CPUs{placement}",
+        o.db, o.instances, o.connections, o.secs, o.rounds, o.server_threads, o.client_threads,
     );
     let (bare, checked, ingest, metrics, mut round_ratios) = client_rt.block_on(async {
         // One client per connection, built once (building one loads the TLS roots), each
@@ -420,9 +466,7 @@ fn main() -> Result<(), String> {
         .block_on(store.heartbeat_count())
         .map_err(|e| e.to_string())?;
 
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1) as f64;
+    let cores = cpus as f64;
     println!(
         "| route | accepted/s | p50 ms | p99 ms | errors | CPU µs/request: this process | \
          of it the generator | whole machine | of it PostgreSQL | machine busy |"
@@ -451,13 +495,16 @@ fn main() -> Result<(), String> {
     }
     // With every core busy, throughput is cores / CPU per request, so the ratio is the
     // inverse ratio of the machine's CPU per request: this is the budget 50% allows.
-    println!(
-        "machine CPU per request: ingest {:.0} µs, bare {:.0} µs; 50% of the bare route \
-         allows ingest {:.0} µs on a saturated machine",
-        ingest.per_request_us(ingest.machine),
-        bare.per_request_us(bare.machine),
-        2.0 * bare.per_request_us(bare.machine)
-    );
+    // Pinned, the generator's CPU bounds the bare route and the machine is not saturated.
+    if pinning.is_none() {
+        println!(
+            "machine CPU per request: ingest {:.0} µs, bare {:.0} µs; 50% of the bare route \
+             allows ingest {:.0} µs on a saturated machine",
+            ingest.per_request_us(ingest.machine),
+            bare.per_request_us(bare.machine),
+            2.0 * bare.per_request_us(bare.machine)
+        );
+    }
     println!(
         "checked / bare = {:.0}%, ingest / bare = {:.0}%",
         100.0 * checked.rate() / bare.rate(),
