@@ -18,8 +18,9 @@
 //! its Unix socket (`FLEET_TEST_POSTGRES_SOCKET_URL`), as a control plane on the database's
 //! machine would; `--pg-over tcp` uses `FLEET_TEST_POSTGRES_URL` instead. `--pin` keeps
 //! the generator's threads on the last CPU and everything else of the process, with a local
-//! PostgreSQL server's processes (given back all their CPUs at the end), on the others, as
-//! if the generator ran on a machine of its own; pinning PostgreSQL needs root or its user.
+//! PostgreSQL server's processes, on the others, as if the generator ran on a machine of its
+//! own. PostgreSQL gets all its CPUs back at the end, on an error and on Ctrl-C; pinning it
+//! needs root or its user.
 //!
 //! It reports requests/s, p50 and p99, and three CPU clocks per request: this process
 //! (server and generator), the whole machine (`/proc/stat`: also the database server, the
@@ -409,7 +410,7 @@ fn main() -> Result<(), String> {
          server {} threads + generator {} threads on {cpus} CPUs{placement}",
         o.db, o.instances, o.connections, o.secs, o.rounds, o.server_threads, o.client_threads,
     );
-    let (bare, checked, ingest, metrics, mut round_ratios) = client_rt.block_on(async {
+    let run = async {
         // One client per connection, built once (building one loads the TLS roots), each
         // keeping its own keep-alive connection for the whole run.
         let clients: Vec<reqwest::Client> = (0..o.connections)
@@ -461,6 +462,14 @@ fn main() -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?;
         Ok::<_, String>((bare, checked, ingest, metrics, round_ratios))
+    };
+    // Interrupted, the run ends through main's return, so a pinned PostgreSQL gets its CPUs
+    // back.
+    let (bare, checked, ingest, metrics, mut round_ratios) = client_rt.block_on(async {
+        tokio::select! {
+            outcome = run => outcome,
+            _ = tokio::signal::ctrl_c() => Err("interrupted".to_owned()),
+        }
     })?;
     let stored = server_rt
         .block_on(store.heartbeat_count())
