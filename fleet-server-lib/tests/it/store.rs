@@ -1071,7 +1071,6 @@ async fn in_memory_sqlite_records_and_leaves_nothing_behind() {
 /// it locked are skipped and the next due ones are taken at once.
 #[tokio::test]
 async fn postgres_claims_skip_the_rows_another_claim_holds() {
-    use std::str::FromStr;
     let t = crate::support::postgres().await;
     let batch: Vec<_> = (0..6)
         .map(|i| {
@@ -1087,11 +1086,7 @@ async fn postgres_claims_skip_the_rows_another_claim_holds() {
         .record_heartbeats(&batch, &rules())
         .await
         .expect("record");
-    let schema = t.schema.clone().expect("schema");
-    let options = sqlx::postgres::PgConnectOptions::from_str(&t.url)
-        .expect("url")
-        .options([("search_path", schema.as_str())]);
-    let other_replica = sqlx::PgPool::connect_with(options).await.expect("connect");
+    let other_replica = t.other_connection().await;
     let mut in_progress = other_replica.begin().await.expect("begin");
     let held: Vec<i64> =
         sqlx::query_scalar("SELECT id FROM webhook_outbox ORDER BY id LIMIT 2 FOR UPDATE")
@@ -1275,18 +1270,8 @@ async fn sqlite_copies_the_log_into_the_database_file_in_the_background() {
 /// the other writer would, and lets the write go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_message_stored_between_a_batchs_read_and_write_is_answered_once() {
-    use sqlx::postgres::PgConnectOptions;
-    use std::str::FromStr;
-
     let t = crate::support::postgres().await;
-    let schema = t.schema.clone().expect("a schema of its own");
-    let side = sqlx::PgPool::connect_with(
-        PgConnectOptions::from_str(&t.url)
-            .expect("url")
-            .options([("search_path", schema.as_str())]),
-    )
-    .await
-    .expect("side connection");
+    let side = t.other_connection().await;
 
     // A known installation, so that the next batch takes the one-statement path.
     let first = [incoming("race-001", json!({}), Some(("m-0", 850)), 900)];

@@ -86,7 +86,6 @@ pub async fn postgres() -> TestStore {
 
 /// Like [`postgres`], connected through `url`.
 pub async fn postgres_at(url: String) -> TestStore {
-    use sqlx::postgres::PgConnectOptions;
     let schema = format!("fleet_server_it_{}", uuid::Uuid::new_v4().simple());
     let admin = sqlx::PgPool::connect(&url)
         .await
@@ -96,10 +95,7 @@ pub async fn postgres_at(url: String) -> TestStore {
         .await
         .expect("create schema");
     admin.close().await;
-    let options = PgConnectOptions::from_str(&url)
-        .expect("postgres url")
-        .options([("search_path", schema.as_str())]);
-    let store = PostgresStore::connect_with(options)
+    let store = PostgresStore::connect_with(schema_options(&url, &schema))
         .await
         .expect("open postgres");
     TestStore {
@@ -107,6 +103,24 @@ pub async fn postgres_at(url: String) -> TestStore {
         url,
         schema: Some(schema),
         _dir: None,
+    }
+}
+
+/// Connect options for `url` that keep every table in `schema`.
+fn schema_options(url: &str, schema: &str) -> sqlx::postgres::PgConnectOptions {
+    sqlx::postgres::PgConnectOptions::from_str(url)
+        .expect("postgres url")
+        .options([("search_path", schema)])
+}
+
+impl TestStore {
+    /// A pool of its own on a PostgreSQL store's schema: another replica, or a session that
+    /// holds locks while the store works.
+    pub async fn other_connection(&self) -> sqlx::PgPool {
+        let schema = self.schema.as_deref().expect("a PostgreSQL store");
+        sqlx::PgPool::connect_with(schema_options(&self.url, schema))
+            .await
+            .expect("connect to the store's schema")
     }
 }
 
