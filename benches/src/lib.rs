@@ -112,30 +112,29 @@ pub fn pin_current_thread(cpus: &[usize]) -> Result<(), String> {
 }
 
 /// The local PostgreSQL server's processes, pinned to some CPUs until this is dropped, when
-/// each gets back the CPUs it had. Backends started meanwhile are forked by the postmaster,
-/// so they inherit its pinning, and are given all CPUs back on drop like the rest.
+/// each is given the CPUs this process could use before any pinning. Backends started
+/// meanwhile are forked by the postmaster, so they inherit its pinning, and are given the CPUs
+/// back on drop like the rest. What they had before is not restored, so that the pinning a
+/// killed run left behind is undone by the next pinned run rather than carried on.
 pub struct PinnedPostgres {
-    previous: Vec<(rustix::process::Pid, rustix::thread::CpuSet)>,
+    give_back: rustix::thread::CpuSet,
 }
 
 impl PinnedPostgres {
-    /// Pins every process named `postgres` to `cpus`. Needs the right to change another
-    /// user's processes (root, or the `postgres` user).
-    pub fn pin(cpus: &[usize]) -> Result<Self, String> {
+    /// Pins every process named `postgres` to `cpus`, to be given `give_back` on drop. Needs
+    /// the right to change another user's processes (root, or the `postgres` user).
+    pub fn pin(cpus: &[usize], give_back: &[usize]) -> Result<Self, String> {
         let set = cpu_set(cpus);
-        let mut pinned = Self {
-            previous: Vec::new(),
+        let pinned = Self {
+            give_back: cpu_set(give_back),
         };
         for pid in postgres_pids() {
-            let previous = rustix::thread::sched_getaffinity(Some(pid))
-                .map_err(|err| format!("cannot read PostgreSQL process {pid:?}'s CPUs: {err}"))?;
             rustix::thread::sched_setaffinity(Some(pid), &set).map_err(|err| {
                 format!(
                     "cannot pin PostgreSQL process {pid:?} to CPUs {cpus:?}: {err} \
                      (run as root or as the postgres user)"
                 )
             })?;
-            pinned.previous.push((pid, previous));
         }
         Ok(pinned)
     }
@@ -143,21 +142,47 @@ impl PinnedPostgres {
 
 impl Drop for PinnedPostgres {
     fn drop(&mut self) {
-        let all = rustix::thread::CpuSet::new();
-        let all = (0..rustix::thread::CpuSet::MAX_CPU).fold(all, |mut set, cpu| {
-            set.set(cpu);
-            set
-        });
         for pid in postgres_pids() {
-            let previous = self
-                .previous
-                .iter()
-                .find(|(p, _)| *p == pid)
-                .map_or(&all, |(_, set)| set);
-            // A backend that ended since is gone; nothing to restore.
-            let _ = rustix::thread::sched_setaffinity(Some(pid), previous);
+            // A backend that ended since is gone; nothing to give back.
+            let _ = rustix::thread::sched_setaffinity(Some(pid), &self.give_back);
         }
     }
+}
+
+/// The CPUs the calling thread may run on.
+pub fn current_cpus() -> Vec<usize> {
+    let Ok(set) = rustix::thread::sched_getaffinity(None) else {
+        return Vec::new();
+    };
+    (0..rustix::thread::CpuSet::MAX_CPU)
+        .filter(|&cpu| set.is_set(cpu))
+        .collect()
+}
+
+/// A warning when some local PostgreSQL process may not run on every CPU in `cpus`, as a
+/// run killed while it had PostgreSQL pinned leaves it: the figures of the next run would
+/// measure a PostgreSQL with fewer CPUs than the machine has. `None` when all may.
+pub fn postgres_confinement(cpus: &[usize]) -> Option<String> {
+    let confined: Vec<i32> = postgres_pids()
+        .into_iter()
+        .filter(|&pid| {
+            rustix::thread::sched_getaffinity(Some(pid))
+                .is_ok_and(|set| cpus.iter().any(|&cpu| !set.is_set(cpu)))
+        })
+        .map(|pid| pid.as_raw_nonzero().get())
+        .collect();
+    (!confined.is_empty()).then(|| {
+        format!(
+            "warning: {} PostgreSQL processes may not use all of CPUs {cpus:?} (left by a \
+             killed --pin run?); a run with --pin gives them back, or `taskset -a -p -c {} PID` \
+             for each of {confined:?}",
+            confined.len(),
+            cpus.iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+    })
 }
 
 /// The processes on this machine named `postgres`.

@@ -19,8 +19,9 @@
 //! machine would; `--pg-over tcp` uses `FLEET_TEST_POSTGRES_URL` instead. `--pin` keeps
 //! the generator's threads on the last CPU and everything else of the process, with a local
 //! PostgreSQL server's processes, on the others, as if the generator ran on a machine of its
-//! own. PostgreSQL gets all its CPUs back at the end, on an error and on Ctrl-C; pinning it
-//! needs root or its user.
+//! own. PostgreSQL gets all the CPUs back at the end, on an error and on Ctrl-C; after a run
+//! killed outright, the next `--pin` run gives them back, and a run without it warns that
+//! PostgreSQL is confined. Pinning it needs root or its user.
 //!
 //! It reports requests/s, p50 and p99, and three CPU clocks per request: this process
 //! (server and generator), the whole machine (`/proc/stat`: also the database server, the
@@ -310,6 +311,7 @@ fn main() -> Result<(), String> {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
+    let all_cpus = fleet_benches::current_cpus();
     let pinning = o.pin.then(|| pinned_cpus(cpus)).transpose()?;
     // With --pin, the main thread takes the server's CPUs first, so the threads it starts (the
     // store's own, such as SQLite's checkpoint) have them too; a local PostgreSQL as well.
@@ -317,10 +319,17 @@ fn main() -> Result<(), String> {
         Some((_, server)) => {
             fleet_benches::pin_current_thread(server)?;
             (o.db == "postgres")
-                .then(|| fleet_benches::PinnedPostgres::pin(server))
+                .then(|| fleet_benches::PinnedPostgres::pin(server, &all_cpus))
                 .transpose()?
         }
-        None => None,
+        None => {
+            if o.db == "postgres"
+                && let Some(warning) = fleet_benches::postgres_confinement(&all_cpus)
+            {
+                eprintln!("{warning}");
+            }
+            None
+        }
     };
     let pin_to = |cpus: Option<Vec<usize>>| {
         move || {

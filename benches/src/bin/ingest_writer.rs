@@ -114,6 +114,11 @@ async fn open(o: &Options) -> Result<(Box<dyn Store>, Created), String> {
 
 fn main() -> Result<(), String> {
     let o = options()?;
+    if o.db == "postgres"
+        && let Some(warning) = fleet_benches::postgres_confinement(&fleet_benches::current_cpus())
+    {
+        eprintln!("{warning}");
+    }
     // The store hands SQLite's blocking work to `block_in_place`, which needs a worker pool.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
