@@ -54,17 +54,29 @@ const READ_BATCH: &str = "SELECT i.id, i.instance_id, i.last_backup_checksum AS 
     SELECT NULL, instance_id, msg_id, NULL, NULL, signed_at FROM seen_messages \
     WHERE msg_id = ANY($2::text[])";
 
+/// The opening of both write statements: the message ids (`$1`–`$4`) and the installations
+/// (`$5`–`$15`), as common table expressions.
+macro_rules! write_seen_and_installations {
+    () => {
+        concat!(
+            "WITH seen AS (INSERT INTO seen_messages (instance_id, msg_id, signed_at, seen_at) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[])), \
+             installation AS (INSERT INTO installations (instance_id, domain, client, version, \
+             release_channel, health, scheme, first_seen_at, last_seen_at, \
+             last_backup_checksum, state) \
+             SELECT * FROM UNNEST($5::text[], $6::text[], $7::text[], $8::text[], $9::text[], \
+             $10::text[], $11::text[], $12::bigint[], $13::bigint[], $14::text[], $15::text[])",
+            upsert_installation_conflict!(),
+            ")"
+        )
+    };
+}
+
 /// Everything a batch of known installations writes, in one statement. The message ids go
 /// in without `ON CONFLICT`: one stored since the batch's read fails the statement.
 const WRITE_BATCH: &str = concat!(
-    "WITH seen AS (INSERT INTO seen_messages (instance_id, msg_id, signed_at, seen_at) \
-     SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[])), \
-     installation AS (INSERT INTO installations (instance_id, domain, client, version, \
-     release_channel, health, scheme, first_seen_at, last_seen_at, last_backup_checksum, state) \
-     SELECT * FROM UNNEST($5::text[], $6::text[], $7::text[], $8::text[], $9::text[], \
-     $10::text[], $11::text[], $12::bigint[], $13::bigint[], $14::text[], $15::text[])",
-    upsert_installation_conflict!(),
-    "), heartbeat AS (INSERT INTO heartbeats (installation_id, received_at, msg_id, figures) \
+    write_seen_and_installations!(),
+    ", heartbeat AS (INSERT INTO heartbeats (installation_id, received_at, msg_id, figures) \
      SELECT * FROM UNNEST($16::bigint[], $17::bigint[], $18::text[], $19::text[])), \
      failure AS (INSERT INTO job_failures (installation_id, queue, message, created_at) \
      SELECT * FROM UNNEST($20::bigint[], $21::text[], $22::text[], $23::bigint[])), \
@@ -80,14 +92,8 @@ const WRITE_BATCH: &str = concat!(
 /// writes is opened, locked and set up for writing on each execution, however empty its
 /// array: batches of one heartbeat cost PostgreSQL 30–60 µs less with this statement.
 const WRITE_USUAL_BATCH: &str = concat!(
-    "WITH seen AS (INSERT INTO seen_messages (instance_id, msg_id, signed_at, seen_at) \
-     SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[])), \
-     installation AS (INSERT INTO installations (instance_id, domain, client, version, \
-     release_channel, health, scheme, first_seen_at, last_seen_at, last_backup_checksum, state) \
-     SELECT * FROM UNNEST($5::text[], $6::text[], $7::text[], $8::text[], $9::text[], \
-     $10::text[], $11::text[], $12::bigint[], $13::bigint[], $14::text[], $15::text[])",
-    upsert_installation_conflict!(),
-    ") INSERT INTO heartbeats (installation_id, received_at, msg_id, figures) \
+    write_seen_and_installations!(),
+    " INSERT INTO heartbeats (installation_id, received_at, msg_id, figures) \
      SELECT * FROM UNNEST($16::bigint[], $17::bigint[], $18::text[], $19::text[])"
 );
 
