@@ -8,8 +8,8 @@ use clap::Args;
 use fleet_core::manifest::{ManifestVerifier, PublicKey};
 use fleet_core::{Secret, SecretResolver};
 use fleet_server::{
-    ControlPlane, ControlPlaneBuilder, IpNet, ProxyHeader, RoleTokens, Settings, SloThresholds,
-    WebhookConfig,
+    ControlPlane, ControlPlaneBuilder, IpNet, PostgresStore, ProxyHeader, RoleTokens, Settings,
+    SloThresholds, WebhookConfig,
 };
 
 /// Every setting is read as text and validated afterwards, so all problems are reported
@@ -26,6 +26,11 @@ pub struct ServeArgs {
         default_value = "sqlite://fleet.db"
     )]
     pub database_url: String,
+    /// PostgreSQL: heartbeat batches recorded at the same time (1 to 12). One makes the
+    /// largest batches, the least work per heartbeat for the database; more keep it busy
+    /// while a batch crosses the network. SQLite has one writer whatever this says.
+    #[arg(long, env = "CONTROL_PLANE_DATABASE_WRITERS", default_value = "2")]
+    pub database_writers: String,
     /// Token of the support role (read-only).
     #[arg(long, env = "CONTROL_PLANE_SUPPORT_TOKEN", hide_env_values = true)]
     pub support_token: Option<String>,
@@ -144,6 +149,8 @@ pub struct ServeArgs {
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub database_url: String,
+    /// How the store is opened (the PostgreSQL writers).
+    pub store: fleet_server::store::OpenOptions,
     pub builder: ControlPlaneBuilder,
     /// Live-channel settings, applied once the database is open: without
     /// `CONTROL_PLANE_JWT_KEY` the key is the one stored in the database.
@@ -218,6 +225,20 @@ impl ServeArgs {
             problems
                 .push("CONTROL_PLANE_DATABASE_URL: must start with sqlite: or postgres://".into());
         }
+        let postgres_writers = self
+            .database_writers
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=PostgresStore::MAX_WRITERS).contains(n))
+            .unwrap_or_else(|| {
+                problems.push(format!(
+                    "CONTROL_PLANE_DATABASE_WRITERS: {:?} is not a whole number from 1 to {}",
+                    self.database_writers,
+                    PostgresStore::MAX_WRITERS
+                ));
+                PostgresStore::DEFAULT_WRITERS
+            });
         let tokens = RoleTokens {
             support: set(&self.support_token).map(str::to_owned),
             ops: set(&self.ops_token).map(str::to_owned),
@@ -340,6 +361,7 @@ impl ServeArgs {
         Ok(ServeConfig {
             listen,
             database_url: db.to_owned(),
+            store: fleet_server::store::OpenOptions { postgres_writers },
             builder,
             live,
         })
@@ -446,6 +468,7 @@ mod tests {
         ServeArgs {
             listen: "127.0.0.1:8080".into(),
             database_url: "sqlite://fleet.db".into(),
+            database_writers: "2".into(),
             admin_token: Some("adm".into()),
             agent_token: Some("shared".into()),
             slo_p95_ms_max: "0".into(),
@@ -524,6 +547,34 @@ mod tests {
             .validate()
             .is_ok()
         );
+    }
+
+    #[test]
+    fn the_database_writers_are_a_whole_number_from_1_to_12() {
+        for bad in ["0", "13", "1.5", "two", ""] {
+            let problems = ServeArgs {
+                database_writers: bad.into(),
+                ..args()
+            }
+            .validate()
+            .err()
+            .expect("invalid");
+            assert_eq!(
+                problems,
+                [format!(
+                    "CONTROL_PLANE_DATABASE_WRITERS: {bad:?} is not a whole number from 1 to 12"
+                )]
+            );
+        }
+        for (text, writers) in [("1", 1), (" 12 ", 12), ("2", 2)] {
+            let config = ServeArgs {
+                database_writers: text.into(),
+                ..args()
+            }
+            .validate()
+            .expect("valid");
+            assert_eq!(config.store.postgres_writers, writers, "{text:?}");
+        }
     }
 
     #[test]

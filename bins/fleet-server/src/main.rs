@@ -67,7 +67,7 @@ async fn serve(args: config::ServeArgs) -> Result<(), String> {
                 .join("\n")
         )
     })?;
-    let store = fleet_server::store::open(&config.database_url)
+    let store = fleet_server::store::open_with(&config.database_url, config.store)
         .await
         .map_err(|e| format!("cannot open the database: {e}"))?;
     let mut live = config.live;

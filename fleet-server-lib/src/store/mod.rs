@@ -345,10 +345,35 @@ pub trait Store:
 /// Opens the store a URL names: `sqlite://…` (or `sqlite::memory:`) or `postgres://…`
 /// (`postgresql://…`), running migrations.
 pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>> {
+    open_with(url, OpenOptions::default()).await
+}
+
+/// What [`open_with`] sets beyond the URL.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenOptions {
+    /// On PostgreSQL, how many heartbeat batches are recorded at the same time
+    /// ([`PostgresStore::with_writers`]). SQLite has one writer whatever this says.
+    pub postgres_writers: usize,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            postgres_writers: PostgresStore::DEFAULT_WRITERS,
+        }
+    }
+}
+
+/// [`open`], with `options`.
+pub async fn open_with(url: &str, options: OpenOptions) -> Result<std::sync::Arc<dyn Store>> {
     if url.starts_with("sqlite:") {
         Ok(std::sync::Arc::new(SqliteStore::connect(url).await?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(std::sync::Arc::new(PostgresStore::connect(url).await?))
+        Ok(std::sync::Arc::new(
+            PostgresStore::connect(url)
+                .await?
+                .with_writers(options.postgres_writers),
+        ))
     } else {
         Err(crate::Error::Config(vec![
             "the database URL must start with sqlite: or postgres://".into(),

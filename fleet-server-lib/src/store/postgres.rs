@@ -19,9 +19,6 @@ pub struct PostgresStore {
     writers: usize,
 }
 
-/// Most heartbeat batches recorded at the same time.
-const MAX_WRITERS: usize = 12;
-
 /// Connections for the heartbeat writers alone, which plan each statement once and never
 /// scan a whole table. The batch statements bind whole columns as arrays, so a plan made
 /// for one batch's values is no better than the generic one, and planning the batch's write
@@ -32,7 +29,7 @@ const MAX_WRITERS: usize = 12;
 /// batch needs one.
 fn ingest_pool(options: &PgConnectOptions) -> Pool<Postgres> {
     PgPoolOptions::new()
-        .max_connections(MAX_WRITERS as u32)
+        .max_connections(PostgresStore::MAX_WRITERS as u32)
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .connect_lazy_with(options.clone().options([
             ("plan_cache_mode", "force_generic_plan"),
@@ -44,6 +41,9 @@ impl PostgresStore {
     /// How many heartbeat batches are recorded at the same time unless
     /// [`with_writers`](Self::with_writers) says otherwise.
     pub const DEFAULT_WRITERS: usize = 2;
+
+    /// The most heartbeat batches recorded at the same time.
+    pub const MAX_WRITERS: usize = 12;
 
     /// Connects to `url` and applies pending migrations. Over TCP:
     /// `postgres://user:password@host/db`; over a Unix socket, cheaper when PostgreSQL runs on
@@ -82,7 +82,7 @@ impl PostgresStore {
     /// PostgreSQL a transaction. Batches lock installation rows in instance_id order, so
     /// they wait for each other at worst, never deadlock.
     pub fn with_writers(mut self, writers: usize) -> Self {
-        self.writers = writers.clamp(1, MAX_WRITERS);
+        self.writers = writers.clamp(1, Self::MAX_WRITERS);
         self
     }
 

@@ -1345,3 +1345,45 @@ async fn postgres_message_stored_between_a_batchs_read_and_write_is_answered_onc
     side.close().await;
     crate::support::drop_schema(t.schema).await;
 }
+
+/// `store::open_with` gives PostgreSQL the writer count it is asked for, and SQLite its one
+/// writer whatever it is asked.
+#[tokio::test]
+async fn a_store_opened_with_a_writer_count_records_with_that_many_on_postgres() {
+    use fleet_server::store::{OpenOptions, open_with};
+    let t = crate::support::postgres().await;
+    let schema = t.schema.clone().expect("a PostgreSQL store");
+    let separator = if t.url.contains('?') { '&' } else { '?' };
+    let url = format!("{}{separator}options=-c%20search_path%3D{schema}", t.url);
+    for writers in [1, 5] {
+        let store = open_with(
+            &url,
+            OpenOptions {
+                postgres_writers: writers,
+            },
+        )
+        .await
+        .expect("open");
+        assert_eq!(store.write_concurrency(), writers);
+        let outcome = store
+            .record_heartbeats(
+                &[incoming("writers", json!({}), None, 1000 + writers as i64)],
+                &rules(),
+            )
+            .await
+            .expect("record");
+        applied(outcome[0]);
+    }
+    // Both stores wrote in the test's own schema.
+    assert_eq!(t.store.heartbeat_count().await.expect("count"), 2);
+    let sqlite = open_with(
+        "sqlite::memory:",
+        OpenOptions {
+            postgres_writers: 5,
+        },
+    )
+    .await
+    .expect("open sqlite");
+    assert_eq!(sqlite.write_concurrency(), 1);
+    crate::support::drop_schema(t.schema).await;
+}
