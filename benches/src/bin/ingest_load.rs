@@ -297,22 +297,21 @@ fn postgres_url(o: &Options) -> Result<String, String> {
         .map_err(|_| format!("{variable} is not set (eval \"$(scripts/services postgres)\")"))
 }
 
-/// The CPUs of the generator and of the server with `--pin`: the last one, and the others.
-fn pinned_cpus(cpus: usize) -> Result<(Vec<usize>, Vec<usize>), String> {
-    if cpus < 2 {
-        return Err("--pin needs at least 2 CPUs".into());
+/// The CPUs of the generator and of the server with `--pin`: the last of `cpus`, and the
+/// others.
+fn pinned_cpus(cpus: &[usize]) -> Result<(Vec<usize>, Vec<usize>), String> {
+    match cpus.split_last() {
+        Some((&last, others)) if !others.is_empty() => Ok((vec![last], others.to_vec())),
+        _ => Err("--pin needs at least 2 CPUs".into()),
     }
-    Ok((vec![cpus - 1], (0..cpus - 1).collect()))
 }
 
 fn main() -> Result<(), String> {
     let o = options()?;
     // Read before any pinning, which narrows what the process may use.
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
     let all_cpus = fleet_benches::current_cpus();
-    let pinning = o.pin.then(|| pinned_cpus(cpus)).transpose()?;
+    let cpus = all_cpus.len().max(1);
+    let pinning = o.pin.then(|| pinned_cpus(&all_cpus)).transpose()?;
     // With --pin, the main thread takes the server's CPUs first, so the threads it starts (the
     // store's own, such as SQLite's checkpoint) have them too; a local PostgreSQL as well.
     let _pinned_postgres = match &pinning {
