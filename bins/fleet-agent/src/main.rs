@@ -4,6 +4,7 @@
 //! Exit codes: 0 after a clean shutdown, 2 for configuration problems (all named at once),
 //! 1 for anything else.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use fleet_agent::{Agent, AgentConfig, CommandSettings, Error};
@@ -18,7 +19,8 @@ fn main() -> ExitCode {
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if json {
         builder.json().init();
     } else {

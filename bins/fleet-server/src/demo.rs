@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Args;
 use fleet_core::{Secret, SecretResolver, Signer};
-use fleet_server::{ControlPlane, RoleTokens, Settings, SloThresholds};
+use fleet_server::{ControlPlane, LiveSettings, RoleTokens, Settings, SloThresholds};
 use serde_json::json;
 
 /// Options of the demo.
@@ -96,8 +96,17 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
         sweep_interval: Duration::from_secs(args.interval_secs),
         ..Settings::default()
     };
+    // As `serve` does without CONTROL_PLANE_JWT_KEY: the key kept in the database, so that
+    // agent tokens outlive a restart of the demo.
+    let jwt_key = fleet_server::stored_jwt_key(&store)
+        .await
+        .map_err(|e| format!("cannot read the agent token key from the database: {e}"))?;
     let builder = ControlPlane::builder()
         .store(store)
+        .live(LiveSettings {
+            jwt_key: Some(jwt_key),
+            ..LiveSettings::default()
+        })
         .secrets(resolver)
         .tokens(RoleTokens {
             admin: Some(token.clone()),

@@ -7,6 +7,7 @@
 mod config;
 mod demo;
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +41,10 @@ async fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
+        // Logs on stderr, so that stdout holds only what a command prints for its user (the
+        // demo's URL and token); colours only on a terminal, not in a journal or a file.
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match Cli::parse().command {
         Command::Serve(args) => serve(*args).await,

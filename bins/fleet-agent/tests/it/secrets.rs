@@ -309,10 +309,14 @@ async fn no_secret_reaches_any_log_of_a_full_flow_at_trace_level() {
     for logs_dir in [&first_dir, &second_dir] {
         for entry in std::fs::read_dir(logs_dir).expect("logs") {
             let path = entry.expect("entry").path();
-            logs.push((
-                path.display().to_string(),
-                std::fs::read_to_string(&path).expect("log"),
-            ));
+            let text = std::fs::read_to_string(&path).expect("log");
+            // Written to a file, not a terminal: no colour codes around the fields.
+            assert!(
+                !text.contains('\x1b'),
+                "{} has colour codes",
+                path.display()
+            );
+            logs.push((path.display().to_string(), text));
         }
     }
     // The capture works: every log has trace-level detail of the flow.

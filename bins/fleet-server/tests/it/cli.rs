@@ -155,6 +155,15 @@ async fn demo_prints_a_login_and_its_agents_fill_the_dashboard() {
         stdout.contains(&format!("http://{addr}/")) && stdout.contains(token.trim()),
         "{stdout}"
     );
+    // Logs go to stderr, without colour codes when it is not a terminal; stdout holds only
+    // what the demo prints for its user.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("fleet-server listening"), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "{stderr}");
+    assert!(!stdout.contains("listening"), "{stdout}");
+    // The demo keeps its agent token key in its database, so nothing warns about a key that
+    // a restart would lose.
+    assert!(!stderr.contains("WARN"), "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
 }
 
