@@ -413,8 +413,21 @@ fn chart(points: &[HeartbeatPoint]) -> String {
             .map(|(_, v)| format!("{v:.0}%"))
             .unwrap_or_else(|| "–".into())
     };
+    // The scale: both series are percentages, so the lines at 0, 50 and 100% say what a
+    // height means.
+    let scale: String = [100.0, 50.0, 0.0]
+        .iter()
+        .map(|pct: &f64| {
+            let y = h - pct * h / 100.0;
+            let label_y = y.clamp(10.0, h - 2.0);
+            format!(
+                "<line x1=0 x2={w} y1={y:.1} y2={y:.1} stroke=\"#eef0f3\"/>\
+                 <text x=4 y={label_y:.1} font-size=10 fill=\"#6b7280\">{pct:.0}%</text>"
+            )
+        })
+        .collect();
     format!(
-        "<svg id=chart role=img aria-label=\"CPU and memory use\" viewBox=\"0 0 {w} {h}\" width=600 height=120 style=\"background:#fff;border:1px solid #e3e6eb\">{}{}</svg>\
+        "<svg id=chart role=img aria-label=\"CPU and memory use, 0 to 100%\" viewBox=\"0 0 {w} {h}\" width=600 height=120 style=\"background:#fff;border:1px solid #e3e6eb\">{scale}{}{}</svg>\
          <p class=muted><span style=color:#2563eb>■</span> CPU {} · <span style=color:#d97706>■</span> memory {} · last {} heartbeats</p>",
         line(&cpu, "#2563eb"),
         line(&mem, "#d97706"),
@@ -531,5 +544,38 @@ mod tests {
             esc("<a href=\"x\">'&'</a>"),
             "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
         );
+    }
+
+    fn point(cpu: f64, used: u64, total: u64) -> HeartbeatPoint {
+        let figures = serde_json::json!({
+            "cpu_usage_pct": cpu,
+            "memory_used_bytes": used,
+            "memory_total_bytes": total,
+        });
+        HeartbeatPoint {
+            received_at: 0,
+            figures: figures.as_object().expect("object").clone(),
+        }
+    }
+
+    #[test]
+    fn the_chart_draws_percentages_against_a_labelled_scale() {
+        let svg = chart(&[point(0.0, 50, 100), point(100.0, 25, 100)]);
+        // 120 px high: 0% at the bottom, 100% at the top; 600 px wide over two points.
+        assert!(svg.contains("points=\"0.0,120.0 600.0,0.0\""), "{svg}");
+        assert!(svg.contains("points=\"0.0,60.0 600.0,90.0\""), "{svg}");
+        for label in [">100%</text>", ">50%</text>", ">0%</text>"] {
+            assert!(svg.contains(label), "{label} in {svg}");
+        }
+        assert!(
+            svg.contains("CPU 100%") && svg.contains("memory 25%"),
+            "{svg}"
+        );
+        // Nothing to draw: a sentence instead of an empty frame.
+        let empty = HeartbeatPoint {
+            received_at: 0,
+            figures: serde_json::Map::new(),
+        };
+        assert!(chart(&[empty]).contains("No CPU or memory figures"));
     }
 }
