@@ -63,6 +63,9 @@ const AGENTS: [DemoAgent; 3] = [
 ];
 
 pub async fn run(args: DemoArgs) -> Result<(), String> {
+    // The address first: when it is taken, nothing has been created, no agent sends to
+    // whatever holds it, and nothing says the demo is running.
+    let listener = crate::listen(args.listen).await?;
     std::fs::create_dir_all(&args.data)
         .map_err(|e| format!("cannot create {}: {e}", args.data.display()))?;
     let token = admin_token(&args.data)?;
@@ -135,7 +138,7 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     );
     println!("                demo-legacy (v0 signature, as the ERP instance agent sends)");
     println!("Press Ctrl-C to stop.");
-    crate::run_server(args.listen, builder).await
+    crate::run_server(listener, builder).await
 }
 
 /// The demo's admin token: read from the data folder, or created there (mode 0600).

@@ -84,19 +84,28 @@ async fn serve(args: config::ServeArgs) -> Result<(), String> {
         live.jwt_key = Some(key);
     }
     let builder = config.builder.live(live).shared_store(store);
-    run_server(config.listen, builder).await
+    run_server(listen(config.listen).await?, builder).await
 }
 
-/// Binds `listen`, serves until Ctrl-C or SIGTERM, then lets in-flight requests finish.
+/// Binds `address`; the error says how to choose another.
+pub(crate) async fn listen(address: SocketAddr) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(address).await.map_err(|e| {
+        format!(
+            "cannot listen on {address}: {e} (choose another address with --listen or FLEET_LISTEN)"
+        )
+    })
+}
+
+/// Serves on `listener` until Ctrl-C or SIGTERM, then lets in-flight requests finish.
 pub(crate) async fn run_server(
-    listen: SocketAddr,
+    listener: tokio::net::TcpListener,
     builder: ControlPlaneBuilder,
 ) -> Result<(), String> {
     let router = builder.build().map_err(|e| e.to_string())?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    tracing::info!(address = %listen, "fleet-server listening");
+    let address = listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the listening address: {e}"))?;
+    tracing::info!(%address, "fleet-server listening");
     // The peer address tells clients apart for the limit on failed role-token checks.
     let service = router.into_make_service_with_connect_info::<SocketAddr>();
     axum::serve(listener, service)

@@ -167,6 +167,34 @@ async fn demo_prints_a_login_and_its_agents_fill_the_dashboard() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+#[tokio::test]
+async fn a_demo_whose_address_is_taken_says_so_and_leaves_nothing_behind() {
+    let dir = temp_dir("cli");
+    let data = dir.join("demo-data");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let output = command(&[
+        "demo",
+        "--data",
+        data.to_str().expect("utf8"),
+        "--listen",
+        &addr,
+    ])
+    .output()
+    .await
+    .expect("run");
+    assert!(!output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")) && stderr.contains("--listen"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("running"), "{stdout}");
+    assert!(!data.exists(), "the demo created {}", data.display());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// `serve` on `db` with an admin token and no agent secret at all: enrolled agents only.
 fn serve_enrolled_only(addr: &str, db: &std::path::Path) -> Child {
     command(&["serve"])
