@@ -1,8 +1,8 @@
 //! `fleet-agent`: reads the environment (the ERP instance agent's variables plus the Neon
 //! agent's intervals and buffer settings), then runs the agent until SIGTERM or SIGINT.
 //!
-//! Exit codes: 0 after a clean shutdown, 2 for configuration problems (all named at once),
-//! 1 for anything else.
+//! It takes no arguments but `--help` and `--version`. Exit codes: 0 after a clean shutdown,
+//! 2 for configuration problems (all named at once) or an argument, 1 for anything else.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -10,7 +10,65 @@ use std::process::ExitCode;
 use fleet_agent::{Agent, AgentConfig, CommandSettings, Error};
 use tracing_subscriber::EnvFilter;
 
+/// What `--help` prints: the agent takes no arguments, so this says where its settings come
+/// from and which ones it cannot start without.
+const HELP: &str = "\
+fleet-agent: sends signed heartbeats of this instance to the fleet control plane, keeps what
+it could not send in a SQLite outbox, and runs updates, plugin changes, restore checks and
+remote commands.
+
+Usage: fleet-agent              configured by environment variables; runs until SIGTERM or SIGINT
+       fleet-agent --help | --version
+
+Required:
+  INSTANCE_ID          the instance this agent speaks for
+  CONTROL_PLANE_URL    the control plane's base URL (http:// or https://)
+  AGENT_SECRET         the signing secret; or AGENT_ENROLLMENT_TOKEN (from `fleetctl enroll`)
+                       with AGENT_SECRET_FILE, where the secret it is traded for is kept
+
+Often set:
+  HEARTBEAT_INTERVAL   seconds between heartbeats (default: HEARTBEAT_INTERVAL_MIN, 5 minutes)
+  AGENT_STATE_PATH     the SQLite outbox (default: fleet-agent-state.db)
+  DATABASE_URL, REDIS_URL, STORAGE_ENDPOINT, MEILI_HOST
+                       the services whose health each heartbeat reports
+  AGENT_PORT, AGENT_BIND, AGENT_LOCAL_TOKEN
+                       the local API (default: 127.0.0.1:4010)
+  RUST_LOG, LOG_FORMAT=json
+                       logging, to stderr
+
+Every variable, with its default: the \"Environment\" section of fleet-agent-lib/README.md.
+Exit status: 0 after SIGTERM or SIGINT, 2 for a configuration problem (all are named at
+once), 1 for anything else.
+";
+
+/// `--help` and `--version` answer and end the process; any other argument is refused, since
+/// a setting passed as an argument would otherwise be silently ignored.
+fn answer_arguments() -> Option<ExitCode> {
+    let first = std::env::args_os().nth(1)?;
+    match first.to_str() {
+        Some("-h" | "--help" | "help") => {
+            print!("{HELP}");
+            Some(ExitCode::SUCCESS)
+        }
+        Some("-V" | "--version") => {
+            println!("fleet-agent {}", env!("CARGO_PKG_VERSION"));
+            Some(ExitCode::SUCCESS)
+        }
+        _ => {
+            eprintln!(
+                "fleet-agent: unexpected argument {}: the agent is configured by environment \
+                 variables (see fleet-agent --help)",
+                first.to_string_lossy()
+            );
+            Some(ExitCode::from(2))
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    if let Some(code) = answer_arguments() {
+        return code;
+    }
     let filter = EnvFilter::try_from_env("RUST_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info"))
         // tungstenite logs the whole handshake request at trace, with the live channel's

@@ -26,6 +26,43 @@ fn every_configuration_problem_is_named_at_once() {
     }
 }
 
+#[test]
+fn help_and_version_answer_and_any_other_argument_is_refused() {
+    let run = |arg: &str| {
+        Command::new(env!("CARGO_BIN_EXE_fleet-agent"))
+            .env_clear()
+            .arg(arg)
+            .output()
+            .unwrap()
+    };
+    let help = run("--help");
+    assert_eq!(help.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&help.stdout);
+    for needle in [
+        "INSTANCE_ID",
+        "CONTROL_PLANE_URL",
+        "AGENT_SECRET",
+        "AGENT_ENROLLMENT_TOKEN",
+        "fleet-agent-lib/README.md",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+    let version = run("--version");
+    assert_eq!(version.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&version.stdout).trim(),
+        format!("fleet-agent {}", env!("CARGO_PKG_VERSION"))
+    );
+    // A setting given as a flag would otherwise be ignored without a word.
+    let refused = run("--instance-id=shop-1");
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("unexpected argument --instance-id=shop-1") && stderr.contains("--help"),
+        "{stderr}"
+    );
+}
+
 /// Stop the receiver, let the agent queue N heartbeats, kill -9 the agent, restart both:
 /// all N arrive exactly once and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
