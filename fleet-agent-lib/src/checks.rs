@@ -391,21 +391,7 @@ pub(crate) fn redact(text: &str, url: &str) -> String {
     }
 }
 
-/// An error with its causes, which is where reqwest keeps the useful part
-/// ("connection refused").
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
+pub(crate) use fleet_core::error_chain;
 
 #[cfg(test)]
 mod tests {

@@ -209,7 +209,7 @@ impl Client {
         }
         let response = request
             .send()
-            .map_err(|e| format!("cannot reach {url}: {e}"))?;
+            .map_err(|e| format!("cannot reach {url}: {}", fleet_core::error_chain(&e)))?;
         let status = response.status();
         let value: Value = response.json().unwrap_or(Value::Null);
         if status.is_success() {

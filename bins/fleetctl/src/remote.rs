@@ -113,24 +113,29 @@ impl Remote {
         path: &str,
         body: &Value,
     ) -> Result<Value, String> {
-        let response = client
-            .post(self.at(path))
-            .bearer_auth(&self.token)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| format!("{path}: {e}"))?;
-        answer(path, response).await
+        self.send(path, client.post(self.at(path)).json(body)).await
     }
 
     async fn get(&self, client: &reqwest::Client, path: &str) -> Result<Value, String> {
-        let response = client
-            .get(self.at(path))
+        self.send(path, client.get(self.at(path))).await
+    }
+
+    async fn send(&self, path: &str, request: reqwest::RequestBuilder) -> Result<Value, String> {
+        let response = request
             .bearer_auth(&self.token)
             .send()
             .await
-            .map_err(|e| format!("{path}: {e}"))?;
+            .map_err(|e| self.unreachable(path, &e))?;
         answer(path, response).await
+    }
+
+    /// Why a request to `path` got no answer, with reqwest's causes ("connection refused").
+    fn unreachable(&self, path: &str, err: &reqwest::Error) -> String {
+        format!(
+            "cannot reach {}: {}",
+            self.at(path),
+            fleet_core::error_chain(err)
+        )
     }
 }
 
@@ -262,7 +267,7 @@ async fn follow(
         .bearer_auth(&remote.token)
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| remote.unreachable(&path, &e))?;
     if !response.status().is_success() {
         return Err(format!("{path}: {}", response.status()));
     }
@@ -270,7 +275,7 @@ async fn follow(
     let mut pending = Vec::new();
     let mut event = String::new();
     while let Some(piece) = body.next().await {
-        pending.extend_from_slice(&piece.map_err(|e| e.to_string())?);
+        pending.extend_from_slice(&piece.map_err(|e| fleet_core::error_chain(&e))?);
         while let Some(end) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
             let line = String::from_utf8_lossy(&line).trim_end().to_owned();

@@ -104,3 +104,30 @@ fn refuses_to_overwrite_a_key_or_sign_an_invalid_manifest() {
         String::from_utf8_lossy(&bad.stderr)
     );
 }
+
+#[test]
+fn a_control_plane_that_cannot_be_reached_is_named_with_the_cause() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", closed.local_addr().expect("addr"));
+    drop(closed);
+    let dir = std::env::temp_dir();
+    for args in [
+        vec!["rollout", "list"],
+        vec!["run", "--target", "shop-1", "--", "true"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+            .current_dir(&dir)
+            .env("FLEET_URL", &url)
+            .env("FLEET_TOKEN", "token")
+            .args(&args)
+            .output()
+            .expect("fleetctl runs");
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("cannot reach {url}/"))
+                && stderr.contains("Connection refused"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
