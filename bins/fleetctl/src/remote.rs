@@ -19,8 +19,8 @@ use serde_json::{Value, json};
 /// Where the control plane is and who is asking.
 #[derive(Args, Debug)]
 pub struct Remote {
-    /// Control-plane base URL.
-    #[arg(long, env = "FLEET_URL")]
+    /// Control-plane base URL (the same default as the other commands).
+    #[arg(long, env = "FLEET_URL", default_value = "http://127.0.0.1:8080")]
     url: String,
     /// An API token (admin for enrollment, RunCommand and deploys; ops for STATUS).
     #[arg(long, env = "FLEET_TOKEN", hide_env_values = true)]
