@@ -66,8 +66,21 @@ impl PostgresStore {
             // With every writer holding its own connection, a healthy pool hands one out at
             // once.
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options)
-            .await?;
+            .connect_with(options.clone())
+            .await;
+        let pool = match pool {
+            Ok(pool) => pool,
+            // The pool retries until its timeout and then says only that it timed out. One
+            // direct attempt says why: refused, unknown host, wrong password, no database.
+            Err(sqlx::Error::PoolTimedOut) => {
+                use sqlx::Connection;
+                return Err(match sqlx::PgConnection::connect_with(&options).await {
+                    Err(cause) => cause.into(),
+                    Ok(_) => sqlx::Error::PoolTimedOut.into(),
+                });
+            }
+            Err(err) => return Err(err.into()),
+        };
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         Ok(Self {
             pool,

@@ -1346,6 +1346,21 @@ async fn postgres_message_stored_between_a_batchs_read_and_write_is_answered_onc
     crate::support::drop_schema(t.schema).await;
 }
 
+/// A PostgreSQL that cannot be reached is named with the reason, not only with the pool's
+/// "timed out while waiting for an open connection".
+#[tokio::test]
+async fn opening_an_unreachable_postgres_says_why() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let err = fleet_server::store::open(&format!("postgres://fleet:fleet@127.0.0.1:{port}/fleet"))
+        .await
+        .err()
+        .expect("nothing listens there");
+    let text = err.to_string();
+    assert!(text.contains("Connection refused"), "{text}");
+}
+
 /// `store::open_with` gives PostgreSQL the writer count it is asked for, and SQLite its one
 /// writer whatever it is asked.
 #[tokio::test]
