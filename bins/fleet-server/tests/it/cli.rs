@@ -195,6 +195,46 @@ async fn a_demo_whose_address_is_taken_says_so_and_leaves_nothing_behind() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+#[tokio::test]
+async fn a_database_that_cannot_be_opened_is_named_without_its_password() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let output = command(&["serve", "--listen", &free_addr()])
+        .env(
+            "CONTROL_PLANE_DATABASE_URL",
+            format!("postgres://fleet:never-shown-pw@127.0.0.1:{port}/fleet"),
+        )
+        .env("CONTROL_PLANE_ADMIN_TOKEN", "admin-token")
+        .output()
+        .await
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "cannot open the database postgres://fleet:***@127.0.0.1:{port}/fleet"
+        )) && stderr.contains("Connection refused"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("never-shown-pw"), "{stderr}");
+    // SQLite: the path it could not open.
+    let output = command(&["serve", "--listen", &free_addr()])
+        .env(
+            "CONTROL_PLANE_DATABASE_URL",
+            "sqlite:///proc/no-such/fleet.db",
+        )
+        .env("CONTROL_PLANE_ADMIN_TOKEN", "admin-token")
+        .output()
+        .await
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("sqlite:///proc/no-such/fleet.db"),
+        "{stderr}"
+    );
+}
+
 /// `serve` on `db` with an admin token and no agent secret at all: enrolled agents only.
 fn serve_enrolled_only(addr: &str, db: &std::path::Path) -> Child {
     command(&["serve"])
