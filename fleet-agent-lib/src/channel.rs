@@ -110,7 +110,10 @@ pub async fn register(
     {
         request = request.header(name, value);
     }
-    let response = request.send().await.map_err(|e| e.to_string())?;
+    let response = request
+        .send()
+        .await
+        .map_err(|e| crate::checks::error_chain(&e))?;
     if !response.status().is_success() {
         return Err(format!("registration answered {}", response.status()));
     }
@@ -315,7 +318,10 @@ pub async fn poll_once(config: &ChannelConfig) -> Result<bool, String> {
     {
         request = request.header(name, value);
     }
-    let response = request.send().await.map_err(|e| e.to_string())?;
+    let response = request
+        .send()
+        .await
+        .map_err(|e| crate::checks::error_chain(&e))?;
     if !response.status().is_success() {
         return Err(format!("poll answered {}", response.status()));
     }
@@ -446,7 +452,7 @@ async fn session(
         {
             return Ended::Unauthorized;
         }
-        Ok(Err(err)) => return Ended::CannotConnect(err.to_string()),
+        Ok(Err(err)) => return Ended::CannotConnect(crate::checks::error_chain(&err)),
         Ok(Ok((socket, _))) => socket,
     };
     tracing::info!("live channel connected");

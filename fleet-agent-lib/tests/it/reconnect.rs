@@ -127,3 +127,22 @@ async fn reconnect_delays_grow_for_short_connections_and_reset_after_a_healthy_o
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A control plane that cannot be reached is logged with the cause, not only with reqwest's
+/// "error sending request".
+#[tokio::test]
+async fn a_failed_registration_names_the_cause() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let base = format!("http://{}", closed.local_addr().expect("addr"));
+    drop(closed);
+    let err = fleet_agent::channel::register(
+        &HttpClient::new(),
+        &base,
+        INSTANCE,
+        &Secret::new(SECRET).expect("secret"),
+        "1.0.0",
+    )
+    .await
+    .expect_err("nothing listens there");
+    assert!(err.contains("Connection refused"), "{err}");
+}
