@@ -113,7 +113,7 @@ pub async fn register(
     let response = request
         .send()
         .await
-        .map_err(|e| crate::checks::error_chain(&e))?;
+        .map_err(|e| fleet_core::error_chain(&e))?;
     if !response.status().is_success() {
         return Err(format!("registration answered {}", response.status()));
     }
@@ -321,7 +321,7 @@ pub async fn poll_once(config: &ChannelConfig) -> Result<bool, String> {
     let response = request
         .send()
         .await
-        .map_err(|e| crate::checks::error_chain(&e))?;
+        .map_err(|e| fleet_core::error_chain(&e))?;
     if !response.status().is_success() {
         return Err(format!("poll answered {}", response.status()));
     }
@@ -452,7 +452,7 @@ async fn session(
         {
             return Ended::Unauthorized;
         }
-        Ok(Err(err)) => return Ended::CannotConnect(crate::checks::error_chain(&err)),
+        Ok(Err(err)) => return Ended::CannotConnect(fleet_core::error_chain(&err)),
         Ok(Ok((socket, _))) => socket,
     };
     tracing::info!("live channel connected");

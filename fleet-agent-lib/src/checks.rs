@@ -230,7 +230,7 @@ impl Check for HttpCheck {
             .get(&self.url)
             .send()
             .await
-            .map_err(|e| redact(&error_chain(&e), &self.url))?;
+            .map_err(|e| redact(&fleet_core::error_chain(&e), &self.url))?;
         let status = response.status();
         if status.is_server_error() {
             Err(format!("HTTP {status}"))
@@ -390,8 +390,6 @@ pub(crate) fn redact(text: &str, url: &str) -> String {
         None => text.to_owned(),
     }
 }
-
-pub(crate) use fleet_core::error_chain;
 
 #[cfg(test)]
 mod tests {

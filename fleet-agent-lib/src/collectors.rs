@@ -15,8 +15,8 @@ use fleet_core::heartbeat::JobFailure;
 use serde_json::{Map, Value};
 use sqlx::Connection;
 
-use crate::checks::error_chain;
 use crate::prometheus::parse_slo;
+use fleet_core::error_chain;
 
 /// Adds figures to each heartbeat. Implement it to report your own; the agent records a
 /// check named [`name`](Collector::name) that fails with the returned reason.

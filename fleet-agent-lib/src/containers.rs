@@ -10,9 +10,9 @@ use fleet_core::heartbeat::Container;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::checks::error_chain;
 use crate::collectors::Collector;
 use crate::{Error, Result};
+use fleet_core::error_chain;
 
 /// Lists containers through the Docker Engine API, at most once per interval (the Neon
 /// agent's `CONTAINERS_INTERVAL`); heartbeats in between carry the last list.

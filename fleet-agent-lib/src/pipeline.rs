@@ -348,7 +348,7 @@ impl ControlPlaneClient {
         let response = request
             .send()
             .await
-            .map_err(|e| crate::checks::error_chain(&e))?;
+            .map_err(|e| fleet_core::error_chain(&e))?;
         let status = response.status().as_u16();
         let text = response.text().await.unwrap_or_default();
         Ok(Answer {

@@ -61,7 +61,7 @@ impl RegionalHealth {
                 sample["latency_ms"] = (started.elapsed().as_millis() as u64).into();
             }
             Err(err) => {
-                sample["error"] = crate::checks::error_chain(&err).into();
+                sample["error"] = fleet_core::error_chain(&err).into();
             }
         }
         sample

@@ -359,7 +359,7 @@ impl UpdatePipeline {
                     };
                 }
                 Ok(r) => last = format!("HTTP {}", r.status().as_u16()),
-                Err(err) => last = crate::checks::error_chain(&err),
+                Err(err) => last = fleet_core::error_chain(&err),
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
