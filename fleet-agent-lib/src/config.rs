@@ -335,13 +335,13 @@ impl AgentConfig {
 
 impl std::fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let url = |u: &Option<String>| u.as_deref().map(redact_url_password);
+        let url = |u: &Option<String>| u.as_deref().map(fleet_core::redact_url_password);
         let token = |t: &Option<String>| t.as_ref().map(|_| "[redacted]");
         f.debug_struct("AgentConfig")
             .field("instance_id", &self.instance_id)
             .field(
                 "control_plane_url",
-                &redact_url_password(&self.control_plane_url),
+                &fleet_core::redact_url_password(&self.control_plane_url),
             )
             .field("secret", &self.secret)
             .field("signature_scheme", &self.signature_scheme)
@@ -377,21 +377,5 @@ impl std::fmt::Debug for AgentConfig {
             .field("restore", &self.restore)
             .field("check_timeout", &self.check_timeout)
             .finish()
-    }
-}
-
-/// `scheme://user:[redacted]@host/...` for a URL with a password; other text unchanged.
-pub fn redact_url_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) if userinfo.contains(':') => {
-            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
-            format!("{scheme}://{user}:[redacted]@{host}{tail}")
-        }
-        _ => url.to_owned(),
     }
 }

@@ -71,6 +71,59 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// `text` as it may be logged or shown in an error: a URL's password
+/// (`scheme://user:[redacted]@host/…`) and the value of every `password=` setting, in a query
+/// string or a `key=value` connection string, replaced by `[redacted]`. Anything else is kept.
+pub fn redact_url_password(text: &str) -> String {
+    let mut shown = match text.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            let (authority, tail) = rest.split_at(authority_end);
+            match authority.rsplit_once('@') {
+                Some((userinfo, host)) if userinfo.contains(':') => {
+                    let user = userinfo.split_once(':').map_or("", |(user, _)| user);
+                    format!("{scheme}://{user}:[redacted]@{host}{tail}")
+                }
+                _ => text.to_owned(),
+            }
+        }
+        None => text.to_owned(),
+    };
+    const KEY: &str = "password=";
+    let mut from = 0;
+    while let Some(found) = shown[from..].to_ascii_lowercase().find(KEY) {
+        let start = from + found;
+        let at_boundary = start == 0 || matches!(shown.as_bytes()[start - 1], b'?' | b'&' | b' ');
+        let value_start = start + KEY.len();
+        let value_end = value_start + setting_value_len(&shown[value_start..]);
+        if at_boundary {
+            shown.replace_range(value_start..value_end, "[redacted]");
+            from = value_start + "[redacted]".len();
+        } else {
+            from = value_end;
+        }
+    }
+    shown
+}
+
+/// The length of a setting's value at the start of `rest`: up to the next `&`, space or `#`,
+/// or a whole single-quoted value (`'a b\'c'`), as libpq connection strings allow.
+fn setting_value_len(rest: &str) -> usize {
+    if !rest.starts_with('\'') {
+        return rest.find(['&', ' ', '#']).unwrap_or(rest.len());
+    }
+    let mut escaped = false;
+    for (at, c) in rest.char_indices().skip(1) {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '\'' => return at + 1,
+            _ => {}
+        }
+    }
+    rest.len()
+}
+
 /// The current unix time in seconds, for callers that do not inject a clock.
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -81,7 +134,48 @@ pub fn unix_now() -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use super::error_chain;
+    use super::{error_chain, redact_url_password};
+
+    #[test]
+    fn passwords_are_redacted_from_urls_and_connection_strings() {
+        let cases = [
+            (
+                "postgres://fleet:s3cret@db.internal:5432/fleet",
+                "postgres://fleet:[redacted]@db.internal:5432/fleet",
+            ),
+            (
+                "postgres://fleet@%2Fvar%2Frun/fleet?Password=s3cret&sslmode=disable",
+                "postgres://fleet@%2Fvar%2Frun/fleet?Password=[redacted]&sslmode=disable",
+            ),
+            (
+                "postgres://a:b@h/db?sslmode=require&password=s3cret",
+                "postgres://a:[redacted]@h/db?sslmode=require&password=[redacted]",
+            ),
+            (
+                "host=db user=fleet password=s3cret dbname=fleet",
+                "host=db user=fleet password=[redacted] dbname=fleet",
+            ),
+            (
+                r"host=db password='s3 cr\'et' dbname=fleet",
+                "host=db password=[redacted] dbname=fleet",
+            ),
+            ("password='never closed", "password=[redacted]"),
+            // Nothing secret: kept as it is.
+            (
+                "sqlite:///var/lib/fleet/fleet.db",
+                "sqlite:///var/lib/fleet/fleet.db",
+            ),
+            (
+                "https://cp.example.com/api?mypassword=x",
+                "https://cp.example.com/api?mypassword=x",
+            ),
+            ("https://user@cp.example.com", "https://user@cp.example.com"),
+            ("not a url", "not a url"),
+        ];
+        for (text, shown) in cases {
+            assert_eq!(redact_url_password(text), shown, "{text}");
+        }
+    }
 
     /// An error with a message and an optional cause, as HTTP clients nest theirs.
     #[derive(Debug)]

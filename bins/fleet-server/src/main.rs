@@ -77,7 +77,7 @@ async fn serve(args: config::ServeArgs) -> Result<(), String> {
         .map_err(|e| {
             format!(
                 "cannot open the database {}: {e}",
-                shown_database_url(&config.database_url)
+                fleet_core::redact_url_password(&config.database_url)
             )
         })?;
     let mut live = config.live;
@@ -90,29 +90,6 @@ async fn serve(args: config::ServeArgs) -> Result<(), String> {
     }
     let builder = config.builder.live(live).shared_store(store);
     run_server(listen(config.listen).await?, builder).await
-}
-
-/// `url` as it may be shown in an error: without its password (in the authority or as a
-/// `password` query parameter).
-fn shown_database_url(url: &str) -> String {
-    let Ok(mut parsed) = reqwest::Url::parse(url) else {
-        return "(as configured)".into();
-    };
-    if parsed.password().is_some() {
-        let _ = parsed.set_password(Some("***"));
-    }
-    if parsed.query().is_some() {
-        let kept: Vec<(String, String)> = parsed
-            .query_pairs()
-            .filter(|(name, _)| !name.eq_ignore_ascii_case("password"))
-            .map(|(name, value)| (name.into_owned(), value.into_owned()))
-            .collect();
-        parsed.set_query(None);
-        if !kept.is_empty() {
-            parsed.query_pairs_mut().extend_pairs(kept);
-        }
-    }
-    parsed.to_string()
 }
 
 /// Binds `address`; the error says how to choose another.
@@ -162,28 +139,4 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
     tracing::info!("shutting down");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::shown_database_url;
-
-    #[test]
-    fn a_database_url_is_shown_without_its_password() {
-        assert_eq!(
-            shown_database_url("postgres://fleet:s3cret@db.internal:5432/fleet"),
-            "postgres://fleet:***@db.internal:5432/fleet"
-        );
-        assert_eq!(
-            shown_database_url(
-                "postgres://fleet@%2Fvar%2Frun%2Fpostgresql/fleet?password=s3cret&sslmode=disable"
-            ),
-            "postgres://fleet@%2Fvar%2Frun%2Fpostgresql/fleet?sslmode=disable"
-        );
-        assert_eq!(
-            shown_database_url("sqlite:///var/lib/fleet/fleet.db"),
-            "sqlite:///var/lib/fleet/fleet.db"
-        );
-        assert_eq!(shown_database_url("not a url"), "(as configured)");
-    }
 }

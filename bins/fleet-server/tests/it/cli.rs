@@ -213,7 +213,7 @@ async fn a_database_that_cannot_be_opened_is_named_without_its_password() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains(&format!(
-            "cannot open the database postgres://fleet:***@127.0.0.1:{port}/fleet"
+            "cannot open the database postgres://fleet:[redacted]@127.0.0.1:{port}/fleet"
         )) && stderr.contains("Connection refused"),
         "{stderr}"
     );
