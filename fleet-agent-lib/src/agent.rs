@@ -23,7 +23,7 @@ use crate::containers::Containers;
 use crate::metrics::HostMetrics;
 use crate::outbox::{Bounds, Outbox};
 use crate::regional::RegionalHealth;
-use crate::sender::{Backoff, Outcome, Sender};
+use crate::sender::{Backoff, OutageLog, OutageNote, Outcome, Sender};
 use crate::{Error, Result};
 
 /// The control-plane path heartbeats go to.
@@ -208,6 +208,9 @@ pub(crate) struct Stats {
     pub(crate) dropped_unbuffered: AtomicU64,
     pub(crate) last_heartbeat_at: AtomicI64,
     pub(crate) last_delivery_at: AtomicI64,
+    /// Failed attempts since the last delivery, so that an outage is logged once, not per
+    /// retry.
+    pub(crate) outage: OutageLog,
 }
 
 /// What every task of a running agent shares.
@@ -594,10 +597,23 @@ fn record(shared: &Shared, outcome: &Outcome) {
             stats
                 .last_delivery_at
                 .store(fleet_core::unix_now(), Ordering::Relaxed);
+            if let OutageNote::Ended { failed_attempts } = stats.outage.delivered() {
+                tracing::info!(failed_attempts, "control plane reachable again");
+            }
         }
         Outcome::Retry { reason, .. } => {
             stats.send_failures.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%reason, "control plane unreachable; will retry");
+            match stats.outage.failed(fleet_core::unix_now()) {
+                OutageNote::Started => {
+                    tracing::warn!(%reason, "control plane unreachable; will retry");
+                }
+                OutageNote::Continues { failed_attempts } => tracing::warn!(
+                    %reason,
+                    failed_attempts,
+                    "control plane still unreachable; will retry"
+                ),
+                _ => tracing::debug!(%reason, "control plane unreachable; will retry"),
+            }
         }
         Outcome::Unauthorized { reason } => {
             stats.unauthorized.fetch_add(1, Ordering::Relaxed);

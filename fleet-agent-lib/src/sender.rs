@@ -117,6 +117,72 @@ impl Backoff {
     }
 }
 
+/// How often a warning repeats while the control plane stays unreachable.
+pub const UNREACHABLE_WARNING_EVERY_SECS: i64 = 600;
+
+/// What to log about one attempt, so that an outage is told once, reminded every
+/// [`UNREACHABLE_WARNING_EVERY_SECS`], and its end is told too, instead of one warning per
+/// retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutageNote {
+    /// The first failure after a delivery: warn.
+    Started,
+    /// Still failing, and the last warning is old: warn again with the count.
+    Continues {
+        /// Failed attempts since the last delivery.
+        failed_attempts: u64,
+    },
+    /// Still failing, warned recently: log quietly.
+    Quiet,
+    /// Delivered after failures: say it is over.
+    Ended {
+        /// Failed attempts before this delivery.
+        failed_attempts: u64,
+    },
+    /// Delivered, nothing was failing.
+    Normal,
+}
+
+/// The state behind [`OutageNote`], shared by every task that sends.
+#[derive(Debug, Default)]
+pub struct OutageLog {
+    state: Mutex<Outage>,
+}
+
+#[derive(Debug, Default)]
+struct Outage {
+    failed_attempts: u64,
+    warned_at: i64,
+}
+
+impl OutageLog {
+    /// One more failed attempt at `now` (unix seconds).
+    pub fn failed(&self, now: i64) -> OutageNote {
+        let mut outage = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        outage.failed_attempts += 1;
+        if outage.failed_attempts == 1 {
+            outage.warned_at = now;
+            OutageNote::Started
+        } else if now.saturating_sub(outage.warned_at) >= UNREACHABLE_WARNING_EVERY_SECS {
+            outage.warned_at = now;
+            OutageNote::Continues {
+                failed_attempts: outage.failed_attempts,
+            }
+        } else {
+            OutageNote::Quiet
+        }
+    }
+
+    /// A delivery: ends the outage, if there was one.
+    pub fn delivered(&self) -> OutageNote {
+        let mut outage = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match std::mem::take(&mut *outage).failed_attempts {
+            0 => OutageNote::Normal,
+            failed_attempts => OutageNote::Ended { failed_attempts },
+        }
+    }
+}
+
 /// The `webhook-timestamp` for an attempt of a message at `now`, given the timestamp its
 /// previous attempt was signed with: `now`, or `None` when that attempt was signed in this
 /// very second (wait for the next one).
@@ -249,6 +315,25 @@ impl Sender {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outage_is_told_once_reminded_every_ten_minutes_and_its_end_told() {
+        let log = OutageLog::default();
+        assert_eq!(log.delivered(), OutageNote::Normal);
+        assert_eq!(log.failed(1_000), OutageNote::Started);
+        assert_eq!(log.failed(1_001), OutageNote::Quiet);
+        assert_eq!(log.failed(1_599), OutageNote::Quiet);
+        assert_eq!(
+            log.failed(1_600),
+            OutageNote::Continues { failed_attempts: 4 }
+        );
+        assert_eq!(log.failed(1_900), OutageNote::Quiet);
+        assert_eq!(log.delivered(), OutageNote::Ended { failed_attempts: 5 });
+        assert_eq!(log.delivered(), OutageNote::Normal);
+        // The next outage starts afresh.
+        assert_eq!(log.failed(5_000), OutageNote::Started);
+        assert_eq!(log.failed(5_001), OutageNote::Quiet);
+    }
 
     #[test]
     fn statuses_map_to_outcomes() {

@@ -285,6 +285,14 @@ impl AgentProc {
         }
     }
 
+    /// What the agent has logged so far (all its runs in its directory).
+    fn log(&self) -> String {
+        crate::agent_logs(&self.dir)
+            .into_iter()
+            .map(|(_, text)| text)
+            .collect()
+    }
+
     /// A figure of the agent's local API; -1 when it does not answer, so that waiting for
     /// "0 messages waiting" cannot pass on a dead agent.
     async fn metric(&self, name: &str) -> f64 {
@@ -1124,6 +1132,23 @@ async fn faults_network_cut_agent_buffers_reconnects_and_delivers_in_order() {
         (agent.metric("fleet_agent_outbox_messages").await == 0.0).then(|| healed_at.elapsed())
     })
     .await;
+    // The cut is one outage in the agent's log: one warning, not one per failed attempt,
+    // and a line when it is over.
+    assert!(
+        failures >= 2.0,
+        "only {failures} attempts failed during the cut"
+    );
+    let log = agent.log();
+    let warnings = log
+        .lines()
+        .filter(|line| line.contains("WARN") && line.contains("control plane unreachable"))
+        .count();
+    assert_eq!(warnings, 1, "{log}");
+    assert!(
+        log.lines()
+            .any(|line| line.contains("INFO") && line.contains("control plane reachable again")),
+        "{log}"
+    );
 
     // Answers lost: three requests reach the control plane and are applied, their answers
     // never come back. The agent retries at once; each retry must be taken as a duplicate,

@@ -138,6 +138,23 @@ pub fn spawn_agent(env: &[(String, String)], dir: &Path) -> Child {
         .expect("start fleet-agent")
 }
 
+/// The logs of the agents [`spawn_agent`] started in `dir`, oldest first: path and text.
+pub fn agent_logs(dir: &Path) -> Vec<(PathBuf, String)> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("agent dir")
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "log"))
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(&path).expect("log");
+            (path, text)
+        })
+        .collect()
+}
+
 /// Reads one figure from the agent's own metrics.
 pub async fn agent_metric(port: u16, name: &str) -> Option<f64> {
     let text = reqwest::Client::new()

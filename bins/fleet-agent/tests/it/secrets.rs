@@ -307,9 +307,7 @@ async fn no_secret_reaches_any_log_of_a_full_flow_at_trace_level() {
         String::from_utf8_lossy(&server_log.0.lock().unwrap()).into_owned(),
     )];
     for logs_dir in [&first_dir, &second_dir] {
-        for entry in std::fs::read_dir(logs_dir).expect("logs") {
-            let path = entry.expect("entry").path();
-            let text = std::fs::read_to_string(&path).expect("log");
+        for (path, text) in crate::agent_logs(logs_dir) {
             // Written to a file, not a terminal: no colour codes around the fields.
             assert!(
                 !text.contains('\x1b'),
