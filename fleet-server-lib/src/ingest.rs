@@ -7,6 +7,7 @@
 //! so that durability does not cost a disk flush per request.
 
 use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -106,7 +107,7 @@ async fn accept(state: &Shared, headers: &HeaderMap, body: Body) -> Result<Recor
         received_at: now,
         body: body.into(),
     });
-    submit(&state.writer, incoming).await
+    submit(&state.writers, incoming).await
 }
 
 /// A heartbeat the configured secrets do not verify may come from an enrolled agent, which
@@ -135,45 +136,88 @@ async fn verify_with_issued_secret<'b>(
         .ok()
 }
 
-async fn submit(
-    writer: &mpsc::Sender<Job>,
-    incoming: Box<IncomingHeartbeat>,
-) -> Result<RecordOutcome> {
+async fn submit(writers: &Writers, incoming: Box<IncomingHeartbeat>) -> Result<RecordOutcome> {
     let (reply, outcome) = oneshot::channel();
-    writer
+    writers
+        .queue_for(&incoming.heartbeat.instance_id)
         .send(Job { incoming, reply })
         .await
         .map_err(|_| Error::Unavailable)?;
     outcome.await.map_err(|_| Error::Unavailable)?
 }
 
-/// Starts the writers: each takes every heartbeat waiting (up to `batch_max`), records them
-/// in one transaction and answers each. There are [`Store::write_concurrency`] of them. They
-/// stop when the last sender is dropped, after finishing what was queued.
-pub(crate) fn spawn_writer(
+/// The queues of the heartbeat writers, one per writer.
+///
+/// Every heartbeat of one installation goes to the same writer, which records its batches
+/// one after the other, so an installation's heartbeats are committed in the order they
+/// arrived. From one shared queue, a heartbeat held in a slow batch could commit after a
+/// newer one taken by another writer and leave the older body as the installation's latest
+/// state; and two writers would read and write the same installation's alerts at once.
+pub(crate) struct Writers {
+    queues: Vec<mpsc::Sender<Job>>,
+    route: RandomState,
+}
+
+impl Writers {
+    /// The queue of the writer that records `instance_id`'s heartbeats.
+    fn queue_for(&self, instance_id: &str) -> &mpsc::Sender<Job> {
+        let index = match self.queues.len() {
+            1 => 0,
+            n => (self.route.hash_one(instance_id) % n as u64) as usize,
+        };
+        &self.queues[index]
+    }
+
+    /// Heartbeats waiting in each writer's queue, not yet taken into a batch. One queue that
+    /// stays full while the others are empty is a writer held up (a lock it waits for), and
+    /// with it the installations it records.
+    pub(crate) fn queued(&self) -> Vec<usize> {
+        self.queues
+            .iter()
+            .map(|queue| queue.max_capacity() - queue.capacity())
+            .collect()
+    }
+}
+
+/// Starts the writers: each takes every heartbeat waiting in its queue (up to `batch_max`),
+/// records them in one transaction and answers each. There are [`Store::write_concurrency`]
+/// of them. They stop when the last sender is dropped, after finishing what was queued.
+pub(crate) fn spawn_writers(
     store: Arc<dyn Store>,
     rules: IngestRules,
     batch_max: usize,
     metrics: Arc<Metrics>,
-) -> mpsc::Sender<Job> {
-    let (tx, rx) = mpsc::channel::<Job>(batch_max * 8);
-    let rx = Arc::new(tokio::sync::Mutex::new(rx));
-    for _ in 0..store.write_concurrency().max(1) {
-        let (store, rules, metrics, rx) =
-            (store.clone(), rules.clone(), metrics.clone(), rx.clone());
-        tokio::spawn(async move {
-            let mut jobs = Vec::with_capacity(batch_max);
-            loop {
-                // One writer at a time collects a batch; the others are busy or wait here.
-                let taken = rx.lock().await.recv_many(&mut jobs, batch_max).await;
-                if taken == 0 {
-                    return;
+) -> Writers {
+    let count = store.write_concurrency();
+    spawn_writers_with(count, batch_max, move |jobs| {
+        let (store, rules, metrics) = (store.clone(), rules.clone(), metrics.clone());
+        async move { write_batch(&*store, &rules, &metrics, jobs).await }
+    })
+}
+
+/// [`spawn_writers`] with what a writer does with each batch given as `write`.
+fn spawn_writers_with<W, F>(count: usize, batch_max: usize, write: W) -> Writers
+where
+    W: Fn(Vec<Job>) -> F + Clone + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let queues = (0..count.max(1))
+        .map(|_| {
+            let (tx, mut rx) = mpsc::channel::<Job>(batch_max * 8);
+            let write = write.clone();
+            tokio::spawn(async move {
+                let mut jobs = Vec::with_capacity(batch_max);
+                while rx.recv_many(&mut jobs, batch_max).await > 0 {
+                    write(std::mem::take(&mut jobs)).await;
                 }
-                write_batch(&*store, &rules, &metrics, std::mem::take(&mut jobs)).await;
-            }
-        });
+            });
+            tx
+        })
+        .collect();
+    Writers {
+        queues,
+        route: RandomState::new(),
     }
-    tx
 }
 
 async fn write_batch(store: &dyn Store, rules: &IngestRules, metrics: &Metrics, jobs: Vec<Job>) {
@@ -360,6 +404,97 @@ mod tests {
             .iter()
             .map(|o| matches!(o, Ok(RecordOutcome::Applied { .. })))
             .collect()
+    }
+
+    #[tokio::test]
+    async fn an_installations_heartbeats_are_committed_in_the_order_they_arrived() {
+        // Two writers; the first batch either of them takes is slow to commit, as a batch
+        // waiting on a lock would be. Heartbeats are numbered by arrival in `received_at`.
+        let committed = Arc::new(std::sync::Mutex::new(Vec::<(String, i64)>::new()));
+        let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let log = committed.clone();
+        let writers = spawn_writers_with(2, 4, move |jobs: Vec<Job>| {
+            let (log, first) = (log.clone(), first.clone());
+            async move {
+                if first.swap(false, Ordering::SeqCst) {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                for job in jobs {
+                    let inc = &job.incoming;
+                    let entry = (inc.heartbeat.instance_id.clone(), inc.received_at);
+                    log.lock().unwrap().push(entry);
+                    let _ = job
+                        .reply
+                        .send(Ok(RecordOutcome::Applied { installation_id: 1 }));
+                }
+            }
+        });
+        let ids = numbered(8);
+        let mut answers = Vec::new();
+        for seq in 0..64 {
+            let mut incoming = heartbeats(&[&ids[seq % ids.len()]]).remove(0);
+            incoming.received_at = seq as i64;
+            let (reply, answer) = oneshot::channel();
+            let queue = writers.queue_for(&incoming.heartbeat.instance_id);
+            let job = Job {
+                incoming: Box::new(incoming),
+                reply,
+            };
+            queue.send(job).await.expect("writer running");
+            answers.push(answer);
+        }
+        for answer in answers {
+            assert!(matches!(
+                answer.await,
+                Ok(Ok(RecordOutcome::Applied { .. }))
+            ));
+        }
+        let committed = committed.lock().unwrap().clone();
+        assert_eq!(committed.len(), 64);
+        for id in &ids {
+            let order: Vec<i64> = committed
+                .iter()
+                .filter(|(of, _)| of == id)
+                .map(|(_, seq)| *seq)
+                .collect();
+            assert!(order.is_sorted(), "{id} committed out of order: {order:?}");
+            assert_eq!(order.len(), 8);
+        }
+        // The installations are spread over both writers, not all sent to one.
+        let first_queue = writers.queue_for(&ids[0]);
+        assert!(
+            ids.iter()
+                .chain(&numbered(64))
+                .any(|id| !writers.queue_for(id).same_channel(first_queue))
+        );
+    }
+
+    #[tokio::test]
+    async fn the_heartbeats_waiting_for_each_writer_are_counted() {
+        // Writers that never finish their first batch, as if held on a lock.
+        let writers = spawn_writers_with(2, 1, |jobs: Vec<Job>| async move {
+            std::future::pending::<()>().await;
+            drop(jobs);
+        });
+        assert_eq!(writers.queued(), [0, 0]);
+        let ids = numbered(64);
+        let mut sent = [0usize; 2];
+        let mut answers = Vec::new();
+        for id in &ids {
+            let queue = writers.queue_for(id);
+            let index = usize::from(!queue.same_channel(&writers.queues[0]));
+            if sent[index] == 4 {
+                continue;
+            }
+            sent[index] += 1;
+            let (reply, answer) = oneshot::channel();
+            let incoming = Box::new(heartbeats(&[id]).remove(0));
+            queue.send(Job { incoming, reply }).await.expect("room");
+            answers.push(answer);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Each writer holds one heartbeat in its stuck batch; the rest wait in its queue.
+        assert_eq!(writers.queued(), [3, 3]);
     }
 
     #[tokio::test]

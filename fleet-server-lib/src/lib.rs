@@ -34,7 +34,6 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use fleet_core::{Limits, SecretResolver, Verifier};
-use tokio::sync::mpsc;
 
 pub use alerts::SloThresholds;
 pub use auth::{Role, RoleTokens};
@@ -115,7 +114,7 @@ pub(crate) struct AppState {
     pub verifier: Verifier,
     pub settings: Settings,
     pub tokens: RoleTokens,
-    pub writer: mpsc::Sender<ingest::Job>,
+    pub writers: ingest::Writers,
     pub metrics: Arc<metrics::Metrics>,
     pub webhook_configured: bool,
     /// Verifies release manifests (pinned Ed25519 keys, optional ERP HMAC secret).
@@ -259,8 +258,8 @@ impl ControlPlaneBuilder {
             require_enrollment: settings.require_enrollment,
             forward_alerts: self.webhook.is_some(),
         };
-        let writer =
-            ingest::spawn_writer(store.clone(), rules, settings.batch_max, metrics.clone());
+        let writers =
+            ingest::spawn_writers(store.clone(), rules, settings.batch_max, metrics.clone());
         let notify_pool = store.commands().and_then(|c| c.notify_pool());
         let live = Arc::new(channel::Live::new(
             self.live,
@@ -274,7 +273,7 @@ impl ControlPlaneBuilder {
             verifier,
             settings,
             tokens: self.tokens,
-            writer,
+            writers,
             metrics,
             webhook_configured: self.webhook.is_some(),
             manifests: self.manifests,

@@ -160,9 +160,20 @@ impl Metrics {
 }
 
 pub(crate) async fn render(State(state): State<Shared>) -> Response {
+    let mut text = state.metrics.text();
+    let _ = writeln!(
+        text,
+        "# HELP fleet_ingest_queued_heartbeats Heartbeats in each writer's queue, not yet in a batch (a full queue holds 8 batches; more requests wait to enter it).\n# TYPE fleet_ingest_queued_heartbeats gauge"
+    );
+    for (writer, queued) in state.writers.queued().into_iter().enumerate() {
+        let _ = writeln!(
+            text,
+            "fleet_ingest_queued_heartbeats{{writer=\"{writer}\"}} {queued}"
+        );
+    }
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        state.metrics.text(),
+        text,
     )
         .into_response()
 }

@@ -17,16 +17,18 @@
 //! database hands out, and is recorded in an explicit transaction instead
 //! ([`PostgresStore::record_in_transaction`]).
 //!
-//! Between the read and the write, another writer may record a heartbeat of the same
-//! installation. The write statement stays right: a message id stored in between makes it
-//! fail on the unique index, and the batch then takes the transaction path, which waits for
-//! the other writer and answers the retried messages as duplicates (the store test
+//! The writers of one server never share an installation (each installation's heartbeats go
+//! to one writer), but another server on the same database may record a heartbeat of the
+//! same installation between a batch's read and its write. The write statement stays right:
+//! a message id stored in between makes it fail on the unique index, and the batch then
+//! takes the transaction path, which waits for the other writer and answers the retried
+//! messages as duplicates (the store test
 //! `postgres_message_stored_between_a_batchs_read_and_write_is_answered_once` holds a batch
 //! between its read and its write to check this); an alert resolved in between is not
-//! resolved twice. One thing it cannot see: an alert another writer opens in
-//! between stays open through this batch even if this batch ends the breach, until the
-//! installation's next heartbeat resolves it (opening one twice is prevented by the unique
-//! index on open alerts).
+//! resolved twice. One thing it cannot see: an alert another server opens in between stays
+//! open through this batch even if this batch ends the breach, until the installation's next
+//! heartbeat resolves it (opening one twice is prevented by the unique index on open
+//! alerts).
 
 use std::collections::{HashMap, HashSet};
 

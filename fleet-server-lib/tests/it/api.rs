@@ -141,6 +141,11 @@ async fn health_metrics_openapi_and_unknown_routes() {
     );
     let text = metrics.text().await.expect("text");
     assert!(text.contains("fleet_heartbeats_accepted_total 1"), "{text}");
+    // SQLite has one writer, and nothing waits for it once the heartbeat was answered.
+    assert!(
+        text.contains("# TYPE fleet_ingest_queued_heartbeats gauge\nfleet_ingest_queued_heartbeats{writer=\"0\"} 0\n"),
+        "{text}"
+    );
     assert!(
         text.contains(
             r#"fleet_http_requests_total{method="POST",route="/api/heartbeats",status="200"} 1"#
