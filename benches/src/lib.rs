@@ -268,3 +268,14 @@ pub async fn sqlite_store(prefix: &str) -> Result<(fleet_server::SqliteStore, Cr
         .map_err(|e| e.to_string())?;
     Ok((store, Created::SqliteDir(dir)))
 }
+
+/// A bench binary's exit status: success, or its error printed after its name.
+pub fn exit_code(program: &str, outcome: Result<(), String>) -> std::process::ExitCode {
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{program}: {err}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

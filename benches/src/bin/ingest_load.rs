@@ -70,6 +70,21 @@ struct Options {
     pin: bool,
 }
 
+/// What `--help` prints; an unknown flag is refused with it.
+const USAGE: &str = "\
+usage: ingest_load [flags]    (PostgreSQL: eval \"$(scripts/services postgres)\" first)
+  --db sqlite|postgres     the store (default sqlite)
+  --connections N          keep-alive connections of the generator (default 256)
+  --instances N            distinct signing instances (default 10000)
+  --secs N                 seconds per route, over all rounds (default 20)
+  --rounds N               alternating slices of the three routes (default 5)
+  --server-threads N       the server runtime's workers (default 2)
+  --client-threads N       the generator runtime's workers (default 2)
+  --pg-writers N           PostgreSQL writers (default: the server's default)
+  --pg-over socket|tcp     how PostgreSQL is reached (default socket)
+  --batch-max N            heartbeats per transaction at most (default: the server's)
+  --pin                    the generator on the last CPU, the rest on the others";
+
 fn options() -> Result<Options, String> {
     let mut o = Options {
         db: "sqlite".into(),
@@ -103,7 +118,11 @@ fn options() -> Result<Options, String> {
             "--batch-max" => o.batch_max = number(value()?)?.max(1),
             "--rounds" => o.rounds = number(value()?)?,
             "--pin" => o.pin = true,
-            _ => return Err(format!("unknown flag {flag}")),
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
         }
     }
     Ok(o)
@@ -306,7 +325,11 @@ fn pinned_cpus(cpus: &[usize]) -> Result<(Vec<usize>, Vec<usize>), String> {
     }
 }
 
-fn main() -> Result<(), String> {
+fn main() -> std::process::ExitCode {
+    fleet_benches::exit_code("ingest_load", main_with_options())
+}
+
+fn main_with_options() -> Result<(), String> {
     let o = options()?;
     // Read before any pinning, which narrows what the process may use.
     let all_cpus = fleet_benches::current_cpus();

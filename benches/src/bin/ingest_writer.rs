@@ -31,6 +31,15 @@ struct Options {
     rounds: usize,
 }
 
+/// What `--help` prints; an unknown flag is refused with it.
+const USAGE: &str = "\
+usage: ingest_writer [flags]    (PostgreSQL: eval \"$(scripts/services postgres)\" first)
+  --db sqlite|postgres     the store (default sqlite)
+  --batch N                heartbeats per batch (default 87)
+  --batches N              batches per round (default 1000)
+  --rounds N               rounds (default 3)
+  --instances N            distinct instances (default 10000)";
+
 fn options() -> Result<Options, String> {
     let mut o = Options {
         db: "sqlite".into(),
@@ -54,7 +63,11 @@ fn options() -> Result<Options, String> {
             "--batch" => o.batch = number(value()?)?,
             "--batches" => o.batches = number(value()?)?,
             "--rounds" => o.rounds = number(value()?)?,
-            _ => return Err(format!("unknown flag {flag}")),
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
         }
     }
     Ok(o)
@@ -112,7 +125,11 @@ async fn open(o: &Options) -> Result<(Box<dyn Store>, Created), String> {
     }
 }
 
-fn main() -> Result<(), String> {
+fn main() -> std::process::ExitCode {
+    fleet_benches::exit_code("ingest_writer", main_with_options())
+}
+
+fn main_with_options() -> Result<(), String> {
     let o = options()?;
     if o.db == "postgres"
         && let Some(warning) = fleet_benches::postgres_confinement(&fleet_benches::current_cpus())
