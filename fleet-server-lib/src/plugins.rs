@@ -18,7 +18,7 @@ use serde::Deserialize;
 use crate::auth::{Admin, Support};
 use crate::rollouts::{ListQuery, parse_body, path_id};
 use crate::store::rollouts::{JobKind, JobReport};
-use crate::update_jobs::{same_instance, signed};
+use crate::update_jobs::signed;
 use crate::{Error, Result, Shared};
 
 /// The control plane's own version, checked against a plugin release's `compatible` list.
@@ -134,10 +134,9 @@ pub(crate) async fn create_request(
     body: Body,
 ) -> Result<Response> {
     let request = signed::<PluginRequest>(&state, &headers, body).await?;
-    same_instance(&request.instance_id, &request.body.instance_id)?;
     let record = state
         .store
-        .create_plugin_request(&request.body, fleet_core::unix_now())
+        .create_plugin_request(&request, fleet_core::unix_now())
         .await?;
     Ok((StatusCode::CREATED, Json(record)).into_response())
 }
@@ -182,7 +181,6 @@ pub(crate) async fn next(
     body: Body,
 ) -> Result<Response> {
     let request = signed::<NextJobRequest>(&state, &headers, body).await?;
-    same_instance(&request.instance_id, &request.body.instance_id)?;
     let handed = state
         .store
         .next_job(
@@ -212,9 +210,7 @@ pub(crate) async fn report(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
-    let request = signed::<PluginReport>(&state, &headers, body).await?;
-    let r = request.body;
-    same_instance(&request.instance_id, &r.instance_id)?;
+    let r = signed::<PluginReport>(&state, &headers, body).await?;
     let step = r
         .step
         .and_then(|s| serde_json::to_value(s).ok())

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::auth::{Ops, Support};
 use crate::rollouts::{ListQuery, parse_body};
-use crate::update_jobs::{same_instance, signed};
+use crate::update_jobs::signed;
 use crate::{Error, Result, Shared};
 
 /// The ERP's defaults.
@@ -100,7 +100,6 @@ pub(crate) async fn next(
     body: Body,
 ) -> Result<Response> {
     let request = signed::<NextJobRequest>(&state, &headers, body).await?;
-    same_instance(&request.instance_id, &request.body.instance_id)?;
     match state
         .store
         .next_restore(&request.instance_id, fleet_core::unix_now())
@@ -123,14 +122,9 @@ pub(crate) async fn report(
     body: Body,
 ) -> Result<Response> {
     let request = signed::<RestoreReport>(&state, &headers, body).await?;
-    same_instance(&request.instance_id, &request.body.instance_id)?;
     let restore = state
         .store
-        .report_restore(
-            &request.body,
-            fleet_core::unix_now(),
-            state.webhook_configured,
-        )
+        .report_restore(&request, fleet_core::unix_now(), state.webhook_configured)
         .await?;
     Ok(Json(restore).into_response())
 }

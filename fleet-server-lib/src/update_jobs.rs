@@ -8,6 +8,8 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use fleet_core::plugin::{NextJobRequest, PluginReport, PluginRequest};
+use fleet_core::restore::RestoreReport;
 use fleet_core::update::{UpdateNextRequest, UpdateReport};
 use fleet_core::validate::{Validate, decode};
 use fleet_core::{DecodeError, SignatureHeaders};
@@ -16,21 +18,40 @@ use serde::de::DeserializeOwned;
 use crate::store::rollouts::{JobKind, JobReport};
 use crate::{Error, Result, Shared};
 
-/// A verified, decoded agent request.
-pub(crate) struct Signed<T> {
-    /// The instance whose secret signed it.
-    pub instance_id: String,
-    /// The body.
-    pub body: T,
+/// The body of a signed agent request: it names the instance it speaks for, which must be
+/// the one whose secret signed it.
+pub(crate) trait AgentRequest: DeserializeOwned + Validate {
+    /// The instance the body speaks for.
+    fn instance_id(&self) -> &str;
 }
 
+macro_rules! agent_requests {
+    ($($body:ty),* $(,)?) => {$(
+        impl AgentRequest for $body {
+            fn instance_id(&self) -> &str {
+                &self.instance_id
+            }
+        }
+    )*};
+}
+
+agent_requests!(
+    UpdateNextRequest,
+    UpdateReport,
+    NextJobRequest,
+    PluginRequest,
+    PluginReport,
+    RestoreReport,
+);
+
 /// Reads the body up to the limit, verifies the agent's signature over the raw bytes, then
-/// decodes and validates it (422 with field paths). Any signature problem is a plain 401.
-pub(crate) async fn signed<T: DeserializeOwned + Validate>(
+/// decodes and validates it (422 with field paths). Any signature problem is a plain 401, and
+/// so is a body that speaks for another instance than the one whose secret signed it.
+pub(crate) async fn signed<T: AgentRequest>(
     state: &Shared,
     headers: &HeaderMap,
     body: Body,
-) -> Result<Signed<T>> {
+) -> Result<T> {
     let limit = state.settings.limits.max_body_bytes;
     let body = axum::body::to_bytes(body, limit)
         .await
@@ -44,11 +65,15 @@ pub(crate) async fn signed<T: DeserializeOwned + Validate>(
             tracing::debug!(reason = err.kind(), "agent request refused");
             Error::Unauthorized
         })?;
-    let instance_id = verified.instance_id.into_owned();
     if let (Some(msg_id), Some(signed_at)) = (&verified.msg_id, verified.timestamp) {
         let replay = state
             .store
-            .is_replay(&instance_id, msg_id, signed_at, fleet_core::unix_now())
+            .is_replay(
+                &verified.instance_id,
+                msg_id,
+                signed_at,
+                fleet_core::unix_now(),
+            )
             .await?;
         if replay {
             // Same answer as any other signature failure.
@@ -60,19 +85,11 @@ pub(crate) async fn signed<T: DeserializeOwned + Validate>(
         DecodeError::TooLarge { limit, .. } => Error::TooLarge { limit },
         DecodeError::Invalid(errors) => Error::Invalid(errors),
     })?;
-    Ok(Signed {
-        instance_id,
-        body: parsed,
-    })
-}
-
-/// Refuses a body naming another instance than the one whose secret signed it.
-pub(crate) fn same_instance(signed_as: &str, claimed: &str) -> Result<()> {
-    if signed_as == claimed {
-        Ok(())
-    } else {
-        Err(Error::Unauthorized)
+    if parsed.instance_id() != verified.instance_id {
+        tracing::debug!("agent request refused: signed for another instance");
+        return Err(Error::Unauthorized);
     }
+    Ok(parsed)
 }
 
 /// `POST /api/updates/next`: the oldest pending job with its manifest and rollout settings
@@ -83,7 +100,6 @@ pub(crate) async fn next(
     body: Body,
 ) -> Result<Response> {
     let request = signed::<UpdateNextRequest>(&state, &headers, body).await?;
-    same_instance(&request.instance_id, &request.body.instance_id)?;
     let handed = state
         .store
         .next_job(
@@ -113,9 +129,7 @@ pub(crate) async fn report(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
-    let request = signed::<UpdateReport>(&state, &headers, body).await?;
-    let r = request.body;
-    same_instance(&request.instance_id, &r.instance_id)?;
+    let r = signed::<UpdateReport>(&state, &headers, body).await?;
     let mut metrics = serde_json::Map::new();
     for (name, value) in [
         ("metric_p95_ms", r.metric_p95_ms),

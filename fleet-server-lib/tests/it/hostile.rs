@@ -69,12 +69,7 @@ async fn signed_post(
     ts: i64,
     body: &[u8],
 ) -> reqwest::Response {
-    let signed = support::signer(SECRET).headers(msg_id, ts, body);
-    let mut request = server.client.post(server.at(path)).body(body.to_vec());
-    for (name, value) in signed.pairs() {
-        request = request.header(name, value);
-    }
-    request.send().await.expect("send")
+    server.post_v1(path, SECRET, msg_id, ts, body).await
 }
 
 /// JSON nested `depth` levels deep: `[[[...]]]`.

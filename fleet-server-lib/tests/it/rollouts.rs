@@ -44,11 +44,7 @@ pub(crate) async fn enroll(server: &TestServer, instance: &str, channel: &str, v
 pub(crate) async fn agent_post(server: &TestServer, path: &str, body: &Value) -> (u16, Value) {
     let bytes = serde_json::to_vec(body).expect("json");
     let msg = uuid::Uuid::new_v4().to_string();
-    let mut request = server.client.post(server.at(path)).body(bytes.clone());
-    for (name, value) in support::signer(SHARED).headers(&msg, now(), &bytes).pairs() {
-        request = request.header(name, value);
-    }
-    let response = request.send().await.expect("send");
+    let response = server.post_v1(path, SHARED, &msg, now(), &bytes).await;
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }
@@ -206,19 +202,18 @@ async fn rollout_freezes_targets_halts_on_failure_and_resumes(t: TestStore) {
     let a1 = job["job_id"].clone();
     // A replayed request (same message id and timestamp) is refused.
     let replay_body = serde_json::to_vec(&json!({"instance_id": "a3"})).expect("json");
-    let headers = support::signer(SHARED).headers("msg_replayed", now(), &replay_body);
+    let signed_at = now();
     for expected in [204, 401] {
-        let mut request = server
-            .client
-            .post(server.at("/api/updates/next"))
-            .body(replay_body.clone());
-        for (name, value) in headers.pairs() {
-            request = request.header(name, value);
-        }
-        assert_eq!(
-            request.send().await.expect("send").status().as_u16(),
-            expected
-        );
+        let response = server
+            .post_v1(
+                "/api/updates/next",
+                SHARED,
+                "msg_replayed",
+                signed_at,
+                &replay_body,
+            )
+            .await;
+        assert_eq!(response.status().as_u16(), expected);
     }
     // The documented statuses only; only the instance's own job.
     let (status, error) = report(&server, "a1", &a1, "exploded").await;

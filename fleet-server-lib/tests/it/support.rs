@@ -254,7 +254,7 @@ impl TestServer {
         format!("{}{path}", self.url)
     }
 
-    /// Sends `body` signed with v1 (`msg_id`, `timestamp`) under `secret`.
+    /// Sends a heartbeat `body` signed with v1 (`msg_id`, `timestamp`) under `secret`.
     pub async fn send_v1(
         &self,
         secret: &str,
@@ -262,11 +262,22 @@ impl TestServer {
         timestamp: i64,
         body: &[u8],
     ) -> reqwest::Response {
+        self.post_v1("/api/heartbeats", secret, msg_id, timestamp, body)
+            .await
+    }
+
+    /// POSTs `body` to `path` as an agent does: signed with v1 (`msg_id`, `timestamp`) under
+    /// `secret`.
+    pub async fn post_v1(
+        &self,
+        path: &str,
+        secret: &str,
+        msg_id: &str,
+        timestamp: i64,
+        body: &[u8],
+    ) -> reqwest::Response {
         let signed = signer(secret).headers(msg_id, timestamp, body);
-        let mut request = self
-            .client
-            .post(self.at("/api/heartbeats"))
-            .body(body.to_vec());
+        let mut request = self.client.post(self.at(path)).body(body.to_vec());
         for (name, value) in signed.pairs() {
             request = request.header(name, value);
         }
