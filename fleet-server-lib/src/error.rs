@@ -52,7 +52,7 @@ pub enum Error {
     #[error("invalid configuration: {}", .0.join("; "))]
     Config(Vec<String>),
     /// A database error (shown to clients as `internal`).
-    #[error("database error: {0}")]
+    #[error("database error: {}", database_error_text(.0))]
     Database(#[from] sqlx::Error),
     /// An error of the SQLite connection that records heartbeats (shown to clients as
     /// `internal`).
@@ -64,6 +64,19 @@ pub enum Error {
     /// A bug or broken invariant (shown to clients as `internal`).
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// What a database error says, for logs and the operator. An error the database answered is
+/// its message and SQLSTATE code: sqlx's own text adds "at line N", the line of PostgreSQL's
+/// C source that raised it, which reads as if it were a line of the query or of a file.
+fn database_error_text(err: &sqlx::Error) -> String {
+    match err {
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) => format!("{} (SQLSTATE {code})", db.message()),
+            None => db.message().to_owned(),
+        },
+        other => other.to_string(),
+    }
 }
 
 /// `Result` with the control plane's [`Error`].

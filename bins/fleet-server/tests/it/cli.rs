@@ -218,6 +218,31 @@ async fn a_database_that_cannot_be_opened_is_named_without_its_password() {
         "{stderr}"
     );
     assert!(!stderr.contains("never-shown-pw"), "{stderr}");
+    // A PostgreSQL that answers but refuses the password: its reason and SQLSTATE, without
+    // the line of PostgreSQL's source that sqlx would append.
+    let url = std::env::var("FLEET_TEST_POSTGRES_URL").expect(
+        "FLEET_TEST_POSTGRES_URL is not set: run `eval \"$(scripts/services postgres)\"` first, \
+         or run scripts/test",
+    );
+    let mut wrong = reqwest::Url::parse(&url).expect("FLEET_TEST_POSTGRES_URL");
+    wrong
+        .set_password(Some("never-shown-pw"))
+        .expect("a URL with a password");
+    let output = command(&["serve", "--listen", &free_addr()])
+        .env("CONTROL_PLANE_DATABASE_URL", wrong.as_str())
+        .env("CONTROL_PLANE_ADMIN_TOKEN", "admin-token")
+        .output()
+        .await
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("password authentication failed")
+            && stderr.contains("(SQLSTATE 28P01)")
+            && !stderr.contains("at line"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("never-shown-pw"), "{stderr}");
     // SQLite: the path it could not open.
     let output = command(&["serve", "--listen", &free_addr()])
         .env(
