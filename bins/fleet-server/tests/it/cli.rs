@@ -200,17 +200,10 @@ async fn a_database_that_cannot_be_opened_is_named_without_its_password() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = closed.local_addr().expect("addr").port();
     drop(closed);
-    let output = command(&["serve", "--listen", &free_addr()])
-        .env(
-            "CONTROL_PLANE_DATABASE_URL",
-            format!("postgres://fleet:never-shown-pw@127.0.0.1:{port}/fleet"),
-        )
-        .env("CONTROL_PLANE_ADMIN_TOKEN", "admin-token")
-        .output()
-        .await
-        .expect("run");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = serve_failing_on(&format!(
+        "postgres://fleet:never-shown-pw@127.0.0.1:{port}/fleet"
+    ))
+    .await;
     assert!(
         stderr.contains(&format!(
             "cannot open the database postgres://fleet:[redacted]@127.0.0.1:{port}/fleet"
@@ -228,14 +221,7 @@ async fn a_database_that_cannot_be_opened_is_named_without_its_password() {
     wrong
         .set_password(Some("never-shown-pw"))
         .expect("a URL with a password");
-    let output = command(&["serve", "--listen", &free_addr()])
-        .env("CONTROL_PLANE_DATABASE_URL", wrong.as_str())
-        .env("CONTROL_PLANE_ADMIN_TOKEN", "admin-token")
-        .output()
-        .await
-        .expect("run");
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = serve_failing_on(wrong.as_str()).await;
     assert!(
         stderr.contains("password authentication failed")
             && stderr.contains("(SQLSTATE 28P01)")
@@ -244,20 +230,28 @@ async fn a_database_that_cannot_be_opened_is_named_without_its_password() {
     );
     assert!(!stderr.contains("never-shown-pw"), "{stderr}");
     // SQLite: the path it could not open.
+    let stderr = serve_failing_on("sqlite:///proc/no-such/fleet.db").await;
+    assert!(
+        stderr.contains("sqlite:///proc/no-such/fleet.db"),
+        "{stderr}"
+    );
+}
+
+/// Runs `serve` on `database_url`, asserts that it fails, and returns what it printed on
+/// stderr.
+async fn serve_failing_on(database_url: &str) -> String {
     let output = command(&["serve", "--listen", &free_addr()])
-        .env(
-            "CONTROL_PLANE_DATABASE_URL",
-            "sqlite:///proc/no-such/fleet.db",
-        )
+        .env("CONTROL_PLANE_DATABASE_URL", database_url)
         .env("CONTROL_PLANE_ADMIN_TOKEN", "admin-token")
         .output()
         .await
         .expect("run");
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(
-        !output.status.success() && stderr.contains("sqlite:///proc/no-such/fleet.db"),
-        "{stderr}"
+        !output.status.success(),
+        "serve started on {database_url}: {stderr}"
     );
+    stderr
 }
 
 /// `serve` on `db` with an admin token and no agent secret at all: enrolled agents only.
