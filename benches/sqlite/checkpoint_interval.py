@@ -6,7 +6,10 @@ Replays the control plane's write pattern on a fresh database file for each sett
 side in one run: 10,000 installations with a ~1 KB latest state, and batches of 86 heartbeats
 (the batch size the ingest benchmark measures), each committed with synchronous=FULL in WAL
 mode. Per heartbeat: a message id into a WITHOUT ROWID table keyed by a random UUID, an update
-of a random installation, a time-series row with its per-installation index. Prints the
+of a random installation (its latest state and a link to its newest time-series row), and a
+time-series row linked to the installation's row before it (migration 0006; the figures of
+2026-11-22 in BENCHMARKS.md were taken when the time series had an index by installation
+instead). Prints the
 process CPU time (user + system) and the wall time per heartbeat for each
 `wal_autocheckpoint` value, alternating them so both see the same machine load.
 
@@ -30,10 +33,9 @@ FIGURES = '{"cpu":0.5,"mem":0.25,"disk":0.1}'
 
 SCHEMA = """
 CREATE TABLE installations (id INTEGER PRIMARY KEY, instance_id TEXT UNIQUE,
-    last_seen_at INTEGER, state TEXT);
+    last_seen_at INTEGER, state TEXT, last_heartbeat_id INTEGER);
 CREATE TABLE heartbeats (id INTEGER PRIMARY KEY, installation_id INTEGER,
-    received_at INTEGER, msg_id TEXT, figures TEXT);
-CREATE INDEX heartbeats_installation ON heartbeats (installation_id, id);
+    received_at INTEGER, msg_id TEXT, figures TEXT, previous_id INTEGER);
 CREATE TABLE seen_messages (msg_id TEXT, instance_id TEXT, signed_at INTEGER,
     seen_at INTEGER, PRIMARY KEY (msg_id, instance_id)) WITHOUT ROWID;
 CREATE INDEX seen_messages_seen_at ON seen_messages (seen_at);
@@ -53,6 +55,7 @@ def measure(path: str, pages: int, batches: int) -> str:
     )
     db.execute("COMMIT")
     rng = random.Random(7)
+    newest: dict[int, int] = {}
     before, started, now = resource.getrusage(resource.RUSAGE_SELF), time.monotonic(), 0
     for _ in range(batches):
         db.execute("BEGIN IMMEDIATE")
@@ -60,10 +63,12 @@ def measure(path: str, pages: int, batches: int) -> str:
             row, now, msg = rng.randrange(INSTALLATIONS) + 1, now + 1, str(uuid.uuid4())
             db.execute("INSERT INTO seen_messages VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                        (msg, f"inst-{row - 1:05}", now, now))
-            db.execute("UPDATE installations SET last_seen_at = ?, state = ? WHERE id = ?",
-                       (now, STATE, row))
-            db.execute("INSERT INTO heartbeats (installation_id, received_at, msg_id, figures) "
-                       "VALUES (?, ?, ?, ?)", (row, now, msg, FIGURES))
+            previous = newest.get(row)
+            db.execute("INSERT INTO heartbeats (installation_id, received_at, msg_id, figures, "
+                       "previous_id) VALUES (?, ?, ?, ?, ?)", (row, now, msg, FIGURES, previous))
+            newest[row] = db.execute("SELECT last_insert_rowid()").fetchone()[0]
+            db.execute("UPDATE installations SET last_seen_at = ?, state = ?, "
+                       "last_heartbeat_id = ? WHERE id = ?", (now, STATE, newest[row], row))
         db.execute("COMMIT")
     after, wall = resource.getrusage(resource.RUSAGE_SELF), time.monotonic() - started
     wal_mib = os.path.getsize(path + "-wal") / 2**20
