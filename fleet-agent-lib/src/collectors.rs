@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use fleet_core::Heartbeat;
+use fleet_core::error_chain;
 use fleet_core::heartbeat::JobFailure;
 use serde_json::{Map, Value};
 use sqlx::Connection;
 
 use crate::prometheus::parse_slo;
-use fleet_core::error_chain;
 
 /// Adds figures to each heartbeat. Implement it to report your own; the agent records a
 /// check named [`name`](Collector::name) that fails with the returned reason.

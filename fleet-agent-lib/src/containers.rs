@@ -5,14 +5,13 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use fleet_core::Heartbeat;
 use fleet_core::heartbeat::Container;
+use fleet_core::{Heartbeat, error_chain};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::collectors::Collector;
 use crate::{Error, Result};
-use fleet_core::error_chain;
 
 /// Lists containers through the Docker Engine API, at most once per interval (the Neon
 /// agent's `CONTAINERS_INTERVAL`); heartbeats in between carry the last list.

@@ -7,9 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleet_core::signing::HEADER_V0_SIGNATURE;
-use fleet_core::{Scheme, Signer};
-
-use fleet_core::error_chain;
+use fleet_core::{Scheme, Signer, error_chain};
 
 /// Longest wait a `Retry-After` header can impose.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
