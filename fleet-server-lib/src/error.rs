@@ -58,8 +58,9 @@ pub enum Error {
     /// `internal`).
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    /// A migration failed (shown to clients as `internal`).
-    #[error("migration error: {0}")]
+    /// The database's schema could not be brought to this version (shown to clients as
+    /// `internal`).
+    #[error("{}", migration_error_text(.0))]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// A bug or broken invariant (shown to clients as `internal`).
     #[error("internal error: {0}")]
@@ -76,6 +77,49 @@ fn database_error_text(err: &sqlx::Error) -> String {
             None => db.message().to_owned(),
         },
         other => other.to_string(),
+    }
+}
+
+/// What a failed migration means to the operator who started the server. sqlx's own texts
+/// speak of "resolved migrations"; the usual cause of that one is a control plane rolled
+/// back to a version older than the one that last migrated the database.
+fn migration_error_text(err: &sqlx::migrate::MigrateError) -> String {
+    use sqlx::migrate::MigrateError;
+    let version = crate::plugins::CONTROL_PLANE_VERSION;
+    match err {
+        MigrateError::Execute(db) => {
+            format!(
+                "migration error: {}{}",
+                database_error_text(db),
+                privilege_hint(db)
+            )
+        }
+        MigrateError::ExecuteMigration(db, number) => format!(
+            "migration {number} failed: {}{}",
+            database_error_text(db),
+            privilege_hint(db)
+        ),
+        MigrateError::VersionMissing(number) => format!(
+            "the database has migration {number}, which fleet-server {version} does not know: \
+             a newer fleet-server has migrated it. Run that version or a newer one, or restore \
+             the database from before the upgrade"
+        ),
+        MigrateError::VersionMismatch(number) => format!(
+            "the database's migration {number} differs from the one of fleet-server {version}: \
+             another build has migrated it. Run the build that did"
+        ),
+        other => format!("migration error: {other}"),
+    }
+}
+
+/// For a migration refused for want of a privilege: which one the server's role needs.
+fn privilege_hint(err: &sqlx::Error) -> &'static str {
+    match err {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("42501") => {
+            ". fleet-server creates and alters its tables when it starts: its database role \
+             needs CREATE on the schema (for example, by owning the database)"
+        }
+        _ => "",
     }
 }
 
@@ -232,5 +276,17 @@ mod tests {
         assert!(Error::Database(sqlx::Error::PoolTimedOut).is_unreachable());
         assert!(!Error::Database(sqlx::Error::RowNotFound).is_unreachable());
         assert!(!Error::NotFound.is_unreachable());
+    }
+
+    #[test]
+    fn a_database_migrated_by_a_newer_version_is_named_as_such() {
+        let text = Error::Migrate(sqlx::migrate::MigrateError::VersionMissing(99)).to_string();
+        assert!(
+            text.contains("the database has migration 99")
+                && text.contains("a newer fleet-server has migrated it"),
+            "{text}"
+        );
+        let text = Error::Migrate(sqlx::migrate::MigrateError::VersionMismatch(3)).to_string();
+        assert!(text.contains("another build has migrated it"), "{text}");
     }
 }

@@ -237,6 +237,72 @@ async fn a_database_that_cannot_be_opened_is_named_without_its_password() {
     );
 }
 
+#[tokio::test]
+async fn a_database_migrated_by_a_newer_version_is_refused_and_left_as_it_is() {
+    let dir = temp_dir("newer-db");
+    let url = format!("sqlite://{}", dir.join("fleet.db").display());
+    let store = fleet_server::SqliteStore::connect(&url)
+        .await
+        .expect("create the database");
+    drop(store);
+    // What a newer fleet-server leaves behind: a migration this one does not have.
+    let future = 9_999_i64;
+    let db = sqlx::SqlitePool::connect(&url).await.expect("open");
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (?, 'from a newer version', 1, x'00', 1)",
+    )
+    .bind(future)
+    .execute(&db)
+    .await
+    .expect("record the migration");
+    let stderr = serve_failing_on(&url).await;
+    assert!(
+        stderr.contains(&format!("the database has migration {future}"))
+            && stderr.contains("a newer fleet-server has migrated it"),
+        "{stderr}"
+    );
+    let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+        .fetch_one(&db)
+        .await
+        .expect("count");
+    let latest: i64 = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+        .fetch_one(&db)
+        .await
+        .expect("latest");
+    assert_eq!(latest, future, "the newer migration is still recorded");
+    assert!(applied > 1, "the applied migrations are kept");
+}
+
+#[tokio::test]
+async fn a_role_that_may_not_create_tables_is_told_what_it_needs() {
+    let url = std::env::var("FLEET_TEST_POSTGRES_URL").expect(
+        "FLEET_TEST_POSTGRES_URL is not set: run `eval \"$(scripts/services postgres)\"` first, \
+         or run scripts/test",
+    );
+    let admin = sqlx::PgPool::connect(&url).await.expect("connect");
+    let role = format!("fleet_reader_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE {role} LOGIN PASSWORD 'reader-pw'"
+    )))
+    .execute(&admin)
+    .await
+    .expect("create a role without CREATE on the schema");
+    let mut as_reader = reqwest::Url::parse(&url).expect("FLEET_TEST_POSTGRES_URL");
+    as_reader.set_username(&role).expect("user");
+    as_reader.set_password(Some("reader-pw")).expect("password");
+    let stderr = serve_failing_on(as_reader.as_str()).await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE {role}")))
+        .execute(&admin)
+        .await
+        .expect("drop the role");
+    assert!(
+        stderr.contains("permission denied for schema public (SQLSTATE 42501)")
+            && stderr.contains("its database role needs CREATE on the schema"),
+        "{stderr}"
+    );
+}
+
 /// Runs `serve` on `database_url`, asserts that it fails, and returns what it printed on
 /// stderr.
 async fn serve_failing_on(database_url: &str) -> String {
