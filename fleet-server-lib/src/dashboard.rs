@@ -109,7 +109,7 @@ pub(crate) fn layout(title: &str, role: Option<Role>, body: &str) -> Html<String
 }
 
 fn health_cell(s: &InstallationSummary) -> String {
-    if s.offline > 0 {
+    if s.offline {
         return "<span class=bad>offline</span>".into();
     }
     match s.health.as_deref() {

@@ -135,7 +135,7 @@ pub struct InstallationSummary {
     /// Alerts not yet resolved.
     pub open_alerts: i64,
     /// Whether an `offline` alert is open.
-    pub offline: i64,
+    pub offline: bool,
 }
 
 /// An alert.

@@ -7,7 +7,7 @@ macro_rules! summary_select {
         "SELECT i.id, i.instance_id, i.domain, i.client, i.version, i.release_channel, i.health, \
          i.scheme, i.enrolled_at, i.first_seen_at, i.last_seen_at, \
          (SELECT COUNT(*) FROM alerts a WHERE a.installation_id = i.id AND a.resolved_at IS NULL) AS open_alerts, \
-         (SELECT COUNT(*) FROM alerts a WHERE a.installation_id = i.id AND a.resolved_at IS NULL \
+         EXISTS (SELECT 1 FROM alerts a WHERE a.installation_id = i.id AND a.resolved_at IS NULL \
          AND a.dedup_key = 'offline') AS offline FROM installations i"
     };
 }

@@ -375,6 +375,7 @@ async fn slo_breach_alerts_once_and_silence_raises_an_offline_alert() {
             .get_json("/api/installations?health=offline", SUPPORT)
             .await;
         if list["total"] == 1 {
+            assert_eq!(list["items"][0]["offline"], json!(true), "{list}");
             offline = true;
             break;
         }

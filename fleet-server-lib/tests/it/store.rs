@@ -600,7 +600,7 @@ async fn offline_alert_opens_once_and_a_heartbeat_resolves_it(t: TestStore) {
             offline.items[0].instance_id.as_str(),
             offline.items[0].offline
         ),
-        ("quiet", 1)
+        ("quiet", true)
     );
     s.record_heartbeats(&[incoming("quiet", json!({}), None, 1800)], &rules())
         .await
