@@ -2,6 +2,7 @@
 
 use axum::Json;
 use axum::response::IntoResponse;
+use fleet_core::schema::{count, nullable, object};
 use serde_json::{Value, json};
 
 /// Who may call a route.
@@ -224,6 +225,114 @@ fn success_media(path: &str) -> &'static [&'static str] {
     }
 }
 
+/// The body of a route's success answer, for the routes whose answer has a schema here: the
+/// installations and alerts that support reads. Tests check real answers against them.
+fn success_schema(method: &str, path: &str) -> Option<Value> {
+    let schema = |name: &str| json!({ "$ref": format!("#/components/schemas/{name}") });
+    let items = |name: &str| json!({ "type": "array", "items": schema(name) });
+    match (method, path) {
+        ("get", "/api/installations") => Some(object(
+            &["items", "total", "limit", "offset"],
+            &[
+                ("items", items("InstallationSummary")),
+                ("total", count()),
+                ("limit", count()),
+                ("offset", count()),
+            ],
+        )),
+        ("get", "/api/installations/{instance_id}") => Some(schema("Installation")),
+        ("get", "/api/alerts") => Some(object(&["items"], &[("items", items("Alert"))])),
+        ("post", "/api/alerts/{id}/ack") => Some(schema("Alert")),
+        _ => None,
+    }
+}
+
+/// The schemas [`success_schema`] refers to, by name. Every field is always present; those
+/// that may have no value are `null` then.
+fn answer_schemas() -> Vec<(&'static str, Value)> {
+    let integer = || json!({ "type": "integer" });
+    let string = || json!({ "type": "string" });
+    let maybe_integer = || nullable(integer());
+    let maybe_string = || nullable(string());
+    let all = |fields: &[(&'static str, Value)]| {
+        let names: Vec<&str> = fields.iter().map(|(name, _)| *name).collect();
+        object(&names, fields)
+    };
+    let summary_fields = [
+        ("id", integer()),
+        ("instance_id", string()),
+        ("domain", maybe_string()),
+        ("client", maybe_string()),
+        ("version", maybe_string()),
+        ("release_channel", maybe_string()),
+        ("health", maybe_string()),
+        (
+            "scheme",
+            nullable(json!({ "type": "string", "enum": ["v0", "v1"] })),
+        ),
+        ("enrolled_at", maybe_integer()),
+        ("first_seen_at", maybe_integer()),
+        ("last_seen_at", maybe_integer()),
+        ("open_alerts", count()),
+        ("offline", json!({ "type": "boolean" })),
+    ];
+    let list = |name: &str| json!({ "type": "array", "items": { "$ref": format!("#/components/schemas/{name}") } });
+    let mut detail_fields = summary_fields.to_vec();
+    detail_fields.extend([
+        ("state", json!({ "type": ["object", "null"] })),
+        ("alerts", list("Alert")),
+        (
+            "job_failures",
+            json!({ "type": "array", "items": all(&[
+                ("id", integer()),
+                ("queue", maybe_string()),
+                ("message", string()),
+                ("created_at", integer()),
+            ]) }),
+        ),
+        (
+            "backups",
+            json!({ "type": "array", "items": all(&[
+                ("id", integer()),
+                ("backup_id", maybe_string()),
+                ("checksum", string()),
+                ("size_bytes", maybe_integer()),
+                ("bucket", maybe_string()),
+                ("path", maybe_string()),
+                ("status", maybe_string()),
+                ("backup_at", maybe_string()),
+                ("recorded_at", integer()),
+            ]) }),
+        ),
+        (
+            "recent",
+            json!({ "type": "array", "items": all(&[
+                ("received_at", integer()),
+                ("figures", json!({ "type": "object", "additionalProperties": { "type": "number" } })),
+            ]) }),
+        ),
+    ]);
+    vec![
+        ("InstallationSummary", all(&summary_fields)),
+        ("Installation", all(&detail_fields)),
+        (
+            "Alert",
+            all(&[
+                ("id", integer()),
+                ("installation_id", integer()),
+                ("instance_id", string()),
+                ("level", string()),
+                ("kind", string()),
+                ("message", string()),
+                ("created_at", integer()),
+                ("resolved_at", maybe_integer()),
+                ("acknowledged_at", maybe_integer()),
+                ("acknowledged_by", maybe_string()),
+            ]),
+        ),
+    ]
+}
+
 /// The error body every JSON error answer carries.
 fn error_schema() -> Value {
     json!({
@@ -314,6 +423,10 @@ fn operation(route: &RouteDoc) -> Value {
             for m in media {
                 let entry = if status >= 400 && *m == "application/json" {
                     json!({ "schema": { "$ref": "#/components/schemas/Error" } })
+                } else if let (200, Some(schema)) =
+                    (status, success_schema(route.method, route.path))
+                {
+                    json!({ "schema": schema })
                 } else {
                     json!({})
                 };
@@ -361,6 +474,11 @@ pub(crate) fn spec() -> Value {
         let entry = paths.entry(route.path).or_insert_with(|| json!({}));
         entry[route.method] = operation(route);
     }
+    let mut schemas = serde_json::Map::new();
+    schemas.insert("Error".into(), error_schema());
+    for (name, schema) in answer_schemas() {
+        schemas.insert(name.into(), schema);
+    }
     json!({
         "openapi": "3.1.0",
         "info": {
@@ -370,7 +488,7 @@ pub(crate) fn spec() -> Value {
         },
         "paths": paths,
         "components": {
-            "schemas": { "Error": error_schema() },
+            "schemas": schemas,
             "securitySchemes": {
                 "bearer": { "type": "http", "scheme": "bearer", "description": "A role token (CONTROL_PLANE_{SUPPORT,OPS,ADMIN}_TOKEN). The admin token is also accepted in x-cp-admin-token." },
                 "cookie": { "type": "apiKey", "in": "cookie", "name": "cp_token", "description": "Set by POST /login together with cp_role." },

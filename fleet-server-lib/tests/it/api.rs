@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::support::{self, OPS, SECRET, SUPPORT, TestServer, body, code, now};
+use crate::support::{self, ADMIN, OPS, SECRET, SUPPORT, TestServer, body, code, now};
 
 #[tokio::test]
 async fn list_filters_paginates_and_refuses_bad_queries_with_400() {
@@ -100,6 +100,35 @@ async fn detail_shows_state_checks_alerts_failures_backups_and_recent_figures() 
     assert_eq!(ack.status(), 200);
     let ack: Value = ack.json().await.expect("json");
     assert_eq!(ack["acknowledged_by"], "ops");
+
+    // Each answer is what /openapi.json says it is, also for an installation enrolled by an
+    // operator that has sent nothing yet (no state, most fields null).
+    let enroll = server
+        .client
+        .post(server.at("/api/installations"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"instance_id": "enrolled-quiet"}))
+        .send()
+        .await
+        .expect("enroll");
+    assert_eq!(enroll.status(), 201);
+    let (_, spec) = server.get_json("/openapi.json", SUPPORT).await;
+    let (_, list) = server.get_json("/api/installations", SUPPORT).await;
+    assert_eq!(list["total"], 2, "{list}");
+    let (_, quiet) = server
+        .get_json("/api/installations/enrolled-quiet", SUPPORT)
+        .await;
+    assert_eq!(quiet["state"], Value::Null, "{quiet}");
+    let (_, alerts) = server.get_json("/api/alerts", SUPPORT).await;
+    for (method, path, answer) in [
+        ("get", "/api/installations", &list),
+        ("get", "/api/installations/{instance_id}", &d),
+        ("get", "/api/installations/{instance_id}", &quiet),
+        ("get", "/api/alerts", &alerts),
+        ("post", "/api/alerts/{id}/ack", &ack),
+    ] {
+        assert_answer_conforms(&spec, method, path, answer);
+    }
     for missing in ["/api/alerts/999999/ack", "/api/alerts/not-a-number/ack"] {
         let response = server
             .client
@@ -160,4 +189,41 @@ async fn health_metrics_openapi_and_unknown_routes() {
     );
     let (status, error) = server.get_json("/no/such/route", SUPPORT).await;
     assert_eq!((status, code(&error)), (404, "not_found"));
+}
+
+/// Checks `answer` against the schema `spec` gives for the 200 answer of `method path`,
+/// resolving its references to the document's components. The document leaves its objects
+/// open, so clients accept fields added later; here they are closed, so that a field the
+/// server sends and the document does not name fails the test.
+fn assert_answer_conforms(spec: &Value, method: &str, path: &str, answer: &Value) {
+    fn closed(schema: &mut Value) {
+        if let Some(object) = schema.as_object_mut() {
+            if object.contains_key("properties") {
+                object
+                    .entry("additionalProperties")
+                    .or_insert(Value::Bool(false));
+            }
+            object.values_mut().for_each(closed);
+        } else if let Some(items) = schema.as_array_mut() {
+            items.iter_mut().for_each(closed);
+        }
+    }
+    let mut schema = spec["paths"][path][method]["responses"]["200"]["content"]["application/json"]
+        ["schema"]
+        .clone();
+    assert!(
+        schema.is_object(),
+        "{method} {path}: no schema for its answer"
+    );
+    schema["components"] = spec["components"].clone();
+    closed(&mut schema);
+    let validator = jsonschema::validator_for(&schema).expect("the schema compiles");
+    let problems: Vec<String> = validator
+        .iter_errors(answer)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        problems.is_empty(),
+        "{method} {path}: {problems:#?}\n{answer:#}"
+    );
 }
