@@ -167,6 +167,31 @@ pub struct PluginJob {
     pub plugin: PluginSpec,
 }
 
+impl PluginJob {
+    /// JSON Schema of this answer (for the OpenAPI document).
+    pub fn json_schema() -> serde_json::Value {
+        let plugin = schema::object(
+            &["name", "version", "action"],
+            &[
+                ("name", schema::id()),
+                ("version", schema::id()),
+                (
+                    "action",
+                    schema::one_of(&[
+                        PluginAction::Install,
+                        PluginAction::Update,
+                        PluginAction::Remove,
+                    ]),
+                ),
+            ],
+        );
+        schema::object(
+            &["job_id", "plugin"],
+            &[("job_id", schema::id()), ("plugin", plugin)],
+        )
+    }
+}
+
 /// Body of `POST /api/plugins/report`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PluginReport {

@@ -47,6 +47,20 @@ pub struct RestoreJob {
     pub backup_id: Option<String>,
 }
 
+impl RestoreJob {
+    /// JSON Schema of this answer (for the OpenAPI document).
+    pub fn json_schema() -> serde_json::Value {
+        schema::object(
+            &["restore_id", "environment"],
+            &[
+                ("restore_id", schema::id()),
+                ("environment", schema::id()),
+                ("backup_id", schema::id()),
+            ],
+        )
+    }
+}
+
 /// Body of `POST /api/restores/report`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RestoreReport {

@@ -231,6 +231,55 @@ pub struct UpdateJob {
     pub rollout: RolloutSettings,
 }
 
+impl RolloutSettings {
+    /// JSON Schema of the settings as the control plane sends them.
+    pub fn json_schema() -> serde_json::Value {
+        let ceiling = serde_json::json!({ "type": "number", "minimum": 0 });
+        schema::object(
+            &[
+                "strategy",
+                "batch_size",
+                "canary_steps",
+                "canary_step_wait_sec",
+                "auto_rollback",
+            ],
+            &[
+                (
+                    "strategy",
+                    schema::one_of(&[Strategy::Batch, Strategy::BlueGreenCanary]),
+                ),
+                ("batch_size", schema::count()),
+                (
+                    "canary_steps",
+                    serde_json::json!({
+                        "type": "array",
+                        "items": { "type": "integer", "minimum": 0, "maximum": 100 }
+                    }),
+                ),
+                ("canary_step_wait_sec", schema::count()),
+                ("slo_p95_ms_max", ceiling.clone()),
+                ("slo_error_rate_max", ceiling.clone()),
+                ("slo_webhook_retry_rate_max", ceiling),
+                ("auto_rollback", serde_json::json!({ "type": "boolean" })),
+            ],
+        )
+    }
+}
+
+impl UpdateJob {
+    /// JSON Schema of this answer (for the OpenAPI document).
+    pub fn json_schema() -> serde_json::Value {
+        schema::object(
+            &["job_id", "manifest", "rollout"],
+            &[
+                ("job_id", schema::id()),
+                ("manifest", SignedManifest::json_schema()),
+                ("rollout", RolloutSettings::json_schema()),
+            ],
+        )
+    }
+}
+
 /// Body of `POST /api/updates/report`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UpdateReport {

@@ -225,8 +225,9 @@ fn success_media(path: &str) -> &'static [&'static str] {
     }
 }
 
-/// The body of a route's success answer, for the routes whose answer has a schema here: the
-/// installations and alerts that support reads. Tests check real answers against them.
+/// The body of a route's success answer, for the routes whose answer has a schema here: what
+/// an agent reads (heartbeat acknowledgements, the jobs it is handed) and the installations
+/// and alerts support reads. Tests check real answers against them.
 fn success_schema(method: &str, path: &str) -> Option<Value> {
     let schema = |name: &str| json!({ "$ref": format!("#/components/schemas/{name}") });
     let items = |name: &str| json!({ "type": "array", "items": schema(name) });
@@ -240,6 +241,17 @@ fn success_schema(method: &str, path: &str) -> Option<Value> {
                 ("offset", count()),
             ],
         )),
+        ("post", "/api/heartbeats") => Some(object(
+            &["ok", "duplicate"],
+            &[
+                ("ok", json!({ "const": true })),
+                ("duplicate", json!({ "type": "boolean" })),
+                ("installation_id", json!({ "type": "integer" })),
+            ],
+        )),
+        ("post", "/api/updates/next") => Some(fleet_core::update::UpdateJob::json_schema()),
+        ("post", "/api/plugins/next") => Some(fleet_core::plugin::PluginJob::json_schema()),
+        ("post", "/api/restores/next") => Some(fleet_core::restore::RestoreJob::json_schema()),
         ("get", "/api/installations/{instance_id}") => Some(schema("Installation")),
         ("get", "/api/alerts") => Some(object(&["items"], &[("items", items("Alert"))])),
         ("post", "/api/alerts/{id}/ack") => Some(schema("Alert")),

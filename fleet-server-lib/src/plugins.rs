@@ -198,10 +198,11 @@ pub(crate) async fn next(
         .as_deref()
         .and_then(|p| serde_json::from_str(p).ok())
         .ok_or_else(|| Error::Internal("plugin job without its plugin".into()))?;
-    Ok(
-        Json(serde_json::json!({ "job_id": handed.job.id.to_string(), "plugin": plugin }))
-            .into_response(),
-    )
+    let job = fleet_core::plugin::PluginJob {
+        job_id: handed.job.id.to_string(),
+        plugin,
+    };
+    Ok(Json(job).into_response())
 }
 
 /// `POST /api/plugins/report`: the documented statuses and steps, the instance's own job.

@@ -307,3 +307,66 @@ fn log_chunks_are_base64_when_they_say_so_and_bounded_in_both() {
         false,
     );
 }
+
+#[test]
+fn the_jobs_an_agent_is_handed_serialize_as_their_schemas_say() {
+    use fleet_core::plugin::{PluginAction, PluginJob, PluginSpec};
+    use fleet_core::restore::RestoreJob;
+    use fleet_core::update::{RolloutSettings, Strategy};
+
+    let admits = |schema: Value, answer: Value| {
+        let validator = jsonschema::validator_for(&schema).expect("the schema compiles");
+        let problems: Vec<String> = validator
+            .iter_errors(&answer)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(problems.is_empty(), "{answer}: {problems:?}");
+    };
+    for action in [
+        PluginAction::Install,
+        PluginAction::Update,
+        PluginAction::Remove,
+    ] {
+        let job = PluginJob {
+            job_id: "17".into(),
+            plugin: PluginSpec {
+                name: "billing-export".into(),
+                version: "1.2.0".into(),
+                action,
+            },
+        };
+        admits(
+            PluginJob::json_schema(),
+            serde_json::to_value(job).expect("json"),
+        );
+    }
+    for backup_id in [None, Some("b-42".to_owned())] {
+        let job = RestoreJob {
+            restore_id: "3".into(),
+            environment: "staging".into(),
+            backup_id,
+        };
+        admits(
+            RestoreJob::json_schema(),
+            serde_json::to_value(job).expect("json"),
+        );
+    }
+    let canary = RolloutSettings {
+        strategy: Strategy::BlueGreenCanary,
+        slo_p95_ms_max: Some(800.0),
+        slo_error_rate_max: Some(0.02),
+        slo_webhook_retry_rate_max: Some(0.1),
+        ..RolloutSettings::default()
+    };
+    for settings in [RolloutSettings::default(), canary] {
+        admits(
+            RolloutSettings::json_schema(),
+            serde_json::to_value(settings).expect("json"),
+        );
+    }
+    // And refuses what an agent could not act on.
+    let validator = jsonschema::validator_for(&PluginJob::json_schema()).expect("compiles");
+    assert!(!validator.is_valid(
+        &json!({"job_id": "1", "plugin": {"name": "x", "version": "1", "action": "explode"}})
+    ));
+}

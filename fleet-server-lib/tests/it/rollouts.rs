@@ -46,7 +46,17 @@ pub(crate) async fn agent_post(server: &TestServer, path: &str, body: &Value) ->
     let msg = uuid::Uuid::new_v4().to_string();
     let response = server.post_v1(path, SHARED, &msg, now(), &bytes).await;
     let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+    let answer = response.json().await.unwrap_or(Value::Null);
+    // What an agent is handed is what /openapi.json says it is.
+    if status == 200 {
+        let (_, spec) = server.get_json("/openapi.json", SUPPORT).await;
+        if spec["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+            .is_object()
+        {
+            crate::support::assert_answer_conforms(&spec, "post", path, &answer);
+        }
+    }
+    (status, answer)
 }
 
 pub(crate) async fn admin_post(

@@ -353,3 +353,40 @@ pub fn login_form(request: reqwest::RequestBuilder, token: &str) -> reqwest::Req
         .header("content-type", "application/x-www-form-urlencoded")
         .body(format!("token={encoded}"))
 }
+
+/// Checks `answer` against the schema `spec` gives for the 200 answer of `method path`,
+/// resolving its references to the document's components. The document leaves its objects
+/// open, so clients accept fields added later; here they are closed, so that a field the
+/// server sends and the document does not name fails the test.
+pub fn assert_answer_conforms(spec: &Value, method: &str, path: &str, answer: &Value) {
+    fn closed(schema: &mut Value) {
+        if let Some(object) = schema.as_object_mut() {
+            if object.contains_key("properties") {
+                object
+                    .entry("additionalProperties")
+                    .or_insert(Value::Bool(false));
+            }
+            object.values_mut().for_each(closed);
+        } else if let Some(items) = schema.as_array_mut() {
+            items.iter_mut().for_each(closed);
+        }
+    }
+    let mut schema = spec["paths"][path][method]["responses"]["200"]["content"]["application/json"]
+        ["schema"]
+        .clone();
+    assert!(
+        schema.is_object(),
+        "{method} {path}: no schema for its answer"
+    );
+    schema["components"] = spec["components"].clone();
+    closed(&mut schema);
+    let validator = jsonschema::validator_for(&schema).expect("the schema compiles");
+    let problems: Vec<String> = validator
+        .iter_errors(answer)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        problems.is_empty(),
+        "{method} {path}: {problems:#?}\n{answer:#}"
+    );
+}
