@@ -189,26 +189,27 @@ pub(crate) fn spawn_writers(
     metrics: Arc<Metrics>,
 ) -> Writers {
     let count = store.write_concurrency();
-    spawn_writers_with(count, batch_max, move |jobs| {
+    spawn_writers_with(count, batch_max, move |writer, jobs| {
         let (store, rules, metrics) = (store.clone(), rules.clone(), metrics.clone());
-        async move { write_batch(&*store, &rules, &metrics, jobs).await }
+        async move { write_batch(&*store, &rules, &metrics, writer, jobs).await }
     })
 }
 
-/// [`spawn_writers`] with what a writer does with each batch given as `write`.
+/// [`spawn_writers`] with what a writer does with each batch given as `write`, which gets
+/// the writer's number (the `writer` label of the queue gauge) and the batch.
 fn spawn_writers_with<W, F>(count: usize, batch_max: usize, write: W) -> Writers
 where
-    W: Fn(Vec<Job>) -> F + Clone + Send + 'static,
+    W: Fn(usize, Vec<Job>) -> F + Clone + Send + 'static,
     F: Future<Output = ()> + Send + 'static,
 {
     let queues = (0..count.max(1))
-        .map(|_| {
+        .map(|writer| {
             let (tx, mut rx) = mpsc::channel::<Job>(batch_max * 8);
             let write = write.clone();
             tokio::spawn(async move {
                 let mut jobs = Vec::with_capacity(batch_max);
                 while rx.recv_many(&mut jobs, batch_max).await > 0 {
-                    write(std::mem::take(&mut jobs)).await;
+                    write(writer, std::mem::take(&mut jobs)).await;
                 }
             });
             tx
@@ -220,13 +221,25 @@ where
     }
 }
 
-async fn write_batch(store: &dyn Store, rules: &IngestRules, metrics: &Metrics, jobs: Vec<Job>) {
+async fn write_batch(
+    store: &dyn Store,
+    rules: &IngestRules,
+    metrics: &Metrics,
+    writer: usize,
+    jobs: Vec<Job>,
+) {
     let (batch, replies): (Vec<_>, Vec<_>) =
         jobs.into_iter().map(|j| (*j.incoming, j.reply)).unzip();
     metrics.batch(batch.len());
     let attempts = Attempts::for_batch(batch.len());
     let record = |part| store.record_heartbeats(part, rules);
-    let outcomes = record_halving(&batch, &record, &attempts).await;
+    let outcomes = watched(
+        SLOW_BATCH,
+        writer,
+        batch.len(),
+        record_halving(&batch, &record, &attempts),
+    )
+    .await;
     if let Some(refusal) = attempts.first_refusal.get() {
         // One line for the whole batch: the halving itself can go nine levels deep.
         let refused = outcomes.iter().filter(|o| o.is_err()).count();
@@ -241,6 +254,43 @@ async fn write_batch(store: &dyn Store, rules: &IngestRules, metrics: &Metrics, 
     for (reply, outcome) in replies.into_iter().zip(outcomes) {
         let _ = reply.send(outcome);
     }
+}
+
+/// How long a batch may take before the log says that its writer is held up. Half the
+/// agent's send timeout: the line comes before the agents start to give up and retry.
+const SLOW_BATCH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs `batch_work`, a writer's batch of `size` heartbeats, and says in the log when it takes
+/// longer than `slow` ([`SLOW_BATCH`]) and when it ends then. A writer waits for its batch before it
+/// takes the next, so every installation routed to it waits too: typically a row lock held by
+/// another session (an open transaction in psql, a long migration), which the database gives
+/// no sign of.
+async fn watched<F: Future>(
+    slow: std::time::Duration,
+    writer: usize,
+    size: usize,
+    batch_work: F,
+) -> F::Output {
+    let started = std::time::Instant::now();
+    let mut batch_work = std::pin::pin!(batch_work);
+    tokio::select! {
+        done = &mut batch_work => return done,
+        () = tokio::time::sleep(slow) => {}
+    }
+    tracing::warn!(
+        writer,
+        size,
+        "a heartbeat batch has waited {slow:?} for the database; the installations of this \
+         writer wait behind it (a lock held by another session?)"
+    );
+    let done = batch_work.await;
+    let took = std::time::Duration::from_millis(started.elapsed().as_millis() as u64);
+    tracing::info!(
+        writer,
+        size,
+        "the slow heartbeat batch is done after {took:?}"
+    );
+    done
 }
 
 /// Records `batch` with `record`, one outcome per heartbeat, in order. When the database
@@ -406,6 +456,61 @@ mod tests {
             .collect()
     }
 
+    /// What the log says while the guard of [`captured_log`] lives, as text.
+    #[derive(Clone, Default)]
+    struct CapturedLog(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for CapturedLog {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("log").extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl CapturedLog {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().expect("log")).into_owned()
+        }
+    }
+
+    fn captured_log() -> (CapturedLog, tracing::subscriber::DefaultGuard) {
+        let log = CapturedLog::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        (log, tracing::subscriber::set_default(subscriber))
+    }
+
+    #[tokio::test]
+    async fn a_batch_held_up_is_logged_once_with_its_writer_and_again_when_it_ends() {
+        let (log, _guard) = captured_log();
+        let slow = std::time::Duration::from_millis(100);
+        assert_eq!(watched(slow, 0, 3, async { "quick" }).await, "quick");
+        assert_eq!(log.text(), "", "a batch on time says nothing");
+        let held_up = watched(slow, 1, 40, async {
+            tokio::time::sleep(std::time::Duration::from_millis(450)).await;
+            "held up"
+        });
+        assert_eq!(held_up.await, "held up");
+        let text = log.text();
+        assert_eq!(text.matches("WARN").count(), 1, "{text}");
+        assert!(
+            text.contains("has waited 100ms for the database")
+                && text.contains("writer=1")
+                && text.contains("size=40"),
+            "{text}"
+        );
+        assert!(
+            text.contains("the slow heartbeat batch is done after"),
+            "{text}"
+        );
+    }
+
     #[tokio::test]
     async fn an_installations_heartbeats_are_committed_in_the_order_they_arrived() {
         // Two writers; the first batch either of them takes is slow to commit, as a batch
@@ -413,7 +518,7 @@ mod tests {
         let committed = Arc::new(std::sync::Mutex::new(Vec::<(String, i64)>::new()));
         let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let log = committed.clone();
-        let writers = spawn_writers_with(2, 4, move |jobs: Vec<Job>| {
+        let writers = spawn_writers_with(2, 4, move |_, jobs: Vec<Job>| {
             let (log, first) = (log.clone(), first.clone());
             async move {
                 if first.swap(false, Ordering::SeqCst) {
@@ -472,7 +577,7 @@ mod tests {
     #[tokio::test]
     async fn the_heartbeats_waiting_for_each_writer_are_counted() {
         // Writers that never finish their first batch, as if held on a lock.
-        let writers = spawn_writers_with(2, 1, |jobs: Vec<Job>| async move {
+        let writers = spawn_writers_with(2, 1, |_, jobs: Vec<Job>| async move {
             std::future::pending::<()>().await;
             drop(jobs);
         });
