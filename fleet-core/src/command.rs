@@ -449,6 +449,46 @@ pub struct CommandEnvelope {
     pub command: Command,
 }
 
+impl CommandEnvelope {
+    /// JSON Schema of a command as the control plane hands it to an agent (`{type, id,
+    /// payload}`, in the answer of `POST /v1/agents/poll`): the payload's shape follows the
+    /// type.
+    pub fn json_schema() -> Value {
+        let mut frame = schema::object(
+            &["type", "id", "payload"],
+            &[
+                ("type", schema::one_of(&CommandType::ALL)),
+                ("id", schema::id()),
+                ("payload", serde_json::json!({ "type": "object" })),
+            ],
+        );
+        frame["allOf"] = payload_by_type("type");
+        frame
+    }
+}
+
+/// The rules that tie `payload` to the command type named by the key `type_key`: each type's
+/// [`Command::payload_schema`], and a payload required for every type but `HEALTH_CHECK`.
+fn payload_by_type(type_key: &str) -> Value {
+    let by_type: Vec<Value> = CommandType::ALL
+        .iter()
+        .map(|&kind| {
+            let mut then = serde_json::json!({
+                "properties": { "payload": Command::payload_schema(kind) }
+            });
+            if kind != CommandType::HealthCheck {
+                then["required"] = serde_json::json!(["payload"]);
+            }
+            serde_json::json!({
+                "if": { "required": [type_key],
+                        "properties": { type_key: { "const": kind.as_str() } } },
+                "then": then
+            })
+        })
+        .collect();
+    Value::Array(by_type)
+}
+
 /// Status of a command as the agent reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -1065,23 +1105,7 @@ impl SubmitCommand {
                 ),
             ],
         );
-        let by_type: Vec<Value> = CommandType::ALL
-            .iter()
-            .map(|&kind| {
-                let mut then = serde_json::json!({
-                    "properties": { "payload": Command::payload_schema(kind) }
-                });
-                if kind != CommandType::HealthCheck {
-                    then["required"] = serde_json::json!(["payload"]);
-                }
-                serde_json::json!({
-                    "if": { "required": ["command_type"],
-                            "properties": { "command_type": { "const": kind.as_str() } } },
-                    "then": then
-                })
-            })
-            .collect();
-        body["allOf"] = Value::Array(by_type);
+        body["allOf"] = payload_by_type("command_type");
         body["anyOf"] = serde_json::json!([
             { "required": ["targets"], "properties": { "targets": { "minItems": 1 } } },
             { "required": ["selector"], "properties": { "selector": { "anyOf": [

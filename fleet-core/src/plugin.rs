@@ -167,27 +167,30 @@ pub struct PluginJob {
     pub plugin: PluginSpec,
 }
 
-impl PluginJob {
-    /// JSON Schema of this answer (for the OpenAPI document).
+impl PluginSpec {
+    /// JSON Schema of a plugin and its action as the control plane sends them (in a job, and
+    /// as a plugin job's payload).
     pub fn json_schema() -> serde_json::Value {
-        let plugin = schema::object(
+        schema::object(
             &["name", "version", "action"],
             &[
                 ("name", schema::id()),
                 ("version", schema::id()),
-                (
-                    "action",
-                    schema::one_of(&[
-                        PluginAction::Install,
-                        PluginAction::Update,
-                        PluginAction::Remove,
-                    ]),
-                ),
+                ("action", plugin_action_schema()),
             ],
-        );
+        )
+    }
+}
+
+impl PluginJob {
+    /// JSON Schema of this answer (for the OpenAPI document).
+    pub fn json_schema() -> serde_json::Value {
         schema::object(
             &["job_id", "plugin"],
-            &[("job_id", schema::id()), ("plugin", plugin)],
+            &[
+                ("job_id", schema::id()),
+                ("plugin", PluginSpec::json_schema()),
+            ],
         )
     }
 }

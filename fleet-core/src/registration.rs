@@ -80,6 +80,22 @@ pub struct RegisterResponse {
     pub secret: Option<String>,
 }
 
+impl RegisterResponse {
+    /// JSON Schema of this answer (for the OpenAPI document): `secret` only after an
+    /// enrollment token.
+    pub fn json_schema() -> serde_json::Value {
+        schema::object(
+            &["instance_id", "token", "expires_at"],
+            &[
+                ("instance_id", schema::id()),
+                ("token", serde_json::json!({ "type": "string" })),
+                ("expires_at", serde_json::json!({ "type": "integer" })),
+                ("secret", serde_json::json!({ "type": "string" })),
+            ],
+        )
+    }
+}
+
 impl std::fmt::Display for RegisterResponse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

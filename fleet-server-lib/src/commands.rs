@@ -448,6 +448,10 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "Output of one target (?target=instance, ?stream=stdout|stderr): whole as bytes, or followed live as server-sent events with ?follow=true.",
         &[
             (200, "Bytes or text/event-stream"),
+            (
+                400,
+                "The command has several targets and ?target= names none, or a bad query",
+            ),
             (404, "Unknown command or target"),
         ],
     ),

@@ -225,51 +225,132 @@ fn success_media(path: &str) -> &'static [&'static str] {
     }
 }
 
-/// The body of a route's success answer, for the routes whose answer has a schema here: what
-/// an agent reads (heartbeat acknowledgements, the jobs it is handed) and the installations
-/// and alerts support reads. Tests check real answers against them.
+/// Any integer (an id, a time in Unix seconds).
+pub(crate) fn integer() -> Value {
+    json!({ "type": "integer" })
+}
+
+/// Any string.
+pub(crate) fn string() -> Value {
+    json!({ "type": "string" })
+}
+
+/// A reference to the component schema `name`.
+pub(crate) fn component(name: &str) -> Value {
+    json!({ "$ref": format!("#/components/schemas/{name}") })
+}
+
+/// An array of the component schema `name`.
+pub(crate) fn array_of(name: &str) -> Value {
+    json!({ "type": "array", "items": component(name) })
+}
+
+/// `{items}`: what every list route answers, an array of the component schema `name`.
+pub(crate) fn items_of(name: &str) -> Value {
+    object(&["items"], &[("items", array_of(name))])
+}
+
+/// An object whose every field is always present (those that may have no value are `null`
+/// then).
+pub(crate) fn every_field(fields: &[(&'static str, Value)]) -> Value {
+    let names: Vec<&str> = fields.iter().map(|(name, _)| *name).collect();
+    object(&names, fields)
+}
+
+/// The body of a route's success answer (200, or 201 for a route that creates something),
+/// for the routes whose answer has a schema: what an agent reads (heartbeat
+/// acknowledgements, the jobs and commands it is handed, its registration), and what
+/// operators read and get back from the installation, alert, release, rollout, marketplace,
+/// restore and command routes. Tests check real answers against them.
 fn success_schema(method: &str, path: &str) -> Option<Value> {
-    let schema = |name: &str| json!({ "$ref": format!("#/components/schemas/{name}") });
-    let items = |name: &str| json!({ "type": "array", "items": schema(name) });
-    match (method, path) {
-        ("get", "/api/installations") => Some(object(
+    use fleet_core::{command, registration};
+    let schema = match (method, path) {
+        ("get", "/api/installations") => object(
             &["items", "total", "limit", "offset"],
             &[
-                ("items", items("InstallationSummary")),
+                ("items", array_of("InstallationSummary")),
                 ("total", count()),
                 ("limit", count()),
                 ("offset", count()),
             ],
-        )),
-        ("post", "/api/heartbeats") => Some(object(
+        ),
+        ("post", "/api/heartbeats") => object(
             &["ok", "duplicate"],
             &[
                 ("ok", json!({ "const": true })),
                 ("duplicate", json!({ "type": "boolean" })),
-                ("installation_id", json!({ "type": "integer" })),
+                ("installation_id", integer()),
             ],
-        )),
-        ("post", "/api/updates/next") => Some(fleet_core::update::UpdateJob::json_schema()),
-        ("post", "/api/plugins/next") => Some(fleet_core::plugin::PluginJob::json_schema()),
-        ("post", "/api/restores/next") => Some(fleet_core::restore::RestoreJob::json_schema()),
-        ("get", "/api/installations/{instance_id}") => Some(schema("Installation")),
-        ("get", "/api/alerts") => Some(object(&["items"], &[("items", items("Alert"))])),
-        ("post", "/api/alerts/{id}/ack") => Some(schema("Alert")),
-        _ => None,
-    }
+        ),
+        ("get", "/api/installations/{instance_id}") => component("Installation"),
+        ("get", "/api/alerts") => items_of("Alert"),
+        ("post", "/api/alerts/{id}/ack") => component("Alert"),
+        ("get", "/.well-known/jwks.json") => object(
+            &["keys"],
+            &[(
+                "keys",
+                json!({ "type": "array", "items": every_field(&[
+                    ("kty", json!({ "const": "OKP" })),
+                    ("crv", json!({ "const": "Ed25519" })),
+                    ("alg", json!({ "const": "EdDSA" })),
+                    ("use", json!({ "const": "sig" })),
+                    ("kid", string()),
+                    ("x", string()),
+                ]) }),
+            )],
+        ),
+        ("post", "/v1/agents/register") => registration::RegisterResponse::json_schema(),
+        ("post", "/v1/enrollments") => every_field(&[
+            ("instance_id", fleet_core::schema::id()),
+            ("enrollment_token", string()),
+            ("expires_at", integer()),
+        ]),
+        ("get", "/v1/agents/connected") => every_field(&[("connected", count())]),
+        ("post", "/v1/agents/poll") => every_field(&[
+            (
+                "acked",
+                json!({ "type": "array", "items": fleet_core::schema::id() }),
+            ),
+            (
+                "refused",
+                json!({ "type": "array", "items": every_field(&[
+                    ("id", string()),
+                    ("message", string()),
+                ]) }),
+            ),
+            (
+                "commands",
+                json!({ "type": "array", "items": command::CommandEnvelope::json_schema() }),
+            ),
+            (
+                "cancel",
+                json!({ "type": "array", "items": fleet_core::schema::id() }),
+            ),
+        ]),
+        ("post", "/v1/commands/logs") => every_field(&[("ok", json!({ "const": true }))]),
+        ("post", "/v1/commands/submit") => every_field(&[
+            ("id", string()),
+            (
+                "targets",
+                json!({ "type": "array", "minItems": 1, "items": every_field(&[
+                    ("target_id", string()),
+                    ("instance_id", fleet_core::schema::id()),
+                ]) }),
+            ),
+        ]),
+        ("get", "/v1/commands/{id}") => component("Command"),
+        ("post", "/v1/commands/{id}/cancel") => {
+            every_field(&[("id", string()), ("cancelled", count())])
+        }
+        _ => return crate::rollout_docs::success_schema(method, path),
+    };
+    Some(schema)
 }
 
-/// The schemas [`success_schema`] refers to, by name. Every field is always present; those
-/// that may have no value are `null` then.
+/// The schemas [`success_schema`] refers to, by name.
 fn answer_schemas() -> Vec<(&'static str, Value)> {
-    let integer = || json!({ "type": "integer" });
-    let string = || json!({ "type": "string" });
     let maybe_integer = || nullable(integer());
     let maybe_string = || nullable(string());
-    let all = |fields: &[(&'static str, Value)]| {
-        let names: Vec<&str> = fields.iter().map(|(name, _)| *name).collect();
-        object(&names, fields)
-    };
     let summary_fields = [
         ("id", integer()),
         ("instance_id", string()),
@@ -288,14 +369,13 @@ fn answer_schemas() -> Vec<(&'static str, Value)> {
         ("open_alerts", count()),
         ("offline", json!({ "type": "boolean" })),
     ];
-    let list = |name: &str| json!({ "type": "array", "items": { "$ref": format!("#/components/schemas/{name}") } });
     let mut detail_fields = summary_fields.to_vec();
     detail_fields.extend([
         ("state", json!({ "type": ["object", "null"] })),
-        ("alerts", list("Alert")),
+        ("alerts", array_of("Alert")),
         (
             "job_failures",
-            json!({ "type": "array", "items": all(&[
+            json!({ "type": "array", "items": every_field(&[
                 ("id", integer()),
                 ("queue", maybe_string()),
                 ("message", string()),
@@ -304,7 +384,7 @@ fn answer_schemas() -> Vec<(&'static str, Value)> {
         ),
         (
             "backups",
-            json!({ "type": "array", "items": all(&[
+            json!({ "type": "array", "items": every_field(&[
                 ("id", integer()),
                 ("backup_id", maybe_string()),
                 ("checksum", string()),
@@ -318,18 +398,18 @@ fn answer_schemas() -> Vec<(&'static str, Value)> {
         ),
         (
             "recent",
-            json!({ "type": "array", "items": all(&[
+            json!({ "type": "array", "items": every_field(&[
                 ("received_at", integer()),
                 ("figures", json!({ "type": "object", "additionalProperties": { "type": "number" } })),
             ]) }),
         ),
     ]);
-    vec![
-        ("InstallationSummary", all(&summary_fields)),
-        ("Installation", all(&detail_fields)),
+    let mut schemas = vec![
+        ("InstallationSummary", every_field(&summary_fields)),
+        ("Installation", every_field(&detail_fields)),
         (
             "Alert",
-            all(&[
+            every_field(&[
                 ("id", integer()),
                 ("installation_id", integer()),
                 ("instance_id", string()),
@@ -342,7 +422,64 @@ fn answer_schemas() -> Vec<(&'static str, Value)> {
                 ("acknowledged_by", maybe_string()),
             ]),
         ),
-    ]
+        ("Command", command_schema()),
+    ];
+    schemas.extend(crate::rollout_docs::answer_schemas());
+    schemas
+}
+
+/// `GET /v1/commands/{id}`: the command (its payload with the secrets hidden from
+/// `support`) and every target with its structured result `data` as JSON.
+fn command_schema() -> Value {
+    use fleet_core::command::{CommandType, TargetStatus};
+    use fleet_core::schema::one_of;
+    let maybe_integer = || nullable(integer());
+    let maybe_string = || nullable(string());
+    let target = every_field(&[
+        ("target_id", string()),
+        ("instance_id", fleet_core::schema::id()),
+        (
+            "status",
+            one_of(&[
+                TargetStatus::Queued,
+                TargetStatus::Sent,
+                TargetStatus::Running,
+                TargetStatus::Completed,
+                TargetStatus::Failed,
+                TargetStatus::TimedOut,
+                TargetStatus::Skipped,
+                TargetStatus::Cancelled,
+            ]),
+        ),
+        ("sent_at", maybe_integer()),
+        ("updated_at", integer()),
+        ("exit_code", maybe_integer()),
+        ("error", maybe_string()),
+        ("logs", maybe_string()),
+        // Whatever the agent reported, or null.
+        ("data", json!({})),
+    ]);
+    every_field(&[
+        ("id", string()),
+        ("command_type", one_of(&CommandType::ALL)),
+        ("payload", json!({ "type": "object" })),
+        (
+            "max_concurrency",
+            nullable(json!({ "type": "integer", "minimum": 1 })),
+        ),
+        ("max_errors", maybe_string()),
+        (
+            "status",
+            json!({ "type": "string", "enum": ["running", "completed", "cancelled", "halted"] }),
+        ),
+        (
+            "created_by",
+            json!({ "type": "string", "enum": ["ops", "admin"] }),
+        ),
+        ("created_at", integer()),
+        ("finished_at", maybe_integer()),
+        ("targets", json!({ "type": "array", "items": target })),
+    ])
 }
 
 /// The error body every JSON error answer carries.
@@ -435,7 +572,7 @@ fn operation(route: &RouteDoc) -> Value {
             for m in media {
                 let entry = if status >= 400 && *m == "application/json" {
                     json!({ "schema": { "$ref": "#/components/schemas/Error" } })
-                } else if let (200, Some(schema)) =
+                } else if let (200 | 201, Some(schema)) =
                     (status, success_schema(route.method, route.path))
                 {
                     json!({ "schema": schema })

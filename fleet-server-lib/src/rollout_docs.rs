@@ -1,8 +1,16 @@
 //! The OpenAPI entries of releases, rollouts, update and plugin jobs, the plugin marketplace
 //! and restore verification (merged into `/openapi.json` by `openapi::spec`).
 
+use fleet_core::plugin::{PluginSpec, plugin_action_schema};
+use fleet_core::restore::RestoreStatus;
+use fleet_core::schema::{count, id, nullable, one_of};
+use fleet_core::update::{JobStatus, RolloutSettings};
+use serde_json::{Value, json};
+
 use crate::openapi::Access::{Role, Signed};
-use crate::openapi::{RouteDoc, r};
+use crate::openapi::{RouteDoc, component, every_field, integer, items_of, r, string};
+use crate::rollouts::{RolloutStatus, job_status};
+use crate::store::rollouts::JobKind;
 
 const ROLLOUT_ACTION: &[(u16, &str)] = &[
     (200, "The rollout with per-batch counts and every job"),
@@ -280,3 +288,212 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         &[(200, "HTML")],
     ),
 ];
+
+/// The body of the success answer (200, or 201 for what is created) of the routes above,
+/// for the routes that have one: the jobs an agent is handed, the acknowledgement of its
+/// reports, and the records operators read and change.
+pub(crate) fn success_schema(method: &str, path: &str) -> Option<Value> {
+    let acknowledged = || {
+        every_field(&[
+            ("ok", json!({ "const": true })),
+            ("status", rollout_job_status()),
+        ])
+    };
+    Some(match (method, path) {
+        ("post", "/api/releases") => component("Release"),
+        ("get", "/api/releases") => items_of("Release"),
+        ("get", "/api/rollouts") => items_of("Rollout"),
+        ("post", "/api/rollouts")
+        | ("get", "/api/rollouts/{id}")
+        | ("post", "/api/rollouts/{id}/advance")
+        | ("post", "/api/rollouts/{id}/pause")
+        | ("post", "/api/rollouts/{id}/resume")
+        | ("post", "/api/rollouts/{id}/cancel")
+        | ("post", "/api/plugins/rollouts")
+        | ("post", "/api/plugins/rollouts/{id}/advance") => component("RolloutDetail"),
+        ("post", "/api/updates/next") => fleet_core::update::UpdateJob::json_schema(),
+        ("post", "/api/updates/report") | ("post", "/api/plugins/report") => acknowledged(),
+        ("post", "/api/plugins/releases") => component("PluginRelease"),
+        ("get", "/api/plugins/releases") => items_of("PluginRelease"),
+        ("post", "/api/plugins/requests") | ("post", "/api/plugins/requests/{id}/approve") => {
+            component("PluginRequest")
+        }
+        ("get", "/api/plugins/requests") => items_of("PluginRequest"),
+        ("post", "/api/plugins/next") => fleet_core::plugin::PluginJob::json_schema(),
+        ("post", "/api/restores/schedule") | ("get", "/api/restores") => items_of("Restore"),
+        ("post", "/api/restores/next") => fleet_core::restore::RestoreJob::json_schema(),
+        ("post", "/api/restores/report") => component("Restore"),
+        _ => return None,
+    })
+}
+
+/// A rollout job's stored status: the wire statuses and the control plane's own `queued`
+/// and `cancelled`.
+fn rollout_job_status() -> Value {
+    use JobStatus as J;
+    let mut status = one_of(&[
+        J::Pending,
+        J::InProgress,
+        J::Succeeded,
+        J::Failed,
+        J::RolledBack,
+    ]);
+    if let Some(names) = status["enum"].as_array_mut() {
+        names.extend([json!(job_status::QUEUED), json!(job_status::CANCELLED)]);
+    }
+    status
+}
+
+/// The records [`success_schema`] refers to, by name: the store's types as they serialize.
+/// Every field is always present; those that may have no value are `null` then.
+pub(crate) fn answer_schemas() -> Vec<(&'static str, Value)> {
+    let maybe_integer = || nullable(integer());
+    let maybe_string = || nullable(string());
+    let kind = || one_of(&[JobKind::Update, JobKind::Plugin]);
+    let rollout_fields = [
+        ("id", integer()),
+        ("kind", kind()),
+        ("release_id", maybe_integer()),
+        ("version", maybe_string()),
+        ("plugin_release_id", maybe_integer()),
+        ("plugin_action", nullable(plugin_action_schema())),
+        ("channel", string()),
+        ("settings", RolloutSettings::json_schema()),
+        ("failure_threshold", string()),
+        ("auto_advance", json!({ "type": "boolean" })),
+        ("observe_secs", count()),
+        (
+            "status",
+            one_of(&[
+                RolloutStatus::Running,
+                RolloutStatus::Paused,
+                RolloutStatus::Halted,
+                RolloutStatus::Cancelled,
+                RolloutStatus::Completed,
+            ]),
+        ),
+        ("current_batch", count()),
+        ("batch_count", count()),
+        ("halt_reason", maybe_string()),
+        ("created_at", integer()),
+        ("updated_at", integer()),
+    ];
+    // `RolloutDetail` flattens the rollout beside its batches and jobs.
+    let mut detail_fields = rollout_fields.to_vec();
+    detail_fields.extend([
+        (
+            "batches",
+            json!({ "type": "array", "items": every_field(&[
+                ("batch", count()),
+                ("total", count()),
+                ("queued", count()),
+                ("pending", count()),
+                ("in_progress", count()),
+                ("succeeded", count()),
+                ("failed", count()),
+                ("rolled_back", count()),
+                ("cancelled", count()),
+            ]) }),
+        ),
+        ("jobs", crate::openapi::array_of("RolloutJob")),
+    ]);
+    let job = every_field(&[
+        ("id", integer()),
+        ("rollout_id", maybe_integer()),
+        ("kind", kind()),
+        ("batch", count()),
+        ("instance_id", string()),
+        ("status", rollout_job_status()),
+        ("step", maybe_string()),
+        ("error", maybe_string()),
+        (
+            "canary_percent",
+            nullable(json!({ "type": "integer", "minimum": 0, "maximum": 100 })),
+        ),
+        (
+            "metrics",
+            json!({ "type": ["object", "null"], "additionalProperties": { "type": "number" } }),
+        ),
+        ("duration_ms", nullable(count())),
+        ("output_tail", maybe_string()),
+        // Plugin jobs: the plugin and the action; update jobs: null.
+        ("payload", nullable(PluginSpec::json_schema())),
+        ("created_at", integer()),
+        ("updated_at", integer()),
+        ("started_at", maybe_integer()),
+        ("finished_at", maybe_integer()),
+    ]);
+    let release = every_field(&[
+        ("id", integer()),
+        ("version", id()),
+        ("channel", id()),
+        (
+            "scheme",
+            one_of(&[
+                fleet_core::manifest::ManifestScheme::Ed25519,
+                fleet_core::manifest::ManifestScheme::HmacSha256,
+            ]),
+        ),
+        (
+            "manifest",
+            fleet_core::manifest::SignedManifest::json_schema(),
+        ),
+        ("created_at", integer()),
+    ]);
+    let plugin_release = every_field(&[
+        ("id", integer()),
+        ("name", string()),
+        ("version", string()),
+        ("compatible", json!({ "type": "array", "items": string() })),
+        ("approved", json!({ "type": "boolean" })),
+        ("notes", maybe_string()),
+        ("created_at", integer()),
+    ]);
+    let plugin_request = every_field(&[
+        ("id", integer()),
+        ("instance_id", string()),
+        ("name", string()),
+        ("version", string()),
+        ("action", plugin_action_schema()),
+        ("reason", maybe_string()),
+        (
+            "status",
+            json!({ "type": "string", "enum": ["pending", "approved"] }),
+        ),
+        ("job_id", maybe_integer()),
+        ("created_at", integer()),
+        ("decided_at", maybe_integer()),
+    ]);
+    let restore = every_field(&[
+        ("id", integer()),
+        ("installation_id", integer()),
+        ("instance_id", string()),
+        ("environment", string()),
+        ("backup_id", maybe_string()),
+        (
+            "status",
+            one_of(&[
+                RestoreStatus::Scheduled,
+                RestoreStatus::InProgress,
+                RestoreStatus::Verified,
+                RestoreStatus::Failed,
+                RestoreStatus::Skipped,
+            ]),
+        ),
+        ("error", maybe_string()),
+        ("duration_ms", nullable(count())),
+        ("output_tail", maybe_string()),
+        ("created_at", integer()),
+        ("started_at", maybe_integer()),
+        ("finished_at", maybe_integer()),
+    ]);
+    vec![
+        ("Release", release),
+        ("Rollout", every_field(&rollout_fields)),
+        ("RolloutDetail", every_field(&detail_fields)),
+        ("RolloutJob", job),
+        ("PluginRelease", plugin_release),
+        ("PluginRequest", plugin_request),
+        ("Restore", restore),
+    ]
+}

@@ -107,7 +107,30 @@ pub async fn submit(client: &reqwest::Client, url: &str, token: &str, body: Valu
         .await
         .expect("submit");
     let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+    let answer = response.json().await.unwrap_or(Value::Null);
+    if status == 201 {
+        conforms(client, url, "post", "/v1/commands/submit", &answer).await;
+    }
+    (status, answer)
+}
+
+/// Checks a success answer of the requested `method path` against /openapi.json.
+pub async fn conforms(
+    client: &reqwest::Client,
+    url: &str,
+    method: &str,
+    path: &str,
+    answer: &Value,
+) {
+    let spec: Value = client
+        .get(format!("{url}/openapi.json"))
+        .send()
+        .await
+        .expect("openapi")
+        .json()
+        .await
+        .expect("json");
+    support::assert_documented_answer(&spec, method, path, answer);
 }
 
 /// Polls `GET /v1/commands/:id` until the command is no longer running.
@@ -124,6 +147,7 @@ pub async fn wait_done(client: &reqwest::Client, url: &str, id: &str, limit: Dur
             .await
             .expect("json");
         if body["status"] != "running" {
+            conforms(client, url, "get", &format!("/v1/commands/{id}"), &body).await;
             return body;
         }
         assert!(Instant::now() < deadline, "command still running: {body}");
@@ -282,7 +306,7 @@ async fn roles_limits_and_tokens(store: TestStore) {
     assert_eq!(response.status().as_u16(), 401);
 
     // JWKS publishes the key that verifies registration tokens.
-    let (code, jwks) = server.get_json("/.well-known/jwks.json", "").await;
+    let (code, jwks) = server.get_documented("/.well-known/jwks.json", "").await;
     assert_eq!(code, 200);
     assert_eq!(jwks["keys"][0]["alg"], "EdDSA");
     let client = reqwest::Client::new();
@@ -317,6 +341,30 @@ async fn roles_limits_and_tokens(store: TestStore) {
     )
     .await;
     assert!(wrong.is_err());
+    // The answers as /openapi.json gives them: a signed registration, the live count.
+    let bytes = serde_json::to_vec(&json!({"instance_id": INSTANCE})).expect("json");
+    let response = server
+        .post_v1(
+            "/v1/agents/register",
+            SECRET,
+            "msg-register",
+            support::now(),
+            &bytes,
+        )
+        .await;
+    assert_eq!(response.status().as_u16(), 200);
+    let registered: Value = response.json().await.expect("json");
+    assert!(registered.get("secret").is_none(), "{registered}");
+    conforms(
+        &client,
+        &server.url,
+        "post",
+        "/v1/agents/register",
+        &registered,
+    )
+    .await;
+    let (code, connected) = server.get_documented("/v1/agents/connected", SUPPORT).await;
+    assert_eq!((code, connected), (200, json!({"connected": 0})));
     server.stop().await;
 }
 
@@ -415,6 +463,22 @@ async fn follow_streams_live_then_ends(store: TestStore) {
     server.stop().await;
 }
 
+/// Cancels command `id` as admin; returns the answer, checked against /openapi.json.
+async fn cancel(server: &TestServer, id: &str) -> Value {
+    let path = format!("/v1/commands/{id}/cancel");
+    let response = server
+        .client
+        .post(server.at(&path))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(response.status().as_u16(), 200);
+    let answer: Value = response.json().await.expect("json");
+    conforms(&server.client, &server.url, "post", &path, &answer).await;
+    answer
+}
+
 async fn cancel_kills_a_running_command(store: TestStore) {
     let server = server(&store).await;
     let agent = TestAgent::start(&server.url, INSTANCE, SECRET, None).await;
@@ -440,16 +504,10 @@ async fn cancel_kills_a_running_command(store: TestStore) {
         assert!(Instant::now() < deadline, "{shown}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let response = server
-        .client
-        .post(server.at(&format!("/v1/commands/{id}/cancel")))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .expect("cancel");
-    assert_eq!(response.status().as_u16(), 200);
+    let cancelled = cancel(&server, &id).await;
+    assert_eq!(cancelled, json!({"id": id, "cancelled": 1}));
     let (_, shown) = server
-        .get_json(&format!("/v1/commands/{id}"), SUPPORT)
+        .get_documented(&format!("/v1/commands/{id}"), SUPPORT)
         .await;
     assert_eq!(shown["status"], "cancelled");
     assert_eq!(shown["targets"][0]["status"], "cancelled");
@@ -465,18 +523,33 @@ async fn cancel_kills_a_running_command(store: TestStore) {
     server.stop().await;
 }
 
-async fn enrollment_token_buys_a_secret_once(store: TestStore) {
-    let server = server(&store).await;
+/// Creates a one-time enrollment token for `instance` as admin; returns the answer, checked
+/// against /openapi.json.
+async fn enrollment(server: &TestServer, instance: &str) -> Value {
     let response = server
         .client
         .post(server.at("/v1/enrollments"))
         .bearer_auth(ADMIN)
-        .json(&json!({"instance_id": "new-host-7"}))
+        .json(&json!({ "instance_id": instance }))
         .send()
         .await
         .expect("enroll");
     assert_eq!(response.status().as_u16(), 201);
     let body: Value = response.json().await.expect("json");
+    conforms(
+        &server.client,
+        &server.url,
+        "post",
+        "/v1/enrollments",
+        &body,
+    )
+    .await;
+    body
+}
+
+async fn enrollment_token_buys_a_secret_once(store: TestStore) {
+    let server = server(&store).await;
+    let body = enrollment(&server, "new-host-7").await;
     let token = body["enrollment_token"].as_str().expect("token").to_owned();
     let dir = TempDir::new();
     let path = dir.0.join("agent.secret");
@@ -493,6 +566,28 @@ async fn enrollment_token_buys_a_secret_once(store: TestStore) {
             .await
             .is_err()
     );
+    // Registering with a token answers the issued secret, once, as /openapi.json says.
+    let enrolled = enrollment(&server, "new-host-8").await;
+    let response = server
+        .client
+        .post(server.at("/v1/agents/register"))
+        .json(
+            &json!({"instance_id": "new-host-8", "enrollment_token": enrolled["enrollment_token"]}),
+        )
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(response.status().as_u16(), 200);
+    let registered: Value = response.json().await.expect("json");
+    assert!(registered["secret"].is_string(), "{registered}");
+    conforms(
+        &server.client,
+        &server.url,
+        "post",
+        "/v1/agents/register",
+        &registered,
+    )
+    .await;
     // The issued secret signs registrations and opens the live channel.
     let agent = TestAgent::start(&server.url, "new-host-7", &secret, None).await;
     wait_connected(&server.client, &server.url, 1).await;
@@ -773,10 +868,22 @@ async fn http_log_chunks_are_stored_once_for_their_own_instance() {
                 "instance_id": instance, "command_id": target, "chunks": data,
             }))
             .expect("json");
-            server
+            let response = server
                 .post_v1("/v1/commands/logs", secret, msg, support::now(), &body)
-                .await
-                .status()
+                .await;
+            let status = response.status();
+            if status == 200 {
+                let answer: Value = response.json().await.expect("json");
+                conforms(
+                    &server.client,
+                    &server.url,
+                    "post",
+                    "/v1/commands/logs",
+                    &answer,
+                )
+                .await;
+            }
+            status
         }
     };
     let chunks = json!([{"offset": 0, "stream": "stdout", "data": "hello "},
@@ -835,4 +942,71 @@ async fn poll_ids_are_validated() {
         let answer: Value = response.json().await.expect("json");
         assert_eq!(answer["error"]["details"][0]["path"], field, "{answer}");
     }
+}
+
+/// A poll answers what it stored, what it refused, the commands waiting for the agent and
+/// the running ones to stop, as /openapi.json says.
+#[tokio::test]
+async fn poll_answers_acks_refusals_commands_and_cancels() {
+    let store = support::sqlite().await;
+    let server = server(&store).await;
+    let instance = "poller-2";
+    let (status, submitted) = submit(
+        &server.client,
+        &server.url,
+        ADMIN,
+        json!({"command_type": "RunCommand", "targets": [instance],
+               "payload": {"cmd": "sleep", "args": ["60"], "timeout_sec": 120}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{submitted}");
+    let id = submitted["id"].as_str().expect("id").to_owned();
+    let target = submitted["targets"][0]["target_id"].clone();
+    let poll = |msg: &'static str, body: Value| {
+        let server = &server;
+        async move {
+            let bytes = serde_json::to_vec(&body).expect("json");
+            let response = server
+                .post_v1(
+                    "/v1/agents/poll",
+                    support::SHARED,
+                    msg,
+                    support::now(),
+                    &bytes,
+                )
+                .await;
+            assert_eq!(response.status().as_u16(), 200);
+            let answer: Value = response.json().await.expect("json");
+            conforms(
+                &server.client,
+                &server.url,
+                "post",
+                "/v1/agents/poll",
+                &answer,
+            )
+            .await;
+            answer
+        }
+    };
+    let running = json!({"type": "result", "id": "frame-1",
+                         "payload": {"job_id": target, "status": "IN_PROGRESS"}});
+    let unreadable = json!({"type": "teleport", "id": "frame-2", "payload": {}});
+    let answer = poll(
+        "msg-poll-a",
+        json!({"instance_id": instance, "frames": [running, unreadable]}),
+    )
+    .await;
+    assert_eq!(answer["acked"], json!(["frame-1"]), "{answer}");
+    assert_eq!(answer["refused"][0]["id"], "frame-2", "{answer}");
+    assert_eq!(answer["commands"][0]["id"], target, "{answer}");
+    assert_eq!(answer["commands"][0]["type"], "RunCommand", "{answer}");
+    cancel(&server, &id).await;
+    let answer = poll(
+        "msg-poll-b",
+        json!({"instance_id": instance, "running": [target]}),
+    )
+    .await;
+    assert_eq!(answer["cancel"], json!([target]), "{answer}");
+    assert_eq!(answer["commands"], json!([]), "{answer}");
+    server.stop().await;
 }

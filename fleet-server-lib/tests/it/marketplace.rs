@@ -153,11 +153,21 @@ async fn plugin_releases_requests_approval_and_rollouts(t: TestStore) {
         assert_eq!(status, 200);
     }
     let (_, done) = server
-        .get_json(&format!("/api/rollouts/{}", rollout["id"]), SUPPORT)
+        .get_documented(&format!("/api/rollouts/{}", rollout["id"]), SUPPORT)
         .await;
     assert_eq!(done["status"], "completed", "{done}");
-    let (_, requests) = server.get_json("/api/plugins/requests", SUPPORT).await;
+    let (_, requests) = server
+        .get_documented("/api/plugins/requests", SUPPORT)
+        .await;
     assert_eq!(requests["items"].as_array().map(Vec::len), Some(3));
+    let (_, releases) = server
+        .get_documented("/api/plugins/releases", SUPPORT)
+        .await;
+    assert_eq!(
+        releases["items"].as_array().map(Vec::len),
+        Some(2),
+        "{releases}"
+    );
     server.stop().await;
 }
 
@@ -242,7 +252,7 @@ async fn restores_schedule_verify_and_alert_on_failure(t: TestStore) {
         .collect();
     ids.sort_unstable();
     assert_eq!(ids, ["r2", "r3"]);
-    let (_, list) = server.get_json("/api/restores", SUPPORT).await;
+    let (_, list) = server.get_documented("/api/restores", SUPPORT).await;
     assert_eq!(list["items"].as_array().map(Vec::len), Some(5));
     server.stop().await;
 }

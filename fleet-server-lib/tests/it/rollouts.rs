@@ -48,15 +48,17 @@ pub(crate) async fn agent_post(server: &TestServer, path: &str, body: &Value) ->
     let status = response.status().as_u16();
     let answer = response.json().await.unwrap_or(Value::Null);
     // What an agent is handed is what /openapi.json says it is.
-    if status == 200 {
-        let (_, spec) = server.get_json("/openapi.json", SUPPORT).await;
-        if spec["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
-            .is_object()
-        {
-            crate::support::assert_answer_conforms(&spec, "post", path, &answer);
-        }
-    }
+    check_post_answer(server, path, status, &answer).await;
     (status, answer)
+}
+
+/// Checks a success answer to `POST path` against the schema /openapi.json gives for it, if
+/// it gives one.
+async fn check_post_answer(server: &TestServer, path: &str, status: u16, answer: &Value) {
+    if matches!(status, 200 | 201) {
+        let (_, spec) = server.get_json("/openapi.json", SUPPORT).await;
+        support::check_documented_answer(&spec, "post", path, status, answer);
+    }
 }
 
 pub(crate) async fn admin_post(
@@ -74,7 +76,10 @@ pub(crate) async fn admin_post(
         .await
         .expect("post");
     let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+    let answer = response.json().await.unwrap_or(Value::Null);
+    // What an operator gets back is what /openapi.json says it is.
+    check_post_answer(server, path, status, &answer).await;
+    (status, answer)
 }
 
 async fn next(server: &TestServer, instance: &str) -> (u16, Value) {
@@ -138,7 +143,7 @@ async fn releases_are_verified_before_they_are_stored(t: TestStore) {
     )
     .await;
     assert_eq!(status, 409, "the same version twice on a channel");
-    let (status, list) = server.get_json("/api/releases", SUPPORT).await;
+    let (status, list) = server.get_documented("/api/releases", SUPPORT).await;
     assert_eq!(
         (status, list["items"].as_array().map(Vec::len)),
         (200, Some(1))
@@ -271,7 +276,7 @@ async fn rollout_freezes_targets_halts_on_failure_and_resumes(t: TestStore) {
         200
     );
     let (_, halted) = server
-        .get_json(&format!("/api/rollouts/{id}"), SUPPORT)
+        .get_documented(&format!("/api/rollouts/{id}"), SUPPORT)
         .await;
     assert_eq!(halted["status"], "halted", "{halted}");
     assert!(
@@ -284,7 +289,7 @@ async fn rollout_freezes_targets_halts_on_failure_and_resumes(t: TestStore) {
         200
     );
     let (_, still) = server
-        .get_json(&format!("/api/rollouts/{id}"), SUPPORT)
+        .get_documented(&format!("/api/rollouts/{id}"), SUPPORT)
         .await;
     assert_eq!(
         still["status"], "halted",
@@ -345,10 +350,10 @@ async fn rollout_freezes_targets_halts_on_failure_and_resumes(t: TestStore) {
         200
     );
     let (_, done) = server
-        .get_json(&format!("/api/rollouts/{id}"), SUPPORT)
+        .get_documented(&format!("/api/rollouts/{id}"), SUPPORT)
         .await;
     assert_eq!(done["status"], "completed", "{done}");
-    let (_, list) = server.get_json("/api/rollouts", SUPPORT).await;
+    let (_, list) = server.get_documented("/api/rollouts", SUPPORT).await;
     assert_eq!(list["items"][0]["id"], id);
     server.stop().await;
 }
@@ -377,7 +382,7 @@ async fn pause_cancel_and_auto_advance(t: TestStore) {
         200
     );
     let (_, after) = server
-        .get_json(&format!("/api/rollouts/{id}"), SUPPORT)
+        .get_documented(&format!("/api/rollouts/{id}"), SUPPORT)
         .await;
     assert_eq!(after["current_batch"], 1, "auto-advanced: {after}");
     let (status, paused) = admin_post(
@@ -474,7 +479,7 @@ async fn slo_breach_after_update_halts_the_rollout(t: TestStore) {
             <= 1
     );
     let (_, halted) = server
-        .get_json(&format!("/api/rollouts/{id}"), SUPPORT)
+        .get_documented(&format!("/api/rollouts/{id}"), SUPPORT)
         .await;
     assert_eq!(halted["status"], "halted");
     let reason = halted["halt_reason"].as_str().unwrap_or_default();

@@ -308,6 +308,19 @@ impl TestServer {
     }
 }
 
+impl TestServer {
+    /// Like [`get_json`](Self::get_json), and checks the answer against the schema
+    /// /openapi.json gives for it (which it must give when the answer is a success).
+    pub async fn get_documented(&self, path: &str, token: &str) -> (u16, Value) {
+        let (status, answer) = self.get_json(path, token).await;
+        if matches!(status, 200 | 201) {
+            let (_, spec) = self.get_json("/openapi.json", SUPPORT).await;
+            assert_documented_answer(&spec, "get", path, &answer);
+        }
+        (status, answer)
+    }
+}
+
 pub fn now() -> i64 {
     fleet_core::unix_now()
 }
@@ -354,32 +367,94 @@ pub fn login_form(request: reqwest::RequestBuilder, token: &str) -> reqwest::Req
         .body(format!("token={encoded}"))
 }
 
-/// Checks `answer` against the schema `spec` gives for the 200 answer of `method path`,
-/// resolving its references to the document's components. The document leaves its objects
-/// open, so clients accept fields added later; here they are closed, so that a field the
-/// server sends and the document does not name fails the test.
+/// The schema `spec` gives for the success answer (200, or 201 for a route that creates
+/// something) of `method path`, if it gives one.
+pub fn answer_schema<'a>(spec: &'a Value, method: &str, path: &str) -> Option<&'a Value> {
+    let responses = &spec["paths"][path][method]["responses"];
+    ["200", "201"]
+        .into_iter()
+        .map(|status| &responses[status]["content"]["application/json"]["schema"])
+        .find(|schema| schema.is_object())
+}
+
+/// The path of `spec` that the requested `path` is an instance of (`{name}` standing for
+/// any one segment), for `method`.
+pub fn documented_path(spec: &Value, method: &str, path: &str) -> Option<String> {
+    let path = path.split('?').next().unwrap_or(path);
+    let paths = spec["paths"].as_object()?;
+    if paths.get(path).is_some_and(|p| !p[method].is_null()) {
+        return Some(path.to_owned());
+    }
+    let segments: Vec<&str> = path.split('/').collect();
+    paths
+        .iter()
+        .filter(|(_, operations)| !operations[method].is_null())
+        .map(|(template, _)| template)
+        .find(|template| {
+            let parts: Vec<&str> = template.split('/').collect();
+            parts.len() == segments.len()
+                && parts
+                    .iter()
+                    .zip(&segments)
+                    .all(|(part, segment)| part == segment || part.starts_with('{'))
+        })
+        .cloned()
+}
+
+/// Checks `answer` against the schema `spec` gives for the success answer of the requested
+/// `method path` ([`assert_answer_conforms`]), which it must give.
+pub fn assert_documented_answer(spec: &Value, method: &str, path: &str, answer: &Value) {
+    let template = documented_path(spec, method, path)
+        .unwrap_or_else(|| panic!("{method} {path} is not in /openapi.json"));
+    assert_answer_conforms(spec, method, &template, answer);
+}
+
+/// When `status` is a success and `spec` gives a schema for the answer of the requested
+/// `method path`, checks `answer` against it ([`assert_answer_conforms`]).
+pub fn check_documented_answer(
+    spec: &Value,
+    method: &str,
+    path: &str,
+    status: u16,
+    answer: &Value,
+) {
+    if !matches!(status, 200 | 201) {
+        return;
+    }
+    if let Some(template) = documented_path(spec, method, path)
+        && answer_schema(spec, method, &template).is_some()
+    {
+        assert_answer_conforms(spec, method, &template, answer);
+    }
+}
+
+/// Checks `answer` against the schema `spec` gives for the success answer of `method path`
+/// (`path` as the document names it), resolving its references to the document's
+/// components. The document leaves its objects open, so clients accept fields added later;
+/// here they are closed, so that a field the server sends and the document does not name
+/// fails the test.
 pub fn assert_answer_conforms(spec: &Value, method: &str, path: &str, answer: &Value) {
-    fn closed(schema: &mut Value) {
+    // The branches of a conditional (`if`, `then`, `else`) describe part of the object beside
+    // them, so they stay open; the schemas inside them are closed.
+    fn closed(schema: &mut Value, whole: bool) {
         if let Some(object) = schema.as_object_mut() {
-            if object.contains_key("properties") {
+            if whole && object.contains_key("properties") {
                 object
                     .entry("additionalProperties")
                     .or_insert(Value::Bool(false));
             }
-            object.values_mut().for_each(closed);
+            for (key, value) in object.iter_mut() {
+                closed(value, !matches!(key.as_str(), "if" | "then" | "else"));
+            }
         } else if let Some(items) = schema.as_array_mut() {
-            items.iter_mut().for_each(closed);
+            items.iter_mut().for_each(|item| closed(item, whole));
         }
     }
-    let mut schema = spec["paths"][path][method]["responses"]["200"]["content"]["application/json"]
-        ["schema"]
+    let mut schema = answer_schema(spec, method, path)
+        .unwrap_or_else(|| panic!("{method} {path}: no schema for its answer"))
         .clone();
-    assert!(
-        schema.is_object(),
-        "{method} {path}: no schema for its answer"
-    );
     schema["components"] = spec["components"].clone();
-    closed(&mut schema);
+    closed(&mut schema, true);
     let validator = jsonschema::validator_for(&schema).expect("the schema compiles");
     let problems: Vec<String> = validator
         .iter_errors(answer)
