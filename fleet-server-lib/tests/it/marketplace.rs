@@ -123,19 +123,29 @@ async fn plugin_releases_requests_approval_and_rollouts(t: TestStore) {
         204
     );
 
-    // A plugin rollout carries its action through every batch.
+    // A plugin rollout carries its action through every batch; an admin starts the next.
     let (status, rollout) = admin_post(
         &server,
         "/api/plugins/rollouts",
         ADMIN,
         &json!({"plugin_release_id": release["id"], "action": "update", "channel": "stable",
-                "batch_size": 1, "auto_advance": true}),
+                "batch_size": 1, "auto_advance": false}),
     )
     .await;
     assert_eq!(status, 201, "{rollout}");
     assert_eq!(rollout["kind"], "plugin");
     assert_eq!(rollout["plugin_action"], "update");
-    for instance in ["m1", "m2"] {
+    for (batch, instance) in ["m1", "m2"].into_iter().enumerate() {
+        if batch > 0 {
+            let (status, advanced) = admin_post(
+                &server,
+                &format!("/api/plugins/rollouts/{}/advance", rollout["id"]),
+                ADMIN,
+                &json!({}),
+            )
+            .await;
+            assert_eq!(status, 200, "{advanced}");
+        }
         let (status, job) = agent_post(
             &server,
             "/api/plugins/next",
