@@ -306,9 +306,7 @@ impl TestServer {
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
-}
 
-impl TestServer {
     /// Like [`get_json`](Self::get_json), and checks the answer against the schema
     /// /openapi.json gives for it (which it must give when the answer is a success).
     pub async fn get_documented(&self, path: &str, token: &str) -> (u16, Value) {
