@@ -3,7 +3,8 @@
 pub mod agent;
 pub mod channel;
 pub mod checks;
-pub mod clock;
+/// Wall-clock text (RFC 3339, HTTP dates); the module lives in fleet-core.
+pub use fleet_core::clock;
 pub mod collectors;
 pub mod commands;
 pub mod config;

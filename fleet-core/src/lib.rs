@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod canonical;
+pub mod clock;
 pub mod command;
 pub mod heartbeat;
 pub mod jwt;

@@ -52,24 +52,27 @@ fn opt(value: &Option<String>) -> String {
 
 /// `2026-11-22 07:50:57 UTC` from unix seconds (proleptic Gregorian, no time-zone data).
 pub(crate) fn format_time(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    // `2026-11-22T07:50:57Z`, for a year of four digits; a wider one is shown as it comes.
+    let text = fleet_core::clock::rfc3339(secs);
+    match (text.get(..10), text.get(11..19)) {
+        (Some(date), Some(time)) if text.len() == 20 => format!("{date} {time} UTC"),
+        _ => text,
+    }
+}
+
+/// A size in bytes as people read it: `1.1 GiB`, `512 B`.
+fn format_bytes(bytes: i64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes.abs() < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value.abs() >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
 }
 
 fn ago(secs: Option<i64>, now: i64) -> String {
@@ -272,7 +275,7 @@ fn detail_body(d: &InstallationDetail, role: Role, now: i64) -> String {
             opt(&k.backup_at),
             opt(&k.backup_id),
             k.size_bytes
-                .map(|v| v.to_string())
+                .map(|v| format!("<span title=\"{v} bytes\">{}</span>", format_bytes(v)))
                 .unwrap_or_else(|| "–".into()),
             opt(&k.status),
             esc(&k.checksum)
@@ -540,6 +543,10 @@ mod tests {
     fn times_and_escaping() {
         assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(format_time(1_614_265_330), "2021-02-25 15:02:10 UTC");
+        assert_eq!(format_bytes(512), "512 B");
+        assert_eq!(format_bytes(1536), "1.5 KiB");
+        assert_eq!(format_bytes(1_200_000_000), "1.1 GiB");
+        assert_eq!(format_bytes(3 << 40), "3.0 TiB");
         assert_eq!(
             esc("<a href=\"x\">'&'</a>"),
             "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"

@@ -159,8 +159,12 @@ fn admin_token(data: &std::path::Path) -> Result<String, String> {
     Ok(token)
 }
 
-/// A heartbeat whose figures move smoothly with `tick`.
-fn heartbeat(agent: &DemoAgent, tick: u64) -> Vec<u8> {
+/// Heartbeats between two backups of a demo instance.
+const TICKS_PER_BACKUP: u64 = 20;
+
+/// A heartbeat whose figures move smoothly with `tick`. `backup_at` (unix seconds) is when
+/// the instance's current backup was taken, a new one every [`TICKS_PER_BACKUP`] heartbeats.
+fn heartbeat(agent: &DemoAgent, tick: u64, backup_at: i64) -> Vec<u8> {
     let t = tick as f64 * 0.35 + agent.phase;
     let total: u64 = 8 * 1024 * 1024 * 1024;
     let memory = (total as f64 * (0.55 + 0.15 * (t * 0.7).sin())) as u64;
@@ -193,8 +197,10 @@ fn heartbeat(agent: &DemoAgent, tick: u64) -> Vec<u8> {
         "slo_p95_ms": p95.round(),
         "slo_error_rate": 0.002,
         "backup_status": "ok",
-        "backup_checksum": format!("sha256-{}-{}", agent.instance_id, tick / 20),
-        "backup_id": format!("backup-{}", tick / 20),
+        "backup_checksum": format!("sha256-{}-{}", agent.instance_id, tick / TICKS_PER_BACKUP),
+        "backup_id": format!("backup-{}", tick / TICKS_PER_BACKUP),
+        "last_backup_at": fleet_core::clock::rfc3339(backup_at),
+        "backup_size_bytes": 1_200_000_000 + (tick / TICKS_PER_BACKUP) * 3_500_000,
         "checks": [
             {"name": "db", "ok": true, "latency_ms": 2.0 + (t * 3.0).sin().abs() * 4.0},
             {"name": "redis", "ok": true, "latency_ms": 0.4},
@@ -211,8 +217,10 @@ async fn send_heartbeats(url: String, agent: &'static DemoAgent, signer: Signer,
     let endpoint = format!("{url}/api/heartbeats");
     // Give the server a moment to bind.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = fleet_core::unix_now();
     for tick in 0.. {
-        let body = heartbeat(agent, tick);
+        let backup_tick = tick - tick % TICKS_PER_BACKUP;
+        let body = heartbeat(agent, tick, started + (backup_tick * interval) as i64);
         let mut request = client
             .post(&endpoint)
             .header(reqwest::header::CONTENT_TYPE, "application/json");

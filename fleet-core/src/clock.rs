@@ -1,6 +1,7 @@
 //! Wall-clock text: RFC 3339 timestamps for the heartbeat and HTTP dates for `Retry-After`.
 //!
-//! Small enough to write out rather than pull a date crate into an agent that must stay lean.
+//! Small enough to write out rather than pull a date crate into the protocol crate and an
+//! agent that must stay lean.
 
 /// Formats unix seconds as `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn rfc3339(unix_secs: i64) -> String {
@@ -17,7 +18,7 @@ pub fn rfc3339(unix_secs: i64) -> String {
 
 /// The current time as RFC 3339.
 pub fn now_rfc3339() -> String {
-    rfc3339(fleet_core::unix_now())
+    rfc3339(crate::unix_now())
 }
 
 /// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form `Retry-After` uses
@@ -85,7 +86,7 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_770_775_200), "2026-02-11T02:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert!(fleet_core::validate::is_rfc3339(&now_rfc3339()));
+        assert!(crate::validate::is_rfc3339(&now_rfc3339()));
     }
 
     #[test]
