@@ -379,3 +379,6 @@ impl std::fmt::Debug for AgentConfig {
             .finish()
     }
 }
+
+/// Kept where embedders found it; the function lives in fleet-core.
+pub use fleet_core::redact_url_password;

@@ -52,18 +52,14 @@ fn opt(value: &Option<String>) -> String {
 
 /// `2026-11-22 07:50:57 UTC` from unix seconds (proleptic Gregorian, no time-zone data).
 pub(crate) fn format_time(secs: i64) -> String {
-    // `2026-11-22T07:50:57Z`, for a year of four digits; a wider one is shown as it comes.
     let text = fleet_core::clock::rfc3339(secs);
-    match (text.get(..10), text.get(11..19)) {
-        (Some(date), Some(time)) if text.len() == 20 => format!("{date} {time} UTC"),
-        _ => text,
-    }
+    format!("{} UTC", text.trim_end_matches('Z').replacen('T', " ", 1))
 }
 
 /// A size in bytes as people read it: `1.1 GiB`, `512 B`.
 fn format_bytes(bytes: i64) -> String {
     const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if bytes.abs() < 1024 {
+    if bytes.unsigned_abs() < 1024 {
         return format!("{bytes} B");
     }
     let mut value = bytes as f64 / 1024.0;

@@ -260,11 +260,11 @@ async fn write_batch(
 /// agent's send timeout: the line comes before the agents start to give up and retry.
 const SLOW_BATCH: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Runs `batch_work`, a writer's batch of `size` heartbeats, and says in the log when it takes
-/// longer than `slow` ([`SLOW_BATCH`]) and when it ends then. A writer waits for its batch before it
-/// takes the next, so every installation routed to it waits too: typically a row lock held by
-/// another session (an open transaction in psql, a long migration), which the database gives
-/// no sign of.
+/// Runs `batch_work`, a writer's batch of `size` heartbeats, and says in the log when it
+/// takes longer than `slow` ([`SLOW_BATCH`]) and when it ends then. A writer waits for its
+/// batch before it takes the next, so every installation routed to it waits too: typically
+/// a row lock held by another session (an open transaction in psql, a long migration), which
+/// the database gives no sign of.
 async fn watched<F: Future>(
     slow: std::time::Duration,
     writer: usize,

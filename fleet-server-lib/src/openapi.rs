@@ -235,6 +235,16 @@ pub(crate) fn string() -> Value {
     json!({ "type": "string" })
 }
 
+/// An integer, or `null` when there is none.
+pub(crate) fn maybe_integer() -> Value {
+    nullable(integer())
+}
+
+/// A string, or `null` when there is none.
+pub(crate) fn maybe_string() -> Value {
+    nullable(string())
+}
+
 /// A reference to the component schema `name`.
 pub(crate) fn component(name: &str) -> Value {
     json!({ "$ref": format!("#/components/schemas/{name}") })
@@ -349,8 +359,6 @@ fn success_schema(method: &str, path: &str) -> Option<Value> {
 
 /// The schemas [`success_schema`] refers to, by name.
 fn answer_schemas() -> Vec<(&'static str, Value)> {
-    let maybe_integer = || nullable(integer());
-    let maybe_string = || nullable(string());
     let summary_fields = [
         ("id", integer()),
         ("instance_id", string()),
@@ -433,8 +441,6 @@ fn answer_schemas() -> Vec<(&'static str, Value)> {
 fn command_schema() -> Value {
     use fleet_core::command::{CommandType, TargetStatus};
     use fleet_core::schema::one_of;
-    let maybe_integer = || nullable(integer());
-    let maybe_string = || nullable(string());
     let target = every_field(&[
         ("target_id", string()),
         ("instance_id", fleet_core::schema::id()),

@@ -8,7 +8,9 @@ use fleet_core::update::{JobStatus, RolloutSettings};
 use serde_json::{Value, json};
 
 use crate::openapi::Access::{Role, Signed};
-use crate::openapi::{RouteDoc, component, every_field, integer, items_of, r, string};
+use crate::openapi::{
+    RouteDoc, component, every_field, integer, items_of, maybe_integer, maybe_string, r, string,
+};
 use crate::rollouts::{RolloutStatus, job_status};
 use crate::store::rollouts::JobKind;
 
@@ -347,8 +349,6 @@ fn rollout_job_status() -> Value {
 /// The records [`success_schema`] refers to, by name: the store's types as they serialize.
 /// Every field is always present; those that may have no value are `null` then.
 pub(crate) fn answer_schemas() -> Vec<(&'static str, Value)> {
-    let maybe_integer = || nullable(integer());
-    let maybe_string = || nullable(string());
     let kind = || one_of(&[JobKind::Update, JobKind::Plugin]);
     let rollout_fields = [
         ("id", integer()),
