@@ -245,6 +245,16 @@ pub(crate) fn maybe_string() -> Value {
     nullable(string())
 }
 
+/// `true` or `false`.
+pub(crate) fn boolean() -> Value {
+    json!({ "type": "boolean" })
+}
+
+/// An array whose every item is `items`.
+pub(crate) fn array(items: Value) -> Value {
+    json!({ "type": "array", "items": items })
+}
+
 /// A reference to the component schema `name`.
 pub(crate) fn component(name: &str) -> Value {
     json!({ "$ref": format!("#/components/schemas/{name}") })
@@ -252,7 +262,7 @@ pub(crate) fn component(name: &str) -> Value {
 
 /// An array of the component schema `name`.
 pub(crate) fn array_of(name: &str) -> Value {
-    json!({ "type": "array", "items": component(name) })
+    array(component(name))
 }
 
 /// `{items}`: what every list route answers, an array of the component schema `name`.
@@ -288,7 +298,7 @@ fn success_schema(method: &str, path: &str) -> Option<Value> {
             &["ok", "duplicate"],
             &[
                 ("ok", json!({ "const": true })),
-                ("duplicate", json!({ "type": "boolean" })),
+                ("duplicate", boolean()),
                 ("installation_id", integer()),
             ],
         ),
@@ -299,14 +309,14 @@ fn success_schema(method: &str, path: &str) -> Option<Value> {
             &["keys"],
             &[(
                 "keys",
-                json!({ "type": "array", "items": every_field(&[
+                array(every_field(&[
                     ("kty", json!({ "const": "OKP" })),
                     ("crv", json!({ "const": "Ed25519" })),
                     ("alg", json!({ "const": "EdDSA" })),
                     ("use", json!({ "const": "sig" })),
                     ("kid", string()),
                     ("x", string()),
-                ]) }),
+                ])),
             )],
         ),
         ("post", "/v1/agents/register") => registration::RegisterResponse::json_schema(),
@@ -317,25 +327,13 @@ fn success_schema(method: &str, path: &str) -> Option<Value> {
         ]),
         ("get", "/v1/agents/connected") => every_field(&[("connected", count())]),
         ("post", "/v1/agents/poll") => every_field(&[
-            (
-                "acked",
-                json!({ "type": "array", "items": fleet_core::schema::id() }),
-            ),
+            ("acked", array(fleet_core::schema::id())),
             (
                 "refused",
-                json!({ "type": "array", "items": every_field(&[
-                    ("id", string()),
-                    ("message", string()),
-                ]) }),
+                array(every_field(&[("id", string()), ("message", string())])),
             ),
-            (
-                "commands",
-                json!({ "type": "array", "items": command::CommandEnvelope::json_schema() }),
-            ),
-            (
-                "cancel",
-                json!({ "type": "array", "items": fleet_core::schema::id() }),
-            ),
+            ("commands", array(command::CommandEnvelope::json_schema())),
+            ("cancel", array(fleet_core::schema::id())),
         ]),
         ("post", "/v1/commands/logs") => every_field(&[("ok", json!({ "const": true }))]),
         ("post", "/v1/commands/submit") => every_field(&[
@@ -375,7 +373,7 @@ fn answer_schemas() -> Vec<(&'static str, Value)> {
         ("first_seen_at", maybe_integer()),
         ("last_seen_at", maybe_integer()),
         ("open_alerts", count()),
-        ("offline", json!({ "type": "boolean" })),
+        ("offline", boolean()),
     ];
     let mut detail_fields = summary_fields.to_vec();
     detail_fields.extend([
@@ -383,16 +381,16 @@ fn answer_schemas() -> Vec<(&'static str, Value)> {
         ("alerts", array_of("Alert")),
         (
             "job_failures",
-            json!({ "type": "array", "items": every_field(&[
+            array(every_field(&[
                 ("id", integer()),
                 ("queue", maybe_string()),
                 ("message", string()),
                 ("created_at", integer()),
-            ]) }),
+            ])),
         ),
         (
             "backups",
-            json!({ "type": "array", "items": every_field(&[
+            array(every_field(&[
                 ("id", integer()),
                 ("backup_id", maybe_string()),
                 ("checksum", string()),
@@ -402,14 +400,17 @@ fn answer_schemas() -> Vec<(&'static str, Value)> {
                 ("status", maybe_string()),
                 ("backup_at", maybe_string()),
                 ("recorded_at", integer()),
-            ]) }),
+            ])),
         ),
         (
             "recent",
-            json!({ "type": "array", "items": every_field(&[
+            array(every_field(&[
                 ("received_at", integer()),
-                ("figures", json!({ "type": "object", "additionalProperties": { "type": "number" } })),
-            ]) }),
+                (
+                    "figures",
+                    json!({ "type": "object", "additionalProperties": { "type": "number" } }),
+                ),
+            ])),
         ),
     ]);
     let mut schemas = vec![
@@ -484,7 +485,7 @@ fn command_schema() -> Value {
         ),
         ("created_at", integer()),
         ("finished_at", maybe_integer()),
-        ("targets", json!({ "type": "array", "items": target })),
+        ("targets", array(target)),
     ])
 }
 

@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 
 use crate::openapi::Access::{Role, Signed};
 use crate::openapi::{
-    RouteDoc, component, every_field, integer, items_of, maybe_integer, maybe_string, r, string,
+    RouteDoc, array, array_of, boolean, component, every_field, integer, items_of, maybe_integer,
+    maybe_string, r, string,
 };
 use crate::rollouts::{RolloutStatus, job_status};
 use crate::store::rollouts::JobKind;
@@ -360,7 +361,7 @@ pub(crate) fn answer_schemas() -> Vec<(&'static str, Value)> {
         ("channel", string()),
         ("settings", RolloutSettings::json_schema()),
         ("failure_threshold", string()),
-        ("auto_advance", json!({ "type": "boolean" })),
+        ("auto_advance", boolean()),
         ("observe_secs", count()),
         (
             "status",
@@ -383,7 +384,7 @@ pub(crate) fn answer_schemas() -> Vec<(&'static str, Value)> {
     detail_fields.extend([
         (
             "batches",
-            json!({ "type": "array", "items": every_field(&[
+            array(every_field(&[
                 ("batch", count()),
                 ("total", count()),
                 ("queued", count()),
@@ -393,9 +394,9 @@ pub(crate) fn answer_schemas() -> Vec<(&'static str, Value)> {
                 ("failed", count()),
                 ("rolled_back", count()),
                 ("cancelled", count()),
-            ]) }),
+            ])),
         ),
-        ("jobs", crate::openapi::array_of("RolloutJob")),
+        ("jobs", array_of("RolloutJob")),
     ]);
     let job = every_field(&[
         ("id", integer()),
@@ -444,8 +445,8 @@ pub(crate) fn answer_schemas() -> Vec<(&'static str, Value)> {
         ("id", integer()),
         ("name", string()),
         ("version", string()),
-        ("compatible", json!({ "type": "array", "items": string() })),
-        ("approved", json!({ "type": "boolean" })),
+        ("compatible", array(string())),
+        ("approved", boolean()),
         ("notes", maybe_string()),
         ("created_at", integer()),
     ]);
