@@ -101,6 +101,37 @@ pub(crate) async fn submit(
         .into_response())
 }
 
+#[derive(Debug, Deserialize)]
+struct ListCommandsQuery {
+    limit: Option<i64>,
+}
+
+/// Commands listed when the query names no `limit`.
+const LIST_DEFAULT: i64 = 50;
+
+/// `GET /v1/commands?limit=`: the most recent commands, newest first, each with its targets
+/// counted by state.
+pub(crate) async fn list(
+    _: Support,
+    State(state): State<Shared>,
+    uri: axum::http::Uri,
+) -> Result<Response> {
+    let query = Query::<ListCommandsQuery>::try_from_uri(&uri)
+        .map_err(|e| Error::BadRequest(e.body_text()))?
+        .0;
+    let limit = query.limit.unwrap_or(LIST_DEFAULT);
+    if !(1..=crate::api::MAX_PAGE).contains(&limit) {
+        return Err(Error::BadRequest(format!(
+            "limit must be between 1 and {}",
+            crate::api::MAX_PAGE
+        )));
+    }
+    let items = command_store(state.store.as_ref())?
+        .list_commands(limit)
+        .await?;
+    Ok(Json(serde_json::json!({ "items": items })).into_response())
+}
+
 /// `GET /v1/commands/{id}`.
 pub(crate) async fn show(
     crate::auth::Authed(role): Support,
@@ -433,6 +464,13 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
             (403, "Role too low for the command type"),
             (422, "Invalid command or no target"),
         ],
+    ),
+    doc(
+        "get",
+        "/v1/commands",
+        Least("support"),
+        "The most recent commands, newest first, each with its targets counted by state. Query: limit (1-500, default 50).",
+        &[(200, "items"), (400, "A bad limit")],
     ),
     doc(
         "get",

@@ -345,6 +345,7 @@ fn routes(state: Shared) -> Router {
             post(poll::poll).layer(DefaultBodyLimit::max(poll::MAX_POLL_BYTES)),
         )
         .route("/v1/commands/submit", post(commands::submit))
+        .route("/v1/commands", get(commands::list))
         .route("/v1/commands/{id}", get(commands::show))
         .route("/v1/commands/{id}/logs", get(commands::logs))
         .route("/v1/commands/{id}/cancel", post(commands::cancel))

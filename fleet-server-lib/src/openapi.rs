@@ -346,6 +346,7 @@ fn success_schema(method: &str, path: &str) -> Option<Value> {
                 ]) }),
             ),
         ]),
+        ("get", "/v1/commands") => items_of("CommandSummary"),
         ("get", "/v1/commands/{id}") => component("Command"),
         ("post", "/v1/commands/{id}/cancel") => {
             every_field(&[("id", string()), ("cancelled", count())])
@@ -357,6 +358,8 @@ fn success_schema(method: &str, path: &str) -> Option<Value> {
 
 /// The schemas [`success_schema`] refers to, by name.
 fn answer_schemas() -> Vec<(&'static str, Value)> {
+    use fleet_core::command::CommandType;
+    use fleet_core::schema::one_of;
     let summary_fields = [
         ("id", integer()),
         ("instance_id", string()),
@@ -432,6 +435,23 @@ fn answer_schemas() -> Vec<(&'static str, Value)> {
             ]),
         ),
         ("Command", command_schema()),
+        (
+            "CommandSummary",
+            every_field(&[
+                ("id", string()),
+                ("command_type", one_of(&CommandType::ALL)),
+                ("status", command_status()),
+                ("created_by", command_submitter()),
+                ("created_at", integer()),
+                ("finished_at", maybe_integer()),
+                ("total", count()),
+                ("completed", count()),
+                ("failed", count()),
+                ("running", count()),
+                ("queued", count()),
+                ("first_instance", maybe_string()),
+            ]),
+        ),
     ];
     schemas.extend(crate::rollout_docs::answer_schemas());
     schemas
@@ -475,18 +495,22 @@ fn command_schema() -> Value {
             nullable(json!({ "type": "integer", "minimum": 1 })),
         ),
         ("max_errors", maybe_string()),
-        (
-            "status",
-            json!({ "type": "string", "enum": ["running", "completed", "cancelled", "halted"] }),
-        ),
-        (
-            "created_by",
-            json!({ "type": "string", "enum": ["ops", "admin"] }),
-        ),
+        ("status", command_status()),
+        ("created_by", command_submitter()),
         ("created_at", integer()),
         ("finished_at", maybe_integer()),
         ("targets", array(target)),
     ])
+}
+
+/// A command's own status.
+fn command_status() -> Value {
+    json!({ "type": "string", "enum": ["running", "completed", "cancelled", "halted"] })
+}
+
+/// The roles that may submit commands.
+fn command_submitter() -> Value {
+    json!({ "type": "string", "enum": ["ops", "admin"] })
 }
 
 /// The error body every JSON error answer carries.

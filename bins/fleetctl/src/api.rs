@@ -1,5 +1,6 @@
-//! The control-plane commands: releases, rollouts (with a live `watch`), plugins and
-//! restores over the HTTP API. Human output by default, `--json` for scripts.
+//! The control-plane commands: releases, rollouts (with a live `watch`), plugins, restores
+//! and the list of remote commands over the HTTP API. Human output by default, `--json` for
+//! scripts.
 
 use std::time::Duration;
 
@@ -17,7 +18,8 @@ pub struct Conn {
         global = true
     )]
     pub url: String,
-    /// Role token (admin for create/advance/approve; ops for pause/resume/schedule).
+    /// Role token: support to read; ops to pause, resume, schedule and cancel; admin to
+    /// create, advance and approve.
     #[arg(long, env = "FLEET_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
     /// Print the control plane's JSON answer instead of a summary.
@@ -262,6 +264,123 @@ fn text(v: &Value) -> String {
         Value::Null => "-".into(),
         other => other.to_string(),
     }
+}
+
+/// `fleetctl commands ...`.
+#[derive(Subcommand, Debug)]
+pub enum CommandsCommand {
+    /// The most recent commands, newest first, with their targets counted by state.
+    List {
+        /// How many (1-500).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// A command's per-target results.
+    Show {
+        /// The command id (printed by `run` and `deploy`, listed by `commands list`).
+        id: String,
+    },
+    /// Cancel a command: its queued targets are skipped and its running ones stopped.
+    Cancel {
+        /// The command id.
+        id: String,
+    },
+}
+
+/// `commands list|show|cancel`.
+pub fn commands(client: &Client, command: CommandsCommand) -> Result<(), String> {
+    match command {
+        CommandsCommand::List { limit } => {
+            let list = client.get(&format!("/v1/commands?limit={limit}"))?;
+            client.print(&list, command_list);
+        }
+        CommandsCommand::Show { id } => {
+            let shown = client.get(&format!("/v1/commands/{}", command_id(&id)?))?;
+            client.print(&shown, crate::remote::command_text);
+        }
+        CommandsCommand::Cancel { id } => {
+            let answer = client.post(
+                &format!("/v1/commands/{}/cancel", command_id(&id)?),
+                &json!({}),
+            )?;
+            client.print(&answer, |a| {
+                format!(
+                    "command {id} cancelled ({} target(s) stopped or skipped)",
+                    text(&a["cancelled"])
+                )
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A command id as typed, checked before it goes into a URL path.
+fn command_id(id: &str) -> Result<&str, String> {
+    if !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        Ok(id)
+    } else {
+        Err(format!(
+            "{id:?} is not a command id (letters, digits and dashes, as `run` prints it)"
+        ))
+    }
+}
+
+/// The human table of `commands list`.
+fn command_list(list: &Value) -> String {
+    let row = |cells: [&str; 10]| {
+        format!(
+            "{:<36}  {:<15} {:<9} {:<19}  {:>7} {:>4} {:>6} {:>7} {:>6}  {}",
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            cells[4],
+            cells[5],
+            cells[6],
+            cells[7],
+            cells[8],
+            cells[9]
+        )
+    };
+    let mut out = row([
+        "ID",
+        "TYPE",
+        "STATUS",
+        "SUBMITTED (UTC)",
+        "TARGETS",
+        "DONE",
+        "FAILED",
+        "RUNNING",
+        "QUEUED",
+        "FIRST TARGET",
+    ]);
+    for c in list["items"].as_array().into_iter().flatten() {
+        let submitted = c["created_at"]
+            .as_i64()
+            .map(|t| {
+                let text = fleet_core::clock::rfc3339(t).replace('T', " ");
+                text.trim_end_matches('Z').to_owned()
+            })
+            .unwrap_or_else(|| "-".into());
+        let cell = |name: &str| text(&c[name]);
+        out.push('\n');
+        out.push_str(&row([
+            &cell("id"),
+            &cell("command_type"),
+            &cell("status"),
+            &submitted,
+            &cell("total"),
+            &cell("completed"),
+            &cell("failed"),
+            &cell("running"),
+            &cell("queued"),
+            &cell("first_instance"),
+        ]));
+    }
+    out
 }
 
 /// `release create FILE`: uploads a signed manifest.

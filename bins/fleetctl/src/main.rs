@@ -79,17 +79,13 @@ enum Command {
     Run(remote::RunArgs),
     /// Deploy (or stop) a compose project on instances.
     Deploy(remote::DeployArgs),
-    /// Look at submitted commands.
+    /// Submitted commands: list, show one, cancel.
     Commands {
+        #[command(flatten)]
+        conn: api::Conn,
         #[command(subcommand)]
-        command: CommandsCommand,
+        command: api::CommandsCommand,
     },
-}
-
-#[derive(Subcommand)]
-enum CommandsCommand {
-    /// A command's per-target results.
-    Show(remote::ShowArgs),
 }
 
 #[derive(Subcommand)]
@@ -172,9 +168,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Enroll(args) => remote::enroll(args),
         Command::Run(args) => remote::run(args),
         Command::Deploy(args) => remote::deploy(args),
-        Command::Commands {
-            command: CommandsCommand::Show(args),
-        } => remote::show(args),
+        Command::Commands { conn, command } => api::commands(&api::Client::new(conn)?, command),
     }
 }
 

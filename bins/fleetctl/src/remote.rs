@@ -5,12 +5,15 @@
 //! fleetctl enroll --instance-id shop-042 --agent-url https://dl.example.com/fleet-agent
 //! fleetctl run --target shop-042 -- df -h /
 //! fleetctl deploy --target shop-042 --project web docker-compose.yml
+//! fleetctl commands list
 //! fleetctl commands show 0193...
+//! fleetctl commands cancel 0193...
 //! ```
 
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use clap::Args;
@@ -84,15 +87,6 @@ pub struct DeployArgs {
     max_errors: Option<String>,
     /// The compose file (not needed with --stop).
     file: Option<PathBuf>,
-}
-
-/// `fleetctl commands show ID`.
-#[derive(Args, Debug)]
-pub struct ShowArgs {
-    #[command(flatten)]
-    remote: Remote,
-    /// The command id.
-    id: String,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -238,12 +232,28 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         eprintln!("command {id}");
         let several = args.targets.len() > 1;
         // Every target is followed at once; with several, each piece is prefixed.
-        futures_util::future::try_join_all(
+        let followed = futures_util::future::try_join_all(
             args.targets
                 .iter()
                 .map(|target| follow(&args.remote, &client, &id, target, several)),
-        )
-        .await?;
+        );
+        let watched = async {
+            let mut pickup = PickupWatch::default();
+            loop {
+                if let Ok(shown) = args
+                    .remote
+                    .get(&client, &format!("/v1/commands/{id}"))
+                    .await
+                {
+                    pickup.observe(&id, &shown);
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        };
+        tokio::select! {
+            followed = followed => followed?,
+            never = watched => never,
+        };
         summary(&args.remote, &client, &id).await
     })
 }
@@ -378,13 +388,15 @@ pub fn deploy(args: DeployArgs) -> Result<(), String> {
             .await?;
         let id = submitted["id"].as_str().ok_or("no command id")?.to_owned();
         eprintln!("command {id}");
+        let mut pickup = PickupWatch::default();
         loop {
             let shown = args
                 .remote
                 .get(&client, &format!("/v1/commands/{id}"))
                 .await?;
+            pickup.observe(&id, &shown);
             if shown["status"] != "running" {
-                print_command(&shown);
+                println!("{}", command_text(&shown));
                 return if shown["status"] == "completed"
                     && shown["targets"]
                         .as_array()
@@ -400,8 +412,9 @@ pub fn deploy(args: DeployArgs) -> Result<(), String> {
     })
 }
 
-fn print_command(shown: &Value) {
-    println!(
+/// A command and its targets, as `deploy` and `commands show` print them.
+pub(crate) fn command_text(shown: &Value) -> String {
+    let mut out = format!(
         "{} {} {} (by {})",
         shown["id"].as_str().unwrap_or("?"),
         shown["command_type"].as_str().unwrap_or("?"),
@@ -409,32 +422,96 @@ fn print_command(shown: &Value) {
         shown["created_by"].as_str().unwrap_or("?")
     );
     for target in shown["targets"].as_array().into_iter().flatten() {
-        println!(
-            "  {:<32} {:<10} exit={:<5} {}",
+        out.push_str(&format!(
+            "\n  {:<32} {:<10} exit={:<5} {}",
             target["instance_id"].as_str().unwrap_or("?"),
             target["status"].as_str().unwrap_or("?"),
             target["exit_code"],
             target["error"].as_str().unwrap_or_default()
-        );
+        ));
+    }
+    out
+}
+
+/// How long a target may stay `sent` (handed to its agent's channel, not yet taken) before
+/// `run` and `deploy` say they are waiting for that agent. A connected agent takes a command
+/// within milliseconds; one that is offline or never existed would otherwise leave the
+/// operator looking at a silent terminal until the delivery timeout.
+const PICKUP_NOTICE_AFTER: Duration = Duration::from_secs(3);
+
+/// Notices, once per target, a command that waits for an agent which has not taken it.
+#[derive(Default)]
+struct PickupWatch {
+    /// When each target was first seen `sent`, by this process's clock (the server's may
+    /// differ from it).
+    sent_since: HashMap<String, Instant>,
+    told: HashSet<String>,
+}
+
+impl PickupWatch {
+    fn observe(&mut self, id: &str, shown: &Value) {
+        let now = Instant::now();
+        for target in shown["targets"].as_array().into_iter().flatten() {
+            let Some(instance) = target["instance_id"].as_str() else {
+                continue;
+            };
+            if target["status"] != "sent" {
+                self.sent_since.remove(instance);
+                continue;
+            }
+            let since = *self.sent_since.entry(instance.to_owned()).or_insert(now);
+            if now.duration_since(since) >= PICKUP_NOTICE_AFTER
+                && self.told.insert(instance.to_owned())
+            {
+                eprintln!("{}", pickup_notice(id, instance));
+            }
+        }
     }
 }
 
-/// `fleetctl commands show ID`.
-pub fn show(args: ShowArgs) -> Result<(), String> {
-    runtime()?.block_on(async {
-        let client = reqwest::Client::new();
-        let shown = args
-            .remote
-            .get(&client, &format!("/v1/commands/{}", args.id))
-            .await?;
-        print_command(&shown);
-        Ok(())
-    })
+fn pickup_notice(id: &str, instance: &str) -> String {
+    format!(
+        "waiting for {instance}: its agent has not taken the command yet (the control plane \
+         hands it over when the agent connects or polls, and times it out if it never does). \
+         Ctrl-C stops watching and leaves the command queued; `fleetctl commands cancel {id}` \
+         withdraws it."
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn shown(status: &str) -> Value {
+        json!({"targets": [{"instance_id": "shop-1", "status": status}]})
+    }
+
+    #[test]
+    fn a_target_not_taken_is_noticed_once_after_the_delay() {
+        let mut watch = PickupWatch::default();
+        watch.observe("c1", &shown("sent"));
+        assert!(watch.told.is_empty(), "not before the delay");
+        // As if first seen `sent` longer ago than the delay.
+        let earlier = Instant::now() - PICKUP_NOTICE_AFTER;
+        watch.sent_since.insert("shop-1".into(), earlier);
+        watch.observe("c1", &shown("sent"));
+        assert!(watch.told.contains("shop-1"));
+        watch.observe("c1", &shown("sent"));
+        assert_eq!(watch.told.len(), 1);
+    }
+
+    #[test]
+    fn a_target_taken_in_time_is_not_noticed() {
+        let mut watch = PickupWatch::default();
+        watch
+            .sent_since
+            .insert("shop-1".into(), Instant::now() - PICKUP_NOTICE_AFTER);
+        watch.observe("c1", &shown("running"));
+        assert!(watch.told.is_empty());
+        assert!(watch.sent_since.is_empty());
+        let text = pickup_notice("c1", "shop-1");
+        assert!(text.contains("shop-1") && text.contains("fleetctl commands cancel c1"));
+    }
 
     #[test]
     fn the_snippet_carries_the_token_and_the_managed_unit() {

@@ -126,6 +126,7 @@ const MATRIX: &[(&str, &str, &str, [u16; 4])] = &[
         "/v1/commands/submit",
         [401, 403, 422, 422],
     ),
+    ("GET", "/v1/commands", "/v1/commands", [401, 200, 200, 200]),
     (
         "GET",
         "/v1/commands/{id}",

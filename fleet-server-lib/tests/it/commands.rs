@@ -662,12 +662,12 @@ support::on_both_backends!(
     follow_streams_live_then_ends,
     cancel_kills_a_running_command,
     enrollment_token_buys_a_secret_once,
-    dashboard_lists_commands_and_shows_one,
+    commands_are_listed_in_the_dashboard_and_the_api,
 );
 
-/// The dashboard's command pages over each backend's SQL (the browser test drives them in
-/// Chromium on SQLite).
-async fn dashboard_lists_commands_and_shows_one(store: TestStore) {
+/// The dashboard's command pages and `GET /v1/commands` over each backend's SQL (the browser
+/// test drives the pages in Chromium on SQLite).
+async fn commands_are_listed_in_the_dashboard_and_the_api(store: TestStore) {
     let server = server(&store).await;
     let agent = TestAgent::start(&server.url, INSTANCE, SECRET, None).await;
     wait_connected(&server.client, &server.url, 1).await;
@@ -707,6 +707,35 @@ async fn dashboard_lists_commands_and_shows_one(store: TestStore) {
             && detail.contains("completed"),
         "{detail}"
     );
+
+    let (status, text) = page("/v1/commands".into()).await;
+    assert_eq!(status, 200, "{text}");
+    let listed: Value = serde_json::from_str(&text).expect("json");
+    conforms(&server.client, &server.url, "get", "/v1/commands", &listed).await;
+    let items = listed["items"].as_array().expect("items");
+    assert_eq!(items.len(), 2, "{listed}");
+    assert_eq!(items[0]["id"], ids[1].as_str(), "newest first: {listed}");
+    assert_eq!(items[1]["id"], ids[0].as_str(), "{listed}");
+    for item in items {
+        assert_eq!(item["command_type"], "HEALTH_CHECK", "{item}");
+        assert_eq!(item["status"], "completed", "{item}");
+        assert_eq!((&item["total"], &item["completed"]), (&json!(1), &json!(1)));
+        assert_eq!(item["first_instance"], INSTANCE, "{item}");
+    }
+    let (status, text) = page("/v1/commands?limit=1".into()).await;
+    assert_eq!(status, 200, "{text}");
+    let listed: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(
+        listed["items"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    assert_eq!(listed["items"][0]["id"], ids[1].as_str(), "{listed}");
+    for bad in ["limit=0", "limit=501", "limit=many"] {
+        let (status, text) = page(format!("/v1/commands?{bad}")).await;
+        assert_eq!(status, 400, "{bad}: {text}");
+        assert!(text.contains("limit"), "{bad}: {text}");
+    }
     agent.stop().await;
     server.stop().await;
 }
