@@ -79,15 +79,17 @@ async fn accept(state: &Shared, headers: &HeaderMap, body: Body) -> Result<Recor
         SignatureHeaders::from_lookup(|name| headers.get(name).and_then(|v| v.to_str().ok()));
     let verified = match state.verifier.verify(&body, &lookup, now) {
         Ok(verified) => verified,
-        Err(err) => match verify_with_issued_secret(state, &body, &lookup, now).await {
-            Some(verified) => verified,
-            None => {
-                state.metrics.rejected(err.kind());
-                // The reason is logged for the operator, never returned to the sender.
-                tracing::debug!(reason = err.kind(), "heartbeat refused");
-                return Err(Error::Unauthorized);
+        Err(err) => {
+            match crate::registration::verify_with_issued_secret(state, &body, &lookup, now).await {
+                Some(verified) => verified,
+                None => {
+                    state.metrics.rejected(err.kind());
+                    // The reason is logged for the operator, never returned to the sender.
+                    tracing::debug!(reason = err.kind(), "heartbeat refused");
+                    return Err(Error::Unauthorized);
+                }
             }
-        },
+        }
     };
     let heartbeat = Heartbeat::decode(&body, &state.settings.limits).map_err(|err| match err {
         DecodeError::TooLarge { limit, .. } => Error::TooLarge { limit },
@@ -108,32 +110,6 @@ async fn accept(state: &Shared, headers: &HeaderMap, body: Body) -> Result<Recor
         body: body.into(),
     });
     submit(&state.writers, incoming).await
-}
-
-/// A heartbeat the configured secrets do not verify may come from an enrolled agent, which
-/// signs with the secret issued to it at enrollment (derived from the server key and a nonce
-/// kept in the store). Looked up only after the configured secrets failed, so fleets
-/// configured with `CONTROL_PLANE_AGENT_SECRETS` pay nothing for it.
-async fn verify_with_issued_secret<'b>(
-    state: &Shared,
-    body: &'b [u8],
-    lookup: &SignatureHeaders<'_>,
-    now: i64,
-) -> Option<fleet_core::Verified<'b>> {
-    let instance = fleet_core::locate_instance_id(body)?;
-    let commands = state.store.commands()?;
-    let issued = match crate::registration::issued_secret_of(state, commands, &instance).await {
-        Ok(issued) => issued?,
-        Err(err) => {
-            tracing::warn!(error = %err, "reading an issued secret failed");
-            return None;
-        }
-    };
-    let secrets = [issued];
-    state
-        .verifier
-        .verify_with(body, lookup, now, |_| Some(secrets.as_slice()))
-        .ok()
 }
 
 async fn submit(writers: &Writers, incoming: Box<IncomingHeartbeat>) -> Result<RecordOutcome> {

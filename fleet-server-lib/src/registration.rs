@@ -58,6 +58,33 @@ pub(crate) async fn issued_secret_of(
         .and_then(|nonce| Secret::new(&issued_secret(&state.live.master, instance, &nonce)).ok()))
 }
 
+/// A request the configured secrets do not verify may come from an enrolled agent, which
+/// signs with the secret issued to it at enrollment (derived from the server key and a nonce
+/// kept in the store). Looked up only after the configured secrets failed, so fleets
+/// configured with `CONTROL_PLANE_AGENT_SECRETS` pay nothing for it. `None` when the body
+/// names no enrolled instance or its issued secret does not verify it either.
+pub(crate) async fn verify_with_issued_secret<'b>(
+    state: &Shared,
+    body: &'b [u8],
+    lookup: &SignatureHeaders<'_>,
+    now: i64,
+) -> Option<fleet_core::Verified<'b>> {
+    let instance = fleet_core::locate_instance_id(body)?;
+    let commands = state.store.commands()?;
+    let issued = match issued_secret_of(state, commands, &instance).await {
+        Ok(issued) => issued?,
+        Err(err) => {
+            tracing::warn!(error = %err, "reading an issued secret failed");
+            return None;
+        }
+    };
+    let secrets = [issued];
+    state
+        .verifier
+        .verify_with(body, lookup, now, |_| Some(secrets.as_slice()))
+        .ok()
+}
+
 /// Every secret `instance` may sign with: the configured ones, and the one issued to it at
 /// enrollment.
 pub(crate) async fn agent_secrets(

@@ -58,22 +58,21 @@ pub(crate) async fn signed<T: AgentRequest>(
         .map_err(|_| Error::TooLarge { limit })?;
     let lookup =
         SignatureHeaders::from_lookup(|name| headers.get(name).and_then(|v| v.to_str().ok()));
-    let verified = state
-        .verifier
-        .verify(&body, &lookup, fleet_core::unix_now())
-        .map_err(|err| {
-            tracing::debug!(reason = err.kind(), "agent request refused");
-            Error::Unauthorized
-        })?;
+    let now = fleet_core::unix_now();
+    let verified = match state.verifier.verify(&body, &lookup, now) {
+        Ok(verified) => verified,
+        // An enrolled agent signs with the secret issued to it.
+        Err(err) => crate::registration::verify_with_issued_secret(state, &body, &lookup, now)
+            .await
+            .ok_or_else(|| {
+                tracing::debug!(reason = err.kind(), "agent request refused");
+                Error::Unauthorized
+            })?,
+    };
     if let (Some(msg_id), Some(signed_at)) = (&verified.msg_id, verified.timestamp) {
         let replay = state
             .store
-            .is_replay(
-                &verified.instance_id,
-                msg_id,
-                signed_at,
-                fleet_core::unix_now(),
-            )
+            .is_replay(&verified.instance_id, msg_id, signed_at, now)
             .await?;
         if replay {
             // Same answer as any other signature failure.

@@ -588,6 +588,48 @@ async fn enrollment_token_buys_a_secret_once(store: TestStore) {
         &registered,
     )
     .await;
+    // The issued secret signs the agent's job polls (updates, plugins, restore checks) as
+    // well as its heartbeats; another secret, or the same message again, is refused.
+    let asks = json!({"instance_id": "new-host-7"});
+    let asks = serde_json::to_vec(&asks).expect("json");
+    for (n, path) in [
+        "/api/updates/next",
+        "/api/plugins/next",
+        "/api/restores/next",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let msg_id = format!("msg_enrolled_poll_{n}");
+        let answer = server
+            .post_v1(path, &secret, &msg_id, support::now(), &asks)
+            .await;
+        assert_eq!(answer.status().as_u16(), 204, "{path}");
+        let again = server
+            .post_v1(path, &secret, &msg_id, support::now(), &asks)
+            .await;
+        assert_eq!(again.status().as_u16(), 401, "{path}: a replay");
+        let wrong = server
+            .post_v1(
+                path,
+                "not-the-issued-secret",
+                &format!("{msg_id}_wrong"),
+                support::now(),
+                &asks,
+            )
+            .await;
+        assert_eq!(wrong.status().as_u16(), 401, "{path}: another secret");
+    }
+    let heartbeat = support::body("new-host-7", json!({}));
+    let answer = server
+        .send_v1(
+            &secret,
+            "msg_enrolled_heartbeat",
+            support::now(),
+            &heartbeat,
+        )
+        .await;
+    assert_eq!(answer.status().as_u16(), 200);
     // The issued secret signs registrations and opens the live channel.
     let agent = TestAgent::start(&server.url, "new-host-7", &secret, None).await;
     wait_connected(&server.client, &server.url, 1).await;
