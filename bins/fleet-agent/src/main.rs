@@ -9,6 +9,8 @@ use std::process::ExitCode;
 
 use fleet_agent::{Agent, AgentConfig, CommandSettings, Error};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::prelude::*;
 
 /// What `--help` prints: the agent takes no arguments, so this says where its settings come
 /// from and which ones it cannot start without.
@@ -69,20 +71,24 @@ fn main() -> ExitCode {
     if let Some(code) = answer_arguments() {
         return code;
     }
-    let filter = EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info"))
-        // tungstenite logs the whole handshake request at trace, with the live channel's
-        // `Authorization: Bearer <JWT>`: held at debug whatever RUST_LOG says.
-        .add_directive("tungstenite=debug".parse().expect("static directive"));
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // tungstenite logs the whole handshake request at trace, with the live channel's
+    // `Authorization: Bearer <JWT>`: a second filter holds it at debug at most, whatever
+    // RUST_LOG says, without raising it above what RUST_LOG asks.
+    let no_handshake_trace = Targets::new()
+        .with_default(LevelFilter::TRACE)
+        .with_target("tungstenite", LevelFilter::DEBUG);
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let lines = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
+    let logs = tracing_subscriber::registry()
+        .with(filter)
+        .with(no_handshake_trace);
     if json {
-        builder.json().init();
+        logs.with(lines.json()).init();
     } else {
-        builder.init();
+        logs.with(lines).init();
     }
 
     let commands = match CommandSettings::from_lookup(|name| std::env::var(name).ok()) {

@@ -55,6 +55,19 @@ async fn the_binary_enrolls_with_a_one_time_token_and_keeps_its_secret() {
         .mode();
     assert_eq!(mode & 0o777, 0o600);
     sigterm_and_wait(&mut agent).await;
+    // At RUST_LOG=info nothing below info is printed, the live channel's handshake included.
+    for (path, text) in agent_logs(&dir) {
+        assert!(
+            text.contains("live channel connected"),
+            "{}: {text}",
+            path.display()
+        );
+        assert!(
+            !text.contains("DEBUG") && !text.contains("TRACE"),
+            "{}: {text}",
+            path.display()
+        );
+    }
 
     // Restarted with the same (now spent) token: the stored secret is used.
     let mut agent = Guard(spawn_agent(&env, &dir));
