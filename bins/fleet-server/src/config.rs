@@ -248,6 +248,24 @@ impl ServeArgs {
             problems
                 .push("CONTROL_PLANE_ADMIN_TOKEN: missing (the admin role needs a token)".into());
         }
+        problems.extend(shared_role_tokens(&tokens));
+        for (name, token) in [
+            ("CONTROL_PLANE_SUPPORT_TOKEN", &tokens.support),
+            ("CONTROL_PLANE_OPS_TOKEN", &tokens.ops),
+            ("CONTROL_PLANE_ADMIN_TOKEN", &tokens.admin),
+        ] {
+            // Accepted, as the ERP control plane accepts it, but said: the failed-check limit
+            // slows guessing down, it does not make a short token safe.
+            if token
+                .as_ref()
+                .is_some_and(|t| t.chars().count() < MIN_ROLE_TOKEN_CHARS)
+            {
+                tracing::warn!(
+                    "{name} is shorter than {MIN_ROLE_TOKEN_CHARS} characters: use a long random \
+                     token (for example `openssl rand -hex 32`)"
+                );
+            }
+        }
         let secrets = match SecretResolver::from_config(
             set(&self.agent_secrets),
             set(&self.agent_token),
@@ -460,6 +478,33 @@ impl ServeArgs {
     }
 }
 
+/// Role tokens shorter than this are accepted with a warning.
+const MIN_ROLE_TOKEN_CHARS: usize = 16;
+
+/// Each pair of roles configured with one token. A request with it proves the higher role,
+/// so whoever was handed the lower role's token would hold the higher role too.
+fn shared_role_tokens(tokens: &RoleTokens) -> Vec<String> {
+    let named = [
+        ("CONTROL_PLANE_SUPPORT_TOKEN", &tokens.support),
+        ("CONTROL_PLANE_OPS_TOKEN", &tokens.ops),
+        ("CONTROL_PLANE_ADMIN_TOKEN", &tokens.admin),
+    ];
+    let mut problems = Vec::new();
+    for (i, (lower, lower_token)) in named.iter().enumerate() {
+        for (higher, higher_token) in &named[i + 1..] {
+            if let (Some(a), Some(b)) = (lower_token, higher_token)
+                && fleet_core::signing::constant_time_eq(a.as_bytes(), b.as_bytes())
+            {
+                problems.push(format!(
+                    "{lower}: the same as {higher}, so it would grant the higher role; \
+                     give each role a token of its own"
+                ));
+            }
+        }
+    }
+    problems
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,6 +567,32 @@ mod tests {
             "{problems:#?}"
         );
         assert!(!problems.join("\n").contains("fine-secret-value"));
+    }
+
+    #[test]
+    fn roles_sharing_a_token_are_refused_without_showing_it() {
+        let problems = ServeArgs {
+            support_token: Some("one-token-for-two-roles".into()),
+            ops_token: Some("ops-token-of-its-own".into()),
+            admin_token: Some("one-token-for-two-roles".into()),
+            ..args()
+        }
+        .validate()
+        .err()
+        .expect("invalid");
+        assert_eq!(
+            problems,
+            [
+                "CONTROL_PLANE_SUPPORT_TOKEN: the same as CONTROL_PLANE_ADMIN_TOKEN, so it would \
+              grant the higher role; give each role a token of its own"
+            ]
+        );
+        let distinct = ServeArgs {
+            support_token: Some("support-token".into()),
+            ops_token: Some("ops-token".into()),
+            ..args()
+        };
+        assert!(distinct.validate().is_ok());
     }
 
     #[test]
