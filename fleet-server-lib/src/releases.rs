@@ -21,7 +21,21 @@ fn refused(err: &ManifestError) -> Error {
         ManifestError::Malformed(_) => "",
         _ => "signature",
     };
-    errors.push(path, format!("manifest refused ({}): {err}", err.kind()));
+    // The operator's next step, when the server was not configured for the manifest's scheme.
+    let hint = match err {
+        ManifestError::SchemeNotAccepted("ed25519") => {
+            " (no release public key is configured: set CONTROL_PLANE_RELEASE_PUBLIC_KEYS to the \
+             key `fleetctl keys generate` printed)"
+        }
+        ManifestError::SchemeNotAccepted(_) => {
+            " (set CONTROL_PLANE_RELEASE_SIGNING_SECRET to accept the ERP's HMAC-signed manifests)"
+        }
+        _ => "",
+    };
+    errors.push(
+        path,
+        format!("manifest refused ({}): {err}{hint}", err.kind()),
+    );
     Error::Invalid(errors)
 }
 
@@ -67,4 +81,33 @@ pub(crate) async fn list(
 ) -> Result<Response> {
     let items = state.store.list_releases(query.limit()?).await?;
     Ok(Json(serde_json::json!({ "items": items })).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(err: &ManifestError) -> String {
+        match refused(err) {
+            Error::Invalid(errors) => errors.to_string(),
+            other => panic!("not a 422: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_scheme_the_server_is_not_set_up_for_names_the_setting() {
+        let ed25519 = message(&ManifestError::SchemeNotAccepted("ed25519"));
+        assert!(
+            ed25519.contains("scheme_not_accepted")
+                && ed25519.contains("CONTROL_PLANE_RELEASE_PUBLIC_KEYS"),
+            "{ed25519}"
+        );
+        let hmac = message(&ManifestError::SchemeNotAccepted("hmac-sha256"));
+        assert!(
+            hmac.contains("CONTROL_PLANE_RELEASE_SIGNING_SECRET"),
+            "{hmac}"
+        );
+        let mismatch = message(&ManifestError::SignatureMismatch);
+        assert!(!mismatch.contains("CONTROL_PLANE_"), "{mismatch}");
+    }
 }

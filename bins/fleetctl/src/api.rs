@@ -217,25 +217,7 @@ impl Client {
         if status.is_success() {
             return Ok(value);
         }
-        let message = value["error"]["message"]
-            .as_str()
-            .unwrap_or("no message")
-            .to_owned();
-        let details = value["error"]["details"]
-            .as_array()
-            .map(|d| {
-                d.iter()
-                    .map(|v| {
-                        format!(
-                            "\n  {}: {}",
-                            v["path"].as_str().unwrap_or(""),
-                            v["message"].as_str().unwrap_or("")
-                        )
-                    })
-                    .collect::<String>()
-            })
-            .unwrap_or_default();
-        Err(format!("HTTP {}: {message}{details}", status.as_u16()))
+        Err(refusal(status, &value))
     }
 
     fn get(&self, path: &str) -> Result<Value, String> {
@@ -255,6 +237,34 @@ impl Client {
         } else {
             println!("{}", human(value));
         }
+    }
+}
+
+/// The control plane's refusal as one readable text: the status, then its message, or, for
+/// invalid fields, one line per field (the message repeats them on one line).
+pub(crate) fn refusal(status: reqwest::StatusCode, body: &Value) -> String {
+    let fields: Vec<String> = body["error"]["details"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| {
+            let path = v["path"]
+                .as_str()
+                .filter(|p| !p.is_empty())
+                .unwrap_or("(body)");
+            format!("\n  {path}: {}", v["message"].as_str().unwrap_or(""))
+        })
+        .collect();
+    if fields.is_empty() {
+        let message = body["error"]["message"].as_str().unwrap_or("no message");
+        format!("HTTP {}: {message}", status.as_u16())
+    } else {
+        format!(
+            "HTTP {}: {} invalid field(s):{}",
+            status.as_u16(),
+            fields.len(),
+            fields.concat()
+        )
     }
 }
 

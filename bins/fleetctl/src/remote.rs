@@ -139,11 +139,7 @@ async fn answer(path: &str, response: reqwest::Response) -> Result<Value, String
     if status.is_success() {
         Ok(body)
     } else {
-        let message = body["error"]["message"]
-            .as_str()
-            .unwrap_or("request failed");
-        let details = body["error"]["details"].to_string();
-        Err(format!("{path}: {status}: {message} {details}"))
+        Err(format!("{path}: {}", crate::api::refusal(status, &body)))
     }
 }
 
@@ -498,6 +494,25 @@ mod tests {
         assert!(watch.told.contains("shop-1"));
         watch.observe("c1", &shown("sent"));
         assert_eq!(watch.told.len(), 1);
+    }
+
+    #[test]
+    fn a_refusal_lists_each_invalid_field_once() {
+        let invalid = json!({"error": {"code": "invalid", "message": "2 invalid field(s): a: x; b: y",
+            "details": [{"path": "a", "message": "x"}, {"path": "", "message": "y"}]}});
+        assert_eq!(
+            crate::api::refusal(reqwest::StatusCode::UNPROCESSABLE_ENTITY, &invalid),
+            "HTTP 422: 2 invalid field(s):\n  a: x\n  (body): y"
+        );
+        let plain = json!({"error": {"code": "not_found", "message": "not found"}});
+        assert_eq!(
+            crate::api::refusal(reqwest::StatusCode::NOT_FOUND, &plain),
+            "HTTP 404: not found"
+        );
+        assert_eq!(
+            crate::api::refusal(reqwest::StatusCode::BAD_GATEWAY, &Value::Null),
+            "HTTP 502: no message"
+        );
     }
 
     #[test]
