@@ -1,20 +1,20 @@
 //! Dashboard pages for remote commands: the recent commands with their targets counted by
-//! status, and one command with each target's status, result and output. Every role reads
-//! them; a payload's secret-bearing values are hidden from `support` (see
+//! status, and one command with each target's status, result and output, with a form that
+//! cancels it while it runs (for the roles that may). Every role reads them; a payload's secret-bearing values are hidden from `support` (see
 //! [`visible_payload`]), while output stays visible to all, as `/v1/commands/:id/logs` is.
 
 use std::fmt::Write;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use fleet_core::command::Stream;
 use serde_json::Value;
 
 use crate::auth::{Role, Viewer, percent_encode};
 use crate::channel::command_store;
 use crate::dashboard::{esc, format_time, layout};
-use crate::{Result, Shared};
+use crate::{Error, Result, Shared};
 
 /// Commands listed.
 const LIST: i64 = 100;
@@ -144,12 +144,7 @@ pub(crate) async fn command(
 ) -> Result<Response> {
     let store = command_store(state.store.as_ref())?;
     let Some(c) = store.command(&id).await? else {
-        let body = format!("<h1>Not found</h1><p>No command {}.</p>", esc(&id));
-        return Ok((
-            StatusCode::NOT_FOUND,
-            layout("Not found", Some(role), &body),
-        )
-            .into_response());
+        return Ok(not_found(role, &id));
     };
     let mut b = String::new();
     let limit = |v: Option<String>| v.map_or_else(|| "none".to_owned(), |v| esc(&v));
@@ -166,6 +161,14 @@ pub(crate) async fn command(
         limit(c.max_concurrency.map(|n| n.to_string())),
         limit(c.max_errors.clone()),
     );
+    if c.status == "running" && crate::commands::may_operate(role, &c.command_type) {
+        let _ = write!(
+            b,
+            "<form method=post action=\"/commands/{}/cancel\" id=cancel><button>Cancel</button> \
+             <span class=muted>queued targets are skipped, running ones stopped</span></form>",
+            percent_encode(&c.id)
+        );
+    }
     let payload = visible_payload(&c.command_type, &c.payload, role);
     let _ = write!(
         b,
@@ -267,6 +270,30 @@ async fn head(
             }
             bytes.extend_from_slice(&chunk.data);
         }
+    }
+}
+
+/// The 404 page for a command id that names none.
+fn not_found(role: Role, id: &str) -> Response {
+    let body = format!("<h1>Not found</h1><p>No command {}.</p>", esc(id));
+    (
+        StatusCode::NOT_FOUND,
+        layout("Not found", Some(role), &body),
+    )
+        .into_response()
+}
+
+/// `POST /commands/{id}/cancel`: the dashboard's cancel form; back to the command's page.
+pub(crate) async fn cancel(
+    Viewer(role): Viewer<1>,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    match crate::commands::cancel_as(&state, role, &id).await {
+        Ok(_) => Ok(Redirect::to(&format!("/commands/{}", percent_encode(&id))).into_response()),
+        Err(Error::Forbidden) => Ok(crate::dashboard::forbidden_page()),
+        Err(Error::NotFound) => Ok(not_found(role, &id)),
+        Err(other) => Err(other),
     }
 }
 

@@ -337,13 +337,20 @@ pub(crate) async fn cancel(
     State(state): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<Response> {
+    let cancelled = cancel_as(&state, role, &id).await?;
+    Ok(Json(serde_json::json!({ "id": id, "cancelled": cancelled })).into_response())
+}
+
+/// Cancels command `id` for `role` (ops for the read-only types, admin for the others):
+/// queued targets are skipped and running ones told to stop. Returns how many were running.
+pub(crate) async fn cancel_as(state: &Shared, role: Role, id: &str) -> Result<usize> {
     let commands = command_store(state.store.as_ref())?;
-    let record = commands.command(&id).await?.ok_or(Error::NotFound)?;
+    let record = commands.command(id).await?.ok_or(Error::NotFound)?;
     let kind = fleet_core::command::CommandType::parse(&record.command_type)
         .ok_or_else(|| Error::Internal("stored command type unknown".into()))?;
     require(role, kind)?;
     let running = commands
-        .cancel_command(&id, fleet_core::unix_now())
+        .cancel_command(id, fleet_core::unix_now())
         .await?
         .ok_or(Error::NotFound)?;
     for dispatch in &running {
@@ -353,7 +360,16 @@ pub(crate) async fn cancel(
             .await;
     }
     state.live.activity.notify_waiters();
-    Ok(Json(serde_json::json!({ "id": id, "cancelled": running.len() })).into_response())
+    tracing::info!(command_id = %id, by = role.as_str(), "command cancelled");
+    Ok(running.len())
+}
+
+/// Whether `role` may cancel (or submit) a command of the stored type `command_type`: ops
+/// for the read-only types, admin for the others.
+pub(crate) fn may_operate(role: Role, command_type: &str) -> bool {
+    role >= Role::Ops
+        && fleet_core::command::CommandType::parse(command_type)
+            .is_some_and(|kind| require(role, kind).is_ok())
 }
 
 use crate::openapi::Access::{Public, Role as Least, Signed};
@@ -390,6 +406,17 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         Least("support"),
         "Dashboard: one command, each target's status, result and output (HTML, refreshes while running; payload secrets hidden from support).",
         &[(200, "HTML"), (404, "Unknown command")],
+    ),
+    doc(
+        "post",
+        "/commands/{id}/cancel",
+        Least("ops"),
+        "Dashboard form: cancel a running command (admin for the types that change a host).",
+        &[
+            (303, "Back to the command"),
+            (403, "Role too low"),
+            (404, "Unknown command"),
+        ],
     ),
     doc(
         "get",

@@ -366,6 +366,7 @@ fn routes(state: Shared) -> Router {
         .route("/restores", get(rollout_pages::restores))
         .route("/commands", get(command_pages::commands))
         .route("/commands/{id}", get(command_pages::command))
+        .route("/commands/{id}/cancel", post(command_pages::cancel))
         .route("/login", get(dashboard::login_page).post(dashboard::login))
         .route("/logout", post(dashboard::logout))
         .fallback(api::not_found)

@@ -148,6 +148,12 @@ const MATRIX: &[(&str, &str, &str, [u16; 4])] = &[
     // The dashboard's command pages: every role reads them.
     ("GET", "/commands", "/commands", [303, 200, 200, 200]),
     (
+        "POST",
+        "/commands/{id}/cancel",
+        "/commands/nope/cancel",
+        [303, 403, 404, 404],
+    ),
+    (
         "GET",
         "/commands/{id}",
         "/commands/nope",

@@ -718,22 +718,7 @@ async fn commands_are_listed_in_the_dashboard_and_the_api(store: TestStore) {
         let done = health_check(&server, INSTANCE).await;
         ids.push(done["id"].as_str().expect("id").to_owned());
     }
-    let page = |path: String| {
-        let server = &server;
-        async move {
-            let response = server
-                .client
-                .get(server.at(&path))
-                .bearer_auth(SUPPORT)
-                .send()
-                .await
-                .expect("page");
-            (
-                response.status().as_u16(),
-                response.text().await.expect("html"),
-            )
-        }
-    };
+    let page = |path: String| page(&server, path, SUPPORT);
     let (status, list) = page("/commands".into()).await;
     assert_eq!(status, 200);
     // Newest first, each with its counts.
@@ -779,6 +764,129 @@ async fn commands_are_listed_in_the_dashboard_and_the_api(store: TestStore) {
         assert!(text.contains("limit"), "{bad}: {text}");
     }
     agent.stop().await;
+    server.stop().await;
+}
+
+/// GETs `path` as `token`: the status and the text of the answer.
+async fn page(server: &TestServer, path: String, token: &str) -> (u16, String) {
+    let response = server
+        .client
+        .get(server.at(&path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("page");
+    (
+        response.status().as_u16(),
+        response.text().await.expect("text"),
+    )
+}
+
+/// The command page offers a Cancel form to the roles that may cancel the command, and the
+/// form cancels it; a role below that gets no form and a 403.
+#[tokio::test]
+async fn the_dashboard_cancels_a_command_for_the_roles_that_may() {
+    let store = support::sqlite().await;
+    let server = server(&store).await;
+    let page = |path: String, token: &'static str| page(&server, path, token);
+    let press = |path: String, token: &'static str| {
+        let server = &server;
+        async move {
+            let response = reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("client")
+                .post(server.at(&path))
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("post");
+            let to = response
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            (response.status().as_u16(), to)
+        }
+    };
+    // Nobody takes these: the targets never connect.
+    let (_, check) = submit(
+        &server.client,
+        &server.url,
+        OPS,
+        json!({"command_type": "HEALTH_CHECK", "targets": ["never-connected-005"], "payload": {}}),
+    )
+    .await;
+    let check = check["id"].as_str().expect("id").to_owned();
+    let (_, run) = submit(
+        &server.client,
+        &server.url,
+        ADMIN,
+        json!({"command_type": "RunCommand", "targets": ["never-connected-005"],
+               "payload": {"cmd": "true"}}),
+    )
+    .await;
+    let run = run["id"].as_str().expect("id").to_owned();
+
+    let form = format!("action=\"/commands/{check}/cancel\"");
+    assert!(
+        page(format!("/commands/{check}"), OPS)
+            .await
+            .1
+            .contains(&form)
+    );
+    assert!(
+        !page(format!("/commands/{check}"), SUPPORT)
+            .await
+            .1
+            .contains(&form)
+    );
+    assert_eq!(
+        press(format!("/commands/{check}/cancel"), SUPPORT).await.0,
+        403
+    );
+    // RunCommand changes the host: only admin may cancel it.
+    let run_form = format!("action=\"/commands/{run}/cancel\"");
+    assert!(
+        !page(format!("/commands/{run}"), OPS)
+            .await
+            .1
+            .contains(&run_form)
+    );
+    assert!(
+        page(format!("/commands/{run}"), ADMIN)
+            .await
+            .1
+            .contains(&run_form)
+    );
+    assert_eq!(press(format!("/commands/{run}/cancel"), OPS).await.0, 403);
+    assert_eq!(
+        press(format!("/commands/{check}/cancel"), OPS).await,
+        (303, format!("/commands/{check}"))
+    );
+    let (status, shown) = server
+        .get_json(&format!("/v1/commands/{check}"), SUPPORT)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(shown["status"], "cancelled", "{shown}");
+    assert_eq!(shown["targets"][0]["status"], "cancelled", "{shown}");
+    let (_, after) = page(format!("/commands/{check}"), OPS).await;
+    assert!(!after.contains(&form), "no form once it ended: {after}");
+    let (_, still) = server
+        .get_json(&format!("/v1/commands/{run}"), SUPPORT)
+        .await;
+    assert_eq!(
+        still["status"], "running",
+        "the refused cancel changed nothing: {still}"
+    );
+    assert_eq!(press(format!("/commands/{run}/cancel"), ADMIN).await.0, 303);
+    assert_eq!(
+        press("/commands/no-such-command/cancel".into(), ADMIN)
+            .await
+            .0,
+        404
+    );
     server.stop().await;
 }
 
