@@ -36,6 +36,73 @@ async fn wait_ok(client: &reqwest::Client, url: &str, token: Option<&str>) -> se
     panic!("{url} never answered 200");
 }
 
+/// A demo running in a fresh data folder on a free address, its agents beating every
+/// second, with its admin token.
+struct Demo {
+    dir: std::path::PathBuf,
+    addr: String,
+    demo: Child,
+    client: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+async fn start_demo() -> Demo {
+    let dir = temp_dir("cli");
+    let addr = free_addr();
+    let demo = command(&[
+        "demo",
+        "--data",
+        dir.to_str().expect("utf8"),
+        "--listen",
+        &addr,
+        "--interval-secs",
+        "1",
+    ])
+    .spawn()
+    .expect("start");
+    let client = reqwest::Client::new();
+    let base = format!("http://{addr}");
+    wait_ok(&client, &format!("{base}/healthz"), None).await;
+    let token = std::fs::read_to_string(dir.join("admin-token")).expect("token file");
+    Demo {
+        dir,
+        addr,
+        demo,
+        client,
+        base,
+        token: token.trim().to_owned(),
+    }
+}
+
+/// The demo's installations as (instance id, version), once `ready` holds of them (or after
+/// 10 s, to let the caller's assertion say what was there).
+async fn demo_versions(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+    ready: impl Fn(&[(String, String)]) -> bool,
+) -> Vec<(String, String)> {
+    let mut listed = Vec::new();
+    for _ in 0..50 {
+        let list = wait_ok(client, &format!("{base}/api/installations"), Some(token)).await;
+        listed = list["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|i| {
+                let text = |name: &str| i[name].as_str().unwrap_or_default().to_owned();
+                (text("instance_id"), text("version"))
+            })
+            .collect();
+        if ready(&listed) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    listed
+}
+
 #[tokio::test]
 async fn every_configuration_problem_is_named_at_once() {
     let output = command(&["serve"])
@@ -104,46 +171,20 @@ async fn serve_uses_the_erp_environment() {
 
 #[tokio::test]
 async fn demo_prints_a_login_and_its_agents_fill_the_dashboard() {
-    let dir = temp_dir("cli");
-    let addr = free_addr();
-    let mut demo = command(&[
-        "demo",
-        "--data",
-        dir.to_str().expect("utf8"),
-        "--listen",
-        &addr,
-        "--interval-secs",
-        "1",
-    ])
-    .spawn()
-    .expect("start");
-    let client = reqwest::Client::new();
-    let base = format!("http://{addr}");
-    wait_ok(&client, &format!("{base}/healthz"), None).await;
-    let token = std::fs::read_to_string(dir.join("admin-token")).expect("token file");
-    let mut names = Vec::new();
-    for _ in 0..50 {
-        let list = wait_ok(
-            &client,
-            &format!("{base}/api/installations"),
-            Some(token.trim()),
-        )
-        .await;
-        names = list["items"]
-            .as_array()
-            .expect("items")
-            .iter()
-            .filter_map(|i| i["instance_id"].as_str().map(str::to_owned))
-            .collect();
-        if names.len() == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let Demo {
+        dir,
+        addr,
+        mut demo,
+        client,
+        base,
+        token,
+    } = start_demo().await;
+    let listed = demo_versions(&client, &base, &token, |listed| listed.len() == 3).await;
+    let names: Vec<&str> = listed.iter().map(|(name, _)| name.as_str()).collect();
     assert_eq!(names, ["demo-legacy", "demo-shop-1", "demo-shop-2"]);
     let page = client
         .get(format!("{base}/"))
-        .bearer_auth(token.trim())
+        .bearer_auth(&token)
         .send()
         .await
         .expect("page");
@@ -152,7 +193,7 @@ async fn demo_prints_a_login_and_its_agents_fill_the_dashboard() {
     let output = demo.wait_with_output().await.expect("output");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
-        stdout.contains(&format!("http://{addr}/")) && stdout.contains(token.trim()),
+        stdout.contains(&format!("http://{addr}/")) && stdout.contains(&token),
         "{stdout}"
     );
     // Logs go to stderr, without colour codes when it is not a terminal; stdout holds only
@@ -163,6 +204,107 @@ async fn demo_prints_a_login_and_its_agents_fill_the_dashboard() {
     assert!(!stdout.contains("listening"), "{stdout}");
     // The demo keeps its agent token key in its database, so nothing warns about a key that
     // a restart would lose.
+    assert!(!stderr.contains("WARN"), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The demo trusts the release key it keeps in its data folder, and its agents take the
+/// update jobs of a rollout: a rollout to the stable channel completes by itself and the
+/// stable instances report the new version, while the beta one keeps its own.
+#[tokio::test]
+async fn a_rollout_signed_with_the_demo_key_reaches_the_demo_agents() {
+    let Demo {
+        dir,
+        mut demo,
+        client,
+        base,
+        token,
+        ..
+    } = start_demo().await;
+    let token = token.as_str();
+    // A rollout's targets are the channel's instances when it is created.
+    demo_versions(&client, &base, token, |listed| listed.len() == 3).await;
+    let key_text = std::fs::read_to_string(dir.join("release.key")).expect("release key");
+    let key = fleet_core::manifest::PrivateKey::from_base64(key_text.trim()).expect("key");
+    let public = std::fs::read_to_string(dir.join("release.key.pub")).expect("public key");
+    assert_eq!(public.trim(), key.public_key().to_base64());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join("release.key"))
+        .expect("meta")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let manifest = serde_json::json!({"version": "9.9.0", "sha": "abc123", "channel": "stable",
+        "migrations_required": false, "breaking_changes": false,
+        "released_at": "2026-12-07T10:00:00Z"});
+    let post = |path: &str, body: serde_json::Value| {
+        client
+            .post(format!("{base}{path}"))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+    };
+    let stranger = fleet_core::manifest::PrivateKey::from_seed([7; 32]);
+    let refused = post(
+        "/api/releases",
+        stranger.sign_value(&manifest).expect("sign"),
+    )
+    .await
+    .expect("post");
+    assert_eq!(refused.status().as_u16(), 422, "another key is refused");
+    let release: serde_json::Value =
+        post("/api/releases", key.sign_value(&manifest).expect("sign"))
+            .await
+            .expect("post")
+            .json()
+            .await
+            .expect("json");
+    let rollout: serde_json::Value = post(
+        "/api/rollouts",
+        serde_json::json!({"release_id": release["id"], "channel": "stable", "batch_size": 1,
+                           "auto_advance": true}),
+    )
+    .await
+    .expect("post")
+    .json()
+    .await
+    .expect("json");
+    let path = format!("{base}/api/rollouts/{}", rollout["id"]);
+    let mut shown = serde_json::Value::Null;
+    for _ in 0..60 {
+        shown = wait_ok(&client, &path, Some(token)).await;
+        if shown["status"] == "completed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(shown["status"], "completed", "{shown}");
+    let updated = |listed: &[(String, String)]| {
+        listed
+            .iter()
+            .filter(|(_, version)| version == "9.9.0")
+            .count()
+            == 2
+    };
+    let versions = demo_versions(&client, &base, token, updated).await;
+    let expected: Vec<(String, String)> = [
+        ("demo-legacy", "9.9.0"),
+        ("demo-shop-1", "9.9.0"),
+        ("demo-shop-2", "2.0.1"),
+    ]
+    .iter()
+    .map(|(i, v)| (i.to_string(), v.to_string()))
+    .collect();
+    assert_eq!(versions, expected);
+    demo.kill().await.expect("stop");
+    let output = demo.wait_with_output().await.expect("output");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("release.key"),
+        "the demo names its key: {stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!stderr.contains("WARN"), "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
 }
