@@ -51,7 +51,10 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "Create a rollout: {release_id | version, channel, batch_size (10), strategy BATCH | BLUE_GREEN_CANARY, canary_steps, canary_step_wait_sec, slo_*_max, auto_rollback, failure_threshold (count or \"25%\", per batch; 0 = any failure halts), auto_advance, observe_secs}. The targets (channel members not on the version) are frozen and the first batch starts.",
         &[
             (201, "The rollout"),
-            (422, "Invalid settings or unknown release"),
+            (
+                422,
+                "Invalid settings, unknown release, or no installation on the channel needs it",
+            ),
         ],
     ),
     r(
@@ -182,7 +185,10 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         &[
             (201, "The rollout"),
             (409, "The plugin release is not approved"),
-            (422, "Invalid settings"),
+            (
+                422,
+                "Invalid settings, or no installation reports the channel",
+            ),
         ],
     ),
     r(

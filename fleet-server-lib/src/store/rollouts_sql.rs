@@ -161,8 +161,21 @@ macro_rules! impl_rollout_store {
                 .bind(target_version.clone())
                 .fetch_all(&mut *tx)
                 .await?;
+                // A rollout with nothing to do is refused rather than stored as done: an
+                // operator who named the wrong channel or version learns it at once.
+                if targets.is_empty() {
+                    let why = match &target_version {
+                        Some(version) => format!(
+                            "no installation on channel {:?} needs {version}: each one runs it \
+                             already, or none reports this channel",
+                            new.channel
+                        ),
+                        None => format!("no installation reports channel {:?}", new.channel),
+                    };
+                    return Err(invalid("channel", &why));
+                }
                 let batches = $crate::rollouts::split_batches(&targets, new.settings.batch_size as usize);
-                let status = if batches.is_empty() { "completed" } else { "running" };
+                let status = "running";
                 let settings = serde_json::to_string(&new.settings).unwrap_or_default();
                 let id: i64 = sqlx::query_scalar(
                     "INSERT INTO rollouts (kind, release_id, plugin_release_id, plugin_action, channel, \

@@ -162,6 +162,28 @@ async fn rollout_freezes_targets_halts_on_failure_and_resumes(t: TestStore) {
         .sign_value(&serde_json::to_value(manifest("2.0.0")).expect("json"))
         .expect("sign");
     let (_, release) = admin_post(&server, "/api/releases", ADMIN, &signed).await;
+    // A channel where nothing needs the release: refused, and nothing is stored.
+    for channel in ["nightly", "beta-of-nobody"] {
+        let (status, error) = admin_post(
+            &server,
+            "/api/rollouts",
+            ADMIN,
+            &json!({"release_id": release["id"], "channel": channel}),
+        )
+        .await;
+        assert_eq!((status, code(&error)), (422, "invalid"), "{error}");
+        assert_eq!(error["error"]["details"][0]["path"], "channel", "{error}");
+        assert!(
+            error.to_string().contains("no installation on channel"),
+            "{error}"
+        );
+    }
+    let (_, listed) = server.get_documented("/api/rollouts", SUPPORT).await;
+    assert_eq!(
+        listed["items"].as_array().map(Vec::len),
+        Some(0),
+        "{listed}"
+    );
     let (status, rollout) = admin_post(
         &server,
         "/api/rollouts",
