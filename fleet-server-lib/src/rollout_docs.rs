@@ -48,7 +48,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "post",
         "/api/rollouts",
         Role("admin"),
-        "Create a rollout: {release_id | version, channel, batch_size (10), strategy BATCH | BLUE_GREEN_CANARY, canary_steps, canary_step_wait_sec, slo_*_max, auto_rollback, failure_threshold (count or \"25%\", per batch; 0 = any failure halts), auto_advance, observe_secs}. The targets (channel members not on the version) are frozen and the first batch starts.",
+        "Create a rollout: {release_id | version, channel, batch_size (10), strategy BATCH | BLUE_GREEN_CANARY, canary_steps, canary_step_wait_sec, slo_*_max, auto_rollback, failure_threshold (count or \"25%\", per batch; 0 = any failure halts), auto_advance, observe_secs (600)}. The targets (channel members not on the version) are frozen and the first batch starts. With an slo_*_max set, each batch is watched for observe_secs after its last job ends, and only then does the next batch start (auto_advance) or the rollout complete; a breach in that window halts it.",
         &[
             (201, "The rollout"),
             (

@@ -156,6 +156,7 @@ pub enum Next {
 /// running or paused rollout at once, even while other jobs of the batch still run; an
 /// ended batch completes the rollout when it was the last, or starts the next one when
 /// auto-advance is on and the rollout is running.
+#[allow(clippy::too_many_arguments)]
 pub fn after_job_end(
     status: RolloutStatus,
     counts: &BatchCounts,
@@ -164,6 +165,7 @@ pub fn after_job_end(
     current_batch: i64,
     batch_count: i64,
     job_failed: bool,
+    observing: bool,
 ) -> Next {
     if counts.batch != current_batch {
         return Next::Stay;
@@ -185,12 +187,52 @@ pub fn after_job_end(
     if status != RolloutStatus::Running || counts.active() > 0 {
         return Next::Stay;
     }
-    if current_batch + 1 >= batch_count {
+    batch_ended(auto_advance, current_batch, batch_count, observing)
+}
+
+/// What follows a batch whose every job ended: the rollout completes after its last batch,
+/// or starts the next with auto-advance. A rollout that watches its updated instances'
+/// heartbeats ([`observes`]) does neither yet: it waits out the observation window first
+/// ([`after_observation`]), so that a breach can still halt it before the next batch.
+fn batch_ended(auto_advance: bool, current_batch: i64, batch_count: i64, observing: bool) -> Next {
+    if observing {
+        Next::Stay
+    } else if current_batch + 1 >= batch_count {
         Next::Complete
     } else if auto_advance {
         Next::StartNext
     } else {
         Next::Stay
+    }
+}
+
+/// Whether a rollout waits out an observation window after each batch before it moves on:
+/// an update rollout with an SLO maximum set and a window, the only kind with heartbeats to
+/// watch against its maxima.
+pub fn observes(kind: &str, settings: &RolloutSettings, observe_secs: i64) -> bool {
+    let set = |max: Option<f64>| max.is_some_and(|m| m > 0.0);
+    kind == "update"
+        && observe_secs > 0
+        && (set(settings.slo_p95_ms_max)
+            || set(settings.slo_error_rate_max)
+            || set(settings.slo_webhook_retry_rate_max))
+}
+
+/// The rule for a running, observed rollout whose current batch ended at `ended_at` (its
+/// last job's end) without a breach so far: once the window is over, what [`batch_ended`]
+/// would have done at the batch's end.
+pub fn after_observation(
+    ended_at: i64,
+    observe_secs: i64,
+    now: i64,
+    auto_advance: bool,
+    current_batch: i64,
+    batch_count: i64,
+) -> Next {
+    if now < ended_at.saturating_add(observe_secs) {
+        Next::Stay
+    } else {
+        batch_ended(auto_advance, current_batch, batch_count, false)
     }
 }
 
@@ -201,15 +243,12 @@ pub fn after_resume(
     auto_advance: bool,
     current_batch: i64,
     batch_count: i64,
+    observing: bool,
 ) -> Next {
     if counts.active() > 0 {
         Next::Stay
-    } else if current_batch + 1 >= batch_count {
-        Next::Complete
-    } else if auto_advance {
-        Next::StartNext
     } else {
-        Next::Stay
+        batch_ended(auto_advance, current_batch, batch_count, observing)
     }
 }
 
@@ -672,6 +711,7 @@ mod tests {
             1,
             3,
             true,
+            false,
         );
         assert!(
             matches!(next, Next::Halt(ref r) if r.contains("1 of 2")),
@@ -685,6 +725,7 @@ mod tests {
             1,
             3,
             true,
+            false,
         );
         assert_eq!(next, Next::Stay, "still running, under the threshold");
     }
@@ -701,6 +742,7 @@ mod tests {
                 0,
                 2,
                 true,
+                false,
             )
         };
         assert_eq!(at(25.0), Next::Stay);
@@ -712,27 +754,84 @@ mod tests {
         let done = counts(0, &["succeeded", "succeeded"]);
         let t = Threshold::Count(0);
         assert_eq!(
-            after_job_end(RolloutStatus::Running, &done, t, false, 0, 2, false),
+            after_job_end(RolloutStatus::Running, &done, t, false, 0, 2, false, false),
             Next::Stay
         );
         assert_eq!(
-            after_job_end(RolloutStatus::Running, &done, t, true, 0, 2, false),
+            after_job_end(RolloutStatus::Running, &done, t, true, 0, 2, false, false),
             Next::StartNext
         );
         assert_eq!(
-            after_job_end(RolloutStatus::Running, &done, t, false, 0, 1, false),
+            after_job_end(RolloutStatus::Running, &done, t, false, 0, 1, false, false),
             Next::Complete
         );
         assert_eq!(
-            after_job_end(RolloutStatus::Paused, &done, t, true, 0, 2, false),
+            after_job_end(RolloutStatus::Paused, &done, t, true, 0, 2, false, false),
             Next::Stay,
             "a paused rollout does not advance"
         );
         assert_eq!(
-            after_job_end(RolloutStatus::Running, &done, t, true, 1, 3, false),
+            after_job_end(RolloutStatus::Running, &done, t, true, 1, 3, false, false),
             Next::Stay,
             "a late report of an earlier batch changes nothing"
         );
+    }
+
+    #[test]
+    fn an_observed_rollout_moves_on_only_when_its_window_is_over() {
+        let done = counts(0, &["succeeded", "succeeded"]);
+        let t = Threshold::Count(0);
+        // The batch ended: an observed rollout neither starts the next batch nor completes.
+        assert_eq!(
+            after_job_end(RolloutStatus::Running, &done, t, true, 0, 2, false, true),
+            Next::Stay
+        );
+        assert_eq!(
+            after_job_end(RolloutStatus::Running, &done, t, false, 0, 1, false, true),
+            Next::Stay
+        );
+        assert_eq!(after_resume(&done, true, 0, 2, true), Next::Stay);
+        // A failure past the threshold still halts at once.
+        let failed = counts(0, &["failed", "succeeded"]);
+        assert!(matches!(
+            after_job_end(RolloutStatus::Running, &failed, t, true, 0, 2, true, true),
+            Next::Halt(_)
+        ));
+        // The window: 600 s from the batch's last job end.
+        assert_eq!(after_observation(1_000, 600, 1_599, true, 0, 2), Next::Stay);
+        assert_eq!(
+            after_observation(1_000, 600, 1_600, true, 0, 2),
+            Next::StartNext
+        );
+        assert_eq!(
+            after_observation(1_000, 600, 1_600, false, 0, 2),
+            Next::Stay
+        );
+        assert_eq!(
+            after_observation(1_000, 600, 1_600, false, 1, 2),
+            Next::Complete
+        );
+    }
+
+    #[test]
+    fn only_an_update_rollout_with_an_slo_maximum_and_a_window_is_observed() {
+        let with = |p95: Option<f64>| RolloutSettings {
+            slo_p95_ms_max: p95,
+            ..RolloutSettings::default()
+        };
+        assert!(observes("update", &with(Some(500.0)), 600));
+        assert!(!observes("update", &with(Some(500.0)), 0), "no window");
+        assert!(!observes("update", &with(None), 600), "nothing to watch");
+        assert!(
+            !observes("update", &with(Some(0.0)), 600),
+            "0 is off, as in the ERP"
+        );
+        assert!(!observes("plugin", &with(Some(500.0)), 600));
+        let error_rate = RolloutSettings {
+            slo_error_rate_max: Some(0.05),
+            ..RolloutSettings::default()
+        };
+        assert!(observes("update", &error_rate, 60));
     }
 
     #[test]
@@ -740,14 +839,14 @@ mod tests {
         let c = counts(1, &["rolled_back", "succeeded"]);
         let t = Threshold::Count(0);
         assert_eq!(
-            after_job_end(RolloutStatus::Running, &c, t, false, 1, 3, false),
+            after_job_end(RolloutStatus::Running, &c, t, false, 1, 3, false, false),
             Next::Stay
         );
-        assert_eq!(after_resume(&c, false, 1, 3), Next::Stay);
-        assert_eq!(after_resume(&c, true, 1, 3), Next::StartNext);
-        assert_eq!(after_resume(&c, false, 2, 3), Next::Complete);
+        assert_eq!(after_resume(&c, false, 1, 3, false), Next::Stay);
+        assert_eq!(after_resume(&c, true, 1, 3, false), Next::StartNext);
+        assert_eq!(after_resume(&c, false, 2, 3, false), Next::Complete);
         assert_eq!(
-            after_resume(&counts(1, &["in_progress"]), true, 1, 3),
+            after_resume(&counts(1, &["in_progress"]), true, 1, 3, false),
             Next::Stay
         );
     }

@@ -73,7 +73,9 @@ pub struct CreateArgs {
     /// Webhook-retry-rate ceiling.
     #[arg(long)]
     pub slo_webhook_retry_rate_max: Option<f64>,
-    /// Seconds an updated instance's heartbeats are watched against the SLO ceilings.
+    /// Seconds an updated instance's heartbeats are watched against the SLO ceilings (default
+    /// 600); with a ceiling set, each batch is watched this long after its last job ends
+    /// before the next batch starts or the rollout completes.
     #[arg(long)]
     pub observe_secs: Option<i64>,
     /// Do not run the rollback command when a step fails.

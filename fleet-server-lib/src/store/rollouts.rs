@@ -479,3 +479,19 @@ pub trait RestoreStore: Send + Sync {
     /// Restore verifications, newest first.
     async fn list_restores(&self, limit: i64) -> Result<Vec<Restore>>;
 }
+
+/// A rollout row locked for a change, with what its rules need.
+#[derive(Debug, Clone)]
+pub(crate) struct LockedRollout {
+    pub status: crate::rollouts::RolloutStatus,
+    pub current_batch: i64,
+    pub batch_count: i64,
+    pub auto_advance: bool,
+    /// Failures per batch that halt it.
+    pub threshold: fleet_core::command::Threshold,
+    /// Whether it waits out an observation window after each batch
+    /// ([`observes`](crate::rollouts::observes)).
+    pub observing: bool,
+    /// Seconds each batch's updated instances are watched.
+    pub observe_secs: i64,
+}

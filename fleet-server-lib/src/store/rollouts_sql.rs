@@ -284,9 +284,9 @@ macro_rules! impl_rollout_store {
                 let Some(row) = Self::lock_rollout(&mut tx, id).await? else {
                     return Err($crate::Error::NotFound);
                 };
-                let status = RolloutStatus::parse(&row.0)
-                    .ok_or_else(|| $crate::Error::Internal("unknown rollout status".into()))?;
-                let (current_batch, batch_count, auto_advance) = (row.1, row.2, row.3);
+                let status: RolloutStatus = row.status;
+                let (current_batch, batch_count, auto_advance) =
+                    (row.current_batch, row.batch_count, row.auto_advance);
                 let counts = Self::batch_counts(&mut tx, id, current_batch).await?;
                 let new_status = $crate::rollouts::transition(status, action)
                     .map_err($crate::Error::Conflict)?;
@@ -328,6 +328,7 @@ macro_rules! impl_rollout_store {
                                 auto_advance,
                                 current_batch,
                                 batch_count,
+                                row.observing,
                             );
                             Self::apply_next(&mut tx, id, current_batch, next, None, now, forward).await?;
                         }
@@ -405,7 +406,6 @@ macro_rules! impl_rollout_store {
                 now: i64,
                 forward: bool,
             ) -> $crate::Result<$crate::store::rollouts::RolloutJob> {
-                use $crate::rollouts::RolloutStatus;
                 let job_id: i64 = report.job_id.parse().map_err(|_| $crate::Error::NotFound)?;
                 let mut tx = self.pool.begin_with($begin).await?;
                 let job = sqlx::query_as::<_, $crate::store::rollouts::RolloutJob>(concat!(
@@ -457,20 +457,18 @@ macro_rules! impl_rollout_store {
                     .await?;
                 if let (true, Some(rollout_id)) = (terminal, job.rollout_id) {
                     if let Some(row) = Self::lock_rollout(&mut tx, rollout_id).await? {
-                        let rollout_status = RolloutStatus::parse(&row.0).unwrap_or(RolloutStatus::Cancelled);
                         let counts = Self::batch_counts(&mut tx, rollout_id, job.batch).await?;
-                        let threshold = fleet_core::command::Threshold::parse(&row.4)
-                            .unwrap_or(fleet_core::command::Threshold::Count(0));
                         let next = $crate::rollouts::after_job_end(
-                            rollout_status,
+                            row.status,
                             &counts,
-                            threshold,
-                            row.3,
-                            row.1,
-                            row.2,
+                            row.threshold,
+                            row.auto_advance,
+                            row.current_batch,
+                            row.batch_count,
                             report.status.is_failure(),
+                            row.observing,
                         );
-                        Self::apply_next(&mut tx, rollout_id, row.1, next, Some(instance_id), now, forward)
+                        Self::apply_next(&mut tx, rollout_id, row.current_batch, next, Some(instance_id), now, forward)
                             .await?;
                     }
                 }
@@ -500,9 +498,13 @@ macro_rules! impl_rollout_store {
             }
 
             async fn watch_rollout_slo(&self, now: i64, forward: bool) -> $crate::Result<u64> {
-                use $crate::rollouts::Next;
+                use $crate::rollouts::{Next, RolloutStatus};
+                // Heartbeats count from the later of the job's end and the rollout's last
+                // change of status: a breach an operator resumed past does not halt it again.
                 let candidates: Vec<(i64, i64, String, i64, String, i64)> = sqlx::query_as(
-                    "SELECT r.id, r.current_batch, j.instance_id, j.finished_at, r.settings, i.id \
+                    "SELECT r.id, r.current_batch, j.instance_id, \
+                     CASE WHEN r.updated_at > j.finished_at THEN r.updated_at ELSE j.finished_at END, \
+                     r.settings, i.id \
                      FROM rollout_jobs j JOIN rollouts r ON r.id = j.rollout_id \
                      JOIN installations i ON i.instance_id = j.instance_id \
                      WHERE r.status = 'running' AND r.kind = 'update' AND j.status = 'succeeded' \
@@ -536,7 +538,7 @@ macro_rules! impl_rollout_store {
                     let mut tx = self.pool.begin_with($begin).await?;
                     let still_running = Self::lock_rollout(&mut tx, rollout_id)
                         .await?
-                        .is_some_and(|row| row.0 == "running");
+                        .is_some_and(|row| row.status == RolloutStatus::Running);
                     if still_running {
                         let reason = format!("SLO breach on {instance_id} after its update: {reason}");
                         Self::apply_next(&mut tx, rollout_id, current_batch, Next::Halt(reason), Some(&instance_id), now, forward)
@@ -544,6 +546,43 @@ macro_rules! impl_rollout_store {
                         halted.insert(rollout_id);
                     }
                     tx.commit().await?;
+                }
+                // Observed rollouts whose current batch ended: once its window is over
+                // without a breach, complete the rollout or start the next batch.
+                let ended: Vec<(i64, i64, Option<i64>)> = sqlx::query_as(
+                    "SELECT r.id, r.current_batch, MAX(j.finished_at) FROM rollouts r \
+                     JOIN rollout_jobs j ON j.rollout_id = r.id AND j.batch = r.current_batch \
+                     WHERE r.status = 'running' AND r.kind = 'update' GROUP BY r.id, r.current_batch \
+                     HAVING SUM(CASE WHEN j.status IN ('pending', 'in_progress') THEN 1 ELSE 0 END) = 0",
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                for (rollout_id, batch, ended_at) in ended {
+                    if halted.contains(&rollout_id) {
+                        continue;
+                    }
+                    let mut tx = self.pool.begin_with($begin).await?;
+                    let Some(row) = Self::lock_rollout(&mut tx, rollout_id).await? else { continue };
+                    if !row.observing || row.status != RolloutStatus::Running || row.current_batch != batch {
+                        continue;
+                    }
+                    let counts = Self::batch_counts(&mut tx, rollout_id, batch).await?;
+                    if counts.active() > 0 {
+                        continue;
+                    }
+                    let next = $crate::rollouts::after_observation(
+                        ended_at.unwrap_or(now),
+                        row.observe_secs,
+                        now,
+                        row.auto_advance,
+                        row.current_batch,
+                        row.batch_count,
+                    );
+                    if next != Next::Stay {
+                        tracing::info!(rollout = rollout_id, batch = batch + 1, "observation window over without a breach");
+                        Self::apply_next(&mut tx, rollout_id, batch, next, None, now, forward).await?;
+                        tx.commit().await?;
+                    }
                 }
                 Ok(halted.len() as u64)
             }
@@ -581,20 +620,37 @@ macro_rules! impl_rollout_store {
         }
 
         impl $store {
-            /// Locks a rollout row: `(status, current_batch, batch_count, auto_advance,
-            /// failure_threshold)`.
+            /// Locks a rollout row and reads what its rules need.
             async fn lock_rollout(
                 tx: &mut sqlx::Transaction<'static, $db>,
                 id: i64,
-            ) -> $crate::Result<Option<(String, i64, i64, bool, String)>> {
-                Ok(sqlx::query_as(concat!(
-                    "SELECT status, current_batch, batch_count, auto_advance, failure_threshold \
-                     FROM rollouts WHERE id = $1",
-                    $lock
+            ) -> $crate::Result<Option<$crate::store::rollouts::LockedRollout>> {
+                let row: Option<(String, i64, i64, bool, String, String, String, i64)> =
+                    sqlx::query_as(concat!(
+                        "SELECT status, current_batch, batch_count, auto_advance, failure_threshold, \
+                         kind, settings, observe_secs FROM rollouts WHERE id = $1",
+                        $lock
+                    ))
+                    .bind(id)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+                Ok(row.map(
+                    |(status, current_batch, batch_count, auto_advance, threshold, kind, settings, observe_secs)| {
+                        $crate::store::rollouts::LockedRollout {
+                            status: $crate::rollouts::RolloutStatus::parse(&status)
+                                .unwrap_or($crate::rollouts::RolloutStatus::Cancelled),
+                            current_batch,
+                            batch_count,
+                            auto_advance,
+                            threshold: fleet_core::command::Threshold::parse(&threshold)
+                                .unwrap_or(fleet_core::command::Threshold::Count(0)),
+                            observing: serde_json::from_str(&settings).is_ok_and(|settings| {
+                                $crate::rollouts::observes(&kind, &settings, observe_secs)
+                            }),
+                            observe_secs,
+                        }
+                    },
                 ))
-                .bind(id)
-                .fetch_optional(&mut **tx)
-                .await?)
             }
 
             async fn batch_counts(

@@ -455,23 +455,31 @@ async fn pause_cancel_and_auto_advance(t: TestStore) {
     server.stop().await;
 }
 
-async fn slo_breach_after_update_halts_the_rollout(t: TestStore) {
-    let server = server(&t).await;
+/// Enrolls `{prefix}1` and `{prefix}2` on stable at 1.0.0, publishes `version` and rolls it
+/// out one instance per batch with auto-advance, a p95 maximum of 500 ms and a window of
+/// 60 s; returns the rollout's id.
+async fn observed_rollout(server: &TestServer, prefix: &str, version: &str) -> i64 {
     for i in 1..=2 {
-        enroll(&server, &format!("s{i}"), "stable", "1.0.0").await;
+        enroll(server, &format!("{prefix}{i}"), "stable", "1.0.0").await;
     }
     let signed = release_key()
-        .sign_value(&serde_json::to_value(manifest("4.0.0")).expect("json"))
+        .sign_value(&serde_json::to_value(manifest(version)).expect("json"))
         .expect("sign");
-    admin_post(&server, "/api/releases", ADMIN, &signed).await;
+    admin_post(server, "/api/releases", ADMIN, &signed).await;
     let (_, rollout) = admin_post(
-        &server,
+        server,
         "/api/rollouts",
         ADMIN,
-        &json!({"version": "4.0.0", "channel": "stable", "batch_size": 1, "slo_p95_ms_max": 500.0}),
+        &json!({"version": version, "channel": "stable", "batch_size": 1, "slo_p95_ms_max": 500.0,
+                "auto_advance": true, "observe_secs": 60}),
     )
     .await;
-    let id = rollout["id"].as_i64().expect("id");
+    rollout["id"].as_i64().expect("id")
+}
+
+async fn slo_breach_after_update_halts_the_rollout(t: TestStore) {
+    let server = server(&t).await;
+    let id = observed_rollout(&server, "s", "4.0.0").await;
     let (_, s1) = next(&server, "s1").await;
     assert_eq!(
         report(&server, "s1", &s1["job_id"], "succeeded").await.0,
@@ -484,6 +492,8 @@ async fn slo_breach_after_update_halts_the_rollout(t: TestStore) {
             .expect("watch"),
         0
     );
+    // Auto-advance waits out s1's observation window: s2 gets nothing yet.
+    assert_eq!(next(&server, "s2").await.0, 204);
     let hb = body(
         "s1",
         json!({"release_channel": "stable", "version": "4.0.0", "slo_p95_ms": 912.0}),
@@ -509,6 +519,65 @@ async fn slo_breach_after_update_halts_the_rollout(t: TestStore) {
         reason.contains("s1") && reason.contains("slo_p95_ms"),
         "{reason}"
     );
+    // The breach came before the next batch was handed out: s2 was never touched, even once
+    // the window is over.
+    t.store
+        .watch_rollout_slo(now() + 120, false)
+        .await
+        .expect("watch");
+    assert_eq!(next(&server, "s2").await.0, 204);
+    server.stop().await;
+}
+
+/// Without a breach, an observed rollout starts its next batch (auto-advance) and completes
+/// only once each batch's window is over.
+async fn an_observed_rollout_moves_on_after_a_clean_window(t: TestStore) {
+    let server = server(&t).await;
+    let id = observed_rollout(&server, "w", "4.1.0").await;
+    let status = async || {
+        let (_, shown) = server
+            .get_documented(&format!("/api/rollouts/{id}"), SUPPORT)
+            .await;
+        (shown["status"].clone(), shown["current_batch"].clone())
+    };
+    let (_, w1) = next(&server, "w1").await;
+    report(&server, "w1", &w1["job_id"], "succeeded").await;
+    let healthy = body("w1", json!({"version": "4.1.0", "slo_p95_ms": 120.0}));
+    assert_eq!(
+        server
+            .send_v1(SHARED, "clean-1", now(), &healthy)
+            .await
+            .status(),
+        200
+    );
+    t.store
+        .watch_rollout_slo(now() + 30, false)
+        .await
+        .expect("watch");
+    assert_eq!(status().await, (json!("running"), json!(0)), "mid-window");
+    assert_eq!(next(&server, "w2").await.0, 204);
+    t.store
+        .watch_rollout_slo(now() + 61, false)
+        .await
+        .expect("watch");
+    assert_eq!(
+        status().await,
+        (json!("running"), json!(1)),
+        "the window is over"
+    );
+    let (code, w2) = next(&server, "w2").await;
+    assert_eq!(code, 200, "{w2}");
+    report(&server, "w2", &w2["job_id"], "succeeded").await;
+    assert_eq!(
+        status().await.0,
+        json!("running"),
+        "the last batch is watched too"
+    );
+    t.store
+        .watch_rollout_slo(now() + 61, false)
+        .await
+        .expect("watch");
+    assert_eq!(status().await.0, json!("completed"));
     server.stop().await;
 }
 
@@ -613,6 +682,7 @@ on_both_backends!(
     rollout_freezes_targets_halts_on_failure_and_resumes,
     pause_cancel_and_auto_advance,
     slo_breach_after_update_halts_the_rollout,
+    an_observed_rollout_moves_on_after_a_clean_window,
 );
 
 async fn page(server: &TestServer, path: &str, token: &str) -> (u16, String) {
