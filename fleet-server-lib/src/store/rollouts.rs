@@ -492,6 +492,4 @@ pub(crate) struct LockedRollout {
     /// Whether it waits out an observation window after each batch
     /// ([`observes`](crate::rollouts::observes)).
     pub observing: bool,
-    /// Seconds each batch's updated instances are watched.
-    pub observe_secs: i64,
 }

@@ -548,41 +548,46 @@ macro_rules! impl_rollout_store {
                     tx.commit().await?;
                 }
                 // Observed rollouts whose current batch ended: once its window is over
-                // without a breach, complete the rollout or start the next batch.
-                let ended: Vec<(i64, i64, Option<i64>)> = sqlx::query_as(
-                    "SELECT r.id, r.current_batch, MAX(j.finished_at) FROM rollouts r \
+                // without a breach, complete the rollout or start the next batch. Decided
+                // from a plain read first, so that a rollout still inside its window, or
+                // waiting for an operator's advance, costs no write transaction.
+                let ended: Vec<(i64, i64, i64, bool, i64, Option<i64>)> = sqlx::query_as(
+                    "SELECT r.id, r.current_batch, r.batch_count, r.auto_advance, r.observe_secs, \
+                     MAX(j.finished_at) FROM rollouts r \
                      JOIN rollout_jobs j ON j.rollout_id = r.id AND j.batch = r.current_batch \
-                     WHERE r.status = 'running' AND r.kind = 'update' GROUP BY r.id, r.current_batch \
+                     WHERE r.status = 'running' AND r.kind = 'update' AND r.observe_secs > 0 \
+                     GROUP BY r.id, r.current_batch, r.batch_count, r.auto_advance, r.observe_secs \
                      HAVING SUM(CASE WHEN j.status IN ('pending', 'in_progress') THEN 1 ELSE 0 END) = 0",
                 )
                 .fetch_all(&self.pool)
                 .await?;
-                for (rollout_id, batch, ended_at) in ended {
-                    if halted.contains(&rollout_id) {
-                        continue;
-                    }
-                    let mut tx = self.pool.begin_with($begin).await?;
-                    let Some(row) = Self::lock_rollout(&mut tx, rollout_id).await? else { continue };
-                    if !row.observing || row.status != RolloutStatus::Running || row.current_batch != batch {
-                        continue;
-                    }
-                    let counts = Self::batch_counts(&mut tx, rollout_id, batch).await?;
-                    if counts.active() > 0 {
-                        continue;
-                    }
+                for (rollout_id, batch, batch_count, auto_advance, observe_secs, ended_at) in ended {
                     let next = $crate::rollouts::after_observation(
                         ended_at.unwrap_or(now),
-                        row.observe_secs,
+                        observe_secs,
                         now,
-                        row.auto_advance,
-                        row.current_batch,
-                        row.batch_count,
+                        auto_advance,
+                        batch,
+                        batch_count,
                     );
-                    if next != Next::Stay {
-                        tracing::info!(rollout = rollout_id, batch = batch + 1, "observation window over without a breach");
-                        Self::apply_next(&mut tx, rollout_id, batch, next, None, now, forward).await?;
-                        tx.commit().await?;
+                    if next == Next::Stay || halted.contains(&rollout_id) {
+                        continue;
                     }
+                    // Checked again under the lock: a report, an operator or another replica
+                    // may have moved the rollout since the read.
+                    let mut tx = self.pool.begin_with($begin).await?;
+                    let Some(row) = Self::lock_rollout(&mut tx, rollout_id).await? else { continue };
+                    let counts = Self::batch_counts(&mut tx, rollout_id, batch).await?;
+                    if !row.observing
+                        || row.status != RolloutStatus::Running
+                        || row.current_batch != batch
+                        || counts.active() > 0
+                    {
+                        continue;
+                    }
+                    tracing::info!(rollout = rollout_id, batch = batch + 1, "observation window over without a breach");
+                    Self::apply_next(&mut tx, rollout_id, batch, next, None, now, forward).await?;
+                    tx.commit().await?;
                 }
                 Ok(halted.len() as u64)
             }
@@ -647,7 +652,6 @@ macro_rules! impl_rollout_store {
                             observing: serde_json::from_str(&settings).is_ok_and(|settings| {
                                 $crate::rollouts::observes(&kind, &settings, observe_secs)
                             }),
-                            observe_secs,
                         }
                     },
                 ))
