@@ -388,6 +388,7 @@ pub(crate) fn answer_schemas() -> Vec<(&'static str, Value)> {
     // `RolloutDetail` flattens the rollout beside its batches and jobs.
     let mut detail_fields = rollout_fields.to_vec();
     detail_fields.extend([
+        ("observed_until", maybe_integer()),
         (
             "batches",
             array(every_field(&[

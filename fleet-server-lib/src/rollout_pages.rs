@@ -152,6 +152,15 @@ fn detail_body(d: &RolloutDetail, role: Role) -> String {
     if let Some(reason) = &r.halt_reason {
         let _ = write!(b, "<p class=bad id=halt-reason>Halted: {}</p>", esc(reason));
     }
+    if let Some(until) = d.observed_until {
+        let _ = write!(
+            b,
+            "<p class=warn id=observing>Watching batch {}'s updated instances against the SLO \
+             maxima until {}; the rollout moves on after that unless one breaches them.</p>",
+            r.current_batch + 1,
+            format_time(until)
+        );
+    }
     let actions: &[(RolloutAction, Role)] = &[
         (RolloutAction::Advance, Role::Admin),
         (RolloutAction::Pause, Role::Ops),

@@ -218,6 +218,30 @@ pub fn observes(kind: &str, settings: &RolloutSettings, observe_secs: i64) -> bo
             || set(settings.slo_webhook_retry_rate_max))
 }
 
+/// Until when (Unix seconds) a running rollout watches its current batch, whose every job
+/// ended, before it moves on: the batch's last job end plus the window. `None` while the
+/// batch's jobs run, once the window is over, and for a rollout that does not observe.
+pub fn observed_until(
+    rollout: &crate::store::rollouts::Rollout,
+    jobs: &[crate::store::rollouts::RolloutJob],
+    now: i64,
+) -> Option<i64> {
+    let settings: RolloutSettings = serde_json::from_str(&rollout.settings).ok()?;
+    if rollout.status != RolloutStatus::Running.as_str()
+        || !observes(&rollout.kind, &settings, rollout.observe_secs)
+    {
+        return None;
+    }
+    let batch = || jobs.iter().filter(|j| j.batch == rollout.current_batch);
+    let active = [job_status::PENDING, job_status::IN_PROGRESS];
+    if batch().any(|j| active.contains(&j.status.as_str())) {
+        return None;
+    }
+    let ended_at = batch().filter_map(|j| j.finished_at).max()?;
+    let until = ended_at.saturating_add(rollout.observe_secs);
+    (now < until).then_some(until)
+}
+
 /// The rule for a running, observed rollout whose current batch ended at `ended_at` (its
 /// last job's end) without a breach so far: once the window is over, what [`batch_ended`]
 /// would have done at the batch's end.

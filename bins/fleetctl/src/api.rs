@@ -370,13 +370,7 @@ fn command_list(list: &Value) -> String {
         "FIRST TARGET",
     ]);
     for c in list["items"].as_array().into_iter().flatten() {
-        let submitted = c["created_at"]
-            .as_i64()
-            .map(|t| {
-                let text = fleet_core::clock::rfc3339(t).replace('T', " ");
-                text.trim_end_matches('Z').to_owned()
-            })
-            .unwrap_or_else(|| "-".into());
+        let submitted = c["created_at"].as_i64().map_or_else(|| "-".into(), utc);
         let cell = |name: &str| text(&c[name]);
         out.push('\n');
         out.push_str(&row([
@@ -488,7 +482,20 @@ pub fn progress(rollout: &Value) -> String {
             counts.join(", ")
         ));
     }
+    if let Some(until) = rollout["observed_until"].as_i64() {
+        out.push_str(&format!(
+            "\nwatching batch {}'s updated instances against the SLO maxima until {} UTC",
+            current + 1,
+            utc(until)
+        ));
+    }
     out
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS` (UTC).
+fn utc(unix_secs: i64) -> String {
+    let text = fleet_core::clock::rfc3339(unix_secs).replace('T', " ");
+    text.trim_end_matches('Z').to_owned()
 }
 
 /// `rollout ...`.
@@ -724,4 +731,31 @@ pub fn restore(client: &Client, command: RestoreCommand) -> Result<(), String> {
     };
     client.print(&list, table);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_says_until_when_a_batch_is_watched() {
+        let mut rollout = json!({"id": 3, "kind": "update", "version": "2.1.0",
+            "channel": "stable", "status": "running", "current_batch": 0,
+            "observed_until": null,
+            "batches": [{"batch": 0, "total": 1, "succeeded": 1}, {"batch": 1, "total": 1, "queued": 1}]});
+        let text = progress(&rollout);
+        assert!(
+            text.starts_with("rollout 3 (update to 2.1.0 on stable): running"),
+            "{text}"
+        );
+        assert!(!text.contains("watching"), "{text}");
+        rollout["observed_until"] = json!(1_796_644_800);
+        let text = progress(&rollout);
+        assert!(
+            text.ends_with(
+                "watching batch 1's updated instances against the SLO maxima until 2026-12-07 12:00:00 UTC"
+            ),
+            "{text}"
+        );
+    }
 }

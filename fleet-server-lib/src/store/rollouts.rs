@@ -206,6 +206,9 @@ pub struct RolloutDetail {
     pub batches: Vec<BatchCounts>,
     /// Every job, by batch.
     pub jobs: Vec<RolloutJob>,
+    /// Until when (Unix seconds) the current batch's updated instances are watched against
+    /// the SLO maxima before the rollout moves on; `null` when it is not waiting for that.
+    pub observed_until: Option<i64>,
 }
 
 /// A report as received from an agent, kind-independent.

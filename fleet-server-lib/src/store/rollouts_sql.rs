@@ -264,10 +264,13 @@ macro_rules! impl_rollout_store {
                         )
                     })
                     .collect();
+                let observed_until =
+                    $crate::rollouts::observed_until(&rollout, &jobs, fleet_core::unix_now());
                 Ok(Some($crate::store::rollouts::RolloutDetail {
                     rollout,
                     batches,
                     jobs,
+                    observed_until,
                 }))
             }
 

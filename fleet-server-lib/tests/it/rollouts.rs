@@ -550,6 +550,16 @@ async fn an_observed_rollout_moves_on_after_a_clean_window(t: TestStore) {
             .status(),
         200
     );
+    let (_, shown) = server
+        .get_documented(&format!("/api/rollouts/{id}"), SUPPORT)
+        .await;
+    let until = shown["observed_until"].as_i64().expect("observed until");
+    assert!((now() + 55..=now() + 60).contains(&until), "{shown}");
+    let (_, html) = page(&server, &format!("/rollouts/{id}"), SUPPORT).await;
+    assert!(
+        html.contains("id=observing") && html.contains("Watching batch 1"),
+        "{html}"
+    );
     t.store
         .watch_rollout_slo(now() + 30, false)
         .await
@@ -564,6 +574,14 @@ async fn an_observed_rollout_moves_on_after_a_clean_window(t: TestStore) {
         status().await,
         (json!("running"), json!(1)),
         "the window is over"
+    );
+    let (_, shown) = server
+        .get_documented(&format!("/api/rollouts/{id}"), SUPPORT)
+        .await;
+    assert_eq!(
+        shown["observed_until"],
+        Value::Null,
+        "batch 2 runs: {shown}"
     );
     let (code, w2) = next(&server, "w2").await;
     assert_eq!(code, 200, "{w2}");
