@@ -144,7 +144,12 @@ pub(crate) async fn command(
 ) -> Result<Response> {
     let store = command_store(state.store.as_ref())?;
     let Some(c) = store.command(&id).await? else {
-        return Ok(not_found(role, &id));
+        let body = format!("<h1>Not found</h1><p>No command {}.</p>", esc(&id));
+        return Ok((
+            StatusCode::NOT_FOUND,
+            layout("Not found", Some(role), &body),
+        )
+            .into_response());
     };
     let mut b = String::new();
     let limit = |v: Option<String>| v.map_or_else(|| "none".to_owned(), |v| esc(&v));
@@ -273,16 +278,6 @@ async fn head(
     }
 }
 
-/// The 404 page for a command id that names none.
-fn not_found(role: Role, id: &str) -> Response {
-    let body = format!("<h1>Not found</h1><p>No command {}.</p>", esc(id));
-    (
-        StatusCode::NOT_FOUND,
-        layout("Not found", Some(role), &body),
-    )
-        .into_response()
-}
-
 /// `POST /commands/{id}/cancel`: the dashboard's cancel form; back to the command's page.
 pub(crate) async fn cancel(
     Viewer(role): Viewer<1>,
@@ -292,7 +287,7 @@ pub(crate) async fn cancel(
     match crate::commands::cancel_as(&state, role, &id).await {
         Ok(_) => Ok(Redirect::to(&format!("/commands/{}", percent_encode(&id))).into_response()),
         Err(Error::Forbidden) => Ok(crate::dashboard::forbidden_page()),
-        Err(Error::NotFound) => Ok(not_found(role, &id)),
+        // An unknown id is a JSON 404, as for the dashboard's other forms.
         Err(other) => Err(other),
     }
 }
