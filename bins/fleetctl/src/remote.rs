@@ -235,6 +235,7 @@ pub fn run(args: RunArgs) -> Result<(), String> {
         );
         let watched = async {
             let mut pickup = PickupWatch::default();
+            // Until every target's agent took the command; the output streams tell the rest.
             loop {
                 if let Ok(shown) = args
                     .remote
@@ -242,13 +243,17 @@ pub fn run(args: RunArgs) -> Result<(), String> {
                     .await
                 {
                     pickup.observe(&id, &shown);
+                    if all_taken(&shown) {
+                        break;
+                    }
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+            std::future::pending::<std::convert::Infallible>().await
         };
         tokio::select! {
             followed = followed => followed?,
-            never = watched => never,
+            never = watched => match never {},
         };
         summary(&args.remote, &client, &id).await
     })
@@ -465,6 +470,16 @@ impl PickupWatch {
     }
 }
 
+/// Whether every target of a shown command has left `queued` and `sent`: its agent took it,
+/// or it ended without one (cancelled, skipped, timed out).
+fn all_taken(shown: &Value) -> bool {
+    shown["targets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .all(|t| !matches!(t["status"].as_str(), Some("queued" | "sent")))
+}
+
 fn pickup_notice(id: &str, instance: &str) -> String {
     format!(
         "waiting for {instance}: its agent has not taken the command yet (the control plane \
@@ -526,6 +541,8 @@ mod tests {
         assert!(watch.sent_since.is_empty());
         let text = pickup_notice("c1", "shop-1");
         assert!(text.contains("shop-1") && text.contains("fleetctl commands cancel c1"));
+        assert!(all_taken(&shown("running")) && all_taken(&shown("cancelled")));
+        assert!(!all_taken(&shown("sent")) && !all_taken(&shown("queued")));
     }
 
     #[test]
