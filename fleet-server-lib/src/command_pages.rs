@@ -1,7 +1,8 @@
 //! Dashboard pages for remote commands: the recent commands with their targets counted by
 //! status, and one command with each target's status, result and output, with a form that
-//! cancels it while it runs (for the roles that may). Every role reads them; a payload's secret-bearing values are hidden from `support` (see
-//! [`visible_payload`]), while output stays visible to all, as `/v1/commands/:id/logs` is.
+//! cancels it while it runs (for the roles that may). Every role reads them; a payload's
+//! secret-bearing values are hidden from `support` (see [`visible_payload`]), while output
+//! stays visible to all, as `/v1/commands/:id/logs` is.
 
 use std::fmt::Write;
 

@@ -77,20 +77,14 @@ async fn accept(state: &Shared, headers: &HeaderMap, body: Body) -> Result<Recor
     let now = fleet_core::unix_now();
     let lookup =
         SignatureHeaders::from_lookup(|name| headers.get(name).and_then(|v| v.to_str().ok()));
-    let verified = match state.verifier.verify(&body, &lookup, now) {
-        Ok(verified) => verified,
-        Err(err) => {
-            match crate::registration::verify_with_issued_secret(state, &body, &lookup, now).await {
-                Some(verified) => verified,
-                None => {
-                    state.metrics.rejected(err.kind());
-                    // The reason is logged for the operator, never returned to the sender.
-                    tracing::debug!(reason = err.kind(), "heartbeat refused");
-                    return Err(Error::Unauthorized);
-                }
-            }
-        }
-    };
+    let verified = crate::registration::verify_agent_request(state, &body, &lookup, now)
+        .await
+        .map_err(|err| {
+            state.metrics.rejected(err.kind());
+            // The reason is logged for the operator, never returned to the sender.
+            tracing::debug!(reason = err.kind(), "heartbeat refused");
+            Error::Unauthorized
+        })?;
     let heartbeat = Heartbeat::decode(&body, &state.settings.limits).map_err(|err| match err {
         DecodeError::TooLarge { limit, .. } => Error::TooLarge { limit },
         DecodeError::Invalid(errors) => Error::Invalid(errors),

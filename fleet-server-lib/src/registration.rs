@@ -58,31 +58,41 @@ pub(crate) async fn issued_secret_of(
         .and_then(|nonce| Secret::new(&issued_secret(&state.live.master, instance, &nonce)).ok()))
 }
 
-/// A request the configured secrets do not verify may come from an enrolled agent, which
-/// signs with the secret issued to it at enrollment (derived from the server key and a nonce
-/// kept in the store). Looked up only after the configured secrets failed, so fleets
-/// configured with `CONTROL_PLANE_AGENT_SECRETS` pay nothing for it. `None` when the body
-/// names no enrolled instance or its issued secret does not verify it either.
-pub(crate) async fn verify_with_issued_secret<'b>(
+/// Verifies an agent's signed request over its raw bytes: with the configured secrets first,
+/// then, when those fail, with the secret issued to the instance at enrollment (derived from
+/// the server key and a nonce kept in the store). The issued secret is looked up only after
+/// the configured ones failed, so fleets configured with `CONTROL_PLANE_AGENT_SECRETS` pay
+/// nothing for it. On failure the configured secrets' reason is returned, for the log and the
+/// rejection metrics, never for the sender.
+pub(crate) async fn verify_agent_request<'b>(
     state: &Shared,
     body: &'b [u8],
     lookup: &SignatureHeaders<'_>,
     now: i64,
-) -> Option<fleet_core::Verified<'b>> {
-    let instance = fleet_core::locate_instance_id(body)?;
-    let commands = state.store.commands()?;
+) -> std::result::Result<fleet_core::Verified<'b>, fleet_core::SignatureError> {
+    let refused = match state.verifier.verify(body, lookup, now) {
+        Ok(verified) => return Ok(verified),
+        Err(refused) => refused,
+    };
+    let Some(instance) = fleet_core::locate_instance_id(body) else {
+        return Err(refused);
+    };
+    let Some(commands) = state.store.commands() else {
+        return Err(refused);
+    };
     let issued = match issued_secret_of(state, commands, &instance).await {
-        Ok(issued) => issued?,
+        Ok(Some(issued)) => issued,
+        Ok(None) => return Err(refused),
         Err(err) => {
             tracing::warn!(error = %err, "reading an issued secret failed");
-            return None;
+            return Err(refused);
         }
     };
     let secrets = [issued];
     state
         .verifier
         .verify_with(body, lookup, now, |_| Some(secrets.as_slice()))
-        .ok()
+        .map_err(|_| refused)
 }
 
 /// Every secret `instance` may sign with: the configured ones, and the one issued to it at

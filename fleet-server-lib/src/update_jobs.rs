@@ -59,16 +59,12 @@ pub(crate) async fn signed<T: AgentRequest>(
     let lookup =
         SignatureHeaders::from_lookup(|name| headers.get(name).and_then(|v| v.to_str().ok()));
     let now = fleet_core::unix_now();
-    let verified = match state.verifier.verify(&body, &lookup, now) {
-        Ok(verified) => verified,
-        // An enrolled agent signs with the secret issued to it.
-        Err(err) => crate::registration::verify_with_issued_secret(state, &body, &lookup, now)
-            .await
-            .ok_or_else(|| {
-                tracing::debug!(reason = err.kind(), "agent request refused");
-                Error::Unauthorized
-            })?,
-    };
+    let verified = crate::registration::verify_agent_request(state, &body, &lookup, now)
+        .await
+        .map_err(|err| {
+            tracing::debug!(reason = err.kind(), "agent request refused");
+            Error::Unauthorized
+        })?;
     if let (Some(msg_id), Some(signed_at)) = (&verified.msg_id, verified.timestamp) {
         let replay = state
             .store
