@@ -16,6 +16,13 @@ pub fn rfc3339(unix_secs: i64) -> String {
     )
 }
 
+/// Formats unix seconds for people: `YYYY-MM-DD HH:MM:SS` (UTC), as the dashboard and
+/// fleetctl show times.
+pub fn human_utc(unix_secs: i64) -> String {
+    let text = rfc3339(unix_secs);
+    text.trim_end_matches('Z').replacen('T', " ", 1)
+}
+
 /// The current time as RFC 3339.
 pub fn now_rfc3339() -> String {
     rfc3339(crate::unix_now())
@@ -86,6 +93,7 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_770_775_200), "2026-02-11T02:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(human_utc(951_782_400), "2000-02-29 00:00:00");
         assert!(crate::validate::is_rfc3339(&now_rfc3339()));
     }
 

@@ -52,8 +52,7 @@ fn opt(value: &Option<String>) -> String {
 
 /// `2026-11-22 07:50:57 UTC` from unix seconds (proleptic Gregorian, no time-zone data).
 pub(crate) fn format_time(secs: i64) -> String {
-    let text = fleet_core::clock::rfc3339(secs);
-    format!("{} UTC", text.trim_end_matches('Z').replacen('T', " ", 1))
+    format!("{} UTC", fleet_core::clock::human_utc(secs))
 }
 
 /// A size in bytes as people read it: `1.1 GiB`, `512 B`.

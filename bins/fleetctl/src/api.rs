@@ -370,7 +370,9 @@ fn command_list(list: &Value) -> String {
         "FIRST TARGET",
     ]);
     for c in list["items"].as_array().into_iter().flatten() {
-        let submitted = c["created_at"].as_i64().map_or_else(|| "-".into(), utc);
+        let submitted = c["created_at"]
+            .as_i64()
+            .map_or_else(|| "-".into(), fleet_core::clock::human_utc);
         let cell = |name: &str| text(&c[name]);
         out.push('\n');
         out.push_str(&row([
@@ -486,16 +488,10 @@ pub fn progress(rollout: &Value) -> String {
         out.push_str(&format!(
             "\nwatching batch {}'s updated instances against the SLO maxima until {} UTC",
             current + 1,
-            utc(until)
+            fleet_core::clock::human_utc(until)
         ));
     }
     out
-}
-
-/// Unix seconds as `YYYY-MM-DD HH:MM:SS` (UTC).
-fn utc(unix_secs: i64) -> String {
-    let text = fleet_core::clock::rfc3339(unix_secs).replace('T', " ");
-    text.trim_end_matches('Z').to_owned()
 }
 
 /// `rollout ...`.
