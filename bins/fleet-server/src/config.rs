@@ -249,11 +249,7 @@ impl ServeArgs {
                 .push("CONTROL_PLANE_ADMIN_TOKEN: missing (the admin role needs a token)".into());
         }
         problems.extend(shared_role_tokens(&tokens));
-        for (name, token) in [
-            ("CONTROL_PLANE_SUPPORT_TOKEN", &tokens.support),
-            ("CONTROL_PLANE_OPS_TOKEN", &tokens.ops),
-            ("CONTROL_PLANE_ADMIN_TOKEN", &tokens.admin),
-        ] {
+        for (name, token) in named_role_tokens(&tokens) {
             // Accepted, as the ERP control plane accepts it, but said: the failed-check limit
             // slows guessing down, it does not make a short token safe.
             if token
@@ -481,14 +477,19 @@ impl ServeArgs {
 /// Role tokens shorter than this are accepted with a warning.
 const MIN_ROLE_TOKEN_CHARS: usize = 16;
 
-/// Each pair of roles configured with one token. A request with it proves the higher role,
-/// so whoever was handed the lower role's token would hold the higher role too.
-fn shared_role_tokens(tokens: &RoleTokens) -> Vec<String> {
-    let named = [
+/// Each role's token with the variable that sets it, lowest role first.
+fn named_role_tokens(tokens: &RoleTokens) -> [(&'static str, &Option<String>); 3] {
+    [
         ("CONTROL_PLANE_SUPPORT_TOKEN", &tokens.support),
         ("CONTROL_PLANE_OPS_TOKEN", &tokens.ops),
         ("CONTROL_PLANE_ADMIN_TOKEN", &tokens.admin),
-    ];
+    ]
+}
+
+/// Each pair of roles configured with one token. A request with it proves the higher role,
+/// so whoever was handed the lower role's token would hold the higher role too.
+fn shared_role_tokens(tokens: &RoleTokens) -> Vec<String> {
+    let named = named_role_tokens(tokens);
     let mut problems = Vec::new();
     for (i, (lower, lower_token)) in named.iter().enumerate() {
         for (higher, higher_token) in &named[i + 1..] {
