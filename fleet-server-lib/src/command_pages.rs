@@ -112,12 +112,13 @@ pub(crate) async fn commands(
         let _ = write!(
             b,
             "<tr data-id=\"{id}\"><td><a href=\"/commands/{link}\">{short}</a></td><td>{}</td>\
-             <td>{targets}</td><td>{}</td><td>{} completed · {} failed · {} running · {} queued \
+             <td>{targets}</td><td>{}</td><td>{} completed · {} failed · {} sent · {} running · {} queued \
              <span class=muted>of {}</span></td><td>{}</td><td>{}</td></tr>",
             esc(&c.command_type),
             status(&c.status),
             c.completed,
             c.failed,
+            c.sent,
             c.running,
             c.queued,
             c.total,

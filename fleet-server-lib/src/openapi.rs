@@ -447,6 +447,7 @@ fn answer_schemas() -> Vec<(&'static str, Value)> {
                 ("total", count()),
                 ("completed", count()),
                 ("failed", count()),
+                ("sent", count()),
                 ("running", count()),
                 ("queued", count()),
                 ("first_instance", maybe_string()),

@@ -342,9 +342,9 @@ fn command_id(id: &str) -> Result<&str, String> {
 
 /// The human table of `commands list`.
 fn command_list(list: &Value) -> String {
-    let row = |cells: [&str; 10]| {
+    let row = |cells: [&str; 11]| {
         format!(
-            "{:<36}  {:<15} {:<9} {:<19}  {:>7} {:>4} {:>6} {:>7} {:>6}  {}",
+            "{:<36}  {:<15} {:<9} {:<19}  {:>7} {:>4} {:>6} {:>4} {:>7} {:>6}  {}",
             cells[0],
             cells[1],
             cells[2],
@@ -354,7 +354,8 @@ fn command_list(list: &Value) -> String {
             cells[6],
             cells[7],
             cells[8],
-            cells[9]
+            cells[9],
+            cells[10]
         )
     };
     let mut out = row([
@@ -365,6 +366,7 @@ fn command_list(list: &Value) -> String {
         "TARGETS",
         "DONE",
         "FAILED",
+        "SENT",
         "RUNNING",
         "QUEUED",
         "FIRST TARGET",
@@ -383,6 +385,7 @@ fn command_list(list: &Value) -> String {
             &cell("total"),
             &cell("completed"),
             &cell("failed"),
+            &cell("sent"),
             &cell("running"),
             &cell("queued"),
             &cell("first_instance"),

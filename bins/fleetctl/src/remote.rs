@@ -188,9 +188,13 @@ pub fn enroll(args: EnrollArgs) -> Result<(), String> {
         let token = answer["enrollment_token"]
             .as_str()
             .ok_or("the control plane returned no token")?;
+        let until = answer["expires_at"].as_i64().map_or_else(
+            || "its expiry".into(),
+            |t| format!("{} UTC", fleet_core::clock::human_utc(t)),
+        );
         eprintln!(
-            "enrollment token for {} (works once, until {}); keep it like a password",
-            args.instance_id, answer["expires_at"]
+            "enrollment token for {} (works once, until {until}); keep it like a password",
+            args.instance_id
         );
         print!(
             "{}",

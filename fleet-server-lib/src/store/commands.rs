@@ -97,7 +97,10 @@ pub struct CommandSummary {
     pub completed: i64,
     /// Targets `failed` or `timed_out`.
     pub failed: i64,
-    /// Targets `sent` or `running`.
+    /// Targets `sent`: released to their agent, which has not taken them yet (offline,
+    /// or not connected since).
+    pub sent: i64,
+    /// Targets `running`: their agent took them.
     pub running: i64,
     /// Targets still `queued`.
     pub queued: i64,
@@ -379,7 +382,8 @@ macro_rules! impl_command_store {
                      c.finished_at, COUNT(t.target_id) AS total, \
                      COALESCE(SUM(CASE WHEN t.status = 'completed' THEN 1 ELSE 0 END), 0) AS completed, \
                      COALESCE(SUM(CASE WHEN t.status IN ('failed', 'timed_out') THEN 1 ELSE 0 END), 0) AS failed, \
-                     COALESCE(SUM(CASE WHEN t.status IN ('sent', 'running') THEN 1 ELSE 0 END), 0) AS running, \
+                     COALESCE(SUM(CASE WHEN t.status = 'sent' THEN 1 ELSE 0 END), 0) AS sent, \
+                     COALESCE(SUM(CASE WHEN t.status = 'running' THEN 1 ELSE 0 END), 0) AS running, \
                      COALESCE(SUM(CASE WHEN t.status = 'queued' THEN 1 ELSE 0 END), 0) AS queued, \
                      MIN(t.instance_id) AS first_instance \
                      FROM commands c LEFT JOIN command_targets t ON t.command_id = c.id \

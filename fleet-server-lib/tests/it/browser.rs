@@ -321,7 +321,7 @@ async fn a_browser_follows_a_command_to_its_targets_and_output_without_seeing_it
     let list = browser.wait_text("#commands", "RunCommand").await;
     assert!(
         list.contains(INSTANCE)
-            && list.contains("0 completed · 1 failed · 0 running · 0 queued")
+            && list.contains("0 completed · 1 failed · 0 sent · 0 running · 0 queued")
             && list.contains("admin"),
         "{list}"
     );

@@ -95,6 +95,17 @@ async fn enroll_run_and_show() {
     );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("AGENT_ENROLLMENT_TOKEN=") && text.contains("#cloud-config"));
+    // The expiry is a time a person reads, not unix seconds.
+    let notice = String::from_utf8_lossy(&out.stderr);
+    let until = notice
+        .split("until ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .unwrap_or_else(|| panic!("no expiry in {notice}"));
+    assert!(
+        until.ends_with(" UTC") && until.contains('-') && until.contains(':'),
+        "expiry shown as {until:?}"
+    );
 
     let out = fleetctl(
         &url,
@@ -200,7 +211,9 @@ async fn a_command_no_agent_takes_is_announced_listed_and_cancelled() {
     let out = fleetctl(&url, &["commands", "list", "--json", "--limit", "5"]).await;
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(listed["items"][0]["id"], id.as_str(), "{listed}");
-    assert_eq!(listed["items"][0]["running"], 1, "{listed}");
+    // Released to an agent that never took it: sent, not running.
+    assert_eq!(listed["items"][0]["sent"], 1, "{listed}");
+    assert_eq!(listed["items"][0]["running"], 0, "{listed}");
 
     let out = fleetctl(&url, &["commands", "cancel", &id]).await;
     assert!(
