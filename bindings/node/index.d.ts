@@ -30,11 +30,17 @@ export declare class Signer {
 export declare class Verifier {
   /**
    * `secrets`: the JSON text of CONTROL_PLANE_AGENT_SECRETS (instance id → secret or
-   * [secrets]), or null; `fallback`: CONTROL_PLANE_AGENT_TOKEN, or null.
+   * [secrets]), or null; `fallback`: CONTROL_PLANE_AGENT_TOKEN, or null. Throws with code
+   * `config` when neither gives a secret.
    */
   constructor(secrets?: string | undefined | null, fallback?: string | undefined | null, options?: VerifierOptions | undefined | null)
   /** Verifies `body` with its `headers`; returns the instance id or throws. */
   verify(body: Buffer | string, headers: Record<string, string>, now?: number | undefined | null): string
+  /**
+   * Like `verify`, with the scheme and the v1 message id and timestamp, which a replay
+   * check needs.
+   */
+  verifyRequest(body: Buffer | string, headers: Record<string, string>, now?: number | undefined | null): VerifiedRequest
   /** Like `verify`, on the libuv thread pool, for large bodies. */
   verifyAsync(body: Buffer, headers: Record<string, string>, now?: number | undefined | null): Promise<string>
 }
@@ -47,6 +53,18 @@ export declare function signV0(secretText: string, body: Buffer | string): strin
  * code `validation` (message lists every path) or `too_large`.
  */
 export declare function validateHeartbeatJson(body: Buffer | string): string
+
+/** What a verified request proved. */
+export interface VerifiedRequest {
+  /** The instance that signed the request. */
+  instanceId: string
+  /** `v1` or `v0`. */
+  scheme: string
+  /** The v1 `webhook-id`; absent for v0. */
+  msgId?: string
+  /** The v1 `webhook-timestamp` (Unix seconds); absent for v0. */
+  timestamp?: number
+}
 
 /** Options of a [`Verifier`]. */
 export interface VerifierOptions {

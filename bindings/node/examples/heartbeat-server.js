@@ -1,7 +1,9 @@
 'use strict'
 // A Node HTTP server that accepts fleet heartbeats, verified with the middleware before
-// anything parses them. Run: FLEET_AGENT_SECRETS='{"acme-001":"s3cret"}' node examples/heartbeat-server.js
-// It prints the port it listens on; POST signed heartbeats to /api/heartbeats.
+// anything parses them. It reads the control plane's own variables; run:
+//   CONTROL_PLANE_AGENT_SECRETS='{"acme-001":"s3cret"}' node examples/heartbeat-server.js
+// (or CONTROL_PLANE_AGENT_TOKEN=<shared secret>; PORT to choose the port). It prints the
+// port it listens on; POST signed heartbeats to /api/heartbeats.
 
 const http = require('node:http')
 const { fleetMiddleware } = require('..')
@@ -13,9 +15,16 @@ function createServer({ secrets, fallback, onHeartbeat }) {
       res.statusCode = 404
       return res.end()
     }
-    verify(req, res, () => {
-      onHeartbeat(req.fleet.instanceId, req.fleet.heartbeat)
+    verify(req, res, (err) => {
       res.setHeader('content-type', 'application/json')
+      if (err) {
+        // Only this server's own mistakes get here (a body parser mounted first, a throwing
+        // onRefused): the middleware answered the client's already. Log it; the agent retries.
+        console.error(err)
+        res.statusCode = 500
+        return res.end(JSON.stringify({ error: { code: 'internal', message: 'internal error' } }))
+      }
+      onHeartbeat(req.fleet.instanceId, req.fleet.heartbeat)
       res.end(JSON.stringify({ ok: true }))
     })
   })
@@ -24,11 +33,9 @@ function createServer({ secrets, fallback, onHeartbeat }) {
 module.exports = { createServer }
 
 if (require.main === module) {
-  const secrets = process.env.FLEET_AGENT_SECRETS || null
-  const fallback = process.env.FLEET_AGENT_TOKEN || null
   const server = createServer({
-    secrets,
-    fallback,
+    secrets: process.env.CONTROL_PLANE_AGENT_SECRETS || null,
+    fallback: process.env.CONTROL_PLANE_AGENT_TOKEN || null,
     onHeartbeat: (id, hb) => console.log(`heartbeat from ${id}: db_ok=${hb.db_ok} redis_ok=${hb.redis_ok}`),
   })
   server.listen(Number(process.env.PORT || 0), '127.0.0.1', () => {

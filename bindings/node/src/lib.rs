@@ -127,6 +127,19 @@ pub struct VerifierOptions {
     pub tolerance: Option<i64>,
 }
 
+/// What a verified request proved.
+#[napi(object)]
+pub struct VerifiedRequest {
+    /// The instance that signed the request.
+    pub instance_id: String,
+    /// `v1` or `v0`.
+    pub scheme: String,
+    /// The v1 `webhook-id`; absent for v0.
+    pub msg_id: Option<String>,
+    /// The v1 `webhook-timestamp` (Unix seconds); absent for v0.
+    pub timestamp: Option<i64>,
+}
+
 /// Verifies agent requests: finds `instance_id` in the raw body, resolves its secrets and
 /// checks the signature in constant time. Parse the body only after it returns.
 #[napi]
@@ -137,7 +150,8 @@ pub struct Verifier {
 #[napi]
 impl Verifier {
     /// `secrets`: the JSON text of CONTROL_PLANE_AGENT_SECRETS (instance id → secret or
-    /// [secrets]), or null; `fallback`: CONTROL_PLANE_AGENT_TOKEN, or null.
+    /// [secrets]), or null; `fallback`: CONTROL_PLANE_AGENT_TOKEN, or null. Throws with code
+    /// `config` when neither gives a secret.
     #[napi(constructor)]
     pub fn new(
         secrets: Option<String>,
@@ -146,6 +160,14 @@ impl Verifier {
     ) -> Result<Self> {
         let resolver = SecretResolver::from_config(secrets.as_deref(), fallback.as_deref())
             .map_err(|e| config_error(e.to_string()))?;
+        // A verifier without secrets refuses every request; that is always an unset
+        // environment variable, so say so now rather than with a 401 per heartbeat.
+        if resolver.is_empty() {
+            return Err(config_error(
+                "no agent secrets: set CONTROL_PLANE_AGENT_SECRETS (`secrets`) or \
+                 CONTROL_PLANE_AGENT_TOKEN (`fallback`)",
+            ));
+        }
         let mut inner = fleet_core::Verifier::new(resolver);
         if let Some(options) = options {
             inner = inner.allow_v0(options.allow_v0.unwrap_or(true));
@@ -168,6 +190,27 @@ impl Verifier {
         self.inner
             .verify(bytes_of(&body), &signature_headers(&map), seconds(now))
             .map(|v| v.instance_id.into_owned())
+            .map_err(signature_error)
+    }
+
+    /// Like `verify`, with the scheme and the v1 message id and timestamp, which a replay
+    /// check needs.
+    #[napi(js_name = "verifyRequest")]
+    pub fn verify_request(
+        &self,
+        body: Either<Buffer, String>,
+        headers: HashMap<String, String>,
+        now: Option<i64>,
+    ) -> Result<VerifiedRequest> {
+        let map = lowercase(headers);
+        self.inner
+            .verify(bytes_of(&body), &signature_headers(&map), seconds(now))
+            .map(|v| VerifiedRequest {
+                instance_id: v.instance_id.into_owned(),
+                scheme: v.scheme.as_str().to_owned(),
+                msg_id: v.msg_id,
+                timestamp: v.timestamp,
+            })
             .map_err(signature_error)
     }
 

@@ -2,6 +2,7 @@
 const test = require('node:test')
 const assert = require('node:assert/strict')
 const fs = require('node:fs')
+const http = require('node:http')
 const path = require('node:path')
 const { Webhook } = require('standardwebhooks')
 const fleet = require('..')
@@ -130,4 +131,120 @@ test('the example server verifies heartbeats with the middleware', async () => {
   } finally {
     server.close()
   }
+})
+
+test('headers as a Fetch Headers, a Map, pairs or rawHeaders verify like an object', async () => {
+  const body = '{"instance_id":"acme-001","db_ok":true}'
+  const headers = new fleet.Signer('s3cret').headers('msg_forms', body)
+  const verifier = new fleet.Verifier({ 'acme-001': 's3cret' })
+  const forms = [new Headers(headers), new Map(Object.entries(headers)), Object.entries(headers), Object.entries(headers).flat()]
+  for (const form of forms) {
+    assert.equal(verifier.verify(body, form), 'acme-001')
+    assert.equal(await verifier.verifyAsync(body, form), 'acme-001')
+  }
+  assert.throws(() => verifier.verify(body, 'webhook-id: msg_forms'), TypeError)
+})
+
+test('arguments of the wrong type are TypeErrors that name the argument', () => {
+  const body = '{"instance_id":"acme-001","db_ok":true}'
+  const headers = new fleet.Signer('s3cret').headers('msg_args', body)
+  const verifier = new fleet.Verifier({ 'acme-001': 's3cret' })
+  const named = (name) => (e) => e instanceof TypeError && e.code === 'ERR_INVALID_ARG_TYPE' && e.message.startsWith(`${name} must be`)
+  assert.throws(() => verifier.verify(JSON.parse(body), headers), (e) => named('body')(e) && /parsed object/.test(e.message))
+  assert.throws(() => fleet.validateHeartbeat(JSON.parse(body)), named('body'))
+  assert.throws(() => new fleet.Signer(1234), named('secret'))
+  assert.throws(() => fleet.signV0(undefined, body), named('secret'))
+  assert.throws(() => new fleet.Signer('s3cret').headers(7, body), named('msgId'))
+  assert.throws(() => fleet.verifyManifest(MANIFESTS[0].manifest), named('publicKeys'))
+  assert.throws(() => new fleet.Verifier({ 'acme-001': 's3cret' }, 42), named('fallback'))
+  assert.throws(() => verifier.verify(body, headers, new Date()), named('now'))
+  // Date.now() is milliseconds: say so instead of refusing the timestamp as out of tolerance.
+  assert.throws(() => verifier.verify(body, headers, Date.now()), (e) => e instanceof RangeError && /milliseconds/.test(e.message))
+  assert.throws(() => new fleet.Signer('s3cret').headers('msg_ms', body, Date.now()), RangeError)
+})
+
+test('a verifier without any secret is a ConfigError, not a 401 per request', () => {
+  const unset = (e) => e instanceof fleet.ConfigError && /CONTROL_PLANE_AGENT_SECRETS/.test(e.message)
+  assert.throws(() => new fleet.Verifier(), unset)
+  assert.throws(() => new fleet.Verifier(undefined, ''), unset)
+  assert.throws(() => new fleet.Verifier({}), unset)
+  assert.throws(() => fleetMiddlewareFromEnv({}), unset)
+  assert.equal(new fleet.Verifier(null, 'shared-token').verify('{"instance_id":"x"}', { 'x-agent-signature': fleet.signV0('shared-token', '{"instance_id":"x"}') }), 'x')
+})
+
+// The README's snippet, with the variables unset.
+function fleetMiddlewareFromEnv(env) {
+  return fleet.fleetMiddleware({ secrets: env.CONTROL_PLANE_AGENT_SECRETS, fallback: env.CONTROL_PLANE_AGENT_TOKEN, heartbeat: true })
+}
+
+// A server whose handler runs `before` (e.g. a body parser) and then the middleware, and
+// records each call of `next`: the error passed, and req.fleet.
+async function withMiddleware(options, before, fn) {
+  const passed = []
+  const verify = fleet.fleetMiddleware(options)
+  const server = http.createServer((req, res) => {
+    before(req, () =>
+      verify(req, res, (err) => {
+        passed.push({ err, fleet: req.fleet })
+        res.statusCode = err ? 500 : 200
+        res.end()
+      }),
+    )
+  })
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve))
+  try {
+    await fn(server.address().port, passed)
+  } finally {
+    server.close()
+  }
+}
+
+// What express.json() does: reads the stream to its end, then sets req.body to the parse.
+function jsonParser(req, next) {
+  const chunks = []
+  req.on('data', (chunk) => chunks.push(chunk))
+  req.on('end', () => {
+    req.body = JSON.parse(Buffer.concat(chunks).toString('utf8'))
+    next()
+  })
+}
+
+test('a body parser mounted before the middleware is a ConfigError for next, not a hang', async () => {
+  const body = '{"instance_id":"acme-001","db_ok":true,"redis_ok":false,"storage_ok":true,"jobs_failed":0}'
+  const headers = new fleet.Signer('s3cret').headers('msg_parsed', body)
+  await withMiddleware({ secrets: { 'acme-001': 's3cret' } }, jsonParser, async (port, passed) => {
+    const res = await fetch(`http://127.0.0.1:${port}/`, { method: 'POST', body, headers, signal: AbortSignal.timeout(5000) })
+    assert.equal(res.status, 500)
+    assert.equal(passed.length, 1)
+    assert.ok(passed[0].err instanceof fleet.ConfigError)
+    assert.match(passed[0].err.message, /before any body parser/)
+  })
+})
+
+test('an onRefused that throws goes to next instead of ending the process', async () => {
+  const broken = new Error('logger is down')
+  const options = { secrets: { 'acme-001': 's3cret' }, onRefused: () => { throw broken } }
+  await withMiddleware(options, (req, next) => next(), async (port, passed) => {
+    const res = await fetch(`http://127.0.0.1:${port}/`, { method: 'POST', body: '{"instance_id":"acme-001"}', signal: AbortSignal.timeout(5000) })
+    assert.equal(res.status, 500)
+    assert.deepEqual(passed.map((call) => call.err), [broken])
+  })
+})
+
+test('the middleware refuses the same signed v1 message twice, not a retried delivery', async () => {
+  const body = '{"instance_id":"acme-001","db_ok":true,"redis_ok":true,"storage_ok":true,"jobs_failed":0}'
+  const signer = new fleet.Signer('s3cret')
+  const now = Math.floor(Date.now() / 1000)
+  const refused = []
+  const options = { secrets: { 'acme-001': 's3cret' }, onRefused: (e) => refused.push(e.kind) }
+  await withMiddleware(options, (req, next) => next(), async (port, passed) => {
+    const send = (headers) => fetch(`http://127.0.0.1:${port}/`, { method: 'POST', body, headers }).then((r) => r.status)
+    const first = signer.headers('msg_once', body, now)
+    assert.equal(await send(first), 200)
+    assert.equal(await send(first), 401)
+    assert.equal(await send(signer.headers('msg_once', body, now + 1)), 200)
+    assert.equal(await send({ 'x-agent-signature': signer.signV0(body) }), 200)
+    assert.deepEqual(passed.map(({ fleet }) => [fleet.scheme, fleet.messageId]), [['v1', 'msg_once'], ['v1', 'msg_once'], ['v0', undefined]])
+  })
+  assert.deepEqual(refused, ['replay'])
 })
