@@ -293,8 +293,9 @@ impl Agent {
     }
 
     /// Runs every task (heartbeats, outbox delivery, local API) until `shutdown` completes,
-    /// then stops them all. Returns early with an error only if the outbox cannot be opened
-    /// or the local API cannot bind.
+    /// then stops them all. Returns early with an error only if a state file (the outbox,
+    /// the pipelines' job state, the command journal) cannot be opened
+    /// ([`Error::State`]) or the local API cannot bind.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let shared = self.shared.clone();
         let c = &shared.config;
@@ -307,7 +308,8 @@ impl Agent {
                     max_age: c.buffer.max_age,
                 },
             )
-            .await?;
+            .await
+            .map_err(|err| err.opening_state(&c.state_path))?;
             let _ = shared.outbox.set(outbox);
         }
         let listener = match self.listener.take() {
@@ -336,9 +338,10 @@ impl Agent {
             tasks.spawn(flush_loop(shared.clone(), stop_rx.clone()));
         }
         if let Some(settings) = self.commands.take().filter(|s| s.enabled) {
-            let journal =
-                crate::logstream::Journal::open(&crate::logstream::journal_path(&c.state_path))
-                    .await?;
+            let path = crate::logstream::journal_path(&c.state_path);
+            let journal = crate::logstream::Journal::open(&path)
+                .await
+                .map_err(|err| err.opening_state(&path))?;
             let executor = crate::commands::Executor::new(
                 journal,
                 settings,
@@ -395,7 +398,16 @@ impl Shared {
             self.checks.iter().map(|c| run_check(c.as_ref(), timeout)),
         )
         .await;
-        *self.last_checks.lock().unwrap_or_else(|p| p.into_inner()) = results.clone();
+        // Checks run alone (`POST /smoke`) refresh their own entries only: the collectors'
+        // stay as the last heartbeat left them, so their series never vanish from
+        // `/metrics/agent` between heartbeats.
+        let mut last = self.last_checks.lock().unwrap_or_else(|p| p.into_inner());
+        for result in &results {
+            match last.iter_mut().find(|r| r.name == result.name) {
+                Some(entry) => *entry = result.clone(),
+                None => last.push(result.clone()),
+            }
+        }
         results
     }
 

@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::commands::Executor;
-use crate::sender::Backoff;
+use crate::sender::{Backoff, OutageLog, OutageNote};
 
 /// The HTTP client type [`ChannelConfig::http`] takes (re-exported so embedders need no
 /// direct reqwest dependency).
@@ -148,6 +148,9 @@ pub async fn run(config: ChannelConfig, mut stop: watch::Receiver<bool>) {
     // Consecutive attempts that could not open the socket; from POLL_AFTER on, the agent
     // polls over plain HTTPS while it waits to try the socket again.
     let mut cannot_connect = 0u32;
+    // Registration fails for as long as the control plane is down or refuses the secret:
+    // warned once and then every few minutes, as the heartbeats' outage is, not per retry.
+    let registration = OutageLog::default();
     loop {
         if *stop.borrow() {
             return;
@@ -163,11 +166,24 @@ pub async fn run(config: ChannelConfig, mut stop: watch::Receiver<bool>) {
             )
             .await
             {
-                Ok(answer) => token = Some(token_of(answer)),
+                Ok(answer) => {
+                    token = Some(token_of(answer));
+                    registration.delivered();
+                }
                 Err(err) => {
                     // No polling then: a control plane that cannot register agents (down,
                     // or an older one without the endpoint) would not answer polls either.
-                    tracing::warn!(reason = %err, "registration failed");
+                    match registration.failed(fleet_core::unix_now()) {
+                        OutageNote::Started => {
+                            tracing::warn!(reason = %err, "registration failed; will retry");
+                        }
+                        OutageNote::Continues { failed_attempts } => tracing::warn!(
+                            reason = %err,
+                            failed_attempts,
+                            "registration still failing; will retry"
+                        ),
+                        _ => tracing::debug!(reason = %err, "registration failed"),
+                    }
                     token = None;
                     cannot_connect = 0;
                 }

@@ -98,13 +98,15 @@ pub struct AgentConfig {
     pub local_port: u16,
     /// `AGENT_LOCAL_TOKEN`: required in `x-agent-local-token` when set.
     pub local_token: Option<String>,
-    /// `AGENT_STATE_PATH` (default `fleet-agent-state.db`): the SQLite outbox.
+    /// `AGENT_STATE_PATH` (default `fleet-agent-state.db`): the SQLite file of the outbox and
+    /// the pipelines' job state; the command journal is kept beside it (`state.db` →
+    /// `state.commands.db`).
     pub state_path: PathBuf,
     /// Outbox and retry settings.
     pub buffer: BufferSettings,
-    /// `UPDATE_*`: the update pipeline (run by the pipelines issue; parsed here).
+    /// `UPDATE_*`: the update pipeline.
     pub update: UpdateSettings,
-    /// `PLUGIN_*`: the plugin pipeline (run by the pipelines issue; parsed here).
+    /// `PLUGIN_*`: the plugin pipeline.
     pub plugin: PluginSettings,
     /// `RESTORE_*`: the restore verification runner.
     pub restore: RestoreSettings,
@@ -144,8 +146,9 @@ pub struct BufferSettings {
     pub max_bytes: u64,
     /// `BUFFER_MAX_AGE` (s, default 604800): older messages are dropped.
     pub max_age: Duration,
-    /// `SEND_RETRIES` (default 3): immediate retries of one send before it waits in the
-    /// outbox.
+    /// `SEND_RETRIES` (default 3): retries of one heartbeat when buffering is off, before it
+    /// is dropped. With the outbox a message is retried until it is delivered or a bound
+    /// drops it.
     pub send_retries: u32,
     /// `SEND_BACKOFF_BASE_MS` (default 1000): first retry delay; doubles each time.
     pub backoff_base: Duration,

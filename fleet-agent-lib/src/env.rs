@@ -67,12 +67,18 @@ impl AgentConfig {
             "HEARTBEAT_INTERVAL_MIN",
             DEFAULT_HEARTBEAT_INTERVAL_MIN as f64,
         );
-        config.heartbeat_interval = match env.get("HEARTBEAT_INTERVAL") {
-            Some(_) => Duration::from_secs_f64(env.fraction("HEARTBEAT_INTERVAL", 0.0)),
-            None => Duration::from_secs_f64(minutes * 60.0),
+        // An unreadable value falls back to the minutes, so it is named once, not again as
+        // a zero interval.
+        let (interval_name, interval_secs) = match env.get("HEARTBEAT_INTERVAL") {
+            Some(_) => (
+                "HEARTBEAT_INTERVAL",
+                env.fraction("HEARTBEAT_INTERVAL", minutes * 60.0),
+            ),
+            None => ("HEARTBEAT_INTERVAL_MIN", minutes * 60.0),
         };
+        config.heartbeat_interval = Duration::from_secs_f64(interval_secs);
         if config.heartbeat_interval.is_zero() {
-            env.problem("the heartbeat interval must be above zero");
+            env.problem(format!("{interval_name} must be above zero"));
         }
         config.metrics_interval =
             Duration::from_secs(env.number("METRICS_INTERVAL", DEFAULT_METRICS_INTERVAL_SECS));
@@ -423,6 +429,21 @@ mod tests {
             load(&pairs).unwrap().heartbeat_interval,
             Duration::from_secs(30)
         );
+    }
+
+    #[test]
+    fn a_bad_heartbeat_interval_is_one_problem_that_names_its_variable() {
+        let mut pairs = BASE.to_vec();
+        pairs.push(("HEARTBEAT_INTERVAL", "soon"));
+        assert_eq!(
+            problems(&pairs),
+            ["HEARTBEAT_INTERVAL must be a non-negative number, not \"soon\""]
+        );
+        for name in ["HEARTBEAT_INTERVAL", "HEARTBEAT_INTERVAL_MIN"] {
+            let mut pairs = BASE.to_vec();
+            pairs.push((name, "0"));
+            assert_eq!(problems(&pairs), [format!("{name} must be above zero")]);
+        }
     }
 
     #[test]

@@ -45,6 +45,16 @@ pub enum Error {
     /// The outbox database could not be opened or written.
     #[error("outbox storage: {0}")]
     Store(#[from] sqlx::Error),
+    /// A file of the agent's state ([`AgentConfig::state_path`], or the command journal
+    /// beside it) could not be opened: named, so that a wrong or unwritable
+    /// `AGENT_STATE_PATH` is found at once.
+    #[error("cannot open the agent's state file {} (AGENT_STATE_PATH): {source}", path.display())]
+    State {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why it could not be opened.
+        source: Box<Error>,
+    },
     /// The local API could not bind its address.
     #[error("cannot bind local API on {addr}: {source}")]
     Bind {
@@ -59,6 +69,16 @@ pub enum Error {
     /// Any other I/O failure.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// This error, as met while opening the state file at `path`.
+    pub(crate) fn opening_state(self, path: &std::path::Path) -> Self {
+        Self::State {
+            path: path.to_owned(),
+            source: Box::new(self),
+        }
+    }
 }
 
 /// `Result` with the agent's [`Error`].

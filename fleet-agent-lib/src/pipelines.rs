@@ -24,7 +24,11 @@ pub(crate) async fn spawn(
     if !c.update.enabled && !c.plugin.enabled && !restore_on {
         return Ok(());
     }
-    let state = Arc::new(JobState::open(&c.state_path).await?);
+    let state = Arc::new(
+        JobState::open(&c.state_path)
+            .await
+            .map_err(|err| err.opening_state(&c.state_path))?,
+    );
     // The running version: what the last update installed, else INSTANCE_VERSION.
     let version = state
         .value(INSTALLED_VERSION)

@@ -5,6 +5,7 @@
 //! 2 for configuration problems (all named at once) or an argument, 1 for anything else.
 
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use fleet_agent::{Agent, AgentConfig, CommandSettings, Error};
@@ -93,6 +94,14 @@ fn main() -> ExitCode {
 
     let commands = match CommandSettings::from_lookup(|name| std::env::var(name).ok()) {
         Ok(commands) => commands,
+        Err(Error::Config(mut problems)) => {
+            // The agent's own settings are read too, so that every problem is named at once.
+            let token = env_value("AGENT_ENROLLMENT_TOKEN");
+            if let Err(Error::Config(more)) = read_config(token.as_deref()) {
+                problems.extend(more);
+            }
+            return report(&Error::Config(problems));
+        }
         Err(err) => return report(&err),
     };
     // One thread: the agent waits on timers and sockets almost all the time, and a single
@@ -125,7 +134,7 @@ fn main() -> ExitCode {
         None => None,
     };
     let outcome = runtime.block_on(async {
-        let config = load_config(&commands).await?;
+        let config = load_config(commands.enrollment_token.as_deref()).await?;
         let agent = Agent::builder(config).commands(commands).build()?;
         let mut restart = agent.restart_signal();
         let (why_tx, why_rx) = std::sync::mpsc::channel();
@@ -161,7 +170,7 @@ fn main() -> ExitCode {
 /// The trial run of a downloaded binary: registers and opens the live channel, prints the
 /// proof for `nonce` and exits 0 (anything else makes the running agent keep its binary).
 async fn trial(commands: &CommandSettings, nonce: &str) -> ExitCode {
-    let config = match load_config(commands).await {
+    let config = match load_config(commands.enrollment_token.as_deref()).await {
         Ok(config) => config,
         Err(err) => return report(&err),
     };
@@ -221,26 +230,65 @@ async fn confirm_deadline(confirm_by: Option<i64>) {
 }
 
 /// Reads the configuration; on first start with `AGENT_ENROLLMENT_TOKEN`, trades the token
-/// for the instance's secret (stored 0600 at `AGENT_SECRET_FILE`).
-async fn load_config(commands: &CommandSettings) -> Result<AgentConfig, Error> {
-    let secret_file = std::env::var("AGENT_SECRET_FILE")
-        .ok()
-        .filter(|v| !v.is_empty())
-        .map(std::path::PathBuf::from);
-    let env_secret = std::env::var("AGENT_SECRET").ok().filter(|v| !v.is_empty());
-    let mut secret = env_secret.clone();
-    if secret.is_none()
-        && let Some(path) = &secret_file
-    {
-        secret = fleet_agent::enroll::stored_secret(path)?;
-        if secret.is_none()
-            && let Some(token) = &commands.enrollment_token
-        {
-            let url = std::env::var("CONTROL_PLANE_URL").unwrap_or_default();
-            let instance = std::env::var("INSTANCE_ID").unwrap_or_default();
-            secret = Some(fleet_agent::enroll::enroll(&url, &instance, token, path).await?);
-        }
+/// for the instance's secret (stored 0600 at `AGENT_SECRET_FILE`) once the rest of the
+/// configuration is known to be good, so that a token is never spent by an agent that cannot
+/// start.
+async fn load_config(enrollment_token: Option<&str>) -> Result<AgentConfig, Error> {
+    let (config, enroll_into) = read_config(enrollment_token)?;
+    let (Some(path), Some(token)) = (enroll_into, enrollment_token) else {
+        return Ok(config);
+    };
+    let secret =
+        fleet_agent::enroll::enroll(&config.control_plane_url, &config.instance_id, token, &path)
+            .await?;
+    config_with_secret(Some(secret))
+}
+
+/// The configuration, every problem named at once, and the file to keep the secret in when
+/// `enrollment_token` is still to be traded for it (the configuration's secret is then a
+/// stand-in that is never used).
+///
+/// The secret is `AGENT_SECRET`, else the one kept at `AGENT_SECRET_FILE`.
+fn read_config(enrollment_token: Option<&str>) -> Result<(AgentConfig, Option<PathBuf>), Error> {
+    let secret_file = env_value("AGENT_SECRET_FILE").map(PathBuf::from);
+    let mut secret = env_value("AGENT_SECRET");
+    let mut problems = Vec::new();
+    let mut enroll_into = None;
+    match (&secret, &secret_file, enrollment_token) {
+        (Some(_), _, _) => {}
+        (None, Some(path), token) => match fleet_agent::enroll::stored_secret(path) {
+            Ok(Some(stored)) => secret = Some(stored),
+            Ok(None) if token.is_some() => enroll_into = Some(path.clone()),
+            Ok(None) => problems.push(format!(
+                "AGENT_SECRET_FILE {} holds no secret yet: set AGENT_ENROLLMENT_TOKEN to \
+                 enroll, or AGENT_SECRET",
+                path.display()
+            )),
+            Err(err) => problems.push(format!("AGENT_SECRET_FILE {}: {err}", path.display())),
+        },
+        (None, None, Some(_)) => problems.push(
+            "AGENT_ENROLLMENT_TOKEN needs AGENT_SECRET_FILE, where the secret it is traded for \
+             is kept"
+                .to_owned(),
+        ),
+        (None, None, None) => {}
     }
+    let stand_in = enroll_into
+        .as_ref()
+        .map(|_| "enrollment pending".to_owned());
+    match config_with_secret(secret.or(stand_in)) {
+        Ok(config) if problems.is_empty() => Ok((config, enroll_into)),
+        Ok(_) => Err(Error::Config(problems)),
+        Err(Error::Config(mut first)) => {
+            first.extend(problems);
+            Err(Error::Config(first))
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// The configuration from the environment, with `secret` as `AGENT_SECRET`.
+fn config_with_secret(secret: Option<String>) -> Result<AgentConfig, Error> {
     AgentConfig::from_lookup(|name| {
         if name == "AGENT_SECRET" {
             secret.clone()
@@ -248,6 +296,11 @@ async fn load_config(commands: &CommandSettings) -> Result<AgentConfig, Error> {
             std::env::var(name).ok()
         }
     })
+}
+
+/// A variable's value, taken as it is (a secret's bytes matter); empty counts as unset.
+fn env_value(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
 /// Replaces this process with the (new or restored) binary at `binary`, same arguments.

@@ -242,6 +242,30 @@ async fn without_the_buffer_failures_are_dropped_and_counted() {
     receiver.stop().await;
 }
 
+/// A state path the agent cannot use stops it with an error that names the file, not a bare
+/// "No such file or directory" or "file is not a database".
+#[tokio::test]
+async fn an_unusable_state_path_is_named() {
+    let dir = temp_dir("bad-state");
+    let not_a_database = dir.join("garbage.db");
+    std::fs::write(&not_a_database, "not a database, not even close").unwrap();
+    let under_a_file = not_a_database.join("state.db");
+    for path in [not_a_database, under_a_file] {
+        let mut c = config("http://127.0.0.1:9", &dir);
+        c.state_path = path.clone();
+        let agent = Agent::builder(c).without_builtins().build().unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(10), agent.run(std::future::pending()))
+            .await
+            .expect("the agent gives up at once")
+            .expect_err("an unusable state path is an error");
+        let text = err.to_string();
+        assert!(
+            text.contains(&path.display().to_string()) && text.contains("AGENT_STATE_PATH"),
+            "{text}"
+        );
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -83,6 +83,59 @@ async fn routes_answer_and_the_token_is_required() {
     task.await.unwrap().unwrap();
 }
 
+/// `POST /smoke` refreshes the checks it runs; the collectors' series in `/metrics/agent`
+/// stay as the last heartbeat left them instead of vanishing until the next one.
+#[tokio::test]
+async fn smoke_keeps_the_collectors_in_the_agent_metrics() {
+    let dir = temp_dir("smoke-metrics");
+    let mut c = config("http://127.0.0.1:9", &dir);
+    c.heartbeat_interval = Duration::from_secs(3600);
+    let mut agent = Agent::builder(c).build().unwrap();
+    let addr = agent.bind().await.unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(agent.run(async {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::new();
+    let own = || async {
+        http.get(format!("http://{addr}/metrics/agent"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    // The first heartbeat is built at start, its collectors included.
+    let mut before = String::new();
+    for _ in 0..200 {
+        before = own().await;
+        if before.contains("fleet_agent_heartbeats_total 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        before.contains("fleet_agent_check_ok{check=\"host\"} 1"),
+        "{before}"
+    );
+    let smoke = http
+        .post(format!("http://{addr}/smoke"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(smoke.status(), 200);
+    let after = own().await;
+    for needle in [
+        "fleet_agent_check_ok{check=\"db\"} 0",
+        "fleet_agent_check_ok{check=\"host\"} 1",
+    ] {
+        assert!(after.contains(needle), "{needle} missing:\n{after}");
+    }
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn a_non_loopback_address_needs_a_token() {
     let dir = temp_dir("bind");

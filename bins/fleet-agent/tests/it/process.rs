@@ -26,6 +26,51 @@ fn every_configuration_problem_is_named_at_once() {
     }
 }
 
+/// The command settings' problems are named with the agent's, and an enrollment token is not
+/// traded (nor the control plane asked) while the rest of the configuration is bad.
+#[test]
+fn command_and_enrollment_problems_are_named_with_the_rest() {
+    let dir = temp_dir("config-all");
+    let secret_file = dir.join("secret");
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet-agent"))
+        .env_clear()
+        .env("AGENT_COMMANDS_DISABLED", "Reboot")
+        .env("HEARTBEAT_INTERVAL", "soon")
+        .env("AGENT_ENROLLMENT_TOKEN", "one-time-token")
+        .env("AGENT_SECRET_FILE", &secret_file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "AGENT_COMMANDS_DISABLED: unknown command type \"Reboot\"",
+        "INSTANCE_ID is required",
+        "CONTROL_PLANE_URL is required",
+        "HEARTBEAT_INTERVAL must be",
+    ] {
+        assert!(stderr.contains(needle), "{needle} missing from:\n{stderr}");
+    }
+    // The token stands for the secret: its absence is no problem, and nothing was sent.
+    assert!(!stderr.contains("AGENT_SECRET is required"), "{stderr}");
+    assert!(!secret_file.exists());
+
+    // A token without a file to keep the secret in is named, not silently ignored.
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet-agent"))
+        .env_clear()
+        .env("INSTANCE_ID", INSTANCE)
+        .env("CONTROL_PLANE_URL", "http://127.0.0.1:9")
+        .env("AGENT_ENROLLMENT_TOKEN", "one-time-token")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("AGENT_ENROLLMENT_TOKEN needs AGENT_SECRET_FILE"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn help_and_version_answer_and_any_other_argument_is_refused() {
     let run = |arg: &str| {
@@ -61,6 +106,48 @@ fn help_and_version_answer_and_any_other_argument_is_refused() {
         stderr.contains("unexpected argument --instance-id=shop-1") && stderr.contains("--help"),
         "{stderr}"
     );
+}
+
+/// A control plane that stays down is one warning from each side of the agent (heartbeats,
+/// the live channel's registration), not one per retry.
+#[tokio::test]
+async fn an_unreachable_control_plane_is_warned_about_once() {
+    let dir = temp_dir("unreachable");
+    let env: Vec<(String, String)> = [
+        ("INSTANCE_ID", INSTANCE.to_owned()),
+        (
+            "CONTROL_PLANE_URL",
+            format!("http://127.0.0.1:{}", free_port()),
+        ),
+        ("AGENT_SECRET", SECRET.to_owned()),
+        ("HEARTBEAT_INTERVAL", "0.5".to_owned()),
+        ("SEND_BACKOFF_BASE_MS", "100".to_owned()),
+        ("SEND_BACKOFF_MAX", "1".to_owned()),
+        ("AGENT_PORT", free_port().to_string()),
+        (
+            "AGENT_STATE_PATH",
+            dir.join("state.db").display().to_string(),
+        ),
+        ("AGENT_METRICS_URL", "off".to_owned()),
+        ("CONTAINERS_INTERVAL", "0".to_owned()),
+        ("RUST_LOG", "info".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let mut agent = Guard(spawn_agent(&env, &dir));
+    // Long enough for the live channel's backoff (1 s, 2 s, 4 s) to retry three times.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    sigterm_and_wait(&mut agent).await;
+    let (_, log) = agent_logs(&dir).pop().expect("the agent's log");
+    let warnings = |about: &str| {
+        log.lines()
+            .filter(|line| line.contains("WARN") && line.contains(about))
+            .count()
+    };
+    assert_eq!(warnings("control plane unreachable"), 1, "{log}");
+    assert_eq!(warnings("registration"), 1, "{log}");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Stop the receiver, let the agent queue N heartbeats, kill -9 the agent, restart both:
