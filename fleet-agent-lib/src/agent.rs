@@ -296,6 +296,9 @@ impl Agent {
     /// then stops them all. Returns early with an error only if a state file (the outbox,
     /// the pipelines' job state, the command journal) cannot be opened
     /// ([`Error::State`]) or the local API cannot bind.
+    ///
+    /// `shutdown` is first polled once every task has started, so its first poll also tells
+    /// an embedder that the agent runs (the Python binding's `start()` returns then).
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let shared = self.shared.clone();
         let c = &shared.config;

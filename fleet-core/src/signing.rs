@@ -513,9 +513,10 @@ impl Verifier {
         self
     }
 
-    /// Sets the v1 timestamp tolerance in seconds.
+    /// Sets the v1 timestamp tolerance in seconds (its magnitude: a negative value counts as
+    /// positive, and `i64::MIN` as `i64::MAX`).
     pub fn tolerance_secs(mut self, secs: i64) -> Self {
-        self.tolerance_secs = secs.abs();
+        self.tolerance_secs = secs.saturating_abs();
         self
     }
 
@@ -628,6 +629,14 @@ mod tests {
                 std::str::from_utf8(itoa_buf(value).as_bytes()).ok(),
                 Some(value.to_string().as_str())
             );
+        }
+    }
+
+    #[test]
+    fn any_tolerance_is_taken_without_overflow() {
+        for secs in [i64::MIN, -300, 0, 300, i64::MAX] {
+            let verifier = Verifier::new(SecretResolver::default()).tolerance_secs(secs);
+            assert_eq!(verifier.tolerance_secs, secs.saturating_abs());
         }
     }
 

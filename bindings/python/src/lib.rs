@@ -2,6 +2,7 @@
 //! verification for Python. The Python package (`python/fleet/__init__.py`) re-exports
 //! these names and carries the type stubs.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 mod agent;
@@ -11,9 +12,9 @@ use fleet_core::{
     DecodeError, Heartbeat, Limits, ManifestVerifier, PublicKey, Secret, SecretResolver,
 };
 use pyo3::create_exception;
-use pyo3::exceptions::PyException;
+use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString};
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyMemoryView, PyString};
 
 create_exception!(
     _fleet,
@@ -72,15 +73,54 @@ fn sign_v0(secret_text: &str, body: &[u8]) -> PyResult<String> {
     Ok(fleet_core::sign_v0(&secret(secret_text)?, body))
 }
 
-/// Reads header values from any mapping with `items()`, matching names case-insensitively.
+/// Reads headers given as a mapping (a dict, or a web framework's headers object: anything
+/// with `items()`) or as (name, value) pairs, such as ASGI's raw headers. Names match
+/// case-insensitively; bytes are read as Latin-1, as HTTP defines.
 fn header_map(headers: &Bound<'_, PyAny>) -> PyResult<HashMap<String, String>> {
+    let not_headers = || {
+        PyTypeError::new_err(format!(
+            "headers must be a mapping or (name, value) pairs, not {}",
+            type_name(headers)
+        ))
+    };
+    // Text is iterable too, but one character at a time: refuse it with the same message.
+    if headers.is_instance_of::<PyString>() || headers.is_instance_of::<PyBytes>() {
+        return Err(not_headers());
+    }
+    let pairs = if headers.hasattr("items")? {
+        headers.call_method0("items")?
+    } else {
+        headers.clone()
+    };
     let mut out = HashMap::new();
-    let items = headers.call_method0("items")?;
-    for item in items.try_iter()? {
-        let (name, value): (String, String) = item?.extract()?;
-        out.insert(name.to_ascii_lowercase(), value);
+    for item in pairs.try_iter().map_err(|_| not_headers())? {
+        let (name, value): (Bound<'_, PyAny>, Bound<'_, PyAny>) =
+            item?.extract().map_err(|_| not_headers())?;
+        out.insert(
+            header_text(&name)?.to_ascii_lowercase(),
+            header_text(&value)?,
+        );
     }
     Ok(out)
+}
+
+fn header_text(value: &Bound<'_, PyAny>) -> PyResult<String> {
+    if let Ok(bytes) = value.cast::<PyBytes>() {
+        return Ok(bytes.as_bytes().iter().copied().map(char::from).collect());
+    }
+    value.extract().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "header names and values must be str or bytes, not {}",
+            type_name(value)
+        ))
+    })
+}
+
+fn type_name(value: &Bound<'_, PyAny>) -> String {
+    value
+        .get_type()
+        .name()
+        .map_or_else(|_| "?".to_owned(), |name| name.to_string())
 }
 
 fn signature_headers(map: &HashMap<String, String>) -> SignatureHeaders<'_> {
@@ -133,7 +173,8 @@ impl Signer {
         self.inner.sign_v0(body)
     }
 
-    /// Verifies v1 headers against this secret; raises InvalidSignature.
+    /// Verifies v1 headers (a mapping or (name, value) pairs) against this secret at unix
+    /// time `now` (default: the clock); raises InvalidSignature.
     #[pyo3(signature = (body, headers, now=None))]
     fn verify(
         &self,
@@ -155,6 +196,12 @@ impl Signer {
 
 /// Verifies agent requests: finds `instance_id` in the raw body, resolves its secrets, checks
 /// the v1 (or v0) signature in constant time. Parse the body only after it returns.
+///
+/// `secrets`: a dict instance_id → secret or [secrets], or its JSON text (the form of
+/// CONTROL_PLANE_AGENT_SECRETS); `fallback`: the shared CONTROL_PLANE_AGENT_TOKEN;
+/// `allow_v0`: accept the ERP agent's `x-agent-signature`; `tolerance`: how far a v1
+/// `webhook-timestamp` may be from now, in seconds. Raises ConfigError when neither
+/// `secrets` nor `fallback` gives a secret.
 #[pyclass(frozen, module = "fleet")]
 struct Verifier {
     inner: fleet_core::Verifier,
@@ -162,8 +209,6 @@ struct Verifier {
 
 #[pymethods]
 impl Verifier {
-    /// `secrets`: a dict instance_id → secret or [secrets], or its JSON text (the form of
-    /// CONTROL_PLANE_AGENT_SECRETS); `fallback`: the shared CONTROL_PLANE_AGENT_TOKEN.
     #[new]
     #[pyo3(signature = (secrets=None, fallback=None, *, allow_v0=true, tolerance=300))]
     fn new(
@@ -172,6 +217,12 @@ impl Verifier {
         allow_v0: bool,
         tolerance: i64,
     ) -> PyResult<Self> {
+        // A negative tolerance is a mistake (fleet-core would take its magnitude).
+        if tolerance < 0 {
+            return Err(PyValueError::new_err(format!(
+                "tolerance must be a number of seconds, at least 0, not {tolerance}"
+            )));
+        }
         let json = match secrets {
             None => None,
             Some(value) if value.is_instance_of::<PyString>() => Some(value.extract::<String>()?),
@@ -182,6 +233,14 @@ impl Verifier {
         };
         let resolver = SecretResolver::from_config(json.as_deref(), fallback)
             .map_err(|e| ConfigError::new_err(e.to_string()))?;
+        // A verifier without secrets refuses every request; that is always an unset
+        // setting, so say so now rather than with InvalidSignature per request.
+        if resolver.is_empty() {
+            return Err(ConfigError::new_err(
+                "no agent secrets: pass `secrets` (CONTROL_PLANE_AGENT_SECRETS) or `fallback` \
+                 (CONTROL_PLANE_AGENT_TOKEN)",
+            ));
+        }
         Ok(Self {
             inner: fleet_core::Verifier::new(resolver)
                 .allow_v0(allow_v0)
@@ -189,7 +248,9 @@ impl Verifier {
         })
     }
 
-    /// Verifies `body` with its `headers` (any mapping); returns the instance id.
+    /// Verifies the raw `body` with its `headers` (a mapping or (name, value) pairs) at
+    /// unix time `now` (default: the clock); returns the instance id or raises
+    /// InvalidSignature.
     #[pyo3(signature = (body, headers, now=None))]
     fn verify(
         &self,
@@ -232,17 +293,27 @@ fn validation_error(py: Python<'_>, err: DecodeError) -> PyResult<PyErr> {
     Ok(exc)
 }
 
-/// Validates a heartbeat body (bytes or str) and returns it as a dict (unknown keys kept).
-/// Raises ValidationError listing every problem with its field path.
+/// Validates a raw heartbeat body (bytes or str) and returns it as a dict (unknown keys
+/// kept). Raises ValidationError listing every problem with its field path.
 #[pyfunction]
 fn validate_heartbeat<'py>(
     py: Python<'py>,
     body: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let bytes: Vec<u8> = if body.is_instance_of::<PyString>() {
-        body.extract::<String>()?.into_bytes()
+    let bytes: Cow<'_, [u8]> = if let Ok(bytes) = body.cast::<PyBytes>() {
+        Cow::Borrowed(bytes.as_bytes())
+    } else if body.is_instance_of::<PyString>() {
+        Cow::Owned(body.extract::<String>()?.into_bytes())
+    } else if body.is_instance_of::<PyByteArray>() || body.is_instance_of::<PyMemoryView>() {
+        let copied = py.get_type::<PyBytes>().call1((body,))?;
+        Cow::Owned(copied.cast::<PyBytes>()?.as_bytes().to_vec())
     } else {
-        body.extract::<Vec<u8>>()?
+        // A parsed body (a dict from a framework's `request.json`) cannot be validated: the
+        // limits and the error paths are about the raw text.
+        return Err(PyTypeError::new_err(format!(
+            "validate_heartbeat takes the raw body as bytes or str, not {}",
+            type_name(body)
+        )));
     };
     match Heartbeat::decode(&bytes, &Limits::default()) {
         Ok(heartbeat) => {

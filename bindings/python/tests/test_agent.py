@@ -155,3 +155,120 @@ def test_the_example_service_runs(tmp_path):
         assert receiver.refused == 0
     finally:
         receiver.close()
+
+
+def run_script(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh interpreter, so a hang fails the test instead of pytest."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_check_that_never_returns_neither_hangs_stop_nor_piles_up_threads(tmp_path):
+    receiver = Receiver("py-hang")
+    try:
+        code = f"""
+import time, fleet
+calls = []
+def stuck():
+    calls.append(1)
+    time.sleep(3600)
+agent = fleet.Agent(**{settings(tmp_path, receiver.url, "py-hang")!r}, check_timeout_ms="200")
+agent.add_check("stuck", stuck)
+with agent:
+    time.sleep(1.5)
+    started = time.monotonic()
+print("stopped in", time.monotonic() - started, flush=True)
+print("calls", len(calls), flush=True)
+"""
+        done = run_script(code)
+        assert done.returncode == 0, done.stderr
+        assert float(done.stdout.split("stopped in")[1].split()[0]) < 5
+        # One call stuck for good (one thread), never one more per heartbeat.
+        assert "calls 1" in done.stdout
+        errors = [c["error"] for hb in receiver.heartbeats for c in hb["checks"] if c["name"] == "stuck"]
+        assert "timed out after 200 ms" in errors
+        assert "the previous call has not returned yet" in errors
+    finally:
+        receiver.close()
+
+
+def test_heartbeat_now_returns_when_a_check_hangs(tmp_path):
+    release = threading.Event()
+    agent = fleet.Agent(**settings(tmp_path, "http://127.0.0.1:9", "py-004"), check_timeout_ms="100")
+    agent.add_check("stuck", release.wait)
+    try:
+        result = run_in_thread(agent.heartbeat, timeout=10)
+        assert {c["name"]: c for c in result["checks"]}["stuck"]["error"] == "timed out after 100 ms"
+    finally:
+        release.set()
+
+
+def run_in_thread(function, timeout):
+    out = []
+    thread = threading.Thread(target=lambda: out.append(function()), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"{function.__name__} did not return within {timeout} s"
+    return out[0]
+
+
+def test_a_running_agent_that_is_garbage_collected_stops_without_deadlock(tmp_path):
+    code = f"""
+import time, fleet
+def run():
+    agent = fleet.Agent(**{settings(tmp_path, "http://127.0.0.1:9", "py-005")!r})
+    agent.add_check("slow", lambda: time.sleep(0.3))
+    agent.start()
+    time.sleep(1)
+run()
+print("collected", flush=True)
+"""
+    done = run_script(code, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "collected" in done.stdout
+
+
+def test_start_raises_when_the_state_file_cannot_be_opened(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    agent = fleet.Agent(**{**settings(tmp_path, "http://127.0.0.1:9", "py-006"), "agent_state_path": str(tmp_path / "a-file" / "state.db")})
+    with pytest.raises(RuntimeError, match="state"):
+        agent.start()
+    assert not agent.running
+    agent.stop()
+
+
+def test_checks_are_refused_once_running_and_when_they_cannot_work(tmp_path):
+    agent = fleet.Agent(**settings(tmp_path, "http://127.0.0.1:9", "py-007"))
+    agent.add_check("mine", lambda: True)
+    with pytest.raises(ValueError, match="already added"):
+        agent.add_check("mine", lambda: True)
+    with pytest.raises(ValueError, match="needs a name"):
+        agent.add_check(" ", lambda: True)
+    with pytest.raises(TypeError, match="callable, not bool"):
+        agent.add_check("result_not_function", True)  # type: ignore[arg-type]
+
+    async def coroutine_check() -> bool:
+        return True
+
+    with pytest.raises(TypeError, match="async def"):
+        agent.add_check("async", coroutine_check)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="callable"):
+        agent.add_check("decorated")(None)  # type: ignore[arg-type]
+    with agent:
+        # The running agent would never call it: say so instead of dropping it silently.
+        with pytest.raises(RuntimeError, match="before the agent starts"):
+            agent.add_check("late", lambda: True)
+        with pytest.raises(RuntimeError, match="before the agent starts"):
+            agent.add_check("late_decorator")
+    agent.add_check("after_stop", lambda: "yes")  # type: ignore[arg-type, return-value]
+    checks = {c["name"]: c for c in agent.heartbeat()["checks"]}
+    assert checks["after_stop"]["error"] == "check must return None, True or False, not str"
+
+
+def test_an_unknown_setting_is_a_type_error_with_a_suggestion(tmp_path):
+    base = settings(tmp_path, "http://127.0.0.1:9", "py-008")
+    with pytest.raises(TypeError, match='unknown setting "heartbeat_intervall".*did you mean "heartbeat_interval"'):
+        fleet.Agent(**base, heartbeat_intervall="1")
+    with pytest.raises(TypeError, match="no variable COMMAND_TIMEOUT"):
+        fleet.Agent(**base, command_timeout="5")
+    # A fallback read only when its primary is unset is still a known setting.
+    fleet.Agent(**base, storage_endpoint="http://127.0.0.1:9", storage_public_url="http://127.0.0.1:9", instance_domain=None)

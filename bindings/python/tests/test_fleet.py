@@ -4,6 +4,7 @@ import json
 import time
 import uuid
 from datetime import datetime, timezone
+from email.message import Message
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,49 @@ def test_expired_and_tampered_requests_are_refused():
     with pytest.raises(fleet.InvalidSignature) as info:
         fleet.Verifier({"a": "s"}).verify(body, {"x-agent-signature": "abc"})
     assert info.value.kind == "malformed_header"
+
+
+def test_headers_as_pairs_bytes_or_a_framework_mapping():
+    body = b'{"instance_id":"a","db_ok":true}'
+    headers = fleet.Signer("s").headers("m1", body)
+    verifier = fleet.Verifier({"a": "s"})
+    # ASGI hands headers over as a list of (bytes, bytes); some code has (str, str) pairs.
+    assert verifier.verify(body, [(k.encode(), v.encode()) for k, v in headers.items()]) == "a"
+    assert verifier.verify(body, [(k.title(), v) for k, v in headers.items()]) == "a"
+    fleet.Signer("s").verify(body, list(headers.items()))
+    # A framework's case-insensitive headers object (the stdlib's, as http.server gives).
+    message = Message()
+    for name, value in headers.items():
+        message[name.upper()] = value
+    assert verifier.verify(body, message) == "a"
+    for wrong in (None, "webhook-id: m1", 42, [("only-a-name",)]):
+        with pytest.raises(TypeError, match="headers must be a mapping or"):
+            verifier.verify(body, wrong)
+    with pytest.raises(TypeError, match="str or bytes, not int"):
+        verifier.verify(body, {"webhook-id": 1})
+
+
+def test_a_negative_tolerance_is_a_value_error_not_a_panic():
+    for tolerance in (-1, -(2**63)):
+        with pytest.raises(ValueError, match="tolerance"):
+            fleet.Verifier({"a": "s"}, tolerance=tolerance)
+    assert fleet.Verifier({"a": "s"}, tolerance=0)
+
+
+def test_a_verifier_without_any_secret_is_a_config_error():
+    # Unset CONTROL_PLANE_AGENT_SECRETS and CONTROL_PLANE_AGENT_TOKEN would otherwise refuse
+    # every request with an InvalidSignature that says nothing of the cause.
+    for secrets, fallback in ((None, None), ({}, None), ("{}", None)):
+        with pytest.raises(fleet.ConfigError, match="CONTROL_PLANE_AGENT_SECRETS"):
+            fleet.Verifier(secrets, fallback)
+    assert fleet.Verifier({}, "shared")
+
+
+def test_validate_heartbeat_takes_raw_bytes_and_names_what_it_got_otherwise():
+    body = b'{"instance_id":"a","db_ok":true,"redis_ok":true,"storage_ok":true,"jobs_failed":0}'
+    for raw in (body, body.decode(), bytearray(body), memoryview(body)):
+        assert fleet.validate_heartbeat(raw)["instance_id"] == "a"
+    # A body a framework already parsed cannot be checked against the raw-text limits.
+    for parsed in (json.loads(body), None, list(body)):
+        with pytest.raises(TypeError, match=f"bytes or str, not {type(parsed).__name__}"):
+            fleet.validate_heartbeat(parsed)
