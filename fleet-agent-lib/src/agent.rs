@@ -59,7 +59,10 @@ impl AgentBuilder {
         self
     }
 
-    /// Adds a health check, reported in `checks[]` under its name.
+    /// Adds a health check, reported in `checks[]` under its name. A check named like a
+    /// built-in one (`db`, `redis`, `storage`, `search`) replaces it, and sets the
+    /// heartbeat's `db_ok`, `redis_ok` and so on: a service the built-in probe does not speak,
+    /// or a node without that service, gets its own check instead of a failing one.
     pub fn check(mut self, check: impl Check + 'static) -> Self {
         self.checks.push(Arc::new(check));
         self
@@ -166,6 +169,7 @@ impl AgentBuilder {
                 )?));
             }
         }
+        checks.retain(|builtin| !self.checks.iter().any(|own| own.name() == builtin.name()));
         checks.extend(self.checks);
         collectors.extend(self.collectors);
         let sender = Sender::new(
@@ -750,6 +754,44 @@ mod tests {
         // A valid heartbeat goes out byte for byte as serialized.
         let good = Heartbeat::new("acme-001");
         assert_eq!(heartbeat_body(&good), good.to_vec());
+    }
+
+    struct Passes(&'static str);
+
+    #[async_trait::async_trait]
+    impl Check for Passes {
+        fn name(&self) -> &str {
+            self.0
+        }
+        async fn probe(&self) -> std::result::Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_check_named_like_a_builtin_replaces_it() {
+        let dir = std::env::temp_dir().join(format!("fleet-agent-own-db-{}", new_message_id()));
+        let mut config = AgentConfig::new(
+            "acme-001",
+            "http://127.0.0.1:9",
+            fleet_core::Secret::new("s3cret").expect("secret"),
+        );
+        config.state_path = dir.join("state.db");
+        config.metrics_url = None;
+        config.containers_interval = Duration::ZERO;
+        // Without DATABASE_URL the built-in `db` check fails; the embedder's own one decides.
+        let agent = Agent::builder(config)
+            .check(Passes("db"))
+            .build()
+            .expect("agent");
+        let hb = agent.heartbeat().await;
+        let db: Vec<_> = hb.checks.iter().filter(|c| c.name == "db").collect();
+        assert_eq!(db.len(), 1, "{:?}", hb.checks);
+        assert!(db[0].ok, "{:?}", hb.checks);
+        assert!(hb.db_ok);
+        // Redis is still the built-in check, failing without REDIS_URL.
+        assert!(!hb.redis_ok);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
