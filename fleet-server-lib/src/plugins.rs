@@ -10,8 +10,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use fleet_core::ValidationErrors;
 use fleet_core::plugin::{
-    NextJobRequest, PluginReport, PluginRequest, PluginSpec, is_valid_plugin_name,
-    is_valid_plugin_version,
+    MAX_PLUGIN_NAME_LEN, MAX_PLUGIN_VERSION_LEN, NextJobRequest, PluginAction, PluginReport,
+    PluginRequest, PluginSpec, is_valid_plugin_name, is_valid_plugin_version,
 };
 use serde::Deserialize;
 
@@ -41,6 +41,16 @@ struct NewPluginRelease {
 /// JSON Schema of [`NewPluginRelease`] (for `/openapi.json`); unknown keys are refused.
 pub(crate) fn new_release_schema() -> serde_json::Value {
     use fleet_core::plugin::{plugin_name_schema, plugin_version_schema};
+    let exact = serde_json::json!({
+        "type": "string",
+        "maxLength": MAX_PLUGIN_VERSION_LEN,
+        "pattern": format!("^{COMPATIBLE_VERSION}$"),
+    });
+    let prefix = serde_json::json!({
+        "type": "string",
+        "maxLength": MAX_PLUGIN_VERSION_LEN + 2,
+        "pattern": format!(r"^{COMPATIBLE_VERSION}\.\*$"),
+    });
     let mut schema = fleet_core::schema::object(
         &["name", "version"],
         &[
@@ -48,9 +58,19 @@ pub(crate) fn new_release_schema() -> serde_json::Value {
             ("version", plugin_version_schema()),
             (
                 "compatible",
-                serde_json::json!({ "type": "array", "maxItems": MAX_COMPATIBLE, "items": { "type": "string" } }),
+                serde_json::json!({
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_COMPATIBLE,
+                    "items": { "anyOf": [{ "const": "*" }, exact, prefix] },
+                }),
             ),
-            ("notes", serde_json::json!({ "type": ["string", "null"] })),
+            (
+                "notes",
+                fleet_core::schema::nullable(fleet_core::schema::plain_text(
+                    fleet_core::Limits::default().max_message_len,
+                )),
+            ),
         ],
     );
     schema["additionalProperties"] = serde_json::json!(false);
@@ -61,6 +81,22 @@ fn any_version() -> Vec<String> {
     vec!["*".into()]
 }
 
+/// A version of [`is_valid_compatible`] as a JSON Schema pattern (without anchors).
+const COMPATIBLE_VERSION: &str = r"[0-9A-Za-z][0-9A-Za-z+-]*(\.[0-9A-Za-z+-]+)*";
+
+/// Whether `pattern` is an entry of `compatible` that
+/// [`is_compatible`](crate::store::rollouts::is_compatible) reads as meant: `*`, a version
+/// (`0.1.0`) or a version followed by `.*` (`0.1.*`). An empty part is refused: `` or `1..`
+/// would match no version, so the release could never be approved, and `0.1*` would also
+/// match 0.10.
+fn is_valid_compatible(pattern: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    let version = pattern.strip_suffix(".*").unwrap_or(pattern);
+    is_valid_plugin_version(version) && version.split('.').all(|part| !part.is_empty())
+}
+
 /// `POST /api/plugins/releases` (admin).
 pub(crate) async fn create_release(
     _: Admin,
@@ -69,13 +105,22 @@ pub(crate) async fn create_release(
 ) -> Result<Response> {
     let new: NewPluginRelease = parse_body(&body, &state.settings.limits)?;
     let mut errors = ValidationErrors::default();
-    if !is_valid_plugin_name(&new.name) {
+    // The length is named on its own: a long name of valid characters is otherwise told
+    // it is not a plugin name.
+    if new.name.len() > MAX_PLUGIN_NAME_LEN {
+        errors.push("name", format!("longer than {MAX_PLUGIN_NAME_LEN} bytes"));
+    } else if !is_valid_plugin_name(&new.name) {
         errors.push(
             "name",
             "must be a plugin name such as billing-export or @acme/report",
         );
     }
-    if !is_valid_plugin_version(&new.version) {
+    if new.version.len() > MAX_PLUGIN_VERSION_LEN {
+        errors.push(
+            "version",
+            format!("longer than {MAX_PLUGIN_VERSION_LEN} bytes"),
+        );
+    } else if !is_valid_plugin_version(&new.version) {
         errors.push("version", "must be a version such as 1.2.3");
     }
     if new.compatible.is_empty() || new.compatible.len() > MAX_COMPATIBLE {
@@ -85,11 +130,10 @@ pub(crate) async fn create_release(
         );
     }
     for (i, pattern) in new.compatible.iter().enumerate() {
-        let bare = pattern.strip_suffix('*').unwrap_or(pattern);
-        if !(bare.is_empty() || is_valid_plugin_version(bare.trim_end_matches('.'))) {
+        if !is_valid_compatible(pattern) {
             errors.push(
                 format!("compatible[{i}]"),
-                "must be a version, `*` or `0.1.*`",
+                "must be `*`, a version such as 0.1.0, or a version and `.*` such as 0.1.*",
             );
         }
     }
@@ -165,12 +209,53 @@ pub(crate) async fn approve(
     Ok(Json(record).into_response())
 }
 
+/// Keys of a rollout body that name an update release; a plugin rollout names its release
+/// with `plugin_release_id`.
+const UPDATE_RELEASE_KEYS: [&str; 3] = ["release_id", "manifestId", "version"];
+/// Keys of a rollout body for the canary steps of BLUE_GREEN_CANARY updates.
+const CANARY_KEYS: [&str; 4] = [
+    "canary_steps",
+    "canarySteps",
+    "canary_step_wait_sec",
+    "canaryStepWaitSec",
+];
+
 /// `POST /api/plugins/rollouts` (admin): a rollout whose every job carries the action.
+///
+/// The body is the update rollouts' one, so the settings only an update uses are refused
+/// here: the store would keep them and the plugin pipeline ignore them, and an operator who
+/// gave `version` would get the release's version installed without a word.
 pub(crate) async fn create_rollout(
     _: Admin,
     State(state): State<Shared>,
     body: Bytes,
 ) -> Result<Response> {
+    let fields: serde_json::Map<String, serde_json::Value> =
+        parse_body(&body, &state.settings.limits)?;
+    let given = |key: &str| fields.get(key).is_some_and(|v| !v.is_null());
+    let mut errors = ValidationErrors::default();
+    for key in UPDATE_RELEASE_KEYS.into_iter().filter(|k| given(k)) {
+        errors.push(
+            key,
+            "names an update release: a plugin rollout names its plugin release with plugin_release_id",
+        );
+    }
+    if given("strategy") && fields["strategy"] != "BATCH" {
+        errors.push(
+            "strategy",
+            "must be BATCH: the plugin pipeline has no canary steps",
+        );
+    }
+    for key in CANARY_KEYS.into_iter().filter(|k| given(k)) {
+        errors.push(key, "the plugin pipeline has no canary steps");
+    }
+    if given("action") && serde_json::from_value::<PluginAction>(fields["action"].clone()).is_err()
+    {
+        errors.push("action", "must be install, update or remove");
+    }
+    if !errors.is_empty() {
+        return Err(Error::Invalid(errors));
+    }
     crate::rollouts::create_kind(&state, JobKind::Plugin, &body).await
 }
 

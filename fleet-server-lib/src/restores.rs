@@ -21,6 +21,8 @@ use crate::{Error, Result, Shared};
 const DEFAULT_COUNT: i64 = 5;
 const DEFAULT_ENVIRONMENT: &str = "staging";
 const MAX_COUNT: i64 = 1000;
+/// Longest environment name, in bytes.
+const MAX_ENVIRONMENT_LEN: usize = 64;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,21 +33,24 @@ struct Schedule {
     environment: Option<String>,
 }
 
-/// JSON Schema of [`Schedule`] (for `/openapi.json`).
+/// JSON Schema of [`Schedule`] (for `/openapi.json`); unknown keys are refused.
 pub(crate) fn schedule_schema() -> serde_json::Value {
-    fleet_core::schema::object(
+    let mut schema = fleet_core::schema::object(
         &[],
         &[
             (
                 "count",
                 serde_json::json!({ "type": ["integer", "null"], "minimum": 1, "maximum": MAX_COUNT }),
             ),
-            (
-                "environment",
-                fleet_core::schema::nullable(fleet_core::schema::id()),
-            ),
+            ("environment", {
+                let mut environment = fleet_core::schema::nullable(fleet_core::schema::id());
+                environment["maxLength"] = MAX_ENVIRONMENT_LEN.into();
+                environment
+            }),
         ],
-    )
+    );
+    schema["additionalProperties"] = serde_json::json!(false);
+    schema
 }
 
 /// `POST /api/restores/schedule` (ops): `{count (5), environment ("staging")}`.
@@ -67,7 +72,7 @@ pub(crate) async fn schedule(_: Ops, State(state): State<Shared>, body: Bytes) -
         &mut errors,
         &fleet_core::validate::Path::Root.field("environment"),
         &environment,
-        64,
+        MAX_ENVIRONMENT_LEN,
     );
     if !errors.is_empty() {
         return Err(Error::Invalid(errors));

@@ -267,7 +267,144 @@ async fn restores_schedule_verify_and_alert_on_failure(t: TestStore) {
     server.stop().await;
 }
 
+/// The schema /openapi.json gives for the body of `POST path`.
+fn request_schema(spec: &Value, path: &str) -> jsonschema::Validator {
+    let schema =
+        &spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"];
+    jsonschema::validator_for(schema).expect("the schema compiles")
+}
+
+/// Each body is refused with a 422 naming its field, or published, as the documented schema
+/// says; `compatible` takes `*`, versions and `0.1.*`, never a pattern that matches nothing
+/// (which no approval could ever pass) or more than it reads (`0.1*` matches 0.10).
+async fn plugin_release_bodies_are_refused_as_documented(t: TestStore) {
+    let server = TestServer::start(t.store.clone()).await;
+    let (_, spec) = server.get_json("/openapi.json", SUPPORT).await;
+    let documented = request_schema(&spec, "/api/plugins/releases");
+    let release = |i: usize, extra: Value| {
+        let mut body = json!({"name": format!("p{i}"), "version": "1.0.0"});
+        body.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        body
+    };
+    let refused = [
+        (json!({"compatible": [""]}), "compatible[0]"),
+        (json!({"compatible": ["*", "1.."]}), "compatible[1]"),
+        (json!({"compatible": ["0.1*"]}), "compatible[0]"),
+        (json!({"compatible": ["0.1.0*"]}), "compatible[0]"),
+        (json!({"compatible": [".*"]}), "compatible[0]"),
+        (json!({"compatible": ["1.*.*"]}), "compatible[0]"),
+        (json!({"compatible": ["1."]}), "compatible[0]"),
+        (json!({"name": "a".repeat(101)}), "name"),
+        (json!({"version": "1".repeat(65)}), "version"),
+        (json!({"notes": "bell\u{7}"}), "notes"),
+    ];
+    for (i, (extra, field)) in refused.into_iter().enumerate() {
+        let body = release(i, extra);
+        let (status, error) = admin_post(&server, "/api/plugins/releases", ADMIN, &body).await;
+        assert_eq!((status, code(&error)), (422, "invalid"), "{body}: {error}");
+        assert_eq!(error["error"]["details"][0]["path"], field, "{error}");
+        assert!(!documented.is_valid(&body), "documented as valid: {body}");
+    }
+    let (_, error) = admin_post(
+        &server,
+        "/api/plugins/releases",
+        ADMIN,
+        &release(0, json!({"name": "a".repeat(101)})),
+    )
+    .await;
+    assert_eq!(
+        error["error"]["details"][0]["message"], "longer than 100 bytes",
+        "the length is named, not the characters"
+    );
+    let (_, releases) = server.get_json("/api/plugins/releases", SUPPORT).await;
+    assert_eq!(releases["items"], json!([]), "nothing stored half-way");
+
+    let published = [
+        json!({"compatible": ["*"]}),
+        json!({"compatible": ["0.1.*", "0.1.0", "2.0.0-rc.*"]}),
+        json!({"notes": "line one\nline two"}),
+    ];
+    for (i, extra) in published.into_iter().enumerate() {
+        let body = release(i, extra);
+        let (status, answer) = admin_post(&server, "/api/plugins/releases", ADMIN, &body).await;
+        assert_eq!(status, 201, "{body}: {answer}");
+        assert!(documented.is_valid(&body), "documented as invalid: {body}");
+    }
+    server.stop().await;
+}
+
+/// A plugin rollout refuses, naming the field, the settings only an update rollout uses:
+/// they were stored and then ignored, so `version` silently installed the release's own.
+async fn plugin_rollouts_refuse_update_settings(t: TestStore) {
+    let server = TestServer::start(t.store.clone()).await;
+    enroll(&server, "p1", "stable", "1.0.0").await;
+    let (_, release) = admin_post(
+        &server,
+        "/api/plugins/releases",
+        ADMIN,
+        &json!({"name": "billing-export", "version": "1.2.0"}),
+    )
+    .await;
+    let rollout = |extra: Value| {
+        let mut body = json!({"plugin_release_id": release["id"], "channel": "stable"});
+        body.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        body
+    };
+    for (extra, field) in [
+        (json!({"version": "1.3.0"}), "version"),
+        (json!({"release_id": 1}), "release_id"),
+        (json!({"manifestId": 1}), "manifestId"),
+        (json!({"strategy": "BLUE_GREEN_CANARY"}), "strategy"),
+        (json!({"canary_steps": [50, 100]}), "canary_steps"),
+        (json!({"canaryStepWaitSec": 5}), "canaryStepWaitSec"),
+        (json!({"action": "nuke"}), "action"),
+    ] {
+        let body = rollout(extra);
+        let (status, error) = admin_post(&server, "/api/plugins/rollouts", ADMIN, &body).await;
+        assert_eq!((status, code(&error)), (422, "invalid"), "{body}: {error}");
+        assert_eq!(error["error"]["details"][0]["path"], field, "{error}");
+    }
+    let (_, rollouts) = server.get_json("/api/rollouts", SUPPORT).await;
+    assert_eq!(rollouts["items"], json!([]), "nothing stored half-way");
+    let (status, created) = admin_post(
+        &server,
+        "/api/plugins/rollouts",
+        ADMIN,
+        &rollout(json!({"strategy": "BATCH", "version": null, "action": "remove"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["plugin_action"], "remove");
+    server.stop().await;
+}
+
+/// The schedule body's documented schema refuses what the handler refuses.
+async fn restore_schedule_bodies_are_refused_as_documented(t: TestStore) {
+    let server = TestServer::start(t.store.clone()).await;
+    let (_, spec) = server.get_json("/openapi.json", SUPPORT).await;
+    let documented = request_schema(&spec, "/api/restores/schedule");
+    for (body, accepted) in [
+        (json!({}), true),
+        (json!({"environment": "e".repeat(64), "count": 1}), true),
+        (json!({"environment": "e".repeat(65)}), false),
+        (json!({"environment": "qa", "every": "day"}), false),
+        (json!({"count": 0}), false),
+    ] {
+        let (status, answer) = admin_post(&server, "/api/restores/schedule", OPS, &body).await;
+        assert_eq!(status == 201, accepted, "{body}: {answer}");
+        assert_eq!(documented.is_valid(&body), accepted, "{body}");
+    }
+    server.stop().await;
+}
+
 on_both_backends!(
     plugin_releases_requests_approval_and_rollouts,
     restores_schedule_verify_and_alert_on_failure,
+    plugin_release_bodies_are_refused_as_documented,
+    plugin_rollouts_refuse_update_settings,
+    restore_schedule_bodies_are_refused_as_documented,
 );
