@@ -324,7 +324,7 @@ fn routes(state: Shared) -> Router {
         .route("/api/plugins/rollouts", post(plugins::create_rollout))
         .route(
             "/api/plugins/rollouts/{id}/advance",
-            post(rollouts::advance),
+            post(rollouts::advance_plugin),
         )
         .route("/api/plugins/next", post(plugins::next))
         .route("/api/plugins/report", post(plugins::report))

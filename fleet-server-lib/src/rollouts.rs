@@ -559,12 +559,39 @@ pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
         });
     }
     fleet_core::validate::require_object(body).map_err(Error::Invalid)?;
-    serde_json::from_slice(body).map_err(|err| {
+    let mut input = serde_json::Deserializer::from_slice(body);
+    // The path of the field that does not fit (`count`, `compatible[0]`), as the validation
+    // rules name theirs: serde's own error names no field.
+    serde_path_to_error::deserialize(&mut input).map_err(|err| {
         let mut errors = ValidationErrors::default();
-        let text: String = err.to_string().chars().take(300).collect();
-        errors.push("", text);
+        let path = field_path(err.path());
+        let text: String = err.inner().to_string().chars().take(300).collect();
+        errors.push(path, text);
         Error::Invalid(errors)
     })
+}
+
+/// `path` written as validation errors write theirs: `a.b`, `list[2]`, `""` for the body.
+fn field_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Map { key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Seq { index } => {
+                let _ = write!(out, "[{index}]");
+            }
+            Segment::Enum { .. } | Segment::Unknown => {}
+        }
+    }
+    // A key is the client's text: echo a bounded piece of it.
+    out.chars().take(200).collect()
 }
 
 /// Parses a numeric id from the path; anything else is a 404, as for an unknown id.
@@ -645,6 +672,22 @@ pub(crate) async fn advance(
     State(state): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<Response> {
+    act(&state, &id, RolloutAction::Advance).await
+}
+
+/// `POST /api/plugins/rollouts/:id/advance` (admin): as [`advance`], for a plugin rollout
+/// only; another rollout's id is a 404 here, so the plugin route cannot start an update's
+/// next batch.
+pub(crate) async fn advance_plugin(
+    _: Admin,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let rollout_id = path_id(&id)?;
+    match state.store.rollout(rollout_id).await? {
+        Some(detail) if detail.rollout.kind == JobKind::Plugin.as_str() => {}
+        _ => return Err(Error::NotFound),
+    }
     act(&state, &id, RolloutAction::Advance).await
 }
 

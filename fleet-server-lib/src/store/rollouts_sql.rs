@@ -131,18 +131,29 @@ macro_rules! impl_rollout_store {
                         (Some(id), Some(version), None)
                     }
                     JobKind::Plugin => {
-                        let found: Option<(String, String, bool)> = sqlx::query_as(
-                            "SELECT name, version, approved FROM plugin_releases WHERE id = $1",
+                        let found: Option<(String, String, bool, String)> = sqlx::query_as(
+                            "SELECT name, version, approved, compatible FROM plugin_releases \
+                             WHERE id = $1",
                         )
                         .bind(new.plugin_release_id)
                         .fetch_optional(&mut *tx)
                         .await?;
-                        let (name, version, approved) = found
+                        let (name, version, approved, compatible) = found
                             .ok_or_else(|| invalid("plugin_release_id", "no such plugin release"))?;
                         if !approved {
                             return Err($crate::Error::Conflict(
                                 "the plugin release is not approved".into(),
                             ));
+                        }
+                        // The rule a single request's approval applies: a rollout is not a
+                        // way around it.
+                        let patterns: Vec<String> =
+                            serde_json::from_str(&compatible).unwrap_or_default();
+                        let control_plane = $crate::plugins::CONTROL_PLANE_VERSION;
+                        if !$crate::store::rollouts::is_compatible(&patterns, control_plane) {
+                            return Err($crate::Error::Conflict(format!(
+                                "{name} {version} is not compatible with control plane {control_plane}"
+                            )));
                         }
                         let spec = fleet_core::plugin::PluginSpec {
                             name,

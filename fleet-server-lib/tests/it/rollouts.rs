@@ -693,7 +693,95 @@ async fn a_large_fleet_is_frozen_into_batches_in_one_go(t: TestStore) {
     assert!(took < std::time::Duration::from_secs(20), "took {took:?}");
 }
 
+/// The plugin rollout routes act on plugin rollouts only, by the marketplace's rules, and a
+/// body of the wrong shape is refused naming the field.
+async fn plugin_rollouts_keep_to_plugins_and_their_compatibility(t: TestStore) {
+    let server = server(&t).await;
+    enroll(&server, "k1", "stable", "1.0.0").await;
+    // A release for another control plane: approving a request for it is refused, and a
+    // rollout must not be the way around that.
+    let (status, release) = admin_post(
+        &server,
+        "/api/plugins/releases",
+        ADMIN,
+        &json!({"name": "report", "version": "2.0.0", "compatible": ["9.*"]}),
+    )
+    .await;
+    assert_eq!(status, 201, "{release}");
+    let (status, error) = admin_post(
+        &server,
+        "/api/plugins/rollouts",
+        ADMIN,
+        &json!({"plugin_release_id": release["id"], "channel": "stable"}),
+    )
+    .await;
+    assert_eq!((status, code(&error)), (409, "conflict"), "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not compatible")),
+        "{error}"
+    );
+    let (_, rollouts) = server.get_json("/api/rollouts", SUPPORT).await;
+    assert_eq!(rollouts["items"], json!([]), "nothing stored: {rollouts}");
+
+    // An update rollout's id on the plugin route is unknown there.
+    let signed = release_key()
+        .sign_value(&serde_json::to_value(manifest("3.0.0")).expect("json"))
+        .expect("sign");
+    admin_post(&server, "/api/releases", ADMIN, &signed).await;
+    let (status, update) = admin_post(
+        &server,
+        "/api/rollouts",
+        ADMIN,
+        &json!({"version": "3.0.0", "channel": "stable", "batchSize": 1}),
+    )
+    .await;
+    assert_eq!(status, 201, "{update}");
+    let id = update["id"].as_i64().expect("id");
+    let (status, _) = admin_post(
+        &server,
+        &format!("/api/plugins/rollouts/{id}/advance"),
+        ADMIN,
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (_, still) = server
+        .get_json(&format!("/api/rollouts/{id}"), SUPPORT)
+        .await;
+    assert_eq!(still["current_batch"], update["current_batch"], "{still}");
+
+    // A value of the wrong type names its field.
+    for (path, body, field) in [
+        (
+            "/api/plugins/releases",
+            json!({"name": "x", "version": "1.0.0", "compatible": "*"}),
+            "compatible",
+        ),
+        (
+            "/api/plugins/releases",
+            json!({"name": "x", "version": "1.0.0", "compatible": ["*", 7]}),
+            "compatible[1]",
+        ),
+        (
+            "/api/rollouts",
+            json!({"version": "3.0.0", "channel": "stable", "batchSize": "ten"}),
+            "batchSize",
+        ),
+    ] {
+        let (status, error) = admin_post(&server, path, ADMIN, &body).await;
+        assert_eq!((status, code(&error)), (422, "invalid"), "{body}: {error}");
+        assert_eq!(
+            error["error"]["details"][0]["path"], field,
+            "{body}: {error}"
+        );
+    }
+    server.stop().await;
+}
+
 on_both_backends!(
+    plugin_rollouts_keep_to_plugins_and_their_compatibility,
     a_large_fleet_is_frozen_into_batches_in_one_go,
     a_halt_raises_an_alert_that_is_forwarded,
     releases_are_verified_before_they_are_stored,
