@@ -141,7 +141,7 @@ pub struct Verifier {
 #[uniffi::export]
 impl Verifier {
     /// `secrets_json`: CONTROL_PLANE_AGENT_SECRETS (instance id → secret or [secrets]);
-    /// `fallback`: CONTROL_PLANE_AGENT_TOKEN.
+    /// `fallback`: CONTROL_PLANE_AGENT_TOKEN. A config error when neither gives a secret.
     #[uniffi::constructor]
     pub fn new(
         secrets_json: Option<String>,
@@ -152,6 +152,14 @@ impl Verifier {
             .map_err(|e| FleetError::Config {
                 detail: e.to_string(),
             })?;
+        // As in the other bindings: a verifier without secrets would refuse every request.
+        if resolver.is_empty() {
+            return Err(FleetError::Config {
+                detail: "no agent secrets: pass secretsJson (CONTROL_PLANE_AGENT_SECRETS) or \
+                         fallback (CONTROL_PLANE_AGENT_TOKEN)"
+                    .into(),
+            });
+        }
         Ok(Arc::new(Self {
             inner: fleet_core::Verifier::new(resolver).allow_v0(allow_v0),
         }))

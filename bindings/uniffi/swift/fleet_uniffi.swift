@@ -827,7 +827,7 @@ open class Verifier: VerifierProtocol, @unchecked Sendable {
     }
     /**
      * `secrets_json`: CONTROL_PLANE_AGENT_SECRETS (instance id → secret or [secrets]);
-     * `fallback`: CONTROL_PLANE_AGENT_TOKEN.
+     * `fallback`: CONTROL_PLANE_AGENT_TOKEN. A config error when neither gives a secret.
      */
 public convenience init(secretsJson: String?, fallback: String?, allowV0: Bool)throws  {
     let handle =
@@ -1217,7 +1217,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_fleet_uniffi_checksum_constructor_signer_new() != 32492) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_fleet_uniffi_checksum_constructor_verifier_new() != 14) {
+    if (uniffi_fleet_uniffi_checksum_constructor_verifier_new() != 15727) {
         return InitializationResult.apiChecksumMismatch
     }
 

@@ -106,5 +106,7 @@ class VectorsTest {
     fun badConfigurationIsAConfigError() {
         val e = assertFailsWith<FleetException.Config> { Verifier("""{"a":"","b":"visible-secret-value"}""", null, true) }
         assertTrue(!e.detail.contains("visible-secret-value"))
+        val none = assertFailsWith<FleetException.Config> { Verifier(null, null, true) }
+        assertTrue(none.detail.contains("CONTROL_PLANE_AGENT_SECRETS"))
     }
 }
