@@ -172,6 +172,11 @@ impl AgentBuilder {
         checks.retain(|builtin| !self.checks.iter().any(|own| own.name() == builtin.name()));
         checks.extend(self.checks);
         collectors.extend(self.collectors);
+        tracing::debug!(
+            checks = ?checks.iter().map(|c| c.name()).collect::<Vec<_>>(),
+            collectors = ?collectors.iter().map(|c| c.name()).collect::<Vec<_>>(),
+            "agent built"
+        );
         let sender = Sender::new(
             http.clone(),
             &config.control_plane_url,

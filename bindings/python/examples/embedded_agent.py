@@ -4,10 +4,12 @@
         python bindings/python/examples/embedded_agent.py --seconds 10
 
 Everything not passed as a keyword comes from the environment, with the same variables and
-defaults as the fleet-agent binary.
+defaults as the fleet-agent binary. The agent logs through `logging` (logger "fleet"); this
+service shows its INFO and above on stderr.
 """
 
 import argparse
+import logging
 import queue
 import time
 
@@ -20,6 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10.0, help="how long to run")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     agent = fleet.Agent(heartbeat_interval="1", agent_port="0")
 

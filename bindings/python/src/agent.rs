@@ -90,6 +90,14 @@ struct Running {
 /// `AGENT_SECRET`, `heartbeat_interval=` ...); with `use_env=True` (the default) anything not
 /// given is read from `os.environ`. Add checks, then run it with `with agent:` (or
 /// start()/stop()).
+///
+/// The agent logs through the standard `logging` module, to logger `fleet` and its children
+/// named after the Rust module (`fleet.agent.agent`, `fleet.agent.sender`, `fleet.sqlx.query`
+/// ...), each message followed by its fields as `key=value`, as the fleet-agent binary logs
+/// them. Nothing shows unless you configure logging, except WARNING and above, which Python's
+/// last-resort handler prints to stderr: a refused AGENT_SECRET is logged at ERROR, naming the
+/// HTTP 401, without the secret. INFO and above are forwarded; DEBUG only when logger `fleet`
+/// is enabled for DEBUG when the agent starts (configure logging first).
 #[pyclass(module = "fleet")]
 pub struct Agent {
     settings: HashMap<String, String>,
@@ -229,6 +237,7 @@ impl Agent {
         if running.is_some() {
             return Err(PyRuntimeError::new_err("the agent is already running"));
         }
+        crate::log_bridge::install(py);
         let agent = self.build()?;
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -296,6 +305,7 @@ impl Agent {
 
     /// Runs the checks and builds one heartbeat now, without sending it; returns it as a dict.
     fn heartbeat<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        crate::log_bridge::install(py);
         let agent = self.build()?;
         let body = py.detach(|| {
             let runtime = tokio::runtime::Builder::new_current_thread()

@@ -6,6 +6,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 mod agent;
+mod log_bridge;
 
 use fleet_core::signing::{SignatureHeaders, constant_time_eq};
 use fleet_core::{

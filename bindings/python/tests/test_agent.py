@@ -2,11 +2,15 @@
 verifies every signature."""
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -150,6 +154,9 @@ def test_the_example_service_runs(tmp_path):
         done = subprocess.run([sys.executable, str(EXAMPLE), "--seconds", "2.5"], env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert "agent stopped" in done.stdout
+        # The example configures logging at INFO: the agent's own lines show on stderr.
+        assert "INFO fleet.agent.agent: fleet agent started instance_id=example-001" in done.stderr
+        assert SECRET not in done.stderr
         assert len(receiver.heartbeats) >= 2
         assert any(c["name"] == "job_queue" and c["ok"] for c in receiver.heartbeats[-1]["checks"])
         assert receiver.refused == 0
@@ -272,3 +279,173 @@ def test_an_unknown_setting_is_a_type_error_with_a_suggestion(tmp_path):
         fleet.Agent(**base, command_timeout="5")
     # A fallback read only when its primary is unset is still a known setting.
     fleet.Agent(**base, storage_endpoint="http://127.0.0.1:9", storage_public_url="http://127.0.0.1:9", instance_domain=None)
+
+
+# --- The agent's log events, through Python's logging (logger "fleet") ---------------------
+
+WRONG_SECRET = "not-the-secret-4f9c2a"
+ADMIN_TOKEN = "admin-token-for-python-tests"
+FLEET_SERVER = Path(__file__).resolve().parents[3] / "target" / "debug" / "fleet-server"
+
+
+class ControlPlane:
+    """The real control plane (target/debug/fleet-server, SQLite in tmp_path) on a free port,
+    knowing `instance_id` by SECRET."""
+
+    def __init__(self, tmp_path, instance_id: str):
+        if not FLEET_SERVER.exists():
+            pytest.fail(f"{FLEET_SERVER} is not built: run `cargo build -p fleet-server` first (scripts/test does)")
+        self.instance_id = instance_id
+        env = {
+            **os.environ,
+            "CONTROL_PLANE_DATABASE_URL": f"sqlite://{tmp_path / 'control-plane.db'}",
+            "CONTROL_PLANE_ADMIN_TOKEN": ADMIN_TOKEN,
+            "CONTROL_PLANE_AGENT_SECRETS": json.dumps({instance_id: SECRET}),
+            "RUST_LOG": "info",
+        }
+        log = tmp_path / "fleet-server.log"
+        with open(log, "w") as out:
+            self.process = subprocess.Popen([str(FLEET_SERVER), "serve", "--listen", "127.0.0.1:0"], env=env, stdout=subprocess.DEVNULL, stderr=out)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.process.poll() is None:
+            found = re.search(r"listening address=(\S+)", log.read_text())
+            if found:
+                self.url = f"http://{found.group(1)}"
+                return
+            time.sleep(0.05)
+        self.close()
+        raise AssertionError(f"fleet-server did not start: {log.read_text()}")
+
+    def wait_for(self, count: int, timeout: float = 15.0) -> None:
+        """Waits until the installation exists (its first heartbeat is recorded), then for
+        `count` more heartbeat intervals of settings()."""
+        request = urllib.request.Request(f"{self.url}/api/installations/{self.instance_id}", headers={"x-cp-admin-token": ADMIN_TOKEN})
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=5):
+                    break
+            except urllib.error.HTTPError as err:
+                assert err.code == 404 and time.monotonic() < deadline, f"no heartbeat recorded: {err}"
+            time.sleep(0.05)
+        time.sleep(0.2 * count)
+
+    def close(self):
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture(params=["receiver", "fleet-server"])
+def control_plane(request, tmp_path):
+    plane = Receiver("py-log") if request.param == "receiver" else ControlPlane(tmp_path, "py-log")
+    try:
+        yield plane
+    finally:
+        plane.close()
+
+
+def wait_for_record(caplog, wanted, timeout: float = 15.0) -> logging.LogRecord:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for record in list(caplog.records):
+            if wanted(record):
+                return record
+        time.sleep(0.05)
+    raise AssertionError("no such record; got:\n" + "\n".join(f"{r.levelname} {r.name} {r.getMessage()}" for r in caplog.records))
+
+
+def test_a_refused_secret_is_logged_as_a_warning_that_does_not_contain_it(control_plane, tmp_path, caplog):
+    # DEBUG too: no record the bridge can forward may carry the secret.
+    caplog.set_level(logging.DEBUG, logger="fleet")
+    agent = fleet.Agent(**{**settings(tmp_path, control_plane.url, "py-log"), "secret": WRONG_SECRET})
+    with agent:
+        refused = wait_for_record(caplog, lambda r: r.levelno >= logging.WARNING and "refused" in r.getMessage())
+    message = refused.getMessage()
+    assert refused.name == "fleet.agent.agent"
+    assert "HTTP 401" in message and "AGENT_SECRET" in message and "instance_id=py-log" in message
+    assert refused.threadName == "fleet-agent"
+    assert refused.pathname.endswith("agent.rs") and refused.lineno > 0
+    assert all(r.name.startswith("fleet.") for r in caplog.records)
+    assert any(r.levelno == logging.DEBUG for r in caplog.records)
+    for record in caplog.records:
+        assert WRONG_SECRET not in record.getMessage()
+    assert WRONG_SECRET not in caplog.text
+
+
+def test_a_delivered_heartbeat_logs_no_warning(control_plane, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fleet")
+    with fleet.Agent(**settings(tmp_path, control_plane.url, "py-log")):
+        control_plane.wait_for(3)
+    started = [r for r in caplog.records if r.getMessage().startswith("fleet agent started")]
+    assert len(started) == 1, caplog.text
+    assert started[0].name == "fleet.agent.agent" and started[0].levelno == logging.INFO
+    assert "instance_id=py-log" in started[0].getMessage() and "heartbeat_secs=0.2" in started[0].getMessage()
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert not any(r.levelno < logging.INFO for r in caplog.records)
+
+
+def test_logging_is_silent_unless_configured_but_a_refused_secret_reaches_stderr(tmp_path):
+    receiver = Receiver("py-quiet")
+    try:
+        code = """
+import time, fleet
+with fleet.Agent(**{!r}):
+    time.sleep(1.5)
+print("stopped", flush=True)
+"""
+        done = run_script(code.format(settings(tmp_path, receiver.url, "py-quiet")))
+        # No handler configured: Python's last resort prints WARNING and above, nothing else.
+        assert done.returncode == 0 and done.stdout == "stopped\n" and done.stderr == "", done.stderr
+        assert receiver.heartbeats and receiver.refused == 0
+        (tmp_path / "wrong").mkdir()
+        wrong = {**settings(tmp_path / "wrong", receiver.url, "py-quiet"), "secret": WRONG_SECRET}
+        done = run_script(code.format(wrong))
+        assert done.returncode == 0, done.stderr
+        assert receiver.refused > 0
+        assert "the control plane refused this agent's signature" in done.stderr
+        assert "HTTP 401" in done.stderr
+        assert WRONG_SECRET not in done.stderr + done.stdout
+    finally:
+        receiver.close()
+
+
+def test_an_event_logged_on_a_thread_that_holds_the_gil_reaches_logging(tmp_path, caplog):
+    # Building the agent (in heartbeat(), holding the GIL) logs what it built, at DEBUG.
+    caplog.set_level(logging.DEBUG, logger="fleet")
+    agent = fleet.Agent(**settings(tmp_path, "http://127.0.0.1:9", "py-gil"))
+    run_in_thread(agent.heartbeat, timeout=10)
+    notes = [r for r in caplog.records if r.getMessage().startswith("agent built")]
+    assert notes and notes[0].levelno == logging.DEBUG and notes[0].name == "fleet.agent.agent"
+    assert "db" in notes[0].getMessage()
+
+
+def test_two_agents_log_side_by_side(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fleet")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with fleet.Agent(**settings(tmp_path / "a", "http://127.0.0.1:9", "py-a")):
+        with fleet.Agent(**settings(tmp_path / "b", "http://127.0.0.1:9", "py-b")):
+            for instance in ("py-a", "py-b"):
+                wait_for_record(caplog, lambda r: "fleet agent started" in r.getMessage() and f"instance_id={instance}" in r.getMessage())
+            wait_for_record(caplog, lambda r: r.levelno == logging.WARNING and "unreachable" in r.getMessage())
+
+
+def test_the_interpreter_exits_while_a_running_agent_logs(tmp_path):
+    code = f"""
+import atexit, logging, sys, time, fleet
+logging.basicConfig(level=logging.DEBUG, stream=sys.stdout, format="%(name)s %(message)s")
+# Runs after fleet's own exit hook (registered later, by start()): the agent logs on meanwhile.
+atexit.register(lambda: (time.sleep(0.5), print("slept", flush=True)))
+# Never stopped: the interpreter finalizes while the agent's thread logs (DEBUG, constantly).
+agent = fleet.Agent(**{{**{settings(tmp_path, "http://127.0.0.1:9", "py-exit")!r}, "heartbeat_interval": "0.01"}})
+agent.start()
+time.sleep(1)
+print("exiting", flush=True)
+"""
+    done = run_script(code, timeout=30)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("fleet.agent.agent fleet agent started") for line in lines)
+    assert any(line.startswith("fleet.sqlx.query ") for line in lines)
+    # Nothing is forwarded once the interpreter is on its way out (from the exit hooks on).
+    assert lines[-2:] == ["exiting", "slept"], lines[-5:]

@@ -71,6 +71,7 @@ class Verifier:
     def verify(self, body: bytes, headers: _Headers, now: Union[int, None] = None) -> str: ...
 
 @final
+# Logs through `logging`: logger "fleet" and its children (see the docstring).
 class Agent:
     def __new__(cls, *, use_env: bool = True, **settings: Union[str, int, float, bool, None]) -> Agent: ...
     @overload
