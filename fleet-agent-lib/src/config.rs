@@ -247,6 +247,9 @@ pub struct PluginSettings {
     pub remove_cmd: Option<String>,
     /// `PLUGIN_SMOKE_CMD`.
     pub smoke_cmd: Option<String>,
+    /// `PLUGIN_ROLLBACK_CMD`: run when the action's command or the smoke step fails (unset:
+    /// no rollback).
+    pub rollback_cmd: Option<String>,
 }
 
 impl AgentConfig {
@@ -315,6 +318,7 @@ impl AgentConfig {
                 update_cmd: None,
                 remove_cmd: None,
                 smoke_cmd: None,
+                rollback_cmd: None,
             },
             restore: RestoreSettings {
                 enabled: true,

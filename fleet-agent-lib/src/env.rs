@@ -230,6 +230,7 @@ impl AgentConfig {
         p.update_cmd = env.get("PLUGIN_UPDATE_CMD");
         p.remove_cmd = env.get("PLUGIN_REMOVE_CMD");
         p.smoke_cmd = env.get("PLUGIN_SMOKE_CMD");
+        p.rollback_cmd = env.get("PLUGIN_ROLLBACK_CMD");
         if let Some(secs) = env
             .get("PLUGIN_POLL_SEC")
             .map(|_| env.number("PLUGIN_POLL_SEC", 600))
@@ -468,6 +469,7 @@ mod tests {
             ("PLUGIN_UPDATE_CMD", "update.sh"),
             ("PLUGIN_REMOVE_CMD", "remove.sh"),
             ("PLUGIN_SMOKE_CMD", "psmoke.sh"),
+            ("PLUGIN_ROLLBACK_CMD", "prollback.sh"),
         ]);
         let c = load(&pairs).unwrap();
         assert!(!c.update.enabled && !c.plugin.enabled);
@@ -485,6 +487,7 @@ mod tests {
         assert_eq!(c.plugin.poll_interval, Duration::from_secs(60));
         assert_eq!(c.plugin.smoke_cmd.as_deref(), Some("psmoke.sh"));
         assert_eq!(c.plugin.remove_cmd.as_deref(), Some("remove.sh"));
+        assert_eq!(c.plugin.rollback_cmd.as_deref(), Some("prollback.sh"));
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod commands;
 mod delivery;
 mod local_api;
 mod packages;
+mod plugins;
 mod receiver;
 mod reconnect;
 mod services;

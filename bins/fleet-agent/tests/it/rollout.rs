@@ -792,6 +792,93 @@ async fn plugin_jobs_run_quoted_and_restores_are_verified() {
 }
 
 #[tokio::test]
+async fn a_failing_plugin_update_rolls_back_and_halts_its_rollout() {
+    let root = temp_dir("plugin-rollback");
+    let server = start_server(&root);
+    wait_healthy(&server.url).await;
+    let api = Api {
+        client: reqwest::Client::new(),
+        url: server.url.clone(),
+    };
+    let mut instance = Instance::new(&root, "plug-rb-1");
+    let workdir = instance.dir.display().to_string();
+    instance.start_agent_with(
+        &server.url,
+        "true",
+        &[
+            ("PLUGIN_UPDATE_ENABLED", "true"),
+            ("PLUGIN_POLL_SEC", "1"),
+            ("PLUGIN_WORKDIR", &workdir),
+            (
+                "PLUGIN_UPDATE_CMD",
+                "echo {{version}} > plugin.version; echo the update broke >&2; exit 1",
+            ),
+            (
+                "PLUGIN_ROLLBACK_CMD",
+                "rm plugin.version && printf '%s|%s|%s\\n' \"$PLUGIN_FAILED_STEP\" \"$PLUGIN_ACTION\" {{version}} >> plugin-rollback",
+            ),
+        ],
+    );
+    api.wait_installations(1).await;
+    let (status, release) = api
+        .call(
+            "POST",
+            "/api/plugins/releases",
+            ADMIN,
+            Some(&json!({"name": "billing-export", "version": "2.1.0"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{release}");
+    let (status, rollout) = api
+        .call(
+            "POST",
+            "/api/plugins/rollouts",
+            ADMIN,
+            Some(
+                &json!({"plugin_release_id": release["id"], "action": "update",
+                         "channel": "stable", "batch_size": 1, "failure_threshold": 0}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 201, "{rollout}");
+    let halted = api
+        .wait_rollout(
+            rollout["id"].as_i64().expect("id"),
+            30,
+            "plugin rollout halted",
+            |r| r["status"] == "halted",
+        )
+        .await;
+    let rolled_back = job(&halted, "plug-rb-1");
+    assert_eq!(rolled_back["status"], "rolled_back", "{halted:#}");
+    assert_eq!(rolled_back["step"], "update");
+    assert!(
+        rolled_back["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("step update exited with status 1")),
+        "{rolled_back}"
+    );
+    // The batch counts the rolled-back job as a failure, as for update rollouts.
+    assert_eq!(halted["batches"][0]["rolled_back"], 1, "{halted:#}");
+    assert!(
+        halted["halt_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("batch 1")),
+        "{halted:#}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(instance.dir.join("plugin-rollback")).unwrap_or_default(),
+        "update|update|2.1.0\n"
+    );
+    assert!(!instance.dir.join("plugin.version").exists());
+    let mut agent = instance.agent.take().expect("agent");
+    crate::sigterm_and_wait(&mut agent).await;
+    drop(instance);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test]
 async fn blue_green_canary_shifts_traffic_and_rolls_back_on_an_slo_breach() {
     let root = temp_dir("rollout-canary");
     let server = start_server(&root);
