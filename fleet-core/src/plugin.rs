@@ -159,12 +159,17 @@ impl NextJobRequest {
 }
 
 /// A plugin job handed to an agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PluginJob {
     /// Job id.
     pub job_id: String,
     /// The plugin and the action.
     pub plugin: PluginSpec,
+    /// The settings of the rollout the job belongs to, as update jobs carry them (the agent
+    /// reads `auto_rollback`); absent for a job of a single approved request, and from
+    /// control planes older than the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::update::RolloutSettings>,
 }
 
 impl PluginSpec {
@@ -190,6 +195,7 @@ impl PluginJob {
             &[
                 ("job_id", schema::id()),
                 ("plugin", PluginSpec::json_schema()),
+                ("rollout", crate::update::RolloutSettings::json_schema()),
             ],
         )
     }

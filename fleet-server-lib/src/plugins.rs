@@ -286,6 +286,7 @@ pub(crate) async fn next(
     let job = fleet_core::plugin::PluginJob {
         job_id: handed.job.id.to_string(),
         plugin,
+        rollout: handed.settings,
     };
     Ok(Json(job).into_response())
 }

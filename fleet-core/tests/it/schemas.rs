@@ -322,10 +322,14 @@ fn the_jobs_an_agent_is_handed_serialize_as_their_schemas_say() {
             .collect();
         assert!(problems.is_empty(), "{answer}: {problems:?}");
     };
-    for action in [
-        PluginAction::Install,
-        PluginAction::Update,
-        PluginAction::Remove,
+    let of_a_rollout = RolloutSettings {
+        auto_rollback: false,
+        ..RolloutSettings::default()
+    };
+    for (action, rollout) in [
+        (PluginAction::Install, None),
+        (PluginAction::Update, Some(of_a_rollout)),
+        (PluginAction::Remove, None),
     ] {
         let job = PluginJob {
             job_id: "17".into(),
@@ -334,6 +338,7 @@ fn the_jobs_an_agent_is_handed_serialize_as_their_schemas_say() {
                 version: "1.2.0".into(),
                 action,
             },
+            rollout,
         };
         admits(
             PluginJob::json_schema(),

@@ -237,7 +237,7 @@ pub struct JobReport {
 pub struct HandedJob {
     /// The job.
     pub job: RolloutJob,
-    /// Update jobs: the rollout settings.
+    /// Jobs of a rollout: its settings.
     pub settings: Option<RolloutSettings>,
     /// Update jobs: the signed manifest exactly as stored.
     pub manifest: Option<serde_json::Value>,

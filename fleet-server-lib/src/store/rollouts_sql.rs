@@ -395,7 +395,9 @@ macro_rules! impl_rollout_store {
                     settings: None,
                     manifest: None,
                 };
-                if let Some(rollout_id) = handed.job.rollout_id.filter(|_| kind == $crate::store::rollouts::JobKind::Update) {
+                // A job of a rollout carries its settings (a plugin job its auto_rollback); a
+                // single approved request's plugin job has no rollout.
+                if let Some(rollout_id) = handed.job.rollout_id {
                     let row: Option<(String, Option<String>)> = sqlx::query_as(
                         "SELECT r.settings, rel.manifest FROM rollouts r \
                          LEFT JOIN releases rel ON rel.id = r.release_id WHERE r.id = $1",

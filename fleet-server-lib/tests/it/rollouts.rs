@@ -752,6 +752,33 @@ async fn plugin_rollouts_keep_to_plugins_and_their_compatibility(t: TestStore) {
         .await;
     assert_eq!(still["current_batch"], update["current_batch"], "{still}");
 
+    // A plugin rollout's jobs carry its settings, as update jobs do: the agent skips the
+    // rollback when the rollout turned it off.
+    let (_, fitting) = admin_post(
+        &server,
+        "/api/plugins/releases",
+        ADMIN,
+        &json!({"name": "report", "version": "2.1.0"}),
+    )
+    .await;
+    let (status, created) = admin_post(
+        &server,
+        "/api/plugins/rollouts",
+        ADMIN,
+        &json!({"plugin_release_id": fitting["id"], "channel": "stable", "autoRollback": false}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let (status, job) = agent_post(
+        &server,
+        "/api/plugins/next",
+        &json!({"instance_id": "k1", "current_version": "1.0.0"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["plugin"]["name"], "report", "{job}");
+    assert_eq!(job["rollout"]["auto_rollback"], false, "{job}");
+
     // A value of the wrong type names its field.
     for (path, body, field) in [
         (
