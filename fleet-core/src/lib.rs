@@ -72,6 +72,21 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// `text` with every byte but the unreserved characters (`A-Z a-z 0-9 - _ . ~`)
+/// percent-encoded: safe as a URL path segment, a query value or a cookie value.
+pub fn percent_encode(text: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
 /// `text` as it may be logged or shown in an error: a URL's password
 /// (`scheme://user:[redacted]@host/…`) and the value of every `password=` setting, in a query
 /// string or a `key=value` connection string, replaced by `[redacted]`. Anything else is kept.

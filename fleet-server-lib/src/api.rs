@@ -7,10 +7,11 @@ use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use fleet_core::ValidationErrors;
 use fleet_core::validate::Path as FieldPath;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::auth::{Admin, Authed, Ops, Support};
-use crate::store::InstallationFilter;
+use crate::restores::RestoreSummary;
+use crate::store::{InstallationDetail, InstallationFilter};
 use crate::{Error, Result, Shared};
 
 /// Largest page a client may ask for.
@@ -69,15 +70,26 @@ pub(crate) async fn list_installations(
     .into_response())
 }
 
+/// `GET /api/installations/{instance_id}`: the installation with its recent restore
+/// verifications.
+#[derive(Serialize)]
+struct InstallationAnswer {
+    #[serde(flatten)]
+    detail: InstallationDetail,
+    /// The newest restore verifications, newest first.
+    restores: Vec<RestoreSummary>,
+}
+
 pub(crate) async fn installation(
     _: Support,
     State(state): State<Shared>,
     Path(instance_id): Path<String>,
 ) -> Result<Response> {
-    match state.store.installation(&instance_id).await? {
-        Some(detail) => Ok(Json(detail).into_response()),
-        None => Err(Error::NotFound),
-    }
+    let Some(detail) = state.store.installation(&instance_id).await? else {
+        return Err(Error::NotFound);
+    };
+    let restores = crate::restores::recent(&state, &detail.summary.instance_id).await?;
+    Ok(Json(InstallationAnswer { detail, restores }).into_response())
 }
 
 #[derive(Deserialize)]

@@ -14,17 +14,21 @@ use serde_json::Value;
 
 use crate::api::{ListQuery, alert_id};
 use crate::auth::{Role, Viewer, login_cookies, logout_cookies, percent_encode};
+use crate::restores::RestoreSummary;
 use crate::store::{Alert, HeartbeatPoint, InstallationDetail, InstallationSummary};
 use crate::throttle::Client;
 use crate::{Error, Result, Shared};
 
 const PAGE_SIZE: i64 = 50;
 
+/// Characters of a long text cell shown before it is opened ([`long_text`]).
+pub(crate) const LONG_CELL_CHARS: usize = 200;
+
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:0;color:#1d2330;background:#f6f7f9}\
 header{background:#1d2330;color:#fff;padding:.6rem 1.2rem;display:flex;gap:1rem;align-items:center}\
 header a{color:#fff;text-decoration:none;font-weight:600}header form{margin-left:auto}\
 main{padding:1rem 1.2rem;max-width:75rem}table{border-collapse:collapse;width:100%;background:#fff}\
-th,td{text-align:left;padding:.35rem .6rem;border-bottom:1px solid #e3e6eb;font-size:.92rem}\
+th,td{text-align:left;padding:.35rem .6rem;border-bottom:1px solid #e3e6eb;font-size:.92rem;overflow-wrap:anywhere}\
 th{background:#eef0f4}.ok{color:#137333}.bad{color:#b3261e;font-weight:600}.warn{color:#a56300}\
 .muted{color:#6b7280}section{margin:1.2rem 0}h1{font-size:1.4rem}h2{font-size:1.1rem}\
 .filters{display:flex;gap:.5rem;margin:.8rem 0}.tag{font-size:.75rem;border:1px solid #b3261e;color:#b3261e;padding:0 .3rem;border-radius:.3rem}\
@@ -48,6 +52,20 @@ pub(crate) fn esc(text: &str) -> String {
 
 fn opt(value: &Option<String>) -> String {
     value.as_deref().map(esc).unwrap_or_else(|| "–".into())
+}
+
+/// Text for a table cell, escaped: up to `max` characters as they are; longer text shows its
+/// start and opens to the whole, so a long value (a 5,000-character reason) cannot stretch
+/// its table past the screen.
+pub(crate) fn long_text(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return esc(text);
+    }
+    format!(
+        "<details><summary>{}</summary>{}</details>",
+        esc(&crate::restores::clip(text, max)),
+        esc(text)
+    )
 }
 
 /// `2026-11-22 07:50:57 UTC` from unix seconds (proleptic Gregorian, no time-zone data).
@@ -217,11 +235,49 @@ pub(crate) async fn installation(
         )
             .into_response());
     };
-    let body = detail_body(&detail, role, fleet_core::unix_now());
+    let restores = crate::restores::recent(&state, &detail.summary.instance_id).await?;
+    let now = fleet_core::unix_now();
+    let body = detail_body(&detail, &restores, role, now);
     Ok(layout(&detail.summary.instance_id, Some(role), &body).into_response())
 }
 
-fn detail_body(d: &InstallationDetail, role: Role, now: i64) -> String {
+/// The installation's newest restore verifications, with why those that did not verify.
+fn restores_section(restores: &[RestoreSummary], now: i64) -> String {
+    let mut b = String::from(
+        "<section><h2>Restore verifications</h2><table id=restores><thead><tr><th>Scheduled</th>\
+         <th>Environment</th><th>Backup</th><th>Status</th><th>Finished</th><th>Reason</th>\
+         </tr></thead><tbody>",
+    );
+    for r in restores {
+        let _ = write!(
+            b,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            ago(Some(r.created_at), now),
+            esc(&r.environment),
+            opt(&r.backup_id),
+            crate::rollout_pages::status(&r.status),
+            r.finished_at
+                .map(|at| ago(Some(at), now))
+                .unwrap_or_else(|| "–".into()),
+            r.reason
+                .as_deref()
+                .map(|reason| long_text(reason, LONG_CELL_CHARS))
+                .unwrap_or_else(|| "–".into()),
+        );
+    }
+    if restores.is_empty() {
+        b.push_str("<tr><td colspan=6 class=muted>None yet.</td></tr>");
+    }
+    b.push_str("</tbody></table><p class=muted><a href=\"/restores\">All restore verifications</a></p></section>");
+    b
+}
+
+fn detail_body(
+    d: &InstallationDetail,
+    restores: &[RestoreSummary],
+    role: Role,
+    now: i64,
+) -> String {
     let s = &d.summary;
     let mut b = String::new();
     let _ = write!(
@@ -280,6 +336,7 @@ fn detail_body(d: &InstallationDetail, role: Role, now: i64) -> String {
         b.push_str("<tr><td colspan=5 class=muted>None recorded.</td></tr>");
     }
     b.push_str("</tbody></table></section>");
+    b.push_str(&restores_section(restores, now));
     let raw = serde_json::to_string_pretty(&d.state).unwrap_or_default();
     let _ = write!(
         b,

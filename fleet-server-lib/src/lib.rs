@@ -85,6 +85,11 @@ pub struct Settings {
     /// The header the trusted proxies write: `X-Forwarded-For` (the default) or `Forwarded`
     /// (RFC 7239). Only that one is read.
     pub proxy_header: ProxyHeader,
+    /// A restore verification no agent took this long after it was scheduled, or with no
+    /// report this long after it was handed out, is marked `timed_out` by the periodic sweep
+    /// (with a `restore_failed` alert), so the installation can be scheduled again. Keep it
+    /// above the agents' verify timeout plus their poll interval.
+    pub restore_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -104,9 +109,14 @@ impl Default for Settings {
             auth_failures_per_minute: 30,
             trusted_proxies: Vec::new(),
             proxy_header: ProxyHeader::XForwardedFor,
+            restore_timeout: Duration::from_secs(DEFAULT_RESTORE_TIMEOUT_SECS),
         }
     }
 }
+
+/// Default of [`Settings::restore_timeout`]: 6 hours, well above what an agent with its
+/// defaults needs (a poll every 10 minutes, a verify command of at most an hour).
+pub const DEFAULT_RESTORE_TIMEOUT_SECS: u64 = 6 * 3600;
 
 /// What every handler shares.
 pub(crate) struct AppState {

@@ -80,7 +80,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "get",
         "/api/installations/{instance_id}",
         Role("support"),
-        "One installation: latest state, checks, alerts, job failures, backups, recent heartbeats.",
+        "One installation: latest state, checks, alerts, job failures, backups, recent heartbeats, and its newest restore verifications (status, backup, environment, when, and why one did not verify).",
         &[(200, "The installation"), (404, "Unknown instance")],
     ),
     r(
@@ -182,9 +182,8 @@ fn request_body(method: &str, path: &str) -> Option<(&'static str, Value)> {
             manifest::SignedManifest::json_schema(),
             fleet_core::schema::object(&["manifest"], &[("manifest", manifest::SignedManifest::json_schema())]),
         ]})),
-        ("post", "/api/rollouts") | ("post", "/api/plugins/rollouts") => {
-            json(crate::rollouts::create_rollout_schema())
-        }
+        ("post", "/api/rollouts") => json(crate::rollouts::create_rollout_schema()),
+        ("post", "/api/plugins/rollouts") => json(crate::rollout_docs::plugin_rollout_schema()),
         ("post", "/api/updates/next") => json(update::UpdateNextRequest::json_schema()),
         ("post", "/api/updates/report") => json(update::UpdateReport::json_schema()),
         ("post", "/api/plugins/releases") => json(crate::plugins::new_release_schema()),
@@ -415,6 +414,14 @@ fn answer_schemas() -> Vec<(&'static str, Value)> {
                 ),
             ])),
         ),
+        (
+            "restores",
+            json!({
+                "type": "array",
+                "maxItems": crate::restores::RECENT_RESTORES,
+                "items": component("RestoreSummary"),
+            }),
+        ),
     ]);
     let mut schemas = vec![
         ("InstallationSummary", every_field(&summary_fields)),
@@ -632,13 +639,16 @@ fn operation(route: &RouteDoc) -> Value {
             op["x-fleet-role"] = json!(role);
         }
     }
-    if route.path.contains('{') {
-        let params: Vec<Value> = route
-            .path
-            .split('/')
-            .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
-            .map(|name| json!({ "name": name, "in": "path", "required": true, "schema": { "type": "string" } }))
-            .collect();
+    let mut params: Vec<Value> = route
+        .path
+        .split('/')
+        .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+        .map(|name| json!({ "name": name, "in": "path", "required": true, "schema": { "type": "string" } }))
+        .collect();
+    if (route.method, route.path) == ("get", "/api/restores") {
+        params.extend(crate::rollout_docs::restore_list_parameters());
+    }
+    if !params.is_empty() {
         op["parameters"] = Value::Array(params);
     }
     op

@@ -181,7 +181,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "post",
         "/api/plugins/rollouts",
         Role("admin"),
-        "A plugin rollout {plugin_release_id, action, channel, batch_size, failure_threshold, auto_advance}; every job carries the action. Advance and the rest via /api/rollouts/{id}/...",
+        "A plugin rollout {plugin_release_id, action (install), channel, batch_size (10), failure_threshold, auto_advance, observe_secs, slo_*_max, auto_rollback}; every job carries the action. The update-only settings (release_id, manifestId, version, canary_*) are refused and strategy can only be BATCH. Advance and the rest via /api/rollouts/{id}/...",
         &[
             (201, "The rollout"),
             (409, "The plugin release is not approved"),
@@ -221,15 +221,21 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "post",
         "/api/restores/schedule",
         Role("ops"),
-        "{count (5), environment (staging)}: schedule verifications for the installations with the freshest heartbeats, skipping any verified there in the last 7 days (or with one open).",
-        &[(201, "{items}"), (422, "Invalid count or environment")],
+        "{count (5), environment (staging)}: schedule verifications of their latest backup for the installations with the freshest heartbeats, skipping any verified there in the last 7 days or with one open. An installation with no backup to verify is never scheduled: it gets a skipped verification with the reason, once per environment (at most count of them per call). The answer counts the installations passed over by reason and says it in message, so an empty schedule explains itself. A verification no agent took within CONTROL_PLANE_RESTORE_TIMEOUT_SECS, or with no report that long after it was handed out, ends timed_out with a restore_failed alert.",
+        &[
+            (
+                201,
+                "{items (the verifications recorded: scheduled, or skipped for lack of a backup), scheduled, not_scheduled, message}",
+            ),
+            (422, "Invalid count or environment"),
+        ],
     ),
     r(
         "get",
         "/api/restores",
         Role("support"),
-        "Restore verifications, newest first.",
-        &[(200, "{items}")],
+        "Restore verifications, newest first. Query: instance (an instance id: only its verifications), limit (1-500, default 100).",
+        &[(200, "{items}"), (400, "Bad query")],
     ),
     r(
         "post",
@@ -242,7 +248,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "post",
         "/api/restores/report",
         Signed,
-        "{instance_id, restore_id, status verified | failed | skipped, error, duration_ms, output_tail}; failed raises an error alert that is forwarded.",
+        "{instance_id, restore_id, status verified | failed | skipped, error, duration_ms, output_tail}; failed raises an error alert that is forwarded, its message with the last lines of output_tail. A report on a verification that timed out is refused (409).",
         &[
             (200, "Recorded"),
             (404, "Not this instance's restore"),
@@ -293,7 +299,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "get",
         "/restores",
         Role("support"),
-        "Dashboard: restore verifications (HTML).",
+        "Dashboard: restore verifications with why those that did not verify (HTML).",
         &[(200, "HTML")],
     ),
 ];
@@ -329,7 +335,22 @@ pub(crate) fn success_schema(method: &str, path: &str) -> Option<Value> {
         }
         ("get", "/api/plugins/requests") => items_of("PluginRequest"),
         ("post", "/api/plugins/next") => fleet_core::plugin::PluginJob::json_schema(),
-        ("post", "/api/restores/schedule") | ("get", "/api/restores") => items_of("Restore"),
+        ("post", "/api/restores/schedule") => every_field(&[
+            ("items", array_of("Restore")),
+            ("scheduled", count()),
+            (
+                "not_scheduled",
+                every_field(&[
+                    ("never_reported", count()),
+                    ("open", count()),
+                    ("verified_recently", count()),
+                    ("no_backup", count()),
+                    ("beyond_count", count()),
+                ]),
+            ),
+            ("message", string()),
+        ]),
+        ("get", "/api/restores") => items_of("Restore"),
         ("post", "/api/restores/next") => fleet_core::restore::RestoreJob::json_schema(),
         ("post", "/api/restores/report") => component("Restore"),
         _ => return None,
@@ -478,16 +499,7 @@ pub(crate) fn answer_schemas() -> Vec<(&'static str, Value)> {
         ("instance_id", string()),
         ("environment", string()),
         ("backup_id", maybe_string()),
-        (
-            "status",
-            one_of(&[
-                RestoreStatus::Scheduled,
-                RestoreStatus::InProgress,
-                RestoreStatus::Verified,
-                RestoreStatus::Failed,
-                RestoreStatus::Skipped,
-            ]),
-        ),
+        ("status", restore_status()),
         ("error", maybe_string()),
         ("duration_ms", nullable(count())),
         ("output_tail", maybe_string()),
@@ -503,5 +515,71 @@ pub(crate) fn answer_schemas() -> Vec<(&'static str, Value)> {
         ("PluginRelease", plugin_release),
         ("PluginRequest", plugin_request),
         ("Restore", restore),
+        (
+            "RestoreSummary",
+            every_field(&[
+                ("id", integer()),
+                ("environment", string()),
+                ("backup_id", maybe_string()),
+                ("status", restore_status()),
+                // Why it did not verify: the error and the output's last lines, bounded.
+                ("reason", maybe_string()),
+                ("created_at", integer()),
+                ("finished_at", maybe_integer()),
+            ]),
+        ),
     ]
+}
+
+/// A restore verification's stored status: the wire statuses and the control plane's own
+/// `timed_out`.
+fn restore_status() -> Value {
+    use RestoreStatus as R;
+    let mut status = one_of(&[
+        R::Scheduled,
+        R::InProgress,
+        R::Verified,
+        R::Failed,
+        R::Skipped,
+    ]);
+    if let Some(names) = status["enum"].as_array_mut() {
+        names.push(json!(crate::restores::TIMED_OUT));
+    }
+    status
+}
+
+/// The query parameters of `GET /api/restores`.
+pub(crate) fn restore_list_parameters() -> Vec<Value> {
+    vec![
+        json!({ "name": "instance", "in": "query", "required": false,
+                "description": "Only this instance's verifications",
+                "schema": { "type": "string" } }),
+        json!({ "name": "limit", "in": "query", "required": false,
+                "schema": { "type": "integer", "minimum": 1, "maximum": crate::api::MAX_PAGE } }),
+    ]
+}
+
+/// Body of `POST /api/plugins/rollouts`: the update rollouts' body (`create_rollout_schema`)
+/// as `plugins::create_rollout` takes it. The plugin release is required; the keys that name
+/// an update release or set canary steps are refused unless null, and `strategy` can only be
+/// `BATCH`.
+pub(crate) fn plugin_rollout_schema() -> Value {
+    let mut schema = crate::rollouts::create_rollout_schema();
+    for key in [
+        "release_id",
+        "manifestId",
+        "version",
+        "canary_steps",
+        "canarySteps",
+        "canary_step_wait_sec",
+        "canaryStepWaitSec",
+    ] {
+        if let Some(property) = schema["properties"].get_mut(key) {
+            *property = json!({ "type": "null" });
+        }
+    }
+    schema["properties"]["strategy"] = json!({ "const": "BATCH" });
+    schema["properties"]["plugin_release_id"] = json!({ "type": "integer", "minimum": 0 });
+    schema["required"] = json!(["channel", "plugin_release_id"]);
+    schema
 }

@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 
 use crate::auth::{Role, Viewer};
-use crate::dashboard::{esc, format_time, layout};
+use crate::dashboard::{LONG_CELL_CHARS, esc, format_time, layout, long_text};
 use crate::rollouts::BatchCounts;
 use crate::store::rollouts::{RolloutAction, RolloutDetail};
 use crate::{Error, Result, Shared};
@@ -27,13 +27,15 @@ const LIST: i64 = 100;
 fn status_class(status: &str) -> &'static str {
     match status {
         "succeeded" | "completed" | "verified" => "ok",
-        "failed" | "rolled_back" | "halted" | "cancelled" => "bad",
-        "in_progress" | "running" | "pending" | "paused" | "scheduled" => "warn",
+        "failed" | "rolled_back" | "halted" | "cancelled" | "timed_out" => "bad",
+        // A skipped restore verification proved nothing: worth a look.
+        "in_progress" | "running" | "pending" | "paused" | "scheduled" | "skipped" => "warn",
         _ => "muted",
     }
 }
 
-fn status(text: &str) -> String {
+/// A status, coloured by what it means.
+pub(crate) fn status(text: &str) -> String {
     format!("<span class={}>{}</span>", status_class(text), esc(text))
 }
 
@@ -338,7 +340,10 @@ pub(crate) async fn plugins(
             esc(&r.name),
             esc(&r.version),
             esc(&r.action),
-            opt(r.reason.as_deref()),
+            r.reason
+                .as_deref()
+                .map(|reason| long_text(reason, LONG_CELL_CHARS))
+                .unwrap_or_else(|| "–".into()),
             status(&r.status),
             r.job_id
                 .map(|j| j.to_string())
@@ -353,7 +358,7 @@ pub(crate) async fn restores(
     Viewer(role): Viewer<0>,
     State(state): State<Shared>,
 ) -> Result<Response> {
-    let items = state.store.list_restores(LIST).await?;
+    let items = state.store.list_restores(None, LIST).await?;
     let mut b = String::from(
         "<h1>Restore verification</h1><table id=restores><thead><tr><th>#</th><th>Instance</th>\
          <th>Environment</th><th>Backup</th><th>Status</th><th>Detail</th><th>Scheduled</th>\
@@ -368,7 +373,9 @@ pub(crate) async fn restores(
             esc(&r.environment),
             opt(r.backup_id.as_deref()),
             status(&r.status),
-            opt(r.error.as_deref()),
+            crate::restores::failure_detail(r)
+                .map(|detail| long_text(&detail, LONG_CELL_CHARS))
+                .unwrap_or_else(|| "–".into()),
             format_time(r.created_at),
             r.finished_at.map(format_time).unwrap_or_else(|| "–".into())
         );

@@ -1,5 +1,6 @@
-//! Periodic work: open `offline` alerts, forget old v1 message ids, drop time-series rows,
-//! job failures and finished alert deliveries past their retention.
+//! Periodic work: open `offline` alerts, time out restore verifications with no report,
+//! forget old v1 message ids, drop time-series rows, job failures and finished alert
+//! deliveries past their retention.
 
 use std::sync::Weak;
 
@@ -21,6 +22,16 @@ pub(crate) fn spawn(state: Weak<AppState>) {
             match state.store.mark_offline(cutoff, now, forward).await {
                 Ok(opened) => state.metrics.offline(opened),
                 Err(err) => tracing::warn!(error = %err, "offline sweep failed"),
+            }
+            let restore_timeout = settings.restore_timeout.as_secs().min(i64::MAX as u64) as i64;
+            match state
+                .store
+                .time_out_restores(restore_timeout, now, forward)
+                .await
+            {
+                Ok(0) => {}
+                Ok(timed_out) => tracing::warn!(timed_out, "restore verifications timed out"),
+                Err(err) => tracing::warn!(error = %err, "timing out restore verifications failed"),
             }
             let before = now - settings.message_retention.as_secs() as i64;
             if let Err(err) = state.store.prune_messages(before).await {

@@ -143,6 +143,14 @@ pub struct ServeArgs {
         default_value = "900"
     )]
     pub command_delivery_timeout_secs: String,
+    /// A restore verification no agent took this long after it was scheduled, or with no
+    /// report this long after it was handed out, is marked timed_out (with an alert).
+    #[arg(
+        long,
+        env = "CONTROL_PLANE_RESTORE_TIMEOUT_SECS",
+        default_value = "21600"
+    )]
+    pub restore_timeout_secs: String,
 }
 
 /// A validated configuration.
@@ -160,6 +168,31 @@ pub struct ServeConfig {
 /// `CONTROL_PLANE_HEARTBEAT_RETENTION_DAYS` as a retention: 0 keeps the series forever.
 fn retention(days: f64) -> Option<Duration> {
     (days > 0.0).then(|| Duration::from_secs_f64(days * 86_400.0))
+}
+
+/// Shortest and longest `CONTROL_PLANE_RESTORE_TIMEOUT_SECS`: below a minute every
+/// verification would time out before an agent's first poll; a week is already far longer
+/// than any restore.
+const RESTORE_TIMEOUT_SECS: std::ops::RangeInclusive<u64> = 60..=7 * 86_400;
+
+/// `CONTROL_PLANE_RESTORE_TIMEOUT_SECS`: whole seconds within [`RESTORE_TIMEOUT_SECS`]; empty
+/// means the default.
+fn restore_timeout(text: &str, problems: &mut Vec<String>) -> Duration {
+    let default = fleet_server::DEFAULT_RESTORE_TIMEOUT_SECS;
+    let text = text.trim();
+    match text.parse::<u64>() {
+        Ok(secs) if RESTORE_TIMEOUT_SECS.contains(&secs) => Duration::from_secs(secs),
+        _ if text.is_empty() => Duration::from_secs(default),
+        _ => {
+            problems.push(format!(
+                "CONTROL_PLANE_RESTORE_TIMEOUT_SECS: {text:?} is not a whole number of seconds \
+                 from {} to {}",
+                RESTORE_TIMEOUT_SECS.start(),
+                RESTORE_TIMEOUT_SECS.end()
+            ));
+            Duration::from_secs(default)
+        }
+    }
 }
 
 /// `CONTROL_PLANE_TRUSTED_PROXIES`: addresses (one host each) or networks, comma-separated;
@@ -328,6 +361,7 @@ impl ServeArgs {
             problems.push("CONTROL_PLANE_AUTH_FAILURES_PER_MINUTE: must be a whole number".into());
         }
         let heartbeat_retention = retention(retention_days);
+        let restore_timeout = restore_timeout(&self.restore_timeout_secs, &mut problems);
         let trusted_proxies = trusted_proxies(set(&self.trusted_proxies), &mut problems);
         let proxy_header = proxy_header(&self.proxy_header, &mut problems);
         let mut flag = |name: &str, text: &str| -> bool {
@@ -362,6 +396,7 @@ impl ServeArgs {
             auth_failures_per_minute: auth_failures_per_minute as u32,
             trusted_proxies,
             proxy_header,
+            restore_timeout,
             ..Settings::default()
         };
         let mut builder = ControlPlane::builder()
@@ -709,6 +744,35 @@ mod tests {
         .err()
         .expect("invalid");
         assert!(problems[0].starts_with("CONTROL_PLANE_HEARTBEAT_RETENTION_DAYS"));
+    }
+
+    #[test]
+    fn the_restore_timeout_is_whole_seconds_from_a_minute_to_a_week() {
+        let timeout = |text: &str| {
+            ServeArgs {
+                restore_timeout_secs: text.into(),
+                ..args()
+            }
+            .validate()
+            .map(|config| format!("{:?}", config.builder))
+        };
+        for (text, secs) in [("", 21_600), ("60", 60), (" 604800 ", 604_800)] {
+            let builder = timeout(text).unwrap_or_else(|p| panic!("{text:?}: {p:?}"));
+            assert!(
+                builder.contains(&format!("restore_timeout: {secs}s")),
+                "{text:?}: {builder}"
+            );
+        }
+        for bad in ["59", "604801", "1.5", "-1", "soon"] {
+            let problems = timeout(bad).expect_err("invalid");
+            assert_eq!(
+                problems,
+                [format!(
+                    "CONTROL_PLANE_RESTORE_TIMEOUT_SECS: {bad:?} is not a whole number of \
+                     seconds from 60 to 604800"
+                )]
+            );
+        }
     }
 
     #[test]

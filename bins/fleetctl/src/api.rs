@@ -179,8 +179,12 @@ pub enum RestoreCommand {
         #[arg(long, default_value = "staging")]
         environment: String,
     },
-    /// List verifications.
-    List,
+    /// List verifications, newest first.
+    List {
+        /// Only this instance's.
+        #[arg(long)]
+        instance: Option<String>,
+    },
 }
 
 /// A minimal blocking client for the control-plane API.
@@ -721,20 +725,61 @@ pub fn restore(client: &Client, command: RestoreCommand) -> Result<(), String> {
         }
         out
     };
-    let list = match command {
-        RestoreCommand::Schedule { count, environment } => client.post(
-            "/api/restores/schedule",
-            &json!({"count": count, "environment": environment}),
-        )?,
-        RestoreCommand::List => client.get("/api/restores")?,
-    };
-    client.print(&list, table);
+    match command {
+        RestoreCommand::Schedule { count, environment } => {
+            let done = client.post(
+                "/api/restores/schedule",
+                &json!({"count": count, "environment": environment}),
+            )?;
+            client.print(&done, |d| schedule_summary(d, table(d)));
+        }
+        RestoreCommand::List { instance } => {
+            let path = match instance {
+                Some(instance) => format!(
+                    "/api/restores?instance={}",
+                    fleet_core::percent_encode(&instance)
+                ),
+                None => "/api/restores".to_owned(),
+            };
+            client.print(&client.get(&path)?, table);
+        }
+    }
     Ok(())
+}
+
+/// What scheduling did: the control plane's sentence (why installations were passed over,
+/// so an empty schedule is explained), then the verifications recorded, if any.
+fn schedule_summary(done: &Value, table: String) -> String {
+    let message = done["message"].as_str().unwrap_or("scheduled");
+    if done["items"]
+        .as_array()
+        .is_some_and(|items| !items.is_empty())
+    {
+        format!("{message}\n{table}")
+    } else {
+        message.to_owned()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_restore_schedule_prints_why() {
+        let empty = json!({"items": [], "scheduled": 0,
+            "message": "Nothing scheduled in staging. Not scheduled: 2 installations have no backup to verify."});
+        assert_eq!(
+            schedule_summary(&empty, "ID  INSTANCE".into()),
+            "Nothing scheduled in staging. Not scheduled: 2 installations have no backup to verify."
+        );
+        let one = json!({"items": [{"id": 1}], "message": "Scheduled 1 verification in staging."});
+        assert_eq!(
+            schedule_summary(&one, "ID  INSTANCE".into()),
+            "Scheduled 1 verification in staging.\nID  INSTANCE"
+        );
+        assert_eq!(fleet_core::percent_encode("edge 7/ä"), "edge%207%2F%C3%A4");
+    }
 
     #[test]
     fn progress_says_until_when_a_batch_is_watched() {

@@ -316,7 +316,9 @@ pub struct Restore {
     pub environment: String,
     /// The backup to restore, when known.
     pub backup_id: Option<String>,
-    /// `scheduled`, `in_progress`, `verified`, `failed` or `skipped`.
+    /// `scheduled`, `in_progress`, `verified`, `failed`, `skipped` (by the agent, or by the
+    /// control plane when the installation has no backup to verify) or `timed_out` (no
+    /// report within the restore timeout).
     pub status: String,
     /// What went wrong.
     pub error: Option<String>,
@@ -454,18 +456,48 @@ pub trait PluginStore: Send + Sync {
     ) -> Result<PluginRequestRecord>;
 }
 
-/// Restore verifications: scheduling, handing out, reports. Implemented by both backends.
+/// Why installations were passed over by [`RestoreStore::schedule_restores`], counted. Each
+/// installation counts once, under the first reason that applies, in this order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct NotScheduled {
+    /// Enrolled, but no heartbeat yet.
+    pub never_reported: i64,
+    /// A verification is already scheduled or in progress in the environment.
+    pub open: i64,
+    /// Verified in the environment in the last 7 days.
+    pub verified_recently: i64,
+    /// No backup with an id reported: nothing to verify. The first time, a `skipped`
+    /// verification with the reason is recorded for it.
+    pub no_backup: i64,
+    /// Due, but past the requested count.
+    pub beyond_count: i64,
+}
+
+/// What [`RestoreStore::schedule_restores`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestoreSchedule {
+    /// The verifications recorded: `scheduled` ones, and `skipped` ones for installations
+    /// with no backup.
+    pub items: Vec<Restore>,
+    /// The installations passed over, by reason.
+    pub not_scheduled: NotScheduled,
+}
+
+/// Restore verifications: scheduling, handing out, reports, timeouts. Implemented by both
+/// backends.
 #[async_trait]
 pub trait RestoreStore: Send + Sync {
-    /// Schedules verifications for up to `count` installations with the freshest
-    /// heartbeats, skipping any verified in `environment` in the last 7 days or with one
-    /// already open there.
+    /// Schedules verifications of their latest backup for up to `count` installations with
+    /// the freshest heartbeats, skipping any verified in `environment` in the last 7 days or
+    /// with one already open there. Installations with no backup to verify are never
+    /// scheduled: up to `count` of them get a `skipped` verification with the reason, once
+    /// per environment.
     async fn schedule_restores(
         &self,
         count: i64,
         environment: &str,
         now: i64,
-    ) -> Result<Vec<Restore>>;
+    ) -> Result<RestoreSchedule>;
 
     /// Hands the instance its oldest scheduled verification, or `None`.
     async fn next_restore(&self, instance_id: &str, now: i64) -> Result<Option<Restore>>;
@@ -479,8 +511,15 @@ pub trait RestoreStore: Send + Sync {
         forward: bool,
     ) -> Result<Restore>;
 
-    /// Restore verifications, newest first.
-    async fn list_restores(&self, limit: i64) -> Result<Vec<Restore>>;
+    /// Restore verifications, newest first; only the instance's when `instance_id` is given.
+    async fn list_restores(&self, instance_id: Option<&str>, limit: i64) -> Result<Vec<Restore>>;
+
+    /// Marks `timed_out` the verifications no agent took within `timeout_secs` of being
+    /// scheduled, and those handed out that got no report within `timeout_secs`, so the
+    /// installation can be scheduled again; each raises a `restore_failed` alert (forwarded
+    /// when `forward`). Handles a bounded number per call (the next call continues) and
+    /// returns how many it marked.
+    async fn time_out_restores(&self, timeout_secs: i64, now: i64, forward: bool) -> Result<u64>;
 }
 
 /// A rollout row locked for a change, with what its rules need.

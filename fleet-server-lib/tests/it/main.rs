@@ -9,6 +9,7 @@ mod compose;
 mod hostile;
 mod ingest;
 mod marketplace;
+mod restores;
 mod rollout_auth;
 mod rollouts;
 mod store;

@@ -187,7 +187,7 @@ async fn restores_schedule_verify_and_alert_on_failure(t: TestStore) {
     })
     .await;
     for id in ["r1", "r2", "r3"] {
-        enroll(&server, id, "stable", "1.0.0").await;
+        crate::restores::report_backup(&server, id, &format!("b-{id}")).await;
     }
     let (status, first) =
         admin_post(&server, "/api/restores/schedule", OPS, &json!({"count": 2})).await;
@@ -335,25 +335,31 @@ async fn plugin_release_bodies_are_refused_as_documented(t: TestStore) {
     server.stop().await;
 }
 
-/// A plugin rollout refuses, naming the field, the settings only an update rollout uses:
-/// they were stored and then ignored, so `version` silently installed the release's own.
-async fn plugin_rollouts_refuse_update_settings(t: TestStore) {
-    let server = TestServer::start(t.store.clone()).await;
-    enroll(&server, "p1", "stable", "1.0.0").await;
+/// Publishes a plugin release; returns the body of a rollout of it on `stable` with `extra`'s
+/// keys added.
+async fn plugin_rollout_body(server: &TestServer) -> impl Fn(Value) -> Value + use<> {
     let (_, release) = admin_post(
-        &server,
+        server,
         "/api/plugins/releases",
         ADMIN,
         &json!({"name": "billing-export", "version": "1.2.0"}),
     )
     .await;
-    let rollout = |extra: Value| {
+    move |extra: Value| {
         let mut body = json!({"plugin_release_id": release["id"], "channel": "stable"});
         body.as_object_mut()
             .expect("object")
             .extend(extra.as_object().expect("object").clone());
         body
-    };
+    }
+}
+
+/// A plugin rollout refuses, naming the field, the settings only an update rollout uses:
+/// they were stored and then ignored, so `version` silently installed the release's own.
+async fn plugin_rollouts_refuse_update_settings(t: TestStore) {
+    let server = TestServer::start(t.store.clone()).await;
+    enroll(&server, "p1", "stable", "1.0.0").await;
+    let rollout = plugin_rollout_body(&server).await;
     for (extra, field) in [
         (json!({"version": "1.3.0"}), "version"),
         (json!({"release_id": 1}), "release_id"),
@@ -382,6 +388,49 @@ async fn plugin_rollouts_refuse_update_settings(t: TestStore) {
     server.stop().await;
 }
 
+/// `POST /api/plugins/rollouts` documents its own body: what the handler refuses (the update
+/// settings, other strategies, no plugin release) the schema refuses too, and what it takes
+/// the schema takes; the update rollouts' body is documented apart.
+async fn plugin_rollout_bodies_are_documented_as_taken(t: TestStore) {
+    let server = TestServer::start(t.store.clone()).await;
+    let (_, spec) = server.get_json("/openapi.json", SUPPORT).await;
+    let documented = request_schema(&spec, "/api/plugins/rollouts");
+    enroll(&server, "p1", "stable", "1.0.0").await;
+    let rollout = plugin_rollout_body(&server).await;
+    for body in [
+        rollout(json!({"version": "1.3.0"})),
+        rollout(json!({"release_id": 1})),
+        rollout(json!({"manifestId": 1})),
+        rollout(json!({"strategy": "BLUE_GREEN_CANARY"})),
+        rollout(json!({"strategy": null})),
+        rollout(json!({"canary_steps": [50, 100]})),
+        rollout(json!({"canarySteps": [100]})),
+        rollout(json!({"canary_step_wait_sec": 5})),
+        rollout(json!({"canaryStepWaitSec": 5})),
+        rollout(json!({"action": "nuke"})),
+        json!({"channel": "stable"}),
+        json!({"channel": "stable", "plugin_release_id": null}),
+    ] {
+        let (status, error) = admin_post(&server, "/api/plugins/rollouts", ADMIN, &body).await;
+        assert_eq!(status, 422, "{body}: {error}");
+        assert!(!documented.is_valid(&body), "documented as valid: {body}");
+    }
+    for body in [
+        rollout(
+            json!({"strategy": "BATCH", "version": null, "manifestId": null,
+                       "canary_steps": null, "action": "remove", "batch_size": 1}),
+        ),
+        rollout(json!({"failure_threshold": "25%", "auto_advance": true})),
+    ] {
+        assert!(documented.is_valid(&body), "documented as invalid: {body}");
+        let (status, created) = admin_post(&server, "/api/plugins/rollouts", ADMIN, &body).await;
+        assert_eq!(status, 201, "{body}: {created}");
+    }
+    let update = request_schema(&spec, "/api/rollouts");
+    assert!(update.is_valid(&json!({"version": "1.3.0", "channel": "stable"})));
+    server.stop().await;
+}
+
 /// The schedule body's documented schema refuses what the handler refuses.
 async fn restore_schedule_bodies_are_refused_as_documented(t: TestStore) {
     let server = TestServer::start(t.store.clone()).await;
@@ -406,5 +455,6 @@ on_both_backends!(
     restores_schedule_verify_and_alert_on_failure,
     plugin_release_bodies_are_refused_as_documented,
     plugin_rollouts_refuse_update_settings,
+    plugin_rollout_bodies_are_documented_as_taken,
     restore_schedule_bodies_are_refused_as_documented,
 );

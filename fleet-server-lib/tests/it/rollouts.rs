@@ -818,7 +818,8 @@ on_both_backends!(
     an_observed_rollout_moves_on_after_a_clean_window,
 );
 
-async fn page(server: &TestServer, path: &str, token: &str) -> (u16, String) {
+/// A dashboard page as `token` sees it.
+pub(crate) async fn page(server: &TestServer, path: &str, token: &str) -> (u16, String) {
     let response = server
         .client
         .get(server.at(path))

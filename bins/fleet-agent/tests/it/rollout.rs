@@ -663,6 +663,16 @@ async fn plugin_jobs_run_quoted_and_restores_are_verified() {
     };
     let mut instance = Instance::new(&root, "plug-1");
     let workdir = instance.dir.display().to_string();
+    // A backup to verify: an installation that never reported one is passed over.
+    let backup_meta = instance.dir.join("backup.json");
+    std::fs::write(
+        &backup_meta,
+        json!({"lastBackupAt": "2026-12-01T03:00:00Z", "backupId": "b-7", "checksum": "sha256-b7",
+               "sizeBytes": 1024, "status": "ok"})
+        .to_string(),
+    )
+    .expect("backup metadata");
+    let backup_meta = backup_meta.display().to_string();
     instance.start_agent_with(
         &server.url,
         "true",
@@ -678,6 +688,7 @@ async fn plugin_jobs_run_quoted_and_restores_are_verified() {
             ("PLUGIN_SMOKE_CMD", "test -s plugins.log"),
             ("RESTORE_POLL_SEC", "1"),
             ("RESTORE_WORKDIR", &workdir),
+            ("BACKUP_META_PATH", &backup_meta),
             (
                 "RESTORE_VERIFY_CMD",
                 "test \"$RESTORE_ENVIRONMENT\" = staging && echo restored \"$RESTORE_ID\"",
@@ -760,7 +771,22 @@ async fn plugin_jobs_run_quoted_and_restores_are_verified() {
             .ends_with("update 1.2.0\n")
     );
 
-    // Restore verification: scheduled, run, reported verified.
+    // Restore verification: scheduled once the backup is known, run, reported verified.
+    let mut installation = Value::Null;
+    for _ in 0..100 {
+        installation = api
+            .call("GET", "/api/installations/plug-1", OPS, None)
+            .await
+            .1;
+        if installation["backups"][0]["backup_id"] == "b-7" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        installation["backups"][0]["backup_id"], "b-7",
+        "{installation:#}"
+    );
     let (status, scheduled) = api
         .call(
             "POST",
@@ -779,6 +805,7 @@ async fn plugin_jobs_run_quoted_and_restores_are_verified() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(restores["items"][0]["status"], "verified", "{restores:#}");
+    assert_eq!(restores["items"][0]["backup_id"], "b-7", "{restores:#}");
     assert!(
         restores["items"][0]["output_tail"]
             .as_str()

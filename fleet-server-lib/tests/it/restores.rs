@@ -1,0 +1,430 @@
+//! Restore verification as an operator follows it: on the installation, with the reason
+//! of a failure, timed out when no agent reports, never run without a backup, an empty
+//! schedule explained. On SQLite and PostgreSQL.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::rollouts::{admin_post, agent_post, enroll, page};
+use crate::support::{
+    ADMIN, OPS, SHARED, SUPPORT, TestServer, TestStore, body, code, now, on_both_backends,
+};
+
+/// A heartbeat from `instance` reporting backup `backup_id` (its checksum derived from it).
+pub(crate) async fn report_backup(server: &TestServer, instance: &str, backup_id: &str) {
+    let hb = body(
+        instance,
+        json!({"release_channel": "stable", "version": "1.0.0", "backup_id": backup_id,
+               "backup_checksum": format!("sha256:{backup_id}"),
+               "last_backup_at": "2026-11-20T02:00:00Z"}),
+    );
+    let msg = uuid::Uuid::new_v4().to_string();
+    assert_eq!(server.send_v1(SHARED, &msg, now(), &hb).await.status(), 200);
+}
+
+/// Hands `instance` its scheduled verification and reports `report` for it; returns the id.
+async fn run_verification(server: &TestServer, instance: &str, report: Value) -> String {
+    let (status, job) = agent_post(
+        server,
+        "/api/restores/next",
+        &json!({"instance_id": instance}),
+    )
+    .await;
+    assert_eq!(status, 200, "{instance}: {job}");
+    let mut body = json!({"instance_id": instance, "restore_id": job["restore_id"]});
+    body.as_object_mut()
+        .expect("object")
+        .extend(report.as_object().expect("object").clone());
+    let (status, reported) = agent_post(server, "/api/restores/report", &body).await;
+    assert_eq!(status, 200, "{reported}");
+    job["restore_id"].as_str().expect("id").to_owned()
+}
+
+/// What a failing verify command reports: the runner's error says only how it exited, the
+/// cause is the output's last line.
+fn failed_with_checksum_mismatch() -> Value {
+    json!({"status": "failed", "error": "step restore-verify exited with status 4",
+           "output_tail": "restoring b-r1 into staging\n<checksum mismatch: expected ab12, got cd34>\n\n",
+           "duration_ms": 900})
+}
+
+async fn an_installation_shows_its_newest_restore_verifications(t: TestStore) {
+    let server = TestServer::start(t.store.clone()).await;
+    report_backup(&server, "r1", "b-r1").await;
+    report_backup(&server, "r2", "b-r2").await;
+    // Seven rounds for r1 (r2 once): failed until the last, which verifies.
+    let mut ids = Vec::new();
+    for round in 0..7 {
+        let (status, done) =
+            admin_post(&server, "/api/restores/schedule", OPS, &json!({"count": 5})).await;
+        assert_eq!(status, 201, "{done}");
+        let report = if round == 6 {
+            json!({"status": "verified", "output_tail": "restored"})
+        } else {
+            failed_with_checksum_mismatch()
+        };
+        ids.push(run_verification(&server, "r1", report).await);
+    }
+    let (status, detail) = server
+        .get_documented("/api/installations/r1", SUPPORT)
+        .await;
+    assert_eq!(status, 200, "{detail}");
+    let restores = detail["restores"].as_array().expect("restores");
+    let shown: Vec<String> = restores.iter().map(|r| r["id"].to_string()).collect();
+    let newest: Vec<String> = ids.iter().rev().take(5).cloned().collect();
+    assert_eq!(shown, newest, "the 5 newest, newest first");
+    assert_eq!(restores[0]["status"], "verified");
+    assert_eq!(restores[0]["reason"], Value::Null);
+    assert_eq!(restores[1]["status"], "failed");
+    assert_eq!(restores[1]["environment"], "staging");
+    assert_eq!(restores[1]["backup_id"], "b-r1");
+    assert!(restores[1]["finished_at"].is_i64());
+    assert_eq!(
+        restores[1]["reason"],
+        "step restore-verify exited with status 4 — restoring b-r1 into staging / \
+         <checksum mismatch: expected ab12, got cd34>"
+    );
+
+    let (status, html) = page(&server, "/installations/r1", SUPPORT).await;
+    assert_eq!(status, 200);
+    let section = html
+        .split("<h2>Restore verifications</h2>")
+        .nth(1)
+        .expect("a restore section");
+    assert!(
+        section.contains("&lt;checksum mismatch: expected ab12, got cd34&gt;"),
+        "{section}"
+    );
+    assert!(section.contains("b-r1") && section.contains("verified"));
+
+    // The list filtered by instance: r1's only; an unknown one has none; a bad one is a 400.
+    let (_, mine) = server
+        .get_documented("/api/restores?instance=r1&limit=100", SUPPORT)
+        .await;
+    let instances: Vec<&Value> = mine["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|r| &r["instance_id"])
+        .collect();
+    assert_eq!(instances.len(), 7, "{mine}");
+    assert!(instances.iter().all(|i| *i == "r1"), "{mine}");
+    let (_, all) = server.get_documented("/api/restores", SUPPORT).await;
+    assert_eq!(all["items"].as_array().map(Vec::len), Some(8));
+    let (_, none) = server
+        .get_documented("/api/restores?instance=nobody", SUPPORT)
+        .await;
+    assert_eq!(none["items"], json!([]));
+    let (status, error) = server
+        .get_json("/api/restores?instance=a%20b", SUPPORT)
+        .await;
+    assert_eq!((status, code(&error)), (400, "bad_request"), "{error}");
+    let long = "i".repeat(300);
+    let (status, _) = server
+        .get_json(&format!("/api/restores?instance={long}"), SUPPORT)
+        .await;
+    assert_eq!(status, 400);
+    server.stop().await;
+}
+
+async fn the_failure_reason_shows_on_the_restores_page_and_in_the_alert(t: TestStore) {
+    let server = TestServer::start(t.store.clone()).await;
+    report_backup(&server, "r1", "b-r1").await;
+    report_backup(&server, "r2", "b-r2").await;
+    admin_post(&server, "/api/restores/schedule", OPS, &json!({})).await;
+    run_verification(&server, "r1", failed_with_checksum_mismatch()).await;
+    // A cause as long as a report may carry: the alert (forwarded to a webhook) stays short.
+    let long_line = format!("corrupt page {}", "7".repeat(7000));
+    run_verification(
+        &server,
+        "r2",
+        json!({"status": "failed", "error": "step restore-verify exited with status 2",
+               "output_tail": format!("{long_line}\n")}),
+    )
+    .await;
+
+    let (status, html) = page(&server, "/restores", SUPPORT).await;
+    assert_eq!(status, 200);
+    assert!(
+        html.contains("step restore-verify exited with status 4 — restoring b-r1 into staging / &lt;checksum mismatch: expected ab12, got cd34&gt;"),
+        "{html}"
+    );
+    assert!(
+        !html.contains(&long_line),
+        "the long cause is cut on the page"
+    );
+
+    let (_, alerts) = server.get_json("/api/alerts", SUPPORT).await;
+    let message = |instance: &str| {
+        alerts["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .find(|a| a["kind"] == "restore_failed" && a["instance_id"] == instance)
+            .and_then(|a| a["message"].as_str())
+            .unwrap_or_else(|| panic!("no restore_failed alert for {instance}: {alerts}"))
+            .to_owned()
+    };
+    let r1 = message("r1");
+    assert!(
+        r1.ends_with(
+            "failed in staging: step restore-verify exited with status 4 — restoring b-r1 \
+             into staging / <checksum mismatch: expected ab12, got cd34>"
+        ),
+        "{r1}"
+    );
+    let r2 = message("r2");
+    assert!(r2.contains("corrupt page 777"), "{r2}");
+    assert!(
+        r2.chars().count() < 700,
+        "bounded: {} chars",
+        r2.chars().count()
+    );
+    server.stop().await;
+}
+
+async fn stuck_restores_time_out_and_can_be_scheduled_again(t: TestStore) {
+    let server = TestServer::start_with(t.store.clone(), |b| {
+        b.settings(fleet_server::Settings {
+            sweep_interval: Duration::from_millis(100),
+            restore_timeout: Duration::from_secs(1),
+            ..fleet_server::Settings::default()
+        })
+    })
+    .await;
+    report_backup(&server, "gone", "b-1").await;
+    report_backup(&server, "silent", "b-2").await;
+    let (_, first) = admin_post(&server, "/api/restores/schedule", OPS, &json!({})).await;
+    assert_eq!(first["scheduled"], 2, "{first}");
+    // "silent" takes its job and never reports; "gone" never even asks.
+    let (status, job) = agent_post(
+        &server,
+        "/api/restores/next",
+        &json!({"instance_id": "silent"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    let mut restores = Value::Null;
+    for _ in 0..100 {
+        restores = server.get_json("/api/restores", SUPPORT).await.1;
+        let items = restores["items"].as_array().expect("items");
+        if items.iter().all(|r| r["status"] == "timed_out") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let error_of = |instance: &str| {
+        restores["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .find(|r| r["instance_id"] == instance && r["status"] == "timed_out")
+            .and_then(|r| r["error"].as_str())
+            .unwrap_or_else(|| panic!("{instance} did not time out: {restores:#}"))
+            .to_owned()
+    };
+    assert!(
+        error_of("gone").starts_with("no agent took it within 1 s"),
+        "{restores:#}"
+    );
+    assert_eq!(
+        error_of("silent"),
+        "no report within 1 s of being handed out"
+    );
+    server.get_documented("/api/restores", SUPPORT).await;
+
+    let (_, alerts) = server.get_json("/api/alerts", SUPPORT).await;
+    let timed_out = alerts["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter(|a| {
+            a["kind"] == "restore_failed"
+                && a["level"] == "error"
+                && a["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("timed out in staging"))
+        })
+        .count();
+    assert_eq!(timed_out, 2, "{alerts}");
+
+    // The late report is refused (the agent takes a 409 as final); scheduling works again.
+    let (status, late) = agent_post(
+        &server,
+        "/api/restores/report",
+        &json!({"instance_id": "silent", "restore_id": job["restore_id"], "status": "verified"}),
+    )
+    .await;
+    assert_eq!((status, code(&late)), (409, "conflict"), "{late}");
+    let (status, again) = admin_post(&server, "/api/restores/schedule", OPS, &json!({})).await;
+    assert_eq!(status, 201);
+    assert_eq!(again["scheduled"], 2, "{again}");
+    server.stop().await;
+}
+
+async fn installations_without_a_backup_are_skipped_with_the_reason(t: TestStore) {
+    let server = TestServer::start(t.store.clone()).await;
+    report_backup(&server, "with-backup", "b-1").await;
+    enroll(&server, "no-backup", "stable", "1.0.0").await;
+    // A checksum without the backup's id names nothing the verify command could restore.
+    let hb = body("no-id", json!({"backup_checksum": "sha256:abc"}));
+    let msg = uuid::Uuid::new_v4().to_string();
+    assert_eq!(server.send_v1(SHARED, &msg, now(), &hb).await.status(), 200);
+
+    let (status, done) = admin_post(&server, "/api/restores/schedule", OPS, &json!({})).await;
+    assert_eq!(status, 201, "{done}");
+    assert_eq!(done["scheduled"], 1);
+    assert_eq!(done["not_scheduled"]["no_backup"], 2, "{done}");
+    let items = done["items"].as_array().expect("items");
+    let of = |instance: &str| {
+        items
+            .iter()
+            .find(|r| r["instance_id"] == instance)
+            .unwrap_or_else(|| panic!("{instance} not in {done}"))
+    };
+    assert_eq!(of("with-backup")["status"], "scheduled");
+    assert_eq!(of("with-backup")["backup_id"], "b-1");
+    for instance in ["no-backup", "no-id"] {
+        let skipped = of(instance);
+        assert_eq!(skipped["status"], "skipped", "{skipped}");
+        assert!(
+            skipped["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("no backup to verify")),
+            "{skipped}"
+        );
+        assert!(skipped["finished_at"].is_i64());
+        let (status, _) = agent_post(
+            &server,
+            "/api/restores/next",
+            &json!({"instance_id": instance}),
+        )
+        .await;
+        assert_eq!(status, 204, "{instance} is never handed a verification");
+    }
+    let message = done["message"].as_str().expect("message");
+    assert!(
+        message.starts_with("Scheduled 1 verification in staging.")
+            && message.contains("2 installations have no backup to verify"),
+        "{message}"
+    );
+
+    // Recorded once per environment, not at every schedule.
+    let (_, again) = admin_post(&server, "/api/restores/schedule", OPS, &json!({})).await;
+    assert_eq!(again["items"], json!([]), "{again}");
+    // Once it reports a backup, it is scheduled with it.
+    report_backup(&server, "no-backup", "b-9").await;
+    let (_, later) = admin_post(&server, "/api/restores/schedule", OPS, &json!({})).await;
+    assert_eq!(later["items"][0]["instance_id"], "no-backup", "{later}");
+    assert_eq!(later["items"][0]["backup_id"], "b-9");
+    let (_, detail) = server
+        .get_documented("/api/installations/no-id", SUPPORT)
+        .await;
+    assert_eq!(detail["restores"][0]["status"], "skipped");
+    assert!(
+        detail["restores"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("no backup to verify")),
+        "{detail}"
+    );
+    server.stop().await;
+}
+
+async fn an_empty_schedule_says_why(t: TestStore) {
+    let server = TestServer::start(t.store.clone()).await;
+    let (status, empty) = admin_post(&server, "/api/restores/schedule", OPS, &json!({})).await;
+    assert_eq!(status, 201);
+    assert_eq!(
+        empty["message"],
+        "Nothing scheduled in staging. No installation is registered."
+    );
+    for id in ["v1", "v2", "v3"] {
+        report_backup(&server, id, &format!("b-{id}")).await;
+    }
+    let (status, _) = admin_post(
+        &server,
+        "/api/installations",
+        ADMIN,
+        &json!({"instance_id": "silent"}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (_, first) = admin_post(&server, "/api/restores/schedule", OPS, &json!({"count": 1})).await;
+    assert_eq!(first["scheduled"], 1);
+    assert_eq!(
+        first["not_scheduled"],
+        json!({"never_reported": 1, "open": 0, "verified_recently": 0, "no_backup": 0,
+               "beyond_count": 2})
+    );
+    let verified = first["items"][0]["instance_id"]
+        .as_str()
+        .expect("instance")
+        .to_owned();
+    run_verification(&server, &verified, json!({"status": "verified"})).await;
+    let (_, second) =
+        admin_post(&server, "/api/restores/schedule", OPS, &json!({"count": 5})).await;
+    assert_eq!(second["scheduled"], 2, "{second}");
+    // Every installation covered: nothing to do, and the answer says why.
+    let (status, covered) = admin_post(&server, "/api/restores/schedule", OPS, &json!({})).await;
+    assert_eq!(status, 201);
+    assert_eq!(covered["items"], json!([]));
+    assert_eq!(
+        covered["message"],
+        "Nothing scheduled in staging. Not scheduled: 2 installations have a verification \
+         open there, 1 installation was verified there in the last 7 days, 1 installation has \
+         not sent a heartbeat yet."
+    );
+    // Another environment is scheduled on its own.
+    let (_, qa) = admin_post(
+        &server,
+        "/api/restores/schedule",
+        OPS,
+        &json!({"environment": "qa"}),
+    )
+    .await;
+    assert_eq!(qa["scheduled"], 3, "{qa}");
+    server.stop().await;
+}
+
+/// A 5,000-character reason stays in its cell: the page shows its start and opens to the
+/// rest, and cells wrap text that has no spaces.
+async fn a_long_plugin_request_reason_is_shown_folded(t: TestStore) {
+    let server = TestServer::start(t.store.clone()).await;
+    let reason = "x".repeat(5000);
+    let (status, created) = agent_post(
+        &server,
+        "/api/plugins/requests",
+        &json!({"instance_id": "p1", "name": "billing-export", "version": "1.2.0",
+                "action": "install", "reason": reason}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let (status, html) = page(&server, "/plugins", SUPPORT).await;
+    assert_eq!(status, 200);
+    let folded = format!(
+        "<details><summary>{}…</summary>{reason}</details>",
+        "x".repeat(199)
+    );
+    assert!(html.contains(&folded), "the reason is folded: {html:.2000}");
+    assert_eq!(
+        html.matches(&reason).count(),
+        1,
+        "shown whole only when opened"
+    );
+    assert!(
+        html.contains("overflow-wrap:anywhere"),
+        "cells wrap long words"
+    );
+    server.stop().await;
+}
+
+on_both_backends!(
+    an_installation_shows_its_newest_restore_verifications,
+    the_failure_reason_shows_on_the_restores_page_and_in_the_alert,
+    stuck_restores_time_out_and_can_be_scheduled_again,
+    installations_without_a_backup_are_skipped_with_the_reason,
+    an_empty_schedule_says_why,
+    a_long_plugin_request_reason_is_shown_folded,
+);
