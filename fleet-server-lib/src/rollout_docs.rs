@@ -492,6 +492,12 @@ pub(crate) fn answer_schemas() -> Vec<(&'static str, Value)> {
         ("job_id", maybe_integer()),
         ("created_at", integer()),
         ("decided_at", maybe_integer()),
+        (
+            "job_status",
+            fleet_core::schema::nullable(rollout_job_status()),
+        ),
+        ("job_step", maybe_string()),
+        ("job_error", maybe_string()),
     ]);
     let restore = every_field(&[
         ("id", integer()),

@@ -345,13 +345,32 @@ pub(crate) async fn plugins(
                 .map(|reason| long_text(reason, LONG_CELL_CHARS))
                 .unwrap_or_else(|| "–".into()),
             status(&r.status),
-            r.job_id
-                .map(|j| j.to_string())
-                .unwrap_or_else(|| "–".into())
+            request_job(r),
         );
     }
     b.push_str("</tbody></table></section>");
     Ok(layout("Plugins", Some(role), &b).into_response())
+}
+
+/// A plugin request's job as the Job cell shows it: `#12 succeeded`, `#12 failed at update:
+/// why`.
+fn request_job(r: &crate::store::rollouts::PluginRequestRecord) -> String {
+    let Some(id) = r.job_id else {
+        return "–".into();
+    };
+    let mut cell = format!("#{id}");
+    if let Some(job) = &r.job_status {
+        let _ = write!(cell, " {}", status(job));
+        if matches!(job.as_str(), "failed" | "rolled_back")
+            && let Some(step) = &r.job_step
+        {
+            let _ = write!(cell, " at {}", esc(step));
+        }
+    }
+    if let Some(error) = &r.job_error {
+        let _ = write!(cell, ": {}", long_text(error, LONG_CELL_CHARS));
+    }
+    cell
 }
 
 pub(crate) async fn restores(

@@ -282,6 +282,23 @@ fn text(v: &Value) -> String {
     }
 }
 
+/// A plugin request's job in `plugin requests`: `12 succeeded`, `12 failed at update: why`.
+fn request_job(r: &Value) -> String {
+    if r["job_id"].is_null() {
+        return "-".into();
+    }
+    let mut cell = format!("{} {}", text(&r["job_id"]), text(&r["job_status"]));
+    if matches!(r["job_status"].as_str(), Some("failed" | "rolled_back"))
+        && r["job_step"].is_string()
+    {
+        cell.push_str(&format!(" at {}", text(&r["job_step"])));
+    }
+    if r["job_error"].is_string() {
+        cell.push_str(&format!(": {}", text(&r["job_error"])));
+    }
+    cell
+}
+
 /// `fleetctl commands ...`.
 #[derive(Subcommand, Debug)]
 pub enum CommandsCommand {
@@ -660,18 +677,19 @@ pub fn plugin(client: &Client, command: PluginCommand) -> Result<(), String> {
             let list = client.get("/api/plugins/requests")?;
             client.print(&list, |l| {
                 let mut out = format!(
-                    "{:>5}  {:<16} {:<28} {:<12} {:<8} {}",
-                    "ID", "INSTANCE", "NAME", "VERSION", "ACTION", "STATUS"
+                    "{:>5}  {:<16} {:<28} {:<12} {:<8} {:<9} {}",
+                    "ID", "INSTANCE", "NAME", "VERSION", "ACTION", "STATUS", "JOB"
                 );
                 for r in l["items"].as_array().into_iter().flatten() {
                     out.push_str(&format!(
-                        "\n{:>5}  {:<16} {:<28} {:<12} {:<8} {}",
+                        "\n{:>5}  {:<16} {:<28} {:<12} {:<8} {:<9} {}",
                         text(&r["id"]),
                         text(&r["instance_id"]),
                         text(&r["name"]),
                         text(&r["version"]),
                         text(&r["action"]),
-                        text(&r["status"])
+                        text(&r["status"]),
+                        request_job(r)
                     ));
                 }
                 out

@@ -80,11 +80,13 @@ macro_rules! impl_plugin_store {
                 &self,
                 limit: i64,
             ) -> $crate::Result<Vec<$crate::store::rollouts::PluginRequestRecord>> {
-                Ok(sqlx::query_as::<_, $crate::store::rollouts::PluginRequestRecord>(concat!(
-                    "SELECT ",
-                    plugin_request_cols!(),
-                    " FROM plugin_requests ORDER BY id DESC LIMIT $1"
-                ))
+                Ok(sqlx::query_as::<_, $crate::store::rollouts::PluginRequestRecord>(
+                    "SELECT r.id, r.instance_id, r.name, r.version, r.action, r.reason, r.status, \
+                     r.job_id, r.created_at, r.decided_at, j.status AS job_status, \
+                     j.step AS job_step, j.error AS job_error \
+                     FROM plugin_requests r LEFT JOIN rollout_jobs j ON j.id = r.job_id \
+                     ORDER BY r.id DESC LIMIT $1",
+                )
                 .bind(limit)
                 .fetch_all(&self.pool)
                 .await?)
@@ -160,7 +162,10 @@ macro_rules! impl_plugin_store {
                 .fetch_one(&mut *tx)
                 .await?;
                 tx.commit().await?;
-                Ok(record)
+                Ok($crate::store::rollouts::PluginRequestRecord {
+                    job_status: Some($crate::rollouts::job_status::PENDING.into()),
+                    ..record
+                })
             }
         }
     };

@@ -301,6 +301,17 @@ pub struct PluginRequestRecord {
     pub created_at: i64,
     /// When it was approved.
     pub decided_at: Option<i64>,
+    /// How the job is doing (`pending`, `in_progress`, `succeeded`, `failed`, `rolled_back`),
+    /// once approved: a single request's job belongs to no rollout, so this is where its
+    /// outcome shows.
+    #[sqlx(default)]
+    pub job_status: Option<String>,
+    /// The step the job reached, or failed or rolled back at.
+    #[sqlx(default)]
+    pub job_step: Option<String>,
+    /// Why the job failed.
+    #[sqlx(default)]
+    pub job_error: Option<String>,
 }
 
 /// A restore verification.

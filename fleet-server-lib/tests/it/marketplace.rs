@@ -2,7 +2,7 @@
 
 use serde_json::{Value, json};
 
-use crate::rollouts::{admin_post, agent_post, enroll};
+use crate::rollouts::{admin_post, agent_post, enroll, page};
 use crate::support::{ADMIN, OPS, SUPPORT, TestServer, TestStore, code, on_both_backends};
 
 async fn plugin_releases_requests_approval_and_rollouts(t: TestStore) {
@@ -80,6 +80,7 @@ async fn plugin_releases_requests_approval_and_rollouts(t: TestStore) {
         (200, json!("approved")),
         "{approved}"
     );
+    assert_eq!(approved["job_status"], "pending", "{approved}");
     assert_eq!(
         admin_post(&server, &approve(&ok), ADMIN, &json!({}))
             .await
@@ -121,6 +122,58 @@ async fn plugin_releases_requests_approval_and_rollouts(t: TestStore) {
             .await
             .0,
         204
+    );
+
+    // A single request's job belongs to no rollout: the request shows how it ended.
+    let (status, failing) = agent_post(
+        &server,
+        "/api/plugins/requests",
+        &json!({"instance_id": "m2", "name": "billing-export", "version": "1.2.0", "action": "install"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{failing}");
+    admin_post(&server, &approve(&failing), ADMIN, &json!({})).await;
+    let (_, job) = agent_post(&server, "/api/plugins/next", &json!({"instance_id": "m2"})).await;
+    let (status, _) = agent_post(
+        &server,
+        "/api/plugins/report",
+        &json!({"instance_id": "m2", "job_id": job["job_id"], "status": "failed", "step": "install",
+                "error": "step install exited with status 3"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (_, listed) = server
+        .get_documented("/api/plugins/requests", SUPPORT)
+        .await;
+    let request = |id: &Value| {
+        listed["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| &r["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("request {id} not listed: {listed}"))
+    };
+    let succeeded = request(&ok["id"]);
+    assert_eq!(succeeded["job_status"], "succeeded", "{succeeded}");
+    let failed = request(&failing["id"]);
+    assert_eq!(
+        (
+            &failed["job_status"],
+            &failed["job_step"],
+            &failed["job_error"]
+        ),
+        (
+            &json!("failed"),
+            &json!("install"),
+            &json!("step install exited with status 3")
+        ),
+        "{failed}"
+    );
+    let (_, html) = page(&server, "/plugins", SUPPORT).await;
+    assert!(
+        html.contains("failed</span> at install: step install exited with status 3"),
+        "{html}"
     );
 
     // A plugin rollout carries its action through every batch; an admin starts the next.
@@ -169,7 +222,7 @@ async fn plugin_releases_requests_approval_and_rollouts(t: TestStore) {
     let (_, requests) = server
         .get_documented("/api/plugins/requests", SUPPORT)
         .await;
-    assert_eq!(requests["items"].as_array().map(Vec::len), Some(3));
+    assert_eq!(requests["items"].as_array().map(Vec::len), Some(4));
     let (_, releases) = server
         .get_documented("/api/plugins/releases", SUPPORT)
         .await;
