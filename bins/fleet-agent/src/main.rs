@@ -72,7 +72,15 @@ fn main() -> ExitCode {
     if let Some(code) = answer_arguments() {
         return code;
     }
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // An invalid RUST_LOG is said once logging runs, not dropped in silence.
+    let parsed = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| EnvFilter::try_new(v).map_err(|e| e.to_string()));
+    let bad_filter = parsed.as_ref().and_then(|p| p.as_ref().err().cloned());
+    let filter = parsed
+        .and_then(Result::ok)
+        .unwrap_or_else(|| EnvFilter::new("info"));
     // tungstenite logs the whole handshake request at trace, with the live channel's
     // `Authorization: Bearer <JWT>`: a second filter holds it at debug at most, whatever
     // RUST_LOG says, without raising it above what RUST_LOG asks.
@@ -90,6 +98,9 @@ fn main() -> ExitCode {
         logs.with(lines.json()).init();
     } else {
         logs.with(lines).init();
+    }
+    if let Some(error) = bad_filter {
+        tracing::warn!(%error, "RUST_LOG is not a valid log filter; logging at info");
     }
 
     let commands = match CommandSettings::from_lookup(|name| std::env::var(name).ok()) {

@@ -36,16 +36,26 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    // An invalid RUST_LOG is said once logging runs, not dropped in silence.
+    let parsed = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| tracing_subscriber::EnvFilter::try_new(v).map_err(|e| e.to_string()));
+    let bad_filter = parsed.as_ref().and_then(|p| p.as_ref().err().cloned());
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+            parsed
+                .and_then(Result::ok)
+                .unwrap_or_else(|| "info,sqlx=warn".into()),
         )
         // Logs on stderr, so that stdout holds only what a command prints for its user (the
         // demo's URL and token); colours only on a terminal, not in a journal or a file.
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if let Some(error) = bad_filter {
+        tracing::warn!(%error, "RUST_LOG is not a valid log filter; logging at info,sqlx=warn");
+    }
     let result = match Cli::parse().command {
         Command::Serve(args) => serve(*args).await,
         Command::Demo(args) => demo::run(args).await,

@@ -26,6 +26,22 @@ fn every_configuration_problem_is_named_at_once() {
     }
 }
 
+/// A RUST_LOG that is not a filter is named, not dropped in silence.
+#[test]
+fn an_invalid_log_filter_is_named() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet-agent"))
+        .env_clear()
+        .env("RUST_LOG", "info,fleet_agent=loud")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("RUST_LOG is not a valid log filter") && stderr.contains("INSTANCE_ID"),
+        "{stderr}"
+    );
+}
+
 /// The command settings' problems are named with the agent's, and an enrollment token is not
 /// traded (nor the control plane asked) while the rest of the configuration is bad.
 #[test]

@@ -127,6 +127,18 @@ async fn every_configuration_problem_is_named_at_once() {
     }
     assert!(stderr.contains("4 problems"), "{stderr}");
     assert!(!stderr.contains("top-secret-value"), "no secret printed");
+
+    // A RUST_LOG that is not a filter is named, not dropped in silence.
+    let output = command(&["serve"])
+        .env("RUST_LOG", "info,fleet_server=loud")
+        .output()
+        .await
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("RUST_LOG is not a valid log filter"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
