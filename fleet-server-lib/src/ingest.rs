@@ -78,7 +78,7 @@ async fn accept(state: &Shared, headers: &HeaderMap, body: Body) -> Result<Recor
     let lookup =
         SignatureHeaders::from_lookup(|name| headers.get(name).and_then(|v| v.to_str().ok()));
     let verified = crate::registration::verify_agent_request(state, &body, &lookup, now)
-        .await
+        .await?
         .map_err(|err| {
             state.metrics.rejected(err.kind());
             // The reason is logged for the operator, never returned to the sender.

@@ -58,57 +58,72 @@ pub(crate) async fn issued_secret_of(
         .and_then(|nonce| Secret::new(&issued_secret(&state.live.master, instance, &nonce)).ok()))
 }
 
-/// Verifies an agent's signed request over its raw bytes: with the configured secrets first,
-/// then, when those fail, with the secret issued to the instance at enrollment (derived from
-/// the server key and a nonce kept in the store). The issued secret is looked up only after
-/// the configured ones failed, so fleets configured with `CONTROL_PLANE_AGENT_SECRETS` pay
-/// nothing for it. On failure the configured secrets' reason is returned, for the log and the
-/// rejection metrics, never for the sender.
+/// Verifies an agent's signed request over its raw bytes, with the secrets
+/// [`agent_secrets`] names. An instance with a secret of its own in
+/// `CONTROL_PLANE_AGENT_SECRETS` is checked against those first, without a store read, so
+/// fleets configured that way pay nothing more; only when they fail is the secret issued at
+/// enrollment tried. The outer error is the store failing; the inner one is the refusal, with
+/// its reason for the log and the rejection metrics, never for the sender.
 pub(crate) async fn verify_agent_request<'b>(
     state: &Shared,
     body: &'b [u8],
     lookup: &SignatureHeaders<'_>,
     now: i64,
-) -> std::result::Result<fleet_core::Verified<'b>, fleet_core::SignatureError> {
-    let refused = match state.verifier.verify(body, lookup, now) {
-        Ok(verified) => return Ok(verified),
-        Err(refused) => refused,
-    };
+) -> Result<std::result::Result<fleet_core::Verified<'b>, fleet_core::SignatureError>> {
     let Some(instance) = fleet_core::locate_instance_id(body) else {
-        return Err(refused);
+        return Ok(state.verifier.verify(body, lookup, now));
     };
-    let Some(commands) = state.store.commands() else {
-        return Err(refused);
-    };
-    let issued = match issued_secret_of(state, commands, &instance).await {
-        Ok(Some(issued)) => issued,
-        Ok(None) => return Err(refused),
-        Err(err) => {
-            tracing::warn!(error = %err, "reading an issued secret failed");
-            return Err(refused);
+    let own = state.verifier.resolver().has_own_secret(&instance);
+    let refused = if own {
+        match state.verifier.verify(body, lookup, now) {
+            Ok(verified) => return Ok(Ok(verified)),
+            Err(refused) => Some(refused),
         }
+    } else {
+        None
     };
-    let secrets = [issued];
-    state
-        .verifier
-        .verify_with(body, lookup, now, |_| Some(secrets.as_slice()))
-        .map_err(|_| refused)
+    let issued = match state.store.commands() {
+        Some(commands) => issued_secret_of(state, commands, &instance).await?,
+        None => None,
+    };
+    Ok(match (issued, refused) {
+        (Some(issued), refused) => {
+            let secrets = [issued];
+            state
+                .verifier
+                .verify_with(body, lookup, now, |_| Some(secrets.as_slice()))
+                .map_err(|err| refused.unwrap_or(err))
+        }
+        (None, Some(refused)) => Err(refused),
+        // Neither a secret of its own nor an enrollment: the shared fallback, if configured.
+        (None, None) => state.verifier.verify(body, lookup, now),
+    })
 }
 
-/// Every secret `instance` may sign with: the configured ones, and the one issued to it at
-/// enrollment.
+/// Every secret `instance` may sign with: its own configured ones and the one issued to it at
+/// enrollment; the shared `CONTROL_PLANE_AGENT_TOKEN` only when it has neither. An enrolled
+/// instance is thereby never signed for with the token every unlisted agent holds.
 pub(crate) async fn agent_secrets(
     state: &Shared,
     commands: &dyn crate::store::commands::CommandStore,
     instance: &str,
 ) -> Result<Vec<Secret>> {
-    let mut secrets: Vec<Secret> = state
-        .verifier
-        .resolver()
-        .resolve(instance)
-        .map(<[Secret]>::to_vec)
-        .unwrap_or_default();
-    secrets.extend(issued_secret_of(state, commands, instance).await?);
+    let resolver = state.verifier.resolver();
+    let mut secrets: Vec<Secret> = if resolver.has_own_secret(instance) {
+        resolver
+            .resolve(instance)
+            .map(<[Secret]>::to_vec)
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    match issued_secret_of(state, commands, instance).await? {
+        Some(issued) => secrets.push(issued),
+        None if secrets.is_empty() => {
+            secrets.extend(resolver.resolve(instance).into_iter().flatten().cloned());
+        }
+        None => {}
+    }
     Ok(secrets)
 }
 

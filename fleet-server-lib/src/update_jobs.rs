@@ -60,7 +60,7 @@ pub(crate) async fn signed<T: AgentRequest>(
         SignatureHeaders::from_lookup(|name| headers.get(name).and_then(|v| v.to_str().ok()));
     let now = fleet_core::unix_now();
     let verified = crate::registration::verify_agent_request(state, &body, &lookup, now)
-        .await
+        .await?
         .map_err(|err| {
             tracing::debug!(reason = err.kind(), "agent request refused");
             Error::Unauthorized

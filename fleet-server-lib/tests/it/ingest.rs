@@ -5,7 +5,7 @@ use std::time::Duration;
 use fleet_server::{Settings, SloThresholds};
 use serde_json::{Value, json};
 
-use crate::support::{self, ADMIN, SECRET, SUPPORT, TestServer, body, code, now};
+use crate::support::{self, ADMIN, SECRET, SHARED, SUPPORT, TestServer, body, code, now};
 
 /// Header pairs of one request.
 type Headers = Vec<(&'static str, String)>;
@@ -437,4 +437,87 @@ async fn a_heartbeat_the_database_refuses_does_not_sink_the_ones_sent_with_it() 
         assert_eq!(*status, expected, "{id}: {statuses:?}");
     }
     assert_eq!(count(&server).await, 39);
+}
+
+/// The shared `CONTROL_PLANE_AGENT_TOKEN` signs for instances that have no secret of their
+/// own, never for an enrolled one: whoever holds the token every unlisted agent has would
+/// otherwise send its heartbeats, take its jobs and register as it for its live channel.
+#[tokio::test]
+async fn the_shared_token_does_not_sign_for_an_enrolled_instance() {
+    let t = support::sqlite().await;
+    let server = TestServer::start(t.store.clone()).await;
+    let enrollment: Value = server
+        .client
+        .post(server.at("/v1/enrollments"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"instance_id": "enrolled-1"}))
+        .send()
+        .await
+        .expect("enroll")
+        .json()
+        .await
+        .expect("json");
+    let registered: Value = server
+        .client
+        .post(server.at("/v1/agents/register"))
+        .json(&json!({"instance_id": "enrolled-1", "enrollment_token": enrollment["enrollment_token"]}))
+        .send()
+        .await
+        .expect("register")
+        .json()
+        .await
+        .expect("json");
+    let issued = registered["secret"]
+        .as_str()
+        .expect("issued secret")
+        .to_owned();
+
+    let heartbeat = body("enrolled-1", json!({}));
+    let shared = server
+        .send_v1(SHARED, "msg_shared_hb", now(), &heartbeat)
+        .await;
+    assert_eq!(
+        shared.status().as_u16(),
+        401,
+        "the shared token, for an enrolled instance"
+    );
+    let own = server
+        .send_v1(&issued, "msg_issued_hb", now(), &heartbeat)
+        .await;
+    assert_eq!(own.status().as_u16(), 200, "its issued secret");
+    let asks = serde_json::to_vec(&json!({"instance_id": "enrolled-1"})).expect("json");
+    for (n, path) in ["/api/updates/next", "/v1/agents/register"]
+        .into_iter()
+        .enumerate()
+    {
+        let answer = server
+            .post_v1(path, SHARED, &format!("msg_shared_{n}"), now(), &asks)
+            .await;
+        assert_eq!(
+            answer.status().as_u16(),
+            401,
+            "{path} with the shared token"
+        );
+    }
+    let answer = server
+        .post_v1(
+            "/v1/agents/register",
+            &issued,
+            "msg_issued_register",
+            now(),
+            &asks,
+        )
+        .await;
+    assert_eq!(
+        answer.status().as_u16(),
+        200,
+        "register with the issued secret"
+    );
+
+    // An instance that neither is listed nor enrolled still signs with the shared token.
+    let other = body("unlisted-1", json!({}));
+    let answer = server.send_v1(SHARED, "msg_unlisted", now(), &other).await;
+    assert_eq!(answer.status().as_u16(), 200);
+    assert_eq!(count(&server).await, 2);
+    server.stop().await;
 }
