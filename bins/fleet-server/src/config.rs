@@ -126,7 +126,9 @@ pub struct ServeArgs {
     )]
     pub proxy_header: String,
     /// Ed25519 key (base64 of the 32-byte seed, `fleetctl keys generate`) that signs agent
-    /// tokens; replicas must share it. Unset: a random key per process.
+    /// tokens and derives the secrets issued at enrollment. Unset: one is generated on first
+    /// start and kept in the database, so restarts and replicas share it (protect the
+    /// database file like the key).
     #[arg(long, env = "CONTROL_PLANE_JWT_KEY", hide_env_values = true)]
     pub jwt_key: Option<String>,
     /// Lifetime of agent tokens, in seconds.

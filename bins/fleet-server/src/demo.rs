@@ -68,8 +68,16 @@ pub async fn run(args: DemoArgs) -> Result<(), String> {
     // The address first: when it is taken, nothing has been created, no agent sends to
     // whatever holds it, and nothing says the demo is running.
     let listener = crate::listen(args.listen).await?;
+    let existed = args.data.exists();
     std::fs::create_dir_all(&args.data)
         .map_err(|e| format!("cannot create {}: {e}", args.data.display()))?;
+    // The folder holds the admin token, the release key and the database with the agent
+    // token key: its owner's only, when the demo made it.
+    #[cfg(unix)]
+    if !existed {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&args.data, std::fs::Permissions::from_mode(0o700));
+    }
     let token = admin_token(&args.data)?;
     let release_key_path = args.data.join("release.key");
     let release_key = release_key(&release_key_path)?;

@@ -42,6 +42,45 @@ pub(super) const CACHE_SIZE: i64 = -65536;
 /// size has little left to copy.
 pub(super) const WAL_AUTOCHECKPOINT_PAGES: i64 = 16_384;
 
+/// Creates the database file readable by its owner only, when it does not exist yet: it
+/// holds the key that signs agent tokens and derives every enrolled agent's secret (unless
+/// `CONTROL_PLANE_JWT_KEY` is set), and SQLite gives its `-wal` and `-shm` files the same
+/// mode. An existing file that others may read is left as it is, with a warning naming it:
+/// its mode may be someone's deliberate choice (a backup tool's group).
+fn restrict_to_owner(path: &std::path::Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+                let mode = std::fs::metadata(path)
+                    .map_err(|e| Error::Database(sqlx::Error::Io(e)))?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    tracing::warn!(
+                        path = %path.display(),
+                        mode = format!("{:o}", mode & 0o777),
+                        "the database file is readable by other users; it holds the key behind \
+                         agent tokens and enrolled agents' secrets: chmod 600 it and its -wal and -shm files"
+                    );
+                }
+            }
+            // Opening it will fail the same way, with sqlx's context.
+            Err(_) => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 /// A database file that exists only as long as the store.
 #[derive(Debug)]
 struct TemporaryFile(PathBuf);
@@ -88,6 +127,7 @@ impl SqliteStore {
             .pragma("cache_size", CACHE_SIZE.to_string())
             .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES.to_string());
         let path = options.get_filename().to_owned();
+        restrict_to_owner(&path)?;
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)

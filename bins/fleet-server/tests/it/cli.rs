@@ -241,11 +241,15 @@ async fn a_rollout_signed_with_the_demo_key_reaches_the_demo_agents() {
     let public = std::fs::read_to_string(dir.join("release.key.pub")).expect("public key");
     assert_eq!(public.trim(), key.public_key().to_base64());
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(dir.join("release.key"))
-        .expect("meta")
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600);
+    // The key, and the database that holds the key behind agent tokens and issued secrets,
+    // are their owner's only.
+    for file in ["release.key", "fleet.db", "fleet.db-wal"] {
+        let mode = std::fs::metadata(dir.join(file))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
 
     let manifest = serde_json::json!({"version": "9.9.0", "sha": "abc123", "channel": "stable",
         "migrations_required": false, "breaking_changes": false,
