@@ -24,6 +24,18 @@ const DEFAULT_ENVIRONMENT: &str = "staging";
 const MAX_COUNT: i64 = 1000;
 /// Longest environment name, in bytes.
 const MAX_ENVIRONMENT_LEN: usize = 64;
+/// What an environment name may be: it reaches the agent's `RESTORE_VERIFY_CMD` as
+/// `RESTORE_ENVIRONMENT`, where a script may well use it in a path or a command line, and
+/// ops, who may schedule restores, may not run commands.
+const ENVIRONMENT_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9_-]*$";
+
+/// Whether `name` matches [`ENVIRONMENT_PATTERN`] (and its length limit).
+fn is_valid_environment(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= MAX_ENVIRONMENT_LEN
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
 /// An installation verified in an environment this recently is not scheduled there again.
 pub(crate) const RECENT_VERIFICATION_SECS: i64 = 7 * 86_400;
 /// The status of a verification with no report within the restore timeout.
@@ -61,11 +73,14 @@ pub(crate) fn schedule_schema() -> serde_json::Value {
                 "count",
                 serde_json::json!({ "type": ["integer", "null"], "minimum": 1, "maximum": MAX_COUNT }),
             ),
-            ("environment", {
-                let mut environment = fleet_core::schema::nullable(fleet_core::schema::id());
-                environment["maxLength"] = MAX_ENVIRONMENT_LEN.into();
-                environment
-            }),
+            (
+                "environment",
+                serde_json::json!({
+                    "type": ["string", "null"],
+                    "maxLength": MAX_ENVIRONMENT_LEN,
+                    "pattern": ENVIRONMENT_PATTERN,
+                }),
+            ),
         ],
     );
     schema["additionalProperties"] = serde_json::json!(false);
@@ -89,12 +104,15 @@ pub(crate) async fn schedule(_: Ops, State(state): State<Shared>, body: Bytes) -
     if !(1..=MAX_COUNT).contains(&count) {
         errors.push("count", format!("must be between 1 and {MAX_COUNT}"));
     }
-    fleet_core::validate::check_id(
-        &mut errors,
-        &fleet_core::validate::Path::Root.field("environment"),
-        &environment,
-        MAX_ENVIRONMENT_LEN,
-    );
+    if !is_valid_environment(&environment) {
+        errors.push(
+            "environment",
+            format!(
+                "must be a name such as staging or eu-west_2: letters, digits, - and _, \
+                 at most {MAX_ENVIRONMENT_LEN} bytes"
+            ),
+        );
+    }
     if !errors.is_empty() {
         return Err(Error::Invalid(errors));
     }

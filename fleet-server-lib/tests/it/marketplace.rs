@@ -495,6 +495,12 @@ async fn restore_schedule_bodies_are_refused_as_documented(t: TestStore) {
         (json!({"environment": "e".repeat(65)}), false),
         (json!({"environment": "qa", "every": "day"}), false),
         (json!({"count": 0}), false),
+        (json!({"environment": "eu-west_2"}), true),
+        // The name reaches the agent's verify command: nothing a path or a shell reads.
+        (json!({"environment": "../../etc"}), false),
+        (json!({"environment": "$(id)"}), false),
+        (json!({"environment": "qa/x"}), false),
+        (json!({"environment": "-rf"}), false),
     ] {
         let (status, answer) = admin_post(&server, "/api/restores/schedule", OPS, &body).await;
         assert_eq!(status == 201, accepted, "{body}: {answer}");
