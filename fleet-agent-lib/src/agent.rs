@@ -333,6 +333,14 @@ impl Agent {
                     .ok_or_else(|| Error::Io(std::io::Error::other("local API listener missing")))?
             }
         };
+        if c.control_plane_in_clear() {
+            tracing::warn!(
+                control_plane_url = %fleet_core::redact_url_secrets(&c.control_plane_url),
+                "CONTROL_PLANE_URL is plain http:// to another host: enrollment receives the \
+                 agent's secret and the live channel sends its bearer token unencrypted, \
+                 readable by anyone on the path; use https://"
+            );
+        }
         tracing::info!(
             instance_id = %c.instance_id,
             local_api = %listener.local_addr()?,
@@ -351,6 +359,9 @@ impl Agent {
         }
         if let Some(settings) = self.commands.take().filter(|s| s.enabled) {
             let path = crate::logstream::journal_path(&c.state_path);
+            // The journal keeps command output: private like the state file beside it.
+            crate::outbox::private_state_file(&path)
+                .map_err(|err| Error::from(err).opening_state(&path))?;
             let journal = crate::logstream::Journal::open(&path)
                 .await
                 .map_err(|err| err.opening_state(&path))?;
@@ -461,6 +472,9 @@ impl Shared {
                             COLLECTOR_TIMEOUT.as_millis()
                         )),
                     };
+                // A collector of the embedder's may quote a URL it requested: its query or
+                // userinfo must reach neither the log nor the heartbeat.
+                let outcome = outcome.map_err(|reason| fleet_core::redact_url_secrets(&reason));
                 if let Err(reason) = &outcome {
                     tracing::debug!(collector = collector.name(), %reason, "collector failed");
                 }

@@ -35,7 +35,9 @@ pub trait Check: Send + Sync {
 pub async fn run_check(check: &dyn Check, timeout: Duration) -> CheckResult {
     let started = Instant::now();
     let outcome = match tokio::time::timeout(timeout, check.probe()).await {
-        Ok(outcome) => outcome,
+        // A check of the embedder's may quote a URL it requested (reqwest's message does):
+        // its query or userinfo must not reach the heartbeat.
+        Ok(outcome) => outcome.map_err(|reason| fleet_core::redact_url_secrets(&reason)),
         Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),
     };
     let latency_ms = (started.elapsed().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
@@ -230,7 +232,7 @@ impl Check for HttpCheck {
             .get(&self.url)
             .send()
             .await
-            .map_err(|e| redact(&fleet_core::error_chain(&e), &self.url))?;
+            .map_err(|e| redact(&crate::collectors::http_error(e), &self.url))?;
         let status = response.status();
         if status.is_server_error() {
             Err(format!("HTTP {status}"))
@@ -383,12 +385,14 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Removes the password of `url` from an error text, in case a library echoes it.
+/// Removes the password of `url` from an error text, in case a library echoes it, and the
+/// userinfo, query and fragment of any URL the text quotes.
 pub(crate) fn redact(text: &str, url: &str) -> String {
-    match Target::parse(url, 0).password.filter(|p| !p.is_empty()) {
+    let text = match Target::parse(url, 0).password.filter(|p| !p.is_empty()) {
         Some(password) => text.replace(&password, "[redacted]"),
         None => text.to_owned(),
-    }
+    };
+    fleet_core::redact_url_secrets(&text)
 }
 
 #[cfg(test)]
@@ -435,6 +439,50 @@ mod tests {
         assert_eq!(
             redact("auth failed for hunter2", "postgres://u:hunter2@h/db"),
             "auth failed for [redacted]"
+        );
+        assert_eq!(
+            redact(
+                "error for url (https://s3.example/b?X-Amz-Signature=abc)",
+                "https://s3.example/b?X-Amz-Signature=abc"
+            ),
+            "error for url (https://s3.example/b?[redacted])"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_http_check_names_the_failure_not_the_query() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://u:USERINFOPASS@127.0.0.1:{port}/b/k?X-Amz-Signature=SIGQUERY");
+        let check = HttpCheck::new("storage", &url, reqwest::Client::new());
+        let r = run_check(&check, Duration::from_secs(5)).await;
+        let error = r.error.unwrap();
+        assert!(error.contains("error sending request"), "{error}");
+        assert!(
+            !error.contains("SIGQUERY") && !error.contains("USERINFOPASS"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_check_quoting_a_url_loses_its_query() {
+        struct Quoting;
+        #[async_trait]
+        impl Check for Quoting {
+            fn name(&self) -> &str {
+                "own"
+            }
+            async fn probe(&self) -> Result<(), String> {
+                Err("GET https://api.example/v1?key=OWNKEY failed".into())
+            }
+        }
+        let r = run_check(&Quoting, Duration::from_secs(1)).await;
+        assert_eq!(
+            r.error.as_deref(),
+            Some("GET https://api.example/v1?[redacted] failed")
         );
     }
 

@@ -33,9 +33,17 @@ pub trait Collector: Send + Sync {
 /// Largest body read from the ops, metrics or diagnostic endpoints.
 pub const MAX_FETCH_BYTES: usize = 4 * 1024 * 1024;
 
-/// Sends `request` and reads at most [`MAX_FETCH_BYTES`] of a 2xx answer.
+/// A failed request as shown in `checks[]`, `/diagnostic` and the logs: reqwest's message
+/// and its causes, without the URL. reqwest puts the whole URL in its message, and a query
+/// (`?api_key=…`, `?X-Amz-Signature=…`) would reach everyone who can read a heartbeat.
+pub(crate) fn http_error(err: reqwest::Error) -> String {
+    error_chain(&err.without_url())
+}
+
+/// Sends `request` and reads at most [`MAX_FETCH_BYTES`] of a 2xx answer. An error names
+/// what failed, never the URL.
 pub async fn fetch_limited(request: reqwest::RequestBuilder) -> Result<Vec<u8>, String> {
-    let mut response = request.send().await.map_err(|e| error_chain(&e))?;
+    let mut response = request.send().await.map_err(http_error)?;
     let status = response.status();
     if !status.is_success() {
         return Err(format!("HTTP {status}"));
@@ -47,7 +55,7 @@ pub async fn fetch_limited(request: reqwest::RequestBuilder) -> Result<Vec<u8>, 
         return Err(format!("answer larger than {MAX_FETCH_BYTES} bytes"));
     }
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| error_chain(&e))? {
+    while let Some(chunk) = response.chunk().await.map_err(http_error)? {
         if body.len() + chunk.len() > MAX_FETCH_BYTES {
             return Err(format!("answer larger than {MAX_FETCH_BYTES} bytes"));
         }

@@ -338,6 +338,25 @@ impl AgentConfig {
             self.control_plane_url.trim_end_matches('/')
         )
     }
+
+    /// Whether [`control_plane_url`](Self::control_plane_url) is plain `http://` to a host
+    /// other than this machine (`localhost`, a loopback address): then enrollment receives
+    /// the agent's secret and the live channel sends its bearer token unencrypted across the
+    /// network. Still allowed (ERP setups on private networks use it); the agent warns at
+    /// start.
+    pub fn control_plane_in_clear(&self) -> bool {
+        let url = self.control_plane_url.trim();
+        let is_http = url
+            .get(..7)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("http://"));
+        if !is_http {
+            return false;
+        }
+        let host = crate::checks::Target::parse(url, 80).host;
+        let loopback = host.eq_ignore_ascii_case("localhost")
+            || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        !loopback
+    }
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -389,3 +408,34 @@ impl std::fmt::Debug for AgentConfig {
 
 /// Kept where embedders found it; the function lives in fleet-core.
 pub use fleet_core::redact_url_password;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_is_in_clear_unless_it_stays_on_this_machine() {
+        let in_clear = |url: &str| {
+            AgentConfig::new("i", url, Secret::from_bytes(b"s")).control_plane_in_clear()
+        };
+        for url in [
+            "http://cp.example.com",
+            "http://10.0.0.5:8080/",
+            "HTTP://cp.internal",
+            "http://user:pw@cp.example.com",
+            "http://localhost.example.com",
+            "http://[2001:db8::1]:8080",
+        ] {
+            assert!(in_clear(url), "{url}");
+        }
+        for url in [
+            "https://cp.example.com",
+            "http://127.0.0.1:8080",
+            "http://127.0.0.2",
+            "http://localhost:3000/",
+            "http://[::1]:8080",
+        ] {
+            assert!(!in_clear(url), "{url}");
+        }
+    }
+}

@@ -75,6 +75,7 @@ impl JobState {
     }
 
     async fn connect(path: &Path) -> Result<SqliteConnection> {
+        crate::outbox::private_state_file(path)?;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)

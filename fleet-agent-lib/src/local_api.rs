@@ -5,6 +5,12 @@
 //! When `AGENT_LOCAL_TOKEN` is set every route needs it in `x-agent-local-token`, compared in
 //! constant time. Unlike the ERP agent, a token is mandatory on a non-loopback address
 //! (enforced when binding).
+//!
+//! Without a token (loopback only) a request is answered only when its `Host` is a loopback
+//! name and no web page sent it: a page on another site could otherwise read `/diagnostic`
+//! (fetched with the agent's `AGENT_OPS_TOKEN`) through DNS rebinding, its own name
+//! resolving to 127.0.0.1. Local tools (curl, an application's health check) send
+//! `Host: 127.0.0.1:4010` or `localhost` and no `Origin`, so they work as before.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -45,21 +51,97 @@ async fn require_token(
     request: Request,
     next: Next,
 ) -> Response {
-    if let Some(expected) = &shared.config.local_token {
-        let given = request
-            .headers()
-            .get(HEADER_LOCAL_TOKEN)
-            .map(HeaderValue::as_bytes)
-            .unwrap_or_default();
-        if !constant_time_eq(given, expected.as_bytes()) {
-            return (
-                StatusCode::UNAUTHORIZED,
-                axum::Json(json!({"error": "unauthorized"})),
-            )
-                .into_response();
+    match &shared.config.local_token {
+        // With a token, the token decides, whatever the Host (a non-loopback bind is reached
+        // by other names) or the Origin: a web page can only send the header if it knows
+        // the token, and a cross-origin page cannot send it at all without a CORS preflight,
+        // which this API never grants.
+        Some(expected) => {
+            let given = request
+                .headers()
+                .get(HEADER_LOCAL_TOKEN)
+                .map(HeaderValue::as_bytes)
+                .unwrap_or_default();
+            if !constant_time_eq(given, expected.as_bytes()) {
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    axum::Json(json!({"error": "unauthorized"})),
+                )
+                    .into_response();
+            }
+        }
+        None => {
+            if let Some(reason) = refusal_without_token(&request) {
+                tracing::debug!(reason, "local API request refused");
+                return (
+                    StatusCode::FORBIDDEN,
+                    format!("{reason}; set AGENT_LOCAL_TOKEN to serve other clients\n"),
+                )
+                    .into_response();
+            }
         }
     }
     next.run(request).await
+}
+
+/// Why a request must not be answered without a token, if it must not: its `Host` is not a
+/// loopback name (a DNS-rebound name, or an address other than loopback), or a web page sent
+/// it (`Origin`, which browsers send on cross-origin requests, or a `Sec-Fetch-Site` naming
+/// another site, which they send even where `Origin` is left out).
+fn refusal_without_token(request: &Request) -> Option<&'static str> {
+    let headers = request.headers();
+    // HTTP/2 carries the authority in the URI rather than a Host header.
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()));
+    if !host.is_some_and(is_loopback_host) {
+        return Some(
+            "the local API without AGENT_LOCAL_TOKEN answers only requests to 127.0.0.1, \
+             localhost or [::1] (Host header)",
+        );
+    }
+    if headers.contains_key(header::ORIGIN) {
+        return Some(
+            "the local API without AGENT_LOCAL_TOKEN does not answer web pages (Origin header)",
+        );
+    }
+    let from_a_site = headers
+        .get("sec-fetch-site")
+        .is_some_and(|v| v != "none" && v != "same-origin");
+    if from_a_site {
+        return Some(
+            "the local API without AGENT_LOCAL_TOKEN does not answer web pages \
+             (Sec-Fetch-Site header)",
+        );
+    }
+    None
+}
+
+/// Whether `host` (a `Host` header: a name or address, with or without a port) names this
+/// machine's loopback interface: `localhost`, an IPv4 loopback address or `[::1]`.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((address, "")) => address,
+            Some((address, port)) if port.strip_prefix(':').is_some_and(is_port) => address,
+            _ => return false,
+        },
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if is_port(port) => name,
+            Some(_) => return false,
+            None => host,
+        },
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A port number as written after the `:` (`4010`).
+fn is_port(text: &str) -> bool {
+    !text.is_empty() && text.len() <= 5 && text.bytes().all(|b| b.is_ascii_digit())
 }
 
 async fn health(State(shared): State<Arc<Shared>>) -> Response {
@@ -241,4 +323,41 @@ fn resident_bytes() -> Option<u64> {
         .parse()
         .ok()?;
     Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_loopback_host;
+
+    #[test]
+    fn only_loopback_names_count_as_loopback_hosts() {
+        for host in [
+            "127.0.0.1",
+            "127.0.0.1:4010",
+            "127.1.2.3:80",
+            "localhost",
+            "LocalHost:4010",
+            "[::1]",
+            "[::1]:4010",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in [
+            "",
+            "evil.example",
+            "evil.example:4010",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+            "127.0.0.1:4010:80",
+            "127.0.0.1:",
+            "127.0.0.1:port",
+            "10.0.0.5:4010",
+            "[::1]x",
+            "[::2]:4010",
+            "::1",
+            "0.0.0.0",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
 }

@@ -9,7 +9,8 @@
 //! delivered, and a delivered message counted as dropped would report a loss that did not
 //! happen; the oldest of the others goes instead.
 
-use std::path::Path;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
@@ -18,6 +19,61 @@ use sqlx::{Connection, Row, SqliteConnection};
 use tokio::sync::Mutex;
 
 use crate::Result;
+
+/// Makes the SQLite file at `path` readable and writable by the agent's user only (0600)
+/// before SQLite opens it: it holds queued heartbeats, job reports and command output.
+///
+/// A missing file is created empty with mode 0600, whatever the umask; SQLite gives the
+/// `-wal` and `-shm` files it creates beside it the same mode. An existing file (or `-wal`,
+/// `-shm`) that others may read or write, as every agent before this rule left it under
+/// umask 022, is tightened to its owner's bits and the change logged at WARN naming it; one
+/// that cannot be tightened (another owner) is logged at WARN and opened as it is.
+pub(crate) fn private_state_file(path: &Path) -> std::io::Result<()> {
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => return Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(err) => return Err(err),
+    }
+    for file in [
+        path.to_owned(),
+        sidecar(path, "-wal"),
+        sidecar(path, "-shm"),
+    ] {
+        let Ok(meta) = std::fs::metadata(&file) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 == 0 {
+            continue;
+        }
+        let tightened = mode & 0o700;
+        match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(tightened)) {
+            Ok(()) => tracing::warn!(
+                file = %file.display(),
+                "the agent's state file was open to other users (mode {mode:o}); now {tightened:o}"
+            ),
+            Err(error) => tracing::warn!(
+                file = %file.display(),
+                %error,
+                "the agent's state file is open to other users (mode {mode:o}) and cannot be \
+                 tightened; chmod 600 it"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// `path` with `suffix` appended to its file name, as SQLite names its `-wal` and `-shm`.
+fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
 
 /// The bounds of the outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +176,7 @@ impl Outbox {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             tokio::fs::create_dir_all(dir).await?;
         }
+        private_state_file(path)?;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -436,6 +493,43 @@ mod tests {
             .unwrap();
         assert_eq!(carried.get(), 2);
         assert_eq!(outbox.stats().await.unwrap().2, 2, "two bound drops in all");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[tokio::test]
+    async fn the_state_file_and_its_wal_are_private() {
+        let dir = temp_dir("modes");
+        let outbox = open(&dir, bounds(10, 1 << 20, 3600)).await;
+        outbox
+            .push("m0", "/p", 100, |_| b"x".to_vec())
+            .await
+            .unwrap();
+        for name in ["state.db", "state.db-wal", "state.db-shm"] {
+            assert_eq!(mode(&dir.join(name)), 0o600, "{name}");
+        }
+        drop(outbox);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_state_file_open_to_others_is_tightened() {
+        let dir = temp_dir("loose");
+        let path = dir.join("state.db");
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o664)).unwrap();
+        let outbox = open(&dir, bounds(10, 1 << 20, 3600)).await;
+        outbox
+            .push("m0", "/p", 100, |_| b"x".to_vec())
+            .await
+            .unwrap();
+        for name in ["state.db", "state.db-wal", "state.db-shm"] {
+            assert_eq!(mode(&dir.join(name)), 0o600, "{name}");
+        }
+        drop(outbox);
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -283,12 +283,35 @@ pub fn shell_quote(text: &str) -> String {
     out
 }
 
-/// Replaces each `{{key}}` of `template` with the shell-quoted value.
+/// Replaces each `{{key}}` of `template` with the shell-quoted value, in one pass over the
+/// template: a value is never scanned again, so one that holds `{{other}}` keeps it as text
+/// instead of getting another value spliced inside its quotes. A `{{…}}` naming no key is
+/// kept as it is.
 pub fn substitute(template: &str, values: &[(&str, &str)]) -> String {
-    let mut out = template.to_owned();
-    for (key, value) in values {
-        out = out.replace(&format!("{{{{{key}}}}}"), &shell_quote(value));
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find("{{") {
+        out.push_str(&rest[..open]);
+        let inside = &rest[open + 2..];
+        let found = inside.find("}}").and_then(|close| {
+            let key = &inside[..close];
+            let (_, value) = values.iter().find(|(k, _)| *k == key)?;
+            Some((close, value))
+        });
+        match found {
+            Some((close, value)) => {
+                out.push_str(&shell_quote(value));
+                rest = &inside[close + 2..];
+            }
+            // Only the first `{` is kept as text: a placeholder may start at the next one
+            // (`{{{name}}}`).
+            None => {
+                out.push('{');
+                rest = &rest[open + 1..];
+            }
+        }
     }
+    out.push_str(rest);
     out
 }
 
@@ -521,6 +544,20 @@ mod tests {
                 &[("name", "x; rm -rf /"), ("version", "1")]
             ),
             "install 'x; rm -rf /'@'1'"
+        );
+    }
+
+    #[test]
+    fn a_substituted_value_is_never_scanned_again() {
+        let values = [("name", "{{version}}"), ("version", "1.0; id")];
+        assert_eq!(
+            substitute("install {{name}} {{version}}", &values),
+            "install '{{version}}' '1.0; id'"
+        );
+        // Unknown and malformed placeholders stay as they are; braces around a known one too.
+        assert_eq!(
+            substitute("{{other}} {{{name}}} {{name {{", &values),
+            "{{other}} {'{{version}}'} {{name {{"
         );
     }
 

@@ -122,6 +122,77 @@ pub fn redact_url_password(text: &str) -> String {
     shown
 }
 
+/// `text` with the userinfo, query and fragment of every URL in it (`scheme://…`) replaced by
+/// `[redacted]`: `https://[redacted]@host/path?[redacted]`. For error texts and logs that
+/// quote a request's URL (an HTTP client's "error sending request for url (…)"), where a
+/// query can carry an API key or a presigned signature and the userinfo a password.
+///
+/// A URL ends at whitespace or a quote (`"`, `'`, `` ` ``, `<`, `>`), which a serialized URL
+/// always percent-encodes; a `)` closing a `(` just before the URL is kept, with the
+/// punctuation after it.
+pub fn redact_url_secrets(text: &str) -> String {
+    const REDACTED: &str = "[redacted]";
+    let mut out = String::with_capacity(text.len());
+    let mut copied = 0;
+    let mut search = 0;
+    while let Some(found) = text[search..].find("://") {
+        let sep = search + found;
+        let bytes = text.as_bytes();
+        let mut start = sep;
+        while start > copied
+            && (bytes[start - 1].is_ascii_alphanumeric()
+                || matches!(bytes[start - 1], b'+' | b'-' | b'.'))
+        {
+            start -= 1;
+        }
+        let after = sep + 3;
+        let end = text[after..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '<' | '>'))
+            .map_or(text.len(), |n| after + n);
+        if start == sep {
+            // No scheme before `://`: not a URL.
+            search = after;
+            continue;
+        }
+        out.push_str(&text[copied..after]);
+        let rest = &text[after..end];
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let authority = &rest[..authority_end];
+        match authority.rsplit_once('@') {
+            Some((_, host)) => {
+                out.push_str(REDACTED);
+                out.push('@');
+                out.push_str(host);
+            }
+            None => out.push_str(authority),
+        }
+        let tail = &rest[authority_end..];
+        match tail.find(['?', '#']) {
+            Some(at) => {
+                out.push_str(&tail[..=at]);
+                out.push_str(REDACTED);
+                // "for url (…): cause": the closing `)` and what punctuates it belong to
+                // the text, provided nothing but punctuation follows it.
+                let in_parens = start > 0 && bytes[start - 1] == b'(';
+                if let Some(close) = tail.rfind(')').filter(|_| in_parens) {
+                    let after = &tail[close..];
+                    if after[1..]
+                        .bytes()
+                        .all(|b| matches!(b, b':' | b',' | b'.' | b';'))
+                    {
+                        out.push_str(after);
+                    }
+                }
+            }
+            None => out.push_str(tail),
+        }
+        copied = end;
+        search = end;
+    }
+    out.push_str(&text[copied..]);
+    out
+}
+
 /// The length of a setting's value at the start of `rest`: up to the next `&`, space or `#`,
 /// or a whole single-quoted value (`'a b\'c'`), as libpq connection strings allow.
 fn setting_value_len(rest: &str) -> usize {
@@ -150,7 +221,7 @@ pub fn unix_now() -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use super::{error_chain, redact_url_password};
+    use super::{error_chain, redact_url_password, redact_url_secrets};
 
     #[test]
     fn passwords_are_redacted_from_urls_and_connection_strings() {
@@ -190,6 +261,46 @@ mod tests {
         ];
         for (text, shown) in cases {
             assert_eq!(redact_url_password(text), shown, "{text}");
+        }
+    }
+
+    #[test]
+    fn url_userinfo_queries_and_fragments_are_redacted_from_texts() {
+        let cases = [
+            (
+                "error sending request for url (http://127.0.0.1:1/ops?api_key=K1): refused",
+                "error sending request for url (http://127.0.0.1:1/ops?[redacted]): refused",
+            ),
+            (
+                "GET https://u:p@s3.example/b/k?X-Amz-Signature=S&X-Amz-Credential=C#f failed",
+                "GET https://[redacted]@s3.example/b/k?[redacted] failed",
+            ),
+            ("http://h/p#access_token=T", "http://h/p#[redacted]"),
+            (
+                "redis://:pw@cache:6379/0",
+                "redis://[redacted]@cache:6379/0",
+            ),
+            (
+                "a \"http://h/?k=1\" and 'https://h2?k=2' and <ftp://h3/x?y>",
+                "a \"http://h/?[redacted]\" and 'https://h2?[redacted]' and <ftp://h3/x?[redacted]>",
+            ),
+            // The query of a URL that is not in parentheses loses its `)` too, and text
+            // after an inner `)` is taken as part of the query.
+            ("see http://h/x?a=(b)", "see http://h/x?[redacted]"),
+            ("(http://h/x?a=b)SECRET", "(http://h/x?[redacted]"),
+            ("(http://h/x?a=b)SECRET).", "(http://h/x?[redacted])."),
+            // Nothing secret: kept as it is.
+            ("http://h:8080/p/q", "http://h:8080/p/q"),
+            (
+                "connect 127.0.0.1:5432: refused",
+                "connect 127.0.0.1:5432: refused",
+            ),
+            (":// no scheme ?x=1", ":// no scheme ?x=1"),
+            ("", ""),
+            ("é https://h/?k=ü é", "é https://h/?[redacted] é"),
+        ];
+        for (text, shown) in cases {
+            assert_eq!(redact_url_secrets(text), shown, "{text}");
         }
     }
 

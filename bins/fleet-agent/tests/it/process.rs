@@ -1,6 +1,8 @@
 //! The binary as a process: configuration errors, SIGKILL with a full outbox, SIGTERM.
 
-use std::process::Command;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 
 use crate::receiver::{Receiver, Seen};
 use crate::*;
@@ -233,4 +235,163 @@ async fn sigkill_with_a_full_outbox_loses_nothing_and_duplicates_nothing() {
         0
     );
     receiver.stop().await;
+}
+
+/// Starts the agent binary as [`spawn_agent`] does, under `umask 022` (the usual default):
+/// the modes of the files it creates are then the agent's doing, not the test's umask.
+fn spawn_agent_umask_022(env: &[(String, String)], dir: &Path) -> Child {
+    let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    let log = std::fs::File::create(dir.join(format!("agent-{n}.log"))).unwrap();
+    Command::new("/bin/sh")
+        .args(["-c", "umask 022 && exec \"$0\""])
+        .arg(env!("CARGO_BIN_EXE_fleet-agent"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start fleet-agent")
+}
+
+/// An agent without a control plane (its heartbeats wait in the outbox), with the live
+/// channel on (so the command journal is opened too), state in `dir/state.db`.
+fn offline_env(dir: &Path, control_plane: &str, local_port: u16) -> Vec<(String, String)> {
+    [
+        ("INSTANCE_ID", INSTANCE.to_owned()),
+        ("CONTROL_PLANE_URL", control_plane.to_owned()),
+        ("AGENT_SECRET", SECRET.to_owned()),
+        ("HEARTBEAT_INTERVAL", "0.5".to_owned()),
+        ("AGENT_PORT", local_port.to_string()),
+        ("AGENT_LOCAL_TOKEN", LOCAL_TOKEN.to_owned()),
+        (
+            "AGENT_STATE_PATH",
+            dir.join("state.db").display().to_string(),
+        ),
+        ("AGENT_METRICS_URL", "off".to_owned()),
+        ("CONTAINERS_INTERVAL", "0".to_owned()),
+        ("RUST_LOG", "info".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// The state file (queued heartbeats, job reports) and the command journal beside it (command
+/// output) are 0600 with their `-wal` and `-shm`, under the usual umask 022; a state file an
+/// older agent left 0644 is tightened, and the log says so, naming it.
+#[tokio::test]
+async fn state_files_are_readable_by_the_agent_s_user_only() {
+    let fresh = temp_dir("modes-fresh");
+    let older = temp_dir("modes-older");
+    for name in ["state.db", "state.commands.db"] {
+        let file = older.join(name);
+        std::fs::write(&file, b"").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let unreachable = format!("http://127.0.0.1:{}", free_port());
+    let mut agents = Vec::new();
+    for dir in [&fresh, &older] {
+        let port = free_port();
+        agents.push((
+            Guard(spawn_agent_umask_022(
+                &offline_env(dir, &unreachable, port),
+                dir,
+            )),
+            port,
+        ));
+    }
+    for (_, port) in &agents {
+        // A heartbeat written to the outbox: the state file's WAL exists by now.
+        assert!(wait_for_queued(*port, 1.0).await >= 1.0);
+    }
+    for dir in [&fresh, &older] {
+        for name in [
+            "state.db",
+            "state.db-wal",
+            "state.db-shm",
+            "state.commands.db",
+        ] {
+            assert_eq!(mode(&dir.join(name)), 0o600, "{}", dir.join(name).display());
+        }
+        for name in ["state.commands.db-wal", "state.commands.db-shm"] {
+            let file = dir.join(name);
+            if file.exists() {
+                assert_eq!(mode(&file), 0o600, "{}", file.display());
+            }
+        }
+    }
+    for (mut agent, _) in agents {
+        sigterm_and_wait(&mut agent).await;
+    }
+    let (_, log) = agent_logs(&older).pop().expect("the agent's log");
+    for name in ["state.db", "state.commands.db"] {
+        let named = log.lines().any(|line| {
+            line.contains("WARN")
+                && line.contains("open to other users")
+                && line.contains(&older.join(name).display().to_string())
+        });
+        assert!(named, "no warning naming {name}:\n{log}");
+    }
+    let (_, log) = agent_logs(&fresh).pop().expect("the agent's log");
+    assert!(!log.contains("open to other users"), "{log}");
+    let _ = std::fs::remove_dir_all(fresh);
+    let _ = std::fs::remove_dir_all(older);
+}
+
+/// Plain `http://` to another host still works (ERP setups on private networks use it) but
+/// is warned about at start, naming `CONTROL_PLANE_URL`; to this machine it is not.
+#[tokio::test]
+async fn plain_http_to_another_host_is_warned_about_at_start() {
+    // TEST-NET-1 (RFC 5737): another host that nothing answers.
+    let cases = [
+        ("remote", "http://192.0.2.1:8080", true),
+        ("loopback", "http://127.0.0.1:9", false),
+        ("localhost", "http://localhost:9", false),
+    ];
+    let mut agents = Vec::new();
+    for (name, url, _) in cases {
+        let dir = temp_dir(&format!("plain-http-{name}"));
+        let env = offline_env(&dir, url, free_port());
+        agents.push((Guard(spawn_agent(&env, &dir)), dir));
+    }
+    for ((_, url, warned), (agent, dir)) in cases.iter().zip(agents) {
+        let started = wait_until(30, || {
+            agent_logs(&dir)
+                .iter()
+                .any(|(_, log)| log.contains("fleet agent started"))
+        })
+        .await;
+        assert!(
+            started,
+            "{url}: the agent did not start; see {}",
+            dir.display()
+        );
+        // The warning comes before the start line: the whole of it is in the log by now.
+        drop(agent);
+        let (_, log) = agent_logs(&dir).pop().expect("the agent's log");
+        let warnings: Vec<&str> = log
+            .lines()
+            .filter(|line| line.contains("WARN") && line.contains("CONTROL_PLANE_URL"))
+            .collect();
+        if *warned {
+            assert_eq!(warnings.len(), 1, "{url}:\n{log}");
+            assert!(
+                warnings[0].contains("http://") && warnings[0].contains("https://"),
+                "says why and what to do: {}",
+                warnings[0]
+            );
+        } else {
+            assert!(warnings.is_empty(), "{url}:\n{log}");
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

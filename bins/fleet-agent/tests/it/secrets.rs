@@ -356,3 +356,113 @@ async fn no_secret_reaches_any_log_of_a_full_flow_at_trace_level() {
     assert!(leaks.is_empty(), "secrets in logs:\n{}", leaks.join("\n"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A URL's query or userinfo never leaves the agent in an error: the ops, metrics, events,
+/// storage and search endpoints all carry secrets in their URLs and all refuse connections,
+/// and neither the heartbeat's `checks[]` (readable by the support role), nor the local
+/// `/diagnostic`, `/metrics` and `/smoke`, nor the agent's own log at `RUST_LOG=trace` holds
+/// any of those secrets, while each error still says what went wrong.
+#[tokio::test(flavor = "current_thread")]
+async fn url_query_secrets_reach_no_heartbeat_local_answer_or_log() {
+    let dir = temp_dir("url-secrets");
+    let receiver = crate::receiver::Receiver::start(INSTANCE, SECRET).await;
+    let closed = free_port();
+    let local_port = free_port();
+    let base = format!("http://127.0.0.1:{closed}");
+    let secrets = [
+        "OPSQUERYKEY-Rt51",
+        "OPSUSERINFO-Gh62",
+        "METRICSQUERYKEY-Lp73",
+        "EVENTSQUERYKEY-Cv84",
+        "STORAGEQUERYSIG-Nb95",
+        "STORAGEUSERINFO-Qw06",
+        "SEARCHQUERYKEY-Zx17",
+    ];
+    let env: Vec<(String, String)> = [
+        ("INSTANCE_ID", INSTANCE.to_owned()),
+        ("CONTROL_PLANE_URL", receiver.url()),
+        ("AGENT_SECRET", SECRET.to_owned()),
+        ("HEARTBEAT_INTERVAL", "1".to_owned()),
+        ("AGENT_PORT", local_port.to_string()),
+        (
+            "AGENT_STATE_PATH",
+            dir.join("state.db").display().to_string(),
+        ),
+        (
+            "AGENT_OPS_URL",
+            format!("http://ops:{}@127.0.0.1:{closed}/ops?api_key={}", secrets[1], secrets[0]),
+        ),
+        ("AGENT_OPS_TOKEN", "ops-endpoint-token".to_owned()),
+        ("AGENT_METRICS_URL", format!("{base}/metrics?token={}", secrets[2])),
+        ("AGENT_EVENTS_STATS_URL", format!("{base}/events?key={}", secrets[3])),
+        (
+            "STORAGE_ENDPOINT",
+            format!(
+                "http://s3:{}@127.0.0.1:{closed}/bucket/backup.tar?X-Amz-Credential=AK%2F1&X-Amz-Signature={}",
+                secrets[5], secrets[4]
+            ),
+        ),
+        ("MEILI_HOST", format!("{base}/?apiKey={}#{}", secrets[6], secrets[6])),
+        ("CONTAINERS_INTERVAL", "0".to_owned()),
+        ("AGENT_COMMANDS_ENABLED", "false".to_owned()),
+        ("RUST_LOG", "trace".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let logs_dir = dir.join("logs");
+    std::fs::create_dir_all(&logs_dir).expect("dir");
+    let mut agent = Guard(spawn_agent(&env, &logs_dir));
+
+    let seen = receiver.seen.clone();
+    assert!(
+        wait_until(30, || !seen.accepted.lock().unwrap().is_empty()).await,
+        "no heartbeat arrived; see {}",
+        logs_dir.display()
+    );
+    let heartbeat = seen.bodies()[0].clone();
+    for name in ["ops", "slo", "events", "storage", "search"] {
+        let check = heartbeat["checks"]
+            .as_array()
+            .expect("checks")
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} check in {heartbeat}"));
+        assert_eq!(check["ok"], false, "{check}");
+        // Still useful: what failed, just not where the secret was.
+        let error = check["error"].as_str().unwrap_or_default();
+        assert!(error.contains("error sending request"), "{check}");
+    }
+
+    let client = reqwest::Client::new();
+    let local = |path: &str| format!("http://127.0.0.1:{local_port}{path}");
+    let mut answers = vec![("heartbeat".to_owned(), heartbeat.to_string())];
+    for path in ["/diagnostic", "/metrics"] {
+        let response = client.get(local(path)).send().await.expect("local api");
+        assert_eq!(response.status(), 502, "{path}");
+        let text = response.text().await.expect("body");
+        assert!(text.contains("error sending request"), "{path}: {text}");
+        answers.push((path.to_owned(), text));
+    }
+    let smoke = client.post(local("/smoke")).send().await.expect("smoke");
+    answers.push(("/smoke".to_owned(), smoke.text().await.expect("body")));
+
+    sigterm_and_wait(&mut agent).await;
+    receiver.stop().await;
+    for (path, text) in crate::agent_logs(&logs_dir) {
+        assert!(text.contains("TRACE"), "{} has trace lines", path.display());
+        answers.push((path.display().to_string(), text));
+    }
+    let mut leaks = Vec::new();
+    for (name, text) in &answers {
+        for secret in secrets {
+            if let Some(at) = text.find(secret) {
+                let line = text[..at].rfind('\n').map_or(0, |n| n + 1);
+                let end = text[at..].find('\n').map_or(text.len(), |n| at + n);
+                leaks.push(format!("{secret} in {name}: {}", &text[line..end]));
+            }
+        }
+    }
+    assert!(leaks.is_empty(), "URL secrets shown:\n{}", leaks.join("\n"));
+    let _ = std::fs::remove_dir_all(dir);
+}
