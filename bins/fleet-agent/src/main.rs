@@ -249,6 +249,12 @@ async fn load_config(enrollment_token: Option<&str>) -> Result<AgentConfig, Erro
     let (Some(path), Some(token)) = (enroll_into, enrollment_token) else {
         return Ok(config);
     };
+    if config.control_plane_in_clear() {
+        tracing::warn!(
+            "enrolling over plain http:// with another host: the secret issued to this agent \
+             crosses the network unencrypted; use https://"
+        );
+    }
     let secret =
         fleet_agent::enroll::enroll(&config.control_plane_url, &config.instance_id, token, &path)
             .await?;
