@@ -426,3 +426,47 @@ async fn traversal_and_shell_syntax_in_names_are_refused_before_anything_runs() 
         assert_eq!(status, 422, "package {package:?}: {error}");
     }
 }
+
+/// Every answer says not to guess its type, not to be framed and not to send a Referer; a
+/// page also says it runs no script, so markup that slipped past the escaping does nothing.
+#[tokio::test]
+async fn answers_carry_the_security_headers_and_pages_a_policy_without_script() {
+    let (_store, server) = server().await;
+    for (path, html) in [
+        ("/login", true),
+        ("/healthz", false),
+        ("/api/installations", false),
+    ] {
+        let response = server
+            .client
+            .get(server.at(path))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .expect("get");
+        let headers = response.headers();
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert_eq!(header("x-content-type-options"), "nosniff", "{path}");
+        assert_eq!(header("x-frame-options"), "DENY", "{path}");
+        assert_eq!(header("referrer-policy"), "no-referrer", "{path}");
+        let policy = header("content-security-policy");
+        if html {
+            assert!(
+                policy.contains("default-src 'none'")
+                    && !policy.contains("script-src")
+                    && policy.contains("frame-ancestors 'none'")
+                    && policy.contains("form-action 'self'"),
+                "{path}: {policy}"
+            );
+        } else {
+            assert!(policy.is_empty(), "{path}: {policy}");
+        }
+    }
+    server.stop().await;
+}
