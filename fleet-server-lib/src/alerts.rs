@@ -191,7 +191,26 @@ pub fn offline_spec(last_seen_at: i64, now: i64) -> AlertSpec {
         level: AlertLevel::Error,
         kind: kind::OFFLINE,
         key: kind::OFFLINE.to_owned(),
-        message: format!("no heartbeat for {} s", now.saturating_sub(last_seen_at)),
+        message: format!(
+            "no heartbeat for {}",
+            duration_text(now.saturating_sub(last_seen_at))
+        ),
+    }
+}
+
+/// A span of seconds as people read it, to the two largest units: `45 s`, `15 min`,
+/// `2 h 5 min`, `3 d 4 h`. An installation found offline after the control plane itself was
+/// down for days was "no heartbeat for 273600 s".
+fn duration_text(secs: i64) -> String {
+    let secs = secs.max(0);
+    let (d, h, m) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60);
+    match secs {
+        0..60 => format!("{secs} s"),
+        60..3600 => format!("{m} min"),
+        3600..86_400 if m > 0 => format!("{h} h {m} min"),
+        3600..86_400 => format!("{h} h"),
+        _ if h > 0 => format!("{d} d {h} h"),
+        _ => format!("{d} d"),
     }
 }
 
@@ -262,6 +281,18 @@ mod tests {
         let mut hb = Heartbeat::new("a");
         hb.slo_webhook_retry_rate = Some(1000.0);
         assert!(evaluate(&hb, &slo()).raise.is_empty());
+    }
+
+    #[test]
+    fn offline_alerts_say_how_long_in_units_people_read() {
+        let text = |secs: i64| offline_spec(1000, 1000 + secs).message;
+        assert_eq!(text(45), "no heartbeat for 45 s");
+        assert_eq!(text(900), "no heartbeat for 15 min");
+        assert_eq!(text(7200), "no heartbeat for 2 h");
+        assert_eq!(text(7500), "no heartbeat for 2 h 5 min");
+        assert_eq!(text(273_600), "no heartbeat for 3 d 4 h");
+        assert_eq!(text(172_800), "no heartbeat for 2 d");
+        assert_eq!(offline_spec(1000, 900).message, "no heartbeat for 0 s");
     }
 
     #[test]

@@ -198,6 +198,16 @@ pub(crate) async fn healthz(State(state): State<Shared>) -> Response {
     }
 }
 
-pub(crate) async fn not_found() -> Error {
-    Error::NotFound
+/// The answer for a path no route has: the JSON error for API clients, a page for a
+/// browser (one that asks for HTML), which would otherwise show a raw JSON body.
+pub(crate) async fn not_found(headers: axum::http::HeaderMap) -> Response {
+    let wants_html = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/html"));
+    if wants_html {
+        crate::dashboard::not_found_page()
+    } else {
+        Error::NotFound.into_response()
+    }
 }

@@ -10,7 +10,7 @@
 
 use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;
-use axum::http::header::{AUTHORIZATION, COOKIE};
+use axum::http::header::{AUTHORIZATION, COOKIE, SET_COOKIE};
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Redirect, Response};
 use fleet_core::signing::constant_time_eq;
@@ -189,7 +189,7 @@ pub type Admin = Authed<2>;
 fn presents_credentials(headers: &HeaderMap) -> bool {
     header(headers, AUTHORIZATION.as_str()).is_some_and(|v| v.starts_with("Bearer "))
         || headers.contains_key("x-cp-admin-token")
-        || cookie(headers, "cp_token").is_some()
+        || has_login_cookie(headers)
 }
 
 /// The role the request's credentials prove (`None` without credentials or with wrong
@@ -252,6 +252,7 @@ impl<const MIN: u8> FromRequestParts<Shared> for Viewer<MIN> {
     ) -> Result<Self, Self::Rejection> {
         let caller = caller_of(state, parts).map_err(crate::dashboard::error_page)?;
         match caller {
+            // A stale login cookie is dropped by the login page, which says why.
             None => Err(Redirect::to("/login").into_response()),
             Some(role) if role < Role::from_level(MIN) => Err(crate::dashboard::forbidden_page()),
             Some(role) => Ok(Self(role)),
@@ -268,8 +269,22 @@ pub(crate) fn login_cookies(role: Role, token: &str, secure: bool) -> [String; 2
     ]
 }
 
+/// Whether the request carries the login cookie (valid or not).
+pub(crate) fn has_login_cookie(headers: &HeaderMap) -> bool {
+    cookie(headers, "cp_token").is_some()
+}
+
+/// Adds the `Set-Cookie` headers that log a browser out to `response`.
+pub(crate) fn clear_login_cookies(response: &mut Response, secure: bool) {
+    for c in logout_cookies(secure) {
+        if let Ok(value) = c.parse() {
+            response.headers_mut().append(SET_COOKIE, value);
+        }
+    }
+}
+
 /// `Set-Cookie` values that log a browser out.
-pub(crate) fn logout_cookies(secure: bool) -> [String; 2] {
+fn logout_cookies(secure: bool) -> [String; 2] {
     let attrs = cookie_attrs(secure);
     [
         format!("cp_role=; {attrs}; Max-Age=0"),

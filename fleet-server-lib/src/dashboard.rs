@@ -13,7 +13,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::api::{ListQuery, alert_id};
-use crate::auth::{Role, Viewer, login_cookies, logout_cookies, percent_encode};
+use crate::auth::{
+    Role, Viewer, clear_login_cookies, has_login_cookie, login_cookies, percent_encode,
+};
 use crate::restores::RestoreSummary;
 use crate::store::{Alert, HeartbeatPoint, InstallationDetail, InstallationSummary};
 use crate::throttle::Client;
@@ -147,8 +149,16 @@ pub(crate) async fn index(
     Viewer(role): Viewer<0>,
     State(state): State<Shared>,
     uri: Uri,
-) -> Result<Response> {
-    let query = ListQuery::from_uri(&uri)?;
+) -> Response {
+    // A bad query string (`?offset=-1`, `?limit=abc`) is a page that says what is wrong,
+    // with the header to get back, not a JSON body in the browser.
+    index_page(role, &state, &uri)
+        .await
+        .unwrap_or_else(|err| page_for_error(Some(role), err))
+}
+
+async fn index_page(role: Role, state: &Shared, uri: &Uri) -> Result<Response> {
+    let query = ListQuery::from_uri(uri)?;
     let filter = query.filter(PAGE_SIZE)?;
     let page = state.store.list_installations(&filter).await?;
     let now = fleet_core::unix_now();
@@ -193,12 +203,13 @@ pub(crate) async fn index(
             ago(s.last_seen_at, now),
         );
     }
-    if page.items.is_empty() {
-        body.push_str("<tr><td colspan=7 class=muted>No installation matches.</td></tr>");
-    }
-    body.push_str("</tbody></table>");
+    let filtered = filter.channel.is_some() || filter.health.is_some() || filter.text.is_some();
     let link = |offset: i64, text: &str| {
         let mut q = format!("offset={offset}");
+        // The page size the viewer chose stays, or "next" would move by another one.
+        if filter.limit != PAGE_SIZE {
+            let _ = write!(q, "&limit={}", filter.limit);
+        }
         for (k, v) in [
             ("q", &filter.text),
             ("channel", &filter.channel),
@@ -210,11 +221,42 @@ pub(crate) async fn index(
         }
         format!(" <a href=\"/?{q}\">{text}</a>")
     };
-    if filter.offset > 0 {
-        body.push_str(&link((filter.offset - filter.limit).max(0), "← previous"));
+    if page.items.is_empty() {
+        let why = if page.total > 0 {
+            // Past the last page (an old link, a hand-typed offset): say so, and lead back.
+            format!(
+                "This page is past the last of the {} matching installations.{}",
+                page.total,
+                link(0, "First page")
+            )
+        } else if filtered {
+            "No installation matches these filters. <a href=\"/\">Show all</a>".to_owned()
+        } else {
+            "No installation has sent a heartbeat or been enrolled yet.".to_owned()
+        };
+        let _ = write!(body, "<tr><td colspan=7 class=muted>{why}</td></tr>");
     }
-    if filter.offset + filter.limit < page.total {
-        body.push_str(&link(filter.offset + filter.limit, "next →"));
+    body.push_str("</tbody></table>");
+    // Offsets come from the query string: saturating, so a huge one cannot overflow.
+    let end = filter.offset.saturating_add(filter.limit);
+    if !page.items.is_empty() {
+        let _ = write!(
+            body,
+            "<p id=pages><span class=muted>{}–{} of {}</span>",
+            filter.offset.saturating_add(1),
+            filter.offset.saturating_add(page.items.len() as i64),
+            page.total
+        );
+        if filter.offset > 0 {
+            body.push_str(&link(
+                filter.offset.saturating_sub(filter.limit).max(0),
+                "← previous",
+            ));
+        }
+        if end < page.total {
+            body.push_str(&link(end, "next →"));
+        }
+        body.push_str("</p>");
     }
     Ok(layout("Installations", Some(role), &body).into_response())
 }
@@ -223,22 +265,24 @@ pub(crate) async fn installation(
     Viewer(role): Viewer<0>,
     State(state): State<Shared>,
     Path(instance_id): Path<String>,
-) -> Result<Response> {
-    let Some(detail) = state.store.installation(&instance_id).await? else {
-        let body = format!(
-            "<h1>Not found</h1><p>No installation {}.</p>",
-            esc(&instance_id)
-        );
-        return Ok((
-            StatusCode::NOT_FOUND,
-            layout("Not found", Some(role), &body),
-        )
-            .into_response());
+) -> Response {
+    let detail = match state.store.installation(&instance_id).await {
+        Ok(Some(detail)) => detail,
+        Ok(None) => {
+            return missing(
+                Some(role),
+                &format!("No installation {}.", esc(&instance_id)),
+            );
+        }
+        Err(err) => return page_for_error(Some(role), err),
     };
-    let restores = crate::restores::recent(&state, &detail.summary.instance_id).await?;
+    let restores = match crate::restores::recent(&state, &detail.summary.instance_id).await {
+        Ok(restores) => restores,
+        Err(err) => return page_for_error(Some(role), err),
+    };
     let now = fleet_core::unix_now();
     let body = detail_body(&detail, &restores, role, now);
-    Ok(layout(&detail.summary.instance_id, Some(role), &body).into_response())
+    layout(&detail.summary.instance_id, Some(role), &body).into_response()
 }
 
 /// The installation's newest restore verifications, with why those that did not verify.
@@ -410,7 +454,11 @@ fn alerts_section(alerts: &[Alert], role: Role, now: i64) -> String {
         };
         let status = match (a.resolved_at, &a.acknowledged_by) {
             (Some(at), _) => format!("resolved {}", ago(Some(at), now)),
-            (None, Some(by)) => format!("open, acknowledged by {}", esc(by)),
+            (None, Some(by)) => format!(
+                "open, acknowledged by {} {}",
+                esc(by),
+                ago(a.acknowledged_at, now)
+            ),
             (None, None) if role >= Role::Ops => format!(
                 "open <form method=post action=\"/alerts/{}/ack\" style=display:inline><button>Acknowledge</button></form>",
                 a.id
@@ -496,18 +544,25 @@ pub(crate) async fn acknowledge(
     Viewer(role): Viewer<1>,
     State(state): State<Shared>,
     Path(id): Path<String>,
-) -> Result<Response> {
-    let id = alert_id(&id)?;
-    let alert = state
-        .store
-        .acknowledge_alert(id, role.as_str(), fleet_core::unix_now())
-        .await?
-        .ok_or(Error::NotFound)?;
-    Ok(Redirect::to(&format!(
-        "/installations/{}",
-        percent_encode(&alert.instance_id)
-    ))
-    .into_response())
+) -> Response {
+    let acknowledged = match alert_id(&id) {
+        Ok(id) => {
+            state
+                .store
+                .acknowledge_alert(id, role.as_str(), fleet_core::unix_now())
+                .await
+        }
+        Err(err) => Err(err),
+    };
+    match acknowledged {
+        Ok(Some(alert)) => Redirect::to(&format!(
+            "/installations/{}",
+            percent_encode(&alert.instance_id)
+        ))
+        .into_response(),
+        Ok(None) | Err(Error::NotFound) => missing(Some(role), &format!("No alert {}.", esc(&id))),
+        Err(err) => page_for_error(Some(role), err),
+    }
 }
 
 fn login_form(message: &str) -> String {
@@ -523,6 +578,17 @@ pub(crate) async fn login_page(State(state): State<Shared>, parts: Parts) -> Res
     // The page shows who is logged in, so it checks the cookie under the same limit as
     // every other route: otherwise it would answer unlimited guesses.
     match crate::auth::caller_of(&state, &parts) {
+        Ok(None) if has_login_cookie(&parts.headers) => {
+            // The cookie's token no longer proves a role (rotated, or forged): say why the
+            // session ended, and drop the cookie. Kept, the browser would send it with every
+            // page it opens, each a failed check, until the limit on them kept its user
+            // from logging in again.
+            let message = "<p class=warn>Your session has ended: its token is no longer \
+                           valid. Log in again.</p>";
+            let mut page = layout("Log in", None, &login_form(message)).into_response();
+            clear_login_cookies(&mut page, state.settings.secure_cookies);
+            page
+        }
         Ok(role) => layout("Log in", role, &login_form("")).into_response(),
         Err(err) => error_page(err),
     }
@@ -565,20 +631,49 @@ pub(crate) async fn login(
 
 pub(crate) async fn logout(State(state): State<Shared>) -> Response {
     let mut response = Redirect::to("/login").into_response();
-    for c in logout_cookies(state.settings.secure_cookies) {
-        if let Ok(value) = c.parse() {
-            response.headers_mut().append(SET_COOKIE, value);
-        }
-    }
+    clear_login_cookies(&mut response, state.settings.secure_cookies);
     response
 }
 
 /// An error as a dashboard page: its status, its message, and `Retry-After` when it has one.
 pub(crate) fn error_page(err: Error) -> Response {
-    let body = format!("<h1>{}</h1><p>{}</p>", err.status(), esc(&err.to_string()));
-    let mut page = (err.status(), layout("Error", None, &body)).into_response();
+    page_for_error(None, err)
+}
+
+/// [`error_page`] for a logged-in viewer (the header keeps its links and Log out). A server
+/// error is logged with its detail and shown only as "internal error", as in the JSON
+/// answer: a page must not show SQL either.
+fn page_for_error(role: Option<Role>, err: Error) -> Response {
+    let status = err.status();
+    let message = if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+        tracing::error!(error = %err, "dashboard page failed");
+        "internal error".to_owned()
+    } else {
+        err.to_string()
+    };
+    let title = status.canonical_reason().unwrap_or("Error");
+    let back = if role.is_some() {
+        "<p><a href=\"/\">Back to the installations</a></p>"
+    } else {
+        ""
+    };
+    let body = format!("<h1>{title}</h1><p>{}</p>{back}", esc(&message));
+    let mut page = (status, layout(title, role, &body)).into_response();
     err.add_headers(&mut page);
     page
+}
+
+/// The dashboard's page for a path that names nothing.
+pub(crate) fn not_found_page() -> Response {
+    missing(None, "Nothing is at this address.")
+}
+
+/// A 404 page saying what was not found (`what` is HTML, escaped by the caller).
+fn missing(role: Option<Role>, what: &str) -> Response {
+    let body = format!(
+        "<h1>Not found</h1><p>{what}</p><p><a href=\"/\">Back to the installations</a></p>"
+    );
+    (StatusCode::NOT_FOUND, layout("Not found", role, &body)).into_response()
 }
 
 /// The page a logged-in viewer sees for a route above their role.

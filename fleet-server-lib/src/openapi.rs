@@ -63,7 +63,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "get",
         "/api/installations",
         Role("support"),
-        "List installations. Query: channel, health (or offline), q (text in instance id, domain, client), limit (1-500, default 50), offset.",
+        "List installations. Query: channel, health (as reported, of installations not offline; or offline), q (text in instance id, domain, client), limit (1-500, default 50), offset.",
         &[
             (200, "A page: items, total, limit, offset"),
             (400, "Bad query"),
@@ -88,7 +88,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "/api/alerts",
         Role("support"),
         "Alerts across the fleet, newest first. Query: open (default true), limit.",
-        &[(200, "items")],
+        &[(200, "items"), (400, "Bad query")],
     ),
     r(
         "post",
@@ -122,8 +122,12 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "get",
         "/",
         Role("support"),
-        "Dashboard: installations (HTML).",
-        &[(200, "HTML"), (303, "Not logged in: to /login")],
+        "Dashboard: installations (HTML). Query: as GET /api/installations.",
+        &[
+            (200, "HTML"),
+            (303, "Not logged in: to /login"),
+            (400, "Bad query (HTML)"),
+        ],
     ),
     r(
         "get",

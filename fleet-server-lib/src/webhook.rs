@@ -4,8 +4,9 @@
 //! them, so none is lost to a crash and ingest never waits for the receiver. This task
 //! delivers them: `POST` of the JSON body with `Authorization: Bearer <token>` when a token
 //! is set and a Standard Webhooks v1 signature when a secret is set (`webhook-id` is stable
-//! across attempts, so receivers can deduplicate). A failure is retried with exponential
-//! backoff; after `max_attempts` the delivery is given up and kept for inspection.
+//! across attempts and never reused, so receivers can deduplicate). A failure is retried
+//! with exponential backoff; after `max_attempts` the delivery is given up and kept for
+//! inspection.
 
 use std::sync::Weak;
 use std::time::Duration;
@@ -82,50 +83,72 @@ pub(crate) fn spawn(state: Weak<AppState>, config: WebhookConfig) {
             }
         };
         let signer = config.secret.clone().map(Signer::new);
-        // A claimed batch is delivered one by one, each attempt bounded by the timeout; the
-        // lease covers the whole batch with room to spare, so another replica only takes a
-        // row over when this one has died (or lost its database) mid-delivery.
-        const BATCH: i64 = 50;
-        let lease_secs = (config.timeout.as_secs() as i64 + 1) * BATCH + 60;
+        // One delivery is claimed at a time, leased for one attempt and its recording with
+        // room to spare: another replica takes a row over only when this one died (or lost
+        // its database) mid-delivery. Claiming a batch leased every row of it for the whole
+        // batch, so a restart during a slow delivery held up to 50 alerts nobody was sending
+        // for ten minutes.
+        let lease_secs = config.timeout.as_secs() as i64 + 1 + 60;
         loop {
             tokio::time::sleep(config.poll_interval).await;
-            let Some(state) = state.upgrade() else { return };
-            let now = fleet_core::unix_now();
-            let due = match state.store.outbox_claim(now, now + lease_secs, BATCH).await {
-                Ok(due) => due,
-                Err(err) => {
-                    tracing::warn!(error = %err, "reading the webhook outbox failed");
-                    continue;
-                }
-            };
-            for item in due {
-                let result = deliver(&client, &config, signer.as_ref(), &item).await;
+            // Everything due goes out before the next pause.
+            loop {
+                let Some(app) = state.upgrade() else { return };
                 let now = fleet_core::unix_now();
-                let attempts = item.attempts + 1;
-                let stored = match result {
-                    Ok(()) => {
-                        state.metrics.webhook(true, false);
-                        state.store.outbox_delivered(item.id, now).await
-                    }
-                    Err(why) => {
-                        let give_up = attempts >= config.max_attempts;
-                        state.metrics.webhook(false, give_up);
-                        let next = (!give_up).then(|| {
-                            now + backoff_secs(attempts, config.first_backoff, config.max_backoff)
-                        });
-                        tracing::warn!(outbox_id = item.id, attempts, give_up, error = %why, "alert webhook delivery failed");
-                        state
-                            .store
-                            .outbox_failed(item.id, attempts, next, &why, now)
-                            .await
+                let item = match app.store.outbox_claim(now, now + lease_secs, 1).await {
+                    Ok(mut due) => match due.pop() {
+                        Some(item) => item,
+                        None => break,
+                    },
+                    Err(err) => {
+                        tracing::warn!(error = %err, "reading the webhook outbox failed");
+                        break;
                     }
                 };
-                if let Err(err) = stored {
-                    tracing::warn!(error = %err, "recording a webhook attempt failed");
-                }
+                attempt(&app, &client, &config, signer.as_ref(), &item).await;
             }
         }
     });
+}
+
+/// Delivers `item` once and records the outcome: delivered, retried later, or given up.
+async fn attempt(
+    app: &AppState,
+    client: &reqwest::Client,
+    config: &WebhookConfig,
+    signer: Option<&Signer>,
+    item: &OutboxItem,
+) {
+    let result = deliver(client, config, signer, item).await;
+    let now = fleet_core::unix_now();
+    let attempts = item.attempts + 1;
+    let stored = match result {
+        Ok(()) => {
+            app.metrics.webhook(true, false);
+            app.store.outbox_delivered(item.id, now).await
+        }
+        Err(why) => {
+            let give_up = attempts >= config.max_attempts;
+            app.metrics.webhook(false, give_up);
+            let next = (!give_up)
+                .then(|| now + backoff_secs(attempts, config.first_backoff, config.max_backoff));
+            tracing::warn!(outbox_id = item.id, attempts, give_up, error = %why, "alert webhook delivery failed");
+            app.store
+                .outbox_failed(item.id, attempts, next, &why, now)
+                .await
+        }
+    };
+    if let Err(err) = stored {
+        tracing::warn!(error = %err, "recording a webhook attempt failed");
+    }
+}
+
+/// The `webhook-id` of every attempt at `item`: its alert and when that alert was raised.
+/// A row id alone is not unique over time: SQLite hands out a deleted row's id again once
+/// the retention sweep has emptied the table, and a receiver that deduplicates on
+/// `webhook-id` (as Standard Webhooks asks) would then drop a new alert as a repeat.
+pub(crate) fn webhook_id(item: &OutboxItem) -> String {
+    format!("alert_{}_{}", item.alert_id, item.created_at)
 }
 
 async fn deliver(
@@ -143,7 +166,7 @@ async fn deliver(
     }
     if let Some(signer) = signer {
         // Re-signed at each attempt with a fresh timestamp, keeping the id.
-        let headers = signer.headers(&format!("alert_{}", item.id), fleet_core::unix_now(), &body);
+        let headers = signer.headers(&webhook_id(item), fleet_core::unix_now(), &body);
         for (name, value) in headers.pairs() {
             request = request.header(name, value);
         }

@@ -88,7 +88,8 @@ pub struct IngestRules {
 pub struct InstallationFilter {
     /// Exact release channel.
     pub channel: Option<String>,
-    /// Exact reported health, or `offline` for installations with an open offline alert.
+    /// Exact reported health of installations that are not offline, or `offline` for
+    /// installations with an open offline alert.
     pub health: Option<String>,
     /// Case-insensitive substring of instance id, domain or client.
     pub text: Option<String>,
@@ -229,10 +230,12 @@ pub struct InstallationDetail {
 /// A webhook delivery waiting in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct OutboxItem {
-    /// Row id; also the stable `webhook-id` of every attempt.
+    /// Row id.
     pub id: i64,
     /// The alert it announces.
     pub alert_id: i64,
+    /// When it was queued (the alert's creation time).
+    pub created_at: i64,
     /// The JSON body to send.
     pub payload: String,
     /// Attempts made so far.

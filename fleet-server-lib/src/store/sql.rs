@@ -11,9 +11,13 @@ macro_rules! summary_select {
          AND a.dedup_key = 'offline') AS offline FROM installations i"
     };
 }
+// A health filter matches what the list's Health column shows: an installation that is
+// offline is shown (and filtered) as `offline`, not as the health of its last heartbeat.
 macro_rules! list_where {
     () => {
-        " WHERE ($1 IS NULL OR i.release_channel = $1) AND ($2 IS NULL OR i.health = $2) \
+        " WHERE ($1 IS NULL OR i.release_channel = $1) \
+         AND ($2 IS NULL OR (i.health = $2 AND NOT EXISTS (SELECT 1 FROM alerts a \
+         WHERE a.installation_id = i.id AND a.dedup_key = 'offline' AND a.resolved_at IS NULL))) \
          AND ($3 IS NULL OR LOWER(i.instance_id) LIKE $3 ESCAPE '\\' \
          OR LOWER(COALESCE(i.domain, '')) LIKE $3 ESCAPE '\\' \
          OR LOWER(COALESCE(i.client, '')) LIKE $3 ESCAPE '\\') \
@@ -264,7 +268,7 @@ macro_rules! impl_sql_store {
                        ORDER BY next_attempt_at, id LIMIT $3",
                     $skip_locked,
                     ") AND next_attempt_at <= $1 \
-                     RETURNING id, alert_id, payload, attempts",
+                     RETURNING id, alert_id, created_at, payload, attempts",
                 ))
                 .bind(now)
                 .bind(lease_until)

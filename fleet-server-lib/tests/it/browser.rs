@@ -363,3 +363,66 @@ async fn a_browser_follows_a_command_to_its_targets_and_output_without_seeing_it
     agent.stop().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn support_pages_through_a_large_fleet_and_a_rotated_token_ends_the_session_plainly() {
+    let t = support::sqlite().await;
+    let server = TestServer::start(t.store.clone()).await;
+    for i in 0..25 {
+        let alerts = if i == 0 {
+            json!([{"level": "error", "message": "Disk \"full\" <now>"}])
+        } else {
+            json!([])
+        };
+        let hb = body(&format!("shop-{i:02}"), json!({"alerts": alerts}));
+        let sent = server.send_v1(support::SHARED, "m", now(), &hb).await;
+        assert_eq!(sent.status(), 200);
+    }
+
+    let browser = Browser::start().await;
+    browser.goto(&server.at("/login")).await;
+    browser.type_into("#token", support::SUPPORT).await;
+    browser.click("#login").await;
+    browser.wait_text("header", "support").await;
+    // A page size of 10 stays while paging by the links.
+    browser.goto(&server.at("/?limit=10")).await;
+    browser.wait_text("#pages", "1–10 of 25").await;
+    browser.click("#pages a").await;
+    browser.wait_text("#pages", "11–20 of 25").await;
+    browser.click("#pages a:last-child").await;
+    browser.wait_text("#pages", "21–25 of 25").await;
+    // Support sees the alert as typed and open, with no Acknowledge button.
+    browser.goto(&server.at("/installations/shop-00")).await;
+    let alerts = browser.wait_text("#alerts", "open").await;
+    assert!(alerts.contains("Disk \"full\" <now>"), "{alerts}");
+    let button = browser
+        .try_call(
+            reqwest::Method::POST,
+            "/element",
+            json!({"using": "css selector", "value": "#alerts button"}),
+        )
+        .await;
+    assert!(button.is_err(), "support cannot acknowledge");
+    // A bad query string is a page of the dashboard, not raw JSON.
+    browser.goto(&server.at("/?offset=-1")).await;
+    browser
+        .wait_text("main", "offset must not be negative")
+        .await;
+
+    // The token behind the cookie is rotated away: the next page says why the session
+    // ended instead of silently showing the login form again.
+    browser
+        .call(
+            reqwest::Method::POST,
+            "/cookie",
+            json!({"cookie": {"name": "cp_token", "value": "rotated-away", "path": "/"}}),
+        )
+        .await;
+    browser.goto(&server.at("/")).await;
+    browser.wait_text("main", "Your session has ended").await;
+    browser.type_into("#token", OPS).await;
+    browser.click("#login").await;
+    browser.wait_text("header", "ops").await;
+    browser.quit().await;
+    server.stop().await;
+}

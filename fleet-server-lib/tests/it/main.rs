@@ -9,6 +9,7 @@ mod compose;
 mod hostile;
 mod ingest;
 mod marketplace;
+mod pages;
 mod restores;
 mod rollout_auth;
 mod rollouts;

@@ -187,3 +187,112 @@ async fn undelivered_alerts_survive_a_restart() {
     let payload: Value = serde_json::from_slice(&seen.requests[0].1).expect("json");
     assert_eq!(payload["type"], "slo_p95_ms");
 }
+
+#[tokio::test]
+async fn webhook_ids_are_not_reused_once_the_sweep_has_emptied_the_outbox() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    let seen: Shared = Arc::new(Mutex::new(Seen::default()));
+    serve_receiver(listener, seen.clone());
+    let t = support::sqlite().await;
+    let server = TestServer::start_with(t.store.clone(), |b| {
+        b.settings(settings()).webhook(config(url))
+    })
+    .await;
+    let breach = |instance| body(instance, json!({"slo_p95_ms": 800.0}));
+    let sent = server
+        .send_v1(SECRET, "m1", now(), &breach("acme-001"))
+        .await;
+    assert_eq!(sent.status(), 200);
+    wait_for(&seen, |s| s.requests.len() == 1).await;
+    // The retention sweep removes the delivery once it is old enough: here, at once. The
+    // table is then empty, and SQLite hands the next row the same id again.
+    t.store.prune_records(now() + 10).await.expect("prune");
+    let sent = server
+        .send_v1(support::SHARED, "m1", now(), &breach("beta-002"))
+        .await;
+    assert_eq!(sent.status(), 200);
+    wait_for(&seen, |s| s.requests.len() == 2).await;
+    server.stop().await;
+    let seen = seen.lock().expect("lock");
+    let ids: Vec<&str> = seen
+        .requests
+        .iter()
+        .map(|(h, _)| h["webhook-id"].to_str().expect("id"))
+        .collect();
+    assert_ne!(
+        ids[0], ids[1],
+        "a receiver deduplicating on webhook-id would drop the second alert"
+    );
+}
+
+#[tokio::test]
+async fn a_delivery_stuck_on_one_replica_holds_back_no_other_alert() {
+    // Replica A's receiver never answers within A's timeout.
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hanging_url = format!("http://{}/hook", hanging.local_addr().expect("addr"));
+    let stuck: Shared = Arc::new(Mutex::new(Seen::default()));
+    let app = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(
+                |State(seen): State<Shared>, body: axum::body::Bytes| async move {
+                    seen.lock()
+                        .expect("lock")
+                        .requests
+                        .push((HeaderMap::new(), body.to_vec()));
+                    tokio::time::sleep(Duration::from_secs(120)).await;
+                    StatusCode::NO_CONTENT
+                },
+            ),
+        )
+        .with_state(stuck.clone());
+    tokio::spawn(async move {
+        let _ = axum::serve(hanging, app).await;
+    });
+    let t = support::sqlite().await;
+    let a = TestServer::start_with(t.store.clone(), |b| {
+        b.settings(settings()).webhook(WebhookConfig {
+            timeout: Duration::from_secs(60),
+            ..config(hanging_url)
+        })
+    })
+    .await;
+    for instance in ["shop-1", "shop-2", "shop-3"] {
+        let hb = body(instance, json!({"slo_p95_ms": 800.0}));
+        let sent = a.send_v1(support::SHARED, "m1", now(), &hb).await;
+        assert_eq!(sent.status(), 200);
+    }
+    wait_for(&stuck, |s| s.requests.len() == 1).await;
+
+    // Replica B (or the same server after a restart) delivers the alerts A is not sending:
+    // A's claim covers only the one it is stuck on.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    let seen: Shared = Arc::new(Mutex::new(Seen::default()));
+    serve_receiver(listener, seen.clone());
+    let b = TestServer::start_with(t.store.clone(), |b| {
+        b.settings(settings()).webhook(config(url))
+    })
+    .await;
+    wait_for(&seen, |s| s.requests.len() == 2).await;
+    let instances: Vec<String> = seen
+        .lock()
+        .expect("lock")
+        .requests
+        .iter()
+        .map(|(_, raw)| {
+            let payload: Value = serde_json::from_slice(raw).expect("json");
+            payload["instanceId"].as_str().expect("instance").to_owned()
+        })
+        .collect();
+    assert_eq!(instances, ["shop-2", "shop-3"], "in the order raised");
+    assert_eq!(stuck.lock().expect("lock").requests.len(), 1);
+    b.stop().await;
+}
