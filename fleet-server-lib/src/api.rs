@@ -16,6 +16,9 @@ use crate::{Error, Result, Shared};
 
 /// Largest page a client may ask for.
 pub(crate) const MAX_PAGE: i64 = 500;
+/// Longest filter value (text, channel, health), in bytes: longer than any instance id,
+/// domain or client name, and short of what makes SQLite refuse a LIKE pattern.
+pub(crate) const MAX_FILTER_LEN: usize = 256;
 
 /// Query parameters of the installation list (API and dashboard).
 #[derive(Debug, Default, Deserialize)]
@@ -45,6 +48,17 @@ impl ListQuery {
         }
         if offset < 0 {
             return Err(Error::BadRequest("offset must not be negative".into()));
+        }
+        for (name, value) in [
+            ("q", &self.q),
+            ("channel", &self.channel),
+            ("health", &self.health),
+        ] {
+            if value.as_ref().is_some_and(|v| v.len() > MAX_FILTER_LEN) {
+                return Err(Error::BadRequest(format!(
+                    "{name} must be at most {MAX_FILTER_LEN} bytes"
+                )));
+            }
         }
         let nonempty = |v: &Option<String>| v.clone().filter(|s| !s.trim().is_empty());
         Ok(InstallationFilter {
