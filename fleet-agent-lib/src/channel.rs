@@ -264,8 +264,13 @@ impl Reconnect {
 pub const POLL_AFTER: u32 = 2;
 /// How often the agent polls while the socket is unavailable.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
-/// Frames sent per poll.
+/// Frames sent per poll, at most.
 const POLL_FRAMES: i64 = 24;
+/// Bytes of frames sent per poll, at most (beyond its first frame), well under the control
+/// plane's 8 MiB poll limit: output that JSON escapes (quotes, control characters) can make
+/// a frame several times the size of its chunk, and 24 of those would be a poll refused
+/// with 413 at every try, its output never delivered.
+const POLL_BYTES: usize = 4 * 1024 * 1024;
 
 /// Polls until `until` (or stop; then returns true).
 async fn poll_until(
@@ -302,20 +307,66 @@ async fn poll_until(
 /// waiting. Returns whether frames are still queued.
 pub async fn poll_once(config: &ChannelConfig) -> Result<bool, String> {
     let journal = config.executor.journal();
-    let frames = journal
+    let queued = journal
         .pending(0, POLL_FRAMES)
         .await
         .map_err(|e| e.to_string())?;
-    let sent = frames.len() as i64;
+    let fetched = queued.len();
+    let mut bytes = 0;
+    let frames: Vec<_> = queued
+        .into_iter()
+        .enumerate()
+        .take_while(|(i, frame)| {
+            bytes += frame.body.len();
+            *i == 0 || bytes <= POLL_BYTES
+        })
+        .map(|(_, frame)| frame)
+        .collect();
+    let more = frames.len() < fetched || fetched == POLL_FRAMES as usize;
     let values: Vec<serde_json::Value> = frames
         .iter()
         .filter_map(|f| serde_json::from_slice(&f.body).ok())
         .collect();
     // The commands running here: the answer names those cancelled meanwhile, since a
     // polling agent has no socket to receive the cancel frame on.
+    let answer = post_poll(config, values).await?;
+    let mut done: Vec<String> = answer["acked"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    done.extend(
+        answer["refused"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v["id"].as_str().map(str::to_owned)),
+    );
+    journal.ack(&done).await.map_err(|e| e.to_string())?;
+    stop_cancelled(config, &answer);
+    for command in answer["commands"].as_array().into_iter().flatten() {
+        let bytes = serde_json::to_vec(command).unwrap_or_default();
+        if let Ok(Frame::Command(envelope)) = Frame::decode(&bytes) {
+            config
+                .executor
+                .accept(envelope)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(more)
+}
+
+/// Sends one signed `POST /v1/agents/poll` with `frames` and the ids of the commands
+/// running here; returns the answer.
+async fn post_poll(
+    config: &ChannelConfig,
+    frames: Vec<serde_json::Value>,
+) -> Result<serde_json::Value, String> {
     let running = config.executor.running_ids();
     let body = serde_json::to_vec(&serde_json::json!({
-        "instance_id": config.instance_id, "frames": values, "running": running,
+        "instance_id": config.instance_id, "frames": frames, "running": running,
     }))
     .map_err(|e| e.to_string())?;
     let signer = Signer::new(config.secret.clone());
@@ -341,38 +392,34 @@ pub async fn poll_once(config: &ChannelConfig) -> Result<bool, String> {
     if !response.status().is_success() {
         return Err(format!("poll answered {}", response.status()));
     }
-    let answer: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
-    let mut done: Vec<String> = answer["acked"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v.as_str().map(str::to_owned))
-        .collect();
-    done.extend(
-        answer["refused"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v["id"].as_str().map(str::to_owned)),
-    );
-    journal.ack(&done).await.map_err(|e| e.to_string())?;
+    response.json().await.map_err(|e| e.to_string())
+}
+
+/// Stops the running commands a poll answer names in `cancel`.
+fn stop_cancelled(config: &ChannelConfig, answer: &serde_json::Value) {
     for id in answer["cancel"].as_array().into_iter().flatten() {
         if let Some(id) = id.as_str() {
             tracing::info!(command_id = %id, "cancelled by the control plane (poll)");
             config.executor.cancel(id);
         }
     }
-    for command in answer["commands"].as_array().into_iter().flatten() {
-        let bytes = serde_json::to_vec(command).unwrap_or_default();
-        if let Ok(Frame::Command(envelope)) = Frame::decode(&bytes) {
-            config
-                .executor
-                .accept(envelope)
-                .await
-                .map_err(|e| e.to_string())?;
+}
+
+/// On a new socket: stops the running commands that were cancelled (or timed out) while
+/// the agent had none. Their cancel frame went nowhere, and the control plane does not send
+/// it again, so without this they would run on to their own end, up to days. An empty poll
+/// asks: its answer names them, and carries nothing else to act on (the commands waiting
+/// come over the socket).
+async fn reconcile_cancels(config: ChannelConfig) {
+    if config.executor.running_ids().is_empty() {
+        return;
+    }
+    match post_poll(&config, Vec::new()).await {
+        Ok(answer) => stop_cancelled(&config, &answer),
+        Err(reason) => {
+            tracing::warn!(%reason, "cannot ask which running commands were cancelled");
         }
     }
-    Ok(sent == POLL_FRAMES)
 }
 
 fn token_of(answer: RegisterResponse) -> Token {
@@ -472,6 +519,7 @@ async fn session(
         Ok(Ok((socket, _))) => socket,
     };
     tracing::info!("live channel connected");
+    tokio::spawn(reconcile_cancels(config.clone()));
     if let Ok(binary) = crate::commands::update_agent::binary_path(settings)
         && let Err(err) =
             crate::commands::update_agent::confirm(&binary, config.executor.journal()).await

@@ -43,6 +43,7 @@ pub(crate) async fn submit(
 ) -> Result<Response> {
     let submit: SubmitCommand = decode_body(&body, &state.settings.limits)?;
     require(role, submit.command_type)?;
+    check_compose_file(&submit)?;
     let commands = command_store(state.store.as_ref())?;
     let max_targets = i64::try_from(state.settings.limits.max_targets).unwrap_or(10_000);
     let mut instances: Vec<String> = if submit.targets.is_empty() {
@@ -99,6 +100,27 @@ pub(crate) async fn submit(
         Json(serde_json::json!({ "id": command.id, "targets": listed })),
     )
         .into_response())
+}
+
+/// A DEPLOY_COMPOSE whose file is not base64, or is empty, is refused here: every agent
+/// would refuse it (after the operator waited for each to take it), and the payload's
+/// validation in fleet-core only bounds the text's length.
+fn check_compose_file(submit: &SubmitCommand) -> Result<()> {
+    use base64::Engine;
+    if submit.command_type != fleet_core::command::CommandType::DeployCompose {
+        return Ok(());
+    }
+    let text = submit.payload["compose_file_base64"]
+        .as_str()
+        .unwrap_or_default();
+    let problem = match base64::engine::general_purpose::STANDARD.decode(text) {
+        Ok(bytes) if bytes.is_empty() => "the compose file is empty",
+        Ok(_) => return Ok(()),
+        Err(_) => "is not valid base64",
+    };
+    let mut errors = fleet_core::ValidationErrors::default();
+    errors.push("payload.compose_file_base64", problem);
+    Err(Error::Invalid(errors))
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,6 +197,7 @@ pub(crate) async fn logs(
     State(state): State<Shared>,
     Path(id): Path<String>,
     Query(query): Query<LogQuery>,
+    headers: axum::http::HeaderMap,
 ) -> Result<Response> {
     let commands = command_store(state.store.as_ref())?;
     let record = commands.command(&id).await?.ok_or(Error::NotFound)?;
@@ -194,7 +217,21 @@ pub(crate) async fn logs(
     .target_id
     .clone();
     if query.follow {
-        return Ok(follow(state, target, query.stream).into_response());
+        let resume = match headers.get("last-event-id") {
+            None => [0, 0],
+            Some(value) => value
+                .to_str()
+                .ok()
+                .and_then(parse_event_id)
+                .ok_or_else(|| {
+                    Error::BadRequest(
+                        "Last-Event-ID must be the id of an output event: \
+                         <stdout offset>,<stderr offset>"
+                            .into(),
+                    )
+                })?,
+        };
+        return Ok(follow(state, target, query.stream, resume).into_response());
     }
     let stream = query.stream.unwrap_or(Stream::Stdout);
     // Page by page: a 100 MB output never sits in memory whole.
@@ -239,12 +276,27 @@ pub(crate) async fn logs(
         .into_response())
 }
 
-/// Follows one target's output as server-sent events: `stdout`/`stderr` events carrying
-/// `{offset, data, encoding}`, then one `end` event with the target's final status.
+/// The id of an output event: where each stream goes on after it, `<stdout>,<stderr>`.
+/// A client that lost the stream sends it back as `Last-Event-ID` (as `EventSource` does by
+/// itself) and gets the output from there, not all of it again.
+fn event_id(next: [i64; 2]) -> String {
+    format!("{},{}", next[0], next[1])
+}
+
+fn parse_event_id(text: &str) -> Option<[i64; 2]> {
+    let (stdout, stderr) = text.trim().split_once(',')?;
+    let offset = |t: &str| t.parse::<i64>().ok().filter(|o| *o >= 0);
+    Some([offset(stdout)?, offset(stderr)?])
+}
+
+/// Follows one target's output from the offsets `resume` as server-sent events:
+/// `stdout`/`stderr` events carrying `{offset, data, encoding}` (their id is where each
+/// stream goes on, see [`event_id`]), then one `end` event with the target's final status.
 fn follow(
     state: Shared,
     target: String,
     only: Option<Stream>,
+    resume: [i64; 2],
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
     struct Cursor {
         state: Shared,
@@ -257,7 +309,7 @@ fn follow(
     let cursor = Cursor {
         state,
         target,
-        next: [0, 0],
+        next: resume,
         pending: Default::default(),
         finished: false,
         ended: false,
@@ -286,7 +338,8 @@ fn follow(
                 got += chunks.len();
                 for chunk in chunks {
                     c.next[i] = chunk.pos + chunk.data.len() as i64;
-                    c.pending.push_back(chunk_event(&chunk));
+                    c.pending
+                        .push_back(chunk_event(&chunk).id(event_id(c.next)));
                 }
             }
             if got > 0 {
@@ -510,12 +563,12 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "get",
         "/v1/commands/{id}/logs",
         Least("support"),
-        "Output of one target (?target=instance, ?stream=stdout|stderr): whole as bytes, or followed live as server-sent events with ?follow=true.",
+        "Output of one target (?target=instance, ?stream=stdout|stderr): whole as bytes, or followed live as server-sent events with ?follow=true. Each output event's id is `<stdout offset>,<stderr offset>` after it; sent back as Last-Event-ID, the stream goes on from there.",
         &[
             (200, "Bytes or text/event-stream"),
             (
                 400,
-                "The command has several targets and ?target= names none, or a bad query",
+                "The command has several targets and ?target= names none, a bad query, or a bad Last-Event-ID",
             ),
             (404, "Unknown command or target"),
         ],

@@ -60,6 +60,12 @@ pub struct RunArgs {
     /// Run the command through `/bin/sh -c` (the first word is the script).
     #[arg(long)]
     shell: bool,
+    /// Most targets running it at once.
+    #[arg(long)]
+    max_concurrency: Option<u32>,
+    /// Stop starting it on more targets after this many failures (`3` or `10%`).
+    #[arg(long)]
+    max_errors: Option<String>,
     /// The program and its arguments, after `--`.
     #[arg(last = true, required = true)]
     command: Vec<String>,
@@ -112,6 +118,30 @@ impl Remote {
 
     async fn get(&self, client: &reqwest::Client, path: &str) -> Result<Value, String> {
         self.send(path, client.get(self.at(path))).await
+    }
+
+    /// A GET that outlasts a short outage of the control plane (a restart, a replica
+    /// failing over behind the load balancer) while a submitted command goes on: a request
+    /// that got no answer, or a 502, 503 or 504, is tried again for up to [`PATIENCE`].
+    async fn get_patiently(&self, client: &reqwest::Client, path: &str) -> Result<Value, String> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let sent = client
+                .get(self.at(path))
+                .bearer_auth(&self.token)
+                .send()
+                .await;
+            let transient = sent
+                .as_ref()
+                .map_or(true, |r| matches!(r.status().as_u16(), 502..=504));
+            if !transient || Instant::now() >= deadline {
+                return match sent {
+                    Ok(response) => answer(path, response).await,
+                    Err(err) => Err(self.unreachable(path, &err)),
+                };
+            }
+            tokio::time::sleep(RETRY_AFTER).await;
+        }
     }
 
     async fn send(&self, path: &str, request: reqwest::RequestBuilder) -> Result<Value, String> {
@@ -218,20 +248,24 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     if args.shell {
         payload["shell"] = true.into();
     }
+    let mut body =
+        json!({"command_type": "RunCommand", "targets": args.targets, "payload": payload});
+    if let Some(max) = args.max_concurrency {
+        body["max_concurrency"] = max.into();
+    }
+    if let Some(max) = &args.max_errors {
+        body["max_errors"] = max.clone().into();
+    }
     runtime()?.block_on(async {
         let client = reqwest::Client::new();
         let submitted = args
             .remote
-            .post(
-                &client,
-                "/v1/commands/submit",
-                &json!({"command_type": "RunCommand", "targets": args.targets, "payload": payload}),
-            )
+            .post(&client, "/v1/commands/submit", &body)
             .await?;
         let id = submitted["id"].as_str().ok_or("no command id")?.to_owned();
         eprintln!("command {id}");
         let several = args.targets.len() > 1;
-        // Every target is followed at once; with several, each piece is prefixed.
+        // Every target is followed at once; with several, each line is prefixed.
         let followed = futures_util::future::try_join_all(
             args.targets
                 .iter()
@@ -263,7 +297,23 @@ pub fn run(args: RunArgs) -> Result<(), String> {
     })
 }
 
-/// Prints one target's output live from the server-sent events.
+/// How long `run` and `deploy` keep trying to reach a control plane that stopped answering
+/// while their command goes on.
+const PATIENCE: Duration = Duration::from_secs(300);
+/// Pause between those tries.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// How one output stream of a target ended.
+enum Followed {
+    /// The `end` event came: the target ended and every byte of its output was shown.
+    Ended,
+    /// The connection was lost first (why); the output goes on from where it stopped.
+    Lost(String),
+}
+
+/// Prints one target's output live from the server-sent events, until the target ends.
+/// A lost stream is opened again (for up to [`PATIENCE`] without success) from where it
+/// stopped, so a control plane that restarts meanwhile costs no output and shows none twice.
 async fn follow(
     remote: &Remote,
     client: &reqwest::Client,
@@ -271,77 +321,174 @@ async fn follow(
     target: &str,
     prefix: bool,
 ) -> Result<(), String> {
-    use futures_util::StreamExt;
     let path = format!("/v1/commands/{id}/logs");
     let mut url = reqwest::Url::parse(&remote.at(&path)).map_err(|e| format!("FLEET_URL: {e}"))?;
     url.query_pairs_mut()
         .append_pair("follow", "true")
         .append_pair("target", target);
-    let response = client
-        .get(url)
-        .bearer_auth(&remote.token)
-        .send()
-        .await
-        .map_err(|e| remote.unreachable(&path, &e))?;
-    if !response.status().is_success() {
-        return Err(format!("{path}: {}", response.status()));
+    let mut shown = Shown::default();
+    let mut lost_since: Option<Instant> = None;
+    loop {
+        let followed = follow_once(remote, client, &url, &path, target, prefix, &mut shown).await?;
+        if std::mem::take(&mut shown.opened) {
+            // It was up again: the patience starts over at this loss.
+            lost_since = None;
+        }
+        let Followed::Lost(reason) = followed else {
+            return Ok(());
+        };
+        let since = *lost_since.get_or_insert_with(|| {
+            eprintln!("{target}: lost the output stream ({reason}); reconnecting");
+            Instant::now()
+        });
+        if since.elapsed() >= PATIENCE {
+            return Err(format!("{path}: {reason}"));
+        }
+        tokio::time::sleep(RETRY_AFTER).await;
     }
+}
+
+/// What a follow has shown of a target so far.
+#[derive(Default)]
+struct Shown {
+    /// The last event id (where each stream goes on), sent back as `Last-Event-ID`.
+    event_id: Option<String>,
+    /// Bytes of stdout and stderr shown: a control plane that does not resume at
+    /// `Last-Event-ID` sends the output from the start again, and what was shown is skipped.
+    bytes: [u64; 2],
+    /// Whether stdout and stderr stopped in the middle of a line (its label is shown).
+    mid_line: [bool; 2],
+    /// Whether the control plane answered the last attempt with the stream.
+    opened: bool,
+}
+
+/// Opens the event stream once and prints it; `Err` when the control plane refuses it.
+async fn follow_once(
+    remote: &Remote,
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+    path: &str,
+    target: &str,
+    prefix: bool,
+    shown: &mut Shown,
+) -> Result<Followed, String> {
+    use futures_util::StreamExt;
+    let mut request = client.get(url.clone()).bearer_auth(&remote.token);
+    if let Some(id) = &shown.event_id {
+        request = request.header("last-event-id", id);
+    }
+    let response = match request.send().await {
+        Ok(response) => response,
+        Err(err) => return Ok(Followed::Lost(fleet_core::error_chain(&err))),
+    };
+    let status = response.status();
+    if matches!(status.as_u16(), 502..=504) {
+        return Ok(Followed::Lost(status.to_string()));
+    }
+    if !status.is_success() {
+        return Err(format!("{path}: {status}"));
+    }
+    shown.opened = true;
     let mut body = response.bytes_stream();
     let mut pending = Vec::new();
-    let mut event = String::new();
+    // The fields of the event being read; it is complete at the blank line after them.
+    let (mut event, mut event_id, mut data) = (String::new(), None, String::new());
     while let Some(piece) = body.next().await {
-        pending.extend_from_slice(&piece.map_err(|e| fleet_core::error_chain(&e))?);
+        match piece {
+            Ok(piece) => pending.extend_from_slice(&piece),
+            Err(err) => return Ok(Followed::Lost(fleet_core::error_chain(&err))),
+        }
         while let Some(end) = pending.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = pending.drain(..=end).collect();
             let line = String::from_utf8_lossy(&line).trim_end().to_owned();
             if let Some(name) = line.strip_prefix("event: ") {
                 event = name.to_owned();
-            } else if let Some(data) = line.strip_prefix("data: ") {
-                let value: Value = serde_json::from_str(data).unwrap_or(Value::Null);
-                let bytes = match value["encoding"].as_str() {
-                    Some("base64") => base64::engine::general_purpose::STANDARD
-                        .decode(value["data"].as_str().unwrap_or_default())
-                        .unwrap_or_default(),
-                    _ => value["data"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .as_bytes()
-                        .to_vec(),
-                };
-                let label = if prefix {
-                    format!("[{target}] ")
-                } else {
-                    String::new()
-                };
+            } else if let Some(id) = line.strip_prefix("id: ") {
+                event_id = Some(id.to_owned());
+            } else if let Some(text) = line.strip_prefix("data: ") {
+                data = text.to_owned();
+            } else if line.is_empty() {
+                let value: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
                 match event.as_str() {
-                    "stdout" => {
-                        let mut out = std::io::stdout().lock();
-                        let _ = out.write_all(label.as_bytes());
-                        let _ = out.write_all(&bytes);
-                        let _ = out.flush();
-                    }
-                    "stderr" => {
-                        let mut err = std::io::stderr().lock();
-                        let _ = err.write_all(label.as_bytes());
-                        let _ = err.write_all(&bytes);
-                    }
+                    "end" => return Ok(Followed::Ended),
+                    "stdout" => show(shown, 0, &value, target, prefix),
+                    "stderr" => show(shown, 1, &value, target, prefix),
                     _ => {}
                 }
+                if let Some(id) = event_id.take() {
+                    shown.event_id = Some(id);
+                }
+                event.clear();
+                data.clear();
             }
         }
     }
-    Ok(())
+    Ok(Followed::Lost("the stream ended before the command".into()))
+}
+
+/// Prints the part of an output event (`slot` 0 for stdout, 1 for stderr) not shown yet.
+fn show(shown: &mut Shown, slot: usize, value: &Value, target: &str, prefix: bool) {
+    let bytes = match value["encoding"].as_str() {
+        Some("base64") => base64::engine::general_purpose::STANDARD
+            .decode(value["data"].as_str().unwrap_or_default())
+            .unwrap_or_default(),
+        _ => value["data"]
+            .as_str()
+            .unwrap_or_default()
+            .as_bytes()
+            .to_vec(),
+    };
+    let offset = value["offset"].as_u64().unwrap_or_default();
+    let skip = shown.bytes[slot].saturating_sub(offset);
+    let Some(fresh) = usize::try_from(skip)
+        .ok()
+        .and_then(|skip| bytes.get(skip..))
+    else {
+        return;
+    };
+    if fresh.is_empty() {
+        return;
+    }
+    shown.bytes[slot] = offset + bytes.len() as u64;
+    let text = if prefix {
+        labelled(fresh, &format!("[{target}] "), &mut shown.mid_line[slot])
+    } else {
+        fresh.to_vec()
+    };
+    if slot == 0 {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(&text);
+        let _ = out.flush();
+    } else {
+        let _ = std::io::stderr().lock().write_all(&text);
+    }
+}
+
+/// `bytes` with `label` before each line that starts in them. Output arrives in pieces cut
+/// anywhere (a piece holds many lines, or part of one), and with several targets every
+/// line must say whose it is. `mid_line` carries over whether the last piece ended a line.
+fn labelled(bytes: &[u8], label: &str, mid_line: &mut bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() + label.len());
+    for line in bytes.split_inclusive(|b| *b == b'\n') {
+        if !*mid_line {
+            out.extend_from_slice(label.as_bytes());
+        }
+        out.extend_from_slice(line);
+        *mid_line = !line.ends_with(b"\n");
+    }
+    out
 }
 
 async fn summary(remote: &Remote, client: &reqwest::Client, id: &str) -> Result<(), String> {
     // The follow ends when the target ended; the command row may lag by a moment.
-    let mut shown = remote.get(client, &format!("/v1/commands/{id}")).await?;
+    let path = format!("/v1/commands/{id}");
+    let mut shown = remote.get_patiently(client, &path).await?;
     for _ in 0..50 {
         if shown["status"] != "running" {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        shown = remote.get(client, &format!("/v1/commands/{id}")).await?;
+        shown = remote.get_patiently(client, &path).await?;
     }
     let mut failed = 0;
     for target in shown["targets"].as_array().into_iter().flatten() {
@@ -397,24 +544,49 @@ pub fn deploy(args: DeployArgs) -> Result<(), String> {
         loop {
             let shown = args
                 .remote
-                .get(&client, &format!("/v1/commands/{id}"))
+                .get_patiently(&client, &format!("/v1/commands/{id}"))
                 .await?;
             pickup.observe(&id, &shown);
             if shown["status"] != "running" {
                 println!("{}", command_text(&shown));
-                return if shown["status"] == "completed"
-                    && shown["targets"]
-                        .as_array()
-                        .is_some_and(|t| t.iter().all(|t| t["status"] == "completed"))
-                {
-                    Ok(())
-                } else {
-                    Err(format!("command {id} ended {}", shown["status"]))
-                };
+                return deploy_outcome(&shown);
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     })
+}
+
+/// Whether every target of a finished deploy completed. For each one that did not, the end
+/// of compose's output goes to stderr: "docker-compose exited with 1" alone does not say
+/// what to fix.
+fn deploy_outcome(shown: &Value) -> Result<(), String> {
+    let targets = shown["targets"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let failed: Vec<&Value> = targets
+        .iter()
+        .filter(|t| t["status"] != "completed")
+        .collect();
+    for target in &failed {
+        let logs = target["logs"].as_str().unwrap_or_default().trim_end();
+        if !logs.is_empty() {
+            eprintln!(
+                "--- {} ({}) ---\n{logs}",
+                target["instance_id"].as_str().unwrap_or("?"),
+                target["status"].as_str().unwrap_or("?")
+            );
+        }
+    }
+    if failed.is_empty() && !targets.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} of {} target(s) did not complete",
+            failed.len(),
+            targets.len()
+        ))
+    }
 }
 
 /// A command and its targets, as `deploy` and `commands show` print them.
@@ -547,6 +719,20 @@ mod tests {
         assert!(text.contains("shop-1") && text.contains("fleetctl commands cancel c1"));
         assert!(all_taken(&shown("running")) && all_taken(&shown("cancelled")));
         assert!(!all_taken(&shown("sent")) && !all_taken(&shown("queued")));
+    }
+
+    #[test]
+    fn every_line_of_several_targets_says_whose_it_is() {
+        let mut mid_line = false;
+        let mut out = labelled(b"a\nb\npart", "[x] ", &mut mid_line);
+        assert!(mid_line);
+        out.extend(labelled(b"ial\n", "[x] ", &mut mid_line));
+        out.extend(labelled(b"c\n", "[x] ", &mut mid_line));
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "[x] a\n[x] b\n[x] partial\n[x] c\n"
+        );
+        assert!(!mid_line);
     }
 
     #[test]

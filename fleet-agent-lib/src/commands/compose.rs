@@ -1,7 +1,9 @@
 //! `DEPLOY_COMPOSE`, `STOP_COMPOSE` and `STATUS` with the InstaDeploy rules: the project name
 //! matches `^[a-zA-Z0-9_-]+$`, the project folder resolves inside the projects folder,
 //! folders are 0755 and files 0644, and the compose command is configurable. Compose runs
-//! as `<compose> -p <name> -f <file> up -d | down | ps` in the project folder.
+//! as `<compose> -p <name> -f <file> up -d | down | ps` in the project folder. A deploy that
+//! fails puts the project's previous compose file back, so the project that still runs can
+//! be stopped and listed.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -145,10 +147,19 @@ pub async fn deploy(
     if let Err(why) = project_dir(&settings.projects_dir, &deploy.project_name) {
         return failed("", &why);
     }
-    if let Err(err) = write_file(&dir.join(COMPOSE_FILE), &bytes) {
+    let file = dir.join(COMPOSE_FILE);
+    // The file of the project that runs now, put back if this deploy fails: a file compose
+    // cannot read would otherwise take its place, and STOP_COMPOSE (`down`) and STATUS
+    // (`ps`) could no longer reach the containers that still run.
+    let previous = match std::fs::read(&file) {
+        Ok(previous) => Some(previous),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+        Err(err) => return failed("", &format!("cannot read the current compose file: {err}")),
+    };
+    if let Err(err) = write_file(&file, &bytes) {
         return failed("", &format!("cannot write the compose file: {err}"));
     }
-    compose(
+    let mut result = compose(
         settings,
         &deploy.project_name,
         &dir,
@@ -156,7 +167,20 @@ pub async fn deploy(
         output,
         cancel,
     )
-    .await
+    .await;
+    if result.status != CommandStatus::Completed
+        && let Some(previous) = previous.filter(|previous| *previous != bytes)
+    {
+        let note = match write_file(&file, &previous) {
+            Ok(()) => "the previous compose file was put back".to_owned(),
+            Err(err) => format!("cannot put the previous compose file back: {err}"),
+        };
+        result.error = Some(match result.error.take() {
+            Some(error) => format!("{error}; {note}"),
+            None => note,
+        });
+    }
+    result
 }
 
 /// `STOP_COMPOSE`: `down` in the project folder.

@@ -488,3 +488,34 @@ async fn run_command_passes_shell_metacharacters_verbatim() {
     assert!(!canary.exists(), "an injected command ran");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// HEALTH_CHECK counts the other commands running, not itself: an idle agent says 0.
+#[tokio::test]
+async fn health_check_counts_the_other_running_commands() {
+    let (executor, journal, _dir) = executor(CommandSettings::default()).await;
+    executor
+        .accept(envelope("health-1", "HEALTH_CHECK", json!({})))
+        .await
+        .expect("accept");
+    let idle = wait_results(&journal, 2).await;
+    assert_eq!(idle[1].data.as_ref().expect("data")["running_commands"], 0);
+    executor
+        .accept(envelope(
+            "sleep-1",
+            "RunCommand",
+            json!({"cmd": "sleep", "args": ["30"]}),
+        ))
+        .await
+        .expect("accept");
+    executor
+        .accept(envelope("health-2", "HEALTH_CHECK", json!({})))
+        .await
+        .expect("accept");
+    let busy = wait_results(&journal, 5).await;
+    let health = busy
+        .iter()
+        .find(|r| r.job_id == "health-2" && r.data.is_some())
+        .expect("the second health check");
+    assert_eq!(health.data.as_ref().expect("data")["running_commands"], 1);
+    executor.cancel("sleep-1");
+}

@@ -294,6 +294,20 @@ async fn roles_limits_and_tokens(store: TestStore) {
     assert_eq!(body["error"]["details"][0]["path"], "payload.project_name");
     let none = json!({"command_type": "HEALTH_CHECK", "payload": {}});
     assert_eq!(submit(&server.client, &server.url, OPS, none).await.0, 422);
+    // A compose file that no agent could read is refused before it is sent to any.
+    for (file, why) in [
+        ("!!!", "is not valid base64"),
+        ("", "the compose file is empty"),
+    ] {
+        let deploy = json!({"command_type": "DEPLOY_COMPOSE", "targets": [INSTANCE],
+            "payload": {"project_name": "web", "compose_file_base64": file}});
+        let (code, body) = submit(&server.client, &server.url, ADMIN, deploy).await;
+        assert_eq!(code, 422, "{body}");
+        assert_eq!(
+            body["error"]["details"][0],
+            json!({"path": "payload.compose_file_base64", "message": why})
+        );
+    }
 
     // The live channel needs a token; a forged one is refused before the upgrade.
     let response = server
@@ -459,6 +473,40 @@ async fn follow_streams_live_then_ends(store: TestStore) {
     }
     assert_eq!(out, "line1\nline2\nline3\n");
     assert!(ended, "{text}");
+
+    // Each output event's id says where the streams go on; sent back as Last-Event-ID (what
+    // a client that lost the stream does), the output resumes there instead of from the start.
+    let first_id = text
+        .lines()
+        .find_map(|l| l.strip_prefix("id: "))
+        .expect("output events carry ids")
+        .to_owned();
+    assert_eq!(first_id, "6,0", "{text}");
+    let follow_from = |last: String| {
+        server
+            .client
+            .get(server.at(&format!("/v1/commands/{id}/logs?follow=true")))
+            .bearer_auth(SUPPORT)
+            .header("last-event-id", last)
+            .send()
+    };
+    let resumed = follow_from(first_id)
+        .await
+        .expect("follow")
+        .text()
+        .await
+        .expect("text");
+    let rest: String = resumed
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| v["data"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(rest, "line2\nline3\n", "{resumed}");
+    for bad in ["x", "-1,0", "6"] {
+        let response = follow_from(bad.to_owned()).await.expect("follow");
+        assert_eq!(response.status().as_u16(), 400, "{bad}");
+    }
     agent.stop().await;
     server.stop().await;
 }
@@ -950,6 +998,35 @@ async fn polling_fallback_runs_commands_without_a_socket() {
     serving.abort();
 }
 
+/// Output that JSON escapes to twice its size (every byte a quote) still arrives over polls,
+/// whole: 24 chunks of it in one poll would pass the control plane's 8 MiB limit, a poll
+/// refused with 413 at every try and a command that never ended.
+#[tokio::test]
+async fn polling_fallback_delivers_output_that_escapes_large() {
+    let store = support::sqlite().await;
+    let (url, serving) = polling_only_server(&store).await;
+    let client = reqwest::Client::new();
+    let agent = TestAgent::start(&url, INSTANCE, SECRET, None).await;
+    let script = "head -c 10000000 /dev/zero | tr '\\0' '\"'";
+    let (status, body) = submit(
+        &client,
+        &url,
+        ADMIN,
+        json!({"command_type": "RunCommand", "targets": [INSTANCE],
+               "payload": {"cmd": script, "shell": true}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().expect("id").to_owned();
+    let done = wait_done(&client, &url, &id, Duration::from_secs(90)).await;
+    assert_eq!(done["targets"][0]["status"], "completed", "{done}");
+    let stored = output(&client, &url, &id, "stdout").await;
+    assert_eq!(stored.len(), 10_000_000);
+    assert!(stored.iter().all(|b| *b == b'"'));
+    agent.stop().await;
+    serving.abort();
+}
+
 /// Whether process `pid` is gone (or a zombie waiting for a reaper).
 fn process_gone(pid: &str) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -1021,6 +1098,90 @@ async fn polling_fallback_delivers_cancel_and_kills_the_process_group() {
     }
     agent.stop().await;
     serving.abort();
+}
+
+/// A TCP proxy to `upstream` standing for the network between an agent and the control
+/// plane: `true` on the returned sender cuts every connection and refuses new ones until
+/// `false`. Returns the proxy's URL.
+async fn breakable_link(upstream: &str) -> (String, tokio::sync::watch::Sender<bool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let upstream = upstream.trim_start_matches("http://").to_owned();
+    let (broken, _) = tokio::sync::watch::channel(false);
+    let link = broken.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let mut down = link.subscribe();
+            if *down.borrow_and_update() {
+                continue;
+            }
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    _ = down.wait_for(|down| *down) => {}
+                }
+            });
+        }
+    });
+    (url, broken)
+}
+
+/// A command cancelled while its agent had no socket (a network blip) is stopped once the
+/// agent is back: the cancel frame went nowhere then, and the process would otherwise run
+/// on to its own end (up to days) under a command shown as cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_while_the_agent_is_away_stops_the_command_when_it_returns() {
+    let store = support::sqlite().await;
+    let server = server(&store).await;
+    let (link, broken) = breakable_link(&server.url).await;
+    let agent = TestAgent::start(&link, INSTANCE, SECRET, None).await;
+    wait_connected(&server.client, &server.url, 1).await;
+    let pid_file = agent.dir.0.join("child.pid");
+    let (status, body) = submit(
+        &server.client,
+        &server.url,
+        ADMIN,
+        json!({"command_type": "RunCommand", "targets": [INSTANCE],
+               "payload": {"cmd": "sh", "args": ["-c",
+                   "sleep 600 & echo $! > \"$0\"; wait", pid_file.display().to_string()]}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().expect("id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pid = loop {
+        if let Ok(pid) = std::fs::read_to_string(&pid_file)
+            && !pid.trim().is_empty()
+        {
+            break pid.trim().to_owned();
+        }
+        assert!(Instant::now() < deadline, "the command never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    broken.send_replace(true);
+    wait_connected(&server.client, &server.url, 0).await;
+    let answer = cancel(&server, &id).await;
+    assert_eq!(answer["cancelled"], 1, "{answer}");
+    broken.send_replace(false);
+    wait_connected(&server.client, &server.url, 1).await;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !process_gone(&pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the command cancelled while its agent was away still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    agent.stop().await;
+    server.stop().await;
 }
 
 /// `POST /v1/commands/logs` (agent-svc shape): signed, idempotent, only for own commands.

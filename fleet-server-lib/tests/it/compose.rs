@@ -131,6 +131,36 @@ async fn compose_deploy_status_stop_with_podman() {
         panic!("the service does not answer: {answer:?}");
     }
 
+    // A compose file compose cannot read fails to deploy and leaves the running project
+    // reachable: its previous file is put back, so STATUS and STOP_COMPOSE still work.
+    let broken =
+        base64::engine::general_purpose::STANDARD.encode("services: [this is: not valid\n");
+    let (_, body) = submit(
+        &server.client,
+        &server.url,
+        ADMIN,
+        json!({"command_type": "DEPLOY_COMPOSE", "targets": [INSTANCE],
+               "payload": {"project_name": project, "compose_file_base64": broken}}),
+    )
+    .await;
+    let id = body["id"].as_str().expect("id").to_owned();
+    let done = wait_done(&server.client, &server.url, &id, Duration::from_secs(120)).await;
+    let kept = std::fs::read_to_string(projects.0.join(&project).join("docker-compose.yml"))
+        .unwrap_or_default();
+    if done["targets"][0]["status"] != "failed"
+        || !done["targets"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("previous compose file was put back"))
+        || kept != compose
+    {
+        cleanup(&project);
+        panic!("a broken deploy replaced the running project's file: {done}\n{kept}");
+    }
+    if get(&url).await.as_deref() != Some("hello from fleet\n") {
+        cleanup(&project);
+        panic!("the service stopped answering after a failed deploy");
+    }
+
     // STATUS lists the container (ops may ask).
     let (_, body) = submit(
         &server.client,

@@ -55,18 +55,15 @@ fn scratch(name: &str) -> std::path::PathBuf {
     dir
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn enroll_run_and_show() {
-    let dir = scratch("remote");
-    let url = start_server(&dir).await;
-
-    let mut config = AgentConfig::new(INSTANCE, &url, fleet_core::Secret::new(SECRET).expect("s"));
+/// Starts `INSTANCE`'s agent (state in `dir`) against `url` and waits for its live channel.
+async fn start_agent(url: &str, dir: &std::path::Path, settings: CommandSettings) {
+    let mut config = AgentConfig::new(INSTANCE, url, fleet_core::Secret::new(SECRET).expect("s"));
     config.local_port = 0;
     config.state_path = dir.join("agent.db");
     config.heartbeat_interval = Duration::from_secs(3600);
     let agent = Agent::builder(config)
         .without_builtins()
-        .commands(CommandSettings::default())
+        .commands(settings)
         .build()
         .expect("agent");
     tokio::spawn(async move { agent.run(std::future::pending()).await.expect("agent") });
@@ -82,10 +79,18 @@ async fn enroll_run_and_show() {
             .await
             .expect("json");
         if body["connected"] == 1 {
-            break;
+            return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    panic!("the agent did not connect");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_run_and_show() {
+    let dir = scratch("remote");
+    let url = start_server(&dir).await;
+    start_agent(&url, &dir, CommandSettings::default()).await;
 
     let out = fleetctl(&url, &["enroll", "--instance-id", "shop-9"]).await;
     assert!(
@@ -129,6 +134,31 @@ async fn enroll_run_and_show() {
 
     let out = fleetctl(&url, &["run", "--target", INSTANCE, "--", "false"]).await;
     assert!(!out.status.success());
+
+    // One target at a time, none after the first failure: the offline one is skipped, not
+    // waited for.
+    let out = fleetctl(
+        &url,
+        &[
+            "run",
+            "--target",
+            &format!("{INSTANCE},shop-offline"),
+            "--max-concurrency",
+            "1",
+            "--max-errors",
+            "0",
+            "--",
+            "false",
+        ],
+    )
+    .await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{INSTANCE}: failed (exit 1)"))
+            && stderr.contains("shop-offline: skipped"),
+        "{stderr}"
+    );
 
     let out = fleetctl(&url, &["commands", "show", &id]).await;
     assert!(
@@ -244,6 +274,135 @@ async fn a_command_no_agent_takes_is_announced_listed_and_cancelled() {
         String::from_utf8_lossy(&out.stderr).contains("is not a command id"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A deploy that fails says why: compose's own message (the end of its output) and how many
+/// targets did not complete, not just "exited with 1" and the command's status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_deploy_shows_what_compose_said() {
+    let dir = scratch("deploy");
+    let url = start_server(&dir).await;
+    // Stands in for a compose that cannot read the file (what docker-compose prints then).
+    let compose = [
+        "/bin/sh",
+        "-c",
+        "echo 'yaml.parser.ParserError: expected a flow sequence, line 1, column 11' >&2; exit 1",
+        "fake-compose",
+    ];
+    let settings = CommandSettings {
+        projects_dir: dir.join("projects"),
+        compose_command: compose.iter().map(|a| (*a).to_owned()).collect(),
+        ..CommandSettings::default()
+    };
+    start_agent(&url, &dir, settings).await;
+    let file = dir.join("web.yml");
+    std::fs::write(&file, "services: [this is: not valid\n").expect("compose file");
+    let out = fleetctl(
+        &url,
+        &[
+            "deploy",
+            "--target",
+            INSTANCE,
+            "--project",
+            "web",
+            &file.display().to_string(),
+        ],
+    )
+    .await;
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("DEPLOY_COMPOSE completed") && stdout.contains("failed"),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "--- {INSTANCE} (failed) ---\nyaml.parser.ParserError"
+        )) && stderr.contains("fleetctl: 1 of 1 target(s) did not complete"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A TCP proxy to the control plane at `upstream` whose connections can all be cut at once
+/// (a control plane restarting, a load balancer failing over): each send on the returned
+/// sender cuts the connections open then. Returns the proxy's URL.
+async fn cuttable_proxy(upstream: &str) -> (String, tokio::sync::watch::Sender<u32>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let upstream = upstream.trim_start_matches("http://").to_owned();
+    let (cut, _) = tokio::sync::watch::channel(0u32);
+    let cuts = cut.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            let mut cut = cuts.subscribe();
+            tokio::spawn(async move {
+                let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    _ = cut.changed() => {}
+                }
+            });
+        }
+    });
+    (url, cut)
+}
+
+/// `run` outlasts a lost connection to the control plane: it opens the output stream again
+/// where it stopped and ends with the command, every line shown once, exit status 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_follows_on_after_the_connection_is_cut() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    let dir = scratch("cut");
+    let url = start_server(&dir).await;
+    start_agent(&url, &dir, CommandSettings::default()).await;
+    let (proxy, cut) = cuttable_proxy(&url).await;
+    let gate = dir.join("gate");
+    let script = format!(
+        "echo one; while [ ! -e '{}' ]; do sleep 0.1; done; echo two; echo three",
+        gate.display()
+    );
+    let mut run = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+        .args(["run", "--target", INSTANCE, "--shell", "--", &script])
+        .env("FLEET_URL", &proxy)
+        .env("FLEET_TOKEN", ADMIN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("fleetctl run starts");
+    let mut stdout = BufReader::new(run.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(30), stdout.read_line(&mut line))
+        .await
+        .expect("the first line in time")
+        .expect("read");
+    assert_eq!(line, "one\n");
+    cut.send_modify(|n| *n += 1);
+    // The rest of the output comes while fleetctl has no connection.
+    std::fs::write(&gate, "").expect("gate");
+    let status = tokio::time::timeout(Duration::from_secs(60), run.wait())
+        .await
+        .expect("run ends with the command")
+        .expect("wait");
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).await.expect("read");
+    let mut stderr = String::new();
+    let mut err = run.stderr.take().expect("stderr");
+    err.read_to_string(&mut stderr).await.expect("read");
+    assert!(status.success(), "{stderr}");
+    assert_eq!(rest, "two\nthree\n", "{stderr}");
+    assert!(
+        stderr.contains(&format!("{INSTANCE}: lost the output stream")),
+        "{stderr}"
     );
     let _ = std::fs::remove_dir_all(dir);
 }
