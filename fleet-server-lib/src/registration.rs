@@ -197,11 +197,11 @@ pub(crate) async fn register(
             .enrollment_token
             .as_deref()
             .ok_or(Error::Unauthorized)?;
-        let instance = commands
-            .consume_enrollment(&token_hash(token), now)
+        let instance = request.instance_id.clone();
+        if !commands
+            .consume_enrollment(&token_hash(token), &instance, now)
             .await?
-            .ok_or(Error::Unauthorized)?;
-        if instance != request.instance_id {
+        {
             return Err(Error::Unauthorized);
         }
         let nonce = random_token()?;

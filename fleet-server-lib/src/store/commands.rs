@@ -240,8 +240,15 @@ pub trait CommandStore: Send + Sync {
         expires_at: i64,
     ) -> Result<()>;
 
-    /// Uses an enrollment token once; returns its instance id when it was valid and unused.
-    async fn consume_enrollment(&self, token_hash: &str, now: i64) -> Result<Option<String>>;
+    /// Uses an enrollment token issued for `instance_id` once; `true` when it was valid,
+    /// unused and for that instance. A token presented for another instance stays unused,
+    /// so a mistyped id does not burn it.
+    async fn consume_enrollment(
+        &self,
+        token_hash: &str,
+        instance_id: &str,
+        now: i64,
+    ) -> Result<bool>;
 
     /// Records the nonce the instance's issued secret derives from.
     async fn set_issued_nonce(&self, instance_id: &str, nonce: &str, now: i64) -> Result<()>;
@@ -669,17 +676,20 @@ macro_rules! impl_command_store {
             async fn consume_enrollment(
                 &self,
                 token_hash: &str,
+                instance_id: &str,
                 now: i64,
-            ) -> $crate::Result<Option<String>> {
-                Ok(sqlx::query_scalar(
+            ) -> $crate::Result<bool> {
+                Ok(sqlx::query_scalar::<_, String>(
                     "UPDATE enrollment_tokens SET used_at = $2 \
-                     WHERE token_hash = $1 AND used_at IS NULL AND expires_at > $2 \
-                     RETURNING instance_id",
+                     WHERE token_hash = $1 AND instance_id = $3 AND used_at IS NULL \
+                     AND expires_at > $2 RETURNING instance_id",
                 )
                 .bind(token_hash)
                 .bind(now)
+                .bind(instance_id)
                 .fetch_optional(self.pool())
-                .await?)
+                .await?
+                .is_some())
             }
 
             async fn set_issued_nonce(

@@ -521,3 +521,36 @@ async fn the_shared_token_does_not_sign_for_an_enrolled_instance() {
     assert_eq!(count(&server).await, 2);
     server.stop().await;
 }
+
+/// An enrollment token presented with another instance's id is refused and stays usable by
+/// the instance it was made for: a mistyped id does not burn it.
+#[tokio::test]
+async fn an_enrollment_token_for_another_instance_is_refused_without_being_used() {
+    let t = support::sqlite().await;
+    let server = TestServer::start(t.store.clone()).await;
+    let enrollment: Value = server
+        .client
+        .post(server.at("/v1/enrollments"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"instance_id": "edge-41"}))
+        .send()
+        .await
+        .expect("enroll")
+        .json()
+        .await
+        .expect("json");
+    let register = |instance: &str| {
+        server
+            .client
+            .post(server.at("/v1/agents/register"))
+            .json(&json!({"instance_id": instance, "enrollment_token": enrollment["enrollment_token"]}))
+            .send()
+    };
+    let wrong = register("edge-14").await.expect("register");
+    assert_eq!(wrong.status().as_u16(), 401);
+    let right = register("edge-41").await.expect("register");
+    assert_eq!(right.status().as_u16(), 200, "the token is still unused");
+    let again = register("edge-41").await.expect("register");
+    assert_eq!(again.status().as_u16(), 401, "and used once only");
+    server.stop().await;
+}
