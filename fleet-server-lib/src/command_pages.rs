@@ -38,8 +38,8 @@ fn status(text: &str) -> String {
 
 /// What `role` may see of a payload: `support` reads no value that commonly carries a
 /// secret (a `RunCommand`'s environment values and arguments, a compose file, a download
-/// URL's query string, a command line that runs through a shell); ops and admin, who may run
-/// commands, see it whole.
+/// URL's query string and userinfo, a command line that runs through a shell); ops and
+/// admin, who may run commands, see it whole.
 pub(crate) fn visible_payload(command_type: &str, payload: &Value, role: Role) -> Value {
     if role >= Role::Ops {
         return payload.clone();
@@ -55,11 +55,11 @@ pub(crate) fn visible_payload(command_type: &str, payload: &Value, role: Role) -
         let len = compose.as_str().map_or(0, str::len);
         *compose = hidden(&format!("{len} base64 characters"));
     }
+    // A download URL's query (a presigned signature) and userinfo (a password).
     if let Some(url) = shown.get_mut("url")
         && let Some(text) = url.as_str()
-        && let Some((base, _)) = text.split_once('?')
     {
-        *url = Value::String(format!("{base}?[hidden from support]"));
+        *url = Value::String(fleet_core::redact_url_secrets(text));
     }
     // A shell command line may carry credentials inline (`curl -u user:pass`); the
     // program alone is shown.
@@ -88,6 +88,16 @@ pub(crate) fn visible_payload(command_type: &str, payload: &Value, role: Role) -
         *args = vec![hidden(&what)];
     }
     shown
+}
+
+/// What `role` may see of a target's error: an agent's error may quote a URL it fetched (an
+/// `UpdateAgent` download), whose query and userinfo `support` does not read.
+pub(crate) fn visible_error(error: &str, role: Role) -> String {
+    if role >= Role::Ops {
+        error.to_owned()
+    } else {
+        fleet_core::redact_url_secrets(error)
+    }
 }
 
 /// `GET /commands`: the most recent commands.
@@ -197,7 +207,9 @@ pub(crate) async fn command(
             status(&t.status),
             t.exit_code
                 .map_or_else(|| "–".to_owned(), |c| c.to_string()),
-            t.error.as_deref().map_or_else(|| "–".to_owned(), esc),
+            t.error
+                .as_deref()
+                .map_or_else(|| "–".to_owned(), |e| esc(&visible_error(e, role))),
             format_time(t.updated_at),
         );
     }
@@ -332,12 +344,21 @@ mod tests {
         );
         let bare = json!({"cmd": "uptime", "args": []});
         assert_eq!(visible_payload("RunCommand", &bare, Role::Support), bare);
-        let update = json!({"version": "2", "url": "https://dl/agent?sig=abc", "sha256": "00"});
+        let update =
+            json!({"version": "2", "url": "https://dl:pw@dl/agent?sig=abc", "sha256": "00"});
         let shown = visible_payload("UpdateAgent", &update, Role::Support).to_string();
         assert!(
-            !shown.contains("sig=abc") && shown.contains("https://dl/agent"),
+            !shown.contains("sig=abc") && !shown.contains("pw@") && shown.contains("dl/agent"),
             "{shown}"
         );
+        let error =
+            "download failed: error sending request for url (http://u:pw@dl/agent?token=t0k)";
+        let shown = visible_error(error, Role::Support);
+        assert!(
+            !shown.contains("t0k") && !shown.contains("pw@") && shown.contains("download failed"),
+            "{shown}"
+        );
+        assert_eq!(visible_error(error, Role::Ops), error);
         let deploy = json!({"project_name": "web", "compose_file_base64": "c2VjcmV0"});
         let shown = visible_payload("DEPLOY_COMPOSE", &deploy, Role::Support).to_string();
         assert!(

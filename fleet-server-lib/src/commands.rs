@@ -169,6 +169,9 @@ pub(crate) async fn show(
     // `data` is stored as text; show it as JSON.
     if let Some(targets) = value.get_mut("targets").and_then(|t| t.as_array_mut()) {
         for (target, stored) in targets.iter_mut().zip(&record.targets) {
+            if let Some(error) = &stored.error {
+                target["error"] = crate::command_pages::visible_error(error, role).into();
+            }
             target["data"] = stored
                 .data
                 .as_deref()
