@@ -9,6 +9,13 @@ mod demo;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use axum::response::IntoResponse as _;
 
 use clap::{Parser, Subcommand};
 use fleet_server::ControlPlaneBuilder;
@@ -111,9 +118,29 @@ pub(crate) async fn listen(address: SocketAddr) -> Result<tokio::net::TcpListene
     })
 }
 
+/// How long a client may take to send a request's line and headers, counted from the
+/// connection's start or the end of its previous request: hyper's usual value. Any real
+/// client sends a few KiB of headers in one round trip, so 30 s only cuts off clients that
+/// hold a connection open without finishing a request (slowloris). An idle keep-alive
+/// connection is closed after as long; HTTP clients' pools (the agents') open a new one.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a request's body may take to arrive, counted from the end of its headers and
+/// whatever pace the bytes come at. The largest bodies are polls and log uploads of up to
+/// 8 MiB (`MAX_POLL_BYTES`): 60 s still lets them through at 140 KiB/s, and agents give up on
+/// a request after their send timeout (10 s by default) anyway; holding 8 MiB of memory
+/// longer is only of use to a client trickling bytes before any signature is checked.
+const REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Serves on `listener` until Ctrl-C or SIGTERM, then lets in-flight requests finish.
+///
+/// Connections are served with hyper directly, not `axum::serve`, which sets no timer and
+/// so bounds neither the headers ([`HEADER_READ_TIMEOUT`]) nor the body
+/// ([`REQUEST_BODY_TIMEOUT`]). HTTP/1 only: hyper-util's auto-detection of HTTP/2 waits for
+/// the first bytes with no deadline (a connection sending nothing would stay open forever),
+/// and no client of the control plane speaks HTTP/2 without TLS, which a proxy ends.
 pub(crate) async fn run_server(
-    listener: tokio::net::TcpListener,
+    mut listener: tokio::net::TcpListener,
     builder: ControlPlaneBuilder,
 ) -> Result<(), String> {
     let router = builder.build().map_err(|e| e.to_string())?;
@@ -121,12 +148,159 @@ pub(crate) async fn run_server(
         .local_addr()
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
     tracing::info!(%address, "fleet-server listening");
-    // The peer address tells clients apart for the limit on failed role-token checks.
-    let service = router.into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, service)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| format!("server error: {e}"))
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            // axum's accept: refused or reset connections are skipped, and other errors
+            // (out of file descriptors) logged and retried after a second.
+            (io, peer) = axum::serve::Listener::accept(&mut listener) => {
+                connections.spawn(serve_connection(
+                    http.clone(),
+                    io,
+                    peer,
+                    router.clone(),
+                    stopping.clone(),
+                ));
+            }
+            // Reaps ended connections, so the set holds only open ones.
+            Some(_) = connections.join_next() => {}
+            () = &mut signal => break,
+        }
+    }
+    drop(listener);
+    // Each connection finishes the request it is serving, then closes; upgraded ones
+    // (WebSockets) are no longer hyper's and end with the process, as with axum::serve.
+    let _ = stopping_tx.send(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Serves one connection from `peer` until it closes, or until `stopping` turns true and
+/// its request in flight (if any) is answered.
+async fn serve_connection(
+    http: hyper::server::conn::http1::Builder,
+    io: tokio::net::TcpStream,
+    peer: SocketAddr,
+    router: axum::Router,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    let service = hyper::service::service_fn(move |request| handle(router.clone(), peer, request));
+    let connection = http
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(connection);
+    let stop = async move {
+        // An error means the server is gone, which it only is once this has returned.
+        let _ = stopping.wait_for(|stop| *stop).await;
+    };
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = stop => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        // A header timeout, a malformed request or a client gone: the client's doing.
+        tracing::debug!(%peer, %error, "connection ended");
+    }
+}
+
+/// Answers one request with `router`; a body not received within [`REQUEST_BODY_TIMEOUT`]
+/// gets 408 whatever the handler made of the failed read.
+async fn handle(
+    router: axum::Router,
+    peer: SocketAddr,
+    mut request: axum::http::Request<hyper::body::Incoming>,
+) -> Result<axum::response::Response, std::convert::Infallible> {
+    use tower::ServiceExt as _;
+    // What axum's ConnectInfo extractor reads: the limit on failed role-token checks tells
+    // clients apart by it.
+    request
+        .extensions_mut()
+        .insert(axum::extract::ConnectInfo(peer));
+    let expired = Arc::new(AtomicBool::new(false));
+    let deadline = tokio::time::Instant::now() + REQUEST_BODY_TIMEOUT;
+    // Kept for the log line; a Uri's clone shares its bytes.
+    let (method, uri) = (request.method().clone(), request.uri().clone());
+    let request = request.map(|inner| {
+        axum::body::Body::new(DeadlineBody {
+            inner,
+            deadline,
+            sleep: None,
+            expired: expired.clone(),
+        })
+    });
+    let Ok(response) = router.oneshot(request).await;
+    if !expired.load(Ordering::Relaxed) {
+        return Ok(response);
+    }
+    tracing::warn!(%peer, %method, path = uri.path(), "request body not received in time; answered 408");
+    let message = format!(
+        "the request body was not received within {} s",
+        REQUEST_BODY_TIMEOUT.as_secs()
+    );
+    // The rest of the body is never read: the connection closes after the answer.
+    Ok((
+        axum::http::StatusCode::REQUEST_TIMEOUT,
+        [(axum::http::header::CONNECTION, "close")],
+        axum::Json(serde_json::json!({
+            "error": { "code": "request_timeout", "message": message }
+        })),
+    )
+        .into_response())
+}
+
+/// A request body that fails at `deadline`, however its bytes trickle in: a timeout
+/// between chunks (tower-http's `RequestBodyTimeout`) would let a byte every few seconds
+/// hold the connection and its buffer for as long as the sender likes.
+struct DeadlineBody {
+    inner: hyper::body::Incoming,
+    deadline: tokio::time::Instant,
+    /// Armed on the first read that has to wait, so a body already received costs no timer.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Set when the deadline passed, for [`handle`] to answer 408.
+    expired: Arc<AtomicBool>,
+}
+
+impl hyper::body::Body for DeadlineBody {
+    type Data = hyper::body::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
+        }
+        let deadline = this.deadline;
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        ready!(sleep.as_mut().poll(cx));
+        this.expired.store(true, Ordering::Relaxed);
+        Poll::Ready(Some(Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "request body not received in time",
+        )
+        .into())))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 async fn shutdown_signal() {

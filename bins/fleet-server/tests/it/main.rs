@@ -3,6 +3,7 @@
 
 mod cli;
 mod live;
+mod timeouts;
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_fleet-server");
