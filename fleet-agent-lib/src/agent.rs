@@ -359,9 +359,6 @@ impl Agent {
         }
         if let Some(settings) = self.commands.take().filter(|s| s.enabled) {
             let path = crate::logstream::journal_path(&c.state_path);
-            // The journal keeps command output: private like the state file beside it.
-            crate::outbox::private_state_file(&path)
-                .map_err(|err| Error::from(err).opening_state(&path))?;
             let journal = crate::logstream::Journal::open(&path)
                 .await
                 .map_err(|err| err.opening_state(&path))?;

@@ -55,8 +55,11 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Opens (creating) the journal tables in the SQLite file at `path`.
+    /// Opens (creating) the journal tables in the SQLite file at `path`. The file (with its
+    /// `-wal` and `-shm`) is created 0600, or tightened to it when found looser: it keeps
+    /// command output.
     pub async fn open(path: &Path) -> Result<Self> {
+        crate::outbox::private_state_file(path)?;
         let options = SqliteConnectOptions::from_str("sqlite://")?
             .filename(path)
             .create_if_missing(true)
@@ -252,4 +255,42 @@ async fn insert_frame(tx: &mut sqlx::Transaction<'_, Sqlite>, frame: &Frame) -> 
         .execute(&mut **tx)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    #[tokio::test]
+    async fn the_journal_and_its_wal_are_private() {
+        let dir = std::env::temp_dir().join(format!(
+            "fleet-agent-journal-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).expect("dir");
+        // One left readable by others, as agents before this rule did under umask 022.
+        let loose = dir.join("loose.commands.db");
+        std::fs::write(&loose, b"").expect("write");
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        for path in [dir.join("state.commands.db"), loose] {
+            let journal = Journal::open(&path).await.expect("open");
+            assert_eq!(journal.begin("c1").await.expect("begin"), Begin::New);
+            for suffix in ["", "-wal", "-shm"] {
+                let mut file = path.as_os_str().to_owned();
+                file.push(suffix);
+                assert_eq!(mode(Path::new(&file)), 0o600, "{}", file.display());
+            }
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -1,6 +1,8 @@
 //! `DEPLOY_COMPOSE`, `STOP_COMPOSE` and `STATUS` with the InstaDeploy rules: the project name
-//! matches `^[a-zA-Z0-9_-]+$`, the project folder resolves inside the projects folder,
-//! folders are 0755 and files 0644, and the compose command is configurable. Compose runs
+//! matches `^[a-zA-Z0-9_-]+$`, the project folder resolves inside the projects folder, and
+//! the compose command is configurable. Folders are 0700 and files 0600, not InstaDeploy's
+//! 0755/0644: a compose file often holds secrets (`DB_PASSWORD`), and compose runs as the
+//! agent's user, the only one that needs to read it. Compose runs
 //! as `<compose> -p <name> -f <file> up -d | down | ps` in the project folder. A deploy that
 //! fails puts the project's previous compose file back, so the project that still runs can
 //! be stopped and listed.
@@ -93,7 +95,7 @@ async fn compose(
     result_of(finished, program)
 }
 
-/// Writes `bytes` to `path` with mode 0644, atomically (a temporary file renamed over it).
+/// Writes `bytes` to `path` with mode 0600, atomically (a temporary file renamed over it).
 fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("yml.tmp");
@@ -101,12 +103,13 @@ fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o644)
+        .mode(0o600)
         .open(&tmp)?;
+    // Exactly, whatever the umask, and before any byte is written: a temporary file left by
+    // an earlier agent keeps the mode it was created with.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     file.write_all(bytes)?;
     file.sync_all()?;
-    // The mode given at creation is filtered by the umask; set it exactly.
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
     std::fs::rename(&tmp, path)
 }
 
@@ -131,13 +134,15 @@ pub async fn deploy(
     let prepared = (|| -> std::io::Result<()> {
         std::fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o755)
+            .mode(0o700)
             .create(&settings.projects_dir)?;
         std::fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o755)
+            .mode(0o700)
             .create(&dir)?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        // Exactly 0700 whatever the umask, and a folder an earlier agent made 0755 is
+        // tightened at its next deploy.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
         Ok(())
     })();
     if let Err(err) = prepared {

@@ -1,13 +1,16 @@
 //! `UpdatePackage`: install, remove or upgrade host packages with the package manager the
 //! host has (apt, dnf or apk, detected on `PATH`). Names are validated
 //! ([`is_valid_package_name`]) and passed as separate arguments after `--`, never through a
-//! shell; apt-get is told to take them as exact names, not regular expressions.
+//! shell; apt-get is told to take them as exact names, not regular expressions, and gets a
+//! name ending in `+` or `-` only when a package has that exact name.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 
 use fleet_core::command::{CommandResult, PackageAction, UpdatePackage, is_valid_package_name};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::run::{Program, result_of, spawn};
 use super::{CommandSettings, Output, failed};
@@ -100,6 +103,20 @@ pub async fn update(
             "no supported package manager (apt-get, dnf, apk) on PATH",
         );
     };
+    // One limit for the whole command, the name check included.
+    let deadline = Instant::now() + settings.default_timeout;
+    if manager == Manager::Apt {
+        let check = tokio::time::timeout_at(deadline, apt_exact_names(&program, &update.packages));
+        let checked = tokio::select! {
+            checked = check => {
+                checked.unwrap_or_else(|_| Err("timed out checking the package names".into()))
+            }
+            () = cancel.notified() => Err("cancelled while checking the package names".into()),
+        };
+        if let Err(why) = checked {
+            return failed("", &why);
+        }
+    }
     let args = manager.args(update.action, &update.packages);
     let env = BTreeMap::from([("DEBIAN_FRONTEND".to_owned(), "noninteractive".to_owned())]);
     let program = program.display().to_string();
@@ -109,13 +126,55 @@ pub async fn update(
             args: &args,
             env: &env,
             cwd: None,
-            timeout: settings.default_timeout,
+            timeout: deadline.saturating_duration_since(Instant::now()),
         },
         output,
         cancel,
     )
     .await;
     result_of(finished, manager.program())
+}
+
+/// apt's action suffixes: `apt-get remove NAME+` installs NAME and `apt-get install NAME-`
+/// removes it, unless a package is called `NAME+` or `NAME-` exactly (as `g++` is). dnf and
+/// apk give a trailing character no meaning.
+const APT_ACTION_SUFFIXES: [char; 2] = ['+', '-'];
+
+/// Checks that every name in `packages` ending in an action suffix is a package of that
+/// exact name, so apt-get takes it whole and performs the action asked for. apt-cache
+/// resolves a name as apt-get does before it tries the suffix (candidate version, no
+/// regular expression with `Pattern-Only`); `apt_get` is the apt-get found on `PATH`, and
+/// apt-cache is taken beside it.
+async fn apt_exact_names(apt_get: &Path, packages: &[String]) -> Result<(), String> {
+    let apt_cache = apt_get.with_file_name("apt-cache");
+    for name in packages.iter().filter(|n| n.ends_with(APT_ACTION_SUFFIXES)) {
+        let shown = tokio::process::Command::new(&apt_cache)
+            .args([
+                "-o",
+                "APT::Cmd::Pattern-Only=true",
+                "show",
+                "--no-all-versions",
+                "--",
+            ])
+            .arg(name)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|err| format!("cannot start {}: {err}", apt_cache.display()))?;
+        // A virtual package exits 0 with no record: refused too, as apt-get might strip the
+        // suffix rather than pick a provider.
+        if !(shown.status.success() && shown.stdout.starts_with(b"Package: ")) {
+            let (base, action) = match name.split_at(name.len() - 1) {
+                (base, "+") => (base, "install"),
+                (base, _) => (base, "remove"),
+            };
+            return Err(format!(
+                "no package is called \"{name}\": apt would take it to mean \"{action} {base}\""
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -148,6 +207,40 @@ mod tests {
         assert_eq!(
             Manager::Dnf.args(PackageAction::Install, &names)[..3],
             ["install", "-y", "--"]
+        );
+    }
+
+    /// Runs apt for real, as tests/it/packages.rs does: this test needs a Debian host.
+    #[tokio::test]
+    async fn apt_gets_a_trailing_plus_only_when_a_package_has_that_exact_name() {
+        let apt_get = match detect(&std::env::var("PATH").unwrap_or_default()) {
+            Some((Manager::Apt, apt_get)) => apt_get,
+            other => panic!("this test needs apt-get on PATH (a Debian host), found {other:?}"),
+        };
+        let names = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>();
+        apt_exact_names(&apt_get, &names(&["hello", "g++"]))
+            .await
+            .expect("g++ is a package of its own");
+        // Passed whole, `g++` is what `remove` removes: nothing is installed.
+        let simulated = std::process::Command::new(&apt_get)
+            .arg("-s")
+            .args(Manager::Apt.args(PackageAction::Remove, &names(&["g++"])))
+            .output()
+            .expect("apt-get -s");
+        let stdout = String::from_utf8_lossy(&simulated.stdout);
+        assert!(simulated.status.success(), "{stdout}");
+        assert!(!stdout.lines().any(|l| l.starts_with("Inst ")), "{stdout}");
+
+        // No package is called `curl+`: apt-get would install curl, even in `remove`.
+        assert_eq!(
+            apt_exact_names(&apt_get, &names(&["hello", "curl+"])).await,
+            Err(r#"no package is called "curl+": apt would take it to mean "install curl""#.into())
+        );
+        assert_eq!(
+            apt_exact_names(&apt_get, &names(&["hello-"])).await,
+            Err(
+                r#"no package is called "hello-": apt would take it to mean "remove hello""#.into()
+            )
         );
     }
 

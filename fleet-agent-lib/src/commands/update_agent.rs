@@ -277,11 +277,15 @@ async fn trial(
     }
 }
 
+/// Downloads `url` into `to`. An error never quotes the URL: the command's error reaches
+/// every role on the control plane, and a download URL's query or userinfo may hold a token.
 async fn fetch(url: &str, to: &Path) -> Result<Vec<u8>, String> {
+    let download_failed =
+        |e: reqwest::Error| format!("download failed: {}", crate::collectors::http_error(e));
     let response = reqwest::get(url)
         .await
         .and_then(|r| r.error_for_status())
-        .map_err(|e| format!("download failed: {e}"))?;
+        .map_err(download_failed)?;
     if response
         .content_length()
         .is_some_and(|l| l > MAX_BINARY_BYTES)
@@ -292,7 +296,7 @@ async fn fetch(url: &str, to: &Path) -> Result<Vec<u8>, String> {
     let mut bytes = Vec::new();
     let mut body = response.bytes_stream();
     while let Some(piece) = body.next().await {
-        let piece = piece.map_err(|e| format!("download failed: {e}"))?;
+        let piece = piece.map_err(download_failed)?;
         if bytes.len() as u64 + piece.len() as u64 > MAX_BINARY_BYTES {
             return Err("the binary is too large".into());
         }

@@ -306,6 +306,68 @@ async fn update_agent_checks_digest_and_signature_then_swaps_atomically() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+#[tokio::test]
+async fn update_agent_download_errors_never_quote_the_url() {
+    let dir = temp_dir("update-url");
+    let binary = dir.join("fleet-agent");
+    std::fs::write(&binary, b"old agent").expect("old binary");
+    let settings = CommandSettings {
+        update_keys: vec![fleet_core::PrivateKey::from_seed([9; 32]).public_key()],
+        agent_binary: Some(binary.clone()),
+        ..CommandSettings::default()
+    };
+    let journal = Journal::open(&dir.join("state.db")).await.expect("journal");
+    let executor = Executor::new(
+        journal.clone(),
+        settings,
+        None,
+        Arc::new(tokio::sync::watch::channel(false).0),
+    );
+    // A port nothing listens on (connection refused), and a server that answers 404.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let served = serve_binary(b"unused".to_vec()).await;
+    let served = served
+        .trim_start_matches("http://")
+        .trim_end_matches("/agent");
+    let cases = [
+        (
+            format!("http://user:SECRETPW@{closed}/agent?token=SECRETQ"),
+            "connect",
+        ),
+        (
+            format!("http://user:SECRETPW@{served}/missing?token=SECRETQ#SECRETF"),
+            "404",
+        ),
+    ];
+    for (i, (url, cause)) in cases.iter().enumerate() {
+        executor
+            .accept(envelope(
+                &format!("u{i}"),
+                "UpdateAgent",
+                json!({"version": "2.0.0", "url": url, "sha256": "0".repeat(64),
+                       "signature": "AA=="}),
+            ))
+            .await
+            .expect("accept");
+        let found = wait_results(&journal, 2 * (i + 1)).await;
+        let result = &found[2 * i + 1];
+        assert_eq!(result.status, fleet_core::command::CommandStatus::Failed);
+        let error = result.error.clone().unwrap_or_default();
+        assert!(error.starts_with("download failed: "), "{error}");
+        assert!(error.to_lowercase().contains(cause), "{error}");
+        assert!(
+            !error.contains("SECRET") && !error.contains("user:"),
+            "{error}"
+        );
+        assert!(!result.logs.contains("SECRET"), "{}", result.logs);
+    }
+    assert_eq!(std::fs::read(&binary).expect("read"), b"old agent");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// An application's own HEALTH_CHECK, plugged in with a `CommandHandler`.
 struct AppHealth;
 

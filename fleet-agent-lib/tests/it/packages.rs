@@ -1,6 +1,7 @@
 //! `UpdatePackage` against this host's real package manager (apt on the Debian machines the
 //! tests run on): install a tiny real package, check it with `dpkg -s`, remove it; and the
-//! names that must never reach apt as options, patterns or regular expressions.
+//! names that must never reach apt as options, patterns, regular expressions or another
+//! action (`remove hello+`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -98,6 +99,15 @@ async fn update_package_installs_and_removes_a_real_package_with_apt() {
     let result = update_package(&executor, &journal, "pkg-2", "remove", &[PACKAGE]).await;
     assert_eq!(result.status, CommandStatus::Completed, "{result:?}");
     assert!(!installed(PACKAGE), "{PACKAGE} is still installed");
+
+    // apt reads `hello+` as "install hello" when no package has that exact name: a removal
+    // must not install anything.
+    let result = update_package(&executor, &journal, "pkg-plus", "remove", &["hello+"]).await;
+    assert_eq!(result.status, CommandStatus::Failed, "{result:?}");
+    assert_eq!(result.exit_code, None, "hello+ reached apt-get");
+    let error = result.error.unwrap_or_default();
+    assert!(error.contains("\"hello+\""), "{error}");
+    assert!(!installed(PACKAGE), "removing hello+ installed {PACKAGE}");
 
     // A name that is no package is not retried by apt as a regular expression ("hell."
     // would match hello, hello-traditional, ...): the command fails and installs nothing.

@@ -103,7 +103,8 @@ async fn compose_deploy_status_stop_with_podman() {
         cleanup(&project);
         panic!("deploy failed: {done}");
     }
-    // Written with the InstaDeploy modes.
+    // Private to the agent's user (a compose file can hold secrets), and compose still
+    // reads it.
     use std::os::unix::fs::PermissionsExt;
     let dir_mode = std::fs::metadata(projects.0.join(&project))
         .expect("project dir")
@@ -115,7 +116,7 @@ async fn compose_deploy_status_stop_with_podman() {
         .permissions()
         .mode()
         & 0o777;
-    assert_eq!((dir_mode, file_mode), (0o755, 0o644));
+    assert_eq!((dir_mode, file_mode), (0o700, 0o600));
 
     let url = format!("http://127.0.0.1:{port}/index.html");
     let mut answer = None;
