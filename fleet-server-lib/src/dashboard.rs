@@ -560,7 +560,9 @@ pub(crate) async fn acknowledge(
             percent_encode(&alert.instance_id)
         ))
         .into_response(),
-        Ok(None) | Err(Error::NotFound) => missing(Some(role), &format!("No alert {}.", esc(&id))),
+        // A form, like the other dashboard forms: an unknown id is the JSON error that
+        // /openapi.json documents for it (pages, not forms, answer one with a page).
+        Ok(None) | Err(Error::NotFound) => Error::NotFound.into_response(),
         Err(err) => page_for_error(Some(role), err),
     }
 }
