@@ -573,7 +573,7 @@ async fn cancel_kills_a_running_command(store: TestStore) {
 
 /// Creates a one-time enrollment token for `instance` as admin; returns the answer, checked
 /// against /openapi.json.
-async fn enrollment(server: &TestServer, instance: &str) -> Value {
+pub(crate) async fn enrollment(server: &TestServer, instance: &str) -> Value {
     let response = server
         .client
         .post(server.at("/v1/enrollments"))

@@ -446,17 +446,7 @@ async fn a_heartbeat_the_database_refuses_does_not_sink_the_ones_sent_with_it() 
 async fn the_shared_token_does_not_sign_for_an_enrolled_instance() {
     let t = support::sqlite().await;
     let server = TestServer::start(t.store.clone()).await;
-    let enrollment: Value = server
-        .client
-        .post(server.at("/v1/enrollments"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"instance_id": "enrolled-1"}))
-        .send()
-        .await
-        .expect("enroll")
-        .json()
-        .await
-        .expect("json");
+    let enrollment = crate::commands::enrollment(&server, "enrolled-1").await;
     let registered: Value = server
         .client
         .post(server.at("/v1/agents/register"))
@@ -528,17 +518,7 @@ async fn the_shared_token_does_not_sign_for_an_enrolled_instance() {
 async fn an_enrollment_token_for_another_instance_is_refused_without_being_used() {
     let t = support::sqlite().await;
     let server = TestServer::start(t.store.clone()).await;
-    let enrollment: Value = server
-        .client
-        .post(server.at("/v1/enrollments"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"instance_id": "edge-41"}))
-        .send()
-        .await
-        .expect("enroll")
-        .json()
-        .await
-        .expect("json");
+    let enrollment = crate::commands::enrollment(&server, "edge-41").await;
     let register = |instance: &str| {
         server
             .client
