@@ -122,6 +122,26 @@ pub fn redact_url_password(text: &str) -> String {
     shown
 }
 
+/// A size as people set and read it: `256 MiB` for a whole number of a unit, one decimal
+/// otherwise (`1.5 KiB`, `1.1 GiB`), `1000 bytes` below a KiB; units up to PiB.
+pub fn byte_size(bytes: i64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes.unsigned_abs() < 1024 {
+        return format!("{bytes} bytes");
+    }
+    let mut unit = 0;
+    let mut divisor: i64 = 1024;
+    while bytes.unsigned_abs() / divisor.unsigned_abs() >= 1024 && unit < UNITS.len() - 1 {
+        unit += 1;
+        divisor *= 1024;
+    }
+    if bytes % divisor == 0 {
+        format!("{} {}", bytes / divisor, UNITS[unit])
+    } else {
+        format!("{:.1} {}", bytes as f64 / divisor as f64, UNITS[unit])
+    }
+}
+
 /// `text` with the userinfo, query and fragment of every URL in it (`scheme://…`) replaced by
 /// `[redacted]`: `https://[redacted]@host/path?[redacted]`. For error texts and logs that
 /// quote a request's URL (an HTTP client's "error sending request for url (…)"), where a
@@ -221,6 +241,20 @@ pub fn unix_now() -> i64 {
 
 #[cfg(test)]
 mod tests {
+    use super::byte_size;
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(byte_size(1000), "1000 bytes");
+        assert_eq!(byte_size(1536), "1.5 KiB");
+        assert_eq!(byte_size(4096), "4 KiB");
+        assert_eq!(byte_size(256 << 20), "256 MiB");
+        assert_eq!(byte_size(100_000_000), "95.4 MiB");
+        assert_eq!(byte_size(1_200_000_000), "1.1 GiB");
+        assert_eq!(byte_size(3 << 40), "3 TiB");
+        assert_eq!(byte_size(i64::MAX), "8192.0 PiB");
+    }
+
     use super::{error_chain, redact_url_password, redact_url_secrets};
 
     #[test]

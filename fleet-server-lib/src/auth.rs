@@ -1,12 +1,13 @@
 //! Roles and who holds them.
 //!
 //! Three roles, each including the one below: `support` reads, `ops` also operates
-//! (acknowledges alerts), `admin` may do everything. A caller proves a role with a token:
-//! `Authorization: Bearer <token>` (API clients), the ERP's `x-cp-admin-token` header (admin),
-//! or the `cp_role` + `cp_token` cookies that `/login` sets (browsers; the ERP's names, so a
-//! session survives the switch). Tokens are compared in constant time, and every configured
-//! token is compared every time, so timing says nothing about which one matched. A client
-//! that fails too many checks in a minute is held back (see `throttle.rs`).
+//! (acknowledges alerts), `admin` may do everything. A caller proves a role with a token,
+//! `Authorization: Bearer <token>` (API clients) or the ERP's `x-cp-admin-token` header
+//! (admin), or with the session cookie `cp_token` that `/login` sets after checking a token
+//! (browsers; see `sessions.rs`). The cookie holds a session id, never a token, and neither
+//! is accepted in the other's place. Tokens are compared in constant time, and every
+//! configured token is compared every time, so timing says nothing about which one matched.
+//! A client that fails too many checks in a minute is held back (see `throttle.rs`).
 
 use axum::extract::FromRequestParts;
 use axum::http::HeaderMap;
@@ -83,7 +84,8 @@ impl std::fmt::Debug for RoleTokens {
 }
 
 impl RoleTokens {
-    fn token(&self, role: Role) -> Option<&str> {
+    /// `role`'s token, unless it has none.
+    pub(crate) fn token(&self, role: Role) -> Option<&str> {
         match role {
             Role::Support => self.support.as_deref(),
             Role::Ops => self.ops.as_deref(),
@@ -110,7 +112,8 @@ impl RoleTokens {
         found
     }
 
-    /// The role the request's credentials prove, if any.
+    /// The role the request's token proves, if any: a Bearer token or the ERP's admin
+    /// header. The session cookie is not a token and is not looked at here.
     pub fn caller(&self, headers: &HeaderMap) -> Option<Role> {
         let mut best: Option<Role> = None;
         if let Some(token) = header(headers, AUTHORIZATION.as_str())
@@ -124,15 +127,17 @@ impl RoleTokens {
         {
             best = Some(Role::Admin);
         }
-        if let (Some(role), Some(token)) = (cookie(headers, "cp_role"), cookie(headers, "cp_token"))
-            && let Some(role) = Role::parse(&role)
-            && self.matches(role, &token)
-        {
-            best = best.max(Some(role));
-        }
         best
     }
 }
+
+/// The cookie holding a browser's session id (the ERP's name for its login cookie).
+const SESSION_COOKIE: &str = "cp_token";
+
+/// The cookie in which the ERP, and this control plane before sessions, named the role of
+/// the token in `cp_token`. No longer set or read; cleared with the session cookie, so a
+/// browser from before the upgrade is left with nothing stale.
+const LEGACY_ROLE_COOKIE: &str = "cp_role";
 
 fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers.get(name).and_then(|v| v.to_str().ok())
@@ -184,8 +189,8 @@ pub type Ops = Authed<1>;
 pub type Admin = Authed<2>;
 
 /// Whether the request carries anything that claims a role: a Bearer token, the ERP's
-/// admin header or the login cookie. Only such requests are checked against the tokens, and
-/// only their failures count towards the client's limit.
+/// admin header or the session cookie. Only such requests are checked, and only their
+/// failures count towards the client's limit.
 fn presents_credentials(headers: &HeaderMap) -> bool {
     header(headers, AUTHORIZATION.as_str()).is_some_and(|v| v.starts_with("Bearer "))
         || headers.contains_key("x-cp-admin-token")
@@ -193,32 +198,44 @@ fn presents_credentials(headers: &HeaderMap) -> bool {
 }
 
 /// The role the request's credentials prove (`None` without credentials or with wrong
-/// ones), or [`Error::TooManyAttempts`] when the client used up its failed checks: then the
-/// credentials are not looked at. A failed check counts against the client.
-pub(crate) fn caller_of(state: &AppState, parts: &Parts) -> Result<Option<Role>, Error> {
+/// ones: an unknown, expired or ended session is wrong too), or [`Error::TooManyAttempts`]
+/// when the client used up its failed checks: then the credentials are not looked at. A
+/// failed check counts against the client. A store that cannot look the session up is the
+/// store's error, not a failed check.
+pub(crate) async fn caller_of(state: &AppState, parts: &Parts) -> Result<Option<Role>, Error> {
     if !presents_credentials(&parts.headers) {
         return Ok(None);
     }
     let client = crate::throttle::client_of(parts, &state.settings);
-    attempt(state, client, || state.tokens.caller(&parts.headers))
+    attempt(state, client, async {
+        let mut best = state.tokens.caller(&parts.headers);
+        if let Some(id) = session_id(&parts.headers) {
+            let now = fleet_core::unix_now();
+            best = best.max(crate::sessions::role_of(state, &id, now).await?);
+        }
+        Ok(best)
+    })
+    .await
 }
 
-/// Runs one credential check for `client` under its limit (see [`crate::throttle`]).
-pub(crate) fn attempt(
+/// Runs one credential check for `client` under its limit (see [`crate::throttle`]); the
+/// check does not start when the client is held back.
+pub(crate) async fn attempt(
     state: &AppState,
     client: std::net::IpAddr,
-    check: impl FnOnce() -> Option<Role>,
+    check: impl Future<Output = Result<Option<Role>, Error>>,
 ) -> Result<Option<Role>, Error> {
     let now = std::time::Instant::now();
     if let Some(wait) = state.auth_throttle.retry_after(client, now) {
         let retry_after_secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
         return Err(Error::TooManyAttempts { retry_after_secs });
     }
-    let role = check();
+    let role = check.await?;
     if role.is_none() {
         state.auth_throttle.failed(client, now);
-        // The address is the operator's lead; the presented token is never logged.
-        tracing::info!(%client, "role token refused");
+        // The address is the operator's lead; the presented token or session id is never
+        // logged.
+        tracing::info!(%client, "role token or session refused");
     }
     Ok(role)
 }
@@ -230,7 +247,7 @@ impl<const MIN: u8> FromRequestParts<Shared> for Authed<MIN> {
         parts: &mut Parts,
         state: &Shared,
     ) -> Result<Self, Self::Rejection> {
-        match caller_of(state, parts)? {
+        match caller_of(state, parts).await? {
             None => Err(Error::Unauthorized),
             Some(role) if role < Role::from_level(MIN) => Err(Error::Forbidden),
             Some(role) => Ok(Self(role)),
@@ -250,9 +267,11 @@ impl<const MIN: u8> FromRequestParts<Shared> for Viewer<MIN> {
         parts: &mut Parts,
         state: &Shared,
     ) -> Result<Self, Self::Rejection> {
-        let caller = caller_of(state, parts).map_err(crate::dashboard::error_page)?;
+        let caller = caller_of(state, parts)
+            .await
+            .map_err(crate::dashboard::error_page)?;
         match caller {
-            // A stale login cookie is dropped by the login page, which says why.
+            // A stale session cookie is dropped by the login page, which says why.
             None => Err(Redirect::to("/login").into_response()),
             Some(role) if role < Role::from_level(MIN) => Err(crate::dashboard::forbidden_page()),
             Some(role) => Ok(Self(role)),
@@ -260,18 +279,21 @@ impl<const MIN: u8> FromRequestParts<Shared> for Viewer<MIN> {
     }
 }
 
-/// `Set-Cookie` values that log a browser in as `role`.
-pub(crate) fn login_cookies(role: Role, token: &str, secure: bool) -> [String; 2] {
-    let attrs = cookie_attrs(secure);
-    [
-        format!("cp_role={}; {attrs}", role.as_str()),
-        format!("cp_token={}; {attrs}", percent_encode(token)),
-    ]
+/// The `Set-Cookie` value that gives a browser its session. No `Max-Age`: the browser
+/// forgets it when it closes, and the server refuses it once the session expired.
+pub(crate) fn login_cookie(session_id: &str, secure: bool) -> String {
+    // Hex: no character of the id needs encoding in a cookie.
+    format!("{SESSION_COOKIE}={session_id}; {}", cookie_attrs(secure))
 }
 
-/// Whether the request carries the login cookie (valid or not).
+/// The session id the request's cookie holds (valid or not).
+pub(crate) fn session_id(headers: &HeaderMap) -> Option<String> {
+    cookie(headers, SESSION_COOKIE)
+}
+
+/// Whether the request carries the session cookie (valid or not).
 pub(crate) fn has_login_cookie(headers: &HeaderMap) -> bool {
-    cookie(headers, "cp_token").is_some()
+    session_id(headers).is_some()
 }
 
 /// Adds the `Set-Cookie` headers that log a browser out to `response`.
@@ -287,14 +309,14 @@ pub(crate) fn clear_login_cookies(response: &mut Response, secure: bool) {
 fn logout_cookies(secure: bool) -> [String; 2] {
     let attrs = cookie_attrs(secure);
     [
-        format!("cp_role=; {attrs}; Max-Age=0"),
-        format!("cp_token=; {attrs}; Max-Age=0"),
+        format!("{LEGACY_ROLE_COOKIE}=; {attrs}; Max-Age=0"),
+        format!("{SESSION_COOKIE}=; {attrs}; Max-Age=0"),
     ]
 }
 
 fn cookie_attrs(secure: bool) -> &'static str {
-    // HttpOnly: scripts cannot read the token. SameSite=Strict: other sites cannot make the
-    // browser send it, which is what protects the dashboard's POST forms.
+    // HttpOnly: scripts cannot read the session id. SameSite=Strict: other sites cannot make
+    // the browser send it, which is what protects the dashboard's POST forms.
     if secure {
         "Path=/; HttpOnly; SameSite=Strict; Secure"
     } else {
@@ -323,7 +345,7 @@ mod tests {
     }
 
     #[test]
-    fn bearer_admin_header_and_cookies() {
+    fn bearer_and_admin_header_but_never_a_cookie() {
         let t = tokens();
         assert_eq!(
             t.caller(&headers(&[("authorization", "Bearer ops-token")])),
@@ -334,16 +356,13 @@ mod tests {
             Some(Role::Admin)
         );
         assert_eq!(t.caller(&headers(&[("x-cp-admin-token", "sup")])), None);
+        // A role token in the cookie, as this control plane set it before sessions, is not
+        // a token here: the cookie holds a session id, looked up elsewhere.
         assert_eq!(
             t.caller(&headers(&[(
                 "cookie",
                 "a=b; cp_role=ops; cp_token=ops%2Dtoken"
             )])),
-            Some(Role::Ops)
-        );
-        // A cookie claiming a role must carry that role's token.
-        assert_eq!(
-            t.caller(&headers(&[("cookie", "cp_role=admin; cp_token=sup")])),
             None
         );
         assert_eq!(

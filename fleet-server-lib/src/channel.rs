@@ -53,7 +53,19 @@ pub struct LiveSettings {
     pub delivery_timeout: Duration,
     /// A running target with no news for this long is `timed_out`.
     pub run_timeout: Duration,
+    /// Most bytes of output stored per command target, stdout and stderr together. A chunk
+    /// past it is acknowledged but not stored (of a chunk that straddles it, the part below
+    /// is), and the target is marked truncated: the agent's spool drains, and whoever holds
+    /// an agent's secret cannot fill the database. At least 100 MB by default, so outputs
+    /// of that size stream whole.
+    pub output_max_bytes: u64,
+    /// How long the output of an ended target is kept; the periodic sweep deletes it after
+    /// that, and keeps the target's record and result. `None` keeps it forever.
+    pub output_retention: Option<Duration>,
 }
+
+/// Default of [`LiveSettings::output_max_bytes`]: 256 MiB.
+pub(crate) const DEFAULT_OUTPUT_MAX_BYTES: u64 = 256 * 1024 * 1024;
 
 impl std::fmt::Debug for LiveSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -64,6 +76,8 @@ impl std::fmt::Debug for LiveSettings {
             .field("enrollment_ttl", &self.enrollment_ttl)
             .field("delivery_timeout", &self.delivery_timeout)
             .field("run_timeout", &self.run_timeout)
+            .field("output_max_bytes", &self.output_max_bytes)
+            .field("output_retention", &self.output_retention)
             .finish()
     }
 }
@@ -78,6 +92,8 @@ impl Default for LiveSettings {
             delivery_timeout: Duration::from_secs(15 * 60),
             // Longer than the longest RunCommand timeout (7 days).
             run_timeout: Duration::from_secs(7 * 86_400 + 3600),
+            output_max_bytes: DEFAULT_OUTPUT_MAX_BYTES,
+            output_retention: Some(Duration::from_secs(30 * 86_400)),
         }
     }
 }
@@ -485,7 +501,10 @@ pub(crate) async fn handle(
             {
                 return reply;
             }
-            match commands.store_chunks(&rows).await {
+            match commands
+                .store_chunks(&rows, state.live.settings.output_max_bytes)
+                .await
+            {
                 Ok(_) => {
                     state.live.activity.notify_waiters();
                     Some(ack(id))
@@ -601,7 +620,10 @@ async fn flush_logs(
     if ids.is_empty() {
         return;
     }
-    match commands.store_chunks(rows.as_slice()).await {
+    match commands
+        .store_chunks(rows.as_slice(), state.live.settings.output_max_bytes)
+        .await
+    {
         Ok(_) => {
             state.live.activity.notify_waiters();
             let ids = std::mem::take(ids);

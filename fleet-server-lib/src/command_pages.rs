@@ -1,5 +1,6 @@
 //! Dashboard pages for remote commands: the recent commands with their targets counted by
-//! status, and one command with each target's status, result and output, with a form that
+//! status, and one command with each target's status, result and output (saying when the
+//! control plane cut it at its cap or deleted it after its retention), with a form that
 //! cancels it while it runs (for the roles that may). Every role reads them; a payload's
 //! secret-bearing values are hidden from `support` (see [`visible_payload`]), while output
 //! stays visible to all, as `/v1/commands/:id/logs` is.
@@ -15,6 +16,7 @@ use serde_json::Value;
 use crate::auth::{Role, Viewer, percent_encode};
 use crate::channel::command_store;
 use crate::dashboard::{esc, format_time, layout};
+use crate::store::commands::TargetRecord;
 use crate::{Error, Result, Shared};
 
 /// Commands listed.
@@ -194,13 +196,13 @@ pub(crate) async fn command(
     );
     b.push_str(
         "<h2>Targets</h2><table id=targets><thead><tr><th>Instance</th><th>Status</th>\
-         <th>Exit code</th><th>Error</th><th>Updated</th></tr></thead><tbody>",
+         <th>Exit code</th><th>Error</th><th>Output</th><th>Updated</th></tr></thead><tbody>",
     );
     for t in &c.targets {
         let _ = write!(
             b,
             "<tr data-instance=\"{}\"><td><a href=\"/installations/{}\">{}</a></td><td>{}</td>\
-             <td>{}</td><td>{}</td><td>{}</td></tr>",
+             <td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&t.instance_id),
             percent_encode(&t.instance_id),
             esc(&t.instance_id),
@@ -210,6 +212,7 @@ pub(crate) async fn command(
             t.error
                 .as_deref()
                 .map_or_else(|| "–".to_owned(), |e| esc(&visible_error(e, role))),
+            output_cell(t),
             format_time(t.updated_at),
         );
     }
@@ -225,7 +228,19 @@ pub(crate) async fn command(
             break;
         }
         let _ = write!(b, "<section><h3>{}</h3>", esc(&t.instance_id));
-        for stream in [Stream::Stdout, Stream::Stderr] {
+        // Deleted output has no streams left to show, only the note of when it went.
+        let streams: &[Stream] = match crate::commands::output_deleted(t) {
+            Some(deleted_at) => {
+                let _ = write!(
+                    b,
+                    "<p class=muted id=\"output-deleted-{n}\">{}.</p>",
+                    esc(&crate::commands::deletion_text(t.output_bytes, deleted_at))
+                );
+                &[]
+            }
+            None => &[Stream::Stdout, Stream::Stderr],
+        };
+        for &stream in streams {
             let name = match stream {
                 Stream::Stdout => "stdout",
                 Stream::Stderr => "stderr",
@@ -250,6 +265,14 @@ pub(crate) async fn command(
                 esc(&text)
             );
         }
+        if let Some(cut) = t.output_truncated_at_bytes {
+            let _ = write!(
+                b,
+                "<p class=warn id=\"output-truncated-{n}\">{}: what the command printed past \
+                 it was not stored.</p>",
+                esc(&crate::commands::truncation_text(cut))
+            );
+        }
         if let Some(logs) = t.logs.as_deref().filter(|l| !l.is_empty()) {
             let _ = write!(b, "<p>agent's summary</p><pre>{}</pre>", esc(logs));
         }
@@ -267,6 +290,22 @@ pub(crate) async fn command(
     Ok(axum::response::Html(page).into_response())
 }
 
+/// A target's output in the targets table: its size, and whether the control plane cut it
+/// at the cap or deleted it after the retention.
+fn output_cell(target: &TargetRecord) -> String {
+    let size = fleet_core::byte_size(target.output_bytes);
+    if crate::commands::output_deleted(target).is_some() {
+        format!("<span class=muted>{size}, deleted</span>")
+    } else if let Some(cut) = target.output_truncated_at_bytes {
+        format!(
+            "{size} <span class=warn>(truncated at {})</span>",
+            fleet_core::byte_size(cut)
+        )
+    } else {
+        size
+    }
+}
+
 /// The first [`LOG_BYTES`] of a target's stream as text, and whether there is more.
 async fn head(
     store: &dyn crate::store::commands::CommandStore,
@@ -281,7 +320,7 @@ async fn head(
             return Ok((String::from_utf8_lossy(&bytes).into_owned(), false));
         }
         for chunk in chunks {
-            from = chunk.pos + chunk.data.len() as i64;
+            from = chunk.pos.saturating_add(chunk.data.len() as i64);
             let room = LOG_BYTES - bytes.len();
             if chunk.data.len() >= room {
                 bytes.extend_from_slice(&chunk.data[..room]);

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use crate::auth::{Authed, Ops, Role, Support};
 use crate::channel::command_store;
 use crate::registration::decode_body;
-use crate::store::commands::{CommandStore, NewCommand, StoredChunk, is_final};
+use crate::store::commands::{CommandStore, NewCommand, StoredChunk, TargetRecord, is_final};
 use crate::{Error, Result, Shared};
 
 /// Chunks read from the database per page when streaming output.
@@ -193,8 +193,32 @@ pub(crate) struct LogQuery {
     follow: bool,
 }
 
+/// What the control plane says of output it cut at `max_bytes`.
+pub(crate) fn truncation_text(max_bytes: i64) -> String {
+    format!(
+        "output truncated at {} by the control plane (CONTROL_PLANE_COMMAND_OUTPUT_MAX_BYTES)",
+        fleet_core::byte_size(max_bytes)
+    )
+}
+
+/// What the control plane says of output its retention sweep deleted.
+pub(crate) fn deletion_text(output_bytes: i64, deleted_at: i64) -> String {
+    format!(
+        "the output of this target ({}) was deleted at {} by the control plane's retention \
+         (CONTROL_PLANE_COMMAND_RETENTION_DAYS); its status, exit code and result are kept",
+        fleet_core::byte_size(output_bytes),
+        fleet_core::clock::rfc3339(deleted_at)
+    )
+}
+
+/// When the retention sweep deleted this target's output, if it did and there was some.
+pub(crate) fn output_deleted(target: &TargetRecord) -> Option<i64> {
+    target.output_deleted_at.filter(|_| target.output_bytes > 0)
+}
+
 /// `GET /v1/commands/{id}/logs?target=&stream=&follow=`: the whole output as bytes, or a
-/// live stream of server-sent events.
+/// live stream of server-sent events. Output the control plane cut at its cap ends with a
+/// line that says so; output its retention deleted is a 410 that says when.
 pub(crate) async fn logs(
     _: Support,
     State(state): State<Shared>,
@@ -216,9 +240,12 @@ pub(crate) async fn logs(
             ));
         }
     }
-    .ok_or(Error::NotFound)?
-    .target_id
-    .clone();
+    .ok_or(Error::NotFound)?;
+    // Deleted output answers so, instead of an empty output as if nothing had been printed.
+    if let Some(deleted_at) = output_deleted(target) {
+        return Err(Error::Gone(deletion_text(target.output_bytes, deleted_at)));
+    }
+    let target = target.target_id.clone();
     if query.follow {
         let resume = match headers.get("last-event-id") {
             None => [0, 0],
@@ -237,38 +264,74 @@ pub(crate) async fn logs(
         return Ok(follow(state, target, query.stream, resume).into_response());
     }
     let stream = query.stream.unwrap_or(Stream::Stdout);
+    /// Where the whole output's stream of pages stands.
+    enum Page {
+        /// The next page starts at this offset.
+        From(i64),
+        /// Every stored chunk was sent: the truncation line, if the output was cut, is next.
+        Note,
+        /// Nothing more.
+        Done,
+    }
     // Page by page: a 100 MB output never sits in memory whole.
     let body = futures_util::stream::unfold(
-        (state, target, 0i64, false),
-        move |(state, target, from, done)| async move {
-            if done {
-                return None;
-            }
+        (state, target, Page::From(0)),
+        move |(state, target, mut page)| async move {
             let commands = state.store.commands()?;
-            match commands
-                .read_chunks(&target, Some(stream), from, PAGE)
-                .await
-            {
-                Ok(chunks) if chunks.is_empty() => None,
-                Ok(chunks) => {
-                    let last = chunks.len() < PAGE as usize;
-                    let next = chunks
-                        .last()
-                        .map(|c| c.pos + c.data.len() as i64)
-                        .unwrap_or(from);
-                    let mut bytes = Vec::new();
-                    for chunk in chunks {
-                        bytes.extend_from_slice(&chunk.data);
+            loop {
+                let from = match page {
+                    Page::From(from) => from,
+                    Page::Note => {
+                        // Read at the end, so a cut made while the output was read is told.
+                        return match commands.target_output(&target).await {
+                            Ok(output) => {
+                                // Output left whole ends with its last byte.
+                                let cut = output.and_then(|o| o.output_truncated_at_bytes)?;
+                                let note = format!("\n[{}]\n", truncation_text(cut));
+                                Some((Ok(Bytes::from(note)), (state, target, Page::Done)))
+                            }
+                            Err(err) => Some((
+                                Err(std::io::Error::other(err.to_string())),
+                                (state, target, Page::Done),
+                            )),
+                        };
                     }
-                    Some((
-                        Ok::<_, std::io::Error>(Bytes::from(bytes)),
-                        (state, target, next, last),
-                    ))
+                    Page::Done => return None,
+                };
+                let chunks = match commands
+                    .read_chunks(&target, Some(stream), from, PAGE)
+                    .await
+                {
+                    Ok(chunks) if chunks.is_empty() => {
+                        page = Page::Note;
+                        continue;
+                    }
+                    Ok(chunks) => chunks,
+                    Err(err) => {
+                        return Some((
+                            Err(std::io::Error::other(err.to_string())),
+                            (state, target, Page::Done),
+                        ));
+                    }
+                };
+                let next = if chunks.len() < PAGE as usize {
+                    Page::Note
+                } else {
+                    Page::From(
+                        chunks
+                            .last()
+                            .map(|c| c.pos.saturating_add(c.data.len() as i64))
+                            .unwrap_or(from),
+                    )
+                };
+                let mut bytes = Vec::new();
+                for chunk in chunks {
+                    bytes.extend_from_slice(&chunk.data);
                 }
-                Err(err) => Some((
-                    Err(std::io::Error::other(err.to_string())),
-                    (state, target, from, true),
-                )),
+                return Some((
+                    Ok::<_, std::io::Error>(Bytes::from(bytes)),
+                    (state, target, next),
+                ));
             }
         },
     );
@@ -294,7 +357,8 @@ fn parse_event_id(text: &str) -> Option<[i64; 2]> {
 
 /// Follows one target's output from the offsets `resume` as server-sent events:
 /// `stdout`/`stderr` events carrying `{offset, data, encoding}` (their id is where each
-/// stream goes on, see [`event_id`]), then one `end` event with the target's final status.
+/// stream goes on, see [`event_id`]), then one `end` event with the target's final status
+/// and, when the control plane cut its output at the cap, `output_truncated_at_bytes`.
 fn follow(
     state: Shared,
     target: String,
@@ -328,7 +392,7 @@ fn follow(
             let commands = c.state.store.commands()?;
             // Whether the target ended is read BEFORE the output: output stored before the
             // end is then certainly seen by the read that follows.
-            let final_status = target_final(commands, &c.target).await;
+            let ended = target_ended(commands, &c.target).await;
             let mut got = 0;
             for (i, stream) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
                 if only.is_some_and(|o| o != stream) {
@@ -340,7 +404,7 @@ fn follow(
                     .unwrap_or_default();
                 got += chunks.len();
                 for chunk in chunks {
-                    c.next[i] = chunk.pos + chunk.data.len() as i64;
+                    c.next[i] = chunk.pos.saturating_add(chunk.data.len() as i64);
                     c.pending
                         .push_back(chunk_event(&chunk).id(event_id(c.next)));
                 }
@@ -348,14 +412,15 @@ fn follow(
             if got > 0 {
                 continue;
             }
-            if let Some(status) = final_status {
+            if let Some(output) = ended {
                 c.finished = true;
                 c.ended = true;
-                c.pending.push_back(
-                    Event::default()
-                        .event("end")
-                        .data(serde_json::json!({ "status": status }).to_string()),
-                );
+                let end = serde_json::json!({
+                    "status": output.status,
+                    "output_truncated_at_bytes": output.output_truncated_at_bytes,
+                });
+                c.pending
+                    .push_back(Event::default().event("end").data(end.to_string()));
                 continue;
             }
             let _ = tokio::time::timeout(FOLLOW_POLL, c.state.live.activity.notified()).await;
@@ -364,13 +429,17 @@ fn follow(
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
-async fn target_final(commands: &dyn CommandStore, target: &str) -> Option<String> {
+/// The target's status and output, if it ended.
+async fn target_ended(
+    commands: &dyn CommandStore,
+    target: &str,
+) -> Option<crate::store::commands::TargetOutput> {
     commands
-        .target_status(target)
+        .target_output(target)
         .await
         .ok()
         .flatten()
-        .filter(|s| is_final(s))
+        .filter(|output| is_final(&output.status))
 }
 
 fn chunk_event(chunk: &StoredChunk) -> Event {
@@ -530,7 +599,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "post",
         "/v1/commands/logs",
         Signed,
-        "Output chunks over HTTP (agent-svc shape): {instance_id, command_id, chunks: [{offset, stream, data, encoding?}]}, v1-signed; stored once per (command_id, stream, offset).",
+        "Output chunks over HTTP (agent-svc shape): {instance_id, command_id, chunks: [{offset, stream, data, encoding?}]}, v1-signed; stored once per (command_id, stream, offset). A target stores at most CONTROL_PLANE_COMMAND_OUTPUT_MAX_BYTES of output (stdout and stderr together): a chunk past it is acknowledged but not stored (the part below the cap is), and the target is marked truncated.",
         &[
             (200, "Stored (or already stored)"),
             (401, "Signature refused"),
@@ -559,16 +628,20 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "get",
         "/v1/commands/{id}",
         Least("support"),
-        "A command and its per-target status, exit code, error, short log and data.",
+        "A command and its per-target status, exit code, error, short log and data, with its output's size (output_bytes, both streams), the cap it was cut at (output_truncated_at_bytes, null when nothing was left out) and when the retention sweep deleted it (output_deleted_at, null while kept).",
         &[(200, "The command"), (404, "Unknown command")],
     ),
     doc(
         "get",
         "/v1/commands/{id}/logs",
         Least("support"),
-        "Output of one target (?target=instance, ?stream=stdout|stderr): whole as bytes, or followed live as server-sent events with ?follow=true. Each output event's id is `<stdout offset>,<stderr offset>` after it; sent back as Last-Event-ID, the stream goes on from there.",
+        "Output of one target (?target=instance, ?stream=stdout|stderr): whole as bytes, or followed live as server-sent events with ?follow=true. Each output event's id is `<stdout offset>,<stderr offset>` after it; sent back as Last-Event-ID, the stream goes on from there. Output the control plane cut at CONTROL_PLANE_COMMAND_OUTPUT_MAX_BYTES ends with the line `[output truncated at <size> by the control plane (CONTROL_PLANE_COMMAND_OUTPUT_MAX_BYTES)]` (whole), or has `output_truncated_at_bytes` in its `end` event (followed; null when nothing was left out).",
         &[
             (200, "Bytes or text/event-stream"),
+            (
+                410,
+                "The output was deleted by the retention sweep (CONTROL_PLANE_COMMAND_RETENTION_DAYS); the message says when, and the target's result is still in GET /v1/commands/{id}",
+            ),
             (
                 400,
                 "The command has several targets and ?target= names none, a bad query, or a bad Last-Event-ID",

@@ -7,14 +7,14 @@ use axum::extract::rejection::FormRejection;
 use axum::extract::{Path, State};
 use axum::http::header::SET_COOKIE;
 use axum::http::request::Parts;
-use axum::http::{StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::api::{ListQuery, alert_id};
 use crate::auth::{
-    Role, Viewer, clear_login_cookies, has_login_cookie, login_cookies, percent_encode,
+    Role, Viewer, clear_login_cookies, has_login_cookie, login_cookie, percent_encode, session_id,
 };
 use crate::restores::RestoreSummary;
 use crate::store::{Alert, HeartbeatPoint, InstallationDetail, InstallationSummary};
@@ -73,21 +73,6 @@ pub(crate) fn long_text(text: &str, max: usize) -> String {
 /// `2026-11-22 07:50:57 UTC` from unix seconds (proleptic Gregorian, no time-zone data).
 pub(crate) fn format_time(secs: i64) -> String {
     format!("{} UTC", fleet_core::clock::human_utc(secs))
-}
-
-/// A size in bytes as people read it: `1.1 GiB`, `512 B`.
-fn format_bytes(bytes: i64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if bytes.unsigned_abs() < 1024 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    while value.abs() >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
 }
 
 fn ago(secs: Option<i64>, now: i64) -> String {
@@ -370,7 +355,10 @@ fn detail_body(
             opt(&k.backup_at),
             opt(&k.backup_id),
             k.size_bytes
-                .map(|v| format!("<span title=\"{v} bytes\">{}</span>", format_bytes(v)))
+                .map(|v| format!(
+                    "<span title=\"{v} bytes\">{}</span>",
+                    fleet_core::byte_size(v)
+                ))
                 .unwrap_or_else(|| "–".into()),
             opt(&k.status),
             esc(&k.checksum)
@@ -579,14 +567,15 @@ fn login_form(message: &str) -> String {
 pub(crate) async fn login_page(State(state): State<Shared>, parts: Parts) -> Response {
     // The page shows who is logged in, so it checks the cookie under the same limit as
     // every other route: otherwise it would answer unlimited guesses.
-    match crate::auth::caller_of(&state, &parts) {
+    match crate::auth::caller_of(&state, &parts).await {
         Ok(None) if has_login_cookie(&parts.headers) => {
-            // The cookie's token no longer proves a role (rotated, or forged): say why the
-            // session ended, and drop the cookie. Kept, the browser would send it with every
-            // page it opens, each a failed check, until the limit on them kept its user
-            // from logging in again.
-            let message = "<p class=warn>Your session has ended: its token is no longer \
-                           valid. Log in again.</p>";
+            // The cookie no longer proves a role (the session expired or was logged out, its
+            // role's token was rotated, or it holds a role token from before sessions): say
+            // why the session ended, and drop the cookie. Kept, the browser would send it
+            // with every page it opens, each a failed check, until the limit on them kept
+            // its user from logging in again.
+            let message = "<p class=warn>Your session has ended: it expired, was logged \
+                           out, or its role's token changed. Log in again.</p>";
             let mut page = layout("Log in", None, &login_form(message)).into_response();
             clear_login_cookies(&mut page, state.settings.secure_cookies);
             page
@@ -604,23 +593,34 @@ pub(crate) struct LoginForm {
 pub(crate) async fn login(
     State(state): State<Shared>,
     Client(client): Client,
+    headers: HeaderMap,
     form: Result<Form<LoginForm>, FormRejection>,
 ) -> Response {
     // A malformed form is just a failed login, answered with the same page.
     let token = form.map(|f| f.0.token).unwrap_or_default();
     let token = token.trim();
-    let role = match crate::auth::attempt(&state, client, || state.tokens.role_of(token)) {
+    let checked = crate::auth::attempt(&state, client, async { Ok(state.tokens.role_of(token)) });
+    let role = match checked.await {
         Ok(role) => role,
         Err(err) => return error_page(err),
     };
     match role {
         Some(role) => {
-            let cookies = login_cookies(role, token, state.settings.secure_cookies);
+            // The session this browser had, if any, is replaced: end it rather than leave
+            // it valid until it expires.
+            if let Some(previous) = session_id(&headers)
+                && let Err(err) = crate::sessions::end(&state, &previous).await
+            {
+                return error_page(err);
+            }
+            let now = fleet_core::unix_now();
+            let id = match crate::sessions::start(&state, role, token, now).await {
+                Ok(id) => id,
+                Err(err) => return error_page(err),
+            };
             let mut response = Redirect::to("/").into_response();
-            for c in cookies {
-                if let Ok(value) = c.parse() {
-                    response.headers_mut().append(SET_COOKIE, value);
-                }
+            if let Ok(value) = login_cookie(&id, state.settings.secure_cookies).parse() {
+                response.headers_mut().append(SET_COOKIE, value);
             }
             response
         }
@@ -631,8 +631,19 @@ pub(crate) async fn login(
     }
 }
 
-pub(crate) async fn logout(State(state): State<Shared>) -> Response {
-    let mut response = Redirect::to("/login").into_response();
+/// Ends the browser's session on the server, so its id no longer logs anyone in even where
+/// it was copied, and drops the cookie. Needs no valid session: logging out twice is fine.
+pub(crate) async fn logout(State(state): State<Shared>, headers: HeaderMap) -> Response {
+    let ended = match session_id(&headers) {
+        Some(id) => crate::sessions::end(&state, &id).await,
+        None => Ok(()),
+    };
+    // The cookie goes either way; a session that could not be ended is said, since it
+    // stays valid until it expires.
+    let mut response = match ended {
+        Ok(()) => Redirect::to("/login").into_response(),
+        Err(err) => error_page(err),
+    };
     clear_login_cookies(&mut response, state.settings.secure_cookies);
     response
 }
@@ -692,10 +703,6 @@ mod tests {
     fn times_and_escaping() {
         assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(format_time(1_614_265_330), "2021-02-25 15:02:10 UTC");
-        assert_eq!(format_bytes(512), "512 B");
-        assert_eq!(format_bytes(1536), "1.5 KiB");
-        assert_eq!(format_bytes(1_200_000_000), "1.1 GiB");
-        assert_eq!(format_bytes(3 << 40), "3.0 TiB");
         assert_eq!(
             esc("<a href=\"x\">'&'</a>"),
             "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"

@@ -23,6 +23,10 @@ pub enum Error {
     /// Nothing at that path or id: 404.
     #[error("not found")]
     NotFound,
+    /// It existed but was deleted on purpose (command output past its retention): 410,
+    /// with what happened.
+    #[error("{0}")]
+    Gone(String),
     /// The request conflicts with the current state (a rollout batch still running, a
     /// duplicate release, an incompatible plugin): 409.
     #[error("conflict: {0}")]
@@ -156,6 +160,7 @@ impl Error {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden | Self::NotEnrolled => StatusCode::FORBIDDEN,
             Self::NotFound => StatusCode::NOT_FOUND,
+            Self::Gone(_) => StatusCode::GONE,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -177,6 +182,7 @@ impl Error {
             Self::Forbidden => "forbidden",
             Self::NotEnrolled => "not_enrolled",
             Self::NotFound => "not_found",
+            Self::Gone(_) => "gone",
             Self::Conflict(_) => "conflict",
             Self::TooLarge { .. } => "payload_too_large",
             Self::Invalid(_) => "invalid",

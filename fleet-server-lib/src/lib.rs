@@ -21,6 +21,7 @@ mod restores;
 mod rollout_docs;
 mod rollout_pages;
 pub mod rollouts;
+mod sessions;
 pub mod store;
 mod sweeper;
 mod throttle;
@@ -72,6 +73,9 @@ pub struct Settings {
     pub batch_max: usize,
     /// Mark login cookies `Secure` (set when the control plane is served over HTTPS).
     pub secure_cookies: bool,
+    /// How long a dashboard login lasts: the session `/login` starts is refused this long
+    /// after it started, and the periodic sweep deletes it. Whole seconds count.
+    pub session_lifetime: Duration,
     /// Failed role-token checks (API credentials or dashboard logins) one client may make
     /// per minute; past it the client's credentialed requests get 429 until the minute is
     /// over. Clients are told apart by peer address, which needs the router served with
@@ -106,6 +110,7 @@ impl Default for Settings {
             limits: Limits::default(),
             batch_max: 512,
             secure_cookies: false,
+            session_lifetime: Duration::from_secs(DEFAULT_SESSION_HOURS * 3600),
             auth_failures_per_minute: 30,
             trusted_proxies: Vec::new(),
             proxy_header: ProxyHeader::XForwardedFor,
@@ -117,6 +122,10 @@ impl Default for Settings {
 /// Default of [`Settings::restore_timeout`]: 6 hours, well above what an agent with its
 /// defaults needs (a poll every 10 minutes, a verify command of at most an hour).
 pub const DEFAULT_RESTORE_TIMEOUT_SECS: u64 = 6 * 3600;
+
+/// Default of [`Settings::session_lifetime`], in hours: a working day, after which the
+/// dashboard asks for the token again.
+pub const DEFAULT_SESSION_HOURS: u64 = 12;
 
 /// What every handler shares.
 pub(crate) struct AppState {

@@ -158,7 +158,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "post",
         "/login",
         Public,
-        "Log in with a role token (form field token); sets HttpOnly SameSite cookies.",
+        "Log in with a role token (form field token): starts a session and sets its id in an HttpOnly SameSite cookie.",
         &[
             (303, "Logged in: to /"),
             (401, "Wrong token"),
@@ -169,7 +169,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "post",
         "/logout",
         Public,
-        "Clear the login cookies.",
+        "Log out: end the session on the server and clear its cookie.",
         &[(303, "To /login")],
     ),
 ];
@@ -497,6 +497,9 @@ fn command_schema() -> Value {
         ("logs", maybe_string()),
         // Whatever the agent reported, or null.
         ("data", json!({})),
+        ("output_bytes", count()),
+        ("output_truncated_at_bytes", nullable(count())),
+        ("output_deleted_at", maybe_integer()),
     ]);
     every_field(&[
         ("id", string()),
@@ -686,7 +689,7 @@ pub(crate) fn spec() -> Value {
             "schemas": schemas,
             "securitySchemes": {
                 "bearer": { "type": "http", "scheme": "bearer", "description": "A role token (CONTROL_PLANE_{SUPPORT,OPS,ADMIN}_TOKEN). The admin token is also accepted in x-cp-admin-token." },
-                "cookie": { "type": "apiKey", "in": "cookie", "name": "cp_token", "description": "Set by POST /login together with cp_role." },
+                "cookie": { "type": "apiKey", "in": "cookie", "name": "cp_token", "description": "A session id set by POST /login (never a role token): refused once it expires (CONTROL_PLANE_SESSION_HOURS), after POST /logout, or when its role's token changed." },
                 "agentSignatureV1": { "type": "apiKey", "in": "header", "name": "webhook-signature", "description": "Standard Webhooks: v1,<base64 HMAC-SHA256 of {webhook-id}.{webhook-timestamp}.{body}>" },
                 "agentSignatureV0": { "type": "apiKey", "in": "header", "name": "x-agent-signature", "description": "Hex HMAC-SHA256 of the raw body (ERP instance agent)" }
             }

@@ -1,6 +1,7 @@
 //! Periodic work: open `offline` alerts, time out restore verifications with no report,
-//! forget old v1 message ids, drop time-series rows, job failures and finished alert
-//! deliveries past their retention.
+//! forget old v1 message ids and expired dashboard sessions, drop time-series rows, job
+//! failures, finished alert deliveries and the output of ended commands past their
+//! retention.
 
 use std::sync::Weak;
 
@@ -37,6 +38,9 @@ pub(crate) fn spawn(state: Weak<AppState>) {
             if let Err(err) = state.store.prune_messages(before).await {
                 tracing::warn!(error = %err, "pruning message ids failed");
             }
+            if let Err(err) = state.store.prune_sessions(now).await {
+                tracing::warn!(error = %err, "pruning expired dashboard sessions failed");
+            }
             if let Some(retention) = settings.heartbeat_retention {
                 let before = now - retention.as_secs().min(i64::MAX as u64) as i64;
                 match state.store.prune_heartbeats(before).await {
@@ -50,6 +54,16 @@ pub(crate) fn spawn(state: Weak<AppState>) {
                     Err(err) => {
                         tracing::warn!(error = %err, "pruning job failures and deliveries failed")
                     }
+                }
+            }
+            if let Some(retention) = state.live.settings.output_retention
+                && let Some(commands) = state.store.commands()
+            {
+                let ended_before = now - retention.as_secs().min(i64::MAX as u64) as i64;
+                match commands.prune_output(ended_before, now).await {
+                    Ok(0) => {}
+                    Ok(pruned) => tracing::debug!(pruned, "command output pruned"),
+                    Err(err) => tracing::warn!(error = %err, "pruning command output failed"),
                 }
             }
         }

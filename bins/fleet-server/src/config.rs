@@ -106,6 +106,9 @@ pub struct ServeArgs {
     /// Mark login cookies Secure (set this when serving over HTTPS).
     #[arg(long, env = "CONTROL_PLANE_SECURE_COOKIES", default_value = "false")]
     pub secure_cookies: String,
+    /// How many hours a dashboard login lasts (1 to 720).
+    #[arg(long, env = "CONTROL_PLANE_SESSION_HOURS", default_value = "12")]
+    pub session_hours: String,
     /// Failed role-token checks one client address may make per minute before its
     /// credentialed requests get 429 for the rest of the minute; 0 turns the limit off.
     #[arg(
@@ -145,6 +148,22 @@ pub struct ServeArgs {
         default_value = "900"
     )]
     pub command_delivery_timeout_secs: String,
+    /// Most bytes of output stored per command target (stdout and stderr together); past
+    /// it, output is acknowledged but not stored and the target is marked truncated.
+    #[arg(
+        long,
+        env = "CONTROL_PLANE_COMMAND_OUTPUT_MAX_BYTES",
+        default_value = "268435456"
+    )]
+    pub command_output_max_bytes: String,
+    /// Days the output of ended command targets is kept (their results stay); 0 keeps it
+    /// forever.
+    #[arg(
+        long,
+        env = "CONTROL_PLANE_COMMAND_RETENTION_DAYS",
+        default_value = "30"
+    )]
+    pub command_retention_days: String,
     /// A restore verification no agent took this long after it was scheduled, or with no
     /// report this long after it was handed out, is marked timed_out (with an alert).
     #[arg(
@@ -167,10 +186,16 @@ pub struct ServeConfig {
     pub live: fleet_server::LiveSettings,
 }
 
-/// `CONTROL_PLANE_HEARTBEAT_RETENTION_DAYS` as a retention: 0 keeps the series forever.
+/// `CONTROL_PLANE_HEARTBEAT_RETENTION_DAYS` or `CONTROL_PLANE_COMMAND_RETENTION_DAYS` as a
+/// retention: 0 keeps forever.
 fn retention(days: f64) -> Option<Duration> {
     (days > 0.0).then(|| Duration::from_secs_f64(days * 86_400.0))
 }
+
+/// Smallest and largest `CONTROL_PLANE_COMMAND_OUTPUT_MAX_BYTES`: below 1 MiB the cap cuts
+/// ordinary output short (and a value meant in MiB, such as `256`, is caught); past 1 TiB
+/// it bounds nothing a database could hold.
+const COMMAND_OUTPUT_MAX_BYTES: std::ops::RangeInclusive<u64> = 1 << 20..=1 << 40;
 
 /// Shortest and longest `CONTROL_PLANE_RESTORE_TIMEOUT_SECS`: below a minute every
 /// verification would time out before an agent's first poll; a week is already far longer
@@ -195,6 +220,31 @@ fn restore_timeout(text: &str, problems: &mut Vec<String>) -> Duration {
             Duration::from_secs(default)
         }
     }
+}
+
+/// Shortest and longest `CONTROL_PLANE_SESSION_HOURS`: under an hour the dashboard would
+/// keep asking for the token; past 30 days a stolen cookie stays useful for too long.
+const SESSION_HOURS: std::ops::RangeInclusive<u64> = 1..=720;
+
+/// `CONTROL_PLANE_SESSION_HOURS`: whole hours within [`SESSION_HOURS`]; empty means the
+/// default.
+fn session_lifetime(text: &str, problems: &mut Vec<String>) -> Duration {
+    let default = fleet_server::DEFAULT_SESSION_HOURS;
+    let text = text.trim();
+    let hours = match text.parse::<u64>() {
+        Ok(hours) if SESSION_HOURS.contains(&hours) => hours,
+        _ if text.is_empty() => default,
+        _ => {
+            problems.push(format!(
+                "CONTROL_PLANE_SESSION_HOURS: {text:?} is not a whole number of hours from {} \
+                 to {}",
+                SESSION_HOURS.start(),
+                SESSION_HOURS.end()
+            ));
+            default
+        }
+    };
+    Duration::from_secs(hours * 3600)
 }
 
 /// `CONTROL_PLANE_TRUSTED_PROXIES`: addresses (one host each) or networks, comma-separated;
@@ -364,6 +414,7 @@ impl ServeArgs {
         }
         let heartbeat_retention = retention(retention_days);
         let restore_timeout = restore_timeout(&self.restore_timeout_secs, &mut problems);
+        let session_lifetime = session_lifetime(&self.session_hours, &mut problems);
         let trusted_proxies = trusted_proxies(set(&self.trusted_proxies), &mut problems);
         let proxy_header = proxy_header(&self.proxy_header, &mut problems);
         let mut flag = |name: &str, text: &str| -> bool {
@@ -395,6 +446,7 @@ impl ServeArgs {
             offline_after: Duration::from_secs(offline_after as u64),
             heartbeat_retention,
             secure_cookies,
+            session_lifetime,
             auth_failures_per_minute: auth_failures_per_minute as u32,
             trusted_proxies,
             proxy_header,
@@ -476,6 +528,28 @@ impl ServeArgs {
             _ => problems.push(
                 "CONTROL_PLANE_COMMAND_DELIVERY_TIMEOUT_SECS: must be a positive integer".into(),
             ),
+        }
+        let max_bytes = text(&self.command_output_max_bytes, "268435456");
+        match max_bytes.parse::<u64>() {
+            Ok(bytes) if COMMAND_OUTPUT_MAX_BYTES.contains(&bytes) => {
+                live.output_max_bytes = bytes;
+            }
+            _ => problems.push(format!(
+                "CONTROL_PLANE_COMMAND_OUTPUT_MAX_BYTES: {max_bytes:?} is not a whole number of \
+                 bytes from {} (1 MiB) to {} (1 TiB)",
+                COMMAND_OUTPUT_MAX_BYTES.start(),
+                COMMAND_OUTPUT_MAX_BYTES.end()
+            )),
+        }
+        let days = text(&self.command_retention_days, "30");
+        match days.parse::<f64>() {
+            Ok(n) if n.is_finite() && (0.0..=36_500.0).contains(&n) => {
+                live.output_retention = retention(n);
+            }
+            _ => problems.push(format!(
+                "CONTROL_PLANE_COMMAND_RETENTION_DAYS: {days:?} is not a number of days between \
+                 0 and 36500"
+            )),
         }
         live
     }
@@ -773,6 +847,96 @@ mod tests {
                     "CONTROL_PLANE_RESTORE_TIMEOUT_SECS: {bad:?} is not a whole number of \
                      seconds from 60 to 604800"
                 )]
+            );
+        }
+    }
+
+    #[test]
+    fn the_session_lifetime_is_whole_hours_from_one_to_720_and_reported_with_the_rest() {
+        let lifetime = |text: &str| {
+            ServeArgs {
+                session_hours: text.into(),
+                ..args()
+            }
+            .validate()
+            .map(|config| format!("{:?}", config.builder))
+        };
+        for (text, secs) in [("", 43_200), ("1", 3_600), (" 720 ", 2_592_000)] {
+            let builder = lifetime(text).unwrap_or_else(|p| panic!("{text:?}: {p:?}"));
+            assert!(
+                builder.contains(&format!("session_lifetime: {secs}s")),
+                "{text:?}: {builder}"
+            );
+        }
+        for bad in ["0", "721", "1.5", "-1", "a day"] {
+            let problems = lifetime(bad).expect_err("invalid");
+            assert_eq!(
+                problems,
+                [format!(
+                    "CONTROL_PLANE_SESSION_HOURS: {bad:?} is not a whole number of hours from 1 \
+                     to 720"
+                )]
+            );
+        }
+        // Beside another bad setting, both are reported at once.
+        let problems = ServeArgs {
+            session_hours: "forever".into(),
+            secure_cookies: "maybe".into(),
+            ..args()
+        }
+        .validate()
+        .err()
+        .expect("invalid");
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("CONTROL_PLANE_SESSION_HOURS")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn command_output_cap_and_retention_are_checked_with_the_rest() {
+        let live = |max_bytes: &str, days: &str| {
+            ServeArgs {
+                command_output_max_bytes: max_bytes.into(),
+                command_retention_days: days.into(),
+                ..args()
+            }
+            .validate()
+            .map(|config| format!("{:?}", config.live))
+        };
+        for (max_bytes, days, expected_bytes, expected_retention) in [
+            ("", "", 268_435_456_u64, "Some(2592000s)"),
+            ("1048576", "0", 1_048_576, "None"),
+            (" 1099511627776 ", "0.5", 1_099_511_627_776, "Some(43200s)"),
+        ] {
+            let shown = live(max_bytes, days).unwrap_or_else(|p| panic!("{max_bytes:?}: {p:?}"));
+            assert!(
+                shown.contains(&format!("output_max_bytes: {expected_bytes},"))
+                    && shown.contains(&format!("output_retention: {expected_retention}")),
+                "{max_bytes:?} {days:?}: {shown}"
+            );
+        }
+        for (max_bytes, days) in [
+            ("256", "-1"),
+            ("1099511627777", "36501"),
+            ("lots", "a month"),
+        ] {
+            let problems = live(max_bytes, days).expect_err("invalid");
+            assert_eq!(
+                problems,
+                [
+                    format!(
+                        "CONTROL_PLANE_COMMAND_OUTPUT_MAX_BYTES: {max_bytes:?} is not a whole \
+                         number of bytes from 1048576 (1 MiB) to 1099511627776 (1 TiB)"
+                    ),
+                    format!(
+                        "CONTROL_PLANE_COMMAND_RETENTION_DAYS: {days:?} is not a number of days \
+                         between 0 and 36500"
+                    ),
+                ]
             );
         }
     }

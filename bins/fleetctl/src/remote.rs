@@ -356,7 +356,8 @@ struct Shown {
     /// Bytes of stdout and stderr shown: a control plane that does not resume at
     /// `Last-Event-ID` sends the output from the start again, and what was shown is skipped.
     bytes: [u64; 2],
-    /// Whether stdout and stderr stopped in the middle of a line (its label is shown).
+    /// Whether stdout and stderr stopped in the middle of a line (with several targets, its
+    /// label is shown).
     mid_line: [bool; 2],
     /// Whether the control plane answered the last attempt with the stream.
     opened: bool,
@@ -410,7 +411,22 @@ async fn follow_once(
             } else if line.is_empty() {
                 let value: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
                 match event.as_str() {
-                    "end" => return Ok(Followed::Ended),
+                    "end" => {
+                        if let Some(cut) = value["output_truncated_at_bytes"].as_i64() {
+                            let open_line = shown.mid_line.iter().any(|open| *open);
+                            let label = if prefix {
+                                format!("[{target}] ")
+                            } else {
+                                String::new()
+                            };
+                            eprintln!(
+                                "{}{label}{}",
+                                if open_line { "\n" } else { "" },
+                                truncation_notice(cut)
+                            );
+                        }
+                        return Ok(Followed::Ended);
+                    }
                     "stdout" => show(shown, 0, &value, target, prefix),
                     "stderr" => show(shown, 1, &value, target, prefix),
                     _ => {}
@@ -453,6 +469,7 @@ fn show(shown: &mut Shown, slot: usize, value: &Value, target: &str, prefix: boo
     let text = if prefix {
         labelled(fresh, &format!("[{target}] "), &mut shown.mid_line[slot])
     } else {
+        shown.mid_line[slot] = !fresh.ends_with(b"\n");
         fresh.to_vec()
     };
     if slot == 0 {
@@ -606,8 +623,39 @@ pub(crate) fn command_text(shown: &Value) -> String {
             target["exit_code"],
             target["error"].as_str().unwrap_or_default()
         ));
+        for note in output_notes(target) {
+            out.push_str(&format!("\n    {note}"));
+        }
     }
     out
+}
+
+/// The line for output the control plane cut at its cap (`max_bytes`).
+fn truncation_notice(max_bytes: i64) -> String {
+    format!(
+        "output truncated at {} by the control plane",
+        fleet_core::byte_size(max_bytes)
+    )
+}
+
+/// What a target's record says of output the control plane did not keep whole: cut at its
+/// cap, or deleted after its retention. Empty when the output is all there.
+fn output_notes(target: &Value) -> Vec<String> {
+    let mut notes = Vec::new();
+    if let Some(cut) = target["output_truncated_at_bytes"].as_i64() {
+        notes.push(truncation_notice(cut));
+    }
+    let bytes = target["output_bytes"].as_i64().unwrap_or_default();
+    if let Some(deleted_at) = target["output_deleted_at"].as_i64()
+        && bytes > 0
+    {
+        notes.push(format!(
+            "output ({}) deleted by the control plane's retention at {}",
+            fleet_core::byte_size(bytes),
+            fleet_core::clock::rfc3339(deleted_at)
+        ));
+    }
+    notes
 }
 
 /// How long a target may stay `sent` (handed to its agent's channel, not yet taken) before
@@ -733,6 +781,34 @@ mod tests {
             "[x] a\n[x] b\n[x] partial\n[x] c\n"
         );
         assert!(!mid_line);
+    }
+
+    #[test]
+    fn output_the_control_plane_did_not_keep_whole_is_said() {
+        let shown = json!({"id": "c1", "command_type": "RunCommand", "status": "completed",
+            "created_by": "admin", "targets": [
+                {"instance_id": "shop-1", "status": "completed", "exit_code": 0,
+                 "output_bytes": 268_435_456, "output_truncated_at_bytes": 268_435_456,
+                 "output_deleted_at": null},
+                {"instance_id": "shop-2", "status": "failed", "exit_code": 1,
+                 "output_bytes": 1536, "output_truncated_at_bytes": null,
+                 "output_deleted_at": 0},
+                {"instance_id": "shop-3", "status": "completed", "exit_code": 0,
+                 "output_bytes": 0, "output_truncated_at_bytes": null,
+                 "output_deleted_at": 0}]});
+        let text = command_text(&shown);
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        assert_eq!(
+            lines[2], "output truncated at 256 MiB by the control plane",
+            "{text}"
+        );
+        assert_eq!(
+            lines[4],
+            "output (1.5 KiB) deleted by the control plane's retention at 1970-01-01T00:00:00Z",
+            "{text}"
+        );
+        // Nothing was printed, so nothing was deleted: no note.
+        assert_eq!(lines.len(), 6, "{text}");
     }
 
     #[test]

@@ -48,6 +48,15 @@ pub struct CommandSettings {
     /// How long a new binary has for its trial run, and then to reconnect after the
     /// restart, before the previous one is restored (`AGENT_UPDATE_CONFIRM_SECS`).
     pub update_confirm_within: Duration,
+    /// Install an `UpdateAgent` binary older than [`agent_version`](Self::agent_version)
+    /// (`AGENT_UPDATE_ALLOW_DOWNGRADE`, default false). Only this agent's own configuration
+    /// sets it: the binary's signature does not cover a version, so without this a control
+    /// plane could send back any binary ever signed, old flaws included.
+    pub allow_downgrade: bool,
+    /// This agent's own version (SemVer), which an `UpdateAgent` binary must not be older
+    /// than. Default: this library's version, which `fleet-agent --version` prints; a
+    /// program embedding the agent sets the version its own `--version` prints.
+    pub agent_version: String,
     /// Ping interval on the live channel.
     pub ping_interval: Duration,
     /// The channel is dropped after this long without a pong.
@@ -74,6 +83,8 @@ impl std::fmt::Debug for CommandSettings {
             .field("default_timeout", &self.default_timeout)
             .field("update_keys", &self.update_keys.len())
             .field("agent_binary", &self.agent_binary)
+            .field("allow_downgrade", &self.allow_downgrade)
+            .field("agent_version", &self.agent_version)
             .field(
                 "enrollment_token",
                 &self.enrollment_token.as_ref().map(|_| "[redacted]"),
@@ -93,6 +104,8 @@ impl Default for CommandSettings {
             update_keys: Vec::new(),
             agent_binary: None,
             update_confirm_within: Duration::from_secs(120),
+            allow_downgrade: false,
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             ping_interval: Duration::from_secs(30),
             pong_timeout: Duration::from_secs(60),
             backoff_base: Duration::from_secs(1),
@@ -111,10 +124,9 @@ impl CommandSettings {
         let mut problems = Vec::new();
         let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
         if let Some(v) = get("AGENT_COMMANDS_ENABLED") {
-            match v.trim().to_ascii_lowercase().as_str() {
-                "1" | "true" | "yes" | "on" => s.enabled = true,
-                "0" | "false" | "no" | "off" => s.enabled = false,
-                _ => problems.push("AGENT_COMMANDS_ENABLED must be true or false".to_owned()),
+            match parse_flag(&v) {
+                Some(enabled) => s.enabled = enabled,
+                None => problems.push("AGENT_COMMANDS_ENABLED must be true or false".to_owned()),
             }
         }
         if let Some(v) = get("AGENT_COMMANDS_DISABLED") {
@@ -162,6 +174,14 @@ impl CommandSettings {
                 _ => problems.push("AGENT_UPDATE_CONFIRM_SECS must be between 1 and 86400".into()),
             }
         }
+        if let Some(v) = get("AGENT_UPDATE_ALLOW_DOWNGRADE") {
+            match parse_flag(&v) {
+                Some(allow) => s.allow_downgrade = allow,
+                None => {
+                    problems.push("AGENT_UPDATE_ALLOW_DOWNGRADE must be true or false".to_owned())
+                }
+            }
+        }
         if let Some(v) = get("AGENT_BINARY_PATH") {
             s.agent_binary = Some(PathBuf::from(v));
         }
@@ -171,6 +191,15 @@ impl CommandSettings {
         } else {
             Err(crate::Error::Config(problems))
         }
+    }
+}
+
+/// `true`/`1`/`yes`/`on` or `false`/`0`/`no`/`off`, in any case; `None` for anything else.
+fn parse_flag(value: &str) -> Option<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
     }
 }
 
@@ -438,5 +467,44 @@ pub fn failed(id: &str, error: &str) -> CommandResult {
         error: Some(error.to_owned()),
         data: None,
         exit_code: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(vars: &[(&str, &str)]) -> crate::Result<CommandSettings> {
+        CommandSettings::from_lookup(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        })
+    }
+
+    #[test]
+    fn downgrades_are_refused_unless_the_agent_allows_them() {
+        assert!(!settings(&[]).expect("valid").allow_downgrade);
+        for (value, allowed) in [("true", true), ("ON", true), ("0", false), ("no", false)] {
+            let read = settings(&[("AGENT_UPDATE_ALLOW_DOWNGRADE", value)]).expect("valid");
+            assert_eq!(read.allow_downgrade, allowed, "{value}");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_allow_downgrade_is_named_with_the_other_problems() {
+        let Err(crate::Error::Config(problems)) = settings(&[
+            ("AGENT_UPDATE_ALLOW_DOWNGRADE", "maybe"),
+            ("AGENT_UPDATE_CONFIRM_SECS", "0"),
+        ]) else {
+            panic!("AGENT_UPDATE_ALLOW_DOWNGRADE=maybe was accepted");
+        };
+        assert_eq!(
+            problems,
+            [
+                "AGENT_UPDATE_CONFIRM_SECS must be between 1 and 86400",
+                "AGENT_UPDATE_ALLOW_DOWNGRADE must be true or false",
+            ]
+        );
     }
 }

@@ -139,7 +139,8 @@ pub async fn spawn(
     })
 }
 
-fn kill_group(pid: Option<u32>) {
+/// Kills the whole process group led by `pid` (a child started with `process_group(0)`).
+pub(super) fn kill_group(pid: Option<u32>) {
     let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) else {
         return;
     };

@@ -2,6 +2,15 @@
 //! against the pinned keys, prove that it starts and reconnects, then swap it in atomically
 //! and restart into it, keeping the previous binary beside it (`<binary>.previous`).
 //!
+//! The signature covers the binary's bytes, not a version, and the command's `version` is
+//! not signed: a control plane (or whoever writes to its queue) could send back any binary
+//! ever signed, known flaws included. So the version is taken from the binary itself, which
+//! must answer `--version` with `<name> <semver>` ([`VERSION_TIMEOUT`], no shell, empty
+//! environment): it must be the command's `version`, and it must not be older than the
+//! running agent ([`CommandSettings::agent_version`]) unless this agent's own configuration
+//! says `AGENT_UPDATE_ALLOW_DOWNGRADE=true`. The same version again is a re-install, allowed.
+//! A refused binary is deleted before it ever runs as an agent, and nothing else changes.
+//!
 //! Returning to the previous binary works without any supervisor, under systemd
 //! (`Restart=always`) as under a test harness or a plain shell:
 //!
@@ -26,9 +35,11 @@
 //!    notes the reason in the marker and execs the previous binary, which records `FAILED`
 //!    with that reason ([`settle`]).
 
+use std::cmp::Ordering;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::Duration;
 
 use base64::Engine;
@@ -36,6 +47,7 @@ use fleet_core::command::{CommandResult, UpdateAgent};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
+use tokio::io::AsyncReadExt;
 use tokio::sync::Notify;
 
 use super::{CommandSettings, Output, completed, failed};
@@ -43,6 +55,12 @@ use crate::logstream::Journal;
 
 /// Largest binary downloaded.
 pub const MAX_BINARY_BYTES: u64 = 256 * 1024 * 1024;
+
+/// How long a downloaded binary has to answer `--version`.
+pub const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bytes of each stream read from a `--version` answer (one short line is expected).
+const VERSION_ANSWER_BYTES: u64 = 4096;
 
 /// Set (to a random nonce) in the environment of a downloaded binary's trial run: the
 /// binary only proves it can start and reconnect ([`crate::channel::trial`]), prints
@@ -182,13 +200,32 @@ pub async fn update(
         let _ = std::fs::remove_file(&download);
         return failed(id, &format!("cannot install the binary: {err}"));
     }
+    // Before the trial: a binary that may not be installed never runs as an agent.
+    let version = match stated_version(&download).await {
+        Ok(version) => version,
+        Err(why) => {
+            let _ = std::fs::remove_file(&download);
+            return failed(
+                id,
+                &format!("cannot tell the new binary's version: {why}; the previous binary stays"),
+            );
+        }
+    };
+    if let Err(why) = may_install(
+        &version,
+        &update.version,
+        &settings.agent_version,
+        settings.allow_downgrade,
+    ) {
+        let _ = std::fs::remove_file(&download);
+        return failed(id, &why);
+    }
     if let Err(why) = trial(&download, settings.update_confirm_within, output, cancel).await {
         let _ = std::fs::remove_file(&download);
         return failed(
             id,
             &format!(
-                "the new binary ({}) did not reconnect: {why}; the previous binary stays",
-                update.version
+                "the new binary ({version}) did not reconnect: {why}; the previous binary stays"
             ),
         );
     }
@@ -202,7 +239,7 @@ pub async fn update(
             &binary,
             &Marker {
                 command_id: id.to_owned(),
-                version: update.version.clone(),
+                version: version.to_string(),
                 deadline,
                 starts: 0,
                 rolled_back: None,
@@ -212,7 +249,7 @@ pub async fn update(
     })();
     match installed {
         Ok(()) => {
-            let mut result = completed(id, &format!("installed {}; restarting", update.version));
+            let mut result = completed(id, &format!("installed {version}; restarting"));
             result.status = fleet_core::command::CommandStatus::InProgress;
             result
         }
@@ -249,16 +286,7 @@ async fn trial(
     .await
     .map_err(|err| format!("it cannot be started ({err})"))?;
     let proved = finished.tail.contains(&trial_proof(&nonce));
-    let tail: String = {
-        let text = finished.tail.trim();
-        let start = text.char_indices().rev().nth(400).map_or(0, |(i, _)| i);
-        text[start..].to_owned()
-    };
-    let said = if tail.is_empty() {
-        String::new()
-    } else {
-        format!(" (it said: {tail})")
-    };
+    let said = it_said(&finished.tail);
     match finished {
         f if f.cancelled => Err("the update was cancelled".into()),
         f if f.timed_out => Err(format!(
@@ -271,10 +299,138 @@ async fn trial(
         )),
         f => Err(format!(
             "its trial run exited with {}{said}",
-            f.exit_code
-                .map_or_else(|| "a signal".to_owned(), |c| format!("status {c}"))
+            exit_description(f.exit_code)
         )),
     }
+}
+
+/// ` (it said: …)` with the end of a child's output, or nothing when it said nothing.
+fn it_said(output: &str) -> String {
+    let text = output.trim();
+    if text.is_empty() {
+        return String::new();
+    }
+    let start = text.char_indices().rev().nth(400).map_or(0, |(i, _)| i);
+    format!(" (it said: {})", &text[start..])
+}
+
+/// `status 2`, or `a signal` for a process killed by one.
+fn exit_description(code: Option<i32>) -> String {
+    code.map_or_else(|| "a signal".to_owned(), |c| format!("status {c}"))
+}
+
+/// A SemVer version, with or without a leading `v` (`1.4.0`, `v1.4.0`).
+fn parse_version(text: &str) -> Option<semver::Version> {
+    semver::Version::parse(text.strip_prefix('v').unwrap_or(text)).ok()
+}
+
+/// The version `candidate` states for itself: the last word of the first line it prints
+/// for `--version` (`fleet-agent 1.4.0`). It runs without a shell, in its own process group
+/// (killed whole after [`VERSION_TIMEOUT`]) and with an empty environment: it is handed no
+/// secret, and a binary that does not know `--version` finds no configuration to start an
+/// agent with.
+async fn stated_version(candidate: &Path) -> Result<semver::Version, String> {
+    let mut child = tokio::process::Command::new(candidate)
+        .arg("--version")
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|err| format!("it cannot be started ({err})"))?;
+    let pid = child.id();
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let answer = async {
+        let (printed, said) = tokio::join!(read_answer(stdout), read_answer(stderr));
+        child.wait().await.map(|status| (status, printed, said))
+    };
+    let (status, printed, said) = match tokio::time::timeout(VERSION_TIMEOUT, answer).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(err)) => return Err(format!("waiting for `--version` failed ({err})")),
+        Err(_) => {
+            // Not reaped yet, so its process group is still its own to kill.
+            super::run::kill_group(pid);
+            return Err(format!(
+                "it did not answer `--version` within {} s",
+                VERSION_TIMEOUT.as_secs()
+            ));
+        }
+    };
+    if !status.success() {
+        return Err(format!(
+            "`--version` exited with {}{}",
+            exit_description(status.code()),
+            it_said(&String::from_utf8_lossy(&said))
+        ));
+    }
+    let printed = String::from_utf8_lossy(&printed);
+    let first_line = printed.lines().next().unwrap_or_default().trim();
+    first_line
+        .split_whitespace()
+        .last()
+        .and_then(parse_version)
+        .ok_or_else(|| {
+            let shown: String = first_line.chars().take(100).collect();
+            format!(
+                "`--version` printed {shown:?}, not a name and a version such as \
+                 `fleet-agent 1.4.0`"
+            )
+        })
+}
+
+/// Up to [`VERSION_ANSWER_BYTES`] of a `--version` answer's stream.
+async fn read_answer(pipe: Option<impl tokio::io::AsyncRead + Unpin>) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    if let Some(pipe) = pipe {
+        let _ = pipe
+            .take(VERSION_ANSWER_BYTES)
+            .read_to_end(&mut bytes)
+            .await;
+    }
+    bytes
+}
+
+/// Whether a binary that states `version` may replace this agent (`running`) for a command
+/// that asked for `asked`; `Err` says why not.
+fn may_install(
+    version: &semver::Version,
+    asked: &str,
+    running: &str,
+    allow_downgrade: bool,
+) -> Result<(), String> {
+    if parse_version(asked).as_ref() != Some(version) {
+        return Err(format!(
+            "the downloaded binary is version {version}, not the {asked} the command asked \
+             for; the previous binary stays"
+        ));
+    }
+    // Precedence ignores build metadata: 1.4.0+b over 1.4.0+a is a re-install.
+    match parse_version(running) {
+        Some(running) if version.cmp_precedence(&running) == Ordering::Less => {
+            if !allow_downgrade {
+                return Err(format!(
+                    "refusing to downgrade from {running} to {version} (set \
+                     AGENT_UPDATE_ALLOW_DOWNGRADE=true to allow)"
+                ));
+            }
+            tracing::warn!(
+                from = %running,
+                to = %version,
+                "installing an older agent binary, as AGENT_UPDATE_ALLOW_DOWNGRADE allows"
+            );
+        }
+        Some(_) => {}
+        None if allow_downgrade => {}
+        None => {
+            return Err(format!(
+                "this agent's own version {running:?} is not a SemVer version, so a downgrade \
+                 cannot be ruled out; the previous binary stays"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Downloads `url` into `to`. An error never quotes the URL: the command's error reaches
@@ -459,6 +615,39 @@ mod tests {
         assert!(verify_binary(b"other", &sha, &sig, &keys).is_err());
         let other = [PrivateKey::from_seed([4; 32]).public_key()];
         assert!(verify_binary(bytes, &sha, &sig, &other).is_err());
+    }
+
+    #[test]
+    fn the_binary_must_be_the_asked_version_and_not_older_unless_allowed() {
+        let v = |text: &str| parse_version(text).expect("a version");
+        assert_eq!(may_install(&v("1.5.0"), "1.5.0", "1.4.0", false), Ok(()));
+        // The same version again is a re-install; build metadata does not order versions.
+        assert_eq!(may_install(&v("1.4.0"), "v1.4.0", "1.4.0", false), Ok(()));
+        assert_eq!(
+            may_install(&v("1.4.0+b"), "1.4.0+b", "1.4.0+a", false),
+            Ok(())
+        );
+        assert_eq!(
+            may_install(&v("1.2.0"), "1.2.0", "1.4.0", false),
+            Err("refusing to downgrade from 1.4.0 to 1.2.0 (set \
+                 AGENT_UPDATE_ALLOW_DOWNGRADE=true to allow)"
+                .to_owned())
+        );
+        // A pre-release comes before its release.
+        assert!(may_install(&v("1.4.0-rc.1"), "1.4.0-rc.1", "1.4.0", false).is_err());
+        assert_eq!(may_install(&v("1.2.0"), "1.2.0", "1.4.0", true), Ok(()));
+        // The operator asked for one version and the binary is another: never installed.
+        for allow in [false, true] {
+            let error = may_install(&v("1.2.0"), "1.5.0", "1.0.0", allow).expect_err("refused");
+            assert!(
+                error.contains("is version 1.2.0, not the 1.5.0 the command asked for"),
+                "{error}"
+            );
+        }
+        assert!(may_install(&v("1.2.0"), "latest", "1.0.0", true).is_err());
+        // Without a version of its own to compare with, only an allowed downgrade goes on.
+        assert!(may_install(&v("1.2.0"), "1.2.0", "dev", false).is_err());
+        assert_eq!(may_install(&v("1.2.0"), "1.2.0", "dev", true), Ok(()));
     }
 
     fn installed(deadline: i64) -> (PathBuf, PathBuf) {

@@ -188,12 +188,7 @@ async fn update_agent_checks_digest_and_signature_then_swaps_atomically() {
     let seed = [9u8; 32];
     let signing = ed25519_dalek::SigningKey::from_bytes(&seed);
     let public = fleet_core::PrivateKey::from_seed(seed).public_key();
-    // Stands in for an agent binary: it answers its trial run with the proof of the nonce,
-    // as `fleet-agent` does once its live channel opened (bins/fleet-agent/tests/it/update.rs
-    // runs the real binary).
-    let new_binary =
-        b"#!/bin/sh\n[ -n \"$FLEET_AGENT_TRIAL\" ] && echo \"fleet-agent trial ok $FLEET_AGENT_TRIAL\"\n"
-            .to_vec();
+    let new_binary = agent_script("2.0.0");
     let url = serve_binary(new_binary.clone()).await;
     let sha = hex::encode(sha2::Sha256::digest(&new_binary));
     let good =
@@ -282,7 +277,8 @@ async fn update_agent_checks_digest_and_signature_then_swaps_atomically() {
     assert!(!fleet_agent::commands::update_agent::marker_path(&binary).exists());
 
     // A file that exits 0 without the proof (no agent at all) is not installed.
-    let not_an_agent = b"#!/bin/sh\nexit 0\n".to_vec();
+    let not_an_agent =
+        b"#!/bin/sh\n[ \"$1\" = --version ] && echo 'fleet-agent 3.0.0'\nexit 0\n".to_vec();
     let url = serve_binary(not_an_agent.clone()).await;
     let sha = hex::encode(sha2::Sha256::digest(&not_an_agent));
     let signature =
@@ -304,6 +300,215 @@ async fn update_agent_checks_digest_and_signature_then_swaps_atomically() {
     );
     assert_eq!(std::fs::read(&binary).expect("read"), new_binary);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Stands in for an agent binary of `version`: it answers `--version` and its trial run
+/// (with the proof of the nonce) as `fleet-agent` does (bins/fleet-agent/tests/it/update.rs
+/// runs the real binary).
+fn agent_script(version: &str) -> Vec<u8> {
+    format!(
+        "#!/bin/sh\n[ \"$1\" = --version ] && echo 'fleet-agent {version}' && exit 0\n\
+         [ -n \"$FLEET_AGENT_TRIAL\" ] && echo \"fleet-agent trial ok $FLEET_AGENT_TRIAL\"\n"
+    )
+    .into_bytes()
+}
+
+/// The key `UpdateBench` agents pin.
+const UPDATE_SEED: [u8; 32] = [7u8; 32];
+
+/// An agent of a given version on `<dir>/fleet-agent` ("running agent"), with the binary of
+/// an earlier update kept beside it ("previous agent"), pinning `UPDATE_SEED`.
+struct UpdateBench {
+    dir: std::path::PathBuf,
+    binary: std::path::PathBuf,
+    journal: Journal,
+    executor: Executor,
+    restart: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl UpdateBench {
+    async fn new(agent_version: &str, allow_downgrade: bool) -> Self {
+        let dir = temp_dir("update-version");
+        let binary = dir.join("fleet-agent");
+        std::fs::write(&binary, b"running agent").expect("binary");
+        std::fs::write(
+            fleet_agent::commands::update_agent::previous_path(&binary),
+            b"previous agent",
+        )
+        .expect("previous binary");
+        let settings = CommandSettings {
+            update_keys: vec![fleet_core::PrivateKey::from_seed(UPDATE_SEED).public_key()],
+            agent_binary: Some(binary.clone()),
+            agent_version: agent_version.to_owned(),
+            allow_downgrade,
+            ..CommandSettings::default()
+        };
+        let journal = Journal::open(&dir.join("state.db")).await.expect("journal");
+        let restart = Arc::new(tokio::sync::watch::channel(false).0);
+        let executor = Executor::new(journal.clone(), settings, None, restart.clone());
+        Self {
+            dir,
+            binary,
+            journal,
+            executor,
+            restart,
+        }
+    }
+
+    /// Serves `bytes`, signed with the pinned key, as the binary of `asked_version`; returns
+    /// the command's result once it ended, or its `IN_PROGRESS` once the agent was asked to
+    /// restart into the installed binary.
+    async fn update(
+        &self,
+        id: &str,
+        bytes: Vec<u8>,
+        asked_version: &str,
+    ) -> fleet_core::command::CommandResult {
+        use base64::Engine;
+        use ed25519_dalek::Signer as _;
+        use sha2::Digest;
+        let signature = base64::engine::general_purpose::STANDARD.encode(
+            ed25519_dalek::SigningKey::from_bytes(&UPDATE_SEED)
+                .sign(&bytes)
+                .to_bytes(),
+        );
+        let sha = hex::encode(sha2::Sha256::digest(&bytes));
+        let url = serve_binary(bytes).await;
+        self.executor
+            .accept(envelope(
+                id,
+                "UpdateAgent",
+                json!({"version": asked_version, "url": url, "sha256": sha,
+                       "signature": signature}),
+            ))
+            .await
+            .expect("accept");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let mine: Vec<_> = results(&self.journal)
+                .await
+                .into_iter()
+                .filter(|r| r.job_id == id)
+                .collect();
+            let last = mine.last().cloned();
+            match last {
+                Some(r) if r.status != fleet_core::command::CommandStatus::InProgress => return r,
+                Some(r) if *self.restart.borrow() => return r,
+                _ => {}
+            }
+            assert!(std::time::Instant::now() < deadline, "{mine:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Nothing was installed: same binary, same previous binary, no marker, no download
+    /// left behind, no restart.
+    fn assert_nothing_swapped(&self) {
+        use fleet_agent::commands::update_agent::{marker_path, previous_path};
+        assert_eq!(std::fs::read(&self.binary).expect("read"), b"running agent");
+        assert_eq!(
+            std::fs::read(previous_path(&self.binary)).expect("read"),
+            b"previous agent"
+        );
+        assert!(!marker_path(&self.binary).exists());
+        assert!(!self.binary.with_extension("download").exists());
+        assert!(!*self.restart.borrow());
+    }
+
+    /// The offered binary is installed and waits for the restart to confirm it.
+    fn assert_installed(&self, bytes: &[u8], version: &str) {
+        use fleet_agent::commands::update_agent::{marker_path, previous_path};
+        assert_eq!(std::fs::read(&self.binary).expect("read"), bytes);
+        assert_eq!(
+            std::fs::read(previous_path(&self.binary)).expect("read"),
+            b"running agent"
+        );
+        let marker: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(marker_path(&self.binary)).expect("the update marker"),
+        )
+        .expect("json");
+        assert_eq!(marker["version"], version, "{marker}");
+        assert!(*self.restart.borrow());
+    }
+}
+
+impl Drop for UpdateBench {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn update_agent_refuses_an_older_binary_and_changes_nothing() {
+    use fleet_core::command::CommandStatus;
+    let bench = UpdateBench::new("1.4.0", false).await;
+    // Validly signed and a working agent, but older than the running one.
+    let result = bench.update("old", agent_script("1.2.0"), "1.2.0").await;
+    assert_eq!(result.status, CommandStatus::Failed, "{result:?}");
+    assert_eq!(
+        result.error.as_deref(),
+        Some(
+            "refusing to downgrade from 1.4.0 to 1.2.0 (set AGENT_UPDATE_ALLOW_DOWNGRADE=true \
+             to allow)"
+        )
+    );
+    bench.assert_nothing_swapped();
+}
+
+#[tokio::test]
+async fn update_agent_refuses_a_binary_that_is_not_the_asked_version() {
+    use fleet_core::command::CommandStatus;
+    let bench = UpdateBench::new("1.4.0", true).await;
+    // The command's version is not signed: the binary's own answer counts, and it must be
+    // what the operator asked for, even where downgrades are allowed.
+    let result = bench.update("lie", agent_script("1.2.0"), "1.5.0").await;
+    assert_eq!(result.status, CommandStatus::Failed, "{result:?}");
+    let error = result.error.unwrap_or_default();
+    assert!(
+        error.contains(
+            "the downloaded binary is version 1.2.0, not the 1.5.0 the command asked for"
+        ),
+        "{error}"
+    );
+    bench.assert_nothing_swapped();
+    // A binary that cannot say which version it is is refused too.
+    let silent = b"#!/bin/sh\necho 'fleet-agent'\n".to_vec();
+    let result = bench.update("silent", silent, "1.5.0").await;
+    assert_eq!(result.status, CommandStatus::Failed, "{result:?}");
+    let error = result.error.unwrap_or_default();
+    assert!(
+        error.starts_with(
+            "cannot tell the new binary's version: `--version` printed \"fleet-agent\""
+        ),
+        "{error}"
+    );
+    bench.assert_nothing_swapped();
+}
+
+#[tokio::test]
+async fn update_agent_installs_an_older_binary_when_this_agent_allows_downgrades() {
+    let bench = UpdateBench::new("1.4.0", true).await;
+    let older = agent_script("1.2.0");
+    let result = bench.update("old", older.clone(), "1.2.0").await;
+    assert_eq!(
+        result.status,
+        fleet_core::command::CommandStatus::InProgress,
+        "{result:?}"
+    );
+    bench.assert_installed(&older, "1.2.0");
+}
+
+#[tokio::test]
+async fn update_agent_reinstalls_the_same_version() {
+    let bench = UpdateBench::new("1.4.0", false).await;
+    let same = agent_script("1.4.0");
+    let result = bench.update("again", same.clone(), "v1.4.0").await;
+    assert_eq!(
+        result.status,
+        fleet_core::command::CommandStatus::InProgress,
+        "{result:?}"
+    );
+    bench.assert_installed(&same, "1.4.0");
 }
 
 #[tokio::test]

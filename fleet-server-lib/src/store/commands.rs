@@ -49,6 +49,13 @@ pub struct TargetRecord {
     /// Structured result as JSON text.
     #[serde(skip)]
     pub data: Option<String>,
+    /// Bytes of output stored, stdout and stderr together; once the output was deleted,
+    /// how much there was.
+    pub output_bytes: i64,
+    /// The cap, in bytes, the output was cut at (`None`: nothing was left out).
+    pub output_truncated_at_bytes: Option<i64>,
+    /// When the retention sweep deleted the output (unix seconds).
+    pub output_deleted_at: Option<i64>,
 }
 
 /// A command with its targets.
@@ -131,6 +138,56 @@ pub struct StoredChunk {
     /// The bytes.
     pub data: Vec<u8>,
 }
+
+/// What is known of a target's output besides its bytes.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TargetOutput {
+    /// The target's status.
+    pub status: String,
+    /// Bytes of output stored, stdout and stderr together (after deletion: how many there
+    /// were).
+    pub output_bytes: i64,
+    /// The cap, in bytes, the output was cut at (`None`: nothing was left out).
+    pub output_truncated_at_bytes: Option<i64>,
+    /// When the retention sweep deleted the output (unix seconds).
+    pub output_deleted_at: Option<i64>,
+}
+
+/// How many leading bytes of a chunk of `len` bytes at `offset` in its stream may be stored
+/// under the per-target cap `max_bytes`, with `stored` bytes of the target's output stored
+/// already: nothing at or past the cap's offset in the stream, and nothing past the cap in
+/// total (both streams together).
+pub fn bytes_within_cap(offset: u64, len: usize, max_bytes: u64, stored: u64) -> usize {
+    let room = max_bytes
+        .saturating_sub(offset)
+        .min(max_bytes.saturating_sub(stored));
+    usize::try_from(room).map_or(len, |room| room.min(len))
+}
+
+/// The cap of a call to [`CommandStore::store_chunks`] as the database can hold it: offsets
+/// are `BIGINT`, so nothing at or past `i64::MAX` is ever stored.
+pub fn storable_cap(max_bytes: u64) -> u64 {
+    max_bytes.min(i64::MAX as u64)
+}
+
+/// A target's output within one call to [`CommandStore::store_chunks`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OutputCount {
+    /// Bytes stored before the call.
+    pub(crate) before: u64,
+    /// Bytes stored now.
+    pub(crate) stored: u64,
+    /// Whether a chunk of this call passed the cap.
+    pub(crate) truncated: bool,
+}
+
+/// Chunks deleted by one statement of [`CommandStore::prune_output`]: at most
+/// 128 × 256 KiB, so one statement never holds the database's write lock for long.
+pub const PRUNE_ROWS_PER_STATEMENT: i64 = 128;
+/// Most chunks one call of [`CommandStore::prune_output`] deletes; the next sweep goes on.
+pub const PRUNE_ROWS_PER_CALL: u64 = 8_192;
+/// Most targets one call of [`CommandStore::prune_output`] looks at.
+pub const PRUNE_TARGETS_PER_CALL: i64 = 500;
 
 /// What an agent reported for one target.
 #[derive(Debug, Clone)]
@@ -216,7 +273,27 @@ pub trait CommandStore: Send + Sync {
 
     /// Stores chunks `(target, stream, offset, bytes)` in one transaction, once per
     /// `(target, stream, offset)`; returns how many were new.
-    async fn store_chunks(&self, chunks: &[(String, Stream, u64, Vec<u8>)]) -> Result<u64>;
+    ///
+    /// Each target stores at most `max_bytes` of output, stdout and stderr together (see
+    /// [`bytes_within_cap`]): of a chunk that passes the cap only the part below it is
+    /// stored, and the target is marked truncated at `max_bytes`. A chunk already stored
+    /// whole at its offset is a redelivery and changes nothing. Chunks of a target whose
+    /// output the retention sweep deleted, or of an unknown target, are dropped.
+    async fn store_chunks(
+        &self,
+        chunks: &[(String, Stream, u64, Vec<u8>)],
+        max_bytes: u64,
+    ) -> Result<u64>;
+
+    /// A target's status and what is known of its output.
+    async fn target_output(&self, target_id: &str) -> Result<Option<TargetOutput>>;
+
+    /// Deletes the output of targets that ended (or last changed) before `ended_before` and
+    /// marks it deleted at `now`; the targets' records and results stay. Bounded per call
+    /// ([`PRUNE_ROWS_PER_STATEMENT`], [`PRUNE_ROWS_PER_CALL`], [`PRUNE_TARGETS_PER_CALL`]),
+    /// oldest first, so a sweep never holds the write lock for long; the next one goes on.
+    /// Returns how many chunks went.
+    async fn prune_output(&self, ended_before: i64, now: i64) -> Result<u64>;
 
     /// Chunks of one target from offset `from` on (per stream), ordered by stream and offset.
     async fn read_chunks(
@@ -360,7 +437,8 @@ macro_rules! impl_command_store {
                 };
                 let targets = sqlx::query_as::<_, $crate::store::commands::TargetRecord>(
                     "SELECT target_id, instance_id, status, sent_at, updated_at, exit_code, error, \
-                     logs, data FROM command_targets WHERE command_id = $1 ORDER BY seq",
+                     logs, data, output_bytes, output_truncated_at_bytes, output_deleted_at \
+                     FROM command_targets WHERE command_id = $1 ORDER BY seq",
                 )
                 .bind(id)
                 .fetch_all(self.pool())
@@ -568,24 +646,183 @@ macro_rules! impl_command_store {
             async fn store_chunks(
                 &self,
                 chunks: &[(String, fleet_core::command::Stream, u64, Vec<u8>)],
+                max_bytes: u64,
             ) -> $crate::Result<u64> {
+                use sqlx::Row;
+                let max_bytes = $crate::store::commands::storable_cap(max_bytes);
                 let mut tx = self.pool().begin_with($begin).await?;
+                // Each target's count is read once, under its row's lock on PostgreSQL and
+                // in target order, so two batches for one target (two replicas) add up
+                // instead of both passing the cap, and never wait on each other in a cycle.
+                let names: std::collections::BTreeSet<&str> =
+                    chunks.iter().map(|(target, ..)| target.as_str()).collect();
+                let mut counts = std::collections::BTreeMap::new();
+                for target in names {
+                    let row = sqlx::query(concat!(
+                        "SELECT output_bytes, output_deleted_at FROM command_targets \
+                         WHERE target_id = $1",
+                        $lock
+                    ))
+                    .bind(target)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let Some(row) = row else { continue };
+                    let deleted: Option<i64> = row.try_get("output_deleted_at")?;
+                    if deleted.is_some() {
+                        continue;
+                    }
+                    let stored = u64::try_from(row.try_get::<i64, _>("output_bytes")?)
+                        .unwrap_or_default();
+                    counts.insert(
+                        target,
+                        $crate::store::commands::OutputCount {
+                            before: stored,
+                            stored,
+                            truncated: false,
+                        },
+                    );
+                }
                 let mut new = 0;
-                for (target_id, stream, pos, data) in chunks {
-                    new += sqlx::query(
+                for (target, stream, offset, data) in chunks {
+                    let Some(count) = counts.get_mut(target.as_str()) else {
+                        continue;
+                    };
+                    let keep = $crate::store::commands::bytes_within_cap(
+                        *offset,
+                        data.len(),
+                        max_bytes,
+                        count.stored,
+                    );
+                    // Below the cap the offset fits: keep > 0 means offset < max_bytes.
+                    let pos = i64::try_from(*offset).ok();
+                    if keep < data.len() {
+                        // A chunk stored whole before (redelivered once the count reached
+                        // the cap) was not cut: nothing to do.
+                        let stored_len: Option<i64> = match pos {
+                            Some(pos) => {
+                                sqlx::query_scalar(
+                                    "SELECT CAST(LENGTH(data) AS BIGINT) FROM command_logs \
+                                     WHERE target_id = $1 AND stream = $2 AND pos = $3",
+                                )
+                                .bind(target)
+                                .bind(stream.as_str())
+                                .bind(pos)
+                                .fetch_optional(&mut *tx)
+                                .await?
+                            }
+                            None => None,
+                        };
+                        if stored_len.is_some_and(|len| len >= data.len() as i64) {
+                            continue;
+                        }
+                        count.truncated = true;
+                    }
+                    let (Some(pos), true) = (pos, keep > 0) else {
+                        continue;
+                    };
+                    let inserted = sqlx::query(
                         "INSERT INTO command_logs (target_id, stream, pos, data) \
                          VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
                     )
-                    .bind(target_id)
+                    .bind(target)
                     .bind(stream.as_str())
-                    .bind(i64::try_from(*pos).unwrap_or(i64::MAX))
-                    .bind(data.as_slice())
+                    .bind(pos)
+                    .bind(&data[..keep])
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
+                    if inserted > 0 {
+                        count.stored += keep as u64;
+                        new += inserted;
+                    }
+                }
+                for (target, count) in &counts {
+                    if count.stored == count.before && !count.truncated {
+                        continue;
+                    }
+                    sqlx::query(
+                        "UPDATE command_targets SET output_bytes = $2, \
+                         output_truncated_at_bytes = COALESCE(output_truncated_at_bytes, $3) \
+                         WHERE target_id = $1",
+                    )
+                    .bind(*target)
+                    .bind(i64::try_from(count.stored).unwrap_or(i64::MAX))
+                    .bind(count.truncated.then_some(max_bytes as i64))
+                    .execute(&mut *tx)
+                    .await?;
                 }
                 tx.commit().await?;
                 Ok(new)
+            }
+
+            async fn target_output(
+                &self,
+                target_id: &str,
+            ) -> $crate::Result<Option<$crate::store::commands::TargetOutput>> {
+                Ok(sqlx::query_as::<_, $crate::store::commands::TargetOutput>(
+                    "SELECT status, output_bytes, output_truncated_at_bytes, output_deleted_at \
+                     FROM command_targets WHERE target_id = $1",
+                )
+                .bind(target_id)
+                .fetch_optional(self.pool())
+                .await?)
+            }
+
+            async fn prune_output(&self, ended_before: i64, now: i64) -> $crate::Result<u64> {
+                use $crate::store::commands::{
+                    PRUNE_ROWS_PER_CALL, PRUNE_ROWS_PER_STATEMENT, PRUNE_TARGETS_PER_CALL,
+                };
+                // An ended target changes no more, so its last change is when it ended.
+                let targets: Vec<String> = sqlx::query_scalar(
+                    "SELECT target_id FROM command_targets \
+                     WHERE output_deleted_at IS NULL AND updated_at < $1 \
+                     AND status IN ('completed', 'failed', 'timed_out', 'skipped', 'cancelled') \
+                     ORDER BY updated_at LIMIT $2",
+                )
+                .bind(ended_before)
+                .bind(PRUNE_TARGETS_PER_CALL)
+                .fetch_all(self.pool())
+                .await?;
+                let mut deleted = 0;
+                for target in &targets {
+                    loop {
+                        if deleted >= PRUNE_ROWS_PER_CALL {
+                            return Ok(deleted);
+                        }
+                        let batch = sqlx::query(
+                            "DELETE FROM command_logs WHERE target_id = $1 AND (stream, pos) IN \
+                             (SELECT stream, pos FROM command_logs WHERE target_id = $1 LIMIT $2)",
+                        )
+                        .bind(target)
+                        .bind(PRUNE_ROWS_PER_STATEMENT)
+                        .execute(self.pool())
+                        .await?
+                        .rows_affected();
+                        deleted += batch;
+                        if batch < PRUNE_ROWS_PER_STATEMENT as u64 {
+                            break;
+                        }
+                    }
+                    // Marked and emptied in one transaction: a chunk stored since the
+                    // deletes above goes too, and one that comes later is dropped, since
+                    // storing reads the mark under the same row lock.
+                    let mut tx = self.pool().begin_with($begin).await?;
+                    sqlx::query(
+                        "UPDATE command_targets SET output_deleted_at = $2 \
+                         WHERE target_id = $1 AND output_deleted_at IS NULL",
+                    )
+                    .bind(target)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    deleted += sqlx::query("DELETE FROM command_logs WHERE target_id = $1")
+                        .bind(target)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    tx.commit().await?;
+                }
+                Ok(deleted)
             }
 
             async fn read_chunks(
@@ -795,3 +1032,26 @@ impl_command_store!(
         Some(self.pool().clone())
     }
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chunk_keeps_what_fits_under_the_cap_by_offset_and_in_total() {
+        // Below the cap, whole; straddling it, the part below; at or past it, nothing.
+        assert_eq!(bytes_within_cap(0, 600, 1000, 0), 600);
+        assert_eq!(bytes_within_cap(600, 600, 1000, 600), 400);
+        assert_eq!(bytes_within_cap(1000, 10, 1000, 1000), 0);
+        // The other stream (or overlapping chunks) used the room: the total counts.
+        assert_eq!(bytes_within_cap(0, 600, 1000, 700), 300);
+        assert_eq!(bytes_within_cap(5, 10, 1000, 1000), 0);
+        // Offsets that no database integer holds are past any cap.
+        assert_eq!(bytes_within_cap(u64::MAX, 10, storable_cap(u64::MAX), 0), 0);
+        assert_eq!(
+            bytes_within_cap(i64::MAX as u64, 10, storable_cap(u64::MAX), 0),
+            0
+        );
+        assert_eq!(storable_cap(u64::MAX), i64::MAX as u64);
+    }
+}

@@ -242,6 +242,23 @@ pub struct OutboxItem {
     pub attempts: i64,
 }
 
+/// A dashboard session as stored: never its id, only the id's SHA-256, so a copy of the
+/// database logs nobody in.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct DashboardSession {
+    /// Hex SHA-256 of the session id the browser holds; the key it is found by.
+    pub id_hash: String,
+    /// The role it was created for: `support`, `ops` or `admin`.
+    pub role: String,
+    /// Ties it to the role token it was created with: once that token changes, the session
+    /// no longer proves the role.
+    pub token_fingerprint: String,
+    /// When it was created (unix seconds).
+    pub created_at: i64,
+    /// From when it is refused (unix seconds).
+    pub expires_at: i64,
+}
+
 /// Control-plane persistence. Implemented by [`SqliteStore`] and [`PostgresStore`]; plug in
 /// another database by implementing it and passing it to
 /// [`ControlPlaneBuilder::store`](crate::ControlPlaneBuilder::store).
@@ -332,6 +349,18 @@ pub trait Store:
 
     /// Checks the database answers.
     async fn ping(&self) -> Result<()>;
+
+    /// Stores a new dashboard session.
+    async fn create_session(&self, session: &DashboardSession) -> Result<()>;
+
+    /// The session whose id hashes to `id_hash`, unless it expired at `now` or before.
+    async fn session(&self, id_hash: &str, now: i64) -> Result<Option<DashboardSession>>;
+
+    /// Deletes the session whose id hashes to `id_hash` (logging out); nothing if there is none.
+    async fn delete_session(&self, id_hash: &str) -> Result<()>;
+
+    /// Deletes the sessions expired at `now`; returns how many went.
+    async fn prune_sessions(&self, now: i64) -> Result<u64>;
 
     /// How many heartbeat batches may be recorded at the same time. SQLite has one writer
     /// at a time, so 1; a server database overlaps the round trips of several batches.

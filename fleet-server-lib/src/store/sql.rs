@@ -420,6 +420,56 @@ macro_rules! impl_sql_store {
                 Ok(())
             }
 
+            async fn create_session(
+                &self,
+                session: &$crate::store::DashboardSession,
+            ) -> $crate::Result<()> {
+                sqlx::query(
+                    "INSERT INTO dashboard_sessions \
+                     (id_hash, role, token_fingerprint, created_at, expires_at) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(&session.id_hash)
+                .bind(&session.role)
+                .bind(&session.token_fingerprint)
+                .bind(session.created_at)
+                .bind(session.expires_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn session(
+                &self,
+                id_hash: &str,
+                now: i64,
+            ) -> $crate::Result<Option<$crate::store::DashboardSession>> {
+                Ok(sqlx::query_as::<_, $crate::store::DashboardSession>(
+                    "SELECT id_hash, role, token_fingerprint, created_at, expires_at \
+                     FROM dashboard_sessions WHERE id_hash = $1 AND expires_at > $2",
+                )
+                .bind(id_hash)
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await?)
+            }
+
+            async fn delete_session(&self, id_hash: &str) -> $crate::Result<()> {
+                sqlx::query("DELETE FROM dashboard_sessions WHERE id_hash = $1")
+                    .bind(id_hash)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn prune_sessions(&self, now: i64) -> $crate::Result<u64> {
+                Ok(sqlx::query("DELETE FROM dashboard_sessions WHERE expires_at <= $1")
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected())
+            }
+
             fn write_concurrency(&self) -> usize {
                 self.concurrency()
             }

@@ -753,6 +753,9 @@ support::on_both_backends!(
     cancel_kills_a_running_command,
     enrollment_token_buys_a_secret_once,
     commands_are_listed_in_the_dashboard_and_the_api,
+    output_past_the_cap_is_acknowledged_and_not_stored,
+    offsets_past_what_the_database_holds_are_acknowledged_and_not_stored,
+    the_sweep_deletes_old_output_and_the_logs_say_so,
 );
 
 /// The dashboard's command pages and `GET /v1/commands` over each backend's SQL (the browser
@@ -1348,5 +1351,389 @@ async fn poll_answers_acks_refusals_commands_and_cancels() {
     .await;
     assert_eq!(answer["cancel"], json!([target]), "{answer}");
     assert_eq!(answer["commands"], json!([]), "{answer}");
+    server.stop().await;
+}
+
+/// A bare live channel of `instance`: the test writes the frames, the control plane answers.
+struct RawChannel {
+    socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+}
+
+impl RawChannel {
+    async fn open(url: &str, instance: &str, secret: &str) -> Self {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let registered = fleet_agent::channel::register(
+            &reqwest::Client::new(),
+            url,
+            instance,
+            &Secret::new(secret).expect("secret"),
+            "1.0.0",
+        )
+        .await
+        .expect("register");
+        let mut request = format!("ws{}/v1/agents/connect", url.trim_start_matches("http"))
+            .into_client_request()
+            .expect("request");
+        request.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", registered.token)
+                .parse()
+                .expect("header"),
+        );
+        let (socket, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("connect");
+        Self { socket }
+    }
+
+    /// Sends `frame` and waits for the control plane to acknowledge it.
+    async fn send_acknowledged(&mut self, frame: Value) {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let id = frame["id"].clone();
+        self.socket
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .expect("send");
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), self.socket.next())
+                .await
+                .unwrap_or_else(|_| panic!("no acknowledgement of {frame}"))
+                .expect("the channel is open")
+                .expect("read");
+            let Message::Text(text) = message else {
+                continue;
+            };
+            let answer: Value = serde_json::from_str(text.as_str()).expect("json");
+            match answer["type"].as_str() {
+                Some("ack")
+                    if answer["payload"]["ids"]
+                        .as_array()
+                        .is_some_and(|ids| ids.contains(&id)) =>
+                {
+                    return;
+                }
+                Some("error") if answer["id"] == id => panic!("refused: {answer}"),
+                // The commands waiting for the agent, sent when it connects.
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A log frame of one chunk.
+fn log_frame(frame_id: &str, target: &str, stream: &str, offset: u64, data: &str) -> Value {
+    json!({"type": "logs", "id": frame_id, "payload": {"command_id": target,
+           "chunks": [{"offset": offset, "stream": stream, "data": data}]}})
+}
+
+/// Submits a `RunCommand` to `instance` (whose agent the test plays); returns its id and its
+/// target's id.
+async fn run_on(server: &TestServer, instance: &str) -> (String, String) {
+    let (status, body) = submit(
+        &server.client,
+        &server.url,
+        ADMIN,
+        json!({"command_type": "RunCommand", "targets": [instance], "payload": {"cmd": "true"}}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    (
+        body["id"].as_str().expect("id").to_owned(),
+        body["targets"][0]["target_id"]
+            .as_str()
+            .expect("target")
+            .to_owned(),
+    )
+}
+
+/// POSTs chunks of `target` to `/v1/commands/logs` as [`INSTANCE`], signed as message
+/// `msg`; returns the status.
+async fn post_chunks(server: &TestServer, msg: &str, target: &str, chunks: Value) -> u16 {
+    let body = serde_json::to_vec(&json!({
+        "instance_id": INSTANCE, "command_id": target, "chunks": chunks,
+    }))
+    .expect("json");
+    let response = server
+        .post_v1("/v1/commands/logs", SECRET, msg, support::now(), &body)
+        .await;
+    let status = response.status().as_u16();
+    if status == 200 {
+        let answer: Value = response.json().await.expect("json");
+        conforms(
+            &server.client,
+            &server.url,
+            "post",
+            "/v1/commands/logs",
+            &answer,
+        )
+        .await;
+    }
+    status
+}
+
+/// The first target of command `id` as `GET /v1/commands/{id}` shows it.
+async fn shown_target(server: &TestServer, id: &str) -> Value {
+    let (status, shown) = server
+        .get_documented(&format!("/v1/commands/{id}"), SUPPORT)
+        .await;
+    assert_eq!(status, 200, "{shown}");
+    shown["targets"][0].clone()
+}
+
+/// The `end` event of following command `id`'s output.
+async fn followed_end(server: &TestServer, id: &str) -> Value {
+    let text = server
+        .client
+        .get(server.at(&format!("/v1/commands/{id}/logs?follow=true")))
+        .bearer_auth(SUPPORT)
+        .send()
+        .await
+        .expect("follow")
+        .text()
+        .await
+        .expect("text");
+    let mut events = text.split("\n\n");
+    let end = events
+        .find(|event| event.starts_with("event: end"))
+        .unwrap_or_else(|| panic!("no end event: {text}"));
+    let data = end
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .expect("data");
+    serde_json::from_str(data).expect("json")
+}
+
+/// What the whole output ends with when the control plane cut it at 1000 bytes.
+const CUT_AT_1000: &str = "\n[output truncated at 1000 bytes by the control plane \
+                           (CONTROL_PLANE_COMMAND_OUTPUT_MAX_BYTES)]\n";
+
+/// Output past the per-target cap, over the live channel and over HTTP, is acknowledged (so
+/// the agent's spool drains) but not stored: exactly the cap is, stdout and stderr together,
+/// and the command, its whole output and its followed output say it was cut.
+async fn output_past_the_cap_is_acknowledged_and_not_stored(store: TestStore) {
+    let server = TestServer::start_with(store.store.clone(), |b| {
+        b.live(fleet_server::LiveSettings {
+            output_max_bytes: 1000,
+            ..Default::default()
+        })
+    })
+    .await;
+
+    // Over the live channel: 600 bytes, then a chunk that straddles the cap (400 of it
+    // stored), one past it, and stderr once the cap is reached.
+    let (id, target) = run_on(&server, INSTANCE).await;
+    let mut channel = RawChannel::open(&server.url, INSTANCE, SECRET).await;
+    let (a, b) = ("a".repeat(600), "b".repeat(600));
+    for frame in [
+        log_frame("w1", &target, "stdout", 0, &a),
+        log_frame("w2", &target, "stdout", 600, &b),
+        log_frame("w3", &target, "stdout", 1200, "past the cap"),
+        log_frame("w4", &target, "stderr", 0, "no room left"),
+        json!({"type": "result", "id": "w5",
+               "payload": {"job_id": target, "status": "COMPLETED", "exit_code": 0}}),
+        // Resent after the end (as after a restart of the control plane): still acknowledged.
+        log_frame("w6", &target, "stdout", 0, &a),
+    ] {
+        channel.send_acknowledged(frame).await;
+    }
+    let shown = shown_target(&server, &id).await;
+    assert_eq!(shown["status"], "completed", "{shown}");
+    assert_eq!(
+        (&shown["output_bytes"], &shown["output_truncated_at_bytes"]),
+        (&json!(1000), &json!(1000)),
+        "{shown}"
+    );
+    let stdout = output(&server.client, &server.url, &id, "stdout").await;
+    let expected = format!("{a}{}{CUT_AT_1000}", &b[..400]);
+    assert_eq!(String::from_utf8_lossy(&stdout), expected);
+    let stderr = output(&server.client, &server.url, &id, "stderr").await;
+    assert_eq!(String::from_utf8_lossy(&stderr), CUT_AT_1000);
+    let end = followed_end(&server, &id).await;
+    assert_eq!(
+        end,
+        json!({"status": "completed", "output_truncated_at_bytes": 1000})
+    );
+
+    // Over HTTP: the same, and chunks at fresh offsets that overlap what is stored (a
+    // holder of the agent's secret filling the disk) store nothing more.
+    let (id, target) = run_on(&server, INSTANCE).await;
+    let (x, y) = ("x".repeat(700), "y".repeat(700));
+    let chunks = json!([{"offset": 0, "stream": "stdout", "data": x},
+                        {"offset": 700, "stream": "stdout", "data": y}]);
+    assert_eq!(post_chunks(&server, "cap-1", &target, chunks).await, 200);
+    for (n, offset) in [1, 2, 3].into_iter().enumerate() {
+        let overlap = json!([{"offset": offset, "stream": "stdout", "data": "z".repeat(500)}]);
+        let msg = format!("cap-overlap-{n}");
+        assert_eq!(post_chunks(&server, &msg, &target, overlap).await, 200);
+    }
+    let shown = shown_target(&server, &id).await;
+    assert_eq!(
+        (&shown["output_bytes"], &shown["output_truncated_at_bytes"]),
+        (&json!(1000), &json!(1000)),
+        "{shown}"
+    );
+    let stdout = output(&server.client, &server.url, &id, "stdout").await;
+    assert_eq!(
+        String::from_utf8_lossy(&stdout),
+        format!("{x}{}{CUT_AT_1000}", &y[..300])
+    );
+
+    // Output of exactly the cap is whole: nothing said.
+    let (id, target) = run_on(&server, INSTANCE).await;
+    let chunks = json!([{"offset": 0, "stream": "stderr", "data": "e".repeat(1000)}]);
+    assert_eq!(
+        post_chunks(&server, "cap-exact", &target, chunks).await,
+        200
+    );
+    let shown = shown_target(&server, &id).await;
+    assert_eq!(shown["output_truncated_at_bytes"], Value::Null, "{shown}");
+    let stderr = output(&server.client, &server.url, &id, "stderr").await;
+    assert_eq!(stderr, vec![b'e'; 1000]);
+    server.stop().await;
+}
+
+/// Offsets that do not fit the database's integers (u64::MAX, i64::MAX + 1) are past any
+/// cap: acknowledged, not stored, and no error.
+async fn offsets_past_what_the_database_holds_are_acknowledged_and_not_stored(store: TestStore) {
+    let server = server(&store).await;
+    let (id, target) = run_on(&server, INSTANCE).await;
+    let mut channel = RawChannel::open(&server.url, INSTANCE, SECRET).await;
+    for (n, offset) in [u64::MAX, i64::MAX as u64 + 1, i64::MAX as u64]
+        .into_iter()
+        .enumerate()
+    {
+        channel
+            .send_acknowledged(log_frame(
+                &format!("far-{n}"),
+                &target,
+                "stdout",
+                offset,
+                "far",
+            ))
+            .await;
+        let chunks = json!([{"offset": offset, "stream": "stderr", "data": "far"}]);
+        let msg = format!("far-http-{n}");
+        assert_eq!(post_chunks(&server, &msg, &target, chunks).await, 200);
+    }
+    let shown = shown_target(&server, &id).await;
+    assert_eq!(shown["output_bytes"], 0, "{shown}");
+    assert_eq!(
+        shown["output_truncated_at_bytes"],
+        json!(256 * 1024 * 1024),
+        "{shown}"
+    );
+    for stream in ["stdout", "stderr"] {
+        let body = output(&server.client, &server.url, &id, stream).await;
+        assert_eq!(
+            String::from_utf8_lossy(&body),
+            "\n[output truncated at 256 MiB by the control plane \
+             (CONTROL_PLANE_COMMAND_OUTPUT_MAX_BYTES)]\n"
+        );
+    }
+    server.stop().await;
+}
+
+/// The periodic sweep deletes the output of targets that ended before the retention and
+/// keeps their results; the logs route answers 410 saying so, the dashboard too, and a
+/// target that ended recently keeps its output.
+async fn the_sweep_deletes_old_output_and_the_logs_say_so(store: TestStore) {
+    use fleet_core::command::{Stream, TargetStatus};
+    use fleet_server::store::commands::TargetUpdate;
+    let server = TestServer::start_with(store.store.clone(), |b| {
+        b.settings(fleet_server::Settings {
+            sweep_interval: Duration::from_millis(100),
+            ..Default::default()
+        })
+        .live(fleet_server::LiveSettings {
+            output_retention: Some(Duration::from_secs(86_400)),
+            ..Default::default()
+        })
+    })
+    .await;
+    let commands = store.store.commands().expect("command store");
+    let now = support::now();
+    let mut ids = Vec::new();
+    // Ended two days ago, and a minute ago.
+    for ended_at in [now - 2 * 86_400, now - 60] {
+        let (id, target) = run_on(&server, INSTANCE).await;
+        let chunk = (target.clone(), Stream::Stdout, 0, b"hello\n".to_vec());
+        commands
+            .store_chunks(&[chunk], u64::MAX)
+            .await
+            .expect("store");
+        let completed = TargetUpdate {
+            status: TargetStatus::Completed,
+            exit_code: Some(0),
+            error: None,
+            logs: None,
+            data: None,
+        };
+        commands
+            .record_target(&target, INSTANCE, &completed, ended_at)
+            .await
+            .expect("record")
+            .expect("changed");
+        ids.push(id);
+    }
+    let (old, recent) = (&ids[0], &ids[1]);
+    let logs = |id: &str, follow: bool| {
+        server
+            .client
+            .get(server.at(&format!("/v1/commands/{id}/logs?follow={follow}")))
+            .bearer_auth(SUPPORT)
+            .send()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while logs(old, false).await.expect("logs").status() != 410 {
+        assert!(
+            Instant::now() < deadline,
+            "the old output was never deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for follow in [false, true] {
+        let response = logs(old, follow).await.expect("logs");
+        assert_eq!(response.status().as_u16(), 410);
+        let answer: Value = response.json().await.expect("json");
+        assert_eq!(support::code(&answer), "gone", "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("(6 bytes) was deleted at")
+                && message.contains("CONTROL_PLANE_COMMAND_RETENTION_DAYS"),
+            "{message}"
+        );
+    }
+    let shown = shown_target(&server, old).await;
+    assert_eq!(
+        (
+            &shown["status"],
+            &shown["exit_code"],
+            &shown["output_bytes"]
+        ),
+        (&json!("completed"), &json!(0), &json!(6)),
+        "the record stays: {shown}"
+    );
+    assert!(
+        shown["output_deleted_at"]
+            .as_i64()
+            .is_some_and(|at| at >= now),
+        "{shown}"
+    );
+    let (_, page) = page(&server, format!("/commands/{old}"), SUPPORT).await;
+    assert!(
+        page.contains("id=\"output-deleted-0\"") && page.contains("6 bytes, deleted"),
+        "{page}"
+    );
+    assert_eq!(
+        output(&server.client, &server.url, recent, "stdout").await,
+        b"hello\n"
+    );
+    assert_eq!(
+        shown_target(&server, recent).await["output_deleted_at"],
+        Value::Null
+    );
     server.stop().await;
 }

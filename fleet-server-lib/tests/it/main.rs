@@ -13,6 +13,7 @@ mod pages;
 mod restores;
 mod rollout_auth;
 mod rollouts;
+mod sessions;
 mod store;
 mod support;
 mod webhook;

@@ -29,6 +29,8 @@ on_both_backends!(
     resolved_alerts_past_retention_are_pruned_unless_a_delivery_is_pending,
     concurrent_writers_do_not_fail,
     retried_batches_in_opposite_orders_do_not_deadlock,
+    command_output_stops_at_the_cap_of_both_streams_together,
+    ended_targets_lose_their_output_after_the_retention_and_keep_their_result,
 );
 
 fn rules() -> IngestRules {
@@ -1404,4 +1406,208 @@ async fn a_store_opened_with_a_writer_count_records_with_that_many_on_postgres()
     .expect("open sqlite");
     assert_eq!(sqlite.write_concurrency(), 1);
     crate::support::drop_schema(t.schema).await;
+}
+
+/// A command with one target per instance, released to its agents at `now`; returns the
+/// target ids.
+async fn released_command(t: &TestStore, id: &str, instances: &[&str], now: i64) -> Vec<String> {
+    use fleet_core::command::CommandType;
+    use fleet_server::store::commands::NewCommand;
+    let commands = t.store.commands().expect("command store");
+    let targets: Vec<(String, String)> = instances
+        .iter()
+        .map(|instance| (format!("{id}-{instance}"), (*instance).to_owned()))
+        .collect();
+    let command = NewCommand {
+        id: id.to_owned(),
+        command_type: CommandType::RunCommand,
+        payload: json!({"cmd": "true"}),
+        max_concurrency: None,
+        max_errors: None,
+        created_by: "admin".into(),
+        created_at: now,
+    };
+    commands
+        .create_command(&command, &targets)
+        .await
+        .expect("create");
+    commands.schedule(id, now).await.expect("schedule");
+    targets.into_iter().map(|(target, _)| target).collect()
+}
+
+/// The stored output of one stream of `target`, in offset order.
+async fn stored_output(
+    t: &TestStore,
+    target: &str,
+    stream: fleet_core::command::Stream,
+) -> Vec<u8> {
+    let chunks = t
+        .store
+        .commands()
+        .expect("command store")
+        .read_chunks(target, Some(stream), 0, 10_000)
+        .await
+        .expect("read");
+    chunks.into_iter().flat_map(|c| c.data).collect()
+}
+
+async fn command_output_stops_at_the_cap_of_both_streams_together(t: TestStore) {
+    use fleet_core::command::Stream::{Stderr, Stdout};
+    const CAP: u64 = 1000;
+    let commands = t.store.commands().expect("command store");
+    let targets = released_command(&t, "cap", &["acme-001", "acme-002"], 1000).await;
+    let (cut, exact) = (&targets[0], &targets[1]);
+    let chunk = |target: &str, stream, offset: u64, byte: u8, len: usize| {
+        (target.to_owned(), stream, offset, vec![byte; len])
+    };
+    // 600 bytes of stderr, then stdout: 400 of its first 500 fit under the cap (both streams
+    // count together), its next chunk none.
+    let stored = commands
+        .store_chunks(
+            &[
+                chunk(cut, Stderr, 0, b'e', 600),
+                chunk(cut, Stdout, 0, b'a', 500),
+                chunk(cut, Stdout, 500, b'b', 100),
+            ],
+            CAP,
+        )
+        .await
+        .expect("store");
+    assert_eq!(stored, 2);
+    assert_eq!(stored_output(&t, cut, Stderr).await, vec![b'e'; 600]);
+    assert_eq!(stored_output(&t, cut, Stdout).await, vec![b'a'; 400]);
+    let output = commands
+        .target_output(cut)
+        .await
+        .expect("read")
+        .expect("target");
+    assert_eq!(
+        (output.output_bytes, output.output_truncated_at_bytes),
+        (1000, Some(1000))
+    );
+    // Chunks at fresh offsets store nothing more, however they overlap; offsets past what
+    // a database integer holds are acknowledged like any other chunk past the cap.
+    let stored = commands
+        .store_chunks(
+            &[
+                chunk(cut, Stdout, 1, b'x', 10),
+                chunk(cut, Stderr, 600, b'y', 10),
+                chunk(cut, Stdout, i64::MAX as u64, b'z', 10),
+                chunk(cut, Stdout, i64::MAX as u64 + 1, b'z', 10),
+                chunk(cut, Stdout, u64::MAX, b'z', 10),
+            ],
+            CAP,
+        )
+        .await
+        .expect("store");
+    assert_eq!(stored, 0);
+    let again = commands
+        .target_output(cut)
+        .await
+        .expect("read")
+        .expect("target");
+    assert_eq!(again, output);
+
+    // Output of exactly the cap is whole, and stays so when its chunks come again (an agent
+    // resending what the control plane stored before it restarted).
+    let whole = [
+        chunk(exact, Stdout, 0, b'a', 700),
+        chunk(exact, Stdout, 700, b'b', 300),
+    ];
+    assert_eq!(commands.store_chunks(&whole, CAP).await.expect("store"), 2);
+    assert_eq!(commands.store_chunks(&whole, CAP).await.expect("store"), 0);
+    let output = commands
+        .target_output(exact)
+        .await
+        .expect("read")
+        .expect("target");
+    assert_eq!(
+        (output.output_bytes, output.output_truncated_at_bytes),
+        (1000, None)
+    );
+    assert_eq!(stored_output(&t, exact, Stdout).await.len(), 1000);
+}
+
+async fn ended_targets_lose_their_output_after_the_retention_and_keep_their_result(t: TestStore) {
+    use fleet_core::command::{Stream::Stdout, TargetStatus};
+    use fleet_server::store::commands::{PRUNE_ROWS_PER_STATEMENT, TargetUpdate};
+    let commands = t.store.commands().expect("command store");
+    let targets =
+        released_command(&t, "retention", &["acme-001", "acme-002", "acme-003"], 1000).await;
+    let (old, recent, running) = (&targets[0], &targets[1], &targets[2]);
+    // The old target's output spans several delete statements.
+    let chunks = PRUNE_ROWS_PER_STATEMENT as u64 * 2 + 5;
+    for target in [old, recent, running] {
+        let rows: Vec<_> = (0..chunks)
+            .map(|n| (target.clone(), Stdout, n * 4, b"out\n".to_vec()))
+            .collect();
+        commands.store_chunks(&rows, u64::MAX).await.expect("store");
+    }
+    let done = |exit_code| TargetUpdate {
+        status: TargetStatus::Completed,
+        exit_code: Some(exit_code),
+        error: None,
+        logs: Some("summary"),
+        data: None,
+    };
+    for (target, instance, at) in [(old, "acme-001", 2_000), (recent, "acme-002", 9_000)] {
+        commands
+            .record_target(target, instance, &done(7), at)
+            .await
+            .expect("record")
+            .expect("changed");
+    }
+
+    let deleted = commands.prune_output(5_000, 10_000).await.expect("prune");
+    assert_eq!(deleted, chunks);
+    assert!(stored_output(&t, old, Stdout).await.is_empty());
+    // Ended after the cutoff, or still running (however old): kept.
+    assert_eq!(
+        stored_output(&t, recent, Stdout).await.len() as u64,
+        chunks * 4
+    );
+    assert_eq!(
+        stored_output(&t, running, Stdout).await.len() as u64,
+        chunks * 4
+    );
+    let output = commands
+        .target_output(old)
+        .await
+        .expect("read")
+        .expect("target");
+    assert_eq!(output.output_deleted_at, Some(10_000));
+    assert_eq!(output.output_bytes as u64, chunks * 4, "how much there was");
+    // The record and its result stay.
+    let record = commands
+        .command("retention")
+        .await
+        .expect("read")
+        .expect("command");
+    let target = &record.targets[0];
+    assert_eq!(
+        (
+            target.status.as_str(),
+            target.exit_code,
+            target.logs.as_deref()
+        ),
+        ("completed", Some(7), Some("summary"))
+    );
+    assert_eq!(target.output_deleted_at, Some(10_000));
+    // A chunk resent that late is dropped, and a second sweep finds nothing more.
+    let late = [(old.clone(), Stdout, 0, b"late".to_vec())];
+    assert_eq!(
+        commands.store_chunks(&late, u64::MAX).await.expect("store"),
+        0
+    );
+    assert!(stored_output(&t, old, Stdout).await.is_empty());
+    assert_eq!(
+        commands.prune_output(5_000, 11_000).await.expect("prune"),
+        0
+    );
+    let output = commands
+        .target_output(old)
+        .await
+        .expect("read")
+        .expect("target");
+    assert_eq!(output.output_deleted_at, Some(10_000), "marked once");
 }

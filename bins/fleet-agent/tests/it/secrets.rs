@@ -3,8 +3,8 @@
 //! processes (one with `AGENT_SECRET`, one enrolling with a one-time token) talk to the
 //! control plane served in this process, whose logs are captured by a trace-level subscriber. The flow uses every secret for real: heartbeats, the ops
 //! endpoint with its token, the local API with its token (and a wrong one), role tokens as
-//! Bearer and through `/login`, an alert forwarded to a webhook with a token and a signing
-//! secret, the live channel's JWT, and enrollment.
+//! Bearer and through `/login` (and the session it starts), an alert forwarded to a webhook
+//! with a token and a signing secret, the live channel's JWT, and enrollment.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -252,6 +252,28 @@ async fn no_secret_reaches_any_log_of_a_full_flow_at_trace_level() {
         .await
         .expect("login");
     assert_eq!(login.status(), 303);
+    // The session id the login cookie holds is a secret of its own: used, then logged out.
+    let session_id = login.headers()["set-cookie"]
+        .to_str()
+        .expect("ascii")
+        .split(';')
+        .next()
+        .and_then(|pair| pair.strip_prefix("cp_token="))
+        .expect("the session cookie")
+        .to_owned();
+    let session_cookie = format!("cp_token={session_id}");
+    for (path, status) in [("/", 200), ("/logout", 303), ("/", 303)] {
+        let request = match path {
+            "/logout" => client.post(format!("{url}{path}")),
+            _ => client.get(format!("{url}{path}")),
+        };
+        let response = request
+            .header("cookie", &session_cookie)
+            .send()
+            .await
+            .expect("session");
+        assert_eq!(response.status(), status, "{path}");
+    }
     let wrong = client
         .post(format!("{url}/login"))
         .header("content-type", "application/x-www-form-urlencoded")
@@ -339,6 +361,7 @@ async fn no_secret_reaches_any_log_of_a_full_flow_at_trace_level() {
         ("CONTROL_PLANE_JWT_KEY", &seed_b64),
         ("the JWT seed", "jwt-signing-seed-Pm72Nl"),
         ("AGENT_ENROLLMENT_TOKEN", &enrollment_token),
+        ("a dashboard session id", &session_id),
         ("the issued agent secret", &issued_secret),
         // Any JWT: its base64url header always starts so.
         ("a JWT", "eyJ"),

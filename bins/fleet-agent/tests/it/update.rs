@@ -4,7 +4,8 @@
 //! and the two ways back to the previous binary: a file that crashes at start is never
 //! installed, and one that passes its trial but keeps failing afterwards is replaced by the
 //! previous binary after `MAX_STARTS` restarts (the test restarts it as systemd's
-//! `Restart=always` would).
+//! `Restart=always` would). The version is the one the downloaded file answers to
+//! `--version`: an older one is refused unless the agent sets `AGENT_UPDATE_ALLOW_DOWNGRADE`.
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
@@ -143,11 +144,21 @@ fn script(text: &str) -> Vec<u8> {
     text.as_bytes().to_vec()
 }
 
+/// The first line of a script that answers `--version` as `fleet-agent <version>` does.
+fn answers_version(version: &str) -> String {
+    format!("#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'fleet-agent {version}'; exit 0; fi\n")
+}
+
+/// Older than the agent under test (this workspace's version, 0.1.0 or later).
+const OLDER: &str = "0.0.1";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn update_agent_swaps_the_binary_restarts_and_confirms() {
     let bench = Bench::new("update").await;
     let new_binary = std::fs::read(env!("CARGO_BIN_EXE_fleet-agent")).expect("read the binary");
-    let command = bench.offer("fleet-agent", "2.0.0", new_binary);
+    // The same version again: a re-install, allowed.
+    let version = env!("CARGO_PKG_VERSION");
+    let command = bench.offer("fleet-agent", version, new_binary);
     let mut agent = Guard(
         bench
             .command(&bench.installed.display().to_string())
@@ -170,7 +181,7 @@ async fn update_agent_swaps_the_binary_restarts_and_confirms() {
         .await
         .expect("text");
     assert!(trial.contains("trial: the live channel opened"), "{trial}");
-    assert_eq!(target["data"]["version"], "2.0.0", "{done}");
+    assert_eq!(target["data"]["version"], version, "{done}");
     // COMPLETED is recorded by the new process once its channel is up, so by now the
     // marker is gone and the process (same pid: exec) runs the new file.
     assert!(!marker_path(&bench.installed).exists(), "{}", bench.logs());
@@ -209,8 +220,11 @@ async fn an_agent_binary_that_crashes_at_start_is_never_installed() {
             .expect("start the installed agent"),
     );
     let pid = agent.0.id();
-    // Validly signed, but it dies at once, as a binary for the wrong libc would.
-    let bad = script("#!/bin/sh\necho 'fatal: cannot start the new agent' >&2\nexit 1\n");
+    // Validly signed, but it dies once it starts as an agent.
+    let bad = script(&format!(
+        "{}echo 'fatal: cannot start the new agent' >&2\nexit 1\n",
+        answers_version("6.6.6")
+    ));
     let done = run_command(
         &Client::new(),
         &bench.url,
@@ -253,8 +267,9 @@ async fn a_new_binary_that_keeps_failing_after_its_trial_gives_way_to_the_previo
     let real = bench.dir.join("real-agent");
     std::fs::copy(env!("CARGO_BIN_EXE_fleet-agent"), &real).expect("copy");
     let flaky = script(&format!(
-        "#!/bin/sh\nif [ -z \"$FLEET_AGENT_TRIAL\" ]; then AGENT_SIGNATURE_SCHEME=broken; \
+        "{}if [ -z \"$FLEET_AGENT_TRIAL\" ]; then AGENT_SIGNATURE_SCHEME=broken; \
          export AGENT_SIGNATURE_SCHEME; fi\nexec '{}' \"$@\"\n",
+        answers_version("7.0.0"),
         real.display()
     ));
     // systemd's Restart=always, as a shell loop around the installed path (passed as $0,
@@ -298,6 +313,78 @@ async fn a_new_binary_that_keeps_failing_after_its_trial_gives_way_to_the_previo
     bench.healthy().await;
     drop(stop_group);
     drop(supervisor);
+    let _ = std::fs::remove_dir_all(&bench.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_agent_binary_is_installed_only_where_the_agent_allows_downgrades() {
+    let bench = Bench::new("update-downgrade").await;
+    let before = bench.installed_sha();
+    // A real agent that says it is an older version: validly signed, and it would pass its
+    // trial.
+    let real = bench.dir.join("real-agent");
+    std::fs::copy(env!("CARGO_BIN_EXE_fleet-agent"), &real).expect("copy");
+    let older = script(&format!(
+        "{}exec '{}' \"$@\"\n",
+        answers_version(OLDER),
+        real.display()
+    ));
+    let mut agent = Guard(
+        bench
+            .command(&bench.installed.display().to_string())
+            .spawn()
+            .expect("start the installed agent"),
+    );
+    let client = Client::new();
+    let done = run_command(
+        &client,
+        &bench.url,
+        ADMIN,
+        bench.offer("older-agent", OLDER, older.clone()),
+    )
+    .await;
+    let target = &done["targets"][0];
+    assert_eq!(target["status"], "failed", "{done}\n{}", bench.logs());
+    assert_eq!(
+        target["error"],
+        format!(
+            "refusing to downgrade from {} to {OLDER} (set AGENT_UPDATE_ALLOW_DOWNGRADE=true to \
+             allow)",
+            env!("CARGO_PKG_VERSION")
+        ),
+        "{done}"
+    );
+    assert_eq!(bench.installed_sha(), before);
+    assert!(!previous_path(&bench.installed).exists());
+    assert!(!marker_path(&bench.installed).exists());
+    assert!(!bench.installed.with_extension("download").exists());
+    assert!(
+        agent.0.try_wait().expect("wait").is_none(),
+        "{}",
+        bench.logs()
+    );
+    bench.healthy().await;
+    sigterm_and_wait(&mut agent).await;
+
+    // The same agent, configured on its own host to accept downgrades.
+    let mut allowing = bench.command(&bench.installed.display().to_string());
+    allowing.env("AGENT_UPDATE_ALLOW_DOWNGRADE", "true");
+    let mut agent = Guard(allowing.spawn().expect("start the installed agent"));
+    let id = submit_command(
+        &client,
+        &bench.url,
+        ADMIN,
+        bench.offer("older-agent", OLDER, older),
+    )
+    .await;
+    let done = wait_command(&client, &bench.url, ADMIN, &id, 120).await;
+    let target = &done["targets"][0];
+    assert_eq!(target["status"], "completed", "{done}\n{}", bench.logs());
+    assert_eq!(target["data"]["version"], OLDER, "{done}");
+    assert!(previous_path(&bench.installed).exists());
+    assert!(!marker_path(&bench.installed).exists(), "{}", bench.logs());
+    bench.healthy().await;
+    sigterm_and_wait(&mut agent).await;
     let _ = std::fs::remove_dir_all(&bench.dir);
 }
 

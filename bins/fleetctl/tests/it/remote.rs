@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_agent::{Agent, AgentConfig, CommandSettings};
-use fleet_server::{ControlPlane, RoleTokens, SqliteStore};
+use fleet_server::{ControlPlane, ControlPlaneBuilder, LiveSettings, RoleTokens, SqliteStore};
 
 const ADMIN: &str = "fleetctl-admin";
 const INSTANCE: &str = "ctl-001";
@@ -24,6 +24,14 @@ async fn fleetctl(url: &str, args: &[&str]) -> std::process::Output {
 /// A control plane on 127.0.0.1:0 over SQLite in `dir`, knowing `INSTANCE`'s secret;
 /// returns its URL.
 async fn start_server(dir: &std::path::Path) -> String {
+    start_server_with(dir, |builder| builder).await
+}
+
+/// Like [`start_server`], with `configure` applied to the control plane's builder.
+async fn start_server_with(
+    dir: &std::path::Path,
+    configure: impl FnOnce(ControlPlaneBuilder) -> ControlPlaneBuilder,
+) -> String {
     let store = SqliteStore::connect(&format!("sqlite://{}", dir.join("cp.db").display()))
         .await
         .expect("store");
@@ -32,15 +40,14 @@ async fn start_server(dir: &std::path::Path) -> String {
         None,
     )
     .expect("secrets");
-    let router = ControlPlane::builder()
+    let builder = ControlPlane::builder()
         .shared_store(Arc::new(store))
         .secrets(secrets)
         .tokens(RoleTokens {
             admin: Some(ADMIN.into()),
             ..Default::default()
-        })
-        .build()
-        .expect("control plane");
+        });
+    let router = configure(builder).build().expect("control plane");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -169,6 +176,54 @@ async fn enroll_run_and_show() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("RunCommand completed") && text.contains(INSTANCE),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Output past the control plane's cap: `run` prints what was stored and then says it was
+/// cut, and so does `commands show`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_says_when_the_control_plane_cut_the_output() {
+    let dir = scratch("cut");
+    let url = start_server_with(&dir, |builder| {
+        builder.live(LiveSettings {
+            output_max_bytes: 4096,
+            ..Default::default()
+        })
+    })
+    .await;
+    start_agent(&url, &dir, CommandSettings::default()).await;
+    let out = fleetctl(
+        &url,
+        &[
+            "run",
+            "--target",
+            INSTANCE,
+            "--",
+            "head",
+            "-c",
+            "10000",
+            "/dev/zero",
+        ],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(out.stdout, vec![0; 4096]);
+    assert!(
+        stderr.contains("\noutput truncated at 4 KiB by the control plane\n"),
+        "{stderr}"
+    );
+    let id = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("command "))
+        .expect("the command id is printed")
+        .to_owned();
+    let out = fleetctl(&url, &["commands", "show", &id]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("\n    output truncated at 4 KiB by the control plane"),
         "{text}"
     );
     let _ = std::fs::remove_dir_all(dir);
