@@ -197,6 +197,7 @@ impl AgentBuilder {
                 outbox: tokio::sync::OnceCell::new(),
                 flush: Notify::new(),
                 installed_version: Arc::new(Mutex::new(None)),
+                poll_now: crate::pipeline::PollNow::default(),
             }),
             listener: None,
             commands: self.commands,
@@ -238,6 +239,8 @@ pub(crate) struct Shared {
     /// The version the last successful update installed (reported instead of
     /// `INSTANCE_VERSION` once set).
     pub(crate) installed_version: Arc<Mutex<Option<String>>>,
+    /// Wakes the pipelines' pollers; the live channel holds it too.
+    pub(crate) poll_now: crate::pipeline::PollNow,
 }
 
 /// The fleet agent. Build it with [`Agent::builder`], then [`run`](Agent::run) it.
@@ -380,6 +383,7 @@ impl Agent {
                         .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned()),
                     executor,
                     http: shared.http.clone(),
+                    poll_now: shared.poll_now.clone(),
                 },
                 stop_rx.clone(),
             ));

@@ -1,6 +1,9 @@
 //! The live channel, agent side: register for a short-lived token (renewed before it
 //! expires), dial `GET /v1/agents/connect` with the InstaDeploy headers, run commands that
-//! arrive, and send the journal's frames until each is acknowledged.
+//! arrive, and send the journal's frames until each is acknowledged. The handshake also
+//! announces `X-Agent-Capabilities: jobs_waiting`, and a `jobs_waiting` frame wakes the
+//! pipelines' pollers ([`ChannelConfig::poll_now`]), so a job starts within seconds of its
+//! rollout batch instead of at the next poll.
 //!
 //! One task writes to the socket. Pings go every 30 s and the socket is dropped after 60 s
 //! without a pong; reconnects back off from 1 s to 2 min with jitter, and the backoff is
@@ -10,7 +13,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fleet_core::command::Frame;
+use fleet_core::command::{CAPABILITIES_HEADER, Frame, JOBS_WAITING};
 use fleet_core::registration::{RegisterRequest, RegisterResponse};
 use fleet_core::{Secret, Signer};
 use futures_util::{SinkExt, StreamExt};
@@ -43,6 +46,9 @@ pub struct ChannelConfig {
     pub executor: Executor,
     /// HTTP client for registration.
     pub http: reqwest::Client,
+    /// Woken when the control plane says jobs are waiting: the same handle the agent's
+    /// update, plugin and restore pollers wait on (a default one wakes nobody).
+    pub poll_now: crate::pipeline::PollNow,
 }
 
 /// Why a connection attempt ended.
@@ -432,7 +438,9 @@ fn token_of(answer: RegisterResponse) -> Token {
     }
 }
 
-/// The handshake request with the InstaDeploy headers; `trial` adds `X-Agent-Trial: 1`.
+/// The handshake request with the InstaDeploy headers and the capabilities of this agent
+/// ([`CAPABILITIES_HEADER`]: a control plane that knows none ignores it); `trial` adds
+/// `X-Agent-Trial: 1`.
 fn connect_request(
     base: &str,
     token: &str,
@@ -452,6 +460,7 @@ fn connect_request(
     put("x-agent-version", version.to_owned());
     put("x-agent-architecture", architecture());
     put("x-agent-hostname", hostname());
+    put(CAPABILITIES_HEADER, JOBS_WAITING.to_owned());
     if trial {
         put("x-agent-trial", "1".to_owned());
     }
@@ -716,6 +725,15 @@ async fn handle(
             // A refused frame will never be accepted: forget it rather than resend forever.
             if in_flight.remove(&id) {
                 let _ = executor.journal().ack(std::slice::from_ref(&id)).await;
+            }
+        }
+        Ok(Frame::JobsWaiting { pipelines, .. }) => {
+            tracing::debug!(
+                ?pipelines,
+                "the control plane says jobs are waiting; polling now"
+            );
+            for pipeline in pipelines {
+                config.poll_now.wake(pipeline);
             }
         }
         Ok(Frame::Result { .. } | Frame::Logs { .. }) => {}

@@ -12,6 +12,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fleet_core::command::Pipeline;
 use fleet_core::signing::HEADER_V0_SIGNATURE;
 use fleet_core::{Scheme, Signer};
 use tokio::io::AsyncReadExt;
@@ -414,10 +415,42 @@ impl ControlPlaneClient {
     }
 }
 
-/// Calls `poll` every `interval` (at once again after it did some work) until `stop`.
+/// Wakes the pipelines' pollers before their interval is over. The live channel wakes them
+/// when the control plane says jobs are waiting ([`Frame::JobsWaiting`]); the agent hands
+/// the same handle to its pollers and its channel, so an embedder gets it with the agent.
+///
+/// [`Frame::JobsWaiting`]: fleet_core::command::Frame::JobsWaiting
+#[derive(Debug, Clone, Default)]
+pub struct PollNow {
+    update: Arc<tokio::sync::Notify>,
+    plugin: Arc<tokio::sync::Notify>,
+    restore: Arc<tokio::sync::Notify>,
+}
+
+impl PollNow {
+    /// Makes `pipeline`'s poller poll now: at once when it waits for its interval, else as
+    /// soon as the poll under way ends (that poll may have asked before the job existed).
+    /// Wakes that come while it polls make one more poll, not one each.
+    pub fn wake(&self, pipeline: Pipeline) {
+        self.of(pipeline).notify_one();
+    }
+
+    /// What `pipeline`'s poller waits on.
+    pub(crate) fn of(&self, pipeline: Pipeline) -> &tokio::sync::Notify {
+        match pipeline {
+            Pipeline::Update => &self.update,
+            Pipeline::Plugin => &self.plugin,
+            Pipeline::Restore => &self.restore,
+        }
+    }
+}
+
+/// Calls `poll` every `interval` (at once again after it did some work, or when `wake` is
+/// notified) until `stop`. One poll runs at a time.
 pub async fn poll_loop<F, Fut>(
     name: &'static str,
     interval: Duration,
+    wake: &tokio::sync::Notify,
     mut stop: tokio::sync::watch::Receiver<bool>,
     mut poll: F,
 ) where
@@ -439,6 +472,8 @@ pub async fn poll_loop<F, Fut>(
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            // A wake that came during the poll left its permit: it is taken here at once.
+            _ = wake.notified() => tracing::debug!(pipeline = name, "woken to poll now"),
             _ = stop.wait_for(|s| *s) => return,
         }
     }
@@ -447,6 +482,61 @@ pub async fn poll_loop<F, Fut>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Waits until `count` holds `expected`, for at most 5 s.
+    async fn reaches(count: &std::sync::atomic::AtomicUsize, expected: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while count.load(std::sync::atomic::Ordering::SeqCst) != expected {
+            assert!(Instant::now() < deadline, "polls never reached {expected}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_wake_polls_now_and_wakes_during_a_poll_make_one_more_poll() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let polls = Arc::new(AtomicUsize::new(0));
+        let busy = Arc::new(tokio::sync::Semaphore::new(0));
+        let now = PollNow::default();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn({
+            let (polls, busy, now) = (polls.clone(), busy.clone(), now.clone());
+            async move {
+                let wake = now.of(Pipeline::Plugin);
+                poll_loop("test", Duration::from_secs(600), wake, stopped, || {
+                    let (polls, busy) = (polls.clone(), busy.clone());
+                    async move {
+                        polls.fetch_add(1, Ordering::SeqCst);
+                        // Each poll holds until the test lets it end.
+                        busy.acquire().await.expect("open").forget();
+                        Ok(false)
+                    }
+                })
+                .await
+            }
+        });
+        // The first poll is under way: a burst of wakes, another pipeline's among them.
+        reaches(&polls, 1).await;
+        for _ in 0..5 {
+            now.wake(Pipeline::Plugin);
+        }
+        now.wake(Pipeline::Update);
+        busy.add_permits(1);
+        // One more poll for the whole burst, then the 10-minute wait.
+        reaches(&polls, 2).await;
+        busy.add_permits(1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(polls.load(Ordering::SeqCst), 2);
+        // Waiting out the interval, it polls at once when woken.
+        now.wake(Pipeline::Plugin);
+        reaches(&polls, 3).await;
+        busy.add_permits(1);
+        stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("stops")
+            .expect("joins");
+    }
 
     fn step(command: &str, timeout_ms: u64) -> Step {
         Step {

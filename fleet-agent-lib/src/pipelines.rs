@@ -56,7 +56,11 @@ pub(crate) async fn spawn(
             runner.clone(),
             shared.installed_version.clone(),
         );
-        tasks.spawn(crate::updates::run_loop(pipeline, stop.clone()));
+        tasks.spawn(crate::updates::run_loop(
+            pipeline,
+            shared.poll_now.clone(),
+            stop.clone(),
+        ));
     }
     if c.plugin.enabled {
         let pipeline = crate::plugins::PluginPipeline::new(
@@ -66,7 +70,11 @@ pub(crate) async fn spawn(
             state.clone(),
             runner.clone(),
         );
-        tasks.spawn(crate::plugins::run_loop(pipeline, stop.clone()));
+        tasks.spawn(crate::plugins::run_loop(
+            pipeline,
+            shared.poll_now.clone(),
+            stop.clone(),
+        ));
     }
     if restore_on {
         let restorer = crate::restores::RestoreRunner::new(
@@ -76,7 +84,11 @@ pub(crate) async fn spawn(
             state.clone(),
             runner.clone(),
         );
-        tasks.spawn(crate::restores::run_loop(restorer, stop.clone()));
+        tasks.spawn(crate::restores::run_loop(
+            restorer,
+            shared.poll_now.clone(),
+            stop.clone(),
+        ));
     }
     Ok(())
 }

@@ -17,6 +17,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fleet_core::command::Pipeline;
 use fleet_core::plugin::{PluginAction, PluginSpec, is_valid_plugin_name, is_valid_plugin_version};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -26,7 +27,7 @@ use crate::config::PluginSettings;
 use crate::job_state::JobState;
 use crate::jobs;
 use crate::pipeline::{
-    ControlPlaneClient, OUTPUT_TAIL_BYTES, Step, StepOutcome, StepRunner, substitute,
+    ControlPlaneClient, OUTPUT_TAIL_BYTES, PollNow, Step, StepOutcome, StepRunner, substitute,
 };
 
 /// Where jobs come from.
@@ -356,10 +357,12 @@ fn last_bytes(text: &str, max: usize) -> &str {
     &text[start..]
 }
 
-/// Polls for plugin jobs every `PLUGIN_POLL_MIN` (or `PLUGIN_POLL_SEC`) until `stop`.
-pub async fn run_loop(pipeline: PluginPipeline, stop: watch::Receiver<bool>) {
+/// Polls for plugin jobs every `PLUGIN_POLL_MIN` (or `PLUGIN_POLL_SEC`) until `stop`, and
+/// at once when `poll_now` wakes it.
+pub async fn run_loop(pipeline: PluginPipeline, poll_now: PollNow, stop: watch::Receiver<bool>) {
     let interval = pipeline.settings.poll_interval;
-    crate::pipeline::poll_loop("plugin", interval, stop, || pipeline.poll_once()).await;
+    let wake = poll_now.of(Pipeline::Plugin);
+    crate::pipeline::poll_loop("plugin", interval, wake, stop, || pipeline.poll_once()).await;
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use fleet_core::command::Pipeline;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
@@ -11,7 +12,7 @@ use crate::Result;
 use crate::config::RestoreSettings;
 use crate::job_state::JobState;
 use crate::jobs;
-use crate::pipeline::{ControlPlaneClient, Step, StepRunner};
+use crate::pipeline::{ControlPlaneClient, PollNow, Step, StepRunner};
 
 /// Where verifications come from.
 pub const NEXT_PATH: &str = "/api/restores/next";
@@ -119,8 +120,10 @@ impl RestoreRunner {
     }
 }
 
-/// Polls for verifications every `RESTORE_POLL_MIN` (or `RESTORE_POLL_SEC`) until `stop`.
-pub async fn run_loop(runner: RestoreRunner, stop: watch::Receiver<bool>) {
+/// Polls for verifications every `RESTORE_POLL_MIN` (or `RESTORE_POLL_SEC`) until `stop`,
+/// and at once when `poll_now` wakes it.
+pub async fn run_loop(runner: RestoreRunner, poll_now: PollNow, stop: watch::Receiver<bool>) {
     let interval = runner.settings.poll_interval;
-    crate::pipeline::poll_loop("restore", interval, stop, || runner.poll_once()).await;
+    let wake = poll_now.of(Pipeline::Restore);
+    crate::pipeline::poll_loop("restore", interval, wake, stop, || runner.poll_once()).await;
 }

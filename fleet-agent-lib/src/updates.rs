@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fleet_core::command::Pipeline;
 use fleet_core::manifest::ManifestVerifier;
 use fleet_core::update::{RolloutSettings, Strategy, UpdateStep};
 use serde_json::{Value, json};
@@ -23,7 +24,7 @@ use crate::Result;
 use crate::config::UpdateSettings;
 use crate::job_state::JobState;
 use crate::jobs;
-use crate::pipeline::{ControlPlaneClient, Step, StepOutcome, StepRunner};
+use crate::pipeline::{ControlPlaneClient, PollNow, Step, StepOutcome, StepRunner};
 
 /// Where jobs come from.
 pub const NEXT_PATH: &str = "/api/updates/next";
@@ -501,10 +502,11 @@ fn job_env(job_id: &str, job: &Value, current: Option<String>) -> Vec<(String, S
 }
 
 /// Polls for update jobs every `UPDATE_POLL_MIN` (or `UPDATE_POLL_SEC`) until `stop`, and
-/// at once again after a job ran.
-pub async fn run_loop(pipeline: UpdatePipeline, stop: watch::Receiver<bool>) {
+/// at once again after a job ran or when `poll_now` wakes it.
+pub async fn run_loop(pipeline: UpdatePipeline, poll_now: PollNow, stop: watch::Receiver<bool>) {
     let interval = pipeline.settings.poll_interval;
-    crate::pipeline::poll_loop("update", interval, stop, || pipeline.poll_once()).await;
+    let wake = poll_now.of(Pipeline::Update);
+    crate::pipeline::poll_loop("update", interval, wake, stop, || pipeline.poll_once()).await;
 }
 
 #[cfg(test)]

@@ -2,6 +2,25 @@
 //!
 //! A command on the wire is `{id, type, payload}` (the InstaDeploy shape); a frame of the
 //! WebSocket channel has the same three keys, so a command *is* a frame.
+//!
+//! The frames ([`Frame`]), by `type`:
+//!
+//! | `type` | direction | `payload` |
+//! |---|---|---|
+//! | a command type (`RunCommand`, `HEALTH_CHECK`, …) | control plane → agent | the command's |
+//! | `result` | agent → control plane | [`CommandResult`] |
+//! | `logs` | agent → control plane | [`LogBatch`] |
+//! | `ack` | either way | [`Ack`] `{ids}` |
+//! | `cancel` | control plane → agent | `{command_id}` |
+//! | `error` | either way | `{message}` |
+//! | `jobs_waiting` | control plane → agent, only to agents that announced it | `{pipelines: ["update", "plugin", "restore"]}` |
+//!
+//! A frame older agents cannot read (so far `jobs_waiting`) needs a capability, which the
+//! agent lists in the handshake's [`CAPABILITIES_HEADER`] (`X-Agent-Capabilities:
+//! jobs_waiting`, comma-separated; unknown entries are ignored, and a control plane that
+//! knows no capabilities ignores the header). The control plane sends it only to agents that
+//! listed it: an agent that predates a frame type reads it as a command of an unknown type
+//! and answers a `FAILED` result for a command it never had.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -791,6 +810,56 @@ pub struct Ack {
     pub ids: Vec<String>,
 }
 
+/// The agent's job pipelines, each of which polls the control plane for its own jobs
+/// (`POST /api/updates/next`, `/api/plugins/next`, `/api/restores/next`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pipeline {
+    /// Update jobs of release rollouts.
+    Update,
+    /// Plugin jobs: of plugin rollouts, and of approved plugin requests.
+    Plugin,
+    /// Restore verifications.
+    Restore,
+}
+
+impl Pipeline {
+    /// Every pipeline.
+    pub const ALL: [Pipeline; 3] = [Self::Update, Self::Plugin, Self::Restore];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Update => "update",
+            Self::Plugin => "plugin",
+            Self::Restore => "restore",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == text)
+    }
+}
+
+/// The handshake header of `GET /v1/agents/connect` in which an agent lists what it
+/// understands beyond the base protocol, comma-separated (`X-Agent-Capabilities`).
+pub const CAPABILITIES_HEADER: &str = "x-agent-capabilities";
+
+/// The capability of an agent that reads [`Frame::JobsWaiting`]: it is sent only to
+/// agents that list it in [`CAPABILITIES_HEADER`].
+pub const JOBS_WAITING: &str = "jobs_waiting";
+
+/// Whether the values of a [`CAPABILITIES_HEADER`] (one per header line) list
+/// `capability`. Entries are trimmed and compared without regard to case; unknown ones are
+/// ignored.
+pub fn lists_capability<'a>(values: impl IntoIterator<Item = &'a str>, capability: &str) -> bool {
+    values
+        .into_iter()
+        .flat_map(|value| value.split(','))
+        .any(|entry| entry.trim().eq_ignore_ascii_case(capability))
+}
+
 /// A frame of the live channel: `{type, id, payload}`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
@@ -830,6 +899,16 @@ pub enum Frame {
         id: String,
         /// Why.
         message: String,
+    },
+    /// Control plane → agent, only to agents that announced [`JOBS_WAITING`]: jobs became
+    /// available to these pipelines, so poll now rather than at the end of the interval. It
+    /// carries no job; the poll stays the source of truth, and the only way a job is handed
+    /// out. Pipeline names this agent does not know are left out when it is read.
+    JobsWaiting {
+        /// Frame id (not acknowledged).
+        id: String,
+        /// Which pipelines should poll.
+        pipelines: Vec<Pipeline>,
     },
 }
 
@@ -905,6 +984,23 @@ impl Frame {
                     .unwrap_or_default()
                     .to_owned(),
             }),
+            "jobs_waiting" => {
+                // Read leniently: a pipeline added by a newer control plane is not a reason
+                // to refuse the frame, and a nudge has nothing worth refusing for.
+                let mut pipelines = Vec::new();
+                let names = raw.payload.get("pipelines").and_then(Value::as_array);
+                for name in names.into_iter().flatten().filter_map(Value::as_str) {
+                    if let Some(pipeline) = Pipeline::parse(name)
+                        && !pipelines.contains(&pipeline)
+                    {
+                        pipelines.push(pipeline);
+                    }
+                }
+                Ok(Frame::JobsWaiting {
+                    id: raw.id,
+                    pipelines,
+                })
+            }
             _ => CommandEnvelope::try_from(raw)
                 .map(Frame::Command)
                 .map_err(fail),
@@ -939,6 +1035,11 @@ impl Frame {
                 kind: "error".into(),
                 id,
                 payload: serde_json::json!({ "message": message }),
+            },
+            Frame::JobsWaiting { id, pipelines } => RawFrame {
+                kind: "jobs_waiting".into(),
+                id,
+                payload: serde_json::json!({ "pipelines": pipelines }),
             },
         };
         serde_json::to_vec(&raw).unwrap_or_default()
@@ -1192,6 +1293,47 @@ mod tests {
             Frame::decode(br#"{"type":"REBOOT","id":"x9","payload":{}}"#).expect_err("unknown");
         assert_eq!(err.0, "x9");
         assert_eq!(Frame::decode(b"not json").expect_err("bad").0, "unknown");
+    }
+
+    #[test]
+    fn jobs_waiting_round_trips_and_reads_unknown_pipelines_as_absent() {
+        let frame = Frame::JobsWaiting {
+            id: "n1".into(),
+            pipelines: vec![Pipeline::Update, Pipeline::Restore],
+        };
+        let wire: Value = serde_json::from_slice(&frame.encode()).expect("json");
+        assert_eq!(
+            wire,
+            json!({"type": "jobs_waiting", "id": "n1", "payload": {"pipelines": ["update", "restore"]}})
+        );
+        assert_eq!(Frame::decode(&frame.encode()), Ok(frame));
+        let newer = br#"{"type":"jobs_waiting","id":"n2","payload":{"pipelines":["plugin","backup","plugin",7]}}"#;
+        assert_eq!(
+            Frame::decode(newer),
+            Ok(Frame::JobsWaiting {
+                id: "n2".into(),
+                pipelines: vec![Pipeline::Plugin],
+            })
+        );
+        assert_eq!(
+            Frame::decode(br#"{"type":"jobs_waiting","id":"n3"}"#),
+            Ok(Frame::JobsWaiting {
+                id: "n3".into(),
+                pipelines: Vec::new(),
+            })
+        );
+    }
+
+    #[test]
+    fn capabilities_are_a_comma_separated_list_over_header_lines() {
+        assert!(lists_capability(["jobs_waiting"], JOBS_WAITING));
+        assert!(lists_capability(
+            ["future-thing, JOBS_WAITING ,x"],
+            JOBS_WAITING
+        ));
+        assert!(lists_capability(["a", "b,jobs_waiting"], JOBS_WAITING));
+        assert!(!lists_capability(["jobs_waiting_v2", ""], JOBS_WAITING));
+        assert!(!lists_capability([], JOBS_WAITING));
     }
 
     #[test]

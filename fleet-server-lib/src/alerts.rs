@@ -31,6 +31,18 @@ pub mod kind {
     pub const ROLLOUT_HALTED: &str = "rollout_halted";
     /// A restore verification failed.
     pub const RESTORE_FAILED: &str = "restore_failed";
+
+    /// Every kind above, as the dashboard's alert filter suggests them.
+    pub const ALL: [&str; 8] = [
+        PAYLOAD,
+        SLO_P95_MS,
+        SLO_ERROR_RATE,
+        SLO_WEBHOOK_RETRY_RATE,
+        SECRETS,
+        OFFLINE,
+        ROLLOUT_HALTED,
+        RESTORE_FAILED,
+    ];
 }
 
 /// SLO maxima (`SLO_P95_MS_MAX`, `SLO_ERROR_RATE_MAX`, `SLO_WEBHOOK_RETRY_RATE_MAX`). As in

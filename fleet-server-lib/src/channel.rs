@@ -12,7 +12,10 @@ use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use fleet_core::command::{Ack, CommandResult, CommandStatus, Frame, TargetStatus};
+use fleet_core::command::{
+    Ack, CAPABILITIES_HEADER, CommandResult, CommandStatus, Frame, JOBS_WAITING, Pipeline,
+    TargetStatus, lists_capability,
+};
 use fleet_core::jwt::{JwtSigner, JwtVerifier};
 use fleet_core::manifest::PrivateKey;
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -103,6 +106,9 @@ struct Conn {
     id: u64,
     tx: mpsc::Sender<Message>,
     kick: Arc<Notify>,
+    /// It announced [`JOBS_WAITING`] at the handshake: it reads `jobs_waiting` frames (an
+    /// older agent would answer one with a `FAILED` result for a command it never had).
+    reads_jobs_waiting: bool,
 }
 
 /// What the live channel shares: tokens, the sockets of this process, and the route to
@@ -190,6 +196,11 @@ impl Live {
             .collect()
     }
 
+    /// Whether `instance_id` holds a socket to this process.
+    pub(crate) fn is_connected(&self, instance_id: &str) -> bool {
+        self.lock().contains_key(instance_id)
+    }
+
     /// How many agents are connected to this process.
     pub fn connected(&self) -> usize {
         self.lock().len()
@@ -264,6 +275,48 @@ impl Live {
             let _ = tx.send(cancel_frame(target_id)).await;
         }
     }
+
+    /// Tells the agents of `instance_ids` that jobs wait for their `pipeline`, so they poll
+    /// now: through this process's socket when the agent is here, else through the other
+    /// replicas. A nudge that cannot be delivered is dropped; the agent's next poll finds
+    /// the job.
+    pub async fn jobs_waiting(&self, pipeline: Pipeline, instance_ids: &[String]) {
+        let elsewhere: Vec<String> = instance_ids
+            .iter()
+            .filter(|instance_id| !self.jobs_waiting_here(instance_id, pipeline))
+            .cloned()
+            .collect();
+        if let Some(replicas) = &self.replicas
+            && !elsewhere.is_empty()
+        {
+            replicas.jobs_waiting(pipeline, &elsewhere).await;
+        }
+    }
+
+    /// Sends a `jobs_waiting` frame for `pipeline` if the agent is connected here and
+    /// announced it reads them; returns whether it is connected here. The frame is never
+    /// waited for: with the socket's queue full the agent has plenty to read already, and
+    /// the nudge is dropped.
+    pub fn jobs_waiting_here(&self, instance_id: &str, pipeline: Pipeline) -> bool {
+        let conns = self.lock();
+        let Some(conn) = conns.get(instance_id) else {
+            return false;
+        };
+        if conn.reads_jobs_waiting {
+            let frame = text(&Frame::JobsWaiting {
+                id: uuid::Uuid::new_v4().to_string(),
+                pipelines: vec![pipeline],
+            });
+            let sent = conn.tx.try_send(frame).is_ok();
+            tracing::debug!(
+                %instance_id,
+                pipeline = pipeline.as_str(),
+                sent,
+                "told the agent jobs are waiting"
+            );
+        }
+        true
+    }
 }
 
 fn cancel_frame(target_id: &str) -> Message {
@@ -328,6 +381,13 @@ pub(crate) async fn connect(
         Err(rejection) => return Ok(rejection.into_response()),
     };
     let version = header_text(&headers, "x-agent-version");
+    let reads_jobs_waiting = lists_capability(
+        headers
+            .get_all(CAPABILITIES_HEADER)
+            .iter()
+            .filter_map(|value| value.to_str().ok()),
+        JOBS_WAITING,
+    );
     let arch = header_text(&headers, "x-agent-architecture");
     let hostname = header_text(&headers, "x-agent-hostname");
     if headers.contains_key("x-agent-trial") {
@@ -346,10 +406,10 @@ pub(crate) async fn connect(
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
         .max_message_size(MAX_FRAME_BYTES)
-        .on_upgrade(move |socket| session(state, claims.sub, socket)))
+        .on_upgrade(move |socket| session(state, claims.sub, reads_jobs_waiting, socket)))
 }
 
-async fn session(state: Shared, instance_id: String, socket: WebSocket) {
+async fn session(state: Shared, instance_id: String, reads_jobs_waiting: bool, socket: WebSocket) {
     // `connect` checked this before the upgrade.
     let Some(commands) = state.store.commands() else {
         return;
@@ -365,6 +425,7 @@ async fn session(state: Shared, instance_id: String, socket: WebSocket) {
             id: conn_id,
             tx: tx.clone(),
             kick: kick.clone(),
+            reads_jobs_waiting,
         },
     );
     // A reconnecting agent replaces its old socket; the old session ends.
@@ -524,6 +585,10 @@ pub(crate) async fn handle(
         Frame::Cancel { id, .. } => Some(text(&Frame::Error {
             id,
             message: "agents do not send cancels".into(),
+        })),
+        Frame::JobsWaiting { id, .. } => Some(text(&Frame::Error {
+            id,
+            message: "agents do not send jobs_waiting".into(),
         })),
     }
 }
@@ -721,6 +786,37 @@ pub(crate) fn spawn_scheduler(state: std::sync::Weak<crate::AppState>) {
             }
             drop(strong);
             tokio::time::sleep(SCHEDULE_EVERY).await;
+        }
+    });
+}
+
+/// Tells connected agents about the jobs the store makes available (`announced`, see
+/// [`RolloutStore::jobs_available`](crate::store::rollouts::RolloutStore::jobs_available));
+/// runs until the control plane is dropped.
+pub(crate) fn spawn_jobs_waiting(
+    state: std::sync::Weak<crate::AppState>,
+    mut announced: tokio::sync::broadcast::Receiver<Arc<crate::store::rollouts::JobsAvailable>>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    tokio::spawn(async move {
+        loop {
+            // Woken now and then to check that the control plane still exists.
+            let received = tokio::time::timeout(Duration::from_secs(5), announced.recv()).await;
+            let Some(state) = state.upgrade() else { return };
+            match received {
+                Err(_) => {}
+                Ok(Ok(jobs)) => {
+                    state
+                        .live
+                        .jobs_waiting(jobs.pipeline, &jobs.instance_ids)
+                        .await;
+                }
+                Ok(Err(RecvError::Lagged(missed))) => tracing::debug!(
+                    missed,
+                    "job announcements dropped; the agents' polls find those jobs"
+                ),
+                Ok(Err(RecvError::Closed)) => return,
+            }
         }
     });
 }

@@ -65,6 +65,9 @@ pub(crate) async fn submit(
     };
     let mut seen = std::collections::HashSet::new();
     instances.retain(|i| seen.insert(i.clone()));
+    if !submit.targets.is_empty() {
+        refuse_unknown_targets(&state, commands, &instances).await?;
+    }
     if instances.is_empty() {
         let mut errors = fleet_core::ValidationErrors::default();
         errors.push("selector", "matches no instance");
@@ -100,6 +103,50 @@ pub(crate) async fn submit(
         Json(serde_json::json!({ "id": command.id, "targets": listed })),
     )
         .into_response())
+}
+
+/// Refuses a submission naming instances the control plane has never heard of (a typo, a
+/// host never set up): each would hold a `max_concurrency` slot until the delivery timeout.
+/// Known: an installation or an enrollment in the database, a secret of its own in
+/// `CONTROL_PLANE_AGENT_SECRETS`, or a socket to this process (an agent signing with the
+/// shared token registers and connects without a row of its own).
+async fn refuse_unknown_targets(
+    state: &Shared,
+    commands: &dyn crate::store::commands::CommandStore,
+    instances: &[String],
+) -> Result<()> {
+    let resolver = state.verifier.resolver();
+    let unsure: Vec<String> = instances
+        .iter()
+        .filter(|i| !resolver.has_own_secret(i) && !state.live.is_connected(i))
+        .cloned()
+        .collect();
+    if unsure.is_empty() {
+        return Ok(());
+    }
+    let known = commands.known_instances(&unsure).await?;
+    let unknown: Vec<&str> = unsure
+        .iter()
+        .filter(|i| !known.contains(*i))
+        .map(String::as_str)
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    const NAMED: usize = 10;
+    let mut named = unknown[..unknown.len().min(NAMED)].join(", ");
+    if unknown.len() > NAMED {
+        named.push_str(&format!(" and {} more", unknown.len() - NAMED));
+    }
+    let mut errors = fleet_core::ValidationErrors::default();
+    errors.push(
+        "targets",
+        format!(
+            "unknown instance: {named} (no heartbeat, enrollment or configured secret, and not \
+             connected); nothing was submitted"
+        ),
+    );
+    Err(Error::Invalid(errors))
 }
 
 /// A DEPLOY_COMPOSE whose file is not base64, or is empty, is refused here: every agent
@@ -575,7 +622,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "get",
         "/v1/agents/connect",
         Public,
-        "WebSocket upgrade for agents (Authorization: Bearer <JWT from /v1/agents/register>; X-Agent-Version, X-Agent-Architecture, X-Agent-Hostname). Frames are JSON {type, id, payload}.",
+        "WebSocket upgrade for agents (Authorization: Bearer <JWT from /v1/agents/register>; X-Agent-Version, X-Agent-Architecture, X-Agent-Hostname; X-Agent-Capabilities, a comma-separated list of the frames the agent reads beyond the base ones, unknown entries ignored). Frames are JSON {type, id, payload}: commands, cancel, ack and error to the agent, and jobs_waiting ({pipelines: [update|plugin|restore]}: poll those now) only to agents that listed jobs_waiting; result, logs, ack and error from it.",
         &[(101, "Switching protocols"), (401, "No or bad token")],
     ),
     doc(
@@ -614,7 +661,10 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         &[
             (201, "{id, targets: [{target_id, instance_id}]}"),
             (403, "Role too low for the command type"),
-            (422, "Invalid command or no target"),
+            (
+                422,
+                "Invalid command, no target, or a target the control plane never heard of (no installation, enrollment, own secret or connection)",
+            ),
         ],
     ),
     doc(

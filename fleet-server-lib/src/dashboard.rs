@@ -17,11 +17,12 @@ use crate::auth::{
     Role, Viewer, clear_login_cookies, has_login_cookie, login_cookie, percent_encode, session_id,
 };
 use crate::restores::RestoreSummary;
-use crate::store::{Alert, HeartbeatPoint, InstallationDetail, InstallationSummary};
+use crate::store::{HeartbeatPoint, InstallationDetail, InstallationSummary};
 use crate::throttle::Client;
 use crate::{Error, Result, Shared};
 
-const PAGE_SIZE: i64 = 50;
+/// Rows of a paged list when its query names no limit.
+pub(crate) const PAGE_SIZE: i64 = 50;
 
 /// Characters of a long text cell shown before it is opened ([`long_text`]).
 pub(crate) const LONG_CELL_CHARS: usize = 200;
@@ -75,7 +76,8 @@ pub(crate) fn format_time(secs: i64) -> String {
     format!("{} UTC", fleet_core::clock::human_utc(secs))
 }
 
-fn ago(secs: Option<i64>, now: i64) -> String {
+/// How long ago `secs` was, with the time itself on hover; "never" for none.
+pub(crate) fn ago(secs: Option<i64>, now: i64) -> String {
     let Some(at) = secs else {
         return "never".into();
     };
@@ -122,7 +124,8 @@ fn health_cell(s: &InstallationSummary) -> String {
     }
 }
 
-fn install_link(instance_id: &str) -> String {
+/// A link to an installation's page.
+pub(crate) fn install_link(instance_id: &str) -> String {
     format!(
         "<a href=\"/installations/{}\">{}</a>",
         percent_encode(instance_id),
@@ -189,31 +192,24 @@ async fn index_page(role: Role, state: &Shared, uri: &Uri) -> Result<Response> {
         );
     }
     let filtered = filter.channel.is_some() || filter.health.is_some() || filter.text.is_some();
-    let link = |offset: i64, text: &str| {
-        let mut q = format!("offset={offset}");
-        // The page size the viewer chose stays, or "next" would move by another one.
-        if filter.limit != PAGE_SIZE {
-            let _ = write!(q, "&limit={}", filter.limit);
+    let mut kept = String::new();
+    // The page size the viewer chose stays, or "next" would move by another one.
+    if filter.limit != PAGE_SIZE {
+        let _ = write!(kept, "&limit={}", filter.limit);
+    }
+    for (k, v) in [
+        ("q", &filter.text),
+        ("channel", &filter.channel),
+        ("health", &filter.health),
+    ] {
+        if let Some(v) = v {
+            let _ = write!(kept, "&{k}={}", percent_encode(v));
         }
-        for (k, v) in [
-            ("q", &filter.text),
-            ("channel", &filter.channel),
-            ("health", &filter.health),
-        ] {
-            if let Some(v) = v {
-                let _ = write!(q, "&{k}={}", percent_encode(v));
-            }
-        }
-        format!(" <a href=\"/?{q}\">{text}</a>")
-    };
+    }
+    let href = |offset: i64| format!("/?offset={offset}{kept}");
     if page.items.is_empty() {
         let why = if page.total > 0 {
-            // Past the last page (an old link, a hand-typed offset): say so, and lead back.
-            format!(
-                "This page is past the last of the {} matching installations.{}",
-                page.total,
-                link(0, "First page")
-            )
+            past_the_end(page.total, "installations", &href(0))
         } else if filtered {
             "No installation matches these filters. <a href=\"/\">Show all</a>".to_owned()
         } else {
@@ -222,28 +218,53 @@ async fn index_page(role: Role, state: &Shared, uri: &Uri) -> Result<Response> {
         let _ = write!(body, "<tr><td colspan=7 class=muted>{why}</td></tr>");
     }
     body.push_str("</tbody></table>");
-    // Offsets come from the query string: saturating, so a huge one cannot overflow.
-    let end = filter.offset.saturating_add(filter.limit);
-    if !page.items.is_empty() {
-        let _ = write!(
-            body,
-            "<p id=pages><span class=muted>{}–{} of {}</span>",
-            filter.offset.saturating_add(1),
-            filter.offset.saturating_add(page.items.len() as i64),
-            page.total
-        );
-        if filter.offset > 0 {
-            body.push_str(&link(
-                filter.offset.saturating_sub(filter.limit).max(0),
-                "← previous",
-            ));
-        }
-        if end < page.total {
-            body.push_str(&link(end, "next →"));
-        }
-        body.push_str("</p>");
-    }
+    body.push_str(&pages_line(
+        filter.offset,
+        filter.limit,
+        page.items.len(),
+        page.total,
+        href,
+    ));
     Ok(layout("Installations", Some(role), &body).into_response())
+}
+
+/// What an empty page past the last says (an old link, a hand-typed offset), leading back
+/// to `first` (the first page's address).
+pub(crate) fn past_the_end(total: i64, what: &str, first: &str) -> String {
+    format!(
+        "This page is past the last of the {total} matching {what}. <a href=\"{first}\">First page</a>"
+    )
+}
+
+/// The line under a page of `limit` rows from `offset` that shows `shown` of `total`: which
+/// rows, and links to the previous and next pages (`href` gives a page's address from its
+/// offset). Empty for an empty page.
+pub(crate) fn pages_line(
+    offset: i64,
+    limit: i64,
+    shown: usize,
+    total: i64,
+    href: impl Fn(i64) -> String,
+) -> String {
+    if shown == 0 {
+        return String::new();
+    }
+    // Offsets come from the query string: saturating, so a huge one cannot overflow.
+    let mut line = format!(
+        "<p id=pages><span class=muted>{}–{} of {total}</span>",
+        offset.saturating_add(1),
+        offset.saturating_add(shown as i64),
+    );
+    if offset > 0 {
+        let previous = offset.saturating_sub(limit).max(0);
+        let _ = write!(line, " <a href=\"{}\">← previous</a>", href(previous));
+    }
+    let end = offset.saturating_add(limit);
+    if end < total {
+        let _ = write!(line, " <a href=\"{}\">next →</a>", href(end));
+    }
+    line.push_str("</p>");
+    line
 }
 
 pub(crate) async fn installation(
@@ -266,7 +287,8 @@ pub(crate) async fn installation(
         Err(err) => return page_for_error(Some(role), err),
     };
     let now = fleet_core::unix_now();
-    let body = detail_body(&detail, &restores, role, now);
+    let forwarding = state.webhook_configured;
+    let body = detail_body(&detail, &restores, role, forwarding, now);
     layout(&detail.summary.instance_id, Some(role), &body).into_response()
 }
 
@@ -305,6 +327,7 @@ fn detail_body(
     d: &InstallationDetail,
     restores: &[RestoreSummary],
     role: Role,
+    forwarding: bool,
     now: i64,
 ) -> String {
     let s = &d.summary;
@@ -333,7 +356,9 @@ fn detail_body(
     b.push_str("<section><h2>Recent figures</h2>");
     b.push_str(&chart(&d.recent));
     b.push_str("</section>");
-    b.push_str(&alerts_section(&d.alerts, role, now));
+    b.push_str(&crate::alert_pages::installation_alerts(
+        &d.alerts, role, forwarding, now,
+    ));
     b.push_str("<section><h2>Job failures</h2><table><thead><tr><th>When</th><th>Queue</th><th>Message</th></tr></thead><tbody>");
     for f in &d.job_failures {
         let _ = write!(
@@ -429,46 +454,6 @@ fn ok_cell(ok: bool) -> &'static str {
     }
 }
 
-fn alerts_section(alerts: &[Alert], role: Role, now: i64) -> String {
-    let mut b = String::from(
-        "<section><h2>Alerts</h2><table id=alerts><thead><tr><th>Raised</th><th>Level</th><th>Type</th>\
-         <th>Message</th><th>State</th></tr></thead><tbody>",
-    );
-    for a in alerts {
-        let level_class = if matches!(a.level.as_str(), "error" | "critical") {
-            "bad"
-        } else {
-            "warn"
-        };
-        let status = match (a.resolved_at, &a.acknowledged_by) {
-            (Some(at), _) => format!("resolved {}", ago(Some(at), now)),
-            (None, Some(by)) => format!(
-                "open, acknowledged by {} {}",
-                esc(by),
-                ago(a.acknowledged_at, now)
-            ),
-            (None, None) if role >= Role::Ops => format!(
-                "open <form method=post action=\"/alerts/{}/ack\" style=display:inline><button>Acknowledge</button></form>",
-                a.id
-            ),
-            (None, None) => "open".into(),
-        };
-        let _ = write!(
-            b,
-            "<tr><td>{}</td><td class={level_class}>{}</td><td>{}</td><td>{}</td><td>{status}</td></tr>",
-            ago(Some(a.created_at), now),
-            esc(&a.level),
-            esc(&a.kind),
-            esc(&a.message)
-        );
-    }
-    if alerts.is_empty() {
-        b.push_str("<tr><td colspan=5 class=muted>No alerts.</td></tr>");
-    }
-    b.push_str("</tbody></table></section>");
-    b
-}
-
 /// A small SVG line chart of CPU and memory use (percent) over the recent heartbeats.
 fn chart(points: &[HeartbeatPoint]) -> String {
     let series = |f: &dyn Fn(&HeartbeatPoint) -> Option<f64>| -> Vec<(usize, f64)> {
@@ -532,7 +517,13 @@ pub(crate) async fn acknowledge(
     Viewer(role): Viewer<1>,
     State(state): State<Shared>,
     Path(id): Path<String>,
+    uri: Uri,
 ) -> Response {
+    // Checked first: a form with a bad address acknowledges nothing.
+    let back = match crate::alert_pages::back_address(&uri) {
+        Ok(back) => back,
+        Err(err) => return err.into_response(),
+    };
     let acknowledged = match alert_id(&id) {
         Ok(id) => {
             state
@@ -543,11 +534,12 @@ pub(crate) async fn acknowledge(
         Err(err) => Err(err),
     };
     match acknowledged {
-        Ok(Some(alert)) => Redirect::to(&format!(
-            "/installations/{}",
-            percent_encode(&alert.instance_id)
-        ))
-        .into_response(),
+        Ok(Some(alert)) => {
+            Redirect::to(&back.unwrap_or_else(|| {
+                format!("/installations/{}", percent_encode(&alert.instance_id))
+            }))
+            .into_response()
+        }
         // A form, like the other dashboard forms: an unknown id is the JSON error that
         // /openapi.json documents for it (pages, not forms, answer one with a page).
         Ok(None) | Err(Error::NotFound) => Error::NotFound.into_response(),
@@ -656,7 +648,7 @@ pub(crate) fn error_page(err: Error) -> Response {
 /// [`error_page`] for a logged-in viewer (the header keeps its links and Log out). A server
 /// error is logged with its detail and shown only as "internal error", as in the JSON
 /// answer: a page must not show SQL either.
-fn page_for_error(role: Option<Role>, err: Error) -> Response {
+pub(crate) fn page_for_error(role: Option<Role>, err: Error) -> Response {
     let status = err.status();
     let message = if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
         tracing::error!(error = %err, "dashboard page failed");

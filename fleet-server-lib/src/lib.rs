@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod alert_pages;
 pub mod alerts;
 mod api;
 pub mod auth;
@@ -285,6 +286,8 @@ impl ControlPlaneBuilder {
             notify_pool.clone().map(replicas::Notifier::new),
         ));
         let auth_throttle = throttle::AuthThrottle::new(settings.auth_failures_per_minute);
+        // Subscribed before the router exists, so no job made available through it is missed.
+        let jobs_available = store.jobs_available();
         let state = Arc::new(AppState {
             live,
             auth_throttle,
@@ -302,6 +305,9 @@ impl ControlPlaneBuilder {
         rollouts::spawn_watcher(Arc::downgrade(&state));
         channel::spawn_timeouts(Arc::downgrade(&state));
         channel::spawn_scheduler(Arc::downgrade(&state));
+        if let Some(announced) = jobs_available {
+            channel::spawn_jobs_waiting(Arc::downgrade(&state), announced);
+        }
         if let Some(pool) = notify_pool {
             replicas::spawn_listener(Arc::downgrade(&state), pool);
         }
@@ -340,6 +346,7 @@ fn routes(state: Shared) -> Router {
             get(plugins::list_requests).post(plugins::create_request),
         )
         .route("/api/plugins/requests/{id}/approve", post(plugins::approve))
+        .route("/api/plugins/requests/{id}/reject", post(plugins::reject))
         .route("/api/plugins/rollouts", post(plugins::create_rollout))
         .route(
             "/api/plugins/rollouts/{id}/advance",
@@ -351,6 +358,7 @@ fn routes(state: Shared) -> Router {
         .route("/api/restores/schedule", post(restores::schedule))
         .route("/api/restores/next", post(restores::next))
         .route("/api/restores/report", post(restores::report))
+        .route("/api/restores/{id}/cancel", post(restores::cancel))
         .route("/healthz", get(api::healthz))
         .route("/.well-known/jwks.json", get(registration::jwks))
         .route("/v1/agents/register", post(registration::register))
@@ -376,6 +384,7 @@ fn routes(state: Shared) -> Router {
         .route("/openapi.json", get(openapi::document))
         .route("/", get(dashboard::index))
         .route("/installations/{instance_id}", get(dashboard::installation))
+        .route("/alerts", get(alert_pages::alerts))
         .route("/alerts/{id}/ack", post(dashboard::acknowledge))
         .route("/releases", get(rollout_pages::releases))
         .route("/rollouts", get(rollout_pages::rollouts))

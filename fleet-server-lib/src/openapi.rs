@@ -87,8 +87,14 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "get",
         "/api/alerts",
         Role("support"),
-        "Alerts across the fleet, newest first. Query: open (default true), limit.",
-        &[(200, "items"), (400, "Bad query")],
+        "Alerts across the fleet, newest first, each with its installation's instance id and its webhook delivery: pending (attempts, next try, last error), delivered, given_up (attempts, when, the last error with URL secrets redacted), or null (not forwarded, no webhook configured, or the delivery ended more than CONTROL_PLANE_HEARTBEAT_RETENTION_DAYS ago and was pruned). Query: state, level, kind, installation, delivery, limit (1-500, default 100), offset.",
+        &[
+            (200, "A page: items, total, limit, offset"),
+            (
+                400,
+                "Bad query: an unknown state, level or delivery, a malformed kind, a filter over 256 bytes, a bad limit or offset, or a delivery filter without a webhook",
+            ),
+        ],
     ),
     r(
         "post",
@@ -141,11 +147,26 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         ],
     ),
     r(
+        "get",
+        "/alerts",
+        Role("support"),
+        "Dashboard: the fleet's alerts with their installations and webhook deliveries, and how many deliveries were given up (HTML). Query: as GET /api/alerts (default limit 50).",
+        &[
+            (200, "HTML"),
+            (303, "Not logged in: to /login"),
+            (400, "Bad query (HTML)"),
+        ],
+    ),
+    r(
         "post",
         "/alerts/{id}/ack",
         Role("ops"),
-        "Dashboard form: acknowledge an alert.",
-        &[(303, "Back to the installation"), (404, "Unknown alert")],
+        "Dashboard form: acknowledge an alert. Query: back, an address of the alert list to return to.",
+        &[
+            (303, "Back to the installation, or to back"),
+            (400, "back is not an address of the alert list"),
+            (404, "Unknown alert"),
+        ],
     ),
     r(
         "get",
@@ -192,6 +213,7 @@ fn request_body(method: &str, path: &str) -> Option<(&'static str, Value)> {
         ("post", "/api/updates/report") => json(update::UpdateReport::json_schema()),
         ("post", "/api/plugins/releases") => json(crate::plugins::new_release_schema()),
         ("post", "/api/plugins/requests") => json(plugin::PluginRequest::json_schema()),
+        ("post", "/api/plugins/requests/{id}/reject") => json(crate::plugins::rejection_schema()),
         ("post", "/api/plugins/next") | ("post", "/api/restores/next") => {
             json(plugin::NextJobRequest::json_schema())
         }
@@ -306,7 +328,15 @@ fn success_schema(method: &str, path: &str) -> Option<Value> {
             ],
         ),
         ("get", "/api/installations/{instance_id}") => component("Installation"),
-        ("get", "/api/alerts") => items_of("Alert"),
+        ("get", "/api/alerts") => object(
+            &["items", "total", "limit", "offset"],
+            &[
+                ("items", array_of("Alert")),
+                ("total", count()),
+                ("limit", count()),
+                ("offset", count()),
+            ],
+        ),
         ("post", "/api/alerts/{id}/ack") => component("Alert"),
         ("get", "/.well-known/jwks.json") => object(
             &["keys"],
@@ -443,6 +473,7 @@ fn answer_schemas() -> Vec<(&'static str, Value)> {
                 ("resolved_at", maybe_integer()),
                 ("acknowledged_at", maybe_integer()),
                 ("acknowledged_by", maybe_string()),
+                ("delivery", nullable(alert_delivery_schema())),
             ]),
         ),
         ("Command", command_schema()),
@@ -467,6 +498,19 @@ fn answer_schemas() -> Vec<(&'static str, Value)> {
     ];
     schemas.extend(crate::rollout_docs::answer_schemas());
     schemas
+}
+
+/// An alert's webhook delivery ([`crate::store::AlertDelivery`]).
+fn alert_delivery_schema() -> Value {
+    use crate::store::DeliveryState;
+    every_field(&[
+        ("state", fleet_core::schema::one_of(&DeliveryState::ALL)),
+        ("attempts", count()),
+        ("next_attempt_at", maybe_integer()),
+        ("delivered_at", maybe_integer()),
+        ("given_up_at", maybe_integer()),
+        ("last_error", maybe_string()),
+    ])
 }
 
 /// `GET /v1/commands/{id}`: the command (its payload with the secrets hidden from
@@ -608,9 +652,9 @@ fn operation(route: &RouteDoc) -> Value {
             101 | 204 | 303 => &[],
             200..=299 => success_media(route.path),
             // The dashboard answers a refused login, a low role, a refused action and (for a
-            // page, not a form) an unknown id with a page.
+            // page, not a form) a bad query or an unknown id with a page.
             401 | 403 | 409 | 429 if html_route => &["text/html"],
-            404 if html_route && route.method == "get" => &["text/html"],
+            400 | 404 if html_route && route.method == "get" => &["text/html"],
             _ => &["application/json"],
         };
         if !media.is_empty() {
@@ -633,8 +677,12 @@ fn operation(route: &RouteDoc) -> Value {
     }
     let mut op = json!({ "summary": route.summary, "responses": responses });
     if let Some((media, schema)) = body {
-        // Scheduling restores takes its defaults from an empty body.
-        let required = route.path != "/api/restores/schedule";
+        // Scheduling restores takes its defaults from an empty body, and a rejection needs
+        // no reason.
+        let required = !matches!(
+            route.path,
+            "/api/restores/schedule" | "/api/plugins/requests/{id}/reject"
+        );
         op["requestBody"] =
             json!({ "required": required, "content": { media: { "schema": schema } } });
     }
@@ -655,6 +703,10 @@ fn operation(route: &RouteDoc) -> Value {
     if (route.method, route.path) == ("get", "/api/restores") {
         params.extend(crate::rollout_docs::restore_list_parameters());
     }
+    params.extend(crate::alert_pages::query_parameters(
+        route.method,
+        route.path,
+    ));
     if !params.is_empty() {
         op["parameters"] = Value::Array(params);
     }

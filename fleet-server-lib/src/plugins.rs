@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::auth::{Admin, Support};
 use crate::rollouts::{ListQuery, parse_body, path_id};
-use crate::store::rollouts::{JobKind, JobReport};
+use crate::store::rollouts::{JobKind, JobReport, RecordedPluginRequest};
 use crate::update_jobs::signed;
 use crate::{Error, Result, Shared};
 
@@ -26,6 +26,9 @@ pub const CONTROL_PLANE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Most entries in a plugin release's `compatible` list.
 const MAX_COMPATIBLE: usize = 50;
+/// Longest reason an admin may give for rejecting a plugin request, in characters (as the
+/// schema's `maxLength` counts them).
+const MAX_REJECTION_REASON_CHARS: usize = 500;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -171,18 +174,24 @@ pub(crate) async fn list_releases(
     Ok(Json(serde_json::json!({ "items": items })).into_response())
 }
 
-/// `POST /api/plugins/requests`, signed by the instance.
+/// `POST /api/plugins/requests`, signed by the instance: 201 with the new request, or 200
+/// with the pending one when the instance asks again for the same plugin, version and
+/// action, so the admin's list holds each request once.
 pub(crate) async fn create_request(
     State(state): State<Shared>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response> {
     let request = signed::<PluginRequest>(&state, &headers, body).await?;
-    let record = state
+    let recorded = state
         .store
         .create_plugin_request(&request, fleet_core::unix_now())
         .await?;
-    Ok((StatusCode::CREATED, Json(record)).into_response())
+    Ok(match recorded {
+        RecordedPluginRequest::Created(record) => (StatusCode::CREATED, Json(record)),
+        RecordedPluginRequest::AlreadyPending(record) => (StatusCode::OK, Json(record)),
+    }
+    .into_response())
 }
 
 /// `GET /api/plugins/requests`.
@@ -205,6 +214,72 @@ pub(crate) async fn approve(
     let record = state
         .store
         .approve_plugin_request(path_id(&id)?, CONTROL_PLANE_VERSION, fleet_core::unix_now())
+        .await?;
+    Ok(Json(record).into_response())
+}
+
+/// Body of `POST /api/plugins/requests/{id}/reject`; it may be empty.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rejection {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// JSON Schema of [`Rejection`] (for `/openapi.json`); unknown keys are refused.
+pub(crate) fn rejection_schema() -> serde_json::Value {
+    let mut schema = fleet_core::schema::object(
+        &[],
+        &[(
+            "reason",
+            fleet_core::schema::nullable(fleet_core::schema::plain_text(
+                MAX_REJECTION_REASON_CHARS,
+            )),
+        )],
+    );
+    schema["additionalProperties"] = serde_json::json!(false);
+    schema
+}
+
+/// `POST /api/plugins/requests/:id/reject` (admin): `{reason}` (optional) is kept and shown
+/// with the request; 409 when it was already approved or rejected.
+pub(crate) async fn reject(
+    _: Admin,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response> {
+    let id = path_id(&id)?;
+    let rejection: Rejection = if body.iter().all(u8::is_ascii_whitespace) {
+        Rejection::default()
+    } else {
+        parse_body(&body, &state.settings.limits)?
+    };
+    if let Some(reason) = &rejection.reason {
+        let mut errors = ValidationErrors::default();
+        let at = fleet_core::validate::Path::Root.field("reason");
+        if reason.chars().count() > MAX_REJECTION_REASON_CHARS {
+            errors.push(
+                at.to_string(),
+                format!("longer than {MAX_REJECTION_REASON_CHARS} characters"),
+            );
+        } else {
+            // The length was checked in characters above; this checks which characters.
+            fleet_core::validate::check_text(&mut errors, &at, reason, usize::MAX);
+        }
+        if !errors.is_empty() {
+            return Err(Error::Invalid(errors));
+        }
+    }
+    // A blank reason says nothing: stored as none.
+    let reason = rejection
+        .reason
+        .as_deref()
+        .map(str::trim)
+        .filter(|r| !r.is_empty());
+    let record = state
+        .store
+        .reject_plugin_request(id, reason, fleet_core::unix_now())
         .await?;
     Ok(Json(record).into_response())
 }

@@ -1,5 +1,6 @@
 //! Several `fleet-server` processes on one PostgreSQL: a command released on one replica for
-//! an agent connected to another is routed with `LISTEN/NOTIFY`.
+//! an agent connected to another is routed with `LISTEN/NOTIFY`, and so is the news that
+//! jobs wait for an agent (a `jobs_waiting` frame).
 //!
 //! The notification only says "look at the database for this instance": the database stays
 //! the single source of truth, so a lost notification delays nothing for long (the agent
@@ -7,6 +8,7 @@
 
 use std::sync::Weak;
 
+use fleet_core::command::Pipeline;
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -26,6 +28,36 @@ enum Note {
         instance_id: String,
         target_id: String,
     },
+    /// Tell these instances, those connected to you, that jobs wait for `pipeline`. A
+    /// replica that predates this note cannot read it and skips it.
+    JobsWaiting {
+        pipeline: Pipeline,
+        instance_ids: Vec<String>,
+    },
+}
+
+/// Bytes of instance ids per `jobs_waiting` note, well under PostgreSQL's 8,000-byte limit
+/// on a notification's payload: a batch of thousands of targets goes out as several notes.
+const JOBS_WAITING_NOTE_BYTES: usize = 6000;
+
+/// Splits `instance_ids` into groups of at most [`JOBS_WAITING_NOTE_BYTES`] (as JSON), in
+/// order; an id is never split.
+fn note_groups(instance_ids: &[String]) -> Vec<&[String]> {
+    let mut groups = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, id) in instance_ids.iter().enumerate() {
+        // Quoted, escaped and followed by a comma.
+        let size = serde_json::to_string(id).map_or(id.len(), |quoted| quoted.len()) + 1;
+        if i > start && bytes + size > JOBS_WAITING_NOTE_BYTES {
+            groups.push(&instance_ids[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < instance_ids.len() {
+        groups.push(&instance_ids[start..]);
+    }
+    groups
 }
 
 /// Sends notifications to the other replicas.
@@ -64,6 +96,16 @@ impl Notifier {
             target_id: target_id.to_owned(),
         })
         .await;
+    }
+
+    pub async fn jobs_waiting(&self, pipeline: Pipeline, instance_ids: &[String]) {
+        for group in note_groups(instance_ids) {
+            self.notify(&Note::JobsWaiting {
+                pipeline,
+                instance_ids: group.to_vec(),
+            })
+            .await;
+        }
     }
 }
 
@@ -111,7 +153,43 @@ pub(crate) fn spawn_listener(state: Weak<AppState>, pool: PgPool) {
                     instance_id,
                     target_id,
                 } => state.live.cancel_local(&instance_id, &target_id).await,
+                Note::JobsWaiting {
+                    pipeline,
+                    instance_ids,
+                } => {
+                    for instance_id in &instance_ids {
+                        state.live.jobs_waiting_here(instance_id, pipeline);
+                    }
+                }
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_waiting_notes_fit_a_notification_and_keep_every_id_once() {
+        let ids: Vec<String> = (0..5000).map(|i| format!("instance-{i:05}")).collect();
+        let groups = note_groups(&ids);
+        assert!(groups.len() > 1, "5,000 ids take several notes");
+        for group in &groups {
+            let note = Note::JobsWaiting {
+                pipeline: Pipeline::Update,
+                instance_ids: group.to_vec(),
+            };
+            let payload = serde_json::to_string(&note).expect("json");
+            assert!(payload.len() < 8000, "{} bytes", payload.len());
+        }
+        assert_eq!(groups.concat(), ids);
+        assert!(note_groups(&[]).is_empty());
+        let huge = vec!["x".repeat(7000)];
+        assert_eq!(
+            note_groups(&huge),
+            [&huge[..]],
+            "an id alone is never split"
+        );
+    }
 }

@@ -4,7 +4,7 @@
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use fleet_core::ValidationErrors;
@@ -12,8 +12,8 @@ use fleet_core::plugin::NextJobRequest;
 use fleet_core::restore::RestoreReport;
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{Ops, Support};
-use crate::rollouts::parse_body;
+use crate::auth::{Authed, Ops, Support};
+use crate::rollouts::{parse_body, path_id};
 use crate::store::rollouts::{NotScheduled, Restore, RestoreSchedule};
 use crate::update_jobs::signed;
 use crate::{Error, Result, Shared};
@@ -40,6 +40,8 @@ fn is_valid_environment(name: &str) -> bool {
 pub(crate) const RECENT_VERIFICATION_SECS: i64 = 7 * 86_400;
 /// The status of a verification with no report within the restore timeout.
 pub(crate) const TIMED_OUT: &str = "timed_out";
+/// The status of a verification an operator cancelled before it ended.
+pub(crate) const CANCELLED: &str = "cancelled";
 /// Most verifications one sweep times out, so one sweep never holds the write lock for long.
 pub(crate) const TIMEOUTS_PER_SWEEP: i64 = 100;
 /// Why an installation with no backup gets a `skipped` verification instead of a job.
@@ -379,6 +381,25 @@ fn duration_text(secs: i64) -> String {
         s if s >= 60 && s % 60 == 0 => format!("{} min", s / 60),
         s => format!("{s} s"),
     }
+}
+
+/// `POST /api/restores/{id}/cancel` (ops): a scheduled or handed-out verification ends
+/// `cancelled`, so no agent is handed it, its report is refused and the installation can be
+/// scheduled again; 409 when it already ended.
+pub(crate) async fn cancel(
+    Authed(role): Ops,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    let restore = state
+        .store
+        .cancel_restore(
+            path_id(&id)?,
+            &format!("cancelled by {}", role.as_str()),
+            fleet_core::unix_now(),
+        )
+        .await?;
+    Ok(Json(restore).into_response())
 }
 
 /// `POST /api/restores/next` (agent): `{restore_id, environment, backup_id?}` or 204.

@@ -149,8 +149,12 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "post",
         "/api/plugins/requests",
         Signed,
-        "An instance asks for a plugin {instance_id, name, version, action, reason}.",
+        "An instance asks for a plugin {instance_id, name, version, action, reason}. Asking again for the same plugin, version and action while that request is pending records nothing and answers the pending request (200); once it is approved or rejected, the same request is a new one.",
         &[
+            (
+                200,
+                "The same request was already pending: that request, unchanged",
+            ),
             (201, "Recorded"),
             (401, "Bad signature"),
             (422, "Invalid name or version"),
@@ -160,7 +164,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "get",
         "/api/plugins/requests",
         Role("support"),
-        "Plugin requests.",
+        "Plugin requests, newest first: pending, approved (with how its job is doing) or rejected (with the admin's rejection_reason).",
         &[(200, "{items}")],
     ),
     r(
@@ -175,6 +179,18 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
                 409,
                 "No approved release of that version, incompatible with this control plane, or already decided",
             ),
+        ],
+    ),
+    r(
+        "post",
+        "/api/plugins/requests/{id}/reject",
+        Role("admin"),
+        "Reject a pending request; the body {reason} is optional (at most 500 characters, no control characters but newline and tab) and is shown with the request as rejection_reason. The instance may ask again later: that is a new request.",
+        &[
+            (200, "Rejected"),
+            (404, "Unknown request"),
+            (409, "Already approved or rejected"),
+            (422, "Invalid reason"),
         ],
     ),
     r(
@@ -248,12 +264,29 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "post",
         "/api/restores/report",
         Signed,
-        "{instance_id, restore_id, status verified | failed | skipped, error, duration_ms, output_tail}; failed raises an error alert that is forwarded, its message with the last lines of output_tail. A report on a verification that timed out is refused (409).",
+        "{instance_id, restore_id, status verified | failed | skipped, error, duration_ms, output_tail}; failed raises an error alert that is forwarded, its message with the last lines of output_tail. A report on a verification that timed out or was cancelled is refused (409).",
         &[
             (200, "Recorded"),
             (404, "Not this instance's restore"),
-            (409, "Already ended otherwise"),
+            (
+                409,
+                "Already ended otherwise: timed out, cancelled, or reported with another status",
+            ),
             (422, "Unknown status"),
+        ],
+    ),
+    r(
+        "post",
+        "/api/restores/{id}/cancel",
+        Role("ops"),
+        "Cancel a scheduled or handed-out verification: it ends cancelled (error says by which role), no agent is handed it any more, a report on it is refused (409), and the installation can be scheduled again at once. No alert is raised.",
+        &[
+            (200, "The verification, cancelled"),
+            (404, "Unknown verification"),
+            (
+                409,
+                "Already ended (verified, failed, skipped, timed out or cancelled)",
+            ),
         ],
     ),
     r(
@@ -330,9 +363,9 @@ pub(crate) fn success_schema(method: &str, path: &str) -> Option<Value> {
         ("post", "/api/updates/report") | ("post", "/api/plugins/report") => acknowledged(),
         ("post", "/api/plugins/releases") => component("PluginRelease"),
         ("get", "/api/plugins/releases") => items_of("PluginRelease"),
-        ("post", "/api/plugins/requests") | ("post", "/api/plugins/requests/{id}/approve") => {
-            component("PluginRequest")
-        }
+        ("post", "/api/plugins/requests")
+        | ("post", "/api/plugins/requests/{id}/approve")
+        | ("post", "/api/plugins/requests/{id}/reject") => component("PluginRequest"),
         ("get", "/api/plugins/requests") => items_of("PluginRequest"),
         ("post", "/api/plugins/next") => fleet_core::plugin::PluginJob::json_schema(),
         ("post", "/api/restores/schedule") => every_field(&[
@@ -352,7 +385,9 @@ pub(crate) fn success_schema(method: &str, path: &str) -> Option<Value> {
         ]),
         ("get", "/api/restores") => items_of("Restore"),
         ("post", "/api/restores/next") => fleet_core::restore::RestoreJob::json_schema(),
-        ("post", "/api/restores/report") => component("Restore"),
+        ("post", "/api/restores/report") | ("post", "/api/restores/{id}/cancel") => {
+            component("Restore")
+        }
         _ => return None,
     })
 }
@@ -487,11 +522,12 @@ pub(crate) fn answer_schemas() -> Vec<(&'static str, Value)> {
         ("reason", maybe_string()),
         (
             "status",
-            json!({ "type": "string", "enum": ["pending", "approved"] }),
+            json!({ "type": "string", "enum": ["pending", "approved", "rejected"] }),
         ),
         ("job_id", maybe_integer()),
         ("created_at", integer()),
         ("decided_at", maybe_integer()),
+        ("rejection_reason", maybe_string()),
         (
             "job_status",
             fleet_core::schema::nullable(rollout_job_status()),
@@ -538,7 +574,7 @@ pub(crate) fn answer_schemas() -> Vec<(&'static str, Value)> {
 }
 
 /// A restore verification's stored status: the wire statuses and the control plane's own
-/// `timed_out`.
+/// `timed_out` and `cancelled`.
 fn restore_status() -> Value {
     use RestoreStatus as R;
     let mut status = one_of(&[
@@ -549,7 +585,10 @@ fn restore_status() -> Value {
         R::Skipped,
     ]);
     if let Some(names) = status["enum"].as_array_mut() {
-        names.push(json!(crate::restores::TIMED_OUT));
+        names.extend([
+            json!(crate::restores::TIMED_OUT),
+            json!(crate::restores::CANCELLED),
+        ]);
     }
     status
 }

@@ -14,8 +14,8 @@ use crate::rollouts::BatchCounts;
 use crate::store::rollouts::{RolloutAction, RolloutDetail};
 use crate::{Error, Result, Shared};
 
-/// Links to these pages, shown in the dashboard's header.
-pub(crate) const NAV: &str = "<a href=\"/releases\">Releases</a><a href=\"/rollouts\">Rollouts</a>\
+/// Links to these pages and the fleet's alerts, shown in the dashboard's header.
+pub(crate) const NAV: &str = "<a href=\"/alerts\">Alerts</a><a href=\"/releases\">Releases</a><a href=\"/rollouts\">Rollouts</a>\
 <a href=\"/plugins\">Plugins</a><a href=\"/restores\">Restores</a><a href=\"/commands\">Commands</a>";
 
 /// Seconds between refreshes of a running rollout's page.
@@ -344,12 +344,21 @@ pub(crate) async fn plugins(
                 .as_deref()
                 .map(|reason| long_text(reason, LONG_CELL_CHARS))
                 .unwrap_or_else(|| "–".into()),
-            status(&r.status),
+            request_status(r),
             request_job(r),
         );
     }
     b.push_str("</tbody></table></section>");
     Ok(layout("Plugins", Some(role), &b).into_response())
+}
+
+/// A plugin request's status as the Status cell shows it: `rejected: why` when the admin
+/// said why.
+fn request_status(r: &crate::store::rollouts::PluginRequestRecord) -> String {
+    match &r.rejection_reason {
+        Some(why) => format!("{}: {}", status(&r.status), long_text(why, LONG_CELL_CHARS)),
+        None => status(&r.status),
+    }
 }
 
 /// A plugin request's job as the Job cell shows it: `#12 succeeded`, `#12 failed at update:

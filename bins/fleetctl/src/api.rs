@@ -19,7 +19,7 @@ pub struct Conn {
     )]
     pub url: String,
     /// Role token: support to read; ops to pause, resume, schedule and cancel; admin to
-    /// create, advance and approve.
+    /// create, advance, approve and reject.
     #[arg(long, env = "FLEET_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
     /// Print the control plane's JSON answer instead of a summary.
@@ -154,6 +154,14 @@ pub enum PluginCommand {
         /// Request id.
         id: i64,
     },
+    /// Reject an instance's pending request; the reason is shown with it.
+    Reject {
+        /// Request id.
+        id: i64,
+        /// Why (at most 500 characters).
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Roll a plugin action out to a channel, batch by batch.
     Rollout {
         /// Plugin release id.
@@ -184,6 +192,12 @@ pub enum RestoreCommand {
         /// Only this instance's.
         #[arg(long)]
         instance: Option<String>,
+    },
+    /// Cancel a scheduled or handed-out verification (its report is then refused), so the
+    /// installation can be scheduled again at once.
+    Cancel {
+        /// Verification id (from `restore list`).
+        id: i64,
     },
 }
 
@@ -282,10 +296,11 @@ fn text(v: &Value) -> String {
     }
 }
 
-/// A plugin request's job in `plugin requests`: `12 succeeded`, `12 failed at update: why`.
+/// A plugin request's job in `plugin requests`: `12 succeeded`, `12 failed at update: why`;
+/// for a rejected request, why it was rejected.
 fn request_job(r: &Value) -> String {
     if r["job_id"].is_null() {
-        return "-".into();
+        return r["rejection_reason"].as_str().unwrap_or("-").to_owned();
     }
     let mut cell = format!("{} {}", text(&r["job_id"]), text(&r["job_status"]));
     if matches!(r["job_status"].as_str(), Some("failed" | "rolled_back"))
@@ -709,6 +724,26 @@ pub fn plugin(client: &Client, command: PluginCommand) -> Result<(), String> {
                 )
             });
         }
+        PluginCommand::Reject { id, reason } => {
+            let record = client.post(
+                &format!("/api/plugins/requests/{id}/reject"),
+                &json!({"reason": reason}),
+            )?;
+            client.print(&record, |r| {
+                let mut line = format!(
+                    "request {} rejected: {} will not {} {} {}",
+                    text(&r["id"]),
+                    text(&r["instance_id"]),
+                    text(&r["action"]),
+                    text(&r["name"]),
+                    text(&r["version"])
+                );
+                if let Some(reason) = r["rejection_reason"].as_str() {
+                    line.push_str(&format!(" ({reason})"));
+                }
+                line
+            });
+        }
         PluginCommand::Rollout {
             release,
             action,
@@ -760,6 +795,17 @@ pub fn restore(client: &Client, command: RestoreCommand) -> Result<(), String> {
                 None => "/api/restores".to_owned(),
             };
             client.print(&client.get(&path)?, table);
+        }
+        RestoreCommand::Cancel { id } => {
+            let restore = client.post(&format!("/api/restores/{id}/cancel"), &json!({}))?;
+            client.print(&restore, |r| {
+                format!(
+                    "restore verification {} of {} in {} cancelled; it can be scheduled again",
+                    text(&r["id"]),
+                    text(&r["instance_id"]),
+                    text(&r["environment"])
+                )
+            });
         }
     }
     Ok(())

@@ -59,14 +59,14 @@ enum Command {
         #[command(subcommand)]
         command: api::RolloutCommand,
     },
-    /// The plugin marketplace: releases, requests, approval, rollouts.
+    /// The plugin marketplace: releases, requests, approval or rejection, rollouts.
     Plugin {
         #[command(flatten)]
         conn: api::Conn,
         #[command(subcommand)]
         command: api::PluginCommand,
     },
-    /// Restore verification: schedule and list.
+    /// Restore verification: schedule, list and cancel.
     Restore {
         #[command(flatten)]
         conn: api::Conn,

@@ -673,6 +673,7 @@ async fn a_silent_socket_is_dropped_after_the_pong_timeout_and_redialled() {
         version: "test".into(),
         executor,
         http: reqwest_client(),
+        poll_now: Default::default(),
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let channel = tokio::spawn(fleet_agent::channel::run(config, stopped));

@@ -90,6 +90,7 @@ async fn reconnect_delays_grow_for_short_connections_and_reset_after_a_healthy_o
             version: "test".into(),
             executor,
             http: HttpClient::new(),
+            poll_now: Default::default(),
         },
         stopped,
     ));

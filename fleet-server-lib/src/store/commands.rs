@@ -241,6 +241,10 @@ pub trait CommandStore: Send + Sync {
     /// Instance ids matched by a selector: a release channel, or every instance.
     async fn select_instances(&self, channel: Option<&str>, limit: i64) -> Result<Vec<String>>;
 
+    /// Those of `ids` the control plane has heard of: an installation (a heartbeat, a listing)
+    /// or a secret issued at enrollment.
+    async fn known_instances(&self, ids: &[String]) -> Result<std::collections::HashSet<String>>;
+
     /// A command with its targets.
     async fn command(&self, id: &str) -> Result<Option<CommandRecord>>;
 
@@ -418,6 +422,32 @@ macro_rules! impl_command_store {
                 .bind(limit)
                 .fetch_all(self.pool())
                 .await?)
+            }
+
+            async fn known_instances(
+                &self,
+                ids: &[String],
+            ) -> $crate::Result<std::collections::HashSet<String>> {
+                // One statement per 500 ids: both databases take `$n` placeholders, and a
+                // list this long stays far below either's limit on bound parameters.
+                let mut known = std::collections::HashSet::new();
+                for part in ids.chunks(500) {
+                    let list = (1..=part.len())
+                        .map(|n| format!("${n}"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let sql = format!(
+                        "SELECT instance_id FROM installations WHERE instance_id IN ({list}) \
+                         UNION SELECT instance_id FROM issued_secrets WHERE instance_id IN ({list})"
+                    );
+                    // Safe: the text holds only the placeholders made above, no input.
+                    let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql));
+                    for id in part {
+                        query = query.bind(id);
+                    }
+                    known.extend(query.fetch_all(self.pool()).await?);
+                }
+                Ok(known)
             }
 
             async fn command(

@@ -140,7 +140,7 @@ pub struct InstallationSummary {
 }
 
 /// An alert.
-#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Alert {
     /// Row id.
     pub id: i64,
@@ -162,6 +162,207 @@ pub struct Alert {
     pub acknowledged_at: Option<i64>,
     /// Which role acknowledged it.
     pub acknowledged_by: Option<String>,
+    /// Its webhook delivery; `None` when it has none: not forwarded (an instance's alert
+    /// below `error`, or raised while no webhook was configured), or its delivery ended
+    /// longer ago than the retention and was pruned.
+    pub delivery: Option<AlertDelivery>,
+}
+
+// By hand: the delivery is a set of columns of the outbox row joined to the alert, all
+// null when there is none.
+impl<'r, R: sqlx::Row> sqlx::FromRow<'r, R> for Alert
+where
+    &'r str: sqlx::ColumnIndex<R>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    fn from_row(row: &'r R) -> std::result::Result<Self, sqlx::Error> {
+        let delivery = match row.try_get::<Option<i64>, _>("delivery_id")? {
+            None => None,
+            Some(_) => Some(AlertDelivery::new(
+                row.try_get("delivery_attempts")?,
+                row.try_get("delivery_next_attempt_at")?,
+                row.try_get("delivery_delivered_at")?,
+                row.try_get("delivery_given_up_at")?,
+                row.try_get("delivery_last_error")?,
+            )),
+        };
+        Ok(Self {
+            id: row.try_get("id")?,
+            installation_id: row.try_get("installation_id")?,
+            instance_id: row.try_get("instance_id")?,
+            level: row.try_get("level")?,
+            kind: row.try_get("kind")?,
+            message: row.try_get("message")?,
+            created_at: row.try_get("created_at")?,
+            resolved_at: row.try_get("resolved_at")?,
+            acknowledged_at: row.try_get("acknowledged_at")?,
+            acknowledged_by: row.try_get("acknowledged_by")?,
+            delivery,
+        })
+    }
+}
+
+/// Where an alert's webhook delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryState {
+    /// Not delivered yet: waiting for its first attempt or its next retry.
+    Pending,
+    /// The receiver accepted it.
+    Delivered,
+    /// Every attempt failed; it will not be tried again.
+    GivenUp,
+}
+
+impl DeliveryState {
+    /// Every state, in the order a delivery goes through them.
+    pub const ALL: [Self; 3] = [Self::Pending, Self::Delivered, Self::GivenUp];
+
+    /// The wire name (`pending`, `delivered`, `given_up`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Delivered => "delivered",
+            Self::GivenUp => "given_up",
+        }
+    }
+}
+
+/// An alert's delivery to the alert webhook (its row in the outbox).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AlertDelivery {
+    /// Where it stands.
+    pub state: DeliveryState,
+    /// Attempts made so far.
+    pub attempts: i64,
+    /// When it is tried next (pending only).
+    pub next_attempt_at: Option<i64>,
+    /// When the receiver accepted it (delivered only).
+    pub delivered_at: Option<i64>,
+    /// When it was given up (given up only).
+    pub given_up_at: Option<i64>,
+    /// Why the latest attempt failed (pending after a failure, or given up), with the
+    /// userinfo and query of any URL in it redacted: it is shown to every role.
+    pub last_error: Option<String>,
+}
+
+impl AlertDelivery {
+    /// The delivery an outbox row describes.
+    pub fn new(
+        attempts: i64,
+        next_attempt_at: i64,
+        delivered_at: Option<i64>,
+        given_up_at: Option<i64>,
+        last_error: Option<String>,
+    ) -> Self {
+        let state = match (delivered_at, given_up_at) {
+            (Some(_), _) => DeliveryState::Delivered,
+            (None, Some(_)) => DeliveryState::GivenUp,
+            (None, None) => DeliveryState::Pending,
+        };
+        Self {
+            state,
+            attempts,
+            next_attempt_at: (state == DeliveryState::Pending).then_some(next_attempt_at),
+            delivered_at,
+            given_up_at: given_up_at.filter(|_| state == DeliveryState::GivenUp),
+            // A failure before the attempt that got through is history, not news.
+            last_error: last_error
+                .filter(|_| state != DeliveryState::Delivered)
+                .map(|text| fleet_core::redact_url_secrets(&text)),
+        }
+    }
+}
+
+/// Which alerts [`Store::alert_page`] lists, by where they are in their life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AlertState {
+    /// Not resolved, acknowledged or not.
+    #[default]
+    Open,
+    /// Not resolved, and acknowledged by an operator.
+    Acknowledged,
+    /// Resolved.
+    Resolved,
+    /// All of them.
+    All,
+}
+
+impl AlertState {
+    /// Every state a list can ask for.
+    pub const ALL: [Self; 4] = [Self::Open, Self::Acknowledged, Self::Resolved, Self::All];
+
+    /// The wire name (`open`, `acknowledged`, `resolved`, `all`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Acknowledged => "acknowledged",
+            Self::Resolved => "resolved",
+            Self::All => "all",
+        }
+    }
+}
+
+/// An alert list's filter on the alerts' webhook deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryFilter {
+    /// Alerts whose delivery is in this state.
+    Is(DeliveryState),
+    /// Alerts with no delivery (see [`Alert::delivery`]).
+    NoRecord,
+}
+
+impl DeliveryFilter {
+    /// Every filter, as a list offers them.
+    pub const ALL: [Self; 4] = [
+        Self::Is(DeliveryState::Pending),
+        Self::Is(DeliveryState::Delivered),
+        Self::Is(DeliveryState::GivenUp),
+        Self::NoRecord,
+    ];
+
+    /// The wire name: a [`DeliveryState`]'s, or `none`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Is(state) => state.as_str(),
+            Self::NoRecord => "none",
+        }
+    }
+}
+
+/// Filters for [`Store::alert_page`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertFilter {
+    /// Open (the default), acknowledged, resolved or all.
+    pub state: AlertState,
+    /// Exact level (`info`, `warning`, `error`, `critical`).
+    pub level: Option<String>,
+    /// Exact kind ([`crate::alerts::kind`]).
+    pub kind: Option<String>,
+    /// Exact instance id of the installation.
+    pub instance_id: Option<String>,
+    /// Where the webhook delivery stands.
+    pub delivery: Option<DeliveryFilter>,
+    /// Page size; 0 counts the matching alerts without listing any.
+    pub limit: i64,
+    /// Rows to skip.
+    pub offset: i64,
+}
+
+impl Default for AlertFilter {
+    /// The first 100 open alerts.
+    fn default() -> Self {
+        Self {
+            state: AlertState::Open,
+            level: None,
+            kind: None,
+            instance_id: None,
+            delivery: None,
+            limit: 100,
+            offset: 0,
+        }
+    }
 }
 
 /// A failed background job reported by an instance.
@@ -286,8 +487,24 @@ pub trait Store:
     /// Everything about one installation, by instance id.
     async fn installation(&self, instance_id: &str) -> Result<Option<InstallationDetail>>;
 
-    /// Alerts across the fleet, newest first; only unresolved ones when `open_only`.
-    async fn list_alerts(&self, open_only: bool, limit: i64) -> Result<Vec<Alert>>;
+    /// One page of the alerts across the fleet that match `filter`, newest first, with
+    /// their deliveries, and how many match in all.
+    async fn alert_page(&self, filter: &AlertFilter) -> Result<Page<Alert>>;
+
+    /// The newest `limit` alerts across the fleet; only unresolved ones when `open_only`.
+    async fn list_alerts(&self, open_only: bool, limit: i64) -> Result<Vec<Alert>> {
+        let state = if open_only {
+            AlertState::Open
+        } else {
+            AlertState::All
+        };
+        let filter = AlertFilter {
+            state,
+            limit,
+            ..AlertFilter::default()
+        };
+        Ok(self.alert_page(&filter).await?.items)
+    }
 
     /// Marks an alert acknowledged (the first acknowledgement wins); `None` if it does not exist.
     async fn acknowledge_alert(&self, alert_id: i64, by: &str, now: i64) -> Result<Option<Alert>>;

@@ -4,13 +4,19 @@
 /// A plugin request row's columns, in `PluginRequestRecord` order.
 macro_rules! plugin_request_cols {
     () => {
-        "id, instance_id, name, version, action, reason, status, job_id, created_at, decided_at"
+        "id, instance_id, name, version, action, reason, status, job_id, created_at, decided_at, \
+         rejection_reason"
     };
 }
 
+/// How many times recording a plugin request looks for the pending copy it conflicted with
+/// before giving up: the copy is gone only when it was decided between the two statements,
+/// and the next attempt then records the request.
+pub(crate) const PENDING_LOOKUPS: usize = 3;
+
 /// Implements [`PluginStore`](super::rollouts::PluginStore) for `$store` (with
-/// `pool: Pool<_>`); `$begin` opens a write transaction and `$lock` is the row-lock suffix
-/// of a `SELECT` (`" FOR UPDATE"` or nothing).
+/// `pool: Pool<_>` and `jobs: JobAnnouncer`); `$begin` opens a write transaction and
+/// `$lock` is the row-lock suffix of a `SELECT` (`" FOR UPDATE"` or nothing).
 macro_rules! impl_plugin_store {
     ($store:ty, $begin:expr, $lock:literal) => {
         #[async_trait::async_trait]
@@ -60,20 +66,51 @@ macro_rules! impl_plugin_store {
                 &self,
                 request: &fleet_core::plugin::PluginRequest,
                 now: i64,
-            ) -> $crate::Result<$crate::store::rollouts::PluginRequestRecord> {
-                Ok(sqlx::query_as::<_, $crate::store::rollouts::PluginRequestRecord>(concat!(
-                    "INSERT INTO plugin_requests (instance_id, name, version, action, reason, status, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, 'pending', $6) RETURNING ",
-                    plugin_request_cols!()
-                ))
-                .bind(&request.instance_id)
-                .bind(&request.name)
-                .bind(&request.version)
-                .bind(request.action.as_str())
-                .bind(request.reason.clone())
-                .bind(now)
-                .fetch_one(&self.pool)
-                .await?)
+            ) -> $crate::Result<$crate::store::rollouts::RecordedPluginRequest> {
+                use $crate::store::rollouts::{PluginRequestRecord, RecordedPluginRequest};
+                // The unique index on pending requests (`plugin_requests_one_pending`) turns a
+                // copy into a conflict, even one that arrives while the first is being
+                // recorded; the copy is then answered with the pending request.
+                for _ in 0..$crate::store::plugins_sql::PENDING_LOOKUPS {
+                    let inserted = sqlx::query_as::<_, PluginRequestRecord>(concat!(
+                        "INSERT INTO plugin_requests (instance_id, name, version, action, reason, status, created_at) \
+                         VALUES ($1, $2, $3, $4, $5, 'pending', $6) \
+                         ON CONFLICT (instance_id, name, version, action) WHERE status = 'pending' \
+                         DO NOTHING RETURNING ",
+                        plugin_request_cols!()
+                    ))
+                    .bind(&request.instance_id)
+                    .bind(&request.name)
+                    .bind(&request.version)
+                    .bind(request.action.as_str())
+                    .bind(request.reason.clone())
+                    .bind(now)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                    if let Some(record) = inserted {
+                        return Ok(RecordedPluginRequest::Created(record));
+                    }
+                    let pending = sqlx::query_as::<_, PluginRequestRecord>(concat!(
+                        "SELECT ",
+                        plugin_request_cols!(),
+                        " FROM plugin_requests WHERE instance_id = $1 AND name = $2 \
+                         AND version = $3 AND action = $4 AND status = 'pending'"
+                    ))
+                    .bind(&request.instance_id)
+                    .bind(&request.name)
+                    .bind(&request.version)
+                    .bind(request.action.as_str())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                    if let Some(record) = pending {
+                        return Ok(RecordedPluginRequest::AlreadyPending(record));
+                    }
+                }
+                Err($crate::Error::Internal(format!(
+                    "plugin request of {} for {} {}: a pending copy kept being decided while it \
+                     was recorded",
+                    request.instance_id, request.name, request.version
+                )))
             }
 
             async fn list_plugin_requests(
@@ -82,7 +119,7 @@ macro_rules! impl_plugin_store {
             ) -> $crate::Result<Vec<$crate::store::rollouts::PluginRequestRecord>> {
                 Ok(sqlx::query_as::<_, $crate::store::rollouts::PluginRequestRecord>(
                     "SELECT r.id, r.instance_id, r.name, r.version, r.action, r.reason, r.status, \
-                     r.job_id, r.created_at, r.decided_at, j.status AS job_status, \
+                     r.job_id, r.created_at, r.decided_at, r.rejection_reason, j.status AS job_status, \
                      j.step AS job_step, j.error AS job_error \
                      FROM plugin_requests r LEFT JOIN rollout_jobs j ON j.id = r.job_id \
                      ORDER BY r.id DESC LIMIT $1",
@@ -162,10 +199,58 @@ macro_rules! impl_plugin_store {
                 .fetch_one(&mut *tx)
                 .await?;
                 tx.commit().await?;
+                self.jobs.announce(
+                    fleet_core::command::Pipeline::Plugin,
+                    vec![record.instance_id.clone()],
+                );
                 Ok($crate::store::rollouts::PluginRequestRecord {
                     job_status: Some($crate::rollouts::job_status::PENDING.into()),
                     ..record
                 })
+            }
+
+            async fn reject_plugin_request(
+                &self,
+                id: i64,
+                reason: Option<&str>,
+                now: i64,
+            ) -> $crate::Result<$crate::store::rollouts::PluginRequestRecord> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                let request = sqlx::query_as::<_, $crate::store::rollouts::PluginRequestRecord>(concat!(
+                    "SELECT ",
+                    plugin_request_cols!(),
+                    " FROM plugin_requests WHERE id = $1",
+                    $lock
+                ))
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or($crate::Error::NotFound)?;
+                match (request.status.as_str(), request.job_id) {
+                    ("pending", _) => {}
+                    ("approved", Some(job_id)) => {
+                        return Err($crate::Error::Conflict(format!(
+                            "request {id} was already approved (job {job_id}) and can no longer be rejected"
+                        )));
+                    }
+                    (status, _) => {
+                        return Err($crate::Error::Conflict(format!(
+                            "request {id} is already {status}"
+                        )));
+                    }
+                }
+                let record = sqlx::query_as::<_, $crate::store::rollouts::PluginRequestRecord>(concat!(
+                    "UPDATE plugin_requests SET status = 'rejected', rejection_reason = $1, \
+                     decided_at = $2 WHERE id = $3 RETURNING ",
+                    plugin_request_cols!()
+                ))
+                .bind(reason)
+                .bind(now)
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(record)
             }
         }
     };

@@ -17,6 +17,9 @@ pub struct PostgresStore {
     /// The heartbeat writers' own connections (see [`ingest_pool`]).
     pub(super) ingest: Pool<Postgres>,
     writers: usize,
+    /// Where the jobs it makes available are announced (to this process's control planes;
+    /// they route what concerns another replica's agents through `NOTIFY`).
+    jobs: super::rollouts::JobAnnouncer,
 }
 
 /// Connections for the heartbeat writers alone, which plan each statement once and never
@@ -86,6 +89,7 @@ impl PostgresStore {
             pool,
             ingest,
             writers: Self::DEFAULT_WRITERS,
+            jobs: Default::default(),
         })
     }
 

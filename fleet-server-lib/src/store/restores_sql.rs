@@ -36,9 +36,9 @@ macro_rules! stale_restores {
 }
 
 /// Implements [`RestoreStore`](super::rollouts::RestoreStore) for `$store` (with
-/// `pool: Pool<_>` and the `raise_alert` of `impl_rollout_store!`); `$begin` opens a write
-/// transaction and `$lock` is the row-lock suffix of a `SELECT` (`" FOR UPDATE"` or
-/// nothing).
+/// `pool: Pool<_>`, `jobs: JobAnnouncer` and the `raise_alert` of `impl_rollout_store!`);
+/// `$begin` opens a write transaction and `$lock` is the row-lock suffix of a `SELECT`
+/// (`" FOR UPDATE"` or nothing).
 macro_rules! impl_restore_store {
     ($store:ty, $begin:expr, $lock:literal) => {
         #[async_trait::async_trait]
@@ -112,6 +112,14 @@ macro_rules! impl_restore_store {
                     }
                 }
                 tx.commit().await?;
+                self.jobs.announce(
+                    fleet_core::command::Pipeline::Restore,
+                    items
+                        .iter()
+                        .filter(|r| r.status == "scheduled")
+                        .map(|r| r.instance_id.clone())
+                        .collect(),
+                );
                 let scheduled = items.iter().filter(|r| r.status == "scheduled").count() as i64;
                 let mut not_scheduled = $crate::store::rollouts::NotScheduled::default();
                 for (class, n) in classes {
@@ -157,16 +165,19 @@ macro_rules! impl_restore_store {
                     tx.commit().await?;
                     return Ok(None);
                 };
+                // Still scheduled: on PostgreSQL an operator may have cancelled it since the
+                // SELECT, and a cancelled verification is never handed out.
                 let restore = sqlx::query_as::<_, $crate::store::rollouts::Restore>(concat!(
-                    "UPDATE restores SET status = 'in_progress', started_at = $1 WHERE id = $2 RETURNING ",
+                    "UPDATE restores SET status = 'in_progress', started_at = $1 \
+                     WHERE id = $2 AND status = 'scheduled' RETURNING ",
                     restore_cols!()
                 ))
                 .bind(now)
                 .bind(id)
-                .fetch_one(&mut *tx)
+                .fetch_optional(&mut *tx)
                 .await?;
                 tx.commit().await?;
-                Ok(Some(restore))
+                Ok(restore)
             }
 
             async fn report_restore(
@@ -189,6 +200,11 @@ macro_rules! impl_restore_store {
                 .filter(|r| r.instance_id == report.instance_id)
                 .ok_or($crate::Error::NotFound)?;
                 let status = report.status.as_str();
+                if current.status == $crate::restores::CANCELLED {
+                    return Err($crate::Error::Conflict(format!(
+                        "restore verification {id} was cancelled by an operator: its result is not recorded"
+                    )));
+                }
                 if matches!(
                     current.status.as_str(),
                     "verified" | "failed" | "skipped" | $crate::restores::TIMED_OUT
@@ -228,6 +244,43 @@ macro_rules! impl_restore_store {
                     )
                     .await?;
                 }
+                tx.commit().await?;
+                Ok(restore)
+            }
+
+            async fn cancel_restore(
+                &self,
+                id: i64,
+                error: &str,
+                now: i64,
+            ) -> $crate::Result<$crate::store::rollouts::Restore> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                let current = sqlx::query_as::<_, $crate::store::rollouts::Restore>(concat!(
+                    "SELECT ",
+                    restore_cols!(),
+                    " FROM restores WHERE id = $1",
+                    $lock
+                ))
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or($crate::Error::NotFound)?;
+                if !matches!(current.status.as_str(), "scheduled" | "in_progress") {
+                    return Err($crate::Error::Conflict(format!(
+                        "restore verification {id} already ended {}: only a scheduled or handed-out one can be cancelled",
+                        current.status
+                    )));
+                }
+                let restore = sqlx::query_as::<_, $crate::store::rollouts::Restore>(concat!(
+                    "UPDATE restores SET status = $1, error = $2, finished_at = $3 WHERE id = $4 RETURNING ",
+                    restore_cols!()
+                ))
+                .bind($crate::restores::CANCELLED)
+                .bind(error)
+                .bind(now)
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
                 tx.commit().await?;
                 Ok(restore)
             }

@@ -2,7 +2,10 @@
 //! verification: the [`RolloutStore`] trait and its types. The SQL both backends share is
 //! in `rollouts_sql.rs`.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
+use fleet_core::command::Pipeline;
 use fleet_core::plugin::{PluginAction, PluginRequest};
 use fleet_core::restore::RestoreReport;
 use fleet_core::update::{JobStatus, RolloutSettings};
@@ -28,6 +31,69 @@ impl JobKind {
             Self::Update => "update",
             Self::Plugin => "plugin",
         }
+    }
+
+    /// Reads a stored name.
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Update, Self::Plugin]
+            .into_iter()
+            .find(|kind| kind.as_str() == text)
+    }
+
+    /// The agent pipeline that polls for jobs of this kind.
+    pub fn pipeline(self) -> Pipeline {
+        match self {
+            Self::Update => Pipeline::Update,
+            Self::Plugin => Pipeline::Plugin,
+        }
+    }
+}
+
+/// Jobs that became available to instances: a rollout batch started (at creation, on
+/// advance, auto-advance or resume), a plugin request was approved, a restore verification
+/// was scheduled. The store announces them once the transaction that made them available
+/// committed ([`RolloutStore::jobs_available`]), so the control plane can tell the agents
+/// connected to it to poll now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobsAvailable {
+    /// The pipeline that polls for them.
+    pub pipeline: Pipeline,
+    /// The instances that have one.
+    pub instance_ids: Vec<String>,
+}
+
+/// Announcements queued per listener before the oldest are dropped: a nudge lost that way
+/// only leaves the job to the agent's next poll.
+const ANNOUNCEMENTS_QUEUED: usize = 1024;
+
+/// Where a built-in store announces [`JobsAvailable`]; every control plane built on the
+/// store listens.
+#[derive(Debug, Clone)]
+pub(crate) struct JobAnnouncer(tokio::sync::broadcast::Sender<Arc<JobsAvailable>>);
+
+impl Default for JobAnnouncer {
+    fn default() -> Self {
+        Self(tokio::sync::broadcast::channel(ANNOUNCEMENTS_QUEUED).0)
+    }
+}
+
+impl JobAnnouncer {
+    /// Announces that `instance_ids` have jobs for `pipeline`. Call it after the commit: an
+    /// agent that polls before it finds nothing.
+    pub fn announce(&self, pipeline: Pipeline, instance_ids: Vec<String>) {
+        if instance_ids.is_empty() {
+            return;
+        }
+        // With nobody listening (no control plane on this store) there is nobody to tell.
+        let _ = self.0.send(Arc::new(JobsAvailable {
+            pipeline,
+            instance_ids,
+        }));
+    }
+
+    /// A new listener, which receives what is announced from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<JobsAvailable>> {
+        self.0.subscribe()
     }
 }
 
@@ -293,14 +359,17 @@ pub struct PluginRequestRecord {
     pub action: String,
     /// Why, from the instance.
     pub reason: Option<String>,
-    /// `pending` or `approved`.
+    /// `pending`, `approved` or `rejected`.
     pub status: String,
     /// The job approval created.
     pub job_id: Option<i64>,
     /// When it arrived.
     pub created_at: i64,
-    /// When it was approved.
+    /// When it was approved or rejected.
     pub decided_at: Option<i64>,
+    /// Why it was rejected, when the admin said (or, for a copy of a pending request stored
+    /// before copies were refused, which request it copied).
+    pub rejection_reason: Option<String>,
     /// How the job is doing (`pending`, `in_progress`, `succeeded`, `failed`, `rolled_back`),
     /// once approved: a single request's job belongs to no rollout, so this is where its
     /// outcome shows.
@@ -312,6 +381,15 @@ pub struct PluginRequestRecord {
     /// Why the job failed.
     #[sqlx(default)]
     pub job_error: Option<String>,
+}
+
+/// What [`PluginStore::create_plugin_request`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordedPluginRequest {
+    /// The request is new: recorded, pending.
+    Created(PluginRequestRecord),
+    /// The instance already had the same request pending: that one, unchanged.
+    AlreadyPending(PluginRequestRecord),
 }
 
 /// A restore verification.
@@ -328,8 +406,8 @@ pub struct Restore {
     /// The backup to restore, when known.
     pub backup_id: Option<String>,
     /// `scheduled`, `in_progress`, `verified`, `failed`, `skipped` (by the agent, or by the
-    /// control plane when the installation has no backup to verify) or `timed_out` (no
-    /// report within the restore timeout).
+    /// control plane when the installation has no backup to verify), `timed_out` (no
+    /// report within the restore timeout) or `cancelled` (by an operator).
     pub status: String,
     /// What went wrong.
     pub error: Option<String>,
@@ -428,6 +506,15 @@ pub trait RolloutStore: Send + Sync {
         signed_at: i64,
         now: i64,
     ) -> Result<bool>;
+
+    /// Listens for the jobs this store makes available from now on (rollouts, plugin
+    /// approvals and restore schedules alike), each announced after its commit. The control
+    /// plane subscribes when it is built and tells connected agents to poll at once. `None`
+    /// (the default) for a store that does not announce: agents then find their jobs at
+    /// their next poll.
+    fn jobs_available(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<JobsAvailable>>> {
+        None
+    }
 }
 
 /// The plugin marketplace: releases, requests from instances, approvals. Implemented by
@@ -447,12 +534,14 @@ pub trait PluginStore: Send + Sync {
     /// Plugin releases, newest first.
     async fn list_plugin_releases(&self, limit: i64) -> Result<Vec<PluginRelease>>;
 
-    /// Records a (verified) request from an instance.
+    /// Records a (verified) request from an instance, or, when the instance already has the
+    /// same request (plugin, version and action) pending, answers that one and records
+    /// nothing: at most one is ever pending, however many arrive at once.
     async fn create_plugin_request(
         &self,
         request: &PluginRequest,
         now: i64,
-    ) -> Result<PluginRequestRecord>;
+    ) -> Result<RecordedPluginRequest>;
 
     /// Plugin requests, newest first.
     async fn list_plugin_requests(&self, limit: i64) -> Result<Vec<PluginRequestRecord>>;
@@ -463,6 +552,15 @@ pub trait PluginStore: Send + Sync {
         &self,
         id: i64,
         control_plane_version: &str,
+        now: i64,
+    ) -> Result<PluginRequestRecord>;
+
+    /// Rejects a pending request, keeping `reason`: 404 unknown, 409 when it was already
+    /// approved or rejected.
+    async fn reject_plugin_request(
+        &self,
+        id: i64,
+        reason: Option<&str>,
         now: i64,
     ) -> Result<PluginRequestRecord>;
 }
@@ -522,6 +620,11 @@ pub trait RestoreStore: Send + Sync {
         forward: bool,
     ) -> Result<Restore>;
 
+    /// Cancels a verification that is scheduled or handed out: no agent is handed it any
+    /// more, a report on it is refused, and the installation can be scheduled again. `error`
+    /// says who cancelled it. 404 unknown, 409 when it already ended.
+    async fn cancel_restore(&self, id: i64, error: &str, now: i64) -> Result<Restore>;
+
     /// Restore verifications, newest first; only the instance's when `instance_id` is given.
     async fn list_restores(&self, instance_id: Option<&str>, limit: i64) -> Result<Vec<Restore>>;
 
@@ -536,6 +639,8 @@ pub trait RestoreStore: Send + Sync {
 /// A rollout row locked for a change, with what its rules need.
 #[derive(Debug, Clone)]
 pub(crate) struct LockedRollout {
+    /// What its jobs install.
+    pub kind: JobKind,
     pub status: crate::rollouts::RolloutStatus,
     pub current_batch: i64,
     pub batch_count: i64,

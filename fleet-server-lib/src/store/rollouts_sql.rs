@@ -46,11 +46,11 @@ pub(crate) const POSTGRES_INSERT_JOBS: &str = "INSERT INTO rollout_jobs (rollout
     CASE WHEN (e ->> 0)::bigint = 0 THEN 'pending' ELSE 'queued' END, $4, $4 \
     FROM json_array_elements($5::json) AS e";
 
-/// Implements [`RolloutStore`] for `$store` (with `pool: Pool<$db>`, the `insert_alert`
-/// of `impl_sql_store!` and the `RECENT_HEARTBEATS` query `impl_sql_store!` asks for);
-/// `$begin` opens a write transaction, `$lock` is the row-lock suffix of a `SELECT`
-/// (`" FOR UPDATE"` or nothing) and `$insert_jobs` the backend's bulk insert of a rollout's
-/// jobs.
+/// Implements [`RolloutStore`] for `$store` (with `pool: Pool<$db>`, `jobs: JobAnnouncer`,
+/// the `insert_alert` of `impl_sql_store!` and the `RECENT_HEARTBEATS` query
+/// `impl_sql_store!` asks for); `$begin` opens a write transaction, `$lock` is the row-lock
+/// suffix of a `SELECT` (`" FOR UPDATE"` or nothing) and `$insert_jobs` the backend's bulk
+/// insert of a rollout's jobs.
 macro_rules! impl_rollout_store {
     ($store:ty, $db:ty, $begin:expr, $lock:literal, $insert_jobs:expr) => {
         #[async_trait::async_trait]
@@ -225,6 +225,8 @@ macro_rules! impl_rollout_store {
                         .await?;
                 }
                 tx.commit().await?;
+                self.jobs
+                    .announce(new.kind.pipeline(), batches.into_iter().next().unwrap_or_default());
                 self.rollout(id)
                     .await?
                     .ok_or_else(|| $crate::Error::Internal("created rollout vanished".into()))
@@ -304,12 +306,15 @@ macro_rules! impl_rollout_store {
                 let counts = Self::batch_counts(&mut tx, id, current_batch).await?;
                 let new_status = $crate::rollouts::transition(status, action)
                     .map_err($crate::Error::Conflict)?;
+                // Instances whose job the action makes available.
+                let mut available = Vec::new();
                 match action {
                     RolloutAction::Advance => {
                         $crate::rollouts::check_advance(status, &counts, current_batch, batch_count)
                             .map_err($crate::Error::Conflict)?;
-                        Self::apply_next(&mut tx, id, current_batch, Next::StartNext, None, now, forward)
-                            .await?;
+                        available =
+                            Self::apply_next(&mut tx, id, current_batch, Next::StartNext, None, now, forward)
+                                .await?;
                     }
                     RolloutAction::Pause | RolloutAction::Resume | RolloutAction::Cancel => {
                         sqlx::query("UPDATE rollouts SET status = $1, updated_at = $2 WHERE id = $3")
@@ -345,10 +350,19 @@ macro_rules! impl_rollout_store {
                                 row.observing,
                             );
                             Self::apply_next(&mut tx, id, current_batch, next, None, now, forward).await?;
+                            // Pending jobs are handed out again, those of a batch the resume
+                            // started as well as those the pause held back.
+                            available = sqlx::query_scalar(
+                                "SELECT instance_id FROM rollout_jobs WHERE rollout_id = $1 AND status = 'pending'",
+                            )
+                            .bind(id)
+                            .fetch_all(&mut *tx)
+                            .await?;
                         }
                     }
                 }
                 tx.commit().await?;
+                self.jobs.announce(row.kind.pipeline(), available);
                 self.rollout(id).await?.ok_or($crate::Error::NotFound)
             }
 
@@ -471,6 +485,8 @@ macro_rules! impl_rollout_store {
                 .await?;
                 Self::insert_event(&mut tx, job.id, status, report.step.as_deref(), report.error.as_deref(), now)
                     .await?;
+                // Instances whose job an auto-advance makes available.
+                let mut available = Vec::new();
                 if let (true, Some(rollout_id)) = (terminal, job.rollout_id) {
                     if let Some(row) = Self::lock_rollout(&mut tx, rollout_id).await? {
                         let counts = Self::batch_counts(&mut tx, rollout_id, job.batch).await?;
@@ -484,8 +500,10 @@ macro_rules! impl_rollout_store {
                             report.status.is_failure(),
                             row.observing,
                         );
-                        Self::apply_next(&mut tx, rollout_id, row.current_batch, next, Some(instance_id), now, forward)
-                            .await?;
+                        let alert_on = Some(instance_id);
+                        available =
+                            Self::apply_next(&mut tx, rollout_id, row.current_batch, next, alert_on, now, forward)
+                                .await?;
                     }
                 }
                 let job = sqlx::query_as::<_, $crate::store::rollouts::RolloutJob>(concat!(
@@ -497,6 +515,7 @@ macro_rules! impl_rollout_store {
                 .fetch_one(&mut *tx)
                 .await?;
                 tx.commit().await?;
+                self.jobs.announce(kind.pipeline(), available);
                 Ok(job)
             }
 
@@ -602,8 +621,10 @@ macro_rules! impl_rollout_store {
                         continue;
                     }
                     tracing::info!(rollout = rollout_id, batch = batch + 1, "observation window over without a breach");
-                    Self::apply_next(&mut tx, rollout_id, batch, next, None, now, forward).await?;
+                    let available =
+                        Self::apply_next(&mut tx, rollout_id, batch, next, None, now, forward).await?;
                     tx.commit().await?;
+                    self.jobs.announce(row.kind.pipeline(), available);
                 }
                 Ok(halted.len() as u64)
             }
@@ -638,6 +659,14 @@ macro_rules! impl_rollout_store {
                 // A retry re-signs with a fresh timestamp; the same one again is a replay.
                 Ok(stored == Some(signed_at))
             }
+
+            fn jobs_available(
+                &self,
+            ) -> Option<
+                tokio::sync::broadcast::Receiver<std::sync::Arc<$crate::store::rollouts::JobsAvailable>>,
+            > {
+                Some(self.jobs.subscribe())
+            }
         }
 
         impl $store {
@@ -658,6 +687,8 @@ macro_rules! impl_rollout_store {
                 Ok(row.map(
                     |(status, current_batch, batch_count, auto_advance, threshold, kind, settings, observe_secs)| {
                         $crate::store::rollouts::LockedRollout {
+                            kind: $crate::store::rollouts::JobKind::parse(&kind)
+                                .unwrap_or($crate::store::rollouts::JobKind::Update),
                             status: $crate::rollouts::RolloutStatus::parse(&status)
                                 .unwrap_or($crate::rollouts::RolloutStatus::Cancelled),
                             current_batch,
@@ -710,7 +741,9 @@ macro_rules! impl_rollout_store {
                 Ok(())
             }
 
-            /// Applies a rule's outcome to a locked rollout.
+            /// Applies a rule's outcome to a locked rollout; returns the instances whose job
+            /// it made available (those of the batch it started), to announce after the
+            /// commit.
             #[allow(clippy::too_many_arguments)]
             async fn apply_next(
                 tx: &mut sqlx::Transaction<'static, $db>,
@@ -720,8 +753,9 @@ macro_rules! impl_rollout_store {
                 alert_on: Option<&str>,
                 now: i64,
                 forward: bool,
-            ) -> $crate::Result<()> {
+            ) -> $crate::Result<Vec<String>> {
                 use $crate::rollouts::Next;
+                let mut started = Vec::new();
                 match next {
                     Next::Stay => {}
                     Next::Halt(reason) => {
@@ -749,14 +783,15 @@ macro_rules! impl_rollout_store {
                     }
                     Next::StartNext => {
                         let next_batch = current_batch + 1;
-                        sqlx::query(
+                        started = sqlx::query_scalar(
                             "UPDATE rollout_jobs SET status = 'pending', updated_at = $1 \
-                             WHERE rollout_id = $2 AND batch = $3 AND status = 'queued'",
+                             WHERE rollout_id = $2 AND batch = $3 AND status = 'queued' \
+                             RETURNING instance_id",
                         )
                         .bind(now)
                         .bind(id)
                         .bind(next_batch)
-                        .execute(&mut **tx)
+                        .fetch_all(&mut **tx)
                         .await?;
                         sqlx::query("UPDATE rollouts SET current_batch = $1, updated_at = $2 WHERE id = $3")
                             .bind(next_batch)
@@ -773,7 +808,7 @@ macro_rules! impl_rollout_store {
                             .await?;
                     }
                 }
-                Ok(())
+                Ok(started)
             }
 
             /// Opens an error alert on the instance's installation (forwarded when `forward`).

@@ -25,11 +25,40 @@ macro_rules! list_where {
          AND a.dedup_key = 'offline' AND a.resolved_at IS NULL))"
     };
 }
+// An alert with its installation's instance id and its newest webhook delivery (an alert
+// has one, but should it ever get another, it is still listed once).
+macro_rules! alert_from {
+    () => {
+        " FROM alerts a JOIN installations i ON i.id = a.installation_id \
+         LEFT JOIN webhook_outbox w ON w.id = \
+         (SELECT MAX(o.id) FROM webhook_outbox o WHERE o.alert_id = a.id)"
+    };
+}
 macro_rules! alert_select {
     () => {
-        "SELECT a.id, a.installation_id, i.instance_id, a.level, a.kind, a.message, a.created_at, \
-         a.resolved_at, a.acknowledged_at, a.acknowledged_by FROM alerts a \
-         JOIN installations i ON i.id = a.installation_id"
+        concat!(
+            "SELECT a.id, a.installation_id, i.instance_id, a.level, a.kind, a.message, \
+             a.created_at, a.resolved_at, a.acknowledged_at, a.acknowledged_by, \
+             w.id AS delivery_id, w.attempts AS delivery_attempts, \
+             w.next_attempt_at AS delivery_next_attempt_at, w.delivered_at AS delivery_delivered_at, \
+             w.failed_at AS delivery_given_up_at, w.last_error AS delivery_last_error",
+            alert_from!()
+        )
+    };
+}
+// The filters of `Store::alert_page`: $1 the state, $2 the level, $3 the kind, $4 the
+// instance id, $5 the delivery (`AlertState::as_str`, `DeliveryFilter::as_str`).
+macro_rules! alert_list_where {
+    () => {
+        " WHERE (($1 = 'open' AND a.resolved_at IS NULL) \
+         OR ($1 = 'acknowledged' AND a.resolved_at IS NULL AND a.acknowledged_at IS NOT NULL) \
+         OR ($1 = 'resolved' AND a.resolved_at IS NOT NULL) OR $1 = 'all') \
+         AND ($2 IS NULL OR a.level = $2) AND ($3 IS NULL OR a.kind = $3) \
+         AND ($4 IS NULL OR i.instance_id = $4) \
+         AND ($5 IS NULL OR ($5 = 'none' AND w.id IS NULL) \
+         OR ($5 = 'pending' AND w.id IS NOT NULL AND w.delivered_at IS NULL AND w.failed_at IS NULL) \
+         OR ($5 = 'delivered' AND w.delivered_at IS NOT NULL) \
+         OR ($5 = 'given_up' AND w.failed_at IS NOT NULL))"
     };
 }
 
@@ -44,10 +73,13 @@ pub(crate) const ALERTS_OF_SQL: &str = concat!(
     alert_select!(),
     " WHERE a.installation_id = $1 ORDER BY (a.resolved_at IS NULL) DESC, a.id DESC LIMIT 100"
 );
-pub(crate) const ALERTS_SQL: &str = concat!(
+pub(crate) const ALERT_PAGE_SQL: &str = concat!(
     alert_select!(),
-    " WHERE ($1 = FALSE OR a.resolved_at IS NULL) ORDER BY a.id DESC LIMIT $2"
+    alert_list_where!(),
+    " ORDER BY a.id DESC LIMIT $6 OFFSET $7"
 );
+pub(crate) const ALERT_COUNT_SQL: &str =
+    concat!("SELECT COUNT(*)", alert_from!(), alert_list_where!());
 pub(crate) const ALERT_SQL: &str = concat!(alert_select!(), " WHERE a.id = $1");
 
 /// `%text%` for a case-insensitive `LIKE`, with the wildcards of the user's text escaped.
@@ -185,16 +217,35 @@ macro_rules! impl_sql_store {
                 }))
             }
 
-            async fn list_alerts(
+            async fn alert_page(
                 &self,
-                open_only: bool,
-                limit: i64,
-            ) -> $crate::Result<Vec<$crate::store::Alert>> {
-                Ok(sqlx::query_as::<_, $crate::store::Alert>($crate::store::sql::ALERTS_SQL)
-                .bind(open_only)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?)
+                filter: &$crate::store::AlertFilter,
+            ) -> $crate::Result<$crate::store::Page<$crate::store::Alert>> {
+                let state = filter.state.as_str();
+                let delivery = filter.delivery.map(|d| d.as_str());
+                let items = if filter.limit > 0 {
+                    sqlx::query_as::<_, $crate::store::Alert>($crate::store::sql::ALERT_PAGE_SQL)
+                        .bind(state)
+                        .bind(filter.level.as_deref())
+                        .bind(filter.kind.as_deref())
+                        .bind(filter.instance_id.as_deref())
+                        .bind(delivery)
+                        .bind(filter.limit)
+                        .bind(filter.offset)
+                        .fetch_all(&self.pool)
+                        .await?
+                } else {
+                    Vec::new()
+                };
+                let total: i64 = sqlx::query_scalar($crate::store::sql::ALERT_COUNT_SQL)
+                    .bind(state)
+                    .bind(filter.level.as_deref())
+                    .bind(filter.kind.as_deref())
+                    .bind(filter.instance_id.as_deref())
+                    .bind(delivery)
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok($crate::store::Page { items, total })
             }
 
             async fn acknowledge_alert(

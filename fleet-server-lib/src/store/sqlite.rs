@@ -22,6 +22,8 @@ use crate::{Error, Result};
 pub struct SqliteStore {
     pool: Pool<Sqlite>,
     ingest: Arc<IngestConnection>,
+    /// Where the jobs it makes available are announced.
+    jobs: super::rollouts::JobAnnouncer,
     _temporary: Option<Arc<TemporaryFile>>,
 }
 
@@ -138,6 +140,7 @@ impl SqliteStore {
         Ok(Self {
             pool,
             ingest,
+            jobs: Default::default(),
             _temporary: temporary,
         })
     }

@@ -65,6 +65,7 @@ const MATRIX: &[(&str, &str, &str, [u16; 4])] = &[
         "/installations/acme-001",
         [303, 200, 200, 200],
     ),
+    ("GET", "/alerts", "/alerts", [303, 200, 200, 200]),
     (
         "POST",
         "/alerts/{id}/ack",

@@ -275,7 +275,13 @@ async fn a_browser_logs_in_sees_the_fleet_and_opens_an_installation() {
         list.contains("beta-002") && list.contains("degraded") && list.contains("v0"),
         "{list}"
     );
-    browser.click("a[href='/installations/acme-001']").await;
+    // The fleet's alerts are one click away in the header, each linking to its installation.
+    browser.click("header a[href='/alerts']").await;
+    let alerts = browser.wait_text("#alerts", "Queue <stuck>").await;
+    assert!(alerts.contains("acme-001"), "{alerts}");
+    browser
+        .click("#alerts a[href='/installations/acme-001']")
+        .await;
     assert_eq!(browser.wait_text("#instance", "acme-001").await, "acme-001");
     let alerts = browser.text("#alerts").await;
     assert!(

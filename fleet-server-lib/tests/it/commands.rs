@@ -386,6 +386,7 @@ async fn max_errors_stops_further_targets(store: TestStore) {
     let server = server(&store).await;
     let agent = TestAgent::start(&server.url, INSTANCE, SECRET, None).await;
     wait_connected(&server.client, &server.url, 1).await;
+    server.seen("never-connected-002").await;
     let (status, body) = submit(
         &server.client,
         &server.url,
@@ -698,6 +699,7 @@ async fn unanswered_targets_time_out_and_the_command_goes_on(store: TestStore) {
     .await;
     let agent = TestAgent::start(&server.url, INSTANCE, SECRET, None).await;
     wait_connected(&server.client, &server.url, 1).await;
+    server.seen("offline-003").await;
     let (_, body) = submit(
         &server.client,
         &server.url,
@@ -756,7 +758,64 @@ support::on_both_backends!(
     output_past_the_cap_is_acknowledged_and_not_stored,
     offsets_past_what_the_database_holds_are_acknowledged_and_not_stored,
     the_sweep_deletes_old_output_and_the_logs_say_so,
+    targets_the_control_plane_never_heard_of_are_refused,
 );
+
+/// A submission naming an instance nobody set up (a typo) is refused whole, naming it,
+/// instead of holding a `max_concurrency` slot until the delivery timeout; an instance known
+/// by a heartbeat, by its own configured secret, or by a socket (the shared token, no row)
+/// is a target.
+async fn targets_the_control_plane_never_heard_of_are_refused(store: TestStore) {
+    let server = server(&store).await;
+    let health =
+        |targets: Value| json!({"command_type": "HEALTH_CHECK", "targets": targets, "payload": {}});
+    let (code, body) = submit(
+        &server.client,
+        &server.url,
+        OPS,
+        health(json!([INSTANCE, "acme-0O1", "shop-9"])),
+    )
+    .await;
+    assert_eq!(code, 422, "{body}");
+    assert_eq!(body["error"]["details"][0]["path"], "targets");
+    let message = body["error"]["details"][0]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.starts_with("unknown instance: acme-0O1, shop-9 (")
+            && message.contains("nothing was submitted"),
+        "{message}"
+    );
+    let (_, listed) = server.get_json("/v1/commands", SUPPORT).await;
+    assert_eq!(listed["items"], json!([]), "{listed}");
+
+    // Known by a heartbeat signed with the shared token.
+    let heartbeat = server
+        .send_v1(
+            support::SHARED,
+            "hb-shop-9",
+            support::now(),
+            &support::body("shop-9", json!({})),
+        )
+        .await;
+    assert_eq!(heartbeat.status().as_u16(), 200);
+    // Known only by its socket: the shared token, no heartbeat, no row.
+    let agent = TestAgent::start(&server.url, "edge-3", support::SHARED, None).await;
+    wait_connected(&server.client, &server.url, 1).await;
+    let (code, body) = submit(
+        &server.client,
+        &server.url,
+        OPS,
+        health(json!([INSTANCE, "shop-9", "edge-3"])),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(body["targets"].as_array().map(Vec::len), Some(3), "{body}");
+    let id = body["id"].as_str().expect("id").to_owned();
+    cancel(&server, &id).await;
+    agent.stop().await;
+    server.stop().await;
+}
 
 /// The dashboard's command pages and `GET /v1/commands` over each backend's SQL (the browser
 /// test drives the pages in Chromium on SQLite).
@@ -862,6 +921,7 @@ async fn the_dashboard_cancels_a_command_for_the_roles_that_may() {
         }
     };
     // Nobody takes these: the targets never connect.
+    server.seen("never-connected-005").await;
     let (_, check) = submit(
         &server.client,
         &server.url,
@@ -1294,6 +1354,7 @@ async fn poll_answers_acks_refusals_commands_and_cancels() {
     let store = support::sqlite().await;
     let server = server(&store).await;
     let instance = "poller-2";
+    server.seen(instance).await;
     let (status, submitted) = submit(
         &server.client,
         &server.url,

@@ -1,6 +1,7 @@
 //! Integration tests: the real server on 127.0.0.1:0, real HTTP, real SQLite and
 //! PostgreSQL (`FLEET_TEST_POSTGRES_URL`), a real headless Chromium (`FLEET_TEST_CHROMIUM`).
 
+mod alerts;
 mod api;
 mod auth;
 mod browser;
@@ -8,6 +9,7 @@ mod commands;
 mod compose;
 mod hostile;
 mod ingest;
+mod jobs_waiting;
 mod marketplace;
 mod pages;
 mod restores;

@@ -1,9 +1,12 @@
 //! Plugin marketplace and restore verification over real HTTP, on SQLite and PostgreSQL.
 
+use fleet_core::plugin::{PluginAction, PluginRequest};
+use fleet_server::store::Store;
+use fleet_server::store::rollouts::RecordedPluginRequest;
 use serde_json::{Value, json};
 
 use crate::rollouts::{admin_post, agent_post, enroll, page};
-use crate::support::{ADMIN, OPS, SUPPORT, TestServer, TestStore, code, on_both_backends};
+use crate::support::{ADMIN, OPS, SUPPORT, TempDir, TestServer, TestStore, code, on_both_backends};
 
 async fn plugin_releases_requests_approval_and_rollouts(t: TestStore) {
     let server = TestServer::start(t.store.clone()).await;
@@ -509,7 +512,429 @@ async fn restore_schedule_bodies_are_refused_as_documented(t: TestStore) {
     server.stop().await;
 }
 
+/// The plugin request `instance` sends for billing-export 1.2.0 with `action`.
+fn billing_request(instance: &str, action: &str) -> Value {
+    json!({"instance_id": instance, "name": "billing-export", "version": "1.2.0", "action": action})
+}
+
+/// The listed requests of `instance` for billing-export 1.2.0 with `action`, newest first.
+async fn listed_copies(server: &TestServer, instance: &str, action: &str) -> Vec<Value> {
+    let (status, listed) = server
+        .get_documented("/api/plugins/requests", SUPPORT)
+        .await;
+    assert_eq!(status, 200, "{listed}");
+    listed["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter(|r| {
+            r["instance_id"] == instance
+                && r["name"] == "billing-export"
+                && r["version"] == "1.2.0"
+                && r["action"] == action
+        })
+        .cloned()
+        .collect()
+}
+
+/// POSTs an empty body to `path` as `token`; checks a success answer against /openapi.json.
+async fn post_empty(server: &TestServer, path: &str, token: &str) -> (u16, Value) {
+    let response = server
+        .client
+        .post(server.at(path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("post");
+    let status = response.status().as_u16();
+    let answer = response.json().await.unwrap_or(Value::Null);
+    let (_, spec) = server.get_json("/openapi.json", SUPPORT).await;
+    crate::support::check_documented_answer(&spec, "post", path, status, &answer);
+    (status, answer)
+}
+
+/// An instance that asks again for what it already asked for gets its pending request back
+/// (200, same id) instead of a second row in the admin's list; once that one is decided, the
+/// same request is a new one.
+async fn a_repeated_plugin_request_is_answered_with_the_pending_one(t: TestStore) {
+    let server = TestServer::start(t.store.clone()).await;
+    admin_post(
+        &server,
+        "/api/plugins/releases",
+        ADMIN,
+        &json!({"name": "billing-export", "version": "1.2.0"}),
+    )
+    .await;
+    let (status, first) = agent_post(
+        &server,
+        "/api/plugins/requests",
+        &billing_request("m1", "install"),
+    )
+    .await;
+    assert_eq!(status, 201, "{first}");
+    let mut again = billing_request("m1", "install");
+    again["reason"] = json!("still waiting");
+    for body in [billing_request("m1", "install"), again] {
+        let (status, answer) = agent_post(&server, "/api/plugins/requests", &body).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(answer, first, "the pending request, unchanged");
+    }
+    // Another action, version or instance is another request.
+    let mut other_version = billing_request("m1", "install");
+    other_version["version"] = json!("1.3.0");
+    for body in [
+        billing_request("m1", "update"),
+        other_version,
+        billing_request("m2", "install"),
+    ] {
+        let (status, answer) = agent_post(&server, "/api/plugins/requests", &body).await;
+        assert_eq!(status, 201, "{body}: {answer}");
+    }
+    assert_eq!(listed_copies(&server, "m1", "install").await.len(), 1);
+
+    // Rejected, then approved: each time the same request afterwards is a new one.
+    let (status, _) = admin_post(
+        &server,
+        &format!("/api/plugins/requests/{}/reject", first["id"]),
+        ADMIN,
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, second) = agent_post(
+        &server,
+        "/api/plugins/requests",
+        &billing_request("m1", "install"),
+    )
+    .await;
+    assert_eq!(status, 201, "{second}");
+    assert_ne!(second["id"], first["id"]);
+    let (status, _) = admin_post(
+        &server,
+        &format!("/api/plugins/requests/{}/approve", second["id"]),
+        ADMIN,
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, third) = agent_post(
+        &server,
+        "/api/plugins/requests",
+        &billing_request("m1", "install"),
+    )
+    .await;
+    assert_eq!(status, 201, "{third}");
+    let (status, repeated) = agent_post(
+        &server,
+        "/api/plugins/requests",
+        &billing_request("m1", "install"),
+    )
+    .await;
+    assert_eq!((status, &repeated["id"]), (200, &third["id"]), "{repeated}");
+    let statuses: Vec<Value> = listed_copies(&server, "m1", "install")
+        .await
+        .iter()
+        .map(|r| r["status"].clone())
+        .collect();
+    assert_eq!(
+        statuses,
+        [json!("pending"), json!("approved"), json!("rejected")]
+    );
+    server.stop().await;
+}
+
+/// Identical requests that arrive together make one row: one is recorded (201), every other
+/// one is answered with it (200).
+async fn concurrent_identical_plugin_requests_make_one_row(t: TestStore) {
+    let server = TestServer::start(t.store.clone()).await;
+    let body = billing_request("m1", "install");
+    let answers = futures_util::future::join_all(
+        (0..8).map(|_| agent_post(&server, "/api/plugins/requests", &body)),
+    )
+    .await;
+    let created = answers.iter().filter(|(status, _)| *status == 201).count();
+    assert_eq!(created, 1, "{answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|(status, answer)| matches!(status, 200 | 201)
+                && answer["id"] == answers[0].1["id"]),
+        "{answers:?}"
+    );
+    assert_eq!(listed_copies(&server, "m1", "install").await.len(), 1);
+    server.stop().await;
+}
+
+/// An admin turns a request down, saying why; the reason is shown with the request, and a
+/// request already decided cannot be rejected.
+async fn plugin_requests_are_rejected_with_a_reason(t: TestStore) {
+    let server = TestServer::start(t.store.clone()).await;
+    admin_post(
+        &server,
+        "/api/plugins/releases",
+        ADMIN,
+        &json!({"name": "billing-export", "version": "1.2.0"}),
+    )
+    .await;
+    let (_, turned_down) = agent_post(
+        &server,
+        "/api/plugins/requests",
+        &billing_request("m1", "install"),
+    )
+    .await;
+    let reject = |r: &Value| format!("/api/plugins/requests/{}/reject", r["id"]);
+    let reason = json!({"reason": "billing-export needs a licence on this instance"});
+    for token in [SUPPORT, OPS] {
+        let (status, _) = admin_post(&server, &reject(&turned_down), token, &reason).await;
+        assert_eq!(status, 403);
+    }
+
+    // Bodies the handler refuses, naming the field, and the documented schema refuses too.
+    let (_, spec) = server.get_json("/openapi.json", SUPPORT).await;
+    let documented = request_schema(&spec, "/api/plugins/requests/{id}/reject");
+    for (body, field) in [
+        (json!({"reason": 5}), "reason"),
+        (json!({"reason": "r".repeat(501)}), "reason"),
+        (json!({"reason": "ä".repeat(501)}), "reason"),
+        (json!({"reason": "bell\u{7}"}), "reason"),
+        (json!({"why": "no"}), "why"),
+    ] {
+        let (status, error) = admin_post(&server, &reject(&turned_down), ADMIN, &body).await;
+        assert_eq!((status, code(&error)), (422, "invalid"), "{body}: {error}");
+        assert_eq!(error["error"]["details"][0]["path"], field, "{error}");
+        assert!(!documented.is_valid(&body), "documented as valid: {body}");
+    }
+    assert!(documented.is_valid(&json!({"reason": "ä".repeat(500)})));
+    assert!(documented.is_valid(&json!({"reason": null})));
+
+    let (status, rejected) = admin_post(&server, &reject(&turned_down), ADMIN, &reason).await;
+    assert_eq!(status, 200, "{rejected}");
+    assert_eq!(rejected["id"], turned_down["id"]);
+    assert_eq!(rejected["status"], "rejected");
+    assert_eq!(rejected["rejection_reason"], reason["reason"]);
+    assert!(rejected["decided_at"].is_i64(), "{rejected}");
+    assert_eq!(rejected["job_id"], Value::Null);
+
+    // Decided already: 409 saying how; nothing changes.
+    let (status, error) = admin_post(&server, &reject(&turned_down), ADMIN, &json!({})).await;
+    assert_eq!((status, code(&error)), (409, "conflict"), "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("already rejected")),
+        "{error}"
+    );
+    let (status, _) = admin_post(
+        &server,
+        &format!("/api/plugins/requests/{}/approve", turned_down["id"]),
+        ADMIN,
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 409, "a rejected request is not approved");
+    let (_, approved) = agent_post(
+        &server,
+        "/api/plugins/requests",
+        &billing_request("m2", "install"),
+    )
+    .await;
+    admin_post(
+        &server,
+        &format!("/api/plugins/requests/{}/approve", approved["id"]),
+        ADMIN,
+        &json!({}),
+    )
+    .await;
+    let (status, error) = admin_post(&server, &reject(&approved), ADMIN, &reason).await;
+    assert_eq!((status, code(&error)), (409, "conflict"), "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("already approved")),
+        "{error}"
+    );
+    for unknown in ["999999", "abc"] {
+        let path = format!("/api/plugins/requests/{unknown}/reject");
+        assert_eq!(admin_post(&server, &path, ADMIN, &json!({})).await.0, 404);
+    }
+
+    // No body, or a blank reason: rejected without one.
+    let (_, quiet) = agent_post(
+        &server,
+        "/api/plugins/requests",
+        &billing_request("m3", "install"),
+    )
+    .await;
+    let (status, answer) = post_empty(&server, &reject(&quiet), ADMIN).await;
+    assert_eq!(
+        (status, &answer["rejection_reason"]),
+        (200, &Value::Null),
+        "{answer}"
+    );
+    let (_, blank) = agent_post(
+        &server,
+        "/api/plugins/requests",
+        &billing_request("m4", "install"),
+    )
+    .await;
+    let (status, answer) =
+        admin_post(&server, &reject(&blank), ADMIN, &json!({"reason": "  \n"})).await;
+    assert_eq!(
+        (status, &answer["rejection_reason"]),
+        (200, &Value::Null),
+        "{answer}"
+    );
+
+    let listed = listed_copies(&server, "m1", "install").await;
+    assert_eq!(
+        listed[0]["rejection_reason"], reason["reason"],
+        "{listed:?}"
+    );
+    let (_, html) = page(&server, "/plugins", SUPPORT).await;
+    assert!(
+        html.contains("rejected</span>: billing-export needs a licence on this instance"),
+        "{html}"
+    );
+    server.stop().await;
+}
+
+/// The migrations of `backend` (`sqlite`, `postgres`) whose file names sort before `first_new`,
+/// copied to a folder: the schema of a control plane from before that migration.
+fn migrations_before(backend: &str, first_new: &str) -> TempDir {
+    let dir = TempDir::new();
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(backend);
+    for entry in std::fs::read_dir(&source).expect("migrations") {
+        let name = entry.expect("entry").file_name();
+        if name.to_string_lossy().as_ref() < first_new {
+            std::fs::copy(source.join(&name), dir.0.join(&name)).expect("copy");
+        }
+    }
+    dir
+}
+
+/// Plugin requests as a control plane that stored copies left them (the instance's reason
+/// names each row): three copies of one pending request, the same plugin with another
+/// action, an approved one, and another instance's.
+const REQUESTS_WITH_COPIES: &str = "INSERT INTO plugin_requests \
+    (instance_id, name, version, action, reason, status, created_at) VALUES \
+    ('m1', 'billing-export', '1.2.0', 'install', 'first', 'pending', 100), \
+    ('m1', 'billing-export', '1.2.0', 'install', 'copy', 'pending', 101), \
+    ('m1', 'billing-export', '1.2.0', 'install', 'second copy', 'pending', 102), \
+    ('m1', 'billing-export', '1.2.0', 'update', 'update', 'pending', 103), \
+    ('m1', 'billing-export', '1.2.0', 'install', 'approved', 'approved', 104), \
+    ('m2', 'billing-export', '1.2.0', 'install', 'other instance', 'pending', 105);";
+
+/// After the upgrade of [`REQUESTS_WITH_COPIES`]: the oldest of the copies is still pending,
+/// the later ones are rejected naming it, the rest is untouched, and asking again answers the
+/// oldest.
+async fn copies_are_closed_by_the_upgrade(store: &dyn Store) {
+    let listed = store.list_plugin_requests(100).await.expect("list");
+    let row = |reason: &str| {
+        listed
+            .iter()
+            .find(|r| r.reason.as_deref() == Some(reason))
+            .unwrap_or_else(|| panic!("{reason} not listed: {listed:#?}"))
+    };
+    let first = row("first");
+    assert_eq!(first.status, "pending");
+    for copy in ["copy", "second copy"] {
+        let closed = row(copy);
+        assert_eq!(closed.status, "rejected", "{closed:?}");
+        assert_eq!(
+            closed.rejection_reason.as_deref(),
+            Some(format!("a copy of request {}, which was already pending", first.id).as_str())
+        );
+        assert!(closed.decided_at.is_some(), "{closed:?}");
+    }
+    for (reason, status) in [
+        ("first", "pending"),
+        ("update", "pending"),
+        ("approved", "approved"),
+        ("other instance", "pending"),
+    ] {
+        assert_eq!(row(reason).status, status);
+        assert_eq!(row(reason).rejection_reason, None);
+    }
+    let again = store
+        .create_plugin_request(
+            &PluginRequest {
+                instance_id: "m1".into(),
+                name: "billing-export".into(),
+                version: "1.2.0".into(),
+                action: PluginAction::Install,
+                reason: None,
+            },
+            200,
+        )
+        .await
+        .expect("request");
+    assert!(
+        matches!(&again, RecordedPluginRequest::AlreadyPending(r) if r.id == first.id),
+        "{again:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_closes_plugin_request_copies_stored_before_the_upgrade() {
+    let old = migrations_before("sqlite", "0009");
+    let dir = TempDir::new();
+    let url = format!("sqlite://{}?mode=rwc", dir.0.join("fleet.db").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.expect("connect");
+    sqlx::migrate::Migrator::new(old.0.as_path())
+        .await
+        .expect("old migrations")
+        .run(&pool)
+        .await
+        .expect("old schema");
+    sqlx::raw_sql(REQUESTS_WITH_COPIES)
+        .execute(&pool)
+        .await
+        .expect("copies");
+    pool.close().await;
+    let store = fleet_server::store::open(&url).await.expect("upgrade");
+    copies_are_closed_by_the_upgrade(&*store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_closes_plugin_request_copies_stored_before_the_upgrade() {
+    let old = migrations_before("postgres", "0010");
+    let url = crate::support::postgres_url();
+    let schema = format!("fleet_server_it_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(&url).await.expect("connect");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await
+        .expect("create schema");
+    admin.close().await;
+    let options = crate::support::schema_options(&url, &schema);
+    let pool = sqlx::PgPool::connect_with(options.clone())
+        .await
+        .expect("connect to the schema");
+    sqlx::migrate::Migrator::new(old.0.as_path())
+        .await
+        .expect("old migrations")
+        .run(&pool)
+        .await
+        .expect("old schema");
+    sqlx::raw_sql(REQUESTS_WITH_COPIES)
+        .execute(&pool)
+        .await
+        .expect("copies");
+    pool.close().await;
+    let store = fleet_server::PostgresStore::connect_with(options)
+        .await
+        .expect("upgrade");
+    copies_are_closed_by_the_upgrade(&store).await;
+    drop(store);
+    crate::support::drop_schema(Some(schema)).await;
+}
+
 on_both_backends!(
+    a_repeated_plugin_request_is_answered_with_the_pending_one,
+    concurrent_identical_plugin_requests_make_one_row,
+    plugin_requests_are_rejected_with_a_reason,
     plugin_releases_requests_approval_and_rollouts,
     restores_schedule_verify_and_alert_on_failure,
     plugin_release_bodies_are_refused_as_documented,

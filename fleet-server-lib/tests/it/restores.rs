@@ -420,7 +420,138 @@ async fn a_long_plugin_request_reason_is_shown_folded(t: TestStore) {
     server.stop().await;
 }
 
+/// An operator cancels a verification, scheduled or handed out: no agent is handed it, a
+/// late report is refused, the installation is scheduled again at once, the installation
+/// shows it, and no alert is raised. One that ended cannot be cancelled.
+async fn a_cancelled_verification_is_not_run_and_can_be_scheduled_again(t: TestStore) {
+    let server = TestServer::start(t.store.clone()).await;
+    report_backup(&server, "waiting", "b-1").await;
+    report_backup(&server, "running", "b-2").await;
+    let (_, first) = admin_post(&server, "/api/restores/schedule", OPS, &json!({})).await;
+    assert_eq!(first["scheduled"], 2, "{first}");
+    let id_of = |instance: &str| {
+        first["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .find(|r| r["instance_id"] == instance)
+            .map(|r| r["id"].to_string())
+            .unwrap_or_else(|| panic!("{instance} not scheduled: {first}"))
+    };
+    let (waiting, running) = (id_of("waiting"), id_of("running"));
+    let (status, job) = agent_post(
+        &server,
+        "/api/restores/next",
+        &json!({"instance_id": "running"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{job}");
+    let cancel = |id: &str| format!("/api/restores/{id}/cancel");
+
+    let (status, _) = admin_post(&server, &cancel(&waiting), SUPPORT, &json!({})).await;
+    assert_eq!(status, 403, "support only reads");
+    let (status, cancelled) = admin_post(&server, &cancel(&waiting), OPS, &json!({})).await;
+    assert_eq!(status, 200, "{cancelled}");
+    assert_eq!(cancelled["status"], "cancelled");
+    assert_eq!(cancelled["error"], "cancelled by ops");
+    assert!(cancelled["finished_at"].is_i64(), "{cancelled}");
+    let (status, _) = agent_post(
+        &server,
+        "/api/restores/next",
+        &json!({"instance_id": "waiting"}),
+    )
+    .await;
+    assert_eq!(status, 204, "a cancelled verification is not handed out");
+
+    let (status, cancelled) = admin_post(&server, &cancel(&running), ADMIN, &json!({})).await;
+    assert_eq!(
+        (status, &cancelled["status"]),
+        (200, &json!("cancelled")),
+        "{cancelled}"
+    );
+    let (status, late) = agent_post(
+        &server,
+        "/api/restores/report",
+        &json!({"instance_id": "running", "restore_id": job["restore_id"], "status": "verified"}),
+    )
+    .await;
+    assert_eq!((status, code(&late)), (409, "conflict"), "{late}");
+    assert!(
+        late["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("was cancelled")),
+        "{late}"
+    );
+
+    // Ended: 409, whether cancelled or verified; unknown: 404.
+    let (status, error) = admin_post(&server, &cancel(&waiting), OPS, &json!({})).await;
+    assert_eq!((status, code(&error)), (409, "conflict"), "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("already ended cancelled")),
+        "{error}"
+    );
+    for unknown in ["999999", "abc"] {
+        assert_eq!(
+            admin_post(&server, &cancel(unknown), OPS, &json!({}))
+                .await
+                .0,
+            404
+        );
+    }
+
+    let (_, again) = admin_post(&server, "/api/restores/schedule", OPS, &json!({})).await;
+    assert_eq!(again["scheduled"], 2, "both are due again at once: {again}");
+    let verified = run_verification(&server, "waiting", json!({"status": "verified"})).await;
+    let (status, error) = admin_post(&server, &cancel(&verified), OPS, &json!({})).await;
+    assert_eq!(status, 409, "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("already ended verified")),
+        "{error}"
+    );
+
+    let (_, detail) = server
+        .get_documented("/api/installations/running", SUPPORT)
+        .await;
+    let shown: Vec<(&Value, &Value)> = detail["restores"]
+        .as_array()
+        .expect("restores")
+        .iter()
+        .map(|r| (&r["status"], &r["reason"]))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (&json!("scheduled"), &Value::Null),
+            (&json!("cancelled"), &json!("cancelled by admin"))
+        ]
+    );
+    let (_, html) = page(&server, "/installations/waiting", SUPPORT).await;
+    let section = html
+        .split("<h2>Restore verifications</h2>")
+        .nth(1)
+        .expect("a restore section");
+    assert!(
+        section.contains("cancelled</span>") && section.contains("cancelled by ops"),
+        "{section}"
+    );
+    let (_, alerts) = server.get_json("/api/alerts", SUPPORT).await;
+    assert!(
+        alerts["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .all(|a| a["kind"] != "restore_failed"),
+        "a cancel raises no alert: {alerts}"
+    );
+    server.stop().await;
+}
+
 on_both_backends!(
+    a_cancelled_verification_is_not_run_and_can_be_scheduled_again,
     an_installation_shows_its_newest_restore_verifications,
     the_failure_reason_shows_on_the_restores_page_and_in_the_alert,
     stuck_restores_time_out_and_can_be_scheduled_again,

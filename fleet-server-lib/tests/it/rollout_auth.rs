@@ -127,6 +127,12 @@ pub const MATRIX: &[(&str, &str, &str, [u16; 4])] = &[
     ),
     (
         "POST",
+        "/api/plugins/requests/{id}/reject",
+        "/api/plugins/requests/999999/reject",
+        [401, 403, 403, 404],
+    ),
+    (
+        "POST",
         "/api/plugins/rollouts",
         "/api/plugins/rollouts",
         [401, 403, 403, 422],
@@ -143,6 +149,12 @@ pub const MATRIX: &[(&str, &str, &str, [u16; 4])] = &[
         "/api/restores/schedule",
         "/api/restores/schedule",
         [401, 403, 201, 201],
+    ),
+    (
+        "POST",
+        "/api/restores/{id}/cancel",
+        "/api/restores/999999/cancel",
+        [401, 403, 404, 404],
     ),
     (
         "GET",

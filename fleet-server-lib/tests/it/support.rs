@@ -107,7 +107,7 @@ pub async fn postgres_at(url: String) -> TestStore {
 }
 
 /// Connect options for `url` that keep every table in `schema`.
-fn schema_options(url: &str, schema: &str) -> sqlx::postgres::PgConnectOptions {
+pub fn schema_options(url: &str, schema: &str) -> sqlx::postgres::PgConnectOptions {
     sqlx::postgres::PgConnectOptions::from_str(url)
         .expect("postgres url")
         .options([("search_path", schema)])
@@ -282,6 +282,16 @@ impl TestServer {
             request = request.header(name, value);
         }
         request.send().await.expect("send")
+    }
+
+    /// Makes `instance` an installation the control plane knows (a heartbeat signed with the
+    /// shared token), as an agent that reported once and went away would be.
+    pub async fn seen(&self, instance: &str) {
+        let msg_id = format!("seen-{instance}");
+        let answer = self
+            .send_v1(SHARED, &msg_id, now(), &body(instance, json!({})))
+            .await;
+        assert_eq!(answer.status().as_u16(), 200, "heartbeat of {instance}");
     }
 
     /// Sends `body` signed with v0 under `secret`.

@@ -2,7 +2,7 @@
 //! on SQLite keeps every acknowledged one; on the live channel, a server killed while a
 //! 50 MB output streams loses nothing and stores no chunk twice; two replicas on one
 //! PostgreSQL route a command to an agent connected to the other one (LISTEN/NOTIFY), and
-//! either serves its logs.
+//! either serves its logs, and so is the news that a job waits for it (`jobs_waiting`).
 
 use std::process::Stdio;
 use std::str::FromStr;
@@ -390,6 +390,97 @@ async fn sqlite_keeps_every_acknowledged_heartbeat_through_a_kill() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Waits until `/metrics` at `base` counts an answer to `POST path` that handed out no job:
+/// the agent's poller asked once and now waits out its interval.
+async fn wait_polled(client: &reqwest::Client, base: &str, path: &str) {
+    let route = format!("route=\"{path}\"");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .unwrap_or_default();
+        if metrics
+            .lines()
+            .any(|line| line.contains(&route) && line.contains("status=\"204\""))
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the agent never polled {path}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Publishes a plugin release at `base`, requests it as the agent (signed with its secret)
+/// and approves the request; returns the request's id.
+async fn approve_plugin_request(client: &reqwest::Client, base: &str) -> Value {
+    let admin = |path: &str, body: Value| {
+        client
+            .post(format!("{base}{path}"))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+    };
+    let published = admin(
+        "/api/plugins/releases",
+        json!({"name": "billing-export", "version": "1.2.0"}),
+    )
+    .await
+    .expect("publish");
+    assert_eq!(published.status().as_u16(), 201);
+    let body = serde_json::to_vec(&json!({"instance_id": INSTANCE, "name": "billing-export",
+        "version": "1.2.0", "action": "install"}))
+    .expect("json");
+    let signer = fleet_core::Signer::new(Secret::new(SECRET).expect("secret"));
+    let msg_id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+    let mut request = client
+        .post(format!("{base}/api/plugins/requests"))
+        .header("content-type", "application/json")
+        .body(body.clone());
+    for (name, value) in signer
+        .headers(&msg_id, fleet_core::unix_now(), &body)
+        .pairs()
+    {
+        request = request.header(name, value);
+    }
+    let response = request.send().await.expect("request");
+    assert_eq!(response.status().as_u16(), 201);
+    let created: Value = response.json().await.expect("json");
+    let approved = admin(
+        &format!("/api/plugins/requests/{}/approve", created["id"]),
+        json!({}),
+    )
+    .await
+    .expect("approve");
+    assert_eq!(approved.status().as_u16(), 200);
+    created["id"].clone()
+}
+
+/// The status of the job of plugin request `id`.
+async fn plugin_job_status(client: &reqwest::Client, base: &str, id: &Value) -> String {
+    let requests: Value = client
+        .get(format!("{base}/api/plugins/requests"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("requests")
+        .json()
+        .await
+        .expect("json");
+    requests["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| &r["id"] == id)
+        .and_then(|r| r["job_status"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_route_commands_through_postgres() {
     let url = match std::env::var("FLEET_TEST_POSTGRES_URL") {
@@ -435,6 +526,23 @@ async fn two_replicas_route_commands_through_postgres() {
     let expected = b"routed through LISTEN/NOTIFY\n".to_vec();
     assert_eq!(stdout_of(&client, &base_a, &id).await, expected);
     assert_eq!(stdout_of(&client, &base_b, &id).await, expected);
+
+    // A plugin job approved on replica A reaches the agent's plugin poller (10 minutes
+    // between polls) within seconds: A tells B, which holds the socket.
+    wait_polled(&client, &base_b, "/api/plugins/next").await;
+    let job = approve_plugin_request(&client, &base_a).await;
+    let started = Instant::now();
+    loop {
+        let status = plugin_job_status(&client, &base_a, &job).await;
+        if status != "pending" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the approved plugin job is still pending: the agent on replica B was not told"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let _ = agent.stop.send(());
     let _ = agent.task.await;

@@ -236,6 +236,35 @@ async fn release_rollout_plugin_and_restore_commands() {
         .await;
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("approved: job"), "{}", stdout(&out));
+    let (status, unwanted) = f
+        .agent(
+            "/api/plugins/requests",
+            json!({"instance_id": "i2", "name": "billing-export", "version": "1.2.0"}),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let out = f
+        .ctl(&[
+            "plugin",
+            "reject",
+            &unwanted["id"].to_string(),
+            "--reason",
+            "not licensed here",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out)
+            .contains("rejected: i2 will not install billing-export 1.2.0 (not licensed here)"),
+        "{}",
+        stdout(&out)
+    );
+    let out = f.ctl(&["plugin", "requests"]).await;
+    assert!(
+        stdout(&out).contains("not licensed here"),
+        "{}",
+        stdout(&out)
+    );
     let out = f
         .ctl(&[
             "plugin",
@@ -258,5 +287,35 @@ async fn release_rollout_plugin_and_restore_commands() {
     let out = f.ctl(&["restore", "list", "--json"]).await;
     let restores: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(restores["items"].as_array().map(Vec::len), Some(1));
+
+    // Once i1 reports a backup it is scheduled; an operator cancels that verification.
+    let (status, _) = f
+        .agent(
+            "/api/heartbeats",
+            json!({"instance_id": "i1", "db_ok": true, "redis_ok": true, "storage_ok": true,
+                   "jobs_failed": 0, "backup_id": "b-1", "backup_checksum": "sha256:b-1"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let out = f.ctl(&["restore", "schedule", "--json"]).await;
+    let done: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let scheduled = done["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["status"] == "scheduled")
+        .unwrap_or_else(|| panic!("nothing scheduled: {done}"))["id"]
+        .to_string();
+    let out = f.ctl(&["restore", "cancel", &scheduled]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!(
+            "restore verification {scheduled} of i1 in staging cancelled"
+        )),
+        "{}",
+        stdout(&out)
+    );
+    let out = f.ctl(&["restore", "cancel", &scheduled]).await;
+    assert!(stderr(&out).contains("HTTP 409"), "{}", stderr(&out));
     let _ = std::fs::remove_dir_all(&f.dir);
 }

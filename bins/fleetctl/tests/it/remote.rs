@@ -36,7 +36,10 @@ async fn start_server_with(
         .await
         .expect("store");
     let secrets = fleet_core::SecretResolver::from_config(
-        Some(&serde_json::json!({ INSTANCE: SECRET }).to_string()),
+        // `shop-offline` is listed but never connects: an agent that is down.
+        Some(
+            &serde_json::json!({ INSTANCE: SECRET, "shop-offline": "offline-secret" }).to_string(),
+        ),
         None,
     )
     .expect("secrets");
