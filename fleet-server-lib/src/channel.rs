@@ -303,11 +303,7 @@ impl Live {
             return false;
         };
         if conn.reads_jobs_waiting {
-            let frame = text(&Frame::JobsWaiting {
-                id: uuid::Uuid::new_v4().to_string(),
-                pipelines: vec![pipeline],
-            });
-            let sent = conn.tx.try_send(frame).is_ok();
+            let sent = conn.tx.try_send(jobs_waiting_frame(vec![pipeline])).is_ok();
             tracing::debug!(
                 %instance_id,
                 pipeline = pipeline.as_str(),
@@ -433,6 +429,11 @@ async fn session(state: Shared, instance_id: String, reads_jobs_waiting: bool, s
         old.kick.notify_one();
     }
     state.live.deliver_pending(commands, &instance_id).await;
+    if reads_jobs_waiting {
+        // Registered above first, so a job made available from here on is announced to this
+        // socket; this covers the ones announced while it was down.
+        tell_of_waiting_jobs(state.store.as_ref(), &instance_id, &tx).await;
+    }
     let mut owners = HashMap::new();
     'session: loop {
         let next = tokio::select! {
@@ -497,6 +498,33 @@ async fn session(state: Shared, instance_id: String, reads_jobs_waiting: bool, s
     drop(tx);
     let _ = writer.await;
     tracing::info!(%instance_id, "agent disconnected");
+}
+
+/// Sends one `jobs_waiting` frame naming the pipelines in which the agent that just
+/// connected has jobs waiting, if it has any. Announcements made while its socket was down
+/// reached nobody, and an agent does not poll when it reconnects, so without this those
+/// jobs would wait for its next regular poll. A store that cannot answer only leaves them
+/// to that poll.
+async fn tell_of_waiting_jobs(store: &dyn Store, instance_id: &str, tx: &mpsc::Sender<Message>) {
+    match store.waiting_pipelines(instance_id).await {
+        Ok(pipelines) if pipelines.is_empty() => {}
+        Ok(pipelines) => {
+            tracing::debug!(%instance_id, ?pipelines, "told the connected agent jobs are waiting");
+            let _ = tx.send(jobs_waiting_frame(pipelines)).await;
+        }
+        Err(err) => tracing::warn!(
+            %instance_id,
+            error = %err,
+            "cannot look for jobs waiting for a connected agent; its poll will find them"
+        ),
+    }
+}
+
+fn jobs_waiting_frame(pipelines: Vec<Pipeline>) -> Message {
+    text(&Frame::JobsWaiting {
+        id: uuid::Uuid::new_v4().to_string(),
+        pipelines,
+    })
 }
 
 /// The one task that writes to a socket: frames from the queue, and a ping every 30 s.

@@ -292,8 +292,9 @@ pub(crate) async fn installation(
     layout(&detail.summary.instance_id, Some(role), &body).into_response()
 }
 
-/// The installation's newest restore verifications, with why those that did not verify.
-fn restores_section(restores: &[RestoreSummary], now: i64) -> String {
+/// The installation's newest restore verifications, with why those that did not verify, and
+/// a Cancel form on those still open for the roles that may cancel them (ops and admin).
+fn restores_section(restores: &[RestoreSummary], role: Role, now: i64) -> String {
     let mut b = String::from(
         "<section><h2>Restore verifications</h2><table id=restores><thead><tr><th>Scheduled</th>\
          <th>Environment</th><th>Backup</th><th>Status</th><th>Finished</th><th>Reason</th>\
@@ -302,11 +303,12 @@ fn restores_section(restores: &[RestoreSummary], now: i64) -> String {
     for r in restores {
         let _ = write!(
             b,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}{}</td><td>{}</td><td>{}</td></tr>",
             ago(Some(r.created_at), now),
             esc(&r.environment),
             opt(&r.backup_id),
             crate::rollout_pages::status(&r.status),
+            restore_cancel_form(r, role),
             r.finished_at
                 .map(|at| ago(Some(at), now))
                 .unwrap_or_else(|| "–".into()),
@@ -321,6 +323,19 @@ fn restores_section(restores: &[RestoreSummary], now: i64) -> String {
     }
     b.push_str("</tbody></table><p class=muted><a href=\"/restores\">All restore verifications</a></p></section>");
     b
+}
+
+/// The Cancel form of a verification no agent has reported on yet (`scheduled`, or
+/// `in_progress` once handed out), for ops and admin; empty otherwise.
+fn restore_cancel_form(r: &RestoreSummary, role: Role) -> String {
+    if role < Role::Ops || !matches!(r.status.as_str(), "scheduled" | "in_progress") {
+        return String::new();
+    }
+    format!(
+        " <form method=post action=\"/restores/{}/cancel\" class=cancel-restore style=\"display:inline\">\
+         <button>Cancel</button></form>",
+        r.id
+    )
 }
 
 fn detail_body(
@@ -393,7 +408,7 @@ fn detail_body(
         b.push_str("<tr><td colspan=5 class=muted>None recorded.</td></tr>");
     }
     b.push_str("</tbody></table></section>");
-    b.push_str(&restores_section(restores, now));
+    b.push_str(&restores_section(restores, role, now));
     let raw = serde_json::to_string_pretty(&d.state).unwrap_or_default();
     let _ = write!(
         b,

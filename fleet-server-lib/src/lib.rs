@@ -391,7 +391,12 @@ fn routes(state: Shared) -> Router {
         .route("/rollouts/{id}", get(rollout_pages::rollout))
         .route("/rollouts/{id}/{action}", post(rollout_pages::act))
         .route("/plugins", get(rollout_pages::plugins))
+        .route(
+            "/plugins/requests/{id}/reject",
+            post(rollout_pages::reject_request),
+        )
         .route("/restores", get(rollout_pages::restores))
+        .route("/restores/{id}/cancel", post(rollout_pages::cancel_restore))
         .route("/commands", get(command_pages::commands))
         .route("/commands/{id}", get(command_pages::command))
         .route("/commands/{id}/cancel", post(command_pages::cancel))

@@ -225,6 +225,10 @@ fn request_body(method: &str, path: &str) -> Option<(&'static str, Value)> {
         ("post", "/v1/agents/poll") => json(crate::poll::poll_schema()),
         ("post", "/v1/commands/submit") => json(command::SubmitCommand::json_schema()),
         ("post", "/v1/commands/logs") => json(command::LogBatch::json_schema()),
+        ("post", "/plugins/requests/{id}/reject") => Some((
+            "application/x-www-form-urlencoded",
+            crate::plugins::rejection_form_schema(),
+        )),
         ("post", "/login") => Some((
             "application/x-www-form-urlencoded",
             fleet_core::schema::object(&["token"], &[("token", json!({ "type": "string" }))]),

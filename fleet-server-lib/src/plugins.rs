@@ -28,7 +28,7 @@ pub const CONTROL_PLANE_VERSION: &str = env!("CARGO_PKG_VERSION");
 const MAX_COMPATIBLE: usize = 50;
 /// Longest reason an admin may give for rejecting a plugin request, in characters (as the
 /// schema's `maxLength` counts them).
-const MAX_REJECTION_REASON_CHARS: usize = 500;
+pub(crate) const MAX_REJECTION_REASON_CHARS: usize = 500;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -241,21 +241,25 @@ pub(crate) fn rejection_schema() -> serde_json::Value {
     schema
 }
 
-/// `POST /api/plugins/requests/:id/reject` (admin): `{reason}` (optional) is kept and shown
-/// with the request; 409 when it was already approved or rejected.
-pub(crate) async fn reject(
-    _: Admin,
-    State(state): State<Shared>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Result<Response> {
-    let id = path_id(&id)?;
-    let rejection: Rejection = if body.iter().all(u8::is_ascii_whitespace) {
-        Rejection::default()
-    } else {
-        parse_body(&body, &state.settings.limits)?
-    };
-    if let Some(reason) = &rejection.reason {
+/// JSON Schema of the dashboard's Reject form (`POST /plugins/requests/{id}/reject`): the
+/// reason as in [`rejection_schema`], but never null, which a form cannot say.
+pub(crate) fn rejection_form_schema() -> serde_json::Value {
+    let mut schema = fleet_core::schema::object(
+        &[],
+        &[(
+            "reason",
+            fleet_core::schema::plain_text(MAX_REJECTION_REASON_CHARS),
+        )],
+    );
+    schema["additionalProperties"] = serde_json::json!(false);
+    schema
+}
+
+/// A rejection's reason as the API and the dashboard's Reject form take it: at most
+/// [`MAX_REJECTION_REASON_CHARS`] characters of plain text (422 otherwise), trimmed; a blank
+/// one says nothing and is stored as none.
+pub(crate) fn rejection_reason(reason: Option<&str>) -> Result<Option<&str>> {
+    if let Some(reason) = reason {
         let mut errors = ValidationErrors::default();
         let at = fleet_core::validate::Path::Root.field("reason");
         if reason.chars().count() > MAX_REJECTION_REASON_CHARS {
@@ -271,12 +275,24 @@ pub(crate) async fn reject(
             return Err(Error::Invalid(errors));
         }
     }
-    // A blank reason says nothing: stored as none.
-    let reason = rejection
-        .reason
-        .as_deref()
-        .map(str::trim)
-        .filter(|r| !r.is_empty());
+    Ok(reason.map(str::trim).filter(|r| !r.is_empty()))
+}
+
+/// `POST /api/plugins/requests/:id/reject` (admin): `{reason}` (optional) is kept and shown
+/// with the request; 409 when it was already approved or rejected.
+pub(crate) async fn reject(
+    _: Admin,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response> {
+    let id = path_id(&id)?;
+    let rejection: Rejection = if body.iter().all(u8::is_ascii_whitespace) {
+        Rejection::default()
+    } else {
+        parse_body(&body, &state.settings.limits)?
+    };
+    let reason = rejection_reason(rejection.reason.as_deref())?;
     let record = state
         .store
         .reject_plugin_request(id, reason, fleet_core::unix_now())

@@ -12,7 +12,7 @@ use fleet_core::plugin::NextJobRequest;
 use fleet_core::restore::RestoreReport;
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{Authed, Ops, Support};
+use crate::auth::{Authed, Ops, Role, Support};
 use crate::rollouts::{parse_body, path_id};
 use crate::store::rollouts::{NotScheduled, Restore, RestoreSchedule};
 use crate::update_jobs::signed;
@@ -391,15 +391,21 @@ pub(crate) async fn cancel(
     State(state): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let restore = state
+    let restore = cancel_as(&state, role, &id).await?;
+    Ok(Json(restore).into_response())
+}
+
+/// Cancels verification `id` (its path text) for `role`, which the verification's error
+/// names; shared by the API and the dashboard's Cancel form.
+pub(crate) async fn cancel_as(state: &Shared, role: Role, id: &str) -> Result<Restore> {
+    state
         .store
         .cancel_restore(
-            path_id(&id)?,
+            path_id(id)?,
             &format!("cancelled by {}", role.as_str()),
             fleet_core::unix_now(),
         )
-        .await?;
-    Ok(Json(restore).into_response())
+        .await
 }
 
 /// `POST /api/restores/next` (agent): `{restore_id, environment, backup_id?}` or 204.

@@ -329,11 +329,37 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         &[(200, "HTML")],
     ),
     r(
+        "post",
+        "/plugins/requests/{id}/reject",
+        Role("admin"),
+        "Dashboard form: reject a pending plugin request, as POST /api/plugins/requests/{id}/reject; the form field reason is optional.",
+        &[
+            (303, "Back to the plugins"),
+            (404, "Unknown request"),
+            (409, "Already approved or rejected"),
+            (422, "Not a form, or an invalid reason"),
+        ],
+    ),
+    r(
         "get",
         "/restores",
         Role("support"),
         "Dashboard: restore verifications with why those that did not verify (HTML).",
         &[(200, "HTML")],
+    ),
+    r(
+        "post",
+        "/restores/{id}/cancel",
+        Role("ops"),
+        "Dashboard form: cancel a scheduled or handed-out verification, as POST /api/restores/{id}/cancel.",
+        &[
+            (303, "Back to the installation"),
+            (404, "Unknown verification"),
+            (
+                409,
+                "Already ended (verified, failed, skipped, timed out or cancelled)",
+            ),
+        ],
     ),
 ];
 

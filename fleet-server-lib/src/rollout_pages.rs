@@ -4,11 +4,15 @@
 
 use std::fmt::Write;
 
+use axum::Form;
+use axum::extract::rejection::FormRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
+use fleet_core::ValidationErrors;
+use serde::Deserialize;
 
-use crate::auth::{Role, Viewer};
+use crate::auth::{Role, Viewer, percent_encode};
 use crate::dashboard::{LONG_CELL_CHARS, esc, format_time, layout, long_text};
 use crate::rollouts::BatchCounts;
 use crate::store::rollouts::{RolloutAction, RolloutDetail};
@@ -293,15 +297,26 @@ pub(crate) async fn act(
         .await
     {
         Ok(_) => Ok(Redirect::to(&format!("/rollouts/{id_num}")).into_response()),
-        Err(Error::Conflict(reason)) => {
-            let body = format!(
-                "<h1>Not now</h1><p class=bad>{}</p><p><a href=\"/rollouts/{id_num}\">Back to the rollout</a></p>",
-                esc(&reason)
-            );
-            Ok((StatusCode::CONFLICT, layout("Not now", Some(role), &body)).into_response())
-        }
+        Err(Error::Conflict(reason)) => Ok(refused_page(
+            role,
+            &reason,
+            &format!("/rollouts/{id_num}"),
+            "Back to the rollout",
+        )),
         Err(other) => Err(other),
     }
+}
+
+/// The 409 page of a dashboard form the object's state refuses (a rollout that cannot
+/// advance, a request already decided): why, and a link back to `back` (a path).
+fn refused_page(role: Role, reason: &str, back: &str, back_label: &str) -> Response {
+    let body = format!(
+        "<h1>Not now</h1><p class=bad>{}</p><p><a href=\"{}\">{}</a></p>",
+        esc(reason),
+        esc(back),
+        esc(back_label)
+    );
+    (StatusCode::CONFLICT, layout("Not now", Some(role), &body)).into_response()
 }
 
 pub(crate) async fn plugins(
@@ -334,7 +349,7 @@ pub(crate) async fn plugins(
     for r in &requests {
         let _ = write!(
             b,
-            "<tr><td>{}</td><td>{}</td><td>{} {}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{} {}</td><td>{}</td><td>{}</td><td>{}{}</td><td>{}</td></tr>",
             r.id,
             esc(&r.instance_id),
             esc(&r.name),
@@ -345,6 +360,7 @@ pub(crate) async fn plugins(
                 .map(|reason| long_text(reason, LONG_CELL_CHARS))
                 .unwrap_or_else(|| "–".into()),
             request_status(r),
+            reject_form(r, role),
             request_job(r),
         );
     }
@@ -358,6 +374,86 @@ fn request_status(r: &crate::store::rollouts::PluginRequestRecord) -> String {
     match &r.rejection_reason {
         Some(why) => format!("{}: {}", status(&r.status), long_text(why, LONG_CELL_CHARS)),
         None => status(&r.status),
+    }
+}
+
+/// The Reject form shown after a pending request's status, for admins only (the role
+/// `POST /api/plugins/requests/{id}/reject` needs); empty otherwise.
+fn reject_form(r: &crate::store::rollouts::PluginRequestRecord, role: Role) -> String {
+    if r.status != "pending" || role < Role::Admin {
+        return String::new();
+    }
+    format!(
+        " <form method=post action=\"/plugins/requests/{}/reject\" class=reject style=\"display:inline\">\
+         <input name=reason maxlength={} placeholder=\"Reason (optional)\" aria-label=\"Reason\"> \
+         <button>Reject</button></form>",
+        r.id,
+        crate::plugins::MAX_REJECTION_REASON_CHARS
+    )
+}
+
+/// The Reject form's fields.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RejectForm {
+    /// Why, shown with the request; blank says nothing.
+    #[serde(default)]
+    reason: String,
+}
+
+/// `POST /plugins/requests/{id}/reject` (admin): the Plugins page's Reject form. Rejects as
+/// `POST /api/plugins/requests/{id}/reject` does, then back to the Plugins page; a request
+/// already decided gets the 409 page. Like the dashboard's other forms it relies on the
+/// session cookie being `SameSite=Strict`, and answers an unknown id or an invalid reason
+/// with the JSON error the API gives.
+pub(crate) async fn reject_request(
+    Viewer(role): Viewer<2>,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    form: std::result::Result<Form<RejectForm>, FormRejection>,
+) -> Result<Response> {
+    let id = crate::rollouts::path_id(&id)?;
+    let form = form.map_err(|rejection| {
+        let mut errors = ValidationErrors::default();
+        errors.push(String::new(), rejection.body_text());
+        Error::Invalid(errors)
+    })?;
+    let reason = crate::plugins::rejection_reason(Some(&form.reason))?;
+    match state
+        .store
+        .reject_plugin_request(id, reason, fleet_core::unix_now())
+        .await
+    {
+        Ok(_) => Ok(Redirect::to("/plugins").into_response()),
+        Err(Error::Conflict(why)) => {
+            Ok(refused_page(role, &why, "/plugins", "Back to the plugins"))
+        }
+        Err(other) => Err(other),
+    }
+}
+
+/// `POST /restores/{id}/cancel` (ops): the Cancel form of an installation's restore
+/// verifications. Cancels as `POST /api/restores/{id}/cancel` does, then back to the
+/// installation's page; a verification that already ended gets the 409 page, an unknown
+/// id the JSON 404.
+pub(crate) async fn cancel_restore(
+    Viewer(role): Viewer<1>,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    match crate::restores::cancel_as(&state, role, &id).await {
+        Ok(restore) => Ok(Redirect::to(&format!(
+            "/installations/{}",
+            percent_encode(&restore.instance_id)
+        ))
+        .into_response()),
+        Err(Error::Conflict(why)) => Ok(refused_page(
+            role,
+            &why,
+            "/restores",
+            "Back to the restore verifications",
+        )),
+        Err(other) => Err(other),
     }
 }
 

@@ -240,15 +240,18 @@ impl Client {
         Err(refusal(status, &value))
     }
 
-    fn get(&self, path: &str) -> Result<Value, String> {
+    /// `GET path`: the answer, or the refusal as [`refusal`] words it.
+    pub(crate) fn get(&self, path: &str) -> Result<Value, String> {
         self.send("GET", path, None)
     }
 
-    fn post(&self, path: &str, body: &Value) -> Result<Value, String> {
+    /// `POST path` with a JSON `body`: the answer, or the refusal as [`refusal`] words it.
+    pub(crate) fn post(&self, path: &str, body: &Value) -> Result<Value, String> {
         self.send("POST", path, Some(body))
     }
 
-    fn print(&self, value: &Value, human: impl FnOnce(&Value) -> String) {
+    /// Prints `value` as JSON with `--json`, else what `human` makes of it.
+    pub(crate) fn print(&self, value: &Value, human: impl FnOnce(&Value) -> String) {
         if self.conn.json {
             println!(
                 "{}",
@@ -288,7 +291,8 @@ pub(crate) fn refusal(status: reqwest::StatusCode, body: &Value) -> String {
     }
 }
 
-fn text(v: &Value) -> String {
+/// A JSON value as a table cell: a string as is, null as `-`.
+pub(crate) fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),

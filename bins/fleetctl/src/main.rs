@@ -15,8 +15,11 @@
 //! fleetctl rollout create --release 1 --channel stable --batch-size 2
 //! fleetctl rollout watch 1
 //! fleetctl rollout advance 1
+//! fleetctl alerts --level critical
+//! fleetctl alerts ack 12
 //! ```
 
+mod alerts;
 mod api;
 
 mod remote;
@@ -33,7 +36,7 @@ use fleet_core::{ManifestVerifier, PrivateKey, PublicKey};
 #[command(
     name = "fleetctl",
     version,
-    about = "Operate a fleet: release keys, signed manifests, rollouts, plugins, restores, enrollment, remote commands"
+    about = "Operate a fleet: release keys, signed manifests, rollouts, plugins, restores, alerts, enrollment, remote commands"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -72,6 +75,15 @@ enum Command {
         conn: api::Conn,
         #[command(subcommand)]
         command: api::RestoreCommand,
+    },
+    /// The fleet's alerts, newest first, one line each; `alerts ack ID` acknowledges one.
+    Alerts {
+        #[command(flatten)]
+        conn: api::Conn,
+        #[command(flatten)]
+        filters: alerts::AlertFilters,
+        #[command(subcommand)]
+        command: Option<alerts::AlertsCommand>,
     },
     /// Create a one-time enrollment token and print the agent's install snippet.
     Enroll(remote::EnrollArgs),
@@ -165,6 +177,11 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Rollout { conn, command } => api::rollout(&api::Client::new(conn)?, command),
         Command::Plugin { conn, command } => api::plugin(&api::Client::new(conn)?, command),
         Command::Restore { conn, command } => api::restore(&api::Client::new(conn)?, command),
+        Command::Alerts {
+            conn,
+            filters,
+            command,
+        } => alerts::alerts(&api::Client::new(conn)?, filters, command),
         Command::Enroll(args) => remote::enroll(args),
         Command::Run(args) => remote::run(args),
         Command::Deploy(args) => remote::deploy(args),

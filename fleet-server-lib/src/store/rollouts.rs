@@ -515,6 +515,16 @@ pub trait RolloutStore: Send + Sync {
     fn jobs_available(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<JobsAvailable>>> {
         None
     }
+
+    /// The pipelines in which `instance_id` has a job its next poll would be handed (an
+    /// update or plugin job of a running rollout or an approved request, and a scheduled
+    /// restore verification), in [`Pipeline`] order. The control plane asks once when an
+    /// agent that reads `jobs_waiting` frames connects, since the announcements made while
+    /// its socket was down reached nobody. The default answers none: such an agent then
+    /// finds its jobs at its next regular poll.
+    async fn waiting_pipelines(&self, _instance_id: &str) -> Result<Vec<Pipeline>> {
+        Ok(Vec::new())
+    }
 }
 
 /// The plugin marketplace: releases, requests from instances, approvals. Implemented by

@@ -46,6 +46,18 @@ pub(crate) const POSTGRES_INSERT_JOBS: &str = "INSERT INTO rollout_jobs (rollout
     CASE WHEN (e ->> 0)::bigint = 0 THEN 'pending' ELSE 'queued' END, $4, $4 \
     FROM json_array_elements($5::json) AS e";
 
+/// The pipelines (`kind` names) in which instance `$1` has a job to hand out: what
+/// `next_job` and `next_restore` would find, through the indexes they use
+/// (`rollout_jobs_next` on instance, kind and status; `restores_instance` on instance and
+/// status), so a connect costs a few index probes however long the instance's history.
+pub(crate) const WAITING_PIPELINES: &str = "SELECT j.kind FROM rollout_jobs j \
+    LEFT JOIN rollouts r ON r.id = j.rollout_id \
+    WHERE j.instance_id = $1 AND j.kind IN ('update', 'plugin') \
+    AND j.status IN ('pending', 'in_progress') AND (j.status = 'pending' OR j.step = 'accepted') \
+    AND (r.id IS NULL OR r.status = 'running') \
+    UNION SELECT 'restore' WHERE EXISTS \
+    (SELECT 1 FROM restores WHERE instance_id = $1 AND status = 'scheduled')";
+
 /// Implements [`RolloutStore`] for `$store` (with `pool: Pool<$db>`, `jobs: JobAnnouncer`,
 /// the `insert_alert` of `impl_sql_store!` and the `RECENT_HEARTBEATS` query
 /// `impl_sql_store!` asks for); `$begin` opens a write transaction, `$lock` is the row-lock
@@ -658,6 +670,23 @@ macro_rules! impl_rollout_store {
                 .await?;
                 // A retry re-signs with a fresh timestamp; the same one again is a replay.
                 Ok(stored == Some(signed_at))
+            }
+
+            async fn waiting_pipelines(
+                &self,
+                instance_id: &str,
+            ) -> $crate::Result<Vec<fleet_core::command::Pipeline>> {
+                let names: Vec<String> = sqlx::query_scalar($crate::store::rollouts_sql::WAITING_PIPELINES)
+                    .bind(instance_id)
+                    .fetch_all(&self.pool)
+                    .await?;
+                let mut pipelines: Vec<fleet_core::command::Pipeline> = names
+                    .iter()
+                    .filter_map(|name| fleet_core::command::Pipeline::parse(name))
+                    .collect();
+                // `UNION` leaves one row per pipeline, in no particular order.
+                pipelines.sort();
+                Ok(pipelines)
             }
 
             fn jobs_available(

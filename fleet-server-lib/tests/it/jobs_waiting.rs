@@ -1,13 +1,15 @@
 //! Jobs reach an agent that holds its live channel within seconds, though its pollers wait
 //! their default 10 minutes between polls: the control plane sends a `jobs_waiting` frame
 //! when a rollout batch starts, a plugin request is approved or a restore verification is
-//! scheduled, and only to agents that announced they read it. On SQLite and PostgreSQL.
+//! scheduled, and only to agents that announced they read it; and when such an agent
+//! connects with jobs waiting for it (announced while its socket was down). On SQLite and
+//! PostgreSQL.
 
 use std::time::{Duration, Instant};
 
 use fleet_agent::{Agent, AgentConfig, CommandSettings};
 use fleet_core::Secret;
-use fleet_core::command::Pipeline;
+use fleet_core::command::{JOBS_WAITING, Pipeline};
 use fleet_server::store::rollouts::JobsAvailable;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -24,6 +26,12 @@ use crate::support::{
 const AGENT: &str = "nudged-1";
 /// An instance without an agent, first in instance order, so first in a rollout.
 const OTHER: &str = "nudged-0";
+/// The instance of the agent that reconnects, and of the bare channel told on connecting:
+/// each its own, because PostgreSQL tests share `NOTIFY` (every test's control plane hears
+/// the nudges of the others, per instance id), and a nudge from another test would pass
+/// these without the control plane looking for jobs on connect.
+const RECONNECTING: &str = "nudged-reconnecting";
+const CONNECTING: &str = "nudged-connecting";
 /// How soon a job must reach the connected agent: far below its 10-minute poll interval.
 const WITHIN: Duration = Duration::from_secs(10);
 
@@ -37,8 +45,15 @@ struct PollingAgent {
 
 impl PollingAgent {
     async fn start(server: &TestServer) -> Self {
+        Self::start_as(server, AGENT, CommandSettings::default().backoff_base).await
+    }
+
+    /// Like [`start`](Self::start), for `instance`, with `backoff_base` as the first
+    /// reconnect delay (half to all of it, with jitter) once its socket drops.
+    async fn start_as(server: &TestServer, instance: &str, backoff_base: Duration) -> Self {
         let dir = TempDir::new();
-        let mut config = AgentConfig::new(AGENT, &server.url, Secret::new(SHARED).expect("secret"));
+        let mut config =
+            AgentConfig::new(instance, &server.url, Secret::new(SHARED).expect("secret"));
         config.local_port = 0;
         config.state_path = dir.0.join("state.db");
         config.heartbeat_interval = Duration::from_secs(3600);
@@ -58,6 +73,7 @@ impl PollingAgent {
         }
         let settings = CommandSettings {
             projects_dir: dir.0.join("projects"),
+            backoff_base,
             ..CommandSettings::default()
         };
         let agent = Agent::builder(config)
@@ -79,7 +95,7 @@ impl PollingAgent {
         // waits out its 10 minutes: a job seen from here on came because it was told.
         wait_until("the agent's first heartbeat", || async {
             let (_, installation) = server
-                .get_json(&format!("/api/installations/{AGENT}"), SUPPORT)
+                .get_json(&format!("/api/installations/{instance}"), SUPPORT)
                 .await;
             installation["release_channel"] == "stable"
         })
@@ -166,6 +182,25 @@ async fn rollout_job_status(server: &TestServer, id: &Value) -> String {
         .and_then(|job| job["status"].as_str())
         .unwrap_or_default()
         .to_owned()
+}
+
+/// The status of the job of plugin request `id`.
+async fn request_job_status(server: &TestServer, id: &Value) -> String {
+    let (_, requests) = server.get_json("/api/plugins/requests", SUPPORT).await;
+    requests["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["id"] == *id)
+        .and_then(|r| r["job_status"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// How many agents hold a live channel.
+async fn connected(server: &TestServer) -> u64 {
+    let (_, body) = server.get_json("/v1/agents/connected", SUPPORT).await;
+    body["connected"].as_u64().expect("a count")
 }
 
 async fn server(t: &TestStore) -> TestServer {
@@ -282,16 +317,8 @@ async fn approvals_and_restores_reach_a_connected_agent_within_seconds(t: TestSt
     let approve = format!("/api/plugins/requests/{}/approve", request["id"]);
     let (status, approved) = admin_post(&server, &approve, ADMIN, &json!({})).await;
     assert_eq!(status, 200, "{approved}");
-    taken_within("the job of an approved plugin request", || async {
-        let (_, requests) = server.get_json("/api/plugins/requests", SUPPORT).await;
-        requests["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|r| r["id"] == request["id"])
-            .and_then(|r| r["job_status"].as_str())
-            .unwrap_or_default()
-            .to_owned()
+    taken_within("the job of an approved plugin request", || {
+        request_job_status(&server, &request["id"])
     })
     .await;
 
@@ -317,13 +344,13 @@ async fn approvals_and_restores_reach_a_connected_agent_within_seconds(t: TestSt
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// A bare live channel of [`AGENT`], announcing `capabilities` when given.
-async fn bare_channel(server: &TestServer, capabilities: Option<&str>) -> Socket {
+/// A bare live channel of `instance`, announcing `capabilities` when given.
+async fn bare_channel(server: &TestServer, instance: &str, capabilities: Option<&str>) -> Socket {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let registered = fleet_agent::channel::register(
         &server.client,
         &server.url,
-        AGENT,
+        instance,
         &Secret::new(SHARED).expect("secret"),
         "1.0.0",
     )
@@ -369,18 +396,20 @@ async fn next_frame(socket: &mut Socket, wait: Duration) -> Option<Value> {
     }
 }
 
-/// Approves a new plugin request of [`AGENT`]: a job for its plugin pipeline.
-async fn approve_a_request(server: &TestServer) {
+/// Approves a new plugin request of `instance`: a job for its plugin pipeline. Returns the
+/// request.
+async fn approve_a_request(server: &TestServer, instance: &str) -> Value {
     let (status, request) = agent_post(
         server,
         "/api/plugins/requests",
-        &json!({"instance_id": AGENT, "name": "billing-export", "version": "1.2.0",
+        &json!({"instance_id": instance, "name": "billing-export", "version": "1.2.0",
                 "action": "install"}),
     )
     .await;
     assert_eq!(status, 201, "{request}");
     let approve = format!("/api/plugins/requests/{}/approve", request["id"]);
     assert_eq!(admin_post(server, &approve, ADMIN, &json!({})).await.0, 200);
+    request
 }
 
 /// An agent that announced no capabilities (every agent before this one) gets no frame it
@@ -391,9 +420,9 @@ async fn only_agents_that_announced_it_are_told(t: TestStore) {
     enroll(&server, AGENT, "stable", "1.0.0").await;
     plugin_release(&server).await;
 
-    let mut older = bare_channel(&server, None).await;
+    let mut older = bare_channel(&server, AGENT, None).await;
     wait_connected(&server.client, &server.url, 1).await;
-    approve_a_request(&server).await;
+    approve_a_request(&server, AGENT).await;
     let unexpected = next_frame(&mut older, Duration::from_secs(2)).await;
     assert_eq!(
         unexpected, None,
@@ -402,9 +431,18 @@ async fn only_agents_that_announced_it_are_told(t: TestStore) {
     drop(older);
     wait_connected(&server.client, &server.url, 0).await;
 
-    let mut newer = bare_channel(&server, Some("teleport, JOBS_WAITING")).await;
+    let mut newer = bare_channel(&server, AGENT, Some("teleport, JOBS_WAITING")).await;
     wait_connected(&server.client, &server.url, 1).await;
-    approve_a_request(&server).await;
+    // The job approved above still waits: the agent is told as it connects.
+    let on_connect = next_frame(&mut newer, WITHIN)
+        .await
+        .expect("told on connecting");
+    assert_eq!(
+        on_connect["payload"],
+        json!({"pipelines": ["plugin"]}),
+        "{on_connect}"
+    );
+    approve_a_request(&server, AGENT).await;
     let frame = next_frame(&mut newer, WITHIN)
         .await
         .expect("a jobs_waiting frame");
@@ -429,6 +467,106 @@ async fn only_agents_that_announced_it_are_told(t: TestStore) {
         (refused["type"].clone(), refused["id"].clone()),
         (json!("error"), frame["id"].clone()),
         "{refused}"
+    );
+    server.stop().await;
+}
+
+/// A job made available while the agent's socket is down (a network blip, a control plane
+/// restart) was announced to nobody, and the agent does not poll when it reconnects: it is
+/// told on connecting, and takes the job within seconds rather than at its next poll.
+async fn a_job_made_available_while_disconnected_is_taken_on_reconnect(t: TestStore) {
+    let server = server(&t).await;
+    // It dials again 2 to 4 s after its socket drops: time enough to make a job available
+    // while it is away.
+    let agent = PollingAgent::start_as(&server, RECONNECTING, Duration::from_secs(4)).await;
+    plugin_release(&server).await;
+
+    // Another connection of the instance replaces the agent's socket; closed in turn, it
+    // leaves the instance without one until the agent dials again.
+    drop(bare_channel(&server, RECONNECTING, None).await);
+    wait_connected(&server.client, &server.url, 0).await;
+    let request = approve_a_request(&server, RECONNECTING).await;
+    assert_eq!(
+        connected(&server).await,
+        0,
+        "the agent was back before the job was made available: nothing tested"
+    );
+    taken_within("a job made available while the agent was away", || {
+        request_job_status(&server, &request["id"])
+    })
+    .await;
+    agent.stop().await;
+    server.stop().await;
+}
+
+/// What a bare channel of [`CONNECTING`] announcing `capabilities` is sent as it connects:
+/// the pipelines its one `jobs_waiting` frame names, or `None` when it gets no frame. It is
+/// closed again.
+async fn told_on_connect(server: &TestServer, capabilities: Option<&str>) -> Option<Value> {
+    let mut socket = bare_channel(server, CONNECTING, capabilities).await;
+    let told = next_frame(&mut socket, Duration::from_secs(2)).await;
+    if let Some(frame) = &told {
+        assert_eq!(frame["type"], "jobs_waiting", "{frame}");
+        let again = next_frame(&mut socket, Duration::from_secs(1)).await;
+        assert_eq!(again, None, "a second frame after {frame}");
+    }
+    drop(socket);
+    wait_connected(&server.client, &server.url, 0).await;
+    told.map(|frame| frame["payload"]["pipelines"].clone())
+}
+
+/// An agent that announced `jobs_waiting` is told on connecting, in one frame, of every
+/// pipeline a poll would hand a job now (not a paused rollout's job); with nothing waiting,
+/// or without the capability, it is sent nothing.
+async fn a_connecting_agent_is_told_of_the_jobs_waiting_for_it(t: TestStore) {
+    let server = server(&t).await;
+    enroll(&server, CONNECTING, "stable", "1.0.0").await;
+    plugin_release(&server).await;
+    assert_eq!(
+        told_on_connect(&server, Some(JOBS_WAITING)).await,
+        None,
+        "told of jobs when none wait"
+    );
+
+    approve_a_request(&server, CONNECTING).await;
+    assert_eq!(
+        told_on_connect(&server, Some(JOBS_WAITING)).await,
+        Some(json!(["plugin"]))
+    );
+
+    let release = release(&server).await;
+    let (status, rollout) = admin_post(
+        &server,
+        "/api/rollouts",
+        ADMIN,
+        &json!({"release_id": release["id"], "channel": "stable"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{rollout}");
+    crate::restores::report_backup(&server, CONNECTING, "b-1").await;
+    let (status, scheduled) =
+        admin_post(&server, "/api/restores/schedule", OPS, &json!({"count": 1})).await;
+    assert_eq!(status, 201, "{scheduled}");
+    assert_eq!(
+        scheduled["items"][0]["instance_id"], CONNECTING,
+        "{scheduled}"
+    );
+    assert_eq!(
+        told_on_connect(&server, Some(JOBS_WAITING)).await,
+        Some(json!(["update", "plugin", "restore"]))
+    );
+    assert_eq!(
+        told_on_connect(&server, None).await,
+        None,
+        "an older agent got a frame it cannot read"
+    );
+
+    let pause = format!("/api/rollouts/{}/pause", rollout["id"]);
+    assert_eq!(admin_post(&server, &pause, OPS, &json!({})).await.0, 200);
+    assert_eq!(
+        told_on_connect(&server, Some(JOBS_WAITING)).await,
+        Some(json!(["plugin", "restore"])),
+        "a paused rollout hands out no job"
     );
     server.stop().await;
 }
@@ -563,5 +701,7 @@ on_both_backends!(
     rollout_batches_reach_a_connected_agent_within_seconds,
     approvals_and_restores_reach_a_connected_agent_within_seconds,
     only_agents_that_announced_it_are_told,
+    a_job_made_available_while_disconnected_is_taken_on_reconnect,
+    a_connecting_agent_is_told_of_the_jobs_waiting_for_it,
     the_store_announces_jobs_as_they_become_available,
 );

@@ -6,7 +6,9 @@ use fleet_server::store::rollouts::RecordedPluginRequest;
 use serde_json::{Value, json};
 
 use crate::rollouts::{admin_post, agent_post, enroll, page};
-use crate::support::{ADMIN, OPS, SUPPORT, TempDir, TestServer, TestStore, code, on_both_backends};
+use crate::support::{
+    ADMIN, OPS, SUPPORT, TempDir, TestServer, TestStore, code, on_both_backends, post_form,
+};
 
 async fn plugin_releases_requests_approval_and_rollouts(t: TestStore) {
     let server = TestServer::start(t.store.clone()).await;
@@ -931,7 +933,119 @@ async fn postgres_closes_plugin_request_copies_stored_before_the_upgrade() {
     crate::support::drop_schema(Some(schema)).await;
 }
 
+/// The Plugins page's Reject form: only an admin sees it, only on pending requests; posting it
+/// rejects as the API does and goes back to the page; a decided request gets the 409 page, an
+/// unknown id the JSON 404, an invalid reason the JSON 422.
+async fn the_plugins_page_rejects_pending_requests_for_admins(t: TestStore) {
+    let server = TestServer::start(t.store.clone()).await;
+    admin_post(
+        &server,
+        "/api/plugins/releases",
+        ADMIN,
+        &json!({"name": "billing-export", "version": "1.2.0"}),
+    )
+    .await;
+    let mut requests = Vec::new();
+    for instance in ["m1", "m2", "m3"] {
+        let (status, request) = agent_post(
+            &server,
+            "/api/plugins/requests",
+            &billing_request(instance, "install"),
+        )
+        .await;
+        assert!(matches!(status, 200 | 201), "{request}");
+        requests.push(request["id"].to_string());
+    }
+    let (turned_down, approved, quiet) = (&requests[0], &requests[1], &requests[2]);
+    let (status, _) = admin_post(
+        &server,
+        &format!("/api/plugins/requests/{approved}/approve"),
+        ADMIN,
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let form_of = |id: &str| format!("action=\"/plugins/requests/{id}/reject\"");
+    let reject = |id: &str| format!("/plugins/requests/{id}/reject");
+
+    for token in [SUPPORT, OPS] {
+        let (_, html) = page(&server, "/plugins", token).await;
+        assert!(
+            !html.contains("/reject\""),
+            "no Reject form for {token}: {html}"
+        );
+        let refused = post_form(&server, &reject(turned_down), token, &[("reason", "no")]).await;
+        assert_eq!(refused.status, 403, "{refused:?}");
+    }
+    let (_, html) = page(&server, "/plugins", ADMIN).await;
+    assert!(html.contains(&form_of(turned_down)), "{html}");
+    assert!(html.contains(&form_of(quiet)), "{html}");
+    assert!(
+        !html.contains(&form_of(approved)),
+        "decided: no form: {html}"
+    );
+
+    // What the API refuses in a reason, the form refuses with the same JSON error.
+    for fields in [
+        vec![("reason", "bell\u{7}")],
+        vec![("reason", &*"r".repeat(501))],
+        vec![("why", "no")],
+    ] {
+        let refused = post_form(&server, &reject(turned_down), ADMIN, &fields).await;
+        assert_eq!(refused.status, 422, "{fields:?}: {refused:?}");
+        let error: Value = serde_json::from_str(&refused.body).expect("a JSON error");
+        assert_eq!(code(&error), "invalid", "{error}");
+    }
+
+    let reason = "billing-export needs a licence on this instance";
+    let done = post_form(&server, &reject(turned_down), ADMIN, &[("reason", reason)]).await;
+    assert_eq!(
+        (done.status, done.location.as_str()),
+        (303, "/plugins"),
+        "{done:?}"
+    );
+    let blank = post_form(&server, &reject(quiet), ADMIN, &[("reason", "  ")]).await;
+    assert_eq!(blank.status, 303, "{blank:?}");
+    let (_, listed) = server
+        .get_documented("/api/plugins/requests", SUPPORT)
+        .await;
+    let decided = |id: &str| {
+        listed["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .find(|r| r["id"].as_i64() == id.parse().ok())
+            .map(|r| (r["status"].clone(), r["rejection_reason"].clone()))
+            .expect("listed")
+    };
+    assert_eq!(decided(turned_down), (json!("rejected"), json!(reason)));
+    assert_eq!(decided(quiet), (json!("rejected"), Value::Null));
+    let (_, html) = page(&server, "/plugins", ADMIN).await;
+    assert!(
+        !html.contains("/reject\""),
+        "nothing left to reject: {html}"
+    );
+
+    for (id, how) in [
+        (turned_down, "already rejected"),
+        (approved, "already approved"),
+    ] {
+        let refused = post_form(&server, &reject(id), ADMIN, &[("reason", "")]).await;
+        assert_eq!(refused.status, 409, "{refused:?}");
+        assert!(refused.content_type.starts_with("text/html"), "{refused:?}");
+        assert!(refused.body.contains(how), "{}", refused.body);
+    }
+    for unknown in ["999999", "abc"] {
+        let refused = post_form(&server, &reject(unknown), ADMIN, &[("reason", "")]).await;
+        assert_eq!(refused.status, 404, "{refused:?}");
+        let error: Value = serde_json::from_str(&refused.body).expect("a JSON error");
+        assert_eq!(code(&error), "not_found", "{error}");
+    }
+    server.stop().await;
+}
+
 on_both_backends!(
+    the_plugins_page_rejects_pending_requests_for_admins,
     a_repeated_plugin_request_is_answered_with_the_pending_one,
     concurrent_identical_plugin_requests_make_one_row,
     plugin_requests_are_rejected_with_a_reason,

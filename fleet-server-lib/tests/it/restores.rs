@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use crate::rollouts::{admin_post, agent_post, enroll, page};
 use crate::support::{
     ADMIN, OPS, SHARED, SUPPORT, TestServer, TestStore, body, code, now, on_both_backends,
+    post_form,
 };
 
 /// A heartbeat from `instance` reporting backup `backup_id` (its checksum derived from it).
@@ -550,7 +551,95 @@ async fn a_cancelled_verification_is_not_run_and_can_be_scheduled_again(t: TestS
     server.stop().await;
 }
 
+/// An installation's page offers ops and admin a Cancel form on its verifications still
+/// open (scheduled or handed out); posting it cancels as the API does and goes back to the
+/// installation; an ended one gets the 409 page, an unknown id the JSON 404.
+async fn the_installation_page_cancels_open_verifications_for_ops_and_admin(t: TestStore) {
+    let server = TestServer::start(t.store.clone()).await;
+    report_backup(&server, "waiting", "b-1").await;
+    report_backup(&server, "running", "b-2").await;
+    let (_, scheduled) = admin_post(&server, "/api/restores/schedule", OPS, &json!({})).await;
+    let id_of = |instance: &str| {
+        scheduled["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .find(|r| r["instance_id"] == instance)
+            .map(|r| r["id"].to_string())
+            .unwrap_or_else(|| panic!("{instance} not scheduled: {scheduled}"))
+    };
+    let (waiting, running) = (id_of("waiting"), id_of("running"));
+    let (status, _) = agent_post(
+        &server,
+        "/api/restores/next",
+        &json!({"instance_id": "running"}),
+    )
+    .await;
+    assert_eq!(status, 200, "handed out");
+    let cancel = |id: &str| format!("/restores/{id}/cancel");
+    let form_of = |id: &str| format!("action=\"/restores/{id}/cancel\"");
+
+    let (_, html) = page(&server, "/installations/waiting", SUPPORT).await;
+    assert!(!html.contains("/cancel\""), "support cannot cancel: {html}");
+    let refused = post_form(&server, &cancel(&waiting), SUPPORT, &[]).await;
+    assert_eq!(refused.status, 403, "{refused:?}");
+    for (instance, id) in [("waiting", &waiting), ("running", &running)] {
+        let (_, html) = page(&server, &format!("/installations/{instance}"), OPS).await;
+        assert!(html.contains(&form_of(id)), "{instance}: {html}");
+    }
+
+    let done = post_form(&server, &cancel(&waiting), OPS, &[]).await;
+    assert_eq!(
+        (done.status, done.location.as_str()),
+        (303, "/installations/waiting"),
+        "{done:?}"
+    );
+    let done = post_form(&server, &cancel(&running), ADMIN, &[]).await;
+    assert_eq!(
+        (done.status, done.location.as_str()),
+        (303, "/installations/running"),
+        "{done:?}"
+    );
+    let (_, listed) = server.get_json("/api/restores", SUPPORT).await;
+    let ended = |id: &str| {
+        listed["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .find(|r| r["id"].as_i64() == id.parse().ok())
+            .map(|r| (r["status"].clone(), r["error"].clone()))
+            .expect("listed")
+    };
+    assert_eq!(
+        ended(&waiting),
+        (json!("cancelled"), json!("cancelled by ops"))
+    );
+    assert_eq!(
+        ended(&running),
+        (json!("cancelled"), json!("cancelled by admin"))
+    );
+    let (_, html) = page(&server, "/installations/waiting", ADMIN).await;
+    assert!(!html.contains("/cancel\""), "ended: no form: {html}");
+
+    let refused = post_form(&server, &cancel(&waiting), OPS, &[]).await;
+    assert_eq!(refused.status, 409, "{refused:?}");
+    assert!(refused.content_type.starts_with("text/html"), "{refused:?}");
+    assert!(
+        refused.body.contains("already ended cancelled"),
+        "{}",
+        refused.body
+    );
+    for unknown in ["999999", "abc"] {
+        let refused = post_form(&server, &cancel(unknown), OPS, &[]).await;
+        assert_eq!(refused.status, 404, "{refused:?}");
+        let error: Value = serde_json::from_str(&refused.body).expect("a JSON error");
+        assert_eq!(code(&error), "not_found", "{error}");
+    }
+    server.stop().await;
+}
+
 on_both_backends!(
+    the_installation_page_cancels_open_verifications_for_ops_and_admin,
     a_cancelled_verification_is_not_run_and_can_be_scheduled_again,
     an_installation_shows_its_newest_restore_verifications,
     the_failure_reason_shows_on_the_restores_page_and_in_the_alert,

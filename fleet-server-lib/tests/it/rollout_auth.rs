@@ -177,5 +177,18 @@ pub const MATRIX: &[(&str, &str, &str, [u16; 4])] = &[
         [303, 403, 404, 404],
     ),
     ("GET", "/plugins", "/plugins", [303, 200, 200, 200]),
+    // Posted without a form, the admin's reject is refused as not a form (422).
+    (
+        "POST",
+        "/plugins/requests/{id}/reject",
+        "/plugins/requests/999999/reject",
+        [303, 403, 403, 422],
+    ),
     ("GET", "/restores", "/restores", [303, 200, 200, 200]),
+    (
+        "POST",
+        "/restores/{id}/cancel",
+        "/restores/999999/cancel",
+        [303, 403, 404, 404],
+    ),
 ];

@@ -362,17 +362,73 @@ pub(crate) use on_both_backends;
 
 /// Adds an `application/x-www-form-urlencoded` body `token=<token>` (as the login form posts).
 pub fn login_form(request: reqwest::RequestBuilder, token: &str) -> reqwest::RequestBuilder {
-    let mut encoded = String::new();
-    for b in token.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            encoded.push(b as char);
-        } else {
-            encoded.push_str(&format!("%{b:02X}"));
-        }
-    }
     request
         .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("token={encoded}"))
+        .body(form_body(&[("token", token)]))
+}
+
+/// `fields` as a browser encodes a form: `name=value&…`, every byte but the unreserved ones
+/// percent-encoded.
+pub fn form_body(fields: &[(&str, &str)]) -> String {
+    let encode = |text: &str| {
+        let mut encoded = String::new();
+        for b in text.bytes() {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                encoded.push(b as char);
+            } else {
+                encoded.push_str(&format!("%{b:02X}"));
+            }
+        }
+        encoded
+    };
+    fields
+        .iter()
+        .map(|(name, value)| format!("{}={}", encode(name), encode(value)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// What a dashboard form's post got back.
+#[derive(Debug)]
+pub struct FormAnswer {
+    pub status: u16,
+    /// Where a 303 sends the browser.
+    pub location: String,
+    pub content_type: String,
+    pub body: String,
+}
+
+/// Posts a dashboard form with `fields` to `path` as the holder of `token`.
+pub async fn post_form(
+    server: &TestServer,
+    path: &str,
+    token: &str,
+    fields: &[(&str, &str)],
+) -> FormAnswer {
+    let response = server
+        .client
+        .post(server.at(path))
+        .bearer_auth(token)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form_body(fields))
+        .send()
+        .await
+        .expect("post form");
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (location, content_type) = (header("location"), header("content-type"));
+    FormAnswer {
+        status: response.status().as_u16(),
+        location,
+        content_type,
+        body: response.text().await.expect("text"),
+    }
 }
 
 /// The schema `spec` gives for the success answer (200, or 201 for a route that creates

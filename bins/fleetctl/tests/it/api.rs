@@ -319,3 +319,125 @@ async fn release_rollout_plugin_and_restore_commands() {
     assert!(stderr(&out).contains("HTTP 409"), "{}", stderr(&out));
     let _ = std::fs::remove_dir_all(&f.dir);
 }
+
+/// `fleetctl alerts` lists the fleet's alerts one aligned line each, filtered as asked;
+/// `alerts ack ID` acknowledges one; a filter value it does not know is named with the ones
+/// it does, before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_are_listed_filtered_and_acknowledged() {
+    let f = Fixture::start().await;
+    let long = format!("Disk full on /var: {}", "x".repeat(120));
+    for (id, extra) in [
+        (
+            "edge-1",
+            json!({"alerts": [{"level": "warning", "message": "Disk at 80%"}]}),
+        ),
+        (
+            "edge-2",
+            json!({"secrets_expired": 1, "alerts": [{"level": "critical", "message": long}]}),
+        ),
+    ] {
+        let mut body = json!({"instance_id": id, "db_ok": true, "redis_ok": true,
+                              "storage_ok": true, "jobs_failed": 0});
+        body.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        let (status, answer) = f.agent("/api/heartbeats", body).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+
+    let out = f.ctl(&["alerts"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed = stdout(&out);
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 4, "a header and three alerts: {listed}");
+    assert!(
+        lines[0].starts_with("ID  RAISED (UTC)  ") && lines[0].ends_with("DELIVERY  MESSAGE"),
+        "{listed}"
+    );
+    // Aligned: every line's message starts where the header's does.
+    let message_at = lines[0].find("MESSAGE").expect("message column");
+    for line in &lines[1..] {
+        assert_eq!(&line[message_at - 2..message_at], "  ", "{listed}");
+        assert_ne!(line.as_bytes()[message_at], b' ', "{listed}");
+    }
+    assert!(
+        listed.contains("Disk at 80%") && listed.contains("Disk full on /var: xxx"),
+        "{listed}"
+    );
+    assert!(
+        !listed.contains(&long),
+        "the long message is shortened: {listed}"
+    );
+    let out = f.ctl(&["alerts", "--json"]).await;
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let raised = answer["items"][0]["created_at"]
+        .as_i64()
+        .expect("created_at");
+    assert!(
+        lines[1].contains(&fleet_core::clock::human_utc(raised)),
+        "raised at, in UTC: {listed}"
+    );
+
+    let out = f
+        .ctl(&["alerts", "--kind", "secrets", "--instance", "edge-2"])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let secrets = stdout(&out);
+    assert_eq!(secrets.lines().count(), 2, "{secrets}");
+    let row = secrets.lines().nth(1).expect("a row");
+    assert!(
+        row.contains("secrets") && row.contains("edge-2") && row.contains("open"),
+        "{row}"
+    );
+    let id = row.split_whitespace().next().expect("id").to_owned();
+
+    let out = f.ctl(&["alerts", "ack", &id]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out).trim(),
+        format!("alert {id} (secrets on edge-2) acknowledged by admin")
+    );
+    let out = f
+        .ctl(&["alerts", "--state", "acknowledged", "--json"])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let acknowledged: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(acknowledged["total"], 1, "{acknowledged}");
+    assert_eq!(acknowledged["items"][0]["id"].to_string(), id);
+    let out = f.ctl(&["alerts", "--level", "critical"]).await;
+    let critical = stdout(&out);
+    assert_eq!(critical.lines().count(), 2, "{critical}");
+    assert!(
+        critical.contains("edge-2") && critical.contains("Disk full"),
+        "{critical}"
+    );
+
+    // Refused before anything is sent, naming the values it takes.
+    let out = f.ctl(&["alerts", "--state", "closed"]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("invalid value 'closed' for '--state <STATE>'")
+            && stderr(&out).contains("open, acknowledged, resolved, all"),
+        "{}",
+        stderr(&out)
+    );
+    // What only the control plane knows, it says.
+    let out = f.ctl(&["alerts", "--delivery", "pending"]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("HTTP 400") && stderr(&out).contains("no alert webhook"),
+        "{}",
+        stderr(&out)
+    );
+    let out = f.ctl(&["alerts", "ack", "999999"]).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("HTTP 404"), "{}", stderr(&out));
+    let out = f.ctl(&["alerts", "--kind", "payload", "ack", &id]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("takes none of them"),
+        "{}",
+        stderr(&out)
+    );
+}
