@@ -416,13 +416,15 @@ async fn approve_a_request(server: &TestServer, instance: &str) -> Value {
 /// would not understand; one that announces `jobs_waiting`, among capabilities the control
 /// plane does not know, is told which pipeline has a job.
 async fn only_agents_that_announced_it_are_told(t: TestStore) {
+    // Its own instance: the frames it counts must not include another test's nudges.
+    const TOLD: &str = "nudged-told";
     let server = server(&t).await;
-    enroll(&server, AGENT, "stable", "1.0.0").await;
+    enroll(&server, TOLD, "stable", "1.0.0").await;
     plugin_release(&server).await;
 
-    let mut older = bare_channel(&server, AGENT, None).await;
+    let mut older = bare_channel(&server, TOLD, None).await;
     wait_connected(&server.client, &server.url, 1).await;
-    approve_a_request(&server, AGENT).await;
+    approve_a_request(&server, TOLD).await;
     let unexpected = next_frame(&mut older, Duration::from_secs(2)).await;
     assert_eq!(
         unexpected, None,
@@ -431,7 +433,7 @@ async fn only_agents_that_announced_it_are_told(t: TestStore) {
     drop(older);
     wait_connected(&server.client, &server.url, 0).await;
 
-    let mut newer = bare_channel(&server, AGENT, Some("teleport, JOBS_WAITING")).await;
+    let mut newer = bare_channel(&server, TOLD, Some("teleport, JOBS_WAITING")).await;
     wait_connected(&server.client, &server.url, 1).await;
     // The job approved above still waits: the agent is told as it connects.
     let on_connect = next_frame(&mut newer, WITHIN)
@@ -442,7 +444,7 @@ async fn only_agents_that_announced_it_are_told(t: TestStore) {
         json!({"pipelines": ["plugin"]}),
         "{on_connect}"
     );
-    approve_a_request(&server, AGENT).await;
+    approve_a_request(&server, TOLD).await;
     let frame = next_frame(&mut newer, WITHIN)
         .await
         .expect("a jobs_waiting frame");
