@@ -51,6 +51,11 @@ pub use webhook::WebhookConfig;
 pub struct Settings {
     /// Accept v0 (`x-agent-signature`) heartbeats. On by default so existing agents work.
     pub allow_v0: bool,
+    /// With [`allow_v0`](Self::allow_v0), accept v0 on `POST /api/heartbeats` only. A v0
+    /// request carries no id and no time, so a captured one can be sent again forever: a
+    /// repeated heartbeat only restates a state, but a repeated update, plugin or restore
+    /// report is a result. Off by default, as the ERP's agents may sign those routes with v0.
+    pub v0_only_for_heartbeats: bool,
     /// Refuse heartbeats from instances not enrolled first (`POST /api/installations`).
     /// Off by default: like the ERP, the first valid heartbeat creates the installation.
     pub require_enrollment: bool,
@@ -101,6 +106,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             allow_v0: true,
+            v0_only_for_heartbeats: false,
             require_enrollment: false,
             slo: SloThresholds::default(),
             offline_after: Duration::from_secs(15 * 60),

@@ -58,6 +58,10 @@ pub(crate) async fn signed<T: AgentRequest>(
         .map_err(|_| Error::TooLarge { limit })?;
     let lookup =
         SignatureHeaders::from_lookup(|name| headers.get(name).and_then(|v| v.to_str().ok()));
+    if state.settings.v0_only_for_heartbeats && lookup.scheme() == Some(fleet_core::Scheme::V0) {
+        tracing::debug!("agent request refused: v0 is accepted on heartbeats only");
+        return Err(Error::Unauthorized);
+    }
     let now = fleet_core::unix_now();
     let verified = crate::registration::verify_agent_request(state, &body, &lookup, now)
         .await?

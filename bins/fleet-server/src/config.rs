@@ -186,6 +186,22 @@ pub struct ServeConfig {
     pub live: fleet_server::LiveSettings,
 }
 
+/// `CONTROL_PLANE_ALLOW_V0` as (accept v0, on heartbeats only): a boolean, or `heartbeats` to
+/// keep v0 to `POST /api/heartbeats` (a v0 report elsewhere could be replayed forever).
+fn v0_setting(text: &str, problems: &mut Vec<String>) -> (bool, bool) {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "heartbeats" => (true, true),
+        "1" | "true" | "yes" | "on" => (true, false),
+        "0" | "false" | "no" | "off" => (false, false),
+        _ => {
+            problems.push(format!(
+                "CONTROL_PLANE_ALLOW_V0: {text:?} is not true, false or heartbeats"
+            ));
+            (false, false)
+        }
+    }
+}
+
 /// `CONTROL_PLANE_HEARTBEAT_RETENTION_DAYS` or `CONTROL_PLANE_COMMAND_RETENTION_DAYS` as a
 /// retention: 0 keeps forever.
 fn retention(days: f64) -> Option<Duration> {
@@ -417,6 +433,7 @@ impl ServeArgs {
         let session_lifetime = session_lifetime(&self.session_hours, &mut problems);
         let trusted_proxies = trusted_proxies(set(&self.trusted_proxies), &mut problems);
         let proxy_header = proxy_header(&self.proxy_header, &mut problems);
+        let (allow_v0, v0_only_for_heartbeats) = v0_setting(&self.allow_v0, &mut problems);
         let mut flag = |name: &str, text: &str| -> bool {
             match text.trim().to_ascii_lowercase().as_str() {
                 "1" | "true" | "yes" | "on" => true,
@@ -427,7 +444,6 @@ impl ServeArgs {
                 }
             }
         };
-        let allow_v0 = flag("CONTROL_PLANE_ALLOW_V0", &self.allow_v0);
         let require_enrollment = flag("CONTROL_PLANE_REQUIRE_ENROLLMENT", &self.require_enrollment);
         let secure_cookies = flag("CONTROL_PLANE_SECURE_COOKIES", &self.secure_cookies);
         let webhook = self.webhook(&mut problems);
@@ -441,6 +457,7 @@ impl ServeArgs {
         };
         let settings = Settings {
             allow_v0,
+            v0_only_for_heartbeats,
             require_enrollment,
             slo,
             offline_after: Duration::from_secs(offline_after as u64),
@@ -646,6 +663,25 @@ mod tests {
     #[test]
     fn defaults_with_the_required_values_are_valid() {
         assert!(args().validate().is_ok());
+    }
+
+    #[test]
+    fn v0_can_be_allowed_everywhere_on_heartbeats_only_or_nowhere() {
+        let mut problems = Vec::new();
+        for (text, mode) in [
+            ("true", (true, false)),
+            ("heartbeats", (true, true)),
+            (" Heartbeats ", (true, true)),
+            ("off", (false, false)),
+        ] {
+            assert_eq!(v0_setting(text, &mut problems), mode, "{text}");
+        }
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(v0_setting("maybe", &mut problems), (false, false));
+        assert_eq!(
+            problems,
+            ["CONTROL_PLANE_ALLOW_V0: \"maybe\" is not true, false or heartbeats"]
+        );
     }
 
     #[test]

@@ -912,3 +912,49 @@ async fn dashboard_pages_show_releases_rollouts_plugins_and_restores() {
     assert_eq!(anonymous.status().as_u16(), 303, "to /login");
     server.stop().await;
 }
+
+/// `CONTROL_PLANE_ALLOW_V0=heartbeats`: a v0 request has no id and no time, so a captured
+/// report could be sent again forever; with the setting, v0 still carries heartbeats (the
+/// ERP's agents keep reporting) and is refused on the other agent routes, where v1 goes on.
+#[tokio::test]
+async fn v0_can_be_kept_to_heartbeats() {
+    let store = support::sqlite().await;
+    let v0_post = |server: &TestServer, path: &'static str, bytes: Vec<u8>| {
+        let request = server
+            .client
+            .post(server.at(path))
+            .header("x-agent-signature", support::signer(SHARED).sign_v0(&bytes))
+            .body(bytes);
+        async move { request.send().await.expect("send").status().as_u16() }
+    };
+    let next = serde_json::to_vec(&json!({"instance_id": "erp-7", "current_version": "1.0.0"}))
+        .expect("json");
+    let heartbeat = body("erp-7", json!({}));
+
+    let everywhere = TestServer::start(store.store.clone()).await;
+    assert_eq!(
+        v0_post(&everywhere, "/api/heartbeats", heartbeat.clone()).await,
+        200
+    );
+    let answered = v0_post(&everywhere, "/api/updates/next", next.clone()).await;
+    assert!(matches!(answered, 200 | 204), "v0 update poll: {answered}");
+    everywhere.stop().await;
+
+    let kept = TestServer::start_with(store.store.clone(), |b| {
+        b.settings(fleet_server::Settings {
+            v0_only_for_heartbeats: true,
+            ..Default::default()
+        })
+    })
+    .await;
+    assert_eq!(v0_post(&kept, "/api/heartbeats", heartbeat).await, 200);
+    assert_eq!(v0_post(&kept, "/api/updates/next", next.clone()).await, 401);
+    let (status, _) = agent_post(
+        &kept,
+        "/api/updates/next",
+        &json!({"instance_id": "erp-7", "current_version": "1.0.0"}),
+    )
+    .await;
+    assert!(matches!(status, 200 | 204), "v1 update poll: {status}");
+    kept.stop().await;
+}
