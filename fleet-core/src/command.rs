@@ -109,7 +109,8 @@ pub struct RunCommand {
 /// `UpdateAgent`: a new agent binary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpdateAgent {
-    /// Version being installed.
+    /// Version being installed: SemVer, with or without a leading `v` ([`agent_version`]).
+    /// The agent installs the binary only if it states this version for itself.
     pub version: String,
     /// Where to download it.
     pub url: String,
@@ -120,6 +121,25 @@ pub struct UpdateAgent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<String>,
 }
+
+/// A SemVer version, with or without a leading `v` (`1.4.0`, `v1.4.0-rc.1+build.5`): what
+/// `UpdateAgent` names and what an agent binary states for itself with `--version`. Major,
+/// minor and patch have at most 18 digits each, as [`AGENT_VERSION_PATTERN`] says.
+pub fn agent_version(text: &str) -> Option<semver::Version> {
+    const LIMIT: u64 = 1_000_000_000_000_000_000;
+    let version = semver::Version::parse(text.strip_prefix('v').unwrap_or(text)).ok()?;
+    [version.major, version.minor, version.patch]
+        .iter()
+        .all(|&n| n < LIMIT)
+        .then_some(version)
+}
+
+/// [`agent_version`] as a JSON Schema pattern.
+const AGENT_VERSION_PATTERN: &str = concat!(
+    r"^v?(0|[1-9][0-9]{0,17})\.(0|[1-9][0-9]{0,17})\.(0|[1-9][0-9]{0,17})",
+    r"(-(0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)(\.(0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*))*)?",
+    r"(\+[0-9A-Za-z-]+(\.[0-9A-Za-z-]+)*)?$"
+);
 
 /// What `UpdatePackage` does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -281,7 +301,11 @@ impl Command {
                 schema::object(
                     &["version", "url"],
                     &[
-                        ("version", schema::id()),
+                        ("version", {
+                            let mut version = schema::id();
+                            version["pattern"] = AGENT_VERSION_PATTERN.into();
+                            version
+                        }),
                         ("url", url),
                         (
                             "sha256",
@@ -411,12 +435,15 @@ impl Validate for Command {
                 }
             }
             Command::UpdateAgent(update) => {
-                check_id(
-                    errors,
-                    &payload.field("version"),
-                    &update.version,
-                    limits.max_id_len,
-                );
+                let version = payload.field("version");
+                let before = errors.paths().len();
+                check_id(errors, &version, &update.version, limits.max_id_len);
+                if errors.paths().len() == before && agent_version(&update.version).is_none() {
+                    errors.push(
+                        version.to_string(),
+                        "must be a SemVer version such as 1.4.0 (a leading v is allowed)",
+                    );
+                }
                 if !(update.url.starts_with("https://") || update.url.starts_with("http://")) {
                     errors.push(payload.field("url").to_string(), "must be an http(s) URL");
                 }

@@ -131,10 +131,11 @@ fn privilege_hint(err: &sqlx::Error) -> &'static str {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    /// Whether the database could not be reached (down, restarting, no connection within the
-    /// pool's acquire timeout) rather than refusing the data: doing the same work again at
-    /// once would only wait again.
-    pub(crate) fn is_unreachable(&self) -> bool {
+    /// Whether doing the same work again at once would only wait again, rather than the
+    /// database refusing the data: it could not be reached (down, restarting, no connection
+    /// within the pool's acquire timeout), or a row lock held elsewhere outlasted
+    /// `lock_timeout`.
+    pub(crate) fn retry_would_wait(&self) -> bool {
         let Self::Database(err) = self else {
             return false;
         };
@@ -145,11 +146,11 @@ impl Error {
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed => true,
-            // SQLSTATE class 08 (connection exception) and 57P (the server shutting down or
-            // starting up).
+            // SQLSTATE class 08 (connection exception), 57P (the server shutting down or
+            // starting up) and 55P03 (lock not available).
             sqlx::Error::Database(db) => db
                 .code()
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "55P03"),
             _ => false,
         }
     }
@@ -278,10 +279,10 @@ mod tests {
     #[test]
     fn an_unreachable_database_is_told_from_refused_data() {
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-        assert!(Error::Database(sqlx::Error::Io(refused)).is_unreachable());
-        assert!(Error::Database(sqlx::Error::PoolTimedOut).is_unreachable());
-        assert!(!Error::Database(sqlx::Error::RowNotFound).is_unreachable());
-        assert!(!Error::NotFound.is_unreachable());
+        assert!(Error::Database(sqlx::Error::Io(refused)).retry_would_wait());
+        assert!(Error::Database(sqlx::Error::PoolTimedOut).retry_would_wait());
+        assert!(!Error::Database(sqlx::Error::RowNotFound).retry_would_wait());
+        assert!(!Error::NotFound.retry_would_wait());
     }
 
     #[test]

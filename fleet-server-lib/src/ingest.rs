@@ -266,11 +266,12 @@ async fn watched<F: Future>(
 /// Records `batch` with `record`, one outcome per heartbeat, in order. When the database
 /// refuses a batch, one bad heartbeat must not sink its neighbours: each half is recorded
 /// again on its own, down to single heartbeats, so a bad one costs about 2·log₂(n)
-/// transactions and a batch refused for a passing reason (a lock it waited too long for)
-/// costs two. At most `attempts.budget` transactions are tried in all: a database that refuses
-/// everything (a full disk) is not asked once per heartbeat. A database that cannot be
-/// reached is not asked again: each retry would wait the pool's acquire timeout, and the
-/// answers would come after the agents gave up.
+/// transactions and a batch refused for a passing reason (a deadlock) costs two. At most
+/// `attempts.budget` transactions are tried in all: a database that refuses everything (a
+/// full disk) is not asked once per heartbeat. A database that cannot be reached, or a row
+/// lock held elsewhere past the writers' `lock_timeout`, is not asked again: each retry
+/// would wait as long again, and the answers would come after the agents gave up. Those
+/// heartbeats get a 503 and come back from the agents' spools.
 fn record_halving<'a: 'r, 'r, R>(
     batch: &'a [IncomingHeartbeat],
     record: &'r R,
@@ -292,7 +293,7 @@ where
                 ));
                 unavailable_all()
             }
-            Err(err) if batch.len() > 1 && !err.is_unreachable() => {
+            Err(err) if batch.len() > 1 && !err.retry_would_wait() => {
                 let _first = attempts.first_refusal.set(err.to_string());
                 let (first, second) = batch.split_at(batch.len() / 2);
                 let mut outcomes = record_halving(first, record, attempts).await;

@@ -286,10 +286,10 @@ impl ControlPlaneBuilder {
         };
         let writers =
             ingest::spawn_writers(store.clone(), rules, settings.batch_max, metrics.clone());
-        let notify_pool = store.commands().and_then(|c| c.notify_pool());
+        let replica_channel = store.commands().and_then(|c| c.replica_channel());
         let live = Arc::new(channel::Live::new(
             self.live,
-            notify_pool.clone().map(replicas::Notifier::new),
+            replica_channel.clone().map(replicas::Notifier::new),
         ));
         let auth_throttle = throttle::AuthThrottle::new(settings.auth_failures_per_minute);
         // Subscribed before the router exists, so no job made available through it is missed.
@@ -314,8 +314,8 @@ impl ControlPlaneBuilder {
         if let Some(announced) = jobs_available {
             channel::spawn_jobs_waiting(Arc::downgrade(&state), announced);
         }
-        if let Some(pool) = notify_pool {
-            replicas::spawn_listener(Arc::downgrade(&state), pool);
+        if let Some(replica_channel) = replica_channel {
+            replicas::spawn_listener(Arc::downgrade(&state), replica_channel);
         }
         if let Some(webhook) = self.webhook {
             webhook::spawn(Arc::downgrade(&state), webhook);
@@ -397,6 +397,10 @@ fn routes(state: Shared) -> Router {
         .route("/rollouts/{id}", get(rollout_pages::rollout))
         .route("/rollouts/{id}/{action}", post(rollout_pages::act))
         .route("/plugins", get(rollout_pages::plugins))
+        .route(
+            "/plugins/requests/{id}/approve",
+            post(rollout_pages::approve_request),
+        )
         .route(
             "/plugins/requests/{id}/reject",
             post(rollout_pages::reject_request),

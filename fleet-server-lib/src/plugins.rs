@@ -211,11 +211,19 @@ pub(crate) async fn approve(
     State(state): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<Response> {
-    let record = state
+    Ok(Json(approve_by_id(&state, &id).await?).into_response())
+}
+
+/// Approves the request `id` (as the path gives it) and creates its job: the API route and
+/// the dashboard's Approve form.
+pub(crate) async fn approve_by_id(
+    state: &Shared,
+    id: &str,
+) -> Result<crate::store::rollouts::PluginRequestRecord> {
+    state
         .store
-        .approve_plugin_request(path_id(&id)?, CONTROL_PLANE_VERSION, fleet_core::unix_now())
-        .await?;
-    Ok(Json(record).into_response())
+        .approve_plugin_request(path_id(id)?, CONTROL_PLANE_VERSION, fleet_core::unix_now())
+        .await
 }
 
 /// Body of `POST /api/plugins/requests/{id}/reject`; it may be empty.

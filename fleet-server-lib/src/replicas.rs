@@ -15,8 +15,32 @@ use sqlx::postgres::PgListener;
 
 use crate::AppState;
 
-/// The PostgreSQL channel replicas listen on.
+/// The PostgreSQL channel replicas on the `public` schema listen on. `NOTIFY` reaches every
+/// session of the database, whatever its schema, so control planes kept in other schemas of
+/// the same database each take a channel of their own ([`channel_for_schema`]).
 pub const CHANNEL: &str = "fleet_commands";
+
+/// The longest channel name PostgreSQL keeps whole (`NAMEDATALEN - 1` bytes).
+const MAX_CHANNEL_LEN: usize = 63;
+
+/// The channel of the control planes whose tables are in `schema`: [`CHANNEL`] on
+/// `public` (as replicas of every version use), `fleet_commands.<schema>` elsewhere, or a
+/// digest of a schema name too long for that.
+pub fn channel_for_schema(schema: &str) -> String {
+    if schema == "public" {
+        return CHANNEL.to_owned();
+    }
+    let named = format!("{CHANNEL}.{schema}");
+    if named.len() <= MAX_CHANNEL_LEN {
+        return named;
+    }
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(schema.as_bytes()));
+    format!(
+        "{CHANNEL}#{}",
+        &digest[..MAX_CHANNEL_LEN - CHANNEL.len() - 1]
+    )
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -64,17 +88,18 @@ fn note_groups(instance_ids: &[String]) -> Vec<&[String]> {
 #[derive(Debug, Clone)]
 pub(crate) struct Notifier {
     pool: PgPool,
+    channel: String,
 }
 
 impl Notifier {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new((pool, channel): (PgPool, String)) -> Self {
+        Self { pool, channel }
     }
 
     async fn notify(&self, note: &Note) {
         let payload = serde_json::to_string(note).unwrap_or_default();
         let sent = sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CHANNEL)
+            .bind(&self.channel)
             .bind(payload)
             .execute(&self.pool)
             .await;
@@ -110,11 +135,11 @@ impl Notifier {
 }
 
 /// Listens for the other replicas' notifications until the control plane is dropped.
-pub(crate) fn spawn_listener(state: Weak<AppState>, pool: PgPool) {
+pub(crate) fn spawn_listener(state: Weak<AppState>, (pool, channel): (PgPool, String)) {
     tokio::spawn(async move {
         let mut listener = loop {
             match PgListener::connect_with(&pool).await {
-                Ok(mut listener) => match listener.listen(CHANNEL).await {
+                Ok(mut listener) => match listener.listen(&channel).await {
                     Ok(()) => break listener,
                     Err(err) => tracing::warn!(error = %err, "cannot LISTEN; retrying"),
                 },
@@ -169,6 +194,20 @@ pub(crate) fn spawn_listener(state: Weak<AppState>, pool: PgPool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_schema_takes_a_channel_of_its_own_that_postgresql_keeps_whole() {
+        assert_eq!(channel_for_schema("public"), "fleet_commands");
+        assert_eq!(channel_for_schema("tenant_a"), "fleet_commands.tenant_a");
+        let long_a = format!("{}a", "x".repeat(62));
+        let long_b = format!("{}b", "x".repeat(62));
+        for schema in [&long_a, &long_b] {
+            let channel = channel_for_schema(schema);
+            assert!(channel.len() <= MAX_CHANNEL_LEN, "{channel}");
+            assert!(channel.starts_with("fleet_commands#"), "{channel}");
+        }
+        assert_ne!(channel_for_schema(&long_a), channel_for_schema(&long_b));
+    }
 
     #[test]
     fn jobs_waiting_notes_fit_a_notification_and_keep_every_id_once() {

@@ -341,6 +341,20 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         ],
     ),
     r(
+        "post",
+        "/plugins/requests/{id}/approve",
+        Role("admin"),
+        "Dashboard form: approve a pending plugin request and create its job, as POST /api/plugins/requests/{id}/approve.",
+        &[
+            (303, "Back to the plugins"),
+            (404, "Unknown request"),
+            (
+                409,
+                "No approved release of that version, incompatible with this control plane, or already decided",
+            ),
+        ],
+    ),
+    r(
         "get",
         "/restores",
         Role("support"),

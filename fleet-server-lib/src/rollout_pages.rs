@@ -360,7 +360,7 @@ pub(crate) async fn plugins(
                 .map(|reason| long_text(reason, LONG_CELL_CHARS))
                 .unwrap_or_else(|| "–".into()),
             request_status(r),
-            reject_form(r, role),
+            decision_forms(r, role),
             request_job(r),
         );
     }
@@ -377,19 +377,40 @@ fn request_status(r: &crate::store::rollouts::PluginRequestRecord) -> String {
     }
 }
 
-/// The Reject form shown after a pending request's status, for admins only (the role
-/// `POST /api/plugins/requests/{id}/reject` needs); empty otherwise.
-fn reject_form(r: &crate::store::rollouts::PluginRequestRecord, role: Role) -> String {
+/// The Approve and Reject forms shown after a pending request's status, for admins only (the
+/// role `POST /api/plugins/requests/{id}/approve` and `…/reject` need); empty otherwise.
+fn decision_forms(r: &crate::store::rollouts::PluginRequestRecord, role: Role) -> String {
     if r.status != "pending" || role < Role::Admin {
         return String::new();
     }
     format!(
-        " <form method=post action=\"/plugins/requests/{}/reject\" class=reject style=\"display:inline\">\
-         <input name=reason maxlength={} placeholder=\"Reason (optional)\" aria-label=\"Reason\"> \
+        " <form method=post action=\"/plugins/requests/{id}/approve\" class=approve style=\"display:inline\">\
+         <button>Approve</button></form>\
+         <form method=post action=\"/plugins/requests/{id}/reject\" class=reject style=\"display:inline\">\
+         <input name=reason maxlength={max} placeholder=\"Reason (optional)\" aria-label=\"Reason\"> \
          <button>Reject</button></form>",
-        r.id,
-        crate::plugins::MAX_REJECTION_REASON_CHARS
+        id = r.id,
+        max = crate::plugins::MAX_REJECTION_REASON_CHARS
     )
+}
+
+/// `POST /plugins/requests/{id}/approve` (admin): the Plugins page's Approve form. Approves
+/// as `POST /api/plugins/requests/{id}/approve` does (the request's job is created and its
+/// agent told), then back to the Plugins page; a request that cannot be approved (decided
+/// already, no approved or compatible release) gets the 409 page saying why, an unknown id
+/// the JSON 404.
+pub(crate) async fn approve_request(
+    Viewer(role): Viewer<2>,
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response> {
+    match crate::plugins::approve_by_id(&state, &id).await {
+        Ok(_) => Ok(Redirect::to("/plugins").into_response()),
+        Err(Error::Conflict(why)) => {
+            Ok(refused_page(role, &why, "/plugins", "Back to the plugins"))
+        }
+        Err(other) => Err(other),
+    }
 }
 
 /// The Reject form's fields.

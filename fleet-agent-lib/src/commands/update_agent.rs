@@ -319,11 +319,6 @@ fn exit_description(code: Option<i32>) -> String {
     code.map_or_else(|| "a signal".to_owned(), |c| format!("status {c}"))
 }
 
-/// A SemVer version, with or without a leading `v` (`1.4.0`, `v1.4.0`).
-fn parse_version(text: &str) -> Option<semver::Version> {
-    semver::Version::parse(text.strip_prefix('v').unwrap_or(text)).ok()
-}
-
 /// The version `candidate` states for itself: the last word of the first line it prints
 /// for `--version` (`fleet-agent 1.4.0`). It runs without a shell, in its own process group
 /// (killed whole after [`VERSION_TIMEOUT`]) and with an empty environment: it is handed no
@@ -370,7 +365,7 @@ async fn stated_version(candidate: &Path) -> Result<semver::Version, String> {
     first_line
         .split_whitespace()
         .last()
-        .and_then(parse_version)
+        .and_then(fleet_core::command::agent_version)
         .ok_or_else(|| {
             let shown: String = first_line.chars().take(100).collect();
             format!(
@@ -400,14 +395,14 @@ fn may_install(
     running: &str,
     allow_downgrade: bool,
 ) -> Result<(), String> {
-    if parse_version(asked).as_ref() != Some(version) {
+    if fleet_core::command::agent_version(asked).as_ref() != Some(version) {
         return Err(format!(
             "the downloaded binary is version {version}, not the {asked} the command asked \
              for; the previous binary stays"
         ));
     }
     // Precedence ignores build metadata: 1.4.0+b over 1.4.0+a is a re-install.
-    match parse_version(running) {
+    match fleet_core::command::agent_version(running) {
         Some(running) if version.cmp_precedence(&running) == Ordering::Less => {
             if !allow_downgrade {
                 return Err(format!(
@@ -619,7 +614,7 @@ mod tests {
 
     #[test]
     fn the_binary_must_be_the_asked_version_and_not_older_unless_allowed() {
-        let v = |text: &str| parse_version(text).expect("a version");
+        let v = |text: &str| fleet_core::command::agent_version(text).expect("a version");
         assert_eq!(may_install(&v("1.5.0"), "1.5.0", "1.4.0", false), Ok(()));
         // The same version again is a re-install; build metadata does not order versions.
         assert_eq!(may_install(&v("1.4.0"), "v1.4.0", "1.4.0", false), Ok(()));

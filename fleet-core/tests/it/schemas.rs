@@ -56,6 +56,22 @@ fn submit_command_payloads_follow_their_command_type() {
                 json!({"version": "1.2.3", "url": "https://example.com/agent", "sha256": hex}),
             ),
             submit(
+                "UpdateAgent",
+                json!({"version": "v2.0.0-rc.1+build-5.x", "url": "https://e/a"}),
+            ),
+            submit(
+                "UpdateAgent",
+                json!({"version": "0.10.0-alpha.0.x-y", "url": "https://e/a"}),
+            ),
+            submit(
+                "UpdateAgent",
+                json!({"version": "1.2.3+001", "url": "https://e/a"}),
+            ),
+            submit(
+                "UpdateAgent",
+                json!({"version": "999999999999999999.0.0-12345678901234567890123", "url": "https://e/a"}),
+            ),
+            submit(
                 "UpdatePackage",
                 json!({"packages": ["libstdc++6", "hello=2.10-3", "R"], "action": "install"}),
             ),
@@ -98,6 +114,38 @@ fn submit_command_payloads_follow_their_command_type() {
             submit(
                 "UpdateAgent",
                 json!({"version": "1 2", "url": "https://e/a"}),
+            ),
+            submit(
+                "UpdateAgent",
+                json!({"version": "latest", "url": "https://e/a"}),
+            ),
+            submit(
+                "UpdateAgent",
+                json!({"version": "1.2", "url": "https://e/a"}),
+            ),
+            submit(
+                "UpdateAgent",
+                json!({"version": "01.2.3", "url": "https://e/a"}),
+            ),
+            submit(
+                "UpdateAgent",
+                json!({"version": "1.2.3-", "url": "https://e/a"}),
+            ),
+            submit(
+                "UpdateAgent",
+                json!({"version": "1.2.3-rc..1", "url": "https://e/a"}),
+            ),
+            submit(
+                "UpdateAgent",
+                json!({"version": "1.2.3-01", "url": "https://e/a"}),
+            ),
+            submit(
+                "UpdateAgent",
+                json!({"version": "1.2.3+", "url": "https://e/a"}),
+            ),
+            submit(
+                "UpdateAgent",
+                json!({"version": "1.2.1000000000000000000", "url": "https://e/a"}),
             ),
             submit(
                 "UpdatePackage",

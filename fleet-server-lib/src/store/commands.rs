@@ -361,8 +361,9 @@ pub trait CommandStore: Send + Sync {
         now: i64,
     ) -> Result<bool>;
 
-    /// A PostgreSQL pool for `LISTEN/NOTIFY` between replicas (`None` on SQLite).
-    fn notify_pool(&self) -> Option<sqlx::PgPool> {
+    /// A PostgreSQL pool and the channel for `LISTEN/NOTIFY` between the replicas sharing
+    /// this store's schema (`None` on SQLite).
+    fn replica_channel(&self) -> Option<(sqlx::PgPool, String)> {
         None
     }
 }
@@ -1058,8 +1059,8 @@ impl_command_store!(
     super::PostgresStore,
     "BEGIN",
     " FOR UPDATE",
-    fn notify_pool(&self) -> Option<sqlx::PgPool> {
-        Some(self.pool().clone())
+    fn replica_channel(&self) -> Option<(sqlx::PgPool, String)> {
+        Some((self.pool().clone(), self.notify_channel.clone()))
     }
 );
 

@@ -9,6 +9,10 @@ use crate::Result;
 
 const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long a heartbeat writer waits for a row lock: a batch of another writer holds one
+/// for milliseconds, and the agents give up after 10 s.
+const WRITER_LOCK_TIMEOUT: &str = "2s";
+
 /// A [`Store`](super::Store) in PostgreSQL. Migrations run when it connects; several
 /// control-plane processes may share one database.
 #[derive(Debug, Clone)]
@@ -20,6 +24,8 @@ pub struct PostgresStore {
     /// Where the jobs it makes available are announced (to this process's control planes;
     /// they route what concerns another replica's agents through `NOTIFY`).
     jobs: super::rollouts::JobAnnouncer,
+    /// The `NOTIFY` channel of the replicas on this store's schema.
+    pub(super) notify_channel: String,
 }
 
 /// Connections for the heartbeat writers alone, which plan each statement once and never
@@ -28,7 +34,10 @@ pub struct PostgresStore {
 /// statement (every table a heartbeat touches) costs PostgreSQL more than a millisecond.
 /// Every row they read is found by a key; but a plan made while a table is young (a new
 /// database, before autovacuum first analyzes it) scans it, and a cached plan keeps doing
-/// so as the table grows, so sequential scans are off for them. Opened when the first
+/// so as the table grows, so sequential scans are off for them. A row lock held elsewhere
+/// (an operator's open transaction on an installation) makes a batch wait at most
+/// [`WRITER_LOCK_TIMEOUT`]; its heartbeats then get a retryable 503, instead of every
+/// heartbeat of that writer waiting for as long as the lock is held. Opened when the first
 /// batch needs one.
 fn ingest_pool(options: &PgConnectOptions) -> Pool<Postgres> {
     PgPoolOptions::new()
@@ -37,6 +46,7 @@ fn ingest_pool(options: &PgConnectOptions) -> Pool<Postgres> {
         .connect_lazy_with(options.clone().options([
             ("plan_cache_mode", "force_generic_plan"),
             ("enable_seqscan", "off"),
+            ("lock_timeout", WRITER_LOCK_TIMEOUT),
         ]))
 }
 
@@ -85,11 +95,18 @@ impl PostgresStore {
             Err(err) => return Err(err.into()),
         };
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        // The schema the tables were created in: the first of the search path that exists.
+        let schema: Option<String> = sqlx::query_scalar("SELECT current_schema()")
+            .fetch_one(&pool)
+            .await?;
+        let notify_channel =
+            crate::replicas::channel_for_schema(schema.as_deref().unwrap_or("public"));
         Ok(Self {
             pool,
             ingest,
             writers: Self::DEFAULT_WRITERS,
             jobs: Default::default(),
+            notify_channel,
         })
     }
 

@@ -294,6 +294,13 @@ async fn roles_limits_and_tokens(store: TestStore) {
     assert_eq!(body["error"]["details"][0]["path"], "payload.project_name");
     let none = json!({"command_type": "HEALTH_CHECK", "payload": {}});
     assert_eq!(submit(&server.client, &server.url, OPS, none).await.0, 422);
+    // An agent installs only a binary stating the asked version, so a version no binary can
+    // state is refused here rather than by every agent in turn.
+    let latest = json!({"command_type": "UpdateAgent", "targets": [INSTANCE],
+        "payload": {"version": "latest", "url": "https://dl.example/agent"}});
+    let (code, body) = submit(&server.client, &server.url, ADMIN, latest).await;
+    assert_eq!(code, 422, "{body}");
+    assert_eq!(body["error"]["details"][0]["path"], "payload.version");
     // A compose file that no agent could read is refused before it is sent to any.
     for (file, why) in [
         ("!!!", "is not valid base64"),

@@ -439,6 +439,54 @@ async fn a_heartbeat_the_database_refuses_does_not_sink_the_ones_sent_with_it() 
     assert_eq!(count(&server).await, 39);
 }
 
+/// An installation row locked elsewhere (an operator's transaction left open) holds its
+/// heartbeat up for the writers' lock timeout only: the agent gets a retryable 503 well
+/// before its own 10 s timeout, and the same message is recorded once the lock is gone.
+#[tokio::test]
+async fn a_row_lock_held_elsewhere_answers_503_in_seconds_and_loses_nothing() {
+    let t = support::postgres().await;
+    let server = TestServer::start(t.store.clone()).await;
+    server.seen("locked").await;
+    let side = t.other_connection().await;
+    let mut holder = side.begin().await.expect("begin");
+    sqlx::query("SELECT id FROM installations WHERE instance_id = 'locked' FOR UPDATE")
+        .fetch_one(&mut *holder)
+        .await
+        .expect("lock the installation");
+
+    let hb = body("locked", json!({ "version": "2.0.0" }));
+    let started = std::time::Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(9),
+        server.send_v1(SHARED, "under-lock", now(), &hb),
+    )
+    .await
+    .expect("the heartbeat waited for the lock as long as it was held");
+    let waited = started.elapsed();
+    assert_eq!(answer.status().as_u16(), 503);
+    assert!(
+        waited < Duration::from_secs(8),
+        "answered after {waited:?}, the agent would have given up"
+    );
+    assert_eq!(
+        count(&server).await,
+        1,
+        "only the first heartbeat is stored"
+    );
+
+    holder.rollback().await.expect("release the lock");
+    let retried = server.send_v1(SHARED, "under-lock", now(), &hb).await;
+    assert_eq!(retried.status().as_u16(), 200);
+    assert_eq!(count(&server).await, 2);
+    let (_, detail) = server
+        .get_json("/api/installations?q=locked", SUPPORT)
+        .await;
+    assert_eq!(detail["items"][0]["version"], "2.0.0", "{detail}");
+    server.stop().await;
+    side.close().await;
+    support::drop_schema(t.schema).await;
+}
+
 /// The shared `CONTROL_PLANE_AGENT_TOKEN` signs for instances that have no secret of their
 /// own, never for an enrolled one: whoever holds the token every unlisted agent has would
 /// otherwise send its heartbeats, take its jobs and register as it for its live channel.

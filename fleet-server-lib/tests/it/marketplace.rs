@@ -933,22 +933,20 @@ async fn postgres_closes_plugin_request_copies_stored_before_the_upgrade() {
     crate::support::drop_schema(Some(schema)).await;
 }
 
-/// The Plugins page's Reject form: only an admin sees it, only on pending requests; posting it
-/// rejects as the API does and goes back to the page; a decided request gets the 409 page, an
-/// unknown id the JSON 404, an invalid reason the JSON 422.
-async fn the_plugins_page_rejects_pending_requests_for_admins(t: TestStore) {
-    let server = TestServer::start(t.store.clone()).await;
+/// Publishes the billing-export 1.2.0 release and sends a pending install request from each
+/// of `instances`; their ids, in order.
+async fn pending_billing_requests(server: &TestServer, instances: &[&str]) -> Vec<String> {
     admin_post(
-        &server,
+        server,
         "/api/plugins/releases",
         ADMIN,
         &json!({"name": "billing-export", "version": "1.2.0"}),
     )
     .await;
     let mut requests = Vec::new();
-    for instance in ["m1", "m2", "m3"] {
+    for instance in instances {
         let (status, request) = agent_post(
-            &server,
+            server,
             "/api/plugins/requests",
             &billing_request(instance, "install"),
         )
@@ -956,6 +954,22 @@ async fn the_plugins_page_rejects_pending_requests_for_admins(t: TestStore) {
         assert!(matches!(status, 200 | 201), "{request}");
         requests.push(request["id"].to_string());
     }
+    requests
+}
+
+/// A dashboard form posted for an unknown id gets the API's JSON 404.
+fn assert_json_not_found(refused: &crate::support::FormAnswer) {
+    assert_eq!(refused.status, 404, "{refused:?}");
+    let error: Value = serde_json::from_str(&refused.body).expect("a JSON error");
+    assert_eq!(code(&error), "not_found", "{error}");
+}
+
+/// The Plugins page's Reject form: only an admin sees it, only on pending requests; posting it
+/// rejects as the API does and goes back to the page; a decided request gets the 409 page, an
+/// unknown id the JSON 404, an invalid reason the JSON 422.
+async fn the_plugins_page_rejects_pending_requests_for_admins(t: TestStore) {
+    let server = TestServer::start(t.store.clone()).await;
+    let requests = pending_billing_requests(&server, &["m1", "m2", "m3"]).await;
     let (turned_down, approved, quiet) = (&requests[0], &requests[1], &requests[2]);
     let (status, _) = admin_post(
         &server,
@@ -1037,14 +1051,86 @@ async fn the_plugins_page_rejects_pending_requests_for_admins(t: TestStore) {
     }
     for unknown in ["999999", "abc"] {
         let refused = post_form(&server, &reject(unknown), ADMIN, &[("reason", "")]).await;
-        assert_eq!(refused.status, 404, "{refused:?}");
-        let error: Value = serde_json::from_str(&refused.body).expect("a JSON error");
-        assert_eq!(code(&error), "not_found", "{error}");
+        assert_json_not_found(&refused);
+    }
+    server.stop().await;
+}
+
+/// The Plugins page's Approve form: only an admin sees it, only on pending requests; posting
+/// it approves as the API does (the job is created) and goes back to the page; a decided
+/// request gets the 409 page saying why, an unknown id the JSON 404.
+async fn the_plugins_page_approves_pending_requests_for_admins(t: TestStore) {
+    let server = TestServer::start(t.store.clone()).await;
+    let requests = pending_billing_requests(&server, &["p1", "p2"]).await;
+    let (wanted, turned_down) = (&requests[0], &requests[1]);
+    let (status, _) = admin_post(
+        &server,
+        &format!("/api/plugins/requests/{turned_down}/reject"),
+        ADMIN,
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let form_of = |id: &str| format!("action=\"/plugins/requests/{id}/approve\"");
+    let approve = |id: &str| format!("/plugins/requests/{id}/approve");
+
+    for token in [SUPPORT, OPS] {
+        let (_, html) = page(&server, "/plugins", token).await;
+        assert!(
+            !html.contains("/approve\""),
+            "no Approve form for {token}: {html}"
+        );
+        let refused = post_form(&server, &approve(wanted), token, &[]).await;
+        assert_eq!(refused.status, 403, "{refused:?}");
+    }
+    let (_, html) = page(&server, "/plugins", ADMIN).await;
+    assert!(html.contains(&form_of(wanted)), "{html}");
+    assert!(
+        !html.contains(&form_of(turned_down)),
+        "decided: no form: {html}"
+    );
+
+    let done = post_form(&server, &approve(wanted), ADMIN, &[]).await;
+    assert_eq!(
+        (done.status, done.location.as_str()),
+        (303, "/plugins"),
+        "{done:?}"
+    );
+    let (_, listed) = server
+        .get_documented("/api/plugins/requests", SUPPORT)
+        .await;
+    let approved = listed["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .find(|r| r["id"].as_i64() == wanted.parse().ok())
+        .expect("listed")
+        .clone();
+    assert_eq!(approved["status"], "approved", "{approved}");
+    assert!(approved["job_id"].is_i64(), "a job is created: {approved}");
+    let (_, html) = page(&server, "/plugins", ADMIN).await;
+    assert!(
+        !html.contains("/approve\""),
+        "nothing left to approve: {html}"
+    );
+
+    for (id, how) in [
+        (wanted, "already approved"),
+        (turned_down, "already rejected"),
+    ] {
+        let refused = post_form(&server, &approve(id), ADMIN, &[]).await;
+        assert_eq!(refused.status, 409, "{refused:?}");
+        assert!(refused.content_type.starts_with("text/html"), "{refused:?}");
+        assert!(refused.body.contains(how), "{}", refused.body);
+    }
+    for unknown in ["999999", "abc"] {
+        assert_json_not_found(&post_form(&server, &approve(unknown), ADMIN, &[]).await);
     }
     server.stop().await;
 }
 
 on_both_backends!(
+    the_plugins_page_approves_pending_requests_for_admins,
     the_plugins_page_rejects_pending_requests_for_admins,
     a_repeated_plugin_request_is_answered_with_the_pending_one,
     concurrent_identical_plugin_requests_make_one_row,

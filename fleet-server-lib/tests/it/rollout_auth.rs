@@ -177,6 +177,12 @@ pub const MATRIX: &[(&str, &str, &str, [u16; 4])] = &[
         [303, 403, 404, 404],
     ),
     ("GET", "/plugins", "/plugins", [303, 200, 200, 200]),
+    (
+        "POST",
+        "/plugins/requests/{id}/approve",
+        "/plugins/requests/999999/approve",
+        [303, 403, 403, 404],
+    ),
     // Posted without a form, the admin's reject is refused as not a form (422).
     (
         "POST",

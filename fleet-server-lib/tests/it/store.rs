@@ -1611,3 +1611,59 @@ async fn ended_targets_lose_their_output_after_the_retention_and_keep_their_resu
         .expect("target");
     assert_eq!(output.output_deleted_at, Some(10_000), "marked once");
 }
+
+/// Replicas of one control plane (one schema) share a `NOTIFY` channel; a control plane kept
+/// in another schema of the same database has its own, so neither hears the other's command
+/// routing and job news.
+#[tokio::test]
+async fn postgres_replicas_share_a_notify_channel_and_other_schemas_do_not_hear_it() {
+    use sqlx::postgres::PgListener;
+    let a = crate::support::postgres().await;
+    let b = crate::support::postgres().await;
+    let schema_a = a.schema.as_deref().expect("schema");
+    let replica =
+        fleet_server::PostgresStore::connect_with(crate::support::schema_options(&a.url, schema_a))
+            .await
+            .expect("a second replica on the same schema");
+    let channel = |store: &dyn Store| {
+        store
+            .commands()
+            .and_then(|c| c.replica_channel())
+            .expect("PostgreSQL has a replica channel")
+    };
+    let (pool_a, channel_a) = channel(a.store.as_ref());
+    let (_, channel_replica) = channel(&replica);
+    let (pool_b, channel_b) = channel(b.store.as_ref());
+    assert_eq!(channel_a, channel_replica);
+    assert_ne!(channel_a, channel_b);
+    assert_ne!(
+        channel_a, "fleet_commands",
+        "public keeps the name older replicas use"
+    );
+
+    let mut hears_a = PgListener::connect_with(&pool_a).await.expect("listener");
+    hears_a
+        .listen(&channel_a)
+        .await
+        .expect("LISTEN on a's channel");
+    let mut hears_b = PgListener::connect_with(&pool_b).await.expect("listener");
+    hears_b
+        .listen(&channel_b)
+        .await
+        .expect("LISTEN on b's channel");
+    sqlx::query("SELECT pg_notify($1, 'deliver')")
+        .bind(&channel_a)
+        .execute(&pool_a)
+        .await
+        .expect("notify");
+    let heard = tokio::time::timeout(std::time::Duration::from_secs(5), hears_a.recv())
+        .await
+        .expect("a replica of a hears it")
+        .expect("notification");
+    assert_eq!(heard.payload(), "deliver");
+    let overheard =
+        tokio::time::timeout(std::time::Duration::from_millis(500), hears_b.recv()).await;
+    assert!(overheard.is_err(), "b heard a's note: {overheard:?}");
+    crate::support::drop_schema(a.schema).await;
+    crate::support::drop_schema(b.schema).await;
+}
