@@ -445,8 +445,14 @@ impl PollNow {
     }
 }
 
+/// The least time between the starts of two polls when the second is woken by the control
+/// plane: one that sends `jobs_waiting` without pause (a fault, or a flood of batches) makes
+/// the agent ask about once a second, not as fast as it can.
+pub const MIN_WOKEN_POLL_GAP: Duration = Duration::from_secs(1);
+
 /// Calls `poll` every `interval` (at once again after it did some work, or when `wake` is
-/// notified) until `stop`. One poll runs at a time.
+/// notified, though not sooner than [`MIN_WOKEN_POLL_GAP`] after the poll before started)
+/// until `stop`. One poll runs at a time.
 pub async fn poll_loop<F, Fut>(
     name: &'static str,
     interval: Duration,
@@ -459,6 +465,7 @@ pub async fn poll_loop<F, Fut>(
 {
     let interval = interval.max(Duration::from_secs(1));
     loop {
+        let started = Instant::now();
         let wait = tokio::select! {
             ran = poll() => match ran {
                 Ok(true) => Duration::ZERO,
@@ -470,11 +477,19 @@ pub async fn poll_loop<F, Fut>(
             },
             _ = stop.wait_for(|s| *s) => return,
         };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+        let woken = tokio::select! {
+            _ = tokio::time::sleep(wait) => false,
             // A wake that came during the poll left its permit: it is taken here at once.
-            _ = wake.notified() => tracing::debug!(pipeline = name, "woken to poll now"),
+            _ = wake.notified() => true,
             _ = stop.wait_for(|s| *s) => return,
+        };
+        if woken {
+            tracing::debug!(pipeline = name, "woken to poll now");
+            let early = MIN_WOKEN_POLL_GAP.saturating_sub(started.elapsed());
+            tokio::select! {
+                _ = tokio::time::sleep(early) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
         }
     }
 }
@@ -535,6 +550,38 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), task)
             .await
             .expect("stops")
+            .expect("joins");
+    }
+
+    #[tokio::test]
+    async fn wakes_without_pause_make_about_one_poll_a_second() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let polls = Arc::new(AtomicUsize::new(0));
+        let now = PollNow::default();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn({
+            let (polls, now) = (polls.clone(), now.clone());
+            async move {
+                let wake = now.of(Pipeline::Update);
+                poll_loop("test", Duration::from_secs(600), wake, stopped, || {
+                    polls.fetch_add(1, Ordering::SeqCst);
+                    async { Ok(false) }
+                })
+                .await
+            }
+        });
+        let flood_until = Instant::now() + Duration::from_millis(2500);
+        while Instant::now() < flood_until {
+            now.wake(Pipeline::Update);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let made = polls.load(Ordering::SeqCst);
+        // The first poll, then one a second while the wakes go on.
+        assert!((2..=4).contains(&made), "{made} polls in 2.5 s of wakes");
+        stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("stops even while holding a woken poll back")
             .expect("joins");
     }
 
