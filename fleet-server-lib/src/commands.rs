@@ -263,9 +263,29 @@ pub(crate) fn output_deleted(target: &TargetRecord) -> Option<i64> {
     target.output_deleted_at.filter(|_| target.output_bytes > 0)
 }
 
+/// [`output_deleted`] of a target's [`TargetOutput`](crate::store::commands::TargetOutput).
+fn deleted_at(output: &crate::store::commands::TargetOutput) -> Option<i64> {
+    output.output_deleted_at.filter(|_| output.output_bytes > 0)
+}
+
+/// The lines that end a target's whole output: the cut at the cap, and the retention's
+/// deletion when the sweep deleted the output while it was being read (what came before is
+/// then only part of it). Empty when the output was read whole and not cut.
+fn closing_lines(output: &crate::store::commands::TargetOutput) -> String {
+    let mut lines = String::new();
+    if let Some(cut) = output.output_truncated_at_bytes {
+        lines.push_str(&format!("\n[{}]\n", truncation_text(cut)));
+    }
+    if let Some(at) = deleted_at(output) {
+        lines.push_str(&format!("\n[{}]\n", deletion_text(output.output_bytes, at)));
+    }
+    lines
+}
+
 /// `GET /v1/commands/{id}/logs?target=&stream=&follow=`: the whole output as bytes, or a
 /// live stream of server-sent events. Output the control plane cut at its cap ends with a
-/// line that says so; output its retention deleted is a 410 that says when.
+/// line that says so; output its retention deleted is a 410 that says when, and output it
+/// deleted while being read ends with a line (or an `end` event) that says so.
 pub(crate) async fn logs(
     _: Support,
     State(state): State<Shared>,
@@ -329,13 +349,14 @@ pub(crate) async fn logs(
                 let from = match page {
                     Page::From(from) => from,
                     Page::Note => {
-                        // Read at the end, so a cut made while the output was read is told.
+                        // Read at the end, so a cut or a deletion made while the output
+                        // was read is told.
                         return match commands.target_output(&target).await {
                             Ok(output) => {
                                 // Output left whole ends with its last byte.
-                                let cut = output.and_then(|o| o.output_truncated_at_bytes)?;
-                                let note = format!("\n[{}]\n", truncation_text(cut));
-                                Some((Ok(Bytes::from(note)), (state, target, Page::Done)))
+                                let lines = closing_lines(&output?);
+                                (!lines.is_empty())
+                                    .then(|| (Ok(Bytes::from(lines)), (state, target, Page::Done)))
                             }
                             Err(err) => Some((
                                 Err(std::io::Error::other(err.to_string())),
@@ -405,7 +426,9 @@ fn parse_event_id(text: &str) -> Option<[i64; 2]> {
 /// Follows one target's output from the offsets `resume` as server-sent events:
 /// `stdout`/`stderr` events carrying `{offset, data, encoding}` (their id is where each
 /// stream goes on, see [`event_id`]), then one `end` event with the target's final status
-/// and, when the control plane cut its output at the cap, `output_truncated_at_bytes`.
+/// and output size, and, when the control plane cut its output at the cap,
+/// `output_truncated_at_bytes`, or deleted it while it was being followed,
+/// `output_deleted_at`.
 fn follow(
     state: Shared,
     target: String,
@@ -462,9 +485,14 @@ fn follow(
             if let Some(output) = ended {
                 c.finished = true;
                 c.ended = true;
+                // Read again: the retention may have deleted the output since `ended` was
+                // read, and then the chunks above were not there to be read.
+                let output = target_ended(commands, &c.target).await.unwrap_or(output);
                 let end = serde_json::json!({
                     "status": output.status,
+                    "output_bytes": output.output_bytes,
                     "output_truncated_at_bytes": output.output_truncated_at_bytes,
+                    "output_deleted_at": deleted_at(&output),
                 });
                 c.pending
                     .push_back(Event::default().event("end").data(end.to_string()));
@@ -685,7 +713,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "get",
         "/v1/commands/{id}/logs",
         Least("support"),
-        "Output of one target (?target=instance, ?stream=stdout|stderr): whole as bytes, or followed live as server-sent events with ?follow=true. Each output event's id is `<stdout offset>,<stderr offset>` after it; sent back as Last-Event-ID, the stream goes on from there. Output the control plane cut at CONTROL_PLANE_COMMAND_OUTPUT_MAX_BYTES ends with the line `[output truncated at <size> by the control plane (CONTROL_PLANE_COMMAND_OUTPUT_MAX_BYTES)]` (whole), or has `output_truncated_at_bytes` in its `end` event (followed; null when nothing was left out).",
+        "Output of one target (?target=instance, ?stream=stdout|stderr): whole as bytes, or followed live as server-sent events with ?follow=true. Each output event's id is `<stdout offset>,<stderr offset>` after it; sent back as Last-Event-ID, the stream goes on from there. Output the control plane cut at CONTROL_PLANE_COMMAND_OUTPUT_MAX_BYTES ends with the line `[output truncated at <size> by the control plane (CONTROL_PLANE_COMMAND_OUTPUT_MAX_BYTES)]` (whole), or has `output_truncated_at_bytes` in its `end` event (followed; null when nothing was left out). Output the retention deleted is a 410; output it deleted while it was being read ends with the line `[the output of this target (<size>) was deleted at <time> …]` (whole), or has `output_deleted_at` in its `end` event (followed; null while kept).",
         &[
             (200, "Bytes or text/event-stream"),
             (

@@ -412,18 +412,14 @@ async fn follow_once(
                 let value: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
                 match event.as_str() {
                     "end" => {
-                        if let Some(cut) = value["output_truncated_at_bytes"].as_i64() {
-                            let open_line = shown.mid_line.iter().any(|open| *open);
-                            let label = if prefix {
-                                format!("[{target}] ")
-                            } else {
-                                String::new()
-                            };
-                            eprintln!(
-                                "{}{label}{}",
-                                if open_line { "\n" } else { "" },
-                                truncation_notice(cut)
-                            );
+                        let label = if prefix {
+                            format!("[{target}] ")
+                        } else {
+                            String::new()
+                        };
+                        for (i, note) in output_notes(&value).iter().enumerate() {
+                            let open_line = i == 0 && shown.mid_line.iter().any(|open| *open);
+                            eprintln!("{}{label}{note}", if open_line { "\n" } else { "" });
                         }
                         return Ok(Followed::Ended);
                     }
@@ -638,8 +634,9 @@ fn truncation_notice(max_bytes: i64) -> String {
     )
 }
 
-/// What a target's record says of output the control plane did not keep whole: cut at its
-/// cap, or deleted after its retention. Empty when the output is all there.
+/// What a target's record (or the `end` event of its followed output) says of output the
+/// control plane did not keep whole: cut at its cap, or deleted after its retention. Empty
+/// when the output is all there.
 fn output_notes(target: &Value) -> Vec<String> {
     let mut notes = Vec::new();
     if let Some(cut) = target["output_truncated_at_bytes"].as_i64() {

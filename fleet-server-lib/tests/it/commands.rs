@@ -765,8 +765,109 @@ support::on_both_backends!(
     output_past_the_cap_is_acknowledged_and_not_stored,
     offsets_past_what_the_database_holds_are_acknowledged_and_not_stored,
     the_sweep_deletes_old_output_and_the_logs_say_so,
+    output_deleted_while_it_is_read_ends_saying_so,
     targets_the_control_plane_never_heard_of_are_refused,
 );
+
+/// Output the retention sweep deletes while a reader is part way through it ends with the
+/// deletion told (a line of the whole output, `output_deleted_at` in the followed output's
+/// `end` event), not as if the command had printed no more.
+async fn output_deleted_while_it_is_read_ends_saying_so(store: TestStore) {
+    use fleet_core::command::{Stream, TargetStatus};
+    use fleet_server::store::commands::TargetUpdate;
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 768;
+    let server = server(&store).await;
+    let commands = store.store.commands().expect("command store");
+    let now = support::now();
+    for follow in [false, true] {
+        let (id, target) = run_on(&server, INSTANCE).await;
+        let chunks: Vec<_> = (0..CHUNKS)
+            .map(|i| {
+                let line = format!("{i:07} {}\n", "x".repeat(CHUNK - 9));
+                (
+                    target.clone(),
+                    Stream::Stdout,
+                    (i * CHUNK) as u64,
+                    line.into_bytes(),
+                )
+            })
+            .collect();
+        commands
+            .store_chunks(&chunks, u64::MAX)
+            .await
+            .expect("store");
+        let completed = TargetUpdate {
+            status: TargetStatus::Completed,
+            exit_code: Some(0),
+            error: None,
+            logs: None,
+            data: None,
+        };
+        commands
+            .record_target(&target, INSTANCE, &completed, now - 2 * 86_400)
+            .await
+            .expect("record")
+            .expect("changed");
+
+        let mut response = server
+            .client
+            .get(server.at(&format!("/v1/commands/{id}/logs?follow={follow}")))
+            .bearer_auth(SUPPORT)
+            .send()
+            .await
+            .expect("logs");
+        assert_eq!(response.status().as_u16(), 200);
+        let mut read = response
+            .chunk()
+            .await
+            .expect("read")
+            .expect("a first piece")
+            .to_vec();
+        while commands
+            .prune_output(now - 86_400, now)
+            .await
+            .expect("prune")
+            > 0
+        {}
+        while let Some(piece) = response.chunk().await.expect("read") {
+            read.extend_from_slice(&piece);
+        }
+        let text = String::from_utf8(read).expect("text");
+        let size = fleet_core::byte_size((CHUNK * CHUNKS) as i64);
+        if follow {
+            let end = text
+                .rsplit("event: end\ndata: ")
+                .next()
+                .and_then(|rest| rest.lines().next())
+                .expect("an end event");
+            let end: Value = serde_json::from_str(end).expect("json");
+            assert_eq!(end["status"], "completed", "{end}");
+            assert!(
+                end["output_deleted_at"]
+                    .as_i64()
+                    .is_some_and(|at| at >= now),
+                "{end}"
+            );
+            assert_eq!(end["output_bytes"], (CHUNK * CHUNKS) as i64, "{end}");
+        } else {
+            let note = format!("\n[the output of this target ({size}) was deleted at ");
+            assert!(
+                text.trim_end()
+                    .ends_with("its status, exit code and result are kept]")
+                    && text.contains(&note),
+                "ends with: {:?}",
+                &text[text.len().saturating_sub(300)..]
+            );
+        }
+        assert!(
+            text.len() < CHUNK * CHUNKS,
+            "the test read the output before it was deleted ({} bytes)",
+            text.len()
+        );
+    }
+    server.stop().await;
+}
 
 /// A submission naming an instance nobody set up (a typo) is refused whole, naming it,
 /// instead of holding a `max_concurrency` slot until the delivery timeout; an instance known
