@@ -769,12 +769,39 @@ support::on_both_backends!(
     targets_the_control_plane_never_heard_of_are_refused,
 );
 
+/// Stores `chunks` as the output of `target` (of [`INSTANCE`]) and records it completed at
+/// `ended_at`, as its agent would have.
+async fn ended_with_output(
+    commands: &dyn fleet_server::store::commands::CommandStore,
+    target: &str,
+    chunks: &[(String, fleet_core::command::Stream, u64, Vec<u8>)],
+    ended_at: i64,
+) {
+    use fleet_core::command::TargetStatus;
+    use fleet_server::store::commands::TargetUpdate;
+    commands
+        .store_chunks(chunks, u64::MAX)
+        .await
+        .expect("store");
+    let completed = TargetUpdate {
+        status: TargetStatus::Completed,
+        exit_code: Some(0),
+        error: None,
+        logs: None,
+        data: None,
+    };
+    commands
+        .record_target(target, INSTANCE, &completed, ended_at)
+        .await
+        .expect("record")
+        .expect("changed");
+}
+
 /// Output the retention sweep deletes while a reader is part way through it ends with the
 /// deletion told (a line of the whole output, `output_deleted_at` in the followed output's
 /// `end` event), not as if the command had printed no more.
 async fn output_deleted_while_it_is_read_ends_saying_so(store: TestStore) {
-    use fleet_core::command::{Stream, TargetStatus};
-    use fleet_server::store::commands::TargetUpdate;
+    use fleet_core::command::Stream;
     const CHUNK: usize = 64 * 1024;
     const CHUNKS: usize = 768;
     let server = server(&store).await;
@@ -793,22 +820,7 @@ async fn output_deleted_while_it_is_read_ends_saying_so(store: TestStore) {
                 )
             })
             .collect();
-        commands
-            .store_chunks(&chunks, u64::MAX)
-            .await
-            .expect("store");
-        let completed = TargetUpdate {
-            status: TargetStatus::Completed,
-            exit_code: Some(0),
-            error: None,
-            logs: None,
-            data: None,
-        };
-        commands
-            .record_target(&target, INSTANCE, &completed, now - 2 * 86_400)
-            .await
-            .expect("record")
-            .expect("changed");
+        ended_with_output(commands, &target, &chunks, now - 2 * 86_400).await;
 
         let mut response = server
             .client
@@ -1809,8 +1821,7 @@ async fn offsets_past_what_the_database_holds_are_acknowledged_and_not_stored(st
 /// keeps their results; the logs route answers 410 saying so, the dashboard too, and a
 /// target that ended recently keeps its output.
 async fn the_sweep_deletes_old_output_and_the_logs_say_so(store: TestStore) {
-    use fleet_core::command::{Stream, TargetStatus};
-    use fleet_server::store::commands::TargetUpdate;
+    use fleet_core::command::Stream;
     let server = TestServer::start_with(store.store.clone(), |b| {
         b.settings(fleet_server::Settings {
             sweep_interval: Duration::from_millis(100),
@@ -1829,22 +1840,7 @@ async fn the_sweep_deletes_old_output_and_the_logs_say_so(store: TestStore) {
     for ended_at in [now - 2 * 86_400, now - 60] {
         let (id, target) = run_on(&server, INSTANCE).await;
         let chunk = (target.clone(), Stream::Stdout, 0, b"hello\n".to_vec());
-        commands
-            .store_chunks(&[chunk], u64::MAX)
-            .await
-            .expect("store");
-        let completed = TargetUpdate {
-            status: TargetStatus::Completed,
-            exit_code: Some(0),
-            error: None,
-            logs: None,
-            data: None,
-        };
-        commands
-            .record_target(&target, INSTANCE, &completed, ended_at)
-            .await
-            .expect("record")
-            .expect("changed");
+        ended_with_output(commands, &target, &[chunk], ended_at).await;
         ids.push(id);
     }
     let (old, recent) = (&ids[0], &ids[1]);
