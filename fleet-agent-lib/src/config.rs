@@ -19,6 +19,8 @@ pub const DEFAULT_BUFFER_MAX_SIZE: u64 = 100;
 pub const DEFAULT_BUFFER_MAX_BYTES: u64 = 16 * 1024 * 1024;
 /// Default age bound of the outbox: a week.
 pub const DEFAULT_BUFFER_MAX_AGE_SECS: u64 = 7 * 24 * 3600;
+/// How often a running restore verification asks whether it was cancelled, in seconds.
+pub const DEFAULT_RESTORE_CANCEL_CHECK_SECS: u64 = 15;
 /// ERP default local API port.
 pub const DEFAULT_AGENT_PORT: u16 = 4010;
 /// Where the Docker Engine API is when `DOCKER_HOST` is not set.
@@ -226,6 +228,10 @@ pub struct RestoreSettings {
     /// `RESTORE_VERIFY_CMD`: restores the backup and checks it; exit 0 means verified.
     /// Runs with `RESTORE_ID`, `RESTORE_ENVIRONMENT` and `RESTORE_BACKUP_ID` set.
     pub verify_cmd: Option<String>,
+    /// `RESTORE_CANCEL_CHECK_SEC` (default 15, at least 1): how often the runner asks the
+    /// control plane whether the verification it runs still stands; once it ended there
+    /// (an operator cancelled it, it timed out) the verify command is stopped.
+    pub cancel_check: Duration,
 }
 
 /// The ERP agent's `PLUGIN_*` settings.
@@ -326,6 +332,7 @@ impl AgentConfig {
                 timeout: Duration::from_secs(3600),
                 workdir: None,
                 verify_cmd: None,
+                cancel_check: Duration::from_secs(DEFAULT_RESTORE_CANCEL_CHECK_SECS),
             },
             check_timeout: Duration::from_secs(2),
         }

@@ -250,6 +250,14 @@ impl AgentConfig {
         r.timeout = Duration::from_secs(env.number("RESTORE_VERIFY_TIMEOUT_SEC", 3600));
         r.workdir = env.get("RESTORE_WORKDIR").map(PathBuf::from);
         r.verify_cmd = env.get("RESTORE_VERIFY_CMD");
+        let check = env.number(
+            "RESTORE_CANCEL_CHECK_SEC",
+            DEFAULT_RESTORE_CANCEL_CHECK_SECS,
+        );
+        if check == 0 {
+            env.problem("RESTORE_CANCEL_CHECK_SEC must be at least 1");
+        }
+        r.cancel_check = Duration::from_secs(check.max(1));
 
         if env.problems.is_empty() {
             Ok(config)
@@ -406,9 +414,35 @@ mod tests {
         let defaults = load(&BASE).unwrap();
         assert!(defaults.update.manifest_public_keys.is_empty());
         assert_eq!(defaults.restore.poll_interval, Duration::from_secs(600));
+        assert_eq!(defaults.restore.cancel_check, Duration::from_secs(15));
         let mut bad = BASE.to_vec();
         bad.push(("UPDATE_MANIFEST_PUBLIC_KEYS", "not-a-key"));
         assert!(problems(&bad)[0].starts_with("UPDATE_MANIFEST_PUBLIC_KEYS: key 1"));
+    }
+
+    #[test]
+    fn the_restore_cancel_check_is_a_whole_number_of_seconds_from_one() {
+        let mut pairs = BASE.to_vec();
+        pairs.push(("RESTORE_CANCEL_CHECK_SEC", "1"));
+        assert_eq!(
+            load(&pairs).unwrap().restore.cancel_check,
+            Duration::from_secs(1)
+        );
+        for (text, problem) in [
+            ("0", "RESTORE_CANCEL_CHECK_SEC must be at least 1"),
+            (
+                "soon",
+                "RESTORE_CANCEL_CHECK_SEC must be a whole non-negative number, not \"soon\"",
+            ),
+            (
+                "-5",
+                "RESTORE_CANCEL_CHECK_SEC must be a whole non-negative number, not \"-5\"",
+            ),
+        ] {
+            let mut pairs = BASE.to_vec();
+            pairs.push(("RESTORE_CANCEL_CHECK_SEC", text));
+            assert_eq!(problems(&pairs), [problem], "{text}");
+        }
     }
 
     #[test]

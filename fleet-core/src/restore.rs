@@ -61,6 +61,28 @@ impl RestoreJob {
     }
 }
 
+/// The ids every agent body on a verification carries.
+fn check_instance_and_restore(
+    instance_id: &str,
+    restore_id: &str,
+    limits: &Limits,
+    at: &Path<'_>,
+    errors: &mut ValidationErrors,
+) {
+    check_id(
+        errors,
+        &at.field("instance_id"),
+        instance_id,
+        limits.max_id_len,
+    );
+    check_id(
+        errors,
+        &at.field("restore_id"),
+        restore_id,
+        limits.max_id_len,
+    );
+}
+
 /// Body of `POST /api/restores/report`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RestoreReport {
@@ -83,18 +105,7 @@ pub struct RestoreReport {
 
 impl Validate for RestoreReport {
     fn validate(&self, limits: &Limits, at: &Path<'_>, errors: &mut ValidationErrors) {
-        check_id(
-            errors,
-            &at.field("instance_id"),
-            &self.instance_id,
-            limits.max_id_len,
-        );
-        check_id(
-            errors,
-            &at.field("restore_id"),
-            &self.restore_id,
-            limits.max_id_len,
-        );
+        check_instance_and_restore(&self.instance_id, &self.restore_id, limits, at, errors);
         if !matches!(
             self.status,
             RestoreStatus::Verified | RestoreStatus::Failed | RestoreStatus::Skipped
@@ -133,5 +144,35 @@ impl RestoreReport {
                 ("output_tail", schema::nullable(schema::plain_text(max))),
             ],
         )
+    }
+}
+
+/// Body of `POST /api/restores/status`: an agent asks how the verification it runs stands
+/// (the answer is `{restore_id, status}`), to stop its verify command once the control plane
+/// ended it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreStatusRequest {
+    /// The asking instance.
+    pub instance_id: String,
+    /// The verification, as `/api/restores/next` handed it out.
+    pub restore_id: String,
+}
+
+impl Validate for RestoreStatusRequest {
+    fn validate(&self, limits: &Limits, at: &Path<'_>, errors: &mut ValidationErrors) {
+        check_instance_and_restore(&self.instance_id, &self.restore_id, limits, at, errors);
+    }
+}
+
+impl RestoreStatusRequest {
+    /// JSON Schema of the body; unknown keys are refused.
+    pub fn json_schema() -> serde_json::Value {
+        let mut schema = schema::object(
+            &["instance_id", "restore_id"],
+            &[("instance_id", schema::id()), ("restore_id", schema::id())],
+        );
+        schema["additionalProperties"] = false.into();
+        schema
     }
 }

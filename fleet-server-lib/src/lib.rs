@@ -364,6 +364,7 @@ fn routes(state: Shared) -> Router {
         .route("/api/restores/schedule", post(restores::schedule))
         .route("/api/restores/next", post(restores::next))
         .route("/api/restores/report", post(restores::report))
+        .route("/api/restores/status", post(restores::status))
         .route("/api/restores/{id}/cancel", post(restores::cancel))
         .route("/healthz", get(api::healthz))
         .route("/.well-known/jwks.json", get(registration::jwks))

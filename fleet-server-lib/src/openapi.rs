@@ -220,6 +220,7 @@ fn request_body(method: &str, path: &str) -> Option<(&'static str, Value)> {
         ("post", "/api/plugins/report") => json(plugin::PluginReport::json_schema()),
         ("post", "/api/restores/schedule") => json(crate::restores::schedule_schema()),
         ("post", "/api/restores/report") => json(restore::RestoreReport::json_schema()),
+        ("post", "/api/restores/status") => json(restore::RestoreStatusRequest::json_schema()),
         ("post", "/v1/agents/register") => json(registration::RegisterRequest::json_schema()),
         ("post", "/v1/enrollments") => json(crate::registration::enrollment_schema()),
         ("post", "/v1/agents/poll") => json(crate::poll::poll_schema()),

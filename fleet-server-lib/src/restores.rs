@@ -1,6 +1,9 @@
 //! Restore verification: operators schedule it for the installations with the freshest
 //! heartbeats and a backup to verify; agents fetch and report; a failed verification, or one
-//! with no report within the restore timeout, raises an error alert that is forwarded.
+//! with no report within the restore timeout, raises an error alert that is forwarded. While
+//! its verify command runs, an agent asks `POST /api/restores/status` now and then, and
+//! stops the command once the verification ended here (an operator cancelled it, or it
+//! timed out).
 
 use axum::Json;
 use axum::body::{Body, Bytes};
@@ -9,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use fleet_core::ValidationErrors;
 use fleet_core::plugin::NextJobRequest;
-use fleet_core::restore::RestoreReport;
+use fleet_core::restore::{RestoreReport, RestoreStatusRequest};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{Authed, Ops, Role, Support};
@@ -428,6 +431,29 @@ pub(crate) async fn next(
         })
         .into_response()),
     }
+}
+
+/// `POST /api/restores/status` (agent): `{restore_id, status}` of the instance's own
+/// verification, so its agent stops a verify command whose verification ended here
+/// (`cancelled`, `timed_out`). 404 when the id is unknown or another instance's: the answer
+/// never tells one from the other.
+pub(crate) async fn status(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response> {
+    let request = signed::<RestoreStatusRequest>(&state, &headers, body).await?;
+    let id: i64 = request.restore_id.parse().map_err(|_| Error::NotFound)?;
+    let restore = state
+        .store
+        .instance_restore(&request.instance_id, id)
+        .await?
+        .ok_or(Error::NotFound)?;
+    Ok(Json(serde_json::json!({
+        "restore_id": restore.id.to_string(),
+        "status": restore.status,
+    }))
+    .into_response())
 }
 
 /// `POST /api/restores/report` (agent): `verified`, `failed` or `skipped`.

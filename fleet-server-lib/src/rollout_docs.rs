@@ -277,6 +277,16 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
     ),
     r(
         "post",
+        "/api/restores/status",
+        Signed,
+        "{instance_id, restore_id}: the current status of the instance's own verification. An agent asks while its verify command runs (every RESTORE_CANCEL_CHECK_SEC) and stops the command once the verification ended here (cancelled, timed_out).",
+        &[
+            (200, "{restore_id, status}"),
+            (404, "Unknown verification, or another instance's"),
+        ],
+    ),
+    r(
+        "post",
         "/api/restores/{id}/cancel",
         Role("ops"),
         "Cancel a scheduled or handed-out verification: it ends cancelled (error says by which role), no agent is handed it any more, a report on it is refused (409), and the installation can be scheduled again at once. No alert is raised.",
@@ -330,18 +340,6 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
     ),
     r(
         "post",
-        "/plugins/requests/{id}/reject",
-        Role("admin"),
-        "Dashboard form: reject a pending plugin request, as POST /api/plugins/requests/{id}/reject; the form field reason is optional.",
-        &[
-            (303, "Back to the plugins"),
-            (404, "Unknown request"),
-            (409, "Already approved or rejected"),
-            (422, "Not a form, or an invalid reason"),
-        ],
-    ),
-    r(
-        "post",
         "/plugins/requests/{id}/approve",
         Role("admin"),
         "Dashboard form: approve a pending plugin request and create its job, as POST /api/plugins/requests/{id}/approve.",
@@ -352,6 +350,18 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
                 409,
                 "No approved release of that version, incompatible with this control plane, or already decided",
             ),
+        ],
+    ),
+    r(
+        "post",
+        "/plugins/requests/{id}/reject",
+        Role("admin"),
+        "Dashboard form: reject a pending plugin request, as POST /api/plugins/requests/{id}/reject; the form field reason is optional.",
+        &[
+            (303, "Back to the plugins"),
+            (404, "Unknown request"),
+            (409, "Already approved or rejected"),
+            (422, "Not a form, or an invalid reason"),
         ],
     ),
     r(
@@ -425,6 +435,9 @@ pub(crate) fn success_schema(method: &str, path: &str) -> Option<Value> {
         ]),
         ("get", "/api/restores") => items_of("Restore"),
         ("post", "/api/restores/next") => fleet_core::restore::RestoreJob::json_schema(),
+        ("post", "/api/restores/status") => {
+            every_field(&[("restore_id", id()), ("status", restore_status())])
+        }
         ("post", "/api/restores/report") | ("post", "/api/restores/{id}/cancel") => {
             component("Restore")
         }

@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use fleet_core::plugin::{NextJobRequest, PluginReport, PluginRequest};
-use fleet_core::restore::RestoreReport;
+use fleet_core::restore::{RestoreReport, RestoreStatusRequest};
 use fleet_core::update::{UpdateNextRequest, UpdateReport};
 use fleet_core::validate::{Validate, decode};
 use fleet_core::{DecodeError, SignatureHeaders};
@@ -42,6 +42,7 @@ agent_requests!(
     PluginRequest,
     PluginReport,
     RestoreReport,
+    RestoreStatusRequest,
 );
 
 /// Reads the body up to the limit, verifies the agent's signature over the raw bytes, then

@@ -285,6 +285,23 @@ macro_rules! impl_restore_store {
                 Ok(restore)
             }
 
+            async fn instance_restore(
+                &self,
+                instance_id: &str,
+                id: i64,
+            ) -> $crate::Result<Option<$crate::store::rollouts::Restore>> {
+                // By the primary key; the instance is matched so another's stays unseen.
+                Ok(sqlx::query_as::<_, $crate::store::rollouts::Restore>(concat!(
+                    "SELECT ",
+                    restore_cols!(),
+                    " FROM restores WHERE id = $1 AND instance_id = $2"
+                ))
+                .bind(id)
+                .bind(instance_id)
+                .fetch_optional(&self.pool)
+                .await?)
+            }
+
             async fn list_restores(
                 &self,
                 instance_id: Option<&str>,

@@ -635,6 +635,10 @@ pub trait RestoreStore: Send + Sync {
     /// says who cancelled it. 404 unknown, 409 when it already ended.
     async fn cancel_restore(&self, id: i64, error: &str, now: i64) -> Result<Restore>;
 
+    /// The instance's own verification `id` as it stands, for its agent to learn whether it
+    /// still runs; `None` when there is none with that id or it is another instance's.
+    async fn instance_restore(&self, instance_id: &str, id: i64) -> Result<Option<Restore>>;
+
     /// Restore verifications, newest first; only the instance's when `instance_id` is given.
     async fn list_restores(&self, instance_id: Option<&str>, limit: i64) -> Result<Vec<Restore>>;
 

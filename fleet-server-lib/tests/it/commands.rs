@@ -49,6 +49,11 @@ impl TestAgent {
             .commands(settings)
             .build()
             .expect("agent");
+        Self::run(agent, dir)
+    }
+
+    /// Runs `agent`, built by the caller, until [`stop`](Self::stop); `dir` lives as long.
+    pub fn run(agent: Agent, dir: TempDir) -> Self {
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             agent

@@ -17,6 +17,7 @@ const SIGNED_ROUTES: &[&str] = &[
     "/api/plugins/requests",
     "/api/restores/next",
     "/api/restores/report",
+    "/api/restores/status",
     "/v1/agents/register",
     "/v1/agents/poll",
     "/v1/commands/logs",

@@ -13,10 +13,9 @@ use fleet_core::command::{JOBS_WAITING, Pipeline};
 use fleet_server::store::rollouts::JobsAvailable;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::commands::wait_connected;
+use crate::commands::{TestAgent, wait_connected};
 use crate::rollouts::{admin_post, agent_post, enroll, manifest, release_key};
 use crate::support::{
     ADMIN, OPS, SHARED, SUPPORT, TempDir, TestServer, TestStore, on_both_backends,
@@ -38,9 +37,7 @@ const WITHIN: Duration = Duration::from_secs(10);
 /// A real agent with remote commands on (so it holds the live channel) and its pollers at
 /// their defaults; its restore runner verifies with `true`.
 struct PollingAgent {
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-    _dir: TempDir,
+    agent: TestAgent,
 }
 
 impl PollingAgent {
@@ -81,15 +78,7 @@ impl PollingAgent {
             .commands(settings)
             .build()
             .expect("agent");
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            agent
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-                .expect("agent run");
-        });
+        let agent = TestAgent::run(agent, dir);
         wait_connected(&server.client, &server.url, 1).await;
         // Its first heartbeat put it on the channel, and each poller asked once and now
         // waits out its 10 minutes: a job seen from here on came because it was told.
@@ -107,30 +96,17 @@ impl PollingAgent {
         ] {
             wait_until(path, || async { polled(server, path).await }).await;
         }
-        Self {
-            stop,
-            task,
-            _dir: dir,
-        }
+        Self { agent }
     }
 
     async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.task.await;
+        self.agent.stop().await;
     }
 }
 
 /// Whether `/metrics` counts an answer to a `POST path` that handed out nothing.
 async fn polled(server: &TestServer, path: &str) -> bool {
-    let text = server
-        .client
-        .get(server.at("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default();
+    let text = server.metrics().await;
     let route = format!("route=\"{path}\"");
     text.lines()
         .any(|line| line.contains(&route) && line.contains("status=\"204\""))

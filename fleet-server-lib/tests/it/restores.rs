@@ -1,15 +1,20 @@
 //! Restore verification as an operator follows it: on the installation, with the reason
 //! of a failure, timed out when no agent reports, never run without a backup, an empty
-//! schedule explained. On SQLite and PostgreSQL.
+//! schedule explained, a cancelled one stopped on the agent that runs it. On SQLite and
+//! PostgreSQL.
 
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
+use fleet_agent::{Agent, AgentConfig};
+use fleet_core::Secret;
 use serde_json::{Value, json};
 
+use crate::commands::TestAgent;
 use crate::rollouts::{admin_post, agent_post, enroll, page};
 use crate::support::{
-    ADMIN, OPS, SHARED, SUPPORT, TestServer, TestStore, body, code, now, on_both_backends,
-    post_form,
+    ADMIN, OPS, SECRET, SHARED, SUPPORT, TempDir, TestServer, TestStore, body, code, now,
+    on_both_backends, post_form,
 };
 
 /// A heartbeat from `instance` reporting backup `backup_id` (its checksum derived from it).
@@ -539,15 +544,7 @@ async fn a_cancelled_verification_is_not_run_and_can_be_scheduled_again(t: TestS
         section.contains("cancelled</span>") && section.contains("cancelled by ops"),
         "{section}"
     );
-    let (_, alerts) = server.get_json("/api/alerts", SUPPORT).await;
-    assert!(
-        alerts["items"]
-            .as_array()
-            .expect("items")
-            .iter()
-            .all(|a| a["kind"] != "restore_failed"),
-        "a cancel raises no alert: {alerts}"
-    );
+    assert_no_failure_alert(&server).await;
     server.stop().await;
 }
 
@@ -559,15 +556,7 @@ async fn the_installation_page_cancels_open_verifications_for_ops_and_admin(t: T
     report_backup(&server, "waiting", "b-1").await;
     report_backup(&server, "running", "b-2").await;
     let (_, scheduled) = admin_post(&server, "/api/restores/schedule", OPS, &json!({})).await;
-    let id_of = |instance: &str| {
-        scheduled["items"]
-            .as_array()
-            .expect("items")
-            .iter()
-            .find(|r| r["instance_id"] == instance)
-            .map(|r| r["id"].to_string())
-            .unwrap_or_else(|| panic!("{instance} not scheduled: {scheduled}"))
-    };
+    let id_of = |instance: &str| scheduled_id(&scheduled, instance);
     let (waiting, running) = (id_of("waiting"), id_of("running"));
     let (status, _) = agent_post(
         &server,
@@ -638,7 +627,295 @@ async fn the_installation_page_cancels_open_verifications_for_ops_and_admin(t: T
     server.stop().await;
 }
 
+/// The status an agent reads of verification `restore_id` (`instance` asking): the answer,
+/// checked against /openapi.json when it is a success.
+async fn status_of(server: &TestServer, instance: &str, restore_id: &str) -> (u16, Value) {
+    agent_post(
+        server,
+        "/api/restores/status",
+        &json!({"instance_id": instance, "restore_id": restore_id}),
+    )
+    .await
+}
+
+/// An agent asks how its own verification stands: scheduled, handed out, cancelled,
+/// verified. Another instance's verification is as unknown as one that does not exist (404);
+/// a bad signature is a 401, a malformed body a 422 naming the field.
+async fn the_status_route_answers_only_the_instances_own_verification(t: TestStore) {
+    let server = TestServer::start(t.store.clone()).await;
+    report_backup(&server, "asks-1", "b-1").await;
+    report_backup(&server, "asks-2", "b-2").await;
+    let (_, scheduled) = admin_post(&server, "/api/restores/schedule", OPS, &json!({})).await;
+    let id_of = |instance: &str| scheduled_id(&scheduled, instance);
+    let (mine, theirs) = (id_of("asks-1"), id_of("asks-2"));
+    let answer = |id: &str, status: &str| json!({"restore_id": id, "status": status});
+
+    assert_eq!(
+        status_of(&server, "asks-1", &mine).await,
+        (200, answer(&mine, "scheduled"))
+    );
+    let (status, job) = agent_post(
+        &server,
+        "/api/restores/next",
+        &json!({"instance_id": "asks-1"}),
+    )
+    .await;
+    assert_eq!((status, &job["restore_id"]), (200, &json!(mine)), "{job}");
+    assert_eq!(
+        status_of(&server, "asks-1", &mine).await,
+        (200, answer(&mine, "in_progress"))
+    );
+
+    // Another instance's verification, an unknown one and an id no verification can have
+    // all answer the same 404.
+    for (asking, id) in [
+        ("asks-1", theirs.as_str()),
+        ("asks-2", mine.as_str()),
+        ("asks-1", "999999"),
+        ("asks-1", "abc"),
+        ("nobody", mine.as_str()),
+    ] {
+        let (status, error) = status_of(&server, asking, id).await;
+        assert_eq!(
+            (status, code(&error)),
+            (404, "not_found"),
+            "{asking} asking {id}: {error}"
+        );
+        assert!(!error.to_string().contains("asks-"), "{error}");
+    }
+
+    let (status, _) = admin_post(
+        &server,
+        &format!("/api/restores/{mine}/cancel"),
+        OPS,
+        &json!({}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        status_of(&server, "asks-1", &mine).await,
+        (200, answer(&mine, "cancelled"))
+    );
+    run_verification(&server, "asks-2", json!({"status": "verified"})).await;
+    assert_eq!(
+        status_of(&server, "asks-2", &theirs).await,
+        (200, answer(&theirs, "verified"))
+    );
+
+    // Signed with a secret that is not the instance's (acme-001's), or not signed: 401, as on
+    // every agent route.
+    let asks =
+        serde_json::to_vec(&json!({"instance_id": "asks-1", "restore_id": mine})).expect("json");
+    let wrong = server
+        .post_v1("/api/restores/status", SECRET, "m-wrong", now(), &asks)
+        .await;
+    assert_eq!(wrong.status().as_u16(), 401);
+    let unsigned = server
+        .client
+        .post(server.at("/api/restores/status"))
+        .body(asks.clone())
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(unsigned.status().as_u16(), 401);
+    // The same message again is a replay.
+    let signed_at = now();
+    let first = server
+        .post_v1("/api/restores/status", SHARED, "m-once", signed_at, &asks)
+        .await;
+    assert_eq!(first.status().as_u16(), 200);
+    let again = server
+        .post_v1("/api/restores/status", SHARED, "m-once", signed_at, &asks)
+        .await;
+    assert_eq!(again.status().as_u16(), 401, "a replay");
+
+    for (bad, path) in [
+        (
+            json!({"instance_id": "asks-1", "restore_id": mine, "status": "failed"}),
+            "status",
+        ),
+        (json!({"instance_id": "asks-1"}), ""),
+        (
+            json!({"instance_id": "asks-1", "restore_id": 7}),
+            "restore_id",
+        ),
+        (
+            json!({"instance_id": "asks-1", "restore_id": "a b"}),
+            "restore_id",
+        ),
+        (
+            json!({"instance_id": "asks-1", "restore_id": "7".repeat(300)}),
+            "restore_id",
+        ),
+    ] {
+        let (status, error) = agent_post(&server, "/api/restores/status", &bad).await;
+        assert_eq!((status, code(&error)), (422, "invalid"), "{bad}: {error}");
+        if !path.is_empty() {
+            assert_eq!(error["error"]["details"][0]["path"], path, "{bad}: {error}");
+        }
+    }
+    server.stop().await;
+}
+
+/// Whether process `pid` still runs (a zombie waiting to be reaped does not).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+        !state.starts_with(['Z', 'X'])
+    })
+}
+
+/// How many answers `/metrics` counts to `POST path` with `status` (any status when `None`).
+async fn answered(server: &TestServer, path: &str, status: Option<u16>) -> u64 {
+    let text = server.metrics().await;
+    let route = format!("route=\"{path}\"");
+    text.lines()
+        .filter(|line| line.starts_with("fleet_http_requests_total{") && line.contains(&route))
+        .filter(|line| status.is_none_or(|s| line.contains(&format!("status=\"{s}\""))))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A real agent runs a verify command that would take a minute, asking every second whether
+/// it was cancelled; an operator cancels the verification; the agent kills the command
+/// within a few checks, reports nothing, and the verification stays cancelled, without an
+/// alert.
+async fn a_cancelled_verification_is_stopped_on_the_agent(t: TestStore) {
+    const INSTANCE: &str = "stops-1";
+    let server = TestServer::start(t.store.clone()).await;
+    report_backup(&server, INSTANCE, "b-1").await;
+    let (_, scheduled) = admin_post(&server, "/api/restores/schedule", OPS, &json!({})).await;
+    assert_eq!(scheduled["scheduled"], 1, "{scheduled}");
+    let id = scheduled["items"][0]["id"].to_string();
+
+    let dir = TempDir::new();
+    let at =
+        |name: &str| fleet_agent::pipeline::shell_quote(&dir.0.join(name).display().to_string());
+    let mut config = AgentConfig::new(INSTANCE, &server.url, Secret::new(SHARED).expect("secret"));
+    config.local_port = 0;
+    config.state_path = dir.0.join("state.db");
+    config.heartbeat_interval = Duration::from_secs(3600);
+    config.update.enabled = false;
+    config.plugin.enabled = false;
+    config.restore.poll_interval = Duration::from_secs(1);
+    config.restore.cancel_check = Duration::from_secs(1);
+    config.restore.verify_cmd = Some(format!(
+        "sleep 60 & echo $! > {}; wait; touch {}",
+        at("started"),
+        at("finished")
+    ));
+    let agent = TestAgent::run(
+        Agent::builder(config)
+            .without_builtins()
+            .build()
+            .expect("agent"),
+        dir,
+    );
+
+    let started = agent.dir.0.join("started");
+    let pid = wait_for_pid(&started).await;
+    assert!(running(pid), "the verify command runs");
+    let (_, listed) = server
+        .get_json(&format!("/api/restores?instance={INSTANCE}"), SUPPORT)
+        .await;
+    assert_eq!(listed["items"][0]["status"], "in_progress", "{listed}");
+    // The agent asks while the command runs, and goes on.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while answered(&server, "/api/restores/status", Some(200)).await == 0 {
+        assert!(Instant::now() < deadline, "the agent never asked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(running(pid), "an in-progress answer does not stop it");
+
+    let (status, cancelled) = admin_post(
+        &server,
+        &format!("/api/restores/{id}/cancel"),
+        OPS,
+        &json!({}),
+    )
+    .await;
+    assert_eq!((status, &cancelled["status"]), (200, &json!("cancelled")));
+    let cancelled_at = Instant::now();
+    // Checks come every second: a few of them at most.
+    while running(pid) {
+        assert!(
+            cancelled_at.elapsed() < Duration::from_secs(8),
+            "the verify command still runs {:?} after the cancel",
+            cancelled_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Time for a report to arrive if one were sent, and for another poll.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !agent.dir.0.join("finished").exists(),
+        "the command never went on"
+    );
+    assert_eq!(
+        answered(&server, "/api/restores/report", None).await,
+        0,
+        "nothing is reported"
+    );
+    let (_, listed) = server
+        .get_json(&format!("/api/restores?instance={INSTANCE}"), SUPPORT)
+        .await;
+    let items = listed["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1, "{listed}");
+    assert_eq!(
+        (&items[0]["status"], &items[0]["error"]),
+        (&json!("cancelled"), &json!("cancelled by ops")),
+        "{listed}"
+    );
+    assert_no_failure_alert(&server).await;
+    agent.stop().await;
+    server.stop().await;
+}
+
+/// A cancelled verification raises no `restore_failed` alert.
+async fn assert_no_failure_alert(server: &TestServer) {
+    let (_, alerts) = server.get_json("/api/alerts", SUPPORT).await;
+    assert!(
+        alerts["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .all(|a| a["kind"] != "restore_failed"),
+        "a cancel raises no alert: {alerts}"
+    );
+}
+
+/// The id of `instance`'s verification in the answer of `POST /api/restores/schedule`.
+fn scheduled_id(scheduled: &Value, instance: &str) -> String {
+    scheduled["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .find(|r| r["instance_id"] == instance)
+        .map(|r| r["id"].to_string())
+        .unwrap_or_else(|| panic!("{instance} not scheduled: {scheduled}"))
+}
+
+/// The pid the verify command wrote to `file`, within 20 s.
+async fn wait_for_pid(file: &Path) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(pid) = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+        {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent never started the verify command"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 on_both_backends!(
+    the_status_route_answers_only_the_instances_own_verification,
+    a_cancelled_verification_is_stopped_on_the_agent,
     the_installation_page_cancels_open_verifications_for_ops_and_admin,
     a_cancelled_verification_is_not_run_and_can_be_scheduled_again,
     an_installation_shows_its_newest_restore_verifications,

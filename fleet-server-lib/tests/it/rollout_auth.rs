@@ -103,6 +103,12 @@ pub const MATRIX: &[(&str, &str, &str, [u16; 4])] = &[
     ),
     (
         "POST",
+        "/api/restores/status",
+        "/api/restores/status",
+        [401, 401, 401, 401],
+    ),
+    (
+        "POST",
         "/api/plugins/releases",
         "/api/plugins/releases",
         [401, 403, 403, 422],

@@ -294,6 +294,18 @@ impl TestServer {
         assert_eq!(answer.status().as_u16(), 200, "heartbeat of {instance}");
     }
 
+    /// The text of `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.at("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// Sends `body` signed with v0 under `secret`.
     pub async fn send_v0(&self, secret: &str, body: &[u8]) -> reqwest::Response {
         self.client
