@@ -1740,7 +1740,8 @@ async fn output_past_the_cap_is_acknowledged_and_not_stored(store: TestStore) {
     let end = followed_end(&server, &id).await;
     assert_eq!(
         end,
-        json!({"status": "completed", "output_truncated_at_bytes": 1000})
+        json!({"status": "completed", "output_bytes": 1000, "output_truncated_at_bytes": 1000,
+               "output_deleted_at": null})
     );
 
     // Over HTTP: the same, and chunks at fresh offsets that overlap what is stored (a
