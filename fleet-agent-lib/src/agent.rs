@@ -98,14 +98,19 @@ impl AgentBuilder {
         let mut collectors: Vec<Arc<dyn Collector>> = Vec::new();
         let mut ops = None;
         if self.builtin {
-            checks.push(match &config.database_url {
-                Some(url) => check_for_url("db", url, 5432, http.clone()),
-                None => Arc::new(NotConfigured::new("db", "DATABASE_URL")),
-            });
-            checks.push(match &config.redis_url {
-                Some(url) => check_for_url("redis", url, 6379, http.clone()),
-                None => Arc::new(NotConfigured::new("redis", "REDIS_URL")),
-            });
+            let services = [
+                ("db", &config.database_url, 5432, "DATABASE_URL"),
+                ("redis", &config.redis_url, 6379, "REDIS_URL"),
+            ];
+            for (name, url, port, variable) in services {
+                if config.skip_checks.iter().any(|skipped| skipped == name) {
+                    continue;
+                }
+                checks.push(match url {
+                    Some(url) => check_for_url(name, url, port, http.clone()),
+                    None => Arc::new(NotConfigured::new(name, variable)),
+                });
+            }
             if let Some(url) = &config.storage_endpoint {
                 checks.push(check_for_url("storage", url, 9000, http.clone()));
             }
@@ -496,8 +501,9 @@ impl Shared {
         // reported in `checks[]` but says nothing about the instance itself.
         let healthy = checks.iter().all(|r| r.ok);
         let ok_of = |name: &str| checks.iter().find(|r| r.name == name).map(|r| r.ok);
-        hb.db_ok = ok_of("db").unwrap_or(false);
-        hb.redis_ok = ok_of("redis").unwrap_or(false);
+        let skipped = |name: &str| self.config.skip_checks.iter().any(|s| s == name);
+        hb.db_ok = ok_of("db").unwrap_or(skipped("db"));
+        hb.redis_ok = ok_of("redis").unwrap_or(skipped("redis"));
         // As in the ERP agent, storage that is not configured counts as fine.
         hb.storage_ok = ok_of("storage").unwrap_or(true);
         hb.search_ok = ok_of("search");
@@ -811,6 +817,42 @@ mod tests {
         assert!(hb.db_ok);
         // Redis is still the built-in check, failing without REDIS_URL.
         assert!(!hb.redis_ok);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn skipped_service_checks_are_not_run_and_leave_the_instance_healthy() {
+        let dir = std::env::temp_dir().join(format!("fleet-agent-skip-{}", new_message_id()));
+        let mut config = AgentConfig::new(
+            "edge-7",
+            "http://127.0.0.1:9",
+            fleet_core::Secret::new("s3cret").expect("secret"),
+        );
+        config.state_path = dir.join("state.db");
+        config.metrics_url = None;
+        config.events_stats_url = None;
+        config.containers_interval = Duration::ZERO;
+        let unconfigured = Agent::builder(config.clone())
+            .build()
+            .expect("agent")
+            .heartbeat()
+            .await;
+        assert_eq!(unconfigured.health.as_deref(), Some("degraded"));
+        assert!(!unconfigured.db_ok && !unconfigured.redis_ok);
+
+        config.skip_checks = vec!["db".into(), "redis".into()];
+        let hb = Agent::builder(config)
+            .build()
+            .expect("agent")
+            .heartbeat()
+            .await;
+        let names: Vec<_> = hb.checks.iter().map(|c| c.name.as_str()).collect();
+        assert!(
+            !names.contains(&"db") && !names.contains(&"redis"),
+            "{names:?}"
+        );
+        assert!(hb.db_ok && hb.redis_ok);
+        assert_eq!(hb.health.as_deref(), Some("ok"), "{:?}", hb.checks);
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -32,6 +32,9 @@ pub const DEFAULT_EVENTS_STATS_URL: &str = "http://api:3001/admin/events/stats";
 /// ERP default metrics URL.
 pub const DEFAULT_METRICS_URL: &str = "http://api:3001/metrics";
 
+/// The built-in checks `AGENT_SKIP_CHECKS` may name: the services every ERP instance has.
+pub const SKIPPABLE_CHECKS: [&str; 2] = ["db", "redis"];
+
 /// Everything the agent needs to run. Build it by hand or with [`AgentConfig::from_env`].
 ///
 /// `Debug` hides the secret, the tokens and any password inside the service URLs.
@@ -68,6 +71,12 @@ pub struct AgentConfig {
     pub database_url: Option<String>,
     /// `REDIS_URL`: checked with `PING`.
     pub redis_url: Option<String>,
+    /// `AGENT_SKIP_CHECKS`: built-in service checks not run at all, among
+    /// [`SKIPPABLE_CHECKS`] (default none). Without `DATABASE_URL` or `REDIS_URL` the `db` or
+    /// `redis` check fails and the instance reports `degraded`, as the ERP agent does; an edge
+    /// node without that service skips its check instead, and its `db_ok` or `redis_ok` is
+    /// then reported true, as `storage_ok` is for storage that is not configured.
+    pub skip_checks: Vec<String>,
     /// `STORAGE_ENDPOINT`, else `STORAGE_PUBLIC_URL`: checked with an HTTP request.
     pub storage_endpoint: Option<String>,
     /// `MEILI_HOST`: the search service, checked with an HTTP request.
@@ -281,6 +290,7 @@ impl AgentConfig {
             iam: IamFlags::default(),
             database_url: None,
             redis_url: None,
+            skip_checks: Vec::new(),
             storage_endpoint: None,
             search_url: None,
             ops_url: None,
@@ -389,6 +399,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("iam", &self.iam)
             .field("database_url", &url(&self.database_url))
             .field("redis_url", &url(&self.redis_url))
+            .field("skip_checks", &self.skip_checks)
             .field("storage_endpoint", &url(&self.storage_endpoint))
             .field("search_url", &url(&self.search_url))
             .field("ops_url", &url(&self.ops_url))

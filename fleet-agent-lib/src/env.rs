@@ -98,6 +98,18 @@ impl AgentConfig {
         };
         config.database_url = env.get("DATABASE_URL");
         config.redis_url = env.get("REDIS_URL");
+        if let Some(text) = env.get("AGENT_SKIP_CHECKS") {
+            for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+                if !crate::config::SKIPPABLE_CHECKS.contains(&name) {
+                    env.problem(format!(
+                        "AGENT_SKIP_CHECKS names {name:?}; the checks that can be skipped are {}",
+                        crate::config::SKIPPABLE_CHECKS.join(", ")
+                    ));
+                } else if !config.skip_checks.iter().any(|n| n == name) {
+                    config.skip_checks.push(name.to_owned());
+                }
+            }
+        }
         config.storage_endpoint = env
             .get("STORAGE_ENDPOINT")
             .or_else(|| env.get("STORAGE_PUBLIC_URL"));
@@ -548,6 +560,21 @@ mod tests {
         let mut bad = BASE.to_vec();
         bad.push(("REGIONAL_HEALTH_ENDPOINTS", "sa-east-1=http://a"));
         assert!(problems(&bad)[0].starts_with("REGIONAL_HEALTH_ENDPOINTS"));
+    }
+
+    #[test]
+    fn service_checks_can_be_skipped_by_name_and_an_unknown_name_is_refused() {
+        assert!(load(&BASE).unwrap().skip_checks.is_empty());
+        let mut pairs = BASE.to_vec();
+        pairs.push(("AGENT_SKIP_CHECKS", " redis, db,redis "));
+        assert_eq!(load(&pairs).unwrap().skip_checks, ["redis", "db"]);
+        let mut pairs = BASE.to_vec();
+        pairs.push(("AGENT_SKIP_CHECKS", "db,storage"));
+        let got = problems(&pairs).join("\n");
+        assert!(
+            got.contains("AGENT_SKIP_CHECKS names \"storage\"") && got.contains("db, redis"),
+            "{got}"
+        );
     }
 
     #[test]

@@ -34,6 +34,7 @@ Often set:
   AGENT_STATE_PATH     the SQLite outbox (default: fleet-agent-state.db)
   DATABASE_URL, REDIS_URL, STORAGE_ENDPOINT, MEILI_HOST
                        the services whose health each heartbeat reports
+  AGENT_SKIP_CHECKS    db, redis or both: checks not run where there is no such service
   AGENT_PORT, AGENT_BIND, AGENT_LOCAL_TOKEN
                        the local API (default: 127.0.0.1:4010)
   RUST_LOG, LOG_FORMAT=json
