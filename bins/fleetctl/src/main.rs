@@ -91,6 +91,9 @@ enum Command {
     Run(remote::RunArgs),
     /// Deploy (or stop) a compose project on instances.
     Deploy(remote::DeployArgs),
+    /// Send any command type and wait for every target:
+    /// `fleetctl send --target ID UpdateAgent '{"version": "1.4.0", "url": "https://…"}'`.
+    Send(remote::SendArgs),
     /// Submitted commands: list, show one, cancel.
     Commands {
         #[command(flatten)]
@@ -185,6 +188,7 @@ fn run(cli: Cli) -> Result<(), String> {
         Command::Enroll(args) => remote::enroll(args),
         Command::Run(args) => remote::run(args),
         Command::Deploy(args) => remote::deploy(args),
+        Command::Send(args) => remote::send(args),
         Command::Commands { conn, command } => api::commands(&api::Client::new(conn)?, command),
     }
 }

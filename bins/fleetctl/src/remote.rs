@@ -1,10 +1,11 @@
-//! The control-plane side of fleetctl: enrollment, remote commands, deploys.
+//! The control-plane side of fleetctl: enrollment, remote commands, deploys, any command type.
 //!
 //! ```sh
 //! export FLEET_URL=https://fleet.example.com FLEET_TOKEN=...   # an admin or ops token
 //! fleetctl enroll --instance-id shop-042 --agent-url https://dl.example.com/fleet-agent
 //! fleetctl run --target shop-042 -- df -h /
 //! fleetctl deploy --target shop-042 --project web docker-compose.yml
+//! fleetctl send --target shop-042 STATUS '{"project_name": "web"}'
 //! fleetctl commands list
 //! fleetctl commands show 0193...
 //! fleetctl commands cancel 0193...
@@ -93,6 +94,27 @@ pub struct DeployArgs {
     max_errors: Option<String>,
     /// The compose file (not needed with --stop).
     file: Option<PathBuf>,
+}
+
+/// `fleetctl send`.
+#[derive(Args, Debug)]
+pub struct SendArgs {
+    #[command(flatten)]
+    remote: Remote,
+    /// Instance ids (repeat or separate with commas).
+    #[arg(long = "target", value_delimiter = ',', required = true)]
+    targets: Vec<String>,
+    /// Most targets running it at once.
+    #[arg(long)]
+    max_concurrency: Option<u32>,
+    /// Stop after this many failures (`3` or `10%`).
+    #[arg(long)]
+    max_errors: Option<String>,
+    /// The command type: `RunCommand`, `UpdateAgent`, `UpdatePackage`, `DEPLOY_COMPOSE`,
+    /// `STOP_COMPOSE`, `STATUS` or `HEALTH_CHECK`.
+    command_type: String,
+    /// The payload as JSON, or `@FILE` to read it from a file (default `{}`).
+    payload: Option<String>,
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -538,41 +560,105 @@ pub fn deploy(args: DeployArgs) -> Result<(), String> {
             }),
         )
     };
-    let mut body = json!({"command_type": kind, "targets": args.targets, "payload": payload});
-    if let Some(max) = args.max_concurrency {
+    let body = submission(
+        kind,
+        &args.targets,
+        payload,
+        args.max_concurrency,
+        args.max_errors.as_deref(),
+    );
+    let shown = submit_and_wait(&args.remote, &body)?;
+    println!("{}", command_text(&shown));
+    targets_outcome(&shown)
+}
+
+/// `fleetctl send TYPE [PAYLOAD]`: any command type, checked here as the control plane
+/// would check it (nothing is sent when it would be refused), then followed until every
+/// target ended. Prints each target's result data (what `STATUS` and `HEALTH_CHECK` found).
+pub fn send(args: SendArgs) -> Result<(), String> {
+    let payload: Value = match args.payload.as_deref() {
+        None => json!({}),
+        Some(text) => {
+            let text = match text.strip_prefix('@') {
+                Some(file) => {
+                    std::fs::read_to_string(file).map_err(|e| format!("read {file}: {e}"))?
+                }
+                None => text.to_owned(),
+            };
+            serde_json::from_str(&text).map_err(|e| format!("the payload is not JSON: {e}"))?
+        }
+    };
+    let body = submission(
+        &args.command_type,
+        &args.targets,
+        payload,
+        args.max_concurrency,
+        args.max_errors.as_deref(),
+    );
+    let bytes = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
+    fleet_core::validate::decode::<fleet_core::command::SubmitCommand>(
+        &bytes,
+        &fleet_core::Limits::default(),
+    )
+    .map_err(|err| format!("not sent: {err}"))?;
+    let shown = submit_and_wait(&args.remote, &body)?;
+    println!("{}", command_text(&shown));
+    for target in shown["targets"].as_array().into_iter().flatten() {
+        if !target["data"].is_null() {
+            println!(
+                "{}: {}",
+                target["instance_id"].as_str().unwrap_or("?"),
+                target["data"]
+            );
+        }
+    }
+    targets_outcome(&shown)
+}
+
+/// The body of `POST /v1/commands/submit`.
+fn submission(
+    kind: &str,
+    targets: &[String],
+    payload: Value,
+    max_concurrency: Option<u32>,
+    max_errors: Option<&str>,
+) -> Value {
+    let mut body = json!({"command_type": kind, "targets": targets, "payload": payload});
+    if let Some(max) = max_concurrency {
         body["max_concurrency"] = max.into();
     }
-    if let Some(max) = &args.max_errors {
-        body["max_errors"] = max.clone().into();
+    if let Some(max) = max_errors {
+        body["max_errors"] = max.into();
     }
+    body
+}
+
+/// Submits a command (`POST /v1/commands/submit`) and polls it until it is no longer
+/// running; returns what `GET /v1/commands/{id}` said last.
+fn submit_and_wait(remote: &Remote, body: &Value) -> Result<Value, String> {
     runtime()?.block_on(async {
         let client = reqwest::Client::new();
-        let submitted = args
-            .remote
-            .post(&client, "/v1/commands/submit", &body)
-            .await?;
+        let submitted = remote.post(&client, "/v1/commands/submit", body).await?;
         let id = submitted["id"].as_str().ok_or("no command id")?.to_owned();
         eprintln!("command {id}");
         let mut pickup = PickupWatch::default();
         loop {
-            let shown = args
-                .remote
+            let shown = remote
                 .get_patiently(&client, &format!("/v1/commands/{id}"))
                 .await?;
             pickup.observe(&id, &shown);
             if shown["status"] != "running" {
-                println!("{}", command_text(&shown));
-                return deploy_outcome(&shown);
+                return Ok(shown);
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     })
 }
 
-/// Whether every target of a finished deploy completed. For each one that did not, the end
-/// of compose's output goes to stderr: "docker-compose exited with 1" alone does not say
-/// what to fix.
-fn deploy_outcome(shown: &Value) -> Result<(), String> {
+/// Whether every target of a finished command completed. For each one that did not, the
+/// end of its output goes to stderr: "docker-compose exited with 1" alone does not say what
+/// to fix.
+fn targets_outcome(shown: &Value) -> Result<(), String> {
     let targets = shown["targets"]
         .as_array()
         .map(Vec::as_slice)

@@ -464,3 +464,61 @@ async fn run_follows_on_after_the_connection_is_cut() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `fleetctl send` takes any command type and waits for it: a `HEALTH_CHECK` comes back
+/// with what the agent found. A payload the control plane would refuse is not sent at all,
+/// and the error names the field, whether given inline or as `@FILE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_takes_any_command_type_and_sends_no_payload_that_would_be_refused() {
+    let dir = scratch("send");
+    let url = start_server(&dir).await;
+    let settings = CommandSettings {
+        projects_dir: dir.join("projects"),
+        ..CommandSettings::default()
+    };
+    start_agent(&url, &dir, settings).await;
+
+    let out = fleetctl(&url, &["send", "--target", INSTANCE, "HEALTH_CHECK"]).await;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("HEALTH_CHECK completed"), "{stdout}");
+    assert!(stdout.contains(&format!("\n{INSTANCE}: {{")), "{stdout}");
+
+    let latest = r#"{"version": "latest", "url": "https://dl.example/fleet-agent"}"#;
+    let file = dir.join("update.json");
+    std::fs::write(&file, latest).expect("payload file");
+    for payload in [latest.to_owned(), format!("@{}", file.display())] {
+        let out = fleetctl(
+            &url,
+            &["send", "--target", INSTANCE, "UpdateAgent", &payload],
+        )
+        .await;
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("not sent") && stderr.contains("payload.version: must be a SemVer"),
+            "{stderr}"
+        );
+    }
+    let out = fleetctl(&url, &["send", "--target", INSTANCE, "STATUS", "{not json"]).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the payload is not JSON"),
+        "{out:?}"
+    );
+    let listed: serde_json::Value = reqwest::Client::new()
+        .get(format!("{url}/v1/commands"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    let sent = listed["items"].as_array().map_or(0, Vec::len);
+    assert_eq!(sent, 1, "only the health check was sent: {listed}");
+    let _ = std::fs::remove_dir_all(dir);
+}
