@@ -4,7 +4,7 @@
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use crate::api::{Client, text};
+use crate::api::{Client, aligned_table, text, with_query};
 
 /// Characters of an alert's message shown on its line; the whole of it is in `--json`.
 const MESSAGE_CHARS: usize = 72;
@@ -103,26 +103,17 @@ pub fn alerts(
 /// `GET /api/alerts` with the filters given (`--instance` is the API's `installation`).
 fn list_path(filters: &AlertFilters) -> String {
     let limit = filters.limit.map(|n| n.to_string());
-    let given = [
-        ("state", &filters.state),
-        ("level", &filters.level),
-        ("kind", &filters.kind),
-        ("installation", &filters.instance),
-        ("delivery", &filters.delivery),
-        ("limit", &limit),
-    ];
-    let query: Vec<String> = given
-        .into_iter()
-        .filter_map(|(name, value)| {
-            let value = value.as_deref()?;
-            Some(format!("{name}={}", fleet_core::percent_encode(value)))
-        })
-        .collect();
-    if query.is_empty() {
-        "/api/alerts".to_owned()
-    } else {
-        format!("/api/alerts?{}", query.join("&"))
-    }
+    with_query(
+        "/api/alerts",
+        &[
+            ("state", filters.state.as_deref()),
+            ("level", filters.level.as_deref()),
+            ("kind", filters.kind.as_deref()),
+            ("installation", filters.instance.as_deref()),
+            ("delivery", filters.delivery.as_deref()),
+            ("limit", limit.as_deref()),
+        ],
+    )
 }
 
 /// Where an alert stands: resolved, acknowledged, or open.
@@ -166,10 +157,10 @@ fn alert_table(list: &Value) -> String {
         "MESSAGE",
     ];
     let items = list["items"].as_array().map(Vec::as_slice).unwrap_or(&[]);
-    let rows: Vec<[String; 8]> = items
+    let rows: Vec<Vec<String>> = items
         .iter()
         .map(|a| {
-            [
+            vec![
                 text(&a["id"]),
                 a["created_at"]
                     .as_i64()
@@ -184,25 +175,7 @@ fn alert_table(list: &Value) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(|h| h.chars().count());
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let line = |cells: [&str; 8]| {
-        let mut out = format!("{:>w$}", cells[0], w = widths[0]);
-        for (cell, width) in cells[1..7].iter().zip(&widths[1..7]) {
-            out.push_str(&format!("  {cell:<width$}"));
-        }
-        out.push_str(&format!("  {}", cells[7]));
-        out
-    };
-    let mut out = line(header);
-    for row in &rows {
-        out.push('\n');
-        out.push_str(&line(row.each_ref().map(String::as_str)));
-    }
+    let mut out = aligned_table(&header, &rows, true);
     if items.is_empty() {
         out.push_str("\n(no alerts match)");
     }

@@ -292,6 +292,56 @@ pub(crate) fn refusal(status: reqwest::StatusCode, body: &Value) -> String {
 }
 
 /// A JSON value as a table cell: a string as is, null as `-`.
+/// `path` with the parameters that have a value, percent-encoded, as its query string.
+pub(crate) fn with_query(path: &str, params: &[(&str, Option<&str>)]) -> String {
+    let query: Vec<String> = params
+        .iter()
+        .filter_map(|(name, value)| {
+            Some(format!(
+                "{name}={}",
+                fleet_core::percent_encode(value.as_deref()?)
+            ))
+        })
+        .collect();
+    if query.is_empty() {
+        path.to_owned()
+    } else {
+        format!("{path}?{}", query.join("&"))
+    }
+}
+
+/// Rows under `header`, each column as wide as its widest cell and two spaces apart; the
+/// first column right-aligned when `numbered` (ids), the last one not padded (free text).
+pub(crate) fn aligned_table(header: &[&str], rows: &[Vec<String>], numbered: bool) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let last = header.len().saturating_sub(1);
+    let line = |cells: &[&str]| {
+        let mut out = String::new();
+        for (i, (cell, width)) in cells.iter().zip(&widths).enumerate() {
+            if i > 0 {
+                out.push_str("  ");
+            }
+            match i {
+                0 if numbered => out.push_str(&format!("{cell:>width$}")),
+                i if i == last => out.push_str(cell),
+                _ => out.push_str(&format!("{cell:<width$}")),
+            }
+        }
+        out
+    };
+    let mut out = line(header);
+    for row in rows {
+        out.push('\n');
+        out.push_str(&line(&row.iter().map(String::as_str).collect::<Vec<_>>()));
+    }
+    out
+}
+
 pub(crate) fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),

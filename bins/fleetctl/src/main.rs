@@ -21,6 +21,7 @@
 
 mod alerts;
 mod api;
+mod installations;
 
 mod remote;
 
@@ -84,6 +85,15 @@ enum Command {
         filters: alerts::AlertFilters,
         #[command(subcommand)]
         command: Option<alerts::AlertsCommand>,
+    },
+    /// The installations, one line each; `installations show ID` shows one.
+    Installations {
+        #[command(flatten)]
+        conn: api::Conn,
+        #[command(flatten)]
+        filters: installations::InstallationFilters,
+        #[command(subcommand)]
+        command: Option<installations::InstallationsCommand>,
     },
     /// Create a one-time enrollment token and print the agent's install snippet.
     Enroll(remote::EnrollArgs),
@@ -185,6 +195,11 @@ fn run(cli: Cli) -> Result<(), String> {
             filters,
             command,
         } => alerts::alerts(&api::Client::new(conn)?, filters, command),
+        Command::Installations {
+            conn,
+            filters,
+            command,
+        } => installations::installations(&api::Client::new(conn)?, filters, command),
         Command::Enroll(args) => remote::enroll(args),
         Command::Run(args) => remote::run(args),
         Command::Deploy(args) => remote::deploy(args),

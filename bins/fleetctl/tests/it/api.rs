@@ -85,6 +85,17 @@ impl Fixture {
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
+
+    /// A heartbeat of `instance_id`, healthy but for what `extra` says; it must be accepted.
+    async fn heartbeat(&self, instance_id: &str, extra: Value) {
+        let mut body = json!({"instance_id": instance_id, "db_ok": true, "redis_ok": true,
+                              "storage_ok": true, "jobs_failed": 0});
+        body.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        let (status, answer) = self.agent("/api/heartbeats", body).await;
+        assert_eq!(status, 200, "{answer}");
+    }
 }
 
 fn stdout(out: &Output) -> String {
@@ -337,13 +348,7 @@ async fn alerts_are_listed_filtered_and_acknowledged() {
             json!({"secrets_expired": 1, "alerts": [{"level": "critical", "message": long}]}),
         ),
     ] {
-        let mut body = json!({"instance_id": id, "db_ok": true, "redis_ok": true,
-                              "storage_ok": true, "jobs_failed": 0});
-        body.as_object_mut()
-            .expect("object")
-            .extend(extra.as_object().expect("object").clone());
-        let (status, answer) = f.agent("/api/heartbeats", body).await;
-        assert_eq!(status, 200, "{answer}");
+        f.heartbeat(id, extra).await;
     }
 
     let out = f.ctl(&["alerts"]).await;
@@ -440,4 +445,81 @@ async fn alerts_are_listed_filtered_and_acknowledged() {
         "{}",
         stderr(&out)
     );
+}
+
+/// `fleetctl installations` lists the registry one aligned line each, filtered as asked, and
+/// `installations show ID` shows one with its failing checks and open alerts; an unknown id
+/// is the control plane's 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installations_are_listed_filtered_and_shown() {
+    let f = Fixture::start().await;
+    for (id, extra) in [
+        (
+            "shop-1",
+            json!({"health": "ok", "version": "1.2.3", "release_channel": "stable",
+                   "client": "Acme SA"}),
+        ),
+        (
+            "shop-2",
+            json!({"health": "degraded", "version": "1.2.0", "release_channel": "beta",
+                   "checks": [{"name": "db", "ok": false, "error": "connection refused"}],
+                   "alerts": [{"level": "critical", "message": "Queue stuck"}],
+                   "job_failures": [{"queue": "billing", "message": "Timeout"}]}),
+        ),
+    ] {
+        f.heartbeat(id, extra).await;
+    }
+
+    let out = f.ctl(&["installations"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed = stdout(&out);
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 3, "a header and two installations: {listed}");
+    assert!(lines[0].starts_with("INSTANCE  HEALTH  "), "{listed}");
+    let client_at = lines[0].find("CLIENT").expect("client column");
+    assert_eq!(&lines[1][client_at..], "Acme SA", "{listed}");
+    assert!(
+        lines[1].starts_with("shop-1") && lines[1].contains("1.2.3") && lines[1].contains("stable"),
+        "{listed}"
+    );
+
+    let out = f
+        .ctl(&["installations", "--health", "degraded", "--channel", "beta"])
+        .await;
+    let degraded = stdout(&out);
+    assert_eq!(degraded.lines().count(), 2, "{degraded}");
+    assert!(degraded.contains("shop-2"), "{degraded}");
+    let out = f.ctl(&["installations", "--search", "acme"]).await;
+    let found = stdout(&out);
+    assert!(
+        found.contains("shop-1") && !found.contains("shop-2"),
+        "{found}"
+    );
+
+    let out = f.ctl(&["installations", "show", "shop-2"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown = stdout(&out);
+    for needle in [
+        "health degraded, version 1.2.0, channel beta",
+        "db FAILED: connection refused",
+        "open alerts: 1",
+        "critical payload: Queue stuck",
+        "job failures: 1",
+        "billing: Timeout",
+    ] {
+        assert!(shown.contains(needle), "{needle:?} in {shown}");
+    }
+    let out = f.ctl(&["installations", "show", "nope"]).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("HTTP 404"), "{}", stderr(&out));
+    let out = f
+        .ctl(&["installations", "--health", "ok", "show", "shop-1"])
+        .await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("`installations show ID` takes none of them"),
+        "{}",
+        stderr(&out)
+    );
+    let _ = std::fs::remove_dir_all(&f.dir);
 }
