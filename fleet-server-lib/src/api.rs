@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::auth::{Admin, Authed, Ops, Support};
 use crate::restores::RestoreSummary;
 use crate::store::{
-    Alert, AlertFilter, AlertState, DeliveryFilter, InstallationDetail, InstallationFilter,
+    Alert, AlertFilter, AlertState, ArchivedFilter, DeliveryFilter, InstallationDetail,
+    InstallationFilter, InstallationSummary,
 };
 use crate::{AppState, Error, Result, Shared};
 
@@ -29,6 +30,8 @@ pub(crate) struct ListQuery {
     pub channel: Option<String>,
     pub health: Option<String>,
     pub q: Option<String>,
+    /// `false` (the default: archived installations hidden), `true` (only them) or `all`.
+    pub archived: Option<String>,
     pub limit: Option<i64>,
     pub offset: Option<i64>,
 }
@@ -47,14 +50,21 @@ impl ListQuery {
             ("q", &self.q),
             ("channel", &self.channel),
             ("health", &self.health),
+            ("archived", &self.archived),
         ] {
             check_filter_len(name, value)?;
         }
         let nonempty = |v: &Option<String>| v.clone().filter(|s| !s.trim().is_empty());
+        // Only the named values, as the alert list's fixed sets; empty is the default.
+        let archived = match self.archived.as_deref().filter(|s| !s.is_empty()) {
+            Some(text) => one_of("archived", text, &ArchivedFilter::ALL, |a| a.as_str())?,
+            None => ArchivedFilter::default(),
+        };
         Ok(InstallationFilter {
             channel: nonempty(&self.channel),
             health: nonempty(&self.health),
             text: nonempty(&self.q).map(|s| s.trim().to_owned()),
+            archived,
             limit,
             offset,
         })
@@ -294,6 +304,34 @@ pub(crate) async fn enroll(_: Admin, State(state): State<Shared>, body: Bytes) -
         Json(serde_json::json!({ "id": row, "instance_id": id })),
     )
         .into_response())
+}
+
+/// `POST /api/installations/{instance_id}/archive` (admin): archives the installation of a
+/// customer who left; its summary, 404 for an unknown instance, 409 when it is archived
+/// already. Reads no body.
+pub(crate) async fn archive(
+    _: Admin,
+    State(state): State<Shared>,
+    Path(instance_id): Path<String>,
+) -> Result<Response> {
+    let summary = archive_by_id(&state, &instance_id).await?;
+    Ok(Json(summary).into_response())
+}
+
+/// Archives the installation of `instance_id`
+/// ([`Store::archive_installation`](crate::Store::archive_installation)); shared by the API
+/// and the dashboard's form.
+pub(crate) async fn archive_by_id(
+    state: &Shared,
+    instance_id: &str,
+) -> Result<InstallationSummary> {
+    let summary = state
+        .store
+        .archive_installation(instance_id, fleet_core::unix_now())
+        .await?
+        .ok_or(Error::NotFound)?;
+    tracing::info!(instance_id, "installation archived");
+    Ok(summary)
 }
 
 /// Alerts listed when the query names no limit.

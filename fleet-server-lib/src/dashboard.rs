@@ -17,7 +17,7 @@ use crate::auth::{
     Role, Viewer, clear_login_cookies, has_login_cookie, login_cookie, percent_encode, session_id,
 };
 use crate::restores::RestoreSummary;
-use crate::store::{HeartbeatPoint, InstallationDetail, InstallationSummary};
+use crate::store::{ArchivedFilter, HeartbeatPoint, InstallationDetail, InstallationSummary};
 use crate::throttle::Client;
 use crate::{Error, Result, Shared};
 
@@ -159,11 +159,13 @@ async fn index_page(role: Role, state: &Shared, uri: &Uri) -> Result<Response> {
          <input name=q placeholder=\"instance, domain, client\" value=\"{}\">\
          <input name=channel placeholder=channel value=\"{}\">\
          <input name=health placeholder=\"health or offline\" value=\"{}\">\
+         <select name=archived aria-label=Archived>{}</select>\
          <button>Filter</button></form>",
         page.total,
         field(&query.q),
         field(&query.channel),
         field(&query.health),
+        archived_options(filter.archived),
     );
     body.push_str(
         "<table id=installations><thead><tr><th>Instance</th><th>Client</th><th>Health</th>\
@@ -175,6 +177,11 @@ async fn index_page(role: Role, state: &Shared, uri: &Uri) -> Result<Response> {
         } else {
             ""
         };
+        let archived = if s.archived_at.is_some() {
+            " <span class=tag title=\"archived: hidden from the list by default\">archived</span>"
+        } else {
+            ""
+        };
         let alerts = if s.open_alerts > 0 {
             format!("<span class=bad>{}</span>", s.open_alerts)
         } else {
@@ -182,7 +189,7 @@ async fn index_page(role: Role, state: &Shared, uri: &Uri) -> Result<Response> {
         };
         let _ = write!(
             body,
-            "<tr><td>{}{v0}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{alerts}</td></tr>",
+            "<tr><td>{}{v0}{archived}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{alerts}</td></tr>",
             install_link(&s.instance_id),
             opt(&s.client),
             health_cell(s),
@@ -191,11 +198,17 @@ async fn index_page(role: Role, state: &Shared, uri: &Uri) -> Result<Response> {
             ago(s.last_seen_at, now),
         );
     }
-    let filtered = filter.channel.is_some() || filter.health.is_some() || filter.text.is_some();
+    let filtered = filter.channel.is_some()
+        || filter.health.is_some()
+        || filter.text.is_some()
+        || filter.archived != ArchivedFilter::default();
     let mut kept = String::new();
     // The page size the viewer chose stays, or "next" would move by another one.
     if filter.limit != PAGE_SIZE {
         let _ = write!(kept, "&limit={}", filter.limit);
+    }
+    if filter.archived != ArchivedFilter::default() {
+        let _ = write!(kept, "&archived={}", filter.archived.as_str());
     }
     for (k, v) in [
         ("q", &filter.text),
@@ -213,7 +226,9 @@ async fn index_page(role: Role, state: &Shared, uri: &Uri) -> Result<Response> {
         } else if filtered {
             "No installation matches these filters. <a href=\"/\">Show all</a>".to_owned()
         } else {
-            "No installation has sent a heartbeat or been enrolled yet.".to_owned()
+            "No active installation: none has sent a heartbeat or been enrolled yet, or every \
+             one is archived. <a href=\"/?archived=true\">Show the archived ones</a>"
+                .to_owned()
         };
         let _ = write!(body, "<tr><td colspan=7 class=muted>{why}</td></tr>");
     }
@@ -226,6 +241,22 @@ async fn index_page(role: Role, state: &Shared, uri: &Uri) -> Result<Response> {
         href,
     ));
     Ok(layout("Installations", Some(role), &body).into_response())
+}
+
+/// The options of the list's Archived select, `current` selected.
+fn archived_options(current: ArchivedFilter) -> String {
+    ArchivedFilter::ALL
+        .iter()
+        .map(|&a| {
+            let label = match a {
+                ArchivedFilter::Hidden => "Active",
+                ArchivedFilter::Only => "Archived",
+                ArchivedFilter::All => "Active and archived",
+            };
+            let selected = if a == current { " selected" } else { "" };
+            format!("<option value={}{selected}>{label}</option>", a.as_str())
+        })
+        .collect()
 }
 
 /// What an empty page past the last says (an old link, a hand-typed offset), leading back
@@ -338,6 +369,53 @@ fn restore_cancel_form(r: &RestoreSummary, role: Role) -> String {
     )
 }
 
+/// An archived installation's notice (since when, and that a heartbeat brings it back), or
+/// for admins the Archive form of an active one; empty otherwise.
+fn archive_section(s: &InstallationSummary, role: Role, now: i64) -> String {
+    if let Some(at) = s.archived_at {
+        return format!(
+            "<p id=archived class=warn>Archived since {} ({}): hidden from the installation \
+             list, skipped by the offline check, rollouts and restore scheduling. Its next \
+             heartbeat makes it active again.</p>",
+            format_time(at),
+            ago(Some(at), now)
+        );
+    }
+    if role < Role::Admin {
+        return String::new();
+    }
+    format!(
+        "<form method=post action=\"/installations/{}/archive\" class=archive>\
+         <button>Archive</button> <span class=muted>For a customer who left: hides it from the \
+         list, resolves its open alerts, cancels its rollout jobs not handed out yet and its \
+         scheduled restore verifications. Nothing is deleted; a heartbeat brings it back.</span>\
+         </form>",
+        percent_encode(&s.instance_id)
+    )
+}
+
+/// `POST /installations/{instance_id}/archive` (admin): the installation page's Archive
+/// form. Archives as `POST /api/installations/{instance_id}/archive` does, then back to the
+/// installation's page; one archived already gets the 409 page, an unknown instance the
+/// JSON 404.
+pub(crate) async fn archive(
+    Viewer(role): Viewer<2>,
+    State(state): State<Shared>,
+    Path(instance_id): Path<String>,
+) -> Result<Response> {
+    let back = format!("/installations/{}", percent_encode(&instance_id));
+    match crate::api::archive_by_id(&state, &instance_id).await {
+        Ok(_) => Ok(Redirect::to(&back).into_response()),
+        Err(Error::Conflict(why)) => Ok(crate::rollout_pages::refused_page(
+            role,
+            &why,
+            &back,
+            "Back to the installation",
+        )),
+        Err(other) => Err(other),
+    }
+}
+
 fn detail_body(
     d: &InstallationDetail,
     restores: &[RestoreSummary],
@@ -367,6 +445,7 @@ fn detail_body(
         ago(s.last_seen_at, now),
         ago(s.first_seen_at, now),
     );
+    b.push_str(&archive_section(s, role, now));
     b.push_str(&checks_section(&d.state));
     b.push_str("<section><h2>Recent figures</h2>");
     b.push_str(&chart(&d.recent));

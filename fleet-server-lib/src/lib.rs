@@ -332,6 +332,10 @@ fn routes(state: Shared) -> Router {
             get(api::list_installations).post(api::enroll),
         )
         .route("/api/installations/{instance_id}", get(api::installation))
+        .route(
+            "/api/installations/{instance_id}/archive",
+            post(api::archive),
+        )
         .route("/api/alerts", get(api::list_alerts))
         .route("/api/alerts/{id}/ack", post(api::acknowledge))
         .route("/api/releases", get(releases::list).post(releases::create))
@@ -391,6 +395,10 @@ fn routes(state: Shared) -> Router {
         .route("/openapi.json", get(openapi::document))
         .route("/", get(dashboard::index))
         .route("/installations/{instance_id}", get(dashboard::installation))
+        .route(
+            "/installations/{instance_id}/archive",
+            post(dashboard::archive),
+        )
         .route("/alerts", get(alert_pages::alerts))
         .route("/alerts/{id}/ack", post(dashboard::acknowledge))
         .route("/releases", get(rollout_pages::releases))

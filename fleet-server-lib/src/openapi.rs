@@ -63,7 +63,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "get",
         "/api/installations",
         Role("support"),
-        "List installations. Query: channel, health (as reported, of installations not offline; or offline), q (text in instance id, domain, client), limit (1-500, default 50), offset.",
+        "List installations. Query: channel, health (as reported, of installations not offline; or offline), q (text in instance id, domain, client), archived (false: active ones only, the default; true: archived ones only; all), limit (1-500, default 50), offset.",
         &[
             (200, "A page: items, total, limit, offset"),
             (400, "Bad query"),
@@ -82,6 +82,17 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         Role("support"),
         "One installation: latest state, checks, alerts, job failures, backups, recent heartbeats, and its newest restore verifications (status, backup, environment, when, and why one did not verify).",
         &[(200, "The installation"), (404, "Unknown instance")],
+    ),
+    r(
+        "post",
+        "/api/installations/{instance_id}/archive",
+        Role("admin"),
+        "Archive an installation whose customer left (soft: nothing is deleted). It is hidden from the list (archived=true shows it), skipped by the offline sweep, new rollouts and restore scheduling; its open alerts are resolved, its rollout jobs not handed out yet and its scheduled restore verifications cancelled. Its next heartbeat makes it active again. Reads no body.",
+        &[
+            (200, "The installation, archived (archived_at set)"),
+            (404, "Unknown instance"),
+            (409, "Already archived"),
+        ],
     ),
     r(
         "get",
@@ -144,6 +155,17 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
             (200, "HTML"),
             (303, "Not logged in: to /login"),
             (404, "Unknown instance"),
+        ],
+    ),
+    r(
+        "post",
+        "/installations/{instance_id}/archive",
+        Role("admin"),
+        "Dashboard form: archive the installation, as POST /api/installations/{instance_id}/archive.",
+        &[
+            (303, "Back to the installation"),
+            (404, "Unknown instance"),
+            (409, "Already archived (HTML)"),
         ],
     ),
     r(
@@ -333,6 +355,7 @@ fn success_schema(method: &str, path: &str) -> Option<Value> {
             ],
         ),
         ("get", "/api/installations/{instance_id}") => component("Installation"),
+        ("post", "/api/installations/{instance_id}/archive") => component("InstallationSummary"),
         ("get", "/api/alerts") => object(
             &["items", "total", "limit", "offset"],
             &[
@@ -415,6 +438,7 @@ fn answer_schemas() -> Vec<(&'static str, Value)> {
         ("last_seen_at", maybe_integer()),
         ("open_alerts", count()),
         ("offline", boolean()),
+        ("archived_at", maybe_integer()),
     ];
     let mut detail_fields = summary_fields.to_vec();
     detail_fields.extend([

@@ -309,7 +309,7 @@ pub(crate) async fn act(
 
 /// The 409 page of a dashboard form the object's state refuses (a rollout that cannot
 /// advance, a request already decided): why, and a link back to `back` (a path).
-fn refused_page(role: Role, reason: &str, back: &str, back_label: &str) -> Response {
+pub(crate) fn refused_page(role: Role, reason: &str, back: &str, back_label: &str) -> Response {
     let body = format!(
         "<h1>Not now</h1><p class=bad>{}</p><p><a href=\"{}\">{}</a></p>",
         esc(reason),

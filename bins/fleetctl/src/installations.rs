@@ -1,9 +1,10 @@
 //! `fleetctl installations`: the registry from `GET /api/installations`, one aligned line
-//! each, and `fleetctl installations show ID` (`GET /api/installations/{id}`): its latest
-//! state, checks, open alerts, backups and job failures.
+//! each, `fleetctl installations show ID` (`GET /api/installations/{id}`): its latest
+//! state, checks, open alerts, backups and job failures, and `fleetctl installations archive
+//! ID` (`POST /api/installations/{id}/archive`).
 
 use clap::{Args, Subcommand};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::api::{Client, aligned_table, text, with_query};
 
@@ -23,6 +24,9 @@ pub struct InstallationFilters {
     /// Only those whose instance id, domain or client contains this text.
     #[arg(long)]
     pub search: Option<String>,
+    /// Archived installations: false (hidden; the default), true (only them) or all.
+    #[arg(long, value_parser = ["false", "true", "all"])]
+    pub archived: Option<String>,
     /// How many, by instance id (1-500; 50 when not given).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=500))]
     pub limit: Option<u32>,
@@ -35,9 +39,13 @@ impl InstallationFilters {
             channel,
             health,
             search,
+            archived,
             limit,
         } = self;
-        [channel, health, search].iter().any(|f| f.is_some()) || limit.is_some()
+        [channel, health, search, archived]
+            .iter()
+            .any(|f| f.is_some())
+            || limit.is_some()
     }
 }
 
@@ -47,6 +55,12 @@ pub enum InstallationsCommand {
     /// One installation: state, checks, open alerts, recent backups and job failures.
     Show {
         /// Instance id (the first column of `fleetctl installations`).
+        id: String,
+    },
+    /// Archive an installation whose customer left (admin): hidden from the list, skipped by
+    /// the offline check, rollouts and restore scheduling; its next heartbeat brings it back.
+    Archive {
+        /// Instance id.
         id: String,
     },
 }
@@ -63,12 +77,29 @@ pub fn installations(
             client.print(&list, installation_table);
         }
         // Refused rather than ignored: whoever typed them meant something by them.
-        Some(InstallationsCommand::Show { .. }) if filters.any() => {
-            return Err(
-                "--channel, --health, --search and --limit filter the list; \
-                 `installations show ID` takes none of them"
-                    .into(),
+        Some(command) if filters.any() => {
+            let name = match command {
+                InstallationsCommand::Show { .. } => "show",
+                InstallationsCommand::Archive { .. } => "archive",
+            };
+            return Err(format!(
+                "--channel, --health, --search, --archived and --limit filter the list; \
+                 `installations {name} ID` takes none of them"
+            ));
+        }
+        Some(InstallationsCommand::Archive { id }) => {
+            let path = format!(
+                "/api/installations/{}/archive",
+                fleet_core::percent_encode(&id)
             );
+            let archived = client.post(&path, &json!({}))?;
+            client.print(&archived, |a| {
+                format!(
+                    "installation {} archived at {} UTC; its next heartbeat brings it back",
+                    text(&a["instance_id"]),
+                    when(&a["archived_at"])
+                )
+            });
         }
         Some(InstallationsCommand::Show { id }) => {
             let path = format!("/api/installations/{}", fleet_core::percent_encode(&id));
@@ -88,19 +119,22 @@ fn list_path(filters: &InstallationFilters) -> String {
             ("channel", filters.channel.as_deref()),
             ("health", filters.health.as_deref()),
             ("q", filters.search.as_deref()),
+            ("archived", filters.archived.as_deref()),
             ("limit", limit.as_deref()),
         ],
     )
 }
 
-/// `ok`, or `degraded, offline` when an `offline` alert is open.
+/// `ok`, `degraded, offline` when an `offline` alert is open, `ok, archived` once archived.
 fn health_cell(i: &Value) -> String {
-    let health = text(&i["health"]);
+    let mut health = text(&i["health"]);
     if i["offline"].as_bool() == Some(true) {
-        format!("{health}, offline")
-    } else {
-        health
+        health.push_str(", offline");
     }
+    if !i["archived_at"].is_null() {
+        health.push_str(", archived");
+    }
+    health
 }
 
 /// When, in UTC, or `-`.
@@ -172,6 +206,12 @@ fn installation_text(d: &Value) -> String {
         when(&d["first_seen_at"]),
         when(&d["last_seen_at"])
     ));
+    if !d["archived_at"].is_null() {
+        out.push_str(&format!(
+            "\n  archived at {} (UTC); its next heartbeat brings it back",
+            when(&d["archived_at"])
+        ));
+    }
     let checks = d["state"]["checks"]
         .as_array()
         .map(Vec::as_slice)
@@ -245,24 +285,28 @@ mod tests {
         let filters = InstallationFilters {
             channel: Some("stable".into()),
             search: Some("acme & co".into()),
+            archived: Some("all".into()),
             limit: Some(10),
             ..Default::default()
         };
         assert_eq!(
             list_path(&filters),
-            "/api/installations?channel=stable&q=acme%20%26%20co&limit=10"
+            "/api/installations?channel=stable&q=acme%20%26%20co&archived=all&limit=10"
         );
     }
 
     #[test]
     fn the_table_aligns_columns_and_marks_offline_instances() {
-        let list = json!({"total": 3, "items": [
+        let list = json!({"total": 4, "items": [
             {"instance_id": "acme-001", "health": "ok", "offline": false, "version": "1.2.3",
              "release_channel": "stable", "last_seen_at": 1_796_644_800, "open_alerts": 0,
              "client": "Acme SA"},
             {"instance_id": "b", "health": "degraded", "offline": true, "version": null,
              "release_channel": "beta", "last_seen_at": null, "open_alerts": 2,
              "client": null},
+            {"instance_id": "c", "health": "ok", "offline": false, "version": "1.2.3",
+             "release_channel": "stable", "last_seen_at": 1_796_644_800, "open_alerts": 0,
+             "client": null, "archived_at": 1_796_644_900},
         ]});
         let table = installation_table(&list);
         let lines: Vec<&str> = table.lines().collect();
@@ -272,7 +316,8 @@ mod tests {
                 "INSTANCE  HEALTH             VERSION  CHANNEL  LAST SEEN (UTC)      ALERTS  CLIENT",
                 "acme-001  ok                 1.2.3    stable   2026-12-07 12:00:00  0       Acme SA",
                 "b         degraded, offline  -        beta     -                    2       -",
-                "2 of 3 matching installations shown (--limit for more)",
+                "c         ok, archived       1.2.3    stable   2026-12-07 12:00:00  0       -",
+                "3 of 4 matching installations shown (--limit for more)",
             ]
         );
     }

@@ -86,7 +86,8 @@ enum Command {
         #[command(subcommand)]
         command: Option<alerts::AlertsCommand>,
     },
-    /// The installations, one line each; `installations show ID` shows one.
+    /// The installations, one line each; `installations show ID` shows one, `installations
+    /// archive ID` archives one.
     Installations {
         #[command(flatten)]
         conn: api::Conn,

@@ -10,7 +10,9 @@ use crate::alerts::AlertSpec;
 use crate::store::{HeartbeatPoint, IncomingHeartbeat, RecordOutcome};
 
 /// The installation upsert's conflict clause, the same for both engines: the latest state,
-/// and for each descriptive field the latest value reported. Each engine appends what it
+/// and for each descriptive field the latest value reported. A heartbeat from an archived
+/// installation makes it active again (`archived_at` is not indexed, so this keeps
+/// PostgreSQL's updates HOT). Each engine appends what it
 /// needs of its own (columns only it has, a `RETURNING` list).
 macro_rules! upsert_installation_conflict {
     () => {
@@ -25,7 +27,8 @@ macro_rules! upsert_installation_conflict {
          first_seen_at = COALESCE(installations.first_seen_at, excluded.first_seen_at), \
          last_seen_at = excluded.last_seen_at, \
          last_backup_checksum = COALESCE(excluded.last_backup_checksum, installations.last_backup_checksum), \
-         state = excluded.state"
+         state = excluded.state, \
+         archived_at = NULL"
         )
     };
 }

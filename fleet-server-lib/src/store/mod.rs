@@ -93,10 +93,39 @@ pub struct InstallationFilter {
     pub health: Option<String>,
     /// Case-insensitive substring of instance id, domain or client.
     pub text: Option<String>,
+    /// Archived installations: hidden (the default), only them, or both.
+    pub archived: ArchivedFilter,
     /// Page size.
     pub limit: i64,
     /// Rows to skip.
     pub offset: i64,
+}
+
+/// Which installations a list shows by whether they are archived
+/// ([`Store::archive_installation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ArchivedFilter {
+    /// Only those not archived: the default.
+    #[default]
+    Hidden,
+    /// Only archived ones.
+    Only,
+    /// Archived or not.
+    All,
+}
+
+impl ArchivedFilter {
+    /// Every filter, in the order a list offers them.
+    pub const ALL: [Self; 3] = [Self::Hidden, Self::Only, Self::All];
+
+    /// The wire name, the value of the list's `archived` parameter (`false`, `true`, `all`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hidden => "false",
+            Self::Only => "true",
+            Self::All => "all",
+        }
+    }
 }
 
 /// One page of results and the total across all pages.
@@ -137,6 +166,9 @@ pub struct InstallationSummary {
     pub open_alerts: i64,
     /// Whether an `offline` alert is open.
     pub offline: bool,
+    /// When an operator archived it (unix seconds); `None` while it is active. Its next
+    /// heartbeat clears it.
+    pub archived_at: Option<i64>,
 }
 
 /// An alert.
@@ -509,8 +541,20 @@ pub trait Store:
     /// Marks an alert acknowledged (the first acknowledgement wins); `None` if it does not exist.
     async fn acknowledge_alert(&self, alert_id: i64, by: &str, now: i64) -> Result<Option<Alert>>;
 
+    /// Archives an installation whose customer left, by instance id: it is hidden from the
+    /// list by default, the offline sweep, new rollouts and restore scheduling skip it, its
+    /// open alerts are resolved, its rollout jobs not handed out yet and its scheduled
+    /// restore verifications are cancelled. Nothing is deleted, and its next heartbeat
+    /// makes it active again. `None` for an unknown instance;
+    /// [`Error::Conflict`](crate::Error::Conflict) when it is archived already.
+    async fn archive_installation(
+        &self,
+        instance_id: &str,
+        now: i64,
+    ) -> Result<Option<InstallationSummary>>;
+
     /// Opens an `offline` alert for every installation last seen before `cutoff` that has
-    /// none open; returns how many were opened.
+    /// none open and is not archived; returns how many were opened.
     async fn mark_offline(&self, cutoff: i64, now: i64, forward: bool) -> Result<u64>;
 
     /// Claims up to `limit` outbox deliveries due at `now`, oldest first: each claimed row is

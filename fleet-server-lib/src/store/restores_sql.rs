@@ -54,12 +54,13 @@ macro_rules! impl_restore_store {
                 let classes: Vec<(String, i64)> = sqlx::query_as(concat!(
                     "SELECT class, COUNT(*) FROM (SELECT ",
                     restore_class!(),
-                    " AS class FROM installations i) c GROUP BY class"
+                    " AS class FROM installations i WHERE i.archived_at IS NULL) c GROUP BY class"
                 ))
                 .bind(environment)
                 .bind(recent)
                 .fetch_all(&mut *tx)
                 .await?;
+                // Archived installations are neither scheduled nor counted.
                 // The freshest installations of a class, with their latest backup's id.
                 let candidates = concat!(
                     "SELECT id, instance_id, backup_id FROM (SELECT i.id, i.instance_id, \
@@ -67,7 +68,7 @@ macro_rules! impl_restore_store {
                      WHERE b.installation_id = i.id AND b.backup_id IS NOT NULL \
                      AND b.backup_id <> '' ORDER BY b.id DESC LIMIT 1) AS backup_id, ",
                     restore_class!(),
-                    " AS class FROM installations i) c WHERE class = $3 \
+                    " AS class FROM installations i WHERE i.archived_at IS NULL) c WHERE class = $3 \
                      AND NOT EXISTS (SELECT 1 FROM restores r WHERE r.instance_id = c.instance_id \
                      AND r.environment = $1 AND r.status = 'skipped' AND r.started_at IS NULL \
                      AND $3 = 'no_backup') \

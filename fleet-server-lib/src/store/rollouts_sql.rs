@@ -175,10 +175,11 @@ macro_rules! impl_rollout_store {
                         (None, None, Some(serde_json::to_string(&spec).unwrap_or_default()))
                     }
                 };
-                // The frozen target set: the channel's instances not already on the version.
+                // The frozen target set: the channel's instances not already on the version,
+                // archived ones left out.
                 let targets: Vec<String> = sqlx::query_scalar(
                     "SELECT instance_id FROM installations WHERE release_channel = $1 \
-                     AND ($2 IS NULL OR version IS NULL OR version <> $2) ORDER BY instance_id",
+                     AND archived_at IS NULL AND ($2 IS NULL OR version IS NULL OR version <> $2) ORDER BY instance_id",
                 )
                 .bind(&new.channel)
                 .bind(target_version.clone())
@@ -748,6 +749,72 @@ macro_rules! impl_rollout_store {
                 Ok($crate::rollouts::BatchCounts::of(batch, statuses.iter().map(String::as_str)))
             }
 
+            /// Cancels the jobs of `instance_id` not handed out yet (queued or pending), as
+            /// its installation is being archived; they end now, so an observed rollout's
+            /// window counts from here. A running rollout whose current batch that ended
+            /// moves on as after a resume. Returns, by pipeline, the instances whose job that
+            /// made available, to announce after the commit.
+            ///
+            /// Rollouts are locked before their jobs, in id order, as every other path
+            /// takes them.
+            pub(crate) async fn cancel_jobs_of_archived(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                instance_id: &str,
+                now: i64,
+            ) -> $crate::Result<Vec<(fleet_core::command::Pipeline, Vec<String>)>> {
+                use $crate::rollouts::RolloutStatus;
+                let reason = $crate::store::sql::ARCHIVED;
+                // A plugin request's own job has no rollout.
+                sqlx::query(
+                    "UPDATE rollout_jobs SET status = 'cancelled', error = $1, updated_at = $2, \
+                     finished_at = $2 WHERE instance_id = $3 AND rollout_id IS NULL \
+                     AND status IN ('queued', 'pending')",
+                )
+                .bind(reason)
+                .bind(now)
+                .bind(instance_id)
+                .execute(&mut **tx)
+                .await?;
+                let rollouts: Vec<i64> = sqlx::query_scalar(
+                    "SELECT DISTINCT rollout_id FROM rollout_jobs WHERE instance_id = $1 \
+                     AND rollout_id IS NOT NULL AND status IN ('queued', 'pending') ORDER BY rollout_id",
+                )
+                .bind(instance_id)
+                .fetch_all(&mut **tx)
+                .await?;
+                let mut available = Vec::new();
+                for rollout_id in rollouts {
+                    let Some(row) = Self::lock_rollout(tx, rollout_id).await? else { continue };
+                    let batches: Vec<i64> = sqlx::query_scalar(
+                        "UPDATE rollout_jobs SET status = 'cancelled', error = $1, updated_at = $2, \
+                         finished_at = $2 WHERE rollout_id = $3 AND instance_id = $4 \
+                         AND status IN ('queued', 'pending') RETURNING batch",
+                    )
+                    .bind(reason)
+                    .bind(now)
+                    .bind(rollout_id)
+                    .bind(instance_id)
+                    .fetch_all(&mut **tx)
+                    .await?;
+                    // A paused or halted rollout moves on when it is resumed.
+                    if row.status != RolloutStatus::Running || !batches.contains(&row.current_batch) {
+                        continue;
+                    }
+                    let counts = Self::batch_counts(tx, rollout_id, row.current_batch).await?;
+                    let next = $crate::rollouts::after_resume(
+                        &counts,
+                        row.auto_advance,
+                        row.current_batch,
+                        row.batch_count,
+                        row.observing,
+                    );
+                    let started =
+                        Self::apply_next(tx, rollout_id, row.current_batch, next, None, now, false).await?;
+                    available.push((row.kind.pipeline(), started));
+                }
+                Ok(available)
+            }
+
             async fn insert_event(
                 tx: &mut sqlx::Transaction<'static, $db>,
                 job_id: i64,
@@ -811,23 +878,45 @@ macro_rules! impl_rollout_store {
                         }
                     }
                     Next::StartNext => {
-                        let next_batch = current_batch + 1;
-                        started = sqlx::query_scalar(
-                            "UPDATE rollout_jobs SET status = 'pending', updated_at = $1 \
-                             WHERE rollout_id = $2 AND batch = $3 AND status = 'queued' \
-                             RETURNING instance_id",
-                        )
-                        .bind(now)
-                        .bind(id)
-                        .bind(next_batch)
-                        .fetch_all(&mut **tx)
-                        .await?;
-                        sqlx::query("UPDATE rollouts SET current_batch = $1, updated_at = $2 WHERE id = $3")
-                            .bind(next_batch)
+                        let batch_count: i64 =
+                            sqlx::query_scalar("SELECT batch_count FROM rollouts WHERE id = $1")
+                                .bind(id)
+                                .fetch_one(&mut **tx)
+                                .await?;
+                        let mut next_batch = current_batch + 1;
+                        // A batch whose every job was cancelled (its installations were
+                        // archived) has nothing to run or watch: the rollout passes over it,
+                        // and completes when that was the last.
+                        loop {
+                            started = sqlx::query_scalar(
+                                "UPDATE rollout_jobs SET status = 'pending', updated_at = $1 \
+                                 WHERE rollout_id = $2 AND batch = $3 AND status = 'queued' \
+                                 RETURNING instance_id",
+                            )
                             .bind(now)
                             .bind(id)
-                            .execute(&mut **tx)
+                            .bind(next_batch)
+                            .fetch_all(&mut **tx)
                             .await?;
+                            if !started.is_empty() || next_batch + 1 >= batch_count {
+                                break;
+                            }
+                            next_batch += 1;
+                        }
+                        let status = if started.is_empty() && next_batch + 1 >= batch_count {
+                            "completed"
+                        } else {
+                            "running"
+                        };
+                        sqlx::query(
+                            "UPDATE rollouts SET current_batch = $1, status = $2, updated_at = $3 WHERE id = $4",
+                        )
+                        .bind(next_batch)
+                        .bind(status)
+                        .bind(now)
+                        .bind(id)
+                        .execute(&mut **tx)
+                        .await?;
                     }
                     Next::Complete => {
                         sqlx::query("UPDATE rollouts SET status = 'completed', updated_at = $1 WHERE id = $2")

@@ -8,9 +8,10 @@ macro_rules! summary_select {
          i.scheme, i.enrolled_at, i.first_seen_at, i.last_seen_at, \
          (SELECT COUNT(*) FROM alerts a WHERE a.installation_id = i.id AND a.resolved_at IS NULL) AS open_alerts, \
          EXISTS (SELECT 1 FROM alerts a WHERE a.installation_id = i.id AND a.resolved_at IS NULL \
-         AND a.dedup_key = 'offline') AS offline FROM installations i"
+         AND a.dedup_key = 'offline') AS offline, i.archived_at FROM installations i"
     };
 }
+// $5 is `ArchivedFilter::as_str`.
 // A health filter matches what the list's Health column shows: an installation that is
 // offline is shown (and filtered) as `offline`, not as the health of its last heartbeat.
 macro_rules! list_where {
@@ -22,7 +23,9 @@ macro_rules! list_where {
          OR LOWER(COALESCE(i.domain, '')) LIKE $3 ESCAPE '\\' \
          OR LOWER(COALESCE(i.client, '')) LIKE $3 ESCAPE '\\') \
          AND ($4 = FALSE OR EXISTS (SELECT 1 FROM alerts a WHERE a.installation_id = i.id \
-         AND a.dedup_key = 'offline' AND a.resolved_at IS NULL))"
+         AND a.dedup_key = 'offline' AND a.resolved_at IS NULL)) \
+         AND (($5 = 'false' AND i.archived_at IS NULL) \
+         OR ($5 = 'true' AND i.archived_at IS NOT NULL) OR $5 = 'all')"
     };
 }
 // An alert with its installation's instance id and its newest webhook delivery (an alert
@@ -65,7 +68,7 @@ macro_rules! alert_list_where {
 pub(crate) const LIST_SQL: &str = concat!(
     summary_select!(),
     list_where!(),
-    " ORDER BY i.instance_id LIMIT $5 OFFSET $6"
+    " ORDER BY i.instance_id LIMIT $6 OFFSET $7"
 );
 pub(crate) const COUNT_SQL: &str = concat!("SELECT COUNT(*) FROM installations i", list_where!());
 pub(crate) const DETAIL_SQL: &str = concat!(summary_select!(), " WHERE i.instance_id = $1");
@@ -81,6 +84,19 @@ pub(crate) const ALERT_PAGE_SQL: &str = concat!(
 pub(crate) const ALERT_COUNT_SQL: &str =
     concat!("SELECT COUNT(*)", alert_from!(), alert_list_where!());
 pub(crate) const ALERT_SQL: &str = concat!(alert_select!(), " WHERE a.id = $1");
+
+/// The error of the jobs and restore verifications an archive cancels.
+pub(crate) const ARCHIVED: &str = "the installation was archived";
+
+/// Why an installation archived since `since` (unix seconds) cannot be archived again.
+pub(crate) fn already_archived(instance_id: &str, since: Option<i64>) -> String {
+    let since = since
+        .map(|at| format!(" since {} UTC", fleet_core::clock::human_utc(at)))
+        .unwrap_or_default();
+    format!(
+        "installation {instance_id} is already archived{since}; its next heartbeat makes it active again"
+    )
+}
 
 /// `%text%` for a case-insensitive `LIKE`, with the wildcards of the user's text escaped.
 pub(crate) fn like_pattern(text: &str) -> String {
@@ -144,6 +160,7 @@ macro_rules! impl_sql_store {
                 .bind(health.clone())
                 .bind(text.clone())
                 .bind(offline)
+                .bind(filter.archived.as_str())
                 .bind(filter.limit)
                 .bind(filter.offset)
                 .fetch_all(&self.pool)
@@ -153,6 +170,7 @@ macro_rules! impl_sql_store {
                 .bind(health)
                 .bind(text)
                 .bind(offline)
+                .bind(filter.archived.as_str())
                 .fetch_one(&self.pool)
                 .await?;
                 Ok($crate::store::Page { items, total })
@@ -269,6 +287,62 @@ macro_rules! impl_sql_store {
                 .await?)
             }
 
+            async fn archive_installation(
+                &self,
+                instance_id: &str,
+                now: i64,
+            ) -> $crate::Result<Option<$crate::store::InstallationSummary>> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                let archived: Option<i64> = sqlx::query_scalar(
+                    "UPDATE installations SET archived_at = $1 \
+                     WHERE instance_id = $2 AND archived_at IS NULL RETURNING id",
+                )
+                .bind(now)
+                .bind(instance_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(installation_id) = archived else {
+                    let since: Option<Option<i64>> =
+                        sqlx::query_scalar("SELECT archived_at FROM installations WHERE instance_id = $1")
+                            .bind(instance_id)
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                    return match since {
+                        None => Ok(None),
+                        Some(since) => Err($crate::Error::Conflict(
+                            $crate::store::sql::already_archived(instance_id, since),
+                        )),
+                    };
+                };
+                // Nobody is to act on an installation whose customer left.
+                sqlx::query(
+                    "UPDATE alerts SET resolved_at = $1 WHERE installation_id = $2 AND resolved_at IS NULL",
+                )
+                .bind(now)
+                .bind(installation_id)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE restores SET status = $1, error = $2, finished_at = $3 \
+                     WHERE instance_id = $4 AND status = 'scheduled'",
+                )
+                .bind($crate::restores::CANCELLED)
+                .bind($crate::store::sql::ARCHIVED)
+                .bind(now)
+                .bind(instance_id)
+                .execute(&mut *tx)
+                .await?;
+                let available = Self::cancel_jobs_of_archived(&mut tx, instance_id, now).await?;
+                tx.commit().await?;
+                for (pipeline, instances) in available {
+                    self.jobs.announce(pipeline, instances);
+                }
+                Ok(sqlx::query_as::<_, $crate::store::InstallationSummary>($crate::store::sql::DETAIL_SQL)
+                    .bind(instance_id)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
             async fn mark_offline(&self, cutoff: i64, now: i64, forward: bool) -> $crate::Result<u64> {
                 use sqlx::Row;
                 let mut tx = self.pool.begin_with($begin).await?;
@@ -277,7 +351,7 @@ macro_rules! impl_sql_store {
                 // open-alert index.
                 let rows = sqlx::query(
                     "SELECT i.id, i.instance_id, i.last_seen_at FROM installations i \
-                     WHERE i.last_seen_at < $1 AND NOT EXISTS (SELECT 1 FROM alerts a \
+                     WHERE i.last_seen_at < $1 AND i.archived_at IS NULL AND NOT EXISTS (SELECT 1 FROM alerts a \
                      WHERE a.installation_id = i.id AND a.dedup_key = 'offline' AND a.resolved_at IS NULL) \
                      ORDER BY i.id",
                 )

@@ -49,7 +49,7 @@ const UPDATE_INSTALLATION: &str = "UPDATE installations SET domain = COALESCE(?2
     release_channel = COALESCE(?5, release_channel), health = COALESCE(?6, health), \
     scheme = ?7, first_seen_at = COALESCE(first_seen_at, ?8), last_seen_at = ?9, \
     last_backup_checksum = COALESCE(?10, last_backup_checksum), state = ?11, \
-    last_heartbeat_id = ?12 WHERE id = ?1";
+    last_heartbeat_id = ?12, archived_at = NULL WHERE id = ?1";
 /// The next heartbeat row id. The transaction holds the database's write lock, so no other
 /// writer can take the ids this batch gives its rows (and their links) before it inserts them.
 const NEXT_HEARTBEAT_ID: &str = "SELECT COALESCE(MAX(id), 0) + 1 FROM heartbeats";

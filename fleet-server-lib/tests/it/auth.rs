@@ -42,6 +42,13 @@ const MATRIX: &[(&str, &str, &str, [u16; 4])] = &[
         "/api/installations/acme-001",
         [401, 200, 200, 200],
     ),
+    // An unknown instance: admin passes the role check and gets the 404.
+    (
+        "POST",
+        "/api/installations/{instance_id}/archive",
+        "/api/installations/nope/archive",
+        [401, 403, 403, 404],
+    ),
     ("GET", "/api/alerts", "/api/alerts", [401, 200, 200, 200]),
     (
         "POST",
@@ -64,6 +71,12 @@ const MATRIX: &[(&str, &str, &str, [u16; 4])] = &[
         "/installations/{instance_id}",
         "/installations/acme-001",
         [303, 200, 200, 200],
+    ),
+    (
+        "POST",
+        "/installations/{instance_id}/archive",
+        "/installations/nope/archive",
+        [303, 403, 403, 404],
     ),
     ("GET", "/alerts", "/alerts", [303, 200, 200, 200]),
     (

@@ -3,6 +3,7 @@
 
 mod alerts;
 mod api;
+mod archive;
 mod auth;
 mod browser;
 mod commands;

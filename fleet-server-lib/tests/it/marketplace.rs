@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::rollouts::{admin_post, agent_post, enroll, page};
 use crate::support::{
-    ADMIN, OPS, SUPPORT, TempDir, TestServer, TestStore, code, on_both_backends, post_form,
+    ADMIN, OPS, SUPPORT, TestServer, TestStore, code, on_both_backends, post_form,
 };
 
 async fn plugin_releases_requests_approval_and_rollouts(t: TestStore) {
@@ -800,22 +800,6 @@ async fn plugin_requests_are_rejected_with_a_reason(t: TestStore) {
     server.stop().await;
 }
 
-/// The migrations of `backend` (`sqlite`, `postgres`) whose file names sort before `first_new`,
-/// copied to a folder: the schema of a control plane from before that migration.
-fn migrations_before(backend: &str, first_new: &str) -> TempDir {
-    let dir = TempDir::new();
-    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("migrations")
-        .join(backend);
-    for entry in std::fs::read_dir(&source).expect("migrations") {
-        let name = entry.expect("entry").file_name();
-        if name.to_string_lossy().as_ref() < first_new {
-            std::fs::copy(source.join(&name), dir.0.join(&name)).expect("copy");
-        }
-    }
-    dir
-}
-
 /// Plugin requests as a control plane that stored copies left them (the instance's reason
 /// names each row): three copies of one pending request, the same plugin with another
 /// action, an approved one, and another instance's.
@@ -880,54 +864,13 @@ async fn copies_are_closed_by_the_upgrade(store: &dyn Store) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_closes_plugin_request_copies_stored_before_the_upgrade() {
-    let old = migrations_before("sqlite", "0009");
-    let dir = TempDir::new();
-    let url = format!("sqlite://{}?mode=rwc", dir.0.join("fleet.db").display());
-    let pool = sqlx::SqlitePool::connect(&url).await.expect("connect");
-    sqlx::migrate::Migrator::new(old.0.as_path())
-        .await
-        .expect("old migrations")
-        .run(&pool)
-        .await
-        .expect("old schema");
-    sqlx::raw_sql(REQUESTS_WITH_COPIES)
-        .execute(&pool)
-        .await
-        .expect("copies");
-    pool.close().await;
-    let store = fleet_server::store::open(&url).await.expect("upgrade");
+    let (store, _dir) = crate::support::sqlite_upgraded("0009", REQUESTS_WITH_COPIES).await;
     copies_are_closed_by_the_upgrade(&*store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_closes_plugin_request_copies_stored_before_the_upgrade() {
-    let old = migrations_before("postgres", "0010");
-    let url = crate::support::postgres_url();
-    let schema = format!("fleet_server_it_{}", uuid::Uuid::new_v4().simple());
-    let admin = sqlx::PgPool::connect(&url).await.expect("connect");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&admin)
-        .await
-        .expect("create schema");
-    admin.close().await;
-    let options = crate::support::schema_options(&url, &schema);
-    let pool = sqlx::PgPool::connect_with(options.clone())
-        .await
-        .expect("connect to the schema");
-    sqlx::migrate::Migrator::new(old.0.as_path())
-        .await
-        .expect("old migrations")
-        .run(&pool)
-        .await
-        .expect("old schema");
-    sqlx::raw_sql(REQUESTS_WITH_COPIES)
-        .execute(&pool)
-        .await
-        .expect("copies");
-    pool.close().await;
-    let store = fleet_server::PostgresStore::connect_with(options)
-        .await
-        .expect("upgrade");
+    let (store, schema) = crate::support::postgres_upgraded("0010", REQUESTS_WITH_COPIES).await;
     copies_are_closed_by_the_upgrade(&store).await;
     drop(store);
     crate::support::drop_schema(Some(schema)).await;

@@ -541,3 +541,72 @@ pub fn assert_answer_conforms(spec: &Value, method: &str, path: &str, answer: &V
         "{method} {path}: {problems:#?}\n{answer:#}"
     );
 }
+
+/// A folder with the `backend`'s migrations older than `first_new` (a file name prefix such
+/// as `"0011"`): the schema of a control plane from before that migration.
+fn migrations_before(backend: &str, first_new: &str) -> TempDir {
+    let dir = TempDir::new();
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(backend);
+    for entry in std::fs::read_dir(&source).expect("migrations") {
+        let name = entry.expect("entry").file_name();
+        if name.to_string_lossy().as_ref() < first_new {
+            std::fs::copy(source.join(&name), dir.0.join(&name)).expect("copy");
+        }
+    }
+    dir
+}
+
+/// A SQLite store upgraded from the schema before migration `first_new`, holding what
+/// `stored_before` inserted then; the folder must outlive the store.
+pub async fn sqlite_upgraded(first_new: &str, stored_before: &str) -> (Arc<dyn Store>, TempDir) {
+    let old = migrations_before("sqlite", first_new);
+    let dir = TempDir::new();
+    let url = format!("sqlite://{}?mode=rwc", dir.0.join("fleet.db").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.expect("connect");
+    sqlx::migrate::Migrator::new(old.0.as_path())
+        .await
+        .expect("old migrations")
+        .run(&pool)
+        .await
+        .expect("old schema");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(stored_before))
+        .execute(&pool)
+        .await
+        .expect("rows stored before the upgrade");
+    pool.close().await;
+    let store = fleet_server::store::open(&url).await.expect("upgrade");
+    (store, dir)
+}
+
+/// Like [`sqlite_upgraded`], on PostgreSQL in a fresh schema; returns the store and the
+/// schema to drop.
+pub async fn postgres_upgraded(first_new: &str, stored_before: &str) -> (PostgresStore, String) {
+    let old = migrations_before("postgres", first_new);
+    let url = postgres_url();
+    let schema = format!("fleet_server_it_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(&url).await.expect("connect");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await
+        .expect("create schema");
+    admin.close().await;
+    let options = schema_options(&url, &schema);
+    let pool = sqlx::PgPool::connect_with(options.clone())
+        .await
+        .expect("connect to the schema");
+    sqlx::migrate::Migrator::new(old.0.as_path())
+        .await
+        .expect("old migrations")
+        .run(&pool)
+        .await
+        .expect("old schema");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(stored_before))
+        .execute(&pool)
+        .await
+        .expect("rows stored before the upgrade");
+    pool.close().await;
+    let store = PostgresStore::connect_with(options).await.expect("upgrade");
+    (store, schema)
+}

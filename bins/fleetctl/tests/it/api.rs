@@ -523,3 +523,79 @@ async fn installations_are_listed_filtered_and_shown() {
     );
     let _ = std::fs::remove_dir_all(&f.dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installations_are_archived_and_listed_by_archived() {
+    let f = Fixture::start().await;
+    for id in ["shop-1", "shop-2"] {
+        f.heartbeat(id, json!({"health": "ok", "release_channel": "stable"}))
+            .await;
+    }
+    let out = f.ctl(&["installations", "archive", "shop-2"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = stdout(&out);
+    assert_eq!(said.lines().count(), 1, "one line: {said}");
+    assert!(
+        said.starts_with("installation shop-2 archived at ")
+            && said
+                .trim_end()
+                .ends_with("UTC; its next heartbeat brings it back"),
+        "{said}"
+    );
+    let out = f.ctl(&["installations", "archive", "shop-2"]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("HTTP 409") && stderr(&out).contains("already archived"),
+        "{}",
+        stderr(&out)
+    );
+    let out = f.ctl(&["installations", "archive", "nope"]).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("HTTP 404"), "{}", stderr(&out));
+
+    let listed = |out: &Output| -> Vec<String> {
+        stdout(out)
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().next().unwrap_or_default().to_owned())
+            .collect()
+    };
+    let out = f.ctl(&["installations"]).await;
+    assert_eq!(listed(&out), ["shop-1"], "{}", stdout(&out));
+    let out = f.ctl(&["installations", "--archived", "true"]).await;
+    assert_eq!(listed(&out), ["shop-2"], "{}", stdout(&out));
+    assert!(stdout(&out).contains("ok, archived"), "{}", stdout(&out));
+    let out = f.ctl(&["installations", "--archived", "all"]).await;
+    assert_eq!(listed(&out), ["shop-1", "shop-2"], "{}", stdout(&out));
+    let out = f.ctl(&["installations", "--archived", "false"]).await;
+    assert_eq!(listed(&out), ["shop-1"], "{}", stdout(&out));
+    // The fixed set is checked before anything is sent.
+    let out = f.ctl(&["installations", "--archived", "yes"]).await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("possible values: false, true, all"),
+        "{}",
+        stderr(&out)
+    );
+    let out = f
+        .ctl(&["installations", "--archived", "all", "archive", "shop-1"])
+        .await;
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("`installations archive ID` takes none of them"),
+        "{}",
+        stderr(&out)
+    );
+    let out = f.ctl(&["installations", "show", "shop-2"]).await;
+    assert!(
+        stdout(&out).contains("its next heartbeat brings it back"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Its agent is still running: the next heartbeat brings it back.
+    f.heartbeat("shop-2", json!({})).await;
+    let out = f.ctl(&["installations"]).await;
+    assert_eq!(listed(&out), ["shop-1", "shop-2"], "{}", stdout(&out));
+    let _ = std::fs::remove_dir_all(&f.dir);
+}
