@@ -139,7 +139,8 @@ macro_rules! impl_sql_store {
                 Ok(sqlx::query_scalar(
                     "INSERT INTO installations (instance_id, enrolled_at) VALUES ($1, $2) \
                      ON CONFLICT (instance_id) DO UPDATE SET \
-                     enrolled_at = COALESCE(installations.enrolled_at, excluded.enrolled_at) \
+                     enrolled_at = COALESCE(installations.enrolled_at, excluded.enrolled_at), \
+                     archived_at = NULL \
                      RETURNING id",
                 )
                 .bind(instance_id)

@@ -20,6 +20,7 @@ on_both_backends!(
     a_rollout_passes_over_a_batch_left_empty_by_archiving,
     heartbeats_bring_archived_installations_back_on_every_write_path,
     the_installation_page_archives_for_admins_only,
+    enrolling_an_archived_installation_makes_it_active_again,
 );
 
 async fn server(t: &TestStore) -> TestServer {
@@ -384,6 +385,25 @@ async fn archive_all(store: &dyn Store, instances: &[&str], at: i64) {
             .expect("exists");
         assert_eq!(summary.archived_at, Some(at));
     }
+}
+
+/// An operator who enrolls an archived instance again means it to be active: it is listed
+/// and watched again before its agent's first heartbeat; its enrollment time stays the first.
+async fn enrolling_an_archived_installation_makes_it_active_again(t: TestStore) {
+    let s = &*t.store;
+    s.enroll("back", 100).await.expect("enroll");
+    archive_all(s, &["back"], 200).await;
+    s.enroll("back", 300).await.expect("enroll again");
+    let summary = s
+        .installation("back")
+        .await
+        .expect("detail")
+        .expect("exists")
+        .summary;
+    assert_eq!(
+        (summary.archived_at, summary.enrolled_at),
+        (None, Some(100))
+    );
 }
 
 /// A heartbeat clears `archived_at` whichever statement records it: on PostgreSQL the one
