@@ -103,7 +103,7 @@ impl AgentBuilder {
                 ("redis", &config.redis_url, 6379, "REDIS_URL"),
             ];
             for (name, url, port, variable) in services {
-                if config.skip_checks.iter().any(|skipped| skipped == name) {
+                if config.skips_check(name) {
                     continue;
                 }
                 checks.push(match url {
@@ -501,9 +501,8 @@ impl Shared {
         // reported in `checks[]` but says nothing about the instance itself.
         let healthy = checks.iter().all(|r| r.ok);
         let ok_of = |name: &str| checks.iter().find(|r| r.name == name).map(|r| r.ok);
-        let skipped = |name: &str| self.config.skip_checks.iter().any(|s| s == name);
-        hb.db_ok = ok_of("db").unwrap_or(skipped("db"));
-        hb.redis_ok = ok_of("redis").unwrap_or(skipped("redis"));
+        hb.db_ok = ok_of("db").unwrap_or(self.config.skips_check("db"));
+        hb.redis_ok = ok_of("redis").unwrap_or(self.config.skips_check("redis"));
         // As in the ERP agent, storage that is not configured counts as fine.
         hb.storage_ok = ok_of("storage").unwrap_or(true);
         hb.search_ok = ok_of("search");

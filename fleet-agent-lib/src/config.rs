@@ -268,6 +268,11 @@ pub struct PluginSettings {
 }
 
 impl AgentConfig {
+    /// Whether `AGENT_SKIP_CHECKS` leaves out the built-in check `name`.
+    pub fn skips_check(&self, name: &str) -> bool {
+        self.skip_checks.iter().any(|skipped| skipped == name)
+    }
+
     /// A configuration with the three required values and every default.
     pub fn new(
         instance_id: impl Into<String>,

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_core::command::Pipeline;
+use fleet_core::restore::RestoreStatus;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
@@ -33,7 +34,10 @@ const KIND: &str = "restore";
 /// while its command ran.
 pub const CANCELLED: &str = "cancelled";
 /// The control plane's statuses of a verification that has not ended; any other ended it.
-const OPEN: [&str; 2] = ["scheduled", "in_progress"];
+const OPEN: [&str; 2] = [
+    RestoreStatus::Scheduled.as_str(),
+    RestoreStatus::InProgress.as_str(),
+];
 /// Longest status taken from a status answer, in characters.
 const MAX_STATUS_CHARS: usize = 64;
 /// The shortest pause between two status checks, whatever the settings say.

@@ -24,7 +24,7 @@ pub enum RestoreStatus {
 
 impl RestoreStatus {
     /// The wire name.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             Self::Scheduled => "scheduled",
             Self::InProgress => "in_progress",

@@ -4,7 +4,7 @@
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use crate::api::{Client, aligned_table, text, with_query};
+use crate::api::{Client, aligned_table, text, utc, with_query};
 
 /// Characters of an alert's message shown on its line; the whole of it is in `--json`.
 const MESSAGE_CHARS: usize = 72;
@@ -162,9 +162,7 @@ fn alert_table(list: &Value) -> String {
         .map(|a| {
             vec![
                 text(&a["id"]),
-                a["created_at"]
-                    .as_i64()
-                    .map_or_else(|| "-".into(), fleet_core::clock::human_utc),
+                utc(&a["created_at"]),
                 text(&a["level"]),
                 text(&a["kind"]),
                 text(&a["instance_id"]),

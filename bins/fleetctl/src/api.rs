@@ -342,6 +342,12 @@ pub(crate) fn aligned_table(header: &[&str], rows: &[Vec<String>], numbered: boo
     out
 }
 
+/// A unix time as `YYYY-MM-DD HH:MM:SS` (UTC), or `-` when there is none.
+pub(crate) fn utc(at: &Value) -> String {
+    at.as_i64()
+        .map_or_else(|| "-".into(), fleet_core::clock::human_utc)
+}
+
 pub(crate) fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
@@ -462,9 +468,7 @@ fn command_list(list: &Value) -> String {
         "FIRST TARGET",
     ]);
     for c in list["items"].as_array().into_iter().flatten() {
-        let submitted = c["created_at"]
-            .as_i64()
-            .map_or_else(|| "-".into(), fleet_core::clock::human_utc);
+        let submitted = utc(&c["created_at"]);
         let cell = |name: &str| text(&c[name]);
         out.push('\n');
         out.push_str(&row([

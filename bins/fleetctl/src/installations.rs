@@ -6,7 +6,7 @@
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use crate::api::{Client, aligned_table, text, with_query};
+use crate::api::{Client, aligned_table, text, utc, with_query};
 
 /// Backups and job failures `installations show` lists, newest first; all are in `--json`.
 const RECENT_ROWS: usize = 5;
@@ -97,7 +97,7 @@ pub fn installations(
                 format!(
                     "installation {} archived at {} UTC; its next heartbeat brings it back",
                     text(&a["instance_id"]),
-                    when(&a["archived_at"])
+                    utc(&a["archived_at"])
                 )
             });
         }
@@ -137,12 +137,6 @@ fn health_cell(i: &Value) -> String {
     health
 }
 
-/// When, in UTC, or `-`.
-fn when(at: &Value) -> String {
-    at.as_i64()
-        .map_or_else(|| "-".into(), fleet_core::clock::human_utc)
-}
-
 /// The human table of `installations`; a last line says when more match than were listed.
 fn installation_table(list: &Value) -> String {
     let header = [
@@ -163,7 +157,7 @@ fn installation_table(list: &Value) -> String {
                 health_cell(i),
                 text(&i["version"]),
                 text(&i["release_channel"]),
-                when(&i["last_seen_at"]),
+                utc(&i["last_seen_at"]),
                 text(&i["open_alerts"]),
                 text(&i["client"]),
             ]
@@ -203,13 +197,13 @@ fn installation_text(d: &Value) -> String {
     ));
     out.push_str(&format!(
         "\n  first seen {}, last seen {} (UTC)",
-        when(&d["first_seen_at"]),
-        when(&d["last_seen_at"])
+        utc(&d["first_seen_at"]),
+        utc(&d["last_seen_at"])
     ));
     if !d["archived_at"].is_null() {
         out.push_str(&format!(
             "\n  archived at {} (UTC); its next heartbeat brings it back",
-            when(&d["archived_at"])
+            utc(&d["archived_at"])
         ));
     }
     let checks = d["state"]["checks"]
@@ -254,7 +248,7 @@ fn installation_text(d: &Value) -> String {
     out.push_str(&recent("backups", "backups", &|b| {
         format!(
             "{} {} {}",
-            when(&b["recorded_at"]),
+            utc(&b["recorded_at"]),
             text(&b["status"]),
             text(&b["backup_id"])
         )
@@ -262,7 +256,7 @@ fn installation_text(d: &Value) -> String {
     out.push_str(&recent("job_failures", "job failures", &|f| {
         format!(
             "{} {}: {}",
-            when(&f["created_at"]),
+            utc(&f["created_at"]),
             text(&f["queue"]),
             text(&f["message"])
         )

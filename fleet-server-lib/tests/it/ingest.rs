@@ -224,13 +224,7 @@ async fn tampered_replayed_expired_and_malformed_signatures_get_401_and_store_no
         .get_json("/api/installations/intruder-9", SUPPORT)
         .await;
     assert_eq!(status, 404, "no installation created");
-    let metrics = server
-        .client
-        .get(server.at("/metrics"))
-        .send()
-        .await
-        .expect("metrics");
-    let text = metrics.text().await.expect("text");
+    let text = server.metrics().await;
     for reason in [
         "signature_mismatch",
         "timestamp_out_of_tolerance",
