@@ -66,11 +66,14 @@ pub(crate) async fn submit(
     let mut seen = std::collections::HashSet::new();
     instances.retain(|i| seen.insert(i.clone()));
     if !submit.targets.is_empty() {
-        refuse_unknown_targets(&state, commands, &instances).await?;
+        refuse_unknown_or_archived_targets(&state, commands, &instances).await?;
     }
     if instances.is_empty() {
         let mut errors = fleet_core::ValidationErrors::default();
-        errors.push("selector", "matches no instance");
+        errors.push(
+            "selector",
+            "matches no active instance (archived installations are never selected)",
+        );
         return Err(Error::Invalid(errors));
     }
     let now = fleet_core::unix_now();
@@ -106,47 +109,73 @@ pub(crate) async fn submit(
 }
 
 /// Refuses a submission naming instances the control plane has never heard of (a typo, a
-/// host never set up): each would hold a `max_concurrency` slot until the delivery timeout.
-/// Known: an installation or an enrollment in the database, a secret of its own in
-/// `CONTROL_PLANE_AGENT_SECRETS`, or a socket to this process (an agent signing with the
-/// shared token registers and connects without a row of its own).
-async fn refuse_unknown_targets(
+/// host never set up) or has archived (a customer who left): each would hold a
+/// `max_concurrency` slot until the delivery timeout. Known: an installation or an enrollment
+/// in the database, a secret of its own in `CONTROL_PLANE_AGENT_SECRETS`, or a socket to this
+/// process (an agent signing with the shared token registers and connects without a row of
+/// its own). A connected instance is never refused: it is alive, and its next heartbeat makes
+/// it active again anyway.
+async fn refuse_unknown_or_archived_targets(
     state: &Shared,
     commands: &dyn crate::store::commands::CommandStore,
     instances: &[String],
 ) -> Result<()> {
     let resolver = state.verifier.resolver();
-    let unsure: Vec<String> = instances
+    let unconnected: Vec<String> = instances
         .iter()
-        .filter(|i| !resolver.has_own_secret(i) && !state.live.is_connected(i))
+        .filter(|i| !state.live.is_connected(i))
         .cloned()
         .collect();
-    if unsure.is_empty() {
+    if unconnected.is_empty() {
         return Ok(());
     }
-    let known = commands.known_instances(&unsure).await?;
-    let unknown: Vec<&str> = unsure
+    let found = commands.known_instances(&unconnected).await?;
+    let unknown: Vec<&str> = unconnected
         .iter()
-        .filter(|i| !known.contains(*i))
+        .filter(|i| !found.known.contains(*i) && !resolver.has_own_secret(i))
         .map(String::as_str)
         .collect();
-    if unknown.is_empty() {
-        return Ok(());
-    }
-    const NAMED: usize = 10;
-    let mut named = unknown[..unknown.len().min(NAMED)].join(", ");
-    if unknown.len() > NAMED {
-        named.push_str(&format!(" and {} more", unknown.len() - NAMED));
-    }
+    let archived: Vec<&str> = unconnected
+        .iter()
+        .filter(|i| found.archived.contains_key(*i))
+        .map(String::as_str)
+        .collect();
     let mut errors = fleet_core::ValidationErrors::default();
-    errors.push(
-        "targets",
-        format!(
-            "unknown instance: {named} (no heartbeat, enrollment or configured secret, and not \
-             connected); nothing was submitted"
-        ),
-    );
-    Err(Error::Invalid(errors))
+    if !unknown.is_empty() {
+        errors.push(
+            "targets",
+            format!(
+                "unknown instance: {} (no heartbeat, enrollment or configured secret, and not \
+                 connected); nothing was submitted",
+                named_few(&unknown)
+            ),
+        );
+    }
+    if !archived.is_empty() {
+        errors.push(
+            "targets",
+            format!(
+                "archived instance: {} (its next heartbeat, or enrolling it again, makes it \
+                 active); nothing was submitted",
+                named_few(&archived)
+            ),
+        );
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Invalid(errors))
+    }
+}
+
+/// The first ten of `ids`, and how many more there are.
+fn named_few(ids: &[&str]) -> String {
+    const NAMED: usize = 10;
+    let mut named = ids[..ids.len().min(NAMED)].join(", ");
+    if ids.len() > NAMED {
+        named.push_str(&format!(" and {} more", ids.len() - NAMED));
+    }
+    named
 }
 
 /// A DEPLOY_COMPOSE whose file is not base64, or is empty, is refused here: every agent

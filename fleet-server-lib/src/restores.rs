@@ -173,6 +173,7 @@ fn schedule_message(done: &RestoreSchedule, environment: &str) -> String {
         verified_recently,
         no_backup,
         beyond_count,
+        archived,
     } = done.not_scheduled;
     let count = |n: i64| usize::try_from(n).unwrap_or(0);
     let reasons: Vec<String> = [
@@ -201,6 +202,7 @@ fn schedule_message(done: &RestoreSchedule, environment: &str) -> String {
             "is due but past the count (schedule again or raise count)",
             "are due but past the count (schedule again or raise count)",
         ),
+        (archived, "is archived", "are archived"),
     ]
     .into_iter()
     .filter(|(n, _, _)| *n > 0)
@@ -564,6 +566,7 @@ mod tests {
             not_scheduled: NotScheduled {
                 no_backup: 1,
                 beyond_count: 3,
+                archived: 2,
                 ..NotScheduled::default()
             },
         };
@@ -571,7 +574,18 @@ mod tests {
             schedule_message(&done, "qa"),
             "Scheduled 1 verification in qa. Not scheduled: 1 installation has no backup to \
              verify, 3 installations are due but past the count (schedule again or raise \
-             count). Recorded as skipped for lack of a backup: r2."
+             count), 2 installations are archived. Recorded as skipped for lack of a backup: r2."
+        );
+        let every_one_archived = RestoreSchedule {
+            items: vec![],
+            not_scheduled: NotScheduled {
+                archived: 1,
+                ..NotScheduled::default()
+            },
+        };
+        assert_eq!(
+            schedule_message(&every_one_archived, "qa"),
+            "Nothing scheduled in qa. Not scheduled: 1 installation is archived."
         );
     }
 }

@@ -429,6 +429,7 @@ pub(crate) fn success_schema(method: &str, path: &str) -> Option<Value> {
                     ("verified_recently", count()),
                     ("no_backup", count()),
                     ("beyond_count", count()),
+                    ("archived", count()),
                 ]),
             ),
             ("message", string()),

@@ -226,6 +226,15 @@ pub fn is_final(status: &str) -> bool {
     )
 }
 
+/// What [`CommandStore::known_instances`] found of the ids it was asked about.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KnownInstances {
+    /// Those with an installation or an issued secret.
+    pub known: std::collections::HashSet<String>,
+    /// Those of `known` whose installation is archived, with when it was (unix seconds).
+    pub archived: std::collections::HashMap<String, i64>,
+}
+
 /// Persistence of commands. Both [`SqliteStore`](super::SqliteStore) and
 /// [`PostgresStore`](super::PostgresStore) implement it; reach it through
 /// [`Store::commands`](super::Store::commands).
@@ -238,12 +247,13 @@ pub trait CommandStore: Send + Sync {
         targets: &[(String, String)],
     ) -> Result<()>;
 
-    /// Instance ids matched by a selector: a release channel, or every instance.
+    /// Instance ids matched by a selector: a release channel, or every instance. Archived
+    /// installations are left out.
     async fn select_instances(&self, channel: Option<&str>, limit: i64) -> Result<Vec<String>>;
 
-    /// Those of `ids` the control plane has heard of: an installation (a heartbeat, a listing)
-    /// or a secret issued at enrollment.
-    async fn known_instances(&self, ids: &[String]) -> Result<std::collections::HashSet<String>>;
+    /// Those of `ids` the control plane has heard of (an installation, from a heartbeat or a
+    /// listing, or a secret issued at enrollment), and which of them are archived.
+    async fn known_instances(&self, ids: &[String]) -> Result<KnownInstances>;
 
     /// A command with its targets.
     async fn command(&self, id: &str) -> Result<Option<CommandRecord>>;
@@ -417,7 +427,8 @@ macro_rules! impl_command_store {
             ) -> $crate::Result<Vec<String>> {
                 Ok(sqlx::query_scalar(
                     "SELECT instance_id FROM installations \
-                     WHERE ($1 IS NULL OR release_channel = $1) ORDER BY instance_id LIMIT $2",
+                     WHERE ($1 IS NULL OR release_channel = $1) AND archived_at IS NULL \
+                     ORDER BY instance_id LIMIT $2",
                 )
                 .bind(channel)
                 .bind(limit)
@@ -428,27 +439,34 @@ macro_rules! impl_command_store {
             async fn known_instances(
                 &self,
                 ids: &[String],
-            ) -> $crate::Result<std::collections::HashSet<String>> {
+            ) -> $crate::Result<$crate::store::commands::KnownInstances> {
                 // One statement per 500 ids: both databases take `$n` placeholders, and a
                 // list this long stays far below either's limit on bound parameters.
-                let mut known = std::collections::HashSet::new();
+                let mut found = $crate::store::commands::KnownInstances::default();
                 for part in ids.chunks(500) {
                     let list = (1..=part.len())
                         .map(|n| format!("${n}"))
                         .collect::<Vec<_>>()
                         .join(", ");
                     let sql = format!(
-                        "SELECT instance_id FROM installations WHERE instance_id IN ({list}) \
-                         UNION SELECT instance_id FROM issued_secrets WHERE instance_id IN ({list})"
+                        "SELECT instance_id, archived_at FROM installations \
+                         WHERE instance_id IN ({list}) UNION ALL \
+                         SELECT instance_id, NULL FROM issued_secrets WHERE instance_id IN ({list})"
                     );
                     // Safe: the text holds only the placeholders made above, no input.
-                    let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql));
+                    let mut query =
+                        sqlx::query_as::<_, (String, Option<i64>)>(sqlx::AssertSqlSafe(sql));
                     for id in part {
                         query = query.bind(id);
                     }
-                    known.extend(query.fetch_all(self.pool()).await?);
+                    for (instance, archived_at) in query.fetch_all(self.pool()).await? {
+                        if let Some(at) = archived_at {
+                            found.archived.insert(instance.clone(), at);
+                        }
+                        found.known.insert(instance);
+                    }
                 }
-                Ok(known)
+                Ok(found)
             }
 
             async fn command(

@@ -51,16 +51,17 @@ macro_rules! impl_restore_store {
             ) -> $crate::Result<$crate::store::rollouts::RestoreSchedule> {
                 let recent = now - $crate::restores::RECENT_VERIFICATION_SECS;
                 let mut tx = self.pool.begin_with($begin).await?;
+                // Archived installations are never scheduled, only counted.
                 let classes: Vec<(String, i64)> = sqlx::query_as(concat!(
-                    "SELECT class, COUNT(*) FROM (SELECT ",
+                    "SELECT class, COUNT(*) FROM (SELECT CASE WHEN i.archived_at IS NOT NULL \
+                     THEN 'archived' ELSE ",
                     restore_class!(),
-                    " AS class FROM installations i WHERE i.archived_at IS NULL) c GROUP BY class"
+                    " END AS class FROM installations i) c GROUP BY class"
                 ))
                 .bind(environment)
                 .bind(recent)
                 .fetch_all(&mut *tx)
                 .await?;
-                // Archived installations are neither scheduled nor counted.
                 // The freshest installations of a class, with their latest backup's id.
                 let candidates = concat!(
                     "SELECT id, instance_id, backup_id FROM (SELECT i.id, i.instance_id, \
@@ -129,6 +130,7 @@ macro_rules! impl_restore_store {
                         "open" => not_scheduled.open = n,
                         "verified_recently" => not_scheduled.verified_recently = n,
                         "no_backup" => not_scheduled.no_backup = n,
+                        "archived" => not_scheduled.archived = n,
                         _ => not_scheduled.beyond_count = n - scheduled,
                     }
                 }

@@ -590,6 +590,8 @@ pub struct NotScheduled {
     pub no_backup: i64,
     /// Due, but past the requested count.
     pub beyond_count: i64,
+    /// Archived by an operator: never scheduled.
+    pub archived: i64,
 }
 
 /// What [`RestoreStore::schedule_restores`] did.

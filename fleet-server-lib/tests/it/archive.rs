@@ -7,6 +7,7 @@ use fleet_server::SloThresholds;
 use fleet_server::store::{ArchivedFilter, IngestRules, InstallationFilter, RecordOutcome, Store};
 use serde_json::{Value, json};
 
+use crate::commands::{TestAgent, submit, wait_connected};
 use crate::restores::report_backup;
 use crate::rollouts::{admin_post, agent_post, enroll, manifest, page, release_key};
 use crate::support::{
@@ -21,6 +22,7 @@ on_both_backends!(
     heartbeats_bring_archived_installations_back_on_every_write_path,
     the_installation_page_archives_for_admins_only,
     enrolling_an_archived_installation_makes_it_active_again,
+    commands_neither_select_nor_target_archived_installations,
 );
 
 async fn server(t: &TestStore) -> TestServer {
@@ -193,6 +195,11 @@ async fn an_archived_installation_is_hidden_resolved_and_skipped(t: TestStore) {
     let (status, scheduled) = admin_post(&server, "/api/restores/schedule", OPS, &json!({})).await;
     assert_eq!(status, 201, "{scheduled}");
     assert_eq!(instance_ids(&scheduled["items"]), ["kept"]);
+    assert_eq!(scheduled["not_scheduled"]["archived"], 1, "{scheduled}");
+    assert_eq!(
+        scheduled["message"],
+        "Scheduled 1 verification in staging. Not scheduled: 1 installation is archived."
+    );
 
     // The dashboard's list hides it too, unless asked.
     let (_, html) = page(&server, "/", SUPPORT).await;
@@ -626,4 +633,104 @@ async fn postgres_archives_installations_stored_before_the_upgrade() {
     installations_from_before_can_be_archived(&store).await;
     drop(store);
     crate::support::drop_schema(Some(schema)).await;
+}
+
+/// A command to an archived installation would hold a `max_concurrency` slot until the
+/// delivery timeout: a selector leaves archived installations out, and naming one is refused
+/// unless it is connected (alive, and active again with its next heartbeat).
+async fn commands_neither_select_nor_target_archived_installations(t: TestStore) {
+    let server = server(&t).await;
+    let stable = json!({"release_channel": "stable"});
+    for instance in ["a-gone", "b-kept"] {
+        heartbeat(&server, instance, stable.clone()).await;
+    }
+    assert_eq!(archive(&server, "a-gone", ADMIN).await.0, 200);
+    let health = |extra: Value| {
+        let mut body = json!({"command_type": "HEALTH_CHECK", "payload": {}});
+        body.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        body
+    };
+    let submitted = |answer: &Value| -> Vec<String> {
+        answer["targets"]
+            .as_array()
+            .expect("targets")
+            .iter()
+            .map(|t| t["instance_id"].as_str().expect("instance_id").to_owned())
+            .collect()
+    };
+    let (client, url) = (&server.client, &server.url);
+
+    for selector in [json!({"all": true}), json!({"channel": "stable"})] {
+        let (status, answer) =
+            submit(client, url, OPS, health(json!({"selector": selector}))).await;
+        assert_eq!(status, 201, "{selector}: {answer}");
+        assert_eq!(submitted(&answer), ["b-kept"], "{selector}: {answer}");
+        let path = format!("/v1/commands/{}/cancel", answer["id"].as_str().expect("id"));
+        assert_eq!(admin_post(&server, &path, ADMIN, &json!({})).await.0, 200);
+    }
+
+    let (_, before) = server.get_json("/v1/commands", SUPPORT).await;
+    let (status, refused) = submit(
+        client,
+        url,
+        OPS,
+        health(json!({"targets": ["b-kept", "a-gone", "never-seen"]})),
+    )
+    .await;
+    assert_eq!(status, 422, "{refused}");
+    let messages: Vec<&str> = refused["error"]["details"]
+        .as_array()
+        .expect("details")
+        .iter()
+        .map(|d| {
+            assert_eq!(d["path"], "targets", "{refused}");
+            d["message"].as_str().expect("message")
+        })
+        .collect();
+    assert_eq!(messages.len(), 2, "{refused}");
+    assert!(
+        messages[0].starts_with("unknown instance: never-seen ("),
+        "{refused}"
+    );
+    assert_eq!(
+        messages[1],
+        "archived instance: a-gone (its next heartbeat, or enrolling it again, makes it \
+         active); nothing was submitted"
+    );
+    let (_, after) = server.get_json("/v1/commands", SUPPORT).await;
+    assert_eq!(after, before, "nothing was submitted");
+
+    assert_eq!(archive(&server, "b-kept", ADMIN).await.0, 200);
+    let (status, refused) =
+        submit(client, url, OPS, health(json!({"selector": {"all": true}}))).await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(
+        refused["error"]["details"][0]["message"],
+        "matches no active instance (archived installations are never selected)"
+    );
+
+    // Connected: alive, so a target even while still archived. Its agent sends one heartbeat
+    // as it starts, and no other for an hour.
+    let agent = TestAgent::start(url, "c-live", SHARED, None).await;
+    wait_connected(client, url, 1).await;
+    let seen = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while server
+        .get_json("/api/installations/c-live", SUPPORT)
+        .await
+        .0
+        != 200
+    {
+        assert!(std::time::Instant::now() < seen, "no heartbeat from c-live");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(archive(&server, "c-live", ADMIN).await.0, 200);
+    let (status, answer) = submit(client, url, OPS, health(json!({"targets": ["c-live"]}))).await;
+    assert_eq!(status, 201, "{answer}");
+    assert_eq!(submitted(&answer), ["c-live"]);
+    let (_, detail) = server.get_json("/api/installations/c-live", SUPPORT).await;
+    assert!(detail["archived_at"].is_i64(), "still archived: {detail}");
+    agent.stop().await;
+    server.stop().await;
 }

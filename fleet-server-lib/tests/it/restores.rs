@@ -362,7 +362,7 @@ async fn an_empty_schedule_says_why(t: TestStore) {
     assert_eq!(
         first["not_scheduled"],
         json!({"never_reported": 1, "open": 0, "verified_recently": 0, "no_backup": 0,
-               "beyond_count": 2})
+               "beyond_count": 2, "archived": 0})
     );
     let verified = first["items"][0]["instance_id"]
         .as_str()
