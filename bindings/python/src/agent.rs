@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use fleet_agent::{Agent as RustAgent, AgentConfig, Check};
+use fleet_agent::{Agent as RustAgent, AgentConfig, Check, CommandSettings};
+use fleet_core::command::CommandType;
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
@@ -98,6 +99,12 @@ struct Running {
 /// last-resort handler prints to stderr: a refused AGENT_SECRET is logged at ERROR, naming the
 /// HTTP 401, without the secret. INFO and above are forwarded; DEBUG only when logger `fleet`
 /// is enabled for DEBUG when the agent starts (configure logging first).
+///
+/// With `agent_commands_enabled=True` (`AGENT_COMMANDS_ENABLED`) the agent also holds the live
+/// channel: it hears the control plane's nudges for update, plugin and restore jobs at once,
+/// and runs remote commands (`RunCommand`, compose deploys, package updates, health checks;
+/// `agent_commands_disabled=` refuses some, `agent_projects_dir=` places compose projects).
+/// `UpdateAgent` is always refused here: the host program owns its executable.
 #[pyclass(module = "fleet")]
 pub struct Agent {
     settings: HashMap<String, String>,
@@ -124,10 +131,12 @@ fn setting_text(value: &Bound<'_, PyAny>) -> PyResult<String> {
 fn variables_read(settings: &HashMap<String, String>) -> HashSet<String> {
     let read = RefCell::new(HashSet::new());
     for values in [&HashMap::new(), settings] {
-        let _ = AgentConfig::from_lookup(|name| {
+        let lookup = |name: &str| {
             read.borrow_mut().insert(name.to_owned());
             values.get(name).cloned()
-        });
+        };
+        let _ = AgentConfig::from_lookup(lookup);
+        let _ = CommandSettings::from_lookup(lookup);
     }
     read.into_inner()
 }
@@ -180,6 +189,7 @@ impl Agent {
         }
         // Validate now, so a bad setting fails at construction, naming every problem.
         config_from(&all)?;
+        commands_from(&all)?;
         Ok(Self {
             settings: all,
             checks: Vec::new(),
@@ -345,6 +355,9 @@ impl Agent {
 impl Agent {
     fn build(&self) -> PyResult<RustAgent> {
         let mut builder = RustAgent::builder(config_from(&self.settings)?);
+        if let Some(commands) = commands_from(&self.settings)? {
+            builder = builder.commands(commands);
+        }
         for check in &self.checks {
             builder = builder.check(check.clone());
         }
@@ -421,4 +434,22 @@ impl Drop for Agent {
 fn config_from(settings: &HashMap<String, String>) -> PyResult<AgentConfig> {
     AgentConfig::from_lookup(|name| settings.get(name).cloned())
         .map_err(|e| ConfigError::new_err(e.to_string()))
+}
+
+/// The live channel's settings when `AGENT_COMMANDS_ENABLED` is set to true, `None` when it is
+/// not: a library inside a service dials out and runs remote commands only when asked to,
+/// as the Rust library does. `UpdateAgent` is always refused: it replaces the running
+/// executable (here the Python interpreter) and restarts the process, which the host
+/// program owns.
+fn commands_from(settings: &HashMap<String, String>) -> PyResult<Option<CommandSettings>> {
+    let mut commands = CommandSettings::from_lookup(|name| settings.get(name).cloned())
+        .map_err(|e| ConfigError::new_err(e.to_string()))?;
+    let asked = settings
+        .get("AGENT_COMMANDS_ENABLED")
+        .is_some_and(|v| !v.trim().is_empty());
+    if !asked || !commands.enabled {
+        return Ok(None);
+    }
+    commands.disabled.insert(CommandType::UpdateAgent);
+    Ok(Some(commands))
 }

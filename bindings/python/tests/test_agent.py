@@ -449,3 +449,93 @@ print("exiting", flush=True)
     assert any(line.startswith("fleet.sqlx.query ") for line in lines)
     # Nothing is forwarded once the interpreter is on its way out (from the exit hooks on).
     assert lines[-2:] == ["exiting", "slept"], lines[-5:]
+
+
+def api(plane: "ControlPlane", path: str, body: dict | None = None) -> tuple[int, dict | str]:
+    """A request to the control plane as admin: GET, or POST of `body` as JSON."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{plane.url}{path}", data=data, headers={"authorization": f"Bearer {ADMIN_TOKEN}", "content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            text = response.read().decode()
+            status = response.status
+    except urllib.error.HTTPError as err:
+        text, status = err.read().decode(), err.code
+    try:
+        return status, json.loads(text)
+    except json.JSONDecodeError:
+        return status, text
+
+
+def wait_until(what: str, done, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = done()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def connected(plane: "ControlPlane") -> int:
+    return api(plane, "/v1/agents/connected")[1]["connected"]
+
+
+def ended_target(plane: "ControlPlane", body: dict) -> dict:
+    """Submits `body` to the one instance of `plane` and returns its target once it ended."""
+    status, submitted = api(plane, "/v1/commands/submit", {**body, "targets": [plane.instance_id]})
+    assert status == 201, submitted
+
+    def ended():
+        target = api(plane, f"/v1/commands/{submitted['id']}")[1]["targets"][0]
+        return target if target["status"] not in ("queued", "sent", "running") else None
+
+    return {**wait_until("the command to end", ended), "command_id": submitted["id"]}
+
+
+def test_remote_commands_run_in_the_embedded_agent_when_enabled(tmp_path, caplog):
+    # DEBUG too: the channel's credentials must not reach logging.
+    caplog.set_level(logging.DEBUG, logger="fleet")
+    plane = ControlPlane(tmp_path, "py-cmd")
+    try:
+        agent = fleet.Agent(**{**settings(tmp_path, plane.url, "py-cmd"), "heartbeat_interval": "60"}, agent_commands_enabled=True, agent_projects_dir=str(tmp_path / "projects"))
+        with agent:
+            wait_until("the live channel", lambda: connected(plane) == 1)
+            done = ended_target(plane, {"command_type": "RunCommand", "payload": {"cmd": "printf", "args": ["%s|%s", "from python", "$(id)"]}})
+            assert (done["status"], done["exit_code"]) == ("completed", 0), done
+            status, output = api(plane, f"/v1/commands/{done['command_id']}/logs")
+            assert (status, output) == (200, "from python|$(id)")
+
+            # The host program owns its executable: UpdateAgent is refused, saying why.
+            refused = ended_target(plane, {"command_type": "UpdateAgent", "payload": {"version": "9.9.9", "url": "https://example.invalid/agent"}})
+            assert refused["status"] == "failed", refused
+            assert "UpdateAgent is disabled on this agent" in refused["error"], refused
+        wait_until("the channel to close", lambda: connected(plane) == 0)
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        assert "fleet.agent.channel" in {r.name for r in caplog.records}, logged
+        assert SECRET not in logged and "Bearer" not in logged and "eyJ" not in logged, logged
+    finally:
+        plane.close()
+
+
+def test_the_embedded_agent_dials_no_channel_unless_asked(tmp_path):
+    plane = ControlPlane(tmp_path, "py-quiet")
+    try:
+        # use_env=False: AGENT_COMMANDS_ENABLED's default (true for the fleet-agent binary)
+        # does not apply to a library inside a service.
+        with fleet.Agent(**settings(tmp_path, plane.url, "py-quiet")):
+            plane.wait_for(3)
+            assert connected(plane) == 0
+        with fleet.Agent(**settings(tmp_path, plane.url, "py-quiet"), agent_commands_enabled=False):
+            plane.wait_for(3)
+            assert connected(plane) == 0
+    finally:
+        plane.close()
+
+
+def test_bad_command_settings_fail_at_construction_naming_the_variable(tmp_path):
+    with pytest.raises(fleet.ConfigError) as raised:
+        fleet.Agent(**settings(tmp_path, "http://127.0.0.1:9", "py-bad"), agent_commands_enabled="maybe", agent_commands_disabled="RunCommand,Reboot")
+    message = str(raised.value)
+    assert "AGENT_COMMANDS_ENABLED must be true or false" in message, message
+    assert 'AGENT_COMMANDS_DISABLED: unknown command type "Reboot"' in message, message
