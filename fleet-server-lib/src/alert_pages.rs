@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::{ALERT_LEVELS, AlertListQuery, MAX_FILTER_LEN, MAX_KIND_LEN, MAX_PAGE};
+use crate::api::{ALERT_LEVELS, AlertListQuery, MAX_FILTER_LEN, MAX_KIND_LEN};
 use crate::auth::{Role, Viewer, percent_encode};
 use crate::dashboard::{
     LONG_CELL_CHARS, PAGE_SIZE, ago, esc, format_time, install_link, layout, long_text,
@@ -398,62 +398,55 @@ fn is_alert_list_address(text: &str) -> bool {
 }
 
 /// The query parameters of `method path` that `/openapi.json` documents for the alert
-/// routes (none for the others).
+/// routes (none for the others): [`AlertListQuery`]'s, and the Acknowledge form's `back`.
 pub(crate) fn query_parameters(method: &str, path: &str) -> Vec<Value> {
-    let query = |name: &str, description: &str, schema: Value| {
-        json!({ "name": name, "in": "query", "required": false,
-                "description": description, "schema": schema })
-    };
-    let choice = |mut values: Vec<&str>| {
-        // An empty value is no filter, as a form sends an empty field.
-        values.insert(0, "");
-        json!({ "type": "string", "enum": values })
+    use crate::query_docs::{choice, limit, offset, optional, padded_instance_id};
+    let default_limit = match path {
+        "/api/alerts" => crate::api::ALERT_PAGE,
+        _ => PAGE_SIZE,
     };
     match (method, path) {
         ("get", "/api/alerts") | ("get", "/alerts") => vec![
-            query(
+            optional(
                 "state",
-                "open (not resolved; the default), acknowledged (open and acknowledged), resolved, or all",
-                choice(AlertState::ALL.iter().map(|s| s.as_str()).collect()),
+                "open (not resolved; the default, as is empty), acknowledged (open and \
+                 acknowledged), resolved, or all",
+                choice(AlertState::ALL.iter().map(|s| s.as_str())),
             ),
-            query(
+            optional(
                 "open",
-                "The older form of state: true is state=open, false is state=all",
+                "The older form of state, refused beside it: true is state=open, false is \
+                 state=all",
                 json!({ "type": "boolean" }),
             ),
-            query(
+            optional(
                 "level",
-                "Only alerts of this level",
-                choice(ALERT_LEVELS.iter().map(|l| l.as_str()).collect()),
+                "Only alerts of this level; empty is no filter",
+                choice(ALERT_LEVELS.iter().map(|l| l.as_str())),
             ),
-            query(
+            optional(
                 "kind",
-                "Only alerts of this type (offline, slo_p95_ms, payload, ...)",
+                "Only alerts of this type (offline, slo_p95_ms, payload, ...); empty is no \
+                 filter",
                 json!({ "type": "string", "maxLength": MAX_KIND_LEN, "pattern": "^[a-z0-9_]*$" }),
             ),
-            query(
+            optional(
                 "installation",
-                "Only this instance's alerts",
-                json!({ "type": "string", "maxLength": MAX_FILTER_LEN }),
+                "Only this instance's alerts: its instance id, trimmed (at most 256 bytes); \
+                 empty or blank is no filter",
+                padded_instance_id(),
             ),
-            query(
+            optional(
                 "delivery",
                 "Only alerts whose webhook delivery is pending, delivered, given_up, or none \
-                 (needs CONTROL_PLANE_ALERT_WEBHOOK_URL)",
-                choice(DeliveryFilter::ALL.iter().map(|d| d.as_str()).collect()),
+                 (not forwarded); empty is no filter. Refused (400) unless a webhook is \
+                 configured (CONTROL_PLANE_ALERT_WEBHOOK_URL)",
+                choice(DeliveryFilter::ALL.iter().map(|d| d.as_str())),
             ),
-            query(
-                "limit",
-                "Page size",
-                json!({ "type": "integer", "minimum": 1, "maximum": MAX_PAGE }),
-            ),
-            query(
-                "offset",
-                "Alerts skipped",
-                json!({ "type": "integer", "minimum": 0 }),
-            ),
+            limit(default_limit),
+            offset(),
         ],
-        ("post", "/alerts/{id}/ack") => vec![query(
+        ("post", "/alerts/{id}/ack") => vec![optional(
             "back",
             "An address of the alert list to return to instead of the installation's page",
             json!({ "type": "string", "pattern": BACK_PATTERN }),

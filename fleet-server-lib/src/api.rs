@@ -20,6 +20,8 @@ use crate::{AppState, Error, Result, Shared};
 
 /// Largest page a client may ask for.
 pub(crate) const MAX_PAGE: i64 = 500;
+/// The installation list's page size when the query names none.
+pub(crate) const INSTALLATION_PAGE: i64 = 50;
 /// Longest filter value (text, channel, health), in bytes: longer than any instance id,
 /// domain or client name, and short of what makes SQLite refuse a LIKE pattern.
 pub(crate) const MAX_FILTER_LEN: usize = 256;
@@ -237,7 +239,7 @@ pub(crate) async fn list_installations(
     State(state): State<Shared>,
     uri: Uri,
 ) -> Result<Response> {
-    let filter = ListQuery::from_uri(&uri)?.filter(50)?;
+    let filter = ListQuery::from_uri(&uri)?.filter(INSTALLATION_PAGE)?;
     let page = state.store.list_installations(&filter).await?;
     Ok(Json(serde_json::json!({
         "items": page.items, "total": page.total, "limit": filter.limit, "offset": filter.offset
@@ -335,7 +337,7 @@ pub(crate) async fn archive_by_id(
 }
 
 /// Alerts listed when the query names no limit.
-const ALERT_PAGE: i64 = 100;
+pub(crate) const ALERT_PAGE: i64 = 100;
 
 /// `GET /api/alerts`: one page of the fleet's alerts, newest first.
 pub(crate) async fn list_alerts(

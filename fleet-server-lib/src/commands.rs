@@ -728,7 +728,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "get",
         "/v1/commands",
         Least("support"),
-        "The most recent commands, newest first, each with its targets counted by state. Query: limit (1-500, default 50).",
+        "The most recent commands, newest first, each with its targets counted by state.",
         &[(200, "items"), (400, "A bad limit")],
     ),
     doc(
@@ -742,7 +742,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "get",
         "/v1/commands/{id}/logs",
         Least("support"),
-        "Output of one target (?target=instance, ?stream=stdout|stderr): whole as bytes, or followed live as server-sent events with ?follow=true. Each output event's id is `<stdout offset>,<stderr offset>` after it; sent back as Last-Event-ID, the stream goes on from there. Output the control plane cut at CONTROL_PLANE_COMMAND_OUTPUT_MAX_BYTES ends with the line `[output truncated at <size> by the control plane (CONTROL_PLANE_COMMAND_OUTPUT_MAX_BYTES)]` (whole), or has `output_truncated_at_bytes` in its `end` event (followed; null when nothing was left out). Output the retention deleted is a 410; output it deleted while it was being read ends with the line `[the output of this target (<size>) was deleted at <time> …]` (whole), or has `output_deleted_at` in its `end` event (followed; null while kept).",
+        "Output of one target: whole as bytes, or followed live as server-sent events. Each output event's id is `<stdout offset>,<stderr offset>` after it; sent back as Last-Event-ID, the stream goes on from there. Output the control plane cut at CONTROL_PLANE_COMMAND_OUTPUT_MAX_BYTES ends with the line `[output truncated at <size> by the control plane (CONTROL_PLANE_COMMAND_OUTPUT_MAX_BYTES)]` (whole), or has `output_truncated_at_bytes` in its `end` event (followed; null when nothing was left out). Output the retention deleted is a 410; output it deleted while it was being read ends with the line `[the output of this target (<size>) was deleted at <time> …]` (whole), or has `output_deleted_at` in its `end` event (followed; null while kept).",
         &[
             (200, "Bytes or text/event-stream"),
             (
@@ -764,3 +764,34 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         &[(200, "{id, cancelled}"), (404, "Unknown command")],
     ),
 ];
+
+/// The query parameters of the command routes that read one, for `/openapi.json`
+/// (`query_docs::query_parameters`).
+pub(crate) fn query_parameters(method: &str, path: &str) -> Vec<serde_json::Value> {
+    use crate::query_docs::{limit, one_of, optional};
+    use serde_json::json;
+    match (method, path) {
+        ("get", "/v1/commands") => vec![limit(LIST_DEFAULT)],
+        ("get", "/v1/commands/{id}/logs") => vec![
+            optional(
+                "target",
+                "The target whose output to read, by its instance id or target id: needed \
+                 when the command has several targets (400 without it); one the command does \
+                 not have is a 404",
+                json!({ "type": "string" }),
+            ),
+            optional(
+                "stream",
+                "stdout (the default) or stderr; followed, both streams when not given",
+                one_of([Stream::Stdout, Stream::Stderr].map(Stream::as_str)),
+            ),
+            optional(
+                "follow",
+                "true: server-sent events until the target ends (text/event-stream); false, \
+                 the default: the output so far as bytes",
+                json!({ "type": "boolean", "default": false }),
+            ),
+        ],
+        _ => Vec::new(),
+    }
+}

@@ -744,12 +744,7 @@ pub(crate) fn error_page(err: Error) -> Response {
 /// answer: a page must not show SQL either.
 pub(crate) fn page_for_error(role: Option<Role>, err: Error) -> Response {
     let status = err.status();
-    let message = if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
-        tracing::error!(error = %err, "dashboard page failed");
-        "internal error".to_owned()
-    } else {
-        err.to_string()
-    };
+    let message = err.client_message();
     let title = status.canonical_reason().unwrap_or("Error");
     let back = if role.is_some() {
         "<p><a href=\"/\">Back to the installations</a></p>"

@@ -168,6 +168,7 @@ impl Error {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::TooManyAttempts { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Database(_) if self.retry_would_wait() => StatusCode::SERVICE_UNAVAILABLE,
             Self::Config(_)
             | Self::Database(_)
             | Self::Sqlite(_)
@@ -190,6 +191,7 @@ impl Error {
             Self::BadRequest(_) => "bad_request",
             Self::TooManyAttempts { .. } => "too_many_attempts",
             Self::Unavailable => "unavailable",
+            Self::Database(_) if self.retry_would_wait() => "unavailable",
             Self::Config(_)
             | Self::Database(_)
             | Self::Sqlite(_)
@@ -215,17 +217,29 @@ impl Error {
             Self::Unavailable | Self::Database(_) | Self::Sqlite(_) | Self::Internal(_)
         )
     }
+
+    /// What a client is told, logging what it is not: a server error's detail (SQL, a
+    /// connection's address) is logged and shown as "internal error", and a database that
+    /// cannot answer now is logged as a warning and shown as such.
+    pub(crate) fn client_message(&self) -> String {
+        match self.status() {
+            StatusCode::SERVICE_UNAVAILABLE if matches!(self, Self::Database(_)) => {
+                tracing::warn!(error = %self, "the database could not answer in time");
+                "the database is unreachable or busy; retry later".to_owned()
+            }
+            status if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE => {
+                tracing::error!(error = %self, "request failed");
+                "internal error".to_owned()
+            }
+            _ => self.to_string(),
+        }
+    }
 }
 
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = self.status();
-        let message = if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
-            tracing::error!(error = %self, "request failed");
-            "internal error".to_owned()
-        } else {
-            self.to_string()
-        };
+        let message = self.client_message();
         let mut error = serde_json::json!({ "code": self.code(), "message": message });
         if let Self::Invalid(errors) = &self {
             error["details"] = serde_json::json!(errors.violations);

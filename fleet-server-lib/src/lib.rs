@@ -15,6 +15,7 @@ mod observe;
 mod openapi;
 mod plugins;
 mod poll;
+mod query_docs;
 mod registration;
 mod releases;
 mod replicas;

@@ -63,7 +63,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "get",
         "/api/installations",
         Role("support"),
-        "List installations. Query: channel, health (as reported, of installations not offline; or offline), q (text in instance id, domain, client), archived (false: active ones only, the default; true: archived ones only; all), limit (1-500, default 50), offset.",
+        "List installations, a page at a time, filtered by channel, health, text and whether archived (archived ones are hidden unless asked for).",
         &[
             (200, "A page: items, total, limit, offset"),
             (400, "Bad query"),
@@ -98,7 +98,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "get",
         "/api/alerts",
         Role("support"),
-        "Alerts across the fleet, newest first, each with its installation's instance id and its webhook delivery: pending (attempts, next try, last error), delivered, given_up (attempts, when, the last error with URL secrets redacted), or null (not forwarded, no webhook configured, or the delivery ended more than CONTROL_PLANE_HEARTBEAT_RETENTION_DAYS ago and was pruned). Query: state, level, kind, installation, delivery, limit (1-500, default 100), offset.",
+        "Alerts across the fleet, newest first, a page at a time, each with its installation's instance id and its webhook delivery: pending (attempts, next try, last error), delivered, given_up (attempts, when, the last error with URL secrets redacted), or null (not forwarded, no webhook configured, or the delivery ended more than CONTROL_PLANE_HEARTBEAT_RETENTION_DAYS ago and was pruned).",
         &[
             (200, "A page: items, total, limit, offset"),
             (
@@ -139,7 +139,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "get",
         "/",
         Role("support"),
-        "Dashboard: installations (HTML). Query: as GET /api/installations.",
+        "Dashboard: installations, filtered and paged as GET /api/installations (HTML).",
         &[
             (200, "HTML"),
             (303, "Not logged in: to /login"),
@@ -172,7 +172,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "get",
         "/alerts",
         Role("support"),
-        "Dashboard: the fleet's alerts with their installations and webhook deliveries, and how many deliveries were given up (HTML). Query: as GET /api/alerts (default limit 50).",
+        "Dashboard: the fleet's alerts with their installations and webhook deliveries, filtered and paged as GET /api/alerts, and how many deliveries were given up (HTML).",
         &[
             (200, "HTML"),
             (303, "Not logged in: to /login"),
@@ -183,7 +183,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "post",
         "/alerts/{id}/ack",
         Role("ops"),
-        "Dashboard form: acknowledge an alert. Query: back, an address of the alert list to return to.",
+        "Dashboard form: acknowledge an alert, then return to the installation or to the alert list (back).",
         &[
             (303, "Back to the installation, or to back"),
             (400, "back is not an address of the alert list"),
@@ -627,7 +627,8 @@ const THROTTLED: &str = "Too many failed role-token checks from this client with
     the credentials were not checked, and Retry-After says in how many seconds to try again";
 
 /// The answers every route of a kind can give besides its own: who may call it, whether it
-/// reads a body, whether its path names something that may not exist.
+/// reads a body, whether its path names something that may not exist, whether it reads a
+/// query string.
 fn common_responses(route: &RouteDoc, has_body: bool) -> Vec<(u16, &'static str)> {
     let mut extra = Vec::new();
     match route.access {
@@ -662,6 +663,23 @@ fn common_responses(route: &RouteDoc, has_body: bool) -> Vec<(u16, &'static str)
     if route.path.contains('{') {
         extra.push((404, "Nothing with that id"));
     }
+    let stateless = matches!(
+        (route.method, route.path),
+        (
+            "get",
+            "/healthz" | "/metrics" | "/openapi.json" | "/.well-known/jwks.json" | "/login"
+        )
+    );
+    if !stateless {
+        extra.push((
+            503,
+            "The database did not answer in time (unreachable, or a row lock held elsewhere \
+             outlasted the lock timeout); retry later",
+        ));
+    }
+    if !crate::query_docs::query_parameters(route.method, route.path).is_empty() {
+        extra.push((400, "Bad query: a parameter its schema does not allow"));
+    }
     extra
 }
 
@@ -682,7 +700,7 @@ fn operation(route: &RouteDoc) -> Value {
             200..=299 => success_media(route.path),
             // The dashboard answers a refused login, a low role, a refused action and (for a
             // page, not a form) a bad query or an unknown id with a page.
-            401 | 403 | 409 | 429 if html_route => &["text/html"],
+            401 | 403 | 409 | 429 | 503 if html_route => &["text/html"],
             400 | 404 if html_route && route.method == "get" => &["text/html"],
             _ => &["application/json"],
         };
@@ -729,10 +747,7 @@ fn operation(route: &RouteDoc) -> Value {
         .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
         .map(|name| json!({ "name": name, "in": "path", "required": true, "schema": { "type": "string" } }))
         .collect();
-    if (route.method, route.path) == ("get", "/api/restores") {
-        params.extend(crate::rollout_docs::restore_list_parameters());
-    }
-    params.extend(crate::alert_pages::query_parameters(
+    params.extend(crate::query_docs::query_parameters(
         route.method,
         route.path,
     ));
@@ -742,14 +757,18 @@ fn operation(route: &RouteDoc) -> Value {
     op
 }
 
-/// The OpenAPI document.
-pub(crate) fn spec() -> Value {
-    let mut paths = serde_json::Map::new();
-    for route in ROUTES
+/// Every documented route.
+fn all_routes() -> impl Iterator<Item = &'static RouteDoc> {
+    ROUTES
         .iter()
         .chain(crate::rollout_docs::ROUTES)
         .chain(crate::commands::ROUTES)
-    {
+}
+
+/// The OpenAPI document.
+pub(crate) fn spec() -> Value {
+    let mut paths = serde_json::Map::new();
+    for route in all_routes() {
         let entry = paths.entry(route.path).or_insert_with(|| json!({}));
         entry[route.method] = operation(route);
     }
@@ -790,11 +809,7 @@ mod tests {
     fn every_body_route_and_error_is_described() {
         let spec = spec();
         let mut problems = Vec::new();
-        for route in ROUTES
-            .iter()
-            .chain(crate::rollout_docs::ROUTES)
-            .chain(crate::commands::ROUTES)
-        {
+        for route in all_routes() {
             let op = &spec["paths"][route.path][route.method];
             let responses = op["responses"].as_object().expect("responses");
             let name = format!("{} {}", route.method, route.path);
@@ -823,5 +838,166 @@ mod tests {
             }
         }
         assert!(problems.is_empty(), "{problems:#?}");
+    }
+
+    /// Every route whose handler reads a query string, with the names it reads. A parameter
+    /// added to a handler goes here and into `query_docs::query_parameters` together.
+    const QUERIES: &[(&str, &str, &[&str])] = &[
+        ("get", "/api/installations", INSTALLATION_LIST),
+        ("get", "/", INSTALLATION_LIST),
+        ("get", "/api/alerts", ALERT_LIST),
+        ("get", "/alerts", ALERT_LIST),
+        ("post", "/alerts/{id}/ack", &["back"]),
+        ("get", "/api/releases", &["limit"]),
+        ("get", "/api/rollouts", &["limit"]),
+        ("get", "/api/plugins/releases", &["limit"]),
+        ("get", "/api/plugins/requests", &["limit"]),
+        ("get", "/api/restores", &["instance", "limit"]),
+        ("get", "/v1/commands", &["limit"]),
+        (
+            "get",
+            "/v1/commands/{id}/logs",
+            &["target", "stream", "follow"],
+        ),
+    ];
+    const INSTALLATION_LIST: &[&str] = &["channel", "health", "q", "archived", "limit", "offset"];
+    const ALERT_LIST: &[&str] = &[
+        "state",
+        "open",
+        "level",
+        "kind",
+        "installation",
+        "delivery",
+        "limit",
+        "offset",
+    ];
+
+    /// The names `T`'s `Deserialize` reads: the fields it hands `deserialize_struct`.
+    fn fields_of<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+        use serde::de::{Error as _, Visitor, value::Error};
+        struct Names<'a>(&'a mut &'static [&'static str]);
+        impl<'de> serde::Deserializer<'de> for Names<'_> {
+            type Error = Error;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Error> {
+                Err(Error::custom("not a struct"))
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Error> {
+                *self.0 = fields;
+                Err(Error::custom("names read"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
+                enum identifier ignored_any
+            }
+        }
+        let mut names: &'static [&'static str] = &[];
+        let _ = T::deserialize(Names(&mut names));
+        names
+    }
+
+    fn sorted<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+        let mut names: Vec<&str> = names.into_iter().collect();
+        names.sort_unstable();
+        names
+    }
+
+    #[test]
+    fn every_query_a_handler_reads_is_declared_with_a_schema() {
+        let spec = spec();
+        let mut problems = Vec::new();
+        for route in all_routes() {
+            let name = format!("{} {}", route.method, route.path);
+            let op = &spec["paths"][route.path][route.method];
+            let declared: Vec<&Value> = op["parameters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["in"] == "query")
+                .collect();
+            let expected = QUERIES
+                .iter()
+                .find(|(m, p, _)| (*m, *p) == (route.method, route.path))
+                .map_or(&[][..], |(_, _, names)| *names);
+            let names = sorted(declared.iter().filter_map(|p| p["name"].as_str()));
+            if names != sorted(expected.iter().copied()) {
+                problems.push(format!("{name}: declares {names:?}, reads {expected:?}"));
+            }
+            for parameter in declared {
+                let at = format!("{name} ?{}", parameter["name"]);
+                if parameter["required"] != false {
+                    problems.push(format!("{at}: not optional"));
+                }
+                if parameter["description"].as_str().is_none_or(str::is_empty) {
+                    problems.push(format!("{at}: no description"));
+                }
+                let schema = &parameter["schema"];
+                match jsonschema::validator_for(schema) {
+                    Err(err) => problems.push(format!("{at}: {err}")),
+                    Ok(_) if schema["type"].is_null() => problems.push(format!("{at}: no type")),
+                    Ok(v) if !schema["default"].is_null() && !v.is_valid(&schema["default"]) => {
+                        problems.push(format!("{at}: its default does not fit its schema"));
+                    }
+                    Ok(_) => {}
+                }
+            }
+            // A query the handler refuses is an answer the route documents.
+            if !expected.is_empty() && op["responses"]["400"].is_null() {
+                problems.push(format!("{name}: 400 undocumented"));
+            }
+        }
+        for (method, path, _) in QUERIES {
+            if spec["paths"][*path][*method].is_null() {
+                problems.push(format!("{method} {path}: no such route"));
+            }
+        }
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
+
+    /// The table above against the handlers' own query types, where a test can reach them:
+    /// a field added to one of them without its documentation fails here.
+    #[test]
+    fn the_declared_queries_are_the_fields_the_handlers_read() {
+        let table = |path: &str| {
+            let (_, _, names) = QUERIES.iter().find(|(_, p, _)| *p == path).expect(path);
+            sorted(names.iter().copied())
+        };
+        for (fields, paths) in [
+            (
+                fields_of::<crate::api::ListQuery>(),
+                &["/api/installations", "/"][..],
+            ),
+            (
+                fields_of::<crate::api::AlertListQuery>(),
+                &["/api/alerts", "/alerts"],
+            ),
+            (
+                fields_of::<crate::rollouts::ListQuery>(),
+                &[
+                    "/api/releases",
+                    "/api/rollouts",
+                    "/api/plugins/releases",
+                    "/api/plugins/requests",
+                ],
+            ),
+            (
+                fields_of::<crate::restores::RestoreQuery>(),
+                &["/api/restores"],
+            ),
+            (
+                fields_of::<crate::commands::LogQuery>(),
+                &["/v1/commands/{id}/logs"],
+            ),
+        ] {
+            assert!(!fields.is_empty(), "{paths:?}: no fields read");
+            for path in paths {
+                assert_eq!(sorted(fields.iter().copied()), table(path), "{path}");
+            }
+        }
     }
 }

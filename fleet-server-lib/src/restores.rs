@@ -39,6 +39,9 @@ fn is_valid_environment(name: &str) -> bool {
         && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
+/// The verification list's page size when the query names none.
+pub(crate) const LIST_PAGE: i64 = 100;
+
 /// An installation verified in an environment this recently is not scheduled there again.
 pub(crate) const RECENT_VERIFICATION_SECS: i64 = 7 * 86_400;
 /// The status of a verification with no report within the restore timeout.
@@ -240,7 +243,7 @@ fn schedule_message(done: &RestoreSchedule, environment: &str) -> String {
 pub(crate) struct RestoreQuery {
     /// Only this instance's verifications.
     instance: Option<String>,
-    /// Page size, 1 to [`MAX_PAGE`](crate::api::MAX_PAGE) (100).
+    /// Page size, 1 to [`MAX_PAGE`](crate::api::MAX_PAGE) ([`LIST_PAGE`]).
     limit: Option<i64>,
 }
 
@@ -250,7 +253,7 @@ pub(crate) async fn list(
     State(state): State<Shared>,
     Query(query): Query<RestoreQuery>,
 ) -> Result<Response> {
-    let limit = query.limit.unwrap_or(100);
+    let limit = query.limit.unwrap_or(LIST_PAGE);
     if !(1..=crate::api::MAX_PAGE).contains(&limit) {
         return Err(Error::BadRequest(format!(
             "limit must be between 1 and {}",

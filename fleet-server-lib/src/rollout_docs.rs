@@ -250,7 +250,7 @@ pub(crate) const ROUTES: &[RouteDoc] = &[
         "get",
         "/api/restores",
         Role("support"),
-        "Restore verifications, newest first. Query: instance (an instance id: only its verifications), limit (1-500, default 100).",
+        "Restore verifications, newest first, of every instance or of one.",
         &[(200, "{items}"), (400, "Bad query")],
     ),
     r(
@@ -645,17 +645,6 @@ fn restore_status() -> Value {
         ]);
     }
     status
-}
-
-/// The query parameters of `GET /api/restores`.
-pub(crate) fn restore_list_parameters() -> Vec<Value> {
-    vec![
-        json!({ "name": "instance", "in": "query", "required": false,
-                "description": "Only this instance's verifications",
-                "schema": { "type": "string" } }),
-        json!({ "name": "limit", "in": "query", "required": false,
-                "schema": { "type": "integer", "minimum": 1, "maximum": crate::api::MAX_PAGE } }),
-    ]
 }
 
 /// Body of `POST /api/plugins/rollouts`: the update rollouts' body (`create_rollout_schema`)

@@ -599,14 +599,22 @@ pub(crate) fn path_id(text: &str) -> Result<i64> {
     text.parse::<i64>().map_err(|_| Error::NotFound)
 }
 
+/// Query of the lists that read only a page size: releases, rollouts, plugin releases and
+/// plugin requests (its `/openapi.json` entry is in `query_docs::query_parameters`).
 #[derive(Debug, Deserialize)]
 pub(crate) struct ListQuery {
+    /// Page size, 1 to [`MAX_PAGE`](crate::api::MAX_PAGE); [`Self::DEFAULT_LIMIT`] when not
+    /// given.
     limit: Option<i64>,
 }
 
 impl ListQuery {
+    /// The page size when the query names none.
+    pub(crate) const DEFAULT_LIMIT: i64 = 100;
+
+    /// The page size asked for, or a 400 outside 1 to [`MAX_PAGE`](crate::api::MAX_PAGE).
     pub(crate) fn limit(&self) -> Result<i64> {
-        let limit = self.limit.unwrap_or(100);
+        let limit = self.limit.unwrap_or(Self::DEFAULT_LIMIT);
         if !(1..=crate::api::MAX_PAGE).contains(&limit) {
             return Err(Error::BadRequest(format!(
                 "limit must be between 1 and {}",

@@ -13,6 +13,12 @@ const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// for milliseconds, and the agents give up after 10 s.
 const WRITER_LOCK_TIMEOUT: &str = "2s";
 
+/// How long any other statement waits for a lock: an operator's transaction left open on a
+/// row (an installation, a rollout) makes the request that needs it a retryable 503 after
+/// this, instead of holding it, and one of the pool's connections, for as long as the
+/// transaction stays open. Migrations wait as long as they need.
+const API_LOCK_TIMEOUT: &str = "5s";
+
 /// A [`Store`](super::Store) in PostgreSQL. Migrations run when it connects; several
 /// control-plane processes may share one database.
 #[derive(Debug, Clone)]
@@ -79,7 +85,11 @@ impl PostgresStore {
             // With every writer holding its own connection, a healthy pool hands one out at
             // once.
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options.clone())
+            .connect_with(
+                options
+                    .clone()
+                    .options([("lock_timeout", API_LOCK_TIMEOUT)]),
+            )
             .await;
         let pool = match pool {
             Ok(pool) => pool,
@@ -94,7 +104,19 @@ impl PostgresStore {
             }
             Err(err) => return Err(err.into()),
         };
-        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        {
+            // Another replica may be migrating: wait for its lock however long it takes.
+            let mut migrating = pool.acquire().await?;
+            sqlx::query("SET lock_timeout = 0")
+                .execute(&mut *migrating)
+                .await?;
+            sqlx::migrate!("./migrations/postgres")
+                .run(&mut *migrating)
+                .await?;
+            sqlx::query("RESET lock_timeout")
+                .execute(&mut *migrating)
+                .await?;
+        }
         // The schema the tables were created in: the first of the search path that exists.
         let schema: Option<String> = sqlx::query_scalar("SELECT current_schema()")
             .fetch_one(&pool)

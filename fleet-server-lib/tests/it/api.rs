@@ -214,3 +214,78 @@ async fn health_metrics_openapi_and_unknown_routes() {
     let (status, error) = server.get_json("/no/such/route", SUPPORT).await;
     assert_eq!((status, code(&error)), (404, "not_found"));
 }
+
+/// The page bounds /openapi.json declares are the handlers' own: on every list route, a
+/// `limit` at either end of its schema is taken and one past either end refused with 400,
+/// and so for `offset`; where the answer says its limit, it is the declared default.
+#[tokio::test]
+async fn every_list_takes_the_page_bounds_it_declares_and_refuses_one_past_them() {
+    let t = support::sqlite().await;
+    let server = TestServer::start(t.store.clone()).await;
+    let (_, spec) = server.get_json("/openapi.json", SUPPORT).await;
+    let mut lists = Vec::new();
+    let mut problems = Vec::new();
+    for (path, operations) in spec["paths"].as_object().expect("paths") {
+        let parameters = operations["get"]["parameters"].as_array();
+        let schema_of = |name: &str| {
+            parameters
+                .into_iter()
+                .flatten()
+                .find(|p| p["in"] == "query" && p["name"] == name)
+                .map(|p| &p["schema"])
+        };
+        let Some(limit) = schema_of("limit") else {
+            continue;
+        };
+        lists.push(path.as_str());
+        let bound = |schema: &Value, key: &str| schema[key].as_i64().expect(key);
+        let (min, max) = (bound(limit, "minimum"), bound(limit, "maximum"));
+        let mut probes = vec![
+            (format!("limit={min}"), 200),
+            (format!("limit={max}"), 200),
+            (format!("limit={}", min - 1), 400),
+            (format!("limit={}", max + 1), 400),
+        ];
+        if let Some(offset) = schema_of("offset") {
+            let (min, max) = (bound(offset, "minimum"), bound(offset, "maximum"));
+            probes.extend([
+                (format!("offset={min}"), 200),
+                (format!("offset={max}"), 200),
+                (format!("offset={}", min - 1), 400),
+                (format!("offset={}", i128::from(max) + 1), 400),
+            ]);
+        }
+        for (query, want) in probes {
+            let (status, _) = server.get_json(&format!("{path}?{query}"), SUPPORT).await;
+            if status != want {
+                problems.push(format!("GET {path}?{query}: {status}, want {want}"));
+            }
+        }
+        let (status, answer) = server.get_json(path, SUPPORT).await;
+        if status != 200 {
+            problems.push(format!("GET {path}: {status}"));
+        } else if !answer["limit"].is_null() && answer["limit"] != limit["default"] {
+            problems.push(format!(
+                "GET {path}: limit {} by default, declared {}",
+                answer["limit"], limit["default"]
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+    lists.sort_unstable();
+    assert_eq!(
+        lists,
+        [
+            "/",
+            "/alerts",
+            "/api/alerts",
+            "/api/installations",
+            "/api/plugins/releases",
+            "/api/plugins/requests",
+            "/api/releases",
+            "/api/restores",
+            "/api/rollouts",
+            "/v1/commands",
+        ]
+    );
+}

@@ -734,3 +734,48 @@ async fn commands_neither_select_nor_target_archived_installations(t: TestStore)
     agent.stop().await;
     server.stop().await;
 }
+
+/// An operator's transaction left open on an installation's row makes archiving it a
+/// retryable 503 after PostgreSQL's lock timeout, documented as such, instead of a request
+/// (and a pooled connection) held for as long as the transaction stays open; nothing changes
+/// until the lock is gone.
+#[tokio::test]
+async fn a_row_lock_held_elsewhere_makes_an_api_write_a_503_in_seconds() {
+    let t = crate::support::postgres().await;
+    let server = server(&t).await;
+    heartbeat(&server, "locked", json!({})).await;
+    let (side, holder) = t.lock_installation("locked").await;
+
+    let started = std::time::Instant::now();
+    let (status, answer) = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        archive(&server, "locked", ADMIN),
+    )
+    .await
+    .expect("the request waited for the lock as long as it was held");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(
+        answer["error"],
+        json!({"code": "unavailable", "message": "the database is unreachable or busy; retry later"})
+    );
+    let (_, spec) = server.get_json("/openapi.json", SUPPORT).await;
+    assert!(
+        spec["paths"]["/api/installations/{instance_id}/archive"]["post"]["responses"]["503"]
+            .is_object(),
+        "the 503 is documented"
+    );
+    let (_, detail) = server.get_json("/api/installations/locked", SUPPORT).await;
+    assert_eq!(detail["archived_at"], Value::Null, "nothing changed");
+
+    holder.rollback().await.expect("release the lock");
+    let (status, archived) = archive(&server, "locked", ADMIN).await;
+    assert_eq!(status, 200, "{archived}");
+    server.stop().await;
+    side.close().await;
+    crate::support::drop_schema(t.schema).await;
+}

@@ -441,12 +441,7 @@ async fn a_row_lock_held_elsewhere_answers_503_in_seconds_and_loses_nothing() {
     let t = support::postgres().await;
     let server = TestServer::start(t.store.clone()).await;
     server.seen("locked").await;
-    let side = t.other_connection().await;
-    let mut holder = side.begin().await.expect("begin");
-    sqlx::query("SELECT id FROM installations WHERE instance_id = 'locked' FOR UPDATE")
-        .fetch_one(&mut *holder)
-        .await
-        .expect("lock the installation");
+    let (side, holder) = t.lock_installation("locked").await;
 
     let hb = body("locked", json!({ "version": "2.0.0" }));
     let started = std::time::Instant::now();

@@ -116,6 +116,23 @@ pub fn schema_options(url: &str, schema: &str) -> sqlx::postgres::PgConnectOptio
 impl TestStore {
     /// A pool of its own on a PostgreSQL store's schema: another replica, or a session that
     /// holds locks while the store works.
+    /// Locks `instance`'s installation row from another connection, as an operator's
+    /// transaction left open would; the lock holds until the transaction is dropped or
+    /// rolled back. Returns the pool too, to close once done.
+    pub async fn lock_installation(
+        &self,
+        instance: &str,
+    ) -> (sqlx::PgPool, sqlx::Transaction<'static, sqlx::Postgres>) {
+        let side = self.other_connection().await;
+        let mut holder = side.begin().await.expect("begin");
+        sqlx::query("SELECT id FROM installations WHERE instance_id = $1 FOR UPDATE")
+            .bind(instance)
+            .fetch_one(&mut *holder)
+            .await
+            .expect("lock the installation");
+        (side, holder)
+    }
+
     pub async fn other_connection(&self) -> sqlx::PgPool {
         let schema = self.schema.as_deref().expect("a PostgreSQL store");
         sqlx::PgPool::connect_with(schema_options(&self.url, schema))
