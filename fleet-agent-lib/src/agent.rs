@@ -443,6 +443,7 @@ impl Shared {
     pub(crate) async fn build_heartbeat(&self) -> Heartbeat {
         let c = &self.config;
         let mut hb = Heartbeat::new(&c.instance_id);
+        hb.collected_at = u64::try_from(fleet_core::unix_now()).ok();
         hb.domain = c.domain.clone();
         hb.client = c.client.clone();
         hb.version = self

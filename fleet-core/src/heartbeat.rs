@@ -222,6 +222,12 @@ pub struct Heartbeat {
     /// Messages the agent's outbox dropped since its last delivered heartbeat.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outbox_dropped: Option<u64>,
+    /// When the agent collected this heartbeat (unix seconds). A heartbeat delivered late
+    /// from the agent's outbox keeps it, so the control plane knows when its figures were
+    /// measured, not only when they arrived. Agents that do not send it are read as
+    /// collecting at arrival.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collected_at: Option<u64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub alerts: Vec<PayloadAlert>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -360,6 +366,10 @@ impl Heartbeat {
                 ),
                 ("cpu_usage_pct", crate::schema::nullable(number(100.0))),
                 (
+                    "collected_at",
+                    crate::schema::nullable(crate::schema::count()),
+                ),
+                (
                     "alerts",
                     list(
                         l.max_alerts,
@@ -471,6 +481,7 @@ fn decode_fields(f: &mut Fields<'_, '_>) -> Heartbeat {
         jobs_processed_1h: f.opt_u64("jobs_processed_1h"),
         jobs_pending: f.opt_u64("jobs_pending"),
         outbox_dropped: f.opt_u64("outbox_dropped"),
+        collected_at: f.opt_u64("collected_at"),
         alerts: f.array("alerts", l.max_alerts, |a| PayloadAlert {
             level: match a.opt_string("level", 16) {
                 None => AlertLevel::Info,
@@ -564,7 +575,7 @@ mod tests {
     fn every_problem_is_reported_with_its_path() {
         let got = paths(
             r#"{"instance_id":"","db_ok":"yes","storage_ok":true,"jobs_failed":-1,
-            "cpu_usage_pct":250,"last_backup_at":"last night",
+            "cpu_usage_pct":250,"last_backup_at":"last night","collected_at":-3,
             "job_failures":[{"message":"ok"},{"queue":"q"},{"message":7}],"alerts":[{"level":"panic","message":"x"}]}"#,
         );
         assert_eq!(
@@ -576,6 +587,7 @@ mod tests {
                 "jobs_failed",
                 "last_backup_at",
                 "cpu_usage_pct",
+                "collected_at",
                 "alerts[0].level",
                 "job_failures[1].message",
                 "job_failures[2].message",

@@ -798,6 +798,7 @@ mod tests {
         });
         HeartbeatPoint {
             received_at: 0,
+            collected_at: 0,
             figures: figures.as_object().expect("object").clone(),
         }
     }
@@ -818,6 +819,7 @@ mod tests {
         // Nothing to draw: a sentence instead of an empty frame.
         let empty = HeartbeatPoint {
             received_at: 0,
+            collected_at: 0,
             figures: serde_json::Map::new(),
         };
         assert!(chart(&[empty]).contains("No CPU or memory figures"));

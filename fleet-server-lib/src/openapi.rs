@@ -471,6 +471,7 @@ fn answer_schemas() -> Vec<(&'static str, Value)> {
             "recent",
             array(every_field(&[
                 ("received_at", integer()),
+                ("collected_at", integer()),
                 (
                     "figures",
                     json!({ "type": "object", "additionalProperties": { "type": "number" } }),

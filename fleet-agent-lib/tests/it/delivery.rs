@@ -124,6 +124,9 @@ async fn a_flaky_control_plane_loses_nothing_and_duplicates_nothing() {
     agent.stop().await;
     let queued = waiting(&dir).await;
     assert!(queued >= 5, "only {queued} queued");
+    // A second later, so that what is collected from now on has a later time.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let offline_until = fleet_core::unix_now();
 
     // Every second request fails in the middle of the flush.
     let seen = Seen::new(INSTANCE, SECRET);
@@ -144,6 +147,17 @@ async fn a_flaky_control_plane_loses_nothing_and_duplicates_nothing() {
         "some sends failed"
     );
     assert_eq!(waiting(&dir).await, 0);
+    // Delivered late, each keeps the time it was collected at: the queued ones before the
+    // control plane came back, the one made at the restart after.
+    let collected: Vec<i64> = seen
+        .bodies()
+        .iter()
+        .map(|b| b["collected_at"].as_i64().expect("collected_at"))
+        .collect();
+    assert!(collected.is_sorted(), "{collected:?}");
+    let (late, fresh) = collected.split_at(queued as usize);
+    assert!(late.iter().all(|&at| at < offline_until), "{collected:?}");
+    assert!(fresh.iter().all(|&at| at >= offline_until), "{collected:?}");
     receiver.stop().await;
 }
 

@@ -356,6 +356,7 @@ impl ReadObject for Heartbeat {
                 "jobs_processed_1h" => hb.jobs_processed_1h = count(m)?,
                 "jobs_pending" => hb.jobs_pending = count(m)?,
                 "outbox_dropped" => hb.outbox_dropped = count(m)?,
+                "collected_at" => hb.collected_at = count(m)?,
                 "alerts" => hb.alerts = list(m, limits, limits.max_alerts)?,
                 "job_failures" => hb.job_failures = list(m, limits, limits.max_job_failures)?,
                 "checks" => hb.checks = list(m, limits, limits.max_checks)?,
@@ -548,6 +549,7 @@ mod tests {
             jobs_processed_1h: Some(13),
             jobs_pending: Some(14),
             outbox_dropped: Some(15),
+            collected_at: Some(1_770_000_000),
             alerts: vec![PayloadAlert {
                 level: AlertLevel::Critical,
                 message: "Low disk".into(),

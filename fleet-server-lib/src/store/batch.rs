@@ -268,9 +268,12 @@ enum Figure {
     Float(Option<f64>),
 }
 
-/// The numeric figures of a heartbeat, as stored in its time-series row (a JSON object).
-/// Written directly: this runs once per heartbeat on the ingest path.
-pub(crate) fn figures_json(hb: &Heartbeat) -> String {
+/// The numeric figures of a heartbeat, as stored in its time-series row (a JSON object),
+/// with when it was collected (at most when it arrived: an agent's clock ahead of ours does
+/// not date figures in the future). Written directly: this runs once per heartbeat on the
+/// ingest path.
+pub(crate) fn figures_json(inc: &IncomingHeartbeat) -> String {
+    let hb = &inc.heartbeat;
     use std::fmt::Write;
     let mut out = String::with_capacity(320);
     out.push('{');
@@ -306,14 +309,27 @@ pub(crate) fn figures_json(hb: &Heartbeat) -> String {
     // Heartbeats the agent's outbox dropped (bounds passed while the control plane was
     // away): kept, or the count the agent reports would reach nobody.
     put("outbox_dropped", Int(hb.outbox_dropped));
+    let arrived = u64::try_from(inc.received_at).unwrap_or(0);
+    put(COLLECTED_AT, Int(hb.collected_at.map(|at| at.min(arrived))));
     out.push('}');
     out
 }
 
+/// The key of the collection time among a time-series row's figures, which
+/// [`HeartbeatPoint::collected_at`] holds when the row is read.
+pub(crate) const COLLECTED_AT: &str = "collected_at";
+
 pub(crate) fn point(received_at: i64, figures: &str) -> HeartbeatPoint {
+    let mut figures: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(figures).unwrap_or_default();
+    let collected_at = figures
+        .remove(COLLECTED_AT)
+        .and_then(|at| at.as_i64())
+        .unwrap_or(received_at);
     HeartbeatPoint {
         received_at,
-        figures: serde_json::from_str(figures).unwrap_or_default(),
+        collected_at,
+        figures,
     }
 }
 
@@ -416,16 +432,21 @@ pub(crate) fn plan_alerts<'a>(
 mod tests {
     use super::*;
 
-    #[test]
-    fn applied_heartbeats_get_ids_in_batch_order_linked_per_installation() {
-        let incoming = |instance: &str| IncomingHeartbeat {
-            heartbeat: Heartbeat::new(instance),
+    /// `heartbeat` as received at `received_at`, signed v0.
+    fn incoming(heartbeat: Heartbeat, received_at: i64) -> IncomingHeartbeat {
+        IncomingHeartbeat {
+            heartbeat,
             scheme: fleet_core::signing::Scheme::V0,
             msg_id: None,
             signed_at: None,
-            received_at: 1_000,
+            received_at,
             body: b"{}".to_vec(),
-        };
+        }
+    }
+
+    #[test]
+    fn applied_heartbeats_get_ids_in_batch_order_linked_per_installation() {
+        let incoming = |instance: &str| incoming(Heartbeat::new(instance), 1_000);
         let batch = ["a", "b", "a", "a", "c"].map(incoming);
         // The third heartbeat was a duplicate: it gets no row and breaks no link.
         let outcomes = [None, None, Some(RecordOutcome::Duplicate), None, None];
@@ -451,12 +472,31 @@ mod tests {
         hb.memory_used_bytes = Some(4_000_000_000);
         hb.slo_error_rate = Some(0.001);
         hb.outbox_dropped = Some(7);
-        let parsed: serde_json::Value = serde_json::from_str(&figures_json(&hb)).expect("json");
+        hb.collected_at = Some(900);
+        let inc = incoming(hb, 1_000);
+        let parsed: serde_json::Value = serde_json::from_str(&figures_json(&inc)).expect("json");
         assert_eq!(
             parsed,
             serde_json::json!({"jobs_failed": 0, "cpu_usage_pct": 12.5, "uptime_seconds": 60.0,
                 "memory_used_bytes": 4_000_000_000u64, "slo_error_rate": 0.001,
-                "outbox_dropped": 7})
+                "outbox_dropped": 7, "collected_at": 900})
         );
+        let read = point(inc.received_at, &figures_json(&inc));
+        assert_eq!((read.received_at, read.collected_at), (1_000, 900));
+        assert!(!read.figures.contains_key("collected_at"), "{read:?}");
+    }
+
+    #[test]
+    fn a_heartbeat_is_collected_no_later_than_it_arrived() {
+        let mut hb = Heartbeat::new("a");
+        let read = |hb: &Heartbeat| {
+            let inc = incoming(hb.clone(), 1_000);
+            point(inc.received_at, &figures_json(&inc)).collected_at
+        };
+        assert_eq!(read(&hb), 1_000, "an agent that does not say: at arrival");
+        hb.collected_at = Some(5_000);
+        assert_eq!(read(&hb), 1_000, "a clock ahead of ours");
+        hb.collected_at = Some(u64::MAX);
+        assert_eq!(read(&hb), 1_000);
     }
 }

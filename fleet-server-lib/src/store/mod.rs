@@ -438,6 +438,9 @@ pub struct BackupRecord {
 pub struct HeartbeatPoint {
     /// When it was received.
     pub received_at: i64,
+    /// When the agent collected it: earlier than `received_at` for a heartbeat delivered
+    /// late from the agent's outbox, the same for an agent that does not say.
+    pub collected_at: i64,
     /// The numeric figures of that heartbeat (`cpu_usage_pct`, `memory_used_bytes`, ...).
     pub figures: serde_json::Map<String, serde_json::Value>,
 }

@@ -223,7 +223,7 @@ fn bind_heartbeats<'q>(
         .bind(
             applied
                 .iter()
-                .map(|(inc, _)| batch::figures_json(&inc.heartbeat))
+                .map(|(inc, _)| batch::figures_json(inc))
                 .collect::<Vec<_>>(),
         )
 }

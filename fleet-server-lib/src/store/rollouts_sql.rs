@@ -578,8 +578,16 @@ macro_rules! impl_rollout_store {
                         .iter()
                         .map(|row| sqlx::Row::try_get(row, "figures"))
                         .collect::<std::result::Result<_, _>>()?;
+                    // A heartbeat collected before the job ended (delivered late from the
+                    // agent's outbox) measured the version before the update.
                     let breach = figures.iter().find_map(|f| {
                         let map = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(f).ok()?;
+                        let collected_at = map
+                            .get($crate::store::batch::COLLECTED_AT)
+                            .and_then(serde_json::Value::as_i64);
+                        if collected_at.is_some_and(|at| at < finished_at) {
+                            return None;
+                        }
                         $crate::rollouts::slo_breach(&settings, &map)
                     });
                     let Some(reason) = breach else { continue };

@@ -243,7 +243,7 @@ impl IngestConnection {
             let mut insert = tx.prepare_cached(INSERT_HEARTBEAT)?;
             let mut failure = tx.prepare_cached(INSERT_JOB_FAILURE)?;
             for (&(inc, id), link) in applied.iter().zip(&applied_links) {
-                let figures = batch::figures_json(&inc.heartbeat);
+                let figures = batch::figures_json(inc);
                 insert.execute(params![
                     link.id,
                     id,

@@ -61,10 +61,15 @@ async fn list_filters_paginates_and_refuses_bad_queries_with_400() {
 async fn detail_shows_state_checks_alerts_failures_backups_and_recent_figures() {
     let t = support::sqlite().await;
     let server = TestServer::start(t.store.clone()).await;
+    let started = now();
+    // Collected an hour ago (delivered late from the agent's outbox), not said, and by a
+    // clock ten minutes ahead of ours.
+    let collected = [json!(started - 3600), Value::Null, json!(started + 600)];
     for (i, cpu) in [10.0, 20.0, 30.0].into_iter().enumerate() {
         let hb = body(
             "acme-001",
             json!({
+                "collected_at": collected[i],
                 "cpu_usage_pct": cpu, "memory_used_bytes": 512, "memory_total_bytes": 1024,
                 "checks": [{"name": "db", "ok": true, "latency_ms": 2.5}, {"name": "smtp", "ok": false, "error": "refused"}],
                 "alerts": [{"level": "critical", "message": "Disk full"}],
@@ -81,9 +86,26 @@ async fn detail_shows_state_checks_alerts_failures_backups_and_recent_figures() 
         );
     }
     let (status, d) = server
-        .get_json("/api/installations/acme-001", SUPPORT)
+        .get_documented("/api/installations/acme-001", SUPPORT)
         .await;
     assert_eq!(status, 200);
+    let times: Vec<(i64, i64)> = d["recent"]
+        .as_array()
+        .expect("recent")
+        .iter()
+        .map(|p| {
+            assert!(p["figures"].get("collected_at").is_none(), "{p}");
+            let at = |key: &str| p[key].as_i64().expect(key);
+            (at("received_at"), at("collected_at"))
+        })
+        .collect();
+    assert!(
+        times.iter().all(|&(received, _)| received >= started),
+        "{times:?}"
+    );
+    assert_eq!(times[0].1, started - 3600, "{times:?}");
+    assert_eq!(times[1].1, times[1].0, "at arrival: {times:?}");
+    assert_eq!(times[2].1, times[2].0, "never after arrival: {times:?}");
     assert_eq!(d["state"]["checks"][1]["error"], "refused");
     assert_eq!(d["state"]["iam_users"], 4, "unknown keys kept");
     assert_eq!(d["recent"].as_array().map(Vec::len), Some(3));

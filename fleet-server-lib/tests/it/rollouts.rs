@@ -485,15 +485,34 @@ async fn slo_breach_after_update_halts_the_rollout(t: TestStore) {
         report(&server, "s1", &s1["job_id"], "succeeded").await.0,
         200
     );
-    assert_eq!(
+    let halted_now = async || {
         t.store
             .watch_rollout_slo(now(), false)
             .await
-            .expect("watch"),
-        0
-    );
+            .expect("watch")
+    };
+    assert_eq!(halted_now().await, 0);
     // Auto-advance waits out s1's observation window: s2 gets nothing yet.
     assert_eq!(next(&server, "s2").await.0, 204);
+    // Delivered late from s1's outbox, collected before its update: the old version's
+    // figures, which do not count against the new one.
+    let late = body(
+        "s1",
+        json!({"release_channel": "stable", "version": "1.0.0", "slo_p95_ms": 950.0,
+               "collected_at": now() - 300}),
+    );
+    assert_eq!(
+        server
+            .send_v1(SHARED, "slo-late", now(), &late)
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(halted_now().await, 0);
+    let (_, running) = server
+        .get_documented(&format!("/api/rollouts/{id}"), SUPPORT)
+        .await;
+    assert_eq!(running["status"], "running", "{running}");
     let hb = body(
         "s1",
         json!({"release_channel": "stable", "version": "4.0.0", "slo_p95_ms": 912.0}),
@@ -503,13 +522,7 @@ async fn slo_breach_after_update_halts_the_rollout(t: TestStore) {
         200
     );
     // The background watcher may have got there first; either way it halts exactly once.
-    assert!(
-        t.store
-            .watch_rollout_slo(now(), false)
-            .await
-            .expect("watch")
-            <= 1
-    );
+    assert!(halted_now().await <= 1);
     let (_, halted) = server
         .get_documented(&format!("/api/rollouts/{id}"), SUPPORT)
         .await;
