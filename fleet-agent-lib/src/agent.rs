@@ -29,6 +29,9 @@ use crate::{Error, Result};
 /// The control-plane path heartbeats go to.
 pub const HEARTBEAT_PATH: &str = "/api/heartbeats";
 
+/// The heartbeat's key listing the built-in checks `AGENT_SKIP_CHECKS` leaves out.
+pub const CHECKS_SKIPPED: &str = "checks_skipped";
+
 /// Longest a collector may take before its check fails.
 const COLLECTOR_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -504,6 +507,14 @@ impl Shared {
         let ok_of = |name: &str| checks.iter().find(|r| r.name == name).map(|r| r.ok);
         hb.db_ok = ok_of("db").unwrap_or(self.config.skips_check("db"));
         hb.redis_ok = ok_of("redis").unwrap_or(self.config.skips_check("redis"));
+        // The wire's `db_ok`/`redis_ok` are required booleans: a skipped service reads as
+        // fine there, and this key tells the control plane it was never checked.
+        if !self.config.skip_checks.is_empty() {
+            hb.extra.insert(
+                CHECKS_SKIPPED.into(),
+                self.config.skip_checks.clone().into(),
+            );
+        }
         // As in the ERP agent, storage that is not configured counts as fine.
         hb.storage_ok = ok_of("storage").unwrap_or(true);
         hb.search_ok = ok_of("search");
@@ -852,6 +863,7 @@ mod tests {
             "{names:?}"
         );
         assert!(hb.db_ok && hb.redis_ok);
+        assert_eq!(hb.extra[CHECKS_SKIPPED], serde_json::json!(["db", "redis"]));
         assert_eq!(hb.health.as_deref(), Some("ok"), "{:?}", hb.checks);
         let _ = std::fs::remove_dir_all(dir);
     }

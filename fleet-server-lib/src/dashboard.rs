@@ -506,9 +506,23 @@ fn checks_section(state: &Value) -> String {
             .flatten()
             .any(|c| c.get("name").and_then(Value::as_str) == Some(name))
     };
+    // Built-in checks the agent was told to leave out (`AGENT_SKIP_CHECKS`): their flag
+    // reads as fine, but nothing was checked.
+    let skipped = |name: &str| {
+        state
+            .get("checks_skipped")
+            .and_then(Value::as_array)
+            .is_some_and(|names| names.iter().any(|n| n.as_str() == Some(name)))
+    };
     // The ERP's flags, unless a detailed check of the same name says more.
     for name in ["db", "redis", "storage", "search"] {
-        if let Some(ok) = state.get(format!("{name}_ok")).and_then(Value::as_bool)
+        if skipped(name) && !detailed(name) {
+            let _ = write!(
+                rows,
+                "<tr><td>{name}</td><td class=muted>skipped</td><td></td>\
+                 <td>not checked on this node (AGENT_SKIP_CHECKS)</td></tr>"
+            );
+        } else if let Some(ok) = state.get(format!("{name}_ok")).and_then(Value::as_bool)
             && !detailed(name)
         {
             let _ = write!(
@@ -779,6 +793,20 @@ pub(crate) fn forbidden_page() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_skipped_built_in_check_reads_as_skipped_not_ok() {
+        let state = serde_json::json!({"db_ok": true, "redis_ok": false, "storage_ok": true,
+            "checks_skipped": ["db"], "checks": [{"name": "storage", "ok": false, "error": "full"}]});
+        let html = checks_section(&state);
+        assert!(
+            html.contains("<tr><td>db</td><td class=muted>skipped</td><td></td><td>not checked on this node (AGENT_SKIP_CHECKS)</td></tr>"),
+            "{html}"
+        );
+        assert!(html.contains("<tr><td>redis</td><td class=bad>"), "{html}");
+        // A detailed check of the name says more than either.
+        assert_eq!(html.matches("<td>storage</td>").count(), 1, "{html}");
+    }
 
     #[test]
     fn times_and_escaping() {
