@@ -284,6 +284,7 @@ impl ControlPlaneBuilder {
             slo: settings.slo,
             require_enrollment: settings.require_enrollment,
             forward_alerts: self.webhook.is_some(),
+            late_after: Some(settings.offline_after),
         };
         let writers =
             ingest::spawn_writers(store.clone(), rules, settings.batch_max, metrics.clone());

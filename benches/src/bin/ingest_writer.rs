@@ -155,6 +155,7 @@ async fn run(o: &Options) -> Result<(), String> {
         },
         require_enrollment: false,
         forward_alerts: false,
+        late_after: Some(std::time::Duration::from_secs(900)),
     };
     let now = fleet_core::unix_now();
     // Every installation exists before the clock starts, as in a running fleet.

@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use fleet_core::Heartbeat;
 
 use crate::alerts::AlertSpec;
-use crate::store::{HeartbeatPoint, IncomingHeartbeat, RecordOutcome};
+use crate::store::{HeartbeatPoint, IncomingHeartbeat, IngestRules, RecordOutcome};
 
 /// The installation upsert's conflict clause, the same for both engines: the latest state,
 /// and for each descriptive field the latest value reported. A heartbeat from an archived
@@ -394,19 +394,37 @@ pub(crate) enum OpenRef {
     Pending(usize),
 }
 
-/// Runs the alert rules over the applied heartbeats of a batch, in order.
+/// Whether `inc` was collected longer than `late_after` before it arrived.
+fn arrived_late(inc: &IncomingHeartbeat, late_after: Option<std::time::Duration>) -> bool {
+    let (Some(late_after), Some(collected_at)) = (late_after, inc.heartbeat.collected_at) else {
+        return false;
+    };
+    let late_after = i64::try_from(late_after.as_secs()).unwrap_or(i64::MAX);
+    i64::try_from(collected_at)
+        .is_ok_and(|collected_at| collected_at < inc.received_at.saturating_sub(late_after))
+}
+
+/// Runs the alert rules over the applied heartbeats of a batch, in order. A heartbeat that
+/// arrived late ([`IngestRules::late_after`]) only ends an open `offline` alert.
 pub(crate) fn plan_alerts<'a>(
     applied: &[(&'a IncomingHeartbeat, i64)],
     mut open: HashMap<i64, HashMap<String, OpenRef>>,
-    slo: &crate::alerts::SloThresholds,
+    rules: &IngestRules,
 ) -> (Vec<PendingAlert<'a>>, Vec<i64>) {
     let mut pending: Vec<PendingAlert<'a>> = Vec::new();
     let mut resolve_ids = Vec::new();
     for &(inc, installation_id) in applied {
-        let eval = crate::alerts::evaluate(&inc.heartbeat, slo);
         let refs = open.entry(installation_id).or_default();
-        let keys: BTreeSet<String> = refs.keys().cloned().collect();
-        let (to_open, to_resolve) = crate::alerts::reconcile(&eval, &keys);
+        let (to_open, to_resolve) = if arrived_late(inc, rules.late_after) {
+            let offline = crate::alerts::kind::OFFLINE;
+            let ended = refs.contains_key(offline).then(|| offline.to_owned());
+            (Vec::new(), ended.into_iter().collect())
+        } else {
+            let eval = crate::alerts::evaluate(&inc.heartbeat, &rules.slo);
+            let keys: BTreeSet<String> = refs.keys().cloned().collect();
+            let (to_open, to_resolve) = crate::alerts::reconcile(&eval, &keys);
+            (to_open.into_iter().cloned().collect(), to_resolve)
+        };
         for key in to_resolve {
             match refs.remove(&key) {
                 Some(OpenRef::Stored(id)) => resolve_ids.push(id),
@@ -419,7 +437,7 @@ pub(crate) fn plan_alerts<'a>(
             pending.push(PendingAlert {
                 installation_id,
                 instance_id: &inc.heartbeat.instance_id,
-                spec: spec.clone(),
+                spec,
                 created_at: inc.received_at,
                 resolved_at: None,
             });
@@ -484,6 +502,24 @@ mod tests {
         let read = point(inc.received_at, &figures_json(&inc));
         assert_eq!((read.received_at, read.collected_at), (1_000, 900));
         assert!(!read.figures.contains_key("collected_at"), "{read:?}");
+    }
+
+    #[test]
+    fn a_heartbeat_arrived_late_when_collected_before_the_limit() {
+        let limit = Some(std::time::Duration::from_secs(900));
+        let at = |collected_at: Option<u64>| {
+            let mut hb = Heartbeat::new("a");
+            hb.collected_at = collected_at;
+            incoming(hb, 10_000)
+        };
+        assert!(arrived_late(&at(Some(9_099)), limit));
+        assert!(!arrived_late(&at(Some(9_100)), limit), "at the limit");
+        assert!(
+            !arrived_late(&at(None), limit),
+            "an agent that does not say"
+        );
+        assert!(!arrived_late(&at(Some(0)), None), "no limit");
+        assert!(!arrived_late(&at(Some(u64::MAX)), limit));
     }
 
     #[test]

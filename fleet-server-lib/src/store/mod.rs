@@ -81,6 +81,12 @@ pub struct IngestRules {
     pub require_enrollment: bool,
     /// Queue forwarded alerts in the webhook outbox (only when a webhook is configured).
     pub forward_alerts: bool,
+    /// A heartbeat collected longer than this before it arrived (delivered late from an
+    /// agent's outbox, after an outage) opens and resolves no alert; it only ends `offline`.
+    /// What it reports is history: its figures are stored, and a newer heartbeat reports
+    /// the conditions that still hold, so the webhook is not paged for ones long over.
+    /// `None`: every heartbeat is evaluated. The control plane uses its offline threshold.
+    pub late_after: Option<std::time::Duration>,
 }
 
 /// Filters for [`Store::list_installations`].

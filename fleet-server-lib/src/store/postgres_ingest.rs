@@ -355,7 +355,7 @@ impl PostgresStore {
         }
         let checksums = state.known.into_values().collect();
         let backups = batch::new_backups(checksums, &applied);
-        let (pending, resolve_ids) = batch::plan_alerts(&applied, state.open, &rules.slo);
+        let (pending, resolve_ids) = batch::plan_alerts(&applied, state.open, rules);
         if !pending.is_empty() {
             return self.record_in_transaction(batch, rules).await;
         }
@@ -560,7 +560,7 @@ impl PostgresStore {
                 .or_default()
                 .insert(key, OpenRef::Stored(row.try_get("id")?));
         }
-        let (pending, resolve_ids) = batch::plan_alerts(&applied, open, &rules.slo);
+        let (pending, resolve_ids) = batch::plan_alerts(&applied, open, rules);
         if !resolve_ids.is_empty() {
             let resolved_at = batch.last().map(|b| b.received_at).unwrap_or_default();
             sqlx::query(RESOLVE_ALERTS)

@@ -283,7 +283,7 @@ impl IngestConnection {
         }
 
         // Alerts: run the rules over the open keys read at the start.
-        let (pending, resolve_ids) = batch::plan_alerts(&applied, open, &rules.slo);
+        let (pending, resolve_ids) = batch::plan_alerts(&applied, open, rules);
         if !resolve_ids.is_empty() {
             let resolved_at = batch.last().map(|b| b.received_at).unwrap_or_default();
             let mut resolve = tx.prepare_cached(RESOLVE_ALERT)?;

@@ -368,6 +368,7 @@ fn rules() -> IngestRules {
         slo: SloThresholds::default(),
         require_enrollment: false,
         forward_alerts: false,
+        late_after: None,
     }
 }
 

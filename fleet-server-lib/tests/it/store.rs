@@ -19,6 +19,7 @@ on_both_backends!(
     list_filters_and_pagination,
     alerts_are_acknowledged_once,
     offline_alert_opens_once_and_a_heartbeat_resolves_it,
+    late_heartbeats_open_no_alert_and_only_end_offline,
     forwarded_alerts_go_through_the_outbox,
     outbox_claims_are_exclusive_until_the_lease_ends,
     the_first_stored_server_key_wins,
@@ -42,6 +43,7 @@ fn rules() -> IngestRules {
         },
         require_enrollment: false,
         forward_alerts: true,
+        late_after: Some(std::time::Duration::from_secs(900)),
     }
 }
 
@@ -568,6 +570,63 @@ async fn alerts_are_acknowledged_once(t: TestStore) {
             .expect("ack")
             .is_none()
     );
+}
+
+/// Heartbeats delivered late from an agent's outbox (collected more than `late_after`
+/// before they arrived) keep their figures but page nobody for conditions long over: they
+/// open no alert and resolve none but `offline`. The first heartbeat on time reports what
+/// still holds.
+async fn late_heartbeats_open_no_alert_and_only_end_offline(t: TestStore) {
+    let s = &t.store;
+    let open_kinds = async || {
+        let mut kinds: Vec<String> = detail(&**s, "late-1")
+            .await
+            .alerts
+            .into_iter()
+            .filter(|a| a.resolved_at.is_none())
+            .map(|a| a.kind)
+            .collect();
+        kinds.sort();
+        kinds
+    };
+    let queued = async || {
+        s.outbox_claim(99_999, 99_999 + 60, 100)
+            .await
+            .expect("due")
+            .len()
+    };
+    let error = json!({"alerts": [{"level": "error", "message": "disk full"}]});
+    s.record_heartbeats(&[incoming("late-1", error, None, 1000)], &rules())
+        .await
+        .expect("record");
+    assert_eq!(s.mark_offline(2000, 2500, true).await.expect("sweep"), 1);
+    assert_eq!(open_kinds().await, ["offline", "payload"]);
+    let forwarded = queued().await;
+
+    // Collected at 1,060 (15 minutes is the limit), delivered at 10,000: a breach, and the
+    // payload alert no longer reported.
+    let late = json!({"collected_at": 1060, "slo_p95_ms": 999.0});
+    let out = s
+        .record_heartbeats(&[incoming("late-1", late, None, 10_000)], &rules())
+        .await
+        .expect("record");
+    applied(out[0]);
+    assert_eq!(open_kinds().await, ["payload"], "only offline ended");
+    assert_eq!(queued().await, 0, "nothing forwarded: {forwarded} before");
+    let d = detail(&**s, "late-1").await;
+    let late_point = d.recent.last().expect("the late heartbeat's figures");
+    assert_eq!(
+        (late_point.collected_at, &late_point.figures["slo_p95_ms"]),
+        (1060, &json!(999.0))
+    );
+
+    // On time, still breaching: the breach opens, and is forwarded.
+    let on_time = json!({"collected_at": 10_050, "slo_p95_ms": 999.0});
+    s.record_heartbeats(&[incoming("late-1", on_time, None, 10_060)], &rules())
+        .await
+        .expect("record");
+    assert_eq!(open_kinds().await, ["slo_p95_ms"]);
+    assert_eq!(queued().await, 1);
 }
 
 async fn offline_alert_opens_once_and_a_heartbeat_resolves_it(t: TestStore) {
