@@ -206,11 +206,15 @@ fn installation_text(d: &Value) -> String {
             utc(&d["archived_at"])
         ));
     }
-    let checks = d["state"]["checks"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or(&[]);
-    if !checks.is_empty() {
+    let listed = |key: &str| {
+        d["state"][key]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+            .to_vec()
+    };
+    let (checks, skipped) = (listed("checks"), listed("checks_skipped"));
+    if !checks.is_empty() || !skipped.is_empty() {
         out.push_str("\n  checks:");
         for check in checks {
             let outcome = if check["ok"].as_bool() == Some(true) {
@@ -219,6 +223,13 @@ fn installation_text(d: &Value) -> String {
                 format!("FAILED: {}", check["error"].as_str().unwrap_or("no detail"))
             };
             out.push_str(&format!("\n    {} {outcome}", text(&check["name"])));
+        }
+        // Built-in checks the agent leaves out (AGENT_SKIP_CHECKS): not failing, not ok.
+        for name in skipped {
+            out.push_str(&format!(
+                "\n    {} skipped (not checked on this node)",
+                text(&name)
+            ));
         }
     }
     let open: Vec<&Value> = d["alerts"]

@@ -463,6 +463,7 @@ async fn installations_are_listed_filtered_and_shown() {
             "shop-2",
             json!({"health": "degraded", "version": "1.2.0", "release_channel": "beta",
                    "checks": [{"name": "db", "ok": false, "error": "connection refused"}],
+                   "checks_skipped": ["redis"],
                    "alerts": [{"level": "critical", "message": "Queue stuck"}],
                    "job_failures": [{"queue": "billing", "message": "Timeout"}]}),
         ),
@@ -502,6 +503,7 @@ async fn installations_are_listed_filtered_and_shown() {
     for needle in [
         "health degraded, version 1.2.0, channel beta",
         "db FAILED: connection refused",
+        "redis skipped (not checked on this node)",
         "open alerts: 1",
         "critical payload: Queue stuck",
         "job failures: 1",
