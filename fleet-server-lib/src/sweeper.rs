@@ -9,6 +9,7 @@ use crate::AppState;
 
 /// Runs until the control plane is dropped.
 pub(crate) fn spawn(state: Weak<AppState>) {
+    let listening_since = std::time::Instant::now();
     tokio::spawn(async move {
         loop {
             let Some(interval) = state.upgrade().map(|s| s.settings.sweep_interval) else {
@@ -20,9 +21,14 @@ pub(crate) fn spawn(state: Weak<AppState>) {
             let settings = &state.settings;
             let cutoff = now - settings.offline_after.as_secs() as i64;
             let forward = state.webhook_configured;
-            match state.store.mark_offline(cutoff, now, forward).await {
-                Ok(opened) => state.metrics.offline(opened),
-                Err(err) => tracing::warn!(error = %err, "offline sweep failed"),
+            // Silence counts only while this control plane was there to hear it: after an
+            // outage of its own, every agent gets the offline threshold to come back (and
+            // deliver its outbox) before an offline alert pages anyone.
+            if listening_since.elapsed() >= settings.offline_after {
+                match state.store.mark_offline(cutoff, now, forward).await {
+                    Ok(opened) => state.metrics.offline(opened),
+                    Err(err) => tracing::warn!(error = %err, "offline sweep failed"),
+                }
             }
             let restore_timeout = settings.restore_timeout.as_secs().min(i64::MAX as u64) as i64;
             match state

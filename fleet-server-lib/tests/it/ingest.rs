@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use fleet_server::store::IngestRules;
 use fleet_server::{Settings, SloThresholds};
 use serde_json::{Value, json};
 
@@ -385,6 +386,54 @@ async fn slo_breach_alerts_once_and_silence_raises_an_offline_alert() {
         alerts["items"],
         json!([]),
         "breach over and back online: nothing open"
+    );
+}
+
+/// After an outage of the control plane itself, installations last heard long ago are not
+/// declared offline at once, which would page for every agent still waiting to reconnect:
+/// the silence counts from when the control plane started listening.
+#[tokio::test]
+async fn after_the_control_planes_own_outage_agents_get_the_offline_threshold_to_return() {
+    let t = support::sqlite().await;
+    let long_ago = now() - 3600;
+    t.store
+        .record_heartbeats(
+            &[support::incoming("quiet", json!({}), None, long_ago)],
+            &IngestRules::default(),
+        )
+        .await
+        .expect("record");
+    let settings = Settings {
+        offline_after: Duration::from_secs(2),
+        sweep_interval: Duration::from_millis(100),
+        ..Settings::default()
+    };
+    let started = std::time::Instant::now();
+    let server = TestServer::start_with(t.store.clone(), |b| b.settings(settings)).await;
+    let offline = async || {
+        let (_, list) = server
+            .get_json("/api/installations?health=offline", SUPPORT)
+            .await;
+        list["total"] == 1
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !offline().await,
+        "declared offline {:?} after the start",
+        started.elapsed()
+    );
+    let deadline = started + Duration::from_secs(15);
+    while !offline().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never declared offline"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
     );
 }
 
