@@ -671,7 +671,27 @@ fn record(shared: &Shared, outcome: &Outcome) {
                 _ => tracing::debug!(%reason, "control plane unreachable; will retry"),
             }
         }
-        Outcome::Unauthorized { reason } => {
+        Outcome::Unauthorized {
+            reason,
+            clock_skew: Some(skew),
+        } => {
+            stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+            let (seconds, direction) = if *skew > 0 {
+                (*skew, "behind")
+            } else {
+                (-*skew, "ahead of")
+            };
+            tracing::error!(
+                %reason,
+                instance_id = %shared.config.instance_id,
+                clock_skew_secs = skew,
+                "the control plane refused this agent's signature, and this host's clock is \
+                 {seconds} s {direction} the control plane's, beyond the {} s a signature's \
+                 timestamp may be off: set this host's clock (NTP)",
+                fleet_core::signing::DEFAULT_TOLERANCE_SECS
+            );
+        }
+        Outcome::Unauthorized { reason, .. } => {
             stats.unauthorized.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
                 %reason,

@@ -25,10 +25,15 @@ pub enum Outcome {
         /// What went wrong.
         reason: String,
     },
-    /// 401 or 403: the secret or instance id is wrong. Retrying quickly cannot help.
+    /// 401 or 403: the secret or instance id is wrong, or this host's clock is too far from
+    /// the control plane's for a v1 signature. Retrying quickly cannot help.
     Unauthorized {
         /// The status line.
         reason: String,
+        /// How far the control plane's clock (its `Date` header) is ahead of this host's, in
+        /// seconds, when a v1 request was refused and that is beyond the signature's
+        /// tolerance: the likely cause, whatever the secret.
+        clock_skew: Option<i64>,
     },
     /// Any other 4xx: the control plane will never take this message.
     Rejected {
@@ -43,6 +48,7 @@ pub fn classify(status: u16, retry_after: Option<&str>, now: i64) -> Outcome {
         200..=299 => Outcome::Delivered,
         401 | 403 => Outcome::Unauthorized {
             reason: format!("HTTP {status}"),
+            clock_skew: None,
         },
         408 | 425 | 429 | 500..=599 => Outcome::Retry {
             after: retry_after.and_then(|v| parse_retry_after(v, now)),
@@ -52,6 +58,17 @@ pub fn classify(status: u16, retry_after: Option<&str>, now: i64) -> Outcome {
             reason: format!("HTTP {status}"),
         },
     }
+}
+
+/// How far `server_date` is ahead of `signed_at` (negative: behind), when that is beyond what
+/// a v1 signature's timestamp may be off ([`DEFAULT_TOLERANCE_SECS`]). The `Date` header has
+/// whole seconds and is written as the answer leaves, so a second either way is no sign.
+///
+/// [`DEFAULT_TOLERANCE_SECS`]: fleet_core::signing::DEFAULT_TOLERANCE_SECS
+pub fn skew_beyond_tolerance(server_date: i64, signed_at: i64) -> Option<i64> {
+    let skew = server_date.saturating_sub(signed_at);
+    (skew.unsigned_abs() > fleet_core::signing::DEFAULT_TOLERANCE_SECS.unsigned_abs() + 1)
+        .then_some(skew)
 }
 
 /// Reads `Retry-After`: a number of seconds or an HTTP date; capped at [`MAX_RETRY_AFTER`].
@@ -292,8 +309,18 @@ impl Sender {
                     .get("retry-after")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
+                let server_date = response
+                    .headers()
+                    .get("date")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(crate::clock::parse_http_date);
                 let mut outcome = classify(status, retry_after.as_deref(), now);
-                if let Outcome::Rejected { reason } | Outcome::Unauthorized { reason } =
+                if let Outcome::Unauthorized { clock_skew, .. } = &mut outcome
+                    && self.scheme == Scheme::V1
+                {
+                    *clock_skew = server_date.and_then(|date| skew_beyond_tolerance(date, now));
+                }
+                if let Outcome::Rejected { reason } | Outcome::Unauthorized { reason, .. } =
                     &mut outcome
                 {
                     // The start of the answer says why (a field path, "signature mismatch").
@@ -313,6 +340,19 @@ impl Sender {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_clock_beyond_the_signature_tolerance_is_named() {
+        assert_eq!(skew_beyond_tolerance(1_000 + 600, 1_000), Some(600));
+        assert_eq!(skew_beyond_tolerance(1_000 - 400, 1_000), Some(-400));
+        assert_eq!(
+            skew_beyond_tolerance(1_000 + 301, 1_000),
+            None,
+            "a second of slack"
+        );
+        assert_eq!(skew_beyond_tolerance(1_000 + 302, 1_000), Some(302));
+        assert_eq!(skew_beyond_tolerance(1_000, 1_000), None);
+    }
 
     #[test]
     fn an_outage_is_told_once_reminded_every_ten_minutes_and_its_end_told() {

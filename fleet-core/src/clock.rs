@@ -1,4 +1,5 @@
-//! Wall-clock text: RFC 3339 timestamps for the heartbeat and HTTP dates for `Retry-After`.
+//! Wall-clock text: RFC 3339 timestamps for the heartbeat and HTTP dates (`Date`,
+//! `Retry-After`).
 //!
 //! Small enough to write out rather than pull a date crate into the protocol crate and an
 //! agent that must stay lean.
@@ -26,6 +27,27 @@ pub fn human_utc(unix_secs: i64) -> String {
 /// The current time as RFC 3339.
 pub fn now_rfc3339() -> String {
     rfc3339(crate::unix_now())
+}
+
+/// Formats unix seconds as an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form of
+/// HTTP's `Date` and `Retry-After`.
+pub fn http_date(unix_secs: i64) -> String {
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = unix_secs.div_euclid(86_400);
+    let secs = unix_secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{}, {d:02} {} {y:04} {:02}:{:02}:{:02} GMT",
+        // 1970-01-01 was a Thursday.
+        WEEKDAYS[days.rem_euclid(7) as usize],
+        MONTHS[(m - 1) as usize],
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
 }
 
 /// Parses an IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), the form `Retry-After` uses
@@ -107,6 +129,11 @@ mod tests {
             parse_http_date("Wed, 11 Feb 2026 02:00:00 GMT"),
             Some(1_770_775_200)
         );
+        assert_eq!(http_date(784_111_777), "Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(http_date(1_770_775_200), "Wed, 11 Feb 2026 02:00:00 GMT");
+        for t in [0, 951_782_400, 1_770_775_200, 4_102_444_799] {
+            assert_eq!(parse_http_date(&http_date(t)), Some(t));
+        }
         assert_eq!(parse_http_date("tomorrow"), None);
         assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 CET"), None);
     }

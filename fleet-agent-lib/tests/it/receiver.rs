@@ -30,6 +30,9 @@ pub enum Mode {
     Fail(u16, Option<String>),
     /// Answer 503 to every second request, accept the others.
     Flaky,
+    /// Answer 401, as a control plane whose clock is this many seconds ahead would answer
+    /// every v1 signature, with that clock in `Date`.
+    ClockAhead(i64),
 }
 
 /// What the receiver saw; survives a restart when passed back to [`Receiver::start_with`].
@@ -145,6 +148,12 @@ async fn receive(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: Bytes)
     let mode = seen.mode.lock().unwrap().clone();
     if matches!(mode, Mode::Flaky) && attempt % 2 == 1 {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    if let Mode::ClockAhead(secs) = mode {
+        let mut response = StatusCode::UNAUTHORIZED.into_response();
+        let date = fleet_core::clock::http_date(fleet_core::unix_now() + secs);
+        response.headers_mut().insert("date", date.parse().unwrap());
+        return response;
     }
     if let Mode::Fail(status, retry_after) = mode {
         let mut response = StatusCode::from_u16(status).unwrap().into_response();

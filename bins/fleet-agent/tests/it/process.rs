@@ -168,6 +168,42 @@ async fn an_unreachable_control_plane_is_warned_about_once() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A control plane that refuses every v1 signature while its clock (its `Date` header) is
+/// ten minutes ahead: the agent names the clock as the cause, not the secret, and an
+/// operator learns what to fix from the log alone.
+#[tokio::test]
+async fn a_signature_refused_for_this_hosts_clock_is_named_as_such() {
+    let seen = Seen::new(INSTANCE, SECRET);
+    seen.set_mode(crate::receiver::Mode::ClockAhead(600));
+    let receiver = Receiver::start_with(seen.clone(), 0).await;
+    let dir = temp_dir("clock");
+    let mut env = offline_env(&dir, &receiver.url(), free_port());
+    env.push(("AGENT_COMMANDS_ENABLED".into(), "false".into()));
+    let mut agent = Guard(spawn_agent(&env, &dir));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while seen.attempts.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no heartbeat sent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sigterm_and_wait(&mut agent).await;
+    let (_, log) = agent_logs(&dir).pop().expect("the agent's log");
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("ERROR") && line.contains("refused this agent's signature"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{log}");
+    assert!(
+        refused[0].contains("this host's clock is")
+            && refused[0].contains("s behind the control plane's")
+            && refused[0].contains("set this host's clock (NTP)")
+            && !refused[0].contains("check AGENT_SECRET"),
+        "{log}"
+    );
+    receiver.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Stop the receiver, let the agent queue N heartbeats, kill -9 the agent, restart both:
 /// all N arrive exactly once and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
