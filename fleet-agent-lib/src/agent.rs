@@ -177,6 +177,18 @@ impl AgentBuilder {
                 )?));
             }
         }
+        // A name the heartbeat cannot carry would cost every heartbeat that entry of
+        // `checks[]` (collectors report there too).
+        let bad_names: Vec<String> = self
+            .checks
+            .iter()
+            .map(|c| c.name())
+            .chain(self.collectors.iter().map(|c| c.name()))
+            .filter_map(crate::checks::name_problem)
+            .collect();
+        if !bad_names.is_empty() {
+            return Err(Error::Config(bad_names));
+        }
         checks.retain(|builtin| !self.checks.iter().any(|own| own.name() == builtin.name()));
         checks.extend(self.checks);
         collectors.extend(self.collectors);
@@ -534,7 +546,8 @@ impl Shared {
 
 /// Serializes a heartbeat, making sure the control plane will accept it: any optional field
 /// that fails the protocol's validation is left out (and logged) rather than losing the
-/// whole heartbeat to a 422.
+/// whole heartbeat to a 422, and so is an element of a list (one check, one container), not
+/// the whole list.
 pub fn heartbeat_body(hb: &Heartbeat) -> Vec<u8> {
     let body = hb.to_vec();
     let limits = Limits::default();
@@ -544,15 +557,37 @@ pub fn heartbeat_body(hb: &Heartbeat) -> Vec<u8> {
     let Ok(Value::Object(mut map)) = serde_json::from_slice::<Value>(&body) else {
         return body;
     };
+    let mut elements: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
     for violation in &errors.violations {
         let key = violation.path.split(['.', '[']).next().unwrap_or_default();
         tracing::warn!(path = %violation.path, message = %violation.message,
             "leaving an invalid field out of the heartbeat");
-        if !matches!(
-            key,
-            "instance_id" | "db_ok" | "redis_ok" | "storage_ok" | "jobs_failed" | ""
-        ) {
-            map.remove(key);
+        let index = violation.path[key.len()..]
+            .strip_prefix('[')
+            .and_then(|rest| rest.split_once(']'))
+            .and_then(|(index, _)| index.parse::<usize>().ok());
+        match index {
+            Some(index) if map.get(key).is_some_and(Value::is_array) => {
+                elements.entry(key).or_default().push(index);
+            }
+            _ if !matches!(
+                key,
+                "instance_id" | "db_ok" | "redis_ok" | "storage_ok" | "jobs_failed" | ""
+            ) =>
+            {
+                map.remove(key);
+            }
+            _ => {}
+        }
+    }
+    for (key, mut indexes) in elements {
+        if let Some(Value::Array(items)) = map.get_mut(key) {
+            indexes.sort_unstable();
+            indexes.dedup();
+            let len = items.len();
+            for index in indexes.into_iter().rev().filter(|&i| i < len) {
+                items.remove(index);
+            }
         }
     }
     serde_json::to_vec(&map).unwrap_or(body)
@@ -811,6 +846,61 @@ mod tests {
         // A valid heartbeat goes out byte for byte as serialized.
         let good = Heartbeat::new("acme-001");
         assert_eq!(heartbeat_body(&good), good.to_vec());
+    }
+
+    #[test]
+    fn a_check_name_the_heartbeat_cannot_carry_is_refused_at_build() {
+        struct Named(&'static str);
+        #[async_trait::async_trait]
+        impl Check for Named {
+            fn name(&self) -> &str {
+                self.0
+            }
+            async fn probe(&self) -> std::result::Result<(), String> {
+                Ok(())
+            }
+        }
+        let config = AgentConfig::new(
+            "acme-001",
+            "http://127.0.0.1:9",
+            fleet_core::Secret::new("s3cret").expect("secret"),
+        );
+        let built = Agent::builder(config)
+            .without_builtins()
+            .check(Named("job queue"))
+            .check(Named("fine"))
+            .check(Named(""))
+            .build();
+        let Err(Error::Config(problems)) = built else {
+            panic!("built with bad check names");
+        };
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].starts_with("check name \"job queue\" "),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn an_invalid_list_element_is_left_out_not_the_list() {
+        let check = |name: &str, error: Option<String>| CheckResult {
+            name: name.into(),
+            ok: error.is_none(),
+            latency_ms: Some(1.0),
+            error,
+            extra: Default::default(),
+        };
+        let mut hb = Heartbeat::new("acme-001");
+        hb.checks = vec![
+            check("db", None),
+            check("job queue", None),
+            check("smtp", Some("x".repeat(10_000))),
+            check("redis", Some("refused".into())),
+        ];
+        let decoded = Heartbeat::decode(&heartbeat_body(&hb), &Limits::default())
+            .expect("valid after cleanup");
+        let names: Vec<&str> = decoded.checks.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["db", "redis"]);
     }
 
     struct Passes(&'static str);

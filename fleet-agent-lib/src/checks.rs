@@ -31,13 +31,50 @@ pub trait Check: Send + Sync {
     }
 }
 
+/// Why `name` cannot name a check in the heartbeat (`checks[].name` is an identifier: 1 to
+/// `max_id_len` bytes, no whitespace or control characters), or `None` when it can.
+pub fn name_problem(name: &str) -> Option<String> {
+    let limits = fleet_core::Limits::default();
+    let mut errors = fleet_core::ValidationErrors::default();
+    let root = fleet_core::validate::Path::Root;
+    fleet_core::validate::check_id(&mut errors, &root, name, limits.max_id_len);
+    errors.violations.first().map(|v| {
+        format!(
+            "check name {name:?} {} (a check name has 1 to {} bytes and no whitespace, like \
+             `job_queue`)",
+            v.message, limits.max_id_len
+        )
+    })
+}
+
+/// A check's reason as the heartbeat can carry it: control characters other than newlines
+/// and tabs (a terminal's colour codes in an exception's text) left out, and cut to the
+/// protocol's longest message at a character boundary, marked with `…`.
+pub fn reportable_reason(reason: &str) -> String {
+    let max = fleet_core::Limits::default().max_message_len;
+    let mut out = String::with_capacity(reason.len().min(max));
+    for c in reason
+        .chars()
+        .filter(|&c| !c.is_control() || c == '\n' || c == '\t')
+    {
+        if out.len() + c.len_utf8() > max - '…'.len_utf8() {
+            out.push('…');
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Runs `check` with a time limit and turns the outcome into a [`CheckResult`].
 pub async fn run_check(check: &dyn Check, timeout: Duration) -> CheckResult {
     let started = Instant::now();
     let outcome = match tokio::time::timeout(timeout, check.probe()).await {
         // A check of the embedder's may quote a URL it requested (reqwest's message does):
         // its query or userinfo must not reach the heartbeat.
-        Ok(outcome) => outcome.map_err(|reason| fleet_core::redact_url_secrets(&reason)),
+        Ok(outcome) => {
+            outcome.map_err(|reason| reportable_reason(&fleet_core::redact_url_secrets(&reason)))
+        }
         Err(_) => Err(format!("timed out after {} ms", timeout.as_millis())),
     };
     let latency_ms = (started.elapsed().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
@@ -398,6 +435,60 @@ pub(crate) fn redact(text: &str, url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Says(&'static str, String);
+
+    #[async_trait]
+    impl Check for Says {
+        fn name(&self) -> &str {
+            self.0
+        }
+        async fn probe(&self) -> Result<(), String> {
+            Err(self.1.clone())
+        }
+    }
+
+    #[test]
+    fn a_check_name_is_an_identifier() {
+        assert_eq!(name_problem("job_queue"), None);
+        for bad in ["", "job queue", "tab\there", &"x".repeat(300)] {
+            let problem = name_problem(bad).expect(bad);
+            assert!(
+                problem.starts_with(&format!("check name {bad:?} "))
+                    && problem.contains("`job_queue`"),
+                "{problem}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reason_fits_the_heartbeat_whatever_the_check_says() {
+        let max = fleet_core::Limits::default().max_message_len;
+        let coloured = Says("c", "\u{1b}[31mdisk full\u{1b}[0m\r\nline two\ttab".into());
+        let result = run_check(&coloured, Duration::from_secs(1)).await;
+        assert_eq!(
+            result.error.as_deref(),
+            Some("[31mdisk full[0m\nline two\ttab")
+        );
+        let long = Says("l", "é".repeat(max));
+        let reason = run_check(&long, Duration::from_secs(1))
+            .await
+            .error
+            .expect("failed");
+        assert!(
+            reason.len() <= max && reason.ends_with('…'),
+            "{}",
+            reason.len()
+        );
+        let mut errors = fleet_core::ValidationErrors::default();
+        fleet_core::validate::check_text(
+            &mut errors,
+            &fleet_core::validate::Path::Root,
+            &reason,
+            max,
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+    }
 
     #[test]
     fn targets_come_from_urls_and_host_ports() {

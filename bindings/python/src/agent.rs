@@ -197,7 +197,8 @@ impl Agent {
         })
     }
 
-    /// Adds a check named `name` whose probe is `probe()`, a plain function: returning
+    /// Adds a check named `name` (1 to 128 bytes, no whitespace: `job_queue`; anything else
+    /// raises ValueError) whose probe is `probe()`, a plain function: returning
     /// None or True passes, False or raising fails with the reason. It runs at every
     /// heartbeat on a thread of its own, limited to CHECK_TIMEOUT_MS (2 s by default); while
     /// a call has not returned, the check fails without calling again. Add checks before
@@ -374,8 +375,8 @@ impl Agent {
                 "add checks before the agent starts (before `with agent:` or start())",
             ));
         }
-        if name.trim().is_empty() {
-            return Err(PyValueError::new_err("a check needs a name"));
+        if let Some(problem) = fleet_agent::checks::name_problem(name) {
+            return Err(PyValueError::new_err(problem));
         }
         if self.checks.iter().any(|c| c.name == name) {
             return Err(PyValueError::new_err(format!(

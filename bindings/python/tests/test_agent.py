@@ -248,8 +248,12 @@ def test_checks_are_refused_once_running_and_when_they_cannot_work(tmp_path):
     agent.add_check("mine", lambda: True)
     with pytest.raises(ValueError, match="already added"):
         agent.add_check("mine", lambda: True)
-    with pytest.raises(ValueError, match="needs a name"):
-        agent.add_check(" ", lambda: True)
+    # A name the heartbeat cannot carry would cost every heartbeat that check: refused here.
+    for bad in [" ", "", "job queue", "x" * 300]:
+        with pytest.raises(ValueError, match="a check name has 1 to 128 bytes and no whitespace, like `job_queue`"):
+            agent.add_check(bad, lambda: True)
+    with pytest.raises(ValueError, match='check name "job queue" must not contain whitespace'):
+        agent.add_check("job queue")
     with pytest.raises(TypeError, match="callable, not bool"):
         agent.add_check("result_not_function", True)  # type: ignore[arg-type]
 
@@ -539,3 +543,18 @@ def test_bad_command_settings_fail_at_construction_naming_the_variable(tmp_path)
     message = str(raised.value)
     assert "AGENT_COMMANDS_ENABLED must be true or false" in message, message
     assert 'AGENT_COMMANDS_DISABLED: unknown command type "Reboot"' in message, message
+
+
+def test_a_checks_reason_reaches_the_heartbeat_whatever_it_says(tmp_path):
+    agent = fleet.Agent(**settings(tmp_path, "http://127.0.0.1:9", "py-reason"))
+
+    @agent.add_check("coloured")
+    def coloured() -> None:
+        raise RuntimeError("\x1b[31mdisk full\x1b[0m\r\n" + "x" * 20_000)
+
+    check = {c["name"]: c for c in agent.heartbeat()["checks"]}["coloured"]
+    assert check["ok"] is False
+    # Terminal colour codes and carriage returns would make the control plane refuse the
+    # heartbeat's checks; a reason past 8 KiB too.
+    assert check["error"].startswith("[31mdisk full[0m\nxxx"), check["error"][:40]
+    assert len(check["error"].encode()) <= 8192 and check["error"].endswith("…")
