@@ -223,7 +223,7 @@ fn heartbeat(agent: &DemoAgent, tick: u64, backup_at: i64, version: &str) -> Vec
     if agent.legacy && (tick / 6) % 2 == 1 {
         alerts.push(json!({"level": "warning", "message": "Low disk on /var"}));
     }
-    let hb = json!({
+    let mut hb = json!({
         "instance_id": agent.instance_id,
         "domain": format!("{}.example.com", agent.instance_id),
         "client": agent.client,
@@ -251,6 +251,10 @@ fn heartbeat(agent: &DemoAgent, tick: u64, backup_at: i64, version: &str) -> Vec
         "alerts": alerts,
         "job_failures": job_failures,
     });
+    // As fleet-agent says when it collected a heartbeat; the ERP's agent does not.
+    if !agent.legacy {
+        hb["collected_at"] = fleet_core::unix_now().into();
+    }
     serde_json::to_vec(&hb).unwrap_or_default()
 }
 
