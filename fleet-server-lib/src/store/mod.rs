@@ -617,6 +617,10 @@ pub trait Store:
     /// How many heartbeats are stored (all installations).
     async fn heartbeat_count(&self) -> Result<i64>;
 
+    /// When the newest heartbeat of any installation arrived (`None` with none): read as a
+    /// control plane starts, it says how long the fleet went unheard before.
+    async fn last_heard(&self) -> Result<Option<i64>>;
+
     /// Checks the database answers.
     async fn ping(&self) -> Result<()>;
 

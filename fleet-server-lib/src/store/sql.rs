@@ -541,6 +541,12 @@ macro_rules! impl_sql_store {
                     .await?)
             }
 
+            async fn last_heard(&self) -> $crate::Result<Option<i64>> {
+                Ok(sqlx::query_scalar("SELECT MAX(last_seen_at) FROM installations")
+                    .fetch_one(&self.pool)
+                    .await?)
+            }
+
             async fn ping(&self) -> $crate::Result<()> {
                 sqlx::query("SELECT 1").execute(&self.pool).await?;
                 Ok(())

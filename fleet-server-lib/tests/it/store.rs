@@ -631,6 +631,11 @@ async fn late_heartbeats_open_no_alert_and_only_end_offline(t: TestStore) {
 
 async fn offline_alert_opens_once_and_a_heartbeat_resolves_it(t: TestStore) {
     let s = &t.store;
+    assert_eq!(
+        s.last_heard().await.expect("last heard"),
+        None,
+        "nothing yet"
+    );
     s.record_heartbeats(
         &[
             incoming("quiet", json!({}), None, 1000),
@@ -641,6 +646,7 @@ async fn offline_alert_opens_once_and_a_heartbeat_resolves_it(t: TestStore) {
     .await
     .expect("record");
     s.enroll("never-seen", 1000).await.expect("enroll");
+    assert_eq!(s.last_heard().await.expect("last heard"), Some(1500));
     assert_eq!(s.mark_offline(1200, 1600, true).await.expect("sweep"), 1);
     assert_eq!(
         s.mark_offline(1200, 1700, true).await.expect("sweep"),
