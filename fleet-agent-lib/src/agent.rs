@@ -711,19 +711,12 @@ fn record(shared: &Shared, outcome: &Outcome) {
             clock_skew: Some(skew),
         } => {
             stats.unauthorized.fetch_add(1, Ordering::Relaxed);
-            let (seconds, direction) = if *skew > 0 {
-                (*skew, "behind")
-            } else {
-                (-*skew, "ahead of")
-            };
             tracing::error!(
                 %reason,
                 instance_id = %shared.config.instance_id,
                 clock_skew_secs = skew,
-                "the control plane refused this agent's signature, and this host's clock is \
-                 {seconds} s {direction} the control plane's, beyond the {} s a signature's \
-                 timestamp may be off: set this host's clock (NTP)",
-                fleet_core::signing::DEFAULT_TOLERANCE_SECS
+                "the control plane refused this agent's signature, and {}",
+                crate::sender::clock_skew_text(*skew)
             );
         }
         Outcome::Unauthorized { reason, .. } => {

@@ -110,16 +110,21 @@ pub async fn register(
         .post(format!("{}/v1/agents/register", base.trim_end_matches('/')))
         .header("content-type", "application/json")
         .body(body.clone());
-    for (name, value) in signer
-        .headers(&msg_id, fleet_core::unix_now(), &body)
-        .pairs()
-    {
+    let signed_at = fleet_core::unix_now();
+    for (name, value) in signer.headers(&msg_id, signed_at, &body).pairs() {
         request = request.header(name, value);
     }
     let response = request
         .send()
         .await
         .map_err(|e| fleet_core::error_chain(&e))?;
+    if let Some(skew) = crate::sender::refused_for_clock(&response, signed_at) {
+        return Err(format!(
+            "registration answered {}: {}",
+            response.status(),
+            crate::sender::clock_skew_text(skew)
+        ));
+    }
     if !response.status().is_success() {
         return Err(format!("registration answered {}", response.status()));
     }

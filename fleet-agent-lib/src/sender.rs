@@ -71,6 +71,27 @@ pub fn skew_beyond_tolerance(server_date: i64, signed_at: i64) -> Option<i64> {
         .then_some(skew)
 }
 
+/// What a refusal with clock skew `skew` ([`skew_beyond_tolerance`]) means, for the logs.
+pub fn clock_skew_text(skew: i64) -> String {
+    let direction = if skew > 0 { "behind" } else { "ahead of" };
+    format!(
+        "this host's clock is {} s {direction} the control plane's, beyond the {} s a \
+         signature's timestamp may be off: set this host's clock (NTP)",
+        skew.unsigned_abs(),
+        fleet_core::signing::DEFAULT_TOLERANCE_SECS
+    )
+}
+
+/// The clock skew of a v1 request signed at `signed_at` that `response` refused, when its
+/// `Date` shows one beyond the tolerance.
+pub fn refused_for_clock(response: &reqwest::Response, signed_at: i64) -> Option<i64> {
+    if !matches!(response.status().as_u16(), 401 | 403) {
+        return None;
+    }
+    let date = response.headers().get("date")?.to_str().ok()?;
+    skew_beyond_tolerance(crate::clock::parse_http_date(date)?, signed_at)
+}
+
 /// Reads `Retry-After`: a number of seconds or an HTTP date; capped at [`MAX_RETRY_AFTER`].
 pub fn parse_retry_after(value: &str, now: i64) -> Option<Duration> {
     let value = value.trim();
@@ -309,16 +330,11 @@ impl Sender {
                     .get("retry-after")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
-                let server_date = response
-                    .headers()
-                    .get("date")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(crate::clock::parse_http_date);
                 let mut outcome = classify(status, retry_after.as_deref(), now);
                 if let Outcome::Unauthorized { clock_skew, .. } = &mut outcome
                     && self.scheme == Scheme::V1
                 {
-                    *clock_skew = server_date.and_then(|date| skew_beyond_tolerance(date, now));
+                    *clock_skew = refused_for_clock(&response, now);
                 }
                 if let Outcome::Rejected { reason } | Outcome::Unauthorized { reason, .. } =
                     &mut outcome

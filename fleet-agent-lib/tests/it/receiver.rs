@@ -110,6 +110,7 @@ impl Receiver {
         let addr = listener.local_addr().unwrap();
         let app = Router::new()
             .route("/api/heartbeats", post(receive))
+            .route("/v1/agents/register", post(register))
             .with_state(seen.clone());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
@@ -143,6 +144,23 @@ impl Receiver {
     }
 }
 
+/// The live channel's registration: refused like a heartbeat in [`Mode::ClockAhead`], and
+/// not served otherwise (this stand-in has no live channel).
+async fn register(State(seen): State<Arc<Seen>>) -> Response {
+    match seen.mode.lock().unwrap().clone() {
+        Mode::ClockAhead(secs) => clock_ahead(secs),
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// A 401 with a `Date` `secs` ahead of this host's clock.
+fn clock_ahead(secs: i64) -> Response {
+    let mut response = StatusCode::UNAUTHORIZED.into_response();
+    let date = fleet_core::clock::http_date(fleet_core::unix_now() + secs);
+    response.headers_mut().insert("date", date.parse().unwrap());
+    response
+}
+
 async fn receive(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: Bytes) -> Response {
     let attempt = seen.attempts.fetch_add(1, Ordering::SeqCst);
     let mode = seen.mode.lock().unwrap().clone();
@@ -150,10 +168,7 @@ async fn receive(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: Bytes)
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
     if let Mode::ClockAhead(secs) = mode {
-        let mut response = StatusCode::UNAUTHORIZED.into_response();
-        let date = fleet_core::clock::http_date(fleet_core::unix_now() + secs);
-        response.headers_mut().insert("date", date.parse().unwrap());
-        return response;
+        return clock_ahead(secs);
     }
     if let Mode::Fail(status, retry_after) = mode {
         let mut response = StatusCode::from_u16(status).unwrap().into_response();

@@ -169,23 +169,30 @@ async fn an_unreachable_control_plane_is_warned_about_once() {
 }
 
 /// A control plane that refuses every v1 signature while its clock (its `Date` header) is
-/// ten minutes ahead: the agent names the clock as the cause, not the secret, and an
-/// operator learns what to fix from the log alone.
+/// ten minutes ahead: the agent names the clock as the cause, not the secret, for its
+/// heartbeats and for the live channel's registration, and an operator learns what to fix
+/// from the log alone.
 #[tokio::test]
 async fn a_signature_refused_for_this_hosts_clock_is_named_as_such() {
     let seen = Seen::new(INSTANCE, SECRET);
     seen.set_mode(crate::receiver::Mode::ClockAhead(600));
     let receiver = Receiver::start_with(seen.clone(), 0).await;
     let dir = temp_dir("clock");
-    let mut env = offline_env(&dir, &receiver.url(), free_port());
-    env.push(("AGENT_COMMANDS_ENABLED".into(), "false".into()));
+    let env = offline_env(&dir, &receiver.url(), free_port());
     let mut agent = Guard(spawn_agent(&env, &dir));
+    // Until both sides of the agent (heartbeats, the live channel) have been refused.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while seen.attempts.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        assert!(std::time::Instant::now() < deadline, "no heartbeat sent");
+    loop {
+        let log = agent_logs(&dir)
+            .pop()
+            .map(|(_, log)| log)
+            .unwrap_or_default();
+        if log.contains("refused this agent's signature") && log.contains("registration failed") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not refused: {log}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
     sigterm_and_wait(&mut agent).await;
     let (_, log) = agent_logs(&dir).pop().expect("the agent's log");
     let refused: Vec<&str> = log
@@ -199,6 +206,16 @@ async fn a_signature_refused_for_this_hosts_clock_is_named_as_such() {
             && refused[0].contains("set this host's clock (NTP)")
             && !refused[0].contains("check AGENT_SECRET"),
         "{log}"
+    );
+    let registration = log
+        .lines()
+        .find(|line| line.contains("registration failed"))
+        .unwrap_or_else(|| panic!("no registration warning: {log}"));
+    assert!(
+        registration.contains("registration answered 401")
+            && registration.contains("s behind the control plane's")
+            && registration.contains("(NTP)"),
+        "{registration}"
     );
     receiver.stop().await;
     let _ = std::fs::remove_dir_all(dir);
