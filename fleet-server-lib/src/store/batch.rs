@@ -309,10 +309,22 @@ pub(crate) fn figures_json(inc: &IncomingHeartbeat) -> String {
     // Heartbeats the agent's outbox dropped (bounds passed while the control plane was
     // away): kept, or the count the agent reports would reach nobody.
     put("outbox_dropped", Int(hb.outbox_dropped));
-    let arrived = u64::try_from(inc.received_at).unwrap_or(0);
-    put(COLLECTED_AT, Int(hb.collected_at.map(|at| at.min(arrived))));
+    let collected_at = hb.collected_at.map(|_| observed_at(inc));
+    put(
+        COLLECTED_AT,
+        Int(collected_at.and_then(|at| u64::try_from(at).ok())),
+    );
     out.push('}');
     out
+}
+
+/// When what `inc` reports was true: when its agent collected it, but never after it
+/// arrived (an agent's clock ahead of ours does not date anything in the future); when it
+/// arrived for an agent that does not say.
+pub(crate) fn observed_at(inc: &IncomingHeartbeat) -> i64 {
+    inc.heartbeat.collected_at.map_or(inc.received_at, |at| {
+        i64::try_from(at).map_or(inc.received_at, |at| at.min(inc.received_at))
+    })
 }
 
 /// The key of the collection time among a time-series row's figures, which
@@ -428,7 +440,7 @@ pub(crate) fn plan_alerts<'a>(
         for key in to_resolve {
             match refs.remove(&key) {
                 Some(OpenRef::Stored(id)) => resolve_ids.push(id),
-                Some(OpenRef::Pending(i)) => pending[i].resolved_at = Some(inc.received_at),
+                Some(OpenRef::Pending(i)) => pending[i].resolved_at = Some(observed_at(inc)),
                 None => {}
             }
         }
@@ -438,7 +450,7 @@ pub(crate) fn plan_alerts<'a>(
                 installation_id,
                 instance_id: &inc.heartbeat.instance_id,
                 spec,
-                created_at: inc.received_at,
+                created_at: observed_at(inc),
                 resolved_at: None,
             });
         }

@@ -620,13 +620,21 @@ async fn late_heartbeats_open_no_alert_and_only_end_offline(t: TestStore) {
         (1060, &json!(999.0))
     );
 
-    // On time, still breaching: the breach opens, and is forwarded.
+    // On time, still breaching: the breach opens, dated when the agent saw it, and is
+    // forwarded.
     let on_time = json!({"collected_at": 10_050, "slo_p95_ms": 999.0});
     s.record_heartbeats(&[incoming("late-1", on_time, None, 10_060)], &rules())
         .await
         .expect("record");
     assert_eq!(open_kinds().await, ["slo_p95_ms"]);
     assert_eq!(queued().await, 1);
+    let breach = detail(&**s, "late-1")
+        .await
+        .alerts
+        .into_iter()
+        .find(|a| a.kind == "slo_p95_ms")
+        .expect("the breach");
+    assert_eq!(breach.created_at, 10_050);
 }
 
 async fn offline_alert_opens_once_and_a_heartbeat_resolves_it(t: TestStore) {
