@@ -137,7 +137,7 @@ async fn refuse_unknown_or_archived_targets(
         .collect();
     let archived: Vec<&str> = unconnected
         .iter()
-        .filter(|i| found.archived.contains_key(*i))
+        .filter(|i| found.archived.contains(*i))
         .map(String::as_str)
         .collect();
     let mut errors = fleet_core::ValidationErrors::default();

@@ -12,8 +12,8 @@ pub(crate) fn spawn(state: Weak<AppState>) {
     let listening_since = std::time::Instant::now();
     let started_at = fleet_core::unix_now();
     tokio::spawn(async move {
-        // Read before the server takes heartbeats: the fleet's silence up to now was (at
-        // least in part) this control plane's own.
+        // Read at once, as the server starts taking heartbeats: the fleet's silence up to
+        // now was (at least in part) this control plane's own.
         let unheard = match state.upgrade() {
             Some(state) => match state.store.last_heard().await {
                 Ok(last_heard) => unheard_before(last_heard, started_at),
@@ -32,11 +32,10 @@ pub(crate) fn spawn(state: Weak<AppState>) {
             let Some(state) = state.upgrade() else { return };
             let now = fleet_core::unix_now();
             let settings = &state.settings;
-            let cutoff = now - settings.offline_after.as_secs() as i64;
             let forward = state.webhook_configured;
             // Silence counts only while the control plane was there to hear it.
             let cutoff = offline_cutoff(
-                cutoff,
+                now - settings.offline_after.as_secs() as i64,
                 unheard,
                 listening_since.elapsed() >= settings.offline_after,
             );

@@ -206,13 +206,7 @@ fn installation_text(d: &Value) -> String {
             utc(&d["archived_at"])
         ));
     }
-    let listed = |key: &str| {
-        d["state"][key]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
-            .to_vec()
-    };
+    let listed = |key: &str| d["state"][key].as_array().map(Vec::as_slice).unwrap_or(&[]);
     let (checks, skipped) = (listed("checks"), listed("checks_skipped"));
     if !checks.is_empty() || !skipped.is_empty() {
         out.push_str("\n  checks:");
@@ -228,7 +222,7 @@ fn installation_text(d: &Value) -> String {
         for name in skipped {
             out.push_str(&format!(
                 "\n    {} skipped (not checked on this node)",
-                text(&name)
+                text(name)
             ));
         }
     }

@@ -408,12 +408,10 @@ pub(crate) enum OpenRef {
 
 /// Whether `inc` was collected longer than `late_after` before it arrived.
 fn arrived_late(inc: &IncomingHeartbeat, late_after: Option<std::time::Duration>) -> bool {
-    let (Some(late_after), Some(collected_at)) = (late_after, inc.heartbeat.collected_at) else {
-        return false;
-    };
-    let late_after = i64::try_from(late_after.as_secs()).unwrap_or(i64::MAX);
-    i64::try_from(collected_at)
-        .is_ok_and(|collected_at| collected_at < inc.received_at.saturating_sub(late_after))
+    late_after.is_some_and(|late_after| {
+        let late_after = i64::try_from(late_after.as_secs()).unwrap_or(i64::MAX);
+        observed_at(inc) < inc.received_at.saturating_sub(late_after)
+    })
 }
 
 /// Runs the alert rules over the applied heartbeats of a batch, in order. A heartbeat that

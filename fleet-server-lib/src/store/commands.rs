@@ -231,8 +231,8 @@ pub fn is_final(status: &str) -> bool {
 pub struct KnownInstances {
     /// Those with an installation or an issued secret.
     pub known: std::collections::HashSet<String>,
-    /// Those of `known` whose installation is archived, with when it was (unix seconds).
-    pub archived: std::collections::HashMap<String, i64>,
+    /// Those of `known` whose installation is archived.
+    pub archived: std::collections::HashSet<String>,
 }
 
 /// Persistence of commands. Both [`SqliteStore`](super::SqliteStore) and
@@ -460,8 +460,8 @@ macro_rules! impl_command_store {
                         query = query.bind(id);
                     }
                     for (instance, archived_at) in query.fetch_all(self.pool()).await? {
-                        if let Some(at) = archived_at {
-                            found.archived.insert(instance.clone(), at);
+                        if archived_at.is_some() {
+                            found.archived.insert(instance.clone());
                         }
                         found.known.insert(instance);
                     }
